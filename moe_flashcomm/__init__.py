@@ -1,0 +1,6 @@
+"""moe-flashcomm: low-bit (2-8 bit, fp8) all-to-all and all-reduce for MoE expert parallelism."""
+from .codec import CodecConfig, decode, encode, record_bytes, record_layout
+
+__version__ = "0.1.0"
+
+__all__ = ["CodecConfig", "decode", "encode", "record_bytes", "record_layout"]
