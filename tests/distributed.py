@@ -1,0 +1,45 @@
+"""Run a function in real torch.distributed worker processes (no mocked collectives).
+
+    spawn(fn, world_size, *args)          # gloo on CPU
+    spawn(fn, 2, *args, backend="nccl")   # one GPU per rank
+
+``fn(rank, world_size, *args)`` runs in every process after init_process_group; an
+exception in any rank fails the caller with that rank's traceback. Extra environment
+variables (e.g. LOCAL_WORLD_SIZE) can be passed with ``env``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, env, fn, args):
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = None) -> None:
+    mp.spawn(_worker, args=(world_size, free_port(), backend, env or {}, fn, args),
+             nprocs=world_size, join=True)
