@@ -68,10 +68,15 @@ class RecordLayout:
         return self.record_bytes * 8 / self.hidden
 
 
-@lru_cache(maxsize=None)
 def record_layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
+    """The layout of one record of ``hidden`` values under ``cfg``."""
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
+    return _layout(hidden, CodecConfig.coerce(cfg))
+
+
+@lru_cache(maxsize=None)
+def _layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
     if cfg.is_passthrough:
         return RecordLayout(hidden, 0, 0, hidden, (Plane(16, 0, 0, 2 * hidden),),
                             None, None, None, None, None, None, align(2 * hidden))
@@ -95,4 +100,4 @@ def record_layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
 
 def record_bytes(hidden: int, cfg: CodecConfig) -> int:
     """Bytes of one encoded token of ``hidden`` values under ``cfg`` (a multiple of 16)."""
-    return record_layout(hidden, CodecConfig.coerce(cfg)).record_bytes
+    return record_layout(hidden, cfg).record_bytes

@@ -9,7 +9,10 @@ Arithmetic rules the kernels copy exactly:
   * the group minimum is rounded *down* and the scale *up* to the wire float, so every
     quantized value lies inside the representable range: error <= scale / 2;
   * a group holding NaN/Inf, or whose range the wire float cannot hold, is stored with
-    NaN scale and minimum (and NaN spikes at index 0) and decodes to all NaN.
+    NaN scale and minimum (and NaN spikes at index 0) and decodes to all NaN;
+  * decoded fp32 values saturate to the output dtype's finite range before the final
+    round-to-nearest cast (the top code may overshoot the group max by a rounding of the
+    scale); NaN stays NaN (kernels: compare-and-select, not fminf/fmaxf).
 """
 from __future__ import annotations
 
@@ -289,4 +292,5 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
         for p in L.planes:
             codes |= unpack_plane(records[:, p.offset:p.offset + p.nbytes], p.width) << p.shift
         out = dequantize_groups(codes.view(T, n, G), read_meta(records, L, cfg.spikes, wire), cfg.spikes)
-    return out.view(T, -1)[:, :hidden].to(dtype)
+    fmax = torch.finfo(dtype).max
+    return out.view(T, -1)[:, :hidden].clamp(-fmax, fmax).to(dtype)

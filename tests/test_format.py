@@ -1,0 +1,78 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from moe_flashcomm import CodecConfig, record_bytes, record_layout
+from moe_flashcomm.codec.format import plane_widths
+
+ALL_BITS = [2, 3, 4, 5, 6, 7, 8, "fp8", "bf16"]
+WIRE_DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
+
+
+def a16(n):
+    return -(-n // 16) * 16
+
+
+def documented_record_bytes(hidden, bits, group, spikes):
+    """The formula written in docs/wire-format.md, restated independently of format.py."""
+    if bits == "bf16":
+        return a16(2 * hidden)
+    groups = -(-hidden // group)
+    padded = groups * group
+    if bits == "fp8":
+        return a16(a16(padded) + 2 * groups)
+    widths = [8] if bits == 8 else [w for w in (4, 2, 1) if bits & w]
+    payload = sum(a16(padded * w // 8) for w in widths)
+    return a16(payload + groups * (4 + (6 if spikes else 0)))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("spikes", [True, False])
+def test_record_bytes_matches_documented_formula(bits, group, spikes):
+    for hidden in (1, 7, 31, 32, 100, 129, 1000, 4096, 7168, 7173):
+        cfg = CodecConfig(bits=bits, group_size=group, spikes=spikes)
+        assert record_bytes(hidden, cfg) == documented_record_bytes(hidden, bits, group, spikes)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_sections_are_aligned_and_disjoint(bits):
+    for hidden in (3, 130, 7168):
+        L = record_layout(hidden, CodecConfig(bits=bits))
+        spans = [(p.offset, p.offset + p.nbytes) for p in L.planes]
+        assert all(p.offset % 16 == 0 for p in L.planes)
+        n = L.n_groups
+        for off, size in ((L.scale, 2), (L.minimum, 2), (L.lo_value, 2), (L.hi_value, 2),
+                          (L.lo_index, 1), (L.hi_index, 1)):
+            if off is not None:
+                spans.append((off, off + n * size))
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[-1][1] <= L.record_bytes and L.record_bytes % 16 == 0
+
+
+def test_bit_splitting_planes():
+    assert [plane_widths(b) for b in range(2, 9)] == [
+        (2,), (2, 1), (4,), (4, 1), (4, 2), (4, 2, 1), (8,)]
+    L = record_layout(256, CodecConfig(bits=7))
+    assert [(p.width, p.shift) for p in L.planes] == [(4, 3), (2, 1), (1, 0)]
+
+
+def test_bad_hidden():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="hidden"):
+            record_bytes(bad, CodecConfig())
+
+
+def test_wire_format_doc_table_matches_record_bytes():
+    """Every row of the size table in docs/wire-format.md equals record_bytes."""
+    rows = re.findall(r"^\| *(\d+) *\| *(\w+) *\| *(\d+) *\| *(on|off|-) *\| *(\d+) *\|", WIRE_DOC.read_text(), re.M)
+    assert len(rows) >= 9 * 2 * 2
+    seen = set()
+    for hidden, bits, group, spikes, size in rows:
+        bits = int(bits) if bits.isdigit() else bits
+        cfg = CodecConfig(bits=bits, group_size=int(group), spikes=spikes == "on")
+        assert record_bytes(int(hidden), cfg) == int(size), (hidden, bits, group, spikes)
+        seen.add((bits, spikes))
+    assert {b for b, _ in seen} == set(ALL_BITS)
