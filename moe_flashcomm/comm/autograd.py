@@ -1,0 +1,203 @@
+"""``all_to_all``: the public, differentiable quantized all-to-all."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from ..codec import CodecConfig
+from ..codec.reference import INPUT_DTYPES
+from .check import check_consistent, group_key
+from .exchange import ALGORITHMS, RAW_DTYPES, Pending, Route, exchange
+from .gate import SizeGate
+from .plan import SplitSizes, resolve_splits
+from .topology import LinkCodecs, Topology, intra_node_path, link_path
+
+DEFAULT_GRAD_CODEC = CodecConfig(bits=8)
+# Automatic chunking (CUDA, even splits): one chunk per CHUNK_BYTES of bf16 payload per
+# rank, at most MAX_CHUNKS. Measured: docs/benchmarks.md, "## All-to-all".
+CHUNK_BYTES = 64 << 20
+MAX_CHUNKS = 4
+
+
+def auto_chunks(bf16_bytes: int) -> int:
+    """Chunks for a per-rank message of ``bf16_bytes`` bytes (as bf16)."""
+    return max(1, min(MAX_CHUNKS, bf16_bytes // CHUNK_BYTES))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Everything one all-to-all and its backward need."""
+    fwd: Route
+    bwd: Route
+    in_rows: tuple   # token rows to each group rank
+    out_rows: tuple  # token rows from each group rank
+    fwd_chunks: int
+    bwd_chunks: int
+    in_shape: tuple
+    out_shape: tuple
+
+    def forward(self, x2: torch.Tensor) -> Pending:
+        return exchange(x2, self.in_rows, self.out_rows, self.fwd, self.fwd_chunks)
+
+    def backward(self, g2: torch.Tensor) -> Pending:
+        return exchange(g2, self.out_rows, self.in_rows, self.bwd, self.bwd_chunks)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: the all-to-all with the forward codec (or its ``ready`` result).
+    Backward: the reverse all-to-all of the gradient with the gradient codec."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, call: _Call, ready: list) -> torch.Tensor:
+        ctx.call = call
+        out = ready[0] if ready else call.forward(x.reshape(-1, x.shape[-1]).contiguous()).wait()
+        return out.view(call.out_shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        call: _Call = ctx.call
+        g2 = grad.contiguous().view(-1, grad.shape[-1])
+        return call.backward(g2).wait().view(call.in_shape), None, None
+
+
+class AllToAllHandle:
+    """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
+    decodes and returns the output (on CUDA, ordered before later work on the current
+    stream)."""
+
+    def __init__(self, pending: Pending, post) -> None:
+        self._pending, self._post, self._out = pending, post, None
+
+    def is_completed(self) -> bool:
+        return self._pending.is_completed()
+
+    def wait(self) -> torch.Tensor:
+        if self._out is None:
+            self._out = self._post(self._pending.wait())
+        return self._out
+
+
+_routes: dict = {}
+_ROUTE_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+              "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
+
+
+def _route(group, codecs: LinkCodecs, topology, gate: SizeGate, device_type: str):
+    """(Route, node of every group rank), cached."""
+    key = (group_key(group), codecs, topology, gate.digest, device_type,
+           tuple(os.environ.get(k) for k in _ROUTE_ENV))
+    hit = _routes.get(key)
+    if hit is None:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+        nodes = tuple(topo.node_of(g) for g in granks)
+        same = [n == nodes[rank] for n in nodes]
+        peer_codecs = tuple(codecs.for_peer(s) for s in same)
+        thresholds = tuple(gate.threshold(link_path(s, device_type), c)
+                           for s, c in zip(same, peer_codecs))
+        hit = _routes[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
+    return hit
+
+
+def all_to_all(
+    x: torch.Tensor,
+    output_split_sizes: SplitSizes = None,
+    input_split_sizes: SplitSizes = None,
+    group: Optional[dist.ProcessGroup] = None,
+    codec: Union[LinkCodecs, CodecConfig, dict, int, str, None] = None,
+    async_op: bool = False,
+    grad_codec: Union[LinkCodecs, CodecConfig, dict, int, str, None] = None,
+    *,
+    topology: Union[Topology, int, None] = None,
+    gate: Union[SizeGate, bool, dict, str, None] = True,
+    chunks: Optional[int] = None,
+    algorithm: str = "flat",
+) -> Union[torch.Tensor, AllToAllHandle]:
+    """Quantized, differentiable ``torch.distributed.all_to_all_single`` on rows.
+
+    x:                  [N, ..., H] float32/bfloat16/float16 (any dtype for an all-bf16
+                        codec on 16-bit input); dim 0 is routed exactly as
+                        ``all_to_all_single`` routes it, H is the quantized hidden size.
+    output_split_sizes: rows (of dim 0) received from each group rank; None: even split of
+                        N. input_split_sizes: rows sent to each group rank; None: even.
+    group:              process group (None: the default group); gloo (CPU tensors) or
+                        NCCL (CUDA tensors).
+    codec:              CodecConfig / dict / bits value (every link), or LinkCodecs for a
+                        codec per link (intra- vs inter-node). None: CodecConfig() (int4,
+                        g128, spikes). Rows a rank sends to itself are copied exactly.
+    async_op:           return an AllToAllHandle; its wait() decodes and gives the output.
+    grad_codec:         codec of the backward (the reverse all-to-all of the gradient);
+                        None: CodecConfig(bits=8).
+    topology:           Topology or ranks per node; None: from LOCAL_WORLD_SIZE etc.
+    gate:               size gate: True (default table or $MOE_FLASHCOMM_GATE_FILE), False
+                        (never fall back to bf16), a thresholds dict, a JSON path or SizeGate.
+    chunks:             pipeline chunks (CUDA). None: chosen by size when both split sizes
+                        are None (every rank then has the same size); 1 otherwise. Must be
+                        equal on every rank.
+    algorithm:          "flat" (the only one so far).
+
+    Returns [sum(output_split_sizes), ..., H] of x's dtype, or an AllToAllHandle.
+    Every rank of the group must pass the same codecs, dtype, x.shape[1:], algorithm,
+    chunks, topology and gate: checked collectively the first time a combination is used.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape {tuple(x.shape)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
+    codecs = LinkCodecs.coerce(codec, "codec")
+    grad_codecs = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None else grad_codec,
+                                    "grad_codec")
+    gate = SizeGate.coerce(gate)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of `group`")
+    in_s, out_s = resolve_splits(x.shape[0], output_split_sizes, input_split_sizes, world, rank)
+    hidden = x.shape[-1]
+    if hidden < 1:
+        raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape {tuple(x.shape)}")
+    per_row = math.prod(x.shape[1:-1])  # tokens per row of dim 0
+
+    device_type = x.device.type
+    fwd, nodes = _route(group, codecs, topology, gate, device_type)
+    bwd, _ = _route(group, grad_codecs, topology, gate, device_type)
+    needs_codec = not (fwd.passthrough and x.dtype in RAW_DTYPES)
+    if needs_codec and x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16 for codec {codecs}, got {x.dtype}")
+    grad = torch.is_grad_enabled() and x.requires_grad
+    check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
+                          grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
+                          topology=nodes, gate=(gate.digest, intra_node_path(device_type)),
+                          requires_grad=grad),
+                     group, x.device)
+
+    if chunks is None:
+        auto = x.is_cuda and output_split_sizes is None and input_split_sizes is None
+        fwd_chunks = auto_chunks(x.numel() * 2) if auto else 1
+    else:
+        fwd_chunks = chunks
+    call = _Call(fwd, bwd, tuple(n * per_row for n in in_s), tuple(n * per_row for n in out_s),
+                 fwd_chunks, fwd_chunks, tuple(x.shape), (sum(out_s),) + tuple(x.shape[1:]))
+
+    if not async_op:
+        if grad:
+            return _AllToAll.apply(x, call, [])
+        return call.forward(x.reshape(-1, hidden).contiguous()).wait().view(call.out_shape)
+    pending = call.forward(x.reshape(-1, hidden).contiguous())
+
+    def post(out: torch.Tensor) -> torch.Tensor:
+        if grad:
+            with torch.enable_grad():
+                return _AllToAll.apply(x, call, [out])
+        return out.view(call.out_shape)
+
+    return AllToAllHandle(pending, post)

@@ -1,0 +1,122 @@
+"""Size gate: below a per-path, per-codec size the bf16 path is taken, because encoding
+and decoding would cost more than the smaller transfer saves.
+
+A threshold is in *bf16 bytes of the rows one rank sends to one peer* (rows x hidden x 2):
+the sender and the receiver of a pair both know that number, so they take the same
+decision without talking. Tables come from ``tools/tune_gate.py`` (JSON, loaded from
+``$MOE_FLASHCOMM_GATE_FILE``), else the measured defaults below.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+from ..codec import CodecConfig
+from .topology import PATHS
+
+GATE_ENV = "MOE_FLASHCOMM_GATE_FILE"
+
+# Measured defaults: see docs/benchmarks.md, "## All-to-all" (2x H200). Filled in by
+# tools/tune_gate.py --python from a tools/bench_all2all.py run. Paths absent here ("cpu")
+# are never gated: on CPU the library is for development and CI, not speed.
+DEFAULT_THRESHOLDS: dict = {}
+
+
+def codec_key(cfg: CodecConfig) -> str:
+    """Table key of a codec: ``int2``..``int8``, ``fp8`` (``bf16`` is never gated)."""
+    return f"int{cfg.bits}" if cfg.is_int else str(cfg.bits)
+
+
+class SizeGate:
+    """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
+    the fallback of its path. ``SizeGate({})`` never gates."""
+
+    def __init__(self, thresholds: Mapping[str, Mapping[str, int]], source: str = "") -> None:
+        table = {}
+        for path, row in thresholds.items():
+            if path not in PATHS:
+                raise ValueError(f"size gate{' ' + source if source else ''}: unknown path "
+                                 f"{path!r}; allowed: {', '.join(PATHS)}")
+            if not isinstance(row, Mapping):
+                raise ValueError(f"size gate: thresholds[{path!r}] must map codec -> bytes")
+            for key, value in row.items():
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"size gate: thresholds[{path!r}][{key!r}] must be an "
+                                     f"int >= 0 (bytes), got {value!r}")
+            table[path] = dict(row)
+        self.thresholds = table
+        self.source = source
+        blob = json.dumps(table, sort_keys=True).encode()
+        self.digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+    def threshold(self, path: str, cfg: CodecConfig) -> int:
+        """Bytes (bf16, per peer) below which ``cfg`` on ``path`` falls back to bf16."""
+        if cfg.is_passthrough:
+            return 0
+        row = self.thresholds.get(path, {})
+        return int(row.get(codec_key(cfg), row.get("*", 0)))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SizeGate":
+        """Read a JSON file written by tools/tune_gate.py: ``{"thresholds": {...}, ...}``."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("thresholds"), Mapping):
+            raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
+        return cls(data["thresholds"], source=os.fspath(path))
+
+    @classmethod
+    def default(cls) -> "SizeGate":
+        """The table of ``$MOE_FLASHCOMM_GATE_FILE`` if set, else DEFAULT_THRESHOLDS."""
+        path = os.environ.get(GATE_ENV)
+        if path:
+            return _load_cached(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
+        return _DEFAULT
+
+    @classmethod
+    def coerce(cls, obj: "SizeGate | bool | Mapping[str, Any] | str | None") -> "SizeGate":
+        """True/None: the default table; False: never gate; a mapping (thresholds), a file
+        path or a SizeGate."""
+        if obj is None or obj is True:
+            return cls.default()
+        if obj is False:
+            return _NEVER
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, Mapping):
+            return cls(obj["thresholds"] if "thresholds" in obj else obj)
+        if isinstance(obj, (str, os.PathLike)):
+            return cls.load(obj)
+        raise TypeError(f"gate must be True, False, a thresholds dict, a file path or a "
+                        f"SizeGate, got {type(obj).__name__}")
+
+    def __repr__(self) -> str:
+        return f"SizeGate({self.thresholds!r}{', source=' + repr(self.source) if self.source else ''})"
+
+
+_DEFAULT = SizeGate(DEFAULT_THRESHOLDS, source="defaults")
+_NEVER = SizeGate({}, source="off")
+_cache: dict = {}
+
+
+def _load_cached(path: str, mtime: int) -> SizeGate:
+    key = (path, mtime)
+    if key not in _cache:
+        _cache[key] = SizeGate.load(path)
+    return _cache[key]
+
+
+def wire_gate(cfg: CodecConfig, bf16_bytes: int, threshold: int) -> Optional[CodecConfig]:
+    """The codec a pair uses: ``cfg``, or the bf16 passthrough when its bf16 size is under
+    ``threshold``."""
+    if threshold and bf16_bytes < threshold and not cfg.is_passthrough:
+        return PASSTHROUGH
+    return cfg
+
+
+PASSTHROUGH = CodecConfig(bits="bf16")

@@ -1,0 +1,310 @@
+"""moe_flashcomm.all_to_all over real gloo (CPU) and NCCL (2 GPUs) process groups.
+
+Every rank regenerates every rank's input from a seed, so it knows exactly what it must
+receive: from rank p, the rows p routes to it as ``all_to_all_single`` does, passed
+through decode(encode(.)) of the pair's codec (the reference codec, the specification),
+or exact for the rows it keeps. Many cases run inside one spawn (CI has 2 cores).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_flashcomm as mf
+from moe_flashcomm.codec import reference
+from moe_flashcomm.comm import ConfigMismatchError
+from tests.distributed import spawn
+
+CODECS = [mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits="fp8"), mf.CodecConfig(bits=8),
+          mf.CodecConfig(bits=7), mf.CodecConfig(bits=6), mf.CodecConfig(bits=5),
+          mf.CodecConfig(bits=4), mf.CodecConfig(bits=3), mf.CodecConfig(bits=2),
+          mf.CodecConfig(bits=4, spikes=False, group_size=32),
+          mf.CodecConfig(bits=3, group_size=256)]
+
+
+# ---- helpers shared by every world size -------------------------------------------------------
+def make_input(src: int, rows: int, tail: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rank ``src``'s input of case ``seed``: normal values with a few large spikes."""
+    g = torch.Generator().manual_seed(seed * 1009 + src)
+    x = torch.randn(rows, *tail, generator=g)
+    x += (torch.rand(rows, *tail, generator=g) < 0.01) * 20 * torch.randn(rows, *tail, generator=g)
+    return x.to(dtype)
+
+
+def split_matrix(world: int, kind: str, seed: int) -> list[list[int]]:
+    """S[src][dst] = rows src sends to dst."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "even":
+        return [[3] * world for _ in range(world)]
+    if kind == "uneven":
+        return torch.randint(0, 7, (world, world), generator=g).tolist()
+    if kind == "zeros":  # zero-size splits, and rank 0 sends nothing at all
+        s = torch.randint(0, 4, (world, world), generator=g) * (torch.rand(world, world, generator=g) < 0.5)
+        s[0] = 0
+        return s.tolist()
+    if kind == "empty":  # nobody sends anything
+        return [[0] * world for _ in range(world)]
+    raise ValueError(kind)
+
+
+def roundtrip(rows: torch.Tensor, cfg: mf.CodecConfig) -> torch.Tensor:
+    """What ``rows`` [n, ..., H] become on a link with codec ``cfg`` (reference codec)."""
+    h = rows.shape[-1]
+    flat = rows.reshape(-1, h)
+    return reference.decode(reference.encode(flat, cfg), cfg, h, rows.dtype).view(rows.shape)
+
+
+def expected(rank: int, world: int, S, tail, dtype, seed, link) -> torch.Tensor:
+    """What ``rank`` must receive; ``link(p)`` is the codec of the pair (p, rank)."""
+    parts = []
+    for p in range(world):
+        x = make_input(p, sum(S[p]), tail, dtype, seed)
+        off = sum(S[p][:rank])
+        rows = x[off:off + S[p][rank]]
+        parts.append(rows if p == rank else roundtrip(rows, link(p)))
+    return torch.cat(parts)
+
+
+def run_case(rank, world, S, tail, dtype, seed, codec, link, device, **kw):
+    x = make_input(rank, sum(S[rank]), tail, dtype, seed).to(device)
+    out_splits = [S[p][rank] for p in range(world)]
+    out = mf.all_to_all(x, out_splits, S[rank], codec=codec, **kw)
+    want = expected(rank, world, S, tail, dtype, seed, link)
+    assert out.dtype == dtype and out.device == x.device, (out.dtype, out.device)
+    assert out.shape == want.shape, (out.shape, want.shape)
+    # bit equality (NaN-free inputs): the reference codec is the specification
+    assert torch.equal(out.cpu(), want), f"{codec} {dtype} {S} max diff " \
+        f"{(out.cpu().float() - want.float()).abs().max()}"
+    return x, out
+
+
+def torch_a2a(x: torch.Tensor, out_splits, in_splits, group=None) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def battery(rank: int, world: int, device: str, codecs=CODECS, kinds=("even", "uneven", "zeros", "empty"),
+            extra: bool = True) -> None:
+    """The per-world-size checks; ``device`` is "cpu" (gloo) or "cuda" (NCCL)."""
+    seed = 0
+    gate = False  # the size gate is checked on its own below
+    for kind in kinds:
+        for codec in codecs:
+            for dtype in (torch.bfloat16, torch.float32) if extra else (torch.bfloat16,):
+                seed += 1
+                S = split_matrix(world, kind, seed)
+                run_case(rank, world, S, (96,), dtype, seed, codec, lambda p: codec, device, gate=gate)
+
+    S = split_matrix(world, "uneven", 99)
+    out_splits = [S[p][rank] for p in range(world)]
+    # passthrough of 16-bit input is bit-identical to all_to_all_single, any shape
+    for dtype in (torch.bfloat16, torch.float16):
+        x = make_input(rank, sum(S[rank]), (2, 40), dtype, 5).to(device)
+        assert torch.equal(mf.all_to_all(x, out_splits, S[rank], codec="bf16"),
+                           torch_a2a(x, out_splits, S[rank]))
+    if not extra:
+        return
+    # [N, C, H] rows (DeepSpeed's [experts, capacity, model]), fp16, odd hidden sizes
+    for tail, dtype, codec in (((3, 64), torch.float16, mf.CodecConfig(bits=4)),
+                               ((130,), torch.float32, mf.CodecConfig(bits=3, group_size=64)),
+                               ((7,), torch.bfloat16, mf.CodecConfig(bits=2, group_size=32))):
+        seed += 1
+        run_case(rank, world, S, tail, dtype, seed, codec, lambda p: codec, device, gate=gate)
+
+    # async: wait() gives the same result; the decode happens there
+    x = make_input(rank, sum(S[rank]), (64,), torch.float32, 7).to(device)
+    sync = mf.all_to_all(x, out_splits, S[rank], codec=4, gate=gate)
+    handle = mf.all_to_all(x, out_splits, S[rank], codec=4, gate=gate, async_op=True)
+    assert torch.equal(handle.wait(), sync) and handle.wait() is handle.wait()
+
+    # chunked pipeline: byte-identical to one chunk
+    for chunks in (2, 3, 8):
+        assert torch.equal(mf.all_to_all(x, out_splits, S[rank], codec=4, gate=gate,
+                                         chunks=chunks), sync), chunks
+
+    backward_checks(rank, world, S, device)
+    gate_checks(rank, world, device)
+
+
+def backward_checks(rank, world, S, device):
+    out_splits = [S[p][rank] for p in range(world)]
+    # passthrough: exactly torch's gradient (the reverse all_to_all_single)
+    x = make_input(rank, sum(S[rank]), (64,), torch.bfloat16, 11).to(device).requires_grad_()
+    y = mf.all_to_all(x, out_splits, S[rank], codec="bf16", grad_codec="bf16")
+    gy = make_input(rank + 100, y.shape[0], (64,), torch.bfloat16, 11).to(device)
+    y.backward(gy)
+    assert torch.equal(x.grad, torch_a2a(gy, S[rank], out_splits))
+
+    # quantized forward and backward: the backward is the reverse route of the gradient
+    # through decode(encode(.)) with the grad codec (int8 by default), own rows exact
+    for grad_codec in (None, mf.CodecConfig(bits=6, group_size=64), mf.CodecConfig(bits=8, rounding="stochastic")):
+        x = make_input(rank, sum(S[rank]), (2, 64), torch.float32, 12).to(device).requires_grad_()
+        y = mf.all_to_all(x, out_splits, S[rank], codec=2, grad_codec=grad_codec, gate=False)
+        gy = make_input(rank + 100, y.shape[0], (2, 64), torch.float32, 12).to(device)
+        (y * gy).sum().backward()
+        exact = torch_a2a(gy, S[rank], out_splits)
+        cfg = mf.CodecConfig.coerce(grad_codec if grad_codec is not None else 8)
+        if cfg.rounding == "nearest":
+            # what each peer p sent back to this rank: the rows p got from it, quantized
+            want = torch_a2a(torch.cat([gy[sum(out_splits[:p]):sum(out_splits[:p + 1])] if p == rank
+                                        else roundtrip(gy[sum(out_splits[:p]):sum(out_splits[:p + 1])], cfg)
+                                        for p in range(world)]), S[rank], out_splits)
+            assert torch.equal(x.grad, want)
+        # within the codec's bound: half a quantization step (a step for stochastic rounding)
+        step = (exact.abs().amax() * 2 / cfg.qmax).item() if exact.numel() else 0.0
+        assert (x.grad - exact).abs().max().item() <= step + 1e-6 if exact.numel() else True
+
+    # async + autograd
+    x = make_input(rank, sum(S[rank]), (64,), torch.float32, 13).to(device).requires_grad_()
+    y = mf.all_to_all(x, out_splits, S[rank], codec="bf16", grad_codec="bf16", async_op=True).wait()
+    gy = make_input(rank + 100, y.shape[0], (64,), torch.float32, 13).to(device)
+    y.backward(gy)
+    assert torch.equal(x.grad, torch_a2a(gy.bfloat16(), S[rank], out_splits)
+                       .float().index_copy_(0, *own_rows(rank, S, out_splits, gy, x.device)))
+
+
+def own_rows(rank, S, out_splits, gy, device):
+    """(indices, values) of the gradient rows this rank kept for itself (exact)."""
+    a, n = sum(S[rank][:rank]), S[rank][rank]
+    b = sum(out_splits[:rank])
+    return torch.arange(a, a + n, device=device), gy[b:b + n]
+
+
+def gate_checks(rank, world, device):
+    """A pair whose bf16 size is under its threshold travels as bf16, the others quantized."""
+    H = 64
+    path = "cpu" if device == "cpu" else "nvlink"
+    gate = {path: {"int4": 5 * H * 2}}  # pairs of fewer than 5 rows go bf16
+    S = [[(2 + 2 * ((p + q) % 2)) if p != q else 1 for q in range(world)] for p in range(world)]
+    S[0][-1] = 9
+    codec = mf.CodecConfig(bits=4)
+    run_case(rank, world, S, (H,), torch.float32, 21, codec,
+             lambda p: codec if S[p][rank] >= 5 else mf.CodecConfig(bits="bf16"), device, gate=gate)
+    # with bf16 input a fully gated exchange is all_to_all_single itself
+    big = {path: {"*": 1 << 30}}
+    x = make_input(rank, sum(S[rank]), (H,), torch.bfloat16, 22).to(device)
+    out_splits = [S[p][rank] for p in range(world)]
+    assert torch.equal(mf.all_to_all(x, out_splits, S[rank], codec=codec, gate=big),
+                       torch_a2a(x, out_splits, S[rank]))
+
+
+def error_checks(rank, world, device):
+    x = torch.randn(4 * world, 32, device=device)
+    ok = [4] * world
+    bad = [
+        (dict(input_split_sizes=[4] * (world + 1)), ValueError, "input_split_sizes must have one entry per rank"),
+        (dict(output_split_sizes=[-1] + [4] * (world - 1)), ValueError, r"output_split_sizes\[0\] must be >= 0"),
+        (dict(input_split_sizes=[5] * world), ValueError, "input_split_sizes sums to"),
+        (dict(input_split_sizes=[1.5] * world), TypeError, r"input_split_sizes\[0\] must be an int"),
+        (dict(input_split_sizes=[0] * (world - 1) + [4 * world], output_split_sizes=ok), ValueError,
+         "rows rank .* sends to itself" if world > 1 else "sums"),
+        (dict(codec=9), ValueError, "codec: CodecConfig.bits"),
+        (dict(grad_codec={"bits": 4, "colour": 1}), ValueError, "grad_codec: unknown codec field"),
+        (dict(codec={"intra_node": 4, "inner_node": 2}), ValueError, "unknown link field"),
+        (dict(chunks=0), ValueError, "chunks must be"),
+        (dict(algorithm="ring"), ValueError, "algorithm must be"),
+        (dict(gate={"tpu": {"int4": 1}}), ValueError, "unknown path 'tpu'"),
+    ]
+    for kwargs, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            mf.all_to_all(x, **kwargs)
+    with pytest.raises(ValueError, match="not divisible by the group size"):
+        mf.all_to_all(torch.randn(4 * world + 1, 32, device=device))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        mf.all_to_all(torch.ones(4 * world, 32, dtype=torch.int32, device=device))
+
+    # a configuration that differs on one rank raises on every rank (no hang, no garbage)
+    for name, kwargs in (("codec", dict(codec=3)), ("row_shape", dict(x=torch.randn(4 * world, 48, device=device))),
+                         ("dtype", dict(x=x.half())), ("grad_codec", dict(grad_codec=4)),
+                         ("chunks", dict(chunks=2))):
+        args = dict(x=x, codec=4)
+        if rank == world - 1:
+            args.update(kwargs)
+        with pytest.raises(ConfigMismatchError, match=name):
+            mf.all_to_all(**args)
+    # and the group still works afterwards
+    assert torch.equal(mf.all_to_all(x, codec="bf16", gate=False), torch_a2a(x.bfloat16(), ok, ok).float()
+                       .index_copy_(0, torch.arange(4 * rank, 4 * rank + 4, device=device), x[4 * rank:4 * rank + 4]))
+
+
+# ---- CPU: gloo process groups of 2, 4 and 8 ---------------------------------------------------
+def _world2(rank, world):
+    battery(rank, world, "cpu")
+    error_checks(rank, world, "cpu")
+
+
+def _world4_topology(rank, world):
+    """4 ranks, 2 per node (LOCAL_WORLD_SIZE=2): codec per link."""
+    os.environ["LOCAL_RANK"] = str(rank % 2)
+    intra, inter = mf.CodecConfig(bits=8), mf.CodecConfig(bits=2, group_size=64)
+    links = mf.LinkCodecs(intra_node=intra, inter_node=inter)
+
+    def link(p):
+        return intra if p // 2 == rank // 2 else inter
+    for seed, kind in enumerate(("even", "uneven", "zeros")):
+        S = split_matrix(world, kind, 40 + seed)
+        for topo in (None, mf.Topology(local_size=2)):
+            run_case(rank, world, S, (128,), torch.bfloat16, 40 + seed, links, link, "cpu", topology=topo)
+    # the same data as dicts, and bf16 inside the node with int4 across
+    run_case(rank, world, S, (128,), torch.float16, 50, {"intra_node": "bf16", "inter_node": 4},
+             lambda p: mf.CodecConfig(bits="bf16") if p // 2 == rank // 2 else mf.CodecConfig(),
+             "cpu")
+    # explicit topology overrides the environment: one node per rank -> all links inter
+    run_case(rank, world, S, (128,), torch.float32, 51, links, lambda p: inter, "cpu",
+             topology=mf.Topology(1))
+    # backward: the gradient codec per link too
+    out_splits = [S[p][rank] for p in range(world)]
+    x = make_input(rank, sum(S[rank]), (128,), torch.float32, 52).requires_grad_()
+    y = mf.all_to_all(x, out_splits, S[rank], codec=links, grad_codec={"intra_node": "bf16", "inter_node": 8})
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.ones_like(x))  # constants survive every codec exactly
+    battery(rank, world, "cpu", codecs=CODECS[::3], kinds=("uneven", "zeros"), extra=False)
+
+
+def _world8(rank, world):
+    battery(rank, world, "cpu", codecs=[mf.CodecConfig(bits=b) for b in ("bf16", "fp8", 6, 4, 2)],
+            extra=False)
+    S = split_matrix(world, "uneven", 80)
+    out_splits = [S[p][rank] for p in range(world)]
+    x = make_input(rank, sum(S[rank]), (64,), torch.float32, 81)
+    sync = mf.all_to_all(x, out_splits, S[rank], codec=3)
+    assert torch.equal(mf.all_to_all(x, out_splits, S[rank], codec=3, chunks=4), sync)
+    assert torch.equal(mf.all_to_all(x, out_splits, S[rank], codec=3, async_op=True).wait(), sync)
+
+
+def test_all_to_all_gloo_2():
+    spawn(_world2, 2)
+
+
+def test_all_to_all_gloo_4_per_link_codecs():
+    spawn(_world4_topology, 4, env={"LOCAL_WORLD_SIZE": 2})
+
+
+def test_all_to_all_gloo_8():
+    spawn(_world8, 8)
+
+
+# ---- GPU: NCCL, 2 GPUs -----------------------------------------------------------------------
+def _nccl2(rank, world):
+    battery(rank, world, "cuda")
+    error_checks(rank, world, "cuda")
+    # the chunked pipeline on streams: identical bytes to one chunk, at a size where the
+    # automatic choice chunks too
+    T, H = 1 << 13, 7168
+    x = make_input(rank, T, (H,), torch.bfloat16, 90).cuda()
+    for codec in (mf.CodecConfig(bits=4), mf.CodecConfig(bits=2), mf.CodecConfig(bits="fp8")):
+        one = mf.all_to_all(x, codec=codec, gate=False, chunks=1)
+        for chunks in (None, 2, 5):
+            assert torch.equal(mf.all_to_all(x, codec=codec, gate=False, chunks=chunks), one), (codec, chunks)
+        handle = mf.all_to_all(x, codec=codec, gate=False, chunks=4, async_op=True)
+        assert torch.equal(handle.wait(), one)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.multigpu
+def test_all_to_all_nccl_2():
+    spawn(_nccl2, 2, backend="nccl")
