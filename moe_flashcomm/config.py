@@ -1,0 +1,265 @@
+"""FlashCommConfig: what ``moe_flashcomm.enable_deepspeed`` does to each DeepSpeed MoE layer.
+
+The same fields are read from a ``"moe_flashcomm"`` section of a DeepSpeed JSON config::
+
+    "moe_flashcomm": {
+        "dispatch": {"bits": 4, "group_size": 128},
+        "combine": 8,
+        "dispatch_grad": 8,
+        "combine_grad": {"bits": 8, "rounding": "stochastic"},
+        "layers": [
+            {"match": "*.layers.0.*", "dispatch": "bf16"},
+            {"index": [3, 5], "combine": {"intra_node": "bf16", "inter_node": 4}},
+            {"match": "decoder.*", "enabled": false}
+        ]
+    }
+
+A codec field takes what ``CodecConfig.coerce`` takes (a bits value, a dict of CodecConfig
+fields, a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
+class (``moe_flashcomm.comm.LinkCodecs``). Every field has a default; a bad value raises
+``ValueError`` naming the field and the allowed values; unknown keys are errors.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Optional, Sequence
+
+from .codec import CodecConfig
+from .comm.exchange import ALGORITHMS  # the transport's algorithms ("flat" so far)
+from .comm.topology import LinkCodecs
+
+SECTION = "moe_flashcomm"
+"""Key of the section in a DeepSpeed JSON config."""
+
+CODEC_FIELDS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
+
+
+class ConfigError(ValueError):
+    """A FlashCommConfig field has a bad value; the message names the field."""
+
+
+def _codec(value: Any, where: str) -> LinkCodecs:
+    try:
+        return LinkCodecs.coerce(value, name=where)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{e}" if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _codec_to_json(c: LinkCodecs) -> Any:
+    if c.intra_node == c.inter_node:
+        return c.intra_node.to_dict()
+    return {"intra_node": c.intra_node.to_dict(), "inter_node": c.inter_node.to_dict()}
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Per-layer override: the layers it selects get ``overrides`` on top of the base config.
+
+    match:  fnmatch globs over the layer's qualified module name (as in ``named_modules()``
+            of the model given to ``enable_deepspeed``, e.g. ``blocks.3.moe.deepspeed_moe``).
+    index:  0-based positions among the DeepSpeed MoE layers of the model, in module order.
+    A rule has exactly one of the two. ``overrides`` holds FlashCommConfig fields (not
+    ``layers``), already validated.
+    """
+
+    match: tuple[str, ...] = ()
+    index: tuple[int, ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def selects(self, name: str, index: int) -> bool:
+        if self.index:
+            return index in self.index
+        return any(fnmatch.fnmatchcase(name, p) for p in self.match)
+
+    def to_dict(self) -> dict:
+        d: dict = {"match": list(self.match)} if self.match else {"index": list(self.index)}
+        for k, v in self.overrides:
+            d[k] = _codec_to_json(v) if k in CODEC_FIELDS else v
+        return d
+
+
+@dataclass(frozen=True)
+class FlashCommConfig:
+    """How DeepSpeed MoE layers send their all-to-alls through moe_flashcomm.
+
+    enabled:       False leaves the layers stock (useful in a JSON config or a layer rule).
+    dispatch:      codec of the tokens sent to the experts (forward, 1st all-to-all).
+    combine:       codec of the expert outputs sent back (forward, 2nd all-to-all).
+    dispatch_grad: codec of the dispatch's gradient (backward of the 1st all-to-all).
+    combine_grad:  codec of the combine's gradient (backward of the 2nd all-to-all).
+    algorithm:     all-to-all algorithm: "flat" ("hierarchical", "auto" to come).
+    gate:          size gate: True = the tuned thresholds (``$MOE_FLASHCOMM_GATE_FILE`` or
+                   the measured defaults), False = always use the codec, a thresholds dict
+                   ``{path: {codec: bytes}}`` or the path of a tools/tune_gate.py JSON file.
+                   Below its threshold a message goes as bf16.
+    chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
+                   overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
+    layers:        per-layer rules (LayerRule), applied in order, later rules winning.
+    """
+
+    enabled: bool = True
+    dispatch: Any = field(default_factory=CodecConfig)
+    combine: Any = field(default_factory=CodecConfig)
+    dispatch_grad: Any = field(default_factory=lambda: CodecConfig(bits=8))
+    combine_grad: Any = field(default_factory=lambda: CodecConfig(bits=8))
+    algorithm: str = "flat"
+    gate: Any = True
+    chunks: Optional[int] = None
+    layers: tuple = ()
+
+    def __post_init__(self) -> None:
+        self._validate("FlashCommConfig")
+
+    def _validate(self, where: str) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"{where}.enabled must be true or false, got {self.enabled!r}")
+        for name in CODEC_FIELDS:
+            set_(self, name, _codec(getattr(self, name), f"{where}.{name}"))
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"{where}.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        set_(self, "gate", _check_gate(self.gate, f"{where}.gate"))
+        if self.chunks == "auto":
+            set_(self, "chunks", None)
+        elif self.chunks is not None and (isinstance(self.chunks, bool)
+                                          or not isinstance(self.chunks, int) or self.chunks < 1):
+            raise ConfigError(f"{where}.chunks must be an int >= 1 or \"auto\", got {self.chunks!r}")
+        set_(self, "layers", tuple(_rule(r, f"{where}.layers[{i}]")
+                                   for i, r in enumerate(self.layers or ())))
+
+    # ---- per layer -----------------------------------------------------------------------
+    def for_layer(self, name: str, index: int) -> "FlashCommConfig":
+        """The config of the MoE layer ``name`` (``index``-th in the model): the base with
+        every selecting rule applied in order. The result has no rules."""
+        overrides: dict = {}
+        for rule in self.layers:
+            if rule.selects(name, index):
+                overrides.update(rule.overrides)
+        return replace(self, layers=(), **overrides)
+
+    # ---- dict / JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d: dict = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in CODEC_FIELDS:
+                v = _codec_to_json(v)
+            elif f.name == "layers":
+                v = [r.to_dict() for r in v]
+            elif f.name == "gate" and isinstance(v, os.PathLike):
+                v = os.fspath(v)
+            d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "FlashCommConfig") -> "FlashCommConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where} must be a dict, got {type(d).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
+        obj = cls.__new__(cls)
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            object.__setattr__(obj, f.name, d.get(f.name, default))
+        obj._validate(where)
+        return obj
+
+    @classmethod
+    def from_deepspeed_config(cls, ds_config: Any) -> Optional["FlashCommConfig"]:
+        """The ``"moe_flashcomm"`` section of a DeepSpeed config (a dict, a JSON file path, a
+        ``DeepSpeedConfig``), or None when it has no such section."""
+        if isinstance(ds_config, (str, os.PathLike)):
+            import json
+            with open(ds_config) as f:
+                ds_config = json.load(f)
+        elif hasattr(ds_config, "_param_dict"):  # deepspeed.runtime.config.DeepSpeedConfig
+            ds_config = ds_config._param_dict
+        if not isinstance(ds_config, Mapping):
+            raise TypeError(f"expected a DeepSpeed config dict or JSON path, got {type(ds_config).__name__}")
+        if SECTION not in ds_config:
+            return None
+        section = ds_config[SECTION]
+        return cls.from_dict(section if section is not None else {}, where=SECTION)
+
+    @classmethod
+    def coerce(cls, obj: "FlashCommConfig | Mapping[str, Any] | None") -> "FlashCommConfig":
+        """A FlashCommConfig from itself, a dict of its fields, a whole DeepSpeed config dict
+        (one holding a ``"moe_flashcomm"`` key) or None (the defaults)."""
+        if obj is None:
+            return cls()
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, Mapping):
+            if SECTION in obj:
+                return cls.from_deepspeed_config(obj)  # type: ignore[return-value]
+            return cls.from_dict(obj)
+        raise TypeError(f"config must be a FlashCommConfig, a dict or None, got {type(obj).__name__}")
+
+    def describe(self) -> str:
+        """One line for logs: the four codecs and the transport options."""
+        s = (f"dispatch={self.dispatch} combine={self.combine} "
+             f"dispatch_grad={self.dispatch_grad} combine_grad={self.combine_grad}")
+        extra = [f"algorithm={self.algorithm}"]
+        if self.chunks is not None:
+            extra.append(f"chunks={self.chunks}")
+        if self.gate is not True:
+            extra.append(f"gate={'off' if self.gate is False else 'custom'}")
+        return s + " " + " ".join(extra)
+
+
+def _check_gate(gate: Any, where: str) -> Any:
+    if isinstance(gate, bool):
+        return gate
+    if isinstance(gate, (str, os.PathLike)):
+        return os.fspath(gate)
+    if isinstance(gate, Mapping):
+        from .comm.gate import SizeGate
+        try:
+            SizeGate.coerce(gate)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return dict(gate)
+    raise ConfigError(f"{where} must be true, false, a thresholds dict or a JSON file path, "
+                      f"got {gate!r}")
+
+
+_RULE_FIELDS = ("enabled", *CODEC_FIELDS, "algorithm", "gate", "chunks")
+
+
+def _rule(r: Any, where: str) -> LayerRule:
+    if isinstance(r, LayerRule):
+        return r
+    if not isinstance(r, Mapping):
+        raise ConfigError(f"{where} must be a dict with 'match' or 'index' and the fields to "
+                          f"override, got {r!r}")
+    unknown = sorted(set(r) - {"match", "index", *_RULE_FIELDS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: match, index, "
+                          + ", ".join(_RULE_FIELDS))
+    if ("match" in r) == ("index" in r):
+        raise ConfigError(f"{where} needs exactly one of 'match' (glob(s) over the layer's "
+                          "module name) or 'index' (int(s): position among the MoE layers)")
+    match: tuple = ()
+    index: tuple = ()
+    if "match" in r:
+        m = r["match"]
+        match = (m,) if isinstance(m, str) else tuple(m) if isinstance(m, Sequence) else ()
+        if not match or not all(isinstance(p, str) and p for p in match):
+            raise ConfigError(f"{where}.match must be a glob string or a list of them, got {m!r}")
+    else:
+        i = r["index"]
+        index = (i,) if isinstance(i, int) else tuple(i) if isinstance(i, Sequence) else ()
+        if not index or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                for v in index):
+            raise ConfigError(f"{where}.index must be an int >= 0 or a list of them, got {i!r}")
+    overrides = {k: v for k, v in r.items() if k not in ("match", "index")}
+    # validate the overridden values exactly as top-level fields are
+    probe = FlashCommConfig.from_dict(overrides, where=where)
+    return LayerRule(match, index, tuple((k, getattr(probe, k)) for k in overrides))
+
+
+__all__ = ["ALGORITHMS", "ConfigError", "FlashCommConfig", "LayerRule", "SECTION"]

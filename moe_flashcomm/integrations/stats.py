@@ -1,0 +1,129 @@
+"""Counters of the all-to-alls a patched MoE layer sends through moe_flashcomm.
+
+Bytes are what this rank puts on the wire towards *other* ranks (rows it keeps are never
+sent), per link class: ``intra_node`` (a peer on this rank's node) and ``inter_node``.
+``bf16_bytes`` is what the same rows would take as bf16, for the compression ratio.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..comm.exchange import RAW, Route, row_bytes
+from ..comm.topology import Topology, link_path
+
+DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
+LINKS = ("intra_node", "inter_node")
+
+
+def _zeros(keys: Sequence[str]) -> dict:
+    return {k: 0 for k in keys}
+
+
+@dataclass
+class ExchangeStats:
+    """Exchanges of one layer (or a sum of layers) since enable or the last ``reset()``.
+
+    calls:      all-to-alls sent through moe_flashcomm, per direction (``dispatch``,
+                ``combine`` and their gradients ``dispatch_grad``, ``combine_grad``).
+    quantized:  of those, the ones where at least one link to another rank carried an
+                integer or fp8 codec (not bf16 passthrough, not gated to bf16).
+    bytes_sent: wire bytes sent to other ranks per link class (``intra_node``, ``inter_node``).
+    bf16_bytes: the bytes the same rows take in bf16, per link class.
+    """
+
+    calls: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
+    quantized: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
+    bytes_sent: dict = field(default_factory=lambda: _zeros(LINKS))
+    bf16_bytes: dict = field(default_factory=lambda: _zeros(LINKS))
+
+    @property
+    def exchanges(self) -> int:
+        """All calls, every direction."""
+        return sum(self.calls.values())
+
+    @property
+    def quantized_exchanges(self) -> int:
+        return sum(self.quantized.values())
+
+    @property
+    def compression(self) -> float:
+        """bf16 bytes / wire bytes over all links (1.0 when nothing was sent)."""
+        sent = sum(self.bytes_sent.values())
+        return sum(self.bf16_bytes.values()) / sent if sent else 1.0
+
+    def reset(self) -> None:
+        for d in (self.calls, self.quantized, self.bytes_sent, self.bf16_bytes):
+            for k in d:
+                d[k] = 0
+
+    def __add__(self, other: "ExchangeStats") -> "ExchangeStats":
+        out = ExchangeStats()
+        for name in ("calls", "quantized", "bytes_sent", "bf16_bytes"):
+            a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
+            for k in c:
+                c[k] = a[k] + b[k]
+        return out
+
+    @classmethod
+    def total(cls, stats: Iterable["ExchangeStats"]) -> "ExchangeStats":
+        out = cls()
+        for s in stats:
+            out = out + s
+        return out
+
+    def as_dict(self) -> dict:
+        return {"calls": dict(self.calls), "quantized": dict(self.quantized),
+                "bytes_sent": dict(self.bytes_sent), "bf16_bytes": dict(self.bf16_bytes)}
+
+    def record(self, direction: str, x: torch.Tensor, send_rows: Optional[Sequence[int]],
+               group, codecs, gate) -> None:
+        """Count one all-to-all of ``x`` (dim 0 routed, ``send_rows[p]`` rows to group rank
+        p, None: even split) sent with ``codecs`` (LinkCodecs) under ``gate`` (SizeGate)."""
+        route, nodes = _link_plan(group, codecs, gate, x.device.type)
+        rank, world = route.rank, route.world
+        rows = list(send_rows) if send_rows is not None else [x.shape[0] // world] * world
+        per_row = math.prod(x.shape[1:-1])
+        hidden = x.shape[-1]
+        quantized = False
+        for p, n in enumerate(rows):
+            n *= per_row
+            if p == rank or n == 0:
+                continue
+            wire = route.wire(p, n, hidden, x.dtype)
+            link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
+            self.bytes_sent[link] += n * row_bytes(wire, hidden, x.dtype)
+            self.bf16_bytes[link] += n * hidden * 2
+            quantized |= wire != RAW and not wire.is_passthrough
+        self.calls[direction] += 1
+        self.quantized[direction] += int(quantized)
+
+
+_plans: dict = {}
+_TOPOLOGY_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                 "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
+
+
+def _link_plan(group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
+    """The transport's view of ``group`` for these codecs: a Route (codec and size-gate
+    threshold towards every group rank; ``Route.wire`` decides each pair's wire exactly as the
+    exchange does) and the node of every group rank. Cached."""
+    key = (id(group), getattr(group, "group_name", None), codecs, gate.digest, device_type,
+           tuple(os.environ.get(k) for k in _TOPOLOGY_ENV))
+    hit = _plans.get(key)
+    if hit is None:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        topo = Topology.coerce(None, dist.get_world_size(), dist.get_rank())
+        nodes = tuple(topo.node_of(g) for g in granks)
+        same = [n == nodes[rank] for n in nodes]
+        peer_codecs = tuple(codecs.for_peer(s) for s in same)
+        thresholds = tuple(gate.threshold(link_path(s, device_type), c)
+                           for s, c in zip(same, peer_codecs))
+        hit = _plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
+    return hit

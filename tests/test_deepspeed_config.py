@@ -1,0 +1,117 @@
+"""FlashCommConfig (the config of enable_deepspeed and of the "moe_flashcomm" section of a
+DeepSpeed JSON config): defaults, JSON round trip, per-layer rules, errors naming the field.
+No processes are spawned here."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe_flashcomm import CodecConfig, LinkCodecs
+from moe_flashcomm.config import ConfigError, FlashCommConfig
+
+
+def test_defaults_and_round_trip(tmp_path):
+    c = FlashCommConfig()
+    assert c.enabled and c.algorithm == "flat" and c.gate is True and c.chunks is None
+    assert c.dispatch == LinkCodecs(CodecConfig(), CodecConfig())
+    assert c.combine == LinkCodecs(CodecConfig(), CodecConfig())
+    assert c.dispatch_grad == c.combine_grad == LinkCodecs(8, 8)
+    assert c.layers == ()
+    assert FlashCommConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert FlashCommConfig.from_dict({}) == c
+
+    rich = FlashCommConfig.from_dict({
+        "dispatch": {"bits": 3, "group_size": 64},
+        "combine": {"intra_node": "bf16", "inter_node": 4},
+        "combine_grad": {"bits": 8, "rounding": "stochastic"},
+        "chunks": "auto",
+        "gate": False,
+        "layers": [{"match": "*.0.*", "dispatch": "fp8"}, {"index": [1, 2], "enabled": False}],
+    })
+    assert rich.dispatch.intra_node == CodecConfig(bits=3, group_size=64)
+    assert rich.combine == LinkCodecs("bf16", 4)
+    assert rich.chunks is None and rich.gate is False
+    assert FlashCommConfig.from_dict(json.loads(json.dumps(rich.to_dict()))) == rich
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
+                                   "moe_flashcomm": {"dispatch": 8}}))
+    assert FlashCommConfig.from_deepspeed_config(str(ds_json)).dispatch == LinkCodecs(8, 8)
+    assert FlashCommConfig.from_deepspeed_config({"train_batch_size": 8}) is None
+    assert FlashCommConfig.from_deepspeed_config({"moe_flashcomm": None}) == FlashCommConfig()
+    # a whole DeepSpeed config given as `config` means its section
+    assert FlashCommConfig.coerce({"bf16": {"enabled": True}, "moe_flashcomm": {"combine": 2}}
+                                  ).combine == LinkCodecs(2, 2)
+    assert FlashCommConfig.coerce(None) == FlashCommConfig()
+
+
+def test_layer_rules_apply_in_order():
+    c = FlashCommConfig(dispatch=4, layers=[
+        {"match": "blocks.*", "combine": 8},
+        {"match": ["*.3.*", "head.*"], "dispatch": "bf16"},
+        {"index": 0, "dispatch": 2},
+        {"index": [5], "enabled": False},
+    ])
+    a = c.for_layer("blocks.0.moe.deepspeed_moe", 0)
+    assert a.dispatch == LinkCodecs(2, 2) and a.combine == LinkCodecs(8, 8) and a.layers == ()
+    b = c.for_layer("blocks.3.moe.deepspeed_moe", 3)
+    assert b.dispatch == LinkCodecs("bf16", "bf16") and b.combine == LinkCodecs(8, 8)
+    assert c.for_layer("head.moe", 4).combine == LinkCodecs(4, 4)
+    assert not c.for_layer("other", 5).enabled
+    assert c.for_layer("other", 1) == FlashCommConfig(dispatch=4)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"dispatch": 9}, "moe_flashcomm.dispatch: CodecConfig.bits must be an int 2..8"),
+    ({"combine": {"bits": 4, "group": 64}}, "moe_flashcomm.combine: unknown codec field(s) ['group']"),
+    ({"dispatch_grad": {"intra_node": 8, "internode": 4}},
+     "moe_flashcomm.dispatch_grad: unknown link field(s) ['internode']; allowed: intra_node, inter_node"),
+    ({"combine_grad": {"inter_node": {"group_size": 100}}},
+     "moe_flashcomm.combine_grad: LinkCodecs.inter_node: CodecConfig.group_size must be one of"),
+    ({"dispatch": [4]}, "moe_flashcomm.dispatch"),
+    ({"algorithm": "ring"}, "moe_flashcomm.algorithm must be one of ('flat',), got 'ring'"),
+    ({"chunks": 0}, 'moe_flashcomm.chunks must be an int >= 1 or "auto"'),
+    ({"chunks": True}, "moe_flashcomm.chunks"),
+    ({"gate": 5}, "moe_flashcomm.gate must be true, false, a thresholds dict or a JSON file path"),
+    ({"gate": {"pcie": {"int4": 100}}}, "moe_flashcomm.gate: size gate: unknown path 'pcie'"),
+    ({"enabled": "yes"}, "moe_flashcomm.enabled must be true or false"),
+    ({"dispatch_codec": 4}, "moe_flashcomm: unknown field(s) ['dispatch_codec']; allowed: enabled, "
+                            "dispatch, combine, dispatch_grad, combine_grad, algorithm, gate, chunks, layers"),
+    ({"layers": {"*": {}}}, "moe_flashcomm.layers[0] must be a dict"),
+    ({"layers": [{"dispatch": 4}]}, "moe_flashcomm.layers[0] needs exactly one of 'match'"),
+    ({"layers": [{"match": "a", "index": 1}]}, "moe_flashcomm.layers[0] needs exactly one of"),
+    ({"layers": [{"match": "a"}, {"index": -2}]}, "moe_flashcomm.layers[1].index must be an int >= 0"),
+    ({"layers": [{"match": ""}]}, "moe_flashcomm.layers[0].match must be a glob string"),
+    ({"layers": [{"match": "a", "combine": "int4"}]}, "moe_flashcomm.layers[0].combine: CodecConfig.bits"),
+    ({"layers": [{"match": "a", "layers": []}]}, "moe_flashcomm.layers[0]: unknown field(s) ['layers']"),
+])
+def test_bad_fields_raise_naming_the_field(bad, needle):
+    with pytest.raises(ValueError) as e:
+        FlashCommConfig.from_deepspeed_config({"moe_flashcomm": bad})
+    assert isinstance(e.value, ConfigError)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_constructor_validates_too():
+    with pytest.raises(ConfigError, match=r"FlashCommConfig\.combine: CodecConfig\.bits"):
+        FlashCommConfig(combine=1)
+    with pytest.raises(ConfigError, match=r"FlashCommConfig\.layers\[0\]\.dispatch_grad"):
+        FlashCommConfig(layers=[{"index": 0, "dispatch_grad": "fp4"}])
+    with pytest.raises(TypeError):
+        FlashCommConfig.coerce(4)
+
+
+def test_package_imports_without_deepspeed():
+    """The GPU machine has no DeepSpeed: the package must import, and enable_deepspeed must
+    say what is missing."""
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"  # makes `import deepspeed` fail
+        "import torch, moe_flashcomm\n"
+        "try:\n"
+        "    moe_flashcomm.enable_deepspeed(torch.nn.Linear(2, 2))\n"
+        "except ImportError as e:\n"
+        "    assert 'needs DeepSpeed' in str(e), e\n"
+        "    print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
