@@ -4,6 +4,7 @@ must produce the same bytes and the same decoded values, bit for bit.
 Arithmetic rules the kernels copy exactly:
   * all math in fp32; no fused multiply-add (decode is ``minimum + (code * scale)``,
     two roundings); IEEE division; ``rint`` rounds half to even;
+  * a group's min/max (and rest min/max) that is zero is +0, whatever the inputs' signs;
   * metadata is stored in the *wire float*: fp16 for fp16 input, bf16 otherwise
     (so fp16 and bf16 spikes travel exactly; fp32 spikes are rounded to bf16);
   * the group minimum is rounded *down* and the scale *up* to the wire float, so every
@@ -158,7 +159,8 @@ def quantize_groups(xf: torch.Tensor, valid: torch.Tensor, cfg: CodecConfig,
     inf = float("inf")
     lo_src = torch.where(valid, xf, inf)
     hi_src = torch.where(valid, xf, -inf)
-    lo, hi = lo_src.amin(-1), hi_src.amax(-1)
+    # "+ 0.0" makes a zero extreme +0: torch's amin/amax pick the sign of a zero by position
+    lo, hi = lo_src.amin(-1) + 0.0, hi_src.amax(-1) + 0.0
     if cfg.spikes:
         # the first index holding the min (max): ties resolve to the lowest index
         lo_idx = (lo_src == lo[..., None]).to(torch.uint8).argmax(-1)
@@ -167,8 +169,8 @@ def quantize_groups(xf: torch.Tensor, valid: torch.Tensor, cfg: CodecConfig,
         rest = valid & (pos != lo_idx[..., None]) & (pos != hi_idx[..., None])
         any_rest = rest.any(-1)
         # with no value left besides the spikes, the range collapses onto the min spike
-        rest_lo = torch.where(any_rest, torch.where(rest, xf, inf).amin(-1), lo)
-        rest_hi = torch.where(any_rest, torch.where(rest, xf, -inf).amax(-1), lo)
+        rest_lo = torch.where(any_rest, torch.where(rest, xf, inf).amin(-1) + 0.0, lo)
+        rest_hi = torch.where(any_rest, torch.where(rest, xf, -inf).amax(-1) + 0.0, lo)
     else:
         lo_idx = hi_idx = torch.zeros(T, n, dtype=torch.int64, device=xf.device)
         rest, rest_lo, rest_hi = valid, lo, hi
