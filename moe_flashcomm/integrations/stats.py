@@ -25,22 +25,27 @@ def _zeros(keys: Sequence[str]) -> dict:
     return {k: 0 for k in keys}
 
 
+def _per_link() -> dict:
+    return {d: _zeros(LINKS) for d in DIRECTIONS}
+
+
 @dataclass
 class ExchangeStats:
     """Exchanges of one layer (or a sum of layers) since enable or the last ``reset()``.
 
-    calls:      all-to-alls sent through moe_flashcomm, per direction (``dispatch``,
-                ``combine`` and their gradients ``dispatch_grad``, ``combine_grad``).
+    calls:      all-to-alls sent through moe_flashcomm, per direction: ``dispatch``,
+                ``combine`` and their gradients ``dispatch_grad``, ``combine_grad``.
     quantized:  of those, the ones where at least one link to another rank carried an
                 integer or fp8 codec (not bf16 passthrough, not gated to bf16).
-    bytes_sent: wire bytes sent to other ranks per link class (``intra_node``, ``inter_node``).
-    bf16_bytes: the bytes the same rows take in bf16, per link class.
+    bytes_sent: ``{direction: {link: bytes}}``, wire bytes sent to other ranks per link class
+                (``intra_node``, ``inter_node``).
+    bf16_bytes: the same rows in bf16, same keys.
     """
 
     calls: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     quantized: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
-    bytes_sent: dict = field(default_factory=lambda: _zeros(LINKS))
-    bf16_bytes: dict = field(default_factory=lambda: _zeros(LINKS))
+    bytes_sent: dict = field(default_factory=_per_link)
+    bf16_bytes: dict = field(default_factory=_per_link)
 
     @property
     def exchanges(self) -> int:
@@ -51,23 +56,38 @@ class ExchangeStats:
     def quantized_exchanges(self) -> int:
         return sum(self.quantized.values())
 
+    def link_bytes(self, link: Optional[str] = None, bf16: bool = False) -> int:
+        """Bytes over every direction, on ``link`` (None: both link classes); ``bf16``: the
+        bf16 equivalent instead of what was sent."""
+        table = self.bf16_bytes if bf16 else self.bytes_sent
+        return sum(v for d in table.values() for k, v in d.items() if link in (None, k))
+
     @property
     def compression(self) -> float:
-        """bf16 bytes / wire bytes over all links (1.0 when nothing was sent)."""
-        sent = sum(self.bytes_sent.values())
-        return sum(self.bf16_bytes.values()) / sent if sent else 1.0
+        """bf16 bytes / wire bytes over everything sent (1.0 when nothing was sent)."""
+        sent = self.link_bytes()
+        return self.link_bytes(bf16=True) / sent if sent else 1.0
 
     def reset(self) -> None:
-        for d in (self.calls, self.quantized, self.bytes_sent, self.bf16_bytes):
+        for d in (self.calls, self.quantized):
             for k in d:
                 d[k] = 0
+        for table in (self.bytes_sent, self.bf16_bytes):
+            for d in table.values():
+                for k in d:
+                    d[k] = 0
 
     def __add__(self, other: "ExchangeStats") -> "ExchangeStats":
         out = ExchangeStats()
-        for name in ("calls", "quantized", "bytes_sent", "bf16_bytes"):
+        for name in ("calls", "quantized"):
             a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
             for k in c:
                 c[k] = a[k] + b[k]
+        for name in ("bytes_sent", "bf16_bytes"):
+            a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
+            for d in c:
+                for k in c[d]:
+                    c[d][k] = a[d][k] + b[d][k]
         return out
 
     @classmethod
@@ -79,7 +99,8 @@ class ExchangeStats:
 
     def as_dict(self) -> dict:
         return {"calls": dict(self.calls), "quantized": dict(self.quantized),
-                "bytes_sent": dict(self.bytes_sent), "bf16_bytes": dict(self.bf16_bytes)}
+                "bytes_sent": {d: dict(v) for d, v in self.bytes_sent.items()},
+                "bf16_bytes": {d: dict(v) for d, v in self.bf16_bytes.items()}}
 
     def record(self, direction: str, x: torch.Tensor, send_rows: Optional[Sequence[int]],
                group, codecs, gate) -> None:
@@ -97,8 +118,8 @@ class ExchangeStats:
                 continue
             wire = route.wire(p, n, hidden, x.dtype)
             link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
-            self.bytes_sent[link] += n * row_bytes(wire, hidden, x.dtype)
-            self.bf16_bytes[link] += n * hidden * 2
+            self.bytes_sent[direction][link] += n * row_bytes(wire, hidden, x.dtype)
+            self.bf16_bytes[direction][link] += n * hidden * 2
             quantized |= wire != RAW and not wire.is_passthrough
         self.calls[direction] += 1
         self.quantized[direction] += int(quantized)
