@@ -217,11 +217,14 @@ def error_checks(rank, world, device):
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         mf.all_to_all(torch.ones(4 * world, 32, dtype=torch.int32, device=device))
 
-    # a configuration that differs on one rank raises on every rank (no hang, no garbage)
+    # a configuration that differs on one rank raises on every rank (no hang, no garbage).
+    # Detection runs when a configuration is new to every rank: the one rank 0 uses here
+    # (hidden 40) is never completed, so never cached.
+    x40 = torch.randn(4 * world, 40, device=device)
     for name, kwargs in (("codec", dict(codec=3)), ("row_shape", dict(x=torch.randn(4 * world, 48, device=device))),
-                         ("dtype", dict(x=x.half())), ("grad_codec", dict(grad_codec=4)),
-                         ("chunks", dict(chunks=2))):
-        args = dict(x=x, codec=4)
+                         ("dtype", dict(x=x40.half())), ("grad_codec", dict(grad_codec=4)),
+                         ("chunks", dict(chunks=2)), ("topology", dict(topology=mf.Topology(1)))):
+        args = dict(x=x40, codec=4)
         if rank == world - 1:
             args.update(kwargs)
         with pytest.raises(ConfigMismatchError, match=name):

@@ -1,9 +1,8 @@
 """``all_to_all``: the public, differentiable quantized all-to-all."""
 from __future__ import annotations
 
+import functools
 import math
-import os
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
-from .exchange import ALGORITHMS, RAW_DTYPES, Pending, Route, exchange
+from .exchange import ALGORITHMS, Pending, Route, exchange
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
@@ -29,23 +28,20 @@ def auto_chunks(bf16_bytes: int) -> int:
     return max(1, min(MAX_CHUNKS, bf16_bytes // CHUNK_BYTES))
 
 
-@dataclass(frozen=True)
 class _Call:
-    """Everything one all-to-all and its backward need."""
-    fwd: Route
-    bwd: Route
-    in_rows: tuple   # token rows to each group rank
-    out_rows: tuple  # token rows from each group rank
-    fwd_chunks: int
-    bwd_chunks: int
-    in_shape: tuple
-    out_shape: tuple
+    """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
+    __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape")
+
+    def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
+                 in_shape: tuple, out_shape: tuple) -> None:
+        self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
+        self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
 
     def forward(self, x2: torch.Tensor) -> Pending:
-        return exchange(x2, self.in_rows, self.out_rows, self.fwd, self.fwd_chunks)
+        return exchange(x2, self.in_rows, self.out_rows, self.fwd, self.chunks)
 
     def backward(self, g2: torch.Tensor) -> Pending:
-        return exchange(g2, self.out_rows, self.in_rows, self.bwd, self.bwd_chunks)
+        return exchange(g2, self.out_rows, self.in_rows, self.bwd, self.chunks)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -82,27 +78,55 @@ class AllToAllHandle:
         return self._out
 
 
-_routes: dict = {}
-_ROUTE_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-              "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
+# Call-independent state per configuration key. The environment (LOCAL_WORLD_SIZE,
+# NCCL_P2P_DISABLE, ...) is read when a configuration is first used.
+_setups: dict = {}
 
 
-def _route(group, codecs: LinkCodecs, topology, gate: SizeGate, device_type: str):
-    """(Route, node of every group rank), cached."""
-    key = (group_key(group), codecs, topology, gate.digest, device_type,
-           tuple(os.environ.get(k) for k in _ROUTE_ENV))
-    hit = _routes.get(key)
-    if hit is None:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
-        nodes = tuple(topo.node_of(g) for g in granks)
-        same = [n == nodes[rank] for n in nodes]
-        peer_codecs = tuple(codecs.for_peer(s) for s in same)
-        thresholds = tuple(gate.threshold(link_path(s, device_type), c)
-                           for s, c in zip(same, peer_codecs))
-        hit = _routes[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
-    return hit
+def _route(group, rank: int, world: int, codecs: LinkCodecs, topology, gate: SizeGate,
+           device_type: str) -> tuple[Route, tuple]:
+    """The Route of ``codecs`` in ``group`` and the node of every group rank."""
+    granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+    nodes = tuple(topo.node_of(g) for g in granks)
+    same = [n == nodes[rank] for n in nodes]
+    peer_codecs = tuple(codecs.for_peer(s) for s in same)
+    thresholds = tuple(gate.threshold(link_path(s, device_type), c)
+                       for s, c in zip(same, peer_codecs))
+    return Route(group, rank, world, peer_codecs, thresholds), nodes
+
+
+def _setup(key: tuple, x: torch.Tensor, group, codecs: LinkCodecs, grad_codecs: LinkCodecs,
+           topology, gate: SizeGate, algorithm: str, chunks, grad: bool) -> tuple[Route, Route]:
+    """Routes of the forward and the backward, after checking (one collective) that every
+    rank of the group uses the same configuration. Cached under ``key``."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of `group`")
+    device_type = x.device.type
+    fwd, nodes = _route(group, rank, world, codecs, topology, gate, device_type)
+    bwd, _ = _route(group, rank, world, grad_codecs, topology, gate, device_type)
+    check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
+                          grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
+                          topology=nodes, gate=(gate.digest, intra_node_path(device_type)),
+                          requires_grad=grad),
+                     group, x.device)
+    _setups[key] = fwd, bwd
+    return fwd, bwd
+
+
+@functools.lru_cache(maxsize=256)
+def _link_codecs(obj, name: str) -> LinkCodecs:
+    return LinkCodecs.coerce(obj, name)
+
+
+def _coerce_codecs(obj, name: str) -> LinkCodecs:
+    try:
+        return _link_codecs(obj, name)
+    except TypeError as e:  # unhashable (a dict): no cache
+        if "unhashable" not in str(e):
+            raise
+        return LinkCodecs.coerce(obj, name)
 
 
 def all_to_all(
@@ -121,9 +145,8 @@ def all_to_all(
 ) -> Union[torch.Tensor, AllToAllHandle]:
     """Quantized, differentiable ``torch.distributed.all_to_all_single`` on rows.
 
-    x:                  [N, ..., H] float32/bfloat16/float16 (any dtype for an all-bf16
-                        codec on 16-bit input); dim 0 is routed exactly as
-                        ``all_to_all_single`` routes it, H is the quantized hidden size.
+    x:                  [N, ..., H] float32, bfloat16 or float16; dim 0 is routed exactly
+                        as ``all_to_all_single`` routes it; H is the quantized hidden size.
     output_split_sizes: rows (of dim 0) received from each group rank; None: even split of
                         N. input_split_sizes: rows sent to each group rank; None: even.
     group:              process group (None: the default group); gloo (CPU tensors) or
@@ -150,43 +173,37 @@ def all_to_all(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape {tuple(x.shape)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
         raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
-    codecs = LinkCodecs.coerce(codec, "codec")
-    grad_codecs = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None else grad_codec,
-                                    "grad_codec")
+    codecs = _coerce_codecs(codec, "codec")
+    grad_codecs = _coerce_codecs(DEFAULT_GRAD_CODEC if grad_codec is None else grad_codec,
+                                 "grad_codec")
     gate = SizeGate.coerce(gate)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of `group`")
-    in_s, out_s = resolve_splits(x.shape[0], output_split_sizes, input_split_sizes, world, rank)
     hidden = x.shape[-1]
     if hidden < 1:
         raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape {tuple(x.shape)}")
-    per_row = math.prod(x.shape[1:-1])  # tokens per row of dim 0
-
-    device_type = x.device.type
-    fwd, nodes = _route(group, codecs, topology, gate, device_type)
-    bwd, _ = _route(group, grad_codecs, topology, gate, device_type)
-    needs_codec = not (fwd.passthrough and x.dtype in RAW_DTYPES)
-    if needs_codec and x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16 for codec {codecs}, got {x.dtype}")
     grad = torch.is_grad_enabled() and x.requires_grad
-    check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
-                          grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
-                          topology=nodes, gate=(gate.digest, intra_node_path(device_type)),
-                          requires_grad=grad),
-                     group, x.device)
+    key = (group_key(group), codecs, grad_codecs, topology, gate.digest, x.device.type,
+           x.shape[1:], x.dtype, algorithm, chunks, grad)
+    fwd, bwd = _setups.get(key) or _setup(key, x, group, codecs, grad_codecs, topology, gate,
+                                          algorithm, chunks, grad)
+    in_s, out_s = resolve_splits(x.shape[0], output_split_sizes, input_split_sizes,
+                                 fwd.world, fwd.rank)
+    per_row = math.prod(x.shape[1:-1])  # tokens per row of dim 0
 
     if chunks is None:
         auto = x.is_cuda and output_split_sizes is None and input_split_sizes is None
         fwd_chunks = auto_chunks(x.numel() * 2) if auto else 1
     else:
         fwd_chunks = chunks
-    call = _Call(fwd, bwd, tuple(n * per_row for n in in_s), tuple(n * per_row for n in out_s),
-                 fwd_chunks, fwd_chunks, tuple(x.shape), (sum(out_s),) + tuple(x.shape[1:]))
+    out_shape = (sum(out_s),) + x.shape[1:]
+    if per_row != 1:
+        in_s, out_s = [n * per_row for n in in_s], [n * per_row for n in out_s]
+    call = _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape)
 
     if not async_op:
         if grad:

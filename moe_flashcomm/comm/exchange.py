@@ -16,7 +16,7 @@ stream, so encode(k+1), transfer(k) and decode(k-1) overlap.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -49,11 +49,12 @@ class Route:
     world: int
     codecs: tuple
     thresholds: tuple
+    passthrough: bool = False  # every link sends bf16 (16-bit input: all_to_all_single)
+    plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    @property
-    def passthrough(self) -> bool:
-        """Every link sends bf16 passthrough (for 16-bit input: a plain all_to_all_single)."""
-        return all(c.is_passthrough for p, c in enumerate(self.codecs) if p != self.rank)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passthrough", all(
+            c.is_passthrough for p, c in enumerate(self.codecs) if p != self.rank))
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
@@ -65,7 +66,7 @@ def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
     if wire is None:
         return 0
     if wire == RAW:
-        return hidden * torch.empty((), dtype=dtype).element_size()
+        return hidden * dtype.itemsize
     return record_bytes(hidden, wire)
 
 
@@ -181,56 +182,80 @@ class Pending:
         return self._result
 
 
-def exchange(x: torch.Tensor, in_rows: Sequence[int], out_rows: Sequence[int], route: Route,
-             chunks: int = 1) -> Pending:
-    """Start the all-to-all of ``x`` [T, H] (contiguous); ``in_rows[p]`` rows go to group
-    rank p and ``out_rows[p]`` come from it. Returns a Pending whose ``wait()`` gives the
-    output [sum(out_rows), H] of ``x.dtype``."""
-    x = x.contiguous()
-    T, H = x.shape
-    dtype, r, group = x.dtype, route.rank, route.group
-    if route.passthrough and dtype in RAW_DTYPES:  # bit-identical to all_to_all_single
-        out = x.new_empty((sum(out_rows), H))
-        work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
-                                      async_op=True)
-        return Pending([work], lambda: (work.wait(), out)[1])
+@dataclass
+class Plan:
+    """How one all-to-all of given row splits moves: wires, chunks, segments, byte splits.
+    A pure function of (route, row splits, hidden, dtype, chunks), cached per route."""
 
-    send_w = [route.wire(p, n, H, dtype) for p, n in enumerate(in_rows)]
-    recv_w = [route.wire(p, n, H, dtype) for p, n in enumerate(out_rows)]
+    fast: bool            # every link bf16 on 16-bit input: all_to_all_single of the tensor
+    all_raw: bool         # every pair on raw bytes: the buffers are the tensors themselves
+    out_total: int        # output rows
+    own: tuple            # (input row, output row, rows) a rank keeps; rows 0 if in exchange
+    chunks: list          # per chunk: (send segments, send byte splits, recv segments, recv splits)
+    direct: bool          # one decoded segment is the whole output
+
+
+def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
+              dtype: torch.dtype, chunks: int) -> Plan:
+    r = route.rank
+    own = (sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r])
+    if route.passthrough and dtype in RAW_DTYPES:
+        return Plan(True, True, sum(out_rows), own, [], False)
+    send_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
+    recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
     # own rows travel inside the exchange only when everything is raw bytes (then the
-    # buffers are the tensors themselves); otherwise they are copied aside
+    # buffers are the tensors themselves); otherwise they are copied aside, exactly
     all_raw = all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r)
     send_w[r] = recv_w[r] = RAW if all_raw else None
     chunks = 1 if all_raw else max(1, chunks)
     in_off, out_off = offsets(in_rows), offsets(out_rows)
-
-    plans = []
+    parts = []
     for k in range(chunks):
-        send_segs, send_splits = _segments(in_off, in_rows, send_w, k, chunks, H, dtype)
-        recv_segs, recv_splits = _segments(out_off, out_rows, recv_w, k, chunks, H, dtype)
-        plans.append((send_segs, send_splits, recv_segs, recv_splits))
+        parts.append(_segments(in_off, in_rows, send_w, k, chunks, hidden, dtype)
+                     + _segments(out_off, out_rows, recv_w, k, chunks, hidden, dtype))
+    first = parts[0][2]
+    direct = (chunks == 1 and len(first) == 1 and first[0].wire != RAW
+              and first[0].rows == sum(out_rows))
+    return Plan(False, all_raw, sum(out_rows), own if not all_raw else (0, 0, 0), parts, direct)
 
-    # the output: a single decoded segment covering it is the output itself
-    recv_segs0 = plans[0][2]
-    direct = (chunks == 1 and len(recv_segs0) == 1 and recv_segs0[0].wire != RAW
-              and recv_segs0[0].rows == sum(out_rows))
-    out = None if direct else x.new_empty((sum(out_rows), H))
-    side = _side_stream(x.device) if x.is_cuda and chunks > 1 else None
+
+def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
+             chunks: int = 1) -> Pending:
+    """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
+    ``out_rows[p]`` rows come from it. Returns a Pending whose ``wait()`` gives the output
+    [sum(out_rows), H] of ``x.dtype``."""
+    x = x.contiguous()
+    H, dtype, group = x.shape[1], x.dtype, route.group
+    key = (in_rows, out_rows, H, dtype, chunks)
+    plan = route.plans.get(key)
+    if plan is None:
+        if len(route.plans) > 256:
+            route.plans.clear()
+        plan = route.plans[key] = make_plan(route, in_rows, out_rows, H, dtype, chunks)
+
+    if plan.fast:  # bit-identical to all_to_all_single
+        out = x.new_empty((plan.out_total, H))
+        work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
+                                      async_op=True)
+        return Pending([work], lambda: (work.wait(), out)[1])
+
+    out = None if plan.direct else x.new_empty((plan.out_total, H))
+    side = _side_stream(x.device) if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))  # `out` is allocated
-
     works, buffers = [], []
-    for send_segs, send_splits, recv_segs, recv_splits in plans:
+    for send_segs, send_splits, recv_segs, recv_splits in plan.chunks:
         send = _pack(x, send_segs)
-        if all_raw:
+        if plan.all_raw:
             recv = out.view(torch.uint8).view(-1)
         else:
             recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=x.device)
         works.append(dist.all_to_all_single(recv, send, recv_splits, send_splits,
                                             group=group, async_op=True))
         buffers.append((send, recv, recv_segs))
-    if not all_raw and in_rows[r]:  # own rows: exact copy, overlapping the transfers
-        out[out_off[r]:out_off[r] + out_rows[r]].copy_(x[in_off[r]:in_off[r] + in_rows[r]])
+    src, dst, n = plan.own
+    if n:  # own rows: exact copy, overlapping the transfers
+        out[dst:dst + n].copy_(x[src:src + n])
 
     def finish() -> torch.Tensor:
         nonlocal out
@@ -239,12 +264,10 @@ def exchange(x: torch.Tensor, in_rows: Sequence[int], out_rows: Sequence[int], r
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for work, (send, recv, recv_segs) in zip(works, buffers):
                 work.wait()
-                if all_raw:
-                    pass
-                elif direct:
+                if plan.direct:
                     seg = recv_segs[0]
                     out = decode(recv.view(seg.rows, -1), seg.wire, H, dtype)
-                else:
+                elif not plan.all_raw:
                     _unpack(recv, recv_segs, out)
                 if stream is not None:  # keep the buffers until this stream is past them
                     send.record_stream(stream)

@@ -122,6 +122,10 @@ class LinkCodecs:
                 object.__setattr__(self, name, CodecConfig.coerce(getattr(self, name)))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"LinkCodecs.{name}: {e}") from None
+        object.__setattr__(self, "_hash", hash((self.intra_node, self.inter_node)))
+
+    def __hash__(self) -> int:  # cached: LinkCodecs keys the per-call caches
+        return self._hash
 
     def for_peer(self, same_node: bool) -> CodecConfig:
         return self.intra_node if same_node else self.inter_node
