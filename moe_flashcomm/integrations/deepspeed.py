@@ -101,9 +101,10 @@ def _ds_logger() -> logging.Logger:
 class _Site:
     """One DeepSpeed MoE layer class and how it is patched.
 
-    method:   the instance attribute set to the patched function.
+    method:   the method a patched instance overrides with an instance attribute.
     a2a_name: the global name of DeepSpeed's all-to-all autograd Function in ``method``'s
-              code (rebound per instance), or None when ``_alltoall`` is replaced instead.
+              code (resolving to moe_flashcomm's stand-in in the patched instance's copy
+              of ``method``), or None when the instance's ``_alltoall`` is replaced instead.
     """
 
     kind: str
