@@ -70,8 +70,10 @@ def evaluate(engine, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
-def train(args, ds_config: dict) -> dict:
-    """Train on this rank (torch.distributed already initialised); returns the summary."""
+def train(args, ds_config: dict) -> tuple[dict, object, list]:
+    """Train on this rank (torch.distributed already initialised).
+
+    Returns (summary, engine, validation batches)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -143,18 +145,25 @@ def train(args, ds_config: dict) -> dict:
         "tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
         "seconds": elapsed, "exchanges": stats.as_dict(),
         "history": history,
-    }
+    }, engine, val_batches
+
+
+def init_rank(args) -> None:
+    """torch.distributed for this rank: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(args.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def load_config(args) -> dict:
+    return json.loads(args.deepspeed_config.read_text()) if args.deepspeed_config else DEFAULT_CONFIG
 
 
 def run_rank(args) -> None:
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(args.local_rank)
-    deepspeed.init_distributed(dist_backend=backend)
-    ds_config = json.loads(args.deepspeed_config.read_text()) if args.deepspeed_config else DEFAULT_CONFIG
-    summary = train(args, ds_config)
+    init_rank(args)
+    summary = train(args, load_config(args))[0]
     if torch.distributed.get_rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -175,17 +184,18 @@ def describe_exchanges(ex: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu_worker(rank: int, world: int, port: int, args) -> None:
+def _cpu_worker(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    run_rank(args)
+    fn(args)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def launch(fn, args) -> None:
+    """Run ``fn(args)`` on every rank: directly under the deepspeed launcher / torchrun or on a
+    GPU machine, else in ``args.cpu_ranks`` gloo processes started here."""
     if "RANK" in os.environ or torch.cuda.is_available():
-        run_rank(args)  # started by the deepspeed launcher / torchrun
+        fn(args)
         return
     import socket
 
@@ -195,7 +205,11 @@ def main(argv=None) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log(f"no GPU and no launcher: starting {args.cpu_ranks} gloo processes")
-    mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, args), nprocs=args.cpu_ranks, join=True)
+    mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, fn, args), nprocs=args.cpu_ranks, join=True)
+
+
+def main(argv=None) -> None:
+    launch(run_rank, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ class ModelConfig:
     drop_tokens: bool = True
     use_tutel: bool = False
     aux_loss_weight: float = 0.01
+    # DeepSpeed samples top-2's second expert with Gumbel noise even in eval mode; off, the
+    # gating is deterministic and codec comparisons measure the codec alone.
+    second_expert_sampling: bool = False
 
 
 class Expert(nn.Module):
@@ -93,7 +96,8 @@ class Block(nn.Module):
         self.moe = MoE(hidden_size=cfg.hidden, expert=Expert(cfg.hidden), num_experts=cfg.experts,
                        ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor,
                        eval_capacity_factor=cfg.capacity_factor, drop_tokens=cfg.drop_tokens,
-                       use_tutel=cfg.use_tutel, use_rts=False)
+                       use_tutel=cfg.use_tutel, use_rts=False,
+                       top2_2nd_expert_sampling=cfg.second_expert_sampling)
 
     def forward(self, x, mask):
         h = self.ln1(x)

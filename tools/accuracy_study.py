@@ -1,0 +1,123 @@
+"""Accuracy of low-bit MoE communication: the fine-tuning recipe trained with bf16, int8,
+int4, int3 and int2 dispatch/combine (spikes on and off; gradients int8), and the bf16-trained
+model evaluated with quantized dispatch and combine (inference perplexity).
+
+    python tools/accuracy_study.py [--steps 200] [--out out/accuracy]
+
+Same seed, data and initial weights for every run; a second bf16 run with another data seed
+shows the run-to-run noise. Prints a table, writes JSON and a PNG of the loss curves.
+Runs on CPU (gloo processes it starts) or under the deepspeed launcher on GPUs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import finetune_moe as ft  # noqa: E402
+
+import moe_flashcomm  # noqa: E402
+
+BF16 = {k: "bf16" for k in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
+RUNS = [("bf16", BF16, 0), ("bf16 (other data seed)", BF16, 1)] + [
+    (f"int{b}{'+spikes' if s else ''}", {"dispatch": {"bits": b, "spikes": s},
+                                         "combine": {"bits": b, "spikes": s}}, 0)
+    for b in (8, 4, 3, 2) for s in (True, False)]
+
+
+def study(args) -> None:
+    ft.init_rank(args)
+    base = ft.load_config(args)
+    out = args.out
+    results, inference = [], []
+    for name, section, seed_shift in RUNS:
+        cfg = copy.deepcopy(base)
+        cfg["moe_flashcomm"] = section
+        run_args = copy.copy(args)
+        run_args.out = out / name.replace(" ", "_").replace("(", "").replace(")", "")
+        run_args.seed = args.seed + 7919 * seed_shift
+        ft.log(f"== {name}")
+        t0 = time.perf_counter()
+        summary, engine, val = ft.train(run_args, cfg)
+        results.append({"name": name, "val_loss": summary["val_loss"], "seconds": time.perf_counter() - t0,
+                        "moe_flashcomm": section, "history": summary["history"]})
+        if name == "bf16":  # inference: the bf16-trained model with quantized dispatch/combine
+            for iname, isection, _ in RUNS:
+                if iname.startswith("bf16 ("):
+                    continue
+                moe_flashcomm.enable_deepspeed(engine, isection)
+                inference.append({"name": iname, "val_loss": ft.evaluate(engine, val)})
+        del engine
+    if torch.distributed.get_rank() == 0:
+        report(results, inference, args)
+
+
+def report(results: list, inference: list, args) -> None:
+    base = results[0]["val_loss"]
+    ibase = inference[0]["val_loss"]
+    lines = [f"{'communication':<24} {'fine-tune val loss':>18} {'ppl':>7} {'vs bf16':>8} | "
+             f"{'inference val loss':>18} {'ppl':>7} {'vs bf16':>8}"]
+    inf = {r["name"]: r["val_loss"] for r in inference}
+    for r in results:
+        line = (f"{r['name']:<24} {r['val_loss']:>18.4f} {math.exp(r['val_loss']):>7.3f} "
+                f"{100 * (r['val_loss'] / base - 1):>+7.2f}% |")
+        if r["name"] in inf:
+            v = inf[r["name"]]
+            line += f" {v:>18.4f} {math.exp(v):>7.3f} {100 * (math.exp(v) / math.exp(ibase) - 1):>+7.2f}%"
+        lines.append(line)
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)",
+            "world_size": torch.distributed.get_world_size(), "steps": args.steps,
+            "note": "fine-tune: loss vs bf16 in %; inference: perplexity vs bf16 in %"}
+    (args.out / "accuracy.json").write_text(json.dumps(
+        {"meta": meta, "finetune": results, "inference": inference, "table": table}, indent=1))
+    plot(results, args.out / "accuracy.png")
+    print(f"wrote {args.out / 'accuracy.json'}")
+
+
+def plot(results: list, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        pts = [(h["step"], h["val_loss"]) for h in r["history"] if "val_loss" in h]
+        ax.plot(*zip(*pts), "--" if "spikes" not in r["name"] and "bf16" not in r["name"] else "-",
+                marker="o", ms=3, label=r["name"])
+    ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title="MoE fine-tuning: communication codec")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser_args = [a for a in sys.argv[1:]]
+    args = ft.parse_args(parser_args)
+    if "--out" not in parser_args:
+        args.out = Path("out/accuracy")
+    if "--steps" not in parser_args:
+        args.steps = 200
+    if "--eval-every" not in parser_args:
+        args.eval_every = 25
+    if "--eval-batches" not in parser_args:
+        args.eval_batches = 32
+    args.no_progress = True
+    ft.launch(study, args)
+
+
+if __name__ == "__main__":
+    main()
