@@ -1,0 +1,384 @@
+"""The codec on CUDA tensors: the kernels in ``csrc/`` compiled at first use with NVRTC
+(through CuPy) and launched on torch's current stream over the tensors' memory.
+
+Bit-identical to :mod:`moe_flashcomm.codec.reference` (the specification) for every config.
+No host synchronisation and no extra copies, so the calls are safe under CUDA graph capture;
+``torch.ops.moe_flashcomm.encode`` / ``decode`` are custom ops, so ``torch.compile`` keeps each
+call as one opaque op.
+
+Compiled kernels are cached on disk (``$MOE_FLASHCOMM_CACHE``, default
+``~/.cache/moe_flashcomm/kernels``); :func:`precompile` fills that cache in parallel.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from . import reference
+from .config import CodecConfig
+from .format import ALIGN, RecordLayout, record_layout
+
+CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
+             "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
+BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
+# Values per thread by codec (a power of two, 8..32, at most the group size); set from
+# tools/bench_codec.py measurements (docs/kernel-notes.md).
+DEFAULT_VPT = 16
+# Spec arithmetic: no FMA contraction, no flush-to-zero (CuPy's own compile path forces
+# -ftz=true, which is why this module drives NVRTC itself).
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true",
+                 "--prec-sqrt=true")
+_CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+_MAX_ITEMS = 2**31 - 1  # fastdiv and the kernels' 32-bit thread index
+
+
+# ---- CuPy / NVRTC --------------------------------------------------------------------------
+def _cupy():
+    """Import CuPy, or fail naming the extra that provides it."""
+    try:
+        import cupy
+        from cupy.cuda import function, nvrtc  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"moe_flashcomm: encoding CUDA tensors needs CuPy; {CUPY_HINT}") from e
+    return cupy
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: ``<repo>/csrc`` in a source checkout, else the installed package."""
+    here = Path(__file__).resolve().parents[2] / "csrc"
+    if (here / "codec_common.cuh").is_file():
+        return here
+    return Path(str(resources.files("moe_flashcomm.csrc")))
+
+
+def kernel_source(name: str) -> str:
+    """``name`` (a csrc/*.cu file) with codec_common.cuh inlined, so the source text alone
+    determines the binary (and its cache key)."""
+    d = csrc_dir()
+    header = (d / "codec_common.cuh").read_text()
+    return (d / name).read_text().replace('#include "codec_common.cuh"', header, 1)
+
+
+def _include_dirs() -> list[str]:
+    """Folders holding cuda_bf16.h / cuda_fp8.h for NVRTC."""
+    cands = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        cands.append(find_nvidia_header_directory("cudart"))
+    except Exception:
+        pass
+    try:
+        from cupy import _environment
+        p = _environment.get_cuda_path()
+        cands.append(p and os.path.join(p, "include"))
+    except Exception:
+        pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        cands.append(os.environ.get(var) and os.path.join(os.environ[var], "include"))
+    cands.append("/usr/local/cuda/include")
+    found = [c for c in cands if c and os.path.isfile(os.path.join(c, "cuda_fp8.h"))]
+    if not found:
+        raise RuntimeError("moe_flashcomm: no CUDA headers (cuda_fp8.h) found for NVRTC; "
+                           f"set CUDA_HOME or {CUPY_HINT}")
+    return found[:1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOE_FLASHCOMM_CACHE",
+                               Path.home() / ".cache" / "moe_flashcomm" / "kernels"))
+
+
+def compile_kernel(source_name: str, name_expr: str, arch: str) -> tuple[str, bytes]:
+    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC."""
+    _cupy()
+    from cupy.cuda import nvrtc
+    src = kernel_source(source_name)
+    opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-I{d}" for d in _include_dirs())
+    key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
+    path = cache_dir() / f"{key}.bin"
+    if path.is_file():
+        data = path.read_bytes()
+        name, _, cubin = data.partition(b"\n")
+        if name and cubin:
+            return name.decode(), cubin
+    prog = nvrtc.createProgram(src, source_name, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name_expr)
+        try:
+            nvrtc.compileProgram(prog, list(opts))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name_expr}:\n{nvrtc.getProgramLog(prog)}") from e
+        name, cubin = nvrtc.getLoweredName(prog, name_expr), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:  # atomic publish
+        f.write(name.encode() + b"\n" + cubin)
+    os.replace(f.name, path)
+    return name, cubin
+
+
+def _arch(device: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+_functions: dict = {}
+_lock = threading.Lock()
+
+
+def _function(device: int, source_name: str, name_expr: str):
+    """The loaded kernel on ``device`` (modules belong to a device's context)."""
+    key = (device, name_expr)
+    fn = _functions.get(key)
+    if fn is None:
+        cupy = _cupy()
+        from cupy.cuda import function
+        name, cubin = compile_kernel(source_name, name_expr, _arch(device))
+        with _lock, cupy.cuda.Device(device):
+            mod = function.Module()
+            mod.load(cubin)
+            fn = _functions[key] = (mod, mod.get_function(name))
+    return fn[1]
+
+
+class _Stream:
+    """What CuPy's launcher reads from a stream: its handle."""
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+def _launch(device: int, source_name: str, name_expr: str, items: int, args: list) -> None:
+    fn = _function(device, source_name, name_expr)
+    cupy = _cupy()
+    stream = _Stream(torch.cuda.current_stream(device).cuda_stream)
+    with cupy.cuda.Device(device):
+        fn(((items + BLOCK - 1) // BLOCK,), (BLOCK,), args, stream=stream)
+
+
+# ---- launch geometry -----------------------------------------------------------------------
+def _fastdiv(d: int) -> tuple[int, int]:
+    """Multiplier and shift for x // d with x < 2^31 (csrc fastdiv)."""
+    shift = max(0, (d - 1).bit_length())
+    return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
+
+
+def _lowbias32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _gaps(L: RecordLayout) -> list[int]:
+    """Padding ranges of a record as (start << 4) | length, four entries."""
+    gaps = []
+    for p in L.planes:
+        end = p.offset + p.nbytes
+        if end % ALIGN:
+            gaps.append((end, ALIGN - end % ALIGN))
+    meta_end = max(off + size * L.n_groups for off, size in (
+        (L.scale, 2), (L.minimum, 2), (L.lo_value, 2), (L.hi_value, 2), (L.lo_index, 1),
+        (L.hi_index, 1)) if off is not None)
+    if meta_end < L.record_bytes:
+        gaps.append((meta_end, L.record_bytes - meta_end))
+    assert len(gaps) <= 4 and all(n < 16 and s % 2 == 0 and n % 2 == 0 for s, n in gaps)
+    return [(s << 4) | n for s, n in gaps] + [0] * (4 - len(gaps))
+
+
+def _vpt(cfg: CodecConfig, vpt: Optional[int]) -> int:
+    return min(vpt or DEFAULT_VPT, cfg.group_size)
+
+
+def _geometry(T: int, L: RecordLayout, V: int):
+    """Per launch (token range) the kernel's shared integer arguments."""
+    ipt = L.padded_hidden // V
+    mul, shift = _fastdiv(ipt)
+    step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
+    log2L = (L.group_size // V).bit_length() - 1
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        yield t0, t1, (t1 - t0) * ipt, log2L, ipt, mul, shift
+
+
+def _i32(v):
+    return np.int32(v)
+
+
+def _u32(v):
+    return np.uint32(v)
+
+
+def _ptr(t: torch.Tensor, offset_bytes: int = 0):
+    return np.uint64(t.data_ptr() + offset_bytes)
+
+
+def _planes(L: RecordLayout) -> tuple[int, int, int]:
+    """Offsets of the 4-bit (or 8-bit) plane, the 2-bit and the 1-bit plane (0 if absent)."""
+    off = {p.width: p.offset for p in L.planes}
+    return off.get(4, off.get(8, 0)), off.get(2, 0), off.get(1, 0)
+
+
+def _meta(L: RecordLayout) -> list[int]:
+    return [o or 0 for o in (L.scale, L.minimum, L.lo_value, L.hi_value, L.lo_index, L.hi_index)]
+
+
+# ---- encode / decode implementations (the custom ops' bodies) -------------------------------
+def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, vpt: Optional[int] = None) -> torch.Tensor:
+    """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation)."""
+    T, H = x.shape
+    L = record_layout(H, cfg)
+    x = x.contiguous()
+    if T == 0:
+        return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
+    rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device)
+    if cfg.is_passthrough:
+        rec.view(reference.wire_float(x.dtype))[:, :H].copy_(x)
+        rec[:, 2 * H:].zero_()
+        return rec
+    V = _vpt(cfg, vpt)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    esize = x.element_size()
+    vec = int(H % 8 == 0 and x.data_ptr() % 16 == 0)
+    t = _CTYPE[x.dtype]
+    for t0, t1, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        head = [_ptr(x, t0 * H * esize), _ptr(rec, t0 * L.record_bytes), _i32(H), _i32(log2L)]
+        if cfg.is_fp8:
+            name = f"mfc::encode_fp8<{t}, {V}>"
+            args = head + [_i32(L.record_bytes), _u32(ipt), _u32(mul), _u32(shift), _u32(items),
+                           _i32(L.planes[0].offset), _i32(L.scale)]
+            args += [_i32(g) for g in _gaps(L)] + [_i32(vec)]
+        else:
+            sr = cfg.rounding == "stochastic"
+            name = (f"mfc::encode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, "
+                    f"{str(sr).lower()}, {V}>")
+            args = head + [_i32(L.padded_hidden), _i32(L.record_bytes), _u32(ipt), _u32(mul),
+                           _u32(shift), _u32(items)]
+            args += [_i32(o) for o in _planes(L) + tuple(_meta(L))]
+            args += [_i32(g) for g in _gaps(L)]
+            # noise counter = token * padded_hidden + position, tokens counted from the batch start
+            args += [_u32(_lowbias32(seed & 0xFFFFFFFF) if sr else 0),
+                     _u32(t0 * L.padded_hidden & 0xFFFFFFFF), _i32(vec)]
+        _launch(dev, "codec_encode.cu", name, items, args)
+    return rec
+
+
+def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
+                vpt: Optional[int] = None) -> torch.Tensor:
+    """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation)."""
+    T = records.shape[0]
+    L = record_layout(hidden, cfg)
+    records = records.contiguous()
+    if records.data_ptr() % 16:
+        records = records.clone()  # the kernels read planes with 16-byte loads
+    if T == 0:
+        return torch.empty(0, hidden, dtype=dtype, device=records.device)
+    if cfg.is_passthrough:
+        return records.view(reference.wire_float(dtype))[:, :hidden].to(dtype)
+    y = torch.empty(T, hidden, dtype=dtype, device=records.device)
+    V = _vpt(cfg, vpt)
+    dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
+    vec = int(hidden % 8 == 0)
+    t = _CTYPE[dtype]
+    for t0, t1, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        head = [_ptr(records, t0 * L.record_bytes), _ptr(y, t0 * hidden * y.element_size()),
+                _i32(hidden), _i32(log2L), _i32(L.record_bytes), _u32(ipt), _u32(mul),
+                _u32(shift), _u32(items)]
+        if cfg.is_fp8:
+            name = f"mfc::decode_fp8<{t}, {V}>"
+            args = head + [_i32(L.planes[0].offset), _i32(L.scale), _i32(vec)]
+        else:
+            name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}>"
+            args = head + [_i32(o) for o in _planes(L) + tuple(_meta(L))] + [_i32(vec)]
+        _launch(dev, "codec_decode.cu", name, items, args)
+    return y
+
+
+def kernel_names(cfg: CodecConfig, dtype: torch.dtype, vpt: Optional[int] = None) -> list[tuple[str, str]]:
+    """(source, name expression) of the kernels a config uses for one dtype."""
+    if cfg.is_passthrough:
+        return []
+    V, t = _vpt(cfg, vpt), _CTYPE[dtype]
+    if cfg.is_fp8:
+        return [("codec_encode.cu", f"mfc::encode_fp8<{t}, {V}>"),
+                ("codec_decode.cu", f"mfc::decode_fp8<{t}, {V}>")]
+    sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
+    return [("codec_encode.cu", f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}>"),
+            ("codec_decode.cu", f"mfc::decode_int<{t}, {cfg.bits}, {sp}, {V}>")]
+
+
+def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(_CTYPE),
+               device: Optional[int] = None, workers: Optional[int] = None,
+               vpt: Optional[int] = None) -> int:
+    """Compile the kernels of ``configs`` x ``dtypes`` into the disk cache, NVRTC runs in
+    parallel threads. Returns how many kernels were compiled or found."""
+    arch = _arch(torch.cuda.current_device() if device is None else device)
+    jobs = sorted({k for c in configs for d in dtypes for k in kernel_names(CodecConfig.coerce(c), d, vpt)})
+    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
+        list(pool.map(lambda j: compile_kernel(j[0], j[1], arch), jobs))
+    return len(jobs)
+
+
+# ---- custom ops ----------------------------------------------------------------------------
+def _cfg(bits: str, group_size: int, spikes: bool, rounding: str) -> CodecConfig:
+    return CodecConfig(bits=bits, group_size=group_size, spikes=spikes, rounding=rounding)
+
+
+@torch.library.custom_op("moe_flashcomm::encode", mutates_args=())
+def encode_op(x: torch.Tensor, bits: str, group_size: int, spikes: bool, rounding: str,
+              seed: int) -> torch.Tensor:
+    return encode_impl(x, _cfg(bits, group_size, spikes, rounding), seed)
+
+
+@encode_op.register_fake
+def _(x, bits, group_size, spikes, rounding, seed):
+    L = record_layout(x.shape[1], _cfg(bits, group_size, spikes, rounding))
+    return x.new_empty((x.shape[0], L.record_bytes), dtype=torch.uint8)
+
+
+@torch.library.custom_op("moe_flashcomm::decode", mutates_args=())
+def decode_op(records: torch.Tensor, bits: str, group_size: int, spikes: bool, hidden: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    return decode_impl(records, _cfg(bits, group_size, spikes, "nearest"), hidden, dtype)
+
+
+@decode_op.register_fake
+def _(records, bits, group_size, spikes, hidden, dtype):
+    return records.new_empty((records.shape[0], hidden), dtype=dtype)
+
+
+# ---- public entry points -------------------------------------------------------------------
+def _check_device(t: torch.Tensor) -> None:
+    _cupy()
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"moe_flashcomm: no usable CUDA GPU for a {t.device} tensor")
+
+
+def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> torch.Tensor:
+    """Encode CUDA tokens ``x`` [T, H] (fp32/bf16/fp16) into records uint8 [T, record_bytes]."""
+    cfg = CodecConfig.coerce(cfg)
+    reference.check_input(x)
+    _check_device(x)
+    s = reference.resolve_seed(seed) if cfg.is_int and cfg.rounding == "stochastic" else 0
+    return encode_op(x, str(cfg.bits), cfg.group_size, cfg.spikes, cfg.rounding, s)
+
+
+def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
+           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
+    cfg = CodecConfig.coerce(cfg)
+    L = record_layout(hidden, cfg)
+    reference.check_records(records, L, dtype)
+    _check_device(records)
+    return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)
