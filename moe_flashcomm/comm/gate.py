@@ -120,3 +120,32 @@ def wire_gate(cfg: CodecConfig, bf16_bytes: int, threshold: int) -> Optional[Cod
 
 
 PASSTHROUGH = CodecConfig(bits="bf16")
+
+
+NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on that path
+
+
+def fit_thresholds(rows) -> dict:
+    """Thresholds from measurements, ``{path: {codec_key: bytes}}``.
+
+    ``rows``: dicts with ``path``, ``codec`` (a codec_key), ``hidden``, ``pair_bytes``
+    (bf16 bytes per peer), ``ms`` (the codec, gate off) and ``nccl_ms`` (NCCL bf16, same
+    size). For each path, codec and hidden size the threshold is the smallest measured size
+    from which the codec is never slower than NCCL bf16 at any larger measured size; across
+    hidden sizes the largest is kept. Sizes below it go bf16.
+    """
+    series: dict = {}
+    for r in rows:
+        series.setdefault((r["path"], r["codec"], r["hidden"]), []).append(
+            (r["pair_bytes"], r["ms"] <= r["nccl_ms"]))
+    table: dict = {}
+    for (path, codec, _), points in sorted(series.items()):
+        points.sort()
+        threshold = NEVER_PAYS
+        for pair_bytes, pays in reversed(points):
+            if not pays:
+                break
+            threshold = pair_bytes
+        row = table.setdefault(path, {})
+        row[codec] = max(row.get(codec, 0), threshold)
+    return table

@@ -1,0 +1,419 @@
+#!/usr/bin/env python
+"""Benchmark moe_flashcomm.all_to_all against NCCL bf16 all_to_all_single, 2 GPUs.
+
+For each link path of DESIGN.md (NCCL's environment is set before NCCL starts: one
+process group, i.e. one pair of fresh processes, per path), each hidden size and per-rank
+message size (bf16 bytes of x, even splits) it times:
+
+  nccl        torch.distributed.all_to_all_single on the bf16 tensor (the baseline)
+  <codec>     moe_flashcomm.all_to_all(x, codec=<codec>, gate=False)   (always quantized)
+  <codec>+gate  the same with the size gate fitted on this run's measurements, timed
+              again where the gate sends the message as bf16
+
+with CUDA events around every call (calls back to back, as a training step issues them),
+after warm-up; the median over calls, the slower rank's. Ratios are NCCL time / our time
+(> 1: faster than NCCL). Writes a table to stdout, JSON, a PNG plot and the fitted gate
+(the JSON tools/tune_gate.py writes; load it with MOE_FLASHCOMM_GATE_FILE).
+
+    python tools/bench_all2all.py --out out/bench                  # the full sweep
+    python tools/bench_all2all.py --quick --out out/quick          # a small one
+    python tools/bench_all2all.py --plot out/bench/bench_all2all.json  # replot
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"
+    "nvlink": {},
+    "host": {"NCCL_P2P_DISABLE": "1"},
+    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
+}
+CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
+SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
+QUICK_SIZES = ("64K", "1M", "16M", "256M")
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def codec_of(name: str):
+    from moe_flashcomm import CodecConfig
+    bits = name[3:] if name.startswith("int") else name
+    return CodecConfig(bits=bits, group_size=128, spikes=True)
+
+
+# ---- worker (one process per GPU) ------------------------------------------------------------
+DEV = "cuda"  # "cpu" (gloo, host timers) for a dry run of this script without GPUs
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, budget_s: float, min_reps: int, max_reps: int, warmup: int = 3) -> float:
+    """Median ms per call over back-to-back calls, the max over ranks. Every rank runs the
+    same number of calls (agreed through an all_reduce)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    one = torch.tensor([time.perf_counter() - t0], device=DEV)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)
+    reps = int(max(min_reps, min(max_reps, budget_s / max(one.item(), 1e-6))))
+    dist.barrier()
+    if DEV == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    med = torch.tensor([statistics.median(times)], device=DEV)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
+def _input(T: int, H: int, rank: int) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(1234 + rank)
+    x = torch.randn(T, H, device=DEV, generator=g)
+    x += (torch.rand(T, H, device=DEV, generator=g) < 0.001) * 30  # outliers for the spikes
+    return x.bfloat16()
+
+
+def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
+    global DEV
+    DEV = cfg.get("device", "cuda")
+    os.environ.update(PATH_ENV[path])
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (KINDS.md)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    if DEV == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    import moe_flashcomm as mf
+    from moe_flashcomm.comm.gate import codec_key, fit_thresholds
+    codecs = {c: codec_of(c) for c in cfg["codecs"]}
+    try:
+        from moe_flashcomm.codec import cuda as kernels
+        if rank == 0 and DEV == "cuda":
+            t0 = time.perf_counter()
+            n = kernels.precompile(codecs.values(), [torch.bfloat16])
+            print(f"[{path}] {n} kernels compiled or cached in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+    except ImportError as e:
+        print(f"[{path}] no CUDA codec kernels ({e}): the reference codec runs (slow)", flush=True)
+    dist.barrier()
+
+    rows = []
+    show = rank == 0 and not cfg.get("no_progress")
+    steps = len(cfg["hiddens"]) * len(cfg["sizes"])
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc=f"{path:>7}", file=sys.stdout, mininterval=2)
+
+    def measure(x, name, fn, **extra):
+        big = x.numel() * 2 >= (64 << 20)
+        ms = _time(fn, cfg["budget_s"], 3 if big else 10, 200)
+        T, H = x.shape
+        rows.append(dict(path=path, hidden=H, tokens=T, size_bytes=T * H * 2,
+                         pair_bytes=(T // world) * H * 2, variant=name, ms=ms, **extra))
+        return ms
+
+    for H in cfg["hiddens"]:
+        for size in cfg["sizes"]:
+            T = max(world, size // (2 * H) // world * world)
+            x = _input(T, H, rank)
+            out = torch.empty_like(x)
+            nccl = measure(x, "nccl", lambda: dist.all_to_all_single(out, x))
+            for name, c in codecs.items():
+                ms = measure(x, name, lambda: mf.all_to_all(x, codec=c, gate=False), codec=name)
+                rows[-1]["nccl_ms"] = nccl
+            del x, out
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+
+    # the size gate fitted on these numbers, then timed where it sends bf16
+    fit_rows = [dict(r, codec=codec_key(codecs[r["codec"]])) for r in rows
+                if r.get("codec") not in (None, "bf16")]
+    table = fit_thresholds(fit_rows).get(path, {})
+    gate = {path: table}
+    size_gate = mf.SizeGate(gate)
+    for H in cfg["hiddens"] if cfg.get("gated", True) else ():
+        for size in cfg["sizes"]:
+            T = max(world, size // (2 * H) // world * world)
+            pair = (T // world) * H * 2
+            gated = [n for n, c in codecs.items()
+                     if not c.is_passthrough and pair < table.get(codec_key(c), 0)]
+            if not gated:
+                continue
+            x = _input(T, H, rank)
+            for name in gated:
+                c = codecs[name]
+                measure(x, name + "+gate", lambda: mf.all_to_all(x, codec=c, gate=size_gate),
+                        codec=name, gated=True)
+            del x
+
+    # chunk count sweep at one size
+    if cfg.get("chunk_sweep"):
+        H, size = cfg["chunk_sweep"]["hidden"], cfg["chunk_sweep"]["size"]
+        T = size // (2 * H) // world * world
+        x = _input(T, H, rank)
+        for name in cfg["chunk_sweep"]["codecs"]:
+            c = codec_of(name)
+            for k in cfg["chunk_sweep"]["chunks"]:
+                measure(x, f"{name}/chunks={k}", lambda: mf.all_to_all(x, codec=c, gate=False, chunks=k),
+                        codec=name, chunks=k, sweep=True)
+        del x
+
+    # encode / decode alone (no transfer) at the chunk-sweep size: where the time goes
+    if cfg.get("chunk_sweep") and rank == 0 and path == cfg["paths"][0] and DEV == "cuda":
+        from moe_flashcomm.comm.exchange import decode, encode
+        H, size = cfg["chunk_sweep"]["hidden"], cfg["chunk_sweep"]["size"]
+        T = size // (2 * H) // world  # the rows a rank sends to its one peer
+        x = _input(T, H, rank)
+        for name in cfg["codecs"]:
+            c = codec_of(name)
+            if c.is_passthrough:
+                continue
+            rec = encode(x, c)
+            for stage, fn in (("encode", lambda: encode(x, c)),
+                              ("decode", lambda: decode(rec, c, H, x.dtype)),
+                              ("copy", lambda: x.clone())):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                for _ in range(3):
+                    fn()
+                ts = []
+                for _ in range(20):
+                    s.record()
+                    fn()
+                    e.record()
+                    torch.cuda.synchronize()
+                    ts.append(s.elapsed_time(e))
+                rows.append(dict(path="local", hidden=H, tokens=T, size_bytes=T * H * 2,
+                                 variant=f"{name}/{stage}", codec=name, stage=stage,
+                                 ms=statistics.median(ts), record_bytes=rec.shape[1]))
+        del x
+
+    if rank == 0:
+        Path(part).write_text(json.dumps(dict(rows=rows, gate=gate)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_paths(cfg: dict, out: Path) -> dict:
+    """Run the sweep on every path (fresh processes each); merged rows and fitted gate."""
+    rows, gate = [], {}
+    for path in cfg["paths"]:
+        part = out / f"part_{path}.json"
+        t0 = time.perf_counter()
+        mp.spawn(_worker, args=(2, _free_port(), path, cfg, str(part)), nprocs=2, join=True)
+        data = json.loads(part.read_text())
+        part.unlink()
+        rows += data["rows"]
+        gate.update(data["gate"])
+        print(f"[{path}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return dict(rows=rows, gate=gate)
+
+
+# ---- report -----------------------------------------------------------------------------------
+def library_rows(rows: list) -> list:
+    """Per (path, hidden, size, codec): what the library does with the gate on (the gated
+    timing where the gate sends bf16, the quantized one elsewhere), with the NCCL time."""
+    nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
+    gated = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in rows if r.get("gated")}
+    out = []
+    for r in rows:
+        if r.get("codec") is None or r.get("gated") or r.get("sweep") or r["path"] == "local":
+            continue
+        key = (r["path"], r["hidden"], r["tokens"], r["codec"])
+        ms = gated.get(key, r["ms"])
+        base = nccl[key[:3]]
+        out.append(dict(path=r["path"], hidden=r["hidden"], size_bytes=r["size_bytes"],
+                        codec=r["codec"], nccl_ms=base, raw_ms=r["ms"], ms=ms,
+                        gated=key in gated, speedup=base / ms, raw_speedup=base / r["ms"]))
+    return out
+
+
+def print_tables(result: dict) -> str:
+    lib = library_rows(result["rows"])
+    codecs = [c for c in CODECS if any(r["codec"] == c for r in lib)]
+    lines = []
+    for path in PATH_ENV:
+        for H in sorted({r["hidden"] for r in lib if r["path"] == path}):
+            sel = [r for r in lib if r["path"] == path and r["hidden"] == H]
+            lines.append(f"\n{path}, hidden {H}: NCCL bf16 ms, then NCCL time / ours "
+                         f"(gate on; * = sent as bf16 by the gate; raw quantized in brackets)")
+            lines.append(f"{'size':>7} {'nccl ms':>9} " + " ".join(f"{c:>15}" for c in codecs))
+            for size in sorted({r["size_bytes"] for r in sel}):
+                cells = {r["codec"]: r for r in sel if r["size_bytes"] == size}
+                base = next(iter(cells.values()))["nccl_ms"]
+                row = []
+                for c in codecs:
+                    r = cells.get(c)
+                    row.append(f"{'':>15}" if r is None else
+                               f"{r['speedup']:6.2f}{'*' if r['gated'] else ' '}({r['raw_speedup']:5.2f})")
+                lines.append(f"{fmt_size(size):>7} {base:9.3f} " + " ".join(row))
+    sweep = [r for r in result["rows"] if r.get("sweep")]
+    if sweep:
+        nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in result["rows"] if r["variant"] == "nccl"}
+        lines.append("\nchunk sweep (ms, NCCL/ours):")
+        for r in sweep:
+            base = nccl.get((r["path"], r["hidden"], r["tokens"]))
+            ratio = f"{base / r['ms']:.2f}" if base else "-"
+            lines.append(f"  {r['path']:>7} H{r['hidden']} {fmt_size(r['size_bytes'])} "
+                         f"{r['variant']:>16}: {r['ms']:.3f} ms  {ratio}")
+    local = [r for r in result["rows"] if r["path"] == "local"]
+    if local:
+        lines.append(f"\nlocal stages, {local[0]['tokens']} tokens x {local[0]['hidden']} "
+                     f"({fmt_size(local[0]['size_bytes'])} bf16, one peer's share):")
+        for r in local:
+            lines.append(f"  {r['variant']:>14}: {r['ms']:.4f} ms")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(result: dict, png: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    lib = library_rows(result["rows"])
+    hiddens = sorted({r["hidden"] for r in lib})
+    paths = [p for p in PATH_ENV if any(r["path"] == p for r in lib)]
+    fig, axes = plt.subplots(len(hiddens), len(paths), figsize=(5.5 * len(paths), 4 * len(hiddens)),
+                             squeeze=False, sharey=True)
+    for i, H in enumerate(hiddens):
+        for j, path in enumerate(paths):
+            ax = axes[i][j]
+            for c in CODECS:
+                sel = sorted((r for r in lib if r["path"] == path and r["hidden"] == H
+                              and r["codec"] == c), key=lambda r: r["size_bytes"])
+                if not sel:
+                    continue
+                xs = [r["size_bytes"] for r in sel]
+                line, = ax.plot(xs, [r["speedup"] for r in sel], marker="o", ms=3, label=c)
+                ax.plot(xs, [r["raw_speedup"] for r in sel], ls=":", color=line.get_color(), lw=1)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.axhline(0.95, color="r", lw=0.6, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"{path}, hidden {H}")
+            ax.set_xlabel("bytes per rank (bf16)")
+            if j == 0:
+                ax.set_ylabel("NCCL bf16 time / ours")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("moe_flashcomm.all_to_all vs NCCL all_to_all_single, 2 GPUs "
+                 "(solid: gate on; dotted: always quantized)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"))
+    ap.add_argument("--paths", default=",".join(PATH_ENV))
+    ap.add_argument("--hidden", default="4096,7168")
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--sizes", default=None, help="per-rank bf16 bytes, e.g. 64K,1M,256M")
+    ap.add_argument("--quick", action="store_true", help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168")
+    ap.add_argument("--budget", type=float, default=0.25, help="seconds of timed calls per point")
+    ap.add_argument("--chunk-sweep", default="256M:7168:int8,int4,int2:1,2,4,8",
+                    help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
+    ap.add_argument("--plot", type=Path, help="only replot this JSON")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="gloo on CPU, to check this script without GPUs (timings meaningless)")
+    args = ap.parse_args(argv)
+    if args.plot:
+        result = json.loads(args.plot.read_text())
+        print_tables(result)
+        plot(result, args.plot.with_suffix(".png"))
+        return
+    if not args.cpu_dry_run and torch.cuda.device_count() < 2:
+        sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes = args.sizes.split(",") if args.sizes else (QUICK_SIZES if args.quick else SIZES)
+    cfg = dict(paths=args.paths.split(","), codecs=args.codecs.split(","),
+               hiddens=[7168] if args.quick else [int(h) for h in args.hidden.split(",")],
+               sizes=[parse_size(s) for s in sizes], budget_s=args.budget,
+               no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda")
+    if args.chunk_sweep:
+        size, hidden, codecs, chunks = args.chunk_sweep.split(":")
+        cfg["chunk_sweep"] = dict(size=parse_size(size), hidden=int(hidden), codecs=codecs.split(","),
+                                  chunks=[int(k) for k in chunks.split(",")])
+    t0 = time.perf_counter()
+    result = run_paths(cfg, args.out)
+    result["meta"] = dict(
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        device=f"2x {torch.cuda.get_device_name(0)}" if not args.cpu_dry_run else "cpu (dry run)",
+        torch=torch.__version__,
+        nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu_dry_run else None,
+        date=datetime.date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
+        config=cfg)
+    (args.out / "bench_all2all.json").write_text(json.dumps(result, indent=1))
+    (args.out / "gate.json").write_text(json.dumps(dict(
+        thresholds=result["gate"], units="bf16 bytes per peer",
+        device=result["meta"]["device"], date=result["meta"]["date"],
+        source="tools/bench_all2all.py"), indent=1))
+    (args.out / "table.txt").write_text(print_tables(result))
+    plot(result, args.out / "bench_all2all.png")
+    print(f"total {time.perf_counter() - t0:.0f} s; JSON, table, gate and plot in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
