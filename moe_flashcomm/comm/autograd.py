@@ -12,6 +12,7 @@ from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
 from .exchange import ALGORITHMS, Pending, Route, exchange
+from . import hierarchical
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
@@ -30,18 +31,19 @@ def auto_chunks(bf16_bytes: int) -> int:
 
 class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
-    __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape")
+    __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
-                 in_shape: tuple, out_shape: tuple) -> None:
+                 in_shape: tuple, out_shape: tuple, run=exchange) -> None:
         self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
         self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
+        self.run = run  # the algorithm's exchange (flat: exchange.exchange)
 
     def forward(self, x2: torch.Tensor) -> Pending:
-        return exchange(x2, self.in_rows, self.out_rows, self.fwd, self.chunks)
+        return self.run(x2, self.in_rows, self.out_rows, self.fwd, self.chunks)
 
     def backward(self, g2: torch.Tensor) -> Pending:
-        return exchange(g2, self.out_rows, self.in_rows, self.bwd, self.chunks)
+        return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -163,7 +165,11 @@ def all_to_all(
     chunks:             pipeline chunks (CUDA). None: chosen by size when both split sizes
                         are None (every rank then has the same size); 1 otherwise. Must be
                         equal on every rank.
-    algorithm:          "flat" (the only one so far).
+    algorithm:          "flat" (one all_to_all_single), "hierarchical" (intra-node, then
+                        inter-node among ranks of equal local rank; quantized once, results
+                        bit-identical to "flat"; moe_flashcomm.comm.hierarchical) or "auto"
+                        (hierarchical for >= 2 nodes of >= 2 ranks and small per-pair
+                        messages, by an alpha-beta model; flat otherwise).
 
     Returns [sum(output_split_sizes), ..., H] of x's dtype, or an AllToAllHandle.
     Every rank of the group must pass the same codecs, dtype, x.shape[1:], algorithm,
@@ -203,7 +209,10 @@ def all_to_all(
     out_shape = (sum(out_s),) + x.shape[1:]
     if per_row != 1:
         in_s, out_s = [n * per_row for n in in_s], [n * per_row for n in out_s]
-    call = _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape)
+    run = exchange if algorithm == "flat" else hierarchical.select(
+        algorithm, fwd, x, topology, tuple(in_s),
+        uniform=output_split_sizes is None and input_split_sizes is None)
+    call = _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run)
 
     if not async_op:
         if grad:

@@ -33,7 +33,7 @@ from .topology import _warn_once
 RAW = "raw"
 Wire = Union[CodecConfig, str, None]  # None: not in the exchange (a rank's own rows)
 RAW_DTYPES = (torch.bfloat16, torch.float16)  # passthrough is exact for these
-ALGORITHMS = ("flat",)
+ALGORITHMS = ("flat", "hierarchical", "auto")  # the last two: comm/hierarchical.py
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,465 @@
+"""Two-level hierarchical all-to-all: an intra-node stage, then an inter-node stage.
+
+A group of W = N nodes x L ranks per node; group rank g = (node n, local rank l) with
+g = n * L + l (group ranks are node-major: nodes hold consecutive global ranks). A row from
+source s = (n, l) to destination d = (n', l') goes
+
+    s --stage 1 (intra-node group of node n)--> i = (n, l') --stage 2 (inter-node group of
+    local rank l')--> d
+
+so every rank sends L - 1 intra-node messages and N - 1 inter-node messages instead of the
+flat algorithm's L - 1 and (N - 1) * L: fewer, larger messages over the network.
+
+Quantize once: the source encodes each row with the wire of its (source, destination) pair
+(the same wire, size gate included, as the flat algorithm: ``Route.wire``), the
+intermediate rank ``i`` forwards the bytes untouched, the destination decodes. So results
+are bit-identical to ``algorithm="flat"`` with the same codecs, and per-link precision
+composes: a row that stays on its node travels (once) in the intra-node codec, a row that
+leaves it travels both hops in the inter-node codec.
+
+Data path of one call (one rank; x [T, H]):
+  1. encode: x's rows, in destination order, to one flat uint8 buffer (per-pair wires, as
+     the flat algorithm's one-chunk pack: one encode call per run of equal wires);
+  2. one gather (``index_select`` over byte units): destination blocks from order (n', l')
+     to order (l', n') = per intra-node peer;
+  3. stage 1: ``all_to_all_single`` of bytes in the intra-node group;
+  4. one gather: blocks from order (source l, destination node n') to (n', l);
+  5. stage 2: ``all_to_all_single`` of bytes in the inter-node group (asynchronous);
+  6. decode: the received bytes are in source order, as in the flat algorithm.
+The gather permutations are computed on the host from split sizes (cached per split
+sizes, the index tensor kept on the device); a gather is one ``index_select`` kernel.
+
+Split sizes at the intermediate hop. The rank i = (n, l') forwards the rows of every pair
+((n, l), (n', l')); the sources know their counts, i does not. With explicit split sizes
+each call therefore starts with ONE small collective: an int64 ``all_to_all_single`` in
+the intra-node group, N ints per peer (source (n, l) tells (n, l') how many rows it sends
+to each (n', l')). It is skipped when it can be derived: without split sizes (even
+splits: every pair has T / W rows) and when L == 1. The destination's and source's own
+splits are local, as in the flat algorithm.
+
+Process groups. Stage groups are created once per process and cached (by their global
+ranks): ``hierarchical_groups(group, topology)``, called lazily by the first hierarchical
+(or ``"auto"`` choosing hierarchical) ``all_to_all`` on ``group``. Creating them is
+collective over the ranks of ``group`` (``dist.new_group(..., use_local_synchronization=
+True)``: only members of a stage group take part, so ranks outside ``group`` need not
+call). Every rank of ``group`` must reach that first call, in the same order relative to
+other process-group creations, as for any ``new_group``; call ``hierarchical_groups``
+explicitly on every rank of ``group`` to create them up front (e.g. before CUDA graph
+capture). A stage group equal to ``group`` is ``group`` itself; a stage of one rank is
+skipped, so 2 nodes x 1 GPU creates no group at all.
+
+No chunked pipelining here: ``chunks`` applies to the flat algorithm only.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .check import check_consistent, group_key
+from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes
+from .exchange import exchange as flat_exchange
+from .plan import offsets
+from .topology import Topology
+
+# ---- the alpha-beta model (tools/a2a_model.py prints it; "auto" decides with it) ---------
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Alpha-beta costs per rank. Seconds, and bytes per second one rank moves.
+
+    intra/inter_beta: NCCL bf16 ``all_to_all_single`` of 256 MiB per rank on 2 GPUs
+    (DESIGN.md: NVLink 0.54 ms, network = socket over loopback 61 ms); each rank sends
+    128 MiB to its peer, so beta = 128 MiB / time. The alphas (per message) are
+    assumptions, not measurements. mem_beta: device copy (4.2 TB/s, DESIGN.md); a gather
+    reads and writes its bytes. codec_beta: bf16 bytes per second through one encode or
+    decode (DESIGN.md's first naive 4-bit encode: 256 MiB in 0.17 ms).
+    """
+
+    intra_alpha: float = 10e-6
+    intra_beta: float = 128 * MIB / 0.54e-3
+    inter_alpha: float = 50e-6
+    inter_beta: float = 128 * MIB / 61e-3
+    mem_beta: float = 4.2e12
+    codec_beta: float = 256 * MIB / 0.17e-3
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One rank's part of an all-to-all: messages and bytes per link kind (rows a rank
+    keeps excluded), and bytes through the gathers (hierarchical only)."""
+
+    intra_msgs: int
+    intra_bytes: int
+    inter_msgs: int
+    inter_bytes: int
+    gather_bytes: int = 0
+    count_msgs: int = 0  # the intra-node count exchange (explicit split sizes)
+
+
+def traffic(algorithm: str, nodes: int, local: int, intra_peer_bytes: int,
+            inter_peer_bytes: int, count_exchange: bool = False) -> Traffic:
+    """Traffic of one rank for ``nodes`` x ``local`` ranks when every pair carries
+    ``intra_peer_bytes`` (same node) or ``inter_peer_bytes`` (other node) on the wire."""
+    N, L, mi, me = nodes, local, intra_peer_bytes, inter_peer_bytes
+    if algorithm == "flat":
+        return Traffic(L - 1, (L - 1) * mi, (N - 1) * L, (N - 1) * L * me)
+    if algorithm != "hierarchical":
+        raise ValueError(f"algorithm must be 'flat' or 'hierarchical', got {algorithm!r}")
+    # stage 1: to each of the L - 1 node-mates l', the pair to it and the N - 1 pairs to
+    # the (n', l') on other nodes; stage 2: to each other node, L pairs (one per source)
+    buffer = (L - 1) * mi + (N - 1) * L * me  # through each of the two gathers
+    return Traffic(L - 1, (L - 1) * (mi + (N - 1) * me), N - 1, (N - 1) * L * me,
+                   gather_bytes=2 * buffer, count_msgs=(L - 1) if count_exchange and L > 1 else 0)
+
+
+def predict(algorithm: str, t: Traffic, model: LinkModel = LinkModel()) -> dict:
+    """Predicted seconds: ``intra``, ``inter``, ``gather`` and ``total``.
+
+    flat: NCCL moves the intra- and inter-node messages of one ``all_to_all_single`` at
+    the same time, total = max(intra, inter). hierarchical: the stages run one after the
+    other, with a gather (read + write) before each: total = intra + inter + gather.
+    """
+    intra = (t.intra_msgs + t.count_msgs) * model.intra_alpha + t.intra_bytes / model.intra_beta
+    inter = t.inter_msgs * model.inter_alpha + t.inter_bytes / model.inter_beta
+    gather = 2 * t.gather_bytes / model.mem_beta
+    total = max(intra, inter) if algorithm == "flat" else intra + inter + gather
+    return dict(intra=intra, inter=inter, gather=gather, total=total)
+
+
+def prefer_hierarchical(nodes: int, local: int, intra_peer_bytes: int, inter_peer_bytes: int,
+                        count_exchange: bool = False, model: LinkModel = LinkModel()) -> bool:
+    """The ``"auto"`` rule: hierarchical when there are >= 2 nodes of >= 2 ranks and the
+    model predicts it faster. Both move the same inter-node bytes; hierarchical saves
+    (N - 1)(L - 1) inter-node message latencies and pays a second, sequential intra-node
+    stage carrying (L - 1) / L of the inter-node bytes again, plus two gathers, so it wins
+    only while per-pair messages are small (docs/benchmarks.md, "## Hierarchical all-to-all").
+    """
+    if nodes < 2 or local < 2:
+        return False
+    args = (nodes, local, intra_peer_bytes, inter_peer_bytes)
+    flat = predict("flat", traffic("flat", *args), model)["total"]
+    hier = predict("hierarchical", traffic("hierarchical", *args, count_exchange), model)["total"]
+    return hier < flat
+
+
+# ---- layout and process groups -------------------------------------------------------------
+class HierarchyError(ValueError):
+    """The group's ranks are not nodes x ranks-per-node (same count on every node)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``group`` as ``nodes`` x ``local`` (group rank g = node * local + local rank), with
+    the global ranks of every group rank. ``regular`` False: not such a grid (``why``)."""
+
+    granks: tuple
+    nodes: int
+    local: int
+    regular: bool
+    why: str = ""
+
+
+_layouts: dict = {}
+
+
+def layout(group: Optional[dist.ProcessGroup], topology=None) -> Layout:
+    """The node layout of ``group`` under ``topology`` (Topology, ranks per node, or None:
+    the launcher environment). Local: no collective. Cached."""
+    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+    key = (group_key(group), topo.local_size)
+    hit = _layouts.get(key)
+    if hit is None:
+        granks = tuple(dist.get_process_group_ranks(group if group is not None
+                                                    else dist.group.WORLD))
+        node = [topo.node_of(g) for g in granks]
+        sizes: dict = {}
+        for n in node:
+            sizes[n] = sizes.get(n, 0) + 1
+        counts = list(sizes.values())
+        regular = node == sorted(node) and len(set(counts)) == 1
+        why = "" if regular else (
+            f"group ranks per node {dict(sorted(sizes.items()))} (global ranks {list(granks)}, "
+            f"{topo.local_size} ranks per node): every node must hold the same number of the "
+            "group's ranks")
+        hit = _layouts[key] = Layout(granks, len(sizes), len(granks) // len(sizes), regular, why)
+    return hit
+
+
+_stage_groups: dict = {}
+
+
+def _stage_group(ranks: tuple, lay: Layout, group, backend: str):
+    """The process group of global ``ranks``: ``group`` itself when it is all of it, None
+    for one rank (the stage is skipped), else a cached new group."""
+    if len(ranks) == 1:
+        return None
+    if len(ranks) == len(lay.granks):
+        return group
+    key = (ranks, backend)
+    if key not in _stage_groups:
+        _stage_groups[key] = dist.new_group(list(ranks), backend=backend,
+                                            use_local_synchronization=True)
+    return _stage_groups[key]
+
+
+class Hierarchy:
+    """The two stage groups of one rank of ``group``.
+
+    rank = node * local + local_rank (group ranks). intra: the group of the ``local``
+    ranks of this node (None if local == 1); inter: the ``nodes`` ranks with this local
+    rank (None if nodes == 1). Per-split plans are cached here.
+    """
+
+    def __init__(self, group, lay: Layout, rank: int, intra, inter) -> None:
+        self.group, self.nodes, self.local, self.rank = group, lay.nodes, lay.local, rank
+        self.node, self.local_rank = divmod(rank, lay.local)
+        self.intra, self.inter = intra, inter
+        self._plans: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"Hierarchy({self.nodes} nodes x {self.local} ranks, rank {self.rank} = "
+                f"node {self.node} local {self.local_rank})")
+
+    # a pair's wire bytes seen from this rank: codecs and gate depend only on whether the
+    # two ranks share a node, so a peer of this rank with the same relation stands in
+    def pair_bytes(self, route: Route, src: int, dst: int, rows: int, hidden: int,
+                   dtype: torch.dtype) -> int:
+        if src == dst or rows == 0:
+            return 0
+        L, N = self.local, self.nodes
+        if src // L == dst // L:
+            peer = self.node * L + (self.local_rank + 1) % L
+        else:
+            peer = ((self.node + 1) % N) * L + self.local_rank
+        return rows * row_bytes(route.wire(peer, rows, hidden, dtype), hidden, dtype)
+
+    def _cached(self, key, make):
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 512:
+                self._plans.clear()
+            plan = self._plans[key] = make()
+        return plan
+
+
+_hierarchies: dict = {}
+
+
+def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
+                        topology=None) -> Hierarchy:
+    """The stage groups of this rank for the hierarchical all-to-all over ``group``
+    (None: the default group) with ``topology`` (Topology / ranks per node / None: the
+    launcher environment), created on first use and cached.
+
+    Collective on first use: every rank of ``group`` must call it (directly, or through
+    its first hierarchical ``all_to_all`` on ``group``), in the same order relative to
+    other process-group creations. Raises HierarchyError if the group is not the same
+    number of ranks on every node.
+    """
+    lay = layout(group, topology)
+    if not lay.regular:
+        raise HierarchyError(f"hierarchical all-to-all: {lay.why}")
+    key = (group_key(group), lay.local, lay.nodes)
+    hit = _hierarchies.get(key)
+    if hit is None:
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("this process is not a member of `group`")
+        L, N = lay.local, lay.nodes
+        n, l = divmod(rank, L)
+        backend = dist.get_backend(group)
+        # every rank creates its intra-node group first, then its inter-node group: the
+        # intra groups are disjoint, the inter groups too, so no creation waits in a cycle
+        intra = _stage_group(lay.granks[n * L:(n + 1) * L], lay, group, backend)
+        inter = _stage_group(lay.granks[l::L], lay, group, backend)
+        hit = _hierarchies[key] = Hierarchy(group, lay, rank, intra, inter)
+    return hit
+
+
+# ---- the exchange -------------------------------------------------------------------------
+def block_order(sizes: Sequence[int], order: Sequence[int]) -> tuple[int, Optional[torch.Tensor]]:
+    """A flat uint8 buffer holds blocks of ``sizes[b]`` bytes, block 0 first. Returns
+    (unit, index) with ``buf.view(-1, unit).index_select(0, index)`` the blocks in
+    ``order`` (a permutation of the blocks): unit is the gcd of the block sizes, index an
+    int64 [total / unit] tensor (CPU). index is None when the buffer already is in order."""
+    kept = [b for b in order if sizes[b]]
+    if kept == sorted(kept):
+        return 1, None
+    starts = offsets(sizes)
+    unit = functools.reduce(math.gcd, (sizes[b] for b in kept))
+    start = torch.tensor([starts[b] // unit for b in kept], dtype=torch.int64)
+    length = torch.tensor([sizes[b] // unit for b in kept], dtype=torch.int64)
+    shift = start - (torch.cumsum(length, 0) - length)  # source unit - destination unit
+    total = int(length.sum())
+    return unit, torch.repeat_interleave(shift, length, output_size=total) + torch.arange(total)
+
+
+def _gather(buf: torch.Tensor, unit: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """The one fused layout change between the stages: flat uint8 -> flat uint8."""
+    if index is None:
+        return buf
+    return buf.view(-1, unit).index_select(0, index).view(-1)
+
+
+@dataclass
+class _SourcePlan:
+    """The encode, first gather and stage-1 send, and the stage-2 receive and decode, of
+    one rank for given row splits."""
+    send_segs: list
+    recv_segs: list
+    unit: int
+    index: Optional[torch.Tensor]  # on the device
+    send1: list   # bytes to each intra-node peer
+    recv2: list   # bytes from each node
+    own: tuple    # (input row, output row, rows) this rank keeps
+
+
+@dataclass
+class _HopPlan:
+    """What this rank forwards: the stage-1 receive, the second gather, the stage-2 send."""
+    recv1: list
+    unit: int
+    index: Optional[torch.Tensor]
+    send2: list
+
+
+def _source_plan(h: Hierarchy, route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
+                 dtype: torch.dtype, device: torch.device) -> _SourcePlan:
+    r, N, L = route.rank, h.nodes, h.local
+    send_w = [None if p == r else route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
+    recv_w = [None if p == r else route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
+    send_segs, send_bytes = _segments(offsets(in_rows), in_rows, send_w, 0, 1, hidden, dtype)
+    recv_segs, recv_bytes = _segments(offsets(out_rows), out_rows, recv_w, 0, 1, hidden, dtype)
+    # destination blocks (n', l') -> (l', n'): what goes to intra-node peer l', by node
+    unit, index = block_order(send_bytes, [n * L + l for l in range(L) for n in range(N)])
+    return _SourcePlan(
+        send_segs, recv_segs, unit, None if index is None else index.to(device),
+        send1=[sum(send_bytes[n * L + l] for n in range(N)) for l in range(L)],
+        recv2=[sum(recv_bytes[n * L:(n + 1) * L]) for n in range(N)],
+        own=(sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r]))
+
+
+def _hop_plan(h: Hierarchy, route: Route, counts: tuple, hidden: int, dtype: torch.dtype,
+              device: torch.device) -> _HopPlan:
+    """``counts[l][n']``: rows from (this node, l) to (n', this local rank)."""
+    N, L, n, lr = h.nodes, h.local, h.node, h.local_rank
+    hop = [[h.pair_bytes(route, n * L + l, m * L + lr, counts[l][m], hidden, dtype)
+            for m in range(N)] for l in range(L)]
+    flat = [b for row in hop for b in row]  # stage-1 receive order: block l * N + n'
+    unit, index = block_order(flat, [l * N + m for m in range(N) for l in range(L)])
+    return _HopPlan(recv1=[sum(row) for row in hop], unit=unit,
+                    index=None if index is None else index.to(device),
+                    send2=[sum(hop[l][m] for l in range(L)) for m in range(N)])
+
+
+def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device) -> tuple:
+    """``counts[l][n']`` = rows (this node, l) sends to (n', this local rank): derived
+    (L == 1, or ``uniform``: every pair has the same rows) or one int64 all_to_all_single
+    of N ints per peer in the intra-node group."""
+    N, L = h.nodes, h.local
+    if L == 1:
+        return (tuple(in_rows),)
+    if uniform:
+        return ((in_rows[0],) * N,) * L
+    mine = torch.tensor(in_rows, dtype=torch.int64).view(N, L).t().contiguous().to(device)
+    theirs = torch.empty_like(mine)
+    dist.all_to_all_single(theirs, mine, group=h.intra)
+    return tuple(map(tuple, theirs.view(L, N).tolist()))
+
+
+def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chunks: int = 1,
+             *, hierarchy: Hierarchy, uniform: bool = False) -> Pending:
+    """Start the hierarchical all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group
+    rank p, ``out_rows[p]`` come from it, as ``exchange.exchange`` (``chunks`` is ignored).
+    ``uniform``: every pair of the group has ``in_rows[0]`` rows (no split sizes given:
+    the count exchange is skipped). Stage 1 completes before this returns; ``wait()`` of the
+    result completes stage 2 and decodes, giving [sum(out_rows), H] of ``x.dtype``."""
+    h = hierarchy
+    x = x.contiguous()
+    H, dtype, dev = x.shape[1], x.dtype, x.device
+    src = h._cached(("src", in_rows, out_rows, H, dtype, dev, route.codecs, route.thresholds),
+                    lambda: _source_plan(h, route, in_rows, out_rows, H, dtype, dev))
+    counts = hop_counts(h, in_rows, uniform, dev)
+    hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
+                    lambda: _hop_plan(h, route, counts, H, dtype, dev))
+
+    send1 = _gather(_pack(x, src.send_segs), src.unit, src.index)
+    if h.intra is None:
+        recv1 = send1
+    else:
+        recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(recv1, send1, hop.recv1, src.send1, group=h.intra)
+    send2 = _gather(recv1, hop.unit, hop.index)
+    if h.inter is None:
+        recv2, works = send2, []
+    else:
+        recv2 = torch.empty(sum(src.recv2), dtype=torch.uint8, device=dev)
+        works = [dist.all_to_all_single(recv2, send2, src.recv2, hop.send2, group=h.inter,
+                                        async_op=True)]
+    out = x.new_empty((sum(out_rows), H))
+    a, b, n = src.own
+    if n:  # own rows: exact copy, overlapping stage 2
+        out[b:b + n].copy_(x[a:a + n])
+
+    def finish() -> torch.Tensor:
+        for w in works:
+            w.wait()
+        _unpack(recv2, src.recv_segs, out)
+        return out
+
+    return Pending(works, finish)
+
+
+# ---- choosing the algorithm ---------------------------------------------------------------
+_auto_sizes: dict = {}
+
+
+def _mean_pair_rows(route: Route, in_rows: tuple, uniform: bool, key: tuple,
+                    device: torch.device) -> int:
+    """Rows per (source, destination) pair that ``"auto"`` decides on, equal on every rank:
+    ``in_rows[0]`` for even splits; with split sizes, the group's mean at the first call of
+    a configuration (one int64 all_reduce then, cached: MoE layers keep their sizes)."""
+    if uniform:
+        return in_rows[0]
+    if key not in _auto_sizes:
+        total = torch.tensor([sum(in_rows)], dtype=torch.int64, device=device)
+        dist.all_reduce(total, group=route.group)
+        _auto_sizes[key] = int(total.item()) // (route.world * route.world)
+    return _auto_sizes[key]
+
+
+def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tuple,
+           uniform: bool) -> Callable[..., Pending]:
+    """The exchange function (``exchange.exchange``'s signature) of ``algorithm`` for a
+    call of ``all_to_all`` of ``x`` [..., H] sending token rows ``in_rows``; ``uniform``: no
+    split sizes were given. ``"auto"`` is decided identically on every rank (by topology
+    and a per-pair size all ranks agree on) with ``prefer_hierarchical``."""
+    if algorithm == "flat":
+        return flat_exchange
+    # hierarchical derives the intermediate counts when no rank passes split sizes: all
+    # ranks must agree on that (checked collectively once per combination)
+    check_consistent(dict(algorithm=algorithm, split_sizes_given=not uniform), route.group,
+                     x.device, what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})")
+    lay = layout(route.group, topology)
+    if algorithm == "auto":
+        if not lay.regular or lay.nodes < 2 or lay.local < 2:
+            return flat_exchange
+        H, dtype = x.shape[-1], x.dtype
+        key = (group_key(route.group), lay.local, route.codecs, route.thresholds, H, dtype)
+        rows = _mean_pair_rows(route, in_rows, uniform, key, x.device)
+        L, r = lay.local, route.rank
+        mate = (r // L) * L + (r + 1) % L
+        other = (r + L) % route.world
+        per_pair = [rows * row_bytes(route.wire(p, rows, H, dtype), H, dtype)
+                    for p in (mate, other)]
+        if not prefer_hierarchical(lay.nodes, lay.local, *per_pair, count_exchange=not uniform):
+            return flat_exchange
+    h = hierarchical_groups(route.group, topology)
+    return functools.partial(exchange, hierarchy=h, uniform=uniform)
