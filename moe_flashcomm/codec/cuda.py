@@ -57,7 +57,7 @@ def csrc_dir() -> Path:
     here = Path(__file__).resolve().parents[2] / "csrc"
     if (here / "codec_common.cuh").is_file():
         return here
-    return Path(str(resources.files("moe_flashcomm.csrc")))
+    return Path(str(resources.files("moe_flashcomm") / "csrc"))
 
 
 def kernel_source(name: str) -> str:
@@ -284,9 +284,9 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         records = records.clone()  # the kernels read planes with 16-byte loads
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
-    if cfg.is_passthrough:
-        return records.view(reference.wire_float(dtype))[:, :hidden].to(dtype)
     y = torch.empty(T, hidden, dtype=dtype, device=records.device)
+    if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
+        return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     V = _vpt(cfg, vpt)
     dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
     vec = int(hidden % 8 == 0)
@@ -360,6 +360,8 @@ def _(records, bits, group_size, spikes, hidden, dtype):
 
 # ---- public entry points -------------------------------------------------------------------
 def _check_device(t: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # checked when the op runs; keeps the graph whole
+        return
     _cupy()
     if not torch.cuda.is_available():
         raise RuntimeError(f"moe_flashcomm: no usable CUDA GPU for a {t.device} tensor")
