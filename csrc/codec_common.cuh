@@ -68,6 +68,10 @@ template <> struct Val<__nv_bfloat16> {
       v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     }
   }
+  static __device__ __forceinline__ void unpack(u32 w, float& a, float& b) {
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xFFFF0000u);
+  }
   static __device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
   static __device__ __forceinline__ u32 pair(float a, float b) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
@@ -91,6 +95,11 @@ template <> struct Val<__half> {
       v[2 * i + 1] = f.y;
     }
   }
+  static __device__ __forceinline__ void unpack(u32 w, float& a, float& b) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    a = f.x;
+    b = f.y;
+  }
   static __device__ __forceinline__ void put(__half* p, float v) { *p = __float2half_rn(v); }
   static __device__ __forceinline__ u32 pair(float a, float b) {
     const __half2 h = __floats2half2_rn(a, b);
@@ -100,6 +109,29 @@ template <> struct Val<__half> {
     *reinterpret_cast<uint4*>(p) = make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
   }
 };
+
+// ---- 16-bit tokens two at a time (bf16x2 / half2 min, max and compare: half the work) ------
+template <typename In> struct Pair;
+template <> struct Pair<__nv_bfloat16> {
+  typedef __nv_bfloat162 T2;
+  static __device__ __forceinline__ T2 of(u32 w) { return *reinterpret_cast<const T2*>(&w); }
+  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }  // exact here
+  static __device__ __forceinline__ float lo(T2 a) { return __low2float(a); }
+  static __device__ __forceinline__ float hi(T2 a) { return __high2float(a); }
+};
+template <> struct Pair<__half> {
+  typedef __half2 T2;
+  static __device__ __forceinline__ T2 of(u32 w) { return *reinterpret_cast<const T2*>(&w); }
+  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
+  static __device__ __forceinline__ float lo(T2 a) { return __low2float(a); }
+  static __device__ __forceinline__ float hi(T2 a) { return __high2float(a); }
+};
+// The packed path is on unless MFC_SCALAR_STATS is defined (an A/B switch for benchmarks).
+template <typename In> struct UsePairs { static constexpr bool value = false; };
+#ifndef MFC_SCALAR_STATS
+template <> struct UsePairs<__nv_bfloat16> { static constexpr bool value = true; };
+template <> struct UsePairs<__half> { static constexpr bool value = true; };
+#endif
 
 // ---- arithmetic -----------------------------------------------------------------------------
 __device__ __forceinline__ bool finite(float v) { return fabsf(v) <= kFltMax; }  // false for NaN

@@ -5,10 +5,10 @@
 
 namespace mfc {
 
-// Saturate to the output dtype's finite range, keeping NaN (compare-and-select, not fminf).
+// Saturate to the output dtype's finite range, keeping NaN (fminf/fmaxf would drop it).
 template <typename Out>
 __device__ __forceinline__ float saturate(float v) {
-  return v > Val<Out>::kMax ? Val<Out>::kMax : (v < -Val<Out>::kMax ? -Val<Out>::kMax : v);
+  return max_nan(min_nan(v, Val<Out>::kMax), -Val<Out>::kMax);
 }
 
 // Store the V values of a chunk (positions base.. of a row), dropping those beyond H.

@@ -5,17 +5,35 @@
 
 namespace mfc {
 
-// V values of a row starting at base, as fp32; 0 beyond H (those slots are masked later).
+// V values of a row starting at base, as fp32 (0 beyond H: those slots are masked later).
 template <typename In, int V>
-__device__ __forceinline__ void load_chunk(const In* row, int base, int H, bool vec, float* v) {
+__device__ __forceinline__ void load_chunk(const In* row, int base, int H, bool vec, float* v, u32* w) {
+  if constexpr (sizeof(In) == 2) {  // also keep the raw 16-bit words, two values each
 #pragma unroll
-  for (int c = 0; c < V / 8; ++c) {
-    const int p = base + 8 * c;
-    if (vec && p + 8 <= H) {
-      Val<In>::get8(row + p, v + 8 * c);
-    } else {
+    for (int c = 0; c < V / 8; ++c) {
+      const int p = base + 8 * c;
+      if (vec && p + 8 <= H) {
+        const uint4 u = *reinterpret_cast<const uint4*>(row + p);
+        w[4 * c] = u.x; w[4 * c + 1] = u.y; w[4 * c + 2] = u.z; w[4 * c + 3] = u.w;
+      } else {
+        const u16* r = reinterpret_cast<const u16*>(row);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) v[8 * c + k] = p + k < H ? Val<In>::get(row + p + k) : 0.0f;
+        for (int k = 0; k < 8; k += 2)
+          w[4 * c + k / 2] = (p + k < H ? r[p + k] : 0u) | (p + k + 1 < H ? (u32)r[p + k + 1] << 16 : 0u);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V / 2; ++i) Val<In>::unpack(w[i], v[2 * i], v[2 * i + 1]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < V / 8; ++c) {
+      const int p = base + 8 * c;
+      if (vec && p + 8 <= H) {
+        Val<In>::get8(row + p, v + 8 * c);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[8 * c + k] = p + k < H ? Val<In>::get(row + p + k) : 0.0f;
+      }
     }
   }
 }
@@ -38,6 +56,49 @@ __device__ __forceinline__ void chunk_stats(const float* v, int nv, float& mn1, 
       mx1 = max_nan(mx1, v[k]);
     }
   }
+}
+
+// The same on whole 16-bit words: each half of a pair tracks its own stats, merged at the end.
+template <typename In, int V, bool SPIKES>
+__device__ __forceinline__ void chunk_stats_pairs(const u32* w, float& mn1, float& mx1,
+                                                  float& mn2, float& mx2) {
+  typedef Pair<In> P;
+  typename P::T2 a1 = P::of(w[0]), b1 = a1, a2 = P::splat(inf()), b2 = P::splat(-inf());
+#pragma unroll
+  for (int i = 1; i < V / 2; ++i) {
+    const typename P::T2 x = P::of(w[i]);
+    if (SPIKES) {
+      a2 = __hmin2(a2, __hmax2(a1, x));
+      b2 = __hmax2(b2, __hmin2(b1, x));
+    }
+    a1 = __hmin2_nan(a1, x);
+    b1 = __hmax2_nan(b1, x);
+  }
+  const float a1l = P::lo(a1), a1h = P::hi(a1), b1l = P::lo(b1), b1h = P::hi(b1);
+  mn1 = min_nan(a1l, a1h);
+  mx1 = max_nan(b1l, b1h);
+  if (SPIKES) {  // second smallest of the union of the two halves' (min, second) pairs
+    mn2 = fminf(fmaxf(a1l, a1h), fminf(P::lo(a2), P::hi(a2)));
+    mx2 = fmaxf(fminf(b1l, b1h), fmaxf(P::lo(b2), P::hi(b2)));
+  }
+}
+
+// First slot equal to target on whole 16-bit words (V if none): one packed compare per pair.
+template <typename In, int V>
+__device__ __forceinline__ int first_eq_pairs(const u32* w, float target) {
+  typedef Pair<In> P;
+  const typename P::T2 t = P::splat(target);
+  u32 acc[(V + 15) / 16] = {};  // bit k = slot k of each 16 (high halves land at 17 + 2i)
+#pragma unroll
+  for (int i = 0; i < V / 2; ++i)
+    acc[i / 8] |= __heq2_mask(P::of(w[i]), t) & ((1u << (2 * (i % 8))) | (1u << (17 + 2 * (i % 8))));
+  int idx = V;
+#pragma unroll
+  for (int j = (V + 15) / 16 - 1; j >= 0; --j) {
+    const u32 bits = (acc[j] & 0xFFFFu) | (acc[j] >> 16);
+    if (bits) idx = 16 * j + __ffs(bits) - 1;
+  }
+  return idx;
 }
 
 // First slot of the chunk equal to target (-0 == +0), V if none.
@@ -110,14 +171,17 @@ __global__ void __launch_bounds__(kBlock) encode_int(
   const In* row = x + (size_t)P.t * H;
   u8* out = rec + (size_t)P.t * rec_bytes;
 
+  constexpr bool PAIRS = UsePairs<In>::value;
   float v[V];
-  load_chunk<In, V>(row, P.base, H, vec != 0, v);
+  u32 w[V / 2];
+  load_chunk<In, V>(row, P.base, H, vec != 0, v, w);
   const int nv = min(max(H - P.base, 0), V);  // real values in the chunk
   const bool full = nv == V;
 
   float mn1, mx1, mn2, mx2;
-  if (full) chunk_stats<V, SPIKES, true>(v, nv, mn1, mx1, mn2, mx2);
-  else chunk_stats<V, SPIKES, false>(v, nv, mn1, mx1, mn2, mx2);
+  if (!full) chunk_stats<V, SPIKES, false>(v, nv, mn1, mx1, mn2, mx2);
+  else if constexpr (PAIRS) chunk_stats_pairs<In, V, SPIKES>(w, mn1, mx1, mn2, mx2);
+  else chunk_stats<V, SPIKES, true>(v, nv, mn1, mx1, mn2, mx2);
   const float lo = plus_zero(group_reduce(mn1, L, MinNaN()));
   const float hi = plus_zero(group_reduce(mx1, L, MaxNaN()));
   bool bad = !(finite(lo) && finite(hi));  // a NaN or Inf among the group's values
@@ -128,8 +192,17 @@ __global__ void __launch_bounds__(kBlock) encode_int(
     // The first index of lo lies in the lowest lane whose chunk min equals lo.
     const u32 bl = __ballot_sync(~0u, mn1 == lo) & P.mask, bh = __ballot_sync(~0u, mx1 == hi) & P.mask;
     const int ll = bl ? __ffs(bl) - 1 : P.first, lh = bh ? __ffs(bh) - 1 : P.first;
-    const int fl = full ? first_eq<V, true>(v, nv, lo) : first_eq<V, false>(v, nv, lo);
-    const int fh = full ? first_eq<V, true>(v, nv, hi) : first_eq<V, false>(v, nv, hi);
+    int fl, fh;
+    if (!full) {
+      fl = first_eq<V, false>(v, nv, lo);
+      fh = first_eq<V, false>(v, nv, hi);
+    } else if constexpr (PAIRS) {
+      fl = first_eq_pairs<In, V>(w, lo);
+      fh = first_eq_pairs<In, V>(w, hi);
+    } else {
+      fl = first_eq<V, true>(v, nv, lo);
+      fh = first_eq<V, true>(v, nv, hi);
+    }
     lo_idx = (ll - P.first) * V + __shfl_sync(~0u, fl, ll);
     hi_idx = (lh - P.first) * V + __shfl_sync(~0u, fh, lh);
     // Rest range: every rest value lies in [lo, hi], so min(rest) is the group min without the
@@ -173,8 +246,8 @@ __global__ void __launch_bounds__(kBlock) encode_int(
       const float u = __fmul_rn(__uint2float_rn(h >> 8), 0x1p-24f);
       // clamp(floor(t + u), 0, qmax) == floor(min(t + u, qmax)) since qmax is an integer
       s[k] = __float_as_uint(__fadd_rd(fminf(__fadd_rn(q[k], u), (float)QMAX), kMagic));
-    } else {
-      s[k] = __float_as_uint(__fadd_rn(fminf(q[k], (float)QMAX), kMagic));
+    } else {  // rest values have t <= qmax + 2^-17 (scale is rounded up): no clamp needed
+      s[k] = __float_as_uint(__fadd_rn(q[k], kMagic));
     }
   }
 
@@ -218,7 +291,8 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(
   u8* out = rec + (size_t)P.t * rec_bytes;
 
   float v[V];
-  load_chunk<In, V>(row, P.base, H, vec != 0, v);
+  u32 raw[V / 2];
+  load_chunk<In, V>(row, P.base, H, vec != 0, v, raw);
   const int nv = min(max(H - P.base, 0), V);
 
   float amax = 0.0f;

@@ -67,17 +67,18 @@ def bench_copy(nbytes: int, l2: int, replays: int) -> float:
     return 2 * nbytes / t / 1e9
 
 
-def bench_codec(cfg: CodecConfig, H: int, nbytes: int, l2: int, replays: int, vpt=None):
+def bench_codec(cfg: CodecConfig, H: int, nbytes: int, l2: int, replays: int, vpt=None, defines=()):
     """(encode GB/s, decode GB/s, encode s, decode s) for bf16 tokens of nbytes."""
     T = max(1, nbytes // (2 * H))
     rb = record_layout(H, cfg).record_bytes
     set_bytes = T * H * 2 + T * rb
     n = buffers_needed(set_bytes, l2)
     xs = [tokens(T, H, seed=i) for i in range(n)]
-    recs = [C.encode_impl(x, cfg, 0, vpt) for x in xs]
+    recs = [C.encode_impl(x, cfg, 0, vpt, defines) for x in xs]
     launches = max(n, 10)
-    te = time_graph(lambda i: C.encode_impl(xs[i % n], cfg, 0, vpt), launches, replays)
-    td = time_graph(lambda i: C.decode_impl(recs[i % n], cfg, H, torch.bfloat16, vpt), launches, replays)
+    te = time_graph(lambda i: C.encode_impl(xs[i % n], cfg, 0, vpt, defines), launches, replays)
+    td = time_graph(lambda i: C.decode_impl(recs[i % n], cfg, H, torch.bfloat16, vpt, defines),
+                    launches, replays)
     del xs, recs
     return set_bytes / te / 1e9, set_bytes / td / 1e9, te, td
 
@@ -93,31 +94,34 @@ def main() -> None:
     ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths)")
     ap.add_argument("--vpt", type=int, nargs="+", default=[0],
                     help="values per thread to compare (0: the default)")
+    ap.add_argument("--variants", nargs="+", default=[""],
+                    help="kernel variants to compare: comma-separated -D defines ('' = default)")
     ap.add_argument("--replays", type=int, default=15)
     args = ap.parse_args()
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB
     cfgs = [CodecConfig(bits=b, group_size=args.group, spikes=bool(args.spikes)) for b in args.bits]
-    C.precompile(cfgs, [torch.bfloat16], vpt=None)
+    variants = [tuple(d for d in v.split(",") if d) for v in args.variants]
     for v in args.vpt:
-        if v:
-            C.precompile(cfgs, [torch.bfloat16], vpt=v)
+        for d in variants:
+            C.precompile(cfgs, [torch.bfloat16], vpt=v or None, defines=d)
 
     copy = {s: bench_copy(int(s * MiB), l2, args.replays) for s in args.sizes}
     rows = []
     for s in args.sizes:
         for H in args.hidden:
             for cfg in cfgs:
-                for v in args.vpt:
-                    enc, dec, te, td = bench_codec(cfg, H, int(s * MiB), l2, args.replays, v or None)
+                for v, d in ((v, d) for v in args.vpt for d in variants):
+                    enc, dec, te, td = bench_codec(cfg, H, int(s * MiB), l2, args.replays, v or None, d)
                     rows.append(dict(size_mib=s, hidden=H, codec=str(cfg), bits=str(cfg.bits),
                                      vpt=v or min(C.DEFAULT_VPT, cfg.group_size),
+                                     variant=",".join(d) or "default",
                                      encode_gbps=enc, decode_gbps=dec, encode_us=te * 1e6,
                                      decode_us=td * 1e6, copy_gbps=copy[s],
                                      encode_pct=100 * enc / copy[s], decode_pct=100 * dec / copy[s]))
                     r = rows[-1]
-                    print(f"{s:7g} MiB  H={H:<5d} {r['codec']:<16s} V={r['vpt']:<2d}  encode "
+                    print(f"{s:7g} MiB  H={H:<5d} {r['codec']:<16s} V={r['vpt']:<2d} {r['variant']:<8.8s} encode "
                           f"{enc:7.0f} GB/s {r['encode_pct']:5.1f}%  decode {dec:7.0f} GB/s "
                           f"{r['decode_pct']:5.1f}%  (copy {copy[s]:.0f} GB/s)", flush=True)
 
@@ -129,10 +133,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}  {result['date']}  copy: "
           + ", ".join(f"{s:g} MiB {g:.0f} GB/s" for s, g in copy.items()))
-    print("| size MiB | hidden | codec | V | encode GB/s | % copy | decode GB/s | % copy |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("| size MiB | hidden | codec | V | variant | encode GB/s | % copy | decode GB/s | % copy |")
+    print("|---:|---:|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['size_mib']:g} | {r['hidden']} | {r['codec']} | {r['vpt']} | {r['encode_gbps']:.0f} | "
+        print(f"| {r['size_mib']:g} | {r['hidden']} | {r['codec']} | {r['vpt']} | {r['variant']} | {r['encode_gbps']:.0f} | "
               f"{r['encode_pct']:.1f} | {r['decode_gbps']:.0f} | {r['decode_pct']:.1f} |")
     plot(result, out.with_suffix(".png"))
 
@@ -149,11 +153,12 @@ def plot(result: dict, path: Path) -> None:
     hidden = sorted({r["hidden"] for r in rows})
     fig, axes = plt.subplots(1, len(hidden), figsize=(6 * len(hidden), 4.5), squeeze=False)
     for ax, H in zip(axes[0], hidden):
-        for codec in dict.fromkeys(r["codec"] for r in rows):
+        for line in dict.fromkeys((r["codec"], r["vpt"], r["variant"]) for r in rows):
+            name = " ".join(str(p) for p in line if p != "default")
             for key, style in (("encode_pct", "-o"), ("decode_pct", "--x")):
                 pts = sorted((r["size_mib"], r[key]) for r in rows
-                             if r["hidden"] == H and r["codec"] == codec)
-                ax.plot(*zip(*pts), style, label=f"{codec} {key.split('_')[0]}")
+                             if r["hidden"] == H and (r["codec"], r["vpt"], r["variant"]) == line)
+                ax.plot(*zip(*pts), style, label=f"{name} {key.split('_')[0]}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bf16 input (MiB)")
         ax.set_ylabel("% of device copy bandwidth")

@@ -97,12 +97,15 @@ def cache_dir() -> Path:
                                Path.home() / ".cache" / "moe_flashcomm" / "kernels"))
 
 
-def compile_kernel(source_name: str, name_expr: str, arch: str) -> tuple[str, bytes]:
-    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC."""
+def compile_kernel(source_name: str, name_expr: str, arch: str,
+                   defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
+    ``defines`` select kernel variants for benchmarks (e.g. MFC_SCALAR_STATS)."""
     _cupy()
     from cupy.cuda import nvrtc
     src = kernel_source(source_name)
-    opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-I{d}" for d in _include_dirs())
+    opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
+    opts += tuple(f"-I{d}" for d in _include_dirs())
     key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
     path = cache_dir() / f"{key}.bin"
     if path.is_file():
@@ -136,14 +139,14 @@ _functions: dict = {}
 _lock = threading.Lock()
 
 
-def _function(device: int, source_name: str, name_expr: str):
+def _function(device: int, source_name: str, name_expr: str, defines: tuple[str, ...] = ()):
     """The loaded kernel on ``device`` (modules belong to a device's context)."""
-    key = (device, name_expr)
+    key = (device, name_expr, defines)
     fn = _functions.get(key)
     if fn is None:
         cupy = _cupy()
         from cupy.cuda import function
-        name, cubin = compile_kernel(source_name, name_expr, _arch(device))
+        name, cubin = compile_kernel(source_name, name_expr, _arch(device), defines)
         with _lock, cupy.cuda.Device(device):
             mod = function.Module()
             mod.load(cubin)
@@ -157,8 +160,9 @@ class _Stream:
         self.ptr = ptr
 
 
-def _launch(device: int, source_name: str, name_expr: str, items: int, args: list) -> None:
-    fn = _function(device, source_name, name_expr)
+def _launch(device: int, source_name: str, name_expr: str, items: int, args: list,
+            defines: tuple[str, ...] = ()) -> None:
+    fn = _function(device, source_name, name_expr, defines)
     cupy = _cupy()
     stream = _Stream(torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(device):
@@ -235,7 +239,8 @@ def _meta(L: RecordLayout) -> list[int]:
 
 
 # ---- encode / decode implementations (the custom ops' bodies) -------------------------------
-def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, vpt: Optional[int] = None) -> torch.Tensor:
+def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, vpt: Optional[int] = None,
+                defines: tuple[str, ...] = ()) -> torch.Tensor:
     """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation)."""
     T, H = x.shape
     L = record_layout(H, cfg)
@@ -270,12 +275,12 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, vpt: Optional[int]
             # noise counter = token * padded_hidden + position, tokens counted from the batch start
             args += [_u32(_lowbias32(seed & 0xFFFFFFFF) if sr else 0),
                      _u32(t0 * L.padded_hidden & 0xFFFFFFFF), _i32(vec)]
-        _launch(dev, "codec_encode.cu", name, items, args)
+        _launch(dev, "codec_encode.cu", name, items, args, defines)
     return rec
 
 
 def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
-                vpt: Optional[int] = None) -> torch.Tensor:
+                vpt: Optional[int] = None, defines: tuple[str, ...] = ()) -> torch.Tensor:
     """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation)."""
     T = records.shape[0]
     L = record_layout(hidden, cfg)
@@ -301,7 +306,7 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         else:
             name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}>"
             args = head + [_i32(o) for o in _planes(L) + tuple(_meta(L))] + [_i32(vec)]
-        _launch(dev, "codec_decode.cu", name, items, args)
+        _launch(dev, "codec_decode.cu", name, items, args, defines)
     return y
 
 
@@ -320,13 +325,13 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, vpt: Optional[int] = None
 
 def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(_CTYPE),
                device: Optional[int] = None, workers: Optional[int] = None,
-               vpt: Optional[int] = None) -> int:
+               vpt: Optional[int] = None, defines: tuple[str, ...] = ()) -> int:
     """Compile the kernels of ``configs`` x ``dtypes`` into the disk cache, NVRTC runs in
     parallel threads. Returns how many kernels were compiled or found."""
     arch = _arch(torch.cuda.current_device() if device is None else device)
     jobs = sorted({k for c in configs for d in dtypes for k in kernel_names(CodecConfig.coerce(c), d, vpt)})
     with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
-        list(pool.map(lambda j: compile_kernel(j[0], j[1], arch), jobs))
+        list(pool.map(lambda j: compile_kernel(j[0], j[1], arch, defines), jobs))
     return len(jobs)
 
 
