@@ -1,0 +1,165 @@
+"""MoE inference throughput: one DeepSpeed MoE layer of realistic shape, expert parallel over
+all ranks, timed with stock DeepSpeed (bf16 all-to-all) and with moe_flashcomm codecs.
+
+On GPUs (set the NCCL link emulation of docs/benchmarks.md in the environment):
+    deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path nvlink
+    NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path network
+On a CPU-only machine it starts gloo processes with a tiny shape (smoke run):
+    python recipes/bench_moe_inference.py
+Reports tokens/s (all ranks) and milliseconds per MoE layer forward, the speed-up over stock,
+and writes JSON (and a PNG plot with --plot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_moe import init_rank, launch, log  # noqa: E402
+
+# name: (hidden, expert ffn, experts, top-k)
+PRESETS = {
+    "mixtral": (4096, 14336, 8, 2),
+    "deepseek": (7168, 2048, 64, 8),
+    "tiny": (256, 512, 4, 2),  # CPU smoke run
+}
+CODECS = {"int8": {"bits": 8}, "int4": {"bits": 4}, "int2": {"bits": 2}, "fp8": {"bits": "fp8"}}
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(hidden, ffn, bias=False), nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.up(x)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
+                   help="default: mixtral deepseek on GPU, tiny on CPU")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
+    p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--path", default="nvlink" if torch.cuda.is_available() else "cpu",
+                   help="label of the link emulation in the environment (nvlink, host-memory, network)")
+    p.add_argument("--out", type=Path, default=Path("out/moe_inference"))
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p.add_argument("--cpu-ranks", type=int, default=2)
+    p.add_argument("--deepspeed_config", type=Path, default=None, help="accepted for the launcher; unused")
+    return p.parse_args(argv)
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() over reps (after two warm-up calls), CUDA events on GPU."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.distributed.barrier()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    t = torch.tensor(sorted(times)[len(times) // 2])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
+    return t.item()
+
+
+def bench(args) -> None:
+    from deepspeed.moe.layer import MoE
+
+    import moe_flashcomm
+
+    init_rank(args)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    presets = args.presets or (["mixtral", "deepseek"] if gpu else ["tiny"])
+    token_counts = args.tokens or ([1024, 4096, 16384] if gpu else [64, 256])
+    rows = []
+    for name in presets:
+        hidden, ffn, experts, k = PRESETS[name]
+        torch.manual_seed(0)
+        layer = MoE(hidden_size=hidden, expert=Expert(hidden, ffn), num_experts=experts, ep_size=world, k=k,
+                    capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
+                    drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+        layer.set_deepspeed_parallelism()
+        layer = layer.to(device, dtype).eval()
+        for tokens in token_counts:
+            x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+            row = {"preset": name, "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": k,
+                   "tokens_per_rank": tokens, "path": args.path, "world": world}
+            with torch.no_grad():
+                moe_flashcomm.disable_deepspeed(layer)
+                row["stock_s"] = timed(lambda: layer(x), args.reps)
+                for codec in args.codecs:
+                    moe_flashcomm.enable_deepspeed(layer, {"dispatch": CODECS[codec], "combine": CODECS[codec]})
+                    row[f"{codec}_s"] = timed(lambda: layer(x), args.reps)
+                moe_flashcomm.disable_deepspeed(layer)
+            rows.append(row)
+            line = (f"{name:>8} tokens/rank {tokens:>6}: stock {row['stock_s'] * 1e3:8.2f} ms "
+                    f"({tokens * world / row['stock_s']:>10.0f} tok/s)")
+            for codec in args.codecs:
+                line += f" | {codec} {row[f'{codec}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{codec}_s']:.2f}"
+            log(line)
+        del layer
+        if gpu:
+            torch.cuda.empty_cache()
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"),
+                "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "path": args.path,
+                "world_size": world, "dtype": str(dtype), "capacity_factor": args.capacity_factor,
+                "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
+        path = args.out / f"moe_inference_{args.path}.json"
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        log(f"wrote {path}")
+        if args.plot:
+            plot(rows, args.codecs, path.with_suffix(".png"))
+
+
+def plot(rows: list, codecs: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = sorted({r["preset"] for r in rows})
+    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
+    for ax, name in zip(axes[0], presets):
+        rs = [r for r in rows if r["preset"] == name]
+        t = [r["tokens_per_rank"] for r in rs]
+        ax.plot(t, [r["tokens_per_rank"] * r["world"] / r["stock_s"] for r in rs], "k-o", label="stock (bf16)")
+        for c in codecs:
+            ax.plot(t, [r["tokens_per_rank"] * r["world"] / r[f"{c}_s"] for r in rs], "-o", label=c)
+        ax.set(xscale="log", xlabel="tokens per rank", ylabel="tokens/s", title=f"{name} ({rs[0]['path']})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    launch(bench, parse_args())
