@@ -1,11 +1,11 @@
 """moe-flashcomm: low-bit (2-8 bit, fp8) all-to-all and all-reduce for MoE expert parallelism."""
 from .codec import CodecConfig, decode, encode, record_bytes, record_layout
-from .comm import AllToAllHandle, LinkCodecs, SizeGate, Topology, all_to_all
+from .comm import AllToAllHandle, LinkCodecs, SizeGate, Topology, all_reduce, all_to_all
 from .config import FlashCommConfig
 from .integrations import disable_deepspeed, enable_deepspeed
 
 __version__ = "0.1.0"
 
 __all__ = ["CodecConfig", "decode", "encode", "record_bytes", "record_layout"]
-__all__ += ["AllToAllHandle", "LinkCodecs", "SizeGate", "Topology", "all_to_all"]
+__all__ += ["AllToAllHandle", "LinkCodecs", "SizeGate", "Topology", "all_reduce", "all_to_all"]
 __all__ += ["FlashCommConfig", "disable_deepspeed", "enable_deepspeed"]

@@ -1,8 +1,9 @@
 """Transport: collectives over a torch.distributed group (gloo on CPU, NCCL on CUDA)."""
+from .all_reduce import all_reduce
 from .autograd import AllToAllHandle, all_to_all
 from .check import ConfigMismatchError
 from .gate import SizeGate
 from .topology import LinkCodecs, Topology
 
 __all__ = ["AllToAllHandle", "ConfigMismatchError", "LinkCodecs", "SizeGate", "Topology",
-           "all_to_all"]
+           "all_reduce", "all_to_all"]

@@ -5,6 +5,11 @@ A threshold is in *bf16 bytes of the rows one rank sends to one peer* (rows x hi
 the sender and the receiver of a pair both know that number, so they take the same
 decision without talking. Tables come from ``tools/tune_gate.py`` (JSON, loaded from
 ``$MOE_FLASHCOMM_GATE_FILE``), else the measured defaults below.
+
+``moe_flashcomm.all_reduce`` has its own table, ``all_reduce`` (a JSON file's
+``"all_reduce"`` section, same ``{path: {codec_key: bytes}}`` shape): there a threshold is
+in *bf16 bytes of the whole tensor* (numel x 2), the same number on every rank, and below
+it the tensor goes through ``torch.distributed.all_reduce`` (NCCL) unquantized.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ GATE_ENV = "MOE_FLASHCOMM_GATE_FILE"
 # are never gated: on CPU the library is for development and CI, not speed.
 DEFAULT_THRESHOLDS: dict = {}
 
+# All-reduce defaults (bf16 bytes of the whole tensor). NOT measured yet: NVLink always
+# takes NCCL (the codec must never make it slower); the host-memory and network values are
+# estimates. tools/bench_allreduce.py prints measured ones (--gate-out writes a gate file).
+DEFAULT_ALL_REDUCE_THRESHOLDS: dict = {
+    "nvlink": {"*": 1 << 62},
+    "host": {"*": 4 << 20},
+    "network": {"*": 1 << 20},
+}
+
 
 def codec_key(cfg: CodecConfig) -> str:
     """Table key of a codec: ``int2``..``int8``, ``fp8`` (``bf16`` is never gated)."""
@@ -31,25 +45,35 @@ def codec_key(cfg: CodecConfig) -> str:
 
 class SizeGate:
     """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
-    the fallback of its path. ``SizeGate({})`` never gates."""
+    the fallback of its path. ``SizeGate({})`` never gates the all-to-all.
 
-    def __init__(self, thresholds: Mapping[str, Mapping[str, int]], source: str = "") -> None:
-        table = {}
-        for path, row in thresholds.items():
-            if path not in PATHS:
-                raise ValueError(f"size gate{' ' + source if source else ''}: unknown path "
-                                 f"{path!r}; allowed: {', '.join(PATHS)}")
-            if not isinstance(row, Mapping):
-                raise ValueError(f"size gate: thresholds[{path!r}] must map codec -> bytes")
-            for key, value in row.items():
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"size gate: thresholds[{path!r}][{key!r}] must be an "
-                                     f"int >= 0 (bytes), got {value!r}")
-            table[path] = dict(row)
-        self.thresholds = table
+    ``all_reduce``: the all-reduce table (bf16 bytes of the whole tensor); None: the
+    defaults (DEFAULT_ALL_REDUCE_THRESHOLDS), ``{}``: never gate the all-reduce."""
+
+    def __init__(self, thresholds: Mapping[str, Mapping[str, int]], source: str = "",
+                 all_reduce: Optional[Mapping[str, Mapping[str, int]]] = None) -> None:
+        tables = []
+        for name, given in (("thresholds", thresholds), ("all_reduce", all_reduce)):
+            table = {}
+            for path, row in (given or {}).items():
+                if path not in PATHS:
+                    raise ValueError(f"size gate{' ' + source if source else ''}: unknown path "
+                                     f"{path!r}; allowed: {', '.join(PATHS)}")
+                if not isinstance(row, Mapping):
+                    raise ValueError(f"size gate: {name}[{path!r}] must map codec -> bytes")
+                for key, value in row.items():
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ValueError(f"size gate: {name}[{path!r}][{key!r}] must be an "
+                                         f"int >= 0 (bytes), got {value!r}")
+                table[path] = dict(row)
+            tables.append(table)
+        self.thresholds = tables[0]
+        self.all_reduce = tables[1] if all_reduce is not None else DEFAULT_ALL_REDUCE_THRESHOLDS
         self.source = source
-        blob = json.dumps(table, sort_keys=True).encode()
-        self.digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
+        blob = json.dumps(self.thresholds, sort_keys=True)
+        if self.all_reduce:
+            blob += json.dumps(self.all_reduce, sort_keys=True)
+        self.digest = hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
     def threshold(self, path: str, cfg: CodecConfig) -> int:
         """Bytes (bf16, per peer) below which ``cfg`` on ``path`` falls back to bf16."""
@@ -58,9 +82,18 @@ class SizeGate:
         row = self.thresholds.get(path, {})
         return int(row.get(codec_key(cfg), row.get("*", 0)))
 
+    def all_reduce_threshold(self, path: str, cfg: CodecConfig) -> int:
+        """Bytes (bf16, the whole tensor) below which ``moe_flashcomm.all_reduce`` with
+        ``cfg`` on ``path`` calls ``torch.distributed.all_reduce`` instead."""
+        if cfg.is_passthrough:
+            return 0
+        row = self.all_reduce.get(path, {})
+        return int(row.get(codec_key(cfg), row.get("*", 0)))
+
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SizeGate":
-        """Read a JSON file written by tools/tune_gate.py: ``{"thresholds": {...}, ...}``."""
+        """Read a JSON file written by tools/tune_gate.py: ``{"thresholds": {...}, ...}``,
+        with an optional ``"all_reduce"`` table (tools/bench_allreduce.py --gate-out)."""
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -68,7 +101,7 @@ class SizeGate:
             raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
         if not isinstance(data, Mapping) or not isinstance(data.get("thresholds"), Mapping):
             raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
-        return cls(data["thresholds"], source=os.fspath(path))
+        return cls(data["thresholds"], source=os.fspath(path), all_reduce=data.get("all_reduce"))
 
     @classmethod
     def default(cls) -> "SizeGate":
@@ -80,8 +113,8 @@ class SizeGate:
 
     @classmethod
     def coerce(cls, obj: "SizeGate | bool | Mapping[str, Any] | str | None") -> "SizeGate":
-        """True/None: the default table; False: never gate; a mapping (thresholds), a file
-        path or a SizeGate."""
+        """True/None: the default table; False: never gate; a mapping (thresholds, or
+        ``{"thresholds": ..., "all_reduce": ...}``), a file path or a SizeGate."""
         if obj is None or obj is True:
             return cls.default()
         if obj is False:
@@ -89,7 +122,9 @@ class SizeGate:
         if isinstance(obj, cls):
             return obj
         if isinstance(obj, Mapping):
-            return cls(obj["thresholds"] if "thresholds" in obj else obj)
+            if "thresholds" in obj or "all_reduce" in obj:
+                return cls(obj.get("thresholds") or {}, all_reduce=obj.get("all_reduce"))
+            return cls(obj)
         if isinstance(obj, (str, os.PathLike)):
             return cls.load(obj)
         raise TypeError(f"gate must be True, False, a thresholds dict, a file path or a "
@@ -100,7 +135,7 @@ class SizeGate:
 
 
 _DEFAULT = SizeGate(DEFAULT_THRESHOLDS, source="defaults")
-_NEVER = SizeGate({}, source="off")
+_NEVER = SizeGate({}, source="off", all_reduce={})
 _cache: dict = {}
 
 

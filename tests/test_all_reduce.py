@@ -1,0 +1,346 @@
+"""moe_flashcomm.all_reduce over real gloo (CPU) and NCCL (2 GPUs) process groups.
+
+Every rank regenerates every rank's input from a seed, so it can check its result three
+ways: bit for bit against ``reference_all_reduce`` (the algorithm run in one process with
+the reference codec), bit for bit against every other rank's result, and against the exact
+sum (``torch.distributed.all_reduce`` in float64) within the bound derived in
+``error_bound``. Many cases run inside one spawn (CI has 2 cores).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_flashcomm as mf
+from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm.all_reduce import ROW, reduce_chunk, reference_all_reduce, rows_per_rank
+from moe_flashcomm.comm.hierarchical import HierarchyError
+from tests.distributed import spawn
+
+INT = [mf.CodecConfig(bits=b, spikes=s) for b, s in itertools.product(range(2, 9), (True, False))]
+CODECS = INT + [mf.CodecConfig(bits="fp8"), mf.CodecConfig(bits="bf16"),
+                mf.CodecConfig(bits=4, group_size=32), mf.CodecConfig(bits=3, group_size=256,
+                                                                      spikes=False)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = ((1,), (7,), (1000,), (4097,), (3, 5, 7), (2 * ROW + 5, 3))
+
+
+# ---- inputs and the bound ----------------------------------------------------------------------
+def make_input(src: int, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rank ``src``'s input of case ``seed``: normal values, a few large spikes, a bias."""
+    g = torch.Generator().manual_seed(seed * 1013 + src)
+    x = torch.randn(shape, generator=g) + 0.5 * src
+    x += (torch.rand(shape, generator=g) < 0.01) * 20 * torch.randn(shape, generator=g)
+    return x.to(dtype)
+
+
+def _half_ulp(dtype: torch.dtype) -> float:
+    """Relative error of rounding to ``dtype`` (round to nearest)."""
+    return {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+
+
+def codec_error(groups: torch.Tensor, cfg: mf.CodecConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Per group of ``groups`` [..., G] (float64, values as the codec sees them, padding
+    zeros included): the largest |decode(encode(v)) - v| the codec allows, before the
+    final cast to ``dtype``. Derived from docs/wire-format.md:
+
+    int b: minimum = round_down(rest_min) (off by <= one wire ulp, 2^-7 relative for bf16
+    metadata), scale = round_up((rest_max - minimum) / (2^b - 1)) (another 2^-7), every
+    value inside [minimum, minimum + qmax scale], so round to nearest errs by <= scale / 2;
+    the rest range is inside the group's range; spikes travel in the wire float (exact for
+    16-bit input, 2^-8 relative for fp32); decode's two fp32 roundings add ~2^-23.
+    fp8 e4m3: 3 mantissa bits, <= 2^-4 relative, 2^-10 scale absolute for subnormals.
+    bf16 passthrough: exact for 16-bit input, a bf16 rounding (2^-8) for fp32."""
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    wire = 2.0 ** -7  # bf16 metadata; fp16 metadata is finer
+    if cfg.is_passthrough:
+        return amax * (2.0 ** -8 if dtype == torch.float32 else 0.0)
+    if cfg.is_fp8:
+        return amax * (2.0 ** -4 + 2.0 ** -10 / 448 * (1 + wire)) + 2.0 ** -24
+    scale = ((hi - lo) + wire * amax) / cfg.qmax * (1 + wire) + 2.0 ** -24
+    spike = amax * (2.0 ** -8 if dtype == torch.float32 else 0.0)
+    return torch.maximum(scale / 2, spike) + amax * 2.0 ** -22
+
+
+def error_bound(inputs: list, cfg: mf.CodecConfig) -> torch.Tensor:
+    """Elementwise bound on |all_reduce(x) - sum(x)| for the flat algorithm (shape of x).
+
+    The owner o of an element sums its own value exactly and W - 1 peer values, each off by
+    the codec error of its group (plus a rounding to x's dtype); the fp32 sum adds roundings
+    (loosely W 2^-23 sum |x|, plus the cast to x's dtype); the re-quantization of the sum
+    adds the codec error of the sum's group, whose range and magnitude are those of the
+    exact sum widened by the error so far; the result is cast to x's dtype."""
+    W, dtype, n = len(inputs), inputs[0].dtype, inputs[0].numel()
+    c, G = rows_per_rank(n, W), (cfg.group_size if not cfg.is_passthrough else 1)
+    u = _half_ulp(dtype)
+
+    def grouped(t):  # [W (owner), c rows, ROW / G groups, G], padded as all_reduce does
+        flat = torch.zeros(W * c * ROW, dtype=torch.float64)
+        flat[:n] = t.reshape(-1).double()
+        return flat.view(W, c, ROW // G, G)
+
+    xs = [grouped(x) for x in inputs]
+    owner = torch.arange(W).view(W, 1, 1, 1)
+    peers = torch.zeros_like(xs[0])
+    for p, x in enumerate(xs):
+        e = codec_error(x, cfg, dtype).unsqueeze(-1)
+        amax = x.abs().amax(-1, keepdim=True)
+        peers += torch.where(owner == p, 0.0, e + u * (amax + e))
+    total = sum(x.abs() for x in xs)
+    exact = sum(xs)
+    before = peers + W * 2.0 ** -23 * total.amax(-1, keepdim=True)
+    before = before + u * (exact.abs().amax(-1, keepdim=True) + before)
+    widened = torch.stack([exact - before, exact + before], -1).flatten(-2)  # [..., 2G]
+    requant = codec_error(widened, cfg, dtype).unsqueeze(-1)
+    amax = widened.abs().amax(-1, keepdim=True)
+    bound = before + requant + u * (amax + requant)
+    return bound.reshape(-1)[:n].view(inputs[0].shape) * (1 + 2.0 ** -20) + 1e-30
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def gather_all(t: torch.Tensor) -> list:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def check_case(rank, world, shape, dtype, cfg, seed, device, bound=True, **kw) -> torch.Tensor:
+    """One all_reduce: equal to the specification bit for bit, identical on every rank,
+    and (``bound``, flat) within the derived bound of the exact sum."""
+    x = make_input(rank, shape, dtype, seed).to(device)
+    y = x.clone()
+    out = mf.all_reduce(y, codec=cfg, **kw)
+    assert out is y and y.shape == x.shape and y.dtype == dtype
+    inputs = [make_input(p, shape, dtype, seed) for p in range(world)]
+    local = kw.get("topology") if kw.get("algorithm") == "hierarchical" else None
+    if isinstance(local, mf.Topology):
+        local = local.local_size
+    want = reference_all_reduce(inputs, cfg, local_size=local)
+    what = f"{cfg} {dtype} {shape} {kw}"
+    assert torch.equal(y.cpu(), want), f"{what}: max diff {(y.cpu().float() - want.float()).abs().max()}"
+    raw = y.reshape(-1).view(torch.uint8)
+    assert all(torch.equal(b, raw) for b in gather_all(raw)), what
+    if bound:
+        exact = x.double()
+        dist.all_reduce(exact)  # torch's own all_reduce
+        err = (y.double() - exact).abs().cpu()
+        b = error_bound(inputs, mf.CodecConfig.coerce(cfg))
+        assert bool((err <= b).all()), f"{what}: error {(err - b).max().item()} over the bound"
+    return y
+
+
+def battery(rank: int, world: int, device: str, codecs=CODECS, dtypes=DTYPES, sizes=SIZES) -> None:
+    seed = 0
+    for shape, cfg, dtype in itertools.product(sizes, codecs, dtypes):
+        seed += 1
+        check_case(rank, world, shape, dtype, cfg, seed, device, gate=False)
+
+
+def extra_checks(rank: int, world: int, device: str) -> None:
+    # pipelining: any number of ranges gives the same bits
+    shape = (5 * ROW * world + 3,)
+    one = check_case(rank, world, shape, torch.bfloat16, mf.CodecConfig(bits=4), 90, device,
+                     gate=False, chunks=1)
+    for chunks in (2, 3, 7):
+        y = make_input(rank, shape, torch.bfloat16, 90).to(device)
+        assert torch.equal(mf.all_reduce(y, codec=4, gate=False, chunks=chunks), one), chunks
+    # in place on a non-contiguous view; op given as torch's ReduceOp
+    base = make_input(rank, (64, 48), torch.float32, 91).to(device)
+    want = mf.all_reduce(base.t().contiguous(), codec=8, gate=False)
+    view = base.t()
+    assert mf.all_reduce(view, codec=8, op=dist.ReduceOp.SUM, gate=False) is view
+    assert torch.equal(view, want) and torch.equal(base.t(), want)
+    # size gate: below the threshold (bf16 bytes of the tensor) it is torch's all_reduce
+    path = "cpu" if device == "cpu" else "nvlink"
+    x = make_input(rank, (999,), torch.float32, 92).to(device)
+    exact = x.clone()
+    dist.all_reduce(exact)
+    gate = {"all_reduce": {path: {"int4": 2000}}}
+    assert torch.equal(mf.all_reduce(x.clone(), codec=4, gate=gate), exact)
+    assert not torch.equal(mf.all_reduce(x.clone(), codec=4, gate={"all_reduce": {path: {"int4": 1998}}}), exact)
+    assert torch.equal(mf.all_reduce(x.clone(), codec=4, gate={"all_reduce": {path: {"*": 1 << 30}}}), exact)
+    # hierarchical with one node or one rank per node is the flat algorithm
+    for topo in (1, world, mf.Topology(world)):
+        check_case(rank, world, (3000,), torch.float32, mf.CodecConfig(bits=3), 93, device,
+                   bound=False, gate=False, algorithm="hierarchical", topology=topo)
+        y = make_input(rank, (3000,), torch.float32, 93).to(device)
+        flat = mf.all_reduce(y, codec=3, gate=False)
+        z = make_input(rank, (3000,), torch.float32, 93).to(device)
+        assert torch.equal(mf.all_reduce(z, codec=3, gate=False, algorithm="hierarchical",
+                                         topology=topo), flat), topo
+    # zero-size tensors pass through
+    e = torch.empty(0, 4, device=device)
+    assert mf.all_reduce(e, codec=4, gate=False).shape == (0, 4)
+
+
+def error_checks(rank: int, world: int, device: str) -> None:
+    x = torch.randn(100, device=device)
+    bad = [
+        (dict(x=torch.ones(8, dtype=torch.int32, device=device)), TypeError,
+         "x must be float32, bfloat16 or float16, got torch.int32"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(op="max"), ValueError, r"op must be one of \('sum',\) .*got 'max'"),
+        (dict(op=dist.ReduceOp.MAX), ValueError, "op must be one of .*MAX"),
+        (dict(algorithm="ring"), ValueError, r"algorithm must be one of \('flat', 'hierarchical'\)"),
+        (dict(chunks=0), ValueError, "chunks must be an int >= 1"),
+        (dict(codec=9), ValueError, "codec: CodecConfig.bits"),
+        (dict(codec={"bits": 4, "rounding": "stochastic"}), ValueError, "rounding='nearest' only"),
+        (dict(codec={"intra_node": "bf16", "inter_node": 4}), ValueError,
+         "per-link codecs .* need algorithm='hierarchical'"),
+        (dict(gate={"all_reduce": {"tpu": {"int4": 1}}}), ValueError, "unknown path 'tpu'"),
+    ]
+    for kwargs, exc, msg in bad:
+        args = dict(x=x, gate=False)
+        args.update(kwargs)
+        with pytest.raises(exc, match=msg):
+            mf.all_reduce(**args)
+    # a configuration that differs on one rank raises on every rank (no hang, no garbage).
+    # Detection runs when a configuration is new to every rank: the ones used here (int5/g64
+    # and int3/g64) are never completed, so never cached.
+    fresh = mf.CodecConfig(bits=5, group_size=64, spikes=False)
+    other = mf.CodecConfig(bits=3, group_size=64, spikes=False)
+    for name, kwargs in (("codec", dict(codec=other)), ("dtype", dict(x=x.half())),
+                         ("chunks", dict(chunks=2)), ("algorithm", dict(algorithm="hierarchical"))):
+        args = dict(x=x.clone(), codec=fresh, gate=False)
+        if rank == world - 1:
+            args.update(kwargs)
+        with pytest.raises(ConfigMismatchError, match=name):
+            mf.all_reduce(**args)
+    # and the group still works afterwards (constant groups travel exactly)
+    y = torch.full((world * ROW,), float(rank), device=device)
+    assert torch.equal(mf.all_reduce(y, codec=fresh, gate=False),
+                       torch.full_like(y, float(world * (world - 1) // 2)))
+
+
+# ---- CPU: gloo process groups of 2, 4 and 8 -----------------------------------------------------
+def _world2(rank, world):
+    battery(rank, world, "cpu")
+    extra_checks(rank, world, "cpu")
+    error_checks(rank, world, "cpu")
+
+
+def _world4(rank, world):
+    """4 ranks as 2 groups of 2 (LOCAL_WORLD_SIZE=2): flat, and hierarchical == its spec."""
+    battery(rank, world, "cpu", codecs=CODECS[::3], dtypes=(torch.bfloat16,),
+            sizes=((7,), (4097,), (3, 5, 7)))
+    for cfg, shape, dtype in ((mf.CodecConfig(bits=4), (4097,), torch.float32),
+                              (mf.LinkCodecs(intra_node="bf16", inter_node=4), (9000,), torch.bfloat16),
+                              (mf.LinkCodecs(intra_node=8, inter_node=mf.CodecConfig(bits=2, group_size=64)),
+                               (2, 3000), torch.float16),
+                              ({"intra_node": "fp8", "inter_node": 3}, (1,), torch.float32)):
+        for topo in (None, 2):  # None: LOCAL_WORLD_SIZE
+            got = check_case(rank, world, shape, dtype, cfg, 40, "cpu", bound=False, gate=False,
+                             algorithm="hierarchical", topology=topo if topo else 2)
+            x = make_input(rank, shape, dtype, 40)
+            assert torch.equal(mf.all_reduce(x, codec=cfg, gate=False, algorithm="hierarchical",
+                                             topology=topo), got)
+    # the hierarchy sums the same values: within the flat bound of the outer codec doubled
+    x = make_input(rank, (5000,), torch.float32, 41)
+    inputs = [make_input(p, (5000,), torch.float32, 41) for p in range(world)]
+    exact = sum(t.double() for t in inputs)
+    got = mf.all_reduce(x, codec=6, gate=False, algorithm="hierarchical")
+    assert bool(((got.double() - exact).abs() <= 2 * error_bound(inputs, mf.CodecConfig(bits=6))).all())
+    with pytest.raises(HierarchyError, match="same number"):
+        mf.all_reduce(torch.ones(10), codec=4, gate=False, algorithm="hierarchical", topology=3)
+
+
+def _world8(rank, world):
+    battery(rank, world, "cpu", codecs=[mf.CodecConfig(bits=b) for b in (2, 4, 8, "fp8", "bf16")],
+            dtypes=(torch.float32, torch.bfloat16), sizes=((7,), (4097,)))
+    for topo, cfg in ((2, mf.CodecConfig(bits=5)), (4, mf.LinkCodecs(intra_node=8, inter_node=4))):
+        check_case(rank, world, (3, 4000), torch.bfloat16, cfg, 80 + topo, "cpu", bound=False,
+                   gate=False, algorithm="hierarchical", topology=topo)
+
+
+def test_all_reduce_gloo_2():
+    spawn(_world2, 2)
+
+
+def test_all_reduce_gloo_4_hierarchical():
+    spawn(_world4, 4, env={"LOCAL_WORLD_SIZE": 2})
+
+
+def test_all_reduce_gloo_8():
+    spawn(_world8, 8)
+
+
+def test_reference_is_exact_for_passthrough_of_integers():
+    """Sanity of the specification: small integers survive bf16 passthrough, so the
+    reference sum is exact; and hierarchical == flat with one group."""
+    xs = [torch.arange(5000, dtype=torch.float32) % 7 + p for p in range(4)]
+    want = sum(xs)
+    assert torch.equal(reference_all_reduce(xs, "bf16"), want)
+    assert torch.equal(reference_all_reduce(xs, "bf16", local_size=2), want)
+    assert torch.equal(reference_all_reduce(xs, 4, local_size=4), reference_all_reduce(xs, 4))
+
+
+# ---- the fused kernel against the torch reduction -------------------------------------------------
+FUSED_CODECS = [mf.CodecConfig(bits=b, group_size=g, spikes=s)
+                for b, g, s in itertools.product(range(2, 9), (32, 128, 256), (True, False))]
+FUSED_CODECS += [mf.CodecConfig(bits="fp8", group_size=g) for g in (32, 128)]
+
+
+def peer_records(P: int, rank: int, m: int, cfg, dtype, seed: int):
+    """(peers uint8 [P - 1, m, rb], own [m, ROW]) for a reduction at ``rank`` of ``P``:
+    hostile rows (outliers, constants, zeros, ties, huge and tiny ranges) among normal ones."""
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for p in range(P):
+        x = torch.randn(m, ROW, generator=g) * 10.0 ** torch.randint(-3, 4, (m, 1), generator=g)
+        x[0, :: 97] = 1e4
+        if m > 1:
+            x[1] = 3.0
+        if m > 2:
+            x[2] = torch.randint(-2, 3, (ROW,), generator=g).float()
+        if m > 3:  # huge ranges (the kernels' slow division path where the dtype allows)
+            x[3] = (torch.rand(ROW, generator=g) - 0.5) * torch.finfo(dtype).max / (4 * P)
+        vals.append(x.to(dtype))
+    peers = [mf.encode(vals[p], cfg) for p in range(P) if p != rank]
+    stacked = torch.stack(peers) if peers else torch.empty(0, m, mf.record_bytes(ROW, cfg),
+                                                           dtype=torch.uint8)
+    return stacked, vals[rank]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", FUSED_CODECS, ids=str)
+def test_fused_reduce_matches_torch_reduction(cfg):
+    """csrc/allreduce.cu == reduce_chunk's torch definition == the CPU reference, byte for
+    byte (records) and bit for bit (the reduce-only variant of the hierarchy)."""
+    for (P, rank), dtype in itertools.product(((1, 0), (2, 0), (2, 1), (3, 1), (8, 5)), DTYPES):
+        peers, own = peer_records(P, rank, 37, cfg, dtype, seed=P * 10 + rank)
+        what = f"{cfg} {dtype} P={P} rank={rank}"
+        for requant in (True, False):
+            want = reduce_chunk(peers, own, rank, cfg, requant=requant)  # CPU reference
+            unfused = reduce_chunk(peers.cuda(), own.cuda(), rank, cfg, requant=requant, fused=False)
+            fused = reduce_chunk(peers.cuda(), own.cuda(), rank, cfg, requant=requant)
+            assert torch.equal(unfused.cpu(), want), what + " unfused"
+            if not torch.equal(fused.cpu(), want):
+                diff = (fused.cpu() != want).nonzero()[:5].tolist()
+                raise AssertionError(f"{what} requant={requant}: fused differs at {diff}")
+
+
+# ---- GPU: NCCL, 2 GPUs -------------------------------------------------------------------------------
+def _nccl2(rank, world):
+    battery(rank, world, "cuda")
+    extra_checks(rank, world, "cuda")
+    error_checks(rank, world, "cuda")
+    # large tensors: the automatic pipeline (several ranges) gives the chunks=1 bits, and
+    # the default gate sends NVLink traffic through NCCL unchanged
+    x = make_input(rank, (1 << 25,), torch.bfloat16, 95).cuda()
+    for cfg in (mf.CodecConfig(bits=4), mf.CodecConfig(bits=2), mf.CodecConfig(bits="fp8")):
+        one = mf.all_reduce(x.clone(), codec=cfg, gate=False, chunks=1)
+        assert torch.equal(mf.all_reduce(x.clone(), codec=cfg, gate=False), one), cfg
+        assert all(torch.equal(o, one) for o in gather_all(one))
+    nccl = x.clone()
+    dist.all_reduce(nccl)
+    assert torch.equal(mf.all_reduce(x.clone(), codec=4), nccl)  # NVLink: gated by default
+    torch.cuda.synchronize()
+
+
+@pytest.mark.multigpu
+def test_all_reduce_nccl_2():
+    spawn(_nccl2, 2, backend="nccl")
