@@ -110,6 +110,10 @@ template <> struct Val<__half> {
   }
 };
 
+template <typename A, typename B> struct Same { static constexpr bool value = false; };
+template <typename A> struct Same<A, A> { static constexpr bool value = true; };
+template <typename T> struct UsesBf16 { static constexpr bool value = Same<T, __nv_bfloat16>::value; };
+
 // ---- 16-bit tokens two at a time (bf16x2 / half2 min, max and compare: half the work) ------
 template <typename In> struct Pair;
 template <> struct Pair<__nv_bfloat16> {
@@ -314,8 +318,7 @@ __device__ __forceinline__ void set_chunk_bits(u32* w, int c, u32 bits) {
 }
 
 // Zero the record's padding bytes: up to four ranges packed as (start << 4) | length.
-__device__ __forceinline__ void zero_gaps(u8* rec, int g0, int g1, int g2, int g3) {
-  const int gaps[4] = {g0, g1, g2, g3};
+__device__ __forceinline__ void zero_gaps(u8* rec, const int* gaps) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int start = gaps[i] >> 4, len = gaps[i] & 15;  // even start and length

@@ -1,7 +1,10 @@
 // Decode kernels: records [T, record_bytes] -> tokens [T, H] (fp32/bf16/fp16).
 // Bit-identical to moe_flashcomm/codec/reference.py (decode); see codec_common.cuh for the
-// work split. One launch covers T * padded_hidden / V threads.
+// work split. One launch covers T * padded_hidden / (V * U) threads.
 #include "codec_common.cuh"
+
+// (V, U) shapes instantiated for CI; keep in sync with DECODE_SHAPES in codec/cuda.py.
+#define MFC_DEC_SHAPES MFC_DEC(8, 1), MFC_DEC(8, 2), MFC_DEC(8, 4), MFC_DEC(16, 1), MFC_DEC(16, 2)
 
 namespace mfc {
 
@@ -32,47 +35,57 @@ __device__ __forceinline__ float code_at(u32 w, int b) {
   return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 | b)), 8388608.0f);
 }
 
-template <typename Out, int BITS, bool SPIKES, int V>
-__global__ void __launch_bounds__(kBlock) decode_int(
-    const u8* __restrict__ rec, Out* __restrict__ y, int H, int log2L, int rec_bytes, u32 ipt,
-    u32 div_mul, u32 div_shift, u32 total, int o4, int o2, int o1, int o_scale, int o_min,
-    int o_lov, int o_hiv, int o_loi, int o_hii, int vec) {
-  typedef typename Val<Out>::W W;
-  const u32 item = blockIdx.x * kBlock + threadIdx.x;
-  if (item >= total) return;
-  const Pos P = locate<V>(item, total, ipt, div_mul, div_shift, log2L);
-  const u8* in = rec + (size_t)P.t * rec_bytes;
-  Out* row = y + (size_t)P.t * H;
+// Kernel arguments (one struct, passed by value; moe_flashcomm/codec/cuda.py mirrors it).
+struct DecArgs {
+  int H, log2L, rec_bytes;
+  u32 ipt, div_mul, div_shift, total;  // items (chunks) per token, its fastdiv, all items
+  int o4, o2, o1;                      // plane offsets (o4: the 8-bit plane for 8 bits, fp8 codes)
+  int o_scale, o_min, o_lov, o_hiv, o_loi, o_hii;
+  int vec;                             // H % 8 == 0: 16-byte stores
+};
 
-  const float scf = Wire<W>::f(ld16(in + o_scale + 2 * P.g));
-  const float mnf = Wire<W>::f(ld16(in + o_min + 2 * P.g));
+// What one chunk reads from its record, loaded for all U chunks before any work.
+template <int BITS, bool SPIKES, int V>
+struct ChunkIn {
+  u32 p4[(BITS & 4) || BITS == 8 ? (BITS == 8 ? V / 4 : V / 8) : 1];  // 4-bit (or 8-bit) plane
+  u32 p2[(V + 15) / 16], p1[(V + 31) / 32];
+  u16 scale, minimum, lov, hiv;
+  int li, hi;
+
+  __device__ __forceinline__ void load(const u8* in, const Pos& P, const DecArgs& a) {
+    if constexpr (BITS == 8) load_bytes<V>(in + a.o4 + P.base, p4);
+    if constexpr (BITS != 8 && (BITS & 4)) load_bytes<V / 2>(in + a.o4 + P.base / 2, p4);
+    if constexpr (BITS != 8 && (BITS & 2)) load_bytes<V / 4>(in + a.o2 + P.base / 4, p2);
+    if constexpr (BITS != 8 && (BITS & 1)) load_bytes<V / 8>(in + a.o1 + P.base / 8, p1);
+    scale = ld16(in + a.o_scale + 2 * P.g);
+    minimum = ld16(in + a.o_min + 2 * P.g);
+    if (SPIKES) {
+      lov = ld16(in + a.o_lov + 2 * P.g);
+      hiv = ld16(in + a.o_hiv + 2 * P.g);
+      li = in[a.o_loi + P.g];
+      hi = in[a.o_hii + P.g];
+    }
+  }
+};
+
+template <typename Out, int BITS, bool SPIKES, int V>
+__device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, const Pos& P,
+                                             Out* __restrict__ y, const DecArgs& a) {
+  typedef typename Val<Out>::W W;
+  Out* row = y + (size_t)P.t * a.H;
+  const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
   float o[V];
-  if constexpr (BITS == 8) {  // o4: the 8-bit plane
-    u32 w[V / 4];
-    load_bytes<V>(in + o4 + P.base, w);
+  if constexpr (BITS == 8) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) o[k] = __fadd_rn(mnf, __fmul_rn(code_at(w[k / 4], k % 4), scf));
+    for (int k = 0; k < V; ++k) o[k] = __fadd_rn(mnf, __fmul_rn(code_at(c.p4[k / 4], k % 4), scf));
   } else {
     u32 E[V / 8], O[V / 8];
 #pragma unroll
-    for (int c = 0; c < V / 8; ++c) E[c] = O[c] = 0;
-    if constexpr ((BITS & 4) != 0) {
-      u32 w[V / 8];
-      load_bytes<V / 2>(in + o4 + P.base / 2, w);
-#pragma unroll
-      for (int c = 0; c < V / 8; ++c) plane_unpack<4>(chunk_bits<4>(w, c), BITS - 4, E[c], O[c]);
-    }
-    if constexpr ((BITS & 2) != 0) {
-      u32 w[(V + 15) / 16];
-      load_bytes<V / 4>(in + o2 + P.base / 4, w);
-#pragma unroll
-      for (int c = 0; c < V / 8; ++c) plane_unpack<2>(chunk_bits<2>(w, c), BITS & 1, E[c], O[c]);
-    }
-    if constexpr ((BITS & 1) != 0) {
-      u32 w[(V + 31) / 32];
-      load_bytes<V / 8>(in + o1 + P.base / 8, w);
-#pragma unroll
-      for (int c = 0; c < V / 8; ++c) plane_unpack<1>(chunk_bits<1>(w, c), 0, E[c], O[c]);
+    for (int j = 0; j < V / 8; ++j) {
+      E[j] = O[j] = 0;
+      if constexpr ((BITS & 4) != 0) plane_unpack<4>(chunk_bits<4>(c.p4, j), BITS - 4, E[j], O[j]);
+      if constexpr ((BITS & 2) != 0) plane_unpack<2>(chunk_bits<2>(c.p2, j), BITS & 1, E[j], O[j]);
+      if constexpr ((BITS & 1) != 0) plane_unpack<1>(chunk_bits<1>(c.p1, j), 0, E[j], O[j]);
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -82,53 +95,80 @@ __global__ void __launch_bounds__(kBlock) decode_int(
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) o[k] = saturate<Out>(o[k]);
-  store_chunk<Out, V>(row, P.base, H, vec != 0, o);
+  store_chunk<Out, V>(row, P.base, a.H, a.vec != 0, o);
 
   if (SPIKES) {  // overwrite the spike slots; same thread, after the chunk store: ordered
-    const u32 jl = (u32)(in[o_loi + P.g] - P.lane * V), jh = (u32)(in[o_hii + P.g] - P.lane * V);
-    if (jl < (u32)V && P.base + (int)jl < H)
-      Val<Out>::put(row + P.base + jl, saturate<Out>(Wire<W>::f(ld16(in + o_lov + 2 * P.g))));
-    if (jh < (u32)V && P.base + (int)jh < H)
-      Val<Out>::put(row + P.base + jh, saturate<Out>(Wire<W>::f(ld16(in + o_hiv + 2 * P.g))));
+    const u32 jl = (u32)(c.li - P.lane * V), jh = (u32)(c.hi - P.lane * V);
+    if (jl < (u32)V && P.base + (int)jl < a.H) Val<Out>::put(row + P.base + jl, saturate<Out>(Wire<W>::f(c.lov)));
+    if (jh < (u32)V && P.base + (int)jh < a.H) Val<Out>::put(row + P.base + jh, saturate<Out>(Wire<W>::f(c.hiv)));
   }
 }
 
-template <typename Out, int V>
-__global__ void __launch_bounds__(kBlock) decode_fp8(
-    const u8* __restrict__ rec, Out* __restrict__ y, int H, int log2L, int rec_bytes, u32 ipt,
-    u32 div_mul, u32 div_shift, u32 total, int o8, int o_scale, int vec) {
-  typedef typename Val<Out>::W W;
-  const u32 item = blockIdx.x * kBlock + threadIdx.x;
-  if (item >= total) return;
-  const Pos P = locate<V>(item, total, ipt, div_mul, div_shift, log2L);
-  const u8* in = rec + (size_t)P.t * rec_bytes;
-  Out* row = y + (size_t)P.t * H;
-
-  const float scf = Wire<W>::f(ld16(in + o_scale + 2 * P.g));
-  u32 w[V / 4];
-  load_bytes<V>(in + o8 + P.base, w);
-  float o[V];
+// Integer widths: out = minimum + code * scale, spikes restored. A thread decodes U chunks of
+// V values, kBlock items apart, all record loads issued first.
+template <typename Out, int BITS, bool SPIKES, int V, int U>
+__global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                     const DecArgs a) {
+  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  ChunkIn<BITS, SPIKES, V> c[U];
+  Pos P[U];
 #pragma unroll
-  for (int k = 0; k < V; k += 2) {
-    const __half2 h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[k / 4] >> (16 * ((k / 2) & 1))), __NV_E4M3);
-    const float2 f = __half22float2(h);
-    o[k] = saturate<Out>(__fmul_rn(f.x, scf));
-    o[k + 1] = saturate<Out>(__fmul_rn(f.y, scf));
+  for (int u = 0; u < U; ++u) {
+    P[u] = locate<V>(min(item0 + u * kBlock, a.total - 1), a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
+    c[u].load(rec + (size_t)P[u].t * a.rec_bytes, P[u], a);
   }
-  store_chunk<Out, V>(row, P.base, H, vec != 0, o);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (item0 + u * kBlock >= a.total) return;
+    decode_chunk<Out, BITS, SPIKES, V>(c[u], P[u], y, a);
+  }
+}
+
+// fp8: out = e4m3(code) * scale.
+template <typename Out, int V, int U>
+__global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                     const DecArgs a) {
+  typedef typename Val<Out>::W W;
+  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  u32 w[U][V / 4];
+  u16 sc[U];
+  Pos P[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    P[u] = locate<V>(min(item0 + u * kBlock, a.total - 1), a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
+    const u8* in = rec + (size_t)P[u].t * a.rec_bytes;
+    load_bytes<V>(in + a.o4 + P[u].base, w[u]);
+    sc[u] = ld16(in + a.o_scale + 2 * P[u].g);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (item0 + u * kBlock >= a.total) return;
+    const float scf = Wire<W>::f(sc[u]);
+    float o[V];
+#pragma unroll
+    for (int k = 0; k < V; k += 2) {
+      const __half2 h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[u][k / 4] >> (16 * ((k / 2) & 1))), __NV_E4M3);
+      const float2 f = __half22float2(h);
+      o[k] = saturate<Out>(__fmul_rn(f.x, scf));
+      o[k + 1] = saturate<Out>(__fmul_rn(f.y, scf));
+    }
+    store_chunk<Out, V>(y + (size_t)P[u].t * a.H, P[u].base, a.H, a.vec != 0, o);
+  }
 }
 
 }  // namespace mfc
 
 #ifdef MFC_INSTANTIATE_ALL
-// CI (tools/check_csrc.sh): compile every variant the loader may request.
+// CI (tools/check_csrc.sh): compile every variant the loader may request (cuda.DECODE_SHAPES).
 namespace mfc {
-#define MFC_DEC_BITS(T, S, V) \
-  (const void*)&decode_int<T, 2, S, V>, (const void*)&decode_int<T, 3, S, V>, (const void*)&decode_int<T, 4, S, V>, \
-  (const void*)&decode_int<T, 5, S, V>, (const void*)&decode_int<T, 6, S, V>, (const void*)&decode_int<T, 7, S, V>, \
-  (const void*)&decode_int<T, 8, S, V>
-#define MFC_DEC_TYPE(T, V) MFC_DEC_BITS(T, false, V), MFC_DEC_BITS(T, true, V), (const void*)&decode_fp8<T, V>
-#define MFC_DEC_V(V) MFC_DEC_TYPE(float, V), MFC_DEC_TYPE(__nv_bfloat16, V), MFC_DEC_TYPE(__half, V)
-extern const void* const all_decode_kernels[] = {MFC_DEC_V(8), MFC_DEC_V(16), MFC_DEC_V(32)};
+#define MFC_DEC_BITS(T, S, V, U) \
+  (const void*)&decode_int<T, 2, S, V, U>, (const void*)&decode_int<T, 3, S, V, U>, \
+  (const void*)&decode_int<T, 4, S, V, U>, (const void*)&decode_int<T, 5, S, V, U>, \
+  (const void*)&decode_int<T, 6, S, V, U>, (const void*)&decode_int<T, 7, S, V, U>, \
+  (const void*)&decode_int<T, 8, S, V, U>
+#define MFC_DEC_TYPE(T, V, U) \
+  MFC_DEC_BITS(T, false, V, U), MFC_DEC_BITS(T, true, V, U), (const void*)&decode_fp8<T, V, U>
+#define MFC_DEC(V, U) MFC_DEC_TYPE(float, V, U), MFC_DEC_TYPE(__nv_bfloat16, V, U), MFC_DEC_TYPE(__half, V, U)
+extern const void* const all_decode_kernels[] = {MFC_DEC_SHAPES};
 }  // namespace mfc
 #endif

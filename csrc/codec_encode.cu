@@ -1,17 +1,21 @@
 // Encode kernels: tokens [T, H] (fp32/bf16/fp16) -> records [T, record_bytes].
 // Bit-identical to moe_flashcomm/codec/reference.py (encode); see codec_common.cuh for the
-// work split. One launch covers T * padded_hidden / V threads.
+// work split. One launch covers T * padded_hidden / (V * U) threads.
 #include "codec_common.cuh"
+
+// (V, U) shapes instantiated for CI; keep in sync with ENCODE_SHAPES in codec/cuda.py.
+#define MFC_ENC_SHAPES MFC_ENC(8, 4), MFC_ENC(16, 1), MFC_ENC(16, 2), MFC_ENC(32, 1), MFC_ENC(32, 2)
 
 namespace mfc {
 
-// V values of a row starting at base, as fp32 (0 beyond H: those slots are masked later).
+// The raw bits of the V values of a row starting at base (two 16-bit values per word, or one
+// fp32 per word); 0 beyond H (those slots are masked later).
 template <typename In, int V>
-__device__ __forceinline__ void load_chunk(const In* row, int base, int H, bool vec, float* v, u32* w) {
-  if constexpr (sizeof(In) == 2) {  // also keep the raw 16-bit words, two values each
+__device__ __forceinline__ void load_raw(const In* row, int base, int H, bool vec, u32* w) {
 #pragma unroll
-    for (int c = 0; c < V / 8; ++c) {
-      const int p = base + 8 * c;
+  for (int c = 0; c < V / 8; ++c) {
+    const int p = base + 8 * c;
+    if constexpr (sizeof(In) == 2) {
       if (vec && p + 8 <= H) {
         const uint4 u = *reinterpret_cast<const uint4*>(row + p);
         w[4 * c] = u.x; w[4 * c + 1] = u.y; w[4 * c + 2] = u.z; w[4 * c + 3] = u.w;
@@ -21,39 +25,47 @@ __device__ __forceinline__ void load_chunk(const In* row, int base, int H, bool 
         for (int k = 0; k < 8; k += 2)
           w[4 * c + k / 2] = (p + k < H ? r[p + k] : 0u) | (p + k + 1 < H ? (u32)r[p + k + 1] << 16 : 0u);
       }
-    }
-#pragma unroll
-    for (int i = 0; i < V / 2; ++i) Val<In>::unpack(w[i], v[2 * i], v[2 * i + 1]);
-  } else {
-#pragma unroll
-    for (int c = 0; c < V / 8; ++c) {
-      const int p = base + 8 * c;
+    } else {
       if (vec && p + 8 <= H) {
-        Val<In>::get8(row + p, v + 8 * c);
+        const uint4 u = reinterpret_cast<const uint4*>(row + p)[0], t = reinterpret_cast<const uint4*>(row + p)[1];
+        w[8 * c] = u.x; w[8 * c + 1] = u.y; w[8 * c + 2] = u.z; w[8 * c + 3] = u.w;
+        w[8 * c + 4] = t.x; w[8 * c + 5] = t.y; w[8 * c + 6] = t.z; w[8 * c + 7] = t.w;
       } else {
+        const u32* r = reinterpret_cast<const u32*>(row);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) v[8 * c + k] = p + k < H ? Val<In>::get(row + p + k) : 0.0f;
+        for (int k = 0; k < 8; ++k) w[8 * c + k] = p + k < H ? r[p + k] : 0u;
       }
     }
   }
 }
+template <typename In, int V>
+__host__ __device__ constexpr int raw_words() { return sizeof(In) == 2 ? V / 2 : V; }
+
+// Value k of a chunk as fp32 (k is a compile-time constant after unrolling).
+template <typename In>
+__device__ __forceinline__ float value(const u32* w, int k) {
+  if constexpr (sizeof(In) == 4) return __uint_as_float(w[k]);
+  else if constexpr (UsesBf16<In>::value) return __uint_as_float(k & 1 ? w[k / 2] & 0xFFFF0000u : w[k / 2] << 16);
+  else return __half2float(__ushort_as_half((u16)(w[k / 2] >> (16 * (k & 1)))));
+}
 
 // Chunk min/max (NaN-propagating) and, with spikes, the second smallest / largest values
 // counted with multiplicity: the chunk's min/max once its first min/max slot is removed.
-template <int V, bool SPIKES, bool FULL>
-__device__ __forceinline__ void chunk_stats(const float* v, int nv, float& mn1, float& mx1,
+template <typename In, int V, bool SPIKES, bool FULL>
+__device__ __forceinline__ void chunk_stats(const u32* w, int nv, float& mn1, float& mx1,
                                             float& mn2, float& mx2) {
   mn1 = mn2 = inf();
   mx1 = mx2 = -inf();
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     if (FULL || k < nv) {
+      const float x = value<In>(w, k);
       if (SPIKES) {
-        mn2 = fminf(mn2, fmaxf(mn1, v[k]));
-        mx2 = fmaxf(mx2, fminf(mx1, v[k]));
+        mn2 = fminf(mn2, fmaxf(mn1, x));
+        mx2 = fmaxf(mx2, fminf(mx1, x));
       }
-      mn1 = min_nan(mn1, v[k]);
-      mx1 = max_nan(mx1, v[k]);
+      mn1 = min_nan(mn1, x);
+      mx1 = max_nan(mx1, x);
     }
   }
 }
@@ -102,12 +114,12 @@ __device__ __forceinline__ int first_eq_pairs(const u32* w, float target) {
 }
 
 // First slot of the chunk equal to target (-0 == +0), V if none.
-template <int V, bool FULL>
-__device__ __forceinline__ int first_eq(const float* v, int nv, float target) {
+template <typename In, int V, bool FULL>
+__device__ __forceinline__ int first_eq(const u32* w, int nv, float target) {
   int idx = V;
 #pragma unroll
   for (int k = V - 1; k >= 0; --k)
-    if ((FULL || k < nv) && v[k] == target) idx = k;
+    if ((FULL || k < nv) && value<In>(w, k) == target) idx = k;
   return idx;
 }
 
@@ -155,33 +167,46 @@ __device__ __forceinline__ void store_codes(u8* rec, int base, const u32* s, u32
   }
 }
 
-// Integer widths (2..8 bits), spikes on/off, nearest or stochastic rounding.
+// Kernel arguments (one struct, passed by value; moe_flashcomm/codec/cuda.py mirrors it).
+struct EncArgs {
+  int H, log2L, padded, rec_bytes;
+  u32 ipt, div_mul, div_shift, total;  // items (chunks) per token, its fastdiv, all items
+  int o4, o2, o1;                      // plane offsets (o4: the 8-bit plane for 8 bits, fp8 codes)
+  int o_scale, o_min, o_lov, o_hiv, o_loi, o_hii;
+  int gap[4];                          // padding ranges to zero, (start << 4) | length
+  u32 seed_key, counter0;              // stochastic rounding: lowbias32(seed), first counter
+  int vec;                             // rows are 16-byte aligned (H % 8 == 0, aligned base)
+};
+
+// Load the raw chunks of the thread's U items (items item0 + u * kBlock) before any work, so
+// that U loads are in flight per thread.
+template <typename In, int V, int U>
+__device__ __forceinline__ void load_items(const In* x, u32 item0, const EncArgs& a, u32 (*w)[raw_words<In, V>()]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const u32 item = min(item0 + u * kBlock, a.total - 1);  // past-the-end lanes read real data
+    const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
+    load_raw<In, V>(x + (size_t)P.t * a.H, P.base, a.H, a.vec != 0, w[u]);
+  }
+}
+
+// One chunk of an integer-width encode: group statistics over the group's lanes, metadata,
+// codes. Every lane of the warp must call it (shuffles); lanes past the end store nothing.
 template <typename In, int BITS, bool SPIKES, bool SR, int V>
-__global__ void __launch_bounds__(kBlock) encode_int(
-    const In* __restrict__ x, u8* __restrict__ rec, int H, int log2L, int padded, int rec_bytes,
-    u32 ipt, u32 div_mul, u32 div_shift, u32 total, int o4, int o2, int o1, int o_scale,
-    int o_min, int o_lov, int o_hiv, int o_loi, int o_hii, int gap0, int gap1, int gap2, int gap3,
-    u32 seed_key, u32 counter0, int vec) {
+__device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restrict__ rec, const EncArgs& a) {
   typedef typename Val<In>::W W;
   constexpr int QMAX = (1 << BITS) - 1;
-  const u32 item = blockIdx.x * kBlock + threadIdx.x;
-  if ((item & ~31u) >= total) return;  // shuffles below need every lane of a warp
-  const Pos P = locate<V>(item, total, ipt, div_mul, div_shift, log2L);
-  const int L = 1 << log2L, G = L * V;
-  const In* row = x + (size_t)P.t * H;
-  u8* out = rec + (size_t)P.t * rec_bytes;
-
   constexpr bool PAIRS = UsePairs<In>::value;
-  float v[V];
-  u32 w[V / 2];
-  load_chunk<In, V>(row, P.base, H, vec != 0, v, w);
-  const int nv = min(max(H - P.base, 0), V);  // real values in the chunk
+  const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
+  const int L = 1 << a.log2L, G = L * V;
+  u8* out = rec + (size_t)P.t * a.rec_bytes;
+  const int nv = min(max(a.H - P.base, 0), V);  // real values in the chunk
   const bool full = nv == V;
 
   float mn1, mx1, mn2, mx2;
-  if (!full) chunk_stats<V, SPIKES, false>(v, nv, mn1, mx1, mn2, mx2);
+  if (!full) chunk_stats<In, V, SPIKES, false>(w, nv, mn1, mx1, mn2, mx2);
   else if constexpr (PAIRS) chunk_stats_pairs<In, V, SPIKES>(w, mn1, mx1, mn2, mx2);
-  else chunk_stats<V, SPIKES, true>(v, nv, mn1, mx1, mn2, mx2);
+  else chunk_stats<In, V, SPIKES, true>(w, nv, mn1, mx1, mn2, mx2);
   const float lo = plus_zero(group_reduce(mn1, L, MinNaN()));
   const float hi = plus_zero(group_reduce(mx1, L, MaxNaN()));
   bool bad = !(finite(lo) && finite(hi));  // a NaN or Inf among the group's values
@@ -194,14 +219,14 @@ __global__ void __launch_bounds__(kBlock) encode_int(
     const int ll = bl ? __ffs(bl) - 1 : P.first, lh = bh ? __ffs(bh) - 1 : P.first;
     int fl, fh;
     if (!full) {
-      fl = first_eq<V, false>(v, nv, lo);
-      fh = first_eq<V, false>(v, nv, hi);
+      fl = first_eq<In, V, false>(w, nv, lo);
+      fh = first_eq<In, V, false>(w, nv, hi);
     } else if constexpr (PAIRS) {
       fl = first_eq_pairs<In, V>(w, lo);
       fh = first_eq_pairs<In, V>(w, hi);
     } else {
-      fl = first_eq<V, true>(v, nv, lo);
-      fh = first_eq<V, true>(v, nv, hi);
+      fl = first_eq<In, V, true>(w, nv, lo);
+      fh = first_eq<In, V, true>(w, nv, hi);
     }
     lo_idx = (ll - P.first) * V + __shfl_sync(~0u, fl, ll);
     hi_idx = (lh - P.first) * V + __shfl_sync(~0u, fh, lh);
@@ -210,7 +235,7 @@ __global__ void __launch_bounds__(kBlock) encode_int(
     const int wl = threadIdx.x & 31;
     const float rmn = group_reduce(wl == ll ? mn2 : mn1, L, Min());
     const float rmx = group_reduce(wl == lh ? mx2 : mx1, L, Max());
-    const int count = min(G, H - P.g * G);  // real values in the group
+    const int count = min(G, a.H - P.g * G);  // real values in the group
     if (count > (lo_idx == hi_idx ? 1 : 2)) {
       rest_lo = plus_zero(rmn);
       rest_hi = plus_zero(rmx);
@@ -225,24 +250,24 @@ __global__ void __launch_bounds__(kBlock) encode_int(
   const float scf = Wire<W>::f(sc_w);
   bad = bad || !finite(mnf) || !finite(scf);
 
-  // t = (x - minimum) / scale; codes from the magic add (low byte of s[k]).
+  // t = (x - minimum) / scale, exactly rounded (Markstein when the scale allows).
   float q[V];
   if (div_fast_ok(scf)) {
     const float rc = __frcp_rn(scf);
 #pragma unroll
-    for (int k = 0; k < V; ++k) q[k] = div_rn_fast(__fsub_rn(v[k], mnf), scf, rc);
+    for (int k = 0; k < V; ++k) q[k] = div_rn_fast(__fsub_rn(value<In>(w, k), mnf), scf, rc);
   } else {
 #pragma unroll
-    for (int k = 0; k < V; ++k) q[k] = scf == 0.0f ? 0.0f : __fdiv_rn(__fsub_rn(v[k], mnf), scf);
+    for (int k = 0; k < V; ++k) q[k] = scf == 0.0f ? 0.0f : __fdiv_rn(__fsub_rn(value<In>(w, k), mnf), scf);
   }
-  // x + 1.5 * 2^23 leaves rint(x) (round-half-even; floor with a round-down add) in the low
-  // mantissa bits for 0 <= x < 2^22: a rounding and an integer conversion in one add.
+  // t + 1.5 * 2^23 leaves rint(t) (round-half-even; floor with a round-down add) in the low
+  // mantissa bits for 0 <= t < 2^22: the rounding and the integer conversion in one add.
   constexpr float kMagic = 12582912.0f;
   u32 s[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     if (SR) {
-      const u32 h = lowbias32((counter0 + P.t * (u32)padded + (u32)(P.base + k)) ^ seed_key);
+      const u32 h = lowbias32((a.counter0 + P.t * (u32)a.padded + (u32)(P.base + k)) ^ a.seed_key);
       const float u = __fmul_rn(__uint2float_rn(h >> 8), 0x1p-24f);
       // clamp(floor(t + u), 0, qmax) == floor(min(t + u, qmax)) since qmax is an integer
       s[k] = __float_as_uint(__fadd_rd(fminf(__fadd_rn(q[k], u), (float)QMAX), kMagic));
@@ -260,45 +285,51 @@ __global__ void __launch_bounds__(kBlock) encode_int(
   }
   if (bad) z = ~0u;
   if (!P.live) return;
-  store_codes<BITS, V>(out, P.base, s, z, o4, o2, o1);
+  store_codes<BITS, V>(out, P.base, s, z, a.o4, a.o2, a.o1);
 
   if (P.lane == 0) {
     const u16 nan = Wire<W>::kNaN;
-    st16(out + o_scale + 2 * P.g, bad ? nan : sc_w);
-    st16(out + o_min + 2 * P.g, bad ? nan : mn_w);
+    st16(out + a.o_scale + 2 * P.g, bad ? nan : sc_w);
+    st16(out + a.o_min + 2 * P.g, bad ? nan : mn_w);
     if (SPIKES) {
-      st16(out + o_lov + 2 * P.g, bad ? nan : Wire<W>::rn(lo));
-      st16(out + o_hiv + 2 * P.g, bad ? nan : Wire<W>::rn(hi));
-      out[o_loi + P.g] = bad ? 0 : (u8)lo_idx;
-      out[o_hii + P.g] = bad ? 0 : (u8)hi_idx;
+      st16(out + a.o_lov + 2 * P.g, bad ? nan : Wire<W>::rn(lo));
+      st16(out + a.o_hiv + 2 * P.g, bad ? nan : Wire<W>::rn(hi));
+      out[a.o_loi + P.g] = bad ? 0 : (u8)lo_idx;
+      out[a.o_hii + P.g] = bad ? 0 : (u8)hi_idx;
     }
   }
-  if (P.g == 0 && P.lane == 0) zero_gaps(out, gap0, gap1, gap2, gap3);
+  if (P.g == 0 && P.lane == 0) zero_gaps(out, a.gap);
+}
+
+// Integer widths (2..8 bits), spikes on/off, nearest or stochastic rounding. A thread encodes
+// U chunks of V values, kBlock items apart (each load instruction stays coalesced).
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int U>
+__global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
+                                                     const EncArgs a) {
+  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  u32 w[U][raw_words<In, V>()];
+  load_items<In, V, U>(x, item0, a, w);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const u32 item = item0 + u * kBlock;
+    if ((item & ~31u) >= a.total) return;  // warp-uniform: the shuffles need every lane
+    encode_chunk<In, BITS, SPIKES, SR, V>(w[u], item, rec, a);
+  }
 }
 
 // fp8 e4m3: scale = round_up(amax / 448), code = e4m3(clamp(x / scale, +-448)).
 template <typename In, int V>
-__global__ void __launch_bounds__(kBlock) encode_fp8(
-    const In* __restrict__ x, u8* __restrict__ rec, int H, int log2L, int rec_bytes, u32 ipt,
-    u32 div_mul, u32 div_shift, u32 total, int o8, int o_scale, int gap0, int gap1, int gap2,
-    int gap3, int vec) {
+__device__ __forceinline__ void encode_fp8_chunk(const u32* w, u32 item, u8* __restrict__ rec, const EncArgs& a) {
   typedef typename Val<In>::W W;
-  const u32 item = blockIdx.x * kBlock + threadIdx.x;
-  if ((item & ~31u) >= total) return;
-  const Pos P = locate<V>(item, total, ipt, div_mul, div_shift, log2L);
-  const int L = 1 << log2L;
-  const In* row = x + (size_t)P.t * H;
-  u8* out = rec + (size_t)P.t * rec_bytes;
-
-  float v[V];
-  u32 raw[V / 2];
-  load_chunk<In, V>(row, P.base, H, vec != 0, v, raw);
-  const int nv = min(max(H - P.base, 0), V);
+  const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
+  const int L = 1 << a.log2L;
+  u8* out = rec + (size_t)P.t * a.rec_bytes;
+  const int nv = min(max(a.H - P.base, 0), V);
 
   float amax = 0.0f;
 #pragma unroll
   for (int k = 0; k < V; ++k)
-    if (k < nv) amax = max_nan(amax, fabsf(v[k]));
+    if (k < nv) amax = max_nan(amax, fabsf(value<In>(w, k)));
   amax = group_reduce(amax, L, MaxNaN());
   const u16 sc_w = Wire<W>::ru(__fdiv_rn(amax, 448.0f));
   const float scf = Wire<W>::f(sc_w);
@@ -308,40 +339,55 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(
   if (div_fast_ok(scf)) {
     const float rc = __frcp_rn(scf);
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[k] = copysignf(div_rn_fast(v[k], scf, rc), v[k]);
+    for (int k = 0; k < V; ++k) y[k] = copysignf(div_rn_fast(value<In>(w, k), scf, rc), value<In>(w, k));
   } else {
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[k] = scf == 0.0f ? 0.0f : __fdiv_rn(v[k], scf);
+    for (int k = 0; k < V; ++k) y[k] = scf == 0.0f ? 0.0f : __fdiv_rn(value<In>(w, k), scf);
   }
-  u32 w[V / 4];
+  u32 c[V / 4];
 #pragma unroll
   for (int k = 0; k < V; k += 2) {
-    float a = fminf(fmaxf(y[k], -448.0f), 448.0f), b = fminf(fmaxf(y[k + 1], -448.0f), 448.0f);
-    if (bad || k >= nv) a = 0.0f;
-    if (bad || k + 1 >= nv) b = 0.0f;
-    const u32 pair = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
-    if (k % 4 == 0) w[k / 4] = pair;
-    else w[k / 4] |= pair << 16;
+    float lo = fminf(fmaxf(y[k], -448.0f), 448.0f), hi = fminf(fmaxf(y[k + 1], -448.0f), 448.0f);
+    if (bad || k >= nv) lo = 0.0f;
+    if (bad || k + 1 >= nv) hi = 0.0f;
+    const u32 pair = __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
+    if (k % 4 == 0) c[k / 4] = pair;
+    else c[k / 4] |= pair << 16;
   }
   if (!P.live) return;
-  store_bytes<V>(out + o8 + P.base, w);
+  store_bytes<V>(out + a.o4 + P.base, c);
+  if (P.lane == 0) st16(out + a.o_scale + 2 * P.g, bad ? Wire<W>::kNaN : sc_w);
+  if (P.g == 0 && P.lane == 0) zero_gaps(out, a.gap);
+}
 
-  if (P.lane == 0) st16(out + o_scale + 2 * P.g, bad ? Wire<W>::kNaN : sc_w);
-  if (P.g == 0 && P.lane == 0) zero_gaps(out, gap0, gap1, gap2, gap3);
+template <typename In, int V, int U>
+__global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
+                                                     const EncArgs a) {
+  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  u32 w[U][raw_words<In, V>()];
+  load_items<In, V, U>(x, item0, a, w);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const u32 item = item0 + u * kBlock;
+    if ((item & ~31u) >= a.total) return;
+    encode_fp8_chunk<In, V>(w[u], item, rec, a);
+  }
 }
 
 }  // namespace mfc
 
 #ifdef MFC_INSTANTIATE_ALL
-// CI (tools/check_csrc.sh): compile every variant the loader may request.
+// CI (tools/check_csrc.sh): compile every variant the loader may request (cuda.ENCODE_SHAPES).
 namespace mfc {
-#define MFC_ENC_INT(T, B, S, V) \
-  (const void*)&encode_int<T, B, S, false, V>, (const void*)&encode_int<T, B, S, true, V>
-#define MFC_ENC_BITS(T, S, V) \
-  MFC_ENC_INT(T, 2, S, V), MFC_ENC_INT(T, 3, S, V), MFC_ENC_INT(T, 4, S, V), MFC_ENC_INT(T, 5, S, V), \
-  MFC_ENC_INT(T, 6, S, V), MFC_ENC_INT(T, 7, S, V), MFC_ENC_INT(T, 8, S, V)
-#define MFC_ENC_TYPE(T, V) MFC_ENC_BITS(T, false, V), MFC_ENC_BITS(T, true, V), (const void*)&encode_fp8<T, V>
-#define MFC_ENC_V(V) MFC_ENC_TYPE(float, V), MFC_ENC_TYPE(__nv_bfloat16, V), MFC_ENC_TYPE(__half, V)
-extern const void* const all_encode_kernels[] = {MFC_ENC_V(8), MFC_ENC_V(16), MFC_ENC_V(32)};
+#define MFC_ENC_INT(T, B, S, V, U) \
+  (const void*)&encode_int<T, B, S, false, V, U>, (const void*)&encode_int<T, B, S, true, V, U>
+#define MFC_ENC_BITS(T, S, V, U) \
+  MFC_ENC_INT(T, 2, S, V, U), MFC_ENC_INT(T, 3, S, V, U), MFC_ENC_INT(T, 4, S, V, U), \
+  MFC_ENC_INT(T, 5, S, V, U), MFC_ENC_INT(T, 6, S, V, U), MFC_ENC_INT(T, 7, S, V, U), \
+  MFC_ENC_INT(T, 8, S, V, U)
+#define MFC_ENC_TYPE(T, V, U) \
+  MFC_ENC_BITS(T, false, V, U), MFC_ENC_BITS(T, true, V, U), (const void*)&encode_fp8<T, V, U>
+#define MFC_ENC(V, U) MFC_ENC_TYPE(float, V, U), MFC_ENC_TYPE(__nv_bfloat16, V, U), MFC_ENC_TYPE(__half, V, U)
+extern const void* const all_encode_kernels[] = {MFC_ENC_SHAPES};
 }  // namespace mfc
 #endif

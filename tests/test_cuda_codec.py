@@ -32,6 +32,8 @@ def _compiled_kernels():
         cfgs = [CodecConfig(bits=b, spikes=s, rounding=r)
                 for b, s, r in itertools.product(INT_BITS, (True, False), ("nearest", "stochastic"))]
         C.precompile(cfgs + [CodecConfig(bits="fp8")])
+        for es, ds in zip(C.ENCODE_SHAPES, C.DECODE_SHAPES):
+            C.precompile(SHAPE_CFGS, encode_shape=es, decode_shape=ds)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -124,6 +126,9 @@ def adversarial(T, H, dtype, seed):
     return x.to(dtype).cuda()
 
 
+SHAPE_CFGS = [CodecConfig(bits=4, group_size=32), CodecConfig(bits=3),
+              CodecConfig(bits=7, group_size=256, rounding="stochastic"),
+              CodecConfig(bits=8, spikes=False), CodecConfig(bits="fp8", group_size=64)]
 INT_CFGS = [CodecConfig(bits=b, group_size=g, spikes=s)
             for b, g, s in itertools.product(INT_BITS, GROUPS, [True, False])]
 MIXED_CFGS = [CodecConfig(bits=2, group_size=32), CodecConfig(bits=3, group_size=64),
@@ -158,6 +163,21 @@ def test_large_batch_matches_reference():
     """A size that fills the GPU several times over (many blocks, 7168-wide tokens)."""
     for cfg in (CodecConfig(bits=4), CodecConfig(bits=3), CodecConfig(bits="fp8")):
         check(heavy_tailed(1024, 7168, torch.bfloat16, seed=7), cfg)
+
+
+@gpu
+@pytest.mark.parametrize("cfg", SHAPE_CFGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_kernel_shape_gives_the_same_bytes(cfg, dtype):
+    """Each (values per thread, chunks per thread) shape the library may pick."""
+    for H in (7168, 7168 + 5):
+        x = adversarial(40, H, dtype, seed=5)
+        want = R.encode(x.cpu(), cfg, 77)
+        for shape in C.ENCODE_SHAPES:
+            assert_same_records(C.encode_impl(x, cfg, 77, shape), want, record_layout(H, cfg), f"{cfg} {shape}")
+        y = R.decode(want, cfg, H, dtype)
+        for shape in C.DECODE_SHAPES:
+            assert_same_bits(C.decode_impl(want.cuda(), cfg, H, dtype, shape), y, f"{cfg} {shape}")
 
 
 # ---- adversarial inputs and shapes ---------------------------------------------------------------

@@ -4,8 +4,9 @@ GB/s counts bytes read + bytes written (encode: tokens in + records out; decode:
 tokens out; copy: 2x the tensor). Each point is the median over replays of a CUDA graph of
 back-to-back launches, rotating over enough buffers to defeat the L2 cache for small sizes.
 
-    python tools/bench_codec.py --out results/codec.json            # table, JSON and PNG
-    python tools/bench_codec.py --out v.json --sizes 256 --vpt 8 16 32   # kernel variants
+    python tools/bench_codec.py --out results/codec.json              # table, JSON and PNG
+    python tools/bench_codec.py --out v.json --sizes 256 --encode-shapes 16x1 32x1 \
+        --decode-shapes 8x1 8x4 --variants "" MFC_SCALAR_STATS           # kernel variants
 """
 from __future__ import annotations
 
@@ -53,34 +54,58 @@ def buffers_needed(bytes_per_set: int, l2: int) -> int:
 
 
 def tokens(T: int, H: int, seed: int) -> torch.Tensor:
+    """bf16 normal values with sparse 30x outliers, like activations."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(T, H, device="cuda", generator=g)
     x *= 1 + 30 * (torch.rand(T, H, device="cuda", generator=g) > 0.999)  # sparse outliers
     return x.to(torch.bfloat16)
 
 
-def bench_copy(nbytes: int, l2: int, replays: int) -> float:
+def bench_copy(nbytes: int, l2: int, replays: int) -> dict:
+    """GB/s of three device-to-device copies of nbytes: cudaMemcpy in a graph (a copy-engine
+    node for large sizes), cudaMemcpy launched eagerly, and an SM kernel (x * 1)."""
     n = buffers_needed(2 * nbytes, l2)
-    src = [torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16) for _ in range(n)]
+    src = [tokens(1, nbytes // 2, seed=i) for i in range(n)]
     dst = [torch.empty_like(s) for s in src]
-    t = time_graph(lambda i: dst[i % n].copy_(src[i % n]), max(n, 10), replays)
-    return 2 * nbytes / t / 1e9
+    out = dict(memcpy_graph=2 * nbytes / time_graph(lambda i: dst[i % n].copy_(src[i % n]), max(n, 10), replays) / 1e9,
+               kernel_graph=2 * nbytes / time_graph(lambda i: torch.mul(src[i % n], 1, out=dst[i % n]), max(n, 10), replays) / 1e9)
+    reps = max(n, 10)
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(reps):
+            dst[i % n].copy_(src[i % n])
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / reps)
+    out["memcpy_eager"] = 2 * nbytes / statistics.median(times) / 1e9
+    out["best"] = max(out.values())
+    return out
 
 
-def bench_codec(cfg: CodecConfig, H: int, nbytes: int, l2: int, replays: int, vpt=None, defines=()):
-    """(encode GB/s, decode GB/s, encode s, decode s) for bf16 tokens of nbytes."""
+def bench_direction(direction: str, cfg: CodecConfig, H: int, nbytes: int, l2: int, replays: int,
+                    shape, defines=()):
+    """(GB/s, seconds per call) of encode or decode on bf16 tokens of nbytes."""
     T = max(1, nbytes // (2 * H))
     rb = record_layout(H, cfg).record_bytes
-    set_bytes = T * H * 2 + T * rb
+    set_bytes = T * H * 2 + T * rb  # read + written, either direction
     n = buffers_needed(set_bytes, l2)
     xs = [tokens(T, H, seed=i) for i in range(n)]
-    recs = [C.encode_impl(x, cfg, 0, vpt, defines) for x in xs]
     launches = max(n, 10)
-    te = time_graph(lambda i: C.encode_impl(xs[i % n], cfg, 0, vpt, defines), launches, replays)
-    td = time_graph(lambda i: C.decode_impl(recs[i % n], cfg, H, torch.bfloat16, vpt, defines),
-                    launches, replays)
-    del xs, recs
-    return set_bytes / te / 1e9, set_bytes / td / 1e9, te, td
+    if direction == "encode":
+        t = time_graph(lambda i: C.encode_impl(xs[i % n], cfg, 0, shape, defines), launches, replays)
+    else:
+        recs = [C.encode_impl(x, cfg, 0) for x in xs]
+        del xs
+        t = time_graph(lambda i: C.decode_impl(recs[i % n], cfg, H, torch.bfloat16, shape, defines),
+                       launches, replays)
+    return set_bytes / t / 1e9, t
+
+
+def parse_shape(s: str):
+    v, u = s.lower().split("x")
+    return int(v), int(u)
 
 
 def main() -> None:
@@ -92,8 +117,9 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "6", "8", "fp8"])
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths)")
-    ap.add_argument("--vpt", type=int, nargs="+", default=[0],
-                    help="values per thread to compare (0: the default)")
+    ap.add_argument("--encode-shapes", nargs="+", default=[], metavar="VxU",
+                    help="encode kernel shapes to compare (default: the library's)")
+    ap.add_argument("--decode-shapes", nargs="+", default=[], metavar="VxU")
     ap.add_argument("--variants", nargs="+", default=[""],
                     help="kernel variants to compare: comma-separated -D defines ('' = default)")
     ap.add_argument("--replays", type=int, default=15)
@@ -102,28 +128,31 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB
     cfgs = [CodecConfig(bits=b, group_size=args.group, spikes=bool(args.spikes)) for b in args.bits]
+    shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [C.ENCODE_SHAPE],
+                  decode=[parse_shape(s) for s in args.decode_shapes] or [C.DECODE_SHAPE])
     variants = [tuple(d for d in v.split(",") if d) for v in args.variants]
-    for v in args.vpt:
-        for d in variants:
-            C.precompile(cfgs, [torch.bfloat16], vpt=v or None, defines=d)
+    for d in variants:
+        for es in shapes["encode"]:
+            for ds in shapes["decode"]:
+                C.precompile(cfgs, [torch.bfloat16], encode_shape=es, decode_shape=ds, defines=d)
 
     copy = {s: bench_copy(int(s * MiB), l2, args.replays) for s in args.sizes}
     rows = []
     for s in args.sizes:
         for H in args.hidden:
             for cfg in cfgs:
-                for v, d in ((v, d) for v in args.vpt for d in variants):
-                    enc, dec, te, td = bench_codec(cfg, H, int(s * MiB), l2, args.replays, v or None, d)
-                    rows.append(dict(size_mib=s, hidden=H, codec=str(cfg), bits=str(cfg.bits),
-                                     vpt=v or min(C.DEFAULT_VPT, cfg.group_size),
-                                     variant=",".join(d) or "default",
-                                     encode_gbps=enc, decode_gbps=dec, encode_us=te * 1e6,
-                                     decode_us=td * 1e6, copy_gbps=copy[s],
-                                     encode_pct=100 * enc / copy[s], decode_pct=100 * dec / copy[s]))
-                    r = rows[-1]
-                    print(f"{s:7g} MiB  H={H:<5d} {r['codec']:<16s} V={r['vpt']:<2d} {r['variant']:<8.8s} encode "
-                          f"{enc:7.0f} GB/s {r['encode_pct']:5.1f}%  decode {dec:7.0f} GB/s "
-                          f"{r['decode_pct']:5.1f}%  (copy {copy[s]:.0f} GB/s)", flush=True)
+                for d in variants:
+                    for direction in ("encode", "decode"):
+                        for shape in shapes[direction]:
+                            gbps, t = bench_direction(direction, cfg, H, int(s * MiB), l2, args.replays, shape, d)
+                            rows.append(dict(size_mib=s, hidden=H, codec=str(cfg), bits=str(cfg.bits),
+                                             direction=direction, shape=f"{min(shape[0], cfg.group_size)}x{shape[1]}",
+                                             variant=",".join(d) or "default", gbps=gbps, us=t * 1e6,
+                                             copy_gbps=copy[s]["best"], pct=100 * gbps / copy[s]["best"]))
+                            r = rows[-1]
+                            print(f"{s:7g} MiB  H={H:<5d} {r['codec']:<16s} {direction} {r['shape']:<5s} "
+                                  f"{r['variant']:<8.8s} {gbps:7.0f} GB/s {r['pct']:5.1f}% of copy "
+                                  f"{copy[s]['best']:.0f} GB/s ({r['us']:.1f} us)", flush=True)
 
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                   date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
@@ -131,13 +160,19 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"\n{result['device']}  {result['date']}  copy: "
-          + ", ".join(f"{s:g} MiB {g:.0f} GB/s" for s, g in copy.items()))
-    print("| size MiB | hidden | codec | V | variant | encode GB/s | % copy | decode GB/s | % copy |")
-    print("|---:|---:|---|---:|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['size_mib']:g} | {r['hidden']} | {r['codec']} | {r['vpt']} | {r['variant']} | {r['encode_gbps']:.0f} | "
-              f"{r['encode_pct']:.1f} | {r['decode_gbps']:.0f} | {r['decode_pct']:.1f} |")
+    print(f"\n{result['device']}  {result['date']}  copy GB/s (best of memcpy in a graph, eager, SM kernel):")
+    for s, c in copy.items():
+        print(f"  {s:g} MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
+    print("| size MiB | hidden | codec | variant | encode shape | encode GB/s | % copy | decode shape | decode GB/s | % copy |")
+    print("|---:|---:|---|---|---|---:|---:|---|---:|---:|")
+    key = lambda r: (r["size_mib"], r["hidden"], r["codec"], r["variant"])  # noqa: E731
+    for k in dict.fromkeys(key(r) for r in rows):
+        enc = [r for r in rows if key(r) == k and r["direction"] == "encode"]
+        dec = [r for r in rows if key(r) == k and r["direction"] == "decode"]
+        for i in range(max(len(enc), len(dec))):
+            e = f"{enc[i]['shape']} | {enc[i]['gbps']:.0f} | {enc[i]['pct']:.1f}" if i < len(enc) else " | | "
+            dd = f"{dec[i]['shape']} | {dec[i]['gbps']:.0f} | {dec[i]['pct']:.1f}" if i < len(dec) else " | | "
+            print(f"| {k[0]:g} | {k[1]} | {k[2]} | {k[3]} | {e} | {dd} |")
     plot(result, out.with_suffix(".png"))
 
 
@@ -153,12 +188,11 @@ def plot(result: dict, path: Path) -> None:
     hidden = sorted({r["hidden"] for r in rows})
     fig, axes = plt.subplots(1, len(hidden), figsize=(6 * len(hidden), 4.5), squeeze=False)
     for ax, H in zip(axes[0], hidden):
-        for line in dict.fromkeys((r["codec"], r["vpt"], r["variant"]) for r in rows):
-            name = " ".join(str(p) for p in line if p != "default")
-            for key, style in (("encode_pct", "-o"), ("decode_pct", "--x")):
-                pts = sorted((r["size_mib"], r[key]) for r in rows
-                             if r["hidden"] == H and (r["codec"], r["vpt"], r["variant"]) == line)
-                ax.plot(*zip(*pts), style, label=f"{name} {key.split('_')[0]}")
+        for line in dict.fromkeys((r["codec"], r["direction"], r["shape"], r["variant"]) for r in rows):
+            pts = sorted((r["size_mib"], r["pct"]) for r in rows
+                         if r["hidden"] == H and (r["codec"], r["direction"], r["shape"], r["variant"]) == line)
+            name = " ".join(p for p in line if p != "default")
+            ax.plot(*zip(*pts), "-o" if line[1] == "encode" else "--x", label=name, ms=3)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bf16 input (MiB)")
         ax.set_ylabel("% of device copy bandwidth")

@@ -30,9 +30,14 @@ from .format import ALIGN, RecordLayout, record_layout
 CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
              "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
 BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
-# Values per thread by codec (a power of two, 8..32, at most the group size); set from
-# tools/bench_codec.py measurements (docs/kernel-notes.md).
-DEFAULT_VPT = 16
+# Kernel shapes (V, U): a thread handles U chunks of V consecutive values (V <= group size).
+# The shapes the sources instantiate for CI (MFC_ENC_SHAPES / MFC_DEC_SHAPES in csrc/) and the
+# defaults, chosen by tools/bench_codec.py measurements (docs/kernel-notes.md).
+ENCODE_SHAPES = ((8, 4), (16, 1), (16, 2), (32, 1), (32, 2))
+DECODE_SHAPES = ((8, 1), (8, 2), (8, 4), (16, 1), (16, 2))
+ENCODE_SHAPE = (32, 1)
+DECODE_SHAPE = (8, 2)
+Shape = tuple[int, int]
 # Spec arithmetic: no FMA contraction, no flush-to-zero (CuPy's own compile path forces
 # -ftz=true, which is why this module drives NVRTC itself).
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true",
@@ -160,13 +165,13 @@ class _Stream:
         self.ptr = ptr
 
 
-def _launch(device: int, source_name: str, name_expr: str, items: int, args: list,
+def _launch(device: int, source_name: str, name_expr: str, threads: int, args: list,
             defines: tuple[str, ...] = ()) -> None:
     fn = _function(device, source_name, name_expr, defines)
     cupy = _cupy()
     stream = _Stream(torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(device):
-        fn(((items + BLOCK - 1) // BLOCK,), (BLOCK,), args, stream=stream)
+        fn(((threads + BLOCK - 1) // BLOCK,), (BLOCK,), args, stream=stream)
 
 
 # ---- launch geometry -----------------------------------------------------------------------
@@ -201,27 +206,42 @@ def _gaps(L: RecordLayout) -> list[int]:
     return [(s << 4) | n for s, n in gaps] + [0] * (4 - len(gaps))
 
 
-def _vpt(cfg: CodecConfig, vpt: Optional[int]) -> int:
-    return min(vpt or DEFAULT_VPT, cfg.group_size)
+def _shape(cfg: CodecConfig, shape: Optional[Shape], default: Shape, allowed) -> Shape:
+    V, U = shape or default
+    if (V, U) not in allowed:
+        raise ValueError(f"kernel shape {(V, U)} is not one of {allowed}")
+    return min(V, cfg.group_size), U
 
 
 def _geometry(T: int, L: RecordLayout, V: int):
-    """Per launch (token range) the kernel's shared integer arguments."""
+    """Per launch (token range): first token, items (chunks), log2(lanes per group), items
+    per token and its fastdiv multiplier and shift."""
     ipt = L.padded_hidden // V
     mul, shift = _fastdiv(ipt)
     step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
     log2L = (L.group_size // V).bit_length() - 1
     for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
-        yield t0, t1, (t1 - t0) * ipt, log2L, ipt, mul, shift
+        yield t0, (min(T, t0 + step) - t0) * ipt, log2L, ipt, mul, shift
 
 
-def _i32(v):
-    return np.int32(v)
+# The kernels' argument structs (EncArgs, DecArgs in csrc/), passed by value.
+_i4, _u4 = "<i4", "<u4"
+ENC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("padded", _i4), ("rec_bytes", _i4),
+                     ("ipt", _u4), ("div_mul", _u4), ("div_shift", _u4), ("total", _u4),
+                     ("o4", _i4), ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4),
+                     ("o_lov", _i4), ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4),
+                     ("gap", _i4, (4,)), ("seed_key", _u4), ("counter0", _u4), ("vec", _i4)])
+DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4),
+                     ("div_mul", _u4), ("div_shift", _u4), ("total", _u4), ("o4", _i4),
+                     ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4), ("o_lov", _i4),
+                     ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4)])
 
 
-def _u32(v):
-    return np.uint32(v)
+def _struct(dtype: np.dtype, **fields) -> np.ndarray:
+    a = np.zeros(1, dtype=dtype)
+    for k, v in fields.items():
+        a[k] = v
+    return a
 
 
 def _ptr(t: torch.Tensor, offset_bytes: int = 0):
@@ -239,48 +259,50 @@ def _meta(L: RecordLayout) -> list[int]:
 
 
 # ---- encode / decode implementations (the custom ops' bodies) -------------------------------
-def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, vpt: Optional[int] = None,
+def _layout_fields(L: RecordLayout) -> dict:
+    o4, o2, o1 = _planes(L)
+    names = ("o_scale", "o_min", "o_lov", "o_hiv", "o_loi", "o_hii")
+    return dict(o4=o4, o2=o2, o1=o1, rec_bytes=L.record_bytes, **dict(zip(names, _meta(L))))
+
+
+def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Shape] = None,
                 defines: tuple[str, ...] = ()) -> torch.Tensor:
-    """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation)."""
+    """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation).
+    ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks)."""
     T, H = x.shape
     L = record_layout(H, cfg)
     x = x.contiguous()
     if T == 0:
         return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
     rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device)
-    if cfg.is_passthrough:
-        rec.view(reference.wire_float(x.dtype))[:, :H].copy_(x)
+    if cfg.is_passthrough:  # NaN as the canonical NaN bits, like the reference
+        wire = reference.wire_float(x.dtype)
+        nan = 0x7FC0 if wire == torch.bfloat16 else 0x7E00
+        rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
         rec[:, 2 * H:].zero_()
         return rec
-    V = _vpt(cfg, vpt)
+    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    esize = x.element_size()
-    vec = int(H % 8 == 0 and x.data_ptr() % 16 == 0)
     t = _CTYPE[x.dtype]
-    for t0, t1, items, log2L, ipt, mul, shift in _geometry(T, L, V):
-        head = [_ptr(x, t0 * H * esize), _ptr(rec, t0 * L.record_bytes), _i32(H), _i32(log2L)]
-        if cfg.is_fp8:
-            name = f"mfc::encode_fp8<{t}, {V}>"
-            args = head + [_i32(L.record_bytes), _u32(ipt), _u32(mul), _u32(shift), _u32(items),
-                           _i32(L.planes[0].offset), _i32(L.scale)]
-            args += [_i32(g) for g in _gaps(L)] + [_i32(vec)]
-        else:
-            sr = cfg.rounding == "stochastic"
-            name = (f"mfc::encode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, "
-                    f"{str(sr).lower()}, {V}>")
-            args = head + [_i32(L.padded_hidden), _i32(L.record_bytes), _u32(ipt), _u32(mul),
-                           _u32(shift), _u32(items)]
-            args += [_i32(o) for o in _planes(L) + tuple(_meta(L))]
-            args += [_i32(g) for g in _gaps(L)]
-            # noise counter = token * padded_hidden + position, tokens counted from the batch start
-            args += [_u32(_lowbias32(seed & 0xFFFFFFFF) if sr else 0),
-                     _u32(t0 * L.padded_hidden & 0xFFFFFFFF), _i32(vec)]
-        _launch(dev, "codec_encode.cu", name, items, args, defines)
+    if cfg.is_fp8:
+        name = f"mfc::encode_fp8<{t}, {V}, {U}>"
+    else:
+        sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
+        name = f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}>"
+    seed_key = _lowbias32(seed & 0xFFFFFFFF) if cfg.rounding == "stochastic" else 0
+    vec = int(H % 8 == 0 and x.data_ptr() % 16 == 0)
+    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        # the noise counter (token * padded_hidden + position) counts tokens from the batch start
+        args = _struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
+                       div_shift=shift, total=items, gap=_gaps(L), seed_key=seed_key,
+                       counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=vec, **_layout_fields(L))
+        _launch(dev, "codec_encode.cu", name, -(-items // U),
+                [_ptr(x, t0 * H * x.element_size()), _ptr(rec, t0 * L.record_bytes), args], defines)
     return rec
 
 
 def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
-                vpt: Optional[int] = None, defines: tuple[str, ...] = ()) -> torch.Tensor:
+                shape: Optional[Shape] = None, defines: tuple[str, ...] = ()) -> torch.Tensor:
     """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation)."""
     T = records.shape[0]
     L = record_layout(hidden, cfg)
@@ -292,44 +314,47 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     y = torch.empty(T, hidden, dtype=dtype, device=records.device)
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
-    V = _vpt(cfg, vpt)
+    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
     dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
-    vec = int(hidden % 8 == 0)
     t = _CTYPE[dtype]
-    for t0, t1, items, log2L, ipt, mul, shift in _geometry(T, L, V):
-        head = [_ptr(records, t0 * L.record_bytes), _ptr(y, t0 * hidden * y.element_size()),
-                _i32(hidden), _i32(log2L), _i32(L.record_bytes), _u32(ipt), _u32(mul),
-                _u32(shift), _u32(items)]
-        if cfg.is_fp8:
-            name = f"mfc::decode_fp8<{t}, {V}>"
-            args = head + [_i32(L.planes[0].offset), _i32(L.scale), _i32(vec)]
-        else:
-            name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}>"
-            args = head + [_i32(o) for o in _planes(L) + tuple(_meta(L))] + [_i32(vec)]
-        _launch(dev, "codec_decode.cu", name, items, args, defines)
+    if cfg.is_fp8:
+        name = f"mfc::decode_fp8<{t}, {V}, {U}>"
+    else:
+        name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
+    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        args = _struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
+                       total=items, vec=int(hidden % 8 == 0), **_layout_fields(L))
+        _launch(dev, "codec_decode.cu", name, -(-items // U),
+                [_ptr(records, t0 * L.record_bytes), _ptr(y, t0 * hidden * y.element_size()), args],
+                defines)
     return y
 
 
-def kernel_names(cfg: CodecConfig, dtype: torch.dtype, vpt: Optional[int] = None) -> list[tuple[str, str]]:
+def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,
+                 decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
     """(source, name expression) of the kernels a config uses for one dtype."""
     if cfg.is_passthrough:
         return []
-    V, t = _vpt(cfg, vpt), _CTYPE[dtype]
+    t = _CTYPE[dtype]
+    (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
+    (Vd, Ud) = _shape(cfg, decode_shape, DECODE_SHAPE, DECODE_SHAPES)
     if cfg.is_fp8:
-        return [("codec_encode.cu", f"mfc::encode_fp8<{t}, {V}>"),
-                ("codec_decode.cu", f"mfc::decode_fp8<{t}, {V}>")]
+        return [("codec_encode.cu", f"mfc::encode_fp8<{t}, {Ve}, {Ue}>"),
+                ("codec_decode.cu", f"mfc::decode_fp8<{t}, {Vd}, {Ud}>")]
     sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
-    return [("codec_encode.cu", f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}>"),
-            ("codec_decode.cu", f"mfc::decode_int<{t}, {cfg.bits}, {sp}, {V}>")]
+    return [("codec_encode.cu", f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {Ve}, {Ue}>"),
+            ("codec_decode.cu", f"mfc::decode_int<{t}, {cfg.bits}, {sp}, {Vd}, {Ud}>")]
 
 
 def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(_CTYPE),
                device: Optional[int] = None, workers: Optional[int] = None,
-               vpt: Optional[int] = None, defines: tuple[str, ...] = ()) -> int:
+               encode_shape: Optional[Shape] = None, decode_shape: Optional[Shape] = None,
+               defines: tuple[str, ...] = ()) -> int:
     """Compile the kernels of ``configs`` x ``dtypes`` into the disk cache, NVRTC runs in
     parallel threads. Returns how many kernels were compiled or found."""
     arch = _arch(torch.cuda.current_device() if device is None else device)
-    jobs = sorted({k for c in configs for d in dtypes for k in kernel_names(CodecConfig.coerce(c), d, vpt)})
+    jobs = sorted({k for c in configs for d in dtypes
+                   for k in kernel_names(CodecConfig.coerce(c), d, encode_shape, decode_shape)})
     with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
         list(pool.map(lambda j: compile_kernel(j[0], j[1], arch, defines), jobs))
     return len(jobs)

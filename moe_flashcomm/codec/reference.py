@@ -10,7 +10,8 @@ Arithmetic rules the kernels copy exactly:
   * the group minimum is rounded *down* and the scale *up* to the wire float, so every
     quantized value lies inside the representable range: error <= scale / 2;
   * a group holding NaN/Inf, or whose range the wire float cannot hold, is stored with
-    NaN scale and minimum (and NaN spikes at index 0) and decodes to all NaN;
+    NaN scale and minimum (and NaN spikes at index 0) and decodes to all NaN; stored NaNs
+    (passthrough values too) are torch's canonical NaN (bf16 0x7FC0, fp16 0x7E00);
   * decoded fp32 values saturate to the output dtype's finite range before the final
     round-to-nearest cast (the top code may overshoot the group max by a rounding of the
     scale); NaN stays NaN (kernels: compare-and-select, not fminf/fmaxf).
@@ -234,8 +235,9 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor
     rec = torch.zeros(T, L.record_bytes, dtype=torch.uint8, device=x.device)
     if T == 0:
         return rec
-    if cfg.is_passthrough:
-        _put(rec, 0, x.to(wire))
+    if cfg.is_passthrough:  # NaN as the canonical NaN: torch's casts vary its bits by position
+        v = x.to(wire)
+        _put(rec, 0, torch.where(torch.isnan(v), torch.tensor(float("nan"), dtype=wire), v))
         return rec
     xf, valid = _grouped(x, L)
     if cfg.is_fp8:
