@@ -7,6 +7,7 @@ The same fields are read from a ``"moe_flashcomm"`` section of a DeepSpeed JSON 
         "combine": 8,
         "dispatch_grad": 8,
         "combine_grad": {"bits": 8, "rounding": "stochastic"},
+        "all_reduce": 4,
         "layers": [
             {"match": "*.layers.0.*", "dispatch": "bf16"},
             {"index": [3, 5], "combine": {"intra_node": "bf16", "inter_node": 4}},
@@ -97,6 +98,11 @@ class FlashCommConfig:
     chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
                    overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
     layers:        per-layer rules (LayerRule), applied in order, later rules winning.
+    all_reduce:    tensor-parallel inference all-reduces of activations through
+                   ``moe_flashcomm.all_reduce`` (``moe_flashcomm.enable_all_reduce``): None /
+                   false (default) = off, else their codec (``{"intra_node": ...,
+                   "inter_node": ...}`` with different codecs: the hierarchical all-reduce).
+                   Uses ``gate`` and ``chunks`` too. Not a per-layer field.
     """
 
     enabled: bool = True
@@ -108,6 +114,7 @@ class FlashCommConfig:
     gate: Any = True
     chunks: Optional[int] = None
     layers: tuple = ()
+    all_reduce: Any = None
 
     def __post_init__(self) -> None:
         self._validate("FlashCommConfig")
@@ -128,6 +135,16 @@ class FlashCommConfig:
             raise ConfigError(f"{where}.chunks must be an int >= 1 or \"auto\", got {self.chunks!r}")
         set_(self, "layers", tuple(_rule(r, f"{where}.layers[{i}]")
                                    for i, r in enumerate(self.layers or ())))
+        if self.all_reduce is None or self.all_reduce is False:
+            set_(self, "all_reduce", None)
+        else:
+            ar = _codec(None if self.all_reduce is True else self.all_reduce, f"{where}.all_reduce")
+            for link in ("intra_node", "inter_node"):
+                c = getattr(ar, link)
+                if c.is_int and c.rounding != "nearest":
+                    raise ConfigError(f"{where}.all_reduce: rounding must be 'nearest', got "
+                                      f"{c.rounding!r}")
+            set_(self, "all_reduce", ar)
 
     # ---- per layer -----------------------------------------------------------------------
     def for_layer(self, name: str, index: int) -> "FlashCommConfig":
@@ -144,7 +161,7 @@ class FlashCommConfig:
         d: dict = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in CODEC_FIELDS:
+            if f.name in CODEC_FIELDS or (f.name == "all_reduce" and v is not None):
                 v = _codec_to_json(v)
             elif f.name == "layers":
                 v = [r.to_dict() for r in v]
@@ -208,6 +225,8 @@ class FlashCommConfig:
             extra.append(f"chunks={self.chunks}")
         if self.gate is not True:
             extra.append(f"gate={'off' if self.gate is False else 'custom'}")
+        if self.all_reduce is not None:
+            extra.append(f"all_reduce={self.all_reduce}")
         return s + " " + " ".join(extra)
 
 

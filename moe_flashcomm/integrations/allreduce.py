@@ -1,0 +1,327 @@
+"""Opt-in: DeepSpeed's tensor-parallel *inference* all-reduces of activations go through
+``moe_flashcomm.all_reduce`` (the two-step quantized all-reduce).
+
+Enabled by ``enable_all_reduce(model, config)`` when ``config.all_reduce`` (the
+``"all_reduce"`` field of the ``"moe_flashcomm"`` DeepSpeed section) names a codec; off by
+default. As ``enable_deepspeed`` does for the MoE all-to-all, each layer *instance* is
+patched, reversibly: the instance gets its own copy of one DeepSpeed method (same code
+object) in which one global name resolves to moe_flashcomm; nothing global is touched, so
+every other all-reduce (gradients, ZeRO, other layers) stays NCCL's.
+
+Sites (DeepSpeed 0.19.8), the method run per instance and the global name it sees:
+
+* ``LinearAllreduce`` (deepspeed/module_inject/layers.py: AutoTP's row-parallel linear,
+  ``deepspeed.init_inference(tensor_parallel=...)`` without kernel injection; subclasses
+  that keep its ``forward``, e.g. ``Conv_LinearALlreduce``): ``forward``, ``RowParallel``.
+  In inference mode its all-reduce (``dist.inference_all_reduce``) is moe_flashcomm's; in
+  training mode DeepSpeed's ``RowParallel`` runs unchanged. Not patched: subclasses with
+  their own forward, ``LmHeadLinearAllreduce`` (the logits stay exact) and
+  ``LinearAllreduceWithReplicatedInput`` (a training layer).
+* ``DeepSpeedSelfAttention`` (ops/transformer/inference/ds_attention.py, kernel injection,
+  also inside ``DeepSpeedMoEInference``): ``forward``, ``dist`` (its
+  ``dist.all_reduce(output, group=self.mp_group)``).
+* ``DeepSpeedMLP`` (ds_mlp.py): ``forward``, ``dist``.
+* ``DeepSpeedMoEMLP`` (moe_inference.py: the experts and the residual MLP of
+  ``DeepSpeedMoEInference``): ``forward``, ``DeepSpeedMLPFunction`` (its ``apply`` runs the
+  Function's forward with ``dist`` resolved to moe_flashcomm; inference has no backward).
+
+Where ``dist`` is swapped, only ``all_reduce`` / ``inference_all_reduce`` with a sum change;
+every other ``dist`` attribute is DeepSpeed's. Each patched forward checks that its
+all-reduce went through moe_flashcomm when its group has more than one rank, so a
+DeepSpeed whose layer stopped calling the patched name fails loudly instead of silently
+running stock.
+
+Algorithm: a codec with different ``intra_node`` / ``inter_node`` codecs, or the config's
+``algorithm == "hierarchical"``, selects the hierarchical all-reduce; else flat. The
+config's ``gate`` and ``chunks`` apply.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..codec.reference import INPUT_DTYPES
+from ..comm.all_reduce import all_reduce
+from ..comm.gate import SizeGate
+from ..comm.topology import LinkCodecs
+from ..config import FlashCommConfig
+from .deepspeed import _Globals, _ds_logger, _import_deepspeed, _rank0, _unwrap, _unsupported
+
+_STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
+
+
+@dataclass
+class AllReduceStats:
+    """Counters of one patched layer: all-reduces through moe_flashcomm and their values."""
+
+    calls: int = 0
+    values: int = 0
+
+    def __repr__(self) -> str:
+        return f"AllReduceStats(calls={self.calls}, values={self.values})"
+
+
+# ---- the sites ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Site:
+    """A DeepSpeed class, the method a patched instance runs its own copy of, and the global
+    name of that method that resolves to moe_flashcomm (``kind``: what stands in)."""
+
+    module: str
+    cls_name: str
+    method: str
+    name: str
+    kind: str  # "row_parallel" | "dist" | "mlp_function"
+
+    def cls(self) -> Optional[type]:
+        mod = sys.modules.get(self.module)
+        klass = getattr(mod, self.cls_name, None) if mod is not None else None
+        return klass if isinstance(klass, type) else None
+
+
+_SITES = (
+    _Site("deepspeed.module_inject.layers", "LinearAllreduce", "forward", "RowParallel",
+          "row_parallel"),
+    _Site("deepspeed.ops.transformer.inference.ds_attention", "DeepSpeedSelfAttention", "forward",
+          "dist", "dist"),
+    _Site("deepspeed.ops.transformer.inference.ds_mlp", "DeepSpeedMLP", "forward", "dist", "dist"),
+    _Site("deepspeed.ops.transformer.inference.moe_inference", "DeepSpeedMoEMLP", "forward",
+          "DeepSpeedMLPFunction", "mlp_function"),
+)
+
+
+def _site_of(module: nn.Module) -> Optional[_Site]:
+    """The site of ``module``: an instance of a site class whose ``method`` is the site
+    class's own (a subclass overriding it is not patched)."""
+    for site in _SITES:
+        klass = site.cls()
+        if klass is not None and isinstance(module, klass) \
+                and getattr(type(module), site.method, None) is getattr(klass, site.method):
+            return site
+    return None
+
+
+# ---- what stands in -------------------------------------------------------------------------------
+def _is_sum(op: Any) -> bool:
+    try:
+        return op is None or op == dist.ReduceOp.SUM or str(op).upper().endswith("SUM")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class _Done:
+    """The handle of an all-reduce that already completed (for ``async_op=True`` callers)."""
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _Dist:
+    """``deepspeed.comm`` as a patched method sees it: ``all_reduce`` and
+    ``inference_all_reduce`` of a sum go to the layer's moe_flashcomm all-reduce; everything
+    else is ``deepspeed.comm`` itself."""
+
+    def __init__(self, real: Any, state: "_LayerState") -> None:
+        self._real, self._state = real, state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
+        if not _is_sum(op) or tensor.dtype not in INPUT_DTYPES:
+            given = {} if op is None else {"op": op}
+            return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
+        self._state.all_reduce(tensor, group)
+        return _Done() if async_op else None
+
+    def inference_all_reduce(self, tensor, op=None, group=None, *args, **kwargs):
+        return self.all_reduce(tensor, op, group)
+
+
+class _RowParallel:
+    """``RowParallel`` as a patched ``LinearAllreduce.forward`` sees it."""
+
+    def __init__(self, real: Any, state: "_LayerState") -> None:
+        self._real, self._state = real, state
+
+    def apply(self, group, input: torch.Tensor, is_inference_mode: bool) -> torch.Tensor:
+        if not is_inference_mode or dist.get_world_size(group) == 1:
+            return self._real.apply(group, input, is_inference_mode)
+        self._state.all_reduce(input, group)
+        return input
+
+
+class _MLPFunction:
+    """``DeepSpeedMLPFunction`` as a patched ``DeepSpeedMoEMLP.forward`` sees it: ``apply``
+    runs the Function's forward (inference: no autograd) with ``dist`` resolved to
+    moe_flashcomm."""
+
+    def __init__(self, real: Any, state: "_LayerState") -> None:
+        fwd = real.forward
+        self._forward = _rebind(fwd, {"dist": _Dist(fwd.__globals__["dist"], state)})
+
+    def apply(self, *args: Any) -> torch.Tensor:
+        return self._forward(None, *args)
+
+
+def _rebind(fn: types.FunctionType, names: Mapping[str, Any]) -> types.FunctionType:
+    """``fn`` (same code, defaults, closure) with ``names`` resolving to the given objects;
+    every other global looked up live in its module."""
+    new = types.FunctionType(fn.__code__, _Globals(fn.__globals__, names), fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
+_STAND_INS: dict = {"row_parallel": _RowParallel, "dist": _Dist, "mlp_function": _MLPFunction}
+
+
+# ---- a patched layer -----------------------------------------------------------------------------
+_local = threading.local()
+
+
+class _LayerState:
+    """A patched layer: its name, config, counters and its own copy of the site's method."""
+
+    def __init__(self, name: str, site: _Site, layer: nn.Module, config: FlashCommConfig) -> None:
+        self.name, self.site = name, site
+        self.stats = AllReduceStats()
+        self.configure(config)
+        fn = getattr(type(layer), site.method)
+        if not isinstance(fn, types.FunctionType) or site.name not in fn.__code__.co_names \
+                or site.name not in fn.__globals__:
+            raise _unsupported(f"{type(layer).__qualname__}.{site.method}() of '{name}' does not "
+                               f"use the global name {site.name!r}")
+        stand_in = _STAND_INS[site.kind](fn.__globals__[site.name], self)
+        self.impl = _rebind(fn, {site.name: stand_in})
+        self.calls = 0
+
+    def configure(self, config: FlashCommConfig) -> None:
+        codecs: LinkCodecs = config.all_reduce
+        self.config, self.codec = config, codecs
+        self.algorithm = ("hierarchical" if config.algorithm == "hierarchical"
+                          or codecs.intra_node != codecs.inter_node else "flat")
+        self.gate = SizeGate.coerce(config.gate)
+
+    def all_reduce(self, tensor: torch.Tensor, group) -> None:
+        codec = self.codec if self.algorithm == "hierarchical" else self.codec.intra_node
+        all_reduce(tensor, group=group, codec=codec, algorithm=self.algorithm, gate=self.gate,
+                   chunks=self.config.chunks)
+        self.calls += 1
+        self.stats.calls += 1
+        self.stats.values += tensor.numel()
+
+    def run(self, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+        outer, self.calls = self.calls, 0
+        try:
+            out = self.impl(layer, *args, **kwargs)
+            calls = self.calls
+        finally:
+            self.calls = outer
+        if calls == 0 and _expects_all_reduce(self.site, layer):
+            raise _unsupported(f"{self.site.cls_name} '{self.name}' ran a forward without its "
+                               "all-reduce going through moe_flashcomm")
+        return out
+
+
+def _expects_all_reduce(site: _Site, layer: nn.Module) -> bool:
+    """Whether one forward of ``layer`` must all-reduce (tensor parallelism, inference)."""
+    if site.kind == "row_parallel":
+        group = getattr(layer, "mp_group", None)
+        return group is not None and dist.get_world_size(group) > 1 and not layer.is_training_mode()
+    if site.cls_name == "DeepSpeedSelfAttention" and not getattr(layer.config, "mlp_after_attn", True):
+        return False
+    group = getattr(layer, "mp_group", None)
+    return group is not None and dist.get_world_size(group) > 1
+
+
+def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self.__dict__[_STATE].run(self, args, kwargs)
+
+
+def _patch(layer: nn.Module, name: str, site: _Site, config: FlashCommConfig) -> _LayerState:
+    state = vars(layer).get(_STATE)
+    if state is not None:  # enabled again: new config, same counters
+        state.configure(config)
+        return state
+    if site.method in vars(layer):
+        raise RuntimeError(f"moe_flashcomm: {site.cls_name} '{name}' already has an instance "
+                           f"attribute '{site.method}' (another wrapper, or enable_deepspeed?)")
+    state = _LayerState(name, site, layer, config)
+    layer.__dict__[_STATE] = state
+    layer.__dict__[site.method] = types.MethodType(_patched_forward, layer)
+    return state
+
+
+def _unpatch(layer: nn.Module) -> Optional[_LayerState]:
+    state = layer.__dict__.pop(_STATE, None)
+    if state is not None:
+        layer.__dict__.pop(state.site.method, None)
+    return state
+
+
+# ---- public API ------------------------------------------------------------------------------------
+def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
+                      ) -> dict[str, AllReduceStats]:
+    """Send the tensor-parallel inference all-reduces of ``model``'s DeepSpeed layers
+    (module docstring) through ``moe_flashcomm.all_reduce`` with ``config.all_reduce``.
+
+    model:  an ``nn.Module`` or a DeepSpeed engine (``deepspeed.init_inference`` /
+            ``deepspeed.initialize``).
+    config: a FlashCommConfig, a dict of its fields, a whole DeepSpeed config dict (its
+            ``"moe_flashcomm"`` section), or None: the engine's section when ``model`` is a
+            training engine, else the defaults. ``all_reduce`` None (the default) turns the
+            hooks off: previously patched layers are restored.
+    Returns the live AllReduceStats of every patched layer, by qualified module name.
+    """
+    ds = _import_deepspeed()
+    root, ds_config = _unwrap(model)
+    if config is None and ds_config is not None:
+        cfg = FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
+    else:
+        cfg = FlashCommConfig.coerce(config)
+    if cfg.all_reduce is None or not cfg.enabled:
+        disable_all_reduce(root)
+        return {}
+    enabled: dict[str, AllReduceStats] = {}
+    for name, module in root.named_modules():
+        site = _site_of(module)
+        if site is not None:
+            enabled[name] = _patch(module, name, site, cfg).stats
+    if _rank0():
+        _ds_logger().info(f"moe_flashcomm: {len(enabled)} tensor-parallel all-reduce site(s) use "
+                          f"all_reduce codec {cfg.all_reduce} (DeepSpeed {ds.__version__}): "
+                          f"{list(enabled)}")
+    return enabled
+
+
+def disable_all_reduce(model: Any) -> dict[str, AllReduceStats]:
+    """Restore DeepSpeed's own all-reduce on every layer ``enable_all_reduce`` patched in
+    ``model``. Returns the final AllReduceStats of those layers."""
+    root, _ = _unwrap(model)
+    restored = {}
+    for name, module in root.named_modules():
+        state = _unpatch(module)
+        if state is not None:
+            restored[name] = state.stats
+    return restored
+
+
+def all_reduce_stats(model: Any) -> dict[str, AllReduceStats]:
+    """The live AllReduceStats of every patched layer of ``model``, by module name."""
+    root, _ = _unwrap(model)
+    return {n: vars(m)[_STATE].stats for n, m in root.named_modules() if _STATE in vars(m)}
+
+
+__all__ = ["AllReduceStats", "all_reduce_stats", "disable_all_reduce", "enable_all_reduce"]

@@ -1,0 +1,199 @@
+"""The opt-in DeepSpeed hook: tensor-parallel inference all-reduces through
+moe_flashcomm.all_reduce, per instance, reversibly, on real gloo (and NCCL) groups.
+
+``LinearAllreduce`` (AutoTP) is built and run for real. The kernel-injection modules
+(``DeepSpeedSelfAttention``, ``DeepSpeedMLP``, ``DeepSpeedMoEMLP``) need DeepSpeed's CUDA
+inference kernels to construct, so they are instantiated without ``__init__`` and their
+kernel ops replaced by torch stand-ins: DeepSpeed's own ``forward`` code runs, all-reduce
+included."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_flashcomm as mf
+from moe_flashcomm.integrations.allreduce import all_reduce_stats
+from tests.distributed import spawn
+
+H = 96
+OFF = {"gate": False}
+
+
+def init_deepspeed():
+    import deepspeed
+    from deepspeed import comm
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    # DeepSpeed's CPU shared-memory all-reduce op is not usable in these spawned test
+    # processes (it crashes); stock inference_all_reduce then uses torch.distributed
+    comm.comm.cdb.shm_vector_kernel_level = 0
+    return deepspeed
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device())
+
+
+def expected(local: torch.Tensor, codec) -> torch.Tensor:
+    """What the quantized all-reduce makes of every rank's ``local`` (one call of the library)."""
+    return mf.all_reduce(local.clone(), codec=codec, gate=False)
+
+
+def exact(local: torch.Tensor) -> torch.Tensor:
+    out = local.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def check_linear_allreduce(tag: str) -> None:
+    from deepspeed.module_inject.layers import LinearAllreduce, LmHeadLinearAllreduce, set_autotp_mode
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    lin, head = nn.Linear(H * world, H), nn.Linear(H * world, 2 * H)
+    x = torch.randn(2, 5, H * world).to(device())
+    shard = x[..., rank * H:(rank + 1) * H]
+    model = nn.Sequential()
+    model.add_module("down", LinearAllreduce(lin, dist.group.WORLD))
+    model.add_module("lm_head", LmHeadLinearAllreduce(head, dist.group.WORLD))
+    model.to(device())
+    down = model.down
+    with torch.no_grad():
+        local = shard @ down.weight.t()
+        stock = down(shard)
+        assert torch.equal(stock, exact(local) + down.bias), tag
+
+        # off by default: a config without all_reduce patches nothing
+        assert mf.enable_all_reduce(model, {"dispatch": 4}) == {}
+        assert "forward" not in vars(down)
+
+        stats = mf.enable_all_reduce(model, {"all_reduce": 4, **OFF})
+        assert list(stats) == ["down"], stats  # the lm head (logits) stays exact
+        assert "forward" in vars(down) and "forward" not in vars(model.lm_head)
+        y = down(shard)
+        assert torch.equal(y, expected(local, 4) + down.bias), tag
+        assert not torch.equal(y, stock)
+        assert stats["down"].calls == 1 and stats["down"].values == local.numel()
+        # a whole DeepSpeed config; enabling again reconfigures, counters continue
+        mf.enable_all_reduce(model, {"train_batch_size": 8, "moe_flashcomm": {"all_reduce": 8, **OFF}})
+        assert torch.equal(down(shard), expected(local, 8) + down.bias), tag
+        assert all_reduce_stats(model)["down"].calls == 2
+        # per-link codecs: the hierarchical all-reduce (one group of 2 ranks here)
+        links = {"intra_node": "bf16", "inter_node": 4}
+        mf.enable_all_reduce(model, {"all_reduce": links, **OFF})
+        want = mf.all_reduce(local.clone(), codec=links, gate=False, algorithm="hierarchical")
+        assert torch.equal(down(shard), want + down.bias), tag
+        # training mode: DeepSpeed's RowParallel, exact
+        set_autotp_mode(training=True)
+        try:
+            assert torch.equal(down(shard), stock)
+        finally:
+            set_autotp_mode(training=False)
+        assert mf.disable_all_reduce(model)["down"].calls == 3
+        assert "forward" not in vars(down)
+        assert torch.equal(down(shard), stock), tag
+        # all_reduce: null in the section turns the hooks off again
+        mf.enable_all_reduce(model, {"all_reduce": 4, **OFF})
+        assert mf.enable_all_reduce(model, {"moe_flashcomm": {"all_reduce": None}}) == {}
+        assert torch.equal(down(shard), stock), tag
+
+
+def bare(cls, **attrs) -> nn.Module:
+    """An instance of a kernel-injection class without its __init__ (which builds CUDA ops)."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def check_kernel_injection_modules(tag: str) -> None:
+    from deepspeed.ops.transformer.inference.ds_attention import DeepSpeedSelfAttention
+    from deepspeed.ops.transformer.inference.ds_mlp import DeepSpeedMLP
+    from deepspeed.ops.transformer.inference.moe_inference import DeepSpeedMoEMLP
+    rank, group = dist.get_rank(), dist.group.WORLD
+    w1, b1, w2, b2 = (randn(H, 2 * H, seed=10 + rank), randn(2 * H, seed=20 + rank),
+                      randn(2 * H, H, seed=30 + rank), randn(H, seed=40))
+    inp, res = randn(2, 5, H, seed=50), randn(2, 5, H, seed=60)
+
+    def gemm_gelu(x, w, b, wo):
+        return F.gelu(x @ w + b) @ wo
+
+    mlp = bare(DeepSpeedMLP, inter_w=w1, inter_b=b1, attn_nw=None, output_w=w2, output_b=b2,
+               mp_group=group,
+               fused_gemm_gelu=lambda input, weight, bias, weight_out: gemm_gelu(input, weight, bias, weight_out),
+               residual_add_func=lambda hidden_state, residual, **kw: hidden_state + residual)
+    attn = bare(DeepSpeedSelfAttention, attn_qkvw=w1, attn_qkvb=None, attn_ow=w2, mp_group=group,
+                config=SimpleNamespace(pre_layer_norm=True, mlp_after_attn=True),
+                qkv_func=lambda input, weight, bias, gamma, beta: (input @ weight, input),
+                compute_attention=lambda qkv_out, **kw: (qkv_out[0], None, None),
+                vector_matmul_func=lambda input, weight: input @ weight)
+    moe_mlp = bare(DeepSpeedMoEMLP, inter_w=w1, inter_b=b1, output_w=w2, output_b=b2,
+                   config=SimpleNamespace(q_int8=False, epsilon=1e-5, pre_layer_norm=True),
+                   q_scales=None, q_groups=1, merge_count=0, mp_group=group,
+                   gelu_gemm_func=lambda x, w, b, wo, eps, pre, async_op: gemm_gelu(x, w, b, wo),
+                   vector_matmul_func=None)
+    model = nn.ModuleDict(dict(mlp=mlp, attn=attn, moe_mlp=moe_mlp))
+    local = {"mlp": gemm_gelu(inp, w1, b1, w2) + res, "attn": (inp @ w1) @ w2,
+             "moe_mlp": gemm_gelu(inp, w1, b1, w2)}
+    bias = {"mlp": 0.0, "attn": 0.0, "moe_mlp": b2}  # DeepSpeedMLPFunction adds it after
+
+    def run():
+        return {"mlp": mlp(inp, res, inp, None), "attn": attn(inp, None)[0], "moe_mlp": moe_mlp(inp)}
+
+    with torch.no_grad():
+        stock = run()
+        for k in local:
+            assert torch.equal(stock[k], exact(local[k]) + bias[k]), (tag, k)
+        codec = {"bits": 6, "group_size": 64}
+        stats = mf.enable_all_reduce(model, {"all_reduce": codec, **OFF})
+        assert sorted(stats) == ["attn", "mlp", "moe_mlp"], stats
+        got = run()
+        for k in local:
+            assert torch.equal(got[k], expected(local[k], codec) + bias[k]), (tag, k)
+            assert stats[k].calls == 1
+        mf.disable_all_reduce(model)
+        for k in local:
+            assert torch.equal(run()[k], stock[k]), (tag, k)
+
+
+def _world2(rank: int, world: int) -> None:
+    init_deepspeed()
+    tag = f"rank {rank}/{world} {dist.get_backend()}"
+    check_linear_allreduce(tag)
+    check_kernel_injection_modules(tag)
+
+
+def test_tensor_parallel_hooks_gloo_2_ranks():
+    spawn(_world2, 2)
+
+
+def test_config_field():
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    assert FlashCommConfig().all_reduce is None
+    assert FlashCommConfig(all_reduce=False).all_reduce is None
+    assert FlashCommConfig(all_reduce=True).all_reduce == mf.LinkCodecs.coerce(None)
+    cfg = FlashCommConfig.from_deepspeed_config({"moe_flashcomm": {"all_reduce": {"intra_node": "bf16",
+                                                                                  "inter_node": 4}}})
+    assert cfg.all_reduce == mf.LinkCodecs(intra_node="bf16", inter_node=4)
+    assert FlashCommConfig.from_dict(cfg.to_dict()) == cfg and "all_reduce=" in cfg.describe()
+    with pytest.raises(ConfigError, match=r"moe_flashcomm.all_reduce: CodecConfig.bits"):
+        FlashCommConfig.from_dict({"all_reduce": 1}, where="moe_flashcomm")
+    with pytest.raises(ConfigError, match="all_reduce: rounding must be 'nearest'"):
+        FlashCommConfig(all_reduce={"bits": 8, "rounding": "stochastic"})
+    with pytest.raises(ConfigError, match="unknown field"):
+        FlashCommConfig.from_dict({"layers": [{"index": 0, "all_reduce": 4}]})
+
+
+@pytest.mark.multigpu
+def test_tensor_parallel_hooks_nccl_2_gpus():
+    spawn(_world2, 2, backend="nccl")
