@@ -3,7 +3,9 @@ from .all_reduce import all_reduce
 from .autograd import AllToAllHandle, all_to_all
 from .check import ConfigMismatchError
 from .gate import SizeGate
+from .hierarchical import HierarchyError, create_stage_groups, hierarchical_groups
 from .topology import LinkCodecs, Topology
 
 __all__ = ["AllToAllHandle", "ConfigMismatchError", "LinkCodecs", "SizeGate", "Topology",
            "all_reduce", "all_to_all"]
+__all__ += ["HierarchyError", "create_stage_groups", "hierarchical_groups"]

@@ -37,16 +37,24 @@ to each (n', l')). It is skipped when it can be derived: without split sizes (ev
 splits: every pair has T / W rows) and when L == 1. The destination's and source's own
 splits are local, as in the flat algorithm.
 
-Process groups. Stage groups are created once per process and cached (by their global
-ranks): ``hierarchical_groups(group, topology)``, called lazily by the first hierarchical
-(or ``"auto"`` choosing hierarchical) ``all_to_all`` on ``group``. Creating them is
-collective over the ranks of ``group`` (``dist.new_group(..., use_local_synchronization=
-True)``: only members of a stage group take part, so ranks outside ``group`` need not
-call). Every rank of ``group`` must reach that first call, in the same order relative to
-other process-group creations, as for any ``new_group``; call ``hierarchical_groups``
-explicitly on every rank of ``group`` to create them up front (e.g. before CUDA graph
-capture). A stage group equal to ``group`` is ``group`` itself; a stage of one rank is
-skipped, so 2 nodes x 1 GPU creates no group at all.
+Process groups. Each stage runs on its own process group (an intra-node group per node,
+an inter-node group per local rank), created once per process and cached by global ranks.
+``dist.new_group`` is collective over EVERY process of the job (all must call it, members
+or not, in the same order), so:
+  * a ``group`` of every process (the default group, or an expert-parallel group spanning
+    the job) creates its stage groups lazily, in ``hierarchical_groups(group, topology)``
+    at its first hierarchical all_to_all: every process makes that call, in the same order
+    relative to its other process-group creations, as it must for any collective;
+  * a smaller ``group`` cannot create groups lazily (the other processes are not in the
+    call); every process calls ``create_stage_groups(list of all such groups' global ranks,
+    topology)`` once, beforehand, as DeepSpeed creates its expert-parallel groups. Without
+    that, its stages run "masked" on ``group`` itself: an all_to_all_single with zero
+    splits for ranks outside the stage (correct; NCCL >= 2.14 still posts zero-byte
+    messages to them, so the message count saving is not guaranteed).
+(``new_group(use_local_synchronization=True)`` would avoid the job-wide call, but it names
+groups from each process's count of groups so far, which differs between ranks that hold
+different groups: their creations never meet and hang.) A stage that is the whole group
+runs on ``group``; a stage of one rank is skipped, so 2 nodes x 1 GPU creates no group.
 
 No chunked pipelining here: ``chunks`` applies to the flat algorithm only.
 """
@@ -169,6 +177,19 @@ class Layout:
 _layouts: dict = {}
 
 
+def _grid(granks: tuple, topo: Topology) -> Layout:
+    node = [topo.node_of(g) for g in granks]
+    sizes: dict = {}
+    for n in node:
+        sizes[n] = sizes.get(n, 0) + 1
+    regular = node == sorted(node) and len(set(sizes.values())) == 1
+    why = "" if regular else (
+        f"group ranks per node {dict(sorted(sizes.items()))} (global ranks {list(granks)}, "
+        f"{topo.local_size} ranks per node): every node must hold the same number of the "
+        "group's ranks")
+    return Layout(granks, len(sizes), len(granks) // len(sizes), regular, why)
+
+
 def layout(group: Optional[dist.ProcessGroup], topology=None) -> Layout:
     """The node layout of ``group`` under ``topology`` (Topology, ranks per node, or None:
     the launcher environment). Local: no collective. Cached."""
@@ -178,54 +199,105 @@ def layout(group: Optional[dist.ProcessGroup], topology=None) -> Layout:
     if hit is None:
         granks = tuple(dist.get_process_group_ranks(group if group is not None
                                                     else dist.group.WORLD))
-        node = [topo.node_of(g) for g in granks]
-        sizes: dict = {}
-        for n in node:
-            sizes[n] = sizes.get(n, 0) + 1
-        counts = list(sizes.values())
-        regular = node == sorted(node) and len(set(counts)) == 1
-        why = "" if regular else (
-            f"group ranks per node {dict(sorted(sizes.items()))} (global ranks {list(granks)}, "
-            f"{topo.local_size} ranks per node): every node must hold the same number of the "
-            "group's ranks")
-        hit = _layouts[key] = Layout(granks, len(sizes), len(granks) // len(sizes), regular, why)
+        hit = _layouts[key] = _grid(granks, topo)
     return hit
 
 
+def _stage_ranks(lay: Layout) -> list[tuple]:
+    """Global ranks of every stage group of ``lay``: the N intra-node groups, then the L
+    inter-node groups (none when a stage is a single rank or the whole group)."""
+    N, L, g = lay.nodes, lay.local, lay.granks
+    if N == 1 or L == 1:
+        return []
+    return [g[n * L:(n + 1) * L] for n in range(N)] + [g[l::L] for l in range(L)]
+
+
+# (global ranks, backend) -> the group from dist.new_group (a non-member's: whatever it
+# returned). The same keys on every process: every entry is made by every process.
 _stage_groups: dict = {}
+_hierarchies: dict = {}
 
 
-def _stage_group(ranks: tuple, lay: Layout, group, backend: str):
-    """The process group of global ``ranks``: ``group`` itself when it is all of it, None
-    for one rank (the stage is skipped), else a cached new group."""
-    if len(ranks) == 1:
-        return None
-    if len(ranks) == len(lay.granks):
-        return group
-    key = (ranks, backend)
-    if key not in _stage_groups:
-        _stage_groups[key] = dist.new_group(list(ranks), backend=backend,
-                                            use_local_synchronization=True)
-    return _stage_groups[key]
+def _create(lay: Layout, backend: str) -> None:
+    """Create the missing stage groups of ``lay``. Collective over EVERY process of the job
+    (``dist.new_group``): all of them call it with the same layouts in the same order."""
+    for ranks in _stage_ranks(lay):
+        if (ranks, backend) not in _stage_groups:
+            _stage_groups[ranks, backend] = dist.new_group(list(ranks), backend=backend)
+
+
+def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
+                        backend: Optional[str] = None) -> None:
+    """Create the stage groups of the hierarchical all-to-all over each group in ``groups``
+    (lists of global ranks, e.g. every expert-parallel group of the job) under ``topology``.
+
+    Collective over every process of the job: all call it with the same arguments, in the
+    same order relative to other ``dist.new_group`` calls (as ``dist.new_group`` requires;
+    DeepSpeed creates its expert-parallel groups this way). Needed only for groups smaller
+    than the job: a group of every process creates its stage groups itself on first use.
+    ``backend``: that of the groups (None: the default group's). Irregular groups (not the
+    same number of ranks on every node) are skipped.
+    """
+    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+    backend = backend or dist.get_backend()
+    for ranks in groups:
+        lay = _grid(tuple(sorted(int(r) for r in ranks)), topo)
+        if lay.regular:
+            _create(lay, backend)
+    _hierarchies.clear()  # rebuilt on next use, with these groups
 
 
 class Hierarchy:
-    """The two stage groups of one rank of ``group``.
+    """The two stages of one rank of ``group`` (group rank = node * local + local rank).
 
-    rank = node * local + local_rank (group ranks). intra: the group of the ``local``
-    ranks of this node (None if local == 1); inter: the ``nodes`` ranks with this local
-    rank (None if nodes == 1). Per-split plans are cached here.
+    Stage "intra": this node's ``local`` ranks; stage "inter": the ``nodes`` ranks with this
+    local rank. A stage runs on, in order of preference: nothing (one rank: skipped),
+    ``group`` itself (the stage is the whole group), its own cached stage group, or
+    ``group`` with zero split sizes for the ranks outside the stage ("masked": correct, but
+    NCCL >= 2.14 still posts zero-byte sends to them). Per-split plans are cached here.
     """
 
-    def __init__(self, group, lay: Layout, rank: int, intra, inter) -> None:
+    def __init__(self, group, lay: Layout, rank: int, backend: str) -> None:
         self.group, self.nodes, self.local, self.rank = group, lay.nodes, lay.local, rank
         self.node, self.local_rank = divmod(rank, lay.local)
-        self.intra, self.inter = intra, inter
+        self.world = len(lay.granks)
+        L, n, l = lay.local, self.node, self.local_rank
+        self.stages = {}  # name -> (process group, group ranks of the stage, masked)
+        for name, peers in (("intra", list(range(n * L, (n + 1) * L))),
+                            ("inter", list(range(l, self.world, L)))):
+            own = _stage_groups.get((tuple(lay.granks[p] for p in peers), backend))
+            if len(peers) in (1, self.world) or own is None:
+                self.stages[name] = (group, peers, len(peers) not in (1, self.world))
+            else:
+                self.stages[name] = (own, peers, False)
         self._plans: dict = {}
+
+    def kind(self, stage: str) -> str:
+        """How a stage runs: "skipped", "group", "own group" or "masked"."""
+        pg, peers, masked = self.stages[stage]
+        if len(peers) == 1:
+            return "skipped"
+        if masked:
+            return "masked"
+        return "group" if len(peers) == self.world else "own group"
 
     def __repr__(self) -> str:
         return (f"Hierarchy({self.nodes} nodes x {self.local} ranks, rank {self.rank} = "
-                f"node {self.node} local {self.local_rank})")
+                f"node {self.node} local {self.local_rank}; intra: {self.kind('intra')}, "
+                f"inter: {self.kind('inter')})")
+
+    def a2a(self, stage: str, out: torch.Tensor, inp: torch.Tensor, out_splits: list,
+            in_splits: list, async_op: bool = False):
+        """``all_to_all_single`` of a stage; splits are per stage rank (index = position
+        among the stage's ranks, in group rank order)."""
+        pg, peers, masked = self.stages[stage]
+        if masked:
+            o, i = [0] * self.world, [0] * self.world
+            for k, p in enumerate(peers):
+                o[p], i[p] = out_splits[k], in_splits[k]
+            out_splits, in_splits = o, i
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg,
+                                      async_op=async_op)
 
     # a pair's wire bytes seen from this rank: codecs and gate depend only on whether the
     # two ranks share a node, so a peer of this rank with the same relation stands in
@@ -249,19 +321,19 @@ class Hierarchy:
         return plan
 
 
-_hierarchies: dict = {}
-
-
 def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
                         topology=None) -> Hierarchy:
-    """The stage groups of this rank for the hierarchical all-to-all over ``group``
-    (None: the default group) with ``topology`` (Topology / ranks per node / None: the
-    launcher environment), created on first use and cached.
+    """This rank's two stages of the hierarchical all-to-all over ``group`` (None: the
+    default group) with ``topology`` (Topology / ranks per node / None: the launcher
+    environment). Cached; called by the first hierarchical ``all_to_all`` on ``group``.
 
-    Collective on first use: every rank of ``group`` must call it (directly, or through
-    its first hierarchical ``all_to_all`` on ``group``), in the same order relative to
-    other process-group creations. Raises HierarchyError if the group is not the same
-    number of ranks on every node.
+    If ``group`` holds every process of the job, its stage groups (N intra-node, then L
+    inter-node) are created here with ``dist.new_group``, which is collective over every
+    process: every rank calls this at its first hierarchical all_to_all on ``group``, in the
+    same order relative to its other process-group creations (as for any collective). For
+    a smaller group, stage groups made beforehand by ``create_stage_groups`` (on every
+    process) are used; without them the stages run masked on ``group``. Raises
+    HierarchyError if the group is not the same number of ranks on every node.
     """
     lay = layout(group, topology)
     if not lay.regular:
@@ -272,14 +344,10 @@ def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
         rank = dist.get_rank(group)
         if rank < 0:
             raise ValueError("this process is not a member of `group`")
-        L, N = lay.local, lay.nodes
-        n, l = divmod(rank, L)
         backend = dist.get_backend(group)
-        # every rank creates its intra-node group first, then its inter-node group: the
-        # intra groups are disjoint, the inter groups too, so no creation waits in a cycle
-        intra = _stage_group(lay.granks[n * L:(n + 1) * L], lay, group, backend)
-        inter = _stage_group(lay.granks[l::L], lay, group, backend)
-        hit = _hierarchies[key] = Hierarchy(group, lay, rank, intra, inter)
+        if len(lay.granks) == dist.get_world_size():
+            _create(lay, backend)  # every process is in this call
+        hit = _hierarchies[key] = Hierarchy(group, lay, rank, backend)
     return hit
 
 
@@ -368,9 +436,9 @@ def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device
         return (tuple(in_rows),)
     if uniform:
         return ((in_rows[0],) * N,) * L
-    mine = torch.tensor(in_rows, dtype=torch.int64).view(N, L).t().contiguous().to(device)
+    mine = torch.tensor(in_rows, dtype=torch.int64).view(N, L).t().reshape(-1).to(device)
     theirs = torch.empty_like(mine)
-    dist.all_to_all_single(theirs, mine, group=h.intra)
+    h.a2a("intra", theirs, mine, [N] * L, [N] * L)
     return tuple(map(tuple, theirs.view(L, N).tolist()))
 
 
@@ -391,18 +459,17 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
                     lambda: _hop_plan(h, route, counts, H, dtype, dev))
 
     send1 = _gather(_pack(x, src.send_segs), src.unit, src.index)
-    if h.intra is None:
+    if h.local == 1:
         recv1 = send1
     else:
         recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
-        dist.all_to_all_single(recv1, send1, hop.recv1, src.send1, group=h.intra)
+        h.a2a("intra", recv1, send1, hop.recv1, src.send1)
     send2 = _gather(recv1, hop.unit, hop.index)
-    if h.inter is None:
+    if h.nodes == 1:
         recv2, works = send2, []
     else:
         recv2 = torch.empty(sum(src.recv2), dtype=torch.uint8, device=dev)
-        works = [dist.all_to_all_single(recv2, send2, src.recv2, hop.send2, group=h.inter,
-                                        async_op=True)]
+        works = [h.a2a("inter", recv2, send2, src.recv2, hop.send2, async_op=True)]
     out = x.new_empty((sum(out_rows), H))
     a, b, n = src.own
     if n:  # own rows: exact copy, overlapping stage 2
@@ -444,10 +511,14 @@ def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tup
     if algorithm == "flat":
         return flat_exchange
     # hierarchical derives the intermediate counts when no rank passes split sizes: all
-    # ranks must agree on that (checked collectively once per combination)
-    check_consistent(dict(algorithm=algorithm, split_sizes_given=not uniform), route.group,
-                     x.device, what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})")
+    # ranks must agree on that. Checked collectively the first time a combination is used
+    # (as all_to_all's other fields): a rank that passes split sizes where the others do
+    # not, in a combination all have used before, is not detected (and hangs).
     lay = layout(route.group, topology)
+    check_consistent(dict(algorithm=algorithm, row_shape=tuple(x.shape[1:]), dtype=x.dtype,
+                          layout=(lay.nodes, lay.local), split_sizes_given=not uniform),
+                     route.group, x.device,
+                     what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})")
     if algorithm == "auto":
         if not lay.regular or lay.nodes < 2 or lay.local < 2:
             return flat_exchange
