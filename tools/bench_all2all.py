@@ -166,6 +166,11 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             for name, c in codecs.items():
                 ms = measure(x, name, lambda: mf.all_to_all(x, codec=c, gate=False), codec=name)
                 rows[-1]["nccl_ms"] = nccl
+                for algo in cfg.get("algorithms", ["flat"]):  # 2 GPUs as 2 nodes x 1 GPU
+                    if algo != "flat":
+                        measure(x, f"{name}/{algo}", lambda: mf.all_to_all(
+                            x, codec=c, gate=False, algorithm=algo, topology=mf.Topology(1)),
+                            codec=name, algorithm=algo, nccl_ms=nccl)
             del x, out
             if DEV == "cuda":
                 torch.cuda.empty_cache()
@@ -272,7 +277,8 @@ def library_rows(rows: list) -> list:
     gated = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in rows if r.get("gated")}
     out = []
     for r in rows:
-        if r.get("codec") is None or r.get("gated") or r.get("sweep") or r["path"] == "local":
+        if r.get("codec") is None or r.get("gated") or r.get("sweep") or r["path"] == "local" \
+                or r.get("algorithm"):
             continue
         key = (r["path"], r["hidden"], r["tokens"], r["codec"])
         ms = gated.get(key, r["ms"])
@@ -302,6 +308,16 @@ def print_tables(result: dict) -> str:
                     row.append(f"{'':>15}" if r is None else
                                f"{r['speedup']:6.2f}{'*' if r['gated'] else ' '}({r['raw_speedup']:5.2f})")
                 lines.append(f"{fmt_size(size):>7} {base:9.3f} " + " ".join(row))
+    algos = [r for r in result["rows"] if r.get("algorithm")]
+    if algos:
+        flat = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in result["rows"]
+                if r.get("codec") and not (r.get("gated") or r.get("sweep") or r.get("algorithm"))}
+        lines.append("\nother algorithms (2 GPUs as 2 nodes x 1 GPU; ms, flat ms / this):")
+        for r in algos:
+            base = flat.get((r["path"], r["hidden"], r["tokens"], r["codec"]))
+            lines.append(f"  {r['path']:>7} H{r['hidden']} {fmt_size(r['size_bytes']):>5} "
+                         f"{r['variant']:>18}: {r['ms']:.3f} ms  "
+                         f"{base / r['ms'] if base else float('nan'):.2f}")
     sweep = [r for r in result["rows"] if r.get("sweep")]
     if sweep:
         nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in result["rows"] if r["variant"] == "nccl"}
@@ -376,6 +392,9 @@ def main(argv=None) -> None:
                     help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--algorithms", nargs="+", default=["flat"],
+                    choices=["flat", "hierarchical", "auto"],
+                    help="all_to_all algorithms to time per codec (not flat: as 2 nodes x 1 GPU)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check this script without GPUs (timings meaningless)")
     args = ap.parse_args(argv)
@@ -391,7 +410,8 @@ def main(argv=None) -> None:
     cfg = dict(paths=args.paths.split(","), codecs=args.codecs.split(","),
                hiddens=[7168] if args.quick else [int(h) for h in args.hidden.split(",")],
                sizes=[parse_size(s) for s in sizes], budget_s=args.budget,
-               no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda")
+               no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda",
+               algorithms=args.algorithms)
     if args.chunk_sweep:
         size, hidden, codecs, chunks = args.chunk_sweep.split(":")
         cfg["chunk_sweep"] = dict(size=parse_size(size), hidden=int(hidden), codecs=codecs.split(","),

@@ -121,8 +121,10 @@ def traffic(algorithm: str, nodes: int, local: int, intra_peer_bytes: int,
     if algorithm != "hierarchical":
         raise ValueError(f"algorithm must be 'flat' or 'hierarchical', got {algorithm!r}")
     # stage 1: to each of the L - 1 node-mates l', the pair to it and the N - 1 pairs to
-    # the (n', l') on other nodes; stage 2: to each other node, L pairs (one per source)
-    buffer = (L - 1) * mi + (N - 1) * L * me  # through each of the two gathers
+    # the (n', l') on other nodes; stage 2: to each other node, L pairs (one per source).
+    # The two gathers move the whole buffer; with one node or one rank per node the
+    # layouts already agree and there is no gather.
+    buffer = (L - 1) * mi + (N - 1) * L * me if N > 1 and L > 1 else 0
     return Traffic(L - 1, (L - 1) * (mi + (N - 1) * me), N - 1, (N - 1) * L * me,
                    gather_bytes=2 * buffer, count_msgs=(L - 1) if count_exchange and L > 1 else 0)
 
@@ -476,9 +478,11 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         out[b:b + n].copy_(x[a:a + n])
 
     def finish() -> torch.Tensor:
+        nonlocal send2
         for w in works:
             w.wait()
         _unpack(recv2, src.recv_segs, out)
+        send2 = None  # held until stage 2 is waited for
         return out
 
     return Pending(works, finish)
