@@ -224,7 +224,8 @@ def main(argv=None) -> None:
           f"inter {model.inter_alpha * 1e6:.1f} us + {model.inter_beta / 1e9:.2f} GB/s, "
           f"gather {model.mem_beta / 1e9:.0f} GB/s, codec {model.codec_beta / 1e9:.0f} GB/s"
           + (f"  (fitted from {args.bench_json}: {', '.join(fitted)})" if fitted else
-             "  (DESIGN.md; alphas assumed)"))
+             "  (DESIGN.md; alphas assumed)" if model == LinkModel() else
+             "  (command-line values)"))
     print("pair MiB: wire bytes per (source, destination) pair (intra/inter); msgs: "
           "intra+inter messages per rank; x bf16: flat bf16 time / this; auto: what "
           "algorithm='auto' picks\n")
@@ -235,8 +236,8 @@ def main(argv=None) -> None:
         n, l = parse_topology(topo)
         c = crossover(n, l, model)
         cross[topo] = c
-        print(f"  {topo:>5}: " + (f"{c / MIB:.2f} MiB" if c else "never (needs >= 2 nodes "
-                                   "of >= 2 GPUs)"))
+        why = "needs >= 2 nodes of >= 2 GPUs" if min(n, l) < 2 else "slower at every size"
+        print(f"  {topo:>5}: " + (f"{c / MIB:.2f} MiB" if c else f"never ({why})"))
     if comparison:
         print("\n2 x 1 (2 GPUs, network path): predicted vs measured ms")
         for c in comparison:
