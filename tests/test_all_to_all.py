@@ -53,8 +53,8 @@ def split_matrix(world: int, kind: str, seed: int) -> list[list[int]]:
 def roundtrip(rows: torch.Tensor, cfg: mf.CodecConfig) -> torch.Tensor:
     """What ``rows`` [n, ..., H] become on a link with codec ``cfg`` (reference codec)."""
     h = rows.shape[-1]
-    flat = rows.reshape(-1, h)
-    return reference.decode(reference.encode(flat, cfg), cfg, h, rows.dtype).view(rows.shape)
+    flat = rows.reshape(-1, h).cpu()
+    return reference.decode(reference.encode(flat, cfg), cfg, h, rows.dtype).view(rows.shape).to(rows.device)
 
 
 def expected(rank: int, world: int, S, tail, dtype, seed, link) -> torch.Tensor:

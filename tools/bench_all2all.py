@@ -230,12 +230,14 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
                 for _ in range(3):
                     fn()
                 ts = []
-                for _ in range(20):
+                for _ in range(5):  # 10 calls back to back: kernel time, not launch latency
+                    torch.cuda.synchronize()
                     s.record()
-                    fn()
+                    for _ in range(10):
+                        fn()
                     e.record()
                     torch.cuda.synchronize()
-                    ts.append(s.elapsed_time(e))
+                    ts.append(s.elapsed_time(e) / 10)
                 rows.append(dict(path="local", hidden=H, tokens=T, size_bytes=T * H * 2,
                                  variant=f"{name}/{stage}", codec=name, stage=stage,
                                  ms=statistics.median(ts), record_bytes=rec.shape[1]))
@@ -388,7 +390,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default=None, help="per-rank bf16 bytes, e.g. 64K,1M,256M")
     ap.add_argument("--quick", action="store_true", help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168")
     ap.add_argument("--budget", type=float, default=0.25, help="seconds of timed calls per point")
-    ap.add_argument("--chunk-sweep", default="256M:7168:int8,int4,int2:1,2,4,8",
+    ap.add_argument("--chunk-sweep", default="256M:7168:int8,int4,int2:1,2,4",
                     help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
     ap.add_argument("--no-progress", action="store_true")

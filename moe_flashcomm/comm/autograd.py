@@ -18,14 +18,19 @@ from .plan import SplitSizes, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
 
 DEFAULT_GRAD_CODEC = CodecConfig(bits=8)
-# Automatic chunking (CUDA, even splits): one chunk per CHUNK_BYTES of bf16 payload per
-# rank, at most MAX_CHUNKS. Measured: docs/benchmarks.md, "## All-to-all".
-CHUNK_BYTES = 64 << 20
-MAX_CHUNKS = 4
+# Automatic chunking (CUDA, even splits, a group with a network link): one chunk per
+# CHUNK_BYTES of bf16 payload per rank, at most MAX_CHUNKS. On NVLink and host-memory
+# links chunking was measured slower at every size (each chunk adds the host cost of an
+# encode, a decode and a collective): one chunk there. docs/benchmarks.md, "## All-to-all".
+CHUNK_BYTES = 128 << 20
+MAX_CHUNKS = 2
+CHUNKED_PATHS = ("network",)
 
 
-def auto_chunks(bf16_bytes: int) -> int:
-    """Chunks for a per-rank message of ``bf16_bytes`` bytes (as bf16)."""
+def auto_chunks(bf16_bytes: int, route: Optional[Route] = None) -> int:
+    """Chunks for a per-rank message of ``bf16_bytes`` bytes (as bf16) on ``route``."""
+    if route is not None and not any(p in CHUNKED_PATHS for p in route.paths):
+        return 1
     return max(1, min(MAX_CHUNKS, bf16_bytes // CHUNK_BYTES))
 
 
@@ -93,9 +98,9 @@ def _route(group, rank: int, world: int, codecs: LinkCodecs, topology, gate: Siz
     nodes = tuple(topo.node_of(g) for g in granks)
     same = [n == nodes[rank] for n in nodes]
     peer_codecs = tuple(codecs.for_peer(s) for s in same)
-    thresholds = tuple(gate.threshold(link_path(s, device_type), c)
-                       for s, c in zip(same, peer_codecs))
-    return Route(group, rank, world, peer_codecs, thresholds), nodes
+    paths = tuple(link_path(s, device_type) if p != rank else "self" for p, s in enumerate(same))
+    thresholds = tuple(gate.threshold(path, c) for path, c in zip(paths, peer_codecs))
+    return Route(group, rank, world, peer_codecs, thresholds, paths=paths), nodes
 
 
 def _setup(key: tuple, x: torch.Tensor, group, codecs: LinkCodecs, grad_codecs: LinkCodecs,
@@ -175,6 +180,56 @@ def all_to_all(
     Every rank of the group must pass the same codecs, dtype, x.shape[1:], algorithm,
     chunks, topology and gate: checked collectively the first time a combination is used.
     """
+    try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
+        grad = x.requires_grad and torch.is_grad_enabled()
+        hot = (group, codec, grad_codec, topology, gate, chunks, algorithm, x.shape, x.dtype,
+               x.device, grad, _split_key(output_split_sizes), _split_key(input_split_sizes))
+        call = _hot.get(hot)
+    except (TypeError, AttributeError):  # unhashable arguments, or x is no tensor
+        hot = call = None
+    if call is None:
+        call = _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
+                        topology, gate, chunks, algorithm)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if hot is not None and algorithm == "flat":  # others choose their exchange per call
+            if len(_hot) >= 1024:
+                _hot.clear()
+            _hot[hot] = call
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not async_op:
+        if grad:
+            return _AllToAll.apply(x, call, [])
+        out = call.forward(x2).wait()
+        return out if x.dim() == 2 else out.view(call.out_shape)
+    pending = call.forward(x2)
+
+    def post(out: torch.Tensor) -> torch.Tensor:
+        if grad:
+            with torch.enable_grad():
+                return _AllToAll.apply(x, call, [out])
+        return out.view(call.out_shape)
+
+    return AllToAllHandle(pending, post)
+
+
+def _split_key(sizes) -> Optional[tuple]:
+    """Split sizes as a hashable key (TypeError for what cannot be one)."""
+    if sizes is None:
+        return None
+    if isinstance(sizes, torch.Tensor):
+        if sizes.dtype.is_floating_point:
+            raise TypeError("not a key")
+        return tuple(sizes.tolist())
+    return tuple(sizes)
+
+
+_hot: dict = {}  # all_to_all's arguments -> its _Call
+
+
+def _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec, topology,
+             gate, chunks, algorithm) -> _Call:
+    """Validate all_to_all's arguments; the _Call that runs it (collective the first time
+    a configuration is used: check_consistent)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
@@ -203,7 +258,7 @@ def all_to_all(
 
     if chunks is None:
         auto = x.is_cuda and output_split_sizes is None and input_split_sizes is None
-        fwd_chunks = auto_chunks(x.numel() * 2) if auto else 1
+        fwd_chunks = auto_chunks(x.numel() * 2, fwd) if auto else 1
     else:
         fwd_chunks = chunks
     out_shape = (sum(out_s),) + x.shape[1:]
@@ -212,18 +267,5 @@ def all_to_all(
     run = exchange if algorithm == "flat" else hierarchical.select(
         algorithm, fwd, x, topology, tuple(in_s),
         uniform=output_split_sizes is None and input_split_sizes is None)
-    call = _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run)
 
-    if not async_op:
-        if grad:
-            return _AllToAll.apply(x, call, [])
-        return call.forward(x.reshape(-1, hidden).contiguous()).wait().view(call.out_shape)
-    pending = call.forward(x.reshape(-1, hidden).contiguous())
-
-    def post(out: torch.Tensor) -> torch.Tensor:
-        if grad:
-            with torch.enable_grad():
-                return _AllToAll.apply(x, call, [out])
-        return out.view(call.out_shape)
-
-    return AllToAllHandle(pending, post)
+    return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run)

@@ -51,6 +51,7 @@ class Route:
     thresholds: tuple
     passthrough: bool = False  # every link sends bf16 (16-bit input: all_to_all_single)
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passthrough", all(
@@ -71,27 +72,47 @@ def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
 
 
 # ---- codec calls (CUDA kernels; the CPU reference where the kernels are missing) ----------
-def _cuda_codec_available() -> bool:
-    try:
-        from ..codec import cuda  # noqa: F401
-        return True
-    except ImportError as e:
-        _warn_once(f"moe_flashcomm: CUDA codec kernels unavailable ({e}); CUDA tensors are "
-                   "encoded/decoded by the CPU reference (slow)")
-        return False
+_kernels: list = []  # [the CUDA codec module or None], resolved at first use
+
+
+def _cuda_codec():
+    """moe_flashcomm.codec.cuda, or None (then CUDA tensors go through the CPU reference)."""
+    if not _kernels:
+        try:
+            from ..codec import cuda
+            _kernels.append(cuda)
+        except ImportError as e:
+            _warn_once(f"moe_flashcomm: CUDA codec kernels unavailable ({e}); CUDA tensors "
+                       "are encoded/decoded by the CPU reference (slow)")
+            _kernels.append(None)
+    return _kernels[0]
 
 
 def encode(x: torch.Tensor, cfg: CodecConfig) -> torch.Tensor:
-    """Tokens [n, H] -> records uint8 [n, record_bytes]."""
-    if x.is_cuda and not _cuda_codec_available():
-        return _reference.encode(x.cpu(), cfg).to(x.device)
+    """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes].
+
+    On CUDA this calls the kernels' implementation directly: the inputs are already
+    checked, and the custom op's dispatch costs host time that small messages feel."""
+    if x.is_cuda:
+        k = _cuda_codec()
+        if k is None:
+            return _reference.encode(x.cpu(), cfg).to(x.device)
+        impl = getattr(k, "encode_impl", None)
+        if impl is not None:
+            seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
+            return impl(x, cfg, seed)
     return _codec_encode(x, cfg)
 
 
 def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype) -> torch.Tensor:
     """Records uint8 [n, record_bytes] -> tokens [n, hidden] of ``dtype``."""
-    if rec.is_cuda and not _cuda_codec_available():
-        return _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
+    if rec.is_cuda:
+        k = _cuda_codec()
+        if k is None:
+            return _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
+        impl = getattr(k, "decode_impl", None)
+        if impl is not None:
+            return impl(rec, cfg, hidden, dtype)
     return _codec_decode(rec, cfg, hidden, dtype)
 
 
@@ -188,6 +209,7 @@ class Plan:
     A pure function of (route, row splits, hidden, dtype, chunks), cached per route."""
 
     fast: bool            # every link bf16 on 16-bit input: all_to_all_single of the tensor
+    even: bool            # (fast) equal splits everywhere: all_to_all_single without lists
     all_raw: bool         # every pair on raw bytes: the buffers are the tensors themselves
     out_total: int        # output rows
     own: tuple            # (input row, output row, rows) a rank keeps; rows 0 if in exchange
@@ -200,7 +222,8 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     r = route.rank
     own = (sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r])
     if route.passthrough and dtype in RAW_DTYPES:
-        return Plan(True, True, sum(out_rows), own, [], False)
+        even = len(set(in_rows + out_rows)) <= 1
+        return Plan(True, even, True, sum(out_rows), own, [], False)
     send_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
     recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
     # own rows travel inside the exchange only when everything is raw bytes (then the
@@ -216,7 +239,8 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     first = parts[0][2]
     direct = (chunks == 1 and len(first) == 1 and first[0].wire != RAW
               and first[0].rows == sum(out_rows))
-    return Plan(False, all_raw, sum(out_rows), own if not all_raw else (0, 0, 0), parts, direct)
+    return Plan(False, False, all_raw, sum(out_rows), own if not all_raw else (0, 0, 0), parts,
+                direct)
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
@@ -235,8 +259,11 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
 
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
-        work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
-                                      async_op=True)
+        if plan.even:
+            work = dist.all_to_all_single(out, x, group=group, async_op=True)
+        else:
+            work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
+                                          async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
     out = None if plan.direct else x.new_empty((plan.out_total, H))
