@@ -119,6 +119,8 @@ template <typename In> struct Pair;
 template <> struct Pair<__nv_bfloat16> {
   typedef __nv_bfloat162 T2;
   static __device__ __forceinline__ T2 of(u32 w) { return *reinterpret_cast<const T2*>(&w); }
+  static __device__ __forceinline__ u32 bits(T2 a) { return *reinterpret_cast<const u32*>(&a); }
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }  // exact here
   static __device__ __forceinline__ float lo(T2 a) { return __low2float(a); }
   static __device__ __forceinline__ float hi(T2 a) { return __high2float(a); }
@@ -126,6 +128,8 @@ template <> struct Pair<__nv_bfloat16> {
 template <> struct Pair<__half> {
   typedef __half2 T2;
   static __device__ __forceinline__ T2 of(u32 w) { return *reinterpret_cast<const T2*>(&w); }
+  static __device__ __forceinline__ u32 bits(T2 a) { return *reinterpret_cast<const u32*>(&a); }
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
   static __device__ __forceinline__ float lo(T2 a) { return __low2float(a); }
   static __device__ __forceinline__ float hi(T2 a) { return __high2float(a); }

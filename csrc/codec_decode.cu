@@ -4,7 +4,7 @@
 #include "codec_common.cuh"
 
 // (V, U) shapes instantiated for CI; keep in sync with DECODE_SHAPES in codec/cuda.py.
-#define MFC_DEC_SHAPES MFC_DEC(8, 1), MFC_DEC(8, 2), MFC_DEC(8, 4), MFC_DEC(16, 1), MFC_DEC(16, 2)
+#define MFC_DEC_SHAPES MFC_DEC(8, 2), MFC_DEC(8, 4), MFC_DEC(16, 1), MFC_DEC(16, 2), MFC_DEC(32, 1)
 
 namespace mfc {
 
@@ -42,6 +42,7 @@ struct DecArgs {
   int o4, o2, o1;                      // plane offsets (o4: the 8-bit plane for 8 bits, fp8 codes)
   int o_scale, o_min, o_lov, o_hiv, o_loi, o_hii;
   int vec;                             // H % 8 == 0: 16-byte stores
+  int dense;                           // padded_hidden == H: item i is values [i*V, i*V + V) of y
 };
 
 // What one chunk reads from its record, loaded for all U chunks before any work.
@@ -53,25 +54,50 @@ struct ChunkIn {
   int li, hi;
 
   __device__ __forceinline__ void load(const u8* in, const Pos& P, const DecArgs& a) {
-    if constexpr (BITS == 8) load_bytes<V>(in + a.o4 + P.base, p4);
-    if constexpr (BITS != 8 && (BITS & 4)) load_bytes<V / 2>(in + a.o4 + P.base / 2, p4);
-    if constexpr (BITS != 8 && (BITS & 2)) load_bytes<V / 4>(in + a.o2 + P.base / 4, p2);
-    if constexpr (BITS != 8 && (BITS & 1)) load_bytes<V / 8>(in + a.o1 + P.base / 8, p1);
-    scale = ld16(in + a.o_scale + 2 * P.g);
-    minimum = ld16(in + a.o_min + 2 * P.g);
+    const u32 g = P.g, b = P.base;  // unsigned offsets: cheaper address arithmetic
+    if constexpr (BITS == 8) load_bytes<V>(in + ((u32)a.o4 + b), p4);
+    if constexpr (BITS != 8 && (BITS & 4)) load_bytes<V / 2>(in + ((u32)a.o4 + b / 2), p4);
+    if constexpr (BITS != 8 && (BITS & 2)) load_bytes<V / 4>(in + ((u32)a.o2 + b / 4), p2);
+    if constexpr (BITS != 8 && (BITS & 1)) load_bytes<V / 8>(in + ((u32)a.o1 + b / 8), p1);
+    scale = ld16(in + ((u32)a.o_scale + 2 * g));
+    minimum = ld16(in + ((u32)a.o_min + 2 * g));
     if (SPIKES) {
-      lov = ld16(in + a.o_lov + 2 * P.g);
-      hiv = ld16(in + a.o_hiv + 2 * P.g);
-      li = in[a.o_loi + P.g];
-      hi = in[a.o_hii + P.g];
+      lov = ld16(in + ((u32)a.o_lov + 2 * g));
+      hiv = ld16(in + ((u32)a.o_hiv + 2 * g));
+      li = in[(u32)a.o_loi + g];
+      hi = in[(u32)a.o_hii + g];
     }
   }
 };
 
+// Output staging: a chunk wider than 16 bytes would be stored by each thread as several 16-byte
+// pieces 16 * pieces bytes apart across the warp (half-empty sectors per instruction). When the
+// output is one dense stream of chunks the warp instead writes its pieces to shared memory and
+// stores the warp's whole span with fully coalesced 16-byte stores.
+template <typename Out, int V>
+struct Staging {
+  static constexpr int kPieces = V * (int)sizeof(Out) / 16;  // 16-byte pieces per chunk
+  static constexpr bool kOn = kPieces > 1;
+  // XOR swizzle of 16-byte slots: conflict-free for the per-lane writes and the per-piece reads
+  static __device__ __forceinline__ int slot(int s) { return s ^ ((s >> 3) & 7); }
+};
+
+template <typename Out, int V>
+__device__ __forceinline__ void pack_out(const float* o, u32* w) {  // V values -> V*size/4 words
+  if constexpr (sizeof(Out) == 4) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(o[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; k += 2) w[k / 2] = Val<Out>::pair(o[k], o[k + 1]);
+  }
+}
+
 template <typename Out, int BITS, bool SPIKES, int V>
-__device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, const Pos& P,
-                                             Out* __restrict__ y, const DecArgs& a) {
+__device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, const Pos& P, u32 item,
+                                             Out* __restrict__ y, const DecArgs& a, uint4* stage) {
   typedef typename Val<Out>::W W;
+  typedef Staging<Out, V> S;
   Out* row = y + (size_t)P.t * a.H;
   const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
   float o[V];
@@ -95,10 +121,43 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) o[k] = saturate<Out>(o[k]);
-  store_chunk<Out, V>(row, P.base, a.H, a.vec != 0, o);
+  // the spike slots (jl, jh: their place in this chunk, >= V if elsewhere); hi wins a tie
+  const u32 jl = SPIKES ? (u32)(c.li - P.lane * V) : V, jh = SPIKES ? (u32)(c.hi - P.lane * V) : V;
 
+  if constexpr (S::kOn) {
+    if (a.dense) {  // warp-uniform
+      const int lane = threadIdx.x & 31;
+      u32 w[V * sizeof(Out) / 4];
+      pack_out<Out, V>(o, w);
+      __syncwarp();  // the previous round's reads are done
+#pragma unroll
+      for (int k = 0; k < S::kPieces; ++k)
+        stage[S::slot(lane * S::kPieces + k)] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+      if (SPIKES) {
+        constexpr int per = 16 / sizeof(Out);  // values per piece
+        if (jl < (u32)V) {
+          Out* piece = reinterpret_cast<Out*>(&stage[S::slot(lane * S::kPieces + jl / per)]);
+          Val<Out>::put(piece + jl % per, saturate<Out>(Wire<W>::f(c.lov)));
+        }
+        if (jh < (u32)V) {
+          Out* piece = reinterpret_cast<Out*>(&stage[S::slot(lane * S::kPieces + jh / per)]);
+          Val<Out>::put(piece + jh % per, saturate<Out>(Wire<W>::f(c.hiv)));
+        }
+      }
+      __syncwarp();
+      const u32 first = item - lane;  // the warp's first item of this round
+      uint4* dst = reinterpret_cast<uint4*>(y + (size_t)first * V);
+#pragma unroll
+      for (int k = 0; k < S::kPieces; ++k) {
+        const int p = lane + 32 * k;
+        if (first + p / S::kPieces < a.total) dst[p] = stage[S::slot(p)];
+      }
+      return;
+    }
+  }
+  if (!P.live) return;
+  store_chunk<Out, V>(row, P.base, a.H, a.vec != 0, o);
   if (SPIKES) {  // overwrite the spike slots; same thread, after the chunk store: ordered
-    const u32 jl = (u32)(c.li - P.lane * V), jh = (u32)(c.hi - P.lane * V);
     if (jl < (u32)V && P.base + (int)jl < a.H) Val<Out>::put(row + P.base + jl, saturate<Out>(Wire<W>::f(c.lov)));
     if (jh < (u32)V && P.base + (int)jh < a.H) Val<Out>::put(row + P.base + jh, saturate<Out>(Wire<W>::f(c.hiv)));
   }
@@ -109,18 +168,23 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
 template <typename Out, int BITS, bool SPIKES, int V, int U>
 __global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
                                                      const DecArgs a) {
+  typedef Staging<Out, V> S;
+  __shared__ uint4 stage[S::kOn ? kBlock * S::kPieces : 1];
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   ChunkIn<BITS, SPIKES, V> c[U];
   Pos P[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     P[u] = locate<V>(min(item0 + u * kBlock, a.total - 1), a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
-    c[u].load(rec + (size_t)P[u].t * a.rec_bytes, P[u], a);
+    c[u].load(rec + (u64)P[u].t * (u32)a.rec_bytes, P[u], a);
   }
+  uint4* warp_stage = stage + (S::kOn ? (threadIdx.x & ~31) * S::kPieces : 0);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    if (item0 + u * kBlock >= a.total) return;
-    decode_chunk<Out, BITS, SPIKES, V>(c[u], P[u], y, a);
+    const u32 item = item0 + u * kBlock;
+    if ((item & ~31u) >= a.total) return;  // warp-uniform (staging syncs the warp)
+    P[u].live = item < a.total;
+    decode_chunk<Out, BITS, SPIKES, V>(c[u], P[u], item, y, a, warp_stage);
   }
 }
 

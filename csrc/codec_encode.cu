@@ -4,7 +4,7 @@
 #include "codec_common.cuh"
 
 // (V, U) shapes instantiated for CI; keep in sync with ENCODE_SHAPES in codec/cuda.py.
-#define MFC_ENC_SHAPES MFC_ENC(8, 4), MFC_ENC(16, 1), MFC_ENC(16, 2), MFC_ENC(32, 1), MFC_ENC(32, 2)
+#define MFC_ENC_SHAPES MFC_ENC(16, 1), MFC_ENC(32, 1), MFC_ENC(32, 2), MFC_ENC(64, 1)
 
 namespace mfc {
 
@@ -125,13 +125,13 @@ __device__ __forceinline__ int first_eq(const u32* w, int nv, float target) {
 
 // Bit splitting: the 4/2/1-bit planes of the chunk's codes.
 template <int BITS, int V>
-__device__ __forceinline__ void store_planes(u8* rec, int base, const u32* s, u32 z, int o4, int o2, int o1) {
+__device__ __forceinline__ void store_planes(u8* rec, int base, const u32* s, u64 z, int o4, int o2, int o1) {
   u32 E[V / 8], O[V / 8];
 #pragma unroll
   for (int c = 0; c < V / 8; ++c) {
     const u32* q = s + 8 * c;
-    E[c] = pack4(q[0], q[2], q[4], q[6]) & ~spread_even(z >> (8 * c));
-    O[c] = pack4(q[1], q[3], q[5], q[7]) & ~spread_even(z >> (8 * c + 1));
+    E[c] = pack4(q[0], q[2], q[4], q[6]) & ~spread_even((u32)(z >> (8 * c)));
+    O[c] = pack4(q[1], q[3], q[5], q[7]) & ~spread_even((u32)(z >> (8 * c + 1)));
   }
   if constexpr ((BITS & 4) != 0) {
     u32 w[V / 8];
@@ -155,15 +155,38 @@ __device__ __forceinline__ void store_planes(u8* rec, int base, const u32* s, u3
 
 // Store the chunk's codes (low byte of s[k]; bit k of z set = code 0) into its plane bytes.
 template <int BITS, int V>
-__device__ __forceinline__ void store_codes(u8* rec, int base, const u32* s, u32 z, int o4, int o2, int o1) {
+__device__ __forceinline__ void store_codes(u8* rec, int base, const u32* s, u64 z, int o4, int o2, int o1) {
   if constexpr (BITS == 8) {  // o4 is the 8-bit plane
     u32 w[V / 4];
 #pragma unroll
     for (int c = 0; c < V / 4; ++c)
-      w[c] = pack4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3]) & ~spread4(z >> (4 * c));
+      w[c] = pack4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3]) & ~spread4((u32)(z >> (4 * c)));
     store_bytes<V>(rec + o4 + base, w);
   } else {
     store_planes<BITS, V>(rec, base, s, z, o4, o2, o1);
+  }
+}
+
+// Group-wide (min, max) of the lanes' (mn, mx); NaN-propagating if nan. For 16-bit tokens the
+// values are exact in that type, so (mn, -mx) travel as one packed pair: one shuffle and one
+// packed min per step instead of two each.
+template <typename In>
+__device__ __forceinline__ void group_min_max(float mn, float mx, int L, bool nan, float& lo, float& hi) {
+  if constexpr (UsePairs<In>::value) {
+    typedef Pair<In> P;
+    typename P::T2 p = P::pack(mn, -mx);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      if (off < L) {
+        const typename P::T2 q = P::of(__shfl_xor_sync(0xFFFFFFFFu, P::bits(p), off));
+        p = nan ? __hmin2_nan(p, q) : __hmin2(p, q);
+      }
+    }
+    lo = P::lo(p);
+    hi = -P::hi(p);
+  } else {
+    lo = nan ? group_reduce(mn, L, MinNaN()) : group_reduce(mn, L, Min());
+    hi = nan ? group_reduce(mx, L, MaxNaN()) : group_reduce(mx, L, Max());
   }
 }
 
@@ -207,8 +230,10 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
   if (!full) chunk_stats<In, V, SPIKES, false>(w, nv, mn1, mx1, mn2, mx2);
   else if constexpr (PAIRS) chunk_stats_pairs<In, V, SPIKES>(w, mn1, mx1, mn2, mx2);
   else chunk_stats<In, V, SPIKES, true>(w, nv, mn1, mx1, mn2, mx2);
-  const float lo = plus_zero(group_reduce(mn1, L, MinNaN()));
-  const float hi = plus_zero(group_reduce(mx1, L, MaxNaN()));
+  float lo, hi;
+  group_min_max<In>(mn1, mx1, L, true, lo, hi);
+  lo = plus_zero(lo);
+  hi = plus_zero(hi);
   bool bad = !(finite(lo) && finite(hi));  // a NaN or Inf among the group's values
 
   float rest_lo = lo, rest_hi = hi;
@@ -233,8 +258,8 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
     // Rest range: every rest value lies in [lo, hi], so min(rest) is the group min without the
     // lo slot, i.e. the spike lane's second smallest value (likewise for the max).
     const int wl = threadIdx.x & 31;
-    const float rmn = group_reduce(wl == ll ? mn2 : mn1, L, Min());
-    const float rmx = group_reduce(wl == lh ? mx2 : mx1, L, Max());
+    float rmn, rmx;
+    group_min_max<In>(wl == ll ? mn2 : mn1, wl == lh ? mx2 : mx1, L, false, rmn, rmx);
     const int count = min(G, a.H - P.g * G);  // real values in the group
     if (count > (lo_idx == hi_idx ? 1 : 2)) {
       rest_lo = plus_zero(rmn);
@@ -277,13 +302,13 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
   }
 
   // Code 0 at padding, spike slots and in bad groups.
-  u32 z = full ? 0u : ~0u << nv;
+  u64 z = full ? 0ull : ~0ull << nv;
   if (SPIKES) {
     const u32 jl = (u32)(lo_idx - P.lane * V), jh = (u32)(hi_idx - P.lane * V);
-    if (jl < (u32)V) z |= 1u << jl;
-    if (jh < (u32)V) z |= 1u << jh;
+    if (jl < (u32)V) z |= 1ull << jl;
+    if (jh < (u32)V) z |= 1ull << jh;
   }
-  if (bad) z = ~0u;
+  if (bad) z = ~0ull;
   if (!P.live) return;
   store_codes<BITS, V>(out, P.base, s, z, a.o4, a.o2, a.o1);
 

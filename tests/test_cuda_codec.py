@@ -32,8 +32,10 @@ def _compiled_kernels():
         cfgs = [CodecConfig(bits=b, spikes=s, rounding=r)
                 for b, s, r in itertools.product(INT_BITS, (True, False), ("nearest", "stochastic"))]
         C.precompile(cfgs + [CodecConfig(bits="fp8")])
-        for es, ds in zip(C.ENCODE_SHAPES, C.DECODE_SHAPES):
-            C.precompile(SHAPE_CFGS, encode_shape=es, decode_shape=ds)
+        for es in C.ENCODE_SHAPES:
+            C.precompile(SHAPE_CFGS, encode_shape=es)
+        for ds in C.DECODE_SHAPES:
+            C.precompile(SHAPE_CFGS, decode_shape=ds)
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -103,6 +103,18 @@ def bench_direction(direction: str, cfg: CodecConfig, H: int, nbytes: int, l2: i
     return set_bytes / t / 1e9, t
 
 
+def best_shapes(result: dict) -> dict:
+    """Per direction, the kernel shape with the highest mean % of copy over a run's rows."""
+    best = {}
+    for direction in ("encode", "decode"):
+        by_shape = {}
+        for r in result["rows"]:
+            if r["direction"] == direction and r["variant"] == "default":
+                by_shape.setdefault(r["shape"], []).append(r["pct"])
+        best[direction] = max(by_shape, key=lambda k: statistics.mean(by_shape[k]))
+    return best
+
+
 def parse_shape(s: str):
     v, u = s.lower().split("x")
     return int(v), int(u)
@@ -120,6 +132,8 @@ def main() -> None:
     ap.add_argument("--encode-shapes", nargs="+", default=[], metavar="VxU",
                     help="encode kernel shapes to compare (default: the library's)")
     ap.add_argument("--decode-shapes", nargs="+", default=[], metavar="VxU")
+    ap.add_argument("--shapes-from", metavar="JSON",
+                    help="use per direction the shape with the best mean %% of copy in an earlier run")
     ap.add_argument("--variants", nargs="+", default=[""],
                     help="kernel variants to compare: comma-separated -D defines ('' = default)")
     ap.add_argument("--replays", type=int, default=15)
@@ -130,6 +144,10 @@ def main() -> None:
     cfgs = [CodecConfig(bits=b, group_size=args.group, spikes=bool(args.spikes)) for b in args.bits]
     shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [C.ENCODE_SHAPE],
                   decode=[parse_shape(s) for s in args.decode_shapes] or [C.DECODE_SHAPE])
+    if args.shapes_from:
+        for direction, shape in best_shapes(json.loads(Path(args.shapes_from).read_text())).items():
+            shapes[direction] = [parse_shape(shape)]
+            print(f"{direction}: shape {shape} (best mean % of copy in {args.shapes_from})")
     variants = [tuple(d for d in v.split(",") if d) for v in args.variants]
     for d in variants:
         for es in shapes["encode"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,8 @@ BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
 # Kernel shapes (V, U): a thread handles U chunks of V consecutive values (V <= group size).
 # The shapes the sources instantiate for CI (MFC_ENC_SHAPES / MFC_DEC_SHAPES in csrc/) and the
 # defaults, chosen by tools/bench_codec.py measurements (docs/kernel-notes.md).
-ENCODE_SHAPES = ((8, 4), (16, 1), (16, 2), (32, 1), (32, 2))
-DECODE_SHAPES = ((8, 1), (8, 2), (8, 4), (16, 1), (16, 2))
+ENCODE_SHAPES = ((16, 1), (32, 1), (32, 2), (64, 1))
+DECODE_SHAPES = ((8, 2), (8, 4), (16, 1), (16, 2), (32, 1))
 ENCODE_SHAPE = (32, 1)
 DECODE_SHAPE = (8, 2)
 Shape = tuple[int, int]
@@ -67,10 +68,21 @@ def csrc_dir() -> Path:
 
 def kernel_source(name: str) -> str:
     """``name`` (a csrc/*.cu file) with codec_common.cuh inlined, so the source text alone
-    determines the binary (and its cache key)."""
+    determines the binary (and its cache key). Other csrc files it includes by name
+    (``#include "codec_encode.cu"``: csrc/allreduce.cu) are inlined too, each once."""
     d = csrc_dir()
-    header = (d / "codec_common.cuh").read_text()
-    return (d / name).read_text().replace('#include "codec_common.cuh"', header, 1)
+    seen: set = set()
+
+    def inline(fname: str) -> str:
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        return _INCLUDE.sub(lambda m: inline(m.group(1)), (d / fname).read_text())
+
+    return inline(name)
+
+
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"[ \t]*$', re.M)
 
 
 def _include_dirs() -> list[str]:
@@ -234,7 +246,7 @@ ENC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("padded", _i4), ("rec_bytes", 
 DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4),
                      ("div_mul", _u4), ("div_shift", _u4), ("total", _u4), ("o4", _i4),
                      ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4), ("o_lov", _i4),
-                     ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4)])
+                     ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4), ("dense", _i4)])
 
 
 def _struct(dtype: np.dtype, **fields) -> np.ndarray:
@@ -266,15 +278,16 @@ def _layout_fields(L: RecordLayout) -> dict:
 
 
 def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Shape] = None,
-                defines: tuple[str, ...] = ()) -> torch.Tensor:
+                defines: tuple[str, ...] = (), out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation).
-    ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks)."""
+    ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks). ``out``: a
+    contiguous, 16-byte aligned uint8 [T, record_bytes] to write (the all-reduce's buffers)."""
     T, H = x.shape
     L = record_layout(H, cfg)
     x = x.contiguous()
     if T == 0:
         return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
-    rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device)
+    rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device) if out is None else out
     if cfg.is_passthrough:  # NaN as the canonical NaN bits, like the reference
         wire = reference.wire_float(x.dtype)
         nan = 0x7FC0 if wire == torch.bfloat16 else 0x7E00
@@ -302,8 +315,10 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
 
 
 def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
-                shape: Optional[Shape] = None, defines: tuple[str, ...] = ()) -> torch.Tensor:
-    """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation)."""
+                shape: Optional[Shape] = None, defines: tuple[str, ...] = (),
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation).
+    ``out``: a contiguous [T, hidden] tensor of ``dtype`` to write (the all-reduce's output)."""
     T = records.shape[0]
     L = record_layout(hidden, cfg)
     records = records.contiguous()
@@ -311,7 +326,7 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         records = records.clone()  # the kernels read planes with 16-byte loads
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
-    y = torch.empty(T, hidden, dtype=dtype, device=records.device)
+    y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
@@ -323,7 +338,8 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         args = _struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
-                       total=items, vec=int(hidden % 8 == 0), **_layout_fields(L))
+                       total=items, vec=int(hidden % 8 == 0), dense=int(L.padded_hidden == hidden),
+                       **_layout_fields(L))
         _launch(dev, "codec_decode.cu", name, -(-items // U),
                 [_ptr(records, t0 * L.record_bytes), _ptr(y, t0 * hidden * y.element_size()), args],
                 defines)
