@@ -223,6 +223,19 @@ def test_non_contiguous_and_misaligned_input(cfg):
                      R.decode(rec.cpu(), cfg, 1024, torch.bfloat16), "misaligned records")
 
 
+@gpu
+def test_out_arguments_write_in_place():
+    cfg = CodecConfig(bits=5, group_size=64)
+    x = heavy_tailed(12, 640, torch.float16, seed=9)
+    rec = torch.full((12, record_layout(640, cfg).record_bytes), 0xAB, dtype=torch.uint8, device="cuda")
+    assert C.encode_impl(x, cfg, 0, out=rec) is rec
+    want = R.encode(x.cpu(), cfg)
+    assert_same_records(rec, want, record_layout(640, cfg), "encode out=")
+    y = torch.full((12, 640), float("nan"), dtype=torch.float16, device="cuda")
+    assert C.decode_impl(rec, cfg, 640, torch.float16, out=y) is y
+    assert_same_bits(y, R.decode(want, cfg, 640, torch.float16), "decode out=")
+
+
 # ---- stochastic rounding -------------------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("bits", INT_BITS)
