@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 from .codec import CodecConfig
-from .comm.exchange import ALGORITHMS  # the transport's algorithms ("flat" so far)
+from .comm.exchange import ALGORITHMS  # the transport's algorithms
 from .comm.topology import LinkCodecs
 
 SECTION = "moe_flashcomm"
@@ -90,7 +90,7 @@ class FlashCommConfig:
     combine:       codec of the expert outputs sent back (forward, 2nd all-to-all).
     dispatch_grad: codec of the dispatch's gradient (backward of the 1st all-to-all).
     combine_grad:  codec of the combine's gradient (backward of the 2nd all-to-all).
-    algorithm:     all-to-all algorithm: "flat" ("hierarchical", "auto" to come).
+    algorithm:     all-to-all algorithm: "flat", "hierarchical" or "auto" (all_to_all's).
     gate:          size gate: True = the tuned thresholds (``$MOE_FLASHCOMM_GATE_FILE`` or
                    the measured defaults), False = always use the codec, a thresholds dict
                    ``{path: {codec: bytes}}`` or the path of a tools/tune_gate.py JSON file.

@@ -70,7 +70,7 @@ def test_layer_rules_apply_in_order():
     ({"combine_grad": {"inter_node": {"group_size": 100}}},
      "moe_flashcomm.combine_grad: LinkCodecs.inter_node: CodecConfig.group_size must be one of"),
     ({"dispatch": [4]}, "moe_flashcomm.dispatch"),
-    ({"algorithm": "ring"}, "moe_flashcomm.algorithm must be one of ('flat',), got 'ring'"),
+    ({"algorithm": "ring"}, "moe_flashcomm.algorithm must be one of ('flat', 'hierarchical', 'auto'), got 'ring'"),
     ({"chunks": 0}, 'moe_flashcomm.chunks must be an int >= 1 or "auto"'),
     ({"chunks": True}, "moe_flashcomm.chunks"),
     ({"gate": 5}, "moe_flashcomm.gate must be true, false, a thresholds dict or a JSON file path"),
