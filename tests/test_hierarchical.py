@@ -351,6 +351,7 @@ def test_traffic_and_model():
 
 # ---- GPU: 2 GPUs as 2 nodes x 1 GPU (the degenerate hierarchy) ----------------------------------
 def _nccl_2x1(rank, world):
+    os.environ["LOCAL_RANK"] = "0"  # one GPU per "node"
     h = hierarchical_groups(None, None)  # LOCAL_WORLD_SIZE=1: no group created
     assert (h.nodes, h.local, h.kind("intra"), h.kind("inter")) == (2, 1, "skipped", "group")
     g = torch.Generator().manual_seed(5)
@@ -365,6 +366,16 @@ def _nccl_2x1(rank, world):
     x = torch.randn(4096, 7168, generator=g).bfloat16().cuda()
     flat, hier = both(x, None, None, codec=INT4)
     check_equal(flat, hier, "nccl large even")
+    with Counter() as c:  # auto: flat on 2 x 1
+        check_equal(mf.all_to_all(x, codec=INT4, algorithm="auto"), flat, "nccl auto")
+    assert c.calls == 0
+    # 1 x 2: only the intra-node stage, with the count exchange (int64 on NCCL)
+    S = split_matrix(world, "uneven", 6)
+    out_s = [S[p][rank] for p in range(world)]
+    x = make_input(rank, sum(S[rank]), (7168,), torch.bfloat16, 6).cuda()
+    links = mf.LinkCodecs(intra_node=INT4, inter_node=INT2)
+    flat, hier = both(x, out_s, S[rank], codec=links, gate=False, topology=mf.Topology(2))
+    check_equal(flat, hier, "nccl 1x2")
     backward(rank, world, rank, None, None, "cuda")
     torch.cuda.synchronize()
 

@@ -49,8 +49,8 @@ or not, in the same order), so:
     call); every process calls ``create_stage_groups(list of all such groups' global ranks,
     topology)`` once, beforehand, as DeepSpeed creates its expert-parallel groups. Without
     that, its stages run "masked" on ``group`` itself: an all_to_all_single with zero
-    splits for ranks outside the stage (correct; NCCL >= 2.14 still posts zero-byte
-    messages to them, so the message count saving is not guaranteed).
+    splits for ranks outside the stage (correct, but torch's NCCL all_to_all_single posts
+    zero-byte send/recv to them with NCCL >= 2.14, so the message saving is not assured).
 (``new_group(use_local_synchronization=True)`` would avoid the job-wide call, but it names
 groups from each process's count of groups so far, which differs between ranks that hold
 different groups: their creations never meet and hang.) A stage that is the whole group
@@ -256,7 +256,7 @@ class Hierarchy:
     local rank. A stage runs on, in order of preference: nothing (one rank: skipped),
     ``group`` itself (the stage is the whole group), its own cached stage group, or
     ``group`` with zero split sizes for the ranks outside the stage ("masked": correct, but
-    NCCL >= 2.14 still posts zero-byte sends to them). Per-split plans are cached here.
+    torch posts zero-byte NCCL send/recv to them). Per-split plans are cached here.
     """
 
     def __init__(self, group, lay: Layout, rank: int, backend: str) -> None:
