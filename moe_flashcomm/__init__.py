@@ -1,6 +1,7 @@
 """moe-flashcomm: low-bit (2-8 bit, fp8) all-to-all and all-reduce for MoE expert parallelism."""
 from .codec import CodecConfig, decode, encode, record_bytes, record_layout
-from .comm import AllToAllHandle, LinkCodecs, SizeGate, Topology, all_reduce, all_to_all
+from .comm import AllToAllHandle, LinkCodecs, SizeGate, Topology, all_to_all
+from .comm.all_reduce import all_reduce
 from .config import FlashCommConfig
 from .integrations import disable_deepspeed, enable_deepspeed
 from .integrations.allreduce import disable_all_reduce, enable_all_reduce

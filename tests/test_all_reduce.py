@@ -254,6 +254,24 @@ def _world8(rank, world):
     for topo, cfg in ((2, mf.CodecConfig(bits=5)), (4, mf.LinkCodecs(intra_node=8, inter_node=4))):
         check_case(rank, world, (3, 4000), torch.bfloat16, cfg, 80 + topo, "cpu", bound=False,
                    gate=False, algorithm="hierarchical", topology=topo)
+    # subgroups of 4 (2 nodes x 2 each): the inter-node stage masked on the subgroup (the
+    # intra-node ones exist from the default group's hierarchy above), then on their own
+    # stage groups (create_stage_groups, on every process)
+    from moe_flashcomm.comm.hierarchical import create_stage_groups, hierarchical_groups
+    ranks = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    groups = [dist.new_group(r) for r in ranks]
+    group, grank = groups[rank // 4], rank % 4
+    cfg = mf.LinkCodecs(intra_node=6, inter_node=mf.CodecConfig(bits=3, group_size=32))
+    inputs = [make_input(p, (5000,), torch.float32, 85) for p in range(4)]
+    want = reference_all_reduce(inputs, cfg, local_size=2)
+    for kind in ("masked", "own group"):
+        if kind == "own group":
+            create_stage_groups(ranks, topology=2)
+        y = make_input(grank, (5000,), torch.float32, 85)
+        mf.all_reduce(y, group=group, codec=cfg, gate=False, algorithm="hierarchical", topology=2)
+        assert torch.equal(y, want), kind
+        h = hierarchical_groups(group, 2)
+        assert h.kind("inter") == kind and h.kind("intra") == "own group", h
 
 
 def test_all_reduce_gloo_2():
@@ -305,9 +323,16 @@ def peer_records(P: int, rank: int, m: int, cfg, dtype, seed: int):
     return stacked, vals[rank]
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """Every fused kernel (and the codec kernels) compiled once, NVRTC in parallel."""
+    from moe_flashcomm.comm.all_reduce import precompile
+    precompile(FUSED_CODECS + CODECS)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", FUSED_CODECS, ids=str)
-def test_fused_reduce_matches_torch_reduction(cfg):
+def test_fused_reduce_matches_torch_reduction(cfg, compiled):
     """csrc/allreduce.cu == reduce_chunk's torch definition == the CPU reference, byte for
     byte (records) and bit for bit (the reduce-only variant of the hierarchy)."""
     for (P, rank), dtype in itertools.product(((1, 0), (2, 0), (2, 1), (3, 1), (8, 5)), DTYPES):
@@ -342,5 +367,5 @@ def _nccl2(rank, world):
 
 
 @pytest.mark.multigpu
-def test_all_reduce_nccl_2():
+def test_all_reduce_nccl_2(compiled):
     spawn(_nccl2, 2, backend="nccl")

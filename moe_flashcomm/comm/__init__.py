@@ -1,5 +1,5 @@
-"""Transport: collectives over a torch.distributed group (gloo on CPU, NCCL on CUDA)."""
-from .all_reduce import all_reduce
+"""Transport: collectives over a torch.distributed group (gloo on CPU, NCCL on CUDA).
+The quantized all-reduce is ``moe_flashcomm.all_reduce`` (module ``comm.all_reduce``)."""
 from .autograd import AllToAllHandle, all_to_all
 from .check import ConfigMismatchError
 from .gate import SizeGate
@@ -7,5 +7,5 @@ from .hierarchical import HierarchyError, create_stage_groups, hierarchical_grou
 from .topology import LinkCodecs, Topology
 
 __all__ = ["AllToAllHandle", "ConfigMismatchError", "LinkCodecs", "SizeGate", "Topology",
-           "all_reduce", "all_to_all"]
+           "all_to_all"]
 __all__ += ["HierarchyError", "create_stage_groups", "hierarchical_groups"]

@@ -34,12 +34,19 @@ host, ``Topology(local_size=L)``; M = W / L groups; rank g = node m * L + local 
   3. all-gather of the records across groups (inter group), then inside the group (intra
      group): the final records travel as bytes, decoded once at the end.
 Inter-group bytes per rank: 2 (M - 1) / M n / L b / 8 each way (flat: (W - L) / W n b / 8
-per step, over the slow links). Stage groups come from ``hierarchical_groups`` (the
-hierarchical all-to-all's cache): created once per (group, topology) at the first
-hierarchical call, collectively, with ``dist.new_group(use_local_synchronization=True)``;
-every rank of ``group`` must make that first call (call ``hierarchical_groups(group,
-topology)`` up front to create them early, e.g. before CUDA graph capture). With one node
-(M = 1) or one rank per node (L = 1) the result is bit-identical to the flat algorithm.
+per step, over the slow links). With one group (M = 1) or one rank per group (L = 1) the
+result is bit-identical to the flat algorithm.
+
+Process groups: the stages are the hierarchical all-to-all's (``hierarchical_groups``,
+cached per (group, topology), shared with it). For a ``group`` of every process of the job
+(the default group) they are created at the first hierarchical call with
+``dist.new_group``, which is collective over every process: every rank makes that first
+call, in the same order relative to its other group creations (call
+``hierarchical_groups(group, topology)`` up front to create them early, e.g. before CUDA
+graph capture). For a smaller group, every process calls
+``comm.hierarchical.create_stage_groups`` beforehand; without that a stage runs "masked"
+on ``group`` (correct: zero-size splits for the ranks outside the stage, and its
+all-gather as an all_to_all_single).
 
 Pipelining (flat, CUDA): each rank's chunk is cut into ``chunks`` row ranges; encode and
 all-to-all of range k + 1, reduce and all-gather of range k and decode of range k - 1
@@ -61,7 +68,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..codec import CodecConfig, record_bytes
+from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import reference as _reference
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
@@ -118,7 +125,8 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
     """
-    if fused is not False and own.is_cuda and not cfg.is_passthrough and _fused_available():
+    if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel() \
+            and _fused_available():
         return _fused_reduce(peers, own, rank, cfg, requant)
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
@@ -135,20 +143,84 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
 
 
 # ---- fused CUDA kernel (csrc/allreduce.cu) ---------------------------------------------------
+REDUCE_V = 16  # values per thread (at most the group size)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_available() -> bool:
-    """True when the CUDA codec loader imports and csrc/allreduce.cu is there."""
+    """True when the CUDA codec kernels load (CuPy) and csrc/allreduce.cu is there."""
     try:
         from ..codec import cuda
+        cuda._cupy()
         return (cuda.csrc_dir() / "allreduce.cu").is_file()
     except ImportError:
         return False
 
 
+def kernel_name(cfg: CodecConfig, dtype: torch.dtype, requant: bool = True) -> str:
+    """The NVRTC name expression of the fused reduction for ``cfg`` (int or fp8) and ``dtype``."""
+    from ..codec import cuda
+    bits = 0 if cfg.is_fp8 else cfg.bits
+    return (f"mfc::reduce_chunk<{cuda._CTYPE[dtype]}, {bits}, {str(cfg.spikes).lower()}, "
+            f"{min(REDUCE_V, cfg.group_size)}, {str(requant).lower()}>")
+
+
+def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+               device: Optional[int] = None, workers: Optional[int] = None) -> int:
+    """Compile the fused reductions of ``configs`` x ``dtypes`` and the codec kernels the
+    all-reduce uses into the disk cache (NVRTC in parallel threads). Returns how many."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..codec import cuda
+    cfgs = [c for c in (CodecConfig.coerce(c) for c in configs) if not c.is_passthrough]
+    arch = cuda._arch(torch.cuda.current_device() if device is None else device)
+    n = cuda.precompile(cfgs, dtypes, device=device, workers=workers)
+    names = sorted({kernel_name(c, d, r) for c in cfgs for d in dtypes for r in (True, False)})
+    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
+        list(pool.map(lambda name: cuda.compile_kernel("allreduce.cu", name, arch), names))
+    return n + len(names)
+
+
 def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
                   requant: bool) -> torch.Tensor:
-    from . import _all_reduce_cuda
-    return _all_reduce_cuda.reduce(peers, own, rank, cfg, requant)
+    """reduce_chunk in one kernel (csrc/allreduce.cu), on torch's current stream."""
+    import numpy as np
+
+    from ..codec import cuda
+    m, H = own.shape
+    L = record_layout(H, cfg)
+    own = own.contiguous()
+    peers = peers.contiguous()
+    if peers.numel() and peers.data_ptr() % 16:
+        peers = peers.clone()  # 16-byte record loads
+    if requant:
+        out = torch.empty((m, L.record_bytes), dtype=torch.uint8, device=own.device)
+    else:
+        out = torch.empty((m, H), dtype=own.dtype, device=own.device)
+    if m == 0:
+        return out
+    V = min(REDUCE_V, cfg.group_size)
+    dev = own.device.index if own.device.index is not None else torch.cuda.current_device()
+    esize, rb = own.element_size(), L.record_bytes
+    fields = cuda._layout_fields(L)
+    vec = int(H % 8 == 0 and own.data_ptr() % 16 == 0)
+    name = kernel_name(cfg, own.dtype, requant)
+    args_t = np.dtype([("enc", cuda.ENC_ARGS), ("dec", cuda.DEC_ARGS), ("world", "<i4"),
+                       ("rank", "<i4")])
+    for t0, items, log2L, ipt, mul, shift in cuda._geometry(m, L, V):
+        geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items, vec=vec)
+        args = np.zeros(1, dtype=args_t)
+        args["enc"] = cuda._struct(cuda.ENC_ARGS, padded=L.padded_hidden, gap=cuda._gaps(L),
+                                   **geo, **fields)[0]
+        args["dec"] = cuda._struct(cuda.DEC_ARGS, **geo, **fields)[0]
+        args["world"], args["rank"] = peers.shape[0] + 1, rank
+        rec_ptr = cuda._ptr(out, t0 * rb) if requant else np.uint64(0)
+        sum_ptr = np.uint64(0) if requant else cuda._ptr(out, t0 * H * esize)
+        cuda._launch(dev, "allreduce.cu", name, items,
+                     [cuda._ptr(peers, t0 * rb) if peers.numel() else np.uint64(0),
+                      np.uint64(m * rb), cuda._ptr(own, t0 * H * esize), rec_ptr, sum_ptr, args])
+    return out
 
 
 # ---- plans -------------------------------------------------------------------------------------
@@ -163,7 +235,7 @@ class _Plan:
     pieces: tuple                  # row ranges (a, b) of the chunk, pipelined (flat)
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
-    hierarchy: object = None       # comm.hierarchical.Hierarchy (hierarchical only)
+    hierarchy: object = None       # hierarchical: (group, topology) of hierarchical_groups
 
 
 _plans: dict = {}
@@ -218,8 +290,8 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     c = rows_per_rank(n, world)
     hierarchy = None
     if algorithm == "hierarchical":
-        from .hierarchical import hierarchical_groups
-        hierarchy = hierarchical_groups(group, topology)
+        _hierarchy(group, topology)  # creates the stage groups (collective), checks the layout
+        hierarchy = (group, topology)
         k = 1
     elif chunks is None:
         k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda else 1
@@ -319,22 +391,46 @@ def _gather_single(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool =
 
 
 def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank: int, group,
-                          cfg: CodecConfig):
+                          cfg: CodecConfig, a2a=None):
     """Encode rows [a, b) of every other rank's chunk of ``rows3`` [world, c, ROW] and start
-    their exchange. Returns (receive buffer uint8 [world - 1, b - a, rb], work)."""
+    their exchange (``a2a``: a hierarchy stage's all_to_all_single, else ``group``'s).
+    Returns (receive buffer uint8 [world - 1, b - a, rb], work, send buffer)."""
     m, rb = b - a, record_bytes(ROW, cfg)
-    parts = [_encode(rows3[p, a:b], cfg) for p in range(world) if p != rank]
-    send = parts[0] if len(parts) == 1 else torch.cat(parts)
-    recv = torch.empty((world - 1, m, rb), dtype=torch.uint8, device=rows3.device)
+    send = torch.empty((world - 1, m, rb), dtype=torch.uint8, device=rows3.device)
+    for p in range(world):
+        if p != rank:
+            _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)])
+    recv = torch.empty_like(send)
     splits = [0 if p == rank else m * rb for p in range(world)]
-    work = dist.all_to_all_single(recv.view(-1), send.view(-1), splits, splits, group=group,
-                                  async_op=True)
+    if a2a is not None:
+        work = a2a(recv.view(-1), send.view(-1), splits, splits, async_op=True)
+    else:
+        work = dist.all_to_all_single(recv.view(-1), send.view(-1), splits, splits, group=group,
+                                      async_op=True)
     return recv, work, send
+
+
+def _direct(t: torch.Tensor) -> bool:
+    """The CUDA kernels can write ``t`` in place (contiguous, 16-byte aligned)."""
+    return t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0 and _fused_available()
+
+
+def _encode_into(rows: torch.Tensor, cfg: CodecConfig, out: torch.Tensor) -> None:
+    """Encode ``rows`` [m, ROW] into ``out`` uint8 [m, rb]."""
+    if _direct(out) and rows.shape[0]:
+        from ..codec import cuda
+        cuda.encode_impl(rows, cfg, 0, out=out)
+    else:
+        out.copy_(_encode(rows, cfg))
 
 
 def _decode_into(rec: torch.Tensor, cfg: CodecConfig, out: torch.Tensor) -> None:
     """Decode records uint8 [m, rb] into ``out`` [m, ROW] (its dtype)."""
-    out.copy_(_decode(rec, cfg, ROW, out.dtype))
+    if _direct(out) and rec.shape[0]:
+        from ..codec import cuda
+        cuda.decode_impl(rec, cfg, ROW, out.dtype, out=out)
+    else:
+        out.copy_(_decode(rec, cfg, ROW, out.dtype))
 
 
 def _flat(buf: torch.Tensor, plan: _Plan, group) -> None:
@@ -373,15 +469,36 @@ def _flat(buf: torch.Tensor, plan: _Plan, group) -> None:
 
 
 # ---- hierarchical ------------------------------------------------------------------------------
+def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor) -> None:
+    """All-gather of ``inp`` (uint8, equal sizes) among a hierarchy stage's ranks into
+    ``out`` (stage rank order). A masked stage (no process group of its own) sends ``inp``
+    to every stage peer with one all_to_all_single on the whole group."""
+    pg, peers, masked = h.stages[stage]
+    if not masked:
+        _gather_single(out.view(-1), inp.reshape(-1), pg)
+        return
+    n, k = len(peers), inp.numel()
+    h.a2a(stage, out.view(-1), inp.reshape(1, -1).expand(n, k).reshape(-1), [k] * n, [k] * n)
+
+
+def _hierarchy(group, topology):
+    """The stages (comm.hierarchical.Hierarchy), looked up per call: create_stage_groups
+    may replace them."""
+    from .hierarchical import hierarchical_groups
+    return hierarchical_groups(group, topology)
+
+
 def _hierarchical(buf: torch.Tensor, plan: _Plan) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
-    h = plan.hierarchy
+    h = _hierarchy(*plan.hierarchy)
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
+    intra = functools.partial(h.a2a, "intra")
+    inter = functools.partial(h.a2a, "inter")
     # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
     #    the group, in x's dtype
     if L > 1:
-        recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, h.intra, plan.intra)
+        recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra)
         work.wait()
         part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False)
     else:
@@ -390,7 +507,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan) -> None:
     part3 = part.view(M, c, ROW)
     rb = record_bytes(ROW, plan.inter)
     if M > 1:
-        recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, h.inter, plan.inter)
+        recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, None, plan.inter, inter)
         work.wait()
     else:
         recv = torch.empty((0, c, rb), dtype=torch.uint8, device=buf.device)
@@ -398,12 +515,12 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan) -> None:
     # 3. all-gather of the final records: across groups, then inside the group
     if M > 1:
         across = torch.empty((M, c, rb), dtype=torch.uint8, device=buf.device)
-        _gather_single(across.view(-1), rec.view(-1), h.inter)
+        _stage_gather(h, "inter", across, rec)
     else:
         across = rec
     if L > 1:
         inside = torch.empty((L, M * c, rb), dtype=torch.uint8, device=buf.device)
-        _gather_single(inside.view(-1), across.reshape(-1), h.intra)
+        _stage_gather(h, "intra", inside, across)
     else:
         inside = across
     _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))

@@ -1,0 +1,177 @@
+// Fused reduction of moe_flashcomm.all_reduce (moe_flashcomm/comm/all_reduce.py,
+// reduce_chunk): for each value of the owned chunk, decode the world - 1 peers' records,
+// sum them with the rank's own value in fp32 in rank order 0..world-1, round the sum to the
+// tensor's dtype, and re-encode it (REQUANT) or store it (the hierarchy's first stage), in
+// one pass. Bit-identical to reduce_chunk's torch definition: each peer through
+// reference.decode (to the tensor's dtype), the terms added with IEEE fp32 adds in rank
+// order (the first term taken as is), ``.to(dtype)``, reference.encode.
+//
+// One thread owns V values of one group of one row (codec_common.cuh's work split, the
+// encoder's geometry); the peers' records have the output's layout, so the thread's decode
+// reads exactly the bytes its encode writes. Integer widths (round to nearest) and fp8.
+//
+// The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
+// loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
+// store_chunk; peer_values below mirrors decode_chunk / decode_fp8 with the values kept in
+// registers (decode_chunk stores them).
+#ifdef MFC_INSTANTIATE_ALL  // the codec files' own instantiations are not needed here
+#define MFC_AR_INSTANTIATE_ALL
+#undef MFC_INSTANTIATE_ALL
+#endif
+#include "codec_encode.cu"
+#include "codec_decode.cu"
+
+namespace mfc {
+
+// Kernel arguments (one struct, by value; moe_flashcomm/comm/all_reduce.py mirrors it).
+// enc describes the output records and the geometry (H, groups, items); dec the peers'
+// records, which have the same layout.
+struct ReduceArgs {
+  EncArgs enc;
+  DecArgs dec;
+  int world, rank;
+};
+
+// fp32 -> T -> fp32: the rounding of torch's .to(T) (nearest even; overflow to infinity).
+template <typename T> __device__ __forceinline__ float round_to(float v);
+template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ float round_to<__half>(float v) {
+  return __half2float(__float2half_rn(v));
+}
+
+// fp32 values (already representable in In) -> the raw words load_raw would have read.
+template <typename In, int V>
+__device__ __forceinline__ void pack_raw(const float* v, u32* w) {
+  if constexpr (sizeof(In) == 4) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(v[k]);
+  } else if constexpr (UsesBf16<In>::value) {
+#pragma unroll
+    for (int k = 0; k < V; k += 2)
+      w[k / 2] = (__float_as_uint(v[k]) >> 16) | (__float_as_uint(v[k + 1]) & 0xFFFF0000u);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; k += 2)
+      w[k / 2] = (u32)__half_as_ushort(__float2half_rn(v[k]))
+                 | ((u32)__half_as_ushort(__float2half_rn(v[k + 1])) << 16);
+  }
+}
+
+// A peer's V decoded values of the thread's chunk as reference.decode gives them in dtype
+// Out (saturated, spikes restored, rounded to Out), as fp32: decode_chunk's arithmetic.
+template <typename Out, int BITS, bool SPIKES, int V>
+__device__ __forceinline__ void peer_values(const u8* in, const Pos& P, const DecArgs& a, float* o) {
+  typedef typename Val<Out>::W W;
+  ChunkIn<BITS, SPIKES, V> c;
+  c.load(in, P, a);
+  const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
+  if constexpr (BITS == 8) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) o[k] = __fadd_rn(mnf, __fmul_rn(code_at(c.p4[k / 4], k % 4), scf));
+  } else {
+    u32 E[V / 8], O[V / 8];
+#pragma unroll
+    for (int j = 0; j < V / 8; ++j) {
+      E[j] = O[j] = 0;
+      if constexpr ((BITS & 4) != 0) plane_unpack<4>(chunk_bits<4>(c.p4, j), BITS - 4, E[j], O[j]);
+      if constexpr ((BITS & 2) != 0) plane_unpack<2>(chunk_bits<2>(c.p2, j), BITS & 1, E[j], O[j]);
+      if constexpr ((BITS & 1) != 0) plane_unpack<1>(chunk_bits<1>(c.p1, j), 0, E[j], O[j]);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const u32 w = (k & 1) ? O[k / 8] : E[k / 8];
+      o[k] = __fadd_rn(mnf, __fmul_rn(code_at(w, (k % 8) / 2), scf));  // two roundings
+    }
+  }
+  if (SPIKES) {  // the spike slots hold the exact extremes (hi written last, as decode does)
+    const int jl = c.li - P.lane * V, jh = c.hi - P.lane * V;
+    const float lov = Wire<W>::f(c.lov), hiv = Wire<W>::f(c.hiv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) o[k] = k == jh ? hiv : (k == jl ? lov : o[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) o[k] = round_to<Out>(saturate<Out>(o[k]));
+}
+
+// fp8: e4m3(code) * scale, saturated and rounded to Out (decode_fp8's arithmetic).
+template <typename Out, int V>
+__device__ __forceinline__ void peer_values_fp8(const u8* in, const Pos& P, const DecArgs& a, float* o) {
+  typedef typename Val<Out>::W W;
+  u32 w[V / 4];
+  load_bytes<V>(in + a.o4 + P.base, w);
+  const float scf = Wire<W>::f(ld16(in + a.o_scale + 2 * P.g));
+#pragma unroll
+  for (int k = 0; k < V; k += 2) {
+    const __half2 h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[k / 4] >> (16 * ((k / 2) & 1))), __NV_E4M3);
+    const float2 f = __half22float2(h);
+    o[k] = round_to<Out>(saturate<Out>(__fmul_rn(f.x, scf)));
+    o[k + 1] = round_to<Out>(saturate<Out>(__fmul_rn(f.y, scf)));
+  }
+}
+
+// The thread's V values of the sum, rounded to In (0 beyond H).
+template <typename In, int BITS, bool SPIKES, bool FP8, int V>
+__device__ __forceinline__ void reduced(const u8* __restrict__ peers, unsigned long long peer_stride,
+                                        const In* __restrict__ own, const Pos& P,
+                                        const ReduceArgs& a, float* acc) {
+  const int H = a.enc.H;
+  for (int p = 0; p < a.world; ++p) {
+    float t[V];
+    if (p == a.rank) {
+      u32 w[raw_words<In, V>()];
+      load_raw<In, V>(own + (size_t)P.t * H, P.base, H, a.enc.vec != 0, w);
+#pragma unroll
+      for (int k = 0; k < V; ++k) t[k] = value<In>(w, k);
+    } else {
+      const u8* in = peers + (size_t)(p - (p > a.rank)) * peer_stride + (size_t)P.t * a.dec.rec_bytes;
+      if constexpr (FP8) peer_values_fp8<In, V>(in, P, a.dec, t);
+      else peer_values<In, BITS, SPIKES, V>(in, P, a.dec, t);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] = p == 0 ? t[k] : __fadd_rn(acc[k], t[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = P.base + k < H ? round_to<In>(acc[k]) : 0.0f;
+}
+
+// REQUANT: records of the sum into rec; else the sum (dtype In) into sum. BITS 0: fp8.
+template <typename In, int BITS, bool SPIKES, int V, bool REQUANT>
+__global__ void __launch_bounds__(kBlock) reduce_chunk(
+    const u8* __restrict__ peers, unsigned long long peer_stride, const In* __restrict__ own,
+    u8* __restrict__ rec, In* __restrict__ sum, const ReduceArgs a) {
+  const u32 item = blockIdx.x * kBlock + threadIdx.x;
+  if ((item & ~31u) >= a.enc.total) return;  // warp-uniform: the encode's shuffles need every lane
+  const EncArgs& e = a.enc;
+  // lanes past the end compute on the last item and store nothing
+  const Pos P = locate<V>(min(item, e.total - 1), e.total, e.ipt, e.div_mul, e.div_shift, e.log2L);
+  float acc[V];
+  reduced<In, BITS, SPIKES, BITS == 0, V>(peers, peer_stride, own, P, a, acc);
+  if constexpr (REQUANT) {
+    u32 w[raw_words<In, V>()];
+    pack_raw<In, V>(acc, w);
+    if constexpr (BITS == 0) encode_fp8_chunk<In, V>(w, item, rec, e);
+    else encode_chunk<In, BITS, SPIKES, false, V>(w, item, rec, e);
+  } else {
+    if (item < e.total) store_chunk<In, V>(sum + (size_t)P.t * e.H, P.base, e.H, e.vec != 0, acc);
+  }
+}
+
+}  // namespace mfc
+
+#ifdef MFC_AR_INSTANTIATE_ALL
+// CI (tools/check_csrc.sh): compile every variant the loader may request (REDUCE_V in
+// moe_flashcomm/comm/all_reduce.py: V = min(16, group size)).
+namespace mfc {
+#define MFC_AR_R(T, B, S, V) \
+  (const void*)&reduce_chunk<T, B, S, V, true>, (const void*)&reduce_chunk<T, B, S, V, false>
+#define MFC_AR_BITS(T, S, V) \
+  MFC_AR_R(T, 2, S, V), MFC_AR_R(T, 3, S, V), MFC_AR_R(T, 4, S, V), MFC_AR_R(T, 5, S, V), \
+  MFC_AR_R(T, 6, S, V), MFC_AR_R(T, 7, S, V), MFC_AR_R(T, 8, S, V)
+#define MFC_AR_TYPE(T, V) MFC_AR_BITS(T, false, V), MFC_AR_BITS(T, true, V), MFC_AR_R(T, 0, false, V)
+#define MFC_AR_V(V) MFC_AR_TYPE(float, V), MFC_AR_TYPE(__nv_bfloat16, V), MFC_AR_TYPE(__half, V)
+extern const void* const all_reduce_kernels[] = {MFC_AR_V(16)};
+}  // namespace mfc
+#endif

@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""Benchmark moe_flashcomm.all_reduce against NCCL bf16 all_reduce, 2 GPUs.
+
+For each link path of DESIGN.md (NCCL's environment must be set before NCCL starts: one
+pair of fresh processes, one process group, per path) and each tensor size (bf16 bytes per
+rank, 1 MiB .. 1 GiB by default) it times, on the same bf16 tensor:
+
+  nccl          torch.distributed.all_reduce (the baseline)
+  <codec>       moe_flashcomm.all_reduce(x, codec=<codec>, gate=False): always quantized
+  <codec>+gate  moe_flashcomm.all_reduce(x, codec=<codec>): the size gate as shipped (or
+                --gate FILE): what a user gets
+
+CUDA events around each call (the input is restored before each call, outside the timed
+region, since all-reduce works in place), after warm-up; the median over calls, the slower
+rank's. Ratios are NCCL time / ours (> 1: faster than NCCL). Prints a table and the
+targets, writes JSON and a PNG plot, and the all-reduce size gate fitted on this run
+(--gate-out FILE: a gate file for MOE_FLASHCOMM_GATE_FILE; an existing file keeps its
+all-to-all thresholds). A total time budget (--budget) skips the largest sizes when the
+run would not fit.
+
+    python tools/bench_allreduce.py --out out/bench_allreduce            # ~4 min on 2 H200s
+    python tools/bench_allreduce.py --paths host,network --sizes 256M --codecs int4
+    python tools/bench_allreduce.py --device cpu --out out/ar_cpu        # gloo dry run
+    python tools/bench_allreduce.py --plot out/bench_allreduce/bench_allreduce.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"
+    "nvlink": {},
+    "host": {"NCCL_P2P_DISABLE": "1"},
+    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
+}
+CODECS = ("int4", "int8", "fp8", "int2")
+SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
+CPU_SIZES = ("16K", "64K", "256K")
+TARGETS = (  # (path, codec, size, minimum NCCL/ours): the issue's targets, 2x H200
+    ("host", "int4", 256 << 20, 2.5),
+    ("network", "int4", 256 << 20, 3.0),
+)
+NVLINK_FLOOR = 1 / 1.05  # NVLink, gate on: never more than 5% slower than NCCL
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def codec_of(name: str):
+    from moe_flashcomm import CodecConfig
+    bits = name[3:] if name.startswith("int") else name
+    return CodecConfig(bits=bits, group_size=128, spikes=True)
+
+
+# ---- worker (one process per GPU) ------------------------------------------------------------
+DEV = "cuda"
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, prep, reps: int, warmup: int = 2) -> float:
+    """Median ms of ``fn`` over ``reps`` calls, ``prep`` run before each call outside the
+    timed region; the max over ranks (every rank runs the same calls)."""
+    for _ in range(warmup):
+        prep()
+        fn()
+    _sync()
+    dist.barrier()
+    times = []
+    if DEV == "cuda":
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(reps)]
+        for s, e in pairs:
+            prep()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in pairs]
+    else:
+        for _ in range(reps):
+            prep()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    med = torch.tensor([statistics.median(times)], device=DEV)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    t = torch.tensor([int(flag)], device=DEV)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def _input(n: int, rank: int) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(1234 + rank)
+    x = torch.randn(n, device=DEV, generator=g)
+    x += (torch.rand(n, device=DEV, generator=g) < 0.001) * 30  # outliers for the spikes
+    return x.bfloat16()
+
+
+def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
+    global DEV
+    DEV = cfg["device"]
+    os.environ.update(PATH_ENV[path])
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (KINDS.md)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    if cfg.get("gate_file"):
+        os.environ["MOE_FLASHCOMM_GATE_FILE"] = cfg["gate_file"]
+    if DEV == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    import moe_flashcomm as mf
+    from moe_flashcomm.comm import all_reduce as ar
+    codecs = {c: codec_of(c) for c in cfg["codecs"]}
+    if rank == 0 and DEV == "cuda":
+        try:
+            t0 = time.perf_counter()
+            n = ar.precompile(codecs.values(), [torch.bfloat16])
+            print(f"[{path}] {n} kernels compiled or cached in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+        except ImportError as e:
+            print(f"[{path}] no CUDA kernels ({e}): the reference codec runs (slow)", flush=True)
+    dist.barrier()
+
+    rows: list = []
+    t_start, budget = time.perf_counter(), cfg["budget_s"]
+    last = None  # (size, seconds) of the previous point
+    for size in cfg["sizes"]:
+        if last is not None:  # the next point takes about (size ratio) x the last one
+            projected = last[1] * size / last[0]
+            if _agree(time.perf_counter() - t_start + projected > budget):
+                rows.append(dict(path=path, size_bytes=size, variant="skipped"))
+                if rank == 0:
+                    print(f"[{path}] {fmt_size(size)}: skipped (time budget)", flush=True)
+                continue
+        t0 = time.perf_counter()
+        n = size // 2
+        src = _input(n, rank)
+        x = torch.empty_like(src)
+        reps = cfg["reps"] if size < (256 << 20) else max(3, cfg["reps"] // 3)
+
+        def prep():
+            x.copy_(src)
+
+        def measure(name: str, fn, **extra) -> float:
+            ms = _time(fn, prep, reps)
+            rows.append(dict(path=path, size_bytes=size, variant=name, ms=ms, **extra))
+            return ms
+
+        nccl = measure("nccl", lambda: dist.all_reduce(x))
+        for name, c in codecs.items():
+            for chunks in cfg["chunks"]:
+                tag = name if chunks is None else f"{name}/chunks={chunks}"
+                measure(tag, lambda: mf.all_reduce(x, codec=c, gate=False, chunks=chunks),
+                        codec=name, chunks=chunks, nccl_ms=nccl)
+            measure(name + "+gate", lambda: mf.all_reduce(x, codec=c), codec=name, gated=True,
+                    nccl_ms=nccl)
+        del src, x
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        last = (size, time.perf_counter() - t0)
+        if rank == 0:
+            cells = " ".join(f"{r['variant']}={nccl / r['ms']:.2f}" for r in rows
+                             if r["size_bytes"] == size and r.get("codec"))
+            print(f"[{path}] {fmt_size(size)}: nccl {nccl:.3f} ms; NCCL/ours {cells}", flush=True)
+
+    if rank == 0:
+        Path(part).write_text(json.dumps(dict(rows=rows)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_paths(cfg: dict, out: Path) -> dict:
+    """Run every path in fresh processes (NCCL's environment is read at its start)."""
+    rows = []
+    t_all = time.perf_counter()
+    for i, path in enumerate(cfg["paths"]):
+        part = out / f"part_{path}.json"
+        left = cfg["total_budget_s"] - (time.perf_counter() - t_all)
+        path_cfg = dict(cfg, budget_s=max(5.0, left / (len(cfg["paths"]) - i)))
+        t0 = time.perf_counter()
+        mp.spawn(_worker, args=(2, _free_port(), path, path_cfg, str(part)), nprocs=2, join=True)
+        rows += json.loads(part.read_text())["rows"]
+        part.unlink()
+        print(f"[{path}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return dict(rows=rows)
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _results(rows: list) -> dict:
+    """{(path, size, codec): dict(nccl, raw, gate)}: ms of NCCL, always quantized (the
+    default chunking), gate on."""
+    out: dict = {}
+    for r in rows:
+        if not r.get("codec") or (r.get("chunks") is not None):
+            continue
+        cell = out.setdefault((r["path"], r["size_bytes"], r["codec"]), {"nccl": r["nccl_ms"]})
+        cell["gate" if r.get("gated") else "raw"] = r["ms"]
+    return out
+
+
+def fitted_gate(rows: list) -> dict:
+    """All-reduce thresholds ``{path: {codec_key: bf16 bytes}}`` from this run (gate.fit_thresholds:
+    the smallest size from which the codec is never slower than NCCL at a larger size)."""
+    from moe_flashcomm.comm.gate import codec_key, fit_thresholds
+    pts = [dict(path=p, codec=codec_key(codec_of(c)), hidden=0, pair_bytes=s, ms=v["raw"],
+                nccl_ms=v["nccl"])
+           for (p, s, c), v in _results(rows).items() if "raw" in v and p != "cpu"]
+    return fit_thresholds(pts)
+
+
+def report(result: dict) -> str:
+    res = _results(result["rows"])
+    codecs = [c for c in CODECS + tuple(sorted({k[2] for k in res})) if any(k[2] == c for k in res)]
+    codecs = list(dict.fromkeys(codecs))
+    lines = []
+    for path in PATH_ENV:
+        sizes = sorted({s for (p, s, _) in res if p == path})
+        if not sizes:
+            continue
+        lines.append(f"\n{path}: NCCL bf16 all_reduce ms, then NCCL time / ours "
+                     "(gate on; always quantized in brackets)")
+        lines.append(f"{'size':>6} {'nccl ms':>10} " + " ".join(f"{c:>15}" for c in codecs))
+        for s in sizes:
+            cells = {c: res.get((path, s, c)) for c in codecs}
+            base = next(v for v in cells.values() if v)["nccl"]
+            row = [f"{'':>15}" if v is None else
+                   f"{base / v['gate']:7.2f} ({base / v['raw']:5.2f})" for v in cells.values()]
+            lines.append(f"{fmt_size(s):>6} {base:10.3f} " + " ".join(row))
+    chunked = [r for r in result["rows"] if r.get("chunks") is not None]
+    if chunked:
+        lines.append("\npipelining (ms, NCCL/ours):")
+        for r in chunked:
+            lines.append(f"  {r['path']:>7} {fmt_size(r['size_bytes']):>5} {r['variant']:>16}: "
+                         f"{r['ms']:.3f} ms  {r['nccl_ms'] / r['ms']:.2f}")
+    skipped = [r for r in result["rows"] if r["variant"] == "skipped"]
+    if skipped:
+        lines.append("\nskipped (time budget): " + ", ".join(
+            f"{r['path']} {fmt_size(r['size_bytes'])}" for r in skipped))
+    lines.append("\ntargets (2x H200):")
+    for path, codec, size, floor in TARGETS:
+        v = res.get((path, size, codec))
+        got = f"{v['nccl'] / v['raw']:.2f}x (gate on {v['nccl'] / v['gate']:.2f}x)" if v else "not measured"
+        lines.append(f"  {path} {codec} {fmt_size(size)}: >= {floor}x over NCCL bf16: {got}")
+    nv = [(s, c, v["nccl"] / v["gate"]) for (p, s, c), v in res.items() if p == "nvlink" and "gate" in v]
+    if nv:
+        worst = min(nv, key=lambda t: t[2])
+        ok = "ok" if worst[2] >= NVLINK_FLOOR else "MISSED"
+        lines.append(f"  nvlink, gate on, never > 5% slower (ratio >= {NVLINK_FLOOR:.3f}): worst "
+                     f"{worst[2]:.3f} ({worst[1]} {fmt_size(worst[0])}): {ok}")
+    gate = result.get("fitted_gate")
+    if gate:
+        lines.append(f"\nall-reduce gate fitted on this run (bf16 bytes of the tensor): {gate}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(result: dict, png: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    res = _results(result["rows"])
+    paths = [p for p in PATH_ENV if any(k[0] == p for k in res)]
+    if not paths:
+        return
+    fig, axes = plt.subplots(1, len(paths), figsize=(5.5 * len(paths), 4.2), squeeze=False,
+                             sharey=True)
+    for j, path in enumerate(paths):
+        ax = axes[0][j]
+        for c in dict.fromkeys(k[2] for k in res):
+            pts = sorted((s, v) for (p, s, cc), v in res.items() if p == path and cc == c)
+            if not pts:
+                continue
+            xs = [s for s, _ in pts]
+            line, = ax.plot(xs, [v["nccl"] / v["gate"] for _, v in pts], marker="o", ms=3, label=c)
+            ax.plot(xs, [v["nccl"] / v["raw"] for _, v in pts], ls=":", color=line.get_color(), lw=1)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(NVLINK_FLOOR, color="r", lw=0.6, ls="--")
+        for p, codec, size, floor in TARGETS:
+            if p == path:
+                ax.plot([size], [floor], marker="_", ms=14, color="r")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(path)
+        ax.set_xlabel("tensor bytes per rank (bf16)")
+        if j == 0:
+            ax.set_ylabel("NCCL bf16 all_reduce time / ours")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("moe_flashcomm.all_reduce vs NCCL all_reduce, 2 ranks "
+                 "(solid: gate on; dotted: always quantized; red ticks: targets)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
+def write_gate(path: Path, table: dict) -> None:
+    """A gate file with this run's all-reduce table; an existing file's all-to-all
+    thresholds (and other fields) are kept."""
+    from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS, DEFAULT_THRESHOLDS
+    data = json.loads(path.read_text()) if path.exists() else {"thresholds": DEFAULT_THRESHOLDS}
+    merged = {p: dict(r) for p, r in DEFAULT_ALL_REDUCE_THRESHOLDS.items()}
+    merged.update(table)  # measured paths replace the defaults
+    data["all_reduce"] = merged
+    path.write_text(json.dumps(data, indent=1))
+    print(f"gate file: {path} (use: MOE_FLASHCOMM_GATE_FILE={path})")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"))
+    ap.add_argument("--paths", default=",".join(PATH_ENV), help="of " + ",".join(PATH_ENV))
+    ap.add_argument("--codecs", default=",".join(CODECS), help="e.g. int4,int8,fp8,int2,int3")
+    ap.add_argument("--sizes", default=None,
+                    help=f"bf16 bytes per rank (default {','.join(SIZES)}; cpu: {','.join(CPU_SIZES)})")
+    ap.add_argument("--chunks", default="auto",
+                    help="pipeline ranges to time, e.g. auto,1,2,4 (auto: the library's choice)")
+    ap.add_argument("--reps", type=int, default=15, help="timed calls per point (a third from 256M)")
+    ap.add_argument("--budget", type=float, default=200.0,
+                    help="total seconds for the whole run; the largest sizes are skipped past it")
+    ap.add_argument("--gate", type=Path, help="gate file for the '+gate' variant (default: shipped)")
+    ap.add_argument("--gate-out", type=Path, help="write the fitted all-reduce gate here")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: gloo on CPU to check this script (timings meaningless)")
+    ap.add_argument("--plot", type=Path, help="only report and replot this JSON")
+    args = ap.parse_args(argv)
+    if args.plot:
+        result = json.loads(args.plot.read_text())
+        report(result)
+        plot(result, args.plot.with_suffix(".png"))
+        return
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()} (--device cpu for a dry run)")
+    paths = args.paths.split(",")
+    unknown = [p for p in paths if p not in PATH_ENV]
+    if unknown:
+        sys.exit(f"--paths: unknown {unknown}; allowed: {', '.join(PATH_ENV)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes = args.sizes.split(",") if args.sizes else (CPU_SIZES if args.device == "cpu" else SIZES)
+    chunks = [None if c == "auto" else int(c) for c in args.chunks.split(",")]
+    cfg = dict(paths=paths, codecs=args.codecs.split(","),
+               sizes=sorted(parse_size(s) for s in sizes), reps=args.reps, chunks=chunks,
+               total_budget_s=args.budget, device=args.device,
+               gate_file=str(args.gate.resolve()) if args.gate else None)
+    for c in cfg["codecs"]:
+        codec_of(c)  # fail early on a bad codec name
+    t0 = time.perf_counter()
+    result = run_paths(cfg, args.out)
+    result["fitted_gate"] = fitted_gate(result["rows"]) if args.device == "cuda" else {}
+    result["meta"] = dict(
+        command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        device=f"2x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "cpu (gloo)",
+        torch=torch.__version__,
+        nccl=".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None,
+        date=datetime.date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
+        config=cfg)
+    out_json = args.out / "bench_allreduce.json"
+    out_json.write_text(json.dumps(result, indent=1))
+    text = report(result)
+    (args.out / "bench_allreduce.txt").write_text(text + "\n")
+    plot(result, out_json.with_suffix(".png"))
+    if args.gate_out:
+        write_gate(args.gate_out, result["fitted_gate"])
+    print(f"json: {out_json}")
+
+
+if __name__ == "__main__":
+    main()
