@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything that needs GPUs, for one call of a GPU machine with 2+ GPUs:
+#   bash tools/gpu_suite.sh [tests] [allreduce] [inference] [all2all]   (default: all four)
+# Logs, JSON and plots go under $OUT (default out/gpu). DeepSpeed comes from .whl/ when the
+# machine has no package index (fill it with ../shared/tools/device-wheels.sh).
+# Link emulation as in DESIGN.md: nvlink (default NCCL), host-memory, network.
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1
+echo "GPUs: $ngpu"
+
+path_env() {
+  case $1 in
+    nvlink) echo "" ;;
+    host-memory) echo "NCCL_P2P_DISABLE=1" ;;
+    network) echo "NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1" ;;
+  esac
+}
+
+status=0
+for step in ${*:-tests allreduce inference all2all}; do
+  echo "=== $step"
+  case $step in
+    tests)
+      python3 -m pytest -q -m "cuda or multigpu" tests 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+    allreduce)
+      python3 tools/bench_allreduce.py --out "$OUT" --budget "${AR_BUDGET:-150}" || status=1 ;;
+    all2all)
+      python3 tools/bench_all2all.py --out "$OUT" ${A2A_ARGS:---quick} || status=1 ;;
+    inference)
+      for path in ${INF_PATHS:-nvlink host-memory network}; do
+        tokens=${INF_TOKENS:-1024 4096 16384}
+        [ "$path" = network ] && tokens=${INF_TOKENS_NETWORK:-1024 4096}
+        env $(path_env "$path") python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" \
+          recipes/bench_moe_inference.py --path "$path" --out "$OUT" --tokens $tokens \
+          --reps "${INF_REPS:-5}" --codecs int8 int4 int2 || status=1
+      done ;;
+    *) echo "unknown step $step (tests, allreduce, inference, all2all)"; status=2 ;;
+  esac
+done
+exit $status
