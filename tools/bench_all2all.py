@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -272,9 +273,11 @@ def run_paths(cfg: dict, out: Path) -> dict:
 
 
 # ---- report -----------------------------------------------------------------------------------
-def library_rows(rows: list) -> list:
-    """Per (path, hidden, size, codec): what the library does with the gate on (the gated
-    timing where the gate sends bf16, the quantized one elsewhere), with the NCCL time."""
+def library_rows(rows: list, gate: dict) -> list:
+    """Per (path, hidden, size, codec): what the library does with the size gate ``gate``
+    (the timing of the gated call where the gate sends bf16, the quantized one elsewhere),
+    with the NCCL time."""
+    from moe_flashcomm.comm.gate import codec_key
     nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
     gated = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in rows if r.get("gated")}
     out = []
@@ -283,16 +286,19 @@ def library_rows(rows: list) -> list:
                 or r.get("algorithm"):
             continue
         key = (r["path"], r["hidden"], r["tokens"], r["codec"])
-        ms = gated.get(key, r["ms"])
+        c = codec_of(r["codec"])
+        is_gated = not c.is_passthrough and \
+            r["pair_bytes"] < gate.get(r["path"], {}).get(codec_key(c), 0)
+        ms = gated[key] if is_gated else r["ms"]  # a gated size was timed gated
         base = nccl[key[:3]]
         out.append(dict(path=r["path"], hidden=r["hidden"], size_bytes=r["size_bytes"],
                         codec=r["codec"], nccl_ms=base, raw_ms=r["ms"], ms=ms,
-                        gated=key in gated, speedup=base / ms, raw_speedup=base / r["ms"]))
+                        gated=is_gated, speedup=base / ms, raw_speedup=base / r["ms"]))
     return out
 
 
 def print_tables(result: dict) -> str:
-    lib = library_rows(result["rows"])
+    lib = library_rows(result["rows"], result["gate"])
     codecs = [c for c in CODECS if any(r["codec"] == c for r in lib)]
     lines = []
     for path in PATH_ENV:
@@ -348,7 +354,7 @@ def plot(result: dict, png: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    lib = library_rows(result["rows"])
+    lib = library_rows(result["rows"], result["gate"])
     hiddens = sorted({r["hidden"] for r in lib})
     paths = [p for p in PATH_ENV if any(r["path"] == p for r in lib)]
     fig, axes = plt.subplots(len(hiddens), len(paths), figsize=(5.5 * len(paths), 4 * len(hiddens)),
@@ -393,6 +399,7 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-sweep", default="256M:7168:int8,int4,int2:1,2,4",
                     help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
+    ap.add_argument("--refit", action="store_true", help="with --plot: refit the gate")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--algorithms", nargs="+", default=["flat"],
                     choices=["flat", "hierarchical", "auto"],
@@ -402,6 +409,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.plot:
         result = json.loads(args.plot.read_text())
+        if args.refit:  # the current gate fit on the always-quantized timings
+            from tune_gate import fit_from_rows
+            result["gate"] = fit_from_rows(result["rows"])
         print_tables(result)
         plot(result, args.plot.with_suffix(".png"))
         return

@@ -16,6 +16,7 @@ stream, so encode(k+1), transfer(k) and decode(k-1) overlap.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -88,32 +89,55 @@ def _cuda_codec():
     return _kernels[0]
 
 
-def encode(x: torch.Tensor, cfg: CodecConfig) -> torch.Tensor:
-    """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes].
+def _impl(name: str):
+    """The kernels' ``encode_impl``/``decode_impl`` (inputs already validated: no custom-op
+    dispatch, whose host time small messages feel) and whether it takes ``out=``."""
+    k = _cuda_codec()
+    fn = getattr(k, name, None) if k is not None else None
+    if fn is None:
+        return None, False
+    return fn, "out" in inspect.signature(fn).parameters
 
-    On CUDA this calls the kernels' implementation directly: the inputs are already
-    checked, and the custom op's dispatch costs host time that small messages feel."""
+
+def encode(x: torch.Tensor, cfg: CodecConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes], written to
+    ``out`` (contiguous, 16-byte aligned) when given."""
+    rec = None
     if x.is_cuda:
-        k = _cuda_codec()
-        if k is None:
-            return _reference.encode(x.cpu(), cfg).to(x.device)
-        impl = getattr(k, "encode_impl", None)
-        if impl is not None:
-            seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
-            return impl(x, cfg, seed)
-    return _codec_encode(x, cfg)
+        if _cuda_codec() is None:
+            rec = _reference.encode(x.cpu(), cfg).to(x.device)
+        else:
+            fn, takes_out = _impls.get("encode_impl") or _impls.setdefault("encode_impl", _impl("encode_impl"))
+            if fn is not None:
+                seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
+                if takes_out and out is not None:
+                    return fn(x, cfg, seed, out=out)
+                rec = fn(x, cfg, seed)
+    if rec is None:
+        rec = _codec_encode(x, cfg)
+    return rec if out is None else out.copy_(rec)
 
 
-def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """Records uint8 [n, record_bytes] -> tokens [n, hidden] of ``dtype``."""
+def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Records uint8 [n, record_bytes] -> tokens [n, hidden] of ``dtype``, written to ``out``
+    (contiguous) when given."""
+    y = None
     if rec.is_cuda:
-        k = _cuda_codec()
-        if k is None:
-            return _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
-        impl = getattr(k, "decode_impl", None)
-        if impl is not None:
-            return impl(rec, cfg, hidden, dtype)
-    return _codec_decode(rec, cfg, hidden, dtype)
+        if _cuda_codec() is None:
+            y = _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
+        else:
+            fn, takes_out = _impls.get("decode_impl") or _impls.setdefault("decode_impl", _impl("decode_impl"))
+            if fn is not None:
+                if takes_out and out is not None:
+                    return fn(rec, cfg, hidden, dtype, out=out)
+                y = fn(rec, cfg, hidden, dtype)
+    if y is None:
+        y = _codec_decode(rec, cfg, hidden, dtype)
+    return y if out is None else out.copy_(y)
+
+
+_impls: dict = {}
 
 
 # ---- the exchange ------------------------------------------------------------------------
@@ -150,15 +174,22 @@ def _segments(row_off: Sequence[int], counts: Sequence[int], wires: Sequence[Wir
 
 
 def _pack(x: torch.Tensor, segs: list[_Seg]) -> torch.Tensor:
-    """The send buffer (flat uint8) of ``segs`` of ``x`` [T, H]."""
-    pieces = []
-    for s in segs:
+    """The send buffer (flat uint8) of ``segs`` of ``x`` [T, H]: records encoded in place."""
+    if len(segs) == 1 and segs[0].byte == 0:  # the buffer is the one segment's bytes
+        s = segs[0]
         rows = x[s.row:s.row + s.rows]
-        pieces.append(rows.view(torch.uint8).reshape(-1) if s.wire == RAW
-                      else encode(rows, s.wire).reshape(-1))
-    if not pieces:
-        return torch.empty(0, dtype=torch.uint8, device=x.device)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return (rows.view(torch.uint8) if s.wire == RAW else encode(rows, s.wire)).reshape(-1)
+    total = segs[-1].byte + segs[-1].nbytes if segs else 0
+    send = torch.empty(total, dtype=torch.uint8, device=x.device)
+    for s in segs:
+        rows, dst = x[s.row:s.row + s.rows], send[s.byte:s.byte + s.nbytes]
+        if s.wire == RAW:
+            dst.copy_(rows.view(torch.uint8).reshape(-1))
+        elif s.byte % 16 == 0:  # the kernels store records with 16-byte writes
+            encode(rows, s.wire, out=dst.view(s.rows, -1))
+        else:
+            dst.copy_(encode(rows, s.wire).reshape(-1))
+    return send
 
 
 def _unpack(recv: torch.Tensor, segs: list[_Seg], out: torch.Tensor) -> None:
@@ -170,7 +201,7 @@ def _unpack(recv: torch.Tensor, segs: list[_Seg], out: torch.Tensor) -> None:
         if s.wire == RAW:
             dst.view(torch.uint8).view(-1).copy_(raw)
         else:
-            dst.copy_(decode(raw.view(s.rows, -1), s.wire, hidden, out.dtype))
+            decode(raw.view(s.rows, -1), s.wire, hidden, out.dtype, out=dst)
 
 
 _side_streams: dict = {}
@@ -208,11 +239,12 @@ class Plan:
     """How one all-to-all of given row splits moves: wires, chunks, segments, byte splits.
     A pure function of (route, row splits, hidden, dtype, chunks), cached per route."""
 
-    fast: bool            # every link bf16 on 16-bit input: all_to_all_single of the tensor
+    fast: bool            # one all_to_all_single of the tensor (bf16 everywhere on 16-bit
+                          # input) or, with ``raw``, of its bytes (every pair size-gated)
     even: bool            # (fast) equal splits everywhere: all_to_all_single without lists
-    all_raw: bool         # every pair on raw bytes: the buffers are the tensors themselves
+    raw: bool             # (fast) exchange the tensors' bytes as uint8, with the row splits
     out_total: int        # output rows
-    own: tuple            # (input row, output row, rows) a rank keeps; rows 0 if in exchange
+    own: tuple            # (input row, output row, rows) a rank keeps, copied aside
     chunks: list          # per chunk: (send segments, send byte splits, recv segments, recv splits)
     direct: bool          # one decoded segment is the whole output
 
@@ -221,16 +253,17 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
               dtype: torch.dtype, chunks: int) -> Plan:
     r = route.rank
     own = (sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r])
+    even = len(set(in_rows + out_rows)) <= 1
     if route.passthrough and dtype in RAW_DTYPES:
-        even = len(set(in_rows + out_rows)) <= 1
-        return Plan(True, even, True, sum(out_rows), own, [], False)
+        return Plan(True, even, False, sum(out_rows), own, [], False)
     send_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
     recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
-    # own rows travel inside the exchange only when everything is raw bytes (then the
-    # buffers are the tensors themselves); otherwise they are copied aside, exactly
-    all_raw = all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r)
-    send_w[r] = recv_w[r] = RAW if all_raw else None
-    chunks = 1 if all_raw else max(1, chunks)
+    if all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r):
+        # every pair as the rows' bytes, own rows included: uint8 like the byte exchanges
+        # of other ranks it pairs with
+        return Plan(True, even, True, sum(out_rows), own, [], False)
+    send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
+    chunks = max(1, chunks)
     in_off, out_off = offsets(in_rows), offsets(out_rows)
     parts = []
     for k in range(chunks):
@@ -239,8 +272,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     first = parts[0][2]
     direct = (chunks == 1 and len(first) == 1 and first[0].wire != RAW
               and first[0].rows == sum(out_rows))
-    return Plan(False, False, all_raw, sum(out_rows), own if not all_raw else (0, 0, 0), parts,
-                direct)
+    return Plan(False, False, False, sum(out_rows), own, parts, direct)
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
@@ -259,10 +291,11 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
 
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
+        dst, src = (out.view(torch.uint8), x.view(torch.uint8)) if plan.raw else (out, x)
         if plan.even:
-            work = dist.all_to_all_single(out, x, group=group, async_op=True)
+            work = dist.all_to_all_single(dst, src, group=group, async_op=True)
         else:
-            work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
+            work = dist.all_to_all_single(dst, src, list(out_rows), list(in_rows), group=group,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
@@ -273,10 +306,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     works, buffers = [], []
     for send_segs, send_splits, recv_segs, recv_splits in plan.chunks:
         send = _pack(x, send_segs)
-        if plan.all_raw:
-            recv = out.view(torch.uint8).view(-1)
-        else:
-            recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=x.device)
+        recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=x.device)
         works.append(dist.all_to_all_single(recv, send, recv_splits, send_splits,
                                             group=group, async_op=True))
         buffers.append((send, recv, recv_segs))
@@ -294,7 +324,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
                 if plan.direct:
                     seg = recv_segs[0]
                     out = decode(recv.view(seg.rows, -1), seg.wire, H, dtype)
-                elif not plan.all_raw:
+                else:
                     _unpack(recv, recv_segs, out)
                 if stream is not None:  # keep the buffers until this stream is past them
                     send.record_stream(stream)

@@ -165,22 +165,28 @@ def fit_thresholds(rows) -> dict:
 
     ``rows``: dicts with ``path``, ``codec`` (a codec_key), ``hidden``, ``pair_bytes``
     (bf16 bytes per peer), ``ms`` (the codec, gate off) and ``nccl_ms`` (NCCL bf16, same
-    size). For each path, codec and hidden size the threshold is the smallest measured size
-    from which the codec is never slower than NCCL bf16 at any larger measured size; across
-    hidden sizes the largest is kept. Sizes below it go bf16.
+    size). Per path, codec and hidden size: the smallest measured size from which the codec
+    is never slower than NCCL bf16 at a larger measured size (``pays``), and the largest
+    size where it is slower (``loses``). The threshold is the smallest ``pays`` when that is
+    above every ``loses`` (hidden sizes differ slightly in bytes per size step), else the
+    largest ``pays``: sizes below it go bf16, so between measured sizes the gate errs bf16.
     """
     series: dict = {}
     for r in rows:
         series.setdefault((r["path"], r["codec"], r["hidden"]), []).append(
             (r["pair_bytes"], r["ms"] <= r["nccl_ms"]))
-    table: dict = {}
+    fits: dict = {}
     for (path, codec, _), points in sorted(series.items()):
         points.sort()
-        threshold = NEVER_PAYS
-        for pair_bytes, pays in reversed(points):
-            if not pays:
+        pays, loses = NEVER_PAYS, 0
+        for pair_bytes, ok in reversed(points):
+            if not ok:
+                loses = pair_bytes
                 break
-            threshold = pair_bytes
-        row = table.setdefault(path, {})
-        row[codec] = max(row.get(codec, 0), threshold)
+            pays = pair_bytes
+        fits.setdefault((path, codec), []).append((pays, loses))
+    table: dict = {}
+    for (path, codec), fs in fits.items():
+        low = min(p for p, _ in fs)
+        table.setdefault(path, {})[codec] = low if low > max(l for _, l in fs) else max(p for p, _ in fs)
     return table
