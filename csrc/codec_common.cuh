@@ -234,14 +234,16 @@ __device__ __forceinline__ Pos locate(u32 item, u32 total, u32 ipt, u32 div_mul,
 __device__ __forceinline__ u32 pack4(u32 a, u32 b, u32 c, u32 d) {
   return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
-// 0xFF in byte i where bit 2i of z is set (i = 0..3)
-__device__ __forceinline__ u32 spread_even(u32 z) {
-  return ((((z & 0x55u) * 0x02082080u) >> 7) & 0x01010101u) * 0xFFu;
+// 0xFF in each byte whose top bit is set: prmt's sign-replicating selector (not in __byte_perm)
+__device__ __forceinline__ u32 sign_bytes(u32 f) {
+  u32 r;
+  asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(r) : "r"(f));
+  return r;
 }
+// 0xFF in byte i where bit 2i of z is set (i = 0..3): the multiply moves those bits to 8i + 7
+__device__ __forceinline__ u32 spread_even(u32 z) { return sign_bytes((z & 0x55u) * 0x02082080u); }
 // 0xFF in byte i where bit i of z is set (i = 0..3)
-__device__ __forceinline__ u32 spread4(u32 z) {
-  return ((((z & 0x0Fu) * 0x10204080u) >> 7) & 0x01010101u) * 0xFFu;
-}
+__device__ __forceinline__ u32 spread4(u32 z) { return sign_bytes((z & 0x0Fu) * 0x10204080u); }
 
 // E/O words -> the W-bit plane bits of 8 values ((code >> s) & (2^W - 1), value i at bit i*W)
 template <int W> __device__ __forceinline__ u32 plane_pack(u32 E, u32 O, int s);

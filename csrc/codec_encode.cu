@@ -222,7 +222,7 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
   constexpr bool PAIRS = UsePairs<In>::value;
   const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
   const int L = 1 << a.log2L, G = L * V;
-  u8* out = rec + (size_t)P.t * a.rec_bytes;
+  u8* out = rec + (u64)P.t * (u32)a.rec_bytes;
   const int nv = min(max(a.H - P.base, 0), V);  // real values in the chunk
   const bool full = nv == V;
 
@@ -314,13 +314,14 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
 
   if (P.lane == 0) {
     const u16 nan = Wire<W>::kNaN;
-    st16(out + a.o_scale + 2 * P.g, bad ? nan : sc_w);
-    st16(out + a.o_min + 2 * P.g, bad ? nan : mn_w);
+    const u32 g = P.g;  // unsigned offsets: cheaper address arithmetic
+    st16(out + ((u32)a.o_scale + 2 * g), bad ? nan : sc_w);
+    st16(out + ((u32)a.o_min + 2 * g), bad ? nan : mn_w);
     if (SPIKES) {
-      st16(out + a.o_lov + 2 * P.g, bad ? nan : Wire<W>::rn(lo));
-      st16(out + a.o_hiv + 2 * P.g, bad ? nan : Wire<W>::rn(hi));
-      out[a.o_loi + P.g] = bad ? 0 : (u8)lo_idx;
-      out[a.o_hii + P.g] = bad ? 0 : (u8)hi_idx;
+      st16(out + ((u32)a.o_lov + 2 * g), bad ? nan : Wire<W>::rn(lo));
+      st16(out + ((u32)a.o_hiv + 2 * g), bad ? nan : Wire<W>::rn(hi));
+      out[(u32)a.o_loi + g] = bad ? 0 : (u8)lo_idx;
+      out[(u32)a.o_hii + g] = bad ? 0 : (u8)hi_idx;
     }
   }
   if (P.g == 0 && P.lane == 0) zero_gaps(out, a.gap);

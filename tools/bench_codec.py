@@ -6,7 +6,7 @@ back-to-back launches, rotating over enough buffers to defeat the L2 cache for s
 
     python tools/bench_codec.py --out results/codec.json              # table, JSON and PNG
     python tools/bench_codec.py --out v.json --sizes 256 --encode-shapes 16x1 32x1 \
-        --decode-shapes 8x1 8x4 --variants "" MFC_SCALAR_STATS           # kernel variants
+        --decode-shapes 8x2 32x1 --variants "" MFC_SCALAR_STATS          # kernel variants
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 256, 1024],
                     help="bf16 input sizes in MiB")
     ap.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
-    ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "6", "8", "fp8"])
+    ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "5", "6", "7", "8", "fp8"])
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths)")
     ap.add_argument("--encode-shapes", nargs="+", default=[], metavar="VxU",
@@ -142,8 +142,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB
     cfgs = [CodecConfig(bits=b, group_size=args.group, spikes=bool(args.spikes)) for b in args.bits]
-    shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [C.ENCODE_SHAPE],
-                  decode=[parse_shape(s) for s in args.decode_shapes] or [C.DECODE_SHAPE])
+    shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [None],
+                  decode=[parse_shape(s) for s in args.decode_shapes] or [None])  # None: the library's
     if args.shapes_from:
         for direction, shape in best_shapes(json.loads(Path(args.shapes_from).read_text())).items():
             shapes[direction] = [parse_shape(shape)]
@@ -164,7 +164,8 @@ def main() -> None:
                         for shape in shapes[direction]:
                             gbps, t = bench_direction(direction, cfg, H, int(s * MiB), l2, args.replays, shape, d)
                             rows.append(dict(size_mib=s, hidden=H, codec=str(cfg), bits=str(cfg.bits),
-                                             direction=direction, shape=f"{min(shape[0], cfg.group_size)}x{shape[1]}",
+                                             direction=direction,
+                                             shape="x".join(map(str, C.kernel_shape(cfg, direction, shape))),
                                              variant=",".join(d) or "default", gbps=gbps, us=t * 1e6,
                                              copy_gbps=copy[s]["best"], pct=100 * gbps / copy[s]["best"]))
                             r = rows[-1]

@@ -36,8 +36,11 @@ BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
 # defaults, chosen by tools/bench_codec.py measurements (docs/kernel-notes.md).
 ENCODE_SHAPES = ((16, 1), (32, 1), (32, 2), (64, 1))
 DECODE_SHAPES = ((8, 2), (8, 4), (16, 1), (16, 2), (32, 1))
-ENCODE_SHAPE = (32, 1)
-DECODE_SHAPE = (8, 2)
+# Defaults by codec kind, measured on an H200 (docs/kernel-notes.md): 32-value chunks amortise
+# the group statistics; the integer decode stages 64-byte chunks through shared memory, fp8
+# decode (no staging) keeps 16-byte chunks, two per thread.
+ENCODE_SHAPE = {"int": (32, 1), "fp8": (32, 1)}
+DECODE_SHAPE = {"int": (32, 1), "fp8": (8, 2)}
 Shape = tuple[int, int]
 # Spec arithmetic: no FMA contraction, no flush-to-zero (CuPy's own compile path forces
 # -ftz=true, which is why this module drives NVRTC itself).
@@ -218,11 +221,18 @@ def _gaps(L: RecordLayout) -> list[int]:
     return [(s << 4) | n for s, n in gaps] + [0] * (4 - len(gaps))
 
 
-def _shape(cfg: CodecConfig, shape: Optional[Shape], default: Shape, allowed) -> Shape:
-    V, U = shape or default
+def _shape(cfg: CodecConfig, shape: Optional[Shape], defaults: dict, allowed) -> Shape:
+    V, U = shape or defaults["fp8" if cfg.is_fp8 else "int"]
     if (V, U) not in allowed:
         raise ValueError(f"kernel shape {(V, U)} is not one of {allowed}")
     return min(V, cfg.group_size), U
+
+
+def kernel_shape(cfg: CodecConfig, direction: str, shape: Optional[Shape] = None) -> Shape:
+    """The (values per chunk, chunks per thread) an encode or decode of ``cfg`` runs with."""
+    if direction == "encode":
+        return _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
+    return _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
 
 
 def _geometry(T: int, L: RecordLayout, V: int):
