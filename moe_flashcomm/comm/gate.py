@@ -23,10 +23,17 @@ from .topology import PATHS
 
 GATE_ENV = "MOE_FLASHCOMM_GATE_FILE"
 
-# Measured defaults: see docs/benchmarks.md, "## All-to-all" (2x H200). Filled in by
-# tools/tune_gate.py --python from a tools/bench_all2all.py run. Paths absent here ("cpu")
-# are never gated: on CPU the library is for development and CI, not speed.
-DEFAULT_THRESHOLDS: dict = {}
+# Measured defaults (2x H200, NCCL 2.28.9, 2026-11-23; docs/benchmarks.md, "## All-to-all"):
+# `tools/tune_gate.py --from-bench docs/bench_all2all.json --python`. Paths absent here
+# ("cpu") are never gated: on CPU the library is for development and CI, not speed.
+DEFAULT_THRESHOLDS: dict = {
+    "nvlink": {"fp8": 134217728, "int2": 134213632, "int3": 134213632, "int4": 134213632,
+               "int6": 134213632, "int8": 134213632},
+    "host": {"fp8": 33554432, "int2": 8388608, "int3": 33554432, "int4": 33554432,
+             "int6": 33554432, "int8": 33554432},
+    "network": {"fp8": 2093056, "int2": 2093056, "int3": 2093056, "int4": 2093056,
+                "int6": 2097152, "int8": 524288},
+}
 
 # All-reduce defaults (bf16 bytes of the whole tensor). NOT measured yet: NVLink always
 # takes NCCL (the codec must never make it slower); the host-memory and network values are
