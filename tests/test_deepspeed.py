@@ -633,6 +633,7 @@ def _world4(rank: int, world: int, tensor_parallel: bool = False) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_link_classes(tag)
+    check_hierarchical(tag)
     check_autoep(tag, layers=1)
     if tensor_parallel:
         check_expert_tensor_parallel(tag)
@@ -656,6 +657,23 @@ def check_link_classes(tag: str) -> None:
         assert stats.bytes_sent[d] == {"intra_node": cap * H * 2,  # one peer, raw bf16
                                        "inter_node": 2 * cap * mf.record_bytes(H, 4)}, stats
     assert stats.quantized["dispatch"] == 1
+    mf.disable_deepspeed(moe)
+
+
+def check_hierarchical(tag: str) -> None:
+    """2 nodes x 2 ranks: the hierarchical algorithm gives exactly the flat one's outputs and
+    gradients through DeepSpeed; ranks enabled with different algorithms all raise."""
+    ep = dist.get_world_size()
+    moe = make_moe(ep, ep, 2, True, seed=41)
+    x = tokens((2, 16, H), seed=700 + dist.get_rank())
+    results = {}
+    for algorithm in ("flat", "hierarchical"):
+        mf.enable_deepspeed(moe, {"dispatch": 4, "combine": 4, "algorithm": algorithm, **NO_GATE})
+        results[algorithm] = run(moe, x)
+    assert_identical(results["flat"], results["hierarchical"], f"{tag} hierarchical vs flat")
+    mixed = "hierarchical" if dist.get_rank() == 0 else "flat"
+    with pytest.raises(mf.comm.ConfigMismatchError, match="different algorithms"):
+        mf.enable_deepspeed(moe, {"algorithm": mixed})
     mf.disable_deepspeed(moe)
 
 

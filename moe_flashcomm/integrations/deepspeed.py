@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..comm import all_to_all
+from ..comm import ConfigMismatchError, all_to_all, create_stage_groups
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .stats import ExchangeStats
@@ -342,6 +342,25 @@ def _check_rules(cfg: FlashCommConfig, names: list[str]) -> None:
                                  f"layer; the MoE layers are: {names}")
 
 
+def _prepare_algorithms(layers: list[tuple[nn.Module, FlashCommConfig]]) -> None:
+    """One small collective per enable, on every rank: ranks must agree on the algorithms, and
+    a non-flat algorithm needs the stage groups of every expert-parallel group created by all
+    processes together (expert-parallel groups are usually smaller than the job)."""
+    if not dist.is_initialized():
+        return
+    algorithms = sorted({cfg.algorithm for _, cfg in layers})
+    ep_groups = sorted({tuple(dist.get_process_group_ranks(layer.ep_group)) for layer, _ in layers
+                        if getattr(layer, "ep_group", None) is not None})
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (algorithms, ep_groups))
+    if any(g[0] != algorithms for g in gathered):
+        raise ConfigMismatchError("moe_flashcomm.enable_deepspeed: ranks were enabled with different "
+                                  f"algorithms: {[g[0] for g in gathered]} (rank order)")
+    if algorithms != ["flat"]:
+        all_groups = sorted({ranks for _, groups in gathered for ranks in groups})
+        create_stage_groups([r for r in all_groups if len(r) < dist.get_world_size()])
+
+
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -375,8 +394,9 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     _check_rules(cfg, [n for n, _, _ in layers])
     enabled: dict[str, ExchangeStats] = {}
     lines = []
-    for index, (name, layer, site) in enumerate(layers):
-        lcfg = cfg.for_layer(name, index)
+    resolved = [(layer, cfg.for_layer(name, index)) for index, (name, layer, _) in enumerate(layers)]
+    _prepare_algorithms([(layer, lcfg) for layer, lcfg in resolved if lcfg.enabled])
+    for (name, layer, site), (_, lcfg) in zip(layers, resolved):
         label = f"{name or '<root>'} [{site.kind}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
             _unpatch(layer)
