@@ -188,7 +188,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
                         codec=name, chunks=chunks, nccl_ms=nccl)
             measure(name + "+gate", lambda: mf.all_reduce(x, codec=c), codec=name, gated=True,
                     nccl_ms=nccl)
-        del src, x
+        src = x = None  # free before the next size
         if DEV == "cuda":
             torch.cuda.empty_cache()
         last = (size, time.perf_counter() - t0)

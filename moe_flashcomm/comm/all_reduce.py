@@ -12,7 +12,7 @@ with spikes; bf16 NCCL moves 16):
      ``all_to_all_single`` (sends and receives (W - 1) c rb bytes: n b / 8 (W - 1) / W);
   2. reduce: own chunk exact + the W - 1 decoded peer chunks, summed in fp32 in rank order
      0..W-1 (deterministic); cast to x's dtype; re-encode (one fused CUDA kernel on GPU:
-     decode, sum, encode in one pass; ``reduce_requant``);
+     decode, sum, encode in one pass; ``reduce_chunk``);
   3. all-gather: ``all_gather_single`` of the c rb record bytes of every rank (sends c rb,
      receives (W - 1) c rb: n b / 8 (W - 1) / W again);
   4. decode all W chunks into x, the owner's own chunk included, so every rank ends with
@@ -91,7 +91,8 @@ CodecLike = Union[LinkCodecs, CodecConfig, dict, int, str, None]
 # ---- layout --------------------------------------------------------------------------------
 def rows_per_rank(numel: int, world: int) -> int:
     """c: rows of ROW values each rank owns (the tensor is padded to world * c rows)."""
-    return max(1, -(-(-(-numel // ROW)) // world))
+    rows = -(-numel // ROW)  # ceil
+    return max(1, -(-rows // world))
 
 
 def _padded(flat: torch.Tensor, world: int) -> torch.Tensor:
@@ -411,24 +412,22 @@ def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank:
 
 
 def _direct(t: torch.Tensor) -> bool:
-    """The CUDA kernels can write ``t`` in place (contiguous, 16-byte aligned)."""
-    return t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0 and _fused_available()
+    """The CUDA kernels may write ``t`` in place (contiguous, 16-byte aligned)."""
+    return t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
 def _encode_into(rows: torch.Tensor, cfg: CodecConfig, out: torch.Tensor) -> None:
-    """Encode ``rows`` [m, ROW] into ``out`` uint8 [m, rb]."""
-    if _direct(out) and rows.shape[0]:
-        from ..codec import cuda
-        cuda.encode_impl(rows, cfg, 0, out=out)
+    """Encode ``rows`` [m, ROW] into ``out`` uint8 [m, rb] (exchange.encode's kernels)."""
+    if _direct(out):
+        _encode(rows, cfg, out=out)
     else:
         out.copy_(_encode(rows, cfg))
 
 
 def _decode_into(rec: torch.Tensor, cfg: CodecConfig, out: torch.Tensor) -> None:
     """Decode records uint8 [m, rb] into ``out`` [m, ROW] (its dtype)."""
-    if _direct(out) and rec.shape[0]:
-        from ..codec import cuda
-        cuda.decode_impl(rec, cfg, ROW, out.dtype, out=out)
+    if _direct(out):
+        _decode(rec, cfg, ROW, out.dtype, out=out)
     else:
         out.copy_(_decode(rec, cfg, ROW, out.dtype))
 

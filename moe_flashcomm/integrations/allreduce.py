@@ -40,8 +40,8 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -292,14 +292,22 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
     else:
         cfg = FlashCommConfig.coerce(config)
     if cfg.all_reduce is None or not cfg.enabled:
-        disable_all_reduce(root)
+        restored = disable_all_reduce(root)
+        if _rank0():
+            _ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
+                              f"DeepSpeed's own all-reduces ({len(restored)} layer(s) restored)")
         return {}
     enabled: dict[str, AllReduceStats] = {}
     for name, module in root.named_modules():
         site = _site_of(module)
         if site is not None:
             enabled[name] = _patch(module, name, site, cfg).stats
-    if _rank0():
+    if not enabled and _rank0():
+        _ds_logger().warning(
+            f"moe_flashcomm.enable_all_reduce: {type(root).__name__} has no tensor-parallel "
+            "all-reduce site (LinearAllreduce, DeepSpeedSelfAttention, DeepSpeedMLP, "
+            "DeepSpeedMoEMLP): nothing patched")
+    elif _rank0():
         _ds_logger().info(f"moe_flashcomm: {len(enabled)} tensor-parallel all-reduce site(s) use "
                           f"all_reduce codec {cfg.all_reduce} (DeepSpeed {ds.__version__}): "
                           f"{list(enabled)}")
