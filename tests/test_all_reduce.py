@@ -9,6 +9,7 @@ sum (``torch.distributed.all_reduce`` in float64) within the bound derived in
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -354,7 +355,7 @@ def _nccl2(rank, world):
     extra_checks(rank, world, "cuda")
     error_checks(rank, world, "cuda")
     # large tensors: the automatic pipeline (several ranges) gives the chunks=1 bits, and
-    # the default gate sends NVLink traffic through NCCL unchanged
+    # a gated size goes through NCCL unchanged
     x = make_input(rank, (1 << 25,), torch.bfloat16, 95).cuda()
     for cfg in (mf.CodecConfig(bits=4), mf.CodecConfig(bits=2), mf.CodecConfig(bits="fp8")):
         one = mf.all_reduce(x.clone(), codec=cfg, gate=False, chunks=1)
@@ -362,7 +363,12 @@ def _nccl2(rank, world):
         assert all(torch.equal(o, one) for o in gather_all(one))
     nccl = x.clone()
     dist.all_reduce(nccl)
-    assert torch.equal(mf.all_reduce(x.clone(), codec=4), nccl)  # NVLink: gated by default
+    path = "nvlink" if not os.environ.get("NCCL_P2P_DISABLE") else "host"
+    assert torch.equal(mf.all_reduce(x.clone(), codec=4, gate={"all_reduce": {path: {"*": 1 << 40}}}), nccl)
+    # the hierarchical all-reduce on NCCL (2 GPUs as 2 groups of 1 and 1 group of 2)
+    for topo in (1, 2):
+        check_case(rank, world, (3, 5000), torch.bfloat16, mf.CodecConfig(bits=4), 96, "cuda",
+                   bound=False, gate=False, algorithm="hierarchical", topology=topo)
     torch.cuda.synchronize()
 
 
