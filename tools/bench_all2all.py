@@ -165,14 +165,14 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             out = torch.empty_like(x)
             nccl = measure(x, "nccl", lambda: dist.all_to_all_single(out, x))
             for name, c in codecs.items():
-                ms = measure(x, name, lambda: mf.all_to_all(x, codec=c, gate=False), codec=name)
+                measure(x, name, lambda: mf.all_to_all(x, codec=c, gate=False), codec=name)
                 rows[-1]["nccl_ms"] = nccl
                 for algo in cfg.get("algorithms", ["flat"]):  # 2 GPUs as 2 nodes x 1 GPU
                     if algo != "flat":
                         measure(x, f"{name}/{algo}", lambda: mf.all_to_all(
                             x, codec=c, gate=False, algorithm=algo, topology=mf.Topology(1)),
                             codec=name, algorithm=algo, nccl_ms=nccl)
-            del x, out
+            x = out = None  # free before the next size
             if DEV == "cuda":
                 torch.cuda.empty_cache()
             if bar:

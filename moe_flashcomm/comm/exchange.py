@@ -16,6 +16,7 @@ stream, so encode(k+1), transfer(k) and decode(k-1) overlap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -27,7 +28,7 @@ from ..codec import CodecConfig, record_bytes
 from ..codec import decode as _codec_decode
 from ..codec import encode as _codec_encode
 from ..codec import reference as _reference
-from .gate import PASSTHROUGH, wire_gate
+from .gate import wire_gate
 from .plan import chunk_range, offsets
 from .topology import _warn_once
 
@@ -73,47 +74,39 @@ def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
 
 
 # ---- codec calls (CUDA kernels; the CPU reference where the kernels are missing) ----------
-_kernels: list = []  # [the CUDA codec module or None], resolved at first use
-
-
+@functools.lru_cache(maxsize=None)
 def _cuda_codec():
     """moe_flashcomm.codec.cuda, or None (then CUDA tensors go through the CPU reference)."""
-    if not _kernels:
-        try:
-            from ..codec import cuda
-            _kernels.append(cuda)
-        except ImportError as e:
-            _warn_once(f"moe_flashcomm: CUDA codec kernels unavailable ({e}); CUDA tensors "
-                       "are encoded/decoded by the CPU reference (slow)")
-            _kernels.append(None)
-    return _kernels[0]
+    try:
+        from ..codec import cuda
+        return cuda
+    except ImportError as e:
+        _warn_once(f"moe_flashcomm: CUDA codec kernels unavailable ({e}); CUDA tensors "
+                   "are encoded/decoded by the CPU reference (slow)")
+        return None
 
 
-def _impl(name: str):
-    """The kernels' ``encode_impl``/``decode_impl`` (inputs already validated: no custom-op
-    dispatch, whose host time small messages feel) and whether it takes ``out=``."""
-    k = _cuda_codec()
-    fn = getattr(k, name, None) if k is not None else None
-    if fn is None:
-        return None, False
-    return fn, "out" in inspect.signature(fn).parameters
+@functools.lru_cache(maxsize=None)
+def _impl(name: str) -> tuple:
+    """The kernels' ``encode_impl``/``decode_impl`` (inputs already validated here: no
+    custom-op dispatch, whose host time small messages feel) and whether it takes ``out=``;
+    (None, False) without kernels."""
+    fn = getattr(_cuda_codec(), name, None)
+    return (fn, fn is not None and "out" in inspect.signature(fn).parameters)
 
 
 def encode(x: torch.Tensor, cfg: CodecConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes], written to
     ``out`` (contiguous, 16-byte aligned) when given."""
-    rec = None
-    if x.is_cuda:
-        if _cuda_codec() is None:
-            rec = _reference.encode(x.cpu(), cfg).to(x.device)
-        else:
-            fn, takes_out = _impls.get("encode_impl") or _impls.setdefault("encode_impl", _impl("encode_impl"))
-            if fn is not None:
-                seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
-                if takes_out and out is not None:
-                    return fn(x, cfg, seed, out=out)
-                rec = fn(x, cfg, seed)
-    if rec is None:
+    fn, takes_out = _impl("encode_impl") if x.is_cuda else (None, False)
+    if fn is not None:
+        seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
+        if takes_out and out is not None:
+            return fn(x, cfg, seed, out=out)
+        rec = fn(x, cfg, seed)
+    elif x.is_cuda and _cuda_codec() is None:
+        rec = _reference.encode(x.cpu(), cfg).to(x.device)
+    else:
         rec = _codec_encode(x, cfg)
     return rec if out is None else out.copy_(rec)
 
@@ -121,23 +114,17 @@ def encode(x: torch.Tensor, cfg: CodecConfig, out: Optional[torch.Tensor] = None
 def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Records uint8 [n, record_bytes] -> tokens [n, hidden] of ``dtype``, written to ``out``
-    (contiguous) when given."""
-    y = None
-    if rec.is_cuda:
-        if _cuda_codec() is None:
-            y = _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
-        else:
-            fn, takes_out = _impls.get("decode_impl") or _impls.setdefault("decode_impl", _impl("decode_impl"))
-            if fn is not None:
-                if takes_out and out is not None:
-                    return fn(rec, cfg, hidden, dtype, out=out)
-                y = fn(rec, cfg, hidden, dtype)
-    if y is None:
+    (contiguous [n, hidden]) when given."""
+    fn, takes_out = _impl("decode_impl") if rec.is_cuda else (None, False)
+    if fn is not None:
+        if takes_out and out is not None:
+            return fn(rec, cfg, hidden, dtype, out=out)
+        y = fn(rec, cfg, hidden, dtype)
+    elif rec.is_cuda and _cuda_codec() is None:
+        y = _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
+    else:
         y = _codec_decode(rec, cfg, hidden, dtype)
     return y if out is None else out.copy_(y)
-
-
-_impls: dict = {}
 
 
 # ---- the exchange ------------------------------------------------------------------------
