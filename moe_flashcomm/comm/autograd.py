@@ -167,9 +167,10 @@ def all_to_all(
     topology:           Topology or ranks per node; None: from LOCAL_WORLD_SIZE etc.
     gate:               size gate: True (default table or $MOE_FLASHCOMM_GATE_FILE), False
                         (never fall back to bf16), a thresholds dict, a JSON path or SizeGate.
-    chunks:             pipeline chunks (CUDA). None: chosen by size when both split sizes
-                        are None (every rank then has the same size); 1 otherwise. Must be
-                        equal on every rank.
+    chunks:             pipeline chunks (CUDA). None: chosen by size (auto_chunks: on
+                        network links only, where it was measured not to lose) when both
+                        split sizes are None, so every rank has the same size; 1 otherwise.
+                        Must be equal on every rank.
     algorithm:          "flat" (one all_to_all_single), "hierarchical" (intra-node, then
                         inter-node among ranks of equal local rank; quantized once, results
                         bit-identical to "flat"; moe_flashcomm.comm.hierarchical) or "auto"
@@ -178,7 +179,10 @@ def all_to_all(
 
     Returns [sum(output_split_sizes), ..., H] of x's dtype, or an AllToAllHandle.
     Every rank of the group must pass the same codecs, dtype, x.shape[1:], algorithm,
-    chunks, topology and gate: checked collectively the first time a combination is used.
+    chunks, topology and gate: checked collectively the first time a combination is used
+    (a rank that changes configuration alone, to one the others have used before, is not
+    detected). The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, the gate file) is read
+    then too.
     """
     try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
         grad = x.requires_grad and torch.is_grad_enabled()
