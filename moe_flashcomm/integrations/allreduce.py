@@ -3,7 +3,10 @@
 
 Enabled by ``enable_all_reduce(model, config)`` when ``config.all_reduce`` (the
 ``"all_reduce"`` field of the ``"moe_flashcomm"`` DeepSpeed section) names a codec; off by
-default. As ``enable_deepspeed`` does for the MoE all-to-all, each layer *instance* is
+default. ``enable_deepspeed`` (the MoE all-to-all) does not install these hooks: call both
+with the same config where both are wanted. An inference engine carries no
+``"moe_flashcomm"`` section: pass the config explicitly,
+``enable_all_reduce(engine, {"all_reduce": 4})``. As ``enable_deepspeed`` does for the MoE all-to-all, each layer *instance* is
 patched, reversibly: the instance gets its own copy of one DeepSpeed method (same code
 object) in which one global name resolves to moe_flashcomm; nothing global is touched, so
 every other all-reduce (gradients, ZeRO, other layers) stays NCCL's.
