@@ -344,7 +344,45 @@ def all_reduce(
     Every rank ends with the bit-identical tensor. Every rank must pass the same codec,
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
     combination is used (not the size: as with torch, equal numel is the caller's duty).
+    The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
+    when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
+    try:  # the hot path: these exact arguments were seen before (plan cached by them)
+        fast = (group, codec, op, algorithm, topology, gate, chunks, x.dtype, x.is_cuda,
+                x.numel())
+        plan = _calls.get(fast)
+    except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
+        fast, plan = None, None
+    if plan is None:
+        plan = _plan(x, group, codec, op, algorithm, topology, gate, chunks)
+        if fast is not None:
+            if len(_calls) > 1024:
+                _calls.clear()
+            _calls[fast] = plan
+    if plan.nccl:
+        if plan.world > 1 and x.numel():
+            dist.all_reduce(x, group=group)
+        return x
+    work = x if x.is_contiguous() else x.contiguous()
+    flat = work.view(-1)
+    buf = _padded(flat, plan.world)
+    if plan.hierarchy is not None:
+        _hierarchical(buf, plan)
+    else:
+        _flat(buf, plan, group)
+    if buf is not flat:
+        flat.copy_(buf[:flat.numel()])
+    if work is not x:
+        x.copy_(work)
+    return x
+
+
+_calls: dict = {}  # raw arguments (+ dtype, is_cuda, numel) -> _Plan
+
+
+def _plan(x, group, codec, op, algorithm, topology, gate, chunks) -> _Plan:
+    """Validate the arguments and return the plan of this call (cached per configuration
+    and size; the first use of a configuration checks it across ranks, collectively)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:
@@ -367,22 +405,7 @@ def all_reduce(
             _plans.clear()
         plan = _plans[key] = _make_plan(x, group, codecs, algorithm, topology, gate, chunks,
                                         config_key)
-    if plan.nccl:
-        if plan.world > 1 and x.numel():
-            dist.all_reduce(x, group=group)
-        return x
-    work = x if x.is_contiguous() else x.contiguous()
-    flat = work.view(-1)
-    buf = _padded(flat, plan.world)
-    if plan.hierarchy is not None:
-        _hierarchical(buf, plan)
-    else:
-        _flat(buf, plan, group)
-    if buf is not flat:
-        flat.copy_(buf[:flat.numel()])
-    if work is not x:
-        x.copy_(work)
-    return x
+    return plan
 
 
 # ---- flat ----------------------------------------------------------------------------------------
