@@ -29,7 +29,7 @@ for step in ${*:-tests allreduce inference all2all}; do
   echo "=== $step"
   case $step in
     tests)
-      python3 -m pytest -q -m "cuda or multigpu" tests 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+      python3 -m pytest -q ${TEST_ARGS:--m "cuda or multigpu" tests} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     allreduce)
       python3 tools/bench_allreduce.py --out "$OUT" --budget "${AR_BUDGET:-150}" || status=1 ;;
     all2all)
