@@ -81,7 +81,8 @@ def timed(fn, reps: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    t = torch.tensor(sorted(times)[len(times) // 2])
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    t = torch.tensor(sorted(times)[len(times) // 2], device=device)  # NCCL reduces device tensors only
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
     return t.item()
 

@@ -95,14 +95,24 @@ def run(model: nn.Module, x: torch.Tensor, seed: int = 7):
             {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def assert_identical(a, b, what: str) -> None:
+def assert_identical(a, b, what: str, noise=None) -> None:
+    """Outputs and gradients of two ``run`` results are equal. ``noise``: a second stock run;
+    where stock itself differs between runs (CUDA atomics in DeepSpeed's gating backward), b
+    may differ from a by at most twice as much, element by element's maximum."""
+    def same(u, v, w, name):
+        if w is None or torch.equal(u, w):
+            assert torch.equal(u, v), f"{what}: {name} differ"
+        else:
+            spread = (u.float() - w.float()).abs().max()
+            assert (u.float() - v.float()).abs().max() <= 2 * spread, f"{what}: {name} differ beyond stock's own run-to-run spread"
     ya, ga, pa = a
     yb, gb, pb = b
-    assert torch.equal(ya, yb), f"{what}: outputs differ"
-    assert torch.equal(ga, gb), f"{what}: input gradients differ"
+    yn, gn, pn = noise if noise is not None else (None, None, {})
+    same(ya, yb, yn, "outputs")
+    same(ga, gb, gn, "input gradients")
     assert pa.keys() == pb.keys() and pa, f"{what}: parameter gradients missing"
     for n in pa:
-        assert torch.equal(pa[n], pb[n]), f"{what}: gradient of {n} differs"
+        same(pa[n], pb[n], pn.get(n), f"gradients of {n}")
 
 
 def step_bound(x: torch.Tensor, codec: mf.CodecConfig) -> torch.Tensor:
@@ -301,11 +311,13 @@ def check_passthrough_and_disable(tag: str) -> None:
 
     model = Stack()
     x = tokens((4, 8, H), seed=dist.get_rank())
-    ref = run(model, x)
+    ref, noise = run(model, x), run(model, x)
+    if x.device.type == "cpu":
+        assert_identical(ref, noise, f"{tag} stock twice")  # CPU is deterministic: stay strict
     layers = mf.enable_deepspeed(model, PASS)
     names = [f"blocks.{i}.deepspeed_moe" for i in range(3)]
     assert list(layers) == names
-    assert_identical(ref, run(model, x), f"{tag} passthrough")
+    assert_identical(ref, run(model, x), f"{tag} passthrough", noise)
     for name in names:  # one forward + one backward: each direction once, nothing quantized
         assert rows_of(layers[name]) == ((1, 1, 1, 1), (0, 0, 0, 0)), layers[name]
         assert layers[name].bytes_sent == layers[name].bf16_bytes
@@ -315,7 +327,7 @@ def check_passthrough_and_disable(tag: str) -> None:
     restored = mf.disable_deepspeed(model)
     assert list(restored) == names
     assert not any({"forward", "_moe_flashcomm"} & set(vars(b.deepspeed_moe)) for b in model.blocks)
-    assert_identical(ref, run(model, x), f"{tag} after disable_deepspeed")
+    assert_identical(ref, run(model, x), f"{tag} after disable_deepspeed", noise)
     assert exchange_stats(model) == {}
 
     # per-layer configs: rules by index and by name; the whole DeepSpeed config dict works too
@@ -591,7 +603,8 @@ def check_autoep_engine(tag: str) -> None:
     ep = dist.get_world_size()
     torch.manual_seed(0)
     config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10 ** 6,
-              "optimizer": {"type": "Adagrad", "params": {"lr": 1e-3}},
+              # torch's AdamW: DeepSpeed's bf16 optimizer wrapper breaks torch 2.11's Adagrad state
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
               "zero_optimization": {"stage": 0}, "bf16": {"enabled": True},
               "expert_parallel": {**AUTOEP, "autoep_size": ep},
               "moe_flashcomm": {"dispatch": 4, "combine": {"bits": 8, "group_size": 64}, **NO_GATE}}
