@@ -95,6 +95,14 @@ def run(model: nn.Module, x: torch.Tensor, seed: int = 7):
             {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
+def stock_runs(model: nn.Module, x: torch.Tensor):
+    """Two stock runs: the reference and its run-to-run noise (identical on CPU, checked)."""
+    ref, noise = run(model, x), run(model, x)
+    if x.device.type == "cpu":
+        assert_identical(ref, noise, "stock twice")
+    return ref, noise
+
+
 def assert_identical(a, b, what: str, noise=None) -> None:
     """Outputs and gradients of two ``run`` results are equal. ``noise``: a second stock run;
     where stock itself differs between runs (CUDA atomics in DeepSpeed's gating backward), b
@@ -311,9 +319,7 @@ def check_passthrough_and_disable(tag: str) -> None:
 
     model = Stack()
     x = tokens((4, 8, H), seed=dist.get_rank())
-    ref, noise = run(model, x), run(model, x)
-    if x.device.type == "cpu":
-        assert_identical(ref, noise, f"{tag} stock twice")  # CPU is deterministic: stay strict
+    ref, noise = stock_runs(model, x)
     layers = mf.enable_deepspeed(model, PASS)
     names = [f"blocks.{i}.deepspeed_moe" for i in range(3)]
     assert list(layers) == names
@@ -390,7 +396,7 @@ def check_codec_bounds(tag: str) -> None:
                            dtype=torch.float32, seed=10 + k)
             scale = scaled_identity_experts(moe)
             x = tokens((2, 16, H), seed=100 + dist.get_rank(), dtype=torch.float32)
-            ref = run(moe, x)
+            ref, noise = stock_runs(moe, x)
             for bits in (8, 4):
                 codec = mf.CodecConfig(bits=bits)
                 layers = mf.enable_deepspeed(moe, {"dispatch": codec, "combine": codec, **NO_GATE})
@@ -407,7 +413,7 @@ def check_codec_bounds(tag: str) -> None:
                 for n, g in gp.items():
                     assert rel_err(g, ref[2][n]) < tol, (tag, k, drop, bits, n, rel_err(g, ref[2][n]))
                 mf.disable_deepspeed(moe)
-            assert_identical(ref, run(moe, x), f"{tag} k={k} drop={drop} after disable")
+            assert_identical(ref, run(moe, x), f"{tag} k={k} drop={drop} after disable", noise)
 
 
 def check_tutel(tag: str) -> None:
@@ -489,13 +495,13 @@ def check_autoep(tag: str, layers: int = 2) -> None:
     ep = dist.get_world_size()
     model = make_autoep(layers, 2 * ep, 2, ep, seed=30)
     x = tokens((2, 8, H), seed=500 + dist.get_rank())
-    ref = run(model, x)
+    ref, noise = stock_runs(model, x)
     stats = mf.enable_deepspeed(model, PASS)
     names = [f"model.layers.{i}.mlp" for i in range(layers)]
     assert list(stats) == names and all("_forward" in vars(model.get_submodule(n)) for n in names)
-    assert_identical(ref, run(model, x), f"{tag} AutoEP passthrough")
+    assert_identical(ref, run(model, x), f"{tag} AutoEP passthrough", noise)
     mf.disable_deepspeed(model)
-    assert_identical(ref, run(model, x), f"{tag} AutoEP after disable")
+    assert_identical(ref, run(model, x), f"{tag} AutoEP after disable", noise)
 
     c8 = mf.CodecConfig(bits=8)
     stats = mf.enable_deepspeed(model, {"dispatch": c8, "combine": c8, **NO_GATE})
@@ -741,9 +747,9 @@ def check_expert_tensor_parallel(tag: str) -> None:
         moe = make_moe(4, 2, 1, True, seed=50, enable_expert_tensor_parallelism=True)
         assert groups._get_expert_model_parallel_world_size() == tp
         x = tokens((2, 16, H), seed=700 + dist.get_rank() // tp)  # identical on TP peers
-        ref = run(moe, x)
+        ref, noise = stock_runs(moe, x)
         stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
-        assert_identical(ref, run(moe, x), f"{tag} expert TP passthrough")
+        assert_identical(ref, run(moe, x), f"{tag} expert TP passthrough", noise)
         # each rank sends half of its capacity slice (C/tp tokens of E/ep experts)
         cap = math.ceil(32 / 4)
         assert stats.bytes_sent["dispatch"]["intra_node"] == 2 * (cap // tp) * H * 2, stats
@@ -753,7 +759,7 @@ def check_expert_tensor_parallel(tag: str) -> None:
         assert stats.bytes_sent["dispatch"]["intra_node"] == 2 * (cap // tp) * (
             H * 2 + mf.record_bytes(H, 8))
         mf.disable_deepspeed(moe)
-        assert_identical(ref, run(moe, x), f"{tag} expert TP after disable")
+        assert_identical(ref, run(moe, x), f"{tag} expert TP after disable", noise)
     finally:
         groups.mpu = None
 
