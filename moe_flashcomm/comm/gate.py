@@ -35,13 +35,13 @@ DEFAULT_THRESHOLDS: dict = {
                 "int6": 2097152, "int8": 524288},
 }
 
-# All-reduce defaults (bf16 bytes of the whole tensor). NOT measured yet: NVLink always
-# takes NCCL (the codec must never make it slower); the host-memory and network values are
-# estimates. tools/bench_allreduce.py prints measured ones (--gate-out writes a gate file).
+# All-reduce defaults (bf16 bytes of the whole tensor), fitted by tools/bench_allreduce.py on
+# 2x H200, 2026-11-23 (docs/benchmarks.md): quantizing pays from 16 MiB over host memory,
+# 4 MiB over the network, and on NVLink only at 1 GiB (int8 never: NCCL stays).
 DEFAULT_ALL_REDUCE_THRESHOLDS: dict = {
-    "nvlink": {"*": 1 << 62},
-    "host": {"*": 4 << 20},
-    "network": {"*": 1 << 20},
+    "nvlink": {"int2": 1 << 30, "int4": 1 << 30, "fp8": 1 << 30, "*": 1 << 62},
+    "host": {"*": 16 << 20},
+    "network": {"*": 4 << 20},
 }
 
 
