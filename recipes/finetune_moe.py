@@ -143,7 +143,7 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         "final_train_loss": history[-1]["loss"] if history else None,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
         "tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
-        "seconds": elapsed, "exchanges": stats.as_dict(),
+        "seconds": elapsed, "all_to_all_seconds": stats.elapsed(), "exchanges": stats.as_dict(),
         "history": history,
     }, engine, val_batches
 
@@ -168,18 +168,19 @@ def run_rank(args) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"val loss {summary['val_loss']:.4f} (ppl {summary['val_perplexity']:.2f}), "
-            f"{summary['tokens_per_s'] or 0:.0f} tokens/s")
+            f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['all_to_all_seconds']:.1f} s of "
+            f"{summary['seconds']:.1f} s in all-to-all")
         log(describe_exchanges(summary["exchanges"]))
         log(f"wrote {args.out / 'summary.json'}")
 
 
 def describe_exchanges(ex: dict) -> str:
     """One line per direction: calls, and MB sent per link class against bf16."""
-    lines = ["all-to-all (rank 0)   calls  quantized   MB sent (intra / inter node)   vs bf16"]
+    lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"]
     for d, calls in ex["calls"].items():
         sent, bf16 = ex["bytes_sent"][d], ex["bf16_bytes"][d]
         ratio = sum(bf16.values()) / max(1, sum(sent.values()))
-        lines.append(f"  {d:<18} {calls:>6} {ex['quantized'][d]:>10}   "
+        lines.append(f"  {d:<18} {calls:>6} {ex['quantized'][d]:>10} {ex['seconds'][d]:>9.2f}   "
                      f"{sent['intra_node'] / 1e6:>10.2f} / {sent['inter_node'] / 1e6:<10.2f}      {ratio:.2f}x less")
     return "\n".join(lines)
 

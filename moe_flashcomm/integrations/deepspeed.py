@@ -249,15 +249,24 @@ class _LayerState:
         cfg = self.config
         codec, grad_codec = ((cfg.dispatch, cfg.dispatch_grad) if direction == "dispatch"
                              else (cfg.combine, cfg.combine_grad))
+        stats, gate = self.stats, self.gate
+        began = stats.start(x.device)
         out = all_to_all(x, output_split_sizes=output_splits, input_split_sizes=input_splits,
                          group=group, codec=codec, grad_codec=grad_codec, gate=self.gate,
                          chunks=cfg.chunks, algorithm=cfg.algorithm)
-        stats, gate = self.stats, self.gate
+        stats.stop(direction, began)
         stats.record(direction, x, input_splits, group, codec, gate)
         if out.requires_grad:
-            # fires when the gradient reaches the output, just before its backward exchange
-            out.register_hook(lambda g: stats.record(direction + "_grad", g, output_splits,
-                                                     group, grad_codec, gate))
+            grad_began = []
+
+            def before_backward(g):  # the gradient reached the output: its exchange comes next
+                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate)
+                grad_began.append(stats.start(g.device))
+
+            out.register_hook(before_backward)
+            if x.requires_grad:  # x's gradient is what the backward exchange produces
+                x.register_hook(lambda g: stats.stop(direction + "_grad", grad_began.pop())
+                                if grad_began else None)
         return out
 
 

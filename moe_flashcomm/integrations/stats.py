@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -40,12 +41,50 @@ class ExchangeStats:
     bytes_sent: ``{direction: {link: bytes}}``, wire bytes sent to other ranks per link class
                 (``intra_node``, ``inter_node``).
     bf16_bytes: the same rows in bf16, same keys.
+    seconds:    time inside the exchanges per direction (encode, transfer, decode), read
+                with ``elapsed()``: on CUDA it is timed with events, resolved when read.
     """
 
     calls: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     quantized: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     bytes_sent: dict = field(default_factory=_per_link)
     bf16_bytes: dict = field(default_factory=_per_link)
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
+    _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
+
+    def start(self, device: torch.device):
+        """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, direction: str, start) -> None:
+        """Add the time since ``start`` to ``direction`` (no host synchronisation on CUDA)."""
+        if isinstance(start, float):
+            self.seconds[direction] += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((direction, start, end))
+        if len(self._pending) > 512:  # keep the list short: fold in what has finished
+            self._resolve(only_done=True)
+
+    def _resolve(self, only_done: bool = False) -> None:
+        keep = []
+        for direction, start, end in self._pending:
+            if only_done and not end.query():
+                keep.append((direction, start, end))
+                continue
+            end.synchronize()
+            self.seconds[direction] += start.elapsed_time(end) / 1e3
+        self._pending = keep
+
+    def elapsed(self, direction: Optional[str] = None) -> float:
+        """Seconds spent in exchanges of ``direction`` (None: all directions)."""
+        self._resolve()
+        return sum(v for d, v in self.seconds.items() if direction in (None, d))
 
     @property
     def exchanges(self) -> int:
@@ -69,7 +108,8 @@ class ExchangeStats:
         return self.link_bytes(bf16=True) / sent if sent else 1.0
 
     def reset(self) -> None:
-        for d in (self.calls, self.quantized):
+        self._resolve()
+        for d in (self.calls, self.quantized, self.seconds):
             for k in d:
                 d[k] = 0
         for table in (self.bytes_sent, self.bf16_bytes):
@@ -79,7 +119,9 @@ class ExchangeStats:
 
     def __add__(self, other: "ExchangeStats") -> "ExchangeStats":
         out = ExchangeStats()
-        for name in ("calls", "quantized"):
+        self._resolve()
+        other._resolve()
+        for name in ("calls", "quantized", "seconds"):
             a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
             for k in c:
                 c[k] = a[k] + b[k]
@@ -98,7 +140,8 @@ class ExchangeStats:
         return out
 
     def as_dict(self) -> dict:
-        return {"calls": dict(self.calls), "quantized": dict(self.quantized),
+        self._resolve()
+        return {"calls": dict(self.calls), "quantized": dict(self.quantized), "seconds": dict(self.seconds),
                 "bytes_sent": {d: dict(v) for d, v in self.bytes_sent.items()},
                 "bf16_bytes": {d: dict(v) for d, v in self.bf16_bytes.items()}}
 
