@@ -10,6 +10,7 @@ variables (e.g. LOCAL_WORLD_SIZE) can be passed with ``env``.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 
@@ -25,6 +26,7 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, backend, env, fn, args):
+    faulthandler.enable()  # a crash in C++ (abort, segfault) still shows the Python stack
     os.environ.update({k: str(v) for k, v in env.items()})
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

@@ -386,6 +386,8 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
             section when ``model`` is a training engine, else the defaults.
 
     AutoEP replaces layers inside ``deepspeed.initialize``: enable on the engine it returns.
+    A config with ``all_reduce`` set also installs the tensor-parallel all-reduce hooks
+    (``enable_all_reduce``); ``disable_deepspeed`` removes both.
     Calling again updates the configs (the counters continue). Returns the live
     ExchangeStats of every enabled layer, by qualified module name.
     """
@@ -413,6 +415,9 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
             continue
         enabled[name] = _patch(layer, name, site, lcfg).stats
         lines.append(f"  {label}: {lcfg.describe()}")
+    if cfg.all_reduce is not None:  # tensor-parallel all-reduce hooks, from the same config
+        from .allreduce import enable_all_reduce
+        enable_all_reduce(model, cfg)
     if _rank0():
         _ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
                           f"send their all-to-alls through moe_flashcomm (DeepSpeed {ds.__version__}):\n"
@@ -423,7 +428,10 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
 def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
     """Restore stock DeepSpeed on every layer ``enable_deepspeed`` patched in ``model``
     (removes the per-instance attributes). Returns the final ExchangeStats of those layers."""
+    from .allreduce import disable_all_reduce
+
     root, _ = _unwrap(model)
+    disable_all_reduce(root)
     restored = {}
     for name, module in root.named_modules():
         state = _unpatch(module)
