@@ -55,7 +55,7 @@ from ..comm.all_reduce import all_reduce
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .deepspeed import _Globals, _ds_logger, _import_deepspeed, _rank0, _unwrap, _unsupported
+from .deepspeed import _Globals, _ds_logger, _import_deepspeed, _rank0, _unsupported, _unwrap, resolve
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
@@ -289,11 +289,7 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
     Returns the live AllReduceStats of every patched layer, by qualified module name.
     """
     ds = _import_deepspeed()
-    root, ds_config = _unwrap(model)
-    if config is None and ds_config is not None:
-        cfg = FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
-    else:
-        cfg = FlashCommConfig.coerce(config)
+    root, cfg = resolve(model, config)
     if cfg.all_reduce is None or not cfg.enabled:
         restored = disable_all_reduce(root)
         if _rank0():

@@ -329,6 +329,16 @@ def _unwrap(model: Any) -> tuple[nn.Module, Any]:
     raise TypeError(f"model must be a torch.nn.Module or a DeepSpeed engine, got {type(model).__name__}")
 
 
+def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
+            ) -> tuple[nn.Module, FlashCommConfig]:
+    """The module to patch and the config to use: ``config`` coerced, or with None the
+    ``"moe_flashcomm"`` section of the engine's DeepSpeed config (defaults without one)."""
+    root, ds_config = _unwrap(model)
+    if config is None and ds_config is not None:
+        return root, FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
+    return root, FlashCommConfig.coerce(config)
+
+
 def _find_layers(root: nn.Module) -> list[tuple[str, nn.Module, _Site]]:
     sites = _sites()
     found = []
@@ -392,11 +402,7 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     ExchangeStats of every enabled layer, by qualified module name.
     """
     ds = _import_deepspeed()
-    root, ds_config = _unwrap(model)
-    if config is None and ds_config is not None:
-        cfg = FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
-    else:
-        cfg = FlashCommConfig.coerce(config)
+    root, cfg = resolve(model, config)
     layers = _find_layers(root)
     if not layers:
         raise ValueError(f"moe_flashcomm.enable_deepspeed: {type(root).__name__} holds no DeepSpeed MoE "
