@@ -310,4 +310,52 @@ def _nccl2(rank, world):
 
 @pytest.mark.multigpu
 def test_all_to_all_nccl_2():
+    """On NVLink (the default environment): the peer-to-peer transport carries the calls."""
     spawn(_nccl2, 2, backend="nccl")
+
+
+@pytest.mark.multigpu
+def test_all_to_all_nccl_2_without_p2p():
+    """The same checks with NCCL carrying every byte (the host-memory link emulation)."""
+    spawn(_nccl2, 2, backend="nccl", env={"NCCL_P2P_DISABLE": 1})
+
+
+def _p2p(rank, world):
+    from moe_flashcomm.comm import p2p
+    H = 7168
+    codec = mf.CodecConfig(bits=4)
+
+    def want(T, seed, dtype=torch.bfloat16):
+        """Rank ``rank``'s output: its own half exact, the peer's half through the CUDA
+        codec (bit-identical to the reference: tests/test_cuda_codec.py)."""
+        parts = []
+        for p in range(world):
+            rows = make_input(p, T, (H,), dtype, seed)[rank * T // world:(rank + 1) * T // world].cuda()
+            parts.append(rows if p == rank else mf.decode(mf.encode(rows, codec), codec, H, dtype))
+        return torch.cat(parts)
+
+    # growing sizes (the buffers grow collectively), then calls back to back with no
+    # synchronisation: each call's bytes must not be overwritten by the next one's
+    for T in (2, 64, 1024, 4096):
+        x = make_input(rank, T, (H,), torch.bfloat16, T).cuda()
+        assert torch.equal(mf.all_to_all(x, codec=codec, gate=False), want(T, T)), T
+    xs = [make_input(rank, 512, (H,), torch.bfloat16, 200 + i).cuda() for i in range(9)]
+    outs = [mf.all_to_all(x, codec=codec, gate=False) for x in xs]
+    for i, out in enumerate(outs):
+        assert torch.equal(out, want(512, 200 + i)), i
+    # on another stream, then back on the default one
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        a = mf.all_to_all(xs[0], codec=codec, gate=False)
+    b = mf.all_to_all(xs[1], codec=codec, gate=False)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(a, outs[0]) and torch.equal(b, outs[1])
+    bufs = [b for b in p2p._buffers.values() if b is not None]
+    assert len(bufs) == 1 and bufs[0].epoch >= 15 and bufs[0].cap >= 2048 * 4144, "p2p not used"
+    torch.cuda.synchronize()
+
+
+@pytest.mark.multigpu
+def test_all_to_all_p2p_transport():
+    spawn(_p2p, 2, backend="nccl")

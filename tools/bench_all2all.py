@@ -37,32 +37,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"
-    "nvlink": {},
-    "host": {"NCCL_P2P_DISABLE": "1"},
-    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
-}
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
 QUICK_SIZES = ("64K", "1M", "16M", "256M")
 
 
-def parse_size(s: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
 
 
-def fmt_size(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div:
-            return f"{n / div:g}{unit}"
-    return str(n)
 
 
-def codec_of(name: str):
-    from moe_flashcomm import CodecConfig
-    bits = name[3:] if name.startswith("int") else name
-    return CodecConfig(bits=bits, group_size=128, spikes=True)
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
@@ -250,11 +235,6 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_paths(cfg: dict, out: Path) -> dict:
@@ -263,7 +243,7 @@ def run_paths(cfg: dict, out: Path) -> dict:
     for path in cfg["paths"]:
         part = out / f"part_{path}.json"
         t0 = time.perf_counter()
-        mp.spawn(_worker, args=(2, _free_port(), path, cfg, str(part)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), path, cfg, str(part)), nprocs=2, join=True)
         data = json.loads(part.read_text())
         part.unlink()
         rows += data["rows"]

@@ -40,11 +40,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"
-    "nvlink": {},
-    "host": {"NCCL_P2P_DISABLE": "1"},
-    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
-}
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
 CPU_SIZES = ("16K", "64K", "256K")
@@ -55,22 +52,10 @@ TARGETS = (  # (path, codec, size, minimum NCCL/ours): the issue's targets, 2x H
 NVLINK_FLOOR = 1 / 1.05  # NVLink, gate on: never more than 5% slower than NCCL
 
 
-def parse_size(s: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
 
 
-def fmt_size(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div:
-            return f"{n / div:g}{unit}"
-    return str(n)
 
 
-def codec_of(name: str):
-    from moe_flashcomm import CodecConfig
-    bits = name[3:] if name.startswith("int") else name
-    return CodecConfig(bits=bits, group_size=128, spikes=True)
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
@@ -203,11 +188,6 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_paths(cfg: dict, out: Path) -> dict:
@@ -219,7 +199,7 @@ def run_paths(cfg: dict, out: Path) -> dict:
         left = cfg["total_budget_s"] - (time.perf_counter() - t_all)
         path_cfg = dict(cfg, budget_s=max(5.0, left / (len(cfg["paths"]) - i)))
         t0 = time.perf_counter()
-        mp.spawn(_worker, args=(2, _free_port(), path, path_cfg, str(part)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), path, path_cfg, str(part)), nprocs=2, join=True)
         rows += json.loads(part.read_text())["rows"]
         part.unlink()
         print(f"[{path}] done in {time.perf_counter() - t0:.0f} s", flush=True)

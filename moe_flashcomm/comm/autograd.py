@@ -1,6 +1,7 @@
 """``all_to_all``: the public, differentiable quantized all-to-all."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional, Union
@@ -12,7 +13,7 @@ from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
 from .exchange import ALGORITHMS, Pending, Route, exchange
-from . import hierarchical
+from . import hierarchical, p2p
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
@@ -116,8 +117,12 @@ def _setup(key: tuple, x: torch.Tensor, group, codecs: LinkCodecs, grad_codecs: 
     check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
                           grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
                           topology=nodes, gate=(gate.digest, intra_node_path(device_type)),
-                          requires_grad=grad),
+                          requires_grad=grad, p2p=p2p.enabled()),
                      group, x.device)
+    if device_type == "cuda" and p2p.enabled() and all(
+            path == "nvlink" for q, path in enumerate(fwd.paths) if q != rank):
+        bufs = p2p.peer_buffers(group, rank, world, x.device)  # collective the first time
+        fwd, bwd = dataclasses.replace(fwd, p2p=bufs), dataclasses.replace(bwd, p2p=bufs)
     _setups[key] = fwd, bwd
     return fwd, bwd
 
@@ -253,7 +258,7 @@ def _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
         raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape {tuple(x.shape)}")
     grad = torch.is_grad_enabled() and x.requires_grad
     key = (group_key(group), codecs, grad_codecs, topology, gate.digest, x.device.type,
-           x.shape[1:], x.dtype, algorithm, chunks, grad)
+           x.shape[1:], x.dtype, algorithm, chunks, grad, p2p.enabled())
     fwd, bwd = _setups.get(key) or _setup(key, x, group, codecs, grad_codecs, topology, gate,
                                           algorithm, chunks, grad)
     in_s, out_s = resolve_splits(x.shape[0], output_split_sizes, input_split_sizes,

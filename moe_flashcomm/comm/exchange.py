@@ -12,10 +12,14 @@ records: no second collective.
 On CUDA with ``chunks`` > 1 each peer's rows are cut into ``chunks`` parts; chunk k's
 encode runs on the current stream, its transfer on NCCL's stream, its decode on a side
 stream, so encode(k+1), transfer(k) and decode(k-1) overlap.
+
+Inside one node over NVLink the bytes skip NCCL: encode kernels write the records straight
+into the peers' memory (``comm/p2p.py``) for calls whose sizes every rank knows.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -29,12 +33,14 @@ from ..codec import decode as _codec_decode
 from ..codec import encode as _codec_encode
 from ..codec import reference as _reference
 from .gate import wire_gate
+from .p2p import PeerBuffers, max_bytes
 from .plan import chunk_range, offsets
 from .topology import _warn_once
 
 RAW = "raw"
 Wire = Union[CodecConfig, str, None]  # None: not in the exchange (a rank's own rows)
 RAW_DTYPES = (torch.bfloat16, torch.float16)  # passthrough is exact for these
+OWN_SIDE_BYTES = 4 << 20  # peer-to-peer: own rows from this size are copied on a side stream
 ALGORITHMS = ("flat", "hierarchical", "auto")  # the last two: comm/hierarchical.py
 
 
@@ -54,10 +60,15 @@ class Route:
     passthrough: bool = False  # every link sends bf16 (16-bit input: all_to_all_single)
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
+    p2p: Optional[PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passthrough", all(
             c.is_passthrough for p, c in enumerate(self.codecs) if p != self.rank))
+
+    def without_p2p(self) -> "Route":
+        """This route with NCCL carrying every pair (its own plan cache)."""
+        return dataclasses.replace(self, p2p=None, plans={})
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
@@ -234,6 +245,8 @@ class Plan:
     own: tuple            # (input row, output row, rows) a rank keeps, copied aside
     chunks: list          # per chunk: (send segments, send byte splits, recv segments, recv splits)
     direct: bool          # one decoded segment is the whole output
+    p2p: Optional[tuple] = None  # (bytes per sender region, sends, receives): the peer-to-peer
+                          # transport, each entry (peer, row, rows, wire, bytes)
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
@@ -252,6 +265,16 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
     chunks = max(1, chunks)
     in_off, out_off = offsets(in_rows), offsets(out_rows)
+    if route.p2p is not None and (even or route.world == 2):
+        # every rank knows every pair's size (even splits) or there is one pair: every
+        # rank takes the same decision and reserves the same room
+        sends = tuple((p, in_off[p], n, send_w[p], n * row_bytes(send_w[p], hidden, dtype))
+                      for p, n in enumerate(in_rows) if p != r and n)
+        recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
+                      for p, n in enumerate(out_rows) if p != r and n)
+        need = max([e[-1] for e in sends + recvs], default=0)
+        if need * 2 * route.world <= max_bytes():
+            return Plan(False, False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     for k in range(chunks):
         parts.append(_segments(in_off, in_rows, send_w, k, chunks, hidden, dtype)
@@ -276,6 +299,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
             route.plans.clear()
         plan = route.plans[key] = make_plan(route, in_rows, out_rows, H, dtype, chunks)
 
+    if plan.p2p is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _exchange_p2p(x, plan, route)
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
         dst, src = (out.view(torch.uint8), x.view(torch.uint8)) if plan.raw else (out, x)
@@ -286,6 +311,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
+    if not plan.chunks:  # a peer-to-peer plan, met under graph capture: NCCL this time
+        plan = make_plan(route.without_p2p(), in_rows, out_rows, H, dtype, chunks)
     out = None if plan.direct else x.new_empty((plan.out_total, H))
     side = _side_stream(x.device) if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
@@ -322,3 +349,38 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
         return out
 
     return Pending(works, finish)
+
+
+def _exchange_p2p(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
+    """The exchange of ``plan`` through the peers' memory (comm/p2p.py) on the current
+    stream: encode into the peers' buffers, barrier, decode ours; own rows copied aside."""
+    bufs, H = route.p2p, x.shape[1]
+    need, sends, recvs = plan.p2p
+    bufs.reserve(need)
+    slot = bufs.begin()
+    out = x.new_empty((plan.out_total, H))
+    src, dst_row, n = plan.own
+    # a large copy of own rows overlaps the encodes on a side stream (they are bound by
+    # instruction issue and NVLink, the copy by device memory)
+    side = _side_stream(x.device) if n * H * x.element_size() >= OWN_SIDE_BYTES else None
+    if n:
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            out[dst_row:dst_row + n].copy_(x[src:src + n])
+    for p, row, rows, wire, nbytes in sends:
+        dst = bufs.region(p, slot, route.rank, nbytes)
+        if wire == RAW:
+            dst.copy_(x[row:row + rows].view(torch.uint8).reshape(-1))
+        else:
+            encode(x[row:row + rows], wire, out=dst.view(rows, -1))
+    bufs.barrier()
+    for p, row, rows, wire, nbytes in recvs:
+        raw = bufs.region(route.rank, slot, p, nbytes)
+        if wire == RAW:
+            out[row:row + rows].view(torch.uint8).view(-1).copy_(raw)
+        else:
+            decode(raw.view(rows, -1), wire, H, x.dtype, out=out[row:row + rows])
+    if side is not None:
+        torch.cuda.current_stream(x.device).wait_stream(side)
+    return Pending([], lambda: out)

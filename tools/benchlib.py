@@ -1,0 +1,36 @@
+"""What the 2-GPU benchmarks share: the link emulation of DESIGN.md, sizes, codec names."""
+from __future__ import annotations
+
+import socket
+
+PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"; NCCL reads it at start
+    "nvlink": {},
+    "host": {"NCCL_P2P_DISABLE": "1"},
+    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
+}
+
+
+def parse_size(s: str) -> int:
+    """'64K', '256M', '1G' or a plain number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def codec_of(name: str):
+    """'int4' / 'fp8' / 'bf16' -> the CodecConfig the benchmarks use (group 128, spikes)."""
+    from moe_flashcomm import CodecConfig
+    bits = name[3:] if name.startswith("int") else name
+    return CodecConfig(bits=bits, group_size=128, spikes=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
