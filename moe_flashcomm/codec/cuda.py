@@ -11,6 +11,7 @@ Compiled kernels are cached on disk (``$MOE_FLASHCOMM_CACHE``, default
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -182,11 +183,23 @@ class _Stream:
 
 def _launch(device: int, source_name: str, name_expr: str, threads: int, args: list,
             defines: tuple[str, ...] = ()) -> None:
+    """Launch ``threads`` threads of a kernel on torch's current stream."""
     fn = _function(device, source_name, name_expr, defines)
-    cupy = _cupy()
+    _run(device, fn, (threads + BLOCK - 1) // BLOCK, args)
+
+
+def _run(device: int, fn, blocks: int, args: list) -> None:
+    """Launch ``blocks`` blocks of BLOCK threads of a loaded kernel on torch's current stream."""
     stream = _Stream(torch.cuda.current_stream(device).cuda_stream)
-    with cupy.cuda.Device(device):
-        fn(((threads + BLOCK - 1) // BLOCK,), (BLOCK,), args, stream=stream)
+    if device == _current_device():
+        fn((blocks,), (BLOCK,), args, stream=stream)
+    else:
+        with _cupy().cuda.Device(device):
+            fn((blocks,), (BLOCK,), args, stream=stream)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
 
 
 # ---- launch geometry -----------------------------------------------------------------------
@@ -304,24 +317,42 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
         rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
         rec[:, 2 * H:].zero_()
         return rec
-    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    t = _CTYPE[x.dtype]
+    vec = H % 8 == 0 and x.data_ptr() % 16 == 0
+    stochastic = cfg.is_int and cfg.rounding == "stochastic"
+    seed_key = _lowbias32(seed & 0xFFFFFFFF) if stochastic else 0
+    xp, rp = x.data_ptr(), rec.data_ptr()
+    for fn, blocks, x_off, rec_off, args in _encode_launches(dev, T, H, cfg, x.dtype, vec, shape,
+                                                             defines):
+        if stochastic:
+            args = args.copy()
+            args["seed_key"] = seed_key
+        _run(dev, fn, blocks, [np.uint64(xp + x_off), np.uint64(rp + rec_off), args])
+    return rec
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
+                     shape: Optional[Shape], defines: tuple) -> tuple:
+    """The kernel launches of one encode: (kernel, blocks, token and record byte offsets,
+    argument struct) each. Cached: the host time of a call is then a few launches."""
+    L = record_layout(H, cfg)
+    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
+    t = _CTYPE[dtype]
     if cfg.is_fp8:
         name = f"mfc::encode_fp8<{t}, {V}, {U}>"
     else:
         sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
         name = f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}>"
-    seed_key = _lowbias32(seed & 0xFFFFFFFF) if cfg.rounding == "stochastic" else 0
-    vec = int(H % 8 == 0 and x.data_ptr() % 16 == 0)
+    fn = _function(dev, "codec_encode.cu", name, defines)
+    launches = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         # the noise counter (token * padded_hidden + position) counts tokens from the batch start
         args = _struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
-                       div_shift=shift, total=items, gap=_gaps(L), seed_key=seed_key,
-                       counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=vec, **_layout_fields(L))
-        _launch(dev, "codec_encode.cu", name, -(-items // U),
-                [_ptr(x, t0 * H * x.element_size()), _ptr(rec, t0 * L.record_bytes), args], defines)
-    return rec
+                       div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
+                       counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec), **_layout_fields(L))
+        launches.append((fn, -(-items // U), t0 * H * dtype.itemsize, t0 * L.record_bytes, args))
+    return tuple(launches)
 
 
 def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
@@ -339,21 +370,33 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
-    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
     dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
+    rp, yp = records.data_ptr(), y.data_ptr()
+    for fn, blocks, rec_off, y_off, args in _decode_launches(dev, T, hidden, cfg, dtype, shape,
+                                                             defines):
+        _run(dev, fn, blocks, [np.uint64(rp + rec_off), np.uint64(yp + y_off), args])
+    return y
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
+                     shape: Optional[Shape], defines: tuple) -> tuple:
+    """The kernel launches of one decode, as _encode_launches (record, token offsets)."""
+    L = record_layout(hidden, cfg)
+    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
     t = _CTYPE[dtype]
     if cfg.is_fp8:
         name = f"mfc::decode_fp8<{t}, {V}, {U}>"
     else:
         name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
+    fn = _function(dev, "codec_decode.cu", name, defines)
+    launches = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         args = _struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
                        total=items, vec=int(hidden % 8 == 0), dense=int(L.padded_hidden == hidden),
                        **_layout_fields(L))
-        _launch(dev, "codec_decode.cu", name, -(-items // U),
-                [_ptr(records, t0 * L.record_bytes), _ptr(y, t0 * hidden * y.element_size()), args],
-                defines)
-    return y
+        launches.append((fn, -(-items // U), t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args))
+    return tuple(launches)
 
 
 def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,

@@ -80,6 +80,7 @@ class PeerBuffers:
         self.flag_ptrs = self._exchange(_cudamalloc_zeroed(8 * MAX_PEERS, device))
         self.data_ptrs: list[int] = []
         self.data: list[torch.Tensor] = []  # uint8 view of each rank's receive buffer
+        self._barrier = None  # (kernel, argument struct)
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, ptr: int) -> list[int]:
@@ -147,11 +148,15 @@ class PeerBuffers:
 
     def barrier(self) -> None:
         """After this (on the stream) every peer's writes of this call are in our buffer."""
-        from ..codec.cuda import _launch, _struct
-        flags = list(self.flag_ptrs) + [0] * (MAX_PEERS - self.world)
-        args = _struct(P2P_ARGS, peer_flags=flags, epoch=self.epoch,
-                       timeout_ns=TIMEOUT_S * 10**9, rank=self.rank, world=self.world)
-        _launch(self.device.index, "p2p.cu", "mfc::p2p_barrier", self.world, [args])
+        from ..codec import cuda
+        if self._barrier is None:
+            flags = list(self.flag_ptrs) + [0] * (MAX_PEERS - self.world)
+            args = cuda._struct(P2P_ARGS, peer_flags=flags, timeout_ns=TIMEOUT_S * 10**9,
+                                rank=self.rank, world=self.world)
+            self._barrier = cuda._function(self.device.index, "p2p.cu", "mfc::p2p_barrier"), args
+        fn, args = self._barrier
+        args["epoch"] = self.epoch  # the launch copies the arguments
+        cuda._run(self.device.index, fn, 1, [args])
 
     def close(self) -> None:
         """Unmap the peers' memory and free ours (after the device is idle)."""
