@@ -16,6 +16,7 @@ import torch.distributed as dist
 import moe_flashcomm as mf
 from moe_flashcomm.codec import reference
 from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm.topology import intra_node_path
 from tests.distributed import spawn
 
 CODECS = [mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits="fp8"), mf.CodecConfig(bits=8),
@@ -177,7 +178,7 @@ def own_rows(rank, S, out_splits, gy, device):
 def gate_checks(rank, world, device):
     """A pair whose bf16 size is under its threshold travels as bf16, the others quantized."""
     H = 64
-    path = "cpu" if device == "cpu" else "nvlink"
+    path = intra_node_path(device)  # NCCL's environment: nvlink, or host with NCCL_P2P_DISABLE
     gate = {path: {"int4": 5 * H * 2}}  # pairs of fewer than 5 rows go bf16
     S = [[(2 + 2 * ((p + q) % 2)) if p != q else 1 for q in range(world)] for p in range(world)]
     S[0][-1] = 9

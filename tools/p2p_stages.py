@@ -76,7 +76,22 @@ def _worker(rank: int, world: int, port: int, args) -> None:
         nbytes = rec.numel()
         bufs.reserve(nbytes)
         remote = bufs.region(1 - rank, 0, rank, nbytes).view(half, -1)
+        copier = torch.cuda.Stream()
+
+        def pipelined(k: int) -> None:
+            """encode chunk i on this stream while the copy engine moves chunk i-1"""
+            cur = torch.cuda.current_stream()
+            for i in range(k):
+                a, b = half * i // k, half * (i + 1) // k
+                encode(peer[a:b], c, out=rec[a:b])
+                copier.wait_stream(cur)
+                with torch.cuda.stream(copier):
+                    remote[a:b].copy_(rec[a:b])
+            cur.wait_stream(copier)
+
         stages = {
+            "encode+copy x1": lambda: pipelined(1),
+            "encode+copy x4": lambda: pipelined(4),
             "encode local": lambda: encode(peer, c, out=rec),
             "encode remote": lambda: encode(peer, c, out=remote),
             "copy remote": lambda: remote.copy_(rec),

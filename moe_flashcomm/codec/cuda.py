@@ -184,8 +184,12 @@ class _Stream:
 def _launch(device: int, source_name: str, name_expr: str, threads: int, args: list,
             defines: tuple[str, ...] = ()) -> None:
     """Launch ``threads`` threads of a kernel on torch's current stream."""
-    fn = _function(device, source_name, name_expr, defines)
-    _run(device, fn, (threads + BLOCK - 1) // BLOCK, args)
+    _run(device, _function(device, source_name, name_expr, defines), _blocks(threads), args)
+
+
+def _blocks(threads: int) -> int:
+    """Blocks of BLOCK threads that cover ``threads`` threads."""
+    return -(-threads // BLOCK)
 
 
 def _run(device: int, fn, blocks: int, args: list) -> None:
@@ -351,7 +355,8 @@ def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dt
         args = _struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
                        div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
                        counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec), **_layout_fields(L))
-        launches.append((fn, -(-items // U), t0 * H * dtype.itemsize, t0 * L.record_bytes, args))
+        launches.append((fn, _blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
+                         args))
     return tuple(launches)
 
 
@@ -395,7 +400,8 @@ def _decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: tor
         args = _struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
                        total=items, vec=int(hidden % 8 == 0), dense=int(L.padded_hidden == hidden),
                        **_layout_fields(L))
-        launches.append((fn, -(-items // U), t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args))
+        launches.append((fn, _blocks(-(-items // U)), t0 * L.record_bytes,
+                         t0 * hidden * dtype.itemsize, args))
     return tuple(launches)
 
 
