@@ -8,7 +8,9 @@ the slower rank's):
   encode local   records into this GPU's memory         decode        records -> tokens
   encode remote  records straight into the peer's       own copy      rows this rank keeps
   copy remote    local records -> the peer (torch copy)  barrier       the flag exchange alone
-  call           moe_flashcomm.all_to_all (gate off)     nccl          all_to_all_single, bf16
+  call           moe_flashcomm.all_to_all (gate off), as configured, then with every peer's
+                 records stored by the encode kernel / moved by the copy engine
+  nccl           all_to_all_single, bf16
 
     python tools/p2p_stages.py --size 256M --hidden 7168 --codecs int8,int4,int2 --out out/p2p
 """
@@ -98,9 +100,14 @@ def _worker(rank: int, world: int, port: int, args) -> None:
             "decode": lambda: decode(rec, c, H, x.dtype, out=out[:half]),
             "barrier": lambda: (bufs.begin(), bufs.barrier()),
             "call": lambda: mf.all_to_all(x, codec=c, gate=False),
+            "call, stores": lambda: mf.all_to_all(x, codec=c, gate=False),
+            "call, copy eng.": lambda: mf.all_to_all(x, codec=c, gate=False),
         }
+        default = p2p.COPY_ENGINE_BYTES
         for stage, fn in stages.items():
+            p2p.COPY_ENGINE_BYTES = {"call, stores": 1 << 62, "call, copy eng.": 0}.get(stage, default)
             rows.append(dict(stage=stage, codec=name, ms=_time(fn), wire_mb=nbytes / 1e6))
+        p2p.COPY_ENGINE_BYTES = default
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "p2p_stages.json").write_text(json.dumps(dict(

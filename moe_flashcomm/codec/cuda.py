@@ -194,16 +194,26 @@ def _blocks(threads: int) -> int:
 
 def _run(device: int, fn, blocks: int, args: list) -> None:
     """Launch ``blocks`` blocks of BLOCK threads of a loaded kernel on torch's current stream."""
-    stream = _Stream(torch.cuda.current_stream(device).cuda_stream)
-    if device == _current_device():
+    stream = _Stream(_raw_stream(device))
+    if device == torch.cuda.current_device():
         fn((blocks,), (BLOCK,), args, stream=stream)
     else:
         with _cupy().cuda.Device(device):
             fn((blocks,), (BLOCK,), args, stream=stream)
 
 
-def _current_device() -> int:
-    return torch.cuda.current_device()
+# torch's current stream of a device as a handle (the C call torch.compile's code uses)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda device: torch.cuda.current_stream(device).cuda_stream)
+
+
+def by_value(struct: np.ndarray):
+    """A kernel argument that passes the one-element ``struct`` by value. Built once per
+    struct: CuPy would rebuild a structured dtype's descriptor at every launch (~20 us).
+    The launch copies the value, so the struct may be changed in place between launches."""
+    from cupy.cuda import function
+    cls = getattr(function, "CNumpyArray", None)
+    return cls(struct) if cls is not None else struct
 
 
 # ---- launch geometry -----------------------------------------------------------------------
@@ -326,12 +336,11 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
     stochastic = cfg.is_int and cfg.rounding == "stochastic"
     seed_key = _lowbias32(seed & 0xFFFFFFFF) if stochastic else 0
     xp, rp = x.data_ptr(), rec.data_ptr()
-    for fn, blocks, x_off, rec_off, args in _encode_launches(dev, T, H, cfg, x.dtype, vec, shape,
-                                                             defines):
+    for fn, blocks, x_off, rec_off, struct, arg in _encode_launches(dev, T, H, cfg, x.dtype, vec,
+                                                                    shape, defines):
         if stochastic:
-            args = args.copy()
-            args["seed_key"] = seed_key
-        _run(dev, fn, blocks, [np.uint64(xp + x_off), np.uint64(rp + rec_off), args])
+            struct["seed_key"] = seed_key
+        _run(dev, fn, blocks, [np.uint64(xp + x_off), np.uint64(rp + rec_off), arg])
     return rec
 
 
@@ -339,7 +348,8 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
 def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
                      shape: Optional[Shape], defines: tuple) -> tuple:
     """The kernel launches of one encode: (kernel, blocks, token and record byte offsets,
-    argument struct) each. Cached: the host time of a call is then a few launches."""
+    argument struct, the struct as a launch argument) each. Cached: the host time of a call
+    is then a few launches."""
     L = record_layout(H, cfg)
     V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
     t = _CTYPE[dtype]
@@ -356,7 +366,7 @@ def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dt
                        div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
                        counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec), **_layout_fields(L))
         launches.append((fn, _blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
-                         args))
+                         args, by_value(args)))
     return tuple(launches)
 
 
@@ -377,9 +387,9 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
     rp, yp = records.data_ptr(), y.data_ptr()
-    for fn, blocks, rec_off, y_off, args in _decode_launches(dev, T, hidden, cfg, dtype, shape,
-                                                             defines):
-        _run(dev, fn, blocks, [np.uint64(rp + rec_off), np.uint64(yp + y_off), args])
+    for fn, blocks, rec_off, y_off, arg in _decode_launches(dev, T, hidden, cfg, dtype, shape,
+                                                            defines):
+        _run(dev, fn, blocks, [np.uint64(rp + rec_off), np.uint64(yp + y_off), arg])
     return y
 
 
@@ -401,7 +411,7 @@ def _decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: tor
                        total=items, vec=int(hidden % 8 == 0), dense=int(L.padded_hidden == hidden),
                        **_layout_fields(L))
         launches.append((fn, _blocks(-(-items // U)), t0 * L.record_bytes,
-                         t0 * hidden * dtype.itemsize, args))
+                         t0 * hidden * dtype.itemsize, by_value(args)))
     return tuple(launches)
 
 

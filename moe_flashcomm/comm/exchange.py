@@ -33,6 +33,7 @@ from ..codec import decode as _codec_decode
 from ..codec import encode as _codec_encode
 from ..codec import reference as _reference
 from .gate import wire_gate
+from . import p2p
 from .p2p import PeerBuffers, max_bytes
 from .plan import chunk_range, offsets
 from .topology import _warn_once
@@ -205,12 +206,16 @@ def _unpack(recv: torch.Tensor, segs: list[_Seg], out: torch.Tensor) -> None:
 _side_streams: dict = {}
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The decode stream of a device (one per process and device)."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
+def _side_stream(device: torch.device, role: str = "decode") -> "torch.cuda.Stream":
+    """A stream of a device for ``role`` (one per process, device and role)."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(), role)
     if key not in _side_streams:
-        _side_streams[key] = torch.cuda.Stream(device=key)
+        _side_streams[key] = torch.cuda.Stream(device=key[0])
     return _side_streams[key]
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    return _side_stream(device, "copy")
 
 
 class Pending:
@@ -368,12 +373,18 @@ def _exchange_p2p(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
             side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             out[dst_row:dst_row + n].copy_(x[src:src + n])
+    copier = None
     for p, row, rows, wire, nbytes in sends:
         dst = bufs.region(p, slot, route.rank, nbytes)
         if wire == RAW:
             dst.copy_(x[row:row + rows].view(torch.uint8).reshape(-1))
-        else:
+        elif nbytes < p2p.COPY_ENGINE_BYTES:
             encode(x[row:row + rows], wire, out=dst.view(rows, -1))
+        else:  # encode locally, the copy engine moves chunk k while chunk k+1 is encoded
+            copier = copier or _copy_stream(x.device)
+            _encode_and_copy(x[row:row + rows], wire, dst.view(rows, -1), copier)
+    if copier is not None:
+        torch.cuda.current_stream(x.device).wait_stream(copier)
     bufs.barrier()
     for p, row, rows, wire, nbytes in recvs:
         raw = bufs.region(route.rank, slot, p, nbytes)
@@ -384,3 +395,21 @@ def _exchange_p2p(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
     if side is not None:
         torch.cuda.current_stream(x.device).wait_stream(side)
     return Pending([], lambda: out)
+
+
+def _encode_and_copy(rows: torch.Tensor, cfg: CodecConfig, dst: torch.Tensor,
+                     copier: "torch.cuda.Stream") -> None:
+    """Encode ``rows`` into a local buffer in p2p.COPY_CHUNKS parts, each copied into ``dst``
+    (a peer's memory) on ``copier`` as soon as it is encoded. The copy engine moves bytes
+    over NVLink faster than the encode kernel's own remote stores (docs/benchmarks.md)."""
+    cur = torch.cuda.current_stream(rows.device)
+    rec = torch.empty(dst.shape, dtype=torch.uint8, device=rows.device)
+    n = rows.shape[0]
+    for k in range(p2p.COPY_CHUNKS):
+        a, b = chunk_range(n, k, p2p.COPY_CHUNKS)
+        if b > a:
+            encode(rows[a:b], cfg, out=rec[a:b])
+            copier.wait_stream(cur)
+            with torch.cuda.stream(copier):
+                dst[a:b].copy_(rec[a:b])
+    rec.record_stream(copier)

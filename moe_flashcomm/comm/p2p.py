@@ -36,6 +36,10 @@ MAX_PEERS = 16  # kMaxPeers in csrc/p2p.cu
 SLOTS = 2
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
 TIMEOUT_S = 120  # a barrier that waits this long traps (a rank died): no silent hang
+# Records for one peer from this size are encoded locally and moved by the copy engine in
+# COPY_CHUNKS pipelined parts; smaller ones are stored into the peer by the encode kernel.
+COPY_ENGINE_BYTES = int(os.environ.get("MOE_FLASHCOMM_P2P_COPY_MB", "8")) << 20
+COPY_CHUNKS = 2
 
 P2P_ARGS = np.dtype([("peer_flags", "<u8", (MAX_PEERS,)), ("epoch", "<u8"),
                      ("timeout_ns", "<u8"), ("rank", "<i4"), ("world", "<i4")])
@@ -153,10 +157,11 @@ class PeerBuffers:
             flags = list(self.flag_ptrs) + [0] * (MAX_PEERS - self.world)
             args = cuda._struct(P2P_ARGS, peer_flags=flags, timeout_ns=TIMEOUT_S * 10**9,
                                 rank=self.rank, world=self.world)
-            self._barrier = cuda._function(self.device.index, "p2p.cu", "mfc::p2p_barrier"), args
-        fn, args = self._barrier
-        args["epoch"] = self.epoch  # the launch copies the arguments
-        cuda._run(self.device.index, fn, 1, [args])
+            fn = cuda._function(self.device.index, "p2p.cu", "mfc::p2p_barrier")
+            self._barrier = fn, args, cuda.by_value(args)
+        fn, args, arg = self._barrier
+        args["epoch"] = self.epoch  # in place: the launch copies the value
+        cuda._run(self.device.index, fn, 1, [arg])
 
     def close(self) -> None:
         """Unmap the peers' memory and free ours (after the device is idle)."""
