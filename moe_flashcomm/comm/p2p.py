@@ -38,7 +38,10 @@ ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 
 TIMEOUT_S = 120  # a barrier that waits this long traps (a rank died): no silent hang
 # Records for one peer from this size are encoded locally and moved by the copy engine in
 # COPY_CHUNKS pipelined parts; smaller ones are stored into the peer by the encode kernel.
-COPY_ENGINE_BYTES = int(os.environ.get("MOE_FLASHCOMM_P2P_COPY_MB", "8")) << 20
+# Measured on 2x H200 (tools/p2p_stages.py, docs/benchmarks.md): remote stores move ~250 GB/s,
+# the copy engine ~375 GB/s but costs a local round trip and more launches; at 256 MiB per
+# rank int8 (72 MB per peer) gains, int4 (39 MB) and int2 lose.
+COPY_ENGINE_BYTES = int(os.environ.get("MOE_FLASHCOMM_P2P_COPY_MB", "64")) << 20
 COPY_CHUNKS = 2
 
 P2P_ARGS = np.dtype([("peer_flags", "<u8", (MAX_PEERS,)), ("epoch", "<u8"),
@@ -137,11 +140,13 @@ class PeerBuffers:
     # -- per call --------------------------------------------------------------------------
     def begin(self) -> int:
         """Start a call on the current stream: its slot."""
-        stream = torch.cuda.current_stream(self.device)
-        if self.stream is not None and stream.cuda_stream != self.stream:
+        from ..codec.cuda import _raw_stream
+        stream = _raw_stream(self.device.index)
+        if self.stream is not None and stream != self.stream:
             # the slot reasoning needs the calls in one stream order
-            stream.wait_stream(torch.cuda.ExternalStream(self.stream, device=self.device))
-        self.stream = stream.cuda_stream
+            torch.cuda.current_stream(self.device).wait_stream(
+                torch.cuda.ExternalStream(self.stream, device=self.device))
+        self.stream = stream
         self.epoch += 1
         return self.epoch % SLOTS
 
