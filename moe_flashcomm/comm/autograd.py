@@ -145,18 +145,32 @@ class _Started:
         return self.out
 
 
+class _Ready:
+    """A _Call whose forward already ran (async_op): its output, then the _Call's backward."""
+    __slots__ = ("call", "out")
+
+    def __init__(self, call: _Call, out: torch.Tensor) -> None:
+        self.call, self.out = call, out
+
+    def forward_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+    def backward_out(self, g: torch.Tensor) -> torch.Tensor:
+        return self.call.backward_out(g)
+
+
 class _AllToAll(torch.autograd.Function):
-    """Forward: the all-to-all with the forward codec (or its ``ready`` result).
+    """Forward: the all-to-all with the forward codec (a _Call, or a _Ready's result).
     Backward: the reverse all-to-all of the gradient with the gradient codec."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, call: _Call, ready) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, call) -> torch.Tensor:
         ctx.call = call
-        return ready[0] if ready else call.forward_out(x)
+        return call.forward_out(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.call.backward_out(grad), None, None
+        return ctx.call.backward_out(grad), None
 
 
 class AllToAllHandle:
@@ -179,7 +193,7 @@ class AllToAllHandle:
                 out = out.view(call.out_shape)
             if self._grad:
                 with torch.enable_grad():
-                    out = _AllToAll.apply(self._x, call, (out,))
+                    out = _AllToAll.apply(self._x, _Ready(call, out))
             self._out, self._x = out, None
         return self._out
 
@@ -302,7 +316,7 @@ def all_to_all(
             _hot[hot] = call
     if not async_op:
         if grad:
-            return _AllToAll.apply(x, call, ())
+            return _AllToAll.apply(x, call)
         fast = call.fast_fwd
         if fast is not None and x.is_contiguous():
             return fast.start(x, False)[0]
