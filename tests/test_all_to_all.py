@@ -191,6 +191,10 @@ def plain_checks(rank, world, S, device):
                 gy = make_input(rank + 100, y.shape[0], (2, 40), torch.bfloat16, 31).to(device)
                 y.backward(gy)
                 assert torch.equal(xg.grad, torch_a2a(gy, S[rank], out_splits))
+    # no values per row of dim 0 ([N, 0, H]): still all_to_all_single's result
+    x0 = torch.zeros(sum(S[rank]), 0, 8, dtype=torch.bfloat16, device=device)
+    for kw in (dict(codec="bf16"), gated):
+        assert mf.all_to_all(x0, out_splits, S[rank], **kw).shape == (sum(out_splits), 0, 8)
     # even splits ([N, H], no split sizes): all_to_all_single's own even split
     x = make_input(rank, 3 * world, (16,), torch.float16, 32).to(device)
     for kw in (dict(codec="bf16"), gated):

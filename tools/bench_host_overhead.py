@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import importlib.util
 import io
 import json
 import os
@@ -86,48 +87,85 @@ class _TorchAllToAll(torch.autograd.Function):
         return out
 
 
-def _cases(shape):
+def _load_before(path: str):
+    """The moe_flashcomm package of another checkout (``--before``), as
+    ``moe_flashcomm_before`` (its imports are relative, so it runs its own code)."""
+    name = "moe_flashcomm_before"
+    if name not in sys.modules:
+        init = os.path.join(path, "moe_flashcomm", "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[os.path.dirname(init)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _packages(args) -> dict:
     import moe_flashcomm
-    from moe_flashcomm.comm.gate import SizeGate
+    pkgs = {"ours": moe_flashcomm}
+    if args.before:
+        pkgs["before"] = _load_before(args.before)
+    return pkgs
+
+
+def _cases(shape, pkgs: dict) -> dict:
+    """{case: {"torch": fn, "ours": fn, ["before": fn]}}."""
 
     big = 1 << 62
-    gated = SizeGate({"cpu": {"*": big}}, source="bench", all_reduce={"cpu": {"*": big}})
     x = torch.randn(*shape).to(torch.bfloat16)
     xg = x.clone().requires_grad_(True)
-    a2a, ar = moe_flashcomm.all_to_all, moe_flashcomm.all_reduce
     a2a_torch = lambda: dist.all_to_all_single(torch.empty_like(x), x)  # noqa: E731
     a2a_async = lambda: dist.all_to_all_single(torch.empty_like(x), x, async_op=True).wait()  # noqa: E731
     ar_torch = lambda: dist.all_reduce(x)  # noqa: E731
-    return {
-        "a2a gated": (a2a_torch, lambda: a2a(x, gate=gated)),
-        "a2a passthrough": (a2a_torch, lambda: a2a(x, codec="bf16")),
-        "a2a grad": (lambda: _TorchAllToAll.apply(xg), lambda: a2a(xg, gate=gated)),
-        "a2a async": (a2a_async, lambda: a2a(x, gate=gated, async_op=True).wait()),
-        "a2a int4": (a2a_torch, lambda: a2a(x, gate=False)),
-        "ar gated": (ar_torch, lambda: ar(x, gate=gated)),
-        "ar int4": (ar_torch, lambda: ar(x, gate=False)),
+    cases = {
+        "a2a gated": {"torch": a2a_torch},
+        "a2a passthrough": {"torch": a2a_torch},
+        "a2a grad": {"torch": lambda: _TorchAllToAll.apply(xg)},
+        "a2a async": {"torch": a2a_async},
+        "a2a int4": {"torch": a2a_torch},
+        "ar gated": {"torch": ar_torch},
+        "ar int4": {"torch": ar_torch},
     }
+    for label, pkg in pkgs.items():
+        a2a, ar = pkg.all_to_all, pkg.all_reduce
+        gated = pkg.SizeGate({"cpu": {"*": big}}, source="bench", all_reduce={"cpu": {"*": big}})
+        fns = {
+            "a2a gated": lambda a2a=a2a, g=gated: a2a(x, gate=g),
+            "a2a passthrough": lambda a2a=a2a: a2a(x, codec="bf16"),
+            "a2a grad": lambda a2a=a2a, g=gated: a2a(xg, gate=g),
+            "a2a async": lambda a2a=a2a, g=gated: a2a(x, gate=g, async_op=True).wait(),
+            "a2a int4": lambda a2a=a2a: a2a(x, gate=False),
+            "ar gated": lambda ar=ar, g=gated: ar(x, gate=g),
+            "ar int4": lambda ar=ar: ar(x, gate=False),
+        }
+        for name, fn in fns.items():
+            cases[name][label] = fn
+    return cases
 
 
-def _measure(rank, args, barrier) -> dict:
-    """{case: (torch wall, ours wall, torch cpu, ours cpu)} in us per call, medians."""
+def _measure(rank, args, barrier, pkgs) -> dict:
+    """{case: {impl: (wall us, calling-thread CPU us)}}: medians over the rounds; in every
+    round each implementation runs ``calls`` calls back to back, one after the other."""
     torch.manual_seed(rank)
-    cases = _cases(args.shape)
+    cases = _cases(args.shape, pkgs)
     results = {}
-    for name, (ref, ours) in cases.items():
+    for name, fns in cases.items():
         if args.only and not any(o in name for o in args.only):
             continue
         for _ in range(args.warmup):
-            ref(), ours()
+            for fn in fns.values():
+                fn()
         barrier()
-        rows = []
+        times: dict = {label: [] for label in fns}
         for _ in range(args.rounds):
-            rows.append(_per_call(ref, args.calls) + _per_call(ours, args.calls))
-        tw, cw, tc, cc = zip(*[(r[0], r[2], r[1], r[3]) for r in rows])
-        results[name] = tuple(statistics.median(v) for v in (tw, cw, tc, cc))
+            for label, fn in fns.items():
+                times[label].append(_per_call(fn, args.calls))
+        results[name] = {label: tuple(statistics.median(v) for v in zip(*t))
+                         for label, t in times.items()}
     if args.profile:
         for name in ("a2a gated", "a2a grad", "ar gated"):
-            ours = cases[name][1]
+            ours = cases[name]["ours"]
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(args.calls * 5):
@@ -148,7 +186,7 @@ def _worker(rank, world, port, args, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        queue.put((rank, _measure(rank, args, dist.barrier)))
+        queue.put((rank, _measure(rank, args, dist.barrier, _packages(args))))
     finally:
         dist.destroy_process_group()
 
@@ -160,12 +198,13 @@ def _fake(args) -> dict:
     os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    from moe_flashcomm.comm import all_reduce as ar_mod, autograd as a2a_mod
-
+    pkgs = _packages(args)
     skip = lambda *a, **k: None  # noqa: E731 - its all_gather would read garbage here
-    a2a_mod.check_consistent = ar_mod.check_consistent = skip
+    for pkg in pkgs.values():
+        for mod in ("autograd", "all_reduce"):
+            setattr(sys.modules[f"{pkg.__name__}.comm.{mod}"], "check_consistent", skip)
     try:
-        return {0: _measure(0, args, lambda: None)}
+        return {0: _measure(0, args, lambda: None, pkgs)}
     finally:
         dist.destroy_process_group()
 
@@ -180,6 +219,9 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="case name substrings")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--before", default=None, metavar="DIR",
+                   help="also time the moe_flashcomm of this checkout (e.g. a `git archive` of "
+                        "an older commit), interleaved with the others")
     args = p.parse_args()
     if args.backend == "fake":
         got = _fake(args)
@@ -195,17 +237,24 @@ def main() -> None:
             proc.join()
     print(f"torch {torch.__version__}, {args.backend}, world 2, x {args.shape} bf16, "
           f"{args.calls} calls x {args.rounds} rounds (median, slower rank), us per call")
-    print(f"{'':18s} {'wall':>29s}   {'calling thread CPU':>29s}")
-    print(f"{'case':18s}" + f" {'torch':>9s} {'ours':>9s} {'overhead':>9s}  " * 2)
+    labels = [lb for lb in ("torch", "before", "ours") if lb in got[0][next(iter(got[0]))]]
     table = {}
-    for name in got[0]:
-        tw, ow, tc, oc = (max(got[r][name][i] for r in got) for i in range(4))
-        table[name] = dict(torch_wall_us=tw, ours_wall_us=ow, torch_cpu_us=tc, ours_cpu_us=oc)
-        print(f"{name:18s} {tw:9.1f} {ow:9.1f} {ow - tw:9.1f}   {tc:9.1f} {oc:9.1f} {oc - tc:9.1f}")
+    for clock, title in ((1, "calling thread CPU"), (0, "wall")):
+        print(f"-- {title}: " + ", ".join(labels) + "; then overhead = impl - torch")
+        print(f"{'case':18s}" + "".join(f" {lb:>9s}" for lb in labels)
+              + "".join(f" {'+' + lb:>9s}" for lb in labels[1:]))
+        for name in got[0]:
+            v = {lb: max(got[r][name][lb][clock] for r in got) for lb in labels}
+            row = table.setdefault(name, {})
+            for lb in labels:
+                row[f"{lb}_{'cpu' if clock else 'wall'}_us"] = round(v[lb], 2)
+            print(f"{name:18s}" + "".join(f" {v[lb]:9.1f}" for lb in labels)
+                  + "".join(f" {v[lb] - v['torch']:9.1f}" for lb in labels[1:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(backend=args.backend, shape=args.shape, calls=args.calls,
-                           rounds=args.rounds, torch=torch.__version__, results=table), f, indent=1)
+                           rounds=args.rounds, torch=torch.__version__, before=args.before,
+                           results=table), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _fast(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, per_row: i
         if len(route.plans) > 256:
             route.plans.clear()
         plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks)
-    if not plan.fast:
+    if not plan.fast or per_row == 0:  # (x [N, 0, H]: exchange's zero rows)
         return None
     if per_row != 1:  # split sizes in rows of dim 0 of the caller's tensor
         in_rows = tuple(n // per_row for n in in_rows)
