@@ -128,23 +128,6 @@ class _Call:
         return self.backward(g2).wait().view(self.in_shape)
 
 
-class _Started:
-    """A started plain all_to_all_single (``_Fast``): Pending's interface."""
-    __slots__ = ("work", "out")
-
-    def __init__(self, work, out: torch.Tensor) -> None:
-        self.work, self.out = work, out
-
-    def is_completed(self) -> bool:
-        return self.work is None or self.work.is_completed()
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        return self.out
-
-
 class _Ready:
     """A _Call whose forward already ran (async_op): its output, then the _Call's backward."""
     __slots__ = ("call", "out")
@@ -177,20 +160,31 @@ class AllToAllHandle:
     """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
     decodes and returns the output (on CUDA, ordered before later work on the current
     stream)."""
-    __slots__ = ("_pending", "_x", "_call", "_grad", "_out")
+    __slots__ = ("_pending", "_work", "_x", "_call", "_grad", "_out")
 
-    def __init__(self, pending, x: torch.Tensor, call: _Call, grad: bool) -> None:
-        # pending.wait() gives the output [out_shape] (_Started) or its rows [*, H] (Pending)
-        self._pending, self._x, self._call, self._grad, self._out = pending, x, call, grad, None
+    def __init__(self, pending: Optional[Pending], x: torch.Tensor, call: _Call, grad: bool,
+                 work=None, out: Optional[torch.Tensor] = None) -> None:
+        # pending: the exchange, its wait() gives the output rows [*, H]; or None, and
+        # work / out: the plain all_to_all_single (_Fast) and its output [out_shape]
+        self._pending, self._work, self._out = pending, work, out
+        self._x, self._call, self._grad = x, call, grad
 
     def is_completed(self) -> bool:
-        return self._pending.is_completed()
+        if self._pending is not None:
+            return self._pending.is_completed()
+        return self._work is None or self._work.is_completed()
 
     def wait(self) -> torch.Tensor:
-        if self._out is None:
-            out, call = self._pending.wait(), self._call
-            if out.dim() != len(call.out_shape):
-                out = out.view(call.out_shape)
+        if self._x is not None:  # not waited for yet
+            call = self._call
+            if self._pending is not None:
+                out = self._pending.wait()
+                if out.dim() != len(call.out_shape):
+                    out = out.view(call.out_shape)
+            else:
+                if self._work is not None:
+                    self._work.wait()
+                out = self._out
             if self._grad:
                 with torch.enable_grad():
                     out = _AllToAll.apply(self._x, _Ready(call, out))
@@ -324,10 +318,9 @@ def all_to_all(
     fast = call.fast_fwd
     if fast is not None:
         out, work = fast.start(x if x.is_contiguous() else x.contiguous(), True)
-        pending = _Started(work, out)
-    else:
-        pending = call.forward(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
-    return AllToAllHandle(pending, x, call, grad)
+        return AllToAllHandle(None, x, call, grad, work, out)
+    return AllToAllHandle(call.forward(x if x.dim() == 2 else x.reshape(-1, x.shape[-1])),
+                          x, call, grad)
 
 
 def _split_key(sizes) -> tuple:
