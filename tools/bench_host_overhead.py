@@ -19,8 +19,9 @@ gate does on GPU links for small messages; the default table never gates "cpu"):
   ar int4          all_reduce(x, gate=False): quantized (includes the CPU reference codec)
 otherwise against ``dist.all_to_all_single(torch.empty_like(x), x)`` / ``dist.all_reduce(x)``.
 
-Method: rounds of ``--calls`` back-to-back calls of torch, then of ours (interleaved, so
-drift hits both); per-call time = round time / calls; median over ``--rounds`` rounds, the
+Method: rounds of ``--calls`` back-to-back calls of torch, then of ours, then (``--before
+DIR``) of the moe_flashcomm package of another checkout, e.g. a ``git archive`` of an older
+commit (interleaved, so drift hits all alike); per-call time = round time / calls; median over ``--rounds`` rounds, the
 slower rank's. Two clocks: wall time (``perf_counter``; on a 2-core machine it is mostly
 gloo's loopback latency and scheduling, noisy) and the calling thread's CPU time
 (``thread_time``: the host issue cost, what small collectives on a GPU are bound by; gloo's
@@ -32,7 +33,7 @@ gated all-to-all (plain and with autograd) and all-reduce on rank 0 (top functio
 time).
 
     PYTHONPATH=$PWD python tools/bench_host_overhead.py [--backend gloo|fake] [--calls 200]
-        [--rounds 15] [--profile] [--json out.json]
+        [--rounds 15] [--before DIR] [--profile] [--json out.json]
 """
 from __future__ import annotations
 
