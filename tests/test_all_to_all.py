@@ -129,6 +129,7 @@ def battery(rank: int, world: int, device: str, codecs=CODECS, kinds=("even", "u
 
     backward_checks(rank, world, S, device)
     gate_checks(rank, world, device)
+    plain_checks(rank, world, S, device)
 
 
 def backward_checks(rank, world, S, device):
@@ -166,6 +167,41 @@ def backward_checks(rank, world, S, device):
     y.backward(gy)
     assert torch.equal(x.grad, torch_a2a(gy.bfloat16(), S[rank], out_splits)
                        .float().index_copy_(0, *own_rows(rank, S, out_splits, gy, x.device)))
+
+
+def plain_checks(rank, world, S, device):
+    """Calls that are one all_to_all_single of the tensor (16-bit input, bf16 on every pair:
+    the passthrough codec or every pair size-gated): repeated (the cached call), of any
+    shape, non-contiguous, with autograd and async_op, all exactly all_to_all_single."""
+    out_splits = [S[p][rank] for p in range(world)]
+    path = "cpu" if device == "cpu" else "nvlink"
+    gated = dict(codec=4, grad_codec=4, gate={path: {"*": 1 << 40}})
+    for kw in (dict(codec="bf16", grad_codec="bf16"), gated):
+        x = make_input(rank, sum(S[rank]), (40, 2), torch.bfloat16, 31).to(device).transpose(1, 2)
+        assert not x.is_contiguous()
+        want = torch_a2a(x, out_splits, S[rank])
+        for _ in range(2):
+            assert torch.equal(mf.all_to_all(x, out_splits, S[rank], **kw), want)
+            handle = mf.all_to_all(x, out_splits, S[rank], async_op=True, **kw)
+            assert torch.equal(handle.wait(), want) and handle.is_completed()
+            for async_op in (False, True):
+                xg = x.detach().clone().requires_grad_()
+                y = mf.all_to_all(xg, out_splits, S[rank], async_op=async_op, **kw)
+                y = y.wait() if async_op else y
+                assert torch.equal(y, want) and y.grad_fn is not None
+                gy = make_input(rank + 100, y.shape[0], (2, 40), torch.bfloat16, 31).to(device)
+                y.backward(gy)
+                assert torch.equal(xg.grad, torch_a2a(gy, S[rank], out_splits))
+    # no values per row of dim 0 ([N, 0, H]): still all_to_all_single's result
+    x0 = torch.zeros(sum(S[rank]), 0, 8, dtype=torch.bfloat16, device=device)
+    for kw in (dict(codec="bf16"), gated):
+        assert mf.all_to_all(x0, out_splits, S[rank], **kw).shape == (sum(out_splits), 0, 8)
+    # even splits ([N, H], no split sizes): all_to_all_single's own even split
+    x = make_input(rank, 3 * world, (16,), torch.float16, 32).to(device)
+    for kw in (dict(codec="bf16"), gated):
+        want = torch_a2a(x, [3] * world, [3] * world)
+        assert torch.equal(mf.all_to_all(x, **kw), want)
+        assert torch.equal(mf.all_to_all(x, async_op=True, **kw).wait(), want)
 
 
 def own_rows(rank, S, out_splits, gy, device):

@@ -237,6 +237,7 @@ class _Plan:
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
     hierarchy: object = None       # hierarchical: (group, topology) of hierarchical_groups
+    call: bool = True              # nccl: a collective to issue (not one rank or no values)
 
 
 _plans: dict = {}
@@ -287,7 +288,7 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
-        return _Plan(True, world, rank, 0, (), intra, inter)
+        return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0)
     c = rows_per_rank(n, world)
     hierarchy = None
     if algorithm == "hierarchical":
@@ -359,8 +360,8 @@ def all_reduce(
             if len(_calls) > 1024:
                 _calls.clear()
             _calls[fast] = plan
-    if plan.nccl:
-        if plan.world > 1 and x.numel():
+    if plan.nccl:  # gated (plan.call: more than one rank, a non-empty tensor)
+        if plan.call:
             dist.all_reduce(x, group=group)
         return x
     work = x if x.is_contiguous() else x.contiguous()

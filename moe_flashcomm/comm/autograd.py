@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
-from .exchange import ALGORITHMS, Pending, Route, exchange
+from .exchange import ALGORITHMS, Pending, Route, exchange, make_plan
 from . import hierarchical, p2p
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
@@ -35,15 +35,76 @@ def auto_chunks(bf16_bytes: int, route: Optional[Route] = None) -> int:
     return max(1, min(MAX_CHUNKS, bf16_bytes // CHUNK_BYTES))
 
 
+class _Fast:
+    """One direction of a flat all-to-all whose plan is ``exchange.Plan.fast`` (bf16 on
+    every pair: the passthrough codec, or every pair size-gated): exactly the one
+    ``all_to_all_single`` that ``exchange.exchange`` issues, with everything precomputed,
+    on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), so a
+    repeated call costs the host little more than ``all_to_all_single``."""
+    __slots__ = ("group", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
+
+    def __init__(self, route: Route, plan, in_rows: tuple, out_rows: tuple, out_shape: tuple,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.group, self.raw, self.out_shape = route.group, plan.raw, out_shape
+        self.dtype, self.device = dtype, device
+        # even: all_to_all_single's own even split (as exchange passes no lists)
+        self.out_splits = None if plan.even else list(out_rows)
+        self.in_splits = None if plan.even else list(in_rows)
+
+    def start(self, x: torch.Tensor, async_op: bool):
+        """(output [out_shape], the collective's work or None): ``x`` contiguous, of
+        ``dtype`` on ``device``."""
+        out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)  # (*: faster)
+        if self.raw:  # uint8, like the byte exchanges of ranks this one pairs with
+            work = dist.all_to_all_single(out.view(torch.uint8), x.view(torch.uint8),
+                                          self.out_splits, self.in_splits, group=self.group,
+                                          async_op=async_op)
+        else:
+            work = dist.all_to_all_single(out, x, self.out_splits, self.in_splits,
+                                          group=self.group, async_op=async_op)
+        return out, work
+
+
+def _fast(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, per_row: int,
+          dtype: torch.dtype, chunks: int, out_shape: tuple, device) -> Optional[_Fast]:
+    """The _Fast of a flat exchange of token rows ``in_rows`` -> ``out_rows`` (its plan
+    cached in ``route.plans`` under exchange.exchange's key), or None when it is not one
+    plain all_to_all_single."""
+    key = (in_rows, out_rows, hidden, dtype, chunks)
+    plan = route.plans.get(key)
+    if plan is None:
+        if len(route.plans) > 256:
+            route.plans.clear()
+        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks)
+    if not plan.fast or per_row == 0:  # (x [N, 0, H]: exchange's zero rows)
+        return None
+    if per_row != 1:  # split sizes in rows of dim 0 of the caller's tensor
+        in_rows = tuple(n // per_row for n in in_rows)
+        out_rows = tuple(n // per_row for n in out_rows)
+    return _Fast(route, plan, in_rows, out_rows, out_shape, dtype, device)
+
+
 class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
-    __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run")
+    __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run",
+                 "fast_fwd", "fast_bwd", "dtype", "device", "grad")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
-                 in_shape: tuple, out_shape: tuple, run=exchange) -> None:
+                 in_shape: tuple, out_shape: tuple, run=exchange, dtype=None, device=None,
+                 grad: bool = False) -> None:
         self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
         self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
         self.run = run  # the algorithm's exchange (flat: exchange.exchange)
+        self.dtype, self.device, self.grad = dtype, device, grad
+        self.fast_fwd = self.fast_bwd = None
+        if run is exchange and dtype is not None:  # flat: one all_to_all_single when bf16
+            hidden = in_shape[-1]
+            per_row = math.prod(in_shape[1:-1])
+            self.fast_fwd = _fast(fwd, in_rows, out_rows, hidden, per_row, dtype, chunks,
+                                  tuple(out_shape), device)
+            if grad:
+                self.fast_bwd = _fast(bwd, out_rows, in_rows, hidden, per_row, dtype, chunks,
+                                      tuple(in_shape), device)
 
     def forward(self, x2: torch.Tensor) -> Pending:
         return self.run(x2, self.in_rows, self.out_rows, self.fwd, self.chunks)
@@ -51,38 +112,84 @@ class _Call:
     def backward(self, g2: torch.Tensor) -> Pending:
         return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks)
 
+    def forward_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The output [out_shape] of the all-to-all of ``x`` [in_shape] (synchronous)."""
+        fast = self.fast_fwd
+        if fast is not None:
+            return fast.start(x if x.is_contiguous() else x.contiguous(), False)[0]
+        out = self.forward(x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).wait()
+        return out if len(self.out_shape) == 2 else out.view(self.out_shape)
+
+    def backward_out(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
+        fast = self.fast_bwd
+        if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
+            return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
+        g2 = g.contiguous().view(-1, g.shape[-1])
+        return self.backward(g2).wait().view(self.in_shape)
+
+
+class _Ready:
+    """A _Call whose forward already ran (async_op): its output, then the _Call's backward."""
+    __slots__ = ("call", "out")
+
+    def __init__(self, call: _Call, out: torch.Tensor) -> None:
+        self.call, self.out = call, out
+
+    def forward_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+    def backward_out(self, g: torch.Tensor) -> torch.Tensor:
+        return self.call.backward_out(g)
+
 
 class _AllToAll(torch.autograd.Function):
-    """Forward: the all-to-all with the forward codec (or its ``ready`` result).
+    """Forward: the all-to-all with the forward codec (a _Call, or a _Ready's result).
     Backward: the reverse all-to-all of the gradient with the gradient codec."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, call: _Call, ready: list) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, call) -> torch.Tensor:
         ctx.call = call
-        out = ready[0] if ready else call.forward(x.reshape(-1, x.shape[-1]).contiguous()).wait()
-        return out.view(call.out_shape)
+        return call.forward_out(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        call: _Call = ctx.call
-        g2 = grad.contiguous().view(-1, grad.shape[-1])
-        return call.backward(g2).wait().view(call.in_shape), None, None
+        return ctx.call.backward_out(grad), None
 
 
 class AllToAllHandle:
     """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
     decodes and returns the output (on CUDA, ordered before later work on the current
     stream)."""
+    __slots__ = ("_pending", "_work", "_x", "_call", "_grad", "_out")
 
-    def __init__(self, pending: Pending, post) -> None:
-        self._pending, self._post, self._out = pending, post, None
+    def __init__(self, pending: Optional[Pending], x: torch.Tensor, call: _Call, grad: bool,
+                 work=None, out: Optional[torch.Tensor] = None) -> None:
+        # pending: the exchange, its wait() gives the output rows [*, H]; or None, and
+        # work / out: the plain all_to_all_single (_Fast) and its output [out_shape]
+        self._pending, self._work, self._out = pending, work, out
+        self._x, self._call, self._grad = x, call, grad
 
     def is_completed(self) -> bool:
-        return self._pending.is_completed()
+        if self._pending is not None:
+            return self._pending.is_completed()
+        return self._work is None or self._work.is_completed()
 
     def wait(self) -> torch.Tensor:
-        if self._out is None:
-            self._out = self._post(self._pending.wait())
+        if self._x is not None:  # not waited for yet
+            call = self._call
+            if self._pending is not None:
+                out = self._pending.wait()
+                if out.dim() != len(call.out_shape):
+                    out = out.view(call.out_shape)
+            else:
+                if self._work is not None:
+                    self._work.wait()
+                out = self._out
+            if self._grad:
+                with torch.enable_grad():
+                    out = _AllToAll.apply(self._x, _Ready(call, out))
+            self._out, self._x = out, None
         return self._out
 
 
@@ -192,39 +299,37 @@ def all_to_all(
     try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
         grad = x.requires_grad and torch.is_grad_enabled()
         hot = (group, codec, grad_codec, topology, gate, chunks, algorithm, x.shape, x.dtype,
-               x.device, grad, _split_key(output_split_sizes), _split_key(input_split_sizes))
+               x.device, grad,
+               None if output_split_sizes is None else _split_key(output_split_sizes),
+               None if input_split_sizes is None else _split_key(input_split_sizes))
         call = _hot.get(hot)
     except (TypeError, AttributeError):  # unhashable arguments, or x is no tensor
         hot = call = None
     if call is None:
         call = _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
                         topology, gate, chunks, algorithm)
-        grad = torch.is_grad_enabled() and x.requires_grad
+        grad = call.grad
         if hot is not None and algorithm == "flat":  # others choose their exchange per call
             if len(_hot) >= 1024:
                 _hot.clear()
             _hot[hot] = call
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not async_op:
         if grad:
-            return _AllToAll.apply(x, call, [])
-        out = call.forward(x2).wait()
-        return out if x.dim() == 2 else out.view(call.out_shape)
-    pending = call.forward(x2)
+            return _AllToAll.apply(x, call)
+        fast = call.fast_fwd
+        if fast is not None and x.is_contiguous():
+            return fast.start(x, False)[0]
+        return call.forward_out(x)
+    fast = call.fast_fwd
+    if fast is not None:
+        out, work = fast.start(x if x.is_contiguous() else x.contiguous(), True)
+        return AllToAllHandle(None, x, call, grad, work, out)
+    return AllToAllHandle(call.forward(x if x.dim() == 2 else x.reshape(-1, x.shape[-1])),
+                          x, call, grad)
 
-    def post(out: torch.Tensor) -> torch.Tensor:
-        if grad:
-            with torch.enable_grad():
-                return _AllToAll.apply(x, call, [out])
-        return out.view(call.out_shape)
 
-    return AllToAllHandle(pending, post)
-
-
-def _split_key(sizes) -> Optional[tuple]:
-    """Split sizes as a hashable key (TypeError for what cannot be one)."""
-    if sizes is None:
-        return None
+def _split_key(sizes) -> tuple:
+    """Split sizes (not None) as a hashable key (TypeError for what cannot be one)."""
     if isinstance(sizes, torch.Tensor):
         if sizes.dtype.is_floating_point:
             raise TypeError("not a key")
@@ -277,4 +382,5 @@ def _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
         algorithm, fwd, x, topology, tuple(in_s),
         uniform=output_split_sizes is None and input_split_sizes is None)
 
-    return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run)
+    return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run,
+                 x.dtype, x.device, grad)
