@@ -117,6 +117,12 @@ def cache_dir() -> Path:
                                Path.home() / ".cache" / "moe_flashcomm" / "kernels"))
 
 
+def env_defines() -> tuple[str, ...]:
+    """Extra -D defines for every kernel from ``$MOE_FLASHCOMM_DEFINES`` (comma-separated), so
+    that a whole test run can be pointed at a kernel variant, e.g. ``MFC_ENC_V4``."""
+    return tuple(d.strip() for d in os.environ.get("MOE_FLASHCOMM_DEFINES", "").split(",") if d.strip())
+
+
 def compile_kernel(source_name: str, name_expr: str, arch: str,
                    defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
     """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
@@ -124,6 +130,7 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
     _cupy()
     from cupy.cuda import nvrtc
     src = kernel_source(source_name)
+    defines = tuple(defines) + env_defines()
     opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
     opts += tuple(f"-I{d}" for d in _include_dirs())
     key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
