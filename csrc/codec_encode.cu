@@ -219,41 +219,52 @@ __device__ __forceinline__ void load_items(const In* x, u32 item0, const EncArgs
 // instructions per value; see docs/kernel-notes.md "v5". Only the 16-bit inputs take this
 // path (UsePairs); fp32 keeps v4.
 
+// Packed pair ops on raw u32 words (PTX min/max on bf16x2 / f16x2, sm_80+): the intrinsics'
+// struct types made nvcc split and re-pack the halves with extra PRMTs.
+template <typename In> struct PX;
+template <> struct PX<__nv_bfloat16> {
+  static __device__ __forceinline__ u32 mn(u32 a, u32 b) { u32 r; asm("min.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mx(u32 a, u32 b) { u32 r; asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mnn(u32 a, u32 b) { u32 r; asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mxn(u32 a, u32 b) { u32 r; asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ float lo(u32 a) { return __uint_as_float(a << 16); }
+  static __device__ __forceinline__ float hi(u32 a) { return __uint_as_float(a & 0xFFFF0000u); }
+};
+template <> struct PX<__half> {
+  static __device__ __forceinline__ u32 mn(u32 a, u32 b) { u32 r; asm("min.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mx(u32 a, u32 b) { u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mnn(u32 a, u32 b) { u32 r; asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ u32 mxn(u32 a, u32 b) { u32 r; asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+  static __device__ __forceinline__ float lo(u32 a) { return __half2float(__ushort_as_half((u16)a)); }
+  static __device__ __forceinline__ float hi(u32 a) { return __half2float(__ushort_as_half((u16)(a >> 16))); }
+};
+
 // Lane statistics of a full chunk on packed pairs: per half of the words, the min and second
 // min (a1, a2) and max and second max (b1, b2), counted with multiplicity; a1 and b1 propagate
 // NaN. Two new words x, y at a time: l = min(x, y), h = max(x, y), then the second smallest
 // of the merged sorted lists (a1, a2) and (l, h) is min(max(a1, l), a2, h).
 template <typename In, int V, bool SPIKES>
 __device__ __forceinline__ void lane_stats_v5(const u32* w, u32& s1, u32& s2) {
-  typedef Pair<In> P;
-  typedef typename P::T2 T2;
-  T2 a1, a2, b1, b2;
-  {
-    const T2 x = P::of(w[0]), y = P::of(w[1]);
-    a1 = __hmin2_nan(x, y);
-    b1 = __hmax2_nan(x, y);
-    a2 = b1;
-    b2 = a1;
-  }
+  typedef PX<In> X;
+  u32 a1 = X::mnn(w[0], w[1]), b1 = X::mxn(w[0], w[1]);
+  u32 a2 = b1, b2 = a1;
 #pragma unroll
   for (int i = 2; i < V / 2; i += 2) {
-    const T2 x = P::of(w[i]), y = P::of(w[i + 1]);
-    const T2 l = __hmin2_nan(x, y), h = __hmax2_nan(x, y);
+    const u32 l = X::mnn(w[i], w[i + 1]), h = X::mxn(w[i], w[i + 1]);
     if (SPIKES) {
-      a2 = __hmin2(__hmin2(a2, h), __hmax2(a1, l));
-      b2 = __hmax2(__hmax2(b2, l), __hmin2(b1, h));
+      a2 = X::mn(X::mn(a2, h), X::mx(a1, l));
+      b2 = X::mx(X::mx(b2, l), X::mn(b1, h));
     }
-    a1 = __hmin2_nan(a1, l);
-    b1 = __hmax2_nan(b1, h);
+    a1 = X::mnn(a1, l);
+    b1 = X::mxn(b1, h);
   }
-  // (min, -max) of the two halves in one packed op: X = (a1.lo, -b1.lo), Y = (a1.hi, -b1.hi)
-  const u32 nb1 = P::bits(b1) ^ 0x80008000u;
-  const T2 X = P::of(__byte_perm(P::bits(a1), nb1, 0x5410)), Y = P::of(__byte_perm(P::bits(a1), nb1, 0x7632));
-  s1 = P::bits(__hmin2_nan(X, Y));
+  // (min, -max) of the two halves in one packed op: A = (a1.lo, -b1.lo), B = (a1.hi, -b1.hi)
+  const u32 nb1 = b1 ^ 0x80008000u;
+  const u32 A = __byte_perm(a1, nb1, 0x5410), B = __byte_perm(a1, nb1, 0x7632);
+  s1 = X::mnn(A, B);
   if (SPIKES) {  // (second min, -second max): min(max(a1.lo, a1.hi), a2.lo, a2.hi), likewise
-    const u32 nb2 = P::bits(b2) ^ 0x80008000u;
-    const T2 X2 = P::of(__byte_perm(P::bits(a2), nb2, 0x5410)), Y2 = P::of(__byte_perm(P::bits(a2), nb2, 0x7632));
-    s2 = P::bits(__hmin2(__hmax2(X, Y), __hmin2(X2, Y2)));
+    const u32 nb2 = b2 ^ 0x80008000u;
+    s2 = X::mn(X::mx(A, B), X::mn(__byte_perm(a2, nb2, 0x5410), __byte_perm(a2, nb2, 0x7632)));
   } else {
     s2 = s1;
   }
@@ -393,7 +404,7 @@ __device__ __forceinline__ void store_codes_v5(u8* rec, int base, const u32* s, 
     clear_slots<8, V>(w, jl, jh);
 #pragma unroll
     for (int c = 0; c < V / 4; ++c) w[c] = bad ? 0u : w[c];
-    store_bytes<V>(rec + o4 + base, w);
+    store_bytes<V>(rec + ((u32)o4 + (u32)base), w);
   } else {
     u32 E[V / 8], O[V / 8];
 #pragma unroll
@@ -409,7 +420,7 @@ __device__ __forceinline__ void store_codes_v5(u8* rec, int base, const u32* s, 
       clear_slots<4, V>(w, jl, jh);
 #pragma unroll
       for (int c = 0; c < V / 8; ++c) w[c] = bad ? 0u : w[c];
-      store_bytes<V / 2>(rec + o4 + base / 2, w);
+      store_bytes<V / 2>(rec + ((u32)o4 + (u32)base / 2), w);
     }
     if constexpr ((BITS & 2) != 0) {
       u32 w[(V + 15) / 16] = {};
@@ -418,7 +429,7 @@ __device__ __forceinline__ void store_codes_v5(u8* rec, int base, const u32* s, 
       clear_slots<2, V>(w, jl, jh);
 #pragma unroll
       for (int c = 0; c < (V + 15) / 16; ++c) w[c] = bad ? 0u : w[c];
-      store_bytes<V / 4>(rec + o2 + base / 4, w);
+      store_bytes<V / 4>(rec + ((u32)o2 + (u32)base / 4), w);
     }
     if constexpr ((BITS & 1) != 0) {
       u32 w[(V + 31) / 32] = {};
@@ -427,7 +438,7 @@ __device__ __forceinline__ void store_codes_v5(u8* rec, int base, const u32* s, 
       clear_slots<1, V>(w, jl, jh);
 #pragma unroll
       for (int c = 0; c < (V + 31) / 32; ++c) w[c] = bad ? 0u : w[c];
-      store_bytes<V / 8>(rec + o1 + base / 8, w);
+      store_bytes<V / 8>(rec + ((u32)o1 + (u32)base / 8), w);
     }
   }
 }
@@ -435,30 +446,29 @@ __device__ __forceinline__ void store_codes_v5(u8* rec, int base, const u32* s, 
 // Group-wide packed min over the L lanes (NaN-propagating if PROP).
 template <typename In, bool PROP>
 __device__ __forceinline__ u32 group_min2(u32 v, int L) {
-  typedef Pair<In> P;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     if (off < L) {
-      const typename P::T2 a = P::of(v), b = P::of(__shfl_xor_sync(0xFFFFFFFFu, v, off));
-      v = P::bits(PROP ? __hmin2_nan(a, b) : __hmin2(a, b));
+      const u32 b = __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      v = PROP ? PX<In>::mnn(v, b) : PX<In>::mn(v, b);
     }
   }
   return v;
 }
 
 // Field k of a group's metadata (0 scale, 1 minimum, 2 lo_value, 3 hi_value) and, for k < 2,
-// index k (lo_index, hi_index); NaN values and index 0 for bad groups.
+// index k (lo_index, hi_index); NaN values and index 0 for bad groups. The 16-bit arrays are
+// consecutive, 2n bytes apart, and so are the two index arrays, n apart (format.py; checked
+// by cuda._layout_fields).
 template <typename W, bool SPIKES>
 __device__ __forceinline__ void store_meta_v5(u8* out, u32 g, int k, const EncArgs& a, bool bad, u16 sc_w,
                                               u16 mn_w, float lo, float hi, int lo_idx, int hi_idx) {
-  u16 v = k == 0 ? sc_w : mn_w;
-  u32 off = k == 0 ? (u32)a.o_scale : (u32)a.o_min;
-  if (SPIKES && k >= 2) {
-    v = Wire<W>::rn(k == 2 ? lo : hi);
-    off = k == 2 ? (u32)a.o_lov : (u32)a.o_hiv;
-  }
-  st16(out + (off + 2 * g), bad ? Wire<W>::kNaN : v);
-  if (SPIKES && k < 2) out[(k == 0 ? (u32)a.o_loi : (u32)a.o_hii) + g] = bad ? 0 : (u8)(k == 0 ? lo_idx : hi_idx);
+  u32 pair = sc_w | (u32)mn_w << 16;
+  if (SPIKES && k >= 2) pair = Wire<W>::rn(lo) | (u32)Wire<W>::rn(hi) << 16;
+  const u16 v = (u16)(pair >> (16 * (k & 1)));
+  st16(out + ((u32)a.o_scale + (u32)k * (u32)(a.o_min - a.o_scale) + 2 * g), bad ? Wire<W>::kNaN : v);
+  if (SPIKES && k < 2)
+    out[(u32)a.o_loi + (u32)k * (u32)(a.o_hii - a.o_loi) + g] = bad ? 0 : (u8)(k == 0 ? lo_idx : hi_idx);
 }
 
 // LG: log2 of the lanes per group when known at compile time (a.log2L == LG), else -1.
@@ -485,7 +495,7 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
     s2 = PR::bits(PR::pack(mn2, -mx2));
   }
   const u32 g1 = group_min2<In, true>(s1, L);
-  const float lo_raw = PR::lo(PR::of(g1)), nhi_raw = PR::hi(PR::of(g1));
+  const float lo_raw = PX<In>::lo(g1), nhi_raw = PX<In>::hi(g1);
   // + 0 makes a zero +0 (-0 + +0 = +0 when rounding to nearest), as the reference's "+ 0.0"
   const float lo = __fadd_rn(lo_raw, 0.0f), hi = __fadd_rn(-nhi_raw, 0.0f);
   const int count = a.H - P.g * G;  // real values in the group (>= G: a full group)
@@ -497,8 +507,8 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
   if (SPIKES) {
     // The first index of lo lies in the lowest lane whose chunk min equals lo.
     // (No such lane only with NaN, a bad group: then lane 31, a valid lane to read.)
-    const u32 bl = (__ballot_sync(~0u, PR::lo(PR::of(s1)) == lo_raw) & P.mask) | 0x80000000u;
-    const u32 bh = (__ballot_sync(~0u, PR::hi(PR::of(s1)) == nhi_raw) & P.mask) | 0x80000000u;
+    const u32 bl = (__ballot_sync(~0u, PX<In>::lo(s1) == lo_raw) & P.mask) | 0x80000000u;
+    const u32 bh = (__ballot_sync(~0u, PX<In>::hi(s1) == nhi_raw) & P.mask) | 0x80000000u;
     const int ll = (int)clz_or_max(__brev(bl)), lh = (int)clz_or_max(__brev(bh));
     if constexpr (LG >= 0) {
       // The group's lanes search the spike lane's chunk together, each one part of it, read
@@ -521,8 +531,8 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
     const u32 r = __byte_perm(wl == ll ? s2 : s1, wl == lh ? s2 : s1, 0x7610);
     const u32 g2 = group_min2<In, false>(r, L);
     if (gfull || count > (lo_idx == hi_idx ? 1 : 2)) {
-      rest_lo = __fadd_rn(PR::lo(PR::of(g2)), 0.0f);
-      rest_hi = __fadd_rn(-PR::hi(PR::of(g2)), 0.0f);
+      rest_lo = __fadd_rn(PX<In>::lo(g2), 0.0f);
+      rest_hi = __fadd_rn(-PX<In>::hi(g2), 0.0f);
     } else {
       rest_hi = lo;  // nothing left besides the spikes: the range collapses onto the min
     }
@@ -532,7 +542,9 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
   const float mnf = Wire<W>::f(mn_w);
   const u16 sc_w = Wire<W>::ru(__fdiv_rn(__fsub_rn(rest_hi, mnf), (float)QMAX));
   const float scf = Wire<W>::f(sc_w);
-  bad = bad || !finite(mnf) || !finite(scf);
+  // (v4 also tests mnf: here it equals rest_lo, a 16-bit value of the group in [lo, hi], as
+  // the wire float is the input's type, so it is finite whenever lo and hi are.)
+  bad = bad || !finite(scf);
 
   // t = (x - minimum) / scale, exactly rounded (Markstein when the scale allows).
   float q[V];

@@ -291,6 +291,12 @@ def _meta(L: RecordLayout) -> list[int]:
 def _layout_fields(L: RecordLayout) -> dict:
     o4, o2, o1 = _planes(L)
     names = ("o_scale", "o_min", "o_lov", "o_hiv", "o_loi", "o_hii")
+    # the encode kernels address metadata field k as o_scale + k * (o_min - o_scale) (and the
+    # index arrays likewise): consecutive arrays, as format.record_layout lays them out
+    n = L.n_groups
+    assert L.minimum is None or L.minimum == L.scale + 2 * n
+    assert L.lo_value is None or (L.lo_value, L.hi_value, L.lo_index, L.hi_index) == (
+        L.scale + 4 * n, L.scale + 6 * n, L.scale + 8 * n, L.scale + 9 * n)
     return dict(o4=o4, o2=o2, o1=o1, rec_bytes=L.record_bytes, **dict(zip(names, _meta(L))))
 
 
