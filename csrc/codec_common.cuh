@@ -247,8 +247,14 @@ __device__ __forceinline__ u32 spread4(u32 z) { return sign_bytes((z & 0x0Fu) * 
 
 // E/O words -> the W-bit plane bits of 8 values ((code >> s) & (2^W - 1), value i at bit i*W)
 template <int W> __device__ __forceinline__ u32 plane_pack(u32 E, u32 O, int s);
+// (a & m) | (b & ~m) in one LOP3 (nvcc splits the C form into two)
+__device__ __forceinline__ u32 bitsel(u32 a, u32 b, u32 m) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xCA;" : "=r"(r) : "r"(m), "r"(a), "r"(b));  // f(m, a, b) = m ? a : b
+  return r;
+}
 template <> __device__ __forceinline__ u32 plane_pack<4>(u32 E, u32 O, int s) {
-  return ((E >> s) & 0x0F0F0F0Fu) | (((O >> s) & 0x0F0F0F0Fu) << 4);
+  return bitsel(E >> s, (O >> s) << 4, 0x0F0F0F0Fu);
 }
 template <> __device__ __forceinline__ u32 plane_pack<2>(u32 E, u32 O, int s) {
   u32 t = ((E >> s) & 0x03030303u) | (((O >> s) & 0x03030303u) << 2);  // a nibble per byte

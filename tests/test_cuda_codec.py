@@ -365,3 +365,20 @@ def test_gaps_and_geometry_cover_the_record():
             covered.sort()
             assert [o for o, _ in covered] == list(itertools.accumulate([0] + [n for _, n in covered[:-1]]))
             assert sum(n for _, n in covered) == L.record_bytes, (cfg, H)
+
+
+def test_env_defines_select_a_kernel_variant(monkeypatch):
+    """$MOE_FLASHCOMM_DEFINES reaches every compile (A/B runs of whole test files)."""
+    monkeypatch.delenv("MOE_FLASHCOMM_DEFINES", raising=False)
+    assert C.env_defines() == ()
+    monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_ENC_V4, MFC_SCALAR_STATS,")
+    assert C.env_defines() == ("MFC_ENC_V4", "MFC_SCALAR_STATS")
+
+
+def test_layout_fields_of_every_int_codec():
+    """The encode kernels address metadata field k as o_scale + k * (o_min - o_scale)."""
+    for cfg in INT_CFGS:
+        for H in (1, 100, 4096, 7173):
+            f = C._layout_fields(record_layout(H, cfg))
+            n = record_layout(H, cfg).n_groups
+            assert f["o_min"] - f["o_scale"] == 2 * n

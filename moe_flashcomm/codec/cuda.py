@@ -118,6 +118,12 @@ def cache_dir() -> Path:
                                Path.home() / ".cache" / "moe_flashcomm" / "kernels"))
 
 
+def env_defines() -> tuple[str, ...]:
+    """Extra -D defines for every kernel from ``$MOE_FLASHCOMM_DEFINES`` (comma-separated), so
+    that a whole test run can be pointed at a kernel variant, e.g. ``MFC_ENC_V4``."""
+    return tuple(d.strip() for d in os.environ.get("MOE_FLASHCOMM_DEFINES", "").split(",") if d.strip())
+
+
 def compile_kernel(source_name: str, name_expr: str, arch: str,
                    defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
     """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
@@ -125,6 +131,7 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
     _cupy()
     from cupy.cuda import nvrtc
     src = kernel_source(source_name)
+    defines = tuple(defines) + env_defines()
     opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
     opts += tuple(f"-I{d}" for d in _include_dirs())
     key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
@@ -311,6 +318,12 @@ def _meta(L: RecordLayout) -> list[int]:
 def _layout_fields(L: RecordLayout) -> dict:
     o4, o2, o1 = _planes(L)
     names = ("o_scale", "o_min", "o_lov", "o_hiv", "o_loi", "o_hii")
+    # the encode kernels address metadata field k as o_scale + k * (o_min - o_scale) (and the
+    # index arrays likewise): consecutive arrays, as format.record_layout lays them out
+    n = L.n_groups
+    assert L.minimum is None or L.minimum == L.scale + 2 * n
+    assert L.lo_value is None or (L.lo_value, L.hi_value, L.lo_index, L.hi_index) == (
+        L.scale + 4 * n, L.scale + 6 * n, L.scale + 8 * n, L.scale + 9 * n)
     return dict(o4=o4, o2=o2, o1=o1, rec_bytes=L.record_bytes, **dict(zip(names, _meta(L))))
 
 
