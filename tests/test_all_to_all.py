@@ -174,8 +174,7 @@ def plain_checks(rank, world, S, device):
     the passthrough codec or every pair size-gated): repeated (the cached call), of any
     shape, non-contiguous, with autograd and async_op, all exactly all_to_all_single."""
     out_splits = [S[p][rank] for p in range(world)]
-    path = "cpu" if device == "cpu" else "nvlink"
-    gated = dict(codec=4, grad_codec=4, gate={path: {"*": 1 << 40}})
+    gated = dict(codec=4, grad_codec=4, gate={intra_node_path(device): {"*": 1 << 40}})
     for kw in (dict(codec="bf16", grad_codec="bf16"), gated):
         x = make_input(rank, sum(S[rank]), (40, 2), torch.bfloat16, 31).to(device).transpose(1, 2)
         assert not x.is_contiguous()
