@@ -23,11 +23,14 @@ from .topology import PATHS
 
 GATE_ENV = "MOE_FLASHCOMM_GATE_FILE"
 
-# Measured defaults (2x H200, NCCL 2.28.9, 2026-11-23; docs/benchmarks.md, "## All-to-all"):
-# `tools/tune_gate.py --from-bench docs/bench_all2all.json --python`. Paths absent here
+# Measured defaults (2x H200, NCCL 2.28.9; docs/benchmarks.md, "## All-to-all"):
+# `tools/tune_gate.py --from-bench docs/bench_all2all*.json --python`; host and network from
+# the 2026-11-23 run (docs/bench_all2all.json). Paths absent here
 # ("cpu") are never gated: on CPU the library is for development and CI, not speed.
 DEFAULT_THRESHOLDS: dict = {
-    "nvlink": {"fp8": 134217728, "int2": 134213632, "int3": 134213632, "int4": 134213632,
+    # NVLink: the peer-to-peer transport (comm/p2p.py), 2x H200, 2026-11-30
+    # (docs/bench_all2all_nvlink.json): quantized from 128 MiB per peer
+    "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134083510, "int4": 134083510,
                "int6": 134213632, "int8": 134213632},
     "host": {"fp8": 33554432, "int2": 8388608, "int3": 33554432, "int4": 33554432,
              "int6": 33554432, "int8": 33554432},
@@ -165,6 +168,7 @@ PASSTHROUGH = CodecConfig(bits="bf16")
 
 
 NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on that path
+STEP_SLACK = 1e-3  # sizes this close count as one measured size step
 
 
 def fit_thresholds(rows) -> dict:
@@ -195,5 +199,9 @@ def fit_thresholds(rows) -> dict:
     table: dict = {}
     for (path, codec), fs in fits.items():
         low = min(p for p, _ in fs)
-        table.setdefault(path, {})[codec] = low if low > max(l for _, l in fs) else max(p for p, _ in fs)
+        high = max(p for p, _ in fs)
+        # the same size step is a few bytes smaller at one hidden size than at another
+        # (256M at hidden 7168: 127.996 MiB per peer, at 4096: 128 MiB): a step counts whole
+        table.setdefault(path, {})[codec] = low if low > max(l for _, l in fs) else \
+            min(high, int(high * (1 - STEP_SLACK)))
     return table
