@@ -53,6 +53,10 @@ all-to-all of range k + 1, reduce and all-gather of range k and decode of range 
 overlap (NCCL runs on its own stream). Ownership does not depend on ``chunks``: the result
 is bit-identical for every value.
 
+A group of two ranks sends step 1 as an all-gather of the one encoded chunk instead of an
+all-to-all: the same bytes cross the link, but NCCL's ring collectives moved them faster than
+its send/recv pairs (network path, 256 MiB int4: 3.36x instead of 2.75x over NCCL bf16).
+
 Size gate: below ``SizeGate.all_reduce_threshold(path, codec)`` bf16 bytes (numel x 2)
 the call is ``torch.distributed.all_reduce`` itself (NCCL), unquantized.
 
@@ -62,6 +66,7 @@ rank's tensor becomes: the executable specification of both algorithms.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -83,6 +88,9 @@ OPS = ("sum",)
 ALGORITHMS = ("flat", "hierarchical")
 # Automatic pipelining (CUDA, flat): one range per CHUNK_BYTES of bf16 tensor, at most MAX_CHUNKS.
 CHUNK_BYTES = 32 << 20
+# a group of two: the reduce-scatter's exchange as an all-gather (0 in the environment: as an
+# all_to_all_single, for comparison)
+ALL_GATHER_PAIRS = os.environ.get("MOE_FLASHCOMM_AR_PAIR_GATHER", "1") != "0"
 MAX_CHUNKS = 4
 
 CodecLike = Union[LinkCodecs, CodecConfig, dict, int, str, None]
@@ -282,7 +290,8 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     path, nodes = _path(group, topology, x.device.type)
     if config_key not in _verified:
         check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
-                              topology=nodes, gate=(gate.digest, path)),
+                              topology=nodes, gate=(gate.digest, path),
+                              pair_gather=ALL_GATHER_PAIRS),
                          group, x.device, what="moe_flashcomm.all_reduce")
         _verified.add(config_key)
     cfg = inter if path == "network" else intra
@@ -296,7 +305,10 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
         hierarchy = (group, topology)
         k = 1
     elif chunks is None:
-        k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda else 1
+        # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
+        # 256 MiB, host and network paths: docs/benchmarks.md, "## All-reduce")
+        pair = world == 2 and ALL_GATHER_PAIRS
+        k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda and not pair else 1
     else:
         k = chunks
     k = max(1, min(k, c))
@@ -425,6 +437,13 @@ def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank:
     for p in range(world):
         if p != rank:
             _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)])
+    if a2a is None and world == 2 and ALL_GATHER_PAIRS:
+        # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
+        # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
+        # over sockets (docs/benchmarks.md, "## All-reduce")
+        both = torch.empty((2, m, rb), dtype=torch.uint8, device=rows3.device)
+        work = _gather_single(both.view(-1), send.view(-1), group, async_op=True)
+        return both[1 - rank:2 - rank], work, send
     recv = torch.empty_like(send)
     splits = [0 if p == rank else m * rb for p in range(world)]
     if a2a is not None:
