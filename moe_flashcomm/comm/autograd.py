@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
-from .exchange import ALGORITHMS, Pending, Route, exchange, make_plan
+from .exchange import ALGORITHMS, Pending, Route, cached_plan, exchange
 from . import hierarchical, p2p
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
@@ -70,12 +70,7 @@ def _fast(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, per_row: i
     """The _Fast of a flat exchange of token rows ``in_rows`` -> ``out_rows`` (its plan
     cached in ``route.plans`` under exchange.exchange's key), or None when it is not one
     plain all_to_all_single."""
-    key = (in_rows, out_rows, hidden, dtype, chunks)
-    plan = route.plans.get(key)
-    if plan is None:
-        if len(route.plans) > 256:
-            route.plans.clear()
-        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks)
+    plan = cached_plan(route, in_rows, out_rows, hidden, dtype, chunks)
     if not plan.fast or per_row == 0:  # (x [N, 0, H]: exchange's zero rows)
         return None
     if per_row != 1:  # split sizes in rows of dim 0 of the caller's tensor

@@ -278,7 +278,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
-        if need * 2 * route.world <= max_bytes():
+        if need * p2p.SLOTS * route.world <= max_bytes():
             return Plan(False, False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     for k in range(chunks):
@@ -290,6 +290,18 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     return Plan(False, False, False, sum(out_rows), own, parts, direct)
 
 
+def cached_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, dtype: torch.dtype,
+                chunks: int) -> Plan:
+    """``make_plan``'s result, cached in ``route.plans``."""
+    key = (in_rows, out_rows, hidden, dtype, chunks)
+    plan = route.plans.get(key)
+    if plan is None:
+        if len(route.plans) > 256:
+            route.plans.clear()
+        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks)
+    return plan
+
+
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
              chunks: int = 1) -> Pending:
     """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
@@ -297,12 +309,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     [sum(out_rows), H] of ``x.dtype``."""
     x = x.contiguous()
     H, dtype, group = x.shape[1], x.dtype, route.group
-    key = (in_rows, out_rows, H, dtype, chunks)
-    plan = route.plans.get(key)
-    if plan is None:
-        if len(route.plans) > 256:
-            route.plans.clear()
-        plan = route.plans[key] = make_plan(route, in_rows, out_rows, H, dtype, chunks)
+    plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks)
 
     if plan.p2p is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _exchange_p2p(x, plan, route)

@@ -126,7 +126,9 @@ class PeerBuffers:
         with a size every rank of the group computes identically."""
         if nbytes <= self.cap:
             return
-        cap = max(-(-nbytes // ALIGN) * ALIGN, 2 * self.cap)
+        # double to grow rarely, within the memory limit; make_plan checked nbytes against it
+        cap = max(-(-nbytes // ALIGN) * ALIGN,
+                  min(2 * self.cap, max_bytes() // (SLOTS * self.world) // ALIGN * ALIGN))
         total = SLOTS * self.world * cap
         torch.cuda.synchronize(self.device)  # our writes into the old buffers are done
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
