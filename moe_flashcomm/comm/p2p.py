@@ -84,17 +84,20 @@ class PeerBuffers:
         self.epoch = 0
         self.cap = 0
         self.stream: Optional[int] = None  # the stream of the last call
-        self.flag_ptrs = self._exchange(_cudamalloc_zeroed(8 * MAX_PEERS, device))
+        self.flag_ptrs = self._exchange(8 * MAX_PEERS)
         self.data_ptrs: list[int] = []
         self.data: list[torch.Tensor] = []  # uint8 view of each rank's receive buffer
         self._barrier = None  # (kernel, argument struct)
 
     # -- collective setup ------------------------------------------------------------------
-    def _exchange(self, ptr: int) -> list[int]:
-        """Every rank's ``ptr`` as mapped in this process (ours as is). Collective: every
-        rank takes part in the gather even when its own step failed, then raises."""
+    def _exchange(self, nbytes: int) -> list[int]:
+        """Allocate ``nbytes`` of zeroed device memory; every rank's allocation as mapped in
+        this process (ours as is). Collective: every rank takes part in the gather even when
+        its own allocation or export failed (then every rank raises), so none is left waiting."""
         _, rt = _runtime()
+        ptr = handle = None
         try:
+            ptr = _cudamalloc_zeroed(nbytes, self.device)
             with torch.cuda.device(self.device):
                 handle = bytes(rt.ipcGetMemHandle(ptr))
         except Exception:
@@ -102,8 +105,11 @@ class PeerBuffers:
         handles: list = [None] * self.world
         dist.all_gather_object(handles, handle, group=self.group)
         if any(h is None for h in handles):
+            if ptr is not None:
+                with torch.cuda.device(self.device):
+                    rt.free(ptr)
             raise RuntimeError(f"ranks {[p for p, h in enumerate(handles) if h is None]} "
-                               "could not export device memory through CUDA IPC")
+                               f"could not allocate {nbytes} bytes or export them through CUDA IPC")
         ptrs = []
         with torch.cuda.device(self.device):
             for p, h in enumerate(handles):
@@ -133,7 +139,7 @@ class PeerBuffers:
         torch.cuda.synchronize(self.device)  # our writes into the old buffers are done
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
         # still reads or writes the old buffers when they go
-        ptrs = self._exchange(_cudamalloc_zeroed(total, self.device))
+        ptrs = self._exchange(total)
         if self.data_ptrs:
             self._release(self.data_ptrs)
         self.data_ptrs, self.cap = ptrs, cap
