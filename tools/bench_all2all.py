@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, parse_size  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
@@ -212,21 +212,9 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             for stage, fn in (("encode", lambda: encode(x, c)),
                               ("decode", lambda: decode(rec, c, H, x.dtype)),
                               ("copy", lambda: x.clone())):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                for _ in range(3):
-                    fn()
-                ts = []
-                for _ in range(5):  # 10 calls back to back: kernel time, not launch latency
-                    torch.cuda.synchronize()
-                    s.record()
-                    for _ in range(10):
-                        fn()
-                    e.record()
-                    torch.cuda.synchronize()
-                    ts.append(s.elapsed_time(e) / 10)
                 rows.append(dict(path="local", hidden=H, tokens=T, size_bytes=T * H * 2,
                                  variant=f"{name}/{stage}", codec=name, stage=stage,
-                                 ms=statistics.median(ts), record_bytes=rec.shape[1]))
+                                 ms=burst_ms(fn), record_bytes=rec.shape[1]))
         del x
 
     if rank == 0:

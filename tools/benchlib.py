@@ -30,6 +30,30 @@ def codec_of(name: str):
     return CodecConfig(bits=bits, group_size=128, spikes=True)
 
 
+def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10) -> float:
+    """Median ms per call of ``fn`` on the GPU: ``rounds`` bursts of ``calls`` back-to-back
+    calls between two CUDA events (kernel time, not launch latency), after ``warmup`` calls.
+    ``before()`` runs ahead of each burst (e.g. a barrier so two ranks start together)."""
+    import statistics
+
+    import torch
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        if before is not None:
+            before()
+        s.record()
+        for _ in range(calls):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / calls)
+    return statistics.median(ts)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,24 +29,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import codec_of, free_port, parse_size  # noqa: E402
+from benchlib import burst_ms, codec_of, free_port, parse_size  # noqa: E402
 
 
 def _time(fn) -> float:
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        dist.barrier()
-        s.record()
-        for _ in range(10):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 10)
-    t = torch.tensor([statistics.median(ts)], device="cuda")
+    """burst_ms of ``fn`` on both ranks started together, the slower rank's."""
+    t = torch.tensor([burst_ms(fn, before=dist.barrier)], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 

@@ -34,7 +34,6 @@ from ..codec import encode as _codec_encode
 from ..codec import reference as _reference
 from .gate import wire_gate
 from . import p2p
-from .p2p import PeerBuffers, max_bytes
 from .plan import chunk_range, offsets
 from .topology import _warn_once
 
@@ -61,7 +60,7 @@ class Route:
     passthrough: bool = False  # every link sends bf16 (16-bit input: all_to_all_single)
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
-    p2p: Optional[PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
+    p2p: Optional[p2p.PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passthrough", all(
@@ -278,7 +277,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
-        if need * p2p.SLOTS * route.world <= max_bytes():
+        if need * p2p.SLOTS * route.world <= p2p.max_bytes():
             return Plan(False, False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     for k in range(chunks):
