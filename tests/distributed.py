@@ -13,6 +13,8 @@ import datetime
 import faulthandler
 import os
 import socket
+import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, env, fn, args):
+def _worker(rank, world_size, port, backend, env, fn, args, marks):
     faulthandler.enable()  # a crash in C++ (abort, segfault) still shows the Python stack
     os.environ.update({k: str(v) for k, v in env.items()})
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -36,6 +38,7 @@ def _worker(rank, world_size, port, backend, env, fn, args):
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
+    open(os.path.join(marks, str(rank)), "w").close()  # this rank got past the rendezvous
     try:
         fn(rank, world_size, *args)
     finally:
@@ -43,5 +46,18 @@ def _worker(rank, world_size, port, backend, env, fn, args):
 
 
 def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = None) -> None:
-    mp.spawn(_worker, args=(world_size, free_port(), backend, env or {}, fn, args),
-             nprocs=world_size, join=True)
+    """Run ``fn`` in ``world_size`` processes. A start that dies before every rank has
+    joined the process group (the rendezvous on a free port lost a race, or the store's
+    thread aborted: rare, seen on shared CI machines) is retried once on a new port; a
+    failure after that is the test's."""
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory() as marks:
+            try:
+                mp.spawn(_worker, args=(world_size, free_port(), backend, env or {}, fn, args,
+                                        marks), nprocs=world_size, join=True)
+                return
+            except mp.ProcessExitedException:
+                if attempt or len(os.listdir(marks)) == world_size:
+                    raise
+                warnings.warn(f"{world_size} processes died before joining the process "
+                              f"group; starting them again on another port")

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+from benchlib import PATH_ENV, init_worker, burst_ms, codec_of, fmt_size, free_port, parse_size  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
@@ -102,17 +102,7 @@ def _input(T: int, H: int, rank: int) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
     global DEV
     DEV = cfg.get("device", "cuda")
-    os.environ.update(PATH_ENV[path])
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (KINDS.md)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world))
-    if DEV == "cuda":
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world,
-                                device_id=torch.device("cuda", rank))
-    else:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_worker(rank, world, port, path, DEV)
     import moe_flashcomm as mf
     from moe_flashcomm.comm.gate import codec_key, fit_thresholds
     codecs = {c: codec_of(c) for c in cfg["codecs"]}

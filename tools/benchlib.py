@@ -54,6 +54,26 @@ def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10)
     return statistics.median(ts)
 
 
+def init_worker(rank: int, world: int, port: int, path: str, device: str) -> None:
+    """One benchmark process: the link emulation of ``path`` (before NCCL starts), the
+    launcher's variables, the process group (NCCL on GPU ``rank``, or gloo on CPU)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    os.environ.update(PATH_ENV[path])
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (KINDS.md)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

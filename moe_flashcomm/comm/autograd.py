@@ -13,7 +13,7 @@ from ..codec import CodecConfig
 from ..codec.reference import INPUT_DTYPES
 from .check import check_consistent, group_key
 from .exchange import ALGORITHMS, Pending, Route, cached_plan, exchange
-from . import hierarchical, p2p
+from . import direct, hierarchical, p2p
 from .gate import SizeGate
 from .plan import SplitSizes, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
@@ -39,29 +39,29 @@ class _Fast:
     """One direction of a flat all-to-all whose plan is ``exchange.Plan.fast`` (bf16 on
     every pair: the passthrough codec, or every pair size-gated): exactly the one
     ``all_to_all_single`` that ``exchange.exchange`` issues, with everything precomputed,
-    on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), so a
-    repeated call costs the host little more than ``all_to_all_single``."""
-    __slots__ = ("group", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
+    on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), issued on the
+    process group directly (comm/direct.py), so a repeated call costs the host no more
+    than ``torch.distributed.all_to_all_single``."""
+    __slots__ = ("pg", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
 
     def __init__(self, route: Route, plan, in_rows: tuple, out_rows: tuple, out_shape: tuple,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.group, self.raw, self.out_shape = route.group, plan.raw, out_shape
+        self.pg, self.raw, self.out_shape = direct.process_group(route.group), plan.raw, out_shape
         self.dtype, self.device = dtype, device
         # even: all_to_all_single's own even split (as exchange passes no lists)
-        self.out_splits = None if plan.even else list(out_rows)
-        self.in_splits = None if plan.even else list(in_rows)
+        self.out_splits = [] if plan.even else list(out_rows)
+        self.in_splits = [] if plan.even else list(in_rows)
 
     def start(self, x: torch.Tensor, async_op: bool):
         """(output [out_shape], the collective's work or None): ``x`` contiguous, of
         ``dtype`` on ``device``."""
         out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)  # (*: faster)
         if self.raw:  # uint8, like the byte exchanges of ranks this one pairs with
-            work = dist.all_to_all_single(out.view(torch.uint8), x.view(torch.uint8),
-                                          self.out_splits, self.in_splits, group=self.group,
-                                          async_op=async_op)
+            work = direct.all_to_all_single(self.pg, out.view(torch.uint8), x.view(torch.uint8),
+                                            self.out_splits, self.in_splits, async_op)
         else:
-            work = dist.all_to_all_single(out, x, self.out_splits, self.in_splits,
-                                          group=self.group, async_op=async_op)
+            work = direct.all_to_all_single(self.pg, out, x, self.out_splits, self.in_splits,
+                                            async_op)
         return out, work
 
 
