@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, for one call of a GPU machine with 2+ GPUs:
-#   bash tools/gpu_suite.sh [tests] [allreduce] [inference] [all2all]   (default: all four)
+#   bash tools/gpu_suite.sh [tests] [allreduce] [inference] [all2all] [small]   (default: all)
 # Logs, JSON and plots go under $OUT (default out/gpu). DeepSpeed comes from .whl/ when the
 # machine has no package index (fill it with ../shared/tools/device-wheels.sh).
 # Link emulation as in DESIGN.md: nvlink (default NCCL), host-memory, network.
@@ -25,7 +25,7 @@ path_env() {
 }
 
 status=0
-for step in ${*:-tests allreduce inference all2all}; do
+for step in ${*:-tests allreduce inference all2all small}; do
   echo "=== $step"
   case $step in
     tests)
@@ -34,6 +34,8 @@ for step in ${*:-tests allreduce inference all2all}; do
       python3 tools/bench_allreduce.py --out "$OUT" --budget "${AR_BUDGET:-150}" || status=1 ;;
     all2all)
       python3 tools/bench_all2all.py --out "$OUT" ${A2A_ARGS:---quick} || status=1 ;;
+    small)
+      python3 tools/bench_small.py --out "$OUT/small" --no-progress || status=1 ;;
     inference)
       for path in ${INF_PATHS:-nvlink host-memory network}; do
         tokens=${INF_TOKENS:-1024 4096 16384}
@@ -42,7 +44,7 @@ for step in ${*:-tests allreduce inference all2all}; do
           recipes/bench_moe_inference.py --path "$path" --out "$OUT" --tokens $tokens \
           --reps "${INF_REPS:-5}" --codecs int8 int4 int2 || status=1
       done ;;
-    *) echo "unknown step $step (tests, allreduce, inference, all2all)"; status=2 ;;
+    *) echo "unknown step $step (tests, allreduce, inference, all2all, small)"; status=2 ;;
   esac
 done
 exit $status
