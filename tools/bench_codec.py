@@ -170,7 +170,7 @@ def main() -> None:
                                              copy_gbps=copy[s]["best"], pct=100 * gbps / copy[s]["best"]))
                             r = rows[-1]
                             print(f"{s:7g} MiB  H={H:<5d} {r['codec']:<16s} {direction} {r['shape']:<5s} "
-                                  f"{r['variant']:<8.8s} {gbps:7.0f} GB/s {r['pct']:5.1f}% of copy "
+                                  f"{r['variant']:<20s} {gbps:7.0f} GB/s {r['pct']:5.1f}% of copy "
                                   f"{copy[s]['best']:.0f} GB/s ({r['us']:.1f} us)", flush=True)
 
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
