@@ -716,134 +716,11 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
   if (P.g == 0 && P.lane == 0) zero_gaps(out, a.gap);
 }
 
-#if defined(MFC_ENC_PERSIST) || defined(MFC_ENC_PERSIST_NOPF)
-// ---- persistent integer encode (A/B variants; docs/kernel-notes.md "Persistent encode") --------
-// The launcher (cuda._encode_blocks) starts min(blocks needed, resident blocks) blocks; each
-// warp loops over warp tiles (32 consecutive items: the same lanes, groups and lane masks as
-// in the default grid), dealt warp-major: warp k of block b takes tiles
-// k * gridDim.x + b + j * gridDim.x * kWarps, j = 0, 1, ..., so that the warps of a block
-// (and of an SM) get tile counts within one of each other. The loop bound is per tile, hence
-// warp-uniform (the shuffles need every lane); lanes past the end compute on the last item
-// and store nothing, as in the default grid. Records do not depend on the grid size.
-//   MFC_ENC_PERSIST: before encoding its tile a warp issues cp.async copies of its next
-//     tile into shared memory (two buffers, no registers held), so it keeps its next 2 KB in
-//     flight while it computes. Chunks over 64 bytes take the loop below.
-//   MFC_ENC_PERSIST_NOPF: the loop without prefetch (loads at the top of each step), to
-//     separate the grid's effect (tail, block launches) from the prefetch's.
-constexpr int kWarps = kBlock / 32;
-
-template <typename In, int BITS, bool SPIKES, bool SR, int V>
-__device__ __forceinline__ void encode_int_persist_nopf(const In* __restrict__ x, u8* __restrict__ rec,
-                                                        const EncArgs& a) {
-  const u32 lane = threadIdx.x & 31u, tiles = (a.total + 31u) >> 5, stride = gridDim.x * kWarps;
-  for (u32 tile = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; tile < tiles; tile += stride) {
-    const u32 item = tile * 32u + lane;
-    u32 w[1][raw_words<In, V>()];
-    load_items<In, V, 1>(x, item, a, w);
-    encode_chunk<In, BITS, SPIKES, SR, V>(w[0], item, rec, a);
-  }
-}
-
-// cp.async of 16 bytes global -> shared; L1 (.ca, as the default's loads: a lane's chunk
-// is read by R instructions, two per 32-byte sector) or L2 only (.cg: whole lines per copy).
-template <bool L1>
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  const u32 d = (u32)__cvta_generic_to_shared(dst);
-  if (L1) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-  else asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
-// The raw chunk of one item (past the end: the last item, as load_items) into the thread's
-// slots buf[r][threadIdx.x] (words 4r..4r+3 in load_raw's order): cp.async when the whole
-// chunk takes load_raw's 16-byte loads, else load_raw itself (a row's last chunk when
-// H % V != 0, unaligned rows), stored by the thread.
-template <typename In, int V>
-__device__ __forceinline__ void load_item_async(const In* x, u32 item, const EncArgs& a, uint4 (*buf)[kBlock]) {
-  constexpr int NW = raw_words<In, V>();
-  const Pos P = locate<V>(min(item, a.total - 1), a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
-  const In* row = x + (size_t)P.t * a.H;
-  if (a.vec != 0 && P.base + V <= a.H) {
-#pragma unroll
-    for (int r = 0; r < NW / 4; ++r) cp_async16<true>(&buf[r][threadIdx.x], reinterpret_cast<const uint4*>(row + P.base) + r);
-  } else {
-    u32 w[NW];
-    load_raw<In, V>(row, P.base, a.H, a.vec != 0, w);
-#pragma unroll
-    for (int r = 0; r < NW / 4; ++r) buf[r][threadIdx.x] = make_uint4(w[4 * r], w[4 * r + 1], w[4 * r + 2], w[4 * r + 3]);
-  }
-}
-
-// The chunks of a warp tile into buf (lane c's row r at buf[r][warp base + c]), one commit
-// group. Dense rows (H a multiple of the group size, 16-byte aligned) and a whole tile in range:
-// item i is bytes [i * 16R, (i + 1) * 16R) of x, so the tile is 512R contiguous bytes and copy
-// k of R moves bytes 512k .. 512k + 511 (fully coalesced; no fastdiv): lane l copies row
-// l % R of chunk k * 32 / R + l / R. Otherwise each lane copies its own chunk.
-template <typename In, int V>
-__device__ __forceinline__ void load_tile_async(const In* x, u32 tile, const EncArgs& a, uint4 (*buf)[kBlock]) {
-  constexpr u32 R = raw_words<In, V>() / 4;  // 16-byte rows per chunk
-  const u32 lane = threadIdx.x & 31u;
-  if (a.padded == a.H && a.vec != 0 && tile * 32u + 32u <= a.total) {
-    const u32 c = lane / R, r = lane % R;
-    const uint4* src = reinterpret_cast<const uint4*>(x) + ((size_t)(tile * 32u + c) * R + r);
-    uint4* dst = &buf[r][(threadIdx.x & ~31u) + c];
-#pragma unroll
-    for (u32 k = 0; k < R; ++k) cp_async16<false>(dst + k * (32u / R), src + 32u * k);
-  } else {
-    load_item_async<In, V>(x, tile * 32u + lane, a, buf);
-  }
-  cp_async_commit();
-}
-
-template <typename In, int BITS, bool SPIKES, bool SR, int V>
-__device__ __forceinline__ void encode_int_persist_async(const In* __restrict__ x, u8* __restrict__ rec,
-                                                         const EncArgs& a) {
-  constexpr int NW = raw_words<In, V>();
-  __shared__ uint4 pf[2][NW / 4][kBlock];  // buffer i, the thread's 16-byte row r at [i][r][tid]
-  const u32 lane = threadIdx.x & 31u, tiles = (a.total + 31u) >> 5, stride = gridDim.x * kWarps;
-  u32 tile = (threadIdx.x >> 5) * gridDim.x + blockIdx.x;
-  if (tile >= tiles) return;  // warp-uniform
-  load_tile_async<In, V>(x, tile, a, pf[0]);
-  for (u32 i = 0;; i ^= 1u) {
-    cp_async_wait_all();  // the thread's copies of this tile have landed in pf[i] ...
-    __syncwarp();         // ... and the other lanes' (and their reads of pf[i ^ 1] are done)
-    u32 w[NW];
-#pragma unroll
-    for (int r = 0; r < NW / 4; ++r) {
-      const uint4 u = pf[i][r][threadIdx.x];
-      w[4 * r] = u.x; w[4 * r + 1] = u.y; w[4 * r + 2] = u.z; w[4 * r + 3] = u.w;
-    }
-    const u32 next = tile + stride;
-    if (next < tiles) load_tile_async<In, V>(x, next, a, pf[i ^ 1u]);
-    encode_chunk<In, BITS, SPIKES, SR, V>(w, tile * 32u + lane, rec, a);
-    if (next >= tiles) return;
-    tile = next;
-  }
-}
-
-// The default kernel's occupancy: 4 blocks per SM (64 registers) for chunks of <= 32 values,
-// 2 for 64 (128). Unbounded, ptxas keeps more values live across the loop (bf16 int4 32x1:
-// 106 registers with prefetch, 104 without).
-template <int V>
-__host__ __device__ constexpr int persist_min_blocks() { return V <= 32 ? 4 : 2; }
-#define MFC_ENC_INT_BOUNDS kBlock, persist_min_blocks<V>()
-#else
-#define MFC_ENC_INT_BOUNDS kBlock
-#endif  // MFC_ENC_PERSIST || MFC_ENC_PERSIST_NOPF
-
 // Integer widths (2..8 bits), spikes on/off, nearest or stochastic rounding. A thread encodes
-// U chunks of V values, kBlock items apart (each load instruction stays coalesced). The
-// persistent variants above encode one item per loop step whatever U.
+// U chunks of V values, kBlock items apart (each load instruction stays coalesced).
 template <typename In, int BITS, bool SPIKES, bool SR, int V, int U>
-__global__ void __launch_bounds__(MFC_ENC_INT_BOUNDS) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
-                                                                 const EncArgs a) {
-#if defined(MFC_ENC_PERSIST)
-  if constexpr (raw_words<In, V>() <= 16) encode_int_persist_async<In, BITS, SPIKES, SR, V>(x, rec, a);
-  else encode_int_persist_nopf<In, BITS, SPIKES, SR, V>(x, rec, a);
-#elif defined(MFC_ENC_PERSIST_NOPF)
-  encode_int_persist_nopf<In, BITS, SPIKES, SR, V>(x, rec, a);
-#else
+__global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
+                                                     const EncArgs a) {
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
   load_items<In, V, U>(x, item0, a, w);
@@ -853,7 +730,6 @@ __global__ void __launch_bounds__(MFC_ENC_INT_BOUNDS) encode_int(const In* __res
     if ((item & ~31u) >= a.total) return;  // warp-uniform: the shuffles need every lane
     encode_chunk<In, BITS, SPIKES, SR, V>(w[u], item, rec, a);
   }
-#endif
 }
 
 // fp8 e4m3: scale = round_up(amax / 448), code = e4m3(clamp(x / scale, +-448)).

@@ -182,39 +182,6 @@ def test_every_kernel_shape_gives_the_same_bytes(cfg, dtype):
             assert_same_bits(C.decode_impl(want.cuda(), cfg, H, dtype, shape), y, f"{cfg} {shape}")
 
 
-PERSIST_CFGS = [CodecConfig(bits=4), CodecConfig(bits=3, rounding="stochastic"),
-                CodecConfig(bits=8, group_size=32, spikes=False)]
-PERSIST_DEFINES = [("MFC_ENC_PERSIST", "MFC_ENC_GRID=2"), ("MFC_ENC_PERSIST_NOPF", "MFC_ENC_GRID=2"),
-                   ("MFC_ENC_PERSIST",)]
-# shapes by dtype: 16x1 / 64x1 take the prefetch with 32-byte and the no-prefetch loop with
-# 128-byte chunks (fp32 32x1 too)
-PERSIST_SHAPES = {torch.bfloat16: (None, (16, 1), (64, 1)), torch.float32: (None, (16, 1)),
-                  torch.float16: (None,)}
-
-
-@gpu
-@pytest.mark.parametrize("cfg", PERSIST_CFGS, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_persistent_encode_variants_give_the_same_bytes(cfg, dtype):
-    """The persistent encode_int variants (A/B switches in csrc/codec_encode.cu): with the grid
-    capped at 2 blocks every warp loops many times (prefetch buffers alternate, a partial last
-    tile), and with the resident grid. H 7168: dense rows (coalesced copies); 7173: unaligned
-    rows; 296: per-lane copies and a partial last chunk."""
-    from concurrent.futures import ThreadPoolExecutor
-    jobs = [(C.kernel_names(cfg, dtype, shape)[0], d)
-            for d in PERSIST_DEFINES for shape in PERSIST_SHAPES[dtype]]
-    arch = C._arch(torch.cuda.current_device())
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        list(pool.map(lambda j: C.compile_kernel(*j[0], arch, j[1]), jobs))
-    for T, H in ((40, 7168), (40, 7168 + 5), (333, 2 * 128 + 40)):
-        x = adversarial(T, H, dtype, seed=H)
-        want = R.encode(x.cpu(), cfg, 77)
-        for d in PERSIST_DEFINES:
-            for shape in PERSIST_SHAPES[dtype]:
-                got = C.encode_impl(x, cfg, 77, shape, d)
-                assert_same_records(got, want, record_layout(H, cfg), f"{cfg} {d} {shape} {(T, H)}")
-
-
 # ---- adversarial inputs and shapes ---------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("cfg", MIXED_CFGS, ids=str)
@@ -406,33 +373,6 @@ def test_env_defines_select_a_kernel_variant(monkeypatch):
     assert C.env_defines() == ()
     monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_ENC_V4, MFC_SCALAR_STATS,")
     assert C.env_defines() == ("MFC_ENC_V4", "MFC_SCALAR_STATS")
-
-
-def test_persistent_encode_grid_rule(monkeypatch):
-    """cuda._encode_blocks: the default grid unless a persistent define is given (argument or
-    $MOE_FLASHCOMM_DEFINES), then min(one thread per chunk, resident blocks), capped by
-    MFC_ENC_GRID; never for fp8. The occupancy call and the SM count are stood in (no GPU)."""
-    import contextlib
-    import types
-    driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda fn, block, smem: 4)
-    cuda = types.SimpleNamespace(Device=lambda d: contextlib.nullcontext(), driver=driver)
-    cupy = types.SimpleNamespace(cuda=cuda)
-    for name, mod in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.driver", driver)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(C, "_cupy", lambda: cupy)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda d: types.SimpleNamespace(multi_processor_count=132))
-    monkeypatch.delenv("MOE_FLASHCOMM_DEFINES", raising=False)
-    fn, int4, fp8, items = types.SimpleNamespace(ptr=0), CodecConfig(bits=4), CodecConfig(bits="fp8"), 2**20
-    assert C._encode_blocks(0, fn, int4, items, 1, ()) == 4096
-    assert C._encode_blocks(0, fn, int4, items, 2, ("MFC_ENC_V4",)) == 2048
-    assert C._encode_blocks(0, fn, int4, items, 1, ("MFC_ENC_PERSIST",)) == 4 * 132
-    assert C._encode_blocks(0, fn, int4, items, 2, ("MFC_ENC_PERSIST_NOPF",)) == 4 * 132
-    assert C._encode_blocks(0, fn, int4, 1000, 2, ("MFC_ENC_PERSIST",)) == 4  # one item per thread
-    assert C._encode_blocks(0, fn, int4, items, 1, ("MFC_ENC_PERSIST", "MFC_ENC_GRID=2")) == 2
-    assert C._encode_blocks(0, fn, fp8, items, 1, ("MFC_ENC_PERSIST",)) == 4096
-    monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_ENC_PERSIST")
-    assert C._encode_blocks(0, fn, int4, items, 1, ()) == 4 * 132
 
 
 def test_layout_fields_of_every_int_codec():

@@ -199,28 +199,6 @@ def _blocks(threads: int) -> int:
     return -(-threads // BLOCK)
 
 
-# Defines that make encode_int persistent (csrc/codec_encode.cu, docs/kernel-notes.md
-# "Persistent encode"): its warps loop over the items, so a launch needs at most the blocks
-# resident at once. MFC_ENC_GRID=<n> caps that grid at n blocks (tests: many loop steps per
-# warp on small inputs). encode_fp8 is not persistent.
-PERSISTENT_ENCODE = ("MFC_ENC_PERSIST", "MFC_ENC_PERSIST_NOPF")
-
-
-def _encode_blocks(device: int, fn, cfg: CodecConfig, items: int, U: int, defines: tuple) -> int:
-    """Blocks of one encode launch over ``items`` chunks: one thread per U chunks, or for a
-    persistent encode_int min(one thread per chunk, the blocks resident at once)."""
-    names = dict((d.split("=", 1) + [""])[:2] for d in tuple(defines) + env_defines())
-    if cfg.is_fp8 or not any(n in names for n in PERSISTENT_ENCODE):
-        return _blocks(-(-items // U))
-    from cupy.cuda import driver
-    with _cupy().cuda.Device(device):
-        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, BLOCK, 0)
-    resident = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
-    if names.get("MFC_ENC_GRID"):
-        resident = min(resident, int(names["MFC_ENC_GRID"]))
-    return min(_blocks(items), resident)
-
-
 def _run(device: int, fn, blocks: int, args: list) -> None:
     """Launch ``blocks`` blocks of BLOCK threads of a loaded kernel on torch's current stream."""
     stream = _Stream(_raw_stream(device))
@@ -400,9 +378,8 @@ def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dt
         args = _struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
                        div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
                        counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec), **_layout_fields(L))
-        blocks = _encode_blocks(dev, fn, cfg, items, U, defines)
-        launches.append((fn, blocks, t0 * H * dtype.itemsize, t0 * L.record_bytes, args,
-                         by_value(args)))
+        launches.append((fn, _blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
+                         args, by_value(args)))
     return tuple(launches)
 
 
