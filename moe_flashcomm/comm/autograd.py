@@ -40,8 +40,8 @@ class _Fast:
     every pair: the passthrough codec, or every pair size-gated): exactly the one
     ``all_to_all_single`` that ``exchange.exchange`` issues, with everything precomputed,
     on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), issued on the
-    process group directly (comm/direct.py), so a repeated call costs the host no more
-    than ``torch.distributed.all_to_all_single``."""
+    process group directly (comm/direct.py), so a repeated call costs the host little
+    more than ``torch.distributed.all_to_all_single``."""
     __slots__ = ("pg", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
 
     def __init__(self, route: Route, plan, in_rows: tuple, out_rows: tuple, out_shape: tuple,
