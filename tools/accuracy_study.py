@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import finetune_moe as ft  # noqa: E402
 
 import moe_flashcomm  # noqa: E402
+from benchlib import pyplot  # noqa: E402
 
 BF16 = {k: "bf16" for k in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
 RUNS = [("bf16", BF16, 0), ("bf16 (other data seed)", BF16, 1)] + [
@@ -85,11 +86,8 @@ def report(results: list, inference: list, args) -> None:
 
 
 def plot(results: list, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:

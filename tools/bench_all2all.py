@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, init_worker, burst_ms, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
@@ -305,12 +305,8 @@ def print_tables(result: dict) -> str:
 
 
 def plot(result: dict, png: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     lib = library_rows(result["rows"], result["gate"])
     hiddens = sorted({r["hidden"] for r in lib})

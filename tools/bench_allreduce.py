@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, init_worker, codec_of, fmt_size, free_port, parse_size  # noqa: E402
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -267,12 +267,8 @@ def report(result: dict) -> str:
 
 
 def plot(result: dict, png: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     res = _results(result["rows"])
     paths = [p for p in PATH_ENV if any(k[0] == p for k in res)]

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_flashcomm import CodecConfig, record_layout  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
+from benchlib import pyplot  # noqa: E402
+
 MiB = 2**20
 
 
@@ -196,12 +198,8 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     hidden = sorted({r["hidden"] for r in rows})

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size  # noqa: E402
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
@@ -258,12 +258,8 @@ def print_tables(result: dict) -> str:
 
 
 def plot(result: dict, png: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rs = ratios(result["rows"])
     paths = [p for p in PATH_ENV if any(r["path"] == p for r in rs)]

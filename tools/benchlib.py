@@ -74,6 +74,19 @@ def init_worker(rank: int, world: int, port: int, path: str, device: str) -> Non
         dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None with a note when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,8 @@ import torch
 
 from moe_flashcomm import CodecConfig, decode, encode, record_layout
 
+from benchlib import pyplot
+
 try:
     from tqdm import tqdm
 except ImportError:  # progress bar is a nicety
@@ -101,11 +103,8 @@ def main() -> None:
 
 
 def plot(rows, kinds, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), sharey=True)
     for ax, kind in zip(axes, kinds):
