@@ -222,6 +222,17 @@ def _world2(rank, world):
     battery(rank, world, "cpu")
     extra_checks(rank, world, "cpu")
     error_checks(rank, world, "cpu")
+    # a gated size is torch's all-reduce, issued on the group directly (comm/direct.py), in
+    # place, on the default group and on a subgroup
+    x = make_input(rank, (3, 1000), torch.bfloat16, 97)
+    want = x.clone()
+    dist.all_reduce(want)
+    gate = {"all_reduce": {"cpu": {"*": 1 << 40}}}
+    y = x.clone()
+    assert mf.all_reduce(y, codec=4, gate=gate) is y and torch.equal(y, want)
+    sub = dist.new_group([0, 1])
+    y = x.clone()
+    assert torch.equal(mf.all_reduce(y, group=sub, codec=4, gate=gate), want)
 
 
 def _world4(rank, world):
