@@ -246,8 +246,7 @@ class _Plan:
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
     hierarchy: object = None       # hierarchical: (group, topology) of hierarchical_groups
-    pg: object = None              # nccl: the group to issue it on (None: one rank or no
-                                   # values, nothing to issue)
+    call: bool = True              # nccl: a collective to issue (not one rank or no values)
 
 
 _plans: dict = {}
@@ -299,9 +298,7 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
-        issue = world > 1 and n > 0
-        return _Plan(True, world, rank, 0, (), intra, inter,
-                     pg=direct.process_group(group) if issue else None)
+        return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0)
     c = rows_per_rank(n, world)
     hierarchy = None
     if algorithm == "hierarchical":
@@ -376,9 +373,9 @@ def all_reduce(
             if len(_calls) > 1024:
                 _calls.clear()
             _calls[fast] = plan
-    if plan.nccl:  # gated (plan.pg: more than one rank, a non-empty tensor)
-        if plan.pg is not None:
-            direct.all_reduce(plan.pg, x)
+    if plan.nccl:  # gated (plan.call: more than one rank, a non-empty tensor)
+        if plan.call:
+            direct.all_reduce(group, x)
         return x
     work = x if x.is_contiguous() else x.contiguous()
     flat = work.view(-1)

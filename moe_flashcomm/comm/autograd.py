@@ -42,11 +42,11 @@ class _Fast:
     on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), issued on the
     process group directly (comm/direct.py), so a repeated call costs the host little
     more than ``torch.distributed.all_to_all_single``."""
-    __slots__ = ("pg", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
+    __slots__ = ("group", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
 
     def __init__(self, route: Route, plan, in_rows: tuple, out_rows: tuple, out_shape: tuple,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.pg, self.raw, self.out_shape = direct.process_group(route.group), plan.raw, out_shape
+        self.group, self.raw, self.out_shape = route.group, plan.raw, out_shape
         self.dtype, self.device = dtype, device
         # even: all_to_all_single's own even split (as exchange passes no lists)
         self.out_splits = [] if plan.even else list(out_rows)
@@ -57,10 +57,10 @@ class _Fast:
         ``dtype`` on ``device``."""
         out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)  # (*: faster)
         if self.raw:  # uint8, like the byte exchanges of ranks this one pairs with
-            work = direct.all_to_all_single(self.pg, out.view(torch.uint8), x.view(torch.uint8),
+            work = direct.all_to_all_single(self.group, out.view(torch.uint8), x.view(torch.uint8),
                                             self.out_splits, self.in_splits, async_op)
         else:
-            work = direct.all_to_all_single(self.pg, out, x, self.out_splits, self.in_splits,
+            work = direct.all_to_all_single(self.group, out, x, self.out_splits, self.in_splits,
                                             async_op)
         return out, work
 

@@ -16,21 +16,21 @@ _A2A = dist.AllToAllOptions()
 _ALL_REDUCE = dist.AllreduceOptions()  # sum
 
 
-def process_group(group):
-    """The ProcessGroup object of ``group`` (None: the default group)."""
+def _pg(group):
+    # resolved per call: the default group may have been destroyed and created again
     return group if group is not None else dist.group.WORLD
 
 
-def all_to_all_single(pg, out, x, out_splits: list, in_splits: list, async_op: bool):
-    """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, pg)``
+def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op: bool):
+    """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, group)``
     (``[]``: even splits); the work when ``async_op``, else None."""
-    work = pg.alltoall_base(out, x, out_splits, in_splits, _A2A)
+    work = _pg(group).alltoall_base(out, x, out_splits, in_splits, _A2A)
     if async_op:
         return work
     work.wait()  # NCCL: the current stream waits; the host does not
     return None
 
 
-def all_reduce(pg, x) -> None:
-    """``dist.all_reduce(x, group=pg)`` (sum, synchronous like it)."""
-    pg.allreduce([x], _ALL_REDUCE).wait()
+def all_reduce(group, x) -> None:
+    """``dist.all_reduce(x, group=group)`` (sum, synchronous like it)."""
+    _pg(group).allreduce([x], _ALL_REDUCE).wait()
