@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
+from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
@@ -324,21 +324,11 @@ def plot(result: dict, png: Path) -> None:
                 xs = [r["size_bytes"] for r in sel]
                 line, = ax.plot(xs, [r["speedup"] for r in sel], marker="o", ms=3, label=c)
                 ax.plot(xs, [r["raw_speedup"] for r in sel], ls=":", color=line.get_color(), lw=1)
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.axhline(0.95, color="r", lw=0.6, ls="--")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.set_title(f"{path}, hidden {H}")
-            ax.set_xlabel("bytes per rank (bf16)")
-            if j == 0:
-                ax.set_ylabel("NCCL bf16 time / ours")
-            ax.grid(True, which="both", alpha=0.3)
+            ratio_axes(ax, f"{path}, hidden {H}", "bytes per rank (bf16)",
+                       "NCCL bf16 time / ours" if j == 0 else None, 0.95)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("moe_flashcomm.all_to_all vs NCCL all_to_all_single, 2 GPUs "
-                 "(solid: gate on; dotted: always quantized)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png, "moe_flashcomm.all_to_all vs NCCL all_to_all_single, 2 GPUs "
+                "(solid: gate on; dotted: always quantized)")
 
 
 def main(argv=None) -> None:

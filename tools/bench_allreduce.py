@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -285,24 +285,14 @@ def plot(result: dict, png: Path) -> None:
             xs = [s for s, _ in pts]
             line, = ax.plot(xs, [v["nccl"] / v["gate"] for _, v in pts], marker="o", ms=3, label=c)
             ax.plot(xs, [v["nccl"] / v["raw"] for _, v in pts], ls=":", color=line.get_color(), lw=1)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.axhline(NVLINK_FLOOR, color="r", lw=0.6, ls="--")
         for p, codec, size, floor in TARGETS:
             if p == path:
                 ax.plot([size], [floor], marker="_", ms=14, color="r")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_title(path)
-        ax.set_xlabel("tensor bytes per rank (bf16)")
-        if j == 0:
-            ax.set_ylabel("NCCL bf16 all_reduce time / ours")
-        ax.grid(True, which="both", alpha=0.3)
+        ratio_axes(ax, path, "tensor bytes per rank (bf16)",
+                   "NCCL bf16 all_reduce time / ours" if j == 0 else None, NVLINK_FLOOR)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("moe_flashcomm.all_reduce vs NCCL all_reduce, 2 ranks "
-                 "(solid: gate on; dotted: always quantized; red ticks: targets)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png, "moe_flashcomm.all_reduce vs NCCL all_reduce, 2 ranks "
+                "(solid: gate on; dotted: always quantized; red ticks: targets)")
 
 
 def write_gate(path: Path, table: dict) -> None:

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot  # noqa: E402
+from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
@@ -269,28 +269,22 @@ def plot(result: dict, png: Path) -> None:
     for i, op in enumerate(ops):
         for j, path in enumerate(paths):
             ax = axes[i][j]
-            for k, mode in enumerate(MODES):
+            for mode in MODES:
                 sel = [r for r in rs if r["path"] == path and r["op"] == op and r["mode"] == mode]
-                for v in dict.fromkeys(r["variant"] for r in sel):
-                    pts = sorted(((r["size_bytes"], r["ratio"]) for r in sel if r["variant"] == v
-                                  and r["hidden"] in (0, max(q["hidden"] for q in sel))))
+                if not sel:
+                    continue
+                hidden = max(r["hidden"] for r in sel)  # all-reduce rows: 0
+                for color, v in enumerate(dict.fromkeys(r["variant"] for r in sel)):
+                    pts = sorted((r["size_bytes"], r["ratio"]) for r in sel
+                                 if r["variant"] == v and r["hidden"] == hidden)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                            ls="-" if mode == "device" else ":",
-                            label=f"{v} ({mode})", color=f"C{list(dict.fromkeys(q['variant'] for q in sel)).index(v)}")
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.axhline(FLOOR, color="r", lw=0.6, ls="--")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{path}, {op}")
-            ax.set_xlabel("bytes per rank (bf16)")
-            if j == 0:
-                ax.set_ylabel("NCCL bf16 time / ours")
-            ax.grid(True, which="both", alpha=0.3)
+                            ls="-" if mode == "device" else ":", label=f"{v} ({mode})",
+                            color=f"C{color}")
+            ratio_axes(ax, f"{path}, {op}", "bytes per rank (bf16)",
+                       "NCCL bf16 time / ours" if j == 0 else None, FLOOR, log_y=False)
             ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("moe_flashcomm (default size gate) vs NCCL bf16, 2 GPUs: solid = GPU time "
-                 "(host ahead), dotted = as issued (largest hidden size)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png, "moe_flashcomm (default size gate) vs NCCL bf16, 2 GPUs: solid = GPU "
+                "time (host ahead), dotted = as issued (largest hidden size)")
 
 
 def main(argv=None) -> None:

@@ -87,6 +87,28 @@ def pyplot():
     return plt
 
 
+def ratio_axes(ax, title: str, xlabel: str, ylabel, floor: float, log_y: bool = True) -> None:
+    """Style a panel of "NCCL time / ours" against bytes: parity at 1, the floor of the
+    5% bound dashed, log2 axes, a grid; ``ylabel`` None on panels beside the first."""
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(floor, color="r", lw=0.6, ls="--")
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log", base=2)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, png, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
