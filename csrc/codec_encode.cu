@@ -10,13 +10,14 @@ namespace mfc {
 
 // The raw bits of the V values of a row starting at base (two 16-bit values per word, or one
 // fp32 per word); 0 beyond H (those slots are masked later).
-template <typename In, int V>
+// DENSE: the caller knows the chunk is inside an aligned row (vec, base + V <= H).
+template <typename In, int V, bool DENSE = false>
 __device__ __forceinline__ void load_raw(const In* row, int base, int H, bool vec, u32* w) {
 #pragma unroll
   for (int c = 0; c < V / 8; ++c) {
     const int p = base + 8 * c;
     if constexpr (sizeof(In) == 2) {
-      if (vec && p + 8 <= H) {
+      if (DENSE || (vec && p + 8 <= H)) {
         const uint4 u = *reinterpret_cast<const uint4*>(row + p);
         w[4 * c] = u.x; w[4 * c + 1] = u.y; w[4 * c + 2] = u.z; w[4 * c + 3] = u.w;
       } else {
@@ -26,7 +27,7 @@ __device__ __forceinline__ void load_raw(const In* row, int base, int H, bool ve
           w[4 * c + k / 2] = (p + k < H ? r[p + k] : 0u) | (p + k + 1 < H ? (u32)r[p + k + 1] << 16 : 0u);
       }
     } else {
-      if (vec && p + 8 <= H) {
+      if (DENSE || (vec && p + 8 <= H)) {
         const uint4 u = reinterpret_cast<const uint4*>(row + p)[0], t = reinterpret_cast<const uint4*>(row + p)[1];
         w[8 * c] = u.x; w[8 * c + 1] = u.y; w[8 * c + 2] = u.z; w[8 * c + 3] = u.w;
         w[8 * c + 4] = t.x; w[8 * c + 5] = t.y; w[8 * c + 6] = t.z; w[8 * c + 7] = t.w;
@@ -203,13 +204,13 @@ struct EncArgs {
 
 // Load the raw chunks of the thread's U items (items item0 + u * kBlock) before any work, so
 // that U loads are in flight per thread.
-template <typename In, int V, int U>
+template <typename In, int V, int U, bool DENSE>
 __device__ __forceinline__ void load_items(const In* x, u32 item0, const EncArgs& a, u32 (*w)[raw_words<In, V>()]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const u32 item = min(item0 + u * kBlock, a.total - 1);  // past-the-end lanes read real data
     const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, a.log2L);
-    load_raw<In, V>(x + (size_t)P.t * a.H, P.base, a.H, a.vec != 0, w[u]);
+    load_raw<In, V, DENSE>(x + (size_t)P.t * a.H, P.base, a.H, a.vec != 0, w[u]);
   }
 }
 
@@ -330,15 +331,19 @@ __device__ __forceinline__ u32 part_first(const u32* x, float t) {
 // memory; in a partial group each lane searches its own chunk. Either way the group's answer
 // is the min over its lanes of the lanes' keys (slot in the group, 0xFFFF for none), both
 // targets in one packed u16x2 reduction.
+__device__ __forceinline__ u32 stage_col(u32 t, int r) { return t ^ (u32)(r & 3); }
+
 template <typename In, int V, int LG>
 __device__ __forceinline__ void first_idx_shared(const u32* w, int nv, const Pos& P, bool gfull, int ll, int lh,
                                                  float lo, float hi, int& lo_idx, int& hi_idx) {
   constexpr int WP = (V / 2) >> LG;  // words per lane
   static_assert(WP >= 1 && WP <= 16 && (WP & (WP - 1)) == 0, "part size");
-  __shared__ uint4 stage[V / 8][kBlock];  // conflict-free: a thread's 16-byte row r at [r][tid]
+  // A thread's 16-byte row r at [r][tid ^ (r & 3)]: the group's lanes read rows 0..3 of one
+  // column at once, which the XOR spreads over four bank quads (unswizzled: a 4-way conflict).
+  __shared__ uint4 stage[V / 8][kBlock];
   __syncwarp();  // the previous chunk's reads are done (U > 1)
 #pragma unroll
-  for (int r = 0; r < V / 8; ++r) stage[r][threadIdx.x] = make_uint4(w[4 * r], w[4 * r + 1], w[4 * r + 2], w[4 * r + 3]);
+  for (int r = 0; r < V / 8; ++r) stage[r][stage_col(threadIdx.x, r)] = make_uint4(w[4 * r], w[4 * r + 1], w[4 * r + 2], w[4 * r + 3]);
   __syncwarp();
   u32 kl, kh;
   if (gfull) {
@@ -347,7 +352,8 @@ __device__ __forceinline__ void first_idx_shared(const u32* w, int nv, const Pos
     if constexpr (WP % 4 == 0) {
 #pragma unroll
       for (int r = 0; r < WP / 4; ++r) {
-        const uint4 u = stage[P.lane * (WP / 4) + r][wb | ll], v = stage[P.lane * (WP / 4) + r][wb | lh];
+        const int row = P.lane * (WP / 4) + r;
+        const uint4 u = stage[row][stage_col(wb | ll, row)], v = stage[row][stage_col(wb | lh, row)];
         xl[4 * r] = u.x; xl[4 * r + 1] = u.y; xl[4 * r + 2] = u.z; xl[4 * r + 3] = u.w;
         xh[4 * r] = v.x; xh[4 * r + 1] = v.y; xh[4 * r + 2] = v.z; xh[4 * r + 3] = v.w;
       }
@@ -356,8 +362,8 @@ __device__ __forceinline__ void first_idx_shared(const u32* w, int nv, const Pos
 #pragma unroll
       for (int k = 0; k < WP; ++k) {
         const int q = P.lane * WP + k;
-        xl[k] = st[((q / 4) * kBlock + (wb | ll)) * 4 + q % 4];
-        xh[k] = st[((q / 4) * kBlock + (wb | lh)) * 4 + q % 4];
+        xl[k] = st[((q / 4) * kBlock + stage_col(wb | ll, q / 4)) * 4 + q % 4];
+        xh[k] = st[((q / 4) * kBlock + stage_col(wb | lh, q / 4)) * 4 + q % 4];
       }
     }
     const u32 part = (u32)P.lane * (2 * WP);  // first slot of the part; f < 2 * WP or all ones
@@ -472,7 +478,8 @@ __device__ __forceinline__ void store_meta_v5(u8* out, u32 g, int k, const EncAr
 }
 
 // LG: log2 of the lanes per group when known at compile time (a.log2L == LG), else -1.
-template <typename In, int BITS, bool SPIKES, bool SR, int V, int LG>
+// DENSE: every chunk and group of the row is full (H a multiple of the group size).
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int LG, bool DENSE>
 __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __restrict__ rec, const EncArgs& a) {
   typedef typename Val<In>::W W;
   typedef Pair<In> PR;
@@ -481,7 +488,7 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
   const Pos P = locate<V>(item, a.total, a.ipt, a.div_mul, a.div_shift, log2L);
   const int L = 1 << log2L, G = L * V;
   u8* out = rec + (u64)P.t * (u32)a.rec_bytes;
-  const int nv = min(max(a.H - P.base, 0), V);  // real values in the chunk
+  const int nv = DENSE ? V : min(max(a.H - P.base, 0), V);  // real values in the chunk
   const bool full = nv == V;
 
   // lane statistics as packed (min, -max) and (second min, -second max)
@@ -499,7 +506,7 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
   // + 0 makes a zero +0 (-0 + +0 = +0 when rounding to nearest), as the reference's "+ 0.0"
   const float lo = __fadd_rn(lo_raw, 0.0f), hi = __fadd_rn(-nhi_raw, 0.0f);
   const int count = a.H - P.g * G;  // real values in the group (>= G: a full group)
-  const bool gfull = count >= G;
+  const bool gfull = DENSE || count >= G;
   bool bad = !(finite(lo) && finite(hi));  // a NaN or Inf among the group's values
 
   float rest_lo = lo, rest_hi = hi;
@@ -596,13 +603,15 @@ __device__ __forceinline__ void encode_chunk_v5(const u32* w, u32 item, u8* __re
 
 // One chunk of an integer-width encode: group statistics over the group's lanes, metadata,
 // codes. Every lane of the warp must call it (shuffles); lanes past the end store nothing.
-template <typename In, int BITS, bool SPIKES, bool SR, int V>
+// DG: 0 (any row), or the group size of a dense row (see encode_int).
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int DG = 0>
 __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restrict__ rec, const EncArgs& a) {
 #ifndef MFC_ENC_V4
   if constexpr (UsePairs<In>::value) {  // groups of 128 values get their own copy (L constant)
     constexpr int LG = V == 16 ? 3 : V == 32 ? 2 : V == 64 ? 1 : -1;
-    if (LG >= 0 && a.log2L == LG) encode_chunk_v5<In, BITS, SPIKES, SR, V, LG>(w, item, rec, a);
-    else encode_chunk_v5<In, BITS, SPIKES, SR, V, -1>(w, item, rec, a);
+    if constexpr (DG == 128 && LG >= 0) encode_chunk_v5<In, BITS, SPIKES, SR, V, LG, true>(w, item, rec, a);
+    else if (LG >= 0 && a.log2L == LG) encode_chunk_v5<In, BITS, SPIKES, SR, V, LG, false>(w, item, rec, a);
+    else encode_chunk_v5<In, BITS, SPIKES, SR, V, -1, false>(w, item, rec, a);
     return;
   }
 #endif
@@ -718,17 +727,27 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
 
 // Integer widths (2..8 bits), spikes on/off, nearest or stochastic rounding. A thread encodes
 // U chunks of V values, kBlock items apart (each load instruction stays coalesced).
-template <typename In, int BITS, bool SPIKES, bool SR, int V, int U>
+// DG = 128: dense rows (16-byte aligned, H a multiple of 128) in groups of 128, the usual case.
+// That copy holds no code for partial chunks, unaligned loads or other group sizes, which in
+// the general copy (DG = 0) cost ~40 instructions per chunk on the common path
+// (docs/kernel-notes.md, "v6: dense rows").
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
 __global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
                                                      const EncArgs a) {
+  static_assert(DG == 0 || DG == 128, "DG: 0 or 128");
+#ifdef MFC_NO_DENSE  // A/B: the dense-row copy compiled as the general one
+  constexpr int D = 0;
+#else
+  constexpr int D = DG;
+#endif
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
-  load_items<In, V, U>(x, item0, a, w);
+  load_items<In, V, U, D != 0>(x, item0, a, w);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const u32 item = item0 + u * kBlock;
     if ((item & ~31u) >= a.total) return;  // warp-uniform: the shuffles need every lane
-    encode_chunk<In, BITS, SPIKES, SR, V>(w[u], item, rec, a);
+    encode_chunk<In, BITS, SPIKES, SR, V, D>(w[u], item, rec, a);
   }
 }
 
@@ -780,7 +799,7 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u
                                                      const EncArgs a) {
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
-  load_items<In, V, U>(x, item0, a, w);
+  load_items<In, V, U, false>(x, item0, a, w);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const u32 item = item0 + u * kBlock;
@@ -794,8 +813,12 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u
 #ifdef MFC_INSTANTIATE_ALL
 // CI (tools/check_csrc.sh): compile every variant the loader may request (cuda.ENCODE_SHAPES).
 namespace mfc {
+#ifndef MFC_INSTANTIATE_DG
+#define MFC_INSTANTIATE_DG 0
+#endif
 #define MFC_ENC_INT(T, B, S, V, U) \
-  (const void*)&encode_int<T, B, S, false, V, U>, (const void*)&encode_int<T, B, S, true, V, U>
+  (const void*)&encode_int<T, B, S, false, V, U, MFC_INSTANTIATE_DG>, \
+  (const void*)&encode_int<T, B, S, true, V, U, MFC_INSTANTIATE_DG>
 #define MFC_ENC_BITS(T, S, V, U) \
   MFC_ENC_INT(T, 2, S, V, U), MFC_ENC_INT(T, 3, S, V, U), MFC_ENC_INT(T, 4, S, V, U), \
   MFC_ENC_INT(T, 5, S, V, U), MFC_ENC_INT(T, 6, S, V, U), MFC_ENC_INT(T, 7, S, V, U), \

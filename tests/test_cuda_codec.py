@@ -186,7 +186,7 @@ def test_every_kernel_shape_gives_the_same_bytes(cfg, dtype):
 @gpu
 @pytest.mark.parametrize("cfg", MIXED_CFGS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("H", [256, 7168 + 5])
+@pytest.mark.parametrize("H", [256, 7168, 7168 + 5])  # dense rows (encode_int's DG copy) and not
 def test_adversarial_inputs_match_reference(cfg, dtype, H):
     check(adversarial(16, H, dtype, seed=H), cfg)
 
@@ -242,13 +242,15 @@ def test_out_arguments_write_in_place():
 @pytest.mark.parametrize("spikes", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stochastic_rounding_matches_reference_rng(bits, spikes, dtype):
-    for G, (T, H) in ((128, (17, 3 * 128 + 8)), (32, (5, 100))):
+    for G, (T, H) in ((128, (17, 3 * 128 + 8)), (128, (6, 1024)), (32, (5, 100))):
         cfg = CodecConfig(bits=bits, group_size=G, spikes=spikes, rounding="stochastic")
         x = heavy_tailed(T, H, dtype, seed=bits)
         a = check(x, cfg, seed=1234 + bits)
         assert torch.equal(a, C.encode(x, cfg, seed=1234 + bits)), "same seed, different bytes"
         assert not torch.equal(a, C.encode(x, cfg, seed=99)), "the seed changed nothing"
     check(adversarial(15, 7168 + 5, dtype, seed=bits), cfg, seed=2**32 - 1)
+    dense = CodecConfig(bits=bits, spikes=spikes, rounding="stochastic")  # groups of 128
+    check(adversarial(15, 1024, dtype, seed=bits), dense, seed=2**32 - 1)
 
 
 @gpu
@@ -382,3 +384,18 @@ def test_layout_fields_of_every_int_codec():
             f = C._layout_fields(record_layout(H, cfg))
             n = record_layout(H, cfg).n_groups
             assert f["o_min"] - f["o_scale"] == 2 * n
+
+
+def test_dense_rows_take_their_own_encode_copy():
+    """Groups of 128 on aligned rows with H % 128 == 0 use encode_int's DG = 128 copy (no code
+    for partial chunks); precompile covers it and the general copy (DG = 0)."""
+    def dg(name):
+        return int(name.rsplit(",", 1)[1].rstrip(">"))
+    cfg = CodecConfig(bits=4)
+    assert dg(C._encode_name(cfg, torch.bfloat16, 32, 1, dense=True)) == 128
+    assert dg(C._encode_name(cfg, torch.bfloat16, 32, 1, dense=False)) == 0
+    assert dg(C._encode_name(CodecConfig(bits=4, group_size=64), torch.bfloat16, 32, 1, dense=True)) == 0
+    names = [n for src, n in C.kernel_names(cfg, torch.float16) if src == "codec_encode.cu"]
+    assert sorted(map(dg, names)) == [0, 128]
+    names = [n for src, n in C.kernel_names(CodecConfig(bits="fp8"), torch.float16) if src == "codec_encode.cu"]
+    assert len(names) == 1 and "encode_fp8" in names[0]

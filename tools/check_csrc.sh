@@ -7,19 +7,24 @@ cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 pids=()
-for f in csrc/*.cu; do
-  name=$(basename "$f" .cu)
+compile() {  # compile <file> <name> [flags]
+  local f=$1 name=$2; shift 2
   nvcc -arch=sm_90 -std=c++17 --fmad=false --ftz=false -DMFC_INSTANTIATE_ALL --Werror all-warnings "$@" \
     -c "$f" -o "$out/$name.o" >"$out/$name.log" 2>&1 &
   pids+=("$!:$f:$name")
+}
+for f in csrc/*.cu; do
+  compile "$f" "$(basename "$f" .cu)" "$@"
 done
+# the encode kernels' dense-row copies (encode_int's DG = 128), in parallel with the rest
+compile csrc/codec_encode.cu codec_encode_dense -DMFC_INSTANTIATE_DG=128 "$@"
 status=0
 for entry in "${pids[@]}"; do
   IFS=: read -r pid f name <<<"$entry"
   if wait "$pid"; then
-    echo "ok   $f"
+    echo "ok   $f ($name)"
   else
-    echo "FAIL $f"
+    echo "FAIL $f ($name)"
     status=1
   fi
   cat "$out/$name.log"

@@ -32,6 +32,7 @@ from .format import ALIGN, RecordLayout, record_layout
 CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
              "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
 BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
+DENSE_GROUP = 128  # the group size with an encode kernel copy for dense rows (encode_int's DG)
 # Kernel shapes (V, U): a thread handles U chunks of V consecutive values (V <= group size).
 # The shapes the sources instantiate for CI (MFC_ENC_SHAPES / MFC_DEC_SHAPES in csrc/) and the
 # defaults, chosen by tools/bench_codec.py measurements (docs/kernel-notes.md).
@@ -365,12 +366,7 @@ def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dt
     is then a few launches."""
     L = record_layout(H, cfg)
     V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
-    t = _CTYPE[dtype]
-    if cfg.is_fp8:
-        name = f"mfc::encode_fp8<{t}, {V}, {U}>"
-    else:
-        sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
-        name = f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}>"
+    name = _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0)
     fn = _function(dev, "codec_encode.cu", name, defines)
     launches = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
@@ -428,20 +424,31 @@ def _decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: tor
     return tuple(launches)
 
 
+def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bool) -> str:
+    """The encode kernel's name expression. ``dense``: rows 16-byte aligned with a hidden size
+    that is a multiple of DENSE_GROUP; with groups of that size an integer encode then takes
+    the kernel copy that holds no code for partial chunks and unaligned rows (DG = 128)."""
+    t = _CTYPE[dtype]
+    if cfg.is_fp8:
+        return f"mfc::encode_fp8<{t}, {V}, {U}>"
+    sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
+    dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
+    return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {dg}>"
+
+
 def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,
                  decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
-    """(source, name expression) of the kernels a config uses for one dtype."""
+    """(source, name expression) of the kernels a config uses for one dtype (the encode for
+    dense rows and for the others)."""
     if cfg.is_passthrough:
         return []
     t = _CTYPE[dtype]
     (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
     (Vd, Ud) = _shape(cfg, decode_shape, DECODE_SHAPE, DECODE_SHAPES)
-    if cfg.is_fp8:
-        return [("codec_encode.cu", f"mfc::encode_fp8<{t}, {Ve}, {Ue}>"),
-                ("codec_decode.cu", f"mfc::decode_fp8<{t}, {Vd}, {Ud}>")]
-    sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
-    return [("codec_encode.cu", f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {Ve}, {Ue}>"),
-            ("codec_decode.cu", f"mfc::decode_int<{t}, {cfg.bits}, {sp}, {Vd}, {Ud}>")]
+    encodes = dict.fromkeys(_encode_name(cfg, dtype, Ve, Ue, dense) for dense in (True, False))
+    decode = (f"mfc::decode_fp8<{t}, {Vd}, {Ud}>" if cfg.is_fp8 else
+              f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Vd}, {Ud}>")
+    return [("codec_encode.cu", e) for e in encodes] + [("codec_decode.cu", decode)]
 
 
 def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(_CTYPE),
