@@ -228,6 +228,21 @@ def gate_checks(rank, world, device):
                        torch_a2a(x, out_splits, S[rank]))
 
 
+def mixed_gate_checks(rank, world, device):
+    """World >= 3, 16-bit tokens: ranks whose pairs are all size-gated send their tensor as
+    it is (one all_to_all_single of bf16 rows) while ranks 1 and 2 exchange records between
+    them in the same call; both ends of every pair must agree on the element type."""
+    H = 64
+    gate = {intra_node_path(device): {"int4": 5 * H * 2}}  # pairs of fewer than 5 rows go bf16
+    S = [[1 if p == q else 2 + (p + q) % 2 for q in range(world)] for p in range(world)]
+    S[1][2], S[2][1] = 9, 7
+    codec = mf.CodecConfig(bits=4)
+    for dtype in (torch.bfloat16, torch.float16):
+        run_case(rank, world, S, (H,), dtype, 23, codec,
+                 lambda p: codec if S[p][rank] >= 5 else mf.CodecConfig(bits="bf16"), device,
+                 gate=gate)
+
+
 def error_checks(rank, world, device):
     x = torch.randn(4 * world, 32, device=device)
     ok = [4] * world
@@ -307,6 +322,7 @@ def _world4_topology(rank, world):
 def _world8(rank, world):
     battery(rank, world, "cpu", codecs=[mf.CodecConfig(bits=b) for b in ("bf16", "fp8", 6, 4, 2)],
             extra=False)
+    mixed_gate_checks(rank, world, "cpu")
     S = split_matrix(world, "uneven", 80)
     out_splits = [S[p][rank] for p in range(world)]
     x = make_input(rank, sum(S[rank]), (64,), torch.float32, 81)
@@ -331,6 +347,13 @@ def test_all_to_all_gloo_8():
 def _nccl2(rank, world):
     battery(rank, world, "cuda")
     error_checks(rank, world, "cuda")
+    # rank 0's split sizes are equal (given as lists), rank 1's are not: every rank must
+    # issue the same form of all_to_all_single (NCCL's even form is a different collective)
+    S = [[4, 4], [4, 8]]
+    codec = mf.CodecConfig(bits=4)
+    run_case(rank, world, S, (256,), torch.bfloat16, 91, codec, lambda p: mf.CodecConfig(bits="bf16"),
+             "cuda", gate={intra_node_path("cuda"): {"*": 1 << 30}})
+    run_case(rank, world, S, (256,), torch.bfloat16, 92, codec, lambda p: codec, "cuda", gate=False)
     # the chunked pipeline on streams: identical bytes to one chunk, at a size where the
     # automatic choice chunks too
     T, H = 1 << 13, 7168

@@ -44,10 +44,14 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     always_bf16 = mf.SizeGate({"nvlink": {"*": 1 << 40}}, all_reduce={"nvlink": {"*": 1 << 40}})
     variants = {
         "nccl all_to_all_single": lambda: dist.all_to_all_single(torch.empty_like(x), x),
+        # the same with async_op=True, then wait(): NCCL on its own stream, a tracked work
+        "nccl a2a async+wait": lambda: dist.all_to_all_single(torch.empty_like(x), x,
+                                                               async_op=True).wait(),
         "bf16 passthrough": lambda: mf.all_to_all(x, codec="bf16"),
         "int4 gated to bf16": lambda: mf.all_to_all(x, codec=4, gate=always_bf16),
         "int4 quantized": lambda: mf.all_to_all(x, codec=4, gate=False),
         "nccl all_reduce": lambda: dist.all_reduce(y),
+        "nccl ar async+wait": lambda: dist.all_reduce(y, async_op=True).wait(),
         "all_reduce int4 gated": lambda: mf.all_reduce(y, codec=4, gate=always_bf16),
     }
     for fn in variants.values():  # warm up: compile, check configurations, set up buffers

@@ -42,35 +42,32 @@ class _Fast:
     on the caller's tensor [N, ..., H] itself (split sizes in rows of dim 0), issued on the
     process group directly (comm/direct.py), so a repeated call costs the host little
     more than ``torch.distributed.all_to_all_single``."""
-    __slots__ = ("group", "raw", "out_shape", "dtype", "device", "out_splits", "in_splits")
+    __slots__ = ("group", "out_shape", "dtype", "device", "out_splits", "in_splits")
 
     def __init__(self, route: Route, plan, in_rows: tuple, out_rows: tuple, out_shape: tuple,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.group, self.raw, self.out_shape = route.group, plan.raw, out_shape
+        self.group, self.out_shape = route.group, out_shape
         self.dtype, self.device = dtype, device
-        # even: all_to_all_single's own even split (as exchange passes no lists)
-        self.out_splits = [] if plan.even else list(out_rows)
-        self.in_splits = [] if plan.even else list(in_rows)
+        # uniform: all_to_all_single's own even split (as exchange passes no lists)
+        self.out_splits = [] if plan.uniform else list(out_rows)
+        self.in_splits = [] if plan.uniform else list(in_rows)
 
     def start(self, x: torch.Tensor, async_op: bool):
         """(output [out_shape], the collective's work or None): ``x`` contiguous, of
         ``dtype`` on ``device``."""
         out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)  # (*: faster)
-        if self.raw:  # uint8, like the byte exchanges of ranks this one pairs with
-            work = direct.all_to_all_single(self.group, out.view(torch.uint8), x.view(torch.uint8),
-                                            self.out_splits, self.in_splits, async_op)
-        else:
-            work = direct.all_to_all_single(self.group, out, x, self.out_splits, self.in_splits,
-                                            async_op)
+        work = direct.all_to_all_single(self.group, out, x, self.out_splits, self.in_splits,
+                                        async_op)
         return out, work
 
 
 def _fast(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, per_row: int,
-          dtype: torch.dtype, chunks: int, out_shape: tuple, device) -> Optional[_Fast]:
+          dtype: torch.dtype, chunks: int, uniform: bool, out_shape: tuple,
+          device) -> Optional[_Fast]:
     """The _Fast of a flat exchange of token rows ``in_rows`` -> ``out_rows`` (its plan
     cached in ``route.plans`` under exchange.exchange's key), or None when it is not one
     plain all_to_all_single."""
-    plan = cached_plan(route, in_rows, out_rows, hidden, dtype, chunks)
+    plan = cached_plan(route, in_rows, out_rows, hidden, dtype, chunks, uniform)
     if not plan.fast or per_row == 0:  # (x [N, 0, H]: exchange's zero rows)
         return None
     if per_row != 1:  # split sizes in rows of dim 0 of the caller's tensor
@@ -82,30 +79,33 @@ def _fast(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, per_row: i
 class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
     __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run",
-                 "fast_fwd", "fast_bwd", "dtype", "device", "grad")
+                 "fast_fwd", "fast_bwd", "dtype", "device", "grad", "uniform")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
                  in_shape: tuple, out_shape: tuple, run=exchange, dtype=None, device=None,
-                 grad: bool = False) -> None:
+                 grad: bool = False, uniform: bool = False) -> None:
         self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
         self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
         self.run = run  # the algorithm's exchange (flat: exchange.exchange)
         self.dtype, self.device, self.grad = dtype, device, grad
+        self.uniform = uniform  # no split sizes given (by any rank: all_to_all's contract)
         self.fast_fwd = self.fast_bwd = None
         if run is exchange and dtype is not None:  # flat: one all_to_all_single when bf16
             hidden = in_shape[-1]
             per_row = math.prod(in_shape[1:-1])
             self.fast_fwd = _fast(fwd, in_rows, out_rows, hidden, per_row, dtype, chunks,
-                                  tuple(out_shape), device)
+                                  uniform, tuple(out_shape), device)
             if grad:
                 self.fast_bwd = _fast(bwd, out_rows, in_rows, hidden, per_row, dtype, chunks,
-                                      tuple(in_shape), device)
+                                      uniform, tuple(in_shape), device)
 
     def forward(self, x2: torch.Tensor) -> Pending:
-        return self.run(x2, self.in_rows, self.out_rows, self.fwd, self.chunks)
+        return self.run(x2, self.in_rows, self.out_rows, self.fwd, self.chunks,
+                        uniform=self.uniform)
 
     def backward(self, g2: torch.Tensor) -> Pending:
-        return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks)
+        return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks,
+                        uniform=self.uniform)
 
     def forward_out(self, x: torch.Tensor) -> torch.Tensor:
         """The output [out_shape] of the all-to-all of ``x`` [in_shape] (synchronous)."""
@@ -370,9 +370,9 @@ def _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
     out_shape = (sum(out_s),) + x.shape[1:]
     if per_row != 1:
         in_s, out_s = [n * per_row for n in in_s], [n * per_row for n in out_s]
+    uniform = output_split_sizes is None and input_split_sizes is None
     run = exchange if algorithm == "flat" else hierarchical.select(
-        algorithm, fwd, x, topology, tuple(in_s),
-        uniform=output_split_sizes is None and input_split_sizes is None)
+        algorithm, fwd, x, topology, tuple(in_s), uniform=uniform)
 
     return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, x.shape, out_shape, run,
-                 x.dtype, x.device, grad)
+                 x.dtype, x.device, grad, uniform)

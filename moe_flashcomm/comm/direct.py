@@ -12,8 +12,18 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-_A2A = dist.AllToAllOptions()
-_ALL_REDUCE = dist.AllreduceOptions()  # sum
+
+def _options(kind, async_op: bool):
+    # asyncOp as torch.distributed sets it per call: a synchronous NCCL collective then runs on
+    # the caller's stream, with no side stream, events or work tracking to pay for on the host
+    opts = kind()
+    if hasattr(opts, "asyncOp"):  # torch >= 2.8
+        opts.asyncOp = async_op
+    return opts
+
+
+_A2A = {a: _options(dist.AllToAllOptions, a) for a in (False, True)}
+_ALL_REDUCE = _options(dist.AllreduceOptions, False)  # sum
 
 
 def _pg(group):
@@ -22,15 +32,18 @@ def _pg(group):
 
 
 def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op: bool):
-    """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, group)``
-    (``[]``: even splits); the work when ``async_op``, else None."""
-    work = _pg(group).alltoall_base(out, x, out_splits, in_splits, _A2A)
+    """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, group,
+    async_op=async_op)`` (``[]``: even splits); the work when ``async_op``, else None."""
+    work = _pg(group).alltoall_base(out, x, out_splits, in_splits, _A2A[async_op])
     if async_op:
         return work
-    work.wait()  # NCCL: the current stream waits; the host does not
+    if work is not None:  # (a backend that synchronized itself returns none)
+        work.wait()
     return None
 
 
 def all_reduce(group, x) -> None:
     """``dist.all_reduce(x, group=group)`` (sum, synchronous like it)."""
-    _pg(group).allreduce([x], _ALL_REDUCE).wait()
+    work = _pg(group).allreduce([x], _ALL_REDUCE)
+    if work is not None:
+        work.wait()

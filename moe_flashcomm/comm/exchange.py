@@ -1,5 +1,5 @@
 """Flat quantized all-to-all: rows are encoded per destination link, exchanged as one flat
-uint8 ``all_to_all_single`` (per chunk) with byte split sizes, and decoded on arrival.
+byte buffer per chunk (one ``all_to_all_single``), and decoded on arrival.
 
 Wire per (rank, peer) pair, decided on both sides from the pair's row count alone:
   * ``RAW``: the rows' own bytes. Rows a rank keeps (never leave it), and bf16 passthrough
@@ -7,7 +7,12 @@ Wire per (rank, peer) pair, decided on both sides from the pair's row count alon
   * a CodecConfig: ``record_bytes(H, codec)`` per row (moe_flashcomm.codec records). The
     size gate turns a pair's codec into the bf16 passthrough below its threshold.
 So every rank computes its byte splits from row splits, and metadata travels inside the
-records: no second collective.
+records: no second collective. The byte buffers travel typed as the tokens' dtype (every
+segment is a whole number of its items: rows, or records of 16-byte multiples), so a rank
+whose pairs are all size-gated can send its tensor as it is and still pair with a rank that
+sends records: both ends of every pair use the same element type. Likewise the even form of
+``all_to_all_single`` (no split lists) is used only where no rank passed split sizes
+(``uniform``), so every rank of a call takes the same form.
 
 On CUDA with ``chunks`` > 1 each peer's rows are cut into ``chunks`` parts; chunk k's
 encode runs on the current stream, its transfer on NCCL's stream, its decode on a side
@@ -57,14 +62,9 @@ class Route:
     world: int
     codecs: tuple
     thresholds: tuple
-    passthrough: bool = False  # every link sends bf16 (16-bit input: all_to_all_single)
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
     p2p: Optional[p2p.PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "passthrough", all(
-            c.is_passthrough for p, c in enumerate(self.codecs) if p != self.rank))
 
     def without_p2p(self) -> "Route":
         """This route with NCCL carrying every pair (its own plan cache)."""
@@ -238,92 +238,97 @@ class Pending:
 
 @dataclass
 class Plan:
-    """How one all-to-all of given row splits moves: wires, chunks, segments, byte splits.
-    A pure function of (route, row splits, hidden, dtype, chunks), cached per route."""
+    """How one all-to-all of given row splits moves: wires, chunks, segments, splits.
+    A pure function of (route, row splits, hidden, dtype, chunks, uniform), cached per route."""
 
-    fast: bool            # one all_to_all_single of the tensor (bf16 everywhere on 16-bit
-                          # input) or, with ``raw``, of its bytes (every pair size-gated)
-    even: bool            # (fast) equal splits everywhere: all_to_all_single without lists
-    raw: bool             # (fast) exchange the tensors' bytes as uint8, with the row splits
+    fast: bool            # one all_to_all_single of the tensor itself (16-bit input: the
+                          # passthrough codec, or every pair size-gated)
+    uniform: bool         # no rank passed split sizes: all_to_all_single without lists
     out_total: int        # output rows
     own: tuple            # (input row, output row, rows) a rank keeps, copied aside
-    chunks: list          # per chunk: (send segments, send byte splits, recv segments, recv splits)
+    chunks: list          # per chunk: (send segments, send splits, recv segments, recv splits),
+                          # the splits in items of the tokens' dtype
     direct: bool          # one decoded segment is the whole output
     p2p: Optional[tuple] = None  # (bytes per sender region, sends, receives): the peer-to-peer
                           # transport, each entry (peer, row, rows, wire, bytes)
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
-              dtype: torch.dtype, chunks: int) -> Plan:
+              dtype: torch.dtype, chunks: int, uniform: bool = False) -> Plan:
+    """``uniform``: no rank of the call passed split sizes (every pair has in_rows[0] rows)."""
     r = route.rank
     own = (sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r])
-    even = len(set(in_rows + out_rows)) <= 1
-    if route.passthrough and dtype in RAW_DTYPES:
-        return Plan(True, even, False, sum(out_rows), own, [], False)
     send_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
     recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
     if all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r):
-        # every pair as the rows' bytes, own rows included: uint8 like the byte exchanges
-        # of other ranks it pairs with
-        return Plan(True, even, True, sum(out_rows), own, [], False)
+        # every pair as the rows themselves (own rows included): the tensor as it is
+        return Plan(True, uniform, sum(out_rows), own, [], False)
     send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
     chunks = max(1, chunks)
     in_off, out_off = offsets(in_rows), offsets(out_rows)
-    if route.p2p is not None and (even or route.world == 2):
-        # every rank knows every pair's size (even splits) or there is one pair: every
-        # rank takes the same decision and reserves the same room
+    if route.p2p is not None and (uniform or route.world == 2):
+        # every rank knows every pair's size (no split sizes anywhere) or there is one pair:
+        # every rank takes the same decision and reserves the same room
         sends = tuple((p, in_off[p], n, send_w[p], n * row_bytes(send_w[p], hidden, dtype))
                       for p, n in enumerate(in_rows) if p != r and n)
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
         if need * p2p.SLOTS * route.world <= p2p.max_bytes():
-            return Plan(False, False, False, sum(out_rows), own, [], False, (need, sends, recvs))
+            return Plan(False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
+    unit = dtype.itemsize
     for k in range(chunks):
-        parts.append(_segments(in_off, in_rows, send_w, k, chunks, hidden, dtype)
-                     + _segments(out_off, out_rows, recv_w, k, chunks, hidden, dtype))
+        send_segs, send_bytes = _segments(in_off, in_rows, send_w, k, chunks, hidden, dtype)
+        recv_segs, recv_bytes = _segments(out_off, out_rows, recv_w, k, chunks, hidden, dtype)
+        parts.append((send_segs, _items(send_bytes, unit), recv_segs, _items(recv_bytes, unit)))
     first = parts[0][2]
     direct = (chunks == 1 and len(first) == 1 and first[0].wire != RAW
               and first[0].rows == sum(out_rows))
-    return Plan(False, False, False, sum(out_rows), own, parts, direct)
+    return Plan(False, False, sum(out_rows), own, parts, direct)
+
+
+def _items(nbytes: list, unit: int) -> list:
+    """Byte splits as items of ``unit`` bytes (every segment is a whole number of them)."""
+    assert all(n % unit == 0 for n in nbytes), (nbytes, unit)
+    return [n // unit for n in nbytes]
 
 
 def cached_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, dtype: torch.dtype,
-                chunks: int) -> Plan:
+                chunks: int, uniform: bool = False) -> Plan:
     """``make_plan``'s result, cached in ``route.plans``."""
-    key = (in_rows, out_rows, hidden, dtype, chunks)
+    key = (in_rows, out_rows, hidden, dtype, chunks, uniform)
     plan = route.plans.get(key)
     if plan is None:
         if len(route.plans) > 256:
             route.plans.clear()
-        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks)
+        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks,
+                                            uniform)
     return plan
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
-             chunks: int = 1) -> Pending:
+             chunks: int = 1, uniform: bool = False) -> Pending:
     """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
-    ``out_rows[p]`` rows come from it. Returns a Pending whose ``wait()`` gives the output
-    [sum(out_rows), H] of ``x.dtype``."""
+    ``out_rows[p]`` rows come from it. ``uniform``: no rank of the call passed split sizes.
+    Returns a Pending whose ``wait()`` gives the output [sum(out_rows), H] of ``x.dtype``."""
     x = x.contiguous()
     H, dtype, group = x.shape[1], x.dtype, route.group
-    plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks)
+    plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks, uniform)
 
     if plan.p2p is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _exchange_p2p(x, plan, route)
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
-        dst, src = (out.view(torch.uint8), x.view(torch.uint8)) if plan.raw else (out, x)
-        if plan.even:
-            work = dist.all_to_all_single(dst, src, group=group, async_op=True)
+        if plan.uniform:
+            work = dist.all_to_all_single(out, x, group=group, async_op=True)
         else:
-            work = dist.all_to_all_single(dst, src, list(out_rows), list(in_rows), group=group,
+            work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
     if not plan.chunks:  # a peer-to-peer plan, met under graph capture: NCCL this time
-        plan = make_plan(route.without_p2p(), in_rows, out_rows, H, dtype, chunks)
+        plan = make_plan(route.without_p2p(), in_rows, out_rows, H, dtype, chunks, uniform)
     out = None if plan.direct else x.new_empty((plan.out_total, H))
     side = _side_stream(x.device) if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
@@ -331,9 +336,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     works, buffers = [], []
     for send_segs, send_splits, recv_segs, recv_splits in plan.chunks:
         send = _pack(x, send_segs)
-        recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=x.device)
-        works.append(dist.all_to_all_single(recv, send, recv_splits, send_splits,
-                                            group=group, async_op=True))
+        recv = torch.empty(sum(recv_splits), dtype=dtype, device=x.device).view(torch.uint8)
+        works.append(dist.all_to_all_single(recv.view(dtype), send.view(dtype), recv_splits,
+                                            send_splits, group=group, async_op=True))
         buffers.append((send, recv, recv_segs))
     src, dst, n = plan.own
     if n:  # own rows: exact copy, overlapping the transfers

@@ -537,4 +537,4 @@ def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tup
         if not prefer_hierarchical(lay.nodes, lay.local, *per_pair, count_exchange=not uniform):
             return flat_exchange
     h = hierarchical_groups(route.group, topology)
-    return functools.partial(exchange, hierarchy=h, uniform=uniform)
+    return functools.partial(exchange, hierarchy=h)  # (the caller passes uniform)
