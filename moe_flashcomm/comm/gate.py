@@ -189,9 +189,10 @@ def fit_thresholds(rows, min_nccl_ms: float = MIN_NCCL_MS) -> dict:
     size). A size pays when the codec is not slower than NCCL bf16 there and NCCL takes at
     least ``min_nccl_ms`` (the quantized call's host time stays hidden). Per path, codec
     and hidden size: the smallest measured size from which the codec pays at every larger
-    measured size (``pays``), and the largest size where it does not (``loses``). The threshold is the smallest ``pays`` when that is
-    above every ``loses`` (hidden sizes differ slightly in bytes per size step), else the
-    largest ``pays``: sizes below it go bf16, so between measured sizes the gate errs bf16.
+    measured size (``pays``), and the largest size where it does not (``loses``). The
+    threshold is the smallest ``pays`` when that is above every ``loses`` (hidden sizes
+    differ slightly in bytes per size step), else the largest ``pays``: sizes below it go
+    bf16, so between measured sizes the gate errs bf16.
     """
     series: dict = {}
     for r in rows:
