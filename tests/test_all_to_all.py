@@ -399,10 +399,10 @@ def _p2p(rank, world):
         x = make_input(rank, T, (H,), torch.bfloat16, T).cuda()
         assert torch.equal(mf.all_to_all(x, codec=codec, gate=False), want(T, T)), T
     xs = [make_input(rank, 512, (H,), torch.bfloat16, 200 + i).cuda() for i in range(9)]
-    for copy_engine_bytes in (1 << 62, 0):  # stored by the encode kernel, then copy engine
-        p2p.COPY_ENGINE_BYTES, default = copy_engine_bytes, p2p.COPY_ENGINE_BYTES
+    for copy_mb in ("1000000", "0"):  # stored by the encode kernel, then copy engine
+        os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
         outs = [mf.all_to_all(x, codec=codec, gate=False) for x in xs]
-        p2p.COPY_ENGINE_BYTES = default
+        del os.environ["MOE_FLASHCOMM_P2P_COPY_MB"]
         for i, out in enumerate(outs):
             assert torch.equal(out, want(512, 200 + i)), (i, copy_engine_bytes)
     # on another stream, then back on the default one

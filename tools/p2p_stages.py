@@ -90,11 +90,12 @@ def _worker(rank: int, world: int, port: int, args) -> None:
             "call, stores": lambda: mf.all_to_all(x, codec=c, gate=False),
             "call, copy eng.": lambda: mf.all_to_all(x, codec=c, gate=False),
         }
-        default = p2p.COPY_ENGINE_BYTES
+        default = os.environ.get("MOE_FLASHCOMM_P2P_COPY_MB", "64")
         for stage, fn in stages.items():
-            p2p.COPY_ENGINE_BYTES = {"call, stores": 1 << 62, "call, copy eng.": 0}.get(stage, default)
+            os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = {"call, stores": "1000000",
+                                                       "call, copy eng.": "0"}.get(stage, default)
             rows.append(dict(stage=stage, codec=name, ms=_time(fn), wire_mb=nbytes / 1e6))
-        p2p.COPY_ENGINE_BYTES = default
+        os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = default
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "p2p_stages.json").write_text(json.dumps(dict(

@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from .. import env
 from . import reference
 from .config import CodecConfig
 from .format import ALIGN, RecordLayout, record_layout
@@ -114,15 +115,8 @@ def _include_dirs() -> list[str]:
     return found[:1]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOE_FLASHCOMM_CACHE",
-                               Path.home() / ".cache" / "moe_flashcomm" / "kernels"))
-
-
-def env_defines() -> tuple[str, ...]:
-    """Extra -D defines for every kernel from ``$MOE_FLASHCOMM_DEFINES`` (comma-separated), so
-    that a whole test run can be pointed at a kernel variant, e.g. ``MFC_ENC_V4``."""
-    return tuple(d.strip() for d in os.environ.get("MOE_FLASHCOMM_DEFINES", "").split(",") if d.strip())
+cache_dir = env.kernel_cache_dir
+env_defines = env.kernel_defines
 
 
 def compile_kernel(source_name: str, name_expr: str, arch: str,

@@ -73,6 +73,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import reference as _reference
 from ..codec.reference import INPUT_DTYPES
@@ -91,7 +92,6 @@ ALGORITHMS = ("flat", "hierarchical")
 CHUNK_BYTES = 32 << 20
 # a group of two: the reduce-scatter's exchange as an all-gather (0 in the environment: as an
 # all_to_all_single, for comparison)
-ALL_GATHER_PAIRS = os.environ.get("MOE_FLASHCOMM_AR_PAIR_GATHER", "1") != "0"
 MAX_CHUNKS = 4
 
 CodecLike = Union[LinkCodecs, CodecConfig, dict, int, str, None]
@@ -292,7 +292,7 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     if config_key not in _verified:
         check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                               topology=nodes, gate=(gate.digest, path),
-                              pair_gather=ALL_GATHER_PAIRS),
+                              pair_gather=env.all_reduce_pair_gather()),
                          group, x.device, what="moe_flashcomm.all_reduce")
         _verified.add(config_key)
     cfg = inter if path == "network" else intra
@@ -308,7 +308,7 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     elif chunks is None:
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
         # 256 MiB, host and network paths: docs/benchmarks.md, "## All-reduce")
-        pair = world == 2 and ALL_GATHER_PAIRS
+        pair = world == 2 and env.all_reduce_pair_gather()
         k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda and not pair else 1
     else:
         k = chunks
@@ -438,7 +438,7 @@ def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank:
     for p in range(world):
         if p != rank:
             _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)])
-    if a2a is None and world == 2 and ALL_GATHER_PAIRS:
+    if a2a is None and world == 2 and env.all_reduce_pair_gather():
         # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
         # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
         # over sockets (docs/benchmarks.md, "## All-reduce")

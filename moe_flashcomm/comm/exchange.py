@@ -389,7 +389,7 @@ def _exchange_p2p(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
         dst = bufs.region(p, slot, route.rank, nbytes)
         if wire == RAW:
             dst.copy_(x[row:row + rows].view(torch.uint8).reshape(-1))
-        elif nbytes < p2p.COPY_ENGINE_BYTES:
+        elif nbytes < p2p.copy_engine_bytes():
             encode(x[row:row + rows], wire, out=dst.view(rows, -1))
         else:  # encode locally, the copy engine moves chunk k while chunk k+1 is encoded
             copier = copier or _copy_stream(x.device)

@@ -18,10 +18,10 @@ import json
 import os
 from typing import Any, Mapping, Optional, Union
 
+from .. import env
 from ..codec import CodecConfig
 from .topology import PATHS
 
-GATE_ENV = "MOE_FLASHCOMM_GATE_FILE"
 
 # Measured defaults (2x H200, NCCL 2.28.9; docs/benchmarks.md, "## All-to-all"):
 # `tools/tune_gate.py --from-bench docs/bench_all2all*.json --python`; host and network from
@@ -119,7 +119,7 @@ class SizeGate:
     @classmethod
     def default(cls) -> "SizeGate":
         """The table of ``$MOE_FLASHCOMM_GATE_FILE`` if set, else DEFAULT_THRESHOLDS."""
-        path = os.environ.get(GATE_ENV)
+        path = env.gate_file()
         if path:
             return _load_cached(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
         return _DEFAULT

@@ -23,15 +23,14 @@ sides know). Buffers grow collectively, when such a call needs more room.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-P2P_ENV = "MOE_FLASHCOMM_P2P"
-MAX_BYTES_ENV = "MOE_FLASHCOMM_P2P_MAX_MB"
+from .. import env
+
 MAX_PEERS = 16  # kMaxPeers in csrc/p2p.cu
 SLOTS = 2
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
@@ -41,21 +40,15 @@ TIMEOUT_S = 120  # a barrier that waits this long traps (a rank died): no silent
 # Measured on 2x H200 (tools/p2p_stages.py, docs/benchmarks.md): remote stores move ~250 GB/s,
 # the copy engine ~375 GB/s but costs a local round trip and more launches; at 256 MiB per
 # rank int8 (72 MB per peer) gains, int4 (39 MB) and int2 lose.
-COPY_ENGINE_BYTES = int(os.environ.get("MOE_FLASHCOMM_P2P_COPY_MB", "64")) << 20
 COPY_CHUNKS = 2
 
 P2P_ARGS = np.dtype([("peer_flags", "<u8", (MAX_PEERS,)), ("epoch", "<u8"),
                      ("timeout_ns", "<u8"), ("rank", "<i4"), ("world", "<i4")])
 
 
-def enabled() -> bool:
-    """Whether ``MOE_FLASHCOMM_P2P`` allows the transport (default: yes)."""
-    return os.environ.get(P2P_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def max_bytes() -> int:
-    """Most device memory one rank's receive buffers may take (both slots)."""
-    return int(os.environ.get(MAX_BYTES_ENV, "4096")) << 20
+enabled = env.p2p_enabled
+max_bytes = env.p2p_max_bytes  # most device memory one rank's receive buffers may take
+copy_engine_bytes = env.p2p_copy_bytes
 
 
 def _runtime():

@@ -1,21 +1,15 @@
 """Which ranks share a node, which link a pair of ranks uses, and the codec per link."""
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
+from .. import env
 from ..codec import CodecConfig
 
 # Link paths, the keys of the size gate's tables (moe_flashcomm.comm.gate).
 PATHS = ("nvlink", "host", "network", "cpu")
-
-_LOCAL_SIZE_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -42,15 +36,8 @@ class Topology:
         """From the launcher: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (deepspeed) or
         ``OMPI_COMM_WORLD_LOCAL_SIZE`` (Open MPI); one node of ``world_size`` ranks if none is set.
         """
-        for name in _LOCAL_SIZE_ENV:
-            value = os.environ.get(name)
-            if value:
-                try:
-                    return cls(int(value))
-                except ValueError:
-                    raise ValueError(f"environment variable {name} must be an int >= 1, "
-                                     f"got {value!r}") from None
-        return cls(max(1, world_size))
+        local = env.local_size()
+        return cls(local if local is not None else max(1, world_size))
 
     @classmethod
     def coerce(cls, obj: "Topology | int | None", world_size: int, global_rank: int) -> "Topology":
@@ -60,9 +47,8 @@ class Topology:
         """
         if obj is None:
             topo = cls.from_env(world_size)
-            local_rank = os.environ.get("LOCAL_RANK")
-            if local_rank is not None and local_rank.isdigit() \
-                    and int(local_rank) != global_rank % topo.local_size:
+            local_rank = env.local_rank()
+            if local_rank is not None and local_rank != global_rank % topo.local_size:
                 _warn_once(f"LOCAL_RANK={local_rank} but global rank {global_rank} with "
                            f"{topo.local_size} ranks per node implies local rank "
                            f"{global_rank % topo.local_size}; nodes are taken to hold "
@@ -90,8 +76,8 @@ def intra_node_path(device_type: str) -> str:
     NCCL will use as set by its environment (DESIGN.md's link emulation table)."""
     if device_type != "cuda":
         return "cpu"
-    if _env_flag("NCCL_P2P_DISABLE"):
-        return "network" if _env_flag("NCCL_SHM_DISABLE") else "host"
+    if env.nccl_flag("NCCL_P2P_DISABLE"):
+        return "network" if env.nccl_flag("NCCL_SHM_DISABLE") else "host"
     return "nvlink"
 
 

@@ -1,0 +1,114 @@
+"""Every environment variable the package reads, parsed in one place.
+
+Each accessor reads the environment when it is called (never at import), so a process may
+set a variable after ``import moe_flashcomm``; a malformed value raises ``ValueError``
+naming the variable, its value and what is allowed. The README's table lists them all.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+_FALSE = ("0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _raw(name: str) -> Optional[str]:
+    value = os.environ.get(name)
+    return None if value is None or not value.strip() else value.strip()
+
+
+def flag(name: str, default: bool) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty: default."""
+    value = _raw(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={value!r}: expected one of "
+                     f"{', '.join(_TRUE + _FALSE)}")
+
+
+def integer(name: str, default: int, minimum: int = 0) -> int:
+    """An int variable >= ``minimum``; unset or empty: default."""
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        out = int(value)
+    except ValueError:
+        out = None
+    if out is None or out < minimum:
+        raise ValueError(f"environment variable {name}={value!r}: expected an int >= {minimum}")
+    return out
+
+
+# ---- the package's own variables -------------------------------------------------------------
+def kernel_cache_dir() -> Path:
+    """MOE_FLASHCOMM_CACHE: where compiled kernels are kept."""
+    value = _raw("MOE_FLASHCOMM_CACHE")
+    return Path(value) if value else Path.home() / ".cache" / "moe_flashcomm" / "kernels"
+
+
+def kernel_defines() -> tuple[str, ...]:
+    """MOE_FLASHCOMM_DEFINES: extra -D defines for every kernel compile (comma-separated),
+    to point a whole run at a kernel variant (e.g. ``MFC_ENC_V4``)."""
+    value = _raw("MOE_FLASHCOMM_DEFINES") or ""
+    out = tuple(d.strip() for d in value.split(",") if d.strip())
+    for d in out:
+        if not d.replace("=", "").replace("_", "").isalnum():
+            raise ValueError(f"environment variable MOE_FLASHCOMM_DEFINES={value!r}: {d!r} is "
+                             "not a NAME or NAME=VALUE define")
+    return out
+
+
+def gate_file() -> Optional[str]:
+    """MOE_FLASHCOMM_GATE_FILE: a size-gate JSON file (``python -m moe_flashcomm.tune_gate``)."""
+    return _raw("MOE_FLASHCOMM_GATE_FILE")
+
+
+def p2p_enabled() -> bool:
+    """MOE_FLASHCOMM_P2P: the peer-to-peer transport inside a node (default on)."""
+    return flag("MOE_FLASHCOMM_P2P", True)
+
+
+def p2p_max_bytes() -> int:
+    """MOE_FLASHCOMM_P2P_MAX_MB: most device memory one rank's peer buffers may take."""
+    return integer("MOE_FLASHCOMM_P2P_MAX_MB", 4096, minimum=1) << 20
+
+
+def p2p_copy_bytes() -> int:
+    """MOE_FLASHCOMM_P2P_COPY_MB: records per peer from which the copy engine moves them."""
+    return integer("MOE_FLASHCOMM_P2P_COPY_MB", 64, minimum=0) << 20
+
+
+def all_reduce_pair_gather() -> bool:
+    """MOE_FLASHCOMM_AR_PAIR_GATHER: a two-rank all-reduce sends its reduce-scatter as an
+    all-gather (default on; off for comparisons)."""
+    return flag("MOE_FLASHCOMM_AR_PAIR_GATHER", True)
+
+
+# ---- variables of the launchers and NCCL that decide the topology and link path ---------------
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def local_size() -> Optional[int]:
+    """Ranks per node as the launcher says (torchrun, deepspeed, Open MPI), or None."""
+    for name in LOCAL_SIZE_VARS:
+        if _raw(name) is not None:
+            return integer(name, 1, minimum=1)
+    return None
+
+
+def local_rank() -> Optional[int]:
+    """LOCAL_RANK as the launcher sets it, or None."""
+    return integer("LOCAL_RANK", 0) if _raw("LOCAL_RANK") is not None else None
+
+
+def nccl_flag(name: str) -> bool:
+    """An NCCL switch (NCCL_P2P_DISABLE, NCCL_SHM_DISABLE) as NCCL reads it: non-zero is on."""
+    value = _raw(name)
+    return value is not None and value.lower() not in _FALSE
