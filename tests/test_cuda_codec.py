@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from moe_flashcomm import CodecConfig, record_layout
+from moe_flashcomm import env
+from moe_flashcomm import kernels as K
 from moe_flashcomm.codec import cuda as C
 from moe_flashcomm.codec import reference as R
 
@@ -330,13 +332,13 @@ def test_runs_on_the_current_stream():
 def test_missing_cupy_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes "import cupy" fail
     with pytest.raises(ImportError, match=r"moe-flashcomm\[cuda12\].*moe-flashcomm\[cuda13\]"):
-        C._cupy()
+        K.cupy()
 
 
 def test_kernel_source_inlines_the_header():
-    assert C.csrc_dir() == REPO / "csrc"
+    assert K.csrc_dir() == REPO / "csrc"
     for name in ("codec_encode.cu", "codec_decode.cu"):
-        src = C.kernel_source(name)
+        src = K.kernel_source(name)
         assert '#include "codec_common.cuh"' not in src and "struct Wire" in src
 
 
@@ -345,8 +347,8 @@ def test_sources_found_in_an_installed_layout(tmp_path):
     pkg = tmp_path / "site" / "moe_flashcomm"
     shutil.copytree(REPO / "moe_flashcomm", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "csrc", pkg / "csrc")
-    code = ("from moe_flashcomm.codec import cuda; d = cuda.csrc_dir(); print(d); "
-            "assert 'struct Wire' in cuda.kernel_source('codec_encode.cu')")
+    code = ("from moe_flashcomm import kernels; d = kernels.csrc_dir(); print(d); "
+            "assert 'struct Wire' in kernels.kernel_source('codec_encode.cu')")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert out.returncode == 0, out.stderr
@@ -372,9 +374,12 @@ def test_gaps_and_geometry_cover_the_record():
 def test_env_defines_select_a_kernel_variant(monkeypatch):
     """$MOE_FLASHCOMM_DEFINES reaches every compile (A/B runs of whole test files)."""
     monkeypatch.delenv("MOE_FLASHCOMM_DEFINES", raising=False)
-    assert C.env_defines() == ()
+    assert env.kernel_defines() == ()
     monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_ENC_V4, MFC_SCALAR_STATS,")
-    assert C.env_defines() == ("MFC_ENC_V4", "MFC_SCALAR_STATS")
+    assert env.kernel_defines() == ("MFC_ENC_V4", "MFC_SCALAR_STATS")
+    monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_ENC_V4;rm -rf")
+    with pytest.raises(ValueError, match="MOE_FLASHCOMM_DEFINES"):
+        env.kernel_defines()
 
 
 def test_layout_fields_of_every_int_codec():

@@ -51,11 +51,9 @@ class FakeRuntime:
 
 def _fake(rt):
     """moe_flashcomm.comm.p2p on ``rt`` (in a spawned worker: the patches die with it)."""
-    from moe_flashcomm.codec import cuda
     from moe_flashcomm.comm import p2p
-    cuda._raw_stream = lambda device: 0
-    p2p._runtime = lambda: (None, rt)
-    p2p._view = lambda ptr, nbytes, device, owner: torch.empty(0, dtype=torch.uint8)
+    p2p._runtime = lambda: rt
+    torch.cuda.is_current_stream_capturing = lambda: False
     torch.cuda.device = lambda d: contextlib.nullcontext()
     torch.cuda.synchronize = lambda d=None: None
     return p2p
@@ -69,19 +67,21 @@ def _protocol(rank, world):
     assert all(q in rt.mapped for p, q in enumerate(bufs.flag_ptrs) if p != rank)
     bufs.reserve(3 << 20)
     first = list(bufs.data_ptrs)
-    assert bufs.cap == 3 << 20 and first[rank] in rt.live
+    assert bufs.cap == 3 << 20 and first[rank] in rt.live and bufs.generation == 1
     bufs.reserve(1 << 20)  # fits: no collective, nothing changes
-    assert bufs.data_ptrs == first
+    assert bufs.data_ptrs == first and bufs.generation == 1
     bufs.reserve(5 << 20)  # grows to at least twice the old room, old buffers released
-    assert bufs.cap == 6 << 20 and first[rank] not in rt.live
+    assert bufs.cap == 6 << 20 and first[rank] not in rt.live and bufs.generation == 2
     assert not any(q in rt.mapped for p, q in enumerate(first) if p != rank)
-    assert [bufs.begin() for _ in range(3)] == [1, 0, 1]  # slots alternate by call
+    # one region per sender in every receiver's buffer, at fixed addresses
+    assert [bufs.region(rank, p) - bufs.data_ptrs[rank] for p in range(world)] == \
+        [p * (6 << 20) for p in range(world)]
     bufs.close()
     assert not rt.live and not rt.mapped
 
 
 def _failure(rank, world):
-    total = 2 * world * (4 << 20)
+    total = world * (4 << 20)
     rt = FakeRuntime(rank, fail_size=total if rank == world - 1 else -1)
     p2p = _fake(rt)
     bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"))

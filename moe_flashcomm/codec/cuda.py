@@ -1,38 +1,28 @@
-"""The codec on CUDA tensors: the kernels in ``csrc/`` compiled at first use with NVRTC
-(through CuPy) and launched on torch's current stream over the tensors' memory.
+"""The codec on CUDA tensors: the encode/decode kernels of ``csrc/`` (compiled and launched by
+:mod:`moe_flashcomm.kernels`) on torch's current stream over the tensors' memory.
 
 Bit-identical to :mod:`moe_flashcomm.codec.reference` (the specification) for every config.
-No host synchronisation and no extra copies, so the calls are safe under CUDA graph capture;
-``torch.ops.moe_flashcomm.encode`` / ``decode`` are custom ops, so ``torch.compile`` keeps each
-call as one opaque op.
+No host synchronisation and no extra copies, so the calls are safe under CUDA graph capture.
+Each (device, shape, codec, dtype) gets a launch plan the first time (arguments packed once),
+so a repeated call costs the host one allocation and one driver launch. Under
+``torch.compile`` the calls go through the custom ops ``torch.ops.moe_flashcomm.encode`` /
+``decode``, which the compiler keeps as one opaque op each.
 
 Compiled kernels are cached on disk (``$MOE_FLASHCOMM_CACHE``, default
 ``~/.cache/moe_flashcomm/kernels``); :func:`precompile` fills that cache in parallel.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import re
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
-from pathlib import Path
 from typing import Iterable, Optional
 
-import numpy as np
 import torch
 
-from .. import env
+from .. import kernels as K
+from ..kernels import DEC_ARGS, ENC_ARGS, KERNELS, csrc_dir, kernel_source  # noqa: F401
 from . import reference
 from .config import CodecConfig
 from .format import ALIGN, RecordLayout, record_layout
 
-CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
-             "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
-BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
 DENSE_GROUP = 128  # the group size with an encode kernel copy for dense rows (encode_int's DG)
 # Kernel shapes (V, U): a thread handles U chunks of V consecutive values (V <= group size).
 # The shapes the sources instantiate for CI (MFC_ENC_SHAPES / MFC_DEC_SHAPES in csrc/) and the
@@ -45,177 +35,8 @@ DECODE_SHAPES = ((8, 2), (8, 4), (16, 1), (16, 2), (32, 1))
 ENCODE_SHAPE = {"int": (32, 1), "fp8": (32, 1)}
 DECODE_SHAPE = {"int": (32, 1), "fp8": (8, 2)}
 Shape = tuple[int, int]
-# Spec arithmetic: no FMA contraction, no flush-to-zero (CuPy's own compile path forces
-# -ftz=true, which is why this module drives NVRTC itself).
-NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true",
-                 "--prec-sqrt=true")
-_CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
 _MAX_ITEMS = 2**31 - 1  # fastdiv and the kernels' 32-bit thread index
-
-
-# ---- CuPy / NVRTC --------------------------------------------------------------------------
-def _cupy():
-    """Import CuPy, or fail naming the extra that provides it."""
-    try:
-        import cupy
-        from cupy.cuda import function, nvrtc  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"moe_flashcomm: encoding CUDA tensors needs CuPy; {CUPY_HINT}") from e
-    return cupy
-
-
-def csrc_dir() -> Path:
-    """The kernel sources: ``<repo>/csrc`` in a source checkout, else the installed package."""
-    here = Path(__file__).resolve().parents[2] / "csrc"
-    if (here / "codec_common.cuh").is_file():
-        return here
-    return Path(str(resources.files("moe_flashcomm") / "csrc"))
-
-
-def kernel_source(name: str) -> str:
-    """``name`` (a csrc/*.cu file) with codec_common.cuh inlined, so the source text alone
-    determines the binary (and its cache key). Other csrc files it includes by name
-    (``#include "codec_encode.cu"``: csrc/allreduce.cu) are inlined too, each once."""
-    d = csrc_dir()
-    seen: set = set()
-
-    def inline(fname: str) -> str:
-        if fname in seen:
-            return ""
-        seen.add(fname)
-        return _INCLUDE.sub(lambda m: inline(m.group(1)), (d / fname).read_text())
-
-    return inline(name)
-
-
-_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"[ \t]*$', re.M)
-
-
-def _include_dirs() -> list[str]:
-    """Folders holding cuda_bf16.h / cuda_fp8.h for NVRTC."""
-    cands = []
-    try:
-        from cuda.pathfinder import find_nvidia_header_directory
-        cands.append(find_nvidia_header_directory("cudart"))
-    except Exception:
-        pass
-    try:
-        from cupy import _environment
-        p = _environment.get_cuda_path()
-        cands.append(p and os.path.join(p, "include"))
-    except Exception:
-        pass
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        cands.append(os.environ.get(var) and os.path.join(os.environ[var], "include"))
-    cands.append("/usr/local/cuda/include")
-    found = [c for c in cands if c and os.path.isfile(os.path.join(c, "cuda_fp8.h"))]
-    if not found:
-        raise RuntimeError("moe_flashcomm: no CUDA headers (cuda_fp8.h) found for NVRTC; "
-                           f"set CUDA_HOME or {CUPY_HINT}")
-    return found[:1]
-
-
-cache_dir = env.kernel_cache_dir
-env_defines = env.kernel_defines
-
-
-def compile_kernel(source_name: str, name_expr: str, arch: str,
-                   defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
-    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
-    ``defines`` select kernel variants for benchmarks (e.g. MFC_SCALAR_STATS)."""
-    _cupy()
-    from cupy.cuda import nvrtc
-    src = kernel_source(source_name)
-    defines = tuple(defines) + env_defines()
-    opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
-    opts += tuple(f"-I{d}" for d in _include_dirs())
-    key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
-    path = cache_dir() / f"{key}.bin"
-    if path.is_file():
-        data = path.read_bytes()
-        name, _, cubin = data.partition(b"\n")
-        if name and cubin:
-            return name.decode(), cubin
-    prog = nvrtc.createProgram(src, source_name, [], [])
-    try:
-        nvrtc.addNameExpression(prog, name_expr)
-        try:
-            nvrtc.compileProgram(prog, list(opts))
-        except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC failed on {name_expr}:\n{nvrtc.getProgramLog(prog)}") from e
-        name, cubin = nvrtc.getLoweredName(prog, name_expr), nvrtc.getCUBIN(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:  # atomic publish
-        f.write(name.encode() + b"\n" + cubin)
-    os.replace(f.name, path)
-    return name, cubin
-
-
-def _arch(device: int) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
-
-
-_functions: dict = {}
-_lock = threading.Lock()
-
-
-def _function(device: int, source_name: str, name_expr: str, defines: tuple[str, ...] = ()):
-    """The loaded kernel on ``device`` (modules belong to a device's context)."""
-    key = (device, name_expr, defines)
-    fn = _functions.get(key)
-    if fn is None:
-        cupy = _cupy()
-        from cupy.cuda import function
-        name, cubin = compile_kernel(source_name, name_expr, _arch(device), defines)
-        with _lock, cupy.cuda.Device(device):
-            mod = function.Module()
-            mod.load(cubin)
-            fn = _functions[key] = (mod, mod.get_function(name))
-    return fn[1]
-
-
-class _Stream:
-    """What CuPy's launcher reads from a stream: its handle."""
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-
-def _launch(device: int, source_name: str, name_expr: str, threads: int, args: list,
-            defines: tuple[str, ...] = ()) -> None:
-    """Launch ``threads`` threads of a kernel on torch's current stream."""
-    _run(device, _function(device, source_name, name_expr, defines), _blocks(threads), args)
-
-
-def _blocks(threads: int) -> int:
-    """Blocks of BLOCK threads that cover ``threads`` threads."""
-    return -(-threads // BLOCK)
-
-
-def _run(device: int, fn, blocks: int, args: list) -> None:
-    """Launch ``blocks`` blocks of BLOCK threads of a loaded kernel on torch's current stream."""
-    stream = _Stream(_raw_stream(device))
-    if device == torch.cuda.current_device():
-        fn((blocks,), (BLOCK,), args, stream=stream)
-    else:
-        with _cupy().cuda.Device(device):
-            fn((blocks,), (BLOCK,), args, stream=stream)
-
-
-# torch's current stream of a device as a handle (the C call torch.compile's code uses)
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda device: torch.cuda.current_stream(device).cuda_stream)
-
-
-def by_value(struct: np.ndarray):
-    """A kernel argument that passes the one-element ``struct`` by value. Built once per
-    struct: CuPy would rebuild a structured dtype's descriptor at every launch (~20 us).
-    The launch copies the value, so the struct may be changed in place between launches."""
-    from cupy.cuda import function
-    cls = getattr(function, "CNumpyArray", None)
-    return cls(struct) if cls is not None else struct
 
 
 # ---- launch geometry -----------------------------------------------------------------------
@@ -275,30 +96,6 @@ def _geometry(T: int, L: RecordLayout, V: int):
         yield t0, (min(T, t0 + step) - t0) * ipt, log2L, ipt, mul, shift
 
 
-# The kernels' argument structs (EncArgs, DecArgs in csrc/), passed by value.
-_i4, _u4 = "<i4", "<u4"
-ENC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("padded", _i4), ("rec_bytes", _i4),
-                     ("ipt", _u4), ("div_mul", _u4), ("div_shift", _u4), ("total", _u4),
-                     ("o4", _i4), ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4),
-                     ("o_lov", _i4), ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4),
-                     ("gap", _i4, (4,)), ("seed_key", _u4), ("counter0", _u4), ("vec", _i4)])
-DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4),
-                     ("div_mul", _u4), ("div_shift", _u4), ("total", _u4), ("o4", _i4),
-                     ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4), ("o_lov", _i4),
-                     ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4), ("dense", _i4)])
-
-
-def _struct(dtype: np.dtype, **fields) -> np.ndarray:
-    a = np.zeros(1, dtype=dtype)
-    for k, v in fields.items():
-        a[k] = v
-    return a
-
-
-def _ptr(t: torch.Tensor, offset_bytes: int = 0):
-    return np.uint64(t.data_ptr() + offset_bytes)
-
-
 def _planes(L: RecordLayout) -> tuple[int, int, int]:
     """Offsets of the 4-bit (or 8-bit) plane, the 2-bit and the 1-bit plane (0 if absent)."""
     off = {p.width: p.offset for p in L.planes}
@@ -322,14 +119,77 @@ def _layout_fields(L: RecordLayout) -> dict:
     return dict(o4=o4, o2=o2, o1=o1, rec_bytes=L.record_bytes, **dict(zip(names, _meta(L))))
 
 
+def _stochastic(cfg: CodecConfig) -> bool:
+    return cfg.is_int and cfg.rounding == "stochastic"
+
+
+def encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
+                    shape: Optional[Shape] = None, defines: tuple = ()) -> tuple:
+    """The launches of one encode of T tokens (pointer bases: tokens, records), made once per
+    shape: a call then costs one driver launch (more only past 2^31 chunks)."""
+    return KERNELS.plan(("encode", dev, T, H, cfg, dtype, vec, shape, defines),
+                        lambda: _make_encode(dev, T, H, cfg, dtype, vec, shape, defines))
+
+
+def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
+    L = record_layout(H, cfg)
+    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
+    name = _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0)
+    fn = KERNELS.function(dev, "codec_encode.cu", name, defines)
+    launches = []
+    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        # the noise counter (token * padded_hidden + position) counts tokens from the batch start
+        args = K.struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
+                        div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
+                        counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec),
+                        **_layout_fields(L))
+        launches.append(K.Launch(fn, K.blocks(-(-items // U)),
+                                 (t0 * H * dtype.itemsize, t0 * L.record_bytes, args)))
+    return tuple(launches)
+
+
+def decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
+                    shape: Optional[Shape] = None, defines: tuple = ()) -> tuple:
+    """The launches of one decode (pointer bases: records, tokens), made once per shape."""
+    return KERNELS.plan(("decode", dev, T, hidden, cfg, dtype, shape, defines),
+                        lambda: _make_decode(dev, T, hidden, cfg, dtype, shape, defines))
+
+
+def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
+    L = record_layout(hidden, cfg)
+    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
+    fn = KERNELS.function(dev, "codec_decode.cu", _decode_name(cfg, dtype, V, U), defines)
+    launches = []
+    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
+        args = K.struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
+                        total=items, vec=int(hidden % 8 == 0),
+                        dense=int(L.padded_hidden == hidden), **_layout_fields(L))
+        launches.append(K.Launch(fn, K.blocks(-(-items // U)),
+                                 (t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args)))
+    return tuple(launches)
+
+
+def run_encode(launches: tuple, stream: int, xp: int, rp: int, seed_key: Optional[int]) -> None:
+    """Launch an encode plan on ``stream``; ``seed_key``: stochastic rounding's lowbias32(seed)."""
+    for launch in launches:
+        if seed_key is not None:
+            launch.args["seed_key"] = seed_key  # in place: the launch copies the block
+        launch(stream, xp, rp)
+
+
+def seed_key(cfg: CodecConfig, seed: int) -> Optional[int]:
+    return _lowbias32(seed & 0xFFFFFFFF) if _stochastic(cfg) else None
+
+
 def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Shape] = None,
                 defines: tuple[str, ...] = (), out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tokens [T, H] on a CUDA device -> records uint8 [T, record_bytes] (no validation).
     ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks). ``out``: a
-    contiguous, 16-byte aligned uint8 [T, record_bytes] to write (the all-reduce's buffers)."""
+    contiguous, 16-byte aligned uint8 [T, record_bytes] to write."""
     T, H = x.shape
     L = record_layout(H, cfg)
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     if T == 0:
         return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
     rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device) if out is None else out
@@ -339,90 +199,50 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
         rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
         rec[:, 2 * H:].zero_()
         return rec
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    vec = H % 8 == 0 and x.data_ptr() % 16 == 0
-    stochastic = cfg.is_int and cfg.rounding == "stochastic"
-    seed_key = _lowbias32(seed & 0xFFFFFFFF) if stochastic else 0
-    xp, rp = x.data_ptr(), rec.data_ptr()
-    for fn, blocks, x_off, rec_off, struct, arg in _encode_launches(dev, T, H, cfg, x.dtype, vec,
-                                                                    shape, defines):
-        if stochastic:
-            struct["seed_key"] = seed_key
-        _run(dev, fn, blocks, [np.uint64(xp + x_off), np.uint64(rp + rec_off), arg])
+    dev = K.device_index(x)
+    xp = x.data_ptr()
+    launches = encode_launches(dev, T, H, cfg, x.dtype, H % 8 == 0 and xp % 16 == 0, shape,
+                               defines)
+    with K.on_device(dev):
+        run_encode(launches, K.raw_stream(dev), xp, rec.data_ptr(), seed_key(cfg, seed))
     return rec
-
-
-@functools.lru_cache(maxsize=4096)
-def _encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
-                     shape: Optional[Shape], defines: tuple) -> tuple:
-    """The kernel launches of one encode: (kernel, blocks, token and record byte offsets,
-    argument struct, the struct as a launch argument) each. Cached: the host time of a call
-    is then a few launches."""
-    L = record_layout(H, cfg)
-    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
-    name = _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0)
-    fn = _function(dev, "codec_encode.cu", name, defines)
-    launches = []
-    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
-        # the noise counter (token * padded_hidden + position) counts tokens from the batch start
-        args = _struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
-                       div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
-                       counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec), **_layout_fields(L))
-        launches.append((fn, _blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
-                         args, by_value(args)))
-    return tuple(launches)
 
 
 def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
                 shape: Optional[Shape] = None, defines: tuple[str, ...] = (),
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation).
-    ``out``: a contiguous [T, hidden] tensor of ``dtype`` to write (the all-reduce's output)."""
+    ``out``: a contiguous [T, hidden] tensor of ``dtype`` to write."""
     T = records.shape[0]
-    L = record_layout(hidden, cfg)
-    records = records.contiguous()
-    if records.data_ptr() % 16:
+    if not records.is_contiguous() or records.data_ptr() % 16:
         records = records.clone()  # the kernels read planes with 16-byte loads
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
     y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
-    dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
+    dev = K.device_index(records)
+    launches = decode_launches(dev, T, hidden, cfg, dtype, shape, defines)
     rp, yp = records.data_ptr(), y.data_ptr()
-    for fn, blocks, rec_off, y_off, arg in _decode_launches(dev, T, hidden, cfg, dtype, shape,
-                                                            defines):
-        _run(dev, fn, blocks, [np.uint64(rp + rec_off), np.uint64(yp + y_off), arg])
+    with K.on_device(dev):
+        stream = K.raw_stream(dev)
+        for launch in launches:
+            launch(stream, rp, yp)
     return y
 
 
-@functools.lru_cache(maxsize=4096)
-def _decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
-                     shape: Optional[Shape], defines: tuple) -> tuple:
-    """The kernel launches of one decode, as _encode_launches (record, token offsets)."""
-    L = record_layout(hidden, cfg)
-    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
-    t = _CTYPE[dtype]
+def _decode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int) -> str:
+    t = CTYPE[dtype]
     if cfg.is_fp8:
-        name = f"mfc::decode_fp8<{t}, {V}, {U}>"
-    else:
-        name = f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
-    fn = _function(dev, "codec_decode.cu", name, defines)
-    launches = []
-    for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
-        args = _struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
-                       total=items, vec=int(hidden % 8 == 0), dense=int(L.padded_hidden == hidden),
-                       **_layout_fields(L))
-        launches.append((fn, _blocks(-(-items // U)), t0 * L.record_bytes,
-                         t0 * hidden * dtype.itemsize, by_value(args)))
-    return tuple(launches)
+        return f"mfc::decode_fp8<{t}, {V}, {U}>"
+    return f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
 
 
 def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bool) -> str:
     """The encode kernel's name expression. ``dense``: rows 16-byte aligned with a hidden size
     that is a multiple of DENSE_GROUP; with groups of that size an integer encode then takes
     the kernel copy that holds no code for partial chunks and unaligned rows (DG = 128)."""
-    t = _CTYPE[dtype]
+    t = CTYPE[dtype]
     if cfg.is_fp8:
         return f"mfc::encode_fp8<{t}, {V}, {U}>"
     sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
@@ -436,27 +256,22 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
     dense rows and for the others)."""
     if cfg.is_passthrough:
         return []
-    t = _CTYPE[dtype]
     (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
     (Vd, Ud) = _shape(cfg, decode_shape, DECODE_SHAPE, DECODE_SHAPES)
     encodes = dict.fromkeys(_encode_name(cfg, dtype, Ve, Ue, dense) for dense in (True, False))
-    decode = (f"mfc::decode_fp8<{t}, {Vd}, {Ud}>" if cfg.is_fp8 else
-              f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Vd}, {Ud}>")
-    return [("codec_encode.cu", e) for e in encodes] + [("codec_decode.cu", decode)]
+    return ([("codec_encode.cu", e) for e in encodes]
+            + [("codec_decode.cu", _decode_name(cfg, dtype, Vd, Ud))])
 
 
-def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(_CTYPE),
+def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = tuple(CTYPE),
                device: Optional[int] = None, workers: Optional[int] = None,
                encode_shape: Optional[Shape] = None, decode_shape: Optional[Shape] = None,
                defines: tuple[str, ...] = ()) -> int:
     """Compile the kernels of ``configs`` x ``dtypes`` into the disk cache, NVRTC runs in
     parallel threads. Returns how many kernels were compiled or found."""
-    arch = _arch(torch.cuda.current_device() if device is None else device)
-    jobs = sorted({k for c in configs for d in dtypes
-                   for k in kernel_names(CodecConfig.coerce(c), d, encode_shape, decode_shape)})
-    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
-        list(pool.map(lambda j: compile_kernel(j[0], j[1], arch, defines), jobs))
-    return len(jobs)
+    jobs = [k for c in configs for d in dtypes
+            for k in kernel_names(CodecConfig.coerce(c), d, encode_shape, decode_shape)]
+    return K.precompile_names(jobs, device, workers, defines)
 
 
 # ---- custom ops ----------------------------------------------------------------------------
@@ -488,28 +303,21 @@ def _(records, bits, group_size, spikes, hidden, dtype):
 
 
 # ---- public entry points -------------------------------------------------------------------
-def _check_device(t: torch.Tensor) -> None:
-    if torch.compiler.is_compiling():  # checked when the op runs; keeps the graph whole
-        return
-    _cupy()
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"moe_flashcomm: no usable CUDA GPU for a {t.device} tensor")
-
-
 def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> torch.Tensor:
     """Encode CUDA tokens ``x`` [T, H] (fp32/bf16/fp16) into records uint8 [T, record_bytes]."""
     cfg = CodecConfig.coerce(cfg)
     reference.check_input(x)
-    _check_device(x)
-    s = reference.resolve_seed(seed) if cfg.is_int and cfg.rounding == "stochastic" else 0
-    return encode_op(x, str(cfg.bits), cfg.group_size, cfg.spikes, cfg.rounding, s)
+    s = reference.resolve_seed(seed) if _stochastic(cfg) else 0
+    if torch.compiler.is_compiling():  # one opaque op in the compiled graph
+        return encode_op(x, str(cfg.bits), cfg.group_size, cfg.spikes, cfg.rounding, s)
+    return encode_impl(x, cfg, s)
 
 
 def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
     cfg = CodecConfig.coerce(cfg)
-    L = record_layout(hidden, cfg)
-    reference.check_records(records, L, dtype)
-    _check_device(records)
-    return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)
+    reference.check_records(records, record_layout(hidden, cfg), dtype)
+    if torch.compiler.is_compiling():
+        return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)
+    return decode_impl(records, cfg, hidden, dtype)

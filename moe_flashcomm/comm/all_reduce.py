@@ -66,19 +66,19 @@ rank's tensor becomes: the executable specification of both algorithms.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from .. import env
+from .. import env, kernels
 from ..codec import CodecConfig, record_bytes, record_layout
+from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import INPUT_DTYPES
 from . import direct
-from .check import check_consistent, group_key
+from .check import check_consistent
 from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
@@ -135,8 +135,7 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
     """
-    if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel() \
-            and _fused_available():
+    if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel():
         return _fused_reduce(peers, own, rank, cfg, requant)
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
@@ -156,22 +155,10 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
 REDUCE_V = 16  # values per thread (at most the group size)
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_available() -> bool:
-    """True when the CUDA codec kernels load (CuPy) and csrc/allreduce.cu is there."""
-    try:
-        from ..codec import cuda
-        cuda._cupy()
-        return (cuda.csrc_dir() / "allreduce.cu").is_file()
-    except ImportError:
-        return False
-
-
 def kernel_name(cfg: CodecConfig, dtype: torch.dtype, requant: bool = True) -> str:
     """The NVRTC name expression of the fused reduction for ``cfg`` (int or fp8) and ``dtype``."""
-    from ..codec import cuda
     bits = 0 if cfg.is_fp8 else cfg.bits
-    return (f"mfc::reduce_chunk<{cuda._CTYPE[dtype]}, {bits}, {str(cfg.spikes).lower()}, "
+    return (f"mfc::reduce_chunk<{_cuda.CTYPE[dtype]}, {bits}, {str(cfg.spikes).lower()}, "
             f"{min(REDUCE_V, cfg.group_size)}, {str(requant).lower()}>")
 
 
@@ -179,25 +166,46 @@ def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
                device: Optional[int] = None, workers: Optional[int] = None) -> int:
     """Compile the fused reductions of ``configs`` x ``dtypes`` and the codec kernels the
     all-reduce uses into the disk cache (NVRTC in parallel threads). Returns how many."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..codec import cuda
     cfgs = [c for c in (CodecConfig.coerce(c) for c in configs) if not c.is_passthrough]
-    arch = cuda._arch(torch.cuda.current_device() if device is None else device)
-    n = cuda.precompile(cfgs, dtypes, device=device, workers=workers)
-    names = sorted({kernel_name(c, d, r) for c in cfgs for d in dtypes for r in (True, False)})
-    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
-        list(pool.map(lambda name: cuda.compile_kernel("allreduce.cu", name, arch), names))
-    return n + len(names)
+    n = _cuda.precompile(cfgs, dtypes, device=device, workers=workers)
+    names = [("allreduce.cu", kernel_name(c, d, r)) for c in cfgs for d in dtypes
+             for r in (True, False)]
+    return n + kernels.precompile_names(names, device, workers)
+
+
+def reduce_launches(dev: int, m: int, H: int, cfg: CodecConfig, dtype: torch.dtype,
+                    requant: bool, world: int, rank: int, vec: bool) -> tuple:
+    """The launches of the fused reduction of m rows (pointer bases: peers' records, own
+    values, output records or sums), made once per shape."""
+    return kernels.KERNELS.plan(("reduce", dev, m, H, cfg, dtype, requant, world, rank, vec),
+                                lambda: _make_reduce(dev, m, H, cfg, dtype, requant, world,
+                                                     rank, vec))
+
+
+def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec) -> tuple:
+    L = record_layout(H, cfg)
+    V = min(REDUCE_V, cfg.group_size)
+    esize, rb = dtype.itemsize, L.record_bytes
+    fields = _cuda._layout_fields(L)
+    fn = kernels.KERNELS.function(dev, "allreduce.cu", kernel_name(cfg, dtype, requant))
+    launches = []
+    for t0, items, log2L, ipt, mul, shift in _cuda._geometry(m, L, V):
+        geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items,
+                   vec=int(vec))
+        args = kernels.struct(kernels.REDUCE_ARGS, world=world, rank=rank)
+        args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden,
+                                     gap=_cuda._gaps(L), **geo, **fields)[0]
+        args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
+        out_off = t0 * rb if requant else t0 * H * esize
+        launches.append(kernels.Launch(fn, kernels.blocks(items), (
+            t0 * rb, kernels.Value(m * rb), t0 * H * esize,
+            out_off if requant else 0, 0 if requant else out_off, args)))
+    return tuple(launches)
 
 
 def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
                   requant: bool) -> torch.Tensor:
     """reduce_chunk in one kernel (csrc/allreduce.cu), on torch's current stream."""
-    import numpy as np
-
-    from ..codec import cuda
     m, H = own.shape
     L = record_layout(H, cfg)
     own = own.contiguous()
@@ -210,26 +218,15 @@ def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecC
         out = torch.empty((m, H), dtype=own.dtype, device=own.device)
     if m == 0:
         return out
-    V = min(REDUCE_V, cfg.group_size)
-    dev = own.device.index if own.device.index is not None else torch.cuda.current_device()
-    esize, rb = own.element_size(), L.record_bytes
-    fields = cuda._layout_fields(L)
-    vec = int(H % 8 == 0 and own.data_ptr() % 16 == 0)
-    name = kernel_name(cfg, own.dtype, requant)
-    args_t = np.dtype([("enc", cuda.ENC_ARGS), ("dec", cuda.DEC_ARGS), ("world", "<i4"),
-                       ("rank", "<i4")])
-    for t0, items, log2L, ipt, mul, shift in cuda._geometry(m, L, V):
-        geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items, vec=vec)
-        args = np.zeros(1, dtype=args_t)
-        args["enc"] = cuda._struct(cuda.ENC_ARGS, padded=L.padded_hidden, gap=cuda._gaps(L),
-                                   **geo, **fields)[0]
-        args["dec"] = cuda._struct(cuda.DEC_ARGS, **geo, **fields)[0]
-        args["world"], args["rank"] = peers.shape[0] + 1, rank
-        rec_ptr = cuda._ptr(out, t0 * rb) if requant else np.uint64(0)
-        sum_ptr = np.uint64(0) if requant else cuda._ptr(out, t0 * H * esize)
-        cuda._launch(dev, "allreduce.cu", name, items,
-                     [cuda._ptr(peers, t0 * rb) if peers.numel() else np.uint64(0),
-                      np.uint64(m * rb), cuda._ptr(own, t0 * H * esize), rec_ptr, sum_ptr, args])
+    dev = kernels.device_index(own)
+    launches = reduce_launches(dev, m, H, cfg, own.dtype, requant, peers.shape[0] + 1, rank,
+                               H % 8 == 0 and own.data_ptr() % 16 == 0)
+    pp = peers.data_ptr() if peers.numel() else 0
+    op = out.data_ptr()
+    with kernels.on_device(dev):
+        stream = kernels.raw_stream(dev)
+        for launch in launches:
+            launch(stream, pp, own.data_ptr(), op if requant else 0, 0 if requant else op)
     return out
 
 
@@ -245,56 +242,30 @@ class _Plan:
     pieces: tuple                  # row ranges (a, b) of the chunk, pipelined (flat)
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
-    hierarchy: object = None       # hierarchical: (group, topology) of hierarchical_groups
+    hierarchy: object = None       # hierarchical: the Communicator, whose stages it runs
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
 
 
-_plans: dict = {}
-_verified: set = set()
-
-
-@functools.lru_cache(maxsize=256)
-def _link_codecs(obj) -> LinkCodecs:
-    return LinkCodecs.coerce(obj, "codec")
-
-
-def _coerce_codecs(obj) -> LinkCodecs:
-    try:
-        return _link_codecs(obj)
-    except TypeError as e:  # unhashable (a dict): no cache
-        if "unhashable" not in str(e):
-            raise
-        return LinkCodecs.coerce(obj, "codec")
-
-
-def _path(group, topology, device_type: str) -> tuple[str, tuple]:
-    """The size gate's path for ``group`` and the node of every group rank."""
-    granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
-    nodes = tuple(topo.node_of(g) for g in granks)
+def _path(comm, device_type: str) -> str:
+    """The size gate's path for the communicator's group."""
     if device_type != "cuda":
-        return "cpu", nodes
-    return (intra_node_path(device_type) if len(set(nodes)) == 1 else "network"), nodes
+        return "cpu"
+    return intra_node_path(device_type) if len(set(comm.nodes)) == 1 else "network"
 
 
-def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topology,
-               gate: SizeGate, chunks: Optional[int], config_key: tuple) -> _Plan:
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of `group`")
+def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
+               chunks: Optional[int]) -> _Plan:
+    rank, world, gate = comm.rank, comm.world, comm.gate
     intra = _check_codec(codecs.intra_node, "codec.intra_node" if algorithm == "hierarchical"
                          else "codec")
     inter = _check_codec(codecs.inter_node, "codec.inter_node")
     if algorithm == "flat" and intra != inter:
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
-    path, nodes = _path(group, topology, x.device.type)
-    if config_key not in _verified:
-        check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
-                              topology=nodes, gate=(gate.digest, path),
-                              pair_gather=env.all_reduce_pair_gather()),
-                         group, x.device, what="moe_flashcomm.all_reduce")
-        _verified.add(config_key)
+    path = _path(comm, x.device.type)
+    check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
+                          path=path, pair_gather=env.all_reduce_pair_gather()),
+                     comm.pg, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce")
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
@@ -302,8 +273,8 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     c = rows_per_rank(n, world)
     hierarchy = None
     if algorithm == "hierarchical":
-        _hierarchy(group, topology)  # creates the stage groups (collective), checks the layout
-        hierarchy = (group, topology)
+        _hierarchy(comm)  # creates the stage groups (collective), checks the layout
+        hierarchy = comm
         k = 1
     elif chunks is None:
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
@@ -361,18 +332,44 @@ def all_reduce(
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
-    try:  # the hot path: these exact arguments were seen before (plan cached by them)
-        fast = (group, codec, op, algorithm, topology, gate, chunks, x.dtype, x.is_cuda,
-                x.numel())
-        plan = _calls.get(fast)
+    from .communicator import communicator
+    return communicator(group, topology, gate).all_reduce(x, codec, op, algorithm=algorithm,
+                                                          chunks=chunks)
+
+
+def _plan(comm, x, codec, op, algorithm, chunks) -> _Plan:
+    """Validate the arguments and return the plan of this call (the first use of a
+    configuration checks it across ranks, collectively)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not _is_sum(op):
+        raise ValueError(f"op must be one of {OPS} (or torch.distributed.ReduceOp.SUM), "
+                         f"got {op!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
+    return _make_plan(comm, x, LinkCodecs.coerce(codec, "codec"), algorithm, chunks)
+
+
+def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> torch.Tensor:
+    """``all_reduce`` on a Communicator (its plans are kept per arguments and size)."""
+    plans = comm.all_reduce_plans
+    try:  # the hot path: these exact arguments were seen before
+        key = (codec, op, algorithm, chunks, x.dtype, x.is_cuda, x.numel())
+        plan = plans.get(key)
     except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
-        fast, plan = None, None
+        key, plan = None, None
     if plan is None:
-        plan = _plan(x, group, codec, op, algorithm, topology, gate, chunks)
-        if fast is not None:
-            if len(_calls) > 1024:
-                _calls.clear()
-            _calls[fast] = plan
+        comm._check_open()
+        plan = _plan(comm, x, codec, op, algorithm, chunks)
+        if key is not None:
+            if len(plans) > 1024:
+                plans.clear()
+            plans[key] = plan
+    group = comm.group
     if plan.nccl:  # gated (plan.call: more than one rank, a non-empty tensor)
         if plan.call:
             direct.all_reduce(group, x)
@@ -389,37 +386,6 @@ def all_reduce(
     if work is not x:
         x.copy_(work)
     return x
-
-
-_calls: dict = {}  # raw arguments (+ dtype, is_cuda, numel) -> _Plan
-
-
-def _plan(x, group, codec, op, algorithm, topology, gate, chunks) -> _Plan:
-    """Validate the arguments and return the plan of this call (cached per configuration
-    and size; the first use of a configuration checks it across ranks, collectively)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if not _is_sum(op):
-        raise ValueError(f"op must be one of {OPS} (or torch.distributed.ReduceOp.SUM), "
-                         f"got {op!r}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
-    codecs = _coerce_codecs(codec)
-    gate = SizeGate.coerce(gate)
-    config_key = (group_key(group), codecs, algorithm, topology, gate.digest, x.device.type,
-                  x.dtype, chunks)
-    key = config_key + (x.numel(),)
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > 1024:
-            _plans.clear()
-        plan = _plans[key] = _make_plan(x, group, codecs, algorithm, topology, gate, chunks,
-                                        config_key)
-    return plan
 
 
 # ---- flat ----------------------------------------------------------------------------------------
@@ -524,16 +490,15 @@ def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor) -> None:
     h.a2a(stage, out.view(-1), inp.reshape(1, -1).expand(n, k).reshape(-1), [k] * n, [k] * n)
 
 
-def _hierarchy(group, topology):
-    """The stages (comm.hierarchical.Hierarchy), looked up per call: create_stage_groups
-    may replace them."""
-    from .hierarchical import hierarchical_groups
-    return hierarchical_groups(group, topology)
+def _hierarchy(comm):
+    """The communicator's stages (comm.hierarchical.Hierarchy)."""
+    from .hierarchical import hierarchy
+    return hierarchy(comm)
 
 
 def _hierarchical(buf: torch.Tensor, plan: _Plan) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
-    h = _hierarchy(*plan.hierarchy)
+    h = _hierarchy(plan.hierarchy)  # per call: create_stage_groups may replace the stages
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
     intra = functools.partial(h.a2a, "intra")

@@ -1,8 +1,9 @@
 """Detect ranks that call a collective with different configurations.
 
 On the first call with a new configuration key, every rank all-gathers one int64 hash per
-field (one small collective), compares, and caches the key. A mismatch raises the same
-kind of error on every rank, naming the fields, instead of a hang or garbage bytes.
+field (one small collective), compares, and records the key in the communicator's set of
+verified keys. A mismatch raises the same kind of error on every rank, naming the fields,
+instead of a hang or garbage bytes.
 """
 from __future__ import annotations
 
@@ -17,34 +18,44 @@ class ConfigMismatchError(RuntimeError):
     """Ranks of a group called a collective with different configurations."""
 
 
-_verified: set = set()
-
-
 def _hash63(value: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(),
                           "little") >> 1
 
 
-def group_key(group: Optional[dist.ProcessGroup]) -> tuple:
-    g = group if group is not None else dist.group.WORLD
-    return (id(g), getattr(g, "group_name", None))
+# Every check gathers the same number of words, whatever it checks, so two ranks running
+# different checks (one making a communicator, the other calling) meet in one collective
+# and both raise instead of aborting on mismatched sizes.
+MAX_FIELDS = 15
 
 
 def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGroup],
-                     device: torch.device, what: str = "moe_flashcomm.all_to_all") -> None:
-    """Raise ConfigMismatchError on every rank unless all ranks of ``group`` pass equal
-    ``fields`` (compared by repr). Collective on the first call per key, free after."""
-    key = (group_key(group), tuple((k, repr(v)) for k, v in fields.items()))
-    if key in _verified:
+                     device: torch.device, verified: set,
+                     what: str = "moe_flashcomm.all_to_all") -> None:
+    """Raise ConfigMismatchError on every rank unless all ranks of ``group`` run the same
+    check (``what``) with equal ``fields`` (compared by repr). Collective on the first call
+    per key (remembered in ``verified``, the communicator's), free after."""
+    key = (what,) + tuple((k, repr(v)) for k, v in fields.items())
+    if key in verified:
         return
-    world = dist.get_world_size(group)
-    mine = torch.tensor([_hash63(v) for v in fields.values()], dtype=torch.int64, device=device)
+    assert len(fields) <= MAX_FIELDS, len(fields)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    words = [_hash63((what, tuple(fields)))] + [_hash63(v) for v in fields.values()]
+    mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
+                        device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()
-    rank = dist.get_rank(group)
+    kind = table[:, 0]
+    if bool((kind != kind[rank]).any()):
+        other = [q for q in range(world) if kind[q] != kind[rank]]
+        raise ConfigMismatchError(
+            f"{what}: ranks {other} of the group ran a different moe_flashcomm operation at "
+            f"this point (group rank {rank} of {world}). Every rank must make the same calls "
+            "in the same order, with the same group, topology and size gate (a different "
+            "topology or gate makes a different communicator), codecs, shapes and dtype.")
     problems = []
-    for i, (name, value) in enumerate(fields.items()):
+    for i, (name, value) in enumerate(fields.items(), start=1):
         column = table[:, i]
         if bool((column != column[0]).any()):
             same = [q for q in range(world) if column[q] == column[rank]]
@@ -57,4 +68,4 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
             + "\n  ".join(problems)
             + "\nEvery rank must pass the same codec, grad codec, hidden size (x.shape[1:]), "
               "dtype, algorithm, chunks, topology and size gate.")
-    _verified.add(key)
+    verified.add(key)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -36,11 +34,12 @@ import torch.distributed as dist
 from ..codec import CodecConfig, record_bytes
 from ..codec import decode as _codec_decode
 from ..codec import encode as _codec_encode
+from ..codec import cuda as _cuda
 from ..codec import reference as _reference
+from .. import kernels
 from .gate import wire_gate
 from . import p2p
 from .plan import chunk_range, offsets
-from .topology import _warn_once
 
 RAW = "raw"
 Wire = Union[CodecConfig, str, None]  # None: not in the exchange (a rank's own rows)
@@ -65,6 +64,7 @@ class Route:
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
     p2p: Optional[p2p.PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
+    streams: Optional["SideStreams"] = field(default=None, compare=False, hash=False, repr=False)
 
     def without_p2p(self) -> "Route":
         """This route with NCCL carrying every pair (its own plan cache)."""
@@ -73,6 +73,10 @@ class Route:
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
         return RAW if cfg.is_passthrough and dtype in RAW_DTYPES else cfg
+
+
+def _stochastic(cfg: CodecConfig) -> bool:
+    return cfg.is_int and cfg.rounding == "stochastic"
 
 
 def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
@@ -84,41 +88,14 @@ def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
     return record_bytes(hidden, wire)
 
 
-# ---- codec calls (CUDA kernels; the CPU reference where the kernels are missing) ----------
-@functools.lru_cache(maxsize=None)
-def _cuda_codec():
-    """moe_flashcomm.codec.cuda, or None (then CUDA tensors go through the CPU reference)."""
-    try:
-        from ..codec import cuda
-        return cuda
-    except ImportError as e:
-        _warn_once(f"moe_flashcomm: CUDA codec kernels unavailable ({e}); CUDA tensors "
-                   "are encoded/decoded by the CPU reference (slow)")
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _impl(name: str) -> tuple:
-    """The kernels' ``encode_impl``/``decode_impl`` (inputs already validated here: no
-    custom-op dispatch, whose host time small messages feel) and whether it takes ``out=``;
-    (None, False) without kernels."""
-    fn = getattr(_cuda_codec(), name, None)
-    return (fn, fn is not None and "out" in inspect.signature(fn).parameters)
-
-
+# ---- codec calls (CUDA kernels on CUDA tensors, the reference on CPU) ------------------------
 def encode(x: torch.Tensor, cfg: CodecConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes], written to
     ``out`` (contiguous, 16-byte aligned) when given."""
-    fn, takes_out = _impl("encode_impl") if x.is_cuda else (None, False)
-    if fn is not None:
-        seed = _reference.resolve_seed(None) if cfg.is_int and cfg.rounding == "stochastic" else 0
-        if takes_out and out is not None:
-            return fn(x, cfg, seed, out=out)
-        rec = fn(x, cfg, seed)
-    elif x.is_cuda and _cuda_codec() is None:
-        rec = _reference.encode(x.cpu(), cfg).to(x.device)
-    else:
-        rec = _codec_encode(x, cfg)
+    if x.is_cuda:
+        seed = _reference.resolve_seed(None) if _stochastic(cfg) else 0
+        return _cuda.encode_impl(x, cfg, seed, out=out)
+    rec = _codec_encode(x, cfg)
     return rec if out is None else out.copy_(rec)
 
 
@@ -126,15 +103,9 @@ def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Records uint8 [n, record_bytes] -> tokens [n, hidden] of ``dtype``, written to ``out``
     (contiguous [n, hidden]) when given."""
-    fn, takes_out = _impl("decode_impl") if rec.is_cuda else (None, False)
-    if fn is not None:
-        if takes_out and out is not None:
-            return fn(rec, cfg, hidden, dtype, out=out)
-        y = fn(rec, cfg, hidden, dtype)
-    elif rec.is_cuda and _cuda_codec() is None:
-        y = _reference.decode(rec.cpu(), cfg, hidden, dtype).to(rec.device)
-    else:
-        y = _codec_decode(rec, cfg, hidden, dtype)
+    if rec.is_cuda:
+        return _cuda.decode_impl(rec, cfg, hidden, dtype, out=out)
+    y = _codec_decode(rec, cfg, hidden, dtype)
     return y if out is None else out.copy_(y)
 
 
@@ -202,19 +173,19 @@ def _unpack(recv: torch.Tensor, segs: list[_Seg], out: torch.Tensor) -> None:
             decode(raw.view(s.rows, -1), s.wire, hidden, out.dtype, out=dst)
 
 
-_side_streams: dict = {}
+class SideStreams:
+    """A communicator's extra CUDA streams, one per (device, role): decode of pipelined
+    chunks, the copy engine of the peer-to-peer transport, large own-row copies."""
 
+    def __init__(self) -> None:
+        self._streams: dict = {}
 
-def _side_stream(device: torch.device, role: str = "decode") -> "torch.cuda.Stream":
-    """A stream of a device for ``role`` (one per process, device and role)."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(), role)
-    if key not in _side_streams:
-        _side_streams[key] = torch.cuda.Stream(device=key[0])
-    return _side_streams[key]
-
-
-def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
-    return _side_stream(device, "copy")
+    def get(self, device: torch.device, role: str) -> "torch.cuda.Stream":
+        key = (device.index if device.index is not None else torch.cuda.current_device(), role)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = torch.cuda.Stream(device=key[0])
+        return stream
 
 
 class Pending:
@@ -251,6 +222,7 @@ class Plan:
     direct: bool          # one decoded segment is the whole output
     p2p: Optional[tuple] = None  # (bytes per sender region, sends, receives): the peer-to-peer
                           # transport, each entry (peer, row, rows, wire, bytes)
+    p2p_call: Optional["P2PCall"] = None  # its launches, made at the first call
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
@@ -274,7 +246,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
-        if need * p2p.SLOTS * route.world <= p2p.max_bytes():
+        if need * route.world <= p2p.max_bytes():
             return Plan(False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     unit = dtype.itemsize
@@ -316,8 +288,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     H, dtype, group = x.shape[1], x.dtype, route.group
     plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks, uniform)
 
-    if plan.p2p is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _exchange_p2p(x, plan, route)
+    if plan.p2p is not None:
+        out = p2p_call(route, plan, H, dtype, x.device).run(x, (plan.out_total, H))
+        return Pending([], lambda: out)
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
         if plan.uniform:
@@ -327,10 +300,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
-    if not plan.chunks:  # a peer-to-peer plan, met under graph capture: NCCL this time
-        plan = make_plan(route.without_p2p(), in_rows, out_rows, H, dtype, chunks, uniform)
     out = None if plan.direct else x.new_empty((plan.out_total, H))
-    side = _side_stream(x.device) if x.is_cuda and len(plan.chunks) > 1 else None
+    side = route.streams.get(x.device, "decode") if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))  # `out` is allocated
     works, buffers = [], []
@@ -367,60 +338,114 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     return Pending(works, finish)
 
 
-def _exchange_p2p(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
-    """The exchange of ``plan`` through the peers' memory (comm/p2p.py) on the current
-    stream: encode into the peers' buffers, barrier, decode ours; own rows copied aside."""
-    bufs, H = route.p2p, x.shape[1]
-    need, sends, recvs = plan.p2p
-    bufs.reserve(need)
-    slot = bufs.begin()
-    out = x.new_empty((plan.out_total, H))
-    src, dst_row, n = plan.own
-    # a large copy of own rows overlaps the encodes on a side stream (they are bound by
-    # instruction issue and NVLink, the copy by device memory)
-    side = _side_stream(x.device) if n * H * x.element_size() >= OWN_SIDE_BYTES else None
-    if n:
+def p2p_call(route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
+             device: torch.device) -> "P2PCall":
+    """The launches of ``plan`` (a peer-to-peer plan), made at its first call and again when
+    the peer buffers have moved. Growing the buffers is collective: every rank of the group
+    makes the same call (the plan's sizes are known to all)."""
+    call = plan.p2p_call
+    if call is None or call.generation != route.p2p.generation:
+        call = plan.p2p_call = P2PCall(route, plan, hidden, dtype, device)
+    return call
+
+
+class P2PCall:
+    """One peer-to-peer exchange of fixed sizes with every launch prepared: a call costs the
+    host an output allocation and one driver call per kernel or copy (comm/p2p.py).
+
+    Steps on the current stream: barrier (the peers are done with their receive buffers),
+    the rows this rank keeps (a side stream for large ones), encodes into the peers' buffers
+    (the copy engine for large records), barrier (ours have landed), decodes."""
+
+    def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        bufs, r = route.p2p, route.rank
+        need, sends, recvs = plan.p2p
+        bufs.reserve(need)
+        self.bufs, self.generation = bufs, bufs.generation
+        self.device, self.dev, self.dtype = device, device.index, dtype
+        self.streams = route.streams
+        row = hidden * dtype.itemsize
+        src, dst, n = plan.own
+        self.own = (dst * row, src * row, n * row)  # (out offset, x offset, bytes)
+        self.own_side = n * row >= OWN_SIDE_BYTES
+        # (launches, x offset, destination address): records stored by the encode kernel
+        self.encodes, self.staged, self.raw_sends = [], [], []
+        for p, first, rows, wire, nbytes in sends:
+            to = bufs.region(p, r)
+            if wire == RAW:
+                self.raw_sends.append((to, first * row, nbytes))
+            elif nbytes < p2p.copy_engine_bytes():
+                self.encodes.append((_cuda.encode_launches(self.dev, rows, hidden, wire, dtype,
+                                                           hidden % 8 == 0),
+                                     first * row, to, wire))
+            else:  # encoded locally, part k copied while part k + 1 is encoded
+                rb = nbytes // rows
+                parts = [chunk_range(rows, k, p2p.COPY_CHUNKS) for k in range(p2p.COPY_CHUNKS)]
+                self.staged.append((rows, rb, to, wire, [
+                    (_cuda.encode_launches(self.dev, b - a, hidden, wire, dtype, hidden % 8 == 0),
+                     (first + a) * row, a * rb, (b - a) * rb) for a, b in parts if b > a]))
+        self.decodes, self.raw_recvs = [], []
+        for p, first, rows, wire, nbytes in recvs:
+            frm = bufs.region(r, p)
+            if wire == RAW:
+                self.raw_recvs.append((first * row, frm, nbytes))
+            else:
+                self.decodes.append((_cuda.decode_launches(self.dev, rows, hidden, wire, dtype),
+                                     frm, first * row))
+        self.seeded = any(_stochastic(e[3]) for e in self.encodes) or any(
+            _stochastic(e[3]) for e in self.staged)
+
+    def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
+        """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""
+        if x.data_ptr() % 16:
+            x = x.clone()  # the encodes were planned for 16-byte aligned rows
+        out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+        xp, op = x.data_ptr(), out.data_ptr()
+        stream = kernels.raw_stream(self.dev)
+        bufs, copy = self.bufs, kernels.copy_async
+        bufs.begin(stream)
+        barrier = bufs.barrier
+        o_off, x_off, n = self.own
+        side = None
+        if n and self.own_side:  # overlaps the encodes (they are bound by issue and NVLink)
+            side = self.streams.get(self.device, "own")
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            copy(op + o_off, xp + x_off, n, side.cuda_stream)
+        elif n:
+            copy(op + o_off, xp + x_off, n, stream)
+        barrier(stream)
+        key = None
+        for launches, off, to, wire in self.encodes:
+            if self.seeded:
+                key = _cuda.seed_key(wire, _reference.resolve_seed(None))
+            _cuda.run_encode(launches, stream, xp + off, to, key)
+        for to, off, nbytes in self.raw_sends:
+            copy(to, xp + off, nbytes, stream)
+        if self.staged:
+            self._staged(xp, stream)
+        barrier(stream)
+        for launches, frm, off in self.decodes:
+            for launch in launches:
+                launch(stream, frm, op + off)
+        for off, frm, nbytes in self.raw_recvs:
+            copy(op + off, frm, nbytes, stream)
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            out[dst_row:dst_row + n].copy_(x[src:src + n])
-    copier = None
-    for p, row, rows, wire, nbytes in sends:
-        dst = bufs.region(p, slot, route.rank, nbytes)
-        if wire == RAW:
-            dst.copy_(x[row:row + rows].view(torch.uint8).reshape(-1))
-        elif nbytes < p2p.copy_engine_bytes():
-            encode(x[row:row + rows], wire, out=dst.view(rows, -1))
-        else:  # encode locally, the copy engine moves chunk k while chunk k+1 is encoded
-            copier = copier or _copy_stream(x.device)
-            _encode_and_copy(x[row:row + rows], wire, dst.view(rows, -1), copier)
-    if copier is not None:
-        torch.cuda.current_stream(x.device).wait_stream(copier)
-    bufs.barrier()
-    for p, row, rows, wire, nbytes in recvs:
-        raw = bufs.region(route.rank, slot, p, nbytes)
-        if wire == RAW:
-            out[row:row + rows].view(torch.uint8).view(-1).copy_(raw)
-        else:
-            decode(raw.view(rows, -1), wire, H, x.dtype, out=out[row:row + rows])
-    if side is not None:
-        torch.cuda.current_stream(x.device).wait_stream(side)
-    return Pending([], lambda: out)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
 
-
-def _encode_and_copy(rows: torch.Tensor, cfg: CodecConfig, dst: torch.Tensor,
-                     copier: "torch.cuda.Stream") -> None:
-    """Encode ``rows`` into a local buffer in p2p.COPY_CHUNKS parts, each copied into ``dst``
-    (a peer's memory) on ``copier`` as soon as it is encoded. The copy engine moves bytes
-    over NVLink faster than the encode kernel's own remote stores (docs/benchmarks.md)."""
-    cur = torch.cuda.current_stream(rows.device)
-    rec = torch.empty(dst.shape, dtype=torch.uint8, device=rows.device)
-    n = rows.shape[0]
-    for k in range(p2p.COPY_CHUNKS):
-        a, b = chunk_range(n, k, p2p.COPY_CHUNKS)
-        if b > a:
-            encode(rows[a:b], cfg, out=rec[a:b])
-            copier.wait_stream(cur)
-            with torch.cuda.stream(copier):
-                dst[a:b].copy_(rec[a:b])
-    rec.record_stream(copier)
+    def _staged(self, xp: int, stream: int) -> None:
+        """Records encoded locally and moved by the copy engine into the peers' memory: it
+        moves bytes over NVLink faster than the encode kernel's own remote stores."""
+        cur = torch.cuda.current_stream(self.device)
+        copier = self.streams.get(self.device, "copy")
+        for rows, rb, to, wire, parts in self.staged:
+            rec = torch.empty(rows * rb, dtype=torch.uint8, device=self.device)
+            rp = rec.data_ptr()
+            for launches, x_off, r_off, nbytes in parts:
+                key = _cuda.seed_key(wire, _reference.resolve_seed(None)) if self.seeded else None
+                _cuda.run_encode(launches, stream, xp + x_off, rp + r_off, key)
+                copier.wait_stream(cur)
+                kernels.copy_async(to + r_off, rp + r_off, nbytes, copier.cuda_stream)
+            rec.record_stream(copier)
+        cur.wait_stream(copier)

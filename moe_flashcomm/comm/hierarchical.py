@@ -68,7 +68,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .check import check_consistent, group_key
+from .check import check_consistent
 from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes
 from .exchange import exchange as flat_exchange
 from .plan import offsets
@@ -176,9 +176,6 @@ class Layout:
     why: str = ""
 
 
-_layouts: dict = {}
-
-
 def _grid(granks: tuple, topo: Topology) -> Layout:
     node = [topo.node_of(g) for g in granks]
     sizes: dict = {}
@@ -192,16 +189,11 @@ def _grid(granks: tuple, topo: Topology) -> Layout:
     return Layout(granks, len(sizes), len(granks) // len(sizes), regular, why)
 
 
-def layout(group: Optional[dist.ProcessGroup], topology=None) -> Layout:
-    """The node layout of ``group`` under ``topology`` (Topology, ranks per node, or None:
-    the launcher environment). Local: no collective. Cached."""
-    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
-    key = (group_key(group), topo.local_size)
-    hit = _layouts.get(key)
+def layout(comm) -> Layout:
+    """The node layout of a Communicator's group under its topology (no collective)."""
+    hit = comm.hierarchy_state.get("layout")
     if hit is None:
-        granks = tuple(dist.get_process_group_ranks(group if group is not None
-                                                    else dist.group.WORLD))
-        hit = _layouts[key] = _grid(granks, topo)
+        hit = comm.hierarchy_state["layout"] = _grid(comm.global_ranks, comm.topology)
     return hit
 
 
@@ -214,18 +206,21 @@ def _stage_ranks(lay: Layout) -> list[tuple]:
     return [g[n * L:(n + 1) * L] for n in range(N)] + [g[l::L] for l in range(L)]
 
 
-# (global ranks, backend) -> the group from dist.new_group (a non-member's: whatever it
-# returned). The same keys on every process: every entry is made by every process.
-_stage_groups: dict = {}
-_hierarchies: dict = {}
+def _stage_groups() -> dict:
+    """(global ranks, backend) -> the group from dist.new_group (a non-member's: whatever it
+    returned): the process's, shared by every communicator. The same keys on every process:
+    every entry is made by every process."""
+    from .communicator import PROCESS
+    return PROCESS.stage_groups
 
 
 def _create(lay: Layout, backend: str) -> None:
     """Create the missing stage groups of ``lay``. Collective over EVERY process of the job
     (``dist.new_group``): all of them call it with the same layouts in the same order."""
+    groups = _stage_groups()
     for ranks in _stage_ranks(lay):
-        if (ranks, backend) not in _stage_groups:
-            _stage_groups[ranks, backend] = dist.new_group(list(ranks), backend=backend)
+        if (ranks, backend) not in groups:
+            groups[ranks, backend] = dist.new_group(list(ranks), backend=backend)
 
 
 def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
@@ -237,8 +232,8 @@ def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
     same order relative to other ``dist.new_group`` calls (as ``dist.new_group`` requires;
     DeepSpeed creates its expert-parallel groups this way). Needed only for groups smaller
     than the job: a group of every process creates its stage groups itself on first use.
-    ``backend``: that of the groups (None: the default group's). Irregular groups (not the
-    same number of ranks on every node) are skipped.
+    ``backend``: that of the groups (None: the default group's). Irregular
+    groups (not the same number of ranks on every node) are skipped.
     """
     topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
     backend = backend or dist.get_backend()
@@ -246,7 +241,8 @@ def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
         lay = _grid(tuple(sorted(int(r) for r in ranks)), topo)
         if lay.regular:
             _create(lay, backend)
-    _hierarchies.clear()  # rebuilt on next use, with these groups
+    from .communicator import PROCESS
+    PROCESS.stage_version += 1  # communicators rebuild their stages with these groups
 
 
 class Hierarchy:
@@ -267,7 +263,7 @@ class Hierarchy:
         self.stages = {}  # name -> (process group, group ranks of the stage, masked)
         for name, peers in (("intra", list(range(n * L, (n + 1) * L))),
                             ("inter", list(range(l, self.world, L)))):
-            own = _stage_groups.get((tuple(lay.granks[p] for p in peers), backend))
+            own = _stage_groups().get((tuple(lay.granks[p] for p in peers), backend))
             if len(peers) in (1, self.world) or own is None:
                 self.stages[name] = (group, peers, len(peers) not in (1, self.world))
             else:
@@ -323,34 +319,37 @@ class Hierarchy:
         return plan
 
 
-def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
-                        topology=None) -> Hierarchy:
-    """This rank's two stages of the hierarchical all-to-all over ``group`` (None: the
-    default group) with ``topology`` (Topology / ranks per node / None: the launcher
-    environment). Cached; called by the first hierarchical ``all_to_all`` on ``group``.
+def hierarchy(comm) -> Hierarchy:
+    """This rank's two stages of the hierarchical all-to-all over a Communicator's group.
 
-    If ``group`` holds every process of the job, its stage groups (N intra-node, then L
+    If the group holds every process of the job, its stage groups (N intra-node, then L
     inter-node) are created here with ``dist.new_group``, which is collective over every
-    process: every rank calls this at its first hierarchical all_to_all on ``group``, in the
+    process: every rank calls this at its first hierarchical call on the group, in the
     same order relative to its other process-group creations (as for any collective). For
     a smaller group, stage groups made beforehand by ``create_stage_groups`` (on every
-    process) are used; without them the stages run masked on ``group``. Raises
+    process) are used; without them the stages run masked on the group. Raises
     HierarchyError if the group is not the same number of ranks on every node.
     """
-    lay = layout(group, topology)
-    if not lay.regular:
-        raise HierarchyError(f"hierarchical all-to-all: {lay.why}")
-    key = (group_key(group), lay.local, lay.nodes)
-    hit = _hierarchies.get(key)
-    if hit is None:
-        rank = dist.get_rank(group)
-        if rank < 0:
-            raise ValueError("this process is not a member of `group`")
-        backend = dist.get_backend(group)
+    from .communicator import PROCESS
+    hit = comm.hierarchy_state.get("hierarchy")
+    if hit is None or hit[0] != PROCESS.stage_version:
+        lay = layout(comm)
+        if not lay.regular:
+            raise HierarchyError(f"hierarchical all-to-all: {lay.why}")
         if len(lay.granks) == dist.get_world_size():
-            _create(lay, backend)  # every process is in this call
-        hit = _hierarchies[key] = Hierarchy(group, lay, rank, backend)
-    return hit
+            _create(lay, comm.backend)  # every process is in this call
+        hit = comm.hierarchy_state["hierarchy"] = (
+            PROCESS.stage_version, Hierarchy(comm.group, lay, comm.rank, comm.backend))
+    return hit[1]
+
+
+def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
+                        topology=None) -> Hierarchy:
+    """The stages of the default Communicator of ``group`` with ``topology`` (see
+    :func:`hierarchy`): call it up front to create stage groups early (e.g. before CUDA
+    graph capture)."""
+    from .communicator import communicator
+    return hierarchy(communicator(group, topology))
 
 
 # ---- the exchange -------------------------------------------------------------------------
@@ -489,24 +488,22 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
 
 
 # ---- choosing the algorithm ---------------------------------------------------------------
-_auto_sizes: dict = {}
-
-
-def _mean_pair_rows(route: Route, in_rows: tuple, uniform: bool, key: tuple,
+def _mean_pair_rows(comm, route: Route, in_rows: tuple, uniform: bool, key: tuple,
                     device: torch.device) -> int:
     """Rows per (source, destination) pair that ``"auto"`` decides on, equal on every rank:
     ``in_rows[0]`` for even splits; with split sizes, the group's mean at the first call of
-    a configuration (one int64 all_reduce then, cached: MoE layers keep their sizes)."""
+    a configuration (one int64 all_reduce then, remembered: MoE layers keep their sizes)."""
     if uniform:
         return in_rows[0]
-    if key not in _auto_sizes:
-        total = torch.tensor([sum(in_rows)], dtype=torch.int64, device=device)
+    sizes = comm.hierarchy_state.setdefault("auto_sizes", {})
+    if key not in sizes:
+        total = torch.tensor([sum(in_rows)], dtype=torch.int64, device=comm.agree_device)
         dist.all_reduce(total, group=route.group)
-        _auto_sizes[key] = int(total.item()) // (route.world * route.world)
-    return _auto_sizes[key]
+        sizes[key] = int(total.item()) // (route.world * route.world)
+    return sizes[key]
 
 
-def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tuple,
+def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
            uniform: bool) -> Callable[..., Pending]:
     """The exchange function (``exchange.exchange``'s signature) of ``algorithm`` for a
     call of ``all_to_all`` of ``x`` [..., H] sending token rows ``in_rows``; ``uniform``: no
@@ -518,17 +515,17 @@ def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tup
     # ranks must agree on that. Checked collectively the first time a combination is used
     # (as all_to_all's other fields): a rank that passes split sizes where the others do
     # not, in a combination all have used before, is not detected (and hangs).
-    lay = layout(route.group, topology)
+    lay = layout(comm)
     check_consistent(dict(algorithm=algorithm, row_shape=tuple(x.shape[1:]), dtype=x.dtype,
                           layout=(lay.nodes, lay.local), split_sizes_given=not uniform),
-                     route.group, x.device,
+                     comm.pg, comm.agree_device, comm._verified,
                      what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})")
     if algorithm == "auto":
         if not lay.regular or lay.nodes < 2 or lay.local < 2:
             return flat_exchange
         H, dtype = x.shape[-1], x.dtype
-        key = (group_key(route.group), lay.local, route.codecs, route.thresholds, H, dtype)
-        rows = _mean_pair_rows(route, in_rows, uniform, key, x.device)
+        key = (route.codecs, route.thresholds, H, dtype)
+        rows = _mean_pair_rows(comm, route, in_rows, uniform, key, x.device)
         L, r = lay.local, route.rank
         mate = (r // L) * L + (r + 1) % L
         other = (r + L) % route.world
@@ -536,5 +533,4 @@ def select(algorithm: str, route: Route, x: torch.Tensor, topology, in_rows: tup
                     for p in (mate, other)]
         if not prefer_hierarchical(lay.nodes, lay.local, *per_pair, count_exchange=not uniform):
             return flat_exchange
-    h = hierarchical_groups(route.group, topology)
-    return functools.partial(exchange, hierarchy=h)  # (the caller passes uniform)
+    return functools.partial(exchange, hierarchy=hierarchy(comm))  # (the caller passes uniform)

@@ -1,0 +1,386 @@
+"""``Communicator``: everything of one process group that outlives a call.
+
+A communicator is made once per process group, collectively (every rank of the group makes
+it, with the same settings: checked). It owns the routes and per-call plans of its
+all-to-alls and all-reduces, the peer-to-peer buffers and flags inside a node, its side
+streams, the hierarchy's stage layout and the cross-rank consistency state. ``close()``
+frees its device memory and IPC mappings; a closed communicator raises when used.
+
+``moe_flashcomm.all_to_all`` / ``all_reduce`` are thin functions over a default
+communicator per (group, topology, gate), kept in :data:`PROCESS`. A process group that is
+destroyed and created again is a new group object, so it gets a new communicator; the
+default communicators of destroyed groups are closed when the next one is made.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .. import env
+from ..codec import CodecConfig
+from ..codec.reference import INPUT_DTYPES
+from . import hierarchical, p2p
+from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
+                       split_key)
+from .check import check_consistent
+from .exchange import ALGORITHMS, Route, SideStreams, exchange
+from .gate import SizeGate
+from .plan import SplitSizes, resolve_splits
+from .topology import LinkCodecs, Topology, intra_node_path, link_path
+
+CodecArg = Union[LinkCodecs, CodecConfig, dict, int, str, None]
+
+
+class CommunicatorClosedError(RuntimeError):
+    """A closed Communicator was used."""
+
+
+def _check_chunks(chunks) -> None:
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int)
+                               or chunks < 1):
+        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
+
+
+class Communicator:
+    """The quantized collectives of one process group.
+
+    group:      a torch.distributed process group (None: the default group). Gloo for CPU
+                tensors, NCCL for CUDA tensors; two processes on one GPU may use gloo (then
+                CUDA tensors move through the peer-to-peer transport only).
+    topology:   Topology or ranks per node; None: the launcher's LOCAL_WORLD_SIZE etc.
+    gate:       size gate: True (defaults or $MOE_FLASHCOMM_GATE_FILE), False, a thresholds
+                dict, a JSON path or a SizeGate.
+    codec, grad_codec: the default codecs of ``all_to_all`` (forward, backward); None:
+                int4 (g128, spikes) and int8.
+    algorithm, chunks: the defaults of ``all_to_all``.
+
+    Collective: every rank of ``group`` makes its communicator with the same settings, at
+    the same point (a mismatch raises ``ConfigMismatchError`` on every rank). Use it as a
+    context manager, or call ``close()``, to free its peer-to-peer memory.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
+                 topology: Union[Topology, int, None] = None,
+                 gate: Union[SizeGate, bool, dict, str, None] = True,
+                 codec: CodecArg = None, grad_codec: CodecArg = None,
+                 algorithm: str = "flat", chunks: Optional[int] = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
+                               "initialised (torch.distributed.init_process_group)")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        _check_chunks(chunks)
+        self.group = group
+        self.pg = group if group is not None else dist.group.WORLD
+        self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of `group`")
+        self.topology = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+        self.global_ranks = tuple(dist.get_process_group_ranks(self.pg))
+        self.nodes = tuple(self.topology.node_of(g) for g in self.global_ranks)
+        self.gate = SizeGate.coerce(gate)
+        self.codec = LinkCodecs.coerce(codec, "codec")
+        self.grad_codec = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None
+                                            else grad_codec, "grad_codec")
+        self.algorithm, self.chunks = algorithm, chunks
+        self.backend = str(dist.get_backend(self.pg)).lower()
+        # where the group's small agreement collectives run (NCCL needs CUDA tensors)
+        self.agree_device = (torch.device("cuda", torch.cuda.current_device())
+                             if "nccl" in self.backend else torch.device("cpu"))
+        self.p2p_enabled = env.p2p_enabled()
+        self.streams = SideStreams()
+        self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
+        self._verified: set = set()   # consistency keys all ranks agreed on
+        self._routes: dict = {}       # (codecs, device type) -> Route
+        self._plans: dict = {}        # all_to_all arguments -> _Call
+        self._setups: dict = {}       # call configuration -> (forward, backward) Route
+        self._peer_buffers: dict = {}  # device index -> PeerBuffers or None
+        self.all_reduce_plans: dict = {}  # comm/all_reduce.py's plans
+        self.hierarchy_state: dict = {}   # comm/hierarchical.py's layout, stages and sizes
+        self.closed = False
+        check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
+                              codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
+                              chunks=chunks, backend=self.backend,
+                              p2p=(self.p2p_enabled, env.p2p_max_bytes(), env.p2p_copy_bytes()),
+                              nccl_paths=(intra_node_path("cuda"),)),
+                         self.pg, self.agree_device, self._verified,
+                         what="moe_flashcomm.Communicator")
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the peer-to-peer memory and mappings (after this device is idle) and forget
+        every plan. Local: each rank closes its own; a closed communicator raises when used."""
+        if self.closed:
+            return
+        self.closed = True
+        for bufs in self._peer_buffers.values():
+            if bufs is not None:
+                bufs.close()
+        for d in (self._peer_buffers, self._routes, self._plans, self._setups,
+                  self.all_reduce_plans, self.hierarchy_state):
+            d.clear()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise CommunicatorClosedError("this moe_flashcomm.Communicator was closed; make a "
+                                          "new one for the group")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"codec={self.codec}"
+        return (f"Communicator(rank {self.rank} of {self.world}, "
+                f"{len(set(self.nodes))} node(s), {state})")
+
+    # ---- routes --------------------------------------------------------------------------------
+    def route(self, codecs: LinkCodecs, device_type: str) -> Route:
+        """The codec, size-gate threshold and link path towards every group rank (no p2p)."""
+        key = (codecs, device_type)
+        hit = self._routes.get(key)
+        if hit is None:
+            same = [n == self.nodes[self.rank] for n in self.nodes]
+            codec = tuple(codecs.for_peer(s) for s in same)
+            paths = tuple(link_path(s, device_type) if p != self.rank else "self"
+                          for p, s in enumerate(same))
+            thresholds = tuple(self.gate.threshold(path, c) for path, c in zip(paths, codec))
+            hit = self._routes[key] = Route(self.group, self.rank, self.world, codec, thresholds,
+                                            paths=paths, streams=self.streams)
+        return hit
+
+    def peer_buffers(self, device: torch.device) -> Optional[p2p.PeerBuffers]:
+        """The peer-to-peer buffers on ``device`` when every peer is on this node over NVLink
+        (collective the first time), else None."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._peer_buffers:
+            usable = self.p2p_enabled and len(set(self.nodes)) == 1 \
+                and intra_node_path("cuda") == "nvlink"
+            self._peer_buffers[index] = p2p.peer_buffers(
+                self.pg, self.rank, self.world, torch.device("cuda", index),
+                self.agree_device) if usable else None
+        return self._peer_buffers[index]
+
+    def _call_routes(self, x: torch.Tensor, codecs: LinkCodecs, grad_codecs: LinkCodecs,
+                     algorithm: str, chunks, grad: bool) -> tuple[Route, Route]:
+        """Forward and backward routes of a call configuration, after checking (one
+        collective, the first time) that every rank uses the same one."""
+        key = (codecs, grad_codecs, x.device.type, x.shape[1:], x.dtype, algorithm, chunks, grad)
+        hit = self._setups.get(key)
+        if hit is not None:
+            return hit
+        device_type = x.device.type
+        fwd, bwd = self.route(codecs, device_type), self.route(grad_codecs, device_type)
+        check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
+                              grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
+                              device_type=device_type, requires_grad=grad),
+                         self.pg, self.agree_device, self._verified)
+        if device_type == "cuda":
+            bufs = self.peer_buffers(x.device)
+            if bufs is not None:
+                fwd = dataclasses.replace(fwd, p2p=bufs, plans={})
+                bwd = dataclasses.replace(bwd, p2p=bufs, plans={})
+        hit = self._setups[key] = (fwd, bwd)
+        return hit
+
+    # ---- all-to-all ----------------------------------------------------------------------------
+    def all_to_all(self, x: torch.Tensor, output_split_sizes: SplitSizes = None,
+                   input_split_sizes: SplitSizes = None, *, codec: CodecArg = None,
+                   grad_codec: CodecArg = None, async_op: bool = False,
+                   chunks: Optional[int] = None, algorithm: Optional[str] = None
+                   ) -> Union[torch.Tensor, AllToAllHandle]:
+        """Quantized, differentiable ``all_to_all_single`` on rows of ``x`` [N, ..., H] over
+        this group (``moe_flashcomm.all_to_all`` documents the arguments); ``codec``,
+        ``grad_codec``, ``chunks`` and ``algorithm`` default to the communicator's."""
+        grad = x.requires_grad and torch.is_grad_enabled()
+        try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
+            key = (x.shape, x.dtype, x.device, grad, codec, grad_codec, chunks, algorithm,
+                   None if output_split_sizes is None else split_key(output_split_sizes),
+                   None if input_split_sizes is None else split_key(input_split_sizes))
+            call = self._plans.get(key)
+        except (TypeError, AttributeError):  # unhashable arguments, or x is no tensor
+            key = call = None
+        if call is None:
+            self._check_open()
+            call = self._prepare(x, output_split_sizes, input_split_sizes, codec, grad_codec,
+                                 chunks, algorithm)
+            if key is not None and call.cacheable:
+                if len(self._plans) >= 1024:
+                    self._plans.clear()
+                self._plans[key] = call
+        self.calls["all_to_all"] += 1
+        if not async_op:
+            if grad:
+                return _AllToAll.apply(x, call)
+            return call.forward_out(x)
+        return call.start(x)
+
+    def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
+                 algorithm) -> _Call:
+        """Validate a call's arguments; the _Call that runs it."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype not in INPUT_DTYPES:
+            raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.shape[-1] < 1:
+            raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape "
+                             f"{tuple(x.shape)}")
+        algorithm = self.algorithm if algorithm is None else algorithm
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        _check_chunks(chunks)
+        chunks = self.chunks if chunks is None else chunks
+        codecs = self.codec if codec is None else LinkCodecs.coerce(codec, "codec")
+        grad_codecs = (self.grad_codec if grad_codec is None
+                       else LinkCodecs.coerce(grad_codec, "grad_codec"))
+        grad = torch.is_grad_enabled() and x.requires_grad
+        fwd, bwd = self._call_routes(x, codecs, grad_codecs, algorithm, chunks, grad)
+        in_s, out_s = resolve_splits(x.shape[0], output_split_sizes, input_split_sizes,
+                                     self.world, self.rank)
+        per_row = math.prod(x.shape[1:-1])  # tokens per row of dim 0
+        uniform = output_split_sizes is None and input_split_sizes is None
+        if chunks is None:
+            fwd_chunks = auto_chunks(x.numel() * 2, fwd) if x.is_cuda and uniform else 1
+        else:
+            fwd_chunks = chunks
+        out_shape = (sum(out_s),) + tuple(x.shape[1:])
+        if per_row != 1:
+            in_s, out_s = [n * per_row for n in in_s], [n * per_row for n in out_s]
+        run = exchange if algorithm == "flat" else hierarchical.select(
+            self, algorithm, fwd, x, tuple(in_s), uniform=uniform)
+        return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, tuple(x.shape), out_shape,
+                     run, x.dtype, x.device, grad, uniform, cacheable=algorithm == "flat")
+
+    # ---- all-reduce ----------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor, codec: CodecArg = None, op: object = "sum", *,
+                   algorithm: str = "flat", chunks: Optional[int] = None) -> torch.Tensor:
+        """Quantized sum of ``x`` over this group, in place (``moe_flashcomm.all_reduce``
+        documents the arguments); ``codec`` None: the communicator's codec."""
+        from .all_reduce import run_all_reduce
+        self.calls["all_reduce"] += 1
+        return run_all_reduce(self, x, self.codec if codec is None else codec, op, algorithm,
+                              chunks)
+
+
+class _Process:
+    """The process's default communicators (of the thin ``all_to_all`` / ``all_reduce``
+    functions) and the hierarchy's stage process groups, which ``dist.new_group`` makes
+    collectively for the whole job and every communicator of a group shares."""
+
+    def __init__(self) -> None:
+        self.communicators: dict = {}  # (id(group), topology, gate) -> (group, Communicator)
+        self.stage_groups: dict = {}   # (global ranks, backend) -> process group
+        self.stage_version = 0         # bumped by create_stage_groups
+
+    def communicator(self, group, topology=None, gate=True) -> Communicator:
+        pg = group if group is not None else dist.group.WORLD
+        try:
+            key = (id(pg), topology, gate)
+            hit = self.communicators.get(key)
+        except TypeError:  # an unhashable gate (a dict): keyed by its table
+            key = (id(pg), topology, SizeGate.coerce(gate).digest)
+            hit = self.communicators.get(key)
+        if hit is not None and hit[0] is pg and not hit[1].closed:
+            return hit[1]
+        self._forget_destroyed()
+        comm = Communicator(group, topology=topology, gate=gate)
+        self.communicators[key] = (pg, comm)  # (the group held: its id cannot be reused)
+        return comm
+
+    def _forget_destroyed(self) -> None:
+        """Close and drop the communicators of groups torch.distributed no longer knows."""
+        live = _live_groups()
+        for key, (pg, comm) in list(self.communicators.items()):
+            if comm.closed or pg not in live:
+                del self.communicators[key]
+                if not comm.closed:
+                    try:
+                        comm.close()
+                    except Exception:  # noqa: BLE001 - a dead group's device may be gone
+                        comm.closed = True
+        if not live:
+            self.stage_groups.clear()
+
+
+def _live_groups() -> list:
+    """The process groups torch.distributed currently knows (empty when not initialised)."""
+    if not dist.is_initialized():
+        return []
+    world = getattr(dist.distributed_c10d, "_world", None)
+    pg_map = getattr(world, "pg_map", None)
+    return list(pg_map) if pg_map is not None else [dist.group.WORLD]
+
+
+PROCESS = _Process()
+# drop the process groups we hold while the interpreter is whole: a gloo group destroyed
+# during interpreter teardown aborts the process
+atexit.register(PROCESS.communicators.clear)
+atexit.register(PROCESS.stage_groups.clear)
+
+
+def all_to_all(
+    x: torch.Tensor,
+    output_split_sizes: SplitSizes = None,
+    input_split_sizes: SplitSizes = None,
+    group: Optional[dist.ProcessGroup] = None,
+    codec: Union[LinkCodecs, CodecConfig, dict, int, str, None] = None,
+    async_op: bool = False,
+    grad_codec: Union[LinkCodecs, CodecConfig, dict, int, str, None] = None,
+    *,
+    topology: Union[Topology, int, None] = None,
+    gate: Union[SizeGate, bool, dict, str, None] = True,
+    chunks: Optional[int] = None,
+    algorithm: str = "flat",
+) -> Union[torch.Tensor, AllToAllHandle]:
+    """Quantized, differentiable ``torch.distributed.all_to_all_single`` on rows.
+
+    x:                  [N, ..., H] float32, bfloat16 or float16; dim 0 is routed exactly
+                        as ``all_to_all_single`` routes it; H is the quantized hidden size.
+    output_split_sizes: rows (of dim 0) received from each group rank; None: even split of
+                        N. input_split_sizes: rows sent to each group rank; None: even.
+    group:              process group (None: the default group); gloo (CPU tensors) or
+                        NCCL (CUDA tensors).
+    codec:              CodecConfig / dict / bits value (every link), or LinkCodecs for a
+                        codec per link (intra- vs inter-node). None: CodecConfig() (int4,
+                        g128, spikes). Rows a rank sends to itself are copied exactly.
+    async_op:           return an AllToAllHandle; its wait() decodes and gives the output.
+    grad_codec:         codec of the backward (the reverse all-to-all of the gradient);
+                        None: CodecConfig(bits=8).
+    topology:           Topology or ranks per node; None: from LOCAL_WORLD_SIZE etc.
+    gate:               size gate: True (default table or $MOE_FLASHCOMM_GATE_FILE), False
+                        (never fall back to bf16), a thresholds dict, a JSON path or SizeGate.
+    chunks:             pipeline chunks (CUDA). None: chosen by size (auto_chunks: on
+                        network links only, where it was measured not to lose) when both
+                        split sizes are None, so every rank has the same size; 1 otherwise.
+                        Must be equal on every rank.
+    algorithm:          "flat" (one all_to_all_single), "hierarchical" (intra-node, then
+                        inter-node among ranks of equal local rank; quantized once, results
+                        bit-identical to "flat"; moe_flashcomm.comm.hierarchical) or "auto"
+                        (hierarchical for >= 2 nodes of >= 2 ranks and small per-pair
+                        messages, by an alpha-beta model; flat otherwise).
+
+    Returns [sum(output_split_sizes), ..., H] of x's dtype, or an AllToAllHandle.
+    Every rank of the group must pass the same codecs, dtype, x.shape[1:], algorithm,
+    chunks, topology and gate: checked collectively the first time a combination is used.
+    The call runs on the default Communicator of (group, topology, gate), made at its first
+    use; make a ``moe_flashcomm.Communicator`` yourself to own its lifetime.
+    """
+    return PROCESS.communicator(group, topology, gate).all_to_all(
+        x, output_split_sizes, input_split_sizes, codec=codec, grad_codec=grad_codec,
+        async_op=async_op, chunks=chunks, algorithm=algorithm)
+
+
+def communicator(group: Optional[dist.ProcessGroup] = None, topology=None,
+                 gate=True) -> Communicator:
+    """The default communicator of ``group`` (made, collectively, at its first use)."""
+    return PROCESS.communicator(group, topology, gate)

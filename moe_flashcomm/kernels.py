@@ -1,0 +1,335 @@
+"""Every kernel of ``csrc/``: compiled with NVRTC at first use (cached on disk), loaded once per
+device, and launched through the CUDA driver's ``cuLaunchKernel`` with arguments packed once.
+
+A :class:`Launch` is one kernel launch whose argument block is built when its plan is made;
+a call writes only the pointers that change (the tensors' addresses) and calls the driver:
+a few microseconds of host time, no Python-side argument conversion per call. The argument
+structs are declared once here (``STRUCTS``), mirrored from csrc, and
+``tests/test_kernel_structs.py`` checks their sizes and offsets against the .cu declarations
+with nvcc.
+
+State: one :class:`KernelCache` per process (``KERNELS``) holds the loaded modules and the
+per-shape launch plans of the codec; everything else belongs to a Communicator.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import env
+
+CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
+             "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
+BLOCK = 256  # threads per block (kBlock in csrc/codec_common.cuh)
+# Spec arithmetic: no FMA contraction, no flush-to-zero (CuPy's own compile path forces
+# -ftz=true, which is why this module drives NVRTC itself).
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true",
+                 "--prec-sqrt=true")
+
+# ---- argument structs (passed by value), one declaration each --------------------------------
+_i4, _u4, _u8 = "<i4", "<u4", "<u8"
+MAX_PEERS = 16  # kMaxPeers in csrc/p2p.cu
+ENC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("padded", _i4), ("rec_bytes", _i4),
+                     ("ipt", _u4), ("div_mul", _u4), ("div_shift", _u4), ("total", _u4),
+                     ("o4", _i4), ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4),
+                     ("o_lov", _i4), ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4),
+                     ("gap", _i4, (4,)), ("seed_key", _u4), ("counter0", _u4), ("vec", _i4)],
+                    align=True)
+DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4),
+                     ("div_mul", _u4), ("div_shift", _u4), ("total", _u4), ("o4", _i4),
+                     ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4), ("o_lov", _i4),
+                     ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4), ("dense", _i4)],
+                    align=True)
+REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4)],
+                       align=True)
+P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("counter", _u8), ("timeout_ns", _u8),
+                     ("rank", _i4), ("world", _i4)], align=True)
+# C name -> (numpy layout, the csrc file that declares it)
+STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
+           "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu")}
+
+
+def struct(dtype: np.dtype, **fields) -> np.ndarray:
+    """A one-element argument struct with ``fields`` set (the rest zero)."""
+    a = np.zeros(1, dtype=dtype)
+    for k, v in fields.items():
+        a[k] = v
+    return a
+
+
+# ---- sources and compilation -----------------------------------------------------------------
+def cupy():
+    """Import CuPy (NVRTC and device memory), or fail naming the extra that provides it."""
+    try:
+        import cupy as cp
+        from cupy.cuda import function, nvrtc  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"moe_flashcomm: CUDA tensors need CuPy; {CUPY_HINT}") from e
+    return cp
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: ``<repo>/csrc`` in a source checkout, else the installed package."""
+    here = Path(__file__).resolve().parents[1] / "csrc"
+    if (here / "codec_common.cuh").is_file():
+        return here
+    return Path(str(resources.files("moe_flashcomm") / "csrc"))
+
+
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"[ \t]*$', re.M)
+
+
+def kernel_source(name: str) -> str:
+    """``name`` (a csrc/*.cu file) with the csrc files it includes by name inlined, each once,
+    so the source text alone determines the binary (and its cache key)."""
+    d = csrc_dir()
+    seen: set = set()
+
+    def inline(fname: str) -> str:
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        return _INCLUDE.sub(lambda m: inline(m.group(1)), (d / fname).read_text())
+
+    return inline(name)
+
+
+def _include_dirs() -> list[str]:
+    """Folders holding cuda_bf16.h / cuda_fp8.h for NVRTC."""
+    cands = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        cands.append(find_nvidia_header_directory("cudart"))
+    except Exception:
+        pass
+    try:
+        from cupy import _environment
+        p = _environment.get_cuda_path()
+        cands.append(p and os.path.join(p, "include"))
+    except Exception:
+        pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        cands.append(os.environ.get(var) and os.path.join(os.environ[var], "include"))
+    cands.append("/usr/local/cuda/include")
+    found = [c for c in cands if c and os.path.isfile(os.path.join(c, "cuda_fp8.h"))]
+    if not found:
+        raise RuntimeError("moe_flashcomm: no CUDA headers (cuda_fp8.h) found for NVRTC; "
+                           f"set CUDA_HOME or {CUPY_HINT}")
+    return found[:1]
+
+
+def compile_kernel(source_name: str, name_expr: str, arch: str,
+                   defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
+    ``defines`` select kernel variants for benchmarks (e.g. MFC_SCALAR_STATS)."""
+    cupy()
+    from cupy.cuda import nvrtc
+    src = kernel_source(source_name)
+    defines = tuple(defines) + env.kernel_defines()
+    opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
+    opts += tuple(f"-I{d}" for d in _include_dirs())
+    key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
+    path = env.kernel_cache_dir() / f"{key}.bin"
+    if path.is_file():
+        data = path.read_bytes()
+        name, _, cubin = data.partition(b"\n")
+        if name and cubin:
+            return name.decode(), cubin
+    prog = nvrtc.createProgram(src, source_name, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name_expr)
+        try:
+            nvrtc.compileProgram(prog, list(opts))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name_expr}:\n{nvrtc.getProgramLog(prog)}") from e
+        name, cubin = nvrtc.getLoweredName(prog, name_expr), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:  # atomic publish
+        f.write(name.encode() + b"\n" + cubin)
+    os.replace(f.name, path)
+    return name, cubin
+
+
+def arch(device: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def precompile_names(jobs: Iterable[tuple[str, str]], device: Optional[int] = None,
+                     workers: Optional[int] = None, defines: tuple[str, ...] = ()) -> int:
+    """Compile (source, name expression) pairs into the disk cache, NVRTC in parallel threads."""
+    target = arch(torch.cuda.current_device() if device is None else device)
+    jobs = sorted(set(jobs))
+    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
+        list(pool.map(lambda j: compile_kernel(j[0], j[1], target, defines), jobs))
+    return len(jobs)
+
+
+# ---- the driver ------------------------------------------------------------------------------
+class CudaError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+class _Driver:
+    """The driver calls of the hot path, through ctypes: launch and asynchronous copy."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, ui = ctypes.c_void_p, ctypes.c_uint
+        self.launch = lib.cuLaunchKernel
+        self.launch.argtypes = [vp, ui, ui, ui, ui, ui, ui, ui, vp, vp, vp]
+        self.launch.restype = ctypes.c_int
+        self.copy = lib.cuMemcpyAsync
+        self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, vp]
+        self.copy.restype = ctypes.c_int
+        self._error_string = lib.cuGetErrorString
+        self._error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+
+    def error(self, code: int, what: str) -> CudaError:
+        s = ctypes.c_char_p()
+        self._error_string(code, ctypes.byref(s))
+        return CudaError(f"{what} failed: CUDA error {code} "
+                         f"({s.value.decode() if s.value else 'unknown'})")
+
+
+class Value(int):
+    """A kernel argument passed as a fixed 64-bit value (not a pointer a call fills in)."""
+
+
+class Launch:
+    """One kernel launch: its function, grid and argument block, built once.
+
+    ``params`` lists the kernel's parameters in order: an int is a pointer, the next base
+    address a call passes plus this offset; a :class:`Value` a fixed u64; a one-element
+    numpy struct an argument struct (``self.args`` is a writable view of its copy)."""
+    __slots__ = ("_fn", "_blocks", "_threads", "_ptrs", "_params", "_keep", "args",
+                 "_launch", "_error")
+
+    def __init__(self, fn: int, blocks: int, params: Sequence, threads: int = BLOCK) -> None:
+        driver = KERNELS.driver
+        self._launch, self._error = driver.launch, driver.error
+        self._fn, self._blocks, self._threads = fn, blocks, threads
+        self.args = None
+        cells, ptrs = [], []
+        for p in params:
+            if isinstance(p, np.ndarray):
+                cell = (ctypes.c_uint8 * p.dtype.itemsize).from_buffer_copy(p.tobytes())
+                self.args = np.frombuffer(cell, dtype=p.dtype, count=1)  # writable view
+            elif isinstance(p, Value):
+                cell = ctypes.c_uint64(int(p))
+            else:
+                cell = ctypes.c_uint64(0)
+                ptrs.append((cell, int(p)))
+            cells.append(cell)
+        self._ptrs = tuple(ptrs)
+        self._keep = cells
+        self._params = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+
+    def __call__(self, stream: int, *bases: int) -> None:
+        for (cell, off), base in zip(self._ptrs, bases):
+            cell.value = base + off
+        rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
+                          self._params, None)
+        if rc:
+            raise self._error(rc, "cuLaunchKernel")
+
+
+def copy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """``nbytes`` from device address ``src`` to ``dst`` (local or a peer's mapping)."""
+    if nbytes:
+        driver = KERNELS.driver
+        rc = driver.copy(dst, src, nbytes, stream)
+        if rc:
+            raise driver.error(rc, "cuMemcpyAsync")
+
+
+# torch's current stream of a device as a handle (the C call torch.compile's code uses)
+raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda device: torch.cuda.current_stream(device).cuda_stream)
+
+
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
+def on_device(dev: int):
+    """A context that makes ``dev`` current for a launch (its kernels live in its context)."""
+    return contextlib.nullcontext() if dev == _current_device() else torch.cuda.device(dev)
+
+
+class KernelCache:
+    """Loaded kernels per (device, source, name, defines) and the codec's launch plans per
+    shape: the process's one cache of compiled code. Loading is thread-safe."""
+
+    def __init__(self) -> None:
+        self._functions: dict = {}
+        self._driver: Optional[_Driver] = None
+        self.plans: dict = {}  # codec launch plans (moe_flashcomm.codec.cuda), by shape
+        self._lock = threading.Lock()
+
+    @property
+    def driver(self) -> _Driver:
+        if self._driver is None:
+            self._driver = _Driver()
+        return self._driver
+
+    def function(self, device: int, source_name: str, name_expr: str,
+                 defines: tuple[str, ...] = ()) -> int:
+        """The CUfunction handle of a kernel on ``device`` (modules belong to its context)."""
+        key = (device, source_name, name_expr, defines)
+        hit = self._functions.get(key)
+        if hit is None:
+            cp = cupy()
+            from cupy.cuda import function
+            name, cubin = compile_kernel(source_name, name_expr, arch(device), defines)
+            with self._lock, cp.cuda.Device(device):
+                mod = function.Module()
+                mod.load(cubin)
+                hit = self._functions[key] = (mod, mod.get_function(name))
+        return hit[1].ptr
+
+    def plan(self, key: tuple, make):
+        """The codec launch plan under ``key``, made by ``make()`` the first time."""
+        hit = self.plans.get(key)
+        if hit is None:
+            if len(self.plans) > 4096:
+                self.plans.clear()
+            hit = self.plans[key] = make()
+        return hit
+
+
+KERNELS = KernelCache()
+
+
+def blocks(threads: int) -> int:
+    """Blocks of BLOCK threads that cover ``threads`` threads."""
+    return -(-threads // BLOCK)
+
+
+# ---- launchers of csrc/p2p.cu ------------------------------------------------------------------
+def barrier_launch(device: int, peer_flags: Sequence[int], counter: int, rank: int, world: int,
+                   timeout_ns: int) -> Launch:
+    """p2p_barrier: publish this rank's next call number into every peer's flag and wait for
+    theirs (the number itself lives in device memory at ``counter``: graph-safe)."""
+    flags = list(peer_flags) + [0] * (MAX_PEERS - len(peer_flags))
+    args = struct(P2P_ARGS, peer_flags=flags, counter=counter, timeout_ns=timeout_ns,
+                  rank=rank, world=world)
+    fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_barrier")
+    return Launch(fn, 1, (args,), threads=32 * (-(-world // 32)))
