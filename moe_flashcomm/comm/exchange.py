@@ -375,7 +375,7 @@ class P2PCall:
             to = bufs.region(p, r)
             if wire == RAW:
                 self.raw_sends.append((to, first * row, nbytes))
-            elif nbytes < p2p.copy_engine_bytes():
+            elif nbytes < bufs.copy_bytes:
                 self.encodes.append((_cuda.encode_launches(self.dev, rows, hidden, wire, dtype,
                                                            hidden % 8 == 0),
                                      first * row, to, wire))

@@ -121,7 +121,7 @@ class SizeGate:
         """The table of ``$MOE_FLASHCOMM_GATE_FILE`` if set, else DEFAULT_THRESHOLDS."""
         path = env.gate_file()
         if path:
-            return _load_cached(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
+            return cls.load(path)  # (read when a communicator or call plan is made)
         return _DEFAULT
 
     @classmethod
@@ -149,16 +149,6 @@ class SizeGate:
 
 _DEFAULT = SizeGate(DEFAULT_THRESHOLDS, source="defaults")
 _NEVER = SizeGate({}, source="off", all_reduce={})
-_cache: dict = {}
-
-
-def _load_cached(path: str, mtime: int) -> SizeGate:
-    key = (path, mtime)
-    if key not in _cache:
-        _cache[key] = SizeGate.load(path)
-    return _cache[key]
-
-
 def wire_gate(cfg: CodecConfig, bf16_bytes: int, threshold: int) -> Optional[CodecConfig]:
     """The codec a pair uses: ``cfg``, or the bf16 passthrough when its bf16 size is under
     ``threshold``."""

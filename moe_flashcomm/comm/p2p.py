@@ -56,6 +56,7 @@ class PeerBuffers:
     def __init__(self, group, rank: int, world: int, device: torch.device) -> None:
         self.group, self.rank, self.world, self.device = group, rank, world, device
         self.cap = 0
+        self.copy_bytes = copy_engine_bytes()  # records per peer the copy engine moves
         self.generation = 0
         self.stream: Optional[int] = None  # the stream of the last call
         self.data_ptrs: list[int] = []
@@ -135,7 +136,8 @@ class PeerBuffers:
         """Order a call on ``stream`` after the previous one (the barrier protocol needs every
         call of the group in one stream order)."""
         if stream != self.stream:
-            if self.stream is not None:
+            # (a capture orders its replays itself: waiting on work outside it is not allowed)
+            if self.stream is not None and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.current_stream(self.device).wait_stream(
                     torch.cuda.ExternalStream(self.stream, device=self.device))
             self.stream = stream

@@ -49,10 +49,11 @@ class Topology:
             topo = cls.from_env(world_size)
             local_rank = env.local_rank()
             if local_rank is not None and local_rank != global_rank % topo.local_size:
-                _warn_once(f"LOCAL_RANK={local_rank} but global rank {global_rank} with "
-                           f"{topo.local_size} ranks per node implies local rank "
-                           f"{global_rank % topo.local_size}; nodes are taken to hold "
-                           "consecutive ranks. Pass topology=Topology(...) to silence this.")
+                warnings.warn(f"LOCAL_RANK={local_rank} but global rank {global_rank} with "
+                              f"{topo.local_size} ranks per node implies local rank "
+                              f"{global_rank % topo.local_size}; nodes are taken to hold "
+                              "consecutive ranks. Pass topology=Topology(...) to silence this.",
+                              stacklevel=3)
             return topo
         if isinstance(obj, cls):
             return obj
@@ -60,15 +61,6 @@ class Topology:
             return cls(obj)
         raise TypeError(f"topology must be a Topology, an int (ranks per node) or None, "
                         f"got {type(obj).__name__}")
-
-
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
 
 
 def intra_node_path(device_type: str) -> str:

@@ -1,0 +1,45 @@
+"""The kernel argument structs declared in moe_flashcomm/kernels.py match their declarations in
+csrc/: every field's offset and every struct's size, as nvcc lays them out. A host program
+that includes the .cu files prints sizeof/offsetof; it needs nvcc (CI has it), no GPU."""
+import shutil
+import subprocess
+
+import pytest
+
+from moe_flashcomm import kernels as K
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+
+def _probe_source() -> str:
+    lines = ['#include <cstdio>', '#include <cstddef>', '#include "allreduce.cu"',
+             '#include "p2p.cu"', 'int main() {']
+    for name, (dtype, _) in K.STRUCTS.items():
+        lines.append(f'  std::printf("{name} size %zu\\n", sizeof(mfc::{name}));')
+        for field in dtype.names:
+            lines.append(f'  std::printf("{name}.{field} %zu\\n", offsetof(mfc::{name}, {field}));')
+    lines.append("  return 0;\n}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    d = tmp_path_factory.mktemp("structs")
+    src = d / "probe.cu"
+    src.write_text(_probe_source())
+    exe = d / "probe"
+    build = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", f"-I{K.csrc_dir()}", str(src),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return dict(line.rsplit(" ", 1) for line in run.stdout.splitlines())
+
+
+@pytest.mark.parametrize("name", sorted(K.STRUCTS))
+def test_struct_matches_the_cu_declaration(layout, name):
+    dtype, source = K.STRUCTS[name]
+    assert int(layout[f"{name} size"]) == dtype.itemsize, f"sizeof({name}) in csrc/{source}"
+    for field in dtype.names:
+        got = int(layout[f"{name}.{field}"])
+        assert got == dtype.fields[field][1], f"offsetof({name}, {field}) in csrc/{source}"

@@ -1,0 +1,178 @@
+"""The peer-to-peer all-to-all on GPUs: two processes that share one GPU (gloo for the small
+agreement collectives, CUDA IPC between the processes for the data; marked ``cuda``), or two
+GPUs over NCCL (``multigpu``). Checked: bit-identical to the reference codec (even and uneven
+splits, several codecs and dtypes, forward and backward), CUDA graph capture of forward and
+backward replayed many times bit-identical to eager calls, close() and a new communicator on
+the same group, and a process group destroyed and made again with permuted ranks."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_flashcomm as mf
+from tests.distributed import free_port, spawn
+from tests.test_all_to_all import make_input
+
+H = 7168
+CODECS = [mf.CodecConfig(bits=4), mf.CodecConfig(bits=2, group_size=32, spikes=False),
+          mf.CodecConfig(bits="fp8"), mf.CodecConfig(bits=8, rounding="nearest"),
+          mf.CodecConfig(bits=3, group_size=64)]
+
+
+def cuda_roundtrip(rows: torch.Tensor, cfg) -> torch.Tensor:
+    """``rows`` through the CUDA codec (bit-identical to the reference: test_cuda_codec.py)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return mf.decode(mf.encode(flat, cfg), cfg, rows.shape[-1], rows.dtype).view(rows.shape)
+
+
+def want(rank, world, S, seed, dtype, cfg, hidden=H):
+    """What ``rank`` receives when rank p sends S[p][q] rows of make_input(p, ...) to q."""
+    parts = []
+    for p in range(world):
+        x = make_input(p, sum(S[p]), (hidden,), dtype, seed).cuda()
+        off = sum(S[p][:rank])
+        rows = x[off:off + S[p][rank]]
+        parts.append(rows if p == rank else cuda_roundtrip(rows, cfg))
+    return torch.cat(parts)
+
+
+def _uses_p2p(comm) -> bool:
+    return any(b is not None and b.cap > 0 for b in comm._peer_buffers.values())
+
+
+def exactness(rank, world, comm):
+    even = [[4] * world for _ in range(world)]
+    uneven = [[3, 5], [7, 2]] if world == 2 else even  # p2p takes split sizes for pairs
+    for i, cfg in enumerate(CODECS):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            for S in (even, uneven):
+                x = make_input(rank, sum(S[rank]), (H,), dtype, 10 + i).cuda()
+                kw = {} if S is even else dict(input_split_sizes=S[rank],
+                                               output_split_sizes=[S[p][rank] for p in range(world)])
+                got = comm.all_to_all(x, codec=cfg, **kw)
+                assert torch.equal(got, want(rank, world, S, 10 + i, dtype, cfg)), (cfg, dtype, S)
+    assert _uses_p2p(comm), "the peer-to-peer transport was not used"
+
+
+def backward(rank, world, comm):
+    """The backward is the reverse exchange of the gradient with the grad codec."""
+    S = [[3, 5], [7, 2]] if world == 2 else [[4] * world for _ in range(world)]
+    cfg, gcfg = mf.CodecConfig(bits=4), mf.CodecConfig(bits=8)
+    x = make_input(rank, sum(S[rank]), (H,), torch.bfloat16, 40).cuda().requires_grad_()
+    out_rows = [S[p][rank] for p in range(world)]
+    y = comm.all_to_all(x, out_rows, S[rank], codec=cfg, grad_codec=gcfg)
+    assert torch.equal(y, want(rank, world, S, 40, torch.bfloat16, cfg))
+    gy = make_input(rank + 100, sum(out_rows), (H,), torch.bfloat16, 41).cuda()
+    y.backward(gy)
+    # rank r's gradient rows for peer p: p's gy rows that came from r, through the grad codec
+    parts = []
+    for p in range(world):
+        gp = make_input(p + 100, sum(S[q][p] for q in range(world)), (H,), torch.bfloat16, 41).cuda()
+        off = sum(S[q][p] for q in range(rank))
+        rows = gp[off:off + S[rank][p]]
+        parts.append(rows if p == rank else cuda_roundtrip(rows, gcfg))
+    assert torch.equal(x.grad, torch.cat(parts))
+
+
+def graphs(rank, world, comm):
+    """Forward and backward captured once, replayed many times: every replay gives what an
+    eager call gives on the same data (epochs advance on the device)."""
+    T = 64 * world
+    for cfg in (mf.CodecConfig(bits=4), mf.CodecConfig(bits="fp8")):
+        sx = make_input(rank, T, (H,), torch.bfloat16, 60).cuda().requires_grad_()
+        sg = make_input(rank, T, (H,), torch.bfloat16, 61).cuda()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (plans, buffers) off the capture
+            for _ in range(2):
+                comm.all_to_all(sx, codec=cfg).backward(sg)
+                sx.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = comm.all_to_all(sx, codec=cfg)
+            y.backward(sg)
+        for seed in range(70, 82):
+            x = make_input(rank, T, (H,), torch.bfloat16, seed).cuda()
+            g = make_input(rank, T, (H,), torch.bfloat16, seed + 500).cuda()
+            with torch.no_grad():
+                sx.copy_(x)
+            sg.copy_(g)
+            graph.replay()
+            xe = x.clone().requires_grad_()
+            ye = comm.all_to_all(xe, codec=cfg)  # eager, between replays
+            ye.backward(g)
+            torch.cuda.synchronize()
+            assert torch.equal(y, ye), (cfg, seed)
+            assert torch.equal(sx.grad, xe.grad), (cfg, seed)
+        del graph
+        torch.cuda.synchronize()
+
+
+def close_and_again(rank, world, comm):
+    x = make_input(rank, 8 * world, (H,), torch.bfloat16, 90).cuda()
+    before = comm.all_to_all(x)
+    ptrs = list(next(b for b in comm._peer_buffers.values() if b is not None).data_ptrs)
+    comm.close()
+    with pytest.raises(mf.comm.CommunicatorClosedError):
+        comm.all_to_all(x)
+    with mf.Communicator(gate=False) as again:  # the same buffers allocated and mapped again
+        assert torch.equal(again.all_to_all(x), before)
+        bufs = next(b for b in again._peer_buffers.values() if b is not None)
+        assert len(bufs.data_ptrs) == len(ptrs)
+    assert not bufs.data_ptrs and not bufs.flag_ptrs  # freed by the with block
+
+
+def permuted_reinit(rank, world, port):
+    """A process group destroyed and made again with the ranks permuted: no stale state."""
+    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 95).cuda()
+    S = [[4] * world for _ in range(world)]
+    cfg = mf.CodecConfig(bits=4)
+    assert torch.equal(mf.all_to_all(x, codec=cfg, gate=False), want(rank, world, S, 95, torch.bfloat16, cfg))
+    backend = dist.get_backend()
+    dist.destroy_process_group()
+    new = world - 1 - rank
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=new,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    x = make_input(new, 4 * world, (H,), torch.bfloat16, 96).cuda()
+    assert torch.equal(mf.all_to_all(x, codec=cfg, gate=False), want(new, world, S, 96, torch.bfloat16, cfg))
+
+
+def _checks(rank, world, port):
+    if dist.get_backend() == "gloo":  # two processes on one GPU
+        torch.cuda.set_device(0)
+    comm = mf.Communicator(gate=False)
+    exactness(rank, world, comm)
+    backward(rank, world, comm)
+    graphs(rank, world, comm)
+    for copy_mb in ("1000000", "0"):  # records stored by the encode kernel, then the copy engine
+        os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
+        with mf.Communicator(gate=False) as c:
+            xs = [make_input(rank, 512, (H,), torch.bfloat16, 200 + i).cuda() for i in range(5)]
+            outs = [c.all_to_all(x) for x in xs]  # back to back, no synchronisation
+            for i, out in enumerate(outs):
+                S = [[512 // world] * world for _ in range(world)]
+                assert torch.equal(out, want(rank, world, S, 200 + i, torch.bfloat16,
+                                             mf.CodecConfig(bits=4))), (copy_mb, i)
+        del os.environ["MOE_FLASHCOMM_P2P_COPY_MB"]
+    close_and_again(rank, world, comm)
+    permuted_reinit(rank, world, port)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_p2p_two_processes_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_checks, 2, free_port(), env={"LOCAL_WORLD_SIZE": 2})
+
+
+@pytest.mark.multigpu
+def test_p2p_two_gpus_nccl():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_checks, 2, free_port(), backend="nccl")

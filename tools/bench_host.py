@@ -1,0 +1,147 @@
+"""Host and GPU time per call of the quantized intra-node all-to-all (peer-to-peer transport)
+and of the codec, against NCCL's own ``all_to_all_single`` measured in the same run.
+
+Two processes; each rank on its own GPU when there are two, else both on GPU 0 (gloo carries
+the small agreement collectives, CUDA IPC the data: host time is representative there,
+bandwidth is not). NCCL's baseline is ``all_to_all_single`` on a one-rank NCCL group.
+
+Per size (bf16 bytes per rank) and codec it prints:
+  host_us     host time of one forward call under autograd (x.requires_grad), the host ahead
+              of the GPU (bursts queued behind a GPU sleep), median over rounds;
+  nccl_us     the same for NCCL's all_to_all_single of the bf16 tensor;
+  gpu_us      GPU time of one call (CUDA events around a burst, per call);
+  kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call);
+and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16).
+
+    python tools/bench_host.py --out docs/data/bench_host.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe_flashcomm as mf  # noqa: E402
+
+H = 7168
+SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+CODECS = {"int4": mf.CodecConfig(bits=4), "int8": mf.CodecConfig(bits=8),
+          "int2": mf.CodecConfig(bits=2), "fp8": mf.CodecConfig(bits="fp8")}
+BURST, ROUNDS = 16, 15
+
+
+def _host_us(fn, rounds=ROUNDS, burst=BURST) -> float:
+    """Median host time of one call, the GPU kept busy so the host runs ahead."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        dist.barrier()  # both ranks start their bursts together (the barrier kernels pair up)
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work queued first
+        t = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        times.append((time.perf_counter() - t) / burst * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _gpu_us(fn, calls=20) -> float:
+    torch.cuda.synchronize()
+    dist.barrier()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / calls
+
+
+def _kernels_us(fn, calls=5) -> float:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages()
+                if e.device_time_total and not e.key.startswith("ProfilerStep"))
+    return total / calls
+
+
+def _worker(rank, world, port, out_path, sizes, codecs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    gpus = torch.cuda.device_count()
+    torch.cuda.set_device(rank if gpus >= world else 0)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    own_nccl = [dist.new_group([r], backend="nccl") for r in range(world)][rank]
+    comm = mf.Communicator(gate=False)
+    rows_out = []
+    for size in sizes:
+        T = max(world, size // (2 * H) // world * world)
+        x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
+        xg = x.clone().requires_grad_()
+        y = torch.empty_like(x)
+        nccl = lambda: dist.all_to_all_single(y, x, group=own_nccl)  # noqa: E731
+        nccl()
+        nccl_us = _host_us(nccl)
+        for name in codecs:
+            cfg = CODECS[name]
+            call = lambda: comm.all_to_all(xg, codec=cfg)  # noqa: E731
+            call()  # plans, buffers
+            row = dict(size=size, rows=T, codec=name, host_us=_host_us(call), nccl_us=nccl_us,
+                       gpu_us=_gpu_us(call), kernels_us=_kernels_us(call))
+            rows_out.append(row)
+            if rank == 0:
+                print(f"{size >> 10:>8} KiB {name:>5}: host {row['host_us']:7.1f} us  "
+                      f"(NCCL {nccl_us:6.1f})  GPU {row['gpu_us']:9.1f} us  "
+                      f"kernels {row['kernels_us']:9.1f} us", flush=True)
+    # the codec alone, 8 x 7168 bf16
+    x8 = torch.randn(8, H, dtype=torch.bfloat16, device="cuda")
+    cfg = mf.CodecConfig(bits=4)
+    rec = mf.encode(x8, cfg)
+    mf.decode(rec, cfg, H, torch.bfloat16)
+    codec = dict(encode_us=_host_us(lambda: mf.encode(x8, cfg), burst=64),
+                 decode_us=_host_us(lambda: mf.decode(rec, cfg, H, torch.bfloat16), burst=64),
+                 torch_add_us=_host_us(lambda: x8.add(1), burst=64))
+    if rank == 0:
+        print(f"codec 8 x {H} bf16 int4: encode {codec['encode_us']:.1f} us, decode "
+              f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
+        meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+        Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec), indent=1))
+    comm.close()
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_host.json")
+    p.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
+                   help="bf16 bytes per rank, comma-separated")
+    p.add_argument("--codecs", default=",".join(CODECS))
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_host.py: needs a CUDA GPU")
+    sizes = [int(s) for s in a.sizes.split(",")]
+    codecs = [c for c in a.codecs.split(",") if c]
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs), nprocs=2, join=True)
+
+
+if __name__ == "__main__":
+    main()
