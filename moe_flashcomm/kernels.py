@@ -180,6 +180,9 @@ def precompile_names(jobs: Iterable[tuple[str, str]], device: Optional[int] = No
 
 
 # ---- the driver ------------------------------------------------------------------------------
+INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
+
+
 class CudaError(RuntimeError):
     """A CUDA driver call failed."""
 
@@ -198,6 +201,37 @@ class _Driver:
         self.copy.restype = ctypes.c_int
         self._error_string = lib.cuGetErrorString
         self._error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self._lib = lib
+        self._contexts: dict = {}
+        self.event_record = lib.cuEventRecord
+        self.event_record.argtypes = [vp, vp]
+        self.stream_wait = lib.cuStreamWaitEvent
+        self.stream_wait.argtypes = [vp, vp, ui]
+
+    def event(self, device: int) -> int:
+        """A new event (no timing) of ``device``'s context, for ordering streams."""
+        self.make_current(device)
+        ev = ctypes.c_void_p()
+        rc = self._lib.cuEventCreate(ctypes.byref(ev), 2)  # CU_EVENT_DISABLE_TIMING
+        if rc:
+            raise self.error(rc, "cuEventCreate")
+        return ev.value
+
+    def make_current(self, device: int) -> None:
+        """Make ``device``'s primary context (torch's) current in this thread: threads that
+        never touched the runtime (autograd's backward threads) have none for the driver."""
+        ctx = self._contexts.get(device)
+        if ctx is None:
+            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+            for rc, what in ((self._lib.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet"),
+                             (self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev),
+                              "cuDevicePrimaryCtxRetain")):
+                if rc:
+                    raise self.error(rc, what)
+            self._contexts[device] = ctx
+        rc = self._lib.cuCtxSetCurrent(ctx)
+        if rc:
+            raise self.error(rc, "cuCtxSetCurrent")
 
     def error(self, code: int, what: str) -> CudaError:
         s = ctypes.c_char_p()
@@ -217,12 +251,12 @@ class Launch:
     address a call passes plus this offset; a :class:`Value` a fixed u64; a one-element
     numpy struct an argument struct (``self.args`` is a writable view of its copy)."""
     __slots__ = ("_fn", "_blocks", "_threads", "_ptrs", "_params", "_keep", "args",
-                 "_launch", "_error")
+                 "_launch", "_device")
 
-    def __init__(self, fn: int, blocks: int, params: Sequence, threads: int = BLOCK) -> None:
-        driver = KERNELS.driver
-        self._launch, self._error = driver.launch, driver.error
-        self._fn, self._blocks, self._threads = fn, blocks, threads
+    def __init__(self, device: int, fn: int, blocks: int, params: Sequence,
+                 threads: int = BLOCK) -> None:
+        self._launch = KERNELS.driver.launch
+        self._device, self._fn, self._blocks, self._threads = device, fn, blocks, threads
         self.args = None
         cells, ptrs = [], []
         for p in params:
@@ -244,17 +278,40 @@ class Launch:
             cell.value = base + off
         rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
                           self._params, None)
+        if rc == INVALID_CONTEXT:  # a thread without the context: make it current, once
+            KERNELS.driver.make_current(self._device)
+            rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
+                              self._params, None)
         if rc:
-            raise self._error(rc, "cuLaunchKernel")
+            raise KERNELS.driver.error(rc, "cuLaunchKernel")
 
 
-def copy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
     """``nbytes`` from device address ``src`` to ``dst`` (local or a peer's mapping)."""
     if nbytes:
         driver = KERNELS.driver
         rc = driver.copy(dst, src, nbytes, stream)
+        if rc == INVALID_CONTEXT:
+            driver.make_current(device)
+            rc = driver.copy(dst, src, nbytes, stream)
         if rc:
             raise driver.error(rc, "cuMemcpyAsync")
+
+
+class Order:
+    """Orders one stream after another with a driver event: ``Order(dev)(after, before)``
+    makes stream ``after`` wait for the work queued so far on ``before``. Two driver calls,
+    valid under CUDA graph capture (a fork or join of the captured streams)."""
+    __slots__ = ("_event", "_record", "_wait")
+
+    def __init__(self, device: int) -> None:
+        driver = KERNELS.driver
+        self._event = driver.event(device)
+        self._record, self._wait = driver.event_record, driver.stream_wait
+
+    def __call__(self, after: int, before: int) -> None:
+        self._record(self._event, before)
+        self._wait(after, self._event, 0)
 
 
 # torch's current stream of a device as a handle (the C call torch.compile's code uses)
@@ -332,4 +389,4 @@ def barrier_launch(device: int, peer_flags: Sequence[int], counter: int, rank: i
     args = struct(P2P_ARGS, peer_flags=flags, counter=counter, timeout_ns=timeout_ns,
                   rank=rank, world=world)
     fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_barrier")
-    return Launch(fn, 1, (args,), threads=32 * (-(-world // 32)))
+    return Launch(device, fn, 1, (args,), threads=32 * (-(-world // 32)))

@@ -39,19 +39,37 @@ CODECS = {"int4": mf.CodecConfig(bits=4), "int8": mf.CodecConfig(bits=8),
 BURST, ROUNDS = 16, 15
 
 
-def _host_us(fn, rounds=ROUNDS, burst=BURST) -> float:
-    """Median host time of one call, the GPU kept busy so the host runs ahead."""
+def _host_us(fn, rounds=ROUNDS, burst=BURST, clock=time.perf_counter) -> float:
+    """Median host time of one call, the GPU kept busy so the host runs ahead
+    (``clock=time.thread_time``: the calling thread's CPU time instead of wall time)."""
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
         dist.barrier()  # both ranks start their bursts together (the barrier kernels pair up)
         torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work queued first
-        t = time.perf_counter()
+        t = clock()
         for _ in range(burst):
             fn()
-        times.append((time.perf_counter() - t) / burst * 1e6)
+        times.append((clock() - t) / burst * 1e6)
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def _profile(fn, calls=64) -> str:
+    import cProfile
+    import io
+    import pstats
+    torch.cuda.synchronize()
+    torch.cuda._sleep(5_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue()
 
 
 def _gpu_us(fn, calls=20) -> float:
@@ -79,7 +97,7 @@ def _kernels_us(fn, calls=5) -> float:
     return total / calls
 
 
-def _worker(rank, world, port, out_path, sizes, codecs):
+def _worker(rank, world, port, out_path, sizes, codecs, profile):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     gpus = torch.cuda.device_count()
@@ -101,10 +119,16 @@ def _worker(rank, world, port, out_path, sizes, codecs):
             call = lambda: comm.all_to_all(xg, codec=cfg)  # noqa: E731
             call()  # plans, buffers
             row = dict(size=size, rows=T, codec=name, host_us=_host_us(call), nccl_us=nccl_us,
+                       host_cpu_us=_host_us(call, clock=time.thread_time),
                        gpu_us=_gpu_us(call), kernels_us=_kernels_us(call))
+            if profile == (size, name):
+                text = _profile(call)
+                if rank == 0:
+                    print(text, flush=True)
             rows_out.append(row)
             if rank == 0:
-                print(f"{size >> 10:>8} KiB {name:>5}: host {row['host_us']:7.1f} us  "
+                print(f"{size >> 10:>8} KiB {name:>5}: host {row['host_us']:7.1f} us "
+                      f"(cpu {row['host_cpu_us']:6.1f})  "
                       f"(NCCL {nccl_us:6.1f})  GPU {row['gpu_us']:9.1f} us  "
                       f"kernels {row['kernels_us']:9.1f} us", flush=True)
     # the codec alone, 8 x 7168 bf16
@@ -131,6 +155,7 @@ def main():
     p.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
                    help="bf16 bytes per rank, comma-separated")
     p.add_argument("--codecs", default=",".join(CODECS))
+    p.add_argument("--profile", default="", help="SIZE:CODEC: print a cProfile of rank 0's calls")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
@@ -140,7 +165,11 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs), nprocs=2, join=True)
+    profile = None
+    if a.profile:
+        size, name = a.profile.split(":")
+        profile = (int(size), name)
+    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs, profile), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
                         div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
                         counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec),
                         **_layout_fields(L))
-        launches.append(K.Launch(fn, K.blocks(-(-items // U)),
+        launches.append(K.Launch(dev, fn, K.blocks(-(-items // U)),
                                  (t0 * H * dtype.itemsize, t0 * L.record_bytes, args)))
     return tuple(launches)
 
@@ -164,7 +164,7 @@ def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
         args = K.struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
                         total=items, vec=int(hidden % 8 == 0),
                         dense=int(L.padded_hidden == hidden), **_layout_fields(L))
-        launches.append(K.Launch(fn, K.blocks(-(-items // U)),
+        launches.append(K.Launch(dev, fn, K.blocks(-(-items // U)),
                                  (t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args)))
     return tuple(launches)
 

@@ -368,7 +368,10 @@ class P2PCall:
         row = hidden * dtype.itemsize
         src, dst, n = plan.own
         self.own = (dst * row, src * row, n * row)  # (out offset, x offset, bytes)
-        self.own_side = n * row >= OWN_SIDE_BYTES
+        self.fork, self.join = kernels.Order(self.dev), kernels.Order(self.dev)
+        # raw handles of the communicator's side streams, when this call uses them
+        self.side = (self.streams.get(device, "own").cuda_stream
+                     if n * row >= OWN_SIDE_BYTES else None)
         # (launches, x offset, destination address): records stored by the encode kernel
         self.encodes, self.staged, self.raw_sends = [], [], []
         for p, first, rows, wire, nbytes in sends:
@@ -395,25 +398,25 @@ class P2PCall:
                                      frm, first * row))
         self.seeded = any(_stochastic(e[3]) for e in self.encodes) or any(
             _stochastic(e[3]) for e in self.staged)
+        self.copier = self.streams.get(device, "copy").cuda_stream if self.staged else None
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
         """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""
         if x.data_ptr() % 16:
             x = x.clone()  # the encodes were planned for 16-byte aligned rows
         out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
-        xp, op = x.data_ptr(), out.data_ptr()
-        stream = kernels.raw_stream(self.dev)
+        xp, op, dev = x.data_ptr(), out.data_ptr(), self.dev
+        stream = kernels.raw_stream(dev)
         bufs, copy = self.bufs, kernels.copy_async
         bufs.begin(stream)
         barrier = bufs.barrier
         o_off, x_off, n = self.own
-        side = None
-        if n and self.own_side:  # overlaps the encodes (they are bound by issue and NVLink)
-            side = self.streams.get(self.device, "own")
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            copy(op + o_off, xp + x_off, n, side.cuda_stream)
+        if self.side:  # a large own copy overlaps the encodes (bound by issue and NVLink)
+            side = self.side
+            self.fork(side, stream)
+            copy(dev, op + o_off, xp + x_off, n, side)
         elif n:
-            copy(op + o_off, xp + x_off, n, stream)
+            copy(dev, op + o_off, xp + x_off, n, stream)
         barrier(stream)
         key = None
         for launches, off, to, wire in self.encodes:
@@ -421,7 +424,7 @@ class P2PCall:
                 key = _cuda.seed_key(wire, _reference.resolve_seed(None))
             _cuda.run_encode(launches, stream, xp + off, to, key)
         for to, off, nbytes in self.raw_sends:
-            copy(to, xp + off, nbytes, stream)
+            copy(dev, to, xp + off, nbytes, stream)
         if self.staged:
             self._staged(xp, stream)
         barrier(stream)
@@ -429,23 +432,21 @@ class P2PCall:
             for launch in launches:
                 launch(stream, frm, op + off)
         for off, frm, nbytes in self.raw_recvs:
-            copy(op + off, frm, nbytes, stream)
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            copy(dev, op + off, frm, nbytes, stream)
+        if self.side:
+            self.join(stream, self.side)
         return out
 
     def _staged(self, xp: int, stream: int) -> None:
         """Records encoded locally and moved by the copy engine into the peers' memory: it
         moves bytes over NVLink faster than the encode kernel's own remote stores."""
-        cur = torch.cuda.current_stream(self.device)
-        copier = self.streams.get(self.device, "copy")
+        copier = self.copier
         for rows, rb, to, wire, parts in self.staged:
             rec = torch.empty(rows * rb, dtype=torch.uint8, device=self.device)
             rp = rec.data_ptr()
             for launches, x_off, r_off, nbytes in parts:
                 key = _cuda.seed_key(wire, _reference.resolve_seed(None)) if self.seeded else None
                 _cuda.run_encode(launches, stream, xp + x_off, rp + r_off, key)
-                copier.wait_stream(cur)
-                kernels.copy_async(to + r_off, rp + r_off, nbytes, copier.cuda_stream)
-            rec.record_stream(copier)
-        cur.wait_stream(copier)
+                self.fork(copier, stream)
+                kernels.copy_async(self.dev, to + r_off, rp + r_off, nbytes, copier)
+            self.join(stream, copier)  # (before rec can be reused by the current stream)
