@@ -328,14 +328,16 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
     ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks). ``out``: a
     contiguous, 16-byte aligned uint8 [T, record_bytes] to write (the all-reduce's buffers)."""
     T, H = x.shape
-    L = record_layout(H, cfg)
+    L = record_layout(H, cfg, x.dtype)
     x = x.contiguous()
     if T == 0:
         return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
     rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device) if out is None else out
+    if cfg.is_native:
+        return reference.encode_native(x, rec)
     if cfg.is_passthrough:  # NaN as the canonical NaN bits, like the reference
         wire = reference.wire_float(x.dtype)
-        nan = 0x7FC0 if wire == torch.bfloat16 else 0x7E00
+        nan = reference.CANONICAL_NAN[wire]
         rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
         rec[:, 2 * H:].zero_()
         return rec
@@ -379,13 +381,16 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     """Records [T, record_bytes] on a CUDA device -> tokens [T, hidden] (no validation).
     ``out``: a contiguous [T, hidden] tensor of ``dtype`` to write (the all-reduce's output)."""
     T = records.shape[0]
-    L = record_layout(hidden, cfg)
+    L = record_layout(hidden, cfg, dtype)
     records = records.contiguous()
     if records.data_ptr() % 16:
         records = records.clone()  # the kernels read planes with 16-byte loads
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
     y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
+    if cfg.is_native:  # a copy of the tokens' bytes
+        y.view(torch.uint8).copy_(records[:, :hidden * dtype.itemsize])
+        return y
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     dev = records.device.index if records.device.index is not None else torch.cuda.current_device()
@@ -434,7 +439,7 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
                  decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
     """(source, name expression) of the kernels a config uses for one dtype (the encode for
     dense rows and for the others)."""
-    if cfg.is_passthrough:
+    if not cfg.is_quantized:
         return []
     t = _CTYPE[dtype]
     (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
@@ -461,7 +466,9 @@ def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = t
 
 # ---- custom ops ----------------------------------------------------------------------------
 def _cfg(bits: str, group_size: int, spikes: bool, rounding: str) -> CodecConfig:
-    return CodecConfig(bits=bits, group_size=group_size, spikes=spikes, rounding=rounding)
+    """The CodecConfig of a custom op's arguments (``bits`` as str(cfg.bits))."""
+    return CodecConfig(bits=int(bits) if bits.isdigit() else bits, group_size=group_size,
+                       spikes=spikes, rounding=rounding)
 
 
 @torch.library.custom_op("moe_flashcomm::encode", mutates_args=())
@@ -472,7 +479,7 @@ def encode_op(x: torch.Tensor, bits: str, group_size: int, spikes: bool, roundin
 
 @encode_op.register_fake
 def _(x, bits, group_size, spikes, rounding, seed):
-    L = record_layout(x.shape[1], _cfg(bits, group_size, spikes, rounding))
+    L = record_layout(x.shape[1], _cfg(bits, group_size, spikes, rounding), x.dtype)
     return x.new_empty((x.shape[0], L.record_bytes), dtype=torch.uint8)
 
 
@@ -509,7 +516,7 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
     cfg = CodecConfig.coerce(cfg)
-    L = record_layout(hidden, cfg)
+    L = record_layout(hidden, cfg, dtype)
     reference.check_records(records, L, dtype)
     _check_device(records)
     return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)

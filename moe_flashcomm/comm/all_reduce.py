@@ -76,7 +76,7 @@ import torch.distributed as dist
 from .. import env
 from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import reference as _reference
-from ..codec.reference import INPUT_DTYPES
+from ..codec.reference import check_tokens
 from . import direct
 from .check import check_consistent, group_key
 from .exchange import decode as _decode
@@ -288,6 +288,9 @@ def _make_plan(x: torch.Tensor, group, codecs: LinkCodecs, algorithm: str, topol
     if algorithm == "flat" and intra != inter:
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
+    if intra.is_native != inter.is_native:
+        raise ValueError(f"codec: a 'native' all-reduce is torch.distributed.all_reduce itself; "
+                         f"it cannot be mixed with another codec per link ({codecs})")
     path, nodes = _path(group, topology, x.device.type)
     if config_key not in _verified:
         check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
@@ -362,7 +365,7 @@ def all_reduce(
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
     try:  # the hot path: these exact arguments were seen before (plan cached by them)
-        fast = (group, codec, op, algorithm, topology, gate, chunks, x.dtype, x.is_cuda,
+        fast = (group, codec, op, algorithm, topology, gate, chunks, x.dtype, x.device.type,
                 x.numel())
         plan = _calls.get(fast)
     except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
@@ -391,16 +394,13 @@ def all_reduce(
     return x
 
 
-_calls: dict = {}  # raw arguments (+ dtype, is_cuda, numel) -> _Plan
+_calls: dict = {}  # raw arguments (+ dtype, device type, numel) -> _Plan
 
 
 def _plan(x, group, codec, op, algorithm, topology, gate, chunks) -> _Plan:
     """Validate the arguments and return the plan of this call (cached per configuration
     and size; the first use of a configuration checks it across ranks, collectively)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    check_tokens(x)  # a tensor with data, of a token dtype
     if not _is_sum(op):
         raise ValueError(f"op must be one of {OPS} (or torch.distributed.ReduceOp.SUM), "
                          f"got {op!r}")

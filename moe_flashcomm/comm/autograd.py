@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..codec import CodecConfig
-from ..codec.reference import INPUT_DTYPES
+from ..codec.reference import check_tokens
 from .check import check_consistent, group_key
 from .exchange import ALGORITHMS, Pending, Route, cached_plan, exchange
 from . import direct, hierarchical, p2p
@@ -336,12 +336,9 @@ def _prepare(x, output_split_sizes, input_split_sizes, group, codec, grad_codec,
              gate, chunks, algorithm) -> _Call:
     """Validate all_to_all's arguments; the _Call that runs it (collective the first time
     a configuration is used: check_consistent)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tokens(x)  # a tensor with data, of a token dtype
     if x.dim() < 2:
         raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape {tuple(x.shape)}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
