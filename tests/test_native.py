@@ -186,3 +186,11 @@ def test_native_all_to_all_gloo_2():
 
 def test_native_per_link_and_hierarchical_gloo_4():
     spawn(_world4_links, 4, env={"LOCAL_WORLD_SIZE": 2})
+
+
+def test_the_all_reduce_specification_refuses_native():
+    """reference_all_reduce models the quantized algorithms; a native all-reduce is the
+    backend's own sum, which it cannot predict."""
+    from moe_flashcomm.comm.all_reduce import reference_all_reduce
+    with pytest.raises(ValueError, match="'native' all-reduce is torch.distributed.all_reduce"):
+        reference_all_reduce([torch.ones(8), torch.ones(8)], "native")

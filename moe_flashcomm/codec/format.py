@@ -22,7 +22,7 @@ import torch
 from .config import CodecConfig
 
 ALIGN = 16
-TOKEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the token dtypes
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
@@ -77,7 +77,7 @@ def record_layout(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = 
     dtype, is needed by "native" only (its records are the tokens' own bytes)."""
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-    if dtype is not None and dtype not in TOKEN_DTYPES:
+    if dtype is not None and dtype not in INPUT_DTYPES:
         raise TypeError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
     cfg = CodecConfig.coerce(cfg)
     if not cfg.is_native:

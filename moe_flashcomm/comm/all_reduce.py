@@ -347,7 +347,7 @@ def all_reduce(
                numel and dtype on every rank. Overwritten with the result; returned.
     group:     process group (None: the default group).
     codec:     CodecConfig / dict / bits value (None: CodecConfig(), int4 g128 spikes;
-               rounding must be "nearest"). For ``algorithm="hierarchical"`` also a
+               rounding must be "nearest"; "native": torch.distributed.all_reduce itself). For ``algorithm="hierarchical"`` also a
                LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
@@ -595,6 +595,9 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
     W = len(inputs)
     codecs = LinkCodecs.coerce(codec, "codec")
     intra, inter = codecs.intra_node, codecs.inter_node
+    if intra.is_native or inter.is_native:
+        raise ValueError("a 'native' all-reduce is torch.distributed.all_reduce: its result is "
+                         "the backend's sum, not this specification's")
     shape, dtype = inputs[0].shape, inputs[0].dtype
     c = rows_per_rank(inputs[0].numel(), W)
     xs = [_padded(x.reshape(-1), W).view(W * c, ROW) for x in inputs]
