@@ -194,3 +194,68 @@ def test_the_all_reduce_specification_refuses_native():
     from moe_flashcomm.comm.all_reduce import reference_all_reduce
     with pytest.raises(ValueError, match="'native' all-reduce is torch.distributed.all_reduce"):
         reference_all_reduce([torch.ones(8), torch.ones(8)], "native")
+
+
+def _deepspeed_fp32(rank, world):
+    """An fp32 model of DeepSpeed MoE layers (k = 1 and 2, drop_tokens on and off): every
+    codec "native" gives outputs, gradients and a few SGD steps' losses bit-identical to
+    stock DeepSpeed; "bf16" does not (it rounds the fp32 tokens)."""
+    import torch.nn as nn
+
+    from tests.test_deepspeed import H, init_deepspeed, make_moe, run, stock_runs, tokens
+    init_deepspeed()
+    native = {k: "native" for k in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([make_moe(2 * world, world, 1, True, dtype=torch.float32, seed=1),
+                                         make_moe(2 * world, world, 2, False, dtype=torch.float32, seed=2)])
+
+        def forward(self, x):
+            aux = 0.0
+            for b in self.blocks:
+                y, l_aux, _ = b(x)
+                x, aux = x + y, aux + l_aux
+            return x, aux
+
+    model = Stack()
+    x = tokens((4, 8, H), seed=rank, dtype=torch.float32)
+    ref, _ = stock_runs(model, x)
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a[:2], b[:2])) and \
+            a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+    stats = mf.enable_deepspeed(model, native)
+    assert same(ref, run(model, x)), "native differs from stock"
+    assert all(s.quantized[d] == 0 for s in stats.values() for d in native)
+    mf.disable_deepspeed(model)
+    mf.enable_deepspeed(model, {k: "bf16" for k in native})
+    assert not same(ref, run(model, x)), "bf16 passthrough rounds fp32 tokens"
+    mf.disable_deepspeed(model)
+
+    def losses(steps=3):
+        torch.manual_seed(11)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = []
+        for step in range(steps):
+            y, aux = model(tokens((4, 8, H), seed=100 * step + rank, dtype=torch.float32))
+            loss = y.square().mean() + aux
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.detach())
+        model.load_state_dict(init)
+        return torch.stack(out)
+
+    stock = losses()
+    mf.enable_deepspeed(model, native)
+    assert torch.equal(losses(), stock), "training with native differs from stock"
+    mf.disable_deepspeed(model)
+
+
+def test_deepspeed_fp32_model_with_native_codecs_is_stock_gloo_2():
+    pytest.importorskip("deepspeed")
+    spawn(_deepspeed_fp32, 2)
