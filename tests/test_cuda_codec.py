@@ -235,6 +235,29 @@ def test_decoded_nan_bits_for_every_kernel_shape(cfg, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("cfg", [CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False),
+                                 CodecConfig(bits=8, group_size=256), CodecConfig(bits="fp8")], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_all_reduce_nan_bits_match_reference(cfg, dtype):
+    """csrc/allreduce.cu with NaN/Inf among the peers' and the own values: the same record
+    bytes (re-quantized) and the same bits, canonical NaNs included (the sum itself), as
+    reduce_chunk's definition on the CPU."""
+    from moe_flashcomm.comm.all_reduce import ROW, reduce_chunk
+    for P, rank in ((2, 0), (3, 1)):
+        vals = [non_finite(6, ROW, dtype, seed=10 * P + p).cpu() for p in range(P)]
+        peers = torch.stack([R.encode(vals[p], cfg) for p in range(P) if p != rank])
+        for requant in (True, False):
+            want = reduce_chunk(peers, vals[rank], rank, cfg, requant=requant)
+            got = reduce_chunk(peers.cuda(), vals[rank].cuda(), rank, cfg, requant=requant)
+            what = f"{cfg} {dtype} P={P} rank={rank} requant={requant}"
+            if requant:
+                assert_same_records(got, want, record_layout(ROW, cfg), what)
+            else:
+                assert torch.isnan(want).any(), what
+                assert_same_bits(got, want, what)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_is_the_tokens_own_bytes_on_cuda(dtype):
     """"native" on CUDA tensors: records are the tokens' bytes (NaN payloads kept), through

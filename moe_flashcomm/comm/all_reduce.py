@@ -148,8 +148,8 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
         acc = term.clone() if acc is None else acc.add_(term)
     if acc is None:  # pragma: no cover - P >= 1 always
         acc = own.new_zeros((m, hidden), dtype=torch.float32)
-    out = acc.to(dtype)
-    return _encode(out, cfg) if requant else out
+    out = acc.to(dtype)  # NaNs canonical, as the fused kernel stores them
+    return _encode(out, cfg) if requant else _reference.canonical_nan(out)
 
 
 # ---- fused CUDA kernel (csrc/allreduce.cu) ---------------------------------------------------
