@@ -40,24 +40,36 @@ template <> struct Wire<__half> {
 };
 
 // ---- token dtypes: scalar and 8-wide (16-byte aligned) access as fp32 ----------------------
+// Stores (put, put8, pair) write every NaN as the dtype's canonical NaN kNaN (the standard quiet
+// NaN, reference.CANONICAL_NAN): CUDA's arithmetic and conversions make 0x7FFF... patterns.
+
+// Two 16-bit values packed from fp32 a (low half) and b (high half), NaNs made canonical.
+__device__ __forceinline__ u32 canon_pair(u32 packed, float a, float b, u16 nan) {
+  if (a != a) packed = (packed & 0xFFFF0000u) | nan;
+  if (b != b) packed = (packed & 0x0000FFFFu) | ((u32)nan << 16);
+  return packed;
+}
 template <typename T> struct Val;
 template <> struct Val<float> {
   typedef __nv_bfloat16 W;
   static constexpr float kMax = kFltMax;
+  static constexpr u32 kNaN = 0x7FC00000u;
+  static __device__ __forceinline__ float canon(float v) { return v != v ? __uint_as_float(kNaN) : v; }
   static __device__ __forceinline__ float get(const float* p) { return *p; }
   static __device__ __forceinline__ void get8(const float* p, float* v) {
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
   }
-  static __device__ __forceinline__ void put(float* p, float v) { *p = v; }
+  static __device__ __forceinline__ void put(float* p, float v) { *p = canon(v); }
   static __device__ __forceinline__ void put8(float* p, const float* v) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    reinterpret_cast<float4*>(p)[0] = make_float4(canon(v[0]), canon(v[1]), canon(v[2]), canon(v[3]));
+    reinterpret_cast<float4*>(p)[1] = make_float4(canon(v[4]), canon(v[5]), canon(v[6]), canon(v[7]));
   }
 };
 template <> struct Val<__nv_bfloat16> {
   typedef __nv_bfloat16 W;
   static constexpr float kMax = 3.38953138925153547590e+38f;  // 0x7F7F
+  static constexpr u16 kNaN = Wire<__nv_bfloat16>::kNaN;
   static __device__ __forceinline__ float get(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   static __device__ __forceinline__ void get8(const __nv_bfloat16* p, float* v) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
@@ -72,10 +84,12 @@ template <> struct Val<__nv_bfloat16> {
     a = __uint_as_float(w << 16);
     b = __uint_as_float(w & 0xFFFF0000u);
   }
-  static __device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void put(__nv_bfloat16* p, float v) {
+    *reinterpret_cast<u16*>(p) = v != v ? kNaN : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
   static __device__ __forceinline__ u32 pair(float a, float b) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const u32*>(&h);
+    return canon_pair(*reinterpret_cast<const u32*>(&h), a, b, kNaN);
   }
   static __device__ __forceinline__ void put8(__nv_bfloat16* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
@@ -84,6 +98,7 @@ template <> struct Val<__nv_bfloat16> {
 template <> struct Val<__half> {
   typedef __half W;
   static constexpr float kMax = 65504.0f;
+  static constexpr u16 kNaN = Wire<__half>::kNaN;
   static __device__ __forceinline__ float get(const __half* p) { return __half2float(*p); }
   static __device__ __forceinline__ void get8(const __half* p, float* v) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
@@ -100,10 +115,12 @@ template <> struct Val<__half> {
     a = f.x;
     b = f.y;
   }
-  static __device__ __forceinline__ void put(__half* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ void put(__half* p, float v) {
+    *reinterpret_cast<u16*>(p) = v != v ? kNaN : __half_as_ushort(__float2half_rn(v));
+  }
   static __device__ __forceinline__ u32 pair(float a, float b) {
     const __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const u32*>(&h);
+    return canon_pair(*reinterpret_cast<const u32*>(&h), a, b, kNaN);
   }
   static __device__ __forceinline__ void put8(__half* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));

@@ -8,7 +8,8 @@
 
 namespace mfc {
 
-// Saturate to the output dtype's finite range, keeping NaN (fminf/fmaxf would drop it).
+// Saturate to the output dtype's finite range, keeping NaN (fminf/fmaxf would drop it); the
+// stores (Val<Out>::put / put8 / pair) write every NaN as the canonical one.
 template <typename Out>
 __device__ __forceinline__ float saturate(float v) {
   return max_nan(min_nan(v, Val<Out>::kMax), -Val<Out>::kMax);
@@ -86,7 +87,7 @@ template <typename Out, int V>
 __device__ __forceinline__ void pack_out(const float* o, u32* w) {  // V values -> V*size/4 words
   if constexpr (sizeof(Out) == 4) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(o[k]);
+    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(Val<float>::canon(o[k]));
   } else {
 #pragma unroll
     for (int k = 0; k < V; k += 2) w[k / 2] = Val<Out>::pair(o[k], o[k + 1]);

@@ -15,8 +15,9 @@ The same fields are read from a ``"moe_flashcomm"`` section of a DeepSpeed JSON 
         ]
     }
 
-A codec field takes what ``CodecConfig.coerce`` takes (a bits value, a dict of CodecConfig
-fields, a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
+A codec field takes what ``CodecConfig.coerce`` takes (a bits value: 2..8, "fp8", "bf16",
+which rounds fp32 tokens to bf16, or "native", the tokens in their own dtype, exact for every
+dtype; a dict of CodecConfig fields; a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
 class (``moe_flashcomm.comm.LinkCodecs``). Every field has a default; a bad value raises
 ``ValueError`` naming the field and the allowed values; unknown keys are errors.
 """
@@ -125,7 +126,7 @@ class FlashCommConfig:
             raise ConfigError(f"{where}.enabled must be true or false, got {self.enabled!r}")
         for name in CODEC_FIELDS:
             set_(self, name, _codec(getattr(self, name), f"{where}.{name}"))
-        if self.algorithm not in ALGORITHMS:
+        if not (isinstance(self.algorithm, str) and self.algorithm in ALGORITHMS):
             raise ConfigError(f"{where}.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         set_(self, "gate", _check_gate(self.gate, f"{where}.gate"))
         if self.chunks == "auto":
@@ -133,8 +134,11 @@ class FlashCommConfig:
         elif self.chunks is not None and (isinstance(self.chunks, bool)
                                           or not isinstance(self.chunks, int) or self.chunks < 1):
             raise ConfigError(f"{where}.chunks must be an int >= 1 or \"auto\", got {self.chunks!r}")
-        set_(self, "layers", tuple(_rule(r, f"{where}.layers[{i}]")
-                                   for i, r in enumerate(self.layers or ())))
+        layers = () if self.layers is None else self.layers
+        if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
+            raise ConfigError(f"{where}.layers must be a list of rules (dicts with 'match' or "
+                              f"'index' and the fields to override), got {layers!r}")
+        set_(self, "layers", tuple(_rule(r, f"{where}.layers[{i}]") for i, r in enumerate(layers)))
         if self.all_reduce is None or self.all_reduce is False:
             set_(self, "all_reduce", None)
         else:

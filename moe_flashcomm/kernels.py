@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -130,9 +131,78 @@ def _include_dirs() -> list[str]:
     return found[:1]
 
 
+# A cache entry: one header line ``CACHE_MAGIC <key> <sha256 of key, name and cubin>``, then the
+# lowered name and the cubin. The key (the entry's file name) hashes everything the binary
+# depends on, so a file that is truncated, corrupted, or belongs to another key or to no one
+# fails the check and is compiled again.
+CACHE_MAGIC = b"moe_flashcomm-kernel-v1"
+
+
+def cache_key(source: str, name_expr: str, nvrtc_version, options: tuple[str, ...]) -> str:
+    """The entry's file name: a hash of everything the cubin depends on (the source with its
+    includes inlined, the name expression, NVRTC's version, the options: arch, defines)."""
+    text = "\0".join((source, name_expr, str(nvrtc_version)) + tuple(options))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entry_digest(key: str, name: bytes, cubin: bytes) -> bytes:
+    return hashlib.sha256(key.encode() + b"\n" + name + b"\n" + cubin).hexdigest().encode()
+
+
+def cache_entry(key: str, name: str, cubin: bytes) -> bytes:
+    """The bytes of the cache entry of (lowered ``name``, ``cubin``) under ``key``."""
+    raw = name.encode()
+    return b" ".join((CACHE_MAGIC, key.encode(), _entry_digest(key, raw, cubin))) + b"\n" \
+        + raw + b"\n" + cubin
+
+
+def parse_cache_entry(data: bytes, key: str) -> Optional[tuple[str, bytes]]:
+    """(lowered name, cubin) of a cache entry written under ``key``, or None when ``data`` is
+    not one: truncated, corrupted, of another key or no entry at all."""
+    header, sep, rest = data.partition(b"\n")
+    name, sep2, cubin = rest.partition(b"\n")
+    parts = header.split(b" ")
+    if not (sep and sep2 and name and cubin and len(parts) == 3):
+        return None
+    magic, entry_key, digest = parts
+    if magic != CACHE_MAGIC or entry_key != key.encode() \
+            or digest != _entry_digest(key, name, cubin):
+        return None
+    try:
+        return name.decode("ascii"), cubin
+    except UnicodeDecodeError:
+        return None
+
+
+def read_cache_file(path: Path, key: str) -> Optional[tuple[str, bytes]]:
+    """The verified entry at ``path``, or None (missing, unreadable or failing the check)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    entry = parse_cache_entry(data, key)
+    if entry is None:
+        warnings.warn(f"moe_flashcomm: kernel cache entry {path} is damaged or foreign; "
+                      "compiling it again", RuntimeWarning, stacklevel=3)
+    return entry
+
+
+def write_cache_file(path: Path, key: str, name: str, cubin: bytes) -> None:
+    """Publish the entry at ``path`` atomically (a reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
+        try:
+            f.write(cache_entry(key, name, cubin))
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+
+
 def compile_kernel(source_name: str, name_expr: str, arch: str,
                    defines: tuple[str, ...] = ()) -> tuple[str, bytes]:
-    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC.
+    """(lowered name, cubin) of one template instance, from the disk cache or NVRTC (a cache
+    entry that fails its check is compiled again and replaced).
     ``defines`` select kernel variants for benchmarks (e.g. MFC_SCALAR_STATS)."""
     cupy()
     from cupy.cuda import nvrtc
@@ -140,13 +210,12 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
     defines = tuple(defines) + env.kernel_defines()
     opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
     opts += tuple(f"-I{d}" for d in _include_dirs())
-    key = hashlib.sha256("\0".join((src, name_expr, str(nvrtc.getVersion())) + opts).encode()).hexdigest()
+    key = cache_key(src, name_expr, nvrtc.getVersion(), opts)
     path = env.kernel_cache_dir() / f"{key}.bin"
-    if path.is_file():
-        data = path.read_bytes()
-        name, _, cubin = data.partition(b"\n")
-        if name and cubin:
-            return name.decode(), cubin
+    if path.exists():
+        cached = read_cache_file(path, key)
+        if cached is not None:
+            return cached
     prog = nvrtc.createProgram(src, source_name, [], [])
     try:
         nvrtc.addNameExpression(prog, name_expr)
@@ -157,10 +226,7 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
         name, cubin = nvrtc.getLoweredName(prog, name_expr), nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:  # atomic publish
-        f.write(name.encode() + b"\n" + cubin)
-    os.replace(f.name, path)
+    write_cache_file(path, key, name, cubin)
     return name, cubin
 
 

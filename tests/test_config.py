@@ -3,7 +3,7 @@ import pytest
 from moe_flashcomm import CodecConfig
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, "fp8", "bf16"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, "fp8", "bf16", "native"])
 def test_valid_configs_round_trip_through_dict(bits):
     cfg = CodecConfig(bits=bits, group_size=64, rounding="stochastic")
     assert CodecConfig.from_dict(cfg.to_dict()) == cfg
@@ -37,9 +37,74 @@ def test_spikes_only_for_integer_widths():
     assert CodecConfig(bits=3).spikes is True
 
 
-def test_coerce_and_digit_strings():
+def test_coerce():
     assert CodecConfig.coerce(None) == CodecConfig()
     assert CodecConfig.coerce(2) == CodecConfig(bits=2)
-    assert CodecConfig.coerce({"bits": "6"}).bits == 6
+    assert CodecConfig.coerce("native") == CodecConfig(bits="native")
     with pytest.raises(TypeError, match="CodecConfig"):
         CodecConfig.coerce(3.5)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("bits", "4"), ("bits", "6"), ("bits", " fp8"), ("bits", "NATIVE"), ("bits", 4.0),
+    ("bits", None), ("group_size", 64.0), ("group_size", "64"), ("group_size", None),
+    ("spikes", 1), ("spikes", 0.0), ("rounding", ["nearest"]), ("rounding", None),
+])
+def test_types_are_exact(field, value):
+    """No float group sizes, no digit strings for bits, no ints for bools: each names the
+    field and what is allowed."""
+    with pytest.raises(ValueError, match=f"CodecConfig.{field} must be") as e:
+        CodecConfig(**{field: value})
+    if field == "bits":
+        assert "an int 2..8, 'fp8', 'bf16' or 'native'" in str(e.value)
+
+
+def test_rejected_config_leaves_the_layout_cache_sound():
+    """A float group size once compared equal to the int and poisoned the layout cache."""
+    from moe_flashcomm import record_bytes, record_layout
+    with pytest.raises(ValueError, match="group_size"):
+        CodecConfig(group_size=64.0)
+    with pytest.raises(ValueError, match="group_size"):
+        record_bytes(4096, {"bits": 4, "group_size": 64.0})
+    for g in (32, 64, 128, 256):
+        n = record_bytes(4096, CodecConfig(group_size=g))
+        assert type(n) is int and n % 16 == 0
+        L = record_layout(4096, CodecConfig(group_size=g))
+        assert all(type(v) is int for v in (L.group_size, L.n_groups, L.padded_hidden))
+    assert record_bytes(4096, CodecConfig(group_size=64)) == 4096 // 2 + 64 * 10  # codes, meta
+
+
+@pytest.mark.parametrize("bad", [[("bits", 4)], "bits=4", 4, None, (("bits", 4),)])
+def test_from_dict_needs_a_mapping(bad):
+    with pytest.raises(TypeError, match="CodecConfig.from_dict needs a dict of the fields "
+                                        "bits, group_size, spikes, rounding"):
+        CodecConfig.from_dict(bad)
+
+
+def test_unknown_dict_keys_of_any_type_are_named():
+    with pytest.raises(ValueError, match=r"unknown codec field\(s\) \['bitz', 3\]; allowed"):
+        CodecConfig.from_dict({"bitz": 4, 3: 1})
+
+
+def test_native_is_exact_for_every_dtype_and_has_no_groups():
+    import torch
+
+    from moe_flashcomm import decode, encode, record_bytes, record_layout
+    cfg = CodecConfig(bits="native", spikes=True, group_size=32)
+    assert cfg.is_native and not cfg.is_quantized and not cfg.is_passthrough and not cfg.spikes
+    assert str(cfg) == "native" and CodecConfig.from_dict(cfg.to_dict()) == cfg
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(5, 37).to(dtype)
+        x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -0.0
+        x.view(torch.int16 if dtype.itemsize == 2 else torch.int32)[3, 3] = -1  # a negative NaN
+        rec = encode(x, cfg)
+        assert rec.shape == (5, record_bytes(37, cfg, dtype)) == (5, -(-37 * dtype.itemsize // 16) * 16)
+        assert record_layout(37, cfg, dtype).bits_per_value == rec.shape[1] * 8 / 37
+        y = decode(rec, cfg, 37, dtype)
+        assert y.dtype == dtype and torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+        assert not rec[:, 37 * dtype.itemsize:].any()  # padding is zero
+    with pytest.raises(ValueError, match="'native' codec's records are the tokens' own bytes.*dtype="):
+        record_bytes(37, cfg)
+    with pytest.raises(ValueError, match="160 bytes per token but hidden=37 needs record_bytes=80"):
+        # fp32 records decoded as bf16 ones
+        decode(encode(torch.ones(2, 37), cfg), cfg, 37, torch.bfloat16)

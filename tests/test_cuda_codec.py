@@ -1,5 +1,5 @@
 """CUDA kernels against the reference codec: identical record bytes and identical decoded bits
-(NaN-aware) for every config, on random and adversarial inputs; graph capture and
+(NaNs included: one canonical NaN per dtype) for every config, on random and adversarial inputs; graph capture and
 torch.compile. GPU tests are marked ``cuda``; the loader tests at the end run anywhere."""
 import itertools
 import os
@@ -65,24 +65,25 @@ def assert_same_records(got, want, L, what=""):
 
 
 def assert_same_bits(got, want, what=""):
-    """Equal bit patterns, except that any NaN matches any NaN (same positions)."""
+    """Equal bit patterns, NaNs included (decoded NaNs are canonical on both sides)."""
     got = got.cpu()
     assert got.shape == want.shape and got.dtype == want.dtype, what
     gn, wn = torch.isnan(got), torch.isnan(want)
     assert torch.equal(gn, wn), f"{what}: NaN positions differ at {(gn != wn).nonzero()[:5].tolist()}"
-    gb = torch.where(gn, 0, got.view(BITS_OF[got.dtype]))
-    wb = torch.where(wn, 0, want.view(BITS_OF[want.dtype]))
+    gb, wb = got.view(BITS_OF[got.dtype]), want.view(BITS_OF[want.dtype])
     if not torch.equal(gb, wb):
         i = (gb != wb).nonzero()[0].tolist()
+        mask = (1 << 8 * got.element_size()) - 1
         raise AssertionError(f"{what}: {int((gb != wb).sum())} values differ; first at {i}: "
-                             f"got {got[tuple(i)].item()!r}, want {want[tuple(i)].item()!r}")
+                             f"got {got[tuple(i)].item()!r} ({gb[tuple(i)].item() & mask:#x}), "
+                             f"want {want[tuple(i)].item()!r} ({wb[tuple(i)].item() & mask:#x})")
 
 
 def check(x, cfg, seed=None):
     """Kernel encode/decode of CUDA ``x`` == reference on its CPU copy; returns the records."""
     cfg = CodecConfig.coerce(cfg)
     T, H = x.shape
-    L = record_layout(H, cfg)
+    L = record_layout(H, cfg, x.dtype)
     what = f"{cfg} {x.dtype} {tuple(x.shape)}"
     want = R.encode(x.cpu(), cfg, seed)
     rec = C.encode(x, cfg, seed)
@@ -155,7 +156,8 @@ def test_int_configs_match_reference(cfg, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("cfg", [CodecConfig(bits="fp8", group_size=g) for g in GROUPS] + [CodecConfig(bits="bf16")], ids=str)
+@pytest.mark.parametrize("cfg", [CodecConfig(bits="fp8", group_size=g) for g in GROUPS]
+                         + [CodecConfig(bits="bf16"), CodecConfig(bits="native")], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fp8_and_passthrough_match_reference(cfg, dtype):
     for i, (T, H) in enumerate([(33, 2 * 256 + 40), (9, 3 * 128 + 5), (4, 1024)]):
@@ -182,6 +184,97 @@ def test_every_kernel_shape_gives_the_same_bytes(cfg, dtype):
         y = R.decode(want, cfg, H, dtype)
         for shape in C.DECODE_SHAPES:
             assert_same_bits(C.decode_impl(want.cuda(), cfg, H, dtype, shape), y, f"{cfg} {shape}")
+
+
+# ---- NaN and Inf: one canonical NaN per output dtype, as in the reference -----------------------
+def non_finite(T, H, dtype, seed):
+    """Heavy-tailed rows with NaNs (either sign, odd payloads), +-Inf, whole NaN groups."""
+    x = heavy_tailed(T, H, dtype, seed).cpu()
+    g = torch.Generator().manual_seed(seed)
+    ints = x.view(BITS_OF[dtype])
+    for t in range(0, T, 2):  # every other row keeps its finite values (its groups stay finite)
+        i = torch.randint(0, H, (3,), generator=g)
+        x[t, i[0]] = float("nan")
+        ints[t, i[1]] = -1                              # negative NaN, full payload
+        x[t, i[2]] = float("inf") if t % 4 else float("-inf")
+    if T > 1 and H >= 64:
+        x[1, 32:64] = float("nan")
+    return x.cuda()
+
+
+NAN_CFGS = [CodecConfig(bits=b, group_size=g, spikes=s) for b, g, s in
+            itertools.product(INT_BITS, (32, 128, 256), (True, False))] + \
+           [CodecConfig(bits="fp8", group_size=g) for g in GROUPS]
+
+
+@gpu
+@pytest.mark.parametrize("cfg", NAN_CFGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoded_nan_bits_match_reference(cfg, dtype):
+    """A group with NaN or Inf decodes to NaN; the kernels write the reference's canonical
+    bits (bf16 0x7FC0, fp16 0x7E00, fp32 0x7FC00000) on every store path: 16-byte stores,
+    scalar stores (H % 8), the staged dense rows, spike slots."""
+    nan = R.CANONICAL_NAN[dtype]
+    for T, H in ((12, 1024), (12, 3 * 128 + 5), (7, 2 * 256 + 40)):
+        x = non_finite(T, H, dtype, seed=zlib.crc32(f"{cfg} {dtype} {H}".encode()))
+        check(x, cfg)
+        y = C.decode(C.encode(x, cfg), cfg, H, dtype).cpu()
+        bits = y.view(BITS_OF[dtype])[torch.isnan(y)] & ((1 << 8 * dtype.itemsize) - 1)
+        assert bits.numel() and (bits == nan).all(), f"{cfg} {dtype} H={H}: NaN bits " \
+            f"{sorted({hex(v) for v in bits.tolist()})}"
+
+
+@gpu
+@pytest.mark.parametrize("cfg", SHAPE_CFGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoded_nan_bits_for_every_kernel_shape(cfg, dtype):
+    for H in (1024, 7168 + 5):
+        x = non_finite(24, H, dtype, seed=H)
+        want = R.encode(x.cpu(), cfg, 5)
+        y = R.decode(want, cfg, H, dtype)
+        for shape in C.DECODE_SHAPES:
+            assert_same_bits(C.decode_impl(want.cuda(), cfg, H, dtype, shape), y, f"{cfg} {shape}")
+
+
+@gpu
+@pytest.mark.parametrize("cfg", [CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False),
+                                 CodecConfig(bits=8, group_size=256), CodecConfig(bits="fp8")], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_all_reduce_nan_bits_match_reference(cfg, dtype):
+    """csrc/allreduce.cu with NaN/Inf among the peers' and the own values: the same record
+    bytes (re-quantized) and the same bits, canonical NaNs included (the sum itself), as
+    reduce_chunk's definition on the CPU."""
+    from moe_flashcomm.comm.all_reduce import ROW, reduce_chunk
+    for P, rank in ((2, 0), (3, 1)):
+        vals = [non_finite(6, ROW, dtype, seed=10 * P + p).cpu() for p in range(P)]
+        peers = torch.stack([R.encode(vals[p], cfg) for p in range(P) if p != rank])
+        for requant in (True, False):
+            want = reduce_chunk(peers, vals[rank], rank, cfg, requant=requant)
+            got = reduce_chunk(peers.cuda(), vals[rank].cuda(), rank, cfg, requant=requant)
+            what = f"{cfg} {dtype} P={P} rank={rank} requant={requant}"
+            if requant:
+                assert_same_records(got, want, record_layout(ROW, cfg), what)
+            else:
+                assert torch.isnan(want).any(), what
+                assert_same_bits(got, want, what)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_is_the_tokens_own_bytes_on_cuda(dtype):
+    """"native" on CUDA tensors: records are the tokens' bytes (NaN payloads kept), through
+    the custom ops and the impls with out=, equal to the reference."""
+    cfg = CodecConfig(bits="native")
+    x = non_finite(9, 1000, dtype, seed=3)
+    rec = check(x, cfg)
+    assert rec.shape == (9, record_layout(1000, cfg, dtype).record_bytes)
+    y = C.decode(rec, cfg, 1000, dtype)
+    assert torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+    out = torch.full_like(rec, 0xAB)
+    assert C.encode_impl(x, cfg, 0, out=out) is out and torch.equal(out, rec)
+    y2 = torch.empty_like(x)
+    assert C.decode_impl(rec, cfg, 1000, dtype, out=y2) is y2 and torch.equal(y2.view(torch.uint8), x.view(torch.uint8))
+    assert C.kernel_names(cfg, dtype) == []
 
 
 # ---- adversarial inputs and shapes ---------------------------------------------------------------

@@ -46,6 +46,22 @@ def test_defaults_and_round_trip(tmp_path):
     assert FlashCommConfig.coerce(None) == FlashCommConfig()
 
 
+def test_native_codec_in_every_codec_field():
+    """"native" is a codec like the others in the JSON section: every field, per link,
+    per layer rule, and the all-reduce; it round-trips through JSON."""
+    section = {f: "native" for f in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
+    section["combine"] = {"intra_node": "native", "inter_node": {"bits": 4}}
+    section["layers"] = [{"index": 0, "dispatch": {"bits": "native"}}]
+    section["all_reduce"] = "native"
+    c = FlashCommConfig.from_deepspeed_config({"moe_flashcomm": section})
+    native = CodecConfig(bits="native")
+    assert c.dispatch == c.dispatch_grad == c.combine_grad == LinkCodecs(native, native)
+    assert c.combine == LinkCodecs(native, 4) and c.all_reduce == LinkCodecs(native, native)
+    assert c.for_layer("x", 0).dispatch == LinkCodecs(native, native)
+    assert FlashCommConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert "dispatch=native" in c.describe()
+
+
 def test_layer_rules_apply_in_order():
     c = FlashCommConfig(dispatch=4, layers=[
         {"match": "blocks.*", "combine": 8},
@@ -78,7 +94,18 @@ def test_layer_rules_apply_in_order():
     ({"enabled": "yes"}, "moe_flashcomm.enabled must be true or false"),
     ({"dispatch_codec": 4}, "moe_flashcomm: unknown field(s) ['dispatch_codec']; allowed: enabled, "
                             "dispatch, combine, dispatch_grad, combine_grad, algorithm, gate, chunks, layers"),
-    ({"layers": {"*": {}}}, "moe_flashcomm.layers[0] must be a dict"),
+    ({"layers": {"*": {}}}, "moe_flashcomm.layers must be a list of rules"),
+    ({"layers": "blocks.*"}, "moe_flashcomm.layers must be a list of rules"),
+    ({"layers": 3}, "moe_flashcomm.layers must be a list of rules"),
+    ({"layers": [3]}, "moe_flashcomm.layers[0] must be a dict"),
+    ({"dispatch": "4"}, "moe_flashcomm.dispatch: CodecConfig.bits must be an int 2..8, 'fp8', 'bf16' or 'native', got '4'"),
+    ({"dispatch": {"bits": 4, "group_size": 64.0}}, "CodecConfig.group_size must be one of (32, 64, 128, 256) (an int), got 64.0"),
+    ({"combine": {"bits": 4, "spikes": 1}}, "moe_flashcomm.combine: CodecConfig.spikes must be True or False"),
+    ({"chunks": 2.0}, 'moe_flashcomm.chunks must be an int >= 1 or "auto"'),
+    ({"algorithm": ["flat"]}, "moe_flashcomm.algorithm must be one of"),
+    ({"gate": {"host": {"int44": 5}}}, "moe_flashcomm.gate: size gate: unknown codec key 'int44' in thresholds['host']; allowed: int2, int3"),
+    ({"gate": {"thresholds": [["host", 5]]}}, "moe_flashcomm.gate: size gate: thresholds must be a table"),
+    ({"gate": {"thresholds": {}, "all_reduce": {}, "extra": 1}}, "moe_flashcomm.gate: size gate: unknown key(s) 'extra'"),
     ({"layers": [{"dispatch": 4}]}, "moe_flashcomm.layers[0] needs exactly one of 'match'"),
     ({"layers": [{"match": "a", "index": 1}]}, "moe_flashcomm.layers[0] needs exactly one of"),
     ({"layers": [{"match": "a"}, {"index": -2}]}, "moe_flashcomm.layers[1].index must be an int >= 0"),

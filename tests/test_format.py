@@ -52,6 +52,26 @@ def test_sections_are_aligned_and_disjoint(bits):
         assert spans[-1][1] <= L.record_bytes and L.record_bytes % 16 == 0
 
 
+def test_native_record_bytes_depend_on_the_dtype():
+    """docs/wire-format.md: align16(H * itemsize); the other codecs ignore the dtype."""
+    import torch
+    native = CodecConfig(bits="native")
+    for hidden in (1, 7, 100, 4096, 7173):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert record_bytes(hidden, native, dtype) == a16(hidden * dtype.itemsize)
+            L = record_layout(hidden, native, dtype)
+            assert [(p.width, p.offset, p.nbytes) for p in L.planes] == \
+                [(8 * dtype.itemsize, 0, hidden * dtype.itemsize)]
+            assert L.scale is None and L.n_groups == 0
+            for bits in ALL_BITS:
+                cfg = CodecConfig(bits=bits)
+                assert record_bytes(hidden, cfg, dtype) == record_bytes(hidden, cfg)
+    with pytest.raises(ValueError, match="depends on the dtype"):
+        record_bytes(10, native)
+    with pytest.raises(TypeError, match="dtype must be"):
+        record_bytes(10, native, torch.float64)
+
+
 def test_bit_splitting_planes():
     assert [plane_widths(b) for b in range(2, 9)] == [
         (2,), (2, 1), (4,), (4, 1), (4, 2), (4, 2, 1), (8,)]

@@ -190,6 +190,50 @@ def test_non_finite_groups_decode_non_finite_and_stay_local(bits, bad):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :32]).all() and torch.isfinite(y[1, 64:]).all()
 
 
+def nan_bits(y: torch.Tensor) -> set:
+    """The bit patterns (unsigned) of the NaNs in ``y``."""
+    ints = y.view(torch.int32 if y.dtype == torch.float32 else torch.int16)
+    return {v & ((1 << 8 * y.element_size()) - 1) for v in ints[torch.isnan(y)].tolist()}
+
+
+def test_canonical_nan_is_the_standard_quiet_nan():
+    """The bits docs/wire-format.md states, and what they are as floats."""
+    assert R.CANONICAL_NAN == {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00,
+                               torch.float32: 0x7FC00000}
+    for dtype, bits in R.CANONICAL_NAN.items():
+        t = torch.tensor([bits], dtype=torch.int32 if dtype == torch.float32 else torch.int16)
+        assert torch.isnan(t.view(dtype)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [CodecConfig(bits=b, group_size=g, spikes=s)
+                                 for b, g, s in itertools.product(INT_BITS, (32, 128), (True, False))]
+                         + [CodecConfig(bits="fp8", group_size=g) for g in (32, 64, 256)])
+def test_every_decoded_nan_has_the_canonical_bits(dtype, cfg):
+    """A group with NaN (either sign, any payload) or +-Inf decodes to all NaN, every NaN
+    with the one canonical pattern of the output dtype; the metadata stores the canonical
+    wire NaN. The CUDA kernels must give the same bits (tests/test_cuda_codec.py)."""
+    H = 300  # a partial last group
+    x = heavy_tailed(6, H, dtype, seed=3)
+    ints = x.view(torch.int32 if dtype == torch.float32 else torch.int16)
+    x[0, 5] = float("nan")
+    ints[1, 40] = -1                      # a negative NaN with a full payload
+    x[2, 299] = float("inf")              # in the partial group
+    x[3, 0], x[3, 200] = float("-inf"), float("nan")
+    x[4, 64:96] = float("nan")            # a whole group
+    y = decode(encode(x, cfg), cfg, H, dtype)
+    assert nan_bits(y) == {R.CANONICAL_NAN[dtype]}
+    G = cfg.group_size
+    for t, i in ((0, 5), (1, 40), (2, 299), (3, 0), (3, 200), (4, 64)):
+        g = i // G
+        assert torch.isnan(y[t, g * G:min(H, (g + 1) * G)]).all(), (t, i)
+    assert torch.isfinite(y[5]).all()
+    L = record_layout(H, cfg)
+    wire = R.wire_float(dtype)
+    scale = R._get(encode(x, cfg), L.scale, L.n_groups, wire)
+    assert nan_bits(scale) == {R.CANONICAL_NAN[wire]}
+
+
 @pytest.mark.parametrize("bits", INT_BITS)
 def test_fp16_extremes(bits):
     fmax = torch.finfo(torch.float16).max
@@ -298,5 +342,17 @@ def test_bad_inputs_raise_clearly():
         decode(rec.float(), cfg, 256)
     with pytest.raises(TypeError, match="dtype"):
         decode(rec, cfg, 256, torch.float64)
+
+
+@pytest.mark.parametrize("cfg", [CodecConfig(), CodecConfig(bits="fp8"), CodecConfig(bits="bf16"),
+                                 CodecConfig(bits="native")])
+def test_meta_tensors_are_refused_early(cfg):
+    """A meta tensor (shape only) is a clear ValueError, not a failure deep inside torch."""
+    x = torch.empty(4, 256, device="meta")
+    with pytest.raises(ValueError, match="x is a meta tensor .*no data"):
+        encode(x, cfg)
+    rb = record_layout(256, cfg, torch.float32).record_bytes
+    with pytest.raises(ValueError, match="records is a meta tensor"):
+        decode(torch.empty(4, rb, dtype=torch.uint8, device="meta"), cfg, 256, torch.float32)
     with pytest.raises(ValueError, match="CodecConfig.bits"):
         encode(torch.randn(2, 8), {"bits": 1})

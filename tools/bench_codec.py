@@ -143,7 +143,8 @@ def main() -> None:
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB
-    cfgs = [CodecConfig(bits=b, group_size=args.group, spikes=bool(args.spikes)) for b in args.bits]
+    cfgs = [CodecConfig(bits=int(b) if b.isdigit() else b, group_size=args.group,
+                        spikes=bool(args.spikes)) for b in args.bits]
     shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [None],
                   decode=[parse_shape(s) for s in args.decode_shapes] or [None])  # None: the library's
     if args.shapes_from:

@@ -26,7 +26,7 @@ def fmt_size(n: int) -> str:
 def codec_of(name: str):
     """'int4' / 'fp8' / 'bf16' -> the CodecConfig the benchmarks use (group 128, spikes)."""
     from moe_flashcomm import CodecConfig
-    bits = name[3:] if name.startswith("int") else name
+    bits = int(name[3:]) if name.startswith("int") and name[3:].isdigit() else name
     return CodecConfig(bits=bits, group_size=128, spikes=True)
 
 

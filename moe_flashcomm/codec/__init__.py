@@ -11,7 +11,8 @@ from .reference import Seed
 
 
 def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor:
-    """Tokens [T, H] (fp32/bf16/fp16) -> records uint8 [T, record_bytes(H, cfg)].
+    """Tokens [T, H] (fp32/bf16/fp16) -> records uint8 [T, record_bytes(H, cfg, x.dtype)].
+    With ``bits="native"`` the records are the tokens' own bytes (exact; padded to 16 bytes).
 
     ``seed`` (int or torch.Generator) drives stochastic rounding; None draws one from
     torch's default generator. Ignored for nearest rounding.

@@ -4,11 +4,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Union
 
-BITS_ALLOWED = "an int 2..8, 'fp8' or 'bf16'"
+BITS_NAMED = ("fp8", "bf16", "native")  # the bits values that are names, not widths
+BITS_ALLOWED = "an int 2..8, 'fp8', 'bf16' or 'native'"
 GROUP_SIZES = (32, 64, 128, 256)
 ROUNDINGS = ("nearest", "stochastic")
+FIELDS = ("bits", "group_size", "spikes", "rounding")
 
 Bits = Union[int, str]
+
+
+def _is_int(v: Any) -> bool:
+    """A Python int proper: no bool, no float that equals an int, no digit string."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -16,11 +23,16 @@ class CodecConfig:
     """How token activations are encoded for transfer.
 
     bits:       2..8 (integer codes stored as 4/2/1-bit planes), "fp8" (e4m3 with a
-                per-group scale) or "bf16" (16-bit passthrough, no groups).
+                per-group scale), "bf16" (16-bit passthrough, no groups: fp32 tokens are
+                rounded to bf16, bf16 and fp16 tokens travel exactly) or "native" (the
+                tokens' own bytes in their own dtype: exact for fp32, bf16 and fp16).
     group_size: values sharing one scale/min: 32, 64, 128 or 256.
     spikes:     keep each group's min and max exactly (integer widths only; ignored
-                and normalised to False for "fp8" and "bf16").
+                and normalised to False for "fp8", "bf16" and "native").
     rounding:   "nearest" (half to even) or "stochastic" (unbiased, for gradients).
+
+    Types are exact: ``bits`` an int or one of the names, ``group_size`` an int (not 64.0,
+    not True), ``spikes`` a bool, ``rounding`` a str.
     """
 
     bits: Bits = 4
@@ -30,20 +42,15 @@ class CodecConfig:
 
     def __post_init__(self) -> None:
         bits = self.bits
-        if isinstance(bits, str) and bits.isdigit():
-            bits = int(bits)
-        if isinstance(bits, bool) or not (
-            (isinstance(bits, int) and 2 <= bits <= 8) or bits in ("fp8", "bf16")
-        ):
-            raise ValueError(f"CodecConfig.bits must be {BITS_ALLOWED}, got {self.bits!r}")
-        object.__setattr__(self, "bits", bits)
-        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+        if not ((_is_int(bits) and 2 <= bits <= 8) or (isinstance(bits, str) and bits in BITS_NAMED)):
+            raise ValueError(f"CodecConfig.bits must be {BITS_ALLOWED}, got {bits!r}")
+        if not (_is_int(self.group_size) and self.group_size in GROUP_SIZES):
             raise ValueError(
-                f"CodecConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}"
+                f"CodecConfig.group_size must be one of {GROUP_SIZES} (an int), got {self.group_size!r}"
             )
         if not isinstance(self.spikes, bool):
             raise ValueError(f"CodecConfig.spikes must be True or False, got {self.spikes!r}")
-        if self.rounding not in ROUNDINGS:
+        if not (isinstance(self.rounding, str) and self.rounding in ROUNDINGS):
             raise ValueError(
                 f"CodecConfig.rounding must be one of {ROUNDINGS}, got {self.rounding!r}"
             )
@@ -60,7 +67,18 @@ class CodecConfig:
 
     @property
     def is_passthrough(self) -> bool:
+        """The 16-bit passthrough "bf16": values in the wire float (fp32 rounds to bf16)."""
         return self.bits == "bf16"
+
+    @property
+    def is_native(self) -> bool:
+        """Tokens in their own dtype, their own bytes: exact for every dtype."""
+        return self.bits == "native"
+
+    @property
+    def is_quantized(self) -> bool:
+        """Integer widths and fp8: values in groups with a scale (not bf16, not native)."""
+        return self.is_int or self.is_fp8
 
     @property
     def qmax(self) -> int:
@@ -73,10 +91,13 @@ class CodecConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CodecConfig":
-        unknown = set(d) - {"bits", "group_size", "spikes", "rounding"}
+        if not isinstance(d, Mapping):
+            raise TypeError(f"CodecConfig.from_dict needs a dict of the fields {', '.join(FIELDS)}, "
+                            f"got {type(d).__name__}: {d!r}")
+        unknown = set(d) - set(FIELDS)
         if unknown:
             raise ValueError(
-                f"unknown codec field(s) {sorted(unknown)}; allowed: bits, group_size, spikes, rounding"
+                f"unknown codec field(s) {sorted(unknown, key=repr)}; allowed: {', '.join(FIELDS)}"
             )
         return cls(**d)
 
@@ -95,7 +116,7 @@ class CodecConfig:
 
     def __str__(self) -> str:
         if not self.is_int:
-            return str(self.bits) if self.is_passthrough else f"fp8/g{self.group_size}"
+            return f"fp8/g{self.group_size}" if self.is_fp8 else str(self.bits)
         s = f"int{self.bits}/g{self.group_size}"
         if self.spikes:
             s += "+spikes"

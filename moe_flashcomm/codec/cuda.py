@@ -9,7 +9,8 @@ so a repeated call costs the host one allocation and one driver launch. Under
 ``decode``, which the compiler keeps as one opaque op each.
 
 Compiled kernels are cached on disk (``$MOE_FLASHCOMM_CACHE``, default
-``~/.cache/moe_flashcomm/kernels``); :func:`precompile` fills that cache in parallel.
+``~/.cache/moe_flashcomm/kernels``), each entry named by a hash of what it was built from and
+checked against its own checksum when read; :func:`precompile` fills that cache in parallel.
 """
 from __future__ import annotations
 
@@ -187,15 +188,17 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
     ``shape`` (V, U) and ``defines`` pick kernel variants (benchmarks). ``out``: a
     contiguous, 16-byte aligned uint8 [T, record_bytes] to write."""
     T, H = x.shape
-    L = record_layout(H, cfg)
+    L = record_layout(H, cfg, x.dtype)
     if not x.is_contiguous():
         x = x.contiguous()
     if T == 0:
         return torch.zeros(0, L.record_bytes, dtype=torch.uint8, device=x.device)
     rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device) if out is None else out
+    if cfg.is_native:
+        return reference.encode_native(x, rec)
     if cfg.is_passthrough:  # NaN as the canonical NaN bits, like the reference
         wire = reference.wire_float(x.dtype)
-        nan = 0x7FC0 if wire == torch.bfloat16 else 0x7E00
+        nan = reference.CANONICAL_NAN[wire]
         rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
         rec[:, 2 * H:].zero_()
         return rec
@@ -219,6 +222,9 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
     y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
+    if cfg.is_native:  # a copy of the tokens' bytes
+        y.view(torch.uint8).copy_(records[:, :hidden * dtype.itemsize])
+        return y
     if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
         return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     dev = K.device_index(records)
@@ -254,7 +260,7 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
                  decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
     """(source, name expression) of the kernels a config uses for one dtype (the encode for
     dense rows and for the others)."""
-    if cfg.is_passthrough:
+    if not cfg.is_quantized:
         return []
     (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
     (Vd, Ud) = _shape(cfg, decode_shape, DECODE_SHAPE, DECODE_SHAPES)
@@ -276,7 +282,9 @@ def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = t
 
 # ---- custom ops ----------------------------------------------------------------------------
 def _cfg(bits: str, group_size: int, spikes: bool, rounding: str) -> CodecConfig:
-    return CodecConfig(bits=bits, group_size=group_size, spikes=spikes, rounding=rounding)
+    """The CodecConfig of a custom op's arguments (``bits`` as str(cfg.bits))."""
+    return CodecConfig(bits=int(bits) if bits.isdigit() else bits, group_size=group_size,
+                       spikes=spikes, rounding=rounding)
 
 
 @torch.library.custom_op("moe_flashcomm::encode", mutates_args=())
@@ -287,7 +295,7 @@ def encode_op(x: torch.Tensor, bits: str, group_size: int, spikes: bool, roundin
 
 @encode_op.register_fake
 def _(x, bits, group_size, spikes, rounding, seed):
-    L = record_layout(x.shape[1], _cfg(bits, group_size, spikes, rounding))
+    L = record_layout(x.shape[1], _cfg(bits, group_size, spikes, rounding), x.dtype)
     return x.new_empty((x.shape[0], L.record_bytes), dtype=torch.uint8)
 
 
@@ -317,7 +325,7 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
     cfg = CodecConfig.coerce(cfg)
-    reference.check_records(records, record_layout(hidden, cfg), dtype)
+    reference.check_records(records, record_layout(hidden, cfg, dtype), dtype)
     if torch.compiler.is_compiling():
         return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)
     return decode_impl(records, cfg, hidden, dtype)

@@ -5,6 +5,7 @@ A record is the encoding of one token of ``hidden`` values (docs/wire-format.md)
     [plane 4-bit][plane 2-bit][plane 1-bit]   integer widths (8-bit: one 8-bit plane)
     [fp8 codes]                               fp8
     [16-bit values]                           bf16 passthrough
+    [the token's own values]                  native (its size depends on the dtype)
     then per-group metadata arrays, the record padded to ALIGN bytes.
 
 Every plane and the metadata block start on an ALIGN-byte boundary so kernels can use
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+import torch
+
 from .config import CodecConfig
 
 ALIGN = 16
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the token dtypes
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
@@ -68,18 +72,29 @@ class RecordLayout:
         return self.record_bytes * 8 / self.hidden
 
 
-def record_layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
-    """The layout of one record of ``hidden`` values under ``cfg``."""
+def record_layout(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = None) -> RecordLayout:
+    """The layout of one record of ``hidden`` values under ``cfg``. ``dtype``, the tokens'
+    dtype, is needed by "native" only (its records are the tokens' own bytes)."""
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-    return _layout(hidden, CodecConfig.coerce(cfg))
+    if dtype is not None and dtype not in INPUT_DTYPES:
+        raise TypeError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
+    cfg = CodecConfig.coerce(cfg)
+    if not cfg.is_native:
+        return _layout(hidden, cfg, 0)
+    if dtype is None:
+        raise ValueError("the 'native' codec's records are the tokens' own bytes, so their size "
+                         "depends on the dtype: pass dtype= (record_layout / record_bytes)")
+    return _layout(hidden, cfg, dtype.itemsize)
 
 
 @lru_cache(maxsize=None)
-def _layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
-    if cfg.is_passthrough:
-        return RecordLayout(hidden, 0, 0, hidden, (Plane(16, 0, 0, 2 * hidden),),
-                            None, None, None, None, None, None, align(2 * hidden))
+def _layout(hidden: int, cfg: CodecConfig, itemsize: int) -> RecordLayout:
+    """``itemsize``: bytes per value of a native record (0 for the other codecs)."""
+    if cfg.is_passthrough or cfg.is_native:
+        size = 2 if cfg.is_passthrough else itemsize
+        return RecordLayout(hidden, 0, 0, hidden, (Plane(8 * size, 0, 0, size * hidden),),
+                            None, None, None, None, None, None, align(size * hidden))
     g = cfg.group_size
     n = -(-hidden // g)
     padded = n * g
@@ -98,6 +113,7 @@ def _layout(hidden: int, cfg: CodecConfig) -> RecordLayout:
     return RecordLayout(hidden, g, n, padded, tuple(planes), record_bytes=align(offset), **fields)
 
 
-def record_bytes(hidden: int, cfg: CodecConfig) -> int:
-    """Bytes of one encoded token of ``hidden`` values under ``cfg`` (a multiple of 16)."""
-    return record_layout(hidden, cfg).record_bytes
+def record_bytes(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of one encoded token of ``hidden`` values under ``cfg`` (a multiple of 16);
+    ``dtype`` as in record_layout (needed by "native" only)."""
+    return record_layout(hidden, cfg, dtype).record_bytes

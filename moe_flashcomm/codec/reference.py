@@ -14,7 +14,11 @@ Arithmetic rules the kernels copy exactly:
     (passthrough values too) are torch's canonical NaN (bf16 0x7FC0, fp16 0x7E00);
   * decoded fp32 values saturate to the output dtype's finite range before the final
     round-to-nearest cast (the top code may overshoot the group max by a rounding of the
-    scale); NaN stays NaN (kernels: compare-and-select, not fminf/fmaxf).
+    scale); NaN stays NaN (kernels: compare-and-select, not fminf/fmaxf), and every decoded
+    NaN has one canonical bit pattern per output dtype (CANONICAL_NAN), whatever NaN the
+    arithmetic made;
+  * "native" records are the tokens' own bytes (any dtype, NaN bits included), padded to
+    16 bytes: exact.
 """
 from __future__ import annotations
 
@@ -23,10 +27,13 @@ from typing import Optional, Union
 import torch
 
 from .config import CodecConfig
-from .format import FP8_MAX, RecordLayout, record_layout
+from .format import FP8_MAX, INPUT_DTYPES, RecordLayout, record_layout
 
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Seed = Union[int, torch.Generator, None]
+# The bits of every NaN a quantized decode writes (docs/wire-format.md), as the signed int
+# of the dtype's width: the standard quiet NaN (sign 0, top mantissa bit set).
+CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+_INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def wire_float(dtype: torch.dtype) -> torch.dtype:
@@ -79,18 +86,36 @@ def resolve_seed(seed: Seed) -> int:
 
 
 # ---- validation ------------------------------------------------------------------------
-def check_input(x: torch.Tensor) -> None:
+def check_data(t: torch.Tensor, name: str) -> None:
+    """``t`` has data to read: a meta tensor (shape only) is refused here, before it fails
+    somewhere deep inside torch or a collective."""
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); moe_flashcomm encodes, "
+                         "decodes and exchanges tensors with data: materialise it first "
+                         "(e.g. module.to_empty(device=...) and load the weights)")
+
+
+def check_tokens(x: torch.Tensor, name: str = "x") -> None:
+    """The checks every entry point makes on a token tensor (any shape): a torch.Tensor
+    with data, float32, bfloat16 or float16."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_data(x, name)
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_input(x: torch.Tensor) -> None:
+    check_tokens(x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, hidden], got shape {tuple(x.shape)}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if x.shape[1] < 1:
         raise ValueError("x must have hidden size >= 1")
 
 
 def check_records(records: torch.Tensor, layout: RecordLayout, dtype: torch.dtype) -> None:
+    if isinstance(records, torch.Tensor):
+        check_data(records, "records")
     if not isinstance(records, torch.Tensor) or records.dtype != torch.uint8 or records.dim() != 2:
         got = f"{records.dtype} {tuple(records.shape)}" if isinstance(records, torch.Tensor) else type(records).__name__
         raise ValueError(f"records must be a 2-D uint8 tensor [tokens, record_bytes], got {got}")
@@ -114,6 +139,27 @@ def _get(rec: torch.Tensor, offset: int, n: int, dtype: torch.dtype) -> torch.Te
     """Read [T, n] values of ``dtype`` stored at ``offset`` of every record."""
     size = torch.empty((), dtype=dtype).element_size()
     return rec[:, offset:offset + n * size].contiguous().view(dtype)
+
+
+def encode_native(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """The "native" records of ``x`` [T, H] into ``rec`` uint8 [T, record_bytes]: the
+    tokens' own bytes, the padding zero."""
+    n = x.shape[1] * x.element_size()
+    rec[:, :n].copy_(x.contiguous().view(torch.uint8))
+    rec[:, n:].zero_()
+    return rec
+
+
+def decode_native(records: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tokens [T, hidden] of ``dtype`` whose bytes "native" records hold (a copy)."""
+    n = hidden * dtype.itemsize
+    return records[:, :n].clone(memory_format=torch.contiguous_format).view(dtype)
+
+
+def canonical_nan(y: torch.Tensor) -> torch.Tensor:
+    """``y`` with every NaN, in place, set to CANONICAL_NAN of its dtype."""
+    y.view(_INT_OF[y.dtype]).masked_fill_(torch.isnan(y), CANONICAL_NAN[y.dtype])
+    return y
 
 
 def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -230,11 +276,13 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor
     cfg = CodecConfig.coerce(cfg)
     check_input(x)
     T, H = x.shape
-    L = record_layout(H, cfg)
+    L = record_layout(H, cfg, x.dtype)
     wire = wire_float(x.dtype)
     rec = torch.zeros(T, L.record_bytes, dtype=torch.uint8, device=x.device)
     if T == 0:
         return rec
+    if cfg.is_native:
+        return encode_native(x, rec)
     if cfg.is_passthrough:  # NaN as the canonical NaN: torch's casts vary its bits by position
         v = x.to(wire)
         _put(rec, 0, torch.where(torch.isnan(v), torch.tensor(float("nan"), dtype=wire), v))
@@ -275,16 +323,19 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``.
 
-    ``dtype`` must be the dtype that was encoded (it selects the wire float).
+    ``dtype`` must be the dtype that was encoded (it selects the wire float, and the size of
+    "native" records).
     """
     cfg = CodecConfig.coerce(cfg)
-    L = record_layout(hidden, cfg)
+    L = record_layout(hidden, cfg, dtype)
     check_records(records, L, dtype)
     T = records.shape[0]
     wire = wire_float(dtype)
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
-    if cfg.is_passthrough:
+    if cfg.is_native:
+        return decode_native(records, hidden, dtype)
+    if cfg.is_passthrough:  # stored NaNs are canonical: the cast keeps them canonical
         return _get(records, 0, hidden, wire).to(dtype)
     n, G = L.n_groups, L.group_size
     if cfg.is_fp8:
@@ -297,4 +348,4 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
             codes |= unpack_plane(records[:, p.offset:p.offset + p.nbytes], p.width) << p.shift
         out = dequantize_groups(codes.view(T, n, G), read_meta(records, L, cfg.spikes, wire), cfg.spikes)
     fmax = torch.finfo(dtype).max
-    return out.view(T, -1)[:, :hidden].clamp(-fmax, fmax).to(dtype)
+    return canonical_nan(out.view(T, -1)[:, :hidden].clamp(-fmax, fmax).to(dtype))

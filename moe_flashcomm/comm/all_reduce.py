@@ -76,7 +76,7 @@ from .. import env, kernels
 from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
-from ..codec.reference import INPUT_DTYPES
+from ..codec.reference import check_tokens
 from . import direct
 from .check import check_consistent
 from .exchange import decode as _decode
@@ -147,8 +147,8 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
         acc = term.clone() if acc is None else acc.add_(term)
     if acc is None:  # pragma: no cover - P >= 1 always
         acc = own.new_zeros((m, hidden), dtype=torch.float32)
-    out = acc.to(dtype)
-    return _encode(out, cfg) if requant else out
+    out = acc.to(dtype)  # NaNs canonical, as the fused kernel stores them
+    return _encode(out, cfg) if requant else _reference.canonical_nan(out)
 
 
 # ---- fused CUDA kernel (csrc/allreduce.cu) ---------------------------------------------------
@@ -262,6 +262,9 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     if algorithm == "flat" and intra != inter:
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
+    if intra.is_native != inter.is_native:
+        raise ValueError(f"codec: a 'native' all-reduce is torch.distributed.all_reduce itself; "
+                         f"it cannot be mixed with another codec per link ({codecs})")
     path = _path(comm, x.device.type)
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=env.all_reduce_pair_gather()),
@@ -315,8 +318,8 @@ def all_reduce(
                numel and dtype on every rank. Overwritten with the result; returned.
     group:     process group (None: the default group).
     codec:     CodecConfig / dict / bits value (None: CodecConfig(), int4 g128 spikes;
-               rounding must be "nearest"). For ``algorithm="hierarchical"`` also a
-               LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
+               rounding must be "nearest"; "native": torch.distributed.all_reduce
+               itself). For ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
                across groups, all-gather inside groups: see the module docstring).
@@ -340,10 +343,7 @@ def all_reduce(
 def _plan(comm, x, codec, op, algorithm, chunks) -> _Plan:
     """Validate the arguments and return the plan of this call (the first use of a
     configuration checks it across ranks, collectively)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    check_tokens(x)  # a tensor with data, of a token dtype
     if not _is_sum(op):
         raise ValueError(f"op must be one of {OPS} (or torch.distributed.ReduceOp.SUM), "
                          f"got {op!r}")
@@ -358,7 +358,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     """``all_reduce`` on a Communicator (its plans are kept per arguments and size)."""
     plans = comm.all_reduce_plans
     try:  # the hot path: these exact arguments were seen before
-        key = (codec, op, algorithm, chunks, x.dtype, x.is_cuda, x.numel())
+        key = (codec, op, algorithm, chunks, x.dtype, x.device.type, x.numel())
         plan = plans.get(key)
     except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
         key, plan = None, None
@@ -560,6 +560,9 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
     W = len(inputs)
     codecs = LinkCodecs.coerce(codec, "codec")
     intra, inter = codecs.intra_node, codecs.inter_node
+    if intra.is_native or inter.is_native:
+        raise ValueError("a 'native' all-reduce is torch.distributed.all_reduce: its result is "
+                         "the backend's sum, not this specification's")
     shape, dtype = inputs[0].shape, inputs[0].dtype
     c = rows_per_rank(inputs[0].numel(), W)
     xs = [_padded(x.reshape(-1), W).view(W * c, ROW) for x in inputs]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import env
 from ..codec import CodecConfig
-from ..codec.reference import INPUT_DTYPES
+from ..codec.reference import check_tokens
 from . import hierarchical, p2p
 from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
                        split_key)
@@ -225,13 +225,10 @@ class Communicator:
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
                  algorithm) -> _Call:
         """Validate a call's arguments; the _Call that runs it."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tokens(x)  # a tensor with data, of a token dtype
         if x.dim() < 2:
             raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape "
                              f"{tuple(x.shape)}")
-        if x.dtype not in INPUT_DTYPES:
-            raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
         if x.shape[-1] < 1:
             raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape "
                              f"{tuple(x.shape)}")

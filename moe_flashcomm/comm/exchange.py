@@ -2,8 +2,8 @@
 byte buffer per chunk (one ``all_to_all_single``), and decoded on arrival.
 
 Wire per (rank, peer) pair, decided on both sides from the pair's row count alone:
-  * ``RAW``: the rows' own bytes. Rows a rank keeps (never leave it), and bf16 passthrough
-    of 16-bit input (exact).
+  * ``RAW``: the rows' own bytes. Rows a rank keeps (never leave it), the "native" codec
+    (any dtype), and bf16 passthrough of 16-bit input (exact).
   * a CodecConfig: ``record_bytes(H, codec)`` per row (moe_flashcomm.codec records). The
     size gate turns a pair's codec into the bf16 passthrough below its threshold.
 So every rank computes its byte splits from row splits, and metadata travels inside the
@@ -43,7 +43,7 @@ from .plan import chunk_range, offsets
 
 RAW = "raw"
 Wire = Union[CodecConfig, str, None]  # None: not in the exchange (a rank's own rows)
-RAW_DTYPES = (torch.bfloat16, torch.float16)  # passthrough is exact for these
+RAW_DTYPES = (torch.bfloat16, torch.float16)  # passthrough is exact for these ("native": all)
 OWN_SIDE_BYTES = 4 << 20  # peer-to-peer: own rows from this size are copied on a side stream
 ALGORITHMS = ("flat", "hierarchical", "auto")  # the last two: comm/hierarchical.py
 
@@ -72,7 +72,8 @@ class Route:
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
-        return RAW if cfg.is_passthrough and dtype in RAW_DTYPES else cfg
+        exact = cfg.is_native or (cfg.is_passthrough and dtype in RAW_DTYPES)
+        return RAW if exact else cfg
 
 
 def _stochastic(cfg: CodecConfig) -> bool:
@@ -85,7 +86,7 @@ def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
         return 0
     if wire == RAW:
         return hidden * dtype.itemsize
-    return record_bytes(hidden, wire)
+    return record_bytes(hidden, wire, dtype)
 
 
 # ---- codec calls (CUDA kernels on CUDA tensors, the reference on CPU) ------------------------

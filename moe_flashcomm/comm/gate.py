@@ -10,6 +10,10 @@ decision without talking. Tables come from ``tools/tune_gate.py`` (JSON, loaded 
 ``"all_reduce"`` section, same ``{path: {codec_key: bytes}}`` shape): there a threshold is
 in *bf16 bytes of the whole tensor* (numel x 2), the same number on every rank, and below
 it the tensor goes through ``torch.distributed.all_reduce`` (NCCL) unquantized.
+
+The ``"bf16"`` and ``"native"`` codecs are never gated (``"native"`` all-reduces are always
+``torch.distributed.all_reduce``). Tables are checked against their schema (CODEC_KEYS,
+PATHS, int bytes); a gate file may hold TABLES and the notes FILE_INFO, nothing else.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from .. import env
 from ..codec import CodecConfig
 from .topology import PATHS
 
+
+NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on that path
 
 # Measured defaults (2x H200, NCCL 2.28.9; docs/benchmarks.md, "## All-to-all"):
 # `tools/tune_gate.py --from-bench docs/bench_all2all*.json --python`; host and network from
@@ -52,8 +58,39 @@ DEFAULT_ALL_REDUCE_THRESHOLDS: dict = {
 
 
 def codec_key(cfg: CodecConfig) -> str:
-    """Table key of a codec: ``int2``..``int8``, ``fp8`` (``bf16`` is never gated)."""
+    """Table key of a codec: ``int2``..``int8``, ``fp8`` (``bf16`` and ``native`` are never
+    gated)."""
     return f"int{cfg.bits}" if cfg.is_int else str(cfg.bits)
+
+
+# The schema of a table ``{path: {codec key: bytes}}`` and of a gate file.
+CODEC_KEYS = tuple(f"int{b}" for b in range(2, 9)) + ("fp8", "*")  # "*": the path's fallback
+TABLES = ("thresholds", "all_reduce")
+FILE_INFO = ("units", "device", "date", "source")  # what tools/tune_gate.py notes beside them
+
+
+def _check_table(given: Any, name: str, source: str) -> dict:
+    """``given`` checked against the table schema: a copy, or ValueError naming the key."""
+    where = f"size gate{' ' + source if source else ''}"
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{where}: {name} must be a table {{path: {{codec: bytes}}}}, got "
+                         f"{type(given).__name__} {given!r}")
+    table = {}
+    for path, row in given.items():
+        if path not in PATHS:
+            raise ValueError(f"{where}: unknown path {path!r} in {name}; allowed: {', '.join(PATHS)}")
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where}: {name}[{path!r}] must be a table {{codec: bytes}}, got "
+                             f"{type(row).__name__} {row!r}")
+        for key, value in row.items():
+            if key not in CODEC_KEYS:
+                raise ValueError(f"{where}: unknown codec key {key!r} in {name}[{path!r}]; allowed: "
+                                 f"{', '.join(CODEC_KEYS)} (bf16 and native are never gated)")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {name}[{path!r}][{key!r}] must be an int >= 0 "
+                                 f"(bytes), got {value!r}")
+        table[path] = dict(row)
+    return table
 
 
 class SizeGate:
@@ -65,23 +102,9 @@ class SizeGate:
 
     def __init__(self, thresholds: Mapping[str, Mapping[str, int]], source: str = "",
                  all_reduce: Optional[Mapping[str, Mapping[str, int]]] = None) -> None:
-        tables = []
-        for name, given in (("thresholds", thresholds), ("all_reduce", all_reduce)):
-            table = {}
-            for path, row in (given or {}).items():
-                if path not in PATHS:
-                    raise ValueError(f"size gate{' ' + source if source else ''}: unknown path "
-                                     f"{path!r}; allowed: {', '.join(PATHS)}")
-                if not isinstance(row, Mapping):
-                    raise ValueError(f"size gate: {name}[{path!r}] must map codec -> bytes")
-                for key, value in row.items():
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                        raise ValueError(f"size gate: {name}[{path!r}][{key!r}] must be an "
-                                         f"int >= 0 (bytes), got {value!r}")
-                table[path] = dict(row)
-            tables.append(table)
-        self.thresholds = tables[0]
-        self.all_reduce = tables[1] if all_reduce is not None else DEFAULT_ALL_REDUCE_THRESHOLDS
+        self.thresholds = _check_table(thresholds, "thresholds", source)
+        self.all_reduce = (DEFAULT_ALL_REDUCE_THRESHOLDS if all_reduce is None
+                           else _check_table(all_reduce, "all_reduce", source))
         self.source = source
         blob = json.dumps(self.thresholds, sort_keys=True)
         if self.all_reduce:
@@ -89,15 +112,19 @@ class SizeGate:
         self.digest = hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
     def threshold(self, path: str, cfg: CodecConfig) -> int:
-        """Bytes (bf16, per peer) below which ``cfg`` on ``path`` falls back to bf16."""
-        if cfg.is_passthrough:
+        """Bytes (bf16, per peer) below which ``cfg`` on ``path`` falls back to bf16 (0 for
+        "bf16" and "native": never)."""
+        if not cfg.is_quantized:
             return 0
         row = self.thresholds.get(path, {})
         return int(row.get(codec_key(cfg), row.get("*", 0)))
 
     def all_reduce_threshold(self, path: str, cfg: CodecConfig) -> int:
         """Bytes (bf16, the whole tensor) below which ``moe_flashcomm.all_reduce`` with
-        ``cfg`` on ``path`` calls ``torch.distributed.all_reduce`` instead."""
+        ``cfg`` on ``path`` calls ``torch.distributed.all_reduce`` instead. "native" always
+        does (the values in their own dtype: torch's result, exactly), "bf16" never."""
+        if cfg.is_native:
+            return NEVER_PAYS
         if cfg.is_passthrough:
             return 0
         row = self.all_reduce.get(path, {})
@@ -112,9 +139,22 @@ class SizeGate:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("thresholds"), Mapping):
+        if not isinstance(data, Mapping) or "thresholds" not in data:
             raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
-        return cls(data["thresholds"], source=os.fspath(path), all_reduce=data.get("all_reduce"))
+        return cls.from_tables(data, source=os.fspath(path))
+
+    @classmethod
+    def from_tables(cls, data: Mapping[str, Any], source: str = "") -> "SizeGate":
+        """A gate from ``{"thresholds": ..., "all_reduce": ...}`` (a gate file's content;
+        the descriptive keys FILE_INFO are allowed and ignored, any other key is an error)."""
+        unknown = set(data) - set(TABLES) - set(FILE_INFO)
+        if unknown:
+            raise ValueError(f"size gate{' ' + source if source else ''}: unknown key(s) "
+                             f"{', '.join(sorted(map(repr, unknown)))}; allowed: "
+                             f"{', '.join(TABLES + FILE_INFO)}")
+        thresholds = data.get("thresholds")
+        return cls({} if thresholds is None else thresholds, source=source,
+                   all_reduce=data.get("all_reduce"))
 
     @classmethod
     def default(cls) -> "SizeGate":
@@ -136,7 +176,7 @@ class SizeGate:
             return obj
         if isinstance(obj, Mapping):
             if "thresholds" in obj or "all_reduce" in obj:
-                return cls(obj.get("thresholds") or {}, all_reduce=obj.get("all_reduce"))
+                return cls.from_tables(obj)
             return cls(obj)
         if isinstance(obj, (str, os.PathLike)):
             return cls.load(obj)
@@ -152,15 +192,12 @@ _NEVER = SizeGate({}, source="off", all_reduce={})
 def wire_gate(cfg: CodecConfig, bf16_bytes: int, threshold: int) -> Optional[CodecConfig]:
     """The codec a pair uses: ``cfg``, or the bf16 passthrough when its bf16 size is under
     ``threshold``."""
-    if threshold and bf16_bytes < threshold and not cfg.is_passthrough:
+    if threshold and bf16_bytes < threshold and cfg.is_quantized:
         return PASSTHROUGH
     return cfg
 
 
 PASSTHROUGH = CodecConfig(bits="bf16")
-
-
-NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on that path
 STEP_SLACK = 1e-3  # sizes this close count as one measured size step
 
 
