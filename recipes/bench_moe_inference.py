@@ -51,7 +51,7 @@ class Expert(nn.Module):
 
 
 def parse_args(argv=None):
-    p = preflight.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preflight.Parser(description=__doc__)
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
                    help="default: mixtral deepseek on GPU, tiny on CPU")
     p.add_argument("--tokens", type=positive_int, nargs="+", default=None,

@@ -61,7 +61,7 @@ def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval
 
 
 def parse_args(argv=None):
-    p = preflight.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preflight.Parser(description=__doc__)
     add_model_args(p, steps=300, eval_every=100, eval_batches=16, out="out/finetune_moe")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in <out>/ckpt")
     p.set_defaults(save_checkpoints=True)  # the recipe always leaves a checkpoint to resume from

@@ -43,8 +43,17 @@ def fail(msg: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, and every option's default."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (not the usage block), exit status 2."""
+    """argparse whose errors are one line (not the usage block), exit status 2; --help shows
+    the defaults."""
+
+    def __init__(self, **kw):
+        kw["formatter_class"] = HelpFormatter
+        super().__init__(**kw)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} ({self.prog} --help lists the options)")

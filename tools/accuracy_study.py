@@ -1,6 +1,6 @@
 """Accuracy of low-bit MoE communication: the fine-tuning recipe trained with bf16, int8,
 int4, int3 and int2 dispatch/combine (spikes on and off; gradients int8), and the bf16-trained
-model evaluated with quantized dispatch and combine (inference perplexity).
+model evaluated with quantized dispatch and combine (inference).
 
     python tools/accuracy_study.py [--steps 200] [--out out/accuracy]
 
@@ -119,7 +119,7 @@ def plot(results: list, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = preflight.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preflight.Parser(description=__doc__)
     ft.add_model_args(p, steps=200, eval_every=25, eval_batches=32, out="out/accuracy")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="write each run's DeepSpeed checkpoint under <out>/<run>/ckpt")
