@@ -115,3 +115,36 @@ def test_inference_benchmark_smoke(tmp_path):
     # the patched layer computes the stock layer's output up to the codec's error
     assert 0 < row["int8_rel_err"] < row["int2_rel_err"] < 0.5
     assert row["int8_rel_err"] < 0.02
+
+
+def _readme_example(rank, world, section):
+    import deepspeed
+    import torch
+    from deepspeed.moe.layer import MoE
+
+    import moe_flashcomm
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from moe_lm import MoELM, ModelConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = MoELM(ModelConfig(hidden=64, seq=16, ep_size=world))
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.set_deepspeed_parallelism()
+    stats = moe_flashcomm.enable_deepspeed(model, {"moe_flashcomm": section})
+    assert sorted(stats) == ["blocks.0.moe.deepspeed_moe"]  # rule 2 disables blocks.1
+    model(torch.randint(0, 256, (2, 17)))
+    assert stats["blocks.0.moe.deepspeed_moe"].calls["dispatch"] == 1
+    assert moe_flashcomm.FlashCommConfig.from_dict(section).for_layer(
+        "blocks.0.moe.deepspeed_moe", 0).dispatch.intra_node.bits == 8  # rule 1
+
+
+def test_readme_config_example_runs_on_the_recipe_model():
+    """The README's "moe_flashcomm" JSON, as written, on the recipes' model (2 gloo ranks)."""
+    from tests.distributed import spawn
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index('```json\n"moe_flashcomm": ') + len('```json\n"moe_flashcomm": ')
+    section = json.loads(readme[start:readme.index("```", start)])
+    assert section["layers"]  # the example shows per-layer rules
+    spawn(_readme_example, 2, section)
