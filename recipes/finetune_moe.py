@@ -69,9 +69,10 @@ def parse_args(argv=None):
 
 
 def world_size(args) -> int:
-    """Ranks the run will have: the launcher's, else the gloo processes started here."""
+    """Ranks the run will have: the launcher's, else the gloo processes started here (CPU) or
+    this one process (a GPU machine without a launcher)."""
     launched = env.integer("WORLD_SIZE", 0, minimum=0)
-    return launched or (torch.cuda.device_count() if torch.cuda.is_available() else args.cpu_ranks)
+    return launched or (1 if torch.cuda.is_available() else args.cpu_ranks)
 
 
 def check_args(args) -> dict:

@@ -105,12 +105,13 @@ def codecs_line(cfg: dict) -> str:
 
 
 def _building(directory: Path) -> bool:
-    """Whether a running process names ``directory`` on its command line (ninja -C, the
-    compiler); /proc only, so False where it does not exist."""
-    needle = str(directory).encode()
+    """Whether a running process works in ``directory`` (torch runs ninja, and ninja the
+    compiler, with the build directory as working directory); /proc only, so False where it
+    does not exist."""
+    target = directory.resolve()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if needle in (proc / "cmdline").read_bytes():
+            if Path(os.readlink(proc / "cwd")) == target:
                 return True
         except OSError:
             continue
