@@ -123,6 +123,7 @@ def parse_args(argv=None):
     ft.add_model_args(p, steps=200, eval_every=25, eval_batches=32, out="out/accuracy")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="write each run's DeepSpeed checkpoint under <out>/<run>/ckpt")
+    p.set_defaults(resume=False)  # every run starts fresh
     return p.parse_args(argv)
 
 
