@@ -94,8 +94,9 @@ class FlashCommConfig:
     algorithm:     all-to-all algorithm: "flat", "hierarchical" or "auto" (all_to_all's).
     gate:          size gate: True = the tuned thresholds (``$MOE_FLASHCOMM_GATE_FILE`` or
                    the measured defaults), False = always use the codec, a thresholds dict
-                   ``{path: {codec: bytes}}`` or the path of a tools/tune_gate.py JSON file.
-                   Below its threshold a message goes as bf16.
+                   ``{path: {codec: bytes}}`` or the path of a JSON file written by
+                   ``python -m moe_flashcomm.tune_gate``. Below its threshold a message
+                   goes as bf16.
     chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
                    overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
     layers:        per-layer rules (LayerRule), applied in order, later rules winning.

@@ -112,3 +112,18 @@ def nccl_flag(name: str) -> bool:
     """An NCCL switch (NCCL_P2P_DISABLE, NCCL_SHM_DISABLE) as NCCL reads it: non-zero is on."""
     value = _raw(name)
     return value is not None and value.lower() not in _FALSE
+
+
+def rank() -> Optional[int]:
+    """RANK (the global rank) as the launcher sets it, or None when not launched."""
+    return integer("RANK", 0) if _raw("RANK") is not None else None
+
+
+def torch_extensions_dir() -> Path:
+    """Where torch (and so DeepSpeed) builds its JIT C++ ops: TORCH_EXTENSIONS_DIR, else
+    torch's default (~/.cache/torch_extensions)."""
+    value = _raw("TORCH_EXTENSIONS_DIR")
+    if value:
+        return Path(value)
+    from torch.utils.cpp_extension import get_default_build_root
+    return Path(get_default_build_root())

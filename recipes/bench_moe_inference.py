@@ -6,7 +6,10 @@ On GPUs (set the NCCL link emulation of docs/benchmarks.md in the environment):
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path network
 On a CPU-only machine it starts gloo processes with a tiny shape (smoke run):
     python recipes/bench_moe_inference.py
-Reports tokens/s (all ranks) and milliseconds per MoE layer forward, the speed-up over stock,
+There the codecs are slower than stock: without CUDA the torch reference codec (the
+specification, written for clarity, not speed) encodes and decodes every message.
+Reports tokens/s (all ranks) and milliseconds per MoE layer forward, the speed-up over stock
+and the relative error of the layer's output against stock (the codecs' effect),
 and writes JSON (and a PNG plot with --plot).
 """
 from __future__ import annotations
@@ -23,7 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preflight  # noqa: E402
 from finetune_moe import init_rank, launch, log  # noqa: E402
+from preflight import positive_int  # noqa: E402
+
+from moe_flashcomm import env  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k)
 PRESETS = {
@@ -44,22 +51,26 @@ class Expert(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preflight.Parser(description=__doc__)
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
                    help="default: mixtral deepseek on GPU, tiny on CPU")
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=None,
                    help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
     p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--path", default="nvlink" if torch.cuda.is_available() else "cpu",
                    help="label of the link emulation in the environment (nvlink, host-memory, network)")
     p.add_argument("--out", type=Path, default=Path("out/moe_inference"))
     p.add_argument("--plot", action="store_true")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    p.add_argument("--cpu-ranks", type=int, default=2)
-    p.add_argument("--deepspeed_config", type=Path, default=None, help="accepted for the launcher; unused")
-    return p.parse_args(argv)
+    p.add_argument("--local_rank", type=int, default=env.local_rank() or 0, help=argparse.SUPPRESS)
+    p.add_argument("--cpu-ranks", type=positive_int, default=2)
+    p.add_argument("--deepspeed_config", type=Path, default=None,
+                   help="accepted for the launcher: checked, its codecs unused (see --codecs)")
+    args = p.parse_args(argv)
+    if args.capacity_factor <= 0:
+        preflight.fail(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    return args
 
 
 def timed(fn, reps: int) -> float:
@@ -87,6 +98,13 @@ def timed(fn, reps: int) -> float:
     return t.item()
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| over all ranks (the max)."""
+    e = torch.stack([(y - ref).norm() / ref.norm().clamp_min(1e-30)])
+    torch.distributed.all_reduce(e, op=torch.distributed.ReduceOp.MAX)
+    return e.item()
+
+
 def bench(args) -> None:
     from deepspeed.moe.layer import MoE
 
@@ -99,6 +117,9 @@ def bench(args) -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     presets = args.presets or (["mixtral", "deepseek"] if gpu else ["tiny"])
     token_counts = args.tokens or ([1024, 4096, 16384] if gpu else [64, 256])
+    if not gpu:
+        log("CPU run: the codecs are slower than stock here, because without CUDA kernels the "
+            "torch reference codec encodes and decodes every message (a smoke run, not a speed test)")
     rows = []
     for name in presets:
         hidden, ffn, experts, k = PRESETS[name]
@@ -115,15 +136,19 @@ def bench(args) -> None:
             with torch.no_grad():
                 moe_flashcomm.disable_deepspeed(layer)
                 row["stock_s"] = timed(lambda: layer(x), args.reps)
+                stock = layer(x)[0].float()
                 for codec in args.codecs:
                     moe_flashcomm.enable_deepspeed(layer, {"dispatch": CODECS[codec], "combine": CODECS[codec]})
                     row[f"{codec}_s"] = timed(lambda: layer(x), args.reps)
+                    # the layer's output error from the codec, relative to the output's norm
+                    row[f"{codec}_rel_err"] = rel_err(layer(x)[0].float(), stock)
                 moe_flashcomm.disable_deepspeed(layer)
             rows.append(row)
             line = (f"{name:>8} tokens/rank {tokens:>6}: stock {row['stock_s'] * 1e3:8.2f} ms "
                     f"({tokens * world / row['stock_s']:>10.0f} tok/s)")
             for codec in args.codecs:
-                line += f" | {codec} {row[f'{codec}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{codec}_s']:.2f}"
+                line += (f" | {codec} {row[f'{codec}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{codec}_s']:.2f}"
+                         f" (err {row[f'{codec}_rel_err']:.1e})")
             log(line)
         del layer
         if gpu:
@@ -162,5 +187,15 @@ def plot(rows: list, codecs: list, path: Path) -> None:
     log(f"wrote {path}")
 
 
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.deepspeed_config is not None:
+        preflight.load_ds_config(args.deepspeed_config, {})
+    preflight.say("moe_flashcomm: dispatch and combine with " + ", ".join(args.codecs) +
+                  " (group 128, spikes), each against stock DeepSpeed")
+    preflight.check_extension_build(cpu_run=env.rank() is None and not torch.cuda.is_available())
+    launch(bench, args)
+
+
 if __name__ == "__main__":
-    launch(bench, parse_args())
+    main()

@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preflight  # noqa: E402
 from moe_lm import ByteBatches, MoELM, ModelConfig, split_corpus, stdlib_corpus  # noqa: E402
+from preflight import positive_int  # noqa: E402
+
+from moe_flashcomm import env  # noqa: E402
 
 # Used when no --deepspeed_config is given (CPU runs): small batches, fp32, ZeRO-2.
 DEFAULT_CONFIG = {
@@ -35,30 +39,65 @@ DEFAULT_CONFIG = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval_batches: int,
+                   out: str) -> None:
+    """Options shared with tools/accuracy_study.py (which has its own defaults)."""
     p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON (default: the embedded CPU config)")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    p.add_argument("--cpu-ranks", type=int, default=2, help="gloo processes to start when not launched")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    p.add_argument("--local_rank", type=int, default=env.local_rank() or 0, help=argparse.SUPPRESS)
+    p.add_argument("--cpu-ranks", type=positive_int, default=2, help="gloo processes to start when not launched")
+    p.add_argument("--steps", type=positive_int, default=steps)
+    p.add_argument("--eval-every", type=positive_int, default=eval_every)
+    p.add_argument("--eval-batches", type=positive_int, default=eval_batches)
+    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--experts", type=positive_int, default=8)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--corpus-bytes", type=positive_int, default=4_000_000)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", type=Path, default=Path("out/finetune_moe"))
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when "
+                   "stdout is not a terminal)")
+
+
+def parse_args(argv=None):
+    p = preflight.Parser(description=__doc__)
+    add_model_args(p, steps=300, eval_every=100, eval_batches=16, out="out/finetune_moe")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in <out>/ckpt")
-    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(save_checkpoints=True)  # the recipe always leaves a checkpoint to resume from
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(msg, flush=True)
+def world_size(args) -> int:
+    """Ranks the run will have: the launcher's, else the gloo processes started here (CPU) or
+    this one process (a GPU machine without a launcher)."""
+    launched = env.integer("WORLD_SIZE", 0, minimum=0)
+    return launched or (1 if torch.cuda.is_available() else args.cpu_ranks)
+
+
+def check_args(args) -> dict:
+    """In the parent, before any rank starts: the arguments, the DeepSpeed config and its
+    "moe_flashcomm" section (a problem exits with status 2 and one line). Returns the config."""
+    world = world_size(args)
+    if args.experts % world:
+        preflight.fail(f"--experts {args.experts} must be divisible by the {world} ranks (expert parallel)")
+    if args.top_k > args.experts:
+        preflight.fail(f"--top-k {args.top_k} is more than --experts {args.experts}")
+    if args.corpus_bytes < 20 * (args.seq + 1):
+        preflight.fail(f"--corpus-bytes {args.corpus_bytes} is too small for --seq {args.seq} "
+                       f"(at least {20 * (args.seq + 1)})")
+    if getattr(args, "resume", False) and not (args.out / "ckpt").is_dir():
+        preflight.fail(f"--resume: no checkpoint under {args.out / 'ckpt'}")
+    return preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
+
+
+def log(msg: str, progress=None) -> None:
+    """Rank 0 prints; with a progress bar, through the bar's writer (the line lands above
+    the bar instead of inside it)."""
+    if progress is not None:
+        progress.write(msg, file=sys.stdout)
+    else:
+        preflight.say(msg)
 
 
 def evaluate(engine, batches: list[torch.Tensor]) -> float:
@@ -82,8 +121,6 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
 
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
-    if args.experts % world:
-        raise SystemExit(f"--experts {args.experts} must be divisible by the {world} ranks (expert parallel)")
     torch.manual_seed(args.seed)  # same initial weights on every rank
     mcfg = ModelConfig(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
                        ep_size=world, seq=args.seq)
@@ -110,11 +147,11 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         log(f"resumed from {ckpt} at step {start}")
 
     tokens_per_step = micro * args.seq * world
-    history, t_start = [], time.perf_counter()
+    history, t_start, evaluations = [], time.perf_counter(), 0
     progress = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and not args.no_progress and sys.stdout.isatty():
         from tqdm import tqdm
-        progress = tqdm(total=args.steps, initial=start, desc="finetune", unit="step")
+        progress = tqdm(total=args.steps, initial=start, desc="finetune", unit="step", file=sys.stdout)
     for step in range(start + 1, args.steps + 1):
         loss, aux = engine(batches.next().to(engine.device))
         engine.backward(loss + mcfg.aux_loss_weight * aux)
@@ -125,16 +162,19 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
             progress.set_postfix(loss=f"{loss.item():.3f}")
         if step % args.eval_every == 0 or step == args.steps:
             history[-1]["val_loss"] = evaluate(engine, val_batches)
-            log(f"step {step}: train loss {loss.item():.4f}, val loss {history[-1]['val_loss']:.4f}")
+            evaluations += 1
+            log(f"step {step}: train loss {loss.item():.4f}, val loss {history[-1]['val_loss']:.4f}",
+                progress)
     if progress:
         progress.close()
     elapsed = time.perf_counter() - t_start
     steps_run = args.steps - start
 
     stats = ExchangeStats.total(layer_stats.values())
-    data_states = [None] * world
-    torch.distributed.all_gather_object(data_states, batches.state_dict())
-    engine.save_checkpoint(str(ckpt), client_state={"step": args.steps, "data": data_states})
+    if args.save_checkpoints:
+        data_states = [None] * world
+        torch.distributed.all_gather_object(data_states, batches.state_dict())
+        engine.save_checkpoint(str(ckpt), client_state={"step": args.steps, "data": data_states})
 
     val_loss = history[-1].get("val_loss") if history else evaluate(engine, val_batches)
     return {
@@ -144,48 +184,57 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
         "tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
         "seconds": elapsed, "all_to_all_seconds": stats.elapsed(), "exchanges": stats.as_dict(),
+        "evaluation_forwards": evaluations * args.eval_batches,
         "history": history,
     }, engine, val_batches
 
 
 def init_rank(args) -> None:
     """torch.distributed for this rank: NCCL on GPUs, gloo on CPU."""
+    import logging
+    import warnings
+
+    if not preflight.is_rank0():  # one copy of each message and warning: rank 0's (errors stay)
+        sys.stdout = open(os.devnull, "w")  # before DeepSpeed's logger takes the stream
+        warnings.filterwarnings("ignore")
     import deepspeed
 
+    if not preflight.is_rank0():
+        deepspeed.utils.logger.setLevel(logging.ERROR)
     if torch.cuda.is_available():
         torch.cuda.set_device(args.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def load_config(args) -> dict:
-    return json.loads(args.deepspeed_config.read_text()) if args.deepspeed_config else DEFAULT_CONFIG
-
-
 def run_rank(args) -> None:
     init_rank(args)
-    summary = train(args, load_config(args))[0]
+    summary = train(args, args.ds_config)[0]
     if torch.distributed.get_rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"val loss {summary['val_loss']:.4f} (ppl {summary['val_perplexity']:.2f}), "
             f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['all_to_all_seconds']:.1f} s of "
             f"{summary['seconds']:.1f} s in all-to-all")
-        log(describe_exchanges(summary["exchanges"]))
+        log(describe_exchanges(summary["exchanges"], summary["model"]["layers"],
+                               summary["steps_run"], summary["evaluation_forwards"]))
         log(f"wrote {args.out / 'summary.json'}")
 
 
-def describe_exchanges(ex: dict) -> str:
-    """One line per direction: calls, and MB sent per link class against bf16."""
+def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int) -> str:
+    """One line per direction: calls, and MB sent per link class against bf16; then where the
+    calls come from (evaluation forwards have no backward)."""
     lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"]
     for d, calls in ex["calls"].items():
         sent, bf16 = ex["bytes_sent"][d], ex["bf16_bytes"][d]
         ratio = sum(bf16.values()) / max(1, sum(sent.values()))
         lines.append(f"  {d:<18} {calls:>6} {ex['quantized'][d]:>10} {ex['seconds'][d]:>9.2f}   "
                      f"{sent['intra_node'] / 1e6:>10.2f} / {sent['inter_node'] / 1e6:<10.2f}      {ratio:.2f}x less")
+    lines.append(f"  calls per direction = {layers} MoE layers x (forward: {steps} training steps + "
+                 f"{eval_forwards} evaluation batches; backward: the {steps} steps only)")
     return "\n".join(lines)
 
 
-def _cpu_worker(rank: int, world: int, port: int, fn, args) -> None:
+def _cpu_worker(rank: int, world: int, port: int, fn, args) -> None:  # env: set for the rank
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -195,7 +244,7 @@ def _cpu_worker(rank: int, world: int, port: int, fn, args) -> None:
 def launch(fn, args) -> None:
     """Run ``fn(args)`` on every rank: directly under the deepspeed launcher / torchrun or on a
     GPU machine, else in ``args.cpu_ranks`` gloo processes started here."""
-    if "RANK" in os.environ or torch.cuda.is_available():
+    if env.rank() is not None or torch.cuda.is_available():
         fn(args)
         return
     import socket
@@ -209,8 +258,16 @@ def launch(fn, args) -> None:
     mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, fn, args), nprocs=args.cpu_ranks, join=True)
 
 
+def start(fn, args) -> None:
+    """Check everything that can be checked before a rank starts, then run ``fn`` on every rank."""
+    args.ds_config = check_args(args)
+    preflight.say(preflight.codecs_line(args.ds_config))
+    preflight.check_extension_build(cpu_run=env.rank() is None and not torch.cuda.is_available())
+    launch(fn, args)
+
+
 def main(argv=None) -> None:
-    launch(run_rank, parse_args(argv))
+    start(run_rank, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
-from moe_flashcomm.codec import reference
 from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.topology import intra_node_path
+from tests.a2a_cases import expected, make_input, roundtrip, split_matrix
 from tests.distributed import spawn
 
 CODECS = [mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits="fp8"), mf.CodecConfig(bits=8),
@@ -27,48 +27,6 @@ CODECS = [mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits="fp8"), mf.CodecConfi
 
 
 # ---- helpers shared by every world size -------------------------------------------------------
-def make_input(src: int, rows: int, tail: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Rank ``src``'s input of case ``seed``: normal values with a few large spikes."""
-    g = torch.Generator().manual_seed(seed * 1009 + src)
-    x = torch.randn(rows, *tail, generator=g)
-    x += (torch.rand(rows, *tail, generator=g) < 0.01) * 20 * torch.randn(rows, *tail, generator=g)
-    return x.to(dtype)
-
-
-def split_matrix(world: int, kind: str, seed: int) -> list[list[int]]:
-    """S[src][dst] = rows src sends to dst."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "even":
-        return [[3] * world for _ in range(world)]
-    if kind == "uneven":
-        return torch.randint(0, 7, (world, world), generator=g).tolist()
-    if kind == "zeros":  # zero-size splits, and rank 0 sends nothing at all
-        s = torch.randint(0, 4, (world, world), generator=g) * (torch.rand(world, world, generator=g) < 0.5)
-        s[0] = 0
-        return s.tolist()
-    if kind == "empty":  # nobody sends anything
-        return [[0] * world for _ in range(world)]
-    raise ValueError(kind)
-
-
-def roundtrip(rows: torch.Tensor, cfg: mf.CodecConfig) -> torch.Tensor:
-    """What ``rows`` [n, ..., H] become on a link with codec ``cfg`` (reference codec)."""
-    h = rows.shape[-1]
-    flat = rows.reshape(-1, h).cpu()
-    return reference.decode(reference.encode(flat, cfg), cfg, h, rows.dtype).view(rows.shape).to(rows.device)
-
-
-def expected(rank: int, world: int, S, tail, dtype, seed, link) -> torch.Tensor:
-    """What ``rank`` must receive; ``link(p)`` is the codec of the pair (p, rank)."""
-    parts = []
-    for p in range(world):
-        x = make_input(p, sum(S[p]), tail, dtype, seed)
-        off = sum(S[p][:rank])
-        rows = x[off:off + S[p][rank]]
-        parts.append(rows if p == rank else roundtrip(rows, link(p)))
-    return torch.cat(parts)
-
-
 def run_case(rank, world, S, tail, dtype, seed, codec, link, device, **kw):
     x = make_input(rank, sum(S[rank]), tail, dtype, seed).to(device)
     out_splits = [S[p][rank] for p in range(world)]

@@ -1,12 +1,20 @@
-"""The size gate: its fit rule (tools/tune_gate.py, DEFAULT_THRESHOLDS) on made-up timings,
-the schema of its tables and files, and the codecs it never gates."""
+"""The size gate: its fit rule (DEFAULT_THRESHOLDS, ``python -m moe_flashcomm.tune_gate``) on
+made-up timings, the schema of its tables and files, the codecs it never gates, gate files
+(SizeGate.load, MOE_FLASHCOMM_GATE_FILE) and the tuner's command."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+import moe_flashcomm as mf
 from moe_flashcomm import CodecConfig
-from moe_flashcomm.comm.gate import (MIN_NCCL_MS, NEVER_PAYS, PASSTHROUGH, SizeGate,
-                                     fit_thresholds, wire_gate)
+from moe_flashcomm.comm.gate import (DEFAULT_THRESHOLDS, MIN_NCCL_MS, NEVER_PAYS, PASSTHROUGH,
+                                     SizeGate, fit_thresholds, wire_gate)
+from tests.distributed import spawn
 
 MiB = 1 << 20
 
@@ -96,3 +104,107 @@ def test_bf16_and_native_are_never_gated_and_native_all_reduces_with_torch():
     for g in (gate, SizeGate.coerce(False)):
         assert g.all_reduce_threshold("host", native) >= 1 << 62
         assert g.all_reduce_threshold("host", bf16) == 0
+
+
+# ---- gate files: SizeGate.load, MOE_FLASHCOMM_GATE_FILE, python -m moe_flashcomm.tune_gate ------
+ROOT = Path(__file__).resolve().parents[1]
+INT4 = mf.CodecConfig(bits=4)
+
+
+def write(path: Path, data) -> str:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_load_reads_both_tables(tmp_path):
+    f = write(tmp_path / "gate.json", {"thresholds": {"network": {"int4": 2 * MiB, "*": 5}},
+                                       "all_reduce": {"host": {"*": 16 * MiB}}, "device": "x"})
+    gate = SizeGate.load(f)
+    assert gate.source == f
+    assert gate.threshold("network", INT4) == 2 * MiB
+    assert gate.threshold("network", mf.CodecConfig(bits=2)) == 5  # the path's "*" fallback
+    assert gate.threshold("host", INT4) == 0  # a path the file does not name is never gated
+    assert gate.threshold("network", mf.CodecConfig(bits="bf16")) == 0
+    assert gate.all_reduce_threshold("host", INT4) == 16 * MiB
+    assert gate.all_reduce_threshold("network", INT4) == 0
+    # no "all_reduce" section: the all-reduce keeps its defaults
+    gate = SizeGate.load(write(tmp_path / "a2a.json", {"thresholds": {}}))
+    assert gate.all_reduce_threshold("host", INT4) == 16 * MiB and gate.threshold("nvlink", INT4) == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read size-gate file"),
+    ("{not json", "cannot read size-gate file"),
+    ({"network": {"int4": 1}}, "needs a 'thresholds' object"),
+    ({"thresholds": {"infiniband": {"int4": 1}}},
+     "unknown path 'infiniband' in thresholds; allowed: nvlink, host, network, cpu"),
+    ({"thresholds": {"host": {"int4": -1}}}, "must be an int >= 0 (bytes), got -1"),
+    ({"thresholds": {"host": 4}}, r"thresholds\['host'\] must be a table \{codec: bytes\}, got int 4"),
+])
+def test_load_names_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "gate.json"
+    if content is not None:
+        write(path, content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SizeGate.load(path)
+
+
+def test_gate_file_variable_is_read_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE_FLASHCOMM_GATE_FILE", raising=False)
+    assert SizeGate.default().thresholds == DEFAULT_THRESHOLDS
+    f = write(tmp_path / "gate.json", {"thresholds": {"host": {"int4": 7}}})
+    monkeypatch.setenv("MOE_FLASHCOMM_GATE_FILE", f)
+    assert SizeGate.default().thresholds == {"host": {"int4": 7}}
+    assert SizeGate.coerce(True).thresholds == {"host": {"int4": 7}}
+    assert SizeGate.coerce(False).threshold("host", INT4) == 0
+    write(tmp_path / "gate.json", {"thresholds": {"host": {"int4": 9}}})  # rewritten: re-read
+    os.utime(f, ns=(1, 10 ** 18))
+    assert SizeGate.default().thresholds == {"host": {"int4": 9}}
+
+
+def _gate_file_run(rank, world):
+    """On gloo the link is "cpu", which the default table never gates: with a gate file that
+    gates "cpu" up to 1 MiB per peer, int4 rows arrive exactly (sent as bf16), and with
+    gate=False they arrive quantized."""
+    x = torch.randn(8 * world, 64, generator=torch.Generator().manual_seed(rank)).bfloat16()
+    gated = mf.all_to_all(x, codec=INT4)
+    quantized = mf.all_to_all(x, codec=INT4, gate=False)
+    sent = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(sent, x)
+    want = torch.cat([s[8 * rank:8 * (rank + 1)] for s in sent])
+    assert torch.equal(gated, want)
+    assert not torch.equal(quantized, want)
+
+
+def test_gate_file_variable_gates_an_all_to_all(tmp_path):
+    f = write(tmp_path / "gate.json", {"thresholds": {"cpu": {"int4": MiB}}})
+    spawn(_gate_file_run, 2, env={"MOE_FLASHCOMM_GATE_FILE": f})
+
+
+def test_tune_gate_fits_a_stored_benchmark_and_the_file_loads(tmp_path):
+    """``python -m moe_flashcomm.tune_gate --from-bench``: a bench_all2all JSON in, a gate
+    file out that SizeGate.load reads, with the fit rule's thresholds."""
+    rows = []
+    for mib, int4_ms, nccl_ms in ((1, 0.5, 0.3), (8, 0.5, 0.9), (32, 1.0, 3.0)):
+        tokens = mib * MiB * 2 // (2 * 4096)  # two ranks: half the rows go to the peer
+        base = dict(path="host", hidden=4096, tokens=tokens, pair_bytes=mib * MiB)
+        rows += [dict(base, variant="nccl", ms=nccl_ms),
+                 dict(base, variant="int4", codec="int4", ms=int4_ms, nccl_ms=nccl_ms)]
+    bench = write(tmp_path / "bench.json", {"rows": rows, "meta": {"device": "test", "date": "d"}})
+    out = tmp_path / "gate.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_flashcomm.tune_gate", "--from-bench", bench,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "host: int4 8M" in proc.stdout
+    assert SizeGate.load(out).thresholds == {"host": {"int4": 8 * MiB}}
+
+
+def test_tune_gate_measures_on_cpu(tmp_path):
+    """The measuring path end to end on 2 gloo processes (timings meaningless on CPU)."""
+    out = tmp_path / "gate.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_flashcomm.tune_gate", "--cpu-dry-run",
+                           "--paths", "network", "--hidden", "64", "--codecs", "int4",
+                           "--sizes", "4K,64K", "--budget", "0.02", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(SizeGate.load(out).thresholds) == {"network"}

@@ -14,41 +14,17 @@ import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
-from moe_flashcomm.codec import reference
 from moe_flashcomm.comm import hierarchical as hmod
 from moe_flashcomm.comm.hierarchical import (HierarchyError, LinkModel, block_order,
                                              create_stage_groups, hierarchical_groups,
                                              predict, prefer_hierarchical, traffic)
+from tests.a2a_cases import expected, make_input, split_matrix
 from tests.distributed import spawn
 
 BF16, INT4, INT2 = mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits=4), mf.CodecConfig(bits=2)
 CODECS = [BF16, mf.CodecConfig(bits="fp8"), INT4, INT2,
           mf.LinkCodecs(intra_node="bf16", inter_node=4),  # bf16 inside a node, int4 across
           mf.LinkCodecs(intra_node=8, inter_node=mf.CodecConfig(bits=2, group_size=64))]
-
-
-def make_input(src: int, rows: int, tail: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1009 + src)
-    x = torch.randn(rows, *tail, generator=g)
-    x += (torch.rand(rows, *tail, generator=g) < 0.02) * 15 * torch.randn(rows, *tail, generator=g)
-    return x.to(dtype)
-
-
-def split_matrix(world: int, kind: str, seed: int) -> list[list[int]]:
-    """S[src][dst] = rows src sends to dst."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "even":
-        return [[2] * world for _ in range(world)]
-    if kind == "uneven":
-        return torch.randint(0, 6, (world, world), generator=g).tolist()
-    if kind == "zeros":  # many zero pairs, rank 1 sends nothing, nobody sends to rank 0
-        s = torch.randint(1, 4, (world, world), generator=g) * (torch.rand(world, world, generator=g) < 0.4)
-        s[1] = 0
-        s[:, 0] = 0
-        return s.tolist()
-    if kind == "empty":
-        return [[0] * world for _ in range(world)]
-    raise ValueError(kind)
 
 
 class Counter:
@@ -81,24 +57,6 @@ def both(x, out_s, in_s, group=None, **kw):
 def check_equal(a, b, what):
     assert a.dtype == b.dtype and a.shape == b.shape, (what, a.shape, b.shape)
     assert torch.equal(a, b), f"{what}: max diff {(a.float() - b.float()).abs().max()}"
-
-
-def expected(rank, world, S, tail, dtype, seed, link, ranks=None):
-    """What group rank ``rank`` must receive: rows from each p through decode(encode(.)) of
-    the pair's codec ``link(p)`` (the reference codec), own rows exact. ``ranks``: input
-    seed per group rank (global ranks)."""
-    ranks = ranks or list(range(world))
-    parts = []
-    for p in range(world):
-        x = make_input(ranks[p], sum(S[p]), tail, dtype, seed)
-        off = sum(S[p][:rank])
-        rows = x[off:off + S[p][rank]]
-        if p != rank:
-            h = tail[-1]
-            rows = reference.decode(reference.encode(rows.reshape(-1, h), link(p)), link(p), h,
-                                    dtype).view(rows.shape)
-        parts.append(rows)
-    return torch.cat(parts)
 
 
 # ---- the CPU battery, run for every simulated topology ---------------------------------------

@@ -13,9 +13,10 @@ gathers), and the predicted time:
 
 Message: ``--tokens`` per rank, each routed to ``--topk`` experts spread uniformly over
 all ranks (rows a rank keeps are not sent), hidden ``--hidden``, bf16 input; record sizes
-from moe_flashcomm.record_bytes. Defaults for the links: DESIGN.md's NCCL bf16 numbers
-(2x H200, 256 MiB per rank: NVLink 0.54 ms, network = socket over loopback 61 ms); the
-per-message alphas are assumptions. ``--bench-json`` fits alpha and beta per link from
+from moe_flashcomm.record_bytes. Defaults for the links: NCCL bf16 all_to_all_single
+measured on 2x H200 at 256 MiB per rank (NVLink 0.54 ms; the "network" link emulation,
+sockets over loopback, 61 ms: docs/design.md, "Link emulation"); the per-message alphas
+are assumptions. ``--bench-json`` fits alpha and beta per link from
 tools/bench_all2all.py's NCCL rows (nvlink -> intra, network -> inter) and, where that JSON
 holds hierarchical timings, compares the 2 x 1 prediction with them.
 
@@ -212,7 +213,7 @@ def main(argv=None) -> None:
             model, fitted = model_from_bench(args.bench_json, model)
             comparison = compare_2x1(args.bench_json, model, args.hidden)
         else:
-            print(f"{args.bench_json} not found: DESIGN.md defaults", file=sys.stderr)
+            print(f"{args.bench_json} not found: the default link model", file=sys.stderr)
     codecs = {k: CODECS[k] for k in args.codecs.split(",")}
     rows = []
     for topo in args.topologies.split(","):
@@ -224,7 +225,7 @@ def main(argv=None) -> None:
           f"inter {model.inter_alpha * 1e6:.1f} us + {model.inter_beta / 1e9:.2f} GB/s, "
           f"gather {model.mem_beta / 1e9:.0f} GB/s, codec {model.codec_beta / 1e9:.0f} GB/s"
           + (f"  (fitted from {args.bench_json}: {', '.join(fitted)})" if fitted else
-             "  (DESIGN.md; alphas assumed)" if model == LinkModel() else
+             "  (defaults measured on 2x H200; alphas assumed)" if model == LinkModel() else
              "  (command-line values)"))
     print("pair MiB: wire bytes per (source, destination) pair (intra/inter); msgs: "
           "intra+inter messages per rank; x bf16: flat bf16 time / this; auto: what "

@@ -1,15 +1,19 @@
 """Accuracy of low-bit MoE communication: the fine-tuning recipe trained with bf16, int8,
 int4, int3 and int2 dispatch/combine (spikes on and off; gradients int8), and the bf16-trained
-model evaluated with quantized dispatch and combine (inference perplexity).
+model evaluated with quantized dispatch and combine (inference).
 
     python tools/accuracy_study.py [--steps 200] [--out out/accuracy]
 
 Same seed, data and initial weights for every run; a second bf16 run with another data seed
-shows the run-to-run noise. Prints a table, writes JSON and a PNG of the loss curves.
-Runs on CPU (gloo processes it starts) or under the deepspeed launcher on GPUs.
+shows the run-to-run noise. "vs bf16" is the change of the validation loss against the bf16
+run's, in % (the same measure in both columns). Prints a table, writes JSON and a PNG of the
+loss curves; checkpoints only with --save-checkpoints. Runs on CPU (gloo processes it
+starts) or under the deepspeed launcher on GPUs, with the model options of
+recipes/finetune_moe.py; the config's own "moe_flashcomm" section is replaced in every run.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -21,6 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import finetune_moe as ft  # noqa: E402
+import preflight  # noqa: E402
+
+from moe_flashcomm import env  # noqa: E402
 
 import moe_flashcomm  # noqa: E402
 from benchlib import pyplot  # noqa: E402
@@ -34,7 +41,7 @@ RUNS = [("bf16", BF16, 0), ("bf16 (other data seed)", BF16, 1)] + [
 
 def study(args) -> None:
     ft.init_rank(args)
-    base = ft.load_config(args)
+    base = args.ds_config
     out = args.out
     results, inference = [], []
     for name, section, seed_shift in RUNS:
@@ -59,7 +66,12 @@ def study(args) -> None:
         report(results, inference, args)
 
 
-def report(results: list, inference: list, args) -> None:
+def vs_bf16(loss: float, base: float) -> str:
+    return f"{100 * (loss / base - 1):>+7.2f}%"
+
+
+def table(results: list, inference: list) -> str:
+    """Validation loss, perplexity and loss vs bf16 (%), fine-tuned and at inference."""
     base = results[0]["val_loss"]
     ibase = inference[0]["val_loss"]
     lines = [f"{'communication':<24} {'fine-tune val loss':>18} {'ppl':>7} {'vs bf16':>8} | "
@@ -67,20 +79,24 @@ def report(results: list, inference: list, args) -> None:
     inf = {r["name"]: r["val_loss"] for r in inference}
     for r in results:
         line = (f"{r['name']:<24} {r['val_loss']:>18.4f} {math.exp(r['val_loss']):>7.3f} "
-                f"{100 * (r['val_loss'] / base - 1):>+7.2f}% |")
+                f"{vs_bf16(r['val_loss'], base)} |")
         if r["name"] in inf:
             v = inf[r["name"]]
-            line += f" {v:>18.4f} {math.exp(v):>7.3f} {100 * (math.exp(v) / math.exp(ibase) - 1):>+7.2f}%"
+            line += f" {v:>18.4f} {math.exp(v):>7.3f} {vs_bf16(v, ibase)}"
         lines.append(line)
-    table = "\n".join(lines)
-    print(table)
+    return "\n".join(lines)
+
+
+def report(results: list, inference: list, args) -> None:
+    text = table(results, inference)
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)",
             "world_size": torch.distributed.get_world_size(), "steps": args.steps,
-            "note": "fine-tune: loss vs bf16 in %; inference: perplexity vs bf16 in %"}
+            "note": "vs bf16: validation loss against the bf16 run's, in %, in both columns"}
     (args.out / "accuracy.json").write_text(json.dumps(
-        {"meta": meta, "finetune": results, "inference": inference, "table": table}, indent=1))
+        {"meta": meta, "finetune": results, "inference": inference, "table": text}, indent=1))
     plot(results, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.json'}")
 
@@ -102,18 +118,21 @@ def plot(results: list, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    parser_args = [a for a in sys.argv[1:]]
-    args = ft.parse_args(parser_args)
-    if "--out" not in parser_args:
-        args.out = Path("out/accuracy")
-    if "--steps" not in parser_args:
-        args.steps = 200
-    if "--eval-every" not in parser_args:
-        args.eval_every = 25
-    if "--eval-batches" not in parser_args:
-        args.eval_batches = 32
-    args.no_progress = True
+def parse_args(argv=None):
+    p = preflight.Parser(description=__doc__)
+    ft.add_model_args(p, steps=200, eval_every=25, eval_batches=32, out="out/accuracy")
+    p.add_argument("--save-checkpoints", action="store_true",
+                   help="write each run's DeepSpeed checkpoint under <out>/<run>/ckpt")
+    p.set_defaults(resume=False)  # every run starts fresh
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.ds_config = ft.check_args(args)
+    preflight.say(f"{len(RUNS)} fine-tuning runs ({', '.join(name for name, _, _ in RUNS)}) of "
+                  f"{args.steps} steps; each sets its own \"moe_flashcomm\" section")
+    preflight.check_extension_build(cpu_run=env.rank() is None and not torch.cuda.is_available())
     ft.launch(study, args)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark moe_flashcomm.all_to_all against NCCL bf16 all_to_all_single, 2 GPUs.
 
-For each link path of DESIGN.md (NCCL's environment is set before NCCL starts: one
-process group, i.e. one pair of fresh processes, per path), each hidden size and per-rank
-message size (bf16 bytes of x, even splits) it times:
+For each emulated link class (docs/design.md, "Link emulation"; NCCL's environment is set
+before NCCL starts: one process group, i.e. one pair of fresh processes, per path), each
+hidden size and per-rank message size (bf16 bytes of x, even splits) it times:
 
   nccl        torch.distributed.all_to_all_single on the bf16 tensor (the baseline)
   <codec>     moe_flashcomm.all_to_all(x, codec=<codec>, gate=False)   (always quantized)
@@ -13,7 +13,7 @@ message size (bf16 bytes of x, even splits) it times:
 with CUDA events around every call (calls back to back, as a training step issues them),
 after warm-up; the median over calls, the slower rank's. Ratios are NCCL time / our time
 (> 1: faster than NCCL). Writes a table to stdout, JSON, a PNG plot and the fitted gate
-(the JSON tools/tune_gate.py writes; load it with MOE_FLASHCOMM_GATE_FILE).
+(the JSON `python -m moe_flashcomm.tune_gate` writes; load it with MOE_FLASHCOMM_GATE_FILE).
 
     python tools/bench_all2all.py --out out/bench                  # the full sweep
     python tools/bench_all2all.py --quick --out out/quick          # a small one
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,64 +37,23 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
 
+from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
+
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
 QUICK_SIZES = ("64K", "1M", "16M", "256M")
-
-
-
-
-
-
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
 DEV = "cuda"  # "cpu" (gloo, host timers) for a dry run of this script without GPUs
 
 
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, budget_s: float, min_reps: int, max_reps: int, warmup: int = 3) -> float:
-    """Median ms per call over back-to-back calls, the max over ranks. Every rank runs the
-    same number of calls (agreed through an all_reduce)."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    t0 = time.perf_counter()
-    fn()
-    _sync()
-    one = torch.tensor([time.perf_counter() - t0], device=DEV)
-    dist.all_reduce(one, op=dist.ReduceOp.MAX)
-    reps = int(max(min_reps, min(max_reps, budget_s / max(one.item(), 1e-6))))
-    dist.barrier()
-    if DEV == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    else:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    med = torch.tensor([statistics.median(times)], device=DEV)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+def _time(fn, budget_s: float, min_reps: int, max_reps: int) -> float:
+    return time_calls(fn, budget_s, min_reps, max_reps, DEV)
 
 
 def _input(T: int, H: int, rank: int) -> torch.Tensor:
-    g = torch.Generator(device=DEV).manual_seed(1234 + rank)
-    x = torch.randn(T, H, device=DEV, generator=g)
-    x += (torch.rand(T, H, device=DEV, generator=g) < 0.001) * 30  # outliers for the spikes
-    return x.bfloat16()
+    return bench_input(T, H, rank, DEV)
 
 
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
@@ -211,8 +168,6 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         Path(part).write_text(json.dumps(dict(rows=rows, gate=gate)))
     dist.barrier()
     dist.destroy_process_group()
-
-
 
 
 def run_paths(cfg: dict, out: Path) -> dict:
@@ -354,7 +309,6 @@ def main(argv=None) -> None:
     if args.plot:
         result = json.loads(args.plot.read_text())
         if args.refit:  # the current gate fit on the always-quantized timings
-            from tune_gate import fit_from_rows
             result["gate"] = fit_from_rows(result["rows"])
         print_tables(result)
         plot(result, args.plot.with_suffix(".png"))

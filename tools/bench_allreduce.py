@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark moe_flashcomm.all_reduce against NCCL bf16 all_reduce, 2 GPUs.
 
-For each link path of DESIGN.md (NCCL's environment must be set before NCCL starts: one
-pair of fresh processes, one process group, per path) and each tensor size (bf16 bytes per
+For each emulated link class (docs/design.md, "Link emulation"; NCCL's environment must be
+set before NCCL starts: one pair of fresh processes, one process group, per path) and each tensor size (bf16 bytes per
 rank, 1 MiB .. 1 GiB by default) it times, on the same bf16 tensor:
 
   nccl          torch.distributed.all_reduce (the baseline)

@@ -1,33 +1,11 @@
-"""What the 2-GPU benchmarks share: the link emulation of DESIGN.md, sizes, codec names."""
+"""What the 2-GPU benchmarks share. The link emulation, sizes, codec names, process setup
+and free ports are the size-gate tuner's (moe_flashcomm.tune_gate), re-exported here."""
 from __future__ import annotations
 
-import socket
-
-PATH_ENV = {  # DESIGN.md, "Emulating links on a 2-GPU host"; NCCL reads it at start
-    "nvlink": {},
-    "host": {"NCCL_P2P_DISABLE": "1"},
-    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
-}
-
-
-def parse_size(s: str) -> int:
-    """'64K', '256M', '1G' or a plain number of bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
-
-
-def fmt_size(n: int) -> str:
-    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= div:
-            return f"{n / div:g}{unit}"
-    return str(n)
-
-
-def codec_of(name: str):
-    """'int4' / 'fp8' / 'bf16' -> the CodecConfig the benchmarks use (group 128, spikes)."""
-    from moe_flashcomm import CodecConfig
-    bits = int(name[3:]) if name.startswith("int") and name[3:].isdigit() else name
-    return CodecConfig(bits=bits, group_size=128, spikes=True)
+from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV  # noqa: F401
+from moe_flashcomm.tune_gate import bench_codec as codec_of  # noqa: F401
+from moe_flashcomm.tune_gate import fmt_size, free_port, parse_size  # noqa: F401
+from moe_flashcomm.tune_gate import init_link_worker as init_worker  # noqa: F401
 
 
 def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10) -> float:
@@ -52,26 +30,6 @@ def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10)
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / calls)
     return statistics.median(ts)
-
-
-def init_worker(rank: int, world: int, port: int, path: str, device: str) -> None:
-    """One benchmark process: the link emulation of ``path`` (before NCCL starts), the
-    launcher's variables, the process group (NCCL on GPU ``rank``, or gloo on CPU)."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-    os.environ.update(PATH_ENV[path])
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (KINDS.md)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world))
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world,
-                                device_id=torch.device("cuda", rank))
-    else:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def pyplot():
@@ -107,9 +65,3 @@ def save_figure(fig, png, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"plot: {png}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

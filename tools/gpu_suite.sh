@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, for one call of a GPU machine with 2+ GPUs:
 #   bash tools/gpu_suite.sh [tests] [allreduce] [inference] [all2all] [small]   (default: all)
-# Logs, JSON and plots go under $OUT (default out/gpu). DeepSpeed comes from .whl/ when the
-# machine has no package index (fill it with ../shared/tools/device-wheels.sh).
-# Link emulation as in DESIGN.md: nvlink (default NCCL), host-memory, network.
+# Logs, JSON and plots go under $OUT (default out/gpu). On a machine without a package index,
+# put the wheels it needs (DeepSpeed and its dependencies) in .whl/: they are installed first.
+# Link emulation (docs/design.md): nvlink (default NCCL), host-memory, network.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"

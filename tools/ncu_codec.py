@@ -8,7 +8,8 @@ it with, for example:
     ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
         --section WarpStateStats python3 tools/ncu_codec.py --size 64 --hidden 7168 --bits 4 8
 
-(``--clock-control none``: the device tool's METHOD.md asks to leave the clocks alone.)
+(``--clock-control none`` leaves the GPU's clocks as they are: on a shared machine, do not
+lock or reset them.)
 """
 from __future__ import annotations
 

@@ -1,0 +1,261 @@
+"""Fit the all-to-all size gate for this machine and write it as JSON.
+
+For every link path and codec it finds the smallest message (bf16 bytes per peer) from which
+the quantized all-to-all is not slower than NCCL's bf16 ``all_to_all_single`` (and NCCL's
+call is long enough to hide the quantized call's host time: ``gate.fit_thresholds``), timing
+both on 2 GPUs; smaller messages then go as bf16. Each path gets a fresh pair of processes
+with NCCL's link emulation set before NCCL starts (docs/design.md, "Link emulation").
+
+    python -m moe_flashcomm.tune_gate --out gate.json              # measure (2 GPUs)
+    python -m moe_flashcomm.tune_gate --from-bench out/bench_all2all/bench_all2all.json --out gate.json
+    python -m moe_flashcomm.tune_gate --from-bench ... --python    # a DEFAULT_THRESHOLDS literal
+    MOE_FLASHCOMM_GATE_FILE=gate.json python train.py              # use it
+
+``--cpu-dry-run`` runs the same code on gloo processes (timings meaningless) to check a setup
+without GPUs. The 2-GPU benchmarks in tools/ share this module's link emulation and timing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pprint
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .codec import CodecConfig
+from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds
+
+# NCCL environment per emulated link class on one 2-GPU host; NCCL reads it when it starts.
+LINK_EMULATION = {
+    "nvlink": {},                                                      # default NCCL (NVLink)
+    "host": {"NCCL_P2P_DISABLE": "1"},                                 # through host memory (PCIe)
+    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},     # sockets over loopback
+}
+CODECS = ("fp8", "int8", "int6", "int4", "int3", "int2")
+SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
+HIDDEN = (4096, 7168)
+
+
+def parse_size(s: str) -> int:
+    """'64K', '256M', '1G' or a plain number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+    except (ValueError, IndexError):
+        raise ValueError(f"size {s!r}: expected bytes or a number with K, M or G") from None
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def bench_codec(name: str) -> CodecConfig:
+    """'int4' / 'fp8' / 'bf16' -> the CodecConfig the measurements use (group 128, spikes)."""
+    bits = name[3:] if name.startswith("int") else name
+    return CodecConfig(bits=int(bits) if bits.isdigit() else bits, group_size=128, spikes=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_link_worker(rank: int, world: int, port: int, path: str, device: str) -> None:
+    """One measuring process: the link emulation of ``path`` (before NCCL starts), the
+    launcher's variables, the process group (NCCL on GPU ``rank``, or gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+    os.environ.update(LINK_EMULATION[path])
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def bench_input(tokens: int, hidden: int, rank: int, device: str):
+    """bf16 [tokens, hidden] normal values with 0.1% outliers of +30 (for the spikes)."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(1234 + rank)
+    x = torch.randn(tokens, hidden, device=device, generator=g)
+    x += (torch.rand(tokens, hidden, device=device, generator=g) < 0.001) * 30
+    return x.bfloat16()
+
+
+def time_calls(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps: int,
+               device: str, warmup: int = 3) -> float:
+    """Median ms per call over back-to-back calls (CUDA events on GPU), the max over ranks.
+    Every rank runs the same number of calls (agreed through an all_reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = torch.tensor([time.perf_counter() - t0], device=device)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)
+    reps = int(max(min_reps, min(max_reps, budget_s / max(one.item(), 1e-6))))
+    dist.barrier()
+    if device == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    med = torch.tensor([statistics.median(times)], device=device)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
+def _measure_path(rank: int, world: int, port: int, path: str, cfg: dict, out: str) -> None:
+    """Worker: NCCL bf16 and every codec (gate off) at every size of ``cfg``; rank 0 writes
+    the rows to ``out``."""
+    import torch
+    import torch.distributed as dist
+
+    import moe_flashcomm as mf
+    device = cfg["device"]
+    init_link_worker(rank, world, port, path, device)
+    codecs = {name: bench_codec(name) for name in cfg["codecs"]}
+    rows = []
+    for hidden in cfg["hiddens"]:
+        for size in cfg["sizes"]:
+            tokens = max(world, size // (2 * hidden) // world * world)
+            x = bench_input(tokens, hidden, rank, device)
+            out_buf = torch.empty_like(x)
+            reps = (3 if size >= 64 << 20 else 10, 200)
+            nccl = time_calls(lambda: dist.all_to_all_single(out_buf, x), cfg["budget_s"], *reps, device)
+            for name, c in codecs.items():
+                ms = time_calls(lambda: mf.all_to_all(x, codec=c, gate=False), cfg["budget_s"],
+                                *reps, device)
+                rows.append(dict(path=path, hidden=hidden, tokens=tokens, size_bytes=tokens * hidden * 2,
+                                 pair_bytes=(tokens // world) * hidden * 2, variant=name, codec=name,
+                                 ms=ms, nccl_ms=nccl))
+            del x, out_buf
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if rank == 0:
+            print(f"[{path}] hidden {hidden} measured", flush=True)
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(paths, hiddens, sizes, codecs, budget_s: float = 0.2, device: str = "cuda") -> list:
+    """Rows (one per path, hidden size, size and codec) from a fresh pair of processes per path."""
+    import torch.multiprocessing as mp
+    cfg = dict(hiddens=list(hiddens), sizes=list(sizes), codecs=list(codecs), budget_s=budget_s,
+               device=device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            part = Path(tmp) / f"{path}.json"
+            mp.spawn(_measure_path, args=(2, free_port(), path, cfg, str(part)), nprocs=2, join=True)
+            rows += json.loads(part.read_text())
+    return rows
+
+
+def fit_from_rows(rows: list) -> dict:
+    """Thresholds ``{path: {codec_key: bytes}}`` from measured rows: this module's, or a
+    tools/bench_all2all.py JSON's (its always-quantized rows; every row needs ``nccl_ms`` or
+    an ``nccl`` row of the same path, hidden size and tokens)."""
+    nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
+    fit = [dict(path=r["path"], hidden=r["hidden"], pair_bytes=r["pair_bytes"], ms=r["ms"],
+                nccl_ms=r.get("nccl_ms") or nccl[(r["path"], r["hidden"], r["tokens"])],
+                codec=codec_key(bench_codec(r["codec"])))
+           for r in rows if r.get("codec") not in (None, "bf16") and not r.get("gated")
+           and not r.get("sweep") and not r.get("algorithm") and r["path"] in LINK_EMULATION]
+    return fit_thresholds(fit)
+
+
+def _csv(what: str, value: str, allowed=None) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if not items or bad:
+        raise SystemExit(f"{what}: {', '.join(bad) or 'empty'} not allowed; "
+                         f"allowed: {', '.join(allowed) if allowed else 'a comma-separated list'}")
+    return items
+
+
+def main(argv: Optional[list] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moe_flashcomm.tune_gate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gate.json"), help="JSON to write (default gate.json)")
+    ap.add_argument("--from-bench", type=Path, help="fit on a tools/bench_all2all.py JSON instead of measuring")
+    ap.add_argument("--paths", default=",".join(LINK_EMULATION), help="link emulations to measure")
+    ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden sizes")
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--sizes", default=",".join(SIZES), help="bf16 bytes per rank, e.g. 64K,1M,64M")
+    ap.add_argument("--budget", type=float, default=0.2, help="seconds of timed calls per point")
+    ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="gloo on CPU, to check the setup without GPUs (timings meaningless)")
+    args = ap.parse_args(argv)
+    if args.from_bench:
+        try:
+            data = json.loads(args.from_bench.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--from-bench: cannot read {args.from_bench}: {e}") from None
+        rows, meta = data["rows"], data.get("meta", {})
+    else:
+        import torch
+        device = "cpu" if args.cpu_dry_run else "cuda"
+        if device == "cuda" and torch.cuda.device_count() < 2:
+            raise SystemExit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()} "
+                             "(--from-bench fits a stored run, --cpu-dry-run checks the setup)")
+        codecs = _csv("--codecs", args.codecs, CODECS)
+        try:
+            sizes = [parse_size(s) for s in _csv("--sizes", args.sizes)]
+            hiddens = [int(h) for h in _csv("--hidden", args.hidden)]
+        except ValueError as e:
+            raise SystemExit(f"{e}") from None
+        rows = measure(_csv("--paths", args.paths, LINK_EMULATION), hiddens, sizes, codecs,
+                       args.budget, device)
+        meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
+                    date=datetime.date.today().isoformat())
+    table = fit_from_rows(rows)
+    args.out.write_text(json.dumps(dict(thresholds=table, units="bf16 bytes per peer",
+                                        device=meta.get("device"), date=meta.get("date"),
+                                        source="python -m moe_flashcomm.tune_gate"), indent=1))
+    for path, row in table.items():
+        print(f"{path:>8}: " + ", ".join(f"{c} {fmt_size(v) if v < NEVER_PAYS else 'never'}"
+                                         for c, v in sorted(row.items())))
+    print(f"wrote {args.out} (use it with MOE_FLASHCOMM_GATE_FILE={args.out})")
+    if args.python:
+        print("DEFAULT_THRESHOLDS = " + pprint.pformat(table, width=90))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
