@@ -780,17 +780,17 @@ def test_link_classes_autoep_expert_tp_gloo_4_ranks():
 def test_version_checks(monkeypatch):
     import deepspeed
 
-    from moe_flashcomm.integrations import deepspeed as integ
-    assert integ._version_tuple("0.19.8") == (0, 19, 8)
-    assert integ._version_tuple("0.20.0rc1+abc") == (0, 20, 0)
-    assert integ._version_tuple("1.0") == (1, 0, 0)
-    integ._import_deepspeed.cache_clear()
+    from moe_flashcomm.integrations import patching as integ
+    assert integ.version_tuple("0.19.8") == (0, 19, 8)
+    assert integ.version_tuple("0.20.0rc1+abc") == (0, 20, 0)
+    assert integ.version_tuple("1.0") == (1, 0, 0)
+    integ.import_deepspeed.cache_clear()
     monkeypatch.setattr(deepspeed, "__version__", "0.15.4")
     try:
         with pytest.raises(RuntimeError, match=r"supports DeepSpeed >= 0\.16\.0 .*found 0\.15\.4"):
             mf.enable_deepspeed(nn.Linear(2, 2))
     finally:
-        integ._import_deepspeed.cache_clear()
+        integ.import_deepspeed.cache_clear()
 
 
 @pytest.mark.multigpu
