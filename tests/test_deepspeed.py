@@ -599,11 +599,15 @@ def check_zero2_training(tag: str) -> None:
                 assert now.calls[d] - was.calls[d] == accumulation, (tag, n, d)
                 assert now.quantized[d] - was.quantized[d] == accumulation, (tag, n, d)
             # capacity C = ceil(tokens / experts * k) rows per expert; E/ep experts' rows go
-            # to each other rank, as int4 forward and int8 backward records
+            # to each other rank in the stock exchange; skip_padding (on by default) sends
+            # the filled ones, as int4 forward and int8 backward records
             rows = experts // ep * math.ceil(tokens_per_micro / experts * k) * (ep - 1)
             for d, bits in (("dispatch", 4), ("combine", 4), ("dispatch_grad", 8), ("combine_grad", 8)):
                 got = now.bytes_sent[d]["intra_node"] - was.bytes_sent[d]["intra_node"]
-                assert got == accumulation * rows * mf.record_bytes(H, bits), (tag, n, d, got)
+                slots = now.slots_sent[d] - was.slots_sent[d]
+                assert now.slots_stock[d] - was.slots_stock[d] == accumulation * rows, (tag, n, d)
+                assert 0 < slots <= accumulation * rows, (tag, n, d, slots)
+                assert got == slots * mf.record_bytes(H, bits), (tag, n, d, got)
     total = ExchangeStats.total(stats.values())
     assert total.exchanges == 3 * accumulation * 2 * 4 and total.compression > 2
     for p in quant.module.parameters():
@@ -725,7 +729,8 @@ def check_link_classes(tag: str) -> None:
     assert_identical(ref, run(moe, x), f"{tag} ep=4 passthrough")
     mf.disable_deepspeed(moe)
     links = {"intra_node": "bf16", "inter_node": 4}
-    stats = mf.enable_deepspeed(moe, {"dispatch": links, "combine": links, **NO_GATE})["deepspeed_moe"]
+    stats = mf.enable_deepspeed(moe, {"dispatch": links, "combine": links, "skip_padding": False,
+                                      **NO_GATE})["deepspeed_moe"]
     y = run(moe, x)[0]
     assert rel_err(y, ref[0]) < 0.1
     cap = math.ceil(32 / ep)  # k=1, 32 tokens, capacity factor 1

@@ -27,9 +27,10 @@ methods are found again: stock behaviour, exactly.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import threading
 import types
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ import torch.nn as nn
 from ..comm import ConfigMismatchError, all_to_all, create_stage_groups
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
+from .padding import RouteCounts, SlotPlan, filled_slots
 from .patching import (TESTED_VERSIONS, PatchState, Site, ds_logger, import_deepspeed, patch,
                        rank0, rebind, resolve, states, unpatch, unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
@@ -90,6 +92,8 @@ class _LayerState(PatchState):
     def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
         super().__init__(name, site, config)
         self.calls = 0  # exchanges in the running forward
+        self.counts: Optional[RouteCounts] = None  # skip_padding: the running forward's routes
+        self.plan: Optional[SlotPlan] = None  # skip_padding: its exchanges
 
     def configure(self, config: FlashCommConfig) -> None:
         self.config = config
@@ -121,19 +125,45 @@ class _LayerState(PatchState):
         """``layer``'s forward (``_forward`` for AutoEP), counting its exchanges."""
         impl = self.impl(layer)
         stack = _local.__dict__.setdefault("stack", [])
-        outer_calls, self.calls = self.calls, 0
+        outer = self.calls, self.counts, self.plan
+        self.calls, self.counts, self.plan = 0, None, None
+        watch = self._watch_gate(layer)
         stack.append(self)
         try:
             out = impl(layer, *args, **kwargs)
             calls = self.calls
         finally:
             stack.pop()
-            self.calls = outer_calls
+            if watch is not None:
+                watch.remove()
+            self.calls, self.counts, self.plan = outer
         expected = _expected_exchanges(self.site, layer)
         if calls != expected:
             raise unsupported(f"{self.site.cls_name} '{self.name}' made {calls} all-to-all(s) through "
                               f"moe_flashcomm in one forward where {expected} were expected")
         return out
+
+    # ---- skip_padding (integrations/padding.py) ----
+    def _watch_gate(self, layer: nn.Module):
+        """With skip_padding on a MOELayer that exchanges, a hook (removed after this forward)
+        that reads the routes its gate returns."""
+        if not (self.config.skip_padding and self.site.cls_name == "MOELayer"
+                and int(getattr(layer, "ep_size", 1)) > 1):
+            return None
+        return layer.gate.register_forward_hook(functools.partial(self._gate_routes, layer))
+
+    def _gate_routes(self, layer: nn.Module, gate: nn.Module, args: tuple, output: Any) -> None:
+        """The gate's ``(l_aux, C, E, indices, locations, gates, exp_counts)``: count the
+        filled slots per expert and exchange the counts (padding.py says why this is exact)."""
+        if not (isinstance(output, tuple) and len(output) == 7 and torch.is_tensor(output[3])
+                and torch.is_tensor(output[4])):
+            raise unsupported(f"the gate of MOELayer '{self.name}' did not return sparse routes "
+                              "(l_aux, C, E, indices, locations, gates, exp_counts); set "
+                              '"skip_padding": false to exchange the padded tensor')
+        if _tensor_parallel_size(layer) > 1:  # drop_tokens splits the capacity: padded exchange
+            return
+        mine = filled_slots(output[3], output[4], int(output[2]))
+        self.counts = RouteCounts(mine, self.exchange_counts(mine, layer.ep_group))
 
     def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
         """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
@@ -146,37 +176,65 @@ class _LayerState(PatchState):
 
     def exchange(self, group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
         """DeepSpeed's all-to-all of ``x`` (dim 0 routed like ``all_to_all_single``): the
-        first of a forward is the dispatch, the second the combine."""
+        first of a forward is the dispatch, the second the combine. With skip_padding, only
+        the filled slots of ``x`` [E, C, M] go and the output is restored to that shape."""
         direction = "dispatch" if self.calls % 2 == 0 else "combine"
         self.calls += 1
         cfg = self.config
         codec, grad_codec = ((cfg.dispatch, cfg.dispatch_grad) if direction == "dispatch"
                              else (cfg.combine, cfg.combine_grad))
+        if direction == "dispatch" and self.counts is not None:
+            self.plan = self.counts.plan(x.shape, dist.get_world_size(group))
+        plan = self.plan if input_splits is None else None
+        stock_slots = None
+        if plan is not None:
+            x, input_splits, output_splits = plan.pack(x, direction)
+            stock_slots = plan.stock_slots
         stats, gate = self.stats, self.gate
         began = stats.start(x.device)
         out = self.send(x, group, codec, grad_codec, input_splits, output_splits)
         stats.stop(direction, began)
-        stats.record(direction, x, input_splits, group, codec, gate)
+        stats.record(direction, x, input_splits, group, codec, gate, stock_slots)
         if out.requires_grad:
             grad_began = []
 
             def before_backward(g):  # the gradient reached the output: its exchange comes next
-                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate)
+                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate,
+                             stock_slots)
                 grad_began.append(stats.start(g.device))
 
             out.register_hook(before_backward)
             if x.requires_grad:  # x's gradient is what the backward exchange produces
                 x.register_hook(lambda g: stats.stop(direction + "_grad", grad_began.pop())
                                 if grad_began else None)
-        return out
+        return out if plan is None else plan.unpack(out, direction)
 
+    # ---- the transport: the only calls a patched MoE layer makes on its group ----
     def send(self, x: torch.Tensor, group, codec, grad_codec, input_splits, output_splits
              ) -> torch.Tensor:
-        """The one place a patched layer calls the transport."""
+        """One all-to-all of ``x`` (and its backward) through moe_flashcomm."""
         cfg = self.config
         return all_to_all(x, output_split_sizes=output_splits, input_split_sizes=input_splits,
                           group=group, codec=codec, grad_codec=grad_codec, gate=self.gate,
                           chunks=cfg.chunks, algorithm=cfg.algorithm)
+
+    @staticmethod
+    def exchange_counts(mine: torch.Tensor, group) -> torch.Tensor:
+        """skip_padding: every rank's filled-slot counts [E] to the ranks of their experts."""
+        theirs = torch.empty_like(mine)
+        dist.all_to_all_single(theirs, mine, group=group)
+        return theirs
+
+
+def _tensor_parallel_size(layer: nn.Module) -> int:
+    """The tensor-parallel world size DeepSpeed's ``MOELayer.forward`` sees (above 1 it
+    splits the capacity dimension across those ranks before the all-to-all)."""
+    ds = type(layer).forward.__globals__
+    try:
+        return int(ds["bwc_tensor_model_parallel_world_size"](ds["groups"].mpu))
+    except KeyError as e:
+        raise unsupported(f"MOELayer.forward has no global {e}, needed by skip_padding; set "
+                          '"skip_padding": false') from None
 
 
 def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
