@@ -683,7 +683,8 @@ def check_copy_and_pickle(tag: str) -> None:
     saved.set_deepspeed_parallelism()
     loaded_stats = exchange_stats(loaded)["deepspeed_moe"]
     assert loaded_stats.exchanges == 0
-    assert_identical(run(saved, x), run(loaded, x), f"{tag} torch.save / torch.load")
+    original, spread = run(saved, x), run(saved, x)  # (CUDA: DeepSpeed's backward has atomics)
+    assert_identical(original, run(loaded, x), f"{tag} torch.save / torch.load", spread)
     assert loaded_stats.quantized_exchanges == 4
     mf.disable_deepspeed(loaded)
     assert_identical(ref, run(loaded, x), f"{tag} loaded, then disabled", noise)

@@ -7,7 +7,6 @@ sent), per link class: ``intra_node`` (a peer on this rank's node) and ``inter_n
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -15,6 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..comm.exchange import RAW, Route, row_bytes
 from ..comm.topology import Topology, link_path
 
@@ -57,6 +57,7 @@ class ExchangeStats:
     slots_stock: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
     _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # _link_plan's, per call shape
 
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
@@ -165,7 +166,7 @@ class ExchangeStats:
         p, None: even split) sent with ``codecs`` (LinkCodecs) under ``gate`` (SizeGate).
         ``stock_slots``: slots the padded exchange would send to other ranks (None: as
         many as this one)."""
-        route, nodes = _link_plan(group, codecs, gate, x.device.type)
+        route, nodes = _link_plan(self._plans, group, codecs, gate, x.device.type)
         rank, world = route.rank, route.world
         rows = list(send_rows) if send_rows is not None else [x.shape[0] // world] * world
         per_row = math.prod(x.shape[1:-1])
@@ -188,18 +189,13 @@ class ExchangeStats:
         self.slots_stock[direction] += slots if stock_slots is None else stock_slots
 
 
-_plans: dict = {}
-_TOPOLOGY_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                 "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
-
-
-def _link_plan(group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
+def _link_plan(plans: dict, group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
     """The transport's view of ``group`` for these codecs: a Route (codec and size-gate
     threshold towards every group rank; ``Route.wire`` decides each pair's wire exactly as the
-    exchange does) and the node of every group rank. Cached."""
+    exchange does) and the node of every group rank. Cached in ``plans``."""
     key = (id(group), getattr(group, "group_name", None), codecs, gate.digest, device_type,
-           tuple(os.environ.get(k) for k in _TOPOLOGY_ENV))
-    hit = _plans.get(key)
+           env.local_size(), env.nccl_flag("NCCL_P2P_DISABLE"), env.nccl_flag("NCCL_SHM_DISABLE"))
+    hit = plans.get(key)
     if hit is None:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
@@ -209,5 +205,5 @@ def _link_plan(group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
         peer_codecs = tuple(codecs.for_peer(s) for s in same)
         thresholds = tuple(gate.threshold(link_path(s, device_type), c)
                            for s, c in zip(same, peer_codecs))
-        hit = _plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
+        hit = plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
     return hit
