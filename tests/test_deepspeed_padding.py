@@ -20,7 +20,7 @@ import torch.nn as nn
 pytest.importorskip("deepspeed")
 
 import moe_flashcomm as mf  # noqa: E402
-from moe_flashcomm.integrations.padding import filled_slots  # noqa: E402
+from moe_flashcomm.integrations.padding import RouteCounts, filled_slots  # noqa: E402
 from tests.distributed import spawn  # noqa: E402
 from tests.test_deepspeed import (H, PASS, assert_identical, init_deepspeed, make_moe,  # noqa: E402
                                   run, stock_runs, tokens)
@@ -182,6 +182,50 @@ def test_skip_padding_gloo_4_ranks():
 @pytest.mark.multigpu
 def test_skip_padding_nccl_2_gpus():
     spawn(_world, 2, ALL, backend="nccl")
+
+
+def check_slot_plan(device: str) -> None:
+    """One rank's view of a 2-rank exchange, without the transport: pack sends exactly the
+    filled rows in expert order with their split sizes, unpack restores zeros around them, and
+    the gradients of both are the adjoint copies (bit for bit, signed zeros kept)."""
+    experts, capacity, hidden = 4, 5, 3
+    mine = torch.tensor([2, 0, 5, 1], device=device)  # this rank's tokens per expert
+    theirs = torch.tensor([1, 3, 0, 4], device=device)  # from rank 0 and rank 1 to my 2 experts
+    plan = RouteCounts(mine, theirs).plan(torch.Size([experts, capacity, hidden]), world=2)
+    assert plan.send_splits == [2, 6] and plan.recv_splits == [4, 4]
+    assert plan.stock_slots == 2 * capacity
+    x = torch.randn(experts, capacity, hidden, device=device, dtype=torch.bfloat16)
+    x[1] = 0  # (an expert without tokens)
+    x.requires_grad_()
+    packed, send, recv = plan.pack(x, "dispatch")
+    rows = [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (3, 0)]
+    assert (send, recv) == (plan.send_splits, plan.recv_splits)
+    assert torch.equal(packed, torch.stack([x[e, c] for e, c in rows]))
+    g = torch.randn_like(packed)
+    g[0] = -0.0
+    packed.backward(g)
+    want = torch.zeros_like(x)
+    for i, (e, c) in enumerate(rows):
+        want[e, c] = g[i]
+    assert torch.equal(x.grad, want) and torch.signbit(x.grad[0, 0]).all()
+    # the combine goes back: what arrived by the dispatch (theirs) is sent, mine is restored
+    y = torch.randn(sum(plan.send_splits), hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    restored = plan.unpack(y, "combine")
+    assert restored.shape == (experts, capacity, hidden)
+    assert torch.equal(restored[2, :5], y[2:7]) and torch.equal(restored[0, 2:], torch.zeros_like(restored[0, 2:]))
+    restored.backward(torch.ones_like(restored))
+    assert torch.equal(y.grad, torch.ones_like(y))
+    with pytest.raises(ValueError, match="do not fit the exchanged tensor"):
+        RouteCounts(mine, theirs).plan(torch.Size([experts, 4, hidden]), world=2)
+
+
+def test_slot_plan_cpu():
+    check_slot_plan("cpu")
+
+
+@pytest.mark.cuda
+def test_slot_plan_cuda():
+    check_slot_plan("cuda")  # the counts' pinned, asynchronous copy to the host
 
 
 def test_config_field():

@@ -11,6 +11,8 @@ and nothing global is touched: DeepSpeed's ``_AllToAll`` / ``_AllToAllV`` classe
   exchange. Every other global name (``drop_tokens``, ``gather_tokens``, ``tutel_moe``,
   ``_sparse_encode``, ...) is looked up live in sharded_moe, so the gating, the Tutel
   dispatcher, tensor-parallel token dropping and the timers are DeepSpeed's, unchanged.
+  With ``skip_padding`` a forward hook on its gate (present during the patched forward only)
+  reads the routes, and the exchanges send only the filled capacity slots (padding.py).
 * ``AutoEPMoELayer`` (deepspeed/module_inject/auto_ep_layer.py, dropless AutoEP with uneven
   splits): the same for its ``_forward`` and the name ``_AllToAllV``.
 * ``DeepSpeedMoEInference`` (deepspeed/ops/transformer/inference/moe_inference.py): the
@@ -22,7 +24,8 @@ combine; each uses its own codec, and its backward the matching gradient codec. 
 forward the number of exchanges is checked (2 when the layer has more than one expert-parallel
 rank): a DeepSpeed whose layer stopped calling the names patched here fails loudly instead of
 silently running stock. ``disable_deepspeed`` deletes the instance attributes, so the class
-methods are found again: stock behaviour, exactly.
+methods are found again: stock behaviour, exactly. The patching itself (shared with the
+all-reduce integration, copies and pickles included) is in patching.py.
 """
 from __future__ import annotations
 
