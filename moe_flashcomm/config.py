@@ -100,6 +100,12 @@ class FlashCommConfig:
     chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
                    overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
     layers:        per-layer rules (LayerRule), applied in order, later rules winning.
+    skip_padding:  DeepSpeed ``MOELayer``: send only each expert's filled capacity slots on
+                   the dispatch, the combine and their gradients (uneven all-to-all; the
+                   receiver restores the zero rows). Exact: outputs and gradients are those of
+                   the padded exchange. No effect on AutoEP (already dropless) and
+                   DeepSpeedMoEInference layers, or with tensor parallelism (the exchange
+                   stays padded there).
     all_reduce:    tensor-parallel inference all-reduces of activations through
                    ``moe_flashcomm.all_reduce`` (``moe_flashcomm.enable_all_reduce``): None /
                    false (default) = off, else their codec (``{"intra_node": ...,
@@ -117,14 +123,16 @@ class FlashCommConfig:
     chunks: Optional[int] = None
     layers: tuple = ()
     all_reduce: Any = None
+    skip_padding: bool = True
 
     def __post_init__(self) -> None:
         self._validate("FlashCommConfig")
 
     def _validate(self, where: str) -> None:
         set_ = object.__setattr__
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"{where}.enabled must be true or false, got {self.enabled!r}")
+        for name in ("enabled", "skip_padding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{where}.{name} must be true or false, got {getattr(self, name)!r}")
         for name in CODEC_FIELDS:
             set_(self, name, _codec(getattr(self, name), f"{where}.{name}"))
         if not (isinstance(self.algorithm, str) and self.algorithm in ALGORITHMS):
@@ -232,6 +240,8 @@ class FlashCommConfig:
             extra.append(f"gate={'off' if self.gate is False else 'custom'}")
         if self.all_reduce is not None:
             extra.append(f"all_reduce={self.all_reduce}")
+        if not self.skip_padding:
+            extra.append("skip_padding=off")
         return s + " " + " ".join(extra)
 
 
@@ -251,7 +261,7 @@ def _check_gate(gate: Any, where: str) -> Any:
                       f"got {gate!r}")
 
 
-_RULE_FIELDS = ("enabled", *CODEC_FIELDS, "algorithm", "gate", "chunks")
+_RULE_FIELDS = ("enabled", *CODEC_FIELDS, "algorithm", "gate", "chunks", "skip_padding")
 
 
 def _rule(r: Any, where: str) -> LayerRule:

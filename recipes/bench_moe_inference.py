@@ -37,8 +37,12 @@ PRESETS = {
     "mixtral": (4096, 14336, 8, 2),
     "deepseek": (7168, 2048, 64, 8),
     "tiny": (256, 512, 4, 2),  # CPU smoke run
+    # small hidden sizes with the routing shapes of the two above: filled-slot shares on CPU
+    "mixtral-routing": (256, 512, 8, 2),
+    "deepseek-routing": (256, 256, 64, 8),
 }
-CODECS = {"int8": {"bits": 8}, "int4": {"bits": 4}, "int2": {"bits": 2}, "fp8": {"bits": "fp8"}}
+CODECS = {"bf16": {"bits": "bf16"}, "int8": {"bits": 8}, "int4": {"bits": 4}, "int2": {"bits": 2},
+          "fp8": {"bits": "fp8"}}
 
 
 class Expert(nn.Module):
@@ -58,6 +62,12 @@ def parse_args(argv=None):
                    help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
     p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--zipf", type=float, default=0.0,
+                   help="skewed expert popularity: the gate's logit of expert e gets -s*log(e+1) "
+                        "(popularity ~ 1/(e+1)^s); 0: the random gate")
+    p.add_argument("--skip-padding", nargs="+", default=["on"], choices=["on", "off"],
+                   help="time the codecs with skip_padding on (row keys <codec>_...) and/or off "
+                        "(<codec>_padded_...)")
     p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--path", default="nvlink" if torch.cuda.is_available() else "cpu",
                    help="label of the link emulation in the environment (nvlink, host-memory, network)")
@@ -120,6 +130,8 @@ def bench(args) -> None:
     if not gpu:
         log("CPU run: the codecs are slower than stock here, because without CUDA kernels the "
             "torch reference codec encodes and decodes every message (a smoke run, not a speed test)")
+    keys = [codec if skip == "on" else f"{codec}_padded" for codec in args.codecs
+            for skip in args.skip_padding]
     rows = []
     for name in presets:
         hidden, ffn, experts, k = PRESETS[name]
@@ -129,26 +141,43 @@ def bench(args) -> None:
                     drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
         layer.set_deepspeed_parallelism()
         layer = layer.to(device, dtype).eval()
+        if args.zipf:  # x[..., 0] = 1 below: this column adds -s*log(e+1) to expert e's logit
+            with torch.no_grad():
+                popularity = torch.arange(1, experts + 1, dtype=torch.float32).log()
+                layer.deepspeed_moe.gate.wg.weight[:, 0] = (-args.zipf * popularity).to(device, dtype)
         for tokens in token_counts:
             x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+            if args.zipf:
+                x[..., 0] = 1.0
             row = {"preset": name, "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": k,
-                   "tokens_per_rank": tokens, "path": args.path, "world": world}
+                   "tokens_per_rank": tokens, "path": args.path, "world": world, "zipf": args.zipf}
             with torch.no_grad():
                 moe_flashcomm.disable_deepspeed(layer)
                 row["stock_s"] = timed(lambda: layer(x), args.reps)
                 stock = layer(x)[0].float()
-                for codec in args.codecs:
-                    moe_flashcomm.enable_deepspeed(layer, {"dispatch": CODECS[codec], "combine": CODECS[codec]})
-                    row[f"{codec}_s"] = timed(lambda: layer(x), args.reps)
+                for key in keys:
+                    codec = CODECS[key.split("_")[0]]
+                    stats = moe_flashcomm.enable_deepspeed(layer, {
+                        "dispatch": codec, "combine": codec,
+                        "skip_padding": not key.endswith("_padded")})["deepspeed_moe"]
+                    stats.reset()
+                    row[f"{key}_s"] = timed(lambda: layer(x), args.reps)
+                    # this rank's bytes to other ranks per forward (dispatch + combine); the
+                    # stock exchange's in bf16; the share of capacity slots that went
+                    forwards = stats.calls["dispatch"]
+                    row[f"{key}_bytes"] = stats.link_bytes() / forwards
+                    row["stock_bf16_bytes"] = (sum(stats.slots_stock.values()) * hidden * 2 / forwards)
+                    row[f"{key}_slot_share"] = stats.slot_share()
                     # the layer's output error from the codec, relative to the output's norm
-                    row[f"{codec}_rel_err"] = rel_err(layer(x)[0].float(), stock)
+                    row[f"{key}_rel_err"] = rel_err(layer(x)[0].float(), stock)
                 moe_flashcomm.disable_deepspeed(layer)
             rows.append(row)
             line = (f"{name:>8} tokens/rank {tokens:>6}: stock {row['stock_s'] * 1e3:8.2f} ms "
                     f"({tokens * world / row['stock_s']:>10.0f} tok/s)")
-            for codec in args.codecs:
-                line += (f" | {codec} {row[f'{codec}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{codec}_s']:.2f}"
-                         f" (err {row[f'{codec}_rel_err']:.1e})")
+            for key in keys:
+                line += (f" | {key} {row[f'{key}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{key}_s']:.2f}, "
+                         f"{row['stock_bf16_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes"
+                         f" (err {row[f'{key}_rel_err']:.1e})")
             log(line)
         del layer
         if gpu:
@@ -158,12 +187,13 @@ def bench(args) -> None:
         meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"),
                 "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "path": args.path,
                 "world_size": world, "dtype": str(dtype), "capacity_factor": args.capacity_factor,
+                "zipf": args.zipf, "skip_padding": args.skip_padding,
                 "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
         path = args.out / f"moe_inference_{args.path}.json"
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         log(f"wrote {path}")
         if args.plot:
-            plot(rows, args.codecs, path.with_suffix(".png"))
+            plot(rows, keys, path.with_suffix(".png"))
 
 
 def plot(rows: list, codecs: list, path: Path) -> None:

@@ -177,14 +177,21 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         engine.save_checkpoint(str(ckpt), client_state={"step": args.steps, "data": data_states})
 
     val_loss = history[-1].get("val_loss") if history else evaluate(engine, val_batches)
+    exchanges = stats.as_dict()
+    # the trained gate: share of each layer's capacity slots that hold tokens on the
+    # validation batches (skip_padding sends only those; 1.0 where it is off)
+    for s in layer_stats.values():
+        s.reset()
+    evaluate(engine, val_batches)
+    filled = {name: s.slot_share("dispatch") for name, s in layer_stats.items()}
     return {
         "model": vars(mcfg), "world_size": world, "steps": args.steps, "steps_run": steps_run,
         "moe_flashcomm": ds_config.get("moe_flashcomm"),
         "final_train_loss": history[-1]["loss"] if history else None,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
         "tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
-        "seconds": elapsed, "all_to_all_seconds": stats.elapsed(), "exchanges": stats.as_dict(),
-        "evaluation_forwards": evaluations * args.eval_batches,
+        "seconds": elapsed, "all_to_all_seconds": stats.elapsed(), "exchanges": exchanges,
+        "evaluation_forwards": evaluations * args.eval_batches, "filled_slot_share": filled,
         "history": history,
     }, engine, val_batches
 
@@ -217,18 +224,24 @@ def run_rank(args) -> None:
             f"{summary['seconds']:.1f} s in all-to-all")
         log(describe_exchanges(summary["exchanges"], summary["model"]["layers"],
                                summary["steps_run"], summary["evaluation_forwards"]))
+        log("filled capacity slots, trained gate (validation batches, rank 0): " + ", ".join(
+            f"{name} {share:.1%}" for name, share in summary["filled_slot_share"].items()))
         log(f"wrote {args.out / 'summary.json'}")
 
 
 def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int) -> str:
-    """One line per direction: calls, and MB sent per link class against bf16; then where the
-    calls come from (evaluation forwards have no backward)."""
-    lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"]
+    """One line per direction: calls, MB sent per link class against bf16 and the share of
+    capacity slots sent; then where the calls come from (evaluation forwards have no
+    backward)."""
+    lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"
+             "   slots sent"]
     for d, calls in ex["calls"].items():
         sent, bf16 = ex["bytes_sent"][d], ex["bf16_bytes"][d]
         ratio = sum(bf16.values()) / max(1, sum(sent.values()))
+        slots = ex["slots_sent"][d] / max(1, ex["slots_stock"][d])
         lines.append(f"  {d:<18} {calls:>6} {ex['quantized'][d]:>10} {ex['seconds'][d]:>9.2f}   "
-                     f"{sent['intra_node'] / 1e6:>10.2f} / {sent['inter_node'] / 1e6:<10.2f}      {ratio:.2f}x less")
+                     f"{sent['intra_node'] / 1e6:>10.2f} / {sent['inter_node'] / 1e6:<10.2f}      {ratio:.2f}x less"
+                     f"   {slots:.1%}")
     lines.append(f"  calls per direction = {layers} MoE layers x (forward: {steps} training steps + "
                  f"{eval_forwards} evaluation batches; backward: the {steps} steps only)")
     return "\n".join(lines)

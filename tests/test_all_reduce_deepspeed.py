@@ -8,7 +8,10 @@ kernel ops replaced by torch stand-ins: DeepSpeed's own ``forward`` code runs, a
 included."""
 from __future__ import annotations
 
+import copy
+import io
 import os
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +109,46 @@ def check_linear_allreduce(tag: str) -> None:
         mf.enable_all_reduce(model, {"all_reduce": 4, **OFF})
         assert mf.enable_all_reduce(model, {"moe_flashcomm": {"all_reduce": None}}) == {}
         assert torch.equal(down(shard), stock), tag
+    check_copy_and_pickle(tag, down, shard, local)
+
+
+def pickle_sharing(obj, group):
+    """``obj`` pickled and unpickled, ``group`` passed by reference (a ProcessGroup cannot be
+    pickled; DeepSpeed's AutoTP layers hold theirs in several places)."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return "group" if o is group else None
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return group
+
+    buffer = io.BytesIO()
+    Pickler(buffer).dump(obj)
+    buffer.seek(0)
+    return Unpickler(buffer).load()
+
+
+def check_copy_and_pickle(tag: str, layer: nn.Module, shard: torch.Tensor, local: torch.Tensor) -> None:
+    """A patched LinearAllreduce deep-copies (its group shared through the memo: a
+    ProcessGroup cannot be copied) and pickles (its group passed by reference): the copy / the loaded layer stays patched, with
+    fresh counters."""
+    group = layer.mp_group
+    stats = mf.enable_all_reduce(layer, {"all_reduce": 4, **OFF})[""]
+    want = expected(local, 4) + layer.bias
+    with torch.no_grad():
+        twin = copy.deepcopy(layer, {id(group): group})
+        assert twin.mp_group is group and "forward" in vars(twin)
+        assert torch.equal(twin(shard), want), tag
+        assert all_reduce_stats(twin)[""].calls == 1 and stats.calls == 0
+        mf.disable_all_reduce(layer)
+        assert "forward" in vars(twin)  # the copy stays patched
+
+        loaded = pickle_sharing(twin, group)
+        assert torch.equal(loaded(shard), want), tag
+        assert all_reduce_stats(loaded)[""].calls == 1
+        mf.disable_all_reduce(loaded)
+        assert torch.equal(loaded(shard), exact(local) + layer.bias), tag
 
 
 def bare(cls, **attrs) -> nn.Module:

@@ -18,6 +18,8 @@ GPU (``-m multigpu``): the same workers on 2 GPUs over NCCL.
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import logging
 import math
 
@@ -57,14 +59,17 @@ def mlp(h: int) -> nn.Module:
 
 
 def make_moe(experts: int, ep: int, k: int, drop_tokens: bool, expert: nn.Module | None = None,
-             dtype=torch.bfloat16, seed: int = 0, ep_rank: int | None = None, **kw):
-    """A deepspeed.moe.layer.MoE with its process groups. The gate is the same on every rank;
-    the experts differ per expert-parallel rank, so a row sent to the wrong rank shows."""
+             dtype=torch.bfloat16, seed: int = 0, ep_rank: int | None = None, groups: bool = True,
+             **kw):
+    """A deepspeed.moe.layer.MoE with its process groups (``groups=False``: without, as before
+    ``deepspeed.initialize``; then ``ep_rank`` is required). The gate is the same on every
+    rank; the experts differ per expert-parallel rank, so a row sent to the wrong rank shows."""
     from deepspeed.moe.layer import MoE
     torch.manual_seed(seed)
     moe = MoE(H, expert if expert is not None else mlp(H), num_experts=experts, ep_size=ep, k=k,
               capacity_factor=1.0, min_capacity=1, drop_tokens=drop_tokens, **kw)
-    moe.set_deepspeed_parallelism()
+    if groups:
+        moe.set_deepspeed_parallelism()
     g = torch.Generator().manual_seed(1000 * seed + (ep_rank if ep_rank is not None
                                                      else dist.get_rank(moe.deepspeed_moe.ep_group)))
     with torch.no_grad():
@@ -164,6 +169,13 @@ def identity_bound(x: torch.Tensor, dispatch: mf.CodecConfig, combine: mf.CodecC
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def shared_groups(model: nn.Module) -> dict:
+    """A ``copy.deepcopy`` memo that keeps the process groups a model's modules hold shared
+    (a ProcessGroup cannot be copied or pickled; stock DeepSpeed layers fail without it)."""
+    return {id(v): v for m in model.modules() for v in vars(m).values()
+            if isinstance(v, dist.ProcessGroup)}
 
 
 def rows_of(layer_stats: ExchangeStats) -> tuple:
@@ -587,11 +599,15 @@ def check_zero2_training(tag: str) -> None:
                 assert now.calls[d] - was.calls[d] == accumulation, (tag, n, d)
                 assert now.quantized[d] - was.quantized[d] == accumulation, (tag, n, d)
             # capacity C = ceil(tokens / experts * k) rows per expert; E/ep experts' rows go
-            # to each other rank, as int4 forward and int8 backward records
+            # to each other rank in the stock exchange; skip_padding (on by default) sends
+            # the filled ones, as int4 forward and int8 backward records
             rows = experts // ep * math.ceil(tokens_per_micro / experts * k) * (ep - 1)
             for d, bits in (("dispatch", 4), ("combine", 4), ("dispatch_grad", 8), ("combine_grad", 8)):
                 got = now.bytes_sent[d]["intra_node"] - was.bytes_sent[d]["intra_node"]
-                assert got == accumulation * rows * mf.record_bytes(H, bits), (tag, n, d, got)
+                slots = now.slots_sent[d] - was.slots_sent[d]
+                assert now.slots_stock[d] - was.slots_stock[d] == accumulation * rows, (tag, n, d)
+                assert 0 < slots <= accumulation * rows, (tag, n, d, slots)
+                assert got == slots * mf.record_bytes(H, bits), (tag, n, d, got)
     total = ExchangeStats.total(stats.values())
     assert total.exchanges == 3 * accumulation * 2 * 4 and total.compression > 2
     for p in quant.module.parameters():
@@ -629,10 +645,56 @@ def check_autoep_engine(tag: str) -> None:
     assert rows_of(second) == ((2, 2, 2, 2), (2, 2, 2, 2)), second
 
 
+def check_copy_and_pickle(tag: str) -> None:
+    """A patched model deep-copies (its process groups shared through the memo, as stock
+    DeepSpeed needs too) and pickles (torch.save of the whole module, before its groups are
+    set): the copy / the loaded model is patched with the same config and fresh counters, and
+    runs bit-identical to stock."""
+    ep, rank = dist.get_world_size(), dist.get_rank()
+    x = tokens((2, 16, H), seed=900 + rank)
+    moe = make_moe(2 * ep, ep, 2, False, seed=90)
+    # Stock DeepSpeed's own limits: a ProcessGroup cannot be copied, and after a forward the
+    # layer holds its non-leaf l_aux, which deepcopy refuses; so copies are made before.
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        copy.deepcopy(moe)
+    stock = copy.deepcopy(moe, shared_groups(moe))
+    ref, noise = stock_runs(stock, x)
+    stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
+    twin = copy.deepcopy(moe, shared_groups(moe))
+    twin_stats = exchange_stats(twin)["deepspeed_moe"]
+    assert twin_stats is not stats
+    assert vars(twin.deepspeed_moe)["_moe_flashcomm"].config == vars(moe.deepspeed_moe)["_moe_flashcomm"].config
+    assert_identical(ref, run(twin, x), f"{tag} deep copy", noise)
+    assert twin_stats.exchanges == 4 and stats.exchanges == 0  # each counts its own
+    assert_identical(ref, run(moe, x), f"{tag} original of the deep copy", noise)
+    assert mf.disable_deepspeed(twin) and "forward" not in vars(twin.deepspeed_moe)
+    assert "forward" in vars(moe.deepspeed_moe)  # the original stays patched
+    mf.disable_deepspeed(moe)
+
+    # torch.save of a whole patched model (no process group in it yet), loaded and run
+    ep_rank = rank % ep
+    saved = make_moe(2 * ep, ep, 2, False, seed=90, ep_rank=ep_rank, groups=False)
+    mf.enable_deepspeed(saved, {"dispatch": 8, "combine": 8, **NO_GATE})
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.set_deepspeed_parallelism()
+    saved.set_deepspeed_parallelism()
+    loaded_stats = exchange_stats(loaded)["deepspeed_moe"]
+    assert loaded_stats.exchanges == 0
+    original, spread = run(saved, x), run(saved, x)  # (CUDA: DeepSpeed's backward has atomics)
+    assert_identical(original, run(loaded, x), f"{tag} torch.save / torch.load", spread)
+    assert loaded_stats.quantized_exchanges == 4
+    mf.disable_deepspeed(loaded)
+    assert_identical(ref, run(loaded, x), f"{tag} loaded, then disabled", noise)
+
+
 # ---- what runs in the spawned processes ---------------------------------------------------------------
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
+    check_copy_and_pickle(tag)
     check_passthrough_and_disable(tag)
     check_codec_bounds(tag)
     check_tutel(tag)
@@ -668,7 +730,8 @@ def check_link_classes(tag: str) -> None:
     assert_identical(ref, run(moe, x), f"{tag} ep=4 passthrough")
     mf.disable_deepspeed(moe)
     links = {"intra_node": "bf16", "inter_node": 4}
-    stats = mf.enable_deepspeed(moe, {"dispatch": links, "combine": links, **NO_GATE})["deepspeed_moe"]
+    stats = mf.enable_deepspeed(moe, {"dispatch": links, "combine": links, "skip_padding": False,
+                                      **NO_GATE})["deepspeed_moe"]
     y = run(moe, x)[0]
     assert rel_err(y, ref[0]) < 0.1
     cap = math.ceil(32 / ep)  # k=1, 32 tokens, capacity factor 1
@@ -780,17 +843,17 @@ def test_link_classes_autoep_expert_tp_gloo_4_ranks():
 def test_version_checks(monkeypatch):
     import deepspeed
 
-    from moe_flashcomm.integrations import deepspeed as integ
-    assert integ._version_tuple("0.19.8") == (0, 19, 8)
-    assert integ._version_tuple("0.20.0rc1+abc") == (0, 20, 0)
-    assert integ._version_tuple("1.0") == (1, 0, 0)
-    integ._import_deepspeed.cache_clear()
+    from moe_flashcomm.integrations import patching as integ
+    assert integ.version_tuple("0.19.8") == (0, 19, 8)
+    assert integ.version_tuple("0.20.0rc1+abc") == (0, 20, 0)
+    assert integ.version_tuple("1.0") == (1, 0, 0)
+    integ.import_deepspeed.cache_clear()
     monkeypatch.setattr(deepspeed, "__version__", "0.15.4")
     try:
         with pytest.raises(RuntimeError, match=r"supports DeepSpeed >= 0\.16\.0 .*found 0\.15\.4"):
             mf.enable_deepspeed(nn.Linear(2, 2))
     finally:
-        integ._import_deepspeed.cache_clear()
+        integ.import_deepspeed.cache_clear()
 
 
 @pytest.mark.multigpu

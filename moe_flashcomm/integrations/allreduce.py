@@ -40,11 +40,8 @@ config's ``gate`` and ``chunks`` apply.
 """
 from __future__ import annotations
 
-import sys
-import threading
-import types
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -55,7 +52,8 @@ from ..comm.all_reduce import all_reduce
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .deepspeed import _Globals, _ds_logger, _import_deepspeed, _rank0, _unsupported, _unwrap, resolve
+from .patching import (PatchState, Site, ds_logger, import_deepspeed, patch, rank0, rebind, resolve,
+                       states, unpatch, unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
@@ -72,38 +70,21 @@ class AllReduceStats:
 
 
 # ---- the sites ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Site:
-    """A DeepSpeed class, the method a patched instance runs its own copy of, and the global
-    name of that method that resolves to moe_flashcomm (``kind``: what stands in)."""
-
-    module: str
-    cls_name: str
-    method: str
-    name: str
-    kind: str  # "row_parallel" | "dist" | "mlp_function"
-
-    def cls(self) -> Optional[type]:
-        mod = sys.modules.get(self.module)
-        klass = getattr(mod, self.cls_name, None) if mod is not None else None
-        return klass if isinstance(klass, type) else None
-
-
-_SITES = (
-    _Site("deepspeed.module_inject.layers", "LinearAllreduce", "forward", "RowParallel",
-          "row_parallel"),
-    _Site("deepspeed.ops.transformer.inference.ds_attention", "DeepSpeedSelfAttention", "forward",
-          "dist", "dist"),
-    _Site("deepspeed.ops.transformer.inference.ds_mlp", "DeepSpeedMLP", "forward", "dist", "dist"),
-    _Site("deepspeed.ops.transformer.inference.moe_inference", "DeepSpeedMoEMLP", "forward",
-          "DeepSpeedMLPFunction", "mlp_function"),
+_SITES = (  # (site, what stands in for its global name)
+    (Site("deepspeed.module_inject.layers", "LinearAllreduce", "forward", "RowParallel"),
+     "row_parallel"),
+    (Site("deepspeed.ops.transformer.inference.ds_attention", "DeepSpeedSelfAttention", "forward",
+          "dist"), "dist"),
+    (Site("deepspeed.ops.transformer.inference.ds_mlp", "DeepSpeedMLP", "forward", "dist"), "dist"),
+    (Site("deepspeed.ops.transformer.inference.moe_inference", "DeepSpeedMoEMLP", "forward",
+          "DeepSpeedMLPFunction"), "mlp_function"),
 )
 
 
-def _site_of(module: nn.Module) -> Optional[_Site]:
+def _site_of(module: nn.Module) -> Optional[Site]:
     """The site of ``module``: an instance of a site class whose ``method`` is the site
     class's own (a subclass overriding it is not patched)."""
-    for site in _SITES:
+    for site, _ in _SITES:
         klass = site.cls()
         if klass is not None and isinstance(module, klass) \
                 and getattr(type(module), site.method, None) is getattr(klass, site.method):
@@ -171,44 +152,27 @@ class _MLPFunction:
 
     def __init__(self, real: Any, state: "_LayerState") -> None:
         fwd = real.forward
-        self._forward = _rebind(fwd, {"dist": _Dist(fwd.__globals__["dist"], state)})
+        self._forward = rebind(fwd, {"dist": _Dist(fwd.__globals__["dist"], state)})
 
     def apply(self, *args: Any) -> torch.Tensor:
         return self._forward(None, *args)
-
-
-def _rebind(fn: types.FunctionType, names: Mapping[str, Any]) -> types.FunctionType:
-    """``fn`` (same code, defaults, closure) with ``names`` resolving to the given objects;
-    every other global looked up live in its module."""
-    new = types.FunctionType(fn.__code__, _Globals(fn.__globals__, names), fn.__name__,
-                             fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    return new
 
 
 _STAND_INS: dict = {"row_parallel": _RowParallel, "dist": _Dist, "mlp_function": _MLPFunction}
 
 
 # ---- a patched layer -----------------------------------------------------------------------------
-_local = threading.local()
-
-
-class _LayerState:
+class _LayerState(PatchState):
     """A patched layer: its name, config, counters and its own copy of the site's method."""
 
-    def __init__(self, name: str, site: _Site, layer: nn.Module, config: FlashCommConfig) -> None:
-        self.name, self.site = name, site
-        self.stats = AllReduceStats()
-        self.configure(config)
-        fn = getattr(type(layer), site.method)
-        if not isinstance(fn, types.FunctionType) or site.name not in fn.__code__.co_names \
-                or site.name not in fn.__globals__:
-            raise _unsupported(f"{type(layer).__qualname__}.{site.method}() of '{name}' does not "
-                               f"use the global name {site.name!r}")
-        stand_in = _STAND_INS[site.kind](fn.__globals__[site.name], self)
-        self.impl = _rebind(fn, {site.name: stand_in})
+    ATTR = _STATE
+
+    def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
+        super().__init__(name, site, config)
         self.calls = 0
+
+    def new_stats(self) -> AllReduceStats:
+        return AllReduceStats()
 
     def configure(self, config: FlashCommConfig) -> None:
         codecs: LinkCodecs = config.all_reduce
@@ -216,6 +180,16 @@ class _LayerState:
         self.algorithm = ("hierarchical" if config.algorithm == "hierarchical"
                           or codecs.intra_node != codecs.inter_node else "flat")
         self.gate = SizeGate.coerce(config.gate)
+
+    def bind(self, layer: nn.Module) -> Callable:
+        site = self.site
+        fn = getattr(type(layer), site.method)
+        if not uses_global(fn, site.global_name):
+            raise unsupported(f"{type(layer).__qualname__}.{site.method}() of '{self.name}' does not "
+                              f"use the global name {site.global_name!r}")
+        kind = dict(_SITES)[site]
+        stand_in = _STAND_INS[kind](fn.__globals__[site.global_name], self)
+        return rebind(fn, {site.global_name: stand_in})
 
     def all_reduce(self, tensor: torch.Tensor, group) -> None:
         codec = self.codec if self.algorithm == "hierarchical" else self.codec.intra_node
@@ -225,22 +199,23 @@ class _LayerState:
         self.stats.calls += 1
         self.stats.values += tensor.numel()
 
-    def run(self, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        impl = self.impl(layer)
         outer, self.calls = self.calls, 0
         try:
-            out = self.impl(layer, *args, **kwargs)
+            out = impl(layer, *args, **kwargs)
             calls = self.calls
         finally:
             self.calls = outer
         if calls == 0 and _expects_all_reduce(self.site, layer):
-            raise _unsupported(f"{self.site.cls_name} '{self.name}' ran a forward without its "
-                               "all-reduce going through moe_flashcomm")
+            raise unsupported(f"{self.site.cls_name} '{self.name}' ran a forward without its "
+                              "all-reduce going through moe_flashcomm")
         return out
 
 
-def _expects_all_reduce(site: _Site, layer: nn.Module) -> bool:
+def _expects_all_reduce(site: Site, layer: nn.Module) -> bool:
     """Whether one forward of ``layer`` must all-reduce (tensor parallelism, inference)."""
-    if site.kind == "row_parallel":
+    if site.cls_name == "LinearAllreduce":
         group = getattr(layer, "mp_group", None)
         return group is not None and dist.get_world_size(group) > 1 and not layer.is_training_mode()
     if site.cls_name == "DeepSpeedSelfAttention" and not getattr(layer.config, "mlp_after_attn", True):
@@ -249,29 +224,12 @@ def _expects_all_reduce(site: _Site, layer: nn.Module) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return self.__dict__[_STATE].run(self, args, kwargs)
-
-
-def _patch(layer: nn.Module, name: str, site: _Site, config: FlashCommConfig) -> _LayerState:
+def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
     state = vars(layer).get(_STATE)
     if state is not None:  # enabled again: new config, same counters
         state.configure(config)
         return state
-    if site.method in vars(layer):
-        raise RuntimeError(f"moe_flashcomm: {site.cls_name} '{name}' already has an instance "
-                           f"attribute '{site.method}' (another wrapper, or enable_deepspeed?)")
-    state = _LayerState(name, site, layer, config)
-    layer.__dict__[_STATE] = state
-    layer.__dict__[site.method] = types.MethodType(_patched_forward, layer)
-    return state
-
-
-def _unpatch(layer: nn.Module) -> Optional[_LayerState]:
-    state = layer.__dict__.pop(_STATE, None)
-    if state is not None:
-        layer.__dict__.pop(state.site.method, None)
-    return state
+    return patch(layer, _LayerState(name, site, config))
 
 
 # ---- public API ------------------------------------------------------------------------------------
@@ -288,12 +246,12 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
             hooks off: previously patched layers are restored.
     Returns the live AllReduceStats of every patched layer, by qualified module name.
     """
-    ds = _import_deepspeed()
+    ds = import_deepspeed()
     root, cfg = resolve(model, config)
     if cfg.all_reduce is None or not cfg.enabled:
         restored = disable_all_reduce(root)
-        if _rank0():
-            _ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
+        if rank0():
+            ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
                               f"DeepSpeed's own all-reduces ({len(restored)} layer(s) restored)")
         return {}
     enabled: dict[str, AllReduceStats] = {}
@@ -301,13 +259,13 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
         site = _site_of(module)
         if site is not None:
             enabled[name] = _patch(module, name, site, cfg).stats
-    if not enabled and _rank0():
-        _ds_logger().warning(
+    if not enabled and rank0():
+        ds_logger().warning(
             f"moe_flashcomm.enable_all_reduce: {type(root).__name__} has no tensor-parallel "
             "all-reduce site (LinearAllreduce, DeepSpeedSelfAttention, DeepSpeedMLP, "
             "DeepSpeedMoEMLP): nothing patched")
-    elif _rank0():
-        _ds_logger().info(f"moe_flashcomm: {len(enabled)} tensor-parallel all-reduce site(s) use "
+    elif rank0():
+        ds_logger().info(f"moe_flashcomm: {len(enabled)} tensor-parallel all-reduce site(s) use "
                           f"all_reduce codec {cfg.all_reduce} (DeepSpeed {ds.__version__}): "
                           f"{list(enabled)}")
     return enabled
@@ -316,10 +274,10 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
 def disable_all_reduce(model: Any) -> dict[str, AllReduceStats]:
     """Restore DeepSpeed's own all-reduce on every layer ``enable_all_reduce`` patched in
     ``model``. Returns the final AllReduceStats of those layers."""
-    root, _ = _unwrap(model)
+    root, _ = unwrap(model)
     restored = {}
     for name, module in root.named_modules():
-        state = _unpatch(module)
+        state = unpatch(module, _STATE)
         if state is not None:
             restored[name] = state.stats
     return restored
@@ -327,8 +285,8 @@ def disable_all_reduce(model: Any) -> dict[str, AllReduceStats]:
 
 def all_reduce_stats(model: Any) -> dict[str, AllReduceStats]:
     """The live AllReduceStats of every patched layer of ``model``, by module name."""
-    root, _ = _unwrap(model)
-    return {n: vars(m)[_STATE].stats for n, m in root.named_modules() if _STATE in vars(m)}
+    root, _ = unwrap(model)
+    return {n: state.stats for n, state in states(root, _STATE).items()}
 
 
 __all__ = ["AllReduceStats", "all_reduce_stats", "disable_all_reduce", "enable_all_reduce"]

@@ -11,6 +11,8 @@ and nothing global is touched: DeepSpeed's ``_AllToAll`` / ``_AllToAllV`` classe
   exchange. Every other global name (``drop_tokens``, ``gather_tokens``, ``tutel_moe``,
   ``_sparse_encode``, ...) is looked up live in sharded_moe, so the gating, the Tutel
   dispatcher, tensor-parallel token dropping and the timers are DeepSpeed's, unchanged.
+  With ``skip_padding`` a forward hook on its gate (present during the patched forward only)
+  reads the routes, and the exchanges send only the filled capacity slots (padding.py).
 * ``AutoEPMoELayer`` (deepspeed/module_inject/auto_ep_layer.py, dropless AutoEP with uneven
   splits): the same for its ``_forward`` and the name ``_AllToAllV``.
 * ``DeepSpeedMoEInference`` (deepspeed/ops/transformer/inference/moe_inference.py): the
@@ -22,18 +24,15 @@ combine; each uses its own codec, and its backward the matching gradient codec. 
 forward the number of exchanges is checked (2 when the layer has more than one expert-parallel
 rank): a DeepSpeed whose layer stopped calling the names patched here fails loudly instead of
 silently running stock. ``disable_deepspeed`` deletes the instance attributes, so the class
-methods are found again: stock behaviour, exactly.
+methods are found again: stock behaviour, exactly. The patching itself (shared with the
+all-reduce integration, copies and pickles included) is in patching.py.
 """
 from __future__ import annotations
 
-import builtins
 import fnmatch
 import functools
-import logging
-import sys
 import threading
 import types
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -43,153 +42,29 @@ import torch.nn as nn
 from ..comm import ConfigMismatchError, all_to_all, create_stage_groups
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
+from .padding import RouteCounts, SlotPlan, filled_slots
+from .patching import (TESTED_VERSIONS, PatchState, Site, ds_logger, import_deepspeed, patch,
+                       rank0, rebind, resolve, states, unpatch, unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
 
-TESTED_VERSIONS = ("0.19.8",)
-"""DeepSpeed versions the test suite ran against."""
-MIN_VERSION = (0, 16, 0)
-"""Older DeepSpeed is refused (setup.py requires deepspeed>=0.16)."""
-
 _STATE = "_moe_flashcomm"  # instance attribute holding a patched layer's _LayerState
-_log = logging.getLogger(__name__)
-
-
-# ---- DeepSpeed, lazily ----------------------------------------------------------------------
-def _version_tuple(version: str) -> tuple:
-    out = []
-    for part in version.split("+")[0].split(".")[:3]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        out.append(int(digits or 0))
-    return tuple(out + [0] * (3 - len(out)))
-
-
-@functools.lru_cache(maxsize=None)
-def _import_deepspeed():
-    """``deepspeed``, after checking its version. Imported here only: the package must import
-    without DeepSpeed installed."""
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise ImportError("moe_flashcomm.enable_deepspeed needs DeepSpeed: pip install deepspeed "
-                          f"(tested with {', '.join(TESTED_VERSIONS)})") from e
-    version = getattr(deepspeed, "__version__", "0")
-    if _version_tuple(version) < MIN_VERSION:
-        raise RuntimeError(f"moe_flashcomm supports DeepSpeed >= {'.'.join(map(str, MIN_VERSION))} "
-                           f"(tested: {', '.join(TESTED_VERSIONS)}); found {version}")
-    if version.split("+")[0] not in TESTED_VERSIONS:
-        _ds_logger().warning(
-            f"moe_flashcomm: DeepSpeed {version} is untested (tested: {', '.join(TESTED_VERSIONS)}). "
-            "Layers are patched only where DeepSpeed's code has the expected shape, and every "
-            "forward checks that its all-to-alls went through moe_flashcomm.")
-    return deepspeed
-
-
-def _ds_logger() -> logging.Logger:
-    try:
-        from deepspeed.utils import logger
-        return logger
-    except ImportError:
-        return _log
 
 
 # ---- where DeepSpeed sends its MoE all-to-alls ---------------------------------------------
-@dataclass(frozen=True)
-class _Site:
-    """One DeepSpeed MoE layer class and how it is patched.
-
-    method:   the method a patched instance overrides with an instance attribute.
-    a2a_name: the global name of DeepSpeed's all-to-all autograd Function in ``method``'s
-              code (resolving to moe_flashcomm's stand-in in the patched instance's copy
-              of ``method``), or None when the instance's ``_alltoall`` is replaced instead.
-    """
-
-    kind: str
-    cls: type
-    method: str
-    a2a_name: Optional[str]
-
-    def expected_exchanges(self, layer: nn.Module) -> int:
-        """All-to-alls one forward of ``layer`` makes through moe_flashcomm."""
-        if self.a2a_name is None:  # DeepSpeedMoEInference calls _alltoall twice, always
-            return 2
-        return 2 if int(getattr(layer, "ep_size", 1)) > 1 else 0
+def _sites() -> list[Site]:
+    """The MoE layer sites: ``global_name`` is DeepSpeed's all-to-all autograd Function in
+    ``method``'s code, or None where the instance's ``_alltoall`` is replaced instead."""
+    return [Site("deepspeed.moe.sharded_moe", "MOELayer", "forward", "_AllToAll"),
+            Site("deepspeed.module_inject.auto_ep_layer", "AutoEPMoELayer", "_forward", "_AllToAllV"),
+            Site("deepspeed.ops.transformer.inference.moe_inference", "DeepSpeedMoEInference",
+                 "forward", None)]
 
 
-def _sites() -> list[_Site]:
-    """The MoE layer classes of the DeepSpeed in this process. A class is looked up only in
-    modules already imported: an instance cannot exist otherwise, and importing the
-    inference module needlessly would load its op bindings."""
-    sites = []
-    for module, cls, kind, method, a2a in (
-            ("deepspeed.moe.sharded_moe", "MOELayer", "MOELayer", "forward", "_AllToAll"),
-            ("deepspeed.module_inject.auto_ep_layer", "AutoEPMoELayer", "AutoEPMoELayer", "_forward",
-             "_AllToAllV"),
-            ("deepspeed.ops.transformer.inference.moe_inference", "DeepSpeedMoEInference",
-             "DeepSpeedMoEInference", "forward", None)):
-        mod = sys.modules.get(module)
-        klass = getattr(mod, cls, None) if mod is not None else None
-        if isinstance(klass, type):
-            sites.append(_Site(kind, klass, method, a2a))
-    return sites
-
-
-def _unsupported(what: str) -> RuntimeError:
-    version = getattr(sys.modules.get("deepspeed"), "__version__", "?")
-    return RuntimeError(
-        f"moe_flashcomm: {what}. DeepSpeed {version} does not route its MoE all-to-all the way "
-        f"moe_flashcomm patches it (tested: DeepSpeed {', '.join(TESTED_VERSIONS)}); it cannot be "
-        "enabled on this layer.")
-
-
-def _check_site(site: _Site, layer: nn.Module, name: str) -> Callable:
-    """The function to run as ``layer``'s patched ``site.method``; raises if DeepSpeed's code
-    does not have the shape this module relies on."""
-    fn = getattr(type(layer), site.method, None)
-    if not isinstance(fn, types.FunctionType):
-        raise _unsupported(f"{site.kind} '{name}' has no plain method {site.method}()")
-    for attr in (site.method, "_alltoall" if site.a2a_name is None else None):
-        if attr is not None and attr in vars(layer):
-            raise RuntimeError(
-                f"moe_flashcomm: {site.kind} '{name}' already has an instance attribute "
-                f"'{attr}' (another wrapper?); enable moe_flashcomm before wrapping the layer")
-    if site.a2a_name is None:
-        if not isinstance(getattr(type(layer), "_alltoall", None), types.FunctionType):
-            raise _unsupported(f"{site.kind} '{name}' has no _alltoall() method")
-        return fn
-    target = fn.__globals__.get(site.a2a_name)
-    if site.a2a_name not in fn.__code__.co_names or not hasattr(target, "apply"):
-        raise _unsupported(f"{type(layer).__qualname__}.{site.method}() of '{name}' does not call "
-                           f"{site.a2a_name}.apply")
-    return _rebound(fn, site.a2a_name)
-
-
-class _Globals(dict):
-    """Globals of a rebound function: the names stored here, every other name looked up live
-    in the defining module (so later changes to DeepSpeed's module globals are seen)."""
-
-    def __init__(self, module_globals: dict, names: Mapping[str, Any]) -> None:
-        super().__init__(names)
-        self["__builtins__"] = module_globals.get("__builtins__", builtins)
-        self.module_globals = module_globals
-
-    def __missing__(self, key: str) -> Any:
-        return self.module_globals[key]
-
-
-@functools.lru_cache(maxsize=None)
-def _rebound(fn: types.FunctionType, a2a_name: str) -> types.FunctionType:
-    """DeepSpeed's function ``fn`` (same code object, defaults and closure) with the global
-    ``a2a_name`` resolving to moe_flashcomm's stand-in. One per DeepSpeed function; the layer
-    it runs for is found at call time (``_running``)."""
-    new = types.FunctionType(fn.__code__, _Globals(fn.__globals__, {a2a_name: _AllToAllStandIn}),
-                             fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    return new
+def _expected_exchanges(site: Site, layer: nn.Module) -> int:
+    """All-to-alls one forward of ``layer`` makes through moe_flashcomm."""
+    if site.global_name is None:  # DeepSpeedMoEInference calls _alltoall twice, always
+        return 2
+    return 2 if int(getattr(layer, "ep_size", 1)) > 1 else 0
 
 
 # ---- running a patched layer -----------------------------------------------------------------
@@ -212,139 +87,180 @@ class _AllToAllStandIn:
         return _running().exchange(group, x, input_splits, output_splits)
 
 
-class _LayerState:
-    """A patched layer: its name, resolved config, counters and what to run."""
+class _LayerState(PatchState):
+    """A patched MoE layer: its name, resolved config, counters and what to run."""
 
-    def __init__(self, name: str, site: _Site, config: FlashCommConfig, impl: Callable) -> None:
-        self.name, self.site, self.impl = name, site, impl
-        self.stats = ExchangeStats()
-        self.configure(config)
+    ATTR = _STATE
+
+    def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
+        super().__init__(name, site, config)
         self.calls = 0  # exchanges in the running forward
+        self.counts: Optional[RouteCounts] = None  # skip_padding: the running forward's routes
+        self.plan: Optional[SlotPlan] = None  # skip_padding: its exchanges
 
     def configure(self, config: FlashCommConfig) -> None:
         self.config = config
         self.gate = SizeGate.coerce(config.gate)
 
-    def run(self, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def new_stats(self) -> ExchangeStats:
+        return ExchangeStats()
+
+    def methods(self) -> dict:
+        if self.site.global_name is None:  # DeepSpeedMoEInference: both all-to-alls
+            return {self.site.method: "run", "_alltoall": "alltoall"}
+        return {self.site.method: "run"}
+
+    def bind(self, layer: nn.Module) -> Callable:
+        site, name = self.site, self.name
+        fn = getattr(type(layer), site.method, None)
+        if not isinstance(fn, types.FunctionType):
+            raise unsupported(f"{site.cls_name} '{name}' has no plain method {site.method}()")
+        if site.global_name is None:
+            if not isinstance(getattr(type(layer), "_alltoall", None), types.FunctionType):
+                raise unsupported(f"{site.cls_name} '{name}' has no _alltoall() method")
+            return fn
+        if not uses_global(fn, site.global_name) or not hasattr(fn.__globals__[site.global_name], "apply"):
+            raise unsupported(f"{type(layer).__qualname__}.{site.method}() of '{name}' does not call "
+                              f"{site.global_name}.apply")
+        return rebind(fn, {site.global_name: _AllToAllStandIn})
+
+    def run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``layer``'s forward (``_forward`` for AutoEP), counting its exchanges."""
+        impl = self.impl(layer)
         stack = _local.__dict__.setdefault("stack", [])
-        outer_calls, self.calls = self.calls, 0
+        outer = self.calls, self.counts, self.plan
+        self.calls, self.counts, self.plan = 0, None, None
+        watch = self._watch_gate(layer)
         stack.append(self)
         try:
-            out = self.impl(layer, *args, **kwargs)
+            out = impl(layer, *args, **kwargs)
             calls = self.calls
         finally:
             stack.pop()
-            self.calls = outer_calls
-        expected = self.site.expected_exchanges(layer)
+            if watch is not None:
+                watch.remove()
+            self.calls, self.counts, self.plan = outer
+        expected = _expected_exchanges(self.site, layer)
         if calls != expected:
-            raise _unsupported(f"{self.site.kind} '{self.name}' made {calls} all-to-all(s) through "
-                               f"moe_flashcomm in one forward where {expected} were expected")
+            raise unsupported(f"{self.site.cls_name} '{self.name}' made {calls} all-to-all(s) through "
+                              f"moe_flashcomm in one forward where {expected} were expected")
         return out
+
+    # ---- skip_padding (integrations/padding.py) ----
+    def _watch_gate(self, layer: nn.Module):
+        """With skip_padding on a MOELayer that exchanges, a hook (removed after this forward)
+        that reads the routes its gate returns."""
+        if not (self.config.skip_padding and self.site.cls_name == "MOELayer"
+                and int(getattr(layer, "ep_size", 1)) > 1):
+            return None
+        return layer.gate.register_forward_hook(functools.partial(self._gate_routes, layer))
+
+    def _gate_routes(self, layer: nn.Module, gate: nn.Module, args: tuple, output: Any) -> None:
+        """The gate's ``(l_aux, C, E, indices, locations, gates, exp_counts)``: count the
+        filled slots per expert and exchange the counts (padding.py says why this is exact)."""
+        if not (isinstance(output, tuple) and len(output) == 7 and torch.is_tensor(output[3])
+                and torch.is_tensor(output[4])):
+            raise unsupported(f"the gate of MOELayer '{self.name}' did not return sparse routes "
+                              "(l_aux, C, E, indices, locations, gates, exp_counts); set "
+                              '"skip_padding": false to exchange the padded tensor')
+        if _tensor_parallel_size(layer) > 1:  # drop_tokens splits the capacity: padded exchange
+            return
+        mine = filled_slots(output[3], output[4], int(output[2]))
+        self.counts = RouteCounts(mine, self.exchange_counts(mine, layer.ep_group))
+
+    def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
+        """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
+        (dispatch, then combine; the patched ``forward`` restarts the count)."""
+        group = layer.ep_group
+        if dist.get_world_size(group=group) > 1:
+            return self.exchange(group, dispatched)
+        self.calls += 1  # DeepSpeed's own _alltoall is a no-op on one rank
+        return dispatched
 
     def exchange(self, group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
         """DeepSpeed's all-to-all of ``x`` (dim 0 routed like ``all_to_all_single``): the
-        first of a forward is the dispatch, the second the combine."""
+        first of a forward is the dispatch, the second the combine. With skip_padding, only
+        the filled slots of ``x`` [E, C, M] go and the output is restored to that shape."""
         direction = "dispatch" if self.calls % 2 == 0 else "combine"
         self.calls += 1
         cfg = self.config
         codec, grad_codec = ((cfg.dispatch, cfg.dispatch_grad) if direction == "dispatch"
                              else (cfg.combine, cfg.combine_grad))
+        if direction == "dispatch" and self.counts is not None:
+            self.plan = self.counts.plan(x.shape, dist.get_world_size(group))
+        plan = self.plan if input_splits is None else None
+        stock_slots = None
+        if plan is not None:
+            x, input_splits, output_splits = plan.pack(x, direction)
+            stock_slots = plan.stock_slots
         stats, gate = self.stats, self.gate
         began = stats.start(x.device)
-        out = all_to_all(x, output_split_sizes=output_splits, input_split_sizes=input_splits,
-                         group=group, codec=codec, grad_codec=grad_codec, gate=self.gate,
-                         chunks=cfg.chunks, algorithm=cfg.algorithm)
+        out = self.send(x, group, codec, grad_codec, input_splits, output_splits)
         stats.stop(direction, began)
-        stats.record(direction, x, input_splits, group, codec, gate)
+        stats.record(direction, x, input_splits, group, codec, gate, stock_slots)
         if out.requires_grad:
             grad_began = []
 
             def before_backward(g):  # the gradient reached the output: its exchange comes next
-                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate)
+                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate,
+                             stock_slots)
                 grad_began.append(stats.start(g.device))
 
             out.register_hook(before_backward)
             if x.requires_grad:  # x's gradient is what the backward exchange produces
                 x.register_hook(lambda g: stats.stop(direction + "_grad", grad_began.pop())
                                 if grad_began else None)
-        return out
+        return out if plan is None else plan.unpack(out, direction)
+
+    # ---- the transport: the only calls a patched MoE layer makes on its group ----
+    def send(self, x: torch.Tensor, group, codec, grad_codec, input_splits, output_splits
+             ) -> torch.Tensor:
+        """One all-to-all of ``x`` (and its backward) through moe_flashcomm."""
+        cfg = self.config
+        return all_to_all(x, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                          group=group, codec=codec, grad_codec=grad_codec, gate=self.gate,
+                          chunks=cfg.chunks, algorithm=cfg.algorithm)
+
+    @staticmethod
+    def exchange_counts(mine: torch.Tensor, group) -> torch.Tensor:
+        """skip_padding: every rank's filled-slot counts [E] to the ranks of their experts."""
+        theirs = torch.empty_like(mine)
+        dist.all_to_all_single(theirs, mine, group=group)
+        return theirs
 
 
-def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Instance ``forward`` (``_forward`` for AutoEP) of a patched layer."""
-    return self.__dict__[_STATE].run(self, args, kwargs)
+def _tensor_parallel_size(layer: nn.Module) -> int:
+    """The tensor-parallel world size DeepSpeed's ``MOELayer.forward`` sees (above 1 it
+    splits the capacity dimension across those ranks before the all-to-all)."""
+    ds = type(layer).forward.__globals__
+    try:
+        return int(ds["bwc_tensor_model_parallel_world_size"](ds["groups"].mpu))
+    except KeyError as e:
+        raise unsupported(f"MOELayer.forward has no global {e}, needed by skip_padding; set "
+                          '"skip_padding": false') from None
 
 
-def _patched_alltoall(self: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
-    """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
-    (dispatch, then combine; the patched ``forward`` restarts the count)."""
-    state = self.__dict__[_STATE]
-    group = self.ep_group
-    if dist.get_world_size(group=group) > 1:
-        return state.exchange(group, dispatched)
-    state.calls += 1  # DeepSpeed's own _alltoall is a no-op on one rank
-    return dispatched
-
-
-def _patch(layer: nn.Module, name: str, site: _Site, config: FlashCommConfig) -> _LayerState:
+def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
     state = vars(layer).get(_STATE)
     if state is not None:  # enabled again: new config, same counters
         state.configure(config)
         return state
-    impl = _check_site(site, layer, name)
-    if site.kind == "AutoEPMoELayer" and getattr(layer, "comm_backend", "comm") != "comm":
+    if site.cls_name == "AutoEPMoELayer" and getattr(layer, "comm_backend", "comm") != "comm":
         raise ValueError(f"moe_flashcomm: AutoEP layer '{name}' uses comm_backend="
                          f"{layer.comm_backend!r} (DeepEP), whose transport moe_flashcomm cannot "
                          'replace; set expert_parallel.comm_backend to "comm", or disable this layer '
                          'with a rule {"match": ..., "enabled": false}')
-    state = _LayerState(name, site, config, impl)
-    layer.__dict__[_STATE] = state
-    layer.__dict__[site.method] = types.MethodType(_patched_forward, layer)
-    if site.a2a_name is None:
-        layer.__dict__["_alltoall"] = types.MethodType(_patched_alltoall, layer)
-    return state
-
-
-def _unpatch(layer: nn.Module) -> Optional[_LayerState]:
-    state = layer.__dict__.pop(_STATE, None)
-    if state is not None:
-        layer.__dict__.pop(state.site.method, None)
-        if state.site.a2a_name is None:
-            layer.__dict__.pop("_alltoall", None)
-    return state
+    return patch(layer, _LayerState(name, site, config))
 
 
 # ---- public API --------------------------------------------------------------------------------
-def _unwrap(model: Any) -> tuple[nn.Module, Any]:
-    """(the module tree, its DeepSpeed config or None) of a model or a DeepSpeed engine."""
-    ds = sys.modules.get("deepspeed")
-    engine_cls = getattr(ds, "DeepSpeedEngine", None)
-    inference_cls = getattr(ds, "InferenceEngine", None)
-    if engine_cls is not None and isinstance(model, engine_cls):
-        return model.module, model._config
-    if inference_cls is not None and isinstance(model, inference_cls):
-        return model.module, None
-    if isinstance(model, nn.Module):
-        return model, None
-    raise TypeError(f"model must be a torch.nn.Module or a DeepSpeed engine, got {type(model).__name__}")
-
-
-def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
-            ) -> tuple[nn.Module, FlashCommConfig]:
-    """The module to patch and the config to use: ``config`` coerced, or with None the
-    ``"moe_flashcomm"`` section of the engine's DeepSpeed config (defaults without one)."""
-    root, ds_config = _unwrap(model)
-    if config is None and ds_config is not None:
-        return root, FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
-    return root, FlashCommConfig.coerce(config)
-
-
-def _find_layers(root: nn.Module) -> list[tuple[str, nn.Module, _Site]]:
-    sites = _sites()
+def _find_layers(root: nn.Module) -> list[tuple[str, nn.Module, Site]]:
+    sites = [(site, site.cls()) for site in _sites()]
+    sites = [(site, cls) for site, cls in sites if cls is not None]
     found = []
     for name, module in root.named_modules():
-        for site in sites:
-            if isinstance(module, site.cls):
+        for site, cls in sites:
+            if isinstance(module, cls):
                 found.append((name, module, site))
                 break
     return found
@@ -357,7 +273,7 @@ def _check_rules(cfg: FlashCommConfig, names: list[str]) -> None:
                 raise ConfigError(f"FlashCommConfig.layers[{i}].index: {idx} is out of range, the "
                                   f"model has {len(names)} DeepSpeed MoE layer(s)")
         if rule.match and not any(fnmatch.fnmatchcase(n, p) for n in names for p in rule.match):
-            _ds_logger().warning(f"moe_flashcomm: layers[{i}].match {list(rule.match)} selects no "
+            ds_logger().warning(f"moe_flashcomm: layers[{i}].match {list(rule.match)} selects no "
                                  f"layer; the MoE layers are: {names}")
 
 
@@ -380,10 +296,6 @@ def _prepare_algorithms(layers: list[tuple[nn.Module, FlashCommConfig]]) -> None
         create_stage_groups([r for r in all_groups if len(r) < dist.get_world_size()])
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
                      ) -> dict[str, ExchangeStats]:
     """Send every DeepSpeed MoE all-to-all of ``model`` through moe_flashcomm.
@@ -401,7 +313,7 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     Calling again updates the configs (the counters continue). Returns the live
     ExchangeStats of every enabled layer, by qualified module name.
     """
-    ds = _import_deepspeed()
+    ds = import_deepspeed()
     root, cfg = resolve(model, config)
     layers = _find_layers(root)
     if not layers:
@@ -414,9 +326,9 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     resolved = [(layer, cfg.for_layer(name, index)) for index, (name, layer, _) in enumerate(layers)]
     _prepare_algorithms([(layer, lcfg) for layer, lcfg in resolved if lcfg.enabled])
     for (name, layer, site), (_, lcfg) in zip(layers, resolved):
-        label = f"{name or '<root>'} [{site.kind}, ep_size={getattr(layer, 'ep_size', '?')}]"
+        label = f"{name or '<root>'} [{site.cls_name}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
-            _unpatch(layer)
+            unpatch(layer, _STATE)
             lines.append(f"  {label}: stock DeepSpeed (disabled by config)")
             continue
         enabled[name] = _patch(layer, name, site, lcfg).stats
@@ -424,8 +336,8 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     if cfg.all_reduce is not None:  # tensor-parallel all-reduce hooks, from the same config
         from .allreduce import enable_all_reduce
         enable_all_reduce(model, cfg)
-    if _rank0():
-        _ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
+    if rank0():
+        ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
                           f"send their all-to-alls through moe_flashcomm (DeepSpeed {ds.__version__}):\n"
                           + "\n".join(lines))
     return enabled
@@ -436,23 +348,23 @@ def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
     (removes the per-instance attributes). Returns the final ExchangeStats of those layers."""
     from .allreduce import disable_all_reduce
 
-    root, _ = _unwrap(model)
+    root, _ = unwrap(model)
     disable_all_reduce(root)
     restored = {}
     for name, module in root.named_modules():
-        state = _unpatch(module)
+        state = unpatch(module, _STATE)
         if state is not None:
             restored[name] = state.stats
-    if restored and _rank0():
-        _ds_logger().info(f"moe_flashcomm: restored stock DeepSpeed on {len(restored)} MoE layer(s)")
+    if restored and rank0():
+        ds_logger().info(f"moe_flashcomm: restored stock DeepSpeed on {len(restored)} MoE layer(s)")
     return restored
 
 
 def exchange_stats(model: Any) -> dict[str, ExchangeStats]:
     """The live ExchangeStats of every patched layer of ``model``, by module name; sum them
     with ``ExchangeStats.total(...)``."""
-    root, _ = _unwrap(model)
-    return {name: vars(m)[_STATE].stats for name, m in root.named_modules() if _STATE in vars(m)}
+    root, _ = unwrap(model)
+    return {name: state.stats for name, state in states(root, _STATE).items()}
 
 
 __all__ = ["TESTED_VERSIONS", "disable_deepspeed", "enable_deepspeed", "exchange_stats"]

@@ -7,7 +7,6 @@ sent), per link class: ``intra_node`` (a peer on this rank's node) and ``inter_n
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -15,6 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..comm.exchange import RAW, Route, row_bytes
 from ..comm.topology import Topology, link_path
 
@@ -41,6 +41,10 @@ class ExchangeStats:
     bytes_sent: ``{direction: {link: bytes}}``, wire bytes sent to other ranks per link class
                 (``intra_node``, ``inter_node``).
     bf16_bytes: the same rows in bf16, same keys.
+    slots_sent: capacity slots (token rows of DeepSpeed's [E, C, M] tensor) sent to other
+                ranks, per direction; ``slots_stock``: those the stock, padded exchange
+                sends. They differ where ``skip_padding`` sends only the filled slots; read
+                the share with ``slot_share()``. For AutoEP (no padding) both count tokens.
     seconds:    time inside the exchanges per direction (encode, transfer, decode), read
                 with ``elapsed()``: on CUDA it is timed with events, resolved when read.
     """
@@ -49,8 +53,11 @@ class ExchangeStats:
     quantized: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     bytes_sent: dict = field(default_factory=_per_link)
     bf16_bytes: dict = field(default_factory=_per_link)
+    slots_sent: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
+    slots_stock: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
     _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # _link_plan's, per call shape
 
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
@@ -101,6 +108,13 @@ class ExchangeStats:
         table = self.bf16_bytes if bf16 else self.bytes_sent
         return sum(v for d in table.values() for k, v in d.items() if link in (None, k))
 
+    def slot_share(self, direction: Optional[str] = None) -> float:
+        """Slots sent / slots of the stock exchange, in ``direction`` (None: all; 1.0 when
+        nothing was sent)."""
+        stock = sum(v for d, v in self.slots_stock.items() if direction in (None, d))
+        sent = sum(v for d, v in self.slots_sent.items() if direction in (None, d))
+        return sent / stock if stock else 1.0
+
     @property
     def compression(self) -> float:
         """bf16 bytes / wire bytes over everything sent (1.0 when nothing was sent)."""
@@ -109,7 +123,7 @@ class ExchangeStats:
 
     def reset(self) -> None:
         self._resolve()
-        for d in (self.calls, self.quantized, self.seconds):
+        for d in (self.calls, self.quantized, self.seconds, self.slots_sent, self.slots_stock):
             for k in d:
                 d[k] = 0
         for table in (self.bytes_sent, self.bf16_bytes):
@@ -121,7 +135,7 @@ class ExchangeStats:
         out = ExchangeStats()
         self._resolve()
         other._resolve()
-        for name in ("calls", "quantized", "seconds"):
+        for name in ("calls", "quantized", "seconds", "slots_sent", "slots_stock"):
             a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
             for k in c:
                 c[k] = a[k] + b[k]
@@ -142,23 +156,28 @@ class ExchangeStats:
     def as_dict(self) -> dict:
         self._resolve()
         return {"calls": dict(self.calls), "quantized": dict(self.quantized), "seconds": dict(self.seconds),
+                "slots_sent": dict(self.slots_sent), "slots_stock": dict(self.slots_stock),
                 "bytes_sent": {d: dict(v) for d, v in self.bytes_sent.items()},
                 "bf16_bytes": {d: dict(v) for d, v in self.bf16_bytes.items()}}
 
     def record(self, direction: str, x: torch.Tensor, send_rows: Optional[Sequence[int]],
-               group, codecs, gate) -> None:
+               group, codecs, gate, stock_slots: Optional[int] = None) -> None:
         """Count one all-to-all of ``x`` (dim 0 routed, ``send_rows[p]`` rows to group rank
-        p, None: even split) sent with ``codecs`` (LinkCodecs) under ``gate`` (SizeGate)."""
-        route, nodes = _link_plan(group, codecs, gate, x.device.type)
+        p, None: even split) sent with ``codecs`` (LinkCodecs) under ``gate`` (SizeGate).
+        ``stock_slots``: slots the padded exchange would send to other ranks (None: as
+        many as this one)."""
+        route, nodes = _link_plan(self._plans, group, codecs, gate, x.device.type)
         rank, world = route.rank, route.world
         rows = list(send_rows) if send_rows is not None else [x.shape[0] // world] * world
         per_row = math.prod(x.shape[1:-1])
         hidden = x.shape[-1]
         quantized = False
+        slots = 0
         for p, n in enumerate(rows):
             n *= per_row
             if p == rank or n == 0:
                 continue
+            slots += n
             wire = route.wire(p, n, hidden, x.dtype)
             link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
             self.bytes_sent[direction][link] += n * row_bytes(wire, hidden, x.dtype)
@@ -166,20 +185,17 @@ class ExchangeStats:
             quantized |= wire != RAW and not wire.is_passthrough
         self.calls[direction] += 1
         self.quantized[direction] += int(quantized)
+        self.slots_sent[direction] += slots
+        self.slots_stock[direction] += slots if stock_slots is None else stock_slots
 
 
-_plans: dict = {}
-_TOPOLOGY_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                 "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
-
-
-def _link_plan(group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
+def _link_plan(plans: dict, group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
     """The transport's view of ``group`` for these codecs: a Route (codec and size-gate
     threshold towards every group rank; ``Route.wire`` decides each pair's wire exactly as the
-    exchange does) and the node of every group rank. Cached."""
+    exchange does) and the node of every group rank. Cached in ``plans``."""
     key = (id(group), getattr(group, "group_name", None), codecs, gate.digest, device_type,
-           tuple(os.environ.get(k) for k in _TOPOLOGY_ENV))
-    hit = _plans.get(key)
+           env.local_size(), env.nccl_flag("NCCL_P2P_DISABLE"), env.nccl_flag("NCCL_SHM_DISABLE"))
+    hit = plans.get(key)
     if hit is None:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
@@ -189,5 +205,5 @@ def _link_plan(group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
         peer_codecs = tuple(codecs.for_peer(s) for s in same)
         thresholds = tuple(gate.threshold(link_path(s, device_type), c)
                            for s, c in zip(same, peer_codecs))
-        hit = _plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
+        hit = plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
     return hit

@@ -1,0 +1,243 @@
+"""Reversible, per-instance patching of DeepSpeed layers: what the MoE all-to-all integration
+(``integrations.deepspeed``) and the tensor-parallel all-reduce integration
+(``integrations.allreduce``) share.
+
+A patched layer *instance* gets
+
+* ``__dict__[state.ATTR]``: its state (a ``PatchState`` subclass: name, site, config,
+  counters), and
+* for each method it overrides, an instance attribute that calls the state (a
+  ``functools.partial`` of a module-level function, so the layer still pickles and
+  deep-copies: the state pickles as ``(name, site, config)``, with fresh counters, and
+  re-derives what it runs from the layer's class on its first call).
+
+The state's own copy of a DeepSpeed method is that method's code object run with a few
+global names resolved to moe_flashcomm (``rebind``); every other global name is looked up
+live in DeepSpeed's module. Nothing global is touched; ``unpatch`` deletes the instance
+attributes, so the class's methods are found again: stock behaviour, exactly.
+"""
+from __future__ import annotations
+
+import builtins
+import functools
+import logging
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import FlashCommConfig
+
+TESTED_VERSIONS = ("0.19.8",)
+"""DeepSpeed versions the test suite ran against."""
+MIN_VERSION = (0, 16, 0)
+"""Older DeepSpeed is refused (setup.py requires deepspeed>=0.16)."""
+
+_log = logging.getLogger(__name__)
+
+
+# ---- DeepSpeed, lazily ----------------------------------------------------------------------
+def version_tuple(version: str) -> tuple:
+    out = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        out.append(int(digits or 0))
+    return tuple(out + [0] * (3 - len(out)))
+
+
+@functools.lru_cache(maxsize=None)
+def import_deepspeed():
+    """``deepspeed``, after checking its version (once per process). Imported here only: the
+    package must import without DeepSpeed installed."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("moe_flashcomm.enable_deepspeed needs DeepSpeed: pip install deepspeed "
+                          f"(tested with {', '.join(TESTED_VERSIONS)})") from e
+    version = getattr(deepspeed, "__version__", "0")
+    if version_tuple(version) < MIN_VERSION:
+        raise RuntimeError(f"moe_flashcomm supports DeepSpeed >= {'.'.join(map(str, MIN_VERSION))} "
+                           f"(tested: {', '.join(TESTED_VERSIONS)}); found {version}")
+    if version.split("+")[0] not in TESTED_VERSIONS:
+        ds_logger().warning(
+            f"moe_flashcomm: DeepSpeed {version} is untested (tested: {', '.join(TESTED_VERSIONS)}). "
+            "Layers are patched only where DeepSpeed's code has the expected shape, and every "
+            "forward checks that its collectives went through moe_flashcomm.")
+    return deepspeed
+
+
+def ds_logger() -> logging.Logger:
+    try:
+        from deepspeed.utils import logger
+        return logger
+    except ImportError:
+        return _log
+
+
+def unsupported(what: str) -> RuntimeError:
+    version = getattr(sys.modules.get("deepspeed"), "__version__", "?")
+    return RuntimeError(
+        f"moe_flashcomm: {what}. DeepSpeed {version} does not route this collective the way "
+        f"moe_flashcomm patches it (tested: DeepSpeed {', '.join(TESTED_VERSIONS)}); it cannot be "
+        "enabled on this layer.")
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def unwrap(model: Any) -> tuple[nn.Module, Any]:
+    """(the module tree, its DeepSpeed config or None) of a model or a DeepSpeed engine."""
+    ds = sys.modules.get("deepspeed")
+    engine_cls = getattr(ds, "DeepSpeedEngine", None)
+    inference_cls = getattr(ds, "InferenceEngine", None)
+    if engine_cls is not None and isinstance(model, engine_cls):
+        return model.module, model._config
+    if inference_cls is not None and isinstance(model, inference_cls):
+        return model.module, None
+    if isinstance(model, nn.Module):
+        return model, None
+    raise TypeError(f"model must be a torch.nn.Module or a DeepSpeed engine, got {type(model).__name__}")
+
+
+def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
+            ) -> tuple[nn.Module, FlashCommConfig]:
+    """The module to patch and the config to use: ``config`` coerced, or with None the
+    ``"moe_flashcomm"`` section of the engine's DeepSpeed config (defaults without one)."""
+    root, ds_config = unwrap(model)
+    if config is None and ds_config is not None:
+        return root, FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
+    return root, FlashCommConfig.coerce(config)
+
+
+# ---- DeepSpeed's code with some global names changed -------------------------------------------
+class _LiveGlobals(dict):
+    """Globals of a rebound function: the names stored here, every other name looked up live
+    in the defining module (so later changes to DeepSpeed's module globals are seen)."""
+
+    def __init__(self, module_globals: dict, names: Mapping[str, Any]) -> None:
+        super().__init__(names)
+        self["__builtins__"] = module_globals.get("__builtins__", builtins)
+        self.module_globals = module_globals
+
+    def __missing__(self, key: str) -> Any:
+        return self.module_globals[key]
+
+
+def rebind(fn: types.FunctionType, names: Mapping[str, Any]) -> types.FunctionType:
+    """``fn`` (same code object, defaults and closure) with the global ``names`` resolving to
+    the given objects; every other global looked up live in its module."""
+    new = types.FunctionType(fn.__code__, _LiveGlobals(fn.__globals__, names), fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
+def uses_global(fn: Any, name: str) -> bool:
+    """Whether ``fn`` is a plain function whose code reads the module global ``name``."""
+    return (isinstance(fn, types.FunctionType) and name in fn.__code__.co_names
+            and name in fn.__globals__)
+
+
+# ---- sites and patched layers ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """A DeepSpeed layer class (looked up by module and name, only in modules already
+    imported: an instance cannot exist otherwise), the method a patched instance overrides,
+    and the global name of that method that resolves to moe_flashcomm (None where the
+    instance overrides another method instead)."""
+
+    module: str
+    cls_name: str
+    method: str
+    global_name: Optional[str]
+
+    def cls(self) -> Optional[type]:
+        mod = sys.modules.get(self.module)
+        klass = getattr(mod, self.cls_name, None) if mod is not None else None
+        return klass if isinstance(klass, type) else None
+
+
+class PatchState:
+    """What a patched layer instance holds: its name, site, config and counters, and the
+    function it runs in place of ``site.method`` (``bind``, derived from the layer's class).
+
+    Subclasses set ``ATTR`` (the instance attribute holding the state), ``METHODS`` (layer
+    method -> state method that stands in for it) and implement ``configure``, ``new_stats``
+    and ``bind``."""
+
+    ATTR: ClassVar[str]
+    METHODS: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
+        self.name, self.site = name, site
+        self.stats = self.new_stats()
+        self.configure(config)
+        self._impl: Optional[Callable] = None
+
+    def configure(self, config: FlashCommConfig) -> None:
+        self.config = config
+
+    def new_stats(self) -> Any:
+        raise NotImplementedError
+
+    def bind(self, layer: nn.Module) -> Callable:
+        """The function run as ``layer``'s ``site.method``; raises ``unsupported`` when
+        DeepSpeed's code does not have the shape the subclass relies on."""
+        raise NotImplementedError
+
+    def impl(self, layer: nn.Module) -> Callable:
+        if self._impl is None:  # after unpickling / deep-copying: derived again
+            self._impl = self.bind(layer)
+        return self._impl
+
+    def methods(self) -> dict:
+        return {self.site.method: "run", **self.METHODS}
+
+    def __reduce__(self):
+        """Pickled and deep-copied as what it was enabled with: the copy has fresh counters
+        and re-derives its function from its layer's class."""
+        return type(self), (self.name, self.site, self.config)
+
+
+def _call_state(attr: str, method: str, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What a patched instance attribute calls: ``layer``'s state's ``method``."""
+    return getattr(layer.__dict__[attr], method)(layer, *args, **kwargs)
+
+
+def patch(layer: nn.Module, state: PatchState) -> PatchState:
+    """Install ``state`` on ``layer``: checks the layer's code (``state.bind``) first, so
+    nothing is changed on a layer that cannot be patched."""
+    for attr in state.methods():
+        if attr in vars(layer):
+            raise RuntimeError(
+                f"moe_flashcomm: {state.site.cls_name} '{state.name}' already has an instance "
+                f"attribute '{attr}' (another wrapper?); enable moe_flashcomm before wrapping "
+                "the layer")
+    state.impl(layer)
+    layer.__dict__[state.ATTR] = state
+    for attr, method in state.methods().items():
+        layer.__dict__[attr] = functools.partial(_call_state, state.ATTR, method, layer)
+    return state
+
+
+def unpatch(layer: nn.Module, attr: str) -> Optional[PatchState]:
+    """Remove the state stored under ``attr`` and its instance methods; the state or None."""
+    state = layer.__dict__.pop(attr, None)
+    if state is not None:
+        for name in state.methods():
+            layer.__dict__.pop(name, None)
+    return state
+
+
+def states(root: nn.Module, attr: str) -> dict:
+    """``{module name: state}`` of the modules of ``root`` patched under ``attr``."""
+    return {n: vars(m)[attr] for n, m in root.named_modules() if attr in vars(m)}

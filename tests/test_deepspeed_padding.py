@@ -1,0 +1,239 @@
+"""skip_padding: DeepSpeed's MOELayer sends only each expert's filled capacity slots, on real
+DeepSpeed layers over real gloo groups (2 and 4 ranks).
+
+* DeepSpeed 0.19.8's gates (top1 with and without random token selection, top2, top-k;
+  drop_tokens on and off; random and skewed logits) fill every expert's slots from 0 upward:
+  the dense dispatch mask and the sparse routes agree, and moe_flashcomm's count of slots to
+  send equals the number of kept routes (no zero row is sent).
+* With the bf16 codec (passthrough on bf16 / fp16 models), outputs and every gradient are
+  bit-identical to stock DeepSpeed: k = 1, 2, 3, drop_tokens on and off, a random and a
+  skewed gate, bf16 and fp16; the counters show exactly the slots the routes imply, per
+  direction, against the stock exchange's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+pytest.importorskip("deepspeed")
+
+import moe_flashcomm as mf  # noqa: E402
+from moe_flashcomm.integrations.padding import RouteCounts, filled_slots  # noqa: E402
+from tests.distributed import spawn  # noqa: E402
+from tests.test_deepspeed import (H, PASS, assert_identical, init_deepspeed, make_moe,  # noqa: E402
+                                  run, stock_runs, tokens)
+
+DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
+
+
+def skew(moe: nn.Module, x: torch.Tensor, strength: float = 3.0) -> torch.Tensor:
+    """Make the gate prefer low-numbered experts (popularity falling like 1 / (e + 1)) for
+    tokens that share a direction u: wg[e] += strength / (e + 1) * u, x += 2 u."""
+    gate = moe.deepspeed_moe.gate.wg
+    u = torch.zeros(H)
+    u[0] = 1.0
+    with torch.no_grad():
+        for e in range(gate.weight.shape[0]):
+            gate.weight[e] += (strength / (e + 1) * u).to(gate.weight)
+    return x + (2 * u).to(x)
+
+
+def kept_routes(moe: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """[E] kept routes per expert of this rank's tokens, from the layer's gate with the RNG
+    as ``run`` leaves it for the forward (the gate draws first)."""
+    layer = moe.deepspeed_moe
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        _, _, experts, indices, _, _, _ = layer.gate(x.reshape(-1, H), None, True, layer.use_tutel)
+    idx = indices.reshape(-1).long()
+    return torch.bincount(idx[idx >= 0], minlength=experts)
+
+
+def expected_slots(moe: nn.Module, x: torch.Tensor) -> dict:
+    """Slots each direction sends to other ranks with skip_padding, and the stock exchange's."""
+    layer = moe.deepspeed_moe
+    mine = kept_routes(moe, x)
+    world, rank = dist.get_world_size(layer.ep_group), dist.get_rank(layer.ep_group)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=layer.ep_group)
+    local = layer.num_local_experts
+    send = sum(int(mine[p * local:(p + 1) * local].sum()) for p in range(world) if p != rank)
+    back = sum(int(table[s][rank * local:(rank + 1) * local].sum()) for s in range(world) if s != rank)
+    return {"dispatch": send, "combine": back, "dispatch_grad": back, "combine_grad": send}
+
+
+# ---- the gates fill slots from 0 upward ------------------------------------------------------------
+def check_gates_fill_prefixes(tag: str) -> None:
+    """Every DeepSpeed gate's dense dispatch mask fills slots 0 .. n_e - 1 of each expert e,
+    where n_e is the number of its kept sparse routes, and filled_slots gives n_e."""
+    from deepspeed.moe.sharded_moe import top1gating, top2gating, topkgating
+    experts, tokens_ = 8, 64
+    for skewed in (False, True):
+        g = torch.Generator().manual_seed(5 + skewed)
+        logits = torch.randn(tokens_, experts, generator=g)
+        if skewed:  # Zipf-like popularity
+            logits += 3.0 / torch.arange(1, experts + 1)
+        for drop in (True, False):
+            gates = [("top1", lambda sparse, rts: top1gating(logits.clone(), 1.0, 1, None, None, drop, rts,
+                                                            None, sparse)),
+                     ("top2", lambda sparse, rts: top2gating(logits.clone(), 1.0, 1, drop, None, True, sparse)),
+                     ("top3", lambda sparse, rts: topkgating(logits.clone(), 3, 1.0, 1, drop, None,
+                                                             sparse_routes=sparse))]
+            for policy in ("probs", "position") if drop else ():
+                gates.append((f"top3 {policy}", lambda sparse, rts, p=policy: topkgating(
+                    logits.clone(), 3, 1.0, 1, drop, None, drop_policy=p, sparse_routes=sparse)))
+            for name, gate in gates:
+                for rts in ((True, False) if name == "top1" else (True,)):
+                    torch.manual_seed(11)
+                    _, capacity, _, indices, locations, _, _ = gate(True, rts)
+                    torch.manual_seed(11)
+                    _, _, mask, _ = gate(False, rts)
+                    what = f"{tag} {name} drop={drop} rts={rts} skewed={skewed}"
+                    idx = indices.reshape(-1).long()
+                    kept = torch.bincount(idx[idx >= 0], minlength=experts)
+                    assert torch.equal(filled_slots(indices, locations, experts), kept), what
+                    used = mask.any(0)  # [E, C]: slots some token occupies
+                    prefix = torch.arange(int(capacity)) < kept[:, None]
+                    assert torch.equal(used, prefix), what
+
+
+# ---- bit-identical to stock, counters ------------------------------------------------------------
+def check_identical(tag: str, cases) -> None:
+    ep, rank = dist.get_world_size(), dist.get_rank()
+    for k, drop, dtype, skewed in cases:
+        what = f"{tag} k={k} drop={drop} {dtype} skewed={skewed}"
+        moe = make_moe(2 * ep, ep, k, drop, dtype=dtype, seed=60 + k)
+        x = tokens((2, 24, H), seed=300 + rank, dtype=dtype)
+        if skewed:
+            x = skew(moe, x)
+        ref, noise = stock_runs(moe, x)
+        want = expected_slots(moe, x)
+        stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
+        assert_identical(ref, run(moe, x), what, noise)
+        stock = (ep - 1) * moe.deepspeed_moe.num_local_experts * _capacity(moe, x)
+        for d in DIRECTIONS:
+            assert stats.calls[d] == 1, (what, d, stats.calls)
+            assert stats.slots_sent[d] == want[d], (what, d, stats.slots_sent, want)
+            assert stats.slots_stock[d] == stock, (what, d, stats.slots_stock, stock)
+            assert stats.bytes_sent[d]["intra_node"] == want[d] * H * 2, (what, d)
+        if skewed:
+            assert stats.slot_share() < 0.9, (what, stats.slot_share())
+        # off: the padded exchange, identical too
+        mf.enable_deepspeed(moe, {**PASS, "skip_padding": False})
+        stats.reset()
+        assert_identical(ref, run(moe, x), f"{what} skip_padding off", noise)
+        assert stats.slots_sent == stats.slots_stock and stats.slots_sent["dispatch"] == stock
+        mf.disable_deepspeed(moe)
+
+
+def _capacity(moe: nn.Module, x: torch.Tensor) -> int:
+    """C of the stock exchange: its [E, C, M] tensor's second dimension, as DeepSpeed's gate
+    sets it for this input (same RNG as ``run``)."""
+    layer = moe.deepspeed_moe
+    torch.manual_seed(7)
+    with torch.no_grad():
+        return int(layer.gate(x.reshape(-1, H), None, True, layer.use_tutel)[1])
+
+
+def check_rules_and_quantized(tag: str) -> None:
+    """A per-layer rule turns skip_padding off for one layer; int8 with skip_padding equals
+    int8 without it (the same rows quantized: groups are per row), forward and backward."""
+    ep, rank = dist.get_world_size(), dist.get_rank()
+    moe = make_moe(2 * ep, ep, 2, False, dtype=torch.float32, seed=70)
+    x = skew(moe, tokens((2, 24, H), seed=400 + rank, dtype=torch.float32))
+    int8 = {"dispatch": 8, "combine": 8, "gate": False}
+    stats = mf.enable_deepspeed(moe, {**int8, "layers": [{"index": 0, "skip_padding": False}]})
+    padded, noise = run(moe, x), run(moe, x)  # (CUDA: DeepSpeed's backward has atomics)
+    assert stats["deepspeed_moe"].slot_share() == 1.0
+    mf.enable_deepspeed(moe, int8)
+    stats["deepspeed_moe"].reset()
+    assert_identical(padded, run(moe, x), f"{tag} int8 with and without skip_padding", noise)
+    share = stats["deepspeed_moe"].slot_share()
+    assert share < 0.8, share
+    assert stats["deepspeed_moe"].quantized_exchanges == 4  # int8 forward, default int8 gradients
+    assert stats["deepspeed_moe"].calls["dispatch_grad"] == 1
+    mf.disable_deepspeed(moe)
+
+
+def _world(rank: int, world: int, cases) -> None:
+    init_deepspeed()
+    tag = f"rank {rank}/{world}"
+    if world == 2:
+        check_gates_fill_prefixes(tag)
+        check_rules_and_quantized(tag)
+    check_identical(tag, cases)
+
+
+ALL = [(k, drop, dtype, skewed) for k in (1, 2) for drop in (True, False)
+       for dtype in (torch.bfloat16, torch.float16) for skewed in (False, True)]
+
+
+def test_skip_padding_gloo_2_ranks():
+    spawn(_world, 2, ALL + [(3, True, torch.bfloat16, True), (3, False, torch.float16, False)])
+
+
+def test_skip_padding_gloo_4_ranks():
+    spawn(_world, 4, [(1, True, torch.bfloat16, True), (2, False, torch.float16, True),
+                      (2, True, torch.bfloat16, False), (1, False, torch.float16, False)])
+
+
+@pytest.mark.multigpu
+def test_skip_padding_nccl_2_gpus():
+    spawn(_world, 2, ALL, backend="nccl")
+
+
+def check_slot_plan(device: str) -> None:
+    """One rank's view of a 2-rank exchange, without the transport: pack sends exactly the
+    filled rows in expert order with their split sizes, unpack restores zeros around them, and
+    the gradients of both are the adjoint copies (bit for bit, signed zeros kept)."""
+    experts, capacity, hidden = 4, 5, 3
+    mine = torch.tensor([2, 0, 5, 1], device=device)  # this rank's tokens per expert
+    theirs = torch.tensor([1, 3, 0, 4], device=device)  # from rank 0 and rank 1 to my 2 experts
+    plan = RouteCounts(mine, theirs).plan(torch.Size([experts, capacity, hidden]), world=2)
+    assert plan.send_splits == [2, 6] and plan.recv_splits == [4, 4]
+    assert plan.stock_slots == 2 * capacity
+    x = torch.randn(experts, capacity, hidden, device=device, dtype=torch.bfloat16)
+    x[1] = 0  # (an expert without tokens)
+    x.requires_grad_()
+    packed, send, recv = plan.pack(x, "dispatch")
+    rows = [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (3, 0)]
+    assert (send, recv) == (plan.send_splits, plan.recv_splits)
+    assert torch.equal(packed, torch.stack([x[e, c] for e, c in rows]))
+    g = torch.randn_like(packed)
+    g[0] = -0.0
+    packed.backward(g)
+    want = torch.zeros_like(x)
+    for i, (e, c) in enumerate(rows):
+        want[e, c] = g[i]
+    assert torch.equal(x.grad, want) and torch.signbit(x.grad[0, 0]).all()
+    # the combine goes back: what arrived by the dispatch (theirs) is sent, mine is restored
+    y = torch.randn(sum(plan.send_splits), hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    restored = plan.unpack(y, "combine")
+    assert restored.shape == (experts, capacity, hidden)
+    assert torch.equal(restored[2, :5], y[2:7]) and torch.equal(restored[0, 2:], torch.zeros_like(restored[0, 2:]))
+    restored.backward(torch.ones_like(restored))
+    assert torch.equal(y.grad, torch.ones_like(y))
+    with pytest.raises(ValueError, match="do not fit the exchanged tensor"):
+        RouteCounts(mine, theirs).plan(torch.Size([experts, 4, hidden]), world=2)
+
+
+def test_slot_plan_cpu():
+    check_slot_plan("cpu")
+
+
+@pytest.mark.cuda
+def test_slot_plan_cuda():
+    check_slot_plan("cuda")  # the counts' pinned, asynchronous copy to the host
+
+
+def test_config_field():
+    assert mf.FlashCommConfig().skip_padding is True
+    cfg = mf.FlashCommConfig.from_dict({"skip_padding": False,
+                                        "layers": [{"match": "a.*", "skip_padding": True}]})
+    assert not cfg.skip_padding and cfg.for_layer("a.b", 0).skip_padding
+    assert "skip_padding=off" in cfg.describe()
+    assert mf.FlashCommConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(mf.config.ConfigError, match=r"layers\[0\]\.skip_padding must be true or false, got 'yes'"):
+        mf.FlashCommConfig.from_dict({"layers": [{"index": 0, "skip_padding": "yes"}]})
