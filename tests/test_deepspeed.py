@@ -754,7 +754,7 @@ def check_hierarchical(tag: str) -> None:
         results[algorithm] = run(moe, x)
     assert_identical(results["flat"], results["hierarchical"], f"{tag} hierarchical vs flat")
     mixed = "hierarchical" if dist.get_rank() == 0 else "flat"
-    with pytest.raises(mf.comm.ConfigMismatchError, match="different algorithms"):
+    with pytest.raises(mf.comm.ConfigMismatchError, match="algorithm differs"):
         mf.enable_deepspeed(moe, {"algorithm": mixed})
     mf.disable_deepspeed(moe)
 

@@ -29,6 +29,7 @@ all-reduce integration, copies and pickles included) is in patching.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import threading
@@ -39,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..comm import ConfigMismatchError, all_to_all, create_stage_groups
+from ..comm import Communicator, ConfigMismatchError, create_stage_groups
+from ..comm.communicator import communicator
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .padding import RouteCounts, SlotPlan, filled_slots
@@ -97,6 +99,7 @@ class _LayerState(PatchState):
         self.calls = 0  # exchanges in the running forward
         self.counts: Optional[RouteCounts] = None  # skip_padding: the running forward's routes
         self.plan: Optional[SlotPlan] = None  # skip_padding: its exchanges
+        self.comm: Optional[Communicator] = None  # of the layer's expert-parallel group
 
     def configure(self, config: FlashCommConfig) -> None:
         self.config = config
@@ -193,16 +196,16 @@ class _LayerState(PatchState):
         if plan is not None:
             x, input_splits, output_splits = plan.pack(x, direction)
             stock_slots = plan.stock_slots
-        stats, gate = self.stats, self.gate
+        stats, comm = self.stats, self.communicator(group)
         began = stats.start(x.device)
-        out = self.send(x, group, codec, grad_codec, input_splits, output_splits)
+        out = self.send(x, comm, codec, grad_codec, input_splits, output_splits)
         stats.stop(direction, began)
-        stats.record(direction, x, input_splits, group, codec, gate, stock_slots)
+        stats.record(direction, x, input_splits, comm, codec, stock_slots)
         if out.requires_grad:
             grad_began = []
 
             def before_backward(g):  # the gradient reached the output: its exchange comes next
-                stats.record(direction + "_grad", g, output_splits, group, grad_codec, gate,
+                stats.record(direction + "_grad", g, output_splits, comm, grad_codec,
                              stock_slots)
                 grad_began.append(stats.start(g.device))
 
@@ -213,13 +216,22 @@ class _LayerState(PatchState):
         return out if plan is None else plan.unpack(out, direction)
 
     # ---- the transport: the only calls a patched MoE layer makes on its group ----
-    def send(self, x: torch.Tensor, group, codec, grad_codec, input_splits, output_splits
-             ) -> torch.Tensor:
+    def communicator(self, group) -> Communicator:
+        """The Communicator of ``group`` that ``enable_deepspeed`` made; a copied or unpickled
+        layer, or one enabled before its groups existed, takes the group's default one (made,
+        collectively, at its first exchange)."""
+        comm = self.comm
+        if comm is None or comm.closed or comm.pg is not (group if group is not None
+                                                          else dist.group.WORLD):
+            comm = self.comm = communicator(group, gate=self.gate)
+        return comm
+
+    def send(self, x: torch.Tensor, comm: Communicator, codec, grad_codec, input_splits,
+             output_splits) -> torch.Tensor:
         """One all-to-all of ``x`` (and its backward) through moe_flashcomm."""
         cfg = self.config
-        return all_to_all(x, output_split_sizes=output_splits, input_split_sizes=input_splits,
-                          group=group, codec=codec, grad_codec=grad_codec, gate=self.gate,
-                          chunks=cfg.chunks, algorithm=cfg.algorithm)
+        return comm.all_to_all(x, output_splits, input_splits, codec=codec, grad_codec=grad_codec,
+                               chunks=cfg.chunks, algorithm=cfg.algorithm)
 
     @staticmethod
     def exchange_counts(mine: torch.Tensor, group) -> torch.Tensor:
@@ -277,23 +289,75 @@ def _check_rules(cfg: FlashCommConfig, names: list[str]) -> None:
                                  f"layer; the MoE layers are: {names}")
 
 
-def _prepare_algorithms(layers: list[tuple[nn.Module, FlashCommConfig]]) -> None:
-    """One small collective per enable, on every rank: ranks must agree on the algorithms, and
-    a non-flat algorithm needs the stage groups of every expert-parallel group created by all
-    processes together (expert-parallel groups are usually smaller than the job)."""
+def _agree(prepare: Callable[[], tuple]) -> tuple:
+    """``prepare()`` (which validates the model and config and returns what ``enable_deepspeed``
+    needs, first the per-layer resolved configs), then one small collective on every rank:
+    a rank whose ``prepare`` raised still joins it, so every rank raises instead of leaving the
+    others waiting; ranks that resolved different layer configs raise ConfigMismatchError.
+    A non-flat algorithm then gets the stage groups of every expert-parallel group, created by
+    all processes together (expert-parallel groups are usually smaller than the job)."""
+    error, out = None, None
+    try:
+        out = prepare()
+    except Exception as e:  # noqa: BLE001 - raised again below, on this rank
+        error = e
     if not dist.is_initialized():
-        return
-    algorithms = sorted({cfg.algorithm for _, cfg in layers})
-    ep_groups = sorted({tuple(dist.get_process_group_ranks(layer.ep_group)) for layer, _ in layers
-                        if getattr(layer, "ep_group", None) is not None})
+        if error is not None:
+            raise error
+        return out
+    mine = ("error", f"{type(error).__name__}: {error}") if error is not None else \
+        ("ok", [(name, _fields(lcfg)) for name, _, lcfg in out[0]],
+         sorted({tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, lcfg in out[0]
+                 if lcfg.enabled and getattr(layer, "ep_group", None) is not None}))
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (algorithms, ep_groups))
-    if any(g[0] != algorithms for g in gathered):
-        raise ConfigMismatchError("moe_flashcomm.enable_deepspeed: ranks were enabled with different "
-                                  f"algorithms: {[g[0] for g in gathered]} (rank order)")
-    if algorithms != ["flat"]:
-        all_groups = sorted({ranks for _, groups in gathered for ranks in groups})
+    dist.all_gather_object(gathered, mine)
+    if error is not None:
+        raise error
+    failed = {r: g[1] for r, g in enumerate(gathered) if g[0] == "error"}
+    if failed:
+        raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed failed on rank(s) {sorted(failed)}: "
+                                  + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
+    for r, g in enumerate(gathered):
+        if g[1] != mine[1]:
+            raise ConfigMismatchError("moe_flashcomm.enable_deepspeed: ranks resolved different "
+                                      f"layer configs: {_difference(mine[1], g[1], r)}; every "
+                                      "rank must enable the same layers with the same config")
+    if any(lcfg.enabled and lcfg.algorithm != "flat" for _, _, lcfg in out[0]):
+        all_groups = sorted({ranks for g in gathered for ranks in g[2]})
         create_stage_groups([r for r in all_groups if len(r) < dist.get_world_size()])
+    return out
+
+
+def _fields(cfg: FlashCommConfig) -> dict:
+    return {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _difference(mine: list, theirs: list, rank: int) -> str:
+    """What differs between this rank's (layer name, fields) list and ``rank``'s."""
+    if [n for n, _ in mine] != [n for n, _ in theirs]:
+        return f"this rank has MoE layers {[n for n, _ in mine]}, rank {rank} {[n for n, _ in theirs]}"
+    for (name, a), (_, b) in zip(mine, theirs):
+        for field in a:
+            if a[field] != b.get(field):
+                return (f"layer {name!r}: {field} differs (this rank {a[field]}, rank {rank} "
+                        f"{b.get(field)})")
+    return "?"
+
+
+def _attach_communicators(states: list[tuple[nn.Module, "_LayerState"]]) -> None:
+    """One Communicator per expert-parallel group and size gate, made by every member in the
+    same order (layers in module order, agreed by ``_agree``); the layers share it."""
+    made: dict = {}
+    for layer, state in states:
+        group = getattr(layer, "ep_group", None)
+        if group is None or not dist.is_initialized():
+            continue  # its groups do not exist yet: the default communicator at first use
+        key = (id(group), state.gate.digest)
+        if key not in made:
+            made[key] = Communicator(group, gate=state.gate)
+        if state.comm is not None and state.comm not in made.values():
+            state.comm.close()
+        state.comm = made[key]
 
 
 def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
@@ -310,29 +374,41 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     AutoEP replaces layers inside ``deepspeed.initialize``: enable on the engine it returns.
     A config with ``all_reduce`` set also installs the tensor-parallel all-reduce hooks
     (``enable_all_reduce``); ``disable_deepspeed`` removes both.
-    Calling again updates the configs (the counters continue). Returns the live
-    ExchangeStats of every enabled layer, by qualified module name.
+    Every rank resolves the model and config first and then all agree (one small collective):
+    a rank that fails, or resolves different layer configs, makes every rank raise. The
+    layers of one expert-parallel group share one ``moe_flashcomm.Communicator``, made here
+    (collectively in the group). Calling again updates the configs (the counters continue).
+    Returns the live ExchangeStats of every enabled layer, by qualified module name.
     """
     ds = import_deepspeed()
-    root, cfg = resolve(model, config)
-    layers = _find_layers(root)
-    if not layers:
-        raise ValueError(f"moe_flashcomm.enable_deepspeed: {type(root).__name__} holds no DeepSpeed MoE "
-                         "layer (deepspeed.moe.layer.MoE / MOELayer, AutoEPMoELayer, "
-                         "DeepSpeedMoEInference)")
-    _check_rules(cfg, [n for n, _, _ in layers])
+
+    def prepare() -> tuple:
+        root, cfg = resolve(model, config)
+        layers = _find_layers(root)
+        if not layers:
+            raise ValueError(f"moe_flashcomm.enable_deepspeed: {type(root).__name__} holds no "
+                             "DeepSpeed MoE layer (deepspeed.moe.layer.MoE / MOELayer, "
+                             "AutoEPMoELayer, DeepSpeedMoEInference)")
+        _check_rules(cfg, [n for n, _, _ in layers])
+        resolved = [(name, layer, cfg.for_layer(name, index))
+                    for index, (name, layer, _) in enumerate(layers)]
+        return resolved, layers, cfg
+
+    resolved, layers, cfg = _agree(prepare)
     enabled: dict[str, ExchangeStats] = {}
+    patched = []
     lines = []
-    resolved = [(layer, cfg.for_layer(name, index)) for index, (name, layer, _) in enumerate(layers)]
-    _prepare_algorithms([(layer, lcfg) for layer, lcfg in resolved if lcfg.enabled])
-    for (name, layer, site), (_, lcfg) in zip(layers, resolved):
+    for (name, layer, site), (_, _, lcfg) in zip(layers, resolved):
         label = f"{name or '<root>'} [{site.cls_name}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
             unpatch(layer, _STATE)
             lines.append(f"  {label}: stock DeepSpeed (disabled by config)")
             continue
-        enabled[name] = _patch(layer, name, site, lcfg).stats
+        state = _patch(layer, name, site, lcfg)
+        patched.append((layer, state))
+        enabled[name] = state.stats
         lines.append(f"  {label}: {lcfg.describe()}")
+    _attach_communicators(patched)
     if cfg.all_reduce is not None:  # tensor-parallel all-reduce hooks, from the same config
         from .allreduce import enable_all_reduce
         enable_all_reduce(model, cfg)
@@ -345,7 +421,8 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
 
 def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
     """Restore stock DeepSpeed on every layer ``enable_deepspeed`` patched in ``model``
-    (removes the per-instance attributes). Returns the final ExchangeStats of those layers."""
+    (removes the per-instance attributes) and close the layers' communicators (their
+    peer-to-peer memory is freed). Returns the final ExchangeStats of those layers."""
     from .allreduce import disable_all_reduce
 
     root, _ = unwrap(model)
@@ -355,6 +432,8 @@ def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
         state = unpatch(module, _STATE)
         if state is not None:
             restored[name] = state.stats
+            if state.comm is not None:  # frees its peer-to-peer memory (shared: closed once)
+                state.comm.close()
     if restored and rank0():
         ds_logger().info(f"moe_flashcomm: restored stock DeepSpeed on {len(restored)} MoE layer(s)")
     return restored

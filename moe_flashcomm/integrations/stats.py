@@ -14,9 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import env
-from ..comm.exchange import RAW, Route, row_bytes
-from ..comm.topology import Topology, link_path
+from ..comm.exchange import RAW, row_bytes
 
 DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
 LINKS = ("intra_node", "inter_node")
@@ -57,7 +55,6 @@ class ExchangeStats:
     slots_stock: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
     _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
-    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # _link_plan's, per call shape
 
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
@@ -161,12 +158,12 @@ class ExchangeStats:
                 "bf16_bytes": {d: dict(v) for d, v in self.bf16_bytes.items()}}
 
     def record(self, direction: str, x: torch.Tensor, send_rows: Optional[Sequence[int]],
-               group, codecs, gate, stock_slots: Optional[int] = None) -> None:
+               comm, codecs, stock_slots: Optional[int] = None) -> None:
         """Count one all-to-all of ``x`` (dim 0 routed, ``send_rows[p]`` rows to group rank
-        p, None: even split) sent with ``codecs`` (LinkCodecs) under ``gate`` (SizeGate).
-        ``stock_slots``: slots the padded exchange would send to other ranks (None: as
-        many as this one)."""
-        route, nodes = _link_plan(self._plans, group, codecs, gate, x.device.type)
+        p, None: even split) sent on Communicator ``comm`` with ``codecs`` (LinkCodecs): its
+        route decides each pair's wire exactly as the exchange does. ``stock_slots``: slots
+        the padded exchange would send to other ranks (None: as many as this one)."""
+        route, nodes = comm.route(codecs, x.device.type), comm.nodes
         rank, world = route.rank, route.world
         rows = list(send_rows) if send_rows is not None else [x.shape[0] // world] * world
         per_row = math.prod(x.shape[1:-1])
@@ -187,23 +184,3 @@ class ExchangeStats:
         self.quantized[direction] += int(quantized)
         self.slots_sent[direction] += slots
         self.slots_stock[direction] += slots if stock_slots is None else stock_slots
-
-
-def _link_plan(plans: dict, group, codecs, gate, device_type: str) -> tuple[Route, tuple]:
-    """The transport's view of ``group`` for these codecs: a Route (codec and size-gate
-    threshold towards every group rank; ``Route.wire`` decides each pair's wire exactly as the
-    exchange does) and the node of every group rank. Cached in ``plans``."""
-    key = (id(group), getattr(group, "group_name", None), codecs, gate.digest, device_type,
-           env.local_size(), env.nccl_flag("NCCL_P2P_DISABLE"), env.nccl_flag("NCCL_SHM_DISABLE"))
-    hit = plans.get(key)
-    if hit is None:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        granks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        topo = Topology.coerce(None, dist.get_world_size(), dist.get_rank())
-        nodes = tuple(topo.node_of(g) for g in granks)
-        same = [n == nodes[rank] for n in nodes]
-        peer_codecs = tuple(codecs.for_peer(s) for s in same)
-        thresholds = tuple(gate.threshold(link_path(s, device_type), c)
-                           for s, c in zip(same, peer_codecs))
-        hit = plans[key] = (Route(group, rank, world, peer_codecs, thresholds), nodes)
-    return hit
