@@ -447,12 +447,19 @@ def blocks(threads: int) -> int:
 
 
 # ---- launchers of csrc/p2p.cu ------------------------------------------------------------------
-def barrier_launch(device: int, peer_flags: Sequence[int], counter: int, rank: int, world: int,
-                   timeout_ns: int) -> Launch:
+COPY_BLOCKS = 264  # most copy blocks of a barrier launch (two per multiprocessor of an H200)
+
+
+def barrier_launches(device: int, peer_flags: Sequence[int], counter: int, rank: int,
+                     world: int, timeout_ns: int, copy_bytes: int = 0) -> Launch:
     """p2p_barrier: publish this rank's next call number into every peer's flag and wait for
-    theirs (the number itself lives in device memory at ``counter``: graph-safe)."""
+    theirs (the number itself lives in device memory at ``counter``: graph-safe). With
+    ``copy_bytes`` (a multiple of 16) the launch's other blocks copy that many bytes meanwhile
+    (pointer bases: source, destination)."""
     flags = list(peer_flags) + [0] * (MAX_PEERS - len(peer_flags))
     args = struct(P2P_ARGS, peer_flags=flags, counter=counter, timeout_ns=timeout_ns,
                   rank=rank, world=world)
     fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_barrier")
-    return Launch(device, fn, 1, (args,), threads=32 * (-(-world // 32)))
+    words = copy_bytes // 16
+    copiers = min(COPY_BLOCKS, blocks(-(-words // 4))) if words else 0
+    return Launch(device, fn, 1 + copiers, (args, 0, 0, Value(words)))

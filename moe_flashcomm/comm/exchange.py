@@ -354,9 +354,10 @@ class P2PCall:
     """One peer-to-peer exchange of fixed sizes with every launch prepared: a call costs the
     host an output allocation and one driver call per kernel or copy (comm/p2p.py).
 
-    Steps on the current stream: barrier (the peers are done with their receive buffers),
-    the rows this rank keeps (a side stream for large ones), encodes into the peers' buffers
-    (the copy engine for large records), barrier (ours have landed), decodes."""
+    Steps on the current stream: barrier (the peers are done with their receive buffers; its
+    other blocks copy the rows this rank keeps, or a side stream does for large ones), encodes
+    into the peers' buffers (the copy engine for large records), barrier (ours have landed),
+    decodes. ``steps`` holds them as calls ``step(stream, x address, output address)``."""
 
     def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -365,89 +366,94 @@ class P2PCall:
         bufs.reserve(need)
         self.bufs, self.generation = bufs, bufs.generation
         self.device, self.dev, self.dtype = device, device.index, dtype
-        self.streams = route.streams
+        dev, copy = self.dev, kernels.copy_async
         row = hidden * dtype.itemsize
         src, dst, n = plan.own
-        self.own = (dst * row, src * row, n * row)  # (out offset, x offset, bytes)
-        self.fork, self.join = kernels.Order(self.dev), kernels.Order(self.dev)
-        # raw handles of the communicator's side streams, when this call uses them
-        self.side = (self.streams.get(device, "own").cuda_stream
-                     if n * row >= OWN_SIDE_BYTES else None)
-        # (launches, x offset, destination address): records stored by the encode kernel
-        self.encodes, self.staged, self.raw_sends = [], [], []
+        o_off, x_off, own = dst * row, src * row, n * row
+        steps = []
+        side = join = None
+        if own >= OWN_SIDE_BYTES:  # a side stream: the copy overlaps the encodes too
+            side = route.streams.get(device, "own").cuda_stream
+            fork, join = kernels.Order(dev), kernels.Order(dev)
+            steps.append(lambda s, xp, op: (fork(side, s),
+                                            copy(dev, op + o_off, xp + x_off, own, side)))
+            own = 0
+        elif own and row % 16:  # not whole 16-byte words: the copy engine
+            steps.append(lambda s, xp, op: copy(dev, op + o_off, xp + x_off, own, s))
+            own = 0
+        ready, landed = bufs.barrier(own), bufs.barrier()
+        steps.append(lambda s, xp, op: ready(s, xp + x_off, op + o_off))
+        staged = []
         for p, first, rows, wire, nbytes in sends:
-            to = bufs.region(p, r)
+            to, off = bufs.region(p, r), first * row
             if wire == RAW:
-                self.raw_sends.append((to, first * row, nbytes))
+                steps.append(lambda s, xp, op, to=to, off=off, n=nbytes: copy(dev, to, xp + off, n, s))
             elif nbytes < bufs.copy_bytes:
-                self.encodes.append((_cuda.encode_launches(self.dev, rows, hidden, wire, dtype,
-                                                           hidden % 8 == 0),
-                                     first * row, to, wire))
+                launches = _cuda.encode_launches(dev, rows, hidden, wire, dtype, hidden % 8 == 0)
+                steps.append(_encode_step(launches, wire, off, to))
             else:  # encoded locally, part k copied while part k + 1 is encoded
                 rb = nbytes // rows
                 parts = [chunk_range(rows, k, p2p.COPY_CHUNKS) for k in range(p2p.COPY_CHUNKS)]
-                self.staged.append((rows, rb, to, wire, [
-                    (_cuda.encode_launches(self.dev, b - a, hidden, wire, dtype, hidden % 8 == 0),
-                     (first + a) * row, a * rb, (b - a) * rb) for a, b in parts if b > a]))
-        self.decodes, self.raw_recvs = [], []
+                staged.append((rows * rb, to, [
+                    (_encode_step(_cuda.encode_launches(dev, b - a, hidden, wire, dtype,
+                                                        hidden % 8 == 0), wire, (first + a) * row, None),
+                     a * rb, (b - a) * rb) for a, b in parts if b > a]))
+        if staged:
+            copier = route.streams.get(device, "copy").cuda_stream
+            steps.append(self._staged_step(staged, copier))
+        steps.append(lambda s, xp, op: landed(s))
         for p, first, rows, wire, nbytes in recvs:
-            frm = bufs.region(r, p)
+            frm, off = bufs.region(r, p), first * row
             if wire == RAW:
-                self.raw_recvs.append((first * row, frm, nbytes))
+                steps.append(lambda s, xp, op, frm=frm, off=off, n=nbytes: copy(dev, op + off, frm, n, s))
             else:
-                self.decodes.append((_cuda.decode_launches(self.dev, rows, hidden, wire, dtype),
-                                     frm, first * row))
-        self.seeded = any(_stochastic(e[3]) for e in self.encodes) or any(
-            _stochastic(e[3]) for e in self.staged)
-        self.copier = self.streams.get(device, "copy").cuda_stream if self.staged else None
+                for launch in _cuda.decode_launches(dev, rows, hidden, wire, dtype):
+                    steps.append(lambda s, xp, op, launch=launch, frm=frm, off=off:
+                                 launch(s, frm, op + off))
+        if join is not None:
+            steps.append(lambda s, xp, op: join(s, side))
+        self.steps = tuple(steps)
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
         """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""
         if x.data_ptr() % 16:
             x = x.clone()  # the encodes were planned for 16-byte aligned rows
         out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
-        xp, op, dev = x.data_ptr(), out.data_ptr(), self.dev
-        stream = kernels.raw_stream(dev)
-        bufs, copy = self.bufs, kernels.copy_async
-        bufs.begin(stream)
-        barrier = bufs.barrier
-        o_off, x_off, n = self.own
-        if self.side:  # a large own copy overlaps the encodes (bound by issue and NVLink)
-            side = self.side
-            self.fork(side, stream)
-            copy(dev, op + o_off, xp + x_off, n, side)
-        elif n:
-            copy(dev, op + o_off, xp + x_off, n, stream)
-        barrier(stream)
-        key = None
-        for launches, off, to, wire in self.encodes:
-            if self.seeded:
-                key = _cuda.seed_key(wire, _reference.resolve_seed(None))
-            _cuda.run_encode(launches, stream, xp + off, to, key)
-        for to, off, nbytes in self.raw_sends:
-            copy(dev, to, xp + off, nbytes, stream)
-        if self.staged:
-            self._staged(xp, stream)
-        barrier(stream)
-        for launches, frm, off in self.decodes:
-            for launch in launches:
-                launch(stream, frm, op + off)
-        for off, frm, nbytes in self.raw_recvs:
-            copy(dev, op + off, frm, nbytes, stream)
-        if self.side:
-            self.join(stream, self.side)
+        xp, op = x.data_ptr(), out.data_ptr()
+        stream = kernels.raw_stream(self.dev)
+        if stream != self.bufs.stream:
+            self.bufs.begin(stream)
+        for step in self.steps:
+            step(stream, xp, op)
         return out
 
-    def _staged(self, xp: int, stream: int) -> None:
+    def _staged_step(self, staged: list, copier: int):
         """Records encoded locally and moved by the copy engine into the peers' memory: it
         moves bytes over NVLink faster than the encode kernel's own remote stores."""
-        copier = self.copier
-        for rows, rb, to, wire, parts in self.staged:
-            rec = torch.empty(rows * rb, dtype=torch.uint8, device=self.device)
-            rp = rec.data_ptr()
-            for launches, x_off, r_off, nbytes in parts:
-                key = _cuda.seed_key(wire, _reference.resolve_seed(None)) if self.seeded else None
-                _cuda.run_encode(launches, stream, xp + x_off, rp + r_off, key)
-                self.fork(copier, stream)
-                kernels.copy_async(self.dev, to + r_off, rp + r_off, nbytes, copier)
-            self.join(stream, copier)  # (before rec can be reused by the current stream)
+        fork, join, dev, device = kernels.Order(self.dev), kernels.Order(self.dev), self.dev, self.device
+
+        def step(s: int, xp: int, op: int) -> None:
+            for nbytes, to, parts in staged:
+                rec = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                rp = rec.data_ptr()
+                for encode, r_off, n in parts:
+                    encode(s, xp, rp + r_off)
+                    fork(copier, s)
+                    kernels.copy_async(dev, to + r_off, rp + r_off, n, copier)
+                join(s, copier)  # (before rec can be reused by the current stream)
+        return step
+
+
+def _encode_step(launches: tuple, wire: CodecConfig, x_off: int, to: Optional[int]):
+    """A step ``(stream, x address, third)`` that encodes rows at ``x_off`` of the tokens into
+    ``to``, or (``to`` None) into the address passed third (the staged copies' buffer)."""
+    def dest(third: int) -> int:
+        return third if to is None else to
+    if _stochastic(wire):  # a new seed per call, drawn from torch's generator like the codec's
+        return lambda s, xp, third: _cuda.run_encode(
+            launches, s, xp + x_off, dest(third),
+            _cuda.seed_key(wire, _reference.resolve_seed(None)))
+    if len(launches) == 1 and to is not None:
+        launch = launches[0]
+        return lambda s, xp, op: launch(s, xp + x_off, to)
+    return lambda s, xp, third: _cuda.run_encode(launches, s, xp + x_off, dest(third), None)

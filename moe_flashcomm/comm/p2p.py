@@ -61,16 +61,17 @@ class PeerBuffers:
         self.stream: Optional[int] = None  # the stream of the last call
         self.data_ptrs: list[int] = []
         self.flag_ptrs = self._exchange(FLAG_BYTES)
-        self._barrier: Optional[kernels.Launch] = None
+        self._barriers: dict = {}  # bytes copied meanwhile -> the barrier's launch
 
-    @property
-    def barrier(self) -> kernels.Launch:
-        """The barrier kernel's launch (call it with the stream)."""
-        if self._barrier is None:
-            self._barrier = kernels.barrier_launch(
+    def barrier(self, copy_bytes: int = 0) -> kernels.Launch:
+        """The barrier kernel's launch (call it with the stream, and the source and destination
+        of ``copy_bytes`` bytes its other blocks copy meanwhile)."""
+        hit = self._barriers.get(copy_bytes)
+        if hit is None:
+            hit = self._barriers[copy_bytes] = kernels.barrier_launches(
                 self.device.index, self.flag_ptrs, self.flag_ptrs[self.rank] + 8 * MAX_PEERS,
-                self.rank, self.world, TIMEOUT_S * 10**9)
-        return self._barrier
+                self.rank, self.world, TIMEOUT_S * 10**9, copy_bytes)
+        return hit
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
