@@ -89,7 +89,9 @@ def resolve_seed(seed: Seed) -> int:
 def check_data(t: torch.Tensor, name: str) -> None:
     """``t`` has data to read: a meta tensor (shape only) is refused here, before it fails
     somewhere deep inside torch or a collective."""
-    if t.is_meta:
+    # (while torch.compile traces, the tensors are stand-ins: nothing to check, and reading
+    # is_meta would put a node into the graph)
+    if not torch.compiler.is_compiling() and t.is_meta:
         raise ValueError(f"{name} is a meta tensor (shape only, no data); moe_flashcomm encodes, "
                          "decodes and exchanges tensors with data: materialise it first "
                          "(e.g. module.to_empty(device=...) and load the weights)")
