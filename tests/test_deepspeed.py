@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import io
 import logging
 import math
@@ -691,9 +692,37 @@ def check_copy_and_pickle(tag: str) -> None:
 
 
 # ---- what runs in the spawned processes ---------------------------------------------------------------
+def check_ranks_that_disagree(tag: str) -> None:
+    """A layer disabled on one rank only, or a config that fails on one rank only: every rank
+    raises within seconds (no hang in the other ranks' collective), and the model still works
+    when enabled the same way everywhere afterwards. Each layer's communicator is the one
+    enable_deepspeed made, and disable_deepspeed closes it."""
+    ep = dist.get_world_size()
+    moe = make_moe(ep, ep, 2, True, seed=43)
+    x = tokens((2, 8, H), seed=650 + dist.get_rank())
+    ref = run(moe, x)
+    start = time.monotonic()
+    rule = {"match": "*", "enabled": dist.get_rank() != 0}
+    with pytest.raises(mf.comm.ConfigMismatchError, match="enabled differs"):
+        mf.enable_deepspeed(moe, {**PASS, "layers": [rule]})
+    bad = {**PASS, "dispatch": 9} if dist.get_rank() == 1 else PASS
+    with pytest.raises((ValueError, mf.comm.ConfigMismatchError),
+                       match="CodecConfig.bits|failed on rank"):
+        mf.enable_deepspeed(moe, bad)
+    assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
+    mf.enable_deepspeed(moe, PASS)
+    (state,) = [m.__dict__["_moe_flashcomm"] for m in moe.modules() if "_moe_flashcomm" in m.__dict__]
+    assert state.comm is not None and not state.comm.closed
+    assert_identical(ref, run(moe, x), f"{tag} after disagreements")
+    comm = state.comm
+    mf.disable_deepspeed(moe)
+    assert comm.closed
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
+    check_ranks_that_disagree(tag)
     check_copy_and_pickle(tag)
     check_passthrough_and_disable(tag)
     check_codec_bounds(tag)

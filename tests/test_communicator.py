@@ -1,0 +1,87 @@
+"""moe_flashcomm.Communicator over real gloo process groups: a process group destroyed and made
+again with permuted ranks gives correct all-to-all and all-reduce results (no stale state),
+close() and ``with``, the default communicators of the thin functions, and ranks that make
+different communicators raise instead of hanging or aborting."""
+from __future__ import annotations
+
+import datetime
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_flashcomm as mf
+from moe_flashcomm.comm import CommunicatorClosedError, ConfigMismatchError
+from moe_flashcomm.comm.all_reduce import reference_all_reduce
+from moe_flashcomm.comm.communicator import PROCESS
+from tests.a2a_cases import expected, make_input
+from tests.distributed import free_port, spawn
+
+CODEC = mf.CodecConfig(bits=4)
+
+
+def _a2a_ok(rank, world, seed):
+    S = [[3] * world for _ in range(world)]
+    x = make_input(rank, 3 * world, (64,), torch.float32, seed)
+    got = mf.all_to_all(x, codec=CODEC, gate=False)
+    assert torch.equal(got, expected(rank, world, S, (64,), torch.float32, seed, lambda p: CODEC))
+
+
+def _ar_ok(rank, world, seed):
+    inputs = [make_input(p, 3000, (), torch.float32, seed) for p in range(world)]
+    y = inputs[rank].clone()
+    mf.all_reduce(y, codec=CODEC, gate=False)
+    assert torch.equal(y, reference_all_reduce(inputs, CODEC))
+
+
+def _reinit(rank, world, port):
+    _a2a_ok(rank, world, 1)
+    _ar_ok(rank, world, 2)
+    old = PROCESS.communicator(None, None, False)
+    dist.destroy_process_group()
+    new = (rank + 1) % world  # every rank takes another rank's place
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=new,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    _a2a_ok(new, world, 3)
+    _ar_ok(new, world, 4)
+    fresh = PROCESS.communicator(None, None, False)
+    assert fresh is not old and fresh.rank == new and old.closed  # the dead group's was closed
+
+
+def test_reinit_with_permuted_ranks_gloo_3():
+    spawn(_reinit, 3, free_port())
+
+
+def _lifetime(rank, world):
+    x = make_input(rank, 4 * world, (32,), torch.float32, 5)
+    with mf.Communicator(codec=8, gate=False) as comm:
+        a = comm.all_to_all(x)
+        assert torch.equal(a, mf.all_to_all(x, codec=8, gate=False))  # the same exchange
+        assert comm.calls["all_to_all"] == 1
+    assert comm.closed
+    with pytest.raises(CommunicatorClosedError, match="closed"):
+        comm.all_to_all(x)
+    # a communicator made by the ranks with different settings raises on every rank, quickly
+    start = time.monotonic()
+    with pytest.raises(ConfigMismatchError, match="codec"):
+        mf.Communicator(codec=4 if rank == 0 else 2)
+    # one rank makes a communicator while the others call: both sides raise, no abort
+    comm = mf.Communicator(gate=False)
+    with pytest.raises(ConfigMismatchError, match="different moe_flashcomm operation"):
+        if rank == 0:
+            mf.Communicator(gate=False, topology=1)
+        else:
+            comm.all_to_all(make_input(rank, 4 * world, (48,), torch.float32, 6))
+    assert time.monotonic() - start < 10
+    # and the group works afterwards
+    assert torch.equal(comm.all_to_all(x), mf.all_to_all(x, gate=False))
+
+
+def test_lifetime_and_disagreement_gloo_2():
+    spawn(_lifetime, 2)
+
+
+def test_communicator_outside_distributed_says_so():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mf.Communicator()
