@@ -1,67 +1,10 @@
-"""Two-step quantized all-reduce (Flash Communication): a quantized reduce-scatter, then a
-quantized all-gather, in place like ``torch.distributed.all_reduce``.
-
-Layout. ``x`` (any shape, n values) is flattened and viewed as rows of ROW = 1024 values
-(a multiple of every group size), zero-padded at the end to W * c rows for a group of W
-ranks; rank r owns rows [r c, (r + 1) c) ("its chunk"). A row is one codec record
-(``record_bytes(ROW, codec)`` bytes, rb below), so both steps move plain uint8 tensors.
-
-Flat algorithm, one rank r (b = rb * 8 / ROW wire bits per value, e.g. 4.625 for int4/g128
-with spikes; bf16 NCCL moves 16):
-  1. reduce-scatter: encode the W - 1 chunks of the other ranks; one uint8
-     ``all_to_all_single`` (sends and receives (W - 1) c rb bytes: n b / 8 (W - 1) / W);
-  2. reduce: own chunk exact + the W - 1 decoded peer chunks, summed in fp32 in rank order
-     0..W-1 (deterministic); cast to x's dtype; re-encode (one fused CUDA kernel on GPU:
-     decode, sum, encode in one pass; ``reduce_chunk``);
-  3. all-gather: ``all_gather_single`` of the c rb record bytes of every rank (sends c rb,
-     receives (W - 1) c rb: n b / 8 (W - 1) / W again);
-  4. decode all W chunks into x, the owner's own chunk included, so every rank ends with
-     the bit-identical tensor.
-Per rank 2 (W - 1) / W n b / 8 bytes each way, against 2 (W - 1) / W n 2 for a bf16 ring:
-16 / b times fewer (3.46x for int4/g128+spikes, 3.76x without spikes).
-
-Error (per value, against the exact sum): each of the W - 1 peer contributions carries at
-most half a quantization step of its group (the codec's bound, ``scale / 2``), the
-re-quantization of the sum another half step of the sum's group, plus roundings to x's
-dtype (the decoded peers, the sum, the result). tests/test_all_reduce.py checks this bound.
-
-Hierarchical algorithm (PCIe machines: groups of L ranks behind one switch / NUMA node /
-host, ``Topology(local_size=L)``; M = W / L groups; rank g = node m * L + local rank l):
-  1. reduce-scatter inside the group (intra codec): local rank l owns the l-th 1/L of x
-     (M c rows): L - 1 encoded parts out, L - 1 in, reduced as above, cast to x's dtype;
-  2. the flat reduce-scatter of that part among the M ranks of local rank l across groups
-     (inter codec): rank (m, l) owns c rows, sums, re-encodes;
-  3. all-gather of the records across groups (inter group), then inside the group (intra
-     group): the final records travel as bytes, decoded once at the end.
-Inter-group bytes per rank: 2 (M - 1) / M n / L b / 8 each way (flat: (W - L) / W n b / 8
-per step, over the slow links). With one group (M = 1) or one rank per group (L = 1) the
-result is bit-identical to the flat algorithm.
-
-Process groups: the stages are the hierarchical all-to-all's (``hierarchical_groups``,
-cached per (group, topology), shared with it). For a ``group`` of every process of the job
-(the default group) they are created at the first hierarchical call with
-``dist.new_group``, which is collective over every process: every rank makes that first
-call, in the same order relative to its other group creations (call
-``hierarchical_groups(group, topology)`` up front to create them early, e.g. before CUDA
-graph capture). For a smaller group, every process calls
-``comm.hierarchical.create_stage_groups`` beforehand; without that a stage runs "masked"
-on ``group`` (correct: zero-size splits for the ranks outside the stage, and its
-all-gather as an all_to_all_single).
-
-Pipelining (flat, CUDA): each rank's chunk is cut into ``chunks`` row ranges; encode and
-all-to-all of range k + 1, reduce and all-gather of range k and decode of range k - 1
-overlap (NCCL runs on its own stream). Ownership does not depend on ``chunks``: the result
-is bit-identical for every value.
-
-A group of two ranks sends step 1 as an all-gather of the one encoded chunk instead of an
-all-to-all: the same bytes cross the link, but NCCL's ring collectives moved them faster than
-its send/recv pairs (network path, 256 MiB int4: 3.36x instead of 2.75x over NCCL bf16).
-
-Size gate: below ``SizeGate.all_reduce_threshold(path, codec)`` bf16 bytes (numel x 2)
-the call is ``torch.distributed.all_reduce`` itself (NCCL), unquantized.
-
-``reference_all_reduce`` computes, in one process with the reference codec, what every
-rank's tensor becomes: the executable specification of both algorithms.
+"""Two-step quantized all-reduce (Flash Communication), in place like
+``torch.distributed.all_reduce``: a quantized reduce-scatter (every rank owns rows of ROW
+values, sums the peers' decoded chunks with its own in fp32 in rank order, re-encodes), then a
+quantized all-gather of the owners' records, decoded on every rank, so every rank ends with the
+bit-identical tensor. The hierarchical form reduces inside groups of ranks first and across
+groups second. ``reference_all_reduce`` is the executable specification of both; the layout,
+the error bound, pipelining and process groups are described in docs/design.md, "All-reduce".
 """
 from __future__ import annotations
 
@@ -322,7 +265,7 @@ def all_reduce(
                itself). For ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
-               across groups, all-gather inside groups: see the module docstring).
+               across groups, all-gather inside groups: see docs/design.md).
     topology:  Topology or ranks per group (node, PCIe switch, NUMA half); None: the
                launcher's LOCAL_WORLD_SIZE. Used by the hierarchical groups and the gate.
     gate:      size gate (SizeGate.coerce): below its all-reduce threshold (bf16 bytes of

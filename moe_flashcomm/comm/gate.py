@@ -3,7 +3,7 @@ and decoding would cost more than the smaller transfer saves.
 
 A threshold is in *bf16 bytes of the rows one rank sends to one peer* (rows x hidden x 2):
 the sender and the receiver of a pair both know that number, so they take the same
-decision without talking. Tables come from ``tools/tune_gate.py`` (JSON, loaded from
+decision without talking. Tables come from ``python -m moe_flashcomm.tune_gate`` (JSON, loaded from
 ``$MOE_FLASHCOMM_GATE_FILE``), else the measured defaults below.
 
 ``moe_flashcomm.all_reduce`` has its own table, ``all_reduce`` (a JSON file's
@@ -29,16 +29,12 @@ from .topology import PATHS
 
 NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on that path
 
-# Measured defaults (2x H200, NCCL 2.28.9; docs/benchmarks.md, "## All-to-all"):
-# `tools/tune_gate.py --from-bench docs/bench_all2all*.json --python`; host and network from
-# the 2026-11-23 run (docs/bench_all2all.json), refitted with STEP_SLACK so that hidden 7168's
-# 64M step (31.99 MiB per peer) counts with hidden 4096's 32 MiB, and (2026-11-30) with
-# MIN_NCCL_MS: host int2 no longer quantizes 8 MiB per peer, network int8 no longer 0.5-1 MiB
-# (GPU time 4.2x and 1.5x faster there, back-to-back calls 0.85x and 0.6-0.9x). Paths absent here
-# ("cpu") are never gated: on CPU the library is for development and CI, not speed.
+# Measured defaults, fitted by fit_thresholds from the 2x H200 sweeps behind
+# docs/benchmarks.md (`python -m moe_flashcomm.tune_gate --from-bench docs/data/bench_all2all*.json
+# --python`). Paths absent here ("cpu") are never gated: on CPU the library is for development
+# and CI, not speed.
 DEFAULT_THRESHOLDS: dict = {
-    # NVLink: the peer-to-peer transport (comm/p2p.py), 2x H200, 2026-11-30
-    # (docs/bench_all2all_nvlink.json): quantized from 128 MiB per peer
+    # NVLink: the peer-to-peer transport (comm/p2p.py) pays from 128 MiB per peer
     "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134083510, "int4": 134083510,
                "int6": 134213632, "int8": 134213632},
     "host": {"fp8": 33546240, "int2": 33546240, "int3": 33546240, "int4": 33546240,
@@ -48,8 +44,8 @@ DEFAULT_THRESHOLDS: dict = {
 }
 
 # All-reduce defaults (bf16 bytes of the whole tensor), fitted by tools/bench_allreduce.py on
-# 2x H200, 2026-11-23 (docs/benchmarks.md): quantizing pays from 16 MiB over host memory,
-# 4 MiB over the network, and on NVLink only at 1 GiB (int8 never: NCCL stays).
+# 2x H200 (docs/benchmarks.md): quantizing pays from 16 MiB over host memory, 4 MiB over the
+# network, and on NVLink only at 1 GiB (int8 never: NCCL stays).
 DEFAULT_ALL_REDUCE_THRESHOLDS: dict = {
     "nvlink": {"int2": 1 << 30, "int4": 1 << 30, "fp8": 1 << 30, "*": 1 << 62},
     "host": {"*": 16 << 20},
@@ -66,7 +62,7 @@ def codec_key(cfg: CodecConfig) -> str:
 # The schema of a table ``{path: {codec key: bytes}}`` and of a gate file.
 CODEC_KEYS = tuple(f"int{b}" for b in range(2, 9)) + ("fp8", "*")  # "*": the path's fallback
 TABLES = ("thresholds", "all_reduce")
-FILE_INFO = ("units", "device", "date", "source")  # what tools/tune_gate.py notes beside them
+FILE_INFO = ("units", "device", "date", "source")  # what the tuner notes beside them
 
 
 def _check_table(given: Any, name: str, source: str) -> dict:
@@ -132,7 +128,7 @@ class SizeGate:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SizeGate":
-        """Read a JSON file written by tools/tune_gate.py: ``{"thresholds": {...}, ...}``,
+        """Read a JSON file written by ``python -m moe_flashcomm.tune_gate``: ``{"thresholds": {...}, ...}``,
         with an optional ``"all_reduce"`` table (tools/bench_allreduce.py --gate-out)."""
         try:
             with open(path) as f:
@@ -201,10 +197,10 @@ PASSTHROUGH = CodecConfig(bits="bf16")
 STEP_SLACK = 1e-3  # sizes this close count as one measured size step
 
 
-# A quantized call costs the host 0.1-0.45 ms (tools/profile_host.py on the H200 hosts;
-# more over NCCL than over the peer-to-peer transport). Where NCCL's bf16 call takes less,
-# back-to-back calls with no GPU work between them are bound by that host time and lose
-# (docs/benchmarks.md, "Small and mid-size messages"), however much GPU time they save.
+# A quantized call over NCCL costs the host a few hundred microseconds (encodes, decodes and
+# the collective). Where NCCL's bf16 call takes less, back-to-back calls with no GPU work
+# between them are bound by that host time and lose however much GPU time they save
+# (docs/benchmarks.md, "Small messages").
 MIN_NCCL_MS = 0.45
 
 

@@ -1,62 +1,14 @@
 """Two-level hierarchical all-to-all: an intra-node stage, then an inter-node stage.
 
-A group of W = N nodes x L ranks per node; group rank g = (node n, local rank l) with
-g = n * L + l (group ranks are node-major: nodes hold consecutive global ranks). A row from
-source s = (n, l) to destination d = (n', l') goes
-
-    s --stage 1 (intra-node group of node n)--> i = (n, l') --stage 2 (inter-node group of
-    local rank l')--> d
-
-so every rank sends L - 1 intra-node messages and N - 1 inter-node messages instead of the
-flat algorithm's L - 1 and (N - 1) * L: fewer, larger messages over the network.
-
-Quantize once: the source encodes each row with the wire of its (source, destination) pair
-(the same wire, size gate included, as the flat algorithm: ``Route.wire``), the
-intermediate rank ``i`` forwards the bytes untouched, the destination decodes. So results
-are bit-identical to ``algorithm="flat"`` with the same codecs, and per-link precision
-composes: a row that stays on its node travels (once) in the intra-node codec, a row that
-leaves it travels both hops in the inter-node codec.
-
-Data path of one call (one rank; x [T, H]):
-  1. encode: x's rows, in destination order, to one flat uint8 buffer (per-pair wires, as
-     the flat algorithm's one-chunk pack: one encode call per run of equal wires);
-  2. one gather (``index_select`` over byte units): destination blocks from order (n', l')
-     to order (l', n') = per intra-node peer;
-  3. stage 1: ``all_to_all_single`` of bytes in the intra-node group;
-  4. one gather: blocks from order (source l, destination node n') to (n', l);
-  5. stage 2: ``all_to_all_single`` of bytes in the inter-node group (asynchronous);
-  6. decode: the received bytes are in source order, as in the flat algorithm.
-The gather permutations are computed on the host from split sizes (cached per split
-sizes, the index tensor kept on the device); a gather is one ``index_select`` kernel.
-
-Split sizes at the intermediate hop. The rank i = (n, l') forwards the rows of every pair
-((n, l), (n', l')); the sources know their counts, i does not. With explicit split sizes
-each call therefore starts with ONE small collective: an int64 ``all_to_all_single`` in
-the intra-node group, N ints per peer (source (n, l) tells (n, l') how many rows it sends
-to each (n', l')). It is skipped when it can be derived: without split sizes (even
-splits: every pair has T / W rows) and when L == 1. The destination's and source's own
-splits are local, as in the flat algorithm.
-
-Process groups. Each stage runs on its own process group (an intra-node group per node,
-an inter-node group per local rank), created once per process and cached by global ranks.
-``dist.new_group`` is collective over EVERY process of the job (all must call it, members
-or not, in the same order), so:
-  * a ``group`` of every process (the default group, or an expert-parallel group spanning
-    the job) creates its stage groups lazily, in ``hierarchical_groups(group, topology)``
-    at its first hierarchical all_to_all: every process makes that call, in the same order
-    relative to its other process-group creations, as it must for any collective;
-  * a smaller ``group`` cannot create groups lazily (the other processes are not in the
-    call); every process calls ``create_stage_groups(list of all such groups' global ranks,
-    topology)`` once, beforehand, as DeepSpeed creates its expert-parallel groups. Without
-    that, its stages run "masked" on ``group`` itself: an all_to_all_single with zero
-    splits for ranks outside the stage (correct, but torch's NCCL all_to_all_single posts
-    zero-byte send/recv to them with NCCL >= 2.14, so the message saving is not assured).
-(``new_group(use_local_synchronization=True)`` would avoid the job-wide call, but it names
-groups from each process's count of groups so far, which differs between ranks that hold
-different groups: their creations never meet and hang.) A stage that is the whole group
-runs on ``group``; a stage of one rank is skipped, so 2 nodes x 1 GPU creates no group.
-
-No chunked pipelining here: ``chunks`` applies to the flat algorithm only.
+A row from source (node n, local rank l) to destination (n', l') travels to the intermediate
+rank (n, l') inside the node, then to (n', l') across nodes: every rank sends L - 1 intra-node
+and N - 1 inter-node messages instead of (N - 1) L across nodes. The source encodes once with
+its pair's wire (as the flat algorithm does), the intermediate forwards bytes untouched, the
+destination decodes: results are bit-identical to ``algorithm="flat"``. With split sizes each
+call starts with one small count exchange inside the node. Each stage runs on its own process
+group, made by every process of the job together (``create_stage_groups``). The data path,
+split sizes at the intermediate hop and the process-group rules are described in
+docs/design.md, "Hierarchical all-to-all".
 """
 from __future__ import annotations
 
@@ -82,12 +34,11 @@ MIB = 1 << 20
 class LinkModel:
     """Alpha-beta costs per rank. Seconds, and bytes per second one rank moves.
 
-    intra/inter_beta: NCCL bf16 ``all_to_all_single`` of 256 MiB per rank on 2 GPUs
-    (DESIGN.md: NVLink 0.54 ms, network = socket over loopback 61 ms); each rank sends
-    128 MiB to its peer, so beta = 128 MiB / time. The alphas (per message) are
-    assumptions, not measurements. mem_beta: device copy (4.2 TB/s, DESIGN.md); a gather
-    reads and writes its bytes. codec_beta: bf16 bytes per second through one encode or
-    decode (DESIGN.md's first naive 4-bit encode: 256 MiB in 0.17 ms).
+    intra/inter_beta: NCCL bf16 ``all_to_all_single`` of 256 MiB per rank on 2 H200s (NVLink
+    0.54 ms; the network emulation, sockets over loopback, 61 ms): each rank sends 128 MiB
+    to its peer, so beta = 128 MiB / time. The alphas (per message) are assumptions.
+    mem_beta: the H200's device copy; a gather reads and writes its bytes. codec_beta: bf16
+    bytes per second through one encode or decode (a plain 4-bit encode's speed).
     """
 
     intra_alpha: float = 10e-6

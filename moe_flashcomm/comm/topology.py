@@ -65,7 +65,7 @@ class Topology:
 
 def intra_node_path(device_type: str) -> str:
     """The path between two ranks of one node: ``cpu`` for gloo on CPU tensors, else what
-    NCCL will use as set by its environment (DESIGN.md's link emulation table)."""
+    NCCL will use as set by its environment (docs/design.md, "Link emulation")."""
     if device_type != "cuda":
         return "cpu"
     if env.nccl_flag("NCCL_P2P_DISABLE"):
