@@ -308,29 +308,29 @@ def _total_over_ranks(v: int) -> int:
     return int(t.item())
 
 
+class Stack(nn.Module):
+    """MoE layers applied in turn with residuals; returns (x, the summed auxiliary loss)."""
+
+    def __init__(self, blocks) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        aux = 0.0
+        for b in self.blocks:
+            y, l_aux, _ = b(x)
+            x, aux = x + y, aux + l_aux
+        return x, aux
+
+
 # ---- checks (each runs in every rank of a spawned group) ----------------------------------------------
 def check_passthrough_and_disable(tag: str) -> None:
     """Several MOELayers (k = 1, 2, 3; drop_tokens on and off) in one model: bf16
     passthrough is identical to stock, forward and backward; disable restores stock exactly;
     per-layer rules give each layer its own codecs; the log names them."""
     ep = dist.get_world_size()
-    stack = nn.ModuleList([make_moe(2 * ep, ep, 1, True, seed=1),
-                           make_moe(2 * ep, ep, 2, False, seed=2),
-                           make_moe(2 * ep, ep, 3, True, seed=3)])
-
-    class Stack(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = stack
-
-        def forward(self, x):
-            aux = 0.0
-            for b in self.blocks:
-                y, l_aux, _ = b(x)
-                x, aux = x + y, aux + l_aux
-            return x, aux
-
-    model = Stack()
+    model = Stack([make_moe(2 * ep, ep, 1, True, seed=1), make_moe(2 * ep, ep, 2, False, seed=2),
+                   make_moe(2 * ep, ep, 3, True, seed=3)])
     x = tokens((4, 8, H), seed=dist.get_rank())
     ref, noise = stock_runs(model, x)
     layers = mf.enable_deepspeed(model, PASS)

@@ -200,26 +200,13 @@ def _deepspeed_fp32(rank, world):
     """An fp32 model of DeepSpeed MoE layers (k = 1 and 2, drop_tokens on and off): every
     codec "native" gives outputs, gradients and a few SGD steps' losses bit-identical to
     stock DeepSpeed; "bf16" does not (it rounds the fp32 tokens)."""
-    import torch.nn as nn
 
-    from tests.test_deepspeed import H, init_deepspeed, make_moe, run, stock_runs, tokens
+    from tests.test_deepspeed import H, Stack, init_deepspeed, make_moe, run, stock_runs, tokens
     init_deepspeed()
     native = {k: "native" for k in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
 
-    class Stack(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([make_moe(2 * world, world, 1, True, dtype=torch.float32, seed=1),
-                                         make_moe(2 * world, world, 2, False, dtype=torch.float32, seed=2)])
-
-        def forward(self, x):
-            aux = 0.0
-            for b in self.blocks:
-                y, l_aux, _ = b(x)
-                x, aux = x + y, aux + l_aux
-            return x, aux
-
-    model = Stack()
+    model = Stack([make_moe(2 * world, world, 1, True, dtype=torch.float32, seed=1),
+                   make_moe(2 * world, world, 2, False, dtype=torch.float32, seed=2)])
     x = tokens((4, 8, H), seed=rank, dtype=torch.float32)
     ref, _ = stock_runs(model, x)
 

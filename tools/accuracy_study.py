@@ -13,7 +13,6 @@ recipes/finetune_moe.py; the config's own "moe_flashcomm" section is replaced in
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from .. import kernels as K
-from ..kernels import DEC_ARGS, ENC_ARGS, KERNELS, csrc_dir, kernel_source  # noqa: F401
+from ..kernels import DEC_ARGS, ENC_ARGS, KERNELS
 from . import reference
 from .config import CodecConfig
 from .format import ALIGN, RecordLayout, record_layout

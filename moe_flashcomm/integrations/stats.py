@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..comm.exchange import RAW, row_bytes
 
