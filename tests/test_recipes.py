@@ -47,7 +47,7 @@ def test_bad_moe_flashcomm_field_fails_fast(script, tmp_path):
     cfg["moe_flashcomm"]["dispatch"] = {"bits": 9}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     out = fails_fast(script, "--deepspeed_config", "ds.json", cwd=tmp_path)
-    assert "moe_flashcomm.dispatch: CodecConfig.bits must be an int 2..8, 'fp8' or 'bf16', got 9" in out
+    assert "moe_flashcomm.dispatch: CodecConfig.bits must be an int 2..8, 'fp8', 'bf16' or 'native', got 9" in out
 
 
 def test_malformed_config_and_bad_arguments_fail_fast(tmp_path):
