@@ -87,9 +87,12 @@ template <> struct Val<__nv_bfloat16> {
   static __device__ __forceinline__ void put(__nv_bfloat16* p, float v) {
     *reinterpret_cast<u16*>(p) = v != v ? kNaN : __bfloat16_as_ushort(__float2bfloat16_rn(v));
   }
-  static __device__ __forceinline__ u32 pair(float a, float b) {
+  static __device__ __forceinline__ u32 pair_raw(float a, float b) {  // NaN bits as converted
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return canon_pair(*reinterpret_cast<const u32*>(&h), a, b, kNaN);
+    return *reinterpret_cast<const u32*>(&h);
+  }
+  static __device__ __forceinline__ u32 pair(float a, float b) {
+    return canon_pair(pair_raw(a, b), a, b, kNaN);
   }
   static __device__ __forceinline__ void put8(__nv_bfloat16* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
@@ -118,9 +121,12 @@ template <> struct Val<__half> {
   static __device__ __forceinline__ void put(__half* p, float v) {
     *reinterpret_cast<u16*>(p) = v != v ? kNaN : __half_as_ushort(__float2half_rn(v));
   }
-  static __device__ __forceinline__ u32 pair(float a, float b) {
+  static __device__ __forceinline__ u32 pair_raw(float a, float b) {  // NaN bits as converted
     const __half2 h = __floats2half2_rn(a, b);
-    return canon_pair(*reinterpret_cast<const u32*>(&h), a, b, kNaN);
+    return *reinterpret_cast<const u32*>(&h);
+  }
+  static __device__ __forceinline__ u32 pair(float a, float b) {
+    return canon_pair(pair_raw(a, b), a, b, kNaN);
   }
   static __device__ __forceinline__ void put8(__half* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));

@@ -83,11 +83,17 @@ struct Staging {
   static __device__ __forceinline__ int slot(int s) { return s ^ ((s >> 3) & 7); }
 };
 
+// V values -> V*size/4 words. A value decodes to NaN only when its group's scale or minimum
+// is not finite (a group that held NaN or Inf travels with NaN metadata; finite ones give
+// finite values or saturate): only such chunks pay the per-value canonical-NaN test.
 template <typename Out, int V>
-__device__ __forceinline__ void pack_out(const float* o, u32* w) {  // V values -> V*size/4 words
+__device__ __forceinline__ void pack_out(const float* o, u32* w, bool finite_group) {
   if constexpr (sizeof(Out) == 4) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(Val<float>::canon(o[k]));
+    for (int k = 0; k < V; ++k) w[k] = __float_as_uint(finite_group ? o[k] : Val<float>::canon(o[k]));
+  } else if (finite_group) {
+#pragma unroll
+    for (int k = 0; k < V; k += 2) w[k / 2] = Val<Out>::pair_raw(o[k], o[k + 1]);
   } else {
 #pragma unroll
     for (int k = 0; k < V; k += 2) w[k / 2] = Val<Out>::pair(o[k], o[k + 1]);
@@ -129,7 +135,7 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
     if (a.dense) {  // warp-uniform
       const int lane = threadIdx.x & 31;
       u32 w[V * sizeof(Out) / 4];
-      pack_out<Out, V>(o, w);
+      pack_out<Out, V>(o, w, finite(scf) && finite(mnf));
       __syncwarp();  // the previous round's reads are done
 #pragma unroll
       for (int k = 0; k < S::kPieces; ++k)
