@@ -24,7 +24,6 @@ into the peers' memory (``comm/p2p.py``) for calls whose sizes every rank knows.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -65,10 +64,6 @@ class Route:
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
     p2p: Optional[p2p.PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
     streams: Optional["SideStreams"] = field(default=None, compare=False, hash=False, repr=False)
-
-    def without_p2p(self) -> "Route":
-        """This route with NCCL carrying every pair (its own plan cache)."""
-        return dataclasses.replace(self, p2p=None, plans={})
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
@@ -247,7 +242,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
-        if need * route.world <= p2p.max_bytes():
+        if need * route.world <= route.p2p.max_bytes:
             return Plan(False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     unit = dtype.itemsize

@@ -35,9 +35,6 @@ COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 # flag words of the peers (MAX_PEERS), then this rank's barrier counter
 FLAG_BYTES = 8 * (MAX_PEERS + 1)
 
-enabled = env.p2p_enabled
-max_bytes = env.p2p_max_bytes  # most device memory one rank's receive buffer may take
-copy_engine_bytes = env.p2p_copy_bytes  # records per peer from which the copy engine moves them
 
 
 def _runtime():
@@ -56,7 +53,9 @@ class PeerBuffers:
     def __init__(self, group, rank: int, world: int, device: torch.device) -> None:
         self.group, self.rank, self.world, self.device = group, rank, world, device
         self.cap = 0
-        self.copy_bytes = copy_engine_bytes()  # records per peer the copy engine moves
+        # read once per communicator (every rank's are checked equal when it is made)
+        self.max_bytes = env.p2p_max_bytes()  # most device memory our receive buffer may take
+        self.copy_bytes = env.p2p_copy_bytes()  # records per peer the copy engine moves
         self.generation = 0
         self.stream: Optional[int] = None  # the stream of the last call
         self.data_ptrs: list[int] = []
@@ -122,7 +121,7 @@ class PeerBuffers:
                                "call once before capturing it")
         # double to grow rarely, within the memory limit; the plan checked nbytes against it
         cap = max(-(-nbytes // ALIGN) * ALIGN,
-                  min(2 * self.cap, max_bytes() // self.world // ALIGN * ALIGN))
+                  min(2 * self.cap, self.max_bytes // self.world // ALIGN * ALIGN))
         torch.cuda.synchronize(self.device)  # our writes into the old buffers are done
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
         # still reads or writes the old buffers when they go
