@@ -1,6 +1,8 @@
 // Decode kernels: records [T, record_bytes] -> tokens [T, H] (fp32/bf16/fp16).
 // Bit-identical to moe_flashcomm/codec/reference.py (decode); see codec_common.cuh for the
 // work split. One launch covers T * padded_hidden / (V * U) threads.
+#ifndef MFC_CODEC_DECODE_CU  // included by allreduce.cu and p2p.cu too
+#define MFC_CODEC_DECODE_CU
 #include "codec_common.cuh"
 
 // (V, U) shapes instantiated for CI; keep in sync with DECODE_SHAPES in codec/cuda.py.
@@ -173,8 +175,8 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
 // Integer widths: out = minimum + code * scale, spikes restored. A thread decodes U chunks of
 // V values, kBlock items apart, all record loads issued first.
 template <typename Out, int BITS, bool SPIKES, int V, int U>
-__global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                     const DecArgs a) {
+__device__ __forceinline__ void decode_int_items(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                 const DecArgs& a) {
   typedef Staging<Out, V> S;
   __shared__ uint4 stage[S::kOn ? kBlock * S::kPieces : 1];
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
@@ -195,10 +197,16 @@ __global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec,
   }
 }
 
+template <typename Out, int BITS, bool SPIKES, int V, int U>
+__global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                     const DecArgs a) {
+  decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, a);
+}
+
 // fp8: out = e4m3(code) * scale.
 template <typename Out, int V, int U>
-__global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                     const DecArgs a) {
+__device__ __forceinline__ void decode_fp8_items(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                 const DecArgs& a) {
   typedef typename Val<Out>::W W;
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   u32 w[U][V / 4];
@@ -227,6 +235,12 @@ __global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec,
   }
 }
 
+template <typename Out, int V, int U>
+__global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                     const DecArgs a) {
+  decode_fp8_items<Out, V, U>(rec, y, a);
+}
+
 }  // namespace mfc
 
 #ifdef MFC_INSTANTIATE_ALL
@@ -243,3 +257,4 @@ namespace mfc {
 extern const void* const all_decode_kernels[] = {MFC_DEC_SHAPES};
 }  // namespace mfc
 #endif
+#endif  // MFC_CODEC_DECODE_CU

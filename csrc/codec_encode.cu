@@ -1,6 +1,8 @@
 // Encode kernels: tokens [T, H] (fp32/bf16/fp16) -> records [T, record_bytes].
 // Bit-identical to moe_flashcomm/codec/reference.py (encode); see codec_common.cuh for the
 // work split. One launch covers T * padded_hidden / (V * U) threads.
+#ifndef MFC_CODEC_ENCODE_CU  // included by allreduce.cu and p2p.cu too
+#define MFC_CODEC_ENCODE_CU
 #include "codec_common.cuh"
 
 // (V, U) shapes instantiated for CI; keep in sync with ENCODE_SHAPES in codec/cuda.py.
@@ -732,8 +734,8 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
 // the general copy (DG = 0) cost ~40 instructions per chunk on the common path
 // (docs/kernel-notes.md, "v6: dense rows").
 template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
-__global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
-                                                     const EncArgs a) {
+__device__ __forceinline__ void encode_int_items(const In* __restrict__ x, u8* __restrict__ rec,
+                                                 const EncArgs& a) {
   static_assert(DG == 0 || DG == 128, "DG: 0 or 128");
 #ifdef MFC_NO_DENSE  // A/B: the dense-row copy compiled as the general one
   constexpr int D = 0;
@@ -749,6 +751,12 @@ __global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u
     if ((item & ~31u) >= a.total) return;  // warp-uniform: the shuffles need every lane
     encode_chunk<In, BITS, SPIKES, SR, V, D>(w[u], item, rec, a);
   }
+}
+
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
+__global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
+                                                     const EncArgs a) {
+  encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, a);
 }
 
 // fp8 e4m3: scale = round_up(amax / 448), code = e4m3(clamp(x / scale, +-448)).
@@ -795,8 +803,8 @@ __device__ __forceinline__ void encode_fp8_chunk(const u32* w, u32 item, u8* __r
 }
 
 template <typename In, int V, int U>
-__global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
-                                                     const EncArgs a) {
+__device__ __forceinline__ void encode_fp8_items(const In* __restrict__ x, u8* __restrict__ rec,
+                                                 const EncArgs& a) {
   const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
   load_items<In, V, U, false>(x, item0, a, w);
@@ -806,6 +814,12 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u
     if ((item & ~31u) >= a.total) return;
     encode_fp8_chunk<In, V>(w[u], item, rec, a);
   }
+}
+
+template <typename In, int V, int U>
+__global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
+                                                     const EncArgs a) {
+  encode_fp8_items<In, V, U>(x, rec, a);
 }
 
 }  // namespace mfc
@@ -829,3 +843,4 @@ namespace mfc {
 extern const void* const all_encode_kernels[] = {MFC_ENC_SHAPES};
 }  // namespace mfc
 #endif
+#endif  // MFC_CODEC_ENCODE_CU

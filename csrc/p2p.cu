@@ -1,31 +1,49 @@
 // Signalling of the peer-to-peer transport inside one node (moe_flashcomm/comm/p2p.py).
 //
-// Every rank owns a flag word per sender (u64 [world]) in device memory that its peers map
-// through CUDA IPC, and a call counter of its own in the same allocation. Each barrier
-// takes the next number e = counter + 1, publishes it into flag[rank] of every peer
-// (release, system scope), waits until every peer has published e into its own flags
-// (acquire), and stores e back into the counter. The number lives on the device, so a
-// captured CUDA graph replays correctly: no host state reaches the kernel.
-// A call of the all-to-all runs two barriers: before its stores into the peers' buffers
-// (every peer has decoded the previous call out of the receive buffer) and after them
-// (every peer's records for us have landed).
-// A peer that never arrives (a rank died, or ranks called different collectives) ends the
-// wait after timeout_ns with a message and a trap, so the job fails instead of hanging.
+// Every rank owns, in device memory its peers map through CUDA IPC, per peer p:
+//   landed[p]  the last call whose records from p have landed in our buffer (p writes it);
+//   freed[p]   the last call for which p has decoded our records out of its buffer (p writes it);
+// and, for itself only, the call counter and one block-completion count per launch kind and
+// peer. Call e = counter + 1 of every rank:
+//   * before writing into peer p's buffer, wait until freed[p] >= e - 1;
+//   * after our records for p have landed there, publish landed_p[rank] = e (release, system);
+//   * before decoding p's records, wait until landed[p] >= e (acquire, system);
+//   * after decoding them, publish freed_p[rank] = e; the call's last launch stores counter = e.
+// The call number lives on the device, so a captured CUDA graph replays correctly: no host
+// state reaches the kernels. The common call is two launches per peer: p2p_encode_* waits
+// and publishes around the codec's encode (its extra blocks copy the rows a rank keeps),
+// p2p_decode_* around the decode. Calls with raw or copy-engine pairs use p2p_sync between
+// their copies instead. A wait that lasts timeout_ns ends with a message and a trap (a rank
+// died or the ranks called different collectives) instead of a hang.
 #ifndef __CUDACC_RTC__
 #include <cstdio>  // printf (NVRTC has it built in)
 #endif
+#ifdef MFC_INSTANTIATE_ALL  // the codec files' own instantiations are not needed here
+#define MFC_P2P_INSTANTIATE_ALL
+#undef MFC_INSTANTIATE_ALL
+#endif
+#include "codec_encode.cu"
+#include "codec_decode.cu"
 
 namespace mfc {
 
-typedef unsigned long long u64;
 constexpr int kMaxPeers = 16;
+// Word offsets in a rank's flag allocation.
+constexpr int kLanded = 0, kFreed = kMaxPeers, kCounter = 2 * kMaxPeers,
+              kEncDone = 2 * kMaxPeers + 1, kDecDone = 3 * kMaxPeers + 1;
 
 struct P2PArgs {
   u64 peer_flags[kMaxPeers];  // device address (in this process) of each rank's flag words
-  u64 counter;                // device address of this rank's barrier counter
   u64 timeout_ns;
+  u64 copy_n16;               // 16-byte words the extra blocks copy (the rows a rank keeps)
   int rank, world;
+  int peer;                   // p2p_encode / p2p_decode: the pair's peer
+  int mode;                   // p2p_sync: what to do (kWait* / kPublish* / kAdvance bits)
+  int work_blocks;            // p2p_encode: blocks that encode; the rest copy
+  int advance;                // the call's last launch: store counter = e at its end
 };
+
+constexpr int kWaitFreed = 1, kPublishLanded = 2, kWaitLanded = 4, kPublishFreed = 8;
 
 __device__ __forceinline__ u64 globaltimer() {
   u64 t;
@@ -33,40 +51,156 @@ __device__ __forceinline__ u64 globaltimer() {
   return t;
 }
 
-// Block 0: the barrier, one thread per peer. Blocks 1 and up (when the launch has them) copy
-// n16 16-byte words from src to dst meanwhile: the rows a rank keeps, which cost no launch of
-// their own this way and overlap the wait for the peers.
-__global__ void p2p_barrier(const P2PArgs a, const uint4* __restrict__ src, uint4* __restrict__ dst,
-                            u64 n16) {
+__device__ __forceinline__ u64* flags_of(const P2PArgs& a, int r) {
+  return reinterpret_cast<u64*>(a.peer_flags[r]);
+}
+
+// This call's number: the counter is advanced only by the call's last launch, after every
+// launch of the call has read it.
+__device__ __forceinline__ u64 call_number(const P2PArgs& a) {
+  return *reinterpret_cast<volatile const u64*>(flags_of(a, a.rank) + kCounter) + 1;
+}
+
+__device__ __forceinline__ void wait_at_least(const u64* word, u64 want, const P2PArgs& a, int peer,
+                                              const char* what) {
+  const u64 start = globaltimer();
+  u64 seen;
+  do {
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(seen) : "l"(word) : "memory");
+    if (seen >= want) return;
+    if (globaltimer() - start > a.timeout_ns) {
+      printf("moe_flashcomm peer-to-peer: rank %d waited %llu s for rank %d (%s) at call %llu "
+             "(it saw %llu): a rank died or the ranks called different collectives\n",
+             a.rank, a.timeout_ns / 1000000000ull, peer, what, want, seen);
+      __trap();
+    }
+  } while (true);
+}
+
+__device__ __forceinline__ void publish(u64* word, u64 value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(word), "l"(value) : "memory");
+}
+
+// Every block ends here: the last one to finish publishes ``value`` into ``word`` (this
+// launch's stores are then visible to the peer) and, for the call's last launch, advances the
+// counter. ``done`` counts finished blocks and is reset for the next launch of its kind.
+__device__ __forceinline__ void finish(const P2PArgs& a, u64* done, u64* word, u64 value) {
+  __threadfence_system();  // every thread's stores before the block counts as done
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(done), 1u);
+    if (prev == gridDim.x - 1) {
+      *reinterpret_cast<unsigned*>(done) = 0;
+      __threadfence_system();
+      if (word != nullptr) publish(word, value);
+      if (a.advance) flags_of(a, a.rank)[kCounter] = value;
+    }
+  }
+}
+
+__device__ __forceinline__ void copy_words(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n16,
+                                           u32 block, u32 blocks) {
+  const u64 stride = (u64)blocks * blockDim.x;
+  for (u64 i = (u64)block * blockDim.x + threadIdx.x; i < n16; i += stride) dst[i] = src[i];
+}
+
+// The peer may take new records once it has decoded our previous call's.
+__device__ __forceinline__ void wait_freed(const P2PArgs& a, u64 e) {
+  if (threadIdx.x == 0) wait_at_least(flags_of(a, a.rank) + kFreed + a.peer, e - 1, a, a.peer, "free");
+  __syncthreads();
+}
+
+__device__ __forceinline__ void wait_landed(const P2PArgs& a, u64 e) {
+  if (threadIdx.x == 0) wait_at_least(flags_of(a, a.rank) + kLanded + a.peer, e, a, a.peer, "landed");
+  __syncthreads();
+}
+
+// Encode into peer a.peer's buffer (rec: our region there); blocks past work_blocks copy the
+// rows this rank keeps (src -> dst) meanwhile.
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
+__global__ void __launch_bounds__(kBlock) p2p_encode_int(const In* __restrict__ x, u8* __restrict__ rec,
+                                                         const EncArgs e, const P2PArgs a,
+                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
+  const u64 call = call_number(a);
+  if ((int)blockIdx.x >= a.work_blocks) {
+    copy_words(src, dst, a.copy_n16, blockIdx.x - a.work_blocks, gridDim.x - a.work_blocks);
+  } else {
+    wait_freed(a, call);
+    encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, e);
+  }
+  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call);
+}
+
+template <typename In, int V, int U>
+__global__ void __launch_bounds__(kBlock) p2p_encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
+                                                         const EncArgs e, const P2PArgs a,
+                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
+  const u64 call = call_number(a);
+  if ((int)blockIdx.x >= a.work_blocks) {
+    copy_words(src, dst, a.copy_n16, blockIdx.x - a.work_blocks, gridDim.x - a.work_blocks);
+  } else {
+    wait_freed(a, call);
+    encode_fp8_items<In, V, U>(x, rec, e);
+  }
+  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call);
+}
+
+// Decode peer a.peer's records out of our buffer once they have landed, then tell the peer.
+template <typename Out, int BITS, bool SPIKES, int V, int U>
+__global__ void __launch_bounds__(kBlock) p2p_decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                         const DecArgs d, const P2PArgs a) {
+  const u64 call = call_number(a);
+  wait_landed(a, call);
+  decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, d);
+  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+}
+
+template <typename Out, int V, int U>
+__global__ void __launch_bounds__(kBlock) p2p_decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                         const DecArgs d, const P2PArgs a) {
+  const u64 call = call_number(a);
+  wait_landed(a, call);
+  decode_fp8_items<Out, V, U>(rec, y, d);
+  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+}
+
+// For calls with raw or copy-engine pairs: block 0 waits for / publishes to every peer as
+// a.mode says (one thread per peer); blocks 1 and up copy copy_n16 words meanwhile. With
+// a.advance the counter moves on at the end (the call's last step).
+__global__ void p2p_sync(const P2PArgs a, const uint4* __restrict__ src, uint4* __restrict__ dst) {
   if (blockIdx.x > 0) {
-    const u64 stride = (u64)(gridDim.x - 1) * blockDim.x;
-    for (u64 i = (u64)(blockIdx.x - 1) * blockDim.x + threadIdx.x; i < n16; i += stride) dst[i] = src[i];
+    copy_words(src, dst, a.copy_n16, blockIdx.x - 1, gridDim.x - 1);
     return;
   }
-  u64* counter = reinterpret_cast<u64*>(a.counter);
-  const u64 epoch = *counter + 1;
-  __syncthreads();  // every thread has read the counter before it moves on
+  const u64 call = call_number(a);
+  __syncthreads();  // every thread has read the counter before it can move
   const int p = threadIdx.x;
   if (p < a.world && p != a.rank) {
-    u64* theirs = reinterpret_cast<u64*>(a.peer_flags[p]) + a.rank;
-    const u64* mine = reinterpret_cast<const u64*>(a.peer_flags[a.rank]) + p;
-    __threadfence_system();  // this rank's writes into peer p's buffer before the flag
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(theirs), "l"(epoch) : "memory");
-    const u64 start = globaltimer();
-    u64 seen;
-    do {
-      asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(seen) : "l"(mine) : "memory");
-      if (seen >= epoch) break;
-      if (globaltimer() - start > a.timeout_ns) {
-        printf("moe_flashcomm peer-to-peer: rank %d waited %llu s for rank %d at barrier %llu "
-               "(it saw %llu): a rank died or the ranks called different collectives\n",
-               a.rank, a.timeout_ns / 1000000000ull, p, epoch, seen);
-        __trap();
-      }
-    } while (true);
-    __threadfence_system();
+    u64* mine = flags_of(a, a.rank);
+    u64* theirs = flags_of(a, p);
+    if (a.mode & kWaitFreed) wait_at_least(mine + kFreed + p, call - 1, a, p, "free");
+    __threadfence_system();  // this rank's earlier writes into p's buffer before the flags
+    if (a.mode & kPublishLanded) publish(theirs + kLanded + a.rank, call);
+    if (a.mode & kWaitLanded) wait_at_least(mine + kLanded + p, call, a, p, "landed");
+    if (a.mode & kPublishFreed) publish(theirs + kFreed + a.rank, call);
   }
-  if (threadIdx.x == 0) *counter = epoch;
+  __syncthreads();
+  if (threadIdx.x == 0 && a.advance) flags_of(a, a.rank)[kCounter] = call;
 }
 
 }  // namespace mfc
+
+#ifdef MFC_P2P_INSTANTIATE_ALL
+// CI (tools/check_csrc.sh): the wrappers of the default shapes for 16-bit tokens (the codec
+// bodies themselves are compiled in every variant by the codec files).
+namespace mfc {
+#define MFC_P2P_INT(T, B) \
+  (const void*)&p2p_encode_int<T, B, true, false, 32, 1, 128>, (const void*)&p2p_encode_int<T, B, true, false, 32, 1, 0>, \
+  (const void*)&p2p_decode_int<T, B, true, 32, 1>
+#define MFC_P2P_TYPE(T) \
+  MFC_P2P_INT(T, 2), MFC_P2P_INT(T, 4), MFC_P2P_INT(T, 8), (const void*)&p2p_encode_fp8<T, 32, 1>, \
+  (const void*)&p2p_decode_fp8<T, 8, 2>
+extern const void* const all_p2p_kernels[] = {MFC_P2P_TYPE(__nv_bfloat16), MFC_P2P_TYPE(__half),
+                                              (const void*)&p2p_sync};
+}  // namespace mfc
+#endif

@@ -55,8 +55,14 @@ DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4
                     align=True)
 REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4)],
                        align=True)
-P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("counter", _u8), ("timeout_ns", _u8),
-                     ("rank", _i4), ("world", _i4)], align=True)
+P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("timeout_ns", _u8), ("copy_n16", _u8),
+                     ("rank", _i4), ("world", _i4), ("peer", _i4), ("mode", _i4),
+                     ("work_blocks", _i4), ("advance", _i4)], align=True)
+# csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
+# block-completion counts per launch kind and peer) and p2p_sync's modes
+P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
+P2P_FLAG_WORDS = 4 * MAX_PEERS + 1
+WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
            "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu")}
@@ -450,16 +456,23 @@ def blocks(threads: int) -> int:
 COPY_BLOCKS = 264  # most copy blocks of a barrier launch (two per multiprocessor of an H200)
 
 
-def barrier_launches(device: int, peer_flags: Sequence[int], counter: int, rank: int,
-                     world: int, timeout_ns: int, copy_bytes: int = 0) -> Launch:
-    """p2p_barrier: publish this rank's next call number into every peer's flag and wait for
-    theirs (the number itself lives in device memory at ``counter``: graph-safe). With
-    ``copy_bytes`` (a multiple of 16) the launch's other blocks copy that many bytes meanwhile
-    (pointer bases: source, destination)."""
-    flags = list(peer_flags) + [0] * (MAX_PEERS - len(peer_flags))
-    args = struct(P2P_ARGS, peer_flags=flags, counter=counter, timeout_ns=timeout_ns,
-                  rank=rank, world=world)
-    fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_barrier")
+def copy_blocks(copy_bytes: int) -> int:
+    """Extra blocks that copy ``copy_bytes`` (16-byte words, four per thread) in a launch."""
     words = copy_bytes // 16
-    copiers = min(COPY_BLOCKS, blocks(-(-words // 4))) if words else 0
-    return Launch(device, fn, 1 + copiers, (args, 0, 0, Value(words)))
+    return min(COPY_BLOCKS, blocks(-(-words // 4))) if words else 0
+
+
+def p2p_args(peer_flags: Sequence[int], rank: int, world: int, timeout_ns: int,
+             **fields) -> np.ndarray:
+    """The P2PArgs of csrc/p2p.cu's kernels for one rank of a group."""
+    flags = list(peer_flags) + [0] * (MAX_PEERS - len(peer_flags))
+    return struct(P2P_ARGS, peer_flags=flags, rank=rank, world=world, timeout_ns=timeout_ns,
+                  **fields)
+
+
+def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> Launch:
+    """p2p_sync with ``args`` (its mode, advance, copy_n16 set): block 0 waits for / publishes
+    to every peer, the other blocks copy ``copy_bytes`` meanwhile (pointer bases: source,
+    destination)."""
+    fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_sync")
+    return Launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))

@@ -132,21 +132,29 @@ def encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dty
                         lambda: _make_encode(dev, T, H, cfg, dtype, vec, shape, defines))
 
 
-def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
+def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
+                  shape: Optional[Shape] = None) -> tuple[str, list]:
+    """The encode kernel's name expression and, per launch (token range), its blocks, token
+    and record byte offsets and argument struct (one launch below 2^31 chunks)."""
     L = record_layout(H, cfg)
     V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
-    name = _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0)
-    fn = KERNELS.function(dev, "codec_encode.cu", name, defines)
-    launches = []
+    pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         # the noise counter (token * padded_hidden + position) counts tokens from the batch start
         args = K.struct(ENC_ARGS, H=H, log2L=log2L, padded=L.padded_hidden, ipt=ipt, div_mul=mul,
                         div_shift=shift, total=items, gap=_gaps(L), seed_key=0,
                         counter0=t0 * L.padded_hidden & 0xFFFFFFFF, vec=int(vec),
                         **_layout_fields(L))
-        launches.append(K.Launch(dev, fn, K.blocks(-(-items // U)),
-                                 (t0 * H * dtype.itemsize, t0 * L.record_bytes, args)))
-    return tuple(launches)
+        pieces.append((K.blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
+                       args))
+    return _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0), pieces
+
+
+def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
+    name, pieces = encode_pieces(T, H, cfg, dtype, vec, shape)
+    fn = KERNELS.function(dev, "codec_encode.cu", name, defines)
+    return tuple(K.Launch(dev, fn, blocks, (x_off, rec_off, args))
+                 for blocks, x_off, rec_off, args in pieces)
 
 
 def decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
@@ -156,18 +164,27 @@ def decode_launches(dev: int, T: int, hidden: int, cfg: CodecConfig, dtype: torc
                         lambda: _make_decode(dev, T, hidden, cfg, dtype, shape, defines))
 
 
-def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
+def decode_pieces(T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
+                  shape: Optional[Shape] = None) -> tuple[str, list]:
+    """The decode kernel's name expression and, per launch, its blocks, record and token byte
+    offsets and argument struct."""
     L = record_layout(hidden, cfg)
     V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
-    fn = KERNELS.function(dev, "codec_decode.cu", _decode_name(cfg, dtype, V, U), defines)
-    launches = []
+    pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         args = K.struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
                         total=items, vec=int(hidden % 8 == 0),
                         dense=int(L.padded_hidden == hidden), **_layout_fields(L))
-        launches.append(K.Launch(dev, fn, K.blocks(-(-items // U)),
-                                 (t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args)))
-    return tuple(launches)
+        pieces.append((K.blocks(-(-items // U)), t0 * L.record_bytes,
+                       t0 * hidden * dtype.itemsize, args))
+    return _decode_name(cfg, dtype, V, U), pieces
+
+
+def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
+    name, pieces = decode_pieces(T, hidden, cfg, dtype, shape)
+    fn = KERNELS.function(dev, "codec_decode.cu", name, defines)
+    return tuple(K.Launch(dev, fn, blocks, (rec_off, y_off, args))
+                 for blocks, rec_off, y_off, args in pieces)
 
 
 def run_encode(launches: tuple, stream: int, xp: int, rp: int, seed_key: Optional[int]) -> None:

@@ -43,7 +43,6 @@ from .plan import chunk_range, offsets
 RAW = "raw"
 Wire = Union[CodecConfig, str, None]  # None: not in the exchange (a rank's own rows)
 RAW_DTYPES = (torch.bfloat16, torch.float16)  # passthrough is exact for these ("native": all)
-OWN_SIDE_BYTES = 4 << 20  # peer-to-peer: own rows from this size are copied on a side stream
 ALGORITHMS = ("flat", "hierarchical", "auto")  # the last two: comm/hierarchical.py
 
 
@@ -349,16 +348,18 @@ class P2PCall:
     """One peer-to-peer exchange of fixed sizes with every launch prepared: a call costs the
     host an output allocation and one driver call per kernel or copy (comm/p2p.py).
 
-    Steps on the current stream: barrier (the peers are done with their receive buffers; its
-    other blocks copy the rows this rank keeps, or a side stream does for large ones), encodes
-    into the peers' buffers (the copy engine for large records), barrier (ours have landed),
-    decodes. ``steps`` holds them as calls ``step(stream, x address, output address)``."""
+    Where every pair of the call has records to encode and decode, the common case, a call is
+    one encode launch per peer (it waits until the peer is done with its buffer, publishes
+    "landed" when its records are there, and its extra blocks copy the rows this rank keeps)
+    and one decode launch per peer (it waits for "landed", publishes "freed"). Otherwise
+    (raw pairs, empty pairs, records large enough for the copy engine) three sync launches
+    frame plain copies, encodes and decodes. ``steps`` holds the launches as calls
+    ``step(stream, x address, output address)``."""
 
     def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        bufs, r = route.p2p, route.rank
-        need, sends, recvs = plan.p2p
-        bufs.reserve(need)
+        bufs = route.p2p
+        bufs.reserve(plan.p2p[0])
         self.bufs, self.generation = bufs, bufs.generation
         self.device, self.dev, self.dtype = device, device.index, dtype
         dev, copy = self.dev, kernels.copy_async
@@ -366,17 +367,55 @@ class P2PCall:
         src, dst, n = plan.own
         o_off, x_off, own = dst * row, src * row, n * row
         steps = []
-        side = join = None
-        if own >= OWN_SIDE_BYTES:  # a side stream: the copy overlaps the encodes too
-            side = route.streams.get(device, "own").cuda_stream
-            fork, join = kernels.Order(dev), kernels.Order(dev)
-            steps.append(lambda s, xp, op: (fork(side, s),
-                                            copy(dev, op + o_off, xp + x_off, own, side)))
-            own = 0
-        elif own and row % 16:  # not whole 16-byte words: the copy engine
+        if own and row % 16:  # not whole 16-byte words: the copy engine, first
             steps.append(lambda s, xp, op: copy(dev, op + o_off, xp + x_off, own, s))
             own = 0
-        ready, landed = bufs.barrier(own), bufs.barrier()
+        fused = self._fused(route, plan, hidden, dtype, o_off, x_off, own)
+        if fused is None:
+            fused = self._framed(route, plan, hidden, dtype, o_off, x_off, own)
+        self.steps = tuple(steps + fused)
+
+    @staticmethod
+    def _fused(route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
+               x_off: int, own: int) -> Optional[list]:
+        """The steps of a call whose every pair encodes and decodes records with one launch
+        each, or None. Both ends of every pair decide alike (the same sizes and wires)."""
+        bufs, r = route.p2p, route.rank
+        need, sends, recvs = plan.p2p
+        peers = [p for p in range(route.world) if p != r]
+        if [e[0] for e in sends] != peers or [e[0] for e in recvs] != peers or any(
+                e[3] == RAW or e[4] >= bufs.copy_bytes or _stochastic(e[3]) for e in sends + recvs):
+            return None
+        steps = []
+        for i, (p, first, rows, wire, nbytes) in enumerate(sends):
+            launch = bufs.encode_launch(p, rows, hidden, wire, dtype, own if i == 0 else 0)
+            if launch is None:
+                return None
+            to, off = bufs.region(p, r), first * hidden * dtype.itemsize
+            steps.append(lambda s, xp, op, launch=launch, to=to, off=off:
+                         launch(s, xp + off, to, xp + x_off, op + o_off))
+        for i, (p, first, rows, wire, nbytes) in enumerate(recvs):
+            launch = bufs.decode_launch(p, rows, hidden, wire, dtype, i == len(recvs) - 1)
+            if launch is None:
+                return None
+            frm, off = bufs.region(r, p), first * hidden * dtype.itemsize
+            steps.append(lambda s, xp, op, launch=launch, frm=frm, off=off:
+                         launch(s, frm, op + off))
+        return steps
+
+    def _framed(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
+                x_off: int, own: int) -> list:
+        """The steps of any call: sync (the peers are done with their buffers; its other
+        blocks copy the rows this rank keeps), copies and encodes into the peers' buffers,
+        sync (ours have landed there, theirs here), decodes and copies, sync (we are done)."""
+        bufs, r, dev, copy = route.p2p, route.rank, self.dev, kernels.copy_async
+        need, sends, recvs = plan.p2p
+        row = hidden * dtype.itemsize
+        device = self.device
+        steps = []
+        ready = bufs.sync(kernels.WAIT_FREED, copy_bytes=own)
+        landed = bufs.sync(kernels.PUBLISH_LANDED | kernels.WAIT_LANDED)
+        done = bufs.sync(kernels.PUBLISH_FREED, advance=True)
         steps.append(lambda s, xp, op: ready(s, xp + x_off, op + o_off))
         staged = []
         for p, first, rows, wire, nbytes in sends:
@@ -405,9 +444,8 @@ class P2PCall:
                 for launch in _cuda.decode_launches(dev, rows, hidden, wire, dtype):
                     steps.append(lambda s, xp, op, launch=launch, frm=frm, off=off:
                                  launch(s, frm, op + off))
-        if join is not None:
-            steps.append(lambda s, xp, op: join(s, side))
-        self.steps = tuple(steps)
+        steps.append(lambda s, xp, op: done(s))
+        return steps
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
         """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""

@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from .. import env, kernels
+from ..codec import cuda as _cuda
 
 MAX_PEERS = kernels.MAX_PEERS
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
 TIMEOUT_S = 120  # a barrier that waits this long traps (a rank died): no silent hang
 COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
-# flag words of the peers (MAX_PEERS), then this rank's barrier counter
-FLAG_BYTES = 8 * (MAX_PEERS + 1)
+FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
 
 
 
@@ -60,17 +60,51 @@ class PeerBuffers:
         self.stream: Optional[int] = None  # the stream of the last call
         self.data_ptrs: list[int] = []
         self.flag_ptrs = self._exchange(FLAG_BYTES)
-        self._barriers: dict = {}  # bytes copied meanwhile -> the barrier's launch
+        self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile) -> p2p_sync's launch
 
-    def barrier(self, copy_bytes: int = 0) -> kernels.Launch:
-        """The barrier kernel's launch (call it with the stream, and the source and destination
-        of ``copy_bytes`` bytes its other blocks copy meanwhile)."""
-        hit = self._barriers.get(copy_bytes)
+    def args(self, **fields):
+        """csrc/p2p.cu's P2PArgs of this rank with ``fields`` set."""
+        return kernels.p2p_args(self.flag_ptrs, self.rank, self.world, TIMEOUT_S * 10**9, **fields)
+
+    def sync(self, mode: int, advance: bool = False, copy_bytes: int = 0) -> kernels.Launch:
+        """p2p_sync's launch: wait for / publish to every peer as ``mode`` says (its other
+        blocks copy ``copy_bytes`` meanwhile: pointer bases source, destination)."""
+        key = (mode, advance, copy_bytes)
+        hit = self._syncs.get(key)
         if hit is None:
-            hit = self._barriers[copy_bytes] = kernels.barrier_launches(
-                self.device.index, self.flag_ptrs, self.flag_ptrs[self.rank] + 8 * MAX_PEERS,
-                self.rank, self.world, TIMEOUT_S * 10**9, copy_bytes)
+            hit = self._syncs[key] = kernels.sync_launch(
+                self.device.index, self.args(mode=mode, advance=int(advance),
+                                             copy_n16=copy_bytes // 16), copy_bytes)
         return hit
+
+    def encode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
+                      copy_bytes: int) -> Optional[kernels.Launch]:
+        """p2p_encode into ``peer``'s buffer, waiting for its "freed" and publishing "landed";
+        its extra blocks copy ``copy_bytes`` (pointer bases: tokens, destination, copy
+        source, copy destination). None where the encode takes more than one launch."""
+        name, pieces = _cuda.encode_pieces(rows, hidden, cfg, dtype, hidden % 8 == 0)
+        if len(pieces) != 1:
+            return None
+        blocks, x_off, rec_off, enc = pieces[0]
+        fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
+                                      name.replace("mfc::encode_", "mfc::p2p_encode_"))
+        args = self.args(peer=peer, work_blocks=blocks, copy_n16=copy_bytes // 16)
+        return kernels.Launch(self.device.index, fn, blocks + kernels.copy_blocks(copy_bytes),
+                              (x_off, rec_off, enc, args, 0, 0))
+
+    def decode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
+                      advance: bool) -> Optional[kernels.Launch]:
+        """p2p_decode of ``peer``'s records once they have landed, publishing "freed" (pointer
+        bases: records, tokens); ``advance``: the call's last launch. None where the decode
+        takes more than one launch."""
+        name, pieces = _cuda.decode_pieces(rows, hidden, cfg, dtype)
+        if len(pieces) != 1:
+            return None
+        blocks, rec_off, y_off, dec = pieces[0]
+        fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
+                                      name.replace("mfc::decode_", "mfc::p2p_decode_"))
+        args = self.args(peer=peer, advance=int(advance))
+        return kernels.Launch(self.device.index, fn, blocks, (rec_off, y_off, dec, args))
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
