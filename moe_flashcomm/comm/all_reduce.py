@@ -185,7 +185,7 @@ class _Plan:
     pieces: tuple                  # row ranges (a, b) of the chunk, pipelined (flat)
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
-    hierarchy: object = None       # hierarchical: the Communicator, whose stages it runs
+    hierarchical: bool = False     # the hierarchical algorithm (on the communicator's stages)
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
 
 
@@ -217,10 +217,8 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
         return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0)
     c = rows_per_rank(n, world)
-    hierarchy = None
     if algorithm == "hierarchical":
         _hierarchy(comm)  # creates the stage groups (collective), checks the layout
-        hierarchy = comm
         k = 1
     elif chunks is None:
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
@@ -231,7 +229,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         k = chunks
     k = max(1, min(k, c))
     pieces = tuple(chunk_range(c, i, k) for i in range(k))
-    return _Plan(False, world, rank, c, pieces, intra, inter, hierarchy)
+    return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical")
 
 
 def _is_sum(op: object) -> bool:
@@ -320,8 +318,8 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     work = x if x.is_contiguous() else x.contiguous()
     flat = work.view(-1)
     buf = _padded(flat, plan.world)
-    if plan.hierarchy is not None:
-        _hierarchical(buf, plan)
+    if plan.hierarchical:
+        _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
     else:
         _flat(buf, plan, group)
     if buf is not flat:
@@ -439,9 +437,8 @@ def _hierarchy(comm):
     return hierarchy(comm)
 
 
-def _hierarchical(buf: torch.Tensor, plan: _Plan) -> None:
+def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
-    h = _hierarchy(plan.hierarchy)  # per call: create_stage_groups may replace the stages
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
     intra = functools.partial(h.a2a, "intra")

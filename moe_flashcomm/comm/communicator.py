@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import math
 from typing import Optional, Union
 
@@ -121,6 +122,10 @@ class Communicator:
         for bufs in self._peer_buffers.values():
             if bufs is not None:
                 bufs.close()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop every plan, route and buffer reference (and the process groups they hold)."""
         for d in (self._peer_buffers, self._routes, self._plans, self._setups,
                   self.all_reduce_plans, self.hierarchy_state):
             d.clear()
@@ -294,6 +299,16 @@ class _Process:
         self.communicators[key] = (pg, comm)  # (the group held: its id cannot be reused)
         return comm
 
+    def release(self) -> None:
+        """At exit: drop the process groups we hold while the interpreter is whole (a gloo
+        group destroyed during interpreter teardown aborts the process). Device memory goes
+        with the process."""
+        for _, comm in self.communicators.values():
+            comm._forget()
+        self.communicators.clear()
+        self.stage_groups.clear()
+        gc.collect()
+
     def _forget_destroyed(self) -> None:
         """Close and drop the communicators of groups torch.distributed no longer knows."""
         live = _live_groups()
@@ -319,10 +334,7 @@ def _live_groups() -> list:
 
 
 PROCESS = _Process()
-# drop the process groups we hold while the interpreter is whole: a gloo group destroyed
-# during interpreter teardown aborts the process
-atexit.register(PROCESS.communicators.clear)
-atexit.register(PROCESS.stage_groups.clear)
+atexit.register(PROCESS.release)
 
 
 def all_to_all(
