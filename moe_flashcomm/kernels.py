@@ -453,7 +453,7 @@ def blocks(threads: int) -> int:
 
 
 # ---- launchers of csrc/p2p.cu ------------------------------------------------------------------
-COPY_BLOCKS = 264  # most copy blocks of a barrier launch (two per multiprocessor of an H200)
+COPY_BLOCKS = 264  # most extra copy blocks of a launch (two per multiprocessor of an H200)
 
 
 def copy_blocks(copy_bytes: int) -> int:

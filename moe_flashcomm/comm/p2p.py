@@ -2,16 +2,13 @@
 
 Inside a node the encode kernel writes the records straight into the receiving GPU's memory
 through CUDA IPC: quantization and transfer are one pass, with no NCCL launch or staging.
-One call, on the current stream (``exchange.P2PCall``):
-
-  1. barrier: every peer has decoded the previous call out of its receive buffer;
-  2. per peer: encode its rows into that peer's receive buffer (remote stores); large
-     records are encoded locally and moved by the copy engine instead;
-  3. barrier: every peer's records for this rank have landed;
-  4. copy the rows this rank keeps, decode what every peer wrote into our buffer.
-
-The barrier kernel (csrc/p2p.cu) keeps its call number in device memory, and the buffers sit
-at fixed addresses, so a call captured in a CUDA graph replays correctly any number of times.
+Every rank's receive buffer holds one region per sender at a fixed address; its flag words
+(per peer: "landed" and "freed" call numbers, and its own call counter) are mapped by every
+peer. One call (``exchange.P2PCall``, csrc/p2p.cu) is, per peer, an encode launch that waits
+until the peer has decoded our previous records and publishes "landed" when ours are in, and
+a decode launch that waits for "landed" and publishes "freed". The call numbers live on the
+device and the buffers do not move, so a call captured in a CUDA graph replays correctly
+any number of times.
 
 Every rank of the group must take this path for the same calls, so the decision uses only
 what every rank knows: the route (all peers on this node over NVLink, decided once,
@@ -31,7 +28,7 @@ from ..codec import cuda as _cuda
 
 MAX_PEERS = kernels.MAX_PEERS
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
-TIMEOUT_S = 120  # a barrier that waits this long traps (a rank died): no silent hang
+TIMEOUT_S = 120  # a wait for a peer this long traps (a rank died): no silent hang
 COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
 
@@ -167,7 +164,7 @@ class PeerBuffers:
 
     # -- per call --------------------------------------------------------------------------
     def begin(self, stream: int) -> None:
-        """Order a call on ``stream`` after the previous one (the barrier protocol needs every
+        """Order a call on ``stream`` after the previous one (the flag protocol needs every
         call of the group in one stream order)."""
         if stream != self.stream:
             # (a capture orders its replays itself: waiting on work outside it is not allowed)
