@@ -115,53 +115,55 @@ __device__ __forceinline__ void wait_landed(const P2PArgs& a, u64 e) {
   __syncthreads();
 }
 
-// Encode into peer a.peer's buffer (rec: our region there); blocks past work_blocks copy the
-// rows this rank keeps (src -> dst) meanwhile.
-template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
-__global__ void __launch_bounds__(kBlock) p2p_encode_int(const In* __restrict__ x, u8* __restrict__ rec,
-                                                         const EncArgs e, const P2PArgs a,
-                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
+// An encode into peer a.peer's buffer once the peer is done with it, "landed" published by
+// the last block; blocks past work_blocks copy the rows this rank keeps (src -> dst) meanwhile.
+template <typename Encode>
+__device__ __forceinline__ void encode_framed(const P2PArgs& a, const uint4* __restrict__ src,
+                                              uint4* __restrict__ dst, Encode encode) {
   const u64 call = call_number(a);
   if ((int)blockIdx.x >= a.work_blocks) {
     copy_words(src, dst, a.copy_n16, blockIdx.x - a.work_blocks, gridDim.x - a.work_blocks);
   } else {
     wait_freed(a, call);
-    encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, e);
+    encode();
   }
   finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call);
+}
+
+// A decode of peer a.peer's records out of our buffer once they have landed, "freed" published
+// by the last block.
+template <typename Decode>
+__device__ __forceinline__ void decode_framed(const P2PArgs& a, Decode decode) {
+  const u64 call = call_number(a);
+  wait_landed(a, call);
+  decode();
+  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+}
+
+template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
+__global__ void __launch_bounds__(kBlock) p2p_encode_int(const In* __restrict__ x, u8* __restrict__ rec,
+                                                         const EncArgs e, const P2PArgs a,
+                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
+  encode_framed(a, src, dst, [&] { encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, e); });
 }
 
 template <typename In, int V, int U>
 __global__ void __launch_bounds__(kBlock) p2p_encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
                                                          const EncArgs e, const P2PArgs a,
                                                          const uint4* __restrict__ src, uint4* __restrict__ dst) {
-  const u64 call = call_number(a);
-  if ((int)blockIdx.x >= a.work_blocks) {
-    copy_words(src, dst, a.copy_n16, blockIdx.x - a.work_blocks, gridDim.x - a.work_blocks);
-  } else {
-    wait_freed(a, call);
-    encode_fp8_items<In, V, U>(x, rec, e);
-  }
-  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call);
+  encode_framed(a, src, dst, [&] { encode_fp8_items<In, V, U>(x, rec, e); });
 }
 
-// Decode peer a.peer's records out of our buffer once they have landed, then tell the peer.
 template <typename Out, int BITS, bool SPIKES, int V, int U>
 __global__ void __launch_bounds__(kBlock) p2p_decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
                                                          const DecArgs d, const P2PArgs a) {
-  const u64 call = call_number(a);
-  wait_landed(a, call);
-  decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, d);
-  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+  decode_framed(a, [&] { decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, d); });
 }
 
 template <typename Out, int V, int U>
 __global__ void __launch_bounds__(kBlock) p2p_decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
                                                          const DecArgs d, const P2PArgs a) {
-  const u64 call = call_number(a);
-  wait_landed(a, call);
-  decode_fp8_items<Out, V, U>(rec, y, d);
-  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+  decode_framed(a, [&] { decode_fp8_items<Out, V, U>(rec, y, d); });
 }
 
 // For calls with raw or copy-engine pairs: block 0 waits for / publishes to every peer as
