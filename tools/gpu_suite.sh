@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, for one call of a GPU machine with 2+ GPUs:
-#   bash tools/gpu_suite.sh [tests] [allreduce] [inference] [all2all] [small]   (default: all)
+#   bash tools/gpu_suite.sh [tests] [host] [allreduce] [inference] [all2all] [small]   (default: all)
 # Logs, JSON and plots go under $OUT (default out/gpu). On a machine without a package index,
 # put the wheels it needs (DeepSpeed and its dependencies) in .whl/: they are installed first.
 # Link emulation (docs/design.md): nvlink (default NCCL), host-memory, network.
@@ -25,11 +25,13 @@ path_env() {
 }
 
 status=0
-for step in ${*:-tests allreduce inference all2all small}; do
+for step in ${*:-tests host allreduce inference all2all small}; do
   echo "=== $step"
   case $step in
     tests)
       python3 -m pytest -q ${TEST_ARGS:--m "cuda or multigpu" tests} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+    host)
+      python3 tools/bench_host.py --out "$OUT/bench_host.json" || status=1 ;;
     allreduce)
       python3 tools/bench_allreduce.py --out "$OUT" --budget "${AR_BUDGET:-150}" || status=1 ;;
     all2all)
