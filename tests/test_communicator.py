@@ -60,6 +60,8 @@ def _lifetime(rank, world):
         assert torch.equal(a, mf.all_to_all(x, codec=8, gate=False))  # the same exchange
         assert comm.calls["all_to_all"] == 1
     assert comm.closed
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        mf.all_to_all([1.0, 2.0])
     with pytest.raises(CommunicatorClosedError, match="closed"):
         comm.all_to_all(x)
     # a communicator made by the ranks with different settings raises on every rank, quickly

@@ -76,6 +76,11 @@ class CodecConfig:
         return self.bits == "native"
 
     @property
+    def is_stochastic(self) -> bool:
+        """An integer width with stochastic rounding (its encode takes a seed)."""
+        return self.is_int and self.rounding == "stochastic"
+
+    @property
     def is_quantized(self) -> bool:
         """Integer widths and fp8: values in groups with a scale (not bf16, not native)."""
         return self.is_int or self.is_fp8

@@ -120,10 +120,6 @@ def _layout_fields(L: RecordLayout) -> dict:
     return dict(o4=o4, o2=o2, o1=o1, rec_bytes=L.record_bytes, **dict(zip(names, _meta(L))))
 
 
-def _stochastic(cfg: CodecConfig) -> bool:
-    return cfg.is_int and cfg.rounding == "stochastic"
-
-
 def encode_launches(dev: int, T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
                     shape: Optional[Shape] = None, defines: tuple = ()) -> tuple:
     """The launches of one encode of T tokens (pointer bases: tokens, records), made once per
@@ -196,7 +192,7 @@ def run_encode(launches: tuple, stream: int, xp: int, rp: int, seed_key: Optiona
 
 
 def seed_key(cfg: CodecConfig, seed: int) -> Optional[int]:
-    return _lowbias32(seed & 0xFFFFFFFF) if _stochastic(cfg) else None
+    return _lowbias32(seed & 0xFFFFFFFF) if cfg.is_stochastic else None
 
 
 def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Shape] = None,
@@ -268,7 +264,7 @@ def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bo
     t = CTYPE[dtype]
     if cfg.is_fp8:
         return f"mfc::encode_fp8<{t}, {V}, {U}>"
-    sp, sr = str(cfg.spikes).lower(), str(cfg.rounding == "stochastic").lower()
+    sp, sr = str(cfg.spikes).lower(), str(cfg.is_stochastic).lower()
     dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
     return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {dg}>"
 
@@ -332,7 +328,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> to
     """Encode CUDA tokens ``x`` [T, H] (fp32/bf16/fp16) into records uint8 [T, record_bytes]."""
     cfg = CodecConfig.coerce(cfg)
     reference.check_input(x)
-    s = reference.resolve_seed(seed) if _stochastic(cfg) else 0
+    s = reference.resolve_seed(seed) if cfg.is_stochastic else 0
     if torch.compiler.is_compiling():  # one opaque op in the compiled graph
         return encode_op(x, str(cfg.bits), cfg.group_size, cfg.spikes, cfg.rounding, s)
     return encode_impl(x, cfg, s)

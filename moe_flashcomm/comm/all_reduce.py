@@ -25,7 +25,7 @@ from .check import check_consistent
 from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
-from .plan import chunk_range
+from .plan import check_chunks, chunk_range
 from .topology import LinkCodecs, Topology, intra_node_path
 
 ROW = 1024  # values per record: a multiple of every group size (32..256)
@@ -290,8 +290,7 @@ def _plan(comm, x, codec, op, algorithm, chunks) -> _Plan:
                          f"got {op!r}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
+    check_chunks(chunks)
     return _make_plan(comm, x, LinkCodecs.coerce(codec, "codec"), algorithm, chunks)
 
 

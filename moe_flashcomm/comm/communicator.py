@@ -31,7 +31,7 @@ from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, aut
 from .check import check_consistent
 from .exchange import ALGORITHMS, Route, SideStreams, exchange
 from .gate import SizeGate
-from .plan import SplitSizes, resolve_splits
+from .plan import SplitSizes, check_chunks, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
 
 CodecArg = Union[LinkCodecs, CodecConfig, dict, int, str, None]
@@ -39,12 +39,6 @@ CodecArg = Union[LinkCodecs, CodecConfig, dict, int, str, None]
 
 class CommunicatorClosedError(RuntimeError):
     """A closed Communicator was used."""
-
-
-def _check_chunks(chunks) -> None:
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int)
-                               or chunks < 1):
-        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
 
 
 class Communicator:
@@ -75,7 +69,7 @@ class Communicator:
                                "initialised (torch.distributed.init_process_group)")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        _check_chunks(chunks)
+        check_chunks(chunks)
         self.group = group
         self.pg = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
@@ -204,9 +198,9 @@ class Communicator:
         """Quantized, differentiable ``all_to_all_single`` on rows of ``x`` [N, ..., H] over
         this group (``moe_flashcomm.all_to_all`` documents the arguments); ``codec``,
         ``grad_codec``, ``chunks`` and ``algorithm`` default to the communicator's."""
-        grad = x.requires_grad and torch.is_grad_enabled()
         try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
-            key = (x.shape, x.dtype, x.device, grad, codec, grad_codec, chunks, algorithm,
+            key = (x.shape, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(),
+                   codec, grad_codec, chunks, algorithm,
                    None if output_split_sizes is None else split_key(output_split_sizes),
                    None if input_split_sizes is None else split_key(input_split_sizes))
             call = self._plans.get(key)
@@ -222,7 +216,7 @@ class Communicator:
                 self._plans[key] = call
         self.calls["all_to_all"] += 1
         if not async_op:
-            if grad:
+            if call.grad:
                 return _AllToAll.apply(x, call)
             return call.forward_out(x)
         return call.start(x)
@@ -240,7 +234,7 @@ class Communicator:
         algorithm = self.algorithm if algorithm is None else algorithm
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        _check_chunks(chunks)
+        check_chunks(chunks)
         chunks = self.chunks if chunks is None else chunks
         codecs = self.codec if codec is None else LinkCodecs.coerce(codec, "codec")
         grad_codecs = (self.grad_codec if grad_codec is None

@@ -70,10 +70,6 @@ class Route:
         return RAW if exact else cfg
 
 
-def _stochastic(cfg: CodecConfig) -> bool:
-    return cfg.is_int and cfg.rounding == "stochastic"
-
-
 def row_bytes(wire: Wire, hidden: int, dtype: torch.dtype) -> int:
     """Bytes one row takes on the wire."""
     if wire is None:
@@ -88,7 +84,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, out: Optional[torch.Tensor] = None
     """Tokens [n, H] (contiguous, validated) -> records uint8 [n, record_bytes], written to
     ``out`` (contiguous, 16-byte aligned) when given."""
     if x.is_cuda:
-        seed = _reference.resolve_seed(None) if _stochastic(cfg) else 0
+        seed = _reference.resolve_seed(None) if cfg.is_stochastic else 0
         return _cuda.encode_impl(x, cfg, seed, out=out)
     rec = _codec_encode(x, cfg)
     return rec if out is None else out.copy_(rec)
@@ -170,7 +166,7 @@ def _unpack(recv: torch.Tensor, segs: list[_Seg], out: torch.Tensor) -> None:
 
 class SideStreams:
     """A communicator's extra CUDA streams, one per (device, role): decode of pipelined
-    chunks, the copy engine of the peer-to-peer transport, large own-row copies."""
+    chunks, the copy engine of the peer-to-peer transport."""
 
     def __init__(self) -> None:
         self._streams: dict = {}
@@ -381,10 +377,10 @@ class P2PCall:
         """The steps of a call whose every pair encodes and decodes records with one launch
         each, or None. Both ends of every pair decide alike (the same sizes and wires)."""
         bufs, r = route.p2p, route.rank
-        need, sends, recvs = plan.p2p
+        _, sends, recvs = plan.p2p
         peers = [p for p in range(route.world) if p != r]
         if [e[0] for e in sends] != peers or [e[0] for e in recvs] != peers or any(
-                e[3] == RAW or e[4] >= bufs.copy_bytes or _stochastic(e[3]) for e in sends + recvs):
+                e[3] == RAW or e[4] >= bufs.copy_bytes or e[3].is_stochastic for e in sends + recvs):
             return None
         steps = []
         for i, (p, first, rows, wire, nbytes) in enumerate(sends):
@@ -409,7 +405,7 @@ class P2PCall:
         blocks copy the rows this rank keeps), copies and encodes into the peers' buffers,
         sync (ours have landed there, theirs here), decodes and copies, sync (we are done)."""
         bufs, r, dev, copy = route.p2p, route.rank, self.dev, kernels.copy_async
-        need, sends, recvs = plan.p2p
+        _, sends, recvs = plan.p2p
         row = hidden * dtype.itemsize
         device = self.device
         steps = []
@@ -482,7 +478,7 @@ def _encode_step(launches: tuple, wire: CodecConfig, x_off: int, to: Optional[in
     ``to``, or (``to`` None) into the address passed third (the staged copies' buffer)."""
     def dest(third: int) -> int:
         return third if to is None else to
-    if _stochastic(wire):  # a new seed per call, drawn from torch's generator like the codec's
+    if wire.is_stochastic:  # a new seed per call, drawn from torch's generator like the codec's
         return lambda s, xp, third: _cuda.run_encode(
             launches, s, xp + x_off, dest(third),
             _cuda.seed_key(wire, _reference.resolve_seed(None)))

@@ -36,6 +36,13 @@ def check_splits(name: str, sizes: SplitSizes, world: int) -> Optional[list[int]
     return out
 
 
+def check_chunks(chunks) -> None:
+    """``chunks``: None (chosen by size) or an int >= 1, the same on every rank."""
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int)
+                               or chunks < 1):
+        raise ValueError(f"chunks must be an int >= 1 or None, got {chunks!r}")
+
+
 def resolve_splits(rows: int, output_split_sizes: SplitSizes, input_split_sizes: SplitSizes,
                    world: int, rank: int) -> tuple[list[int], list[int]]:
     """Row counts (dim 0 of ``x``) to send to / receive from each rank, routed as
