@@ -118,18 +118,30 @@ def time_calls(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
     dist.all_reduce(one, op=dist.ReduceOp.MAX)
     reps = int(max(min_reps, min(max_reps, budget_s / max(one.item(), 1e-6))))
     dist.barrier()
+    return median_ms(fn, reps, device)
+
+
+def median_ms(fn: Callable[[], object], reps: int, device: str,
+              prep: Callable[[], object] = lambda: None) -> float:
+    """Median ms of ``reps`` calls of ``fn`` (CUDA events on GPU), ``prep`` run before each
+    outside the timed region; the max over ranks (every rank makes the same calls)."""
+    import torch
+    import torch.distributed as dist
+
     if device == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(reps)]
+        for s, e in pairs:
+            prep()
             s.record()
             fn()
             e.record()
         torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        times = [s.elapsed_time(e) for s, e in pairs]
     else:
         times = []
         for _ in range(reps):
+            prep()
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from moe_flashcomm.tune_gate import median_ms  # noqa: E402
 from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
 
 CODECS = ("int4", "int8", "fp8", "int2")
@@ -75,26 +75,7 @@ def _time(fn, prep, reps: int, warmup: int = 2) -> float:
         fn()
     _sync()
     dist.barrier()
-    times = []
-    if DEV == "cuda":
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                 for _ in range(reps)]
-        for s, e in pairs:
-            prep()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in pairs]
-    else:
-        for _ in range(reps):
-            prep()
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    med = torch.tensor([statistics.median(times)], device=DEV)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return median_ms(fn, reps, DEV, prep)
 
 
 def _agree(flag: bool) -> bool:
