@@ -15,6 +15,12 @@
 // p2p_decode_* around the decode. Calls with raw or copy-engine pairs use p2p_sync between
 // their copies instead. A wait that lasts timeout_ns ends with a message and a trap (a rank
 // died or the ranks called different collectives) instead of a hang.
+//
+// Agreement: with "landed" a sender also stores its stamp of the pair (codec, rows, dtype,
+// hidden: moe_flashcomm/comm/p2p.py packs it) into the receiver's stamp[sender]; the receiver
+// compares it with the stamp it expects once the records have landed. A difference is written
+// to the error page (pinned host memory this rank's host reads before its next call) and the
+// call goes on, so the flags stay in step and both ranks of the pair raise there.
 #ifndef __CUDACC_RTC__
 #include <cstdio>  // printf (NVRTC has it built in)
 #endif
@@ -30,10 +36,17 @@ namespace mfc {
 constexpr int kMaxPeers = 16;
 // Word offsets in a rank's flag allocation.
 constexpr int kLanded = 0, kFreed = kMaxPeers, kCounter = 2 * kMaxPeers,
-              kEncDone = 2 * kMaxPeers + 1, kDecDone = 3 * kMaxPeers + 1;
+              kEncDone = 2 * kMaxPeers + 1, kDecDone = 3 * kMaxPeers + 1,
+              kStamp = 4 * kMaxPeers + 1;
+// The error page's words: claimed, then peer, stamp seen, stamp expected, call; "reported"
+// last (the host reads the others once it is set).
+constexpr int kErrClaim = 0, kErrPeer = 1, kErrGot = 2, kErrWant = 3, kErrCall = 4, kErrSet = 5;
 
 struct P2PArgs {
   u64 peer_flags[kMaxPeers];  // device address (in this process) of each rank's flag words
+  u64 send_stamp[kMaxPeers];  // this call's stamp of the pair towards each peer
+  u64 recv_stamp[kMaxPeers];  // the stamp expected from each peer
+  u64 error_page;             // pinned host memory, mapped (kErr* words)
   u64 timeout_ns;
   u64 copy_n16;               // 16-byte words the extra blocks copy (the rows a rank keeps)
   int rank, world;
@@ -81,16 +94,38 @@ __device__ __forceinline__ void publish(u64* word, u64 value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(word), "l"(value) : "memory");
 }
 
+// Before publishing "landed" to peer p: our stamp of the pair, into p's stamp[rank].
+__device__ __forceinline__ void stamp_for(const P2PArgs& a, int p) {
+  flags_of(a, p)[kStamp + a.rank] = a.send_stamp[p];
+}
+
+// After "landed" from peer p (acquired): its stamp against ours; the first difference of a
+// call is reported on the error page.
+__device__ __forceinline__ void check_stamp(const P2PArgs& a, int p, u64 call) {
+  const u64 got = *reinterpret_cast<volatile const u64*>(flags_of(a, a.rank) + kStamp + p);
+  if (got == a.recv_stamp[p]) return;
+  u64* page = reinterpret_cast<u64*>(a.error_page);
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(page + kErrClaim), 0ull, 1ull) != 0ull) return;
+  page[kErrPeer] = (u64)p;
+  page[kErrGot] = got;
+  page[kErrWant] = a.recv_stamp[p];
+  page[kErrCall] = call;
+  __threadfence_system();
+  *reinterpret_cast<volatile u64*>(page + kErrSet) = 1;
+}
+
 // Every block ends here: the last one to finish publishes ``value`` into ``word`` (this
 // launch's stores are then visible to the peer) and, for the call's last launch, advances the
 // counter. ``done`` counts finished blocks and is reset for the next launch of its kind.
-__device__ __forceinline__ void finish(const P2PArgs& a, u64* done, u64* word, u64 value) {
+__device__ __forceinline__ void finish(const P2PArgs& a, u64* done, u64* word, u64 value,
+                                       bool stamp = false) {
   __threadfence_system();  // every thread's stores before the block counts as done
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(done), 1u);
     if (prev == gridDim.x - 1) {
       *reinterpret_cast<unsigned*>(done) = 0;
+      if (stamp) stamp_for(a, a.peer);
       __threadfence_system();
       if (word != nullptr) publish(word, value);
       if (a.advance) flags_of(a, a.rank)[kCounter] = value;
@@ -111,7 +146,10 @@ __device__ __forceinline__ void wait_freed(const P2PArgs& a, u64 e) {
 }
 
 __device__ __forceinline__ void wait_landed(const P2PArgs& a, u64 e) {
-  if (threadIdx.x == 0) wait_at_least(flags_of(a, a.rank) + kLanded + a.peer, e, a, a.peer, "landed");
+  if (threadIdx.x == 0) {
+    wait_at_least(flags_of(a, a.rank) + kLanded + a.peer, e, a, a.peer, "landed");
+    if (blockIdx.x == 0) check_stamp(a, a.peer, e);
+  }
   __syncthreads();
 }
 
@@ -127,7 +165,8 @@ __device__ __forceinline__ void encode_framed(const P2PArgs& a, const uint4* __r
     wait_freed(a, call);
     encode();
   }
-  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call);
+  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call,
+         true);
 }
 
 // A decode of peer a.peer's records out of our buffer once they have landed, "freed" published
@@ -182,8 +221,15 @@ __global__ void p2p_sync(const P2PArgs a, const uint4* __restrict__ src, uint4* 
     u64* theirs = flags_of(a, p);
     if (a.mode & kWaitFreed) wait_at_least(mine + kFreed + p, call - 1, a, p, "free");
     __threadfence_system();  // this rank's earlier writes into p's buffer before the flags
-    if (a.mode & kPublishLanded) publish(theirs + kLanded + a.rank, call);
-    if (a.mode & kWaitLanded) wait_at_least(mine + kLanded + p, call, a, p, "landed");
+    if (a.mode & kPublishLanded) {
+      stamp_for(a, p);
+      __threadfence_system();
+      publish(theirs + kLanded + a.rank, call);
+    }
+    if (a.mode & kWaitLanded) {
+      wait_at_least(mine + kLanded + p, call, a, p, "landed");
+      check_stamp(a, p, call);
+    }
     if (a.mode & kPublishFreed) publish(theirs + kFreed + a.rank, call);
   }
   __syncthreads();

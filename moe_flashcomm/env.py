@@ -85,6 +85,11 @@ def p2p_copy_bytes() -> int:
     return integer("MOE_FLASHCOMM_P2P_COPY_MB", 64, minimum=0) << 20
 
 
+def timeout_s() -> int:
+    """MOE_FLASHCOMM_TIMEOUT_S: how long a framed exchange (gloo) waits for silent peers."""
+    return integer("MOE_FLASHCOMM_TIMEOUT_S", 300, minimum=1)
+
+
 def all_reduce_pair_gather() -> bool:
     """MOE_FLASHCOMM_AR_PAIR_GATHER: a two-rank all-reduce sends its reduce-scatter as an
     all-gather (default on; off for comparisons)."""

@@ -55,13 +55,17 @@ DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4
                     align=True)
 REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4)],
                        align=True)
-P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("timeout_ns", _u8), ("copy_n16", _u8),
+P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX_PEERS,)),
+                     ("recv_stamp", _u8, (MAX_PEERS,)), ("error_page", _u8),
+                     ("timeout_ns", _u8), ("copy_n16", _u8),
                      ("rank", _i4), ("world", _i4), ("peer", _i4), ("mode", _i4),
                      ("work_blocks", _i4), ("advance", _i4)], align=True)
 # csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
-# block-completion counts per launch kind and peer) and p2p_sync's modes
+# block-completion counts per launch kind and peer, the peers' stamps) and p2p_sync's modes
 P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
-P2P_FLAG_WORDS = 4 * MAX_PEERS + 1
+P2P_STAMP = 4 * MAX_PEERS + 1
+P2P_FLAG_WORDS = 5 * MAX_PEERS + 1
+P2P_ERROR_WORDS = 6  # the error page: claimed, peer, stamp seen, stamp expected, call, reported
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),

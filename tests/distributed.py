@@ -14,6 +14,7 @@ import faulthandler
 import os
 import socket
 import tempfile
+import time
 import warnings
 
 import torch
@@ -45,16 +46,27 @@ def _worker(rank, world_size, port, backend, env, fn, args, marks):
         dist.destroy_process_group()
 
 
-def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = None) -> None:
-    """Run ``fn`` in ``world_size`` processes. A start that dies before every rank has
-    joined the process group (the rendezvous on a free port lost a race, or the store's
-    thread aborted: rare, seen on shared CI machines) is retried once on a new port; a
-    failure after that is the test's."""
+def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = None,
+          timeout: float = 900) -> None:
+    """Run ``fn`` in ``world_size`` processes, killed after ``timeout`` seconds (a hard
+    limit: a hang fails the test instead of stalling the run). A start that dies before
+    every rank has joined the process group (the rendezvous on a free port lost a race, or
+    the store's thread aborted: rare, seen on shared CI machines) is retried once on a new
+    port; a failure after that is the test's."""
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as marks:
             try:
-                mp.spawn(_worker, args=(world_size, free_port(), backend, env or {}, fn, args,
-                                        marks), nprocs=world_size, join=True)
+                context = mp.spawn(_worker, args=(world_size, free_port(), backend, env or {},
+                                                  fn, args, marks),
+                                   nprocs=world_size, join=False)
+                deadline = time.monotonic() + timeout
+                while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+                    if time.monotonic() >= deadline:
+                        for process in context.processes:
+                            if process.is_alive():
+                                process.kill()
+                        raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish "
+                                           f"within {timeout:g} s")
                 return
             except mp.ProcessExitedException:
                 if attempt or len(os.listdir(marks)) == world_size:

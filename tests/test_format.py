@@ -96,3 +96,30 @@ def test_wire_format_doc_table_matches_record_bytes():
         assert record_bytes(int(hidden), cfg) == int(size), (hidden, bits, group, spikes)
         seen.add((bits, spikes))
     assert {b for b, _ in seen} == set(ALL_BITS)
+
+
+def test_exchange_header_matches_the_doc():
+    """docs/wire-format.md, "Exchange headers": the words, codes and sizes comm/frame.py uses."""
+    import torch
+    from moe_flashcomm.comm import frame
+    doc = WIRE_DOC.read_text()
+    section = doc[doc.index("## Exchange headers"):doc.index("## Sizes")]
+    assert f"a {frame.HEADER_BYTES}-byte header" in section
+    assert f"{frame.WORDS}\nlittle-endian int64 words" in section
+    assert f"`{frame.MAGIC:#X}`".replace("0X", "0x") in section
+    for i, name in enumerate(frame.OPERATIONS, start=1):
+        assert f"{i} {name}" in section
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.uint8: "uint8", torch.int64: "int64"}
+    for i, dtype in enumerate(frame.DTYPES, start=1):
+        assert f"{i} {names[dtype]}" in section
+    assert f"{frame.FRAME_BYTES >> 20} MiB (`FRAME_BYTES`" in section
+    for cfg in (CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False,
+                                                  rounding="stochastic"),
+                CodecConfig(bits="fp8"), CodecConfig(bits="bf16"), CodecConfig(bits="native")):
+        code = frame.wire_code(cfg)
+        assert frame.wire_text(code) == f"{cfg} records"
+        bits = cfg.bits if isinstance(cfg.bits, int) else {"fp8": 9, "bf16": 10, "native": 11}[cfg.bits]
+        assert code == 2 | bits << 4 | cfg.group_size << 8 | cfg.spikes << 20 \
+            | (cfg.rounding == "stochastic") << 21
+    assert frame.wire_code(None) == frame.RAW_WIRE == 1

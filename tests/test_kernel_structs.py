@@ -11,6 +11,13 @@ from moe_flashcomm import kernels as K
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
 
+# csrc/p2p.cu's constants that moe_flashcomm/kernels.py restates
+CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_FREED,
+             "kCounter": K.P2P_COUNTER, "kStamp": K.P2P_STAMP, "kErrSet": K.P2P_ERROR_WORDS - 1,
+             "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
+             "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED}
+
+
 def _probe_source() -> str:
     lines = ['#include <cstdio>', '#include <cstddef>', '#include "allreduce.cu"',
              '#include "p2p.cu"', 'int main() {']
@@ -18,6 +25,8 @@ def _probe_source() -> str:
         lines.append(f'  std::printf("{name} size %zu\\n", sizeof(mfc::{name}));')
         for field in dtype.names:
             lines.append(f'  std::printf("{name}.{field} %zu\\n", offsetof(mfc::{name}, {field}));')
+    for name in CONSTANTS:
+        lines.append(f'  std::printf("{name} %d\\n", (int)mfc::{name});')
     lines.append("  return 0;\n}")
     return "\n".join(lines)
 
@@ -43,3 +52,10 @@ def test_struct_matches_the_cu_declaration(layout, name):
     for field in dtype.names:
         got = int(layout[f"{name}.{field}"])
         assert got == dtype.fields[field][1], f"offsetof({name}, {field}) in csrc/{source}"
+
+
+def test_constants_match_the_cu_declarations(layout):
+    for name, value in CONSTANTS.items():
+        assert int(layout[name]) == value, f"mfc::{name} in csrc/p2p.cu"
+    # the flag words: every peer's stamp is the last of them
+    assert K.P2P_FLAG_WORDS == K.P2P_STAMP + K.MAX_PEERS

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
+from moe_flashcomm.comm import ConfigMismatchError
 from tests.distributed import free_port, spawn
 from tests.test_all_to_all import make_input
 
@@ -142,6 +143,48 @@ def permuted_reinit(rank, world, port):
     assert torch.equal(mf.all_to_all(x, codec=cfg, gate=False), want(new, world, S, 96, torch.bfloat16, cfg))
 
 
+def disagreement(rank, world, comm):
+    """Ranks that disagree at a call the first-use check cannot see (configurations both have
+    used): the receiving kernels compare the pair's stamps, both ranks raise at their next
+    call, and the group works afterwards."""
+    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 30).cuda()
+    int4, int8 = mf.CodecConfig(bits=4), mf.CodecConfig(bits=8)
+    expected = {c: comm.all_to_all(x, codec=c) for c in (int4, int8)}
+    comm.all_to_all(x, codec=int8 if rank == 1 else int4)  # returns: the kernels check
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError) as info:
+        comm.all_to_all(x, codec=int4)
+    msg = str(info.value)
+    assert f"rank {1 - rank} sent 4 rows of int{8 if rank == 0 else 4}/g128+spikes" in msg, msg
+    assert f"expected 4 rows of int{4 if rank == 0 else 8}/g128+spikes" in msg, msg
+    for c, out in expected.items():
+        assert torch.equal(comm.all_to_all(x, codec=c), out)
+    # stochastic rounding takes the framed protocol (p2p_sync) on rank 1, the fused on rank 0
+    sr = mf.CodecConfig(bits=4, rounding="stochastic")
+    comm.all_to_all(x, codec=sr)
+    comm.all_to_all(x, codec=sr if rank == 1 else int4)
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError) as info:
+        comm.all_to_all(x, codec=int4)
+    assert ("rank 1 sent 4 rows of int4/g128+spikes+sr records" if rank == 0 else
+            "this rank expected 4 rows of int4/g128+spikes+sr records") in str(info.value), \
+        str(info.value)
+    for c, out in expected.items():
+        assert torch.equal(comm.all_to_all(x, codec=c), out)
+    if world == 2:  # split sizes that disagree both ways (buffers already large enough)
+        send, recv = ([3, 5], [3, 7]) if rank == 0 else ([8, 1], [6, 1])
+        xs = make_input(rank, sum(send), (H,), torch.bfloat16, 31).cuda()
+        comm.all_to_all(xs, recv, send, codec=int4)
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError) as info:
+            comm.all_to_all(x, codec=int4)
+        assert (f"rank 1 sent 8 rows of int4/g128+spikes records (torch.bfloat16, hidden {H}); "
+                f"this rank expected 7 rows" if rank == 0 else
+                f"rank 0 sent 5 rows of int4/g128+spikes records (torch.bfloat16, hidden {H}); "
+                f"this rank expected 6 rows") in str(info.value), str(info.value)
+        assert torch.equal(comm.all_to_all(x, codec=int4), expected[int4])
+
+
 def _checks(rank, world, port):
     if dist.get_backend() == "gloo":  # two processes on one GPU
         torch.cuda.set_device(0)
@@ -149,6 +192,7 @@ def _checks(rank, world, port):
     exactness(rank, world, comm)
     backward(rank, world, comm)
     graphs(rank, world, comm)
+    disagreement(rank, world, comm)
     for copy_mb in ("1000000", "0"):  # records stored by the encode kernel, then the copy engine
         os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
         with mf.Communicator(gate=False) as c:

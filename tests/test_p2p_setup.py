@@ -8,6 +8,7 @@ others waiting in a collective.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 
 import pytest
@@ -23,6 +24,7 @@ class FakeRuntime:
     def __init__(self, rank: int, fail_size: int = -1) -> None:
         self.next = itertools.count((rank + 1) << 40, 1 << 30)
         self.live, self.mapped, self.fail_size = set(), set(), fail_size
+        self.host: dict = {}
 
     def malloc(self, n):
         if n == self.fail_size:
@@ -47,6 +49,14 @@ class FakeRuntime:
 
     def ipcCloseMemHandle(self, q):
         self.mapped.remove(q)
+
+    def hostAlloc(self, n, flags):  # pinned host memory: here plain host memory
+        buf = ctypes.create_string_buffer(n)
+        self.host[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def freeHost(self, p):
+        del self.host[p]
 
 
 def _fake(rt):
@@ -76,8 +86,10 @@ def _protocol(rank, world):
     # one region per sender in every receiver's buffer, at fixed addresses
     assert [bufs.region(rank, p) - bufs.data_ptrs[rank] for p in range(world)] == \
         [p * (6 << 20) for p in range(world)]
+    assert len(rt.host) == 1 and bufs._error_page in rt.host  # the kernels' error page
+    bufs.check()  # nothing reported
     bufs.close()
-    assert not rt.live and not rt.mapped
+    assert not rt.live and not rt.mapped and not rt.host
 
 
 def _failure(rank, world):

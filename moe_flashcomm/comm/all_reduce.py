@@ -20,7 +20,7 @@ from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import check_tokens
-from . import direct
+from . import direct, frame
 from .check import check_consistent
 from .exchange import decode as _decode
 from .exchange import encode as _encode
@@ -187,6 +187,7 @@ class _Plan:
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
     hierarchical: bool = False     # the hierarchical algorithm (on the communicator's stages)
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
+    numel: int = 0                 # the tensor's values (in the headers of framed exchanges)
 
 
 def _path(comm, device_type: str) -> str:
@@ -211,7 +212,8 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     path = _path(comm, x.device.type)
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=env.all_reduce_pair_gather()),
-                     comm.pg, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce")
+                     comm.pg, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
+                     framing=comm.framing)
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
@@ -229,7 +231,8 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         k = chunks
     k = max(1, min(k, c))
     pieces = tuple(chunk_range(c, i, k) for i in range(k))
-    return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical")
+    return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical",
+                 numel=n)
 
 
 def _is_sum(op: object) -> bool:
@@ -319,8 +322,10 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     buf = _padded(flat, plan.world)
     if plan.hierarchical:
         _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
-    else:
+    elif x.is_cuda:
         _flat(buf, plan, group)
+    else:
+        _flat_framed(buf, plan, group, comm.framing)
     if buf is not flat:
         flat.copy_(buf[:flat.numel()])
     if work is not x:
@@ -417,17 +422,52 @@ def _flat(buf: torch.Tensor, plan: _Plan, group) -> None:
             gathering[j] = None
 
 
+def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
+    """``_flat`` over gloo: both exchanges framed, their headers naming the numel."""
+    W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
+    rows3 = buf.view(W, c, ROW)
+    rb, code = record_bytes(ROW, cfg), frame.wire_code(cfg)
+    key = group if group is not None else dist.group.WORLD
+    numbering = dict(number=framing.next_number(key), counter=key)  # one for the call
+    for a, b in plan.pieces:
+        m = b - a
+        legs = [None if p == r else frame.Leg(m, m * rb, code) for p in range(W)]
+        scatter = frame.Frame(framing, group, r, W, "all_reduce reduce-scatter", buf.dtype, ROW,
+                              legs, legs, detail=plan.numel, **numbering)
+        for p in scatter.peers:
+            _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
+        try:
+            got = scatter.start().wait()
+        except frame.ConfigMismatchError:
+            try:  # the all-gather as headers only: ranks that agree with this one raise too
+                frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW, legs,
+                            legs, detail=plan.numel, aborted=True, **numbering).start().wait()
+            except (frame.ConfigMismatchError, frame.PeerError):
+                pass  # (theirs: this rank's error is the one to report)
+            raise
+        rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
+                           rows3[r, a:b], r, cfg)
+        gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
+                             legs, legs, detail=plan.numel, **numbering)
+        for p in gather.peers:
+            gather.payload(p).copy_(rec.view(-1))
+        got = gather.start().wait()
+        for p in range(W):
+            _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
+
+
 # ---- hierarchical ------------------------------------------------------------------------------
-def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor) -> None:
+def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor, numel: int) -> None:
     """All-gather of ``inp`` (uint8, equal sizes) among a hierarchy stage's ranks into
-    ``out`` (stage rank order). A masked stage (no process group of its own) sends ``inp``
-    to every stage peer with one all_to_all_single on the whole group."""
+    ``out`` (stage rank order). A masked stage (no process group of its own), and any stage
+    on CPU (framed), sends ``inp`` to every stage peer with one all_to_all_single."""
     pg, peers, masked = h.stages[stage]
-    if not masked:
+    if not masked and out.is_cuda:
         _gather_single(out.view(-1), inp.reshape(-1), pg)
         return
     n, k = len(peers), inp.numel()
-    h.a2a(stage, out.view(-1), inp.reshape(1, -1).expand(n, k).reshape(-1), [k] * n, [k] * n)
+    h.a2a(stage, out.view(-1), inp.reshape(1, -1).expand(n, k).reshape(-1), [k] * n, [k] * n,
+          operation="hierarchical all-reduce stage", detail=numel)
 
 
 def _hierarchy(comm):
@@ -440,8 +480,9 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
-    intra = functools.partial(h.a2a, "intra")
-    inter = functools.partial(h.a2a, "inter")
+    named = dict(operation="hierarchical all-reduce stage", detail=plan.numel)
+    intra = functools.partial(h.a2a, "intra", **named)
+    inter = functools.partial(h.a2a, "inter", **named)
     # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
     #    the group, in x's dtype
     if L > 1:
@@ -462,12 +503,12 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
     # 3. all-gather of the final records: across groups, then inside the group
     if M > 1:
         across = torch.empty((M, c, rb), dtype=torch.uint8, device=buf.device)
-        _stage_gather(h, "inter", across, rec)
+        _stage_gather(h, "inter", across, rec, plan.numel)
     else:
         across = rec
     if L > 1:
         inside = torch.empty((L, M * c, rb), dtype=torch.uint8, device=buf.device)
-        _stage_gather(h, "intra", inside, across)
+        _stage_gather(h, "intra", inside, across, plan.numel)
     else:
         inside = across
     _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))

@@ -102,7 +102,7 @@ class _Call:
 
     def backward(self, g2: torch.Tensor) -> Pending:
         return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks,
-                        uniform=self.uniform)
+                        uniform=self.uniform, operation="all_to_all backward")
 
     def forward_out(self, x: torch.Tensor) -> torch.Tensor:
         """The output [out_shape] of the all-to-all of ``x`` [in_shape] (synchronous)."""

@@ -3,7 +3,9 @@
 On the first call with a new configuration key, every rank all-gathers one int64 hash per
 field (one small collective), compares, and records the key in the communicator's set of
 verified keys. A mismatch raises the same kind of error on every rank, naming the fields,
-instead of a hang or garbage bytes.
+instead of a hang or garbage bytes. Over gloo the gather is a framed exchange
+(comm/frame.py), so a rank checking while another exchanges meets it and both raise.
+Later calls are checked by the headers of the exchanges themselves.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class ConfigMismatchError(RuntimeError):
     """Ranks of a group called a collective with different configurations."""
 
 
-def _hash63(value: Any) -> int:
+def hash63(value: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(),
                           "little") >> 1
 
@@ -31,21 +33,25 @@ MAX_FIELDS = 15
 
 def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGroup],
                      device: torch.device, verified: set,
-                     what: str = "moe_flashcomm.all_to_all") -> None:
+                     what: str = "moe_flashcomm.all_to_all", framing=None) -> None:
     """Raise ConfigMismatchError on every rank unless all ranks of ``group`` run the same
     check (``what``) with equal ``fields`` (compared by repr). Collective on the first call
-    per key (remembered in ``verified``, the communicator's), free after."""
+    per key (remembered in ``verified``, the communicator's), free after. ``framing``: the
+    communicator's (comm/frame.py), for a framed exchange on CPU."""
     key = (what,) + tuple((k, repr(v)) for k, v in fields.items())
     if key in verified:
         return
     assert len(fields) <= MAX_FIELDS, len(fields)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    words = [_hash63((what, tuple(fields)))] + [_hash63(v) for v in fields.values()]
+    words = [hash63((what, tuple(fields)))] + [hash63(v) for v in fields.values()]
     mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
                         device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    table = torch.stack(gathered).cpu()
+    if framing is not None and device.type == "cpu":
+        table = _gather_framed(mine, group, rank, world, framing)
+    else:
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+        table = torch.stack(gathered).cpu()
     kind = table[:, 0]
     if bool((kind != kind[rank]).any()):
         other = [q for q in range(world) if kind[q] != kind[rank]]
@@ -69,3 +75,16 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
             + "\nEvery rank must pass the same codec, grad codec, hidden size (x.shape[1:]), "
               "dtype, algorithm, chunks, topology and size gate.")
     verified.add(key)
+
+
+def _gather_framed(mine: torch.Tensor, group, rank: int, world: int, framing) -> torch.Tensor:
+    """Every rank's ``mine`` (int64 [n]) as a table [world, n], by a framed exchange."""
+    from .frame import Frame, Leg
+    leg = Leg(mine.numel(), mine.numel() * 8)
+    legs = [None if p == rank else leg for p in range(world)]
+    frame = Frame(framing, group, rank, world, "consistency check", torch.int64, mine.numel(),
+                  legs, legs)
+    for p in frame.peers:
+        frame.payload(p).copy_(mine.view(torch.uint8))
+    got = frame.start().wait()
+    return torch.stack([mine if p == rank else got[p].view(torch.int64) for p in range(world)])

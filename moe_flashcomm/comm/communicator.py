@@ -30,6 +30,8 @@ from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, aut
                        split_key)
 from .check import check_consistent
 from .exchange import ALGORITHMS, Route, SideStreams, exchange
+from . import frame
+from .frame import Framing
 from .gate import SizeGate
 from .plan import SplitSizes, check_chunks, resolve_splits
 from .topology import LinkCodecs, Topology, intra_node_path, link_path
@@ -53,6 +55,8 @@ class Communicator:
     codec, grad_codec: the default codecs of ``all_to_all`` (forward, backward); None:
                 int4 (g128, spikes) and int8.
     algorithm, chunks: the defaults of ``all_to_all``.
+    timeout:    seconds an exchange over gloo waits for peers that send nothing before it
+                raises PeerTimeoutError naming them; None: $MOE_FLASHCOMM_TIMEOUT_S (300).
 
     Collective: every rank of ``group`` makes its communicator with the same settings, at
     the same point (a mismatch raises ``ConfigMismatchError`` on every rank). Use it as a
@@ -63,13 +67,17 @@ class Communicator:
                  topology: Union[Topology, int, None] = None,
                  gate: Union[SizeGate, bool, dict, str, None] = True,
                  codec: CodecArg = None, grad_codec: CodecArg = None,
-                 algorithm: str = "flat", chunks: Optional[int] = None) -> None:
+                 algorithm: str = "flat", chunks: Optional[int] = None,
+                 timeout: Optional[float] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
                                "initialised (torch.distributed.init_process_group)")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         check_chunks(chunks)
+        if timeout is not None and not (isinstance(timeout, (int, float))
+                                        and not isinstance(timeout, bool) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         self.group = group
         self.pg = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
@@ -89,6 +97,8 @@ class Communicator:
                              if "nccl" in self.backend else torch.device("cpu"))
         self.p2p_enabled = env.p2p_enabled()
         self.streams = SideStreams()
+        # exchanges over gloo carry headers: every call is checked (comm/frame.py)
+        self.framing = Framing(env.timeout_s() if timeout is None else timeout)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: set = set()   # consistency keys all ranks agreed on
         self._routes: dict = {}       # (codecs, device type) -> Route
@@ -104,7 +114,7 @@ class Communicator:
                               p2p=(self.p2p_enabled, env.p2p_max_bytes(), env.p2p_copy_bytes()),
                               nccl_paths=(intra_node_path("cuda"),)),
                          self.pg, self.agree_device, self._verified,
-                         what="moe_flashcomm.Communicator")
+                         what="moe_flashcomm.Communicator", framing=self.framing)
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -151,8 +161,9 @@ class Communicator:
             paths = tuple(link_path(s, device_type) if p != self.rank else "self"
                           for p, s in enumerate(same))
             thresholds = tuple(self.gate.threshold(path, c) for path, c in zip(paths, codec))
-            hit = self._routes[key] = Route(self.group, self.rank, self.world, codec, thresholds,
-                                            paths=paths, streams=self.streams)
+            hit = self._routes[key] = Route(
+                self.group, self.rank, self.world, codec, thresholds, paths=paths,
+                streams=self.streams, framing=self.framing if device_type == "cpu" else None)
         return hit
 
     def peer_buffers(self, device: torch.device) -> Optional[p2p.PeerBuffers]:
@@ -180,7 +191,7 @@ class Communicator:
         check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
                               grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
                               device_type=device_type, requires_grad=grad),
-                         self.pg, self.agree_device, self._verified)
+                         self.pg, self.agree_device, self._verified, framing=self.framing)
         if device_type == "cuda":
             bufs = self.peer_buffers(x.device)
             if bufs is not None:
@@ -256,6 +267,19 @@ class Communicator:
             self, algorithm, fwd, x, tuple(in_s), uniform=uniform)
         return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, tuple(x.shape), out_shape,
                      run, x.dtype, x.device, grad, uniform, cacheable=algorithm == "flat")
+
+    def exchange_counts(self, mine: torch.Tensor) -> torch.Tensor:
+        """Exact ``all_to_all_single`` of int64 counts, an equal part per rank (skip_padding:
+        the filled slots per expert, to the ranks of the experts). Framed over gloo."""
+        self._check_open()
+        theirs = torch.empty_like(mine)
+        if mine.is_cuda:
+            dist.all_to_all_single(theirs, mine, group=self.group)
+        else:
+            part = [mine.numel() // self.world] * self.world
+            frame.all_to_all_single(self.framing, self.group, self.rank, self.world,
+                                    "skip_padding counts", theirs, mine, part, part)
+        return theirs
 
     # ---- all-reduce ----------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor, codec: CodecArg = None, op: object = "sum", *,

@@ -37,6 +37,7 @@ from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from .. import kernels
 from .gate import wire_gate
+from . import frame as framing
 from . import p2p
 from .plan import chunk_range, offsets
 
@@ -63,6 +64,8 @@ class Route:
     paths: tuple = ()  # link path towards each group rank (topology.PATHS), if known
     p2p: Optional[p2p.PeerBuffers] = field(default=None, compare=False, hash=False, repr=False)
     streams: Optional["SideStreams"] = field(default=None, compare=False, hash=False, repr=False)
+    framing: Optional[framing.Framing] = field(default=None, compare=False, hash=False,
+                                               repr=False)  # gloo: headers (comm/frame.py)
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
@@ -214,6 +217,8 @@ class Plan:
     p2p: Optional[tuple] = None  # (bytes per sender region, sends, receives): the peer-to-peer
                           # transport, each entry (peer, row, rows, wire, bytes)
     p2p_call: Optional["P2PCall"] = None  # its launches, made at the first call
+    framed: Optional[tuple] = None  # gloo: (sends, receives) per group rank, each entry
+                          # (row, rows, wire, bytes), None at this rank (comm/frame.py)
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
@@ -223,12 +228,18 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     own = (sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r])
     send_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
     recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
+    in_off, out_off = offsets(in_rows), offsets(out_rows)
+    if route.framing is not None:  # every pair travels with its header, even empty ones
+        def legs(off, rows, wires):
+            return tuple(None if p == r else (off[p], n, w, n * row_bytes(w, hidden, dtype))
+                         for p, (n, w) in enumerate(zip(rows, wires)))
+        return Plan(False, False, sum(out_rows), own, [], False,
+                    framed=(legs(in_off, in_rows, send_w), legs(out_off, out_rows, recv_w)))
     if all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r):
         # every pair as the rows themselves (own rows included): the tensor as it is
         return Plan(True, uniform, sum(out_rows), own, [], False)
     send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
     chunks = max(1, chunks)
-    in_off, out_off = offsets(in_rows), offsets(out_rows)
     if route.p2p is not None and (uniform or route.world == 2):
         # every rank knows every pair's size (no split sizes anywhere) or there is one pair:
         # every rank takes the same decision and reserves the same room
@@ -271,13 +282,17 @@ def cached_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, dtyp
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
-             chunks: int = 1, uniform: bool = False) -> Pending:
+             chunks: int = 1, uniform: bool = False, operation: str = "all_to_all") -> Pending:
     """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
     ``out_rows[p]`` rows come from it. ``uniform``: no rank of the call passed split sizes.
+    ``operation``: its name in the headers of a framed exchange (frame.OPERATIONS).
     Returns a Pending whose ``wait()`` gives the output [sum(out_rows), H] of ``x.dtype``."""
     x = x.contiguous()
     H, dtype, group = x.shape[1], x.dtype, route.group
     plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks, uniform)
+
+    if plan.framed is not None:
+        return _framed_exchange(x, plan, route, operation)
 
     if plan.p2p is not None:
         out = p2p_call(route, plan, H, dtype, x.device).run(x, (plan.out_total, H))
@@ -329,6 +344,41 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     return Pending(works, finish)
 
 
+def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:
+    """The exchange over gloo: each pair's rows behind a header the receiver checks."""
+    H, dtype = x.shape[1], x.dtype
+    sends, recvs = plan.framed
+
+    def leg(e):
+        return None if e is None else framing.Leg(e[1], e[3], framing.wire_code(e[2]))
+    frame = framing.Frame(route.framing, route.group, route.rank, route.world, operation,
+                          dtype, H, [leg(e) for e in sends], [leg(e) for e in recvs])
+    for p in frame.peers:
+        row, rows, wire, nbytes = sends[p]
+        if rows:
+            src = x[row:row + rows]
+            frame.payload(p).copy_((src.view(torch.uint8) if wire == RAW
+                                    else encode(src, wire)).reshape(-1))
+    frame.start()
+    out = x.new_empty((plan.out_total, H))
+    src, dst, n = plan.own
+    if n:
+        out[dst:dst + n].copy_(x[src:src + n])
+
+    def finish() -> torch.Tensor:
+        got = frame.wait()
+        for p in frame.peers:
+            row, rows, wire, nbytes = recvs[p]
+            if rows:
+                if wire == RAW:
+                    out[row:row + rows].view(torch.uint8).view(-1).copy_(got[p])
+                else:
+                    decode(got[p].view(rows, -1), wire, H, dtype, out=out[row:row + rows])
+        return out
+
+    return Pending([frame], finish)
+
+
 def p2p_call(route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
              device: torch.device) -> "P2PCall":
     """The launches of ``plan`` (a peer-to-peer plan), made at its first call and again when
@@ -357,6 +407,7 @@ class P2PCall:
         bufs = route.p2p
         bufs.reserve(plan.p2p[0])
         self.bufs, self.generation = bufs, bufs.generation
+        self.stamps = self._stamps(route, plan, hidden, dtype)
         self.device, self.dev, self.dtype = device, device.index, dtype
         dev, copy = self.dev, kernels.copy_async
         row = hidden * dtype.itemsize
@@ -372,7 +423,19 @@ class P2PCall:
         self.steps = tuple(steps + fused)
 
     @staticmethod
-    def _fused(route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
+    def _stamps(route: Route, plan: Plan, hidden: int, dtype: torch.dtype) -> tuple:
+        """(send, receive) stamps per group rank (p2p.stamp): what each pair's receiver
+        checks on the device."""
+        _, sends, recvs = plan.p2p
+
+        def per_rank(entries):
+            stamps = [p2p.stamp(None, 0, hidden, dtype)] * route.world
+            for p, first, rows, wire, nbytes in entries:
+                stamps[p] = p2p.stamp(wire, rows, hidden, dtype)
+            return tuple(stamps)
+        return per_rank(sends), per_rank(recvs)
+
+    def _fused(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
                x_off: int, own: int) -> Optional[list]:
         """The steps of a call whose every pair encodes and decodes records with one launch
         each, or None. Both ends of every pair decide alike (the same sizes and wires)."""
@@ -384,14 +447,16 @@ class P2PCall:
             return None
         steps = []
         for i, (p, first, rows, wire, nbytes) in enumerate(sends):
-            launch = bufs.encode_launch(p, rows, hidden, wire, dtype, own if i == 0 else 0)
+            launch = bufs.encode_launch(p, rows, hidden, wire, dtype, own if i == 0 else 0,
+                                        self.stamps)
             if launch is None:
                 return None
             to, off = bufs.region(p, r), first * hidden * dtype.itemsize
             steps.append(lambda s, xp, op, launch=launch, to=to, off=off:
                          launch(s, xp + off, to, xp + x_off, op + o_off))
         for i, (p, first, rows, wire, nbytes) in enumerate(recvs):
-            launch = bufs.decode_launch(p, rows, hidden, wire, dtype, i == len(recvs) - 1)
+            launch = bufs.decode_launch(p, rows, hidden, wire, dtype, i == len(recvs) - 1,
+                                        self.stamps)
             if launch is None:
                 return None
             frm, off = bufs.region(r, p), first * hidden * dtype.itemsize
@@ -409,9 +474,9 @@ class P2PCall:
         row = hidden * dtype.itemsize
         device = self.device
         steps = []
-        ready = bufs.sync(kernels.WAIT_FREED, copy_bytes=own)
-        landed = bufs.sync(kernels.PUBLISH_LANDED | kernels.WAIT_LANDED)
-        done = bufs.sync(kernels.PUBLISH_FREED, advance=True)
+        ready = bufs.sync(kernels.WAIT_FREED, self.stamps, copy_bytes=own)
+        landed = bufs.sync(kernels.PUBLISH_LANDED | kernels.WAIT_LANDED, self.stamps)
+        done = bufs.sync(kernels.PUBLISH_FREED, self.stamps, advance=True)
         steps.append(lambda s, xp, op: ready(s, xp + x_off, op + o_off))
         staged = []
         for p, first, rows, wire, nbytes in sends:
@@ -445,6 +510,7 @@ class P2PCall:
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
         """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""
+        self.bufs.check()  # what the kernels of earlier calls found (a host memory read)
         if x.data_ptr() % 16:
             x = x.clone()  # the encodes were planned for 16-byte aligned rows
         out = torch.empty(out_shape, dtype=self.dtype, device=self.device)

@@ -20,9 +20,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .check import check_consistent
+from . import frame
+from .check import ConfigMismatchError, check_consistent, hash63
 from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes
 from .exchange import exchange as flat_exchange
+from .frame import Framing
 from .plan import offsets
 from .topology import Topology
 
@@ -206,8 +208,10 @@ class Hierarchy:
     torch posts zero-byte NCCL send/recv to them). Per-split plans are cached here.
     """
 
-    def __init__(self, group, lay: Layout, rank: int, backend: str) -> None:
+    def __init__(self, group, lay: Layout, rank: int, backend: str,
+                 framing: Optional[Framing] = None) -> None:
         self.group, self.nodes, self.local, self.rank = group, lay.nodes, lay.local, rank
+        self.framing = framing  # CPU stages carry headers (comm/frame.py)
         self.node, self.local_rank = divmod(rank, lay.local)
         self.world = len(lay.granks)
         L, n, l = lay.local, self.node, self.local_rank
@@ -220,6 +224,14 @@ class Hierarchy:
             else:
                 self.stages[name] = (own, peers, False)
         self._plans: dict = {}
+
+    def numbering(self, device: torch.device) -> dict:
+        """For a call on CPU (framed stages): one number for all its stages, from the count
+        of the whole group, so a stage never pairs with another call's."""
+        if self.framing is None or device.type == "cuda":
+            return {}
+        key = self.group if self.group is not None else dist.group.WORLD
+        return dict(number=self.framing.next_number(key), counter=key)
 
     def kind(self, stage: str) -> str:
         """How a stage runs: "skipped", "group", "own group" or "masked"."""
@@ -236,15 +248,22 @@ class Hierarchy:
                 f"inter: {self.kind('inter')})")
 
     def a2a(self, stage: str, out: torch.Tensor, inp: torch.Tensor, out_splits: list,
-            in_splits: list, async_op: bool = False):
+            in_splits: list, async_op: bool = False, operation: str = "hierarchical stage",
+            detail: int = 0, **numbering):
         """``all_to_all_single`` of a stage; splits are per stage rank (index = position
-        among the stage's ranks, in group rank order)."""
+        among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
+        ``detail`` and ``numbering`` go to frame.all_to_all_single)."""
         pg, peers, masked = self.stages[stage]
         if masked:
             o, i = [0] * self.world, [0] * self.world
             for k, p in enumerate(peers):
                 o[p], i[p] = out_splits[k], in_splits[k]
             out_splits, in_splits = o, i
+        if self.framing is not None and not out.is_cuda:
+            rank, world = ((self.rank, self.world) if pg is self.group
+                           else (peers.index(self.rank), len(peers)))
+            return frame.all_to_all_single(self.framing, pg, rank, world, operation, out, inp,
+                                           out_splits, in_splits, detail, **numbering)
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg,
                                       async_op=async_op)
 
@@ -290,7 +309,8 @@ def hierarchy(comm) -> Hierarchy:
         if len(lay.granks) == dist.get_world_size():
             _create(lay, comm.backend)  # every process is in this call
         hit = comm.hierarchy_state["hierarchy"] = (
-            PROCESS.stage_version, Hierarchy(comm.group, lay, comm.rank, comm.backend))
+            PROCESS.stage_version, Hierarchy(comm.group, lay, comm.rank, comm.backend,
+                                             comm.framing))
     return hit[1]
 
 
@@ -379,7 +399,8 @@ def _hop_plan(h: Hierarchy, route: Route, counts: tuple, hidden: int, dtype: tor
                     send2=[sum(hop[l][m] for l in range(L)) for m in range(N)])
 
 
-def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device) -> tuple:
+def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device,
+               digest: int = 0, numbering: Optional[dict] = None) -> tuple:
     """``counts[l][n']`` = rows (this node, l) sends to (n', this local rank): derived
     (L == 1, or ``uniform``: every pair has the same rows) or one int64 all_to_all_single
     of N ints per peer in the intra-node group."""
@@ -390,12 +411,21 @@ def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device
         return ((in_rows[0],) * N,) * L
     mine = torch.tensor(in_rows, dtype=torch.int64).view(N, L).t().reshape(-1).to(device)
     theirs = torch.empty_like(mine)
-    h.a2a("intra", theirs, mine, [N] * L, [N] * L)
+    h.a2a("intra", theirs, mine, [N] * L, [N] * L, detail=digest, **(numbering or {}))
     return tuple(map(tuple, theirs.view(L, N).tolist()))
 
 
+def _digest(route: Route, hidden: int, dtype: torch.dtype) -> int:
+    """The route's codecs and gate thresholds per link class (the same on every rank of a
+    regular layout, though each rank's per-peer tables differ), hidden size and dtype."""
+    links = sorted({(path, repr(c), t) for p, (path, c, t) in
+                    enumerate(zip(route.paths, route.codecs, route.thresholds)) if p != route.rank})
+    return hash63((links, hidden, str(dtype)))
+
+
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chunks: int = 1,
-             *, hierarchy: Hierarchy, uniform: bool = False) -> Pending:
+             *, hierarchy: Hierarchy, uniform: bool = False,
+             operation: str = "all_to_all") -> Pending:
     """Start the hierarchical all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group
     rank p, ``out_rows[p]`` come from it, as ``exchange.exchange`` (``chunks`` is ignored).
     ``uniform``: every pair of the group has ``in_rows[0]`` rows (no split sizes given:
@@ -406,22 +436,36 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     H, dtype, dev = x.shape[1], x.dtype, x.device
     src = h._cached(("src", in_rows, out_rows, H, dtype, dev, route.codecs, route.thresholds),
                     lambda: _source_plan(h, route, in_rows, out_rows, H, dtype, dev))
-    counts = hop_counts(h, in_rows, uniform, dev)
-    hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
-                    lambda: _hop_plan(h, route, counts, H, dtype, dev))
-
-    send1 = _gather(_pack(x, src.send_segs), src.unit, src.index)
-    if h.local == 1:
-        recv1 = send1
-    else:
-        recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
-        h.a2a("intra", recv1, send1, hop.recv1, src.send1)
+    # in the stages' headers on CPU: the stages move bytes, this names what they carry
+    digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype),
+                       lambda: _digest(route, H, dtype))
+    numbering = h.numbering(dev)
+    try:
+        counts = hop_counts(h, in_rows, uniform, dev, digest, numbering)
+        hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
+                        lambda: _hop_plan(h, route, counts, H, dtype, dev))
+        send1 = _gather(_pack(x, src.send_segs), src.unit, src.index)
+        if h.local == 1:
+            recv1 = send1
+        else:
+            recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
+            h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest, **numbering)
+    except ConfigMismatchError:
+        if numbering and h.nodes > 1:  # stage 2 as headers only: its peers raise too
+            try:
+                h.a2a("inter", torch.empty(sum(src.recv2), dtype=torch.uint8),
+                      torch.empty(0, dtype=torch.uint8), src.recv2, [0] * h.nodes,
+                      detail=digest, aborted=True, **numbering)
+            except (ConfigMismatchError, frame.PeerError):
+                pass  # (theirs: this rank's error is the one to report)
+        raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:
         recv2, works = send2, []
     else:
         recv2 = torch.empty(sum(src.recv2), dtype=torch.uint8, device=dev)
-        works = [h.a2a("inter", recv2, send2, src.recv2, hop.send2, async_op=True)]
+        works = [h.a2a("inter", recv2, send2, src.recv2, hop.send2, async_op=True,
+                       detail=digest, **numbering)]
     out = x.new_empty((sum(out_rows), H))
     a, b, n = src.own
     if n:  # own rows: exact copy, overlapping stage 2
@@ -470,7 +514,8 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
     check_consistent(dict(algorithm=algorithm, row_shape=tuple(x.shape[1:]), dtype=x.dtype,
                           layout=(lay.nodes, lay.local), split_sizes_given=not uniform),
                      comm.pg, comm.agree_device, comm._verified,
-                     what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})")
+                     what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})",
+                     framing=comm.framing)
     if algorithm == "auto":
         if not lay.regular or lay.nodes < 2 or lay.local < 2:
             return flat_exchange

@@ -10,6 +10,12 @@ a decode launch that waits for "landed" and publishes "freed". The call numbers 
 device and the buffers do not move, so a call captured in a CUDA graph replays correctly
 any number of times.
 
+Ranks that disagree: with "landed" each sender stores its stamp of the pair (codec, rows,
+dtype, hidden: ``stamp``) in the receiver's flags, and the receiver's kernel compares it with
+the stamp it expects, writing a difference to a pinned error page that the host reads at its
+next call (``PeerBuffers.check``): both ranks of the pair raise ConfigMismatchError there,
+with no synchronisation in the call. Sizes must agree when the buffers grow (collective).
+
 Every rank of the group must take this path for the same calls, so the decision uses only
 what every rank knows: the route (all peers on this node over NVLink, decided once,
 collectively) and the call's sizes (even splits, or a group of two ranks whose one pair both
@@ -18,20 +24,45 @@ Communicator and are freed by its ``close()``.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .. import env, kernels
 from ..codec import cuda as _cuda
+from .check import ConfigMismatchError
+from .frame import dtype_code, wire_code, wire_text, DTYPES
 
 MAX_PEERS = kernels.MAX_PEERS
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
 TIMEOUT_S = 120  # a wait for a peer this long traps (a rank died): no silent hang
 COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
+MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
 
+
+
+def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
+    """One direction of a pair in a u64 both of its ranks compute alike: the wire (codec),
+    the rows, the dtype and the hidden size (mod 2**14); bit 0 set (0: nothing stored)."""
+    code = wire_code(wire) if rows else 0
+    return (1 | code << 1 | dtype_code(dtype) << 23 | min(rows, (1 << 24) - 1) << 26
+            | (hidden & 0x3FFF) << 50)
+
+
+def describe(value: int) -> str:
+    """A stamp in words."""
+    if not value & 1:
+        return "nothing (no stamp)"
+    code, dt = value >> 1 & 0x3FFFFF, value >> 23 & 7
+    rows, hidden = value >> 26 & 0xFFFFFF, value >> 50
+    if rows == 0:
+        return "no rows"
+    dtype = DTYPES[dt - 1] if 1 <= dt <= len(DTYPES) else "another dtype"
+    return f"{rows} rows of {wire_text(code)} ({dtype}, hidden {hidden})"
 
 
 def _runtime():
@@ -57,25 +88,54 @@ class PeerBuffers:
         self.stream: Optional[int] = None  # the stream of the last call
         self.data_ptrs: list[int] = []
         self.flag_ptrs = self._exchange(FLAG_BYTES)
-        self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile) -> p2p_sync's launch
+        self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile, stamps) -> launch
+        # the kernels report a peer's unexpected stamp here (pinned, mapped into the device)
+        rt, nbytes = _runtime(), 8 * kernels.P2P_ERROR_WORDS
+        with torch.cuda.device(device):
+            self._error_host = rt.hostAlloc(nbytes, MAPPED)
+        self._error_page = self._error_host  # unified addressing: the same address on the GPU
+        self._error_words = np.ctypeslib.as_array(
+            (ctypes.c_uint64 * kernels.P2P_ERROR_WORDS).from_address(self._error_host))
+        self._error_words[:] = 0
 
-    def args(self, **fields):
-        """csrc/p2p.cu's P2PArgs of this rank with ``fields`` set."""
-        return kernels.p2p_args(self.flag_ptrs, self.rank, self.world, TIMEOUT_S * 10**9, **fields)
+    def args(self, stamps: tuple, **fields):
+        """csrc/p2p.cu's P2PArgs of this rank with ``fields`` set; ``stamps``: the call's
+        (send, receive) stamps per group rank."""
+        return kernels.p2p_args(self.flag_ptrs, self.rank, self.world, TIMEOUT_S * 10**9,
+                                send_stamp=_padded(stamps[0]), recv_stamp=_padded(stamps[1]),
+                                error_page=self._error_page, **fields)
 
-    def sync(self, mode: int, advance: bool = False, copy_bytes: int = 0) -> kernels.Launch:
+    def check(self) -> None:
+        """Raise ConfigMismatchError if a kernel of an earlier call saw a peer's stamp differ
+        from the one this rank expected (and clear the report)."""
+        if not self._error_words[5]:
+            return
+        _, peer, got, want, call, _ = (int(w) for w in self._error_words)
+        self._error_words[:] = 0
+        raise ConfigMismatchError(
+            f"moe_flashcomm.all_to_all (peer-to-peer): ranks of the group disagree (seen by group "
+            f"rank {self.rank} of {self.world} at its peer-to-peer call #{call}):\n"
+            f"  rank {peer} sent {describe(got)}; this rank expected {describe(want)}\n"
+            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
+            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
+            "returned: its output is not valid.)")
+
+    def sync(self, mode: int, stamps: tuple, advance: bool = False,
+             copy_bytes: int = 0) -> kernels.Launch:
         """p2p_sync's launch: wait for / publish to every peer as ``mode`` says (its other
         blocks copy ``copy_bytes`` meanwhile: pointer bases source, destination)."""
-        key = (mode, advance, copy_bytes)
+        key = (mode, advance, copy_bytes, stamps)
         hit = self._syncs.get(key)
         if hit is None:
+            if len(self._syncs) > 256:
+                self._syncs.clear()
             hit = self._syncs[key] = kernels.sync_launch(
-                self.device.index, self.args(mode=mode, advance=int(advance),
+                self.device.index, self.args(stamps, mode=mode, advance=int(advance),
                                              copy_n16=copy_bytes // 16), copy_bytes)
         return hit
 
     def encode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
-                      copy_bytes: int) -> Optional[kernels.Launch]:
+                      copy_bytes: int, stamps: tuple) -> Optional[kernels.Launch]:
         """p2p_encode into ``peer``'s buffer, waiting for its "freed" and publishing "landed";
         its extra blocks copy ``copy_bytes`` (pointer bases: tokens, destination, copy
         source, copy destination). None where the encode takes more than one launch."""
@@ -85,12 +145,12 @@ class PeerBuffers:
         blocks, x_off, rec_off, enc = pieces[0]
         fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
                                       name.replace("mfc::encode_", "mfc::p2p_encode_"))
-        args = self.args(peer=peer, work_blocks=blocks, copy_n16=copy_bytes // 16)
+        args = self.args(stamps, peer=peer, work_blocks=blocks, copy_n16=copy_bytes // 16)
         return kernels.Launch(self.device.index, fn, blocks + kernels.copy_blocks(copy_bytes),
                               (x_off, rec_off, enc, args, 0, 0))
 
     def decode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
-                      advance: bool) -> Optional[kernels.Launch]:
+                      advance: bool, stamps: tuple) -> Optional[kernels.Launch]:
         """p2p_decode of ``peer``'s records once they have landed, publishing "freed" (pointer
         bases: records, tokens); ``advance``: the call's last launch. None where the decode
         takes more than one launch."""
@@ -100,7 +160,7 @@ class PeerBuffers:
         blocks, rec_off, y_off, dec = pieces[0]
         fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
                                       name.replace("mfc::decode_", "mfc::p2p_decode_"))
-        args = self.args(peer=peer, advance=int(advance))
+        args = self.args(stamps, peer=peer, advance=int(advance))
         return kernels.Launch(self.device.index, fn, blocks, (rec_off, y_off, dec, args))
 
     # -- collective setup ------------------------------------------------------------------
@@ -183,8 +243,18 @@ class PeerBuffers:
         for ptrs in (self.data_ptrs, self.flag_ptrs):
             if ptrs:
                 self._release(ptrs)
+        if self._error_host:
+            self._error_words = np.zeros(kernels.P2P_ERROR_WORDS, dtype=np.uint64)
+            with torch.cuda.device(self.device):
+                _runtime().freeHost(self._error_host)
+            self._error_host = 0
         self.data_ptrs, self.flag_ptrs, self.cap = [], [], 0
         self.generation += 1
+
+
+def _padded(stamps: tuple) -> list:
+    """Per group rank -> per MAX_PEERS slot (numpy u64)."""
+    return [s & (1 << 64) - 1 for s in stamps] + [0] * (MAX_PEERS - len(stamps))
 
 
 def _cudamalloc_zeroed(nbytes: int, device: torch.device) -> int:

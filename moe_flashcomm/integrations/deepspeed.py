@@ -169,7 +169,7 @@ class _LayerState(PatchState):
         if _tensor_parallel_size(layer) > 1:  # drop_tokens splits the capacity: padded exchange
             return
         mine = filled_slots(output[3], output[4], int(output[2]))
-        self.counts = RouteCounts(mine, self.exchange_counts(mine, layer.ep_group))
+        self.counts = RouteCounts(mine, self.communicator(layer.ep_group).exchange_counts(mine))
 
     def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
         """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
@@ -233,12 +233,6 @@ class _LayerState(PatchState):
         return comm.all_to_all(x, output_splits, input_splits, codec=codec, grad_codec=grad_codec,
                                chunks=cfg.chunks, algorithm=cfg.algorithm)
 
-    @staticmethod
-    def exchange_counts(mine: torch.Tensor, group) -> torch.Tensor:
-        """skip_padding: every rank's filled-slot counts [E] to the ranks of their experts."""
-        theirs = torch.empty_like(mine)
-        dist.all_to_all_single(theirs, mine, group=group)
-        return theirs
 
 
 def _tensor_parallel_size(layer: nn.Module) -> int:

@@ -1,0 +1,330 @@
+"""Framed exchanges: on gloo every message between two ranks starts with a header that the
+receiver checks before it decodes a byte.
+
+Ranks that disagree (a codec changed on one rank, a shape, split sizes, a skipped call)
+would otherwise hang, abort inside gloo (a message longer than the receive) or decode
+garbage. The first-use check of ``comm/check.py`` cannot see a rank that switches to a
+configuration it used before; the header sees every call, at no extra collective.
+
+Header (HEADER_BYTES, int64 words): magic, operation, exchange number in this group, the
+sender's (rank, world), (dtype, hidden), the sender's wire, rows it sends to this peer,
+rows it expects from this peer, payload bytes it sends, and an operation's detail (the
+all-reduce's numel). Both ends of a pair send one, so both ends of a disagreeing pair see
+the disagreement and raise.
+
+Round 1 is one ``all_to_all_single``: to each peer its header and the first
+FRAME_BYTES - HEADER_BYTES bytes of its payload; every rank receives into at least
+FRAME_BYTES per peer, so no peer can overflow the receive and a short one is noticed.
+Round 2, only for payloads longer than that, moves the rest point to point, sized from the
+header on both ends, so the transport stays in step even when the sizes disagree; then the
+disagreement raises. A peer that sends nothing within the timeout is named.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..codec import CodecConfig
+from .check import ConfigMismatchError
+
+MAGIC = 0x4D4F45464C415331  # "MOEFLAS1": the format's version is its last byte
+WORDS = 12
+HEADER_BYTES = 8 * WORDS
+FRAME_BYTES = 4 << 20
+ALIGN = 16
+OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
+              "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
+              "consistency check", "skip_padding counts")
+NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
+                    "hierarchical all-reduce stage")  # whose detail word is the numel
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64)
+RAW_WIRE = 1  # the rows' own bytes
+ABORTED = 1  # flags word: the sender found a disagreement earlier in this call
+
+
+class PeerError(RuntimeError):
+    """A framed exchange lost a peer (its connection failed: it exited or crashed)."""
+
+
+class PeerTimeoutError(PeerError):
+    """Peers of a framed exchange sent nothing within the communicator's timeout."""
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One direction between this rank and a peer: ``rows`` rows of ``wire`` in ``nbytes``."""
+    rows: int
+    nbytes: int
+    wire: int = RAW_WIRE
+
+
+def wire_code(wire) -> int:
+    """A codec (or RAW / None) as one header word, readable back by ``wire_text``."""
+    if not isinstance(wire, CodecConfig):
+        return RAW_WIRE
+    bits = wire.bits if isinstance(wire.bits, int) else 9 + ("fp8", "bf16", "native").index(wire.bits)
+    return (2 | bits << 4 | wire.group_size << 8 | int(wire.spikes) << 20
+            | int(wire.rounding == "stochastic") << 21)
+
+
+def wire_text(code: int) -> str:
+    if code == RAW_WIRE:
+        return "the rows' own bytes"
+    bits = (code >> 4) & 15
+    names = {9: "fp8", 10: "bf16", 11: "native"}
+    cfg = CodecConfig(bits=names.get(bits, bits), group_size=(code >> 8) & 0xFFF,
+                      spikes=bool(code >> 20 & 1),
+                      rounding="stochastic" if code >> 21 & 1 else "nearest")
+    return f"{cfg} records"
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPES.index(dtype) + 1 if dtype in DTYPES else 0
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class Framing:
+    """A communicator's framed exchanges: the exchange number per process group (a rank that
+    skips or repeats a call is caught) and how long to wait for silent peers."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.sequence: dict = {}  # process group -> exchanges started in it
+
+    def next_number(self, pg) -> int:
+        n = self.sequence.get(pg, 0) + 1
+        self.sequence[pg] = n
+        return n
+
+
+class Frame:
+    """One framed all-to-all over ``pg`` (group rank ``rank`` of ``world``).
+
+    sends[p] / recvs[p]: the Leg this rank sends to / expects from group rank p (None at
+    ``rank``). Write each payload into ``payload(p)``, call ``start()``, then ``wait()``
+    for the received payloads (uint8 views, None at ``rank``); ``wait`` raises
+    ConfigMismatchError naming every disagreement this rank sees, after the transport is
+    done, or PeerError / PeerTimeoutError naming the peers that sent nothing.
+
+    A call of several exchanges (hierarchical stages, the all-reduce's two steps) numbers
+    them all with the call's number (``number``, drawn from ``counter``'s count: the
+    call's group); a rank that found a disagreement in one step sends the later ones as
+    ``aborted`` frames (headers only), so ranks that only meet it there raise too."""
+
+    def __init__(self, framing: Framing, pg, rank: int, world: int, operation: str,
+                 dtype: torch.dtype, hidden: int, sends: Sequence[Optional[Leg]],
+                 recvs: Sequence[Optional[Leg]], detail: int = 0, *,
+                 number: Optional[int] = None, counter=None, aborted: bool = False) -> None:
+        pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
+        self.framing, self.pg, self.rank, self.world = framing, pg, rank, world
+        self.operation, self.dtype, self.hidden, self.detail = operation, dtype, hidden, detail
+        if aborted:
+            sends = [None if leg is None else Leg(0, 0) for leg in sends]
+        self.sends, self.recvs = sends, recvs
+        self.counter = counter if counter is not None else pg
+        if number is None:
+            # the first-use checks (comm/check.py) run on every rank at once and compare
+            # more than a number could: they are not counted
+            number = 0 if operation == "consistency check" else framing.next_number(self.counter)
+        self.number = number
+        peers = [p for p in range(world) if p != rank]
+        # send buffer: per peer [header][payload]
+        self.send_at, at = {}, 0
+        for p in peers:
+            self.send_at[p] = at
+            at += HEADER_BYTES + sends[p].nbytes
+        self.send = torch.empty(at, dtype=torch.uint8)
+        words = torch.tensor([[MAGIC, OPERATIONS.index(operation) + 1, self.number,
+                               rank | world << 32, dtype_code(dtype) | hidden << 8,
+                               sends[p].wire, sends[p].rows, recvs[p].rows, sends[p].nbytes,
+                               detail, int(aborted), 0] for p in peers], dtype=torch.int64)
+        head = words.view(torch.uint8)
+        for i, p in enumerate(peers):
+            self.send[self.send_at[p]:self.send_at[p] + HEADER_BYTES].copy_(head[i])
+        # receive buffer: per peer room for the whole expected payload and one frame
+        self.recv_at, at = {}, 0
+        for p in peers:
+            self.recv_at[p] = at
+            at += _round_up(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
+        self.recv = torch.empty(at, dtype=torch.uint8)
+        for p in peers:  # a slot left with no magic names a silent peer
+            self.recv[self.recv_at[p]:self.recv_at[p] + 8].zero_()
+        self.peers, self.work = peers, None
+
+    def payload(self, p: int) -> torch.Tensor:
+        """Where the payload for group rank ``p`` goes (uint8, sends[p].nbytes bytes)."""
+        a = self.send_at[p] + HEADER_BYTES
+        return self.send[a:a + self.sends[p].nbytes]
+
+    def start(self) -> "Frame":
+        first = {p: HEADER_BYTES + min(self.sends[p].nbytes, FRAME_BYTES - HEADER_BYTES)
+                 for p in self.peers}
+        in_splits, out_splits = [0] * self.world, [0] * self.world
+        for k, p in enumerate(self.peers):
+            in_splits[p] = first[p]
+            end = self.recv_at[self.peers[k + 1]] if k + 1 < len(self.peers) else self.recv.numel()
+            out_splits[p] = end - self.recv_at[p]
+        if sum(in_splits) == self.send.numel():  # every payload fits its frame
+            send = self.send
+        else:  # round 1 takes the first frame of each
+            send = torch.cat([self.send[self.send_at[p]:self.send_at[p] + first[p]]
+                              for p in self.peers])
+        self.work = dist.all_to_all_single(self.recv, send, out_splits, in_splits,
+                                           group=self.pg, async_op=True)
+        return self
+
+    def is_completed(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def wait(self) -> list:
+        """The received payloads (uint8, recvs[p].nbytes each; None at this rank)."""
+        self._wait(self.work, "")
+        headers = {p: self.recv[self.recv_at[p]:self.recv_at[p] + HEADER_BYTES]
+                   .view(torch.int64).tolist() for p in self.peers}
+        problems = {p: self._disagreements(p, h) for p, h in headers.items()}
+        # round 2: the rest of long payloads, sized from the headers on both ends
+        room = FRAME_BYTES - HEADER_BYTES
+        works = []
+        ranks = dist.get_process_group_ranks(self.pg) if self.pg is not None else range(self.world)
+        ranks = list(ranks)
+        for p in self.peers:
+            if self.sends[p].nbytes > room:
+                a = self.send_at[p] + FRAME_BYTES
+                works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
+                                        ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+            h = headers[p]
+            if h[0] == MAGIC and h[8] > room:
+                rest = h[8] - room
+                if h[8] == self.recvs[p].nbytes:
+                    a = self.recv_at[p] + FRAME_BYTES
+                    dst = self.recv[a:a + rest]
+                else:  # drained, to keep the transport in step, then reported
+                    dst = torch.empty(rest, dtype=torch.uint8)
+                works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+        for w in works:
+            self._wait(w, " (the rest of a long message)")
+        bad = {p: msgs for p, msgs in problems.items() if msgs}
+        if bad:  # counted alike again from here, whatever each rank was running
+            seen = [h[2] for h in headers.values() if h[0] == MAGIC]
+            self.framing.sequence[self.counter] = max(
+                seen + [self.framing.sequence.get(self.counter, 0)])
+            lines = [f"rank {p}: {m}" for p, msgs in bad.items() for m in msgs]
+            raise ConfigMismatchError(
+                f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
+                f"{self._where()} (seen by group rank {self.rank} of {self.world}):\n  "
+                + "\n  ".join(lines)
+                + "\nEvery rank must make the same moe_flashcomm calls in the same order, with "
+                  "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
+                  "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
+                  "(output_split_sizes[a] on b).")
+        out: list = [None] * self.world
+        for p in self.peers:
+            a = self.recv_at[p] + HEADER_BYTES
+            out[p] = self.recv[a:a + self.recvs[p].nbytes]
+        self.send = None
+        return out
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(timeout=self.framing.timeout)
+        except RuntimeError as e:
+            silent = [p for p in self.peers
+                      if self.recv[self.recv_at[p]:self.recv_at[p] + 8].view(torch.int64).item()
+                      != MAGIC]
+            where = (f"moe_flashcomm.{self.operation}: group rank {self.rank} of {self.world}, at "
+                     f"{self._where()}{what}: nothing came from ranks "
+                     f"{silent or 'none (a long message stalled)'}")
+            if "timed out" not in str(e).lower():
+                raise PeerError(f"{where}; the connection failed ({e})") from e
+            raise PeerTimeoutError(
+                f"{where} within {self.framing.timeout.total_seconds():g} s. They did not make "
+                "this call, or made another collective; every rank must make the same calls in "
+                "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
+                "wait.)") from None
+
+    def _where(self) -> str:
+        return f"exchange #{self.number} of this group" if self.number else "a first-use check"
+
+    def _disagreements(self, p: int, h: list) -> list:
+        """What group rank p's header ``h`` says that this rank's view of the pair does not."""
+        if h[0] != MAGIC:
+            return ["its message carries no moe_flashcomm header: it ran another collective "
+                    "here, or another version of moe_flashcomm"]
+        mine = self.recvs[p]
+        out = []
+        op = OPERATIONS[h[1] - 1] if 1 <= h[1] <= len(OPERATIONS) else f"operation {h[1]}"
+        if op != self.operation:
+            return [f"it runs {op} while this rank runs {self.operation}"]
+        if h[10] & ABORTED:
+            return [f"it found ranks disagreeing earlier in this call (exchange #{h[2]}); "
+                    "its error names them"]
+        if h[3] != (p | self.world << 32):
+            return [f"it is group rank {h[3] & 0xFFFFFFFF} of {h[3] >> 32}, not rank {p} of "
+                    f"{self.world}: the groups differ"]
+        if h[2] != self.number:
+            out.append(f"it is at exchange #{h[2]} of this group, this rank at #{self.number}: "
+                       "a rank skipped or repeated a call")
+        if h[4] != (dtype_code(self.dtype) | self.hidden << 8):
+            code = h[4] & 0xFF
+            dt = DTYPES[code - 1] if 1 <= code <= len(DTYPES) else "another dtype"
+            out.append(f"it sends {dt} rows of hidden size {h[4] >> 8}; this rank has "
+                       f"{self.dtype} rows of hidden size {self.hidden}")
+        if h[9] != self.detail:
+            out.append(f"it reduces {h[9]} values; this rank reduces {self.detail}"
+                       if self.operation in NUMEL_OPERATIONS else
+                       "its configuration (codecs, size gate, hidden size, dtype) differs from "
+                       "this rank's")
+        if h[6] != mine.rows:
+            out.append(f"it sends {h[6]} rows to this rank; this rank expects {mine.rows} "
+                       f"from it")
+        if h[7] != self.sends[p].rows:
+            out.append(f"it expects {h[7]} rows from this rank; this rank sends "
+                       f"{self.sends[p].rows} to it")
+        if not out and h[5] != mine.wire:
+            out.append(f"it sends {wire_text(h[5])}; this rank expects {wire_text(mine.wire)} "
+                       "(the codecs differ)")
+        if not out and h[8] != mine.nbytes:
+            out.append(f"it sends {h[8]} bytes; this rank expects {mine.nbytes}")
+        return out
+
+
+def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: str,
+                      out: torch.Tensor, inp: torch.Tensor, out_splits: list,
+                      in_splits: list, detail: int = 0, **numbering) -> "Done":
+    """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
+    framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
+    result stands in for the work of an asynchronous call. ``numbering``: Frame's
+    ``number``, ``counter`` and ``aborted``."""
+    unit = inp.element_size()
+    isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+    ioff = [sum(in_splits[:p]) * unit for p in range(world)]
+    ooff = [sum(out_splits[:p]) * unit for p in range(world)]
+    sends = [None if p == rank else Leg(in_splits[p], in_splits[p] * unit) for p in range(world)]
+    recvs = [None if p == rank else Leg(out_splits[p], out_splits[p] * unit) for p in range(world)]
+    frame = Frame(framing, pg, rank, world, operation, inp.dtype, 0, sends, recvs, detail,
+                  **numbering)
+    for p in frame.peers:
+        frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
+    got = frame.start().wait()
+    n = in_splits[rank] * unit
+    osrc[ooff[rank]:ooff[rank] + n].copy_(isrc[ioff[rank]:ioff[rank] + n])
+    for p in frame.peers:
+        osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
+    return Done()
+
+
+class Done:
+    """The work of a call that completed before it returned."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True

@@ -1,0 +1,180 @@
+"""Ranks that disagree at any call raise a clear error on every rank that sees it, within
+seconds, and the group works afterwards (comm/frame.py: every exchange over gloo carries
+a header). Real gloo process groups; each test is killed if it runs past its limit."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import moe_flashcomm as mf
+from moe_flashcomm.codec import CodecConfig, record_bytes
+from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
+from moe_flashcomm.comm.all_reduce import reference_all_reduce
+from tests.a2a_cases import make_input
+from tests.distributed import spawn
+
+LIMIT_S = 10  # what every disagreement must take at most, on every rank
+
+
+def _raises(fn, exc, *patterns):
+    """Run ``fn``; it must raise ``exc`` within LIMIT_S, its message holding ``patterns``."""
+    start = time.monotonic()
+    with pytest.raises(exc) as info:
+        fn()
+    took = time.monotonic() - start
+    assert took < LIMIT_S, took
+    for pattern in patterns:
+        assert pattern in str(info.value), (pattern, str(info.value))
+    return str(info.value)
+
+
+def _codec_switch(rank, world):
+    comm = mf.Communicator(gate=False)
+    x = make_input(rank, 4 * world, (256,), torch.float32, 1)
+    int4, int8 = CodecConfig(bits=4), CodecConfig(bits=8)
+    g32 = CodecConfig(bits=4, group_size=32, spikes=False)
+    assert record_bytes(256, int4) == record_bytes(256, g32)  # the same size on the wire
+    want = {c: comm.all_to_all(x, codec=c) for c in (int4, int8, g32)}  # every rank used all
+    # a configuration every rank has used, used differently: a bigger record...
+    _raises(lambda: comm.all_to_all(x, codec=int8 if rank == 1 else int4), ConfigMismatchError,
+            "exchange #4", "int8/g128+spikes", "int4/g128+spikes", "the codecs differ")
+    # ... and records of the same size (these used to decode to garbage)
+    _raises(lambda: comm.all_to_all(x, codec=g32 if rank == 1 else int4), ConfigMismatchError,
+            "int4/g32 records", "int4/g128+spikes records")
+    # a configuration new to one rank (its first-use check meets the others' exchange)
+    _raises(lambda: comm.all_to_all(x, codec=3 if rank == 1 else int4), ConfigMismatchError,
+            "consistency check")
+    # the backward: gradient codecs every rank has used, used differently
+    y = x.clone().requires_grad_()
+    int6 = CodecConfig(bits=6)
+    for g in (int8, int6):
+        comm.all_to_all(y, codec=int4, grad_codec=g).sum().backward()
+    out = comm.all_to_all(y, codec=int4, grad_codec=int8 if rank == 0 else int6)
+    _raises(lambda: out.sum().backward(), ConfigMismatchError, "all_to_all backward",
+            "the codecs differ")
+    # and the group works afterwards, bit for bit as before
+    for c, expected in want.items():
+        assert torch.equal(comm.all_to_all(x, codec=c), expected)
+    comm.close()
+
+
+def test_codec_switch_after_warm_up_gloo_2():
+    spawn(_codec_switch, 2, timeout=240)
+
+
+def _split_sizes(rank, world):
+    comm = mf.Communicator(gate=False)
+    for codec, hidden, rows in ((4, 64, 5), ("native", 1024, FRAME_BYTES // 4096 + 300)):
+        # rank 0 sends `rows` rows to rank 1, which expects rows + 2; rank 1 sends rows + 1 to
+        # rank 0, which expects rows - 1 (this direction aborted the process inside gloo).
+        # The long case (about 5 MiB) takes the second round on both ends.
+        x = make_input(rank, 2 * rows + 1, (hidden,), torch.float32, 2)
+        send = [rows + 1, rows]  # (rank 0 keeps rows + 1; rank 1 keeps rows)
+        recv = [rows + 1, rows - 1] if rank == 0 else [rows + 2, rows]
+        msg = _raises(lambda: comm.all_to_all(x, recv, send, codec=codec), ConfigMismatchError)
+        if rank == 0:
+            assert f"rank 1: it sends {rows + 1} rows to this rank; this rank expects {rows - 1}" in msg
+            assert f"rank 1: it expects {rows + 2} rows from this rank; this rank sends {rows}" in msg
+        else:
+            assert f"rank 0: it sends {rows} rows to this rank; this rank expects {rows + 2}" in msg
+            assert f"rank 0: it expects {rows - 1} rows from this rank; this rank sends {rows + 1}" in msg
+        # the transport stayed in step: an agreeing call right after is exact
+        ok = [rows, rows]
+        xs = x[:2 * rows].to(torch.bfloat16)
+        got = comm.all_to_all(xs, ok, ok, codec="bf16")
+        theirs = make_input(1 - rank, 2 * rows + 1, (hidden,), torch.float32, 2)[:2 * rows]
+        mine = xs[rank * rows:(rank + 1) * rows]
+        peer = theirs.to(torch.bfloat16)[rank * rows:(rank + 1) * rows]
+        assert torch.equal(got, torch.cat([mine, peer] if rank == 0 else [peer, mine]))
+    comm.close()
+
+
+def test_split_sizes_disagree_gloo_2():
+    spawn(_split_sizes, 2, timeout=240)
+
+
+def _shape_and_order(rank, world):
+    comm = mf.Communicator(gate=False)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 3)
+    comm.all_to_all(x)
+    comm.all_to_all(x[:2 * world])  # both sizes are known to every rank
+    # even splits of different token counts: the sizes disagree on every pair
+    _raises(lambda: comm.all_to_all(x if rank == 2 else x[:2 * world]), ConfigMismatchError,
+            "rows to this rank")
+    # a rank that skips a call: its next call pairs with the others' call it skipped (the
+    # same bytes: nothing can tell), and their next call waits for it in vain: named
+    if rank != 0:
+        comm.all_to_all(x)
+        _raises(lambda: comm.all_to_all(x), PeerTimeoutError, "nothing came from ranks [0]")
+    else:
+        comm.all_to_all(x)
+        time.sleep(6)  # (leaving now would close its connections: a different error)
+    os._exit(0)  # ranks 1 and 2 have an exchange in flight: leave without tearing down
+
+
+def test_changed_shape_and_skipped_call_gloo_3():
+    spawn(_shape_and_order, 3, timeout=240, env=dict(MOE_FLASHCOMM_TIMEOUT_S=4))
+
+
+def _all_reduce_numel(rank, world):
+    comm = mf.Communicator(gate=False)
+    x = make_input(rank, 1500, (), torch.float32, 4)
+    for numel in (1000, 1500, 5000):  # (1000 and 1500 pad to the same rows)
+        comm.all_reduce(x[:numel].clone() if numel <= 1500 else torch.ones(numel))
+    mine = 1000 if rank == 0 else 1500
+    _raises(lambda: comm.all_reduce(x[:mine].clone()), ConfigMismatchError,
+            "all_reduce reduce-scatter", f"reduces {2500 - mine} values; this rank reduces {mine}")
+    _raises(lambda: comm.all_reduce(x[:1000].clone() if rank else torch.ones(5000)),
+            ConfigMismatchError, "values; this rank reduces")
+    # afterwards: the specification's result on every rank
+    got = comm.all_reduce(x.clone())
+    inputs = [make_input(r, 1500, (), torch.float32, 4) for r in range(world)]
+    assert torch.equal(got, reference_all_reduce(inputs))
+    comm.close()
+
+
+def test_all_reduce_numel_disagrees_gloo_2():
+    spawn(_all_reduce_numel, 2, timeout=240)
+
+
+def _silent_peer(rank, world):
+    comm = mf.Communicator(gate=False, timeout=3)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 5)
+    comm.all_to_all(x)
+    if rank == 2:  # never makes the call
+        time.sleep(8)
+        os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError) as info:
+        comm.all_to_all(x)
+    assert 3 <= time.monotonic() - start < LIMIT_S
+    assert "nothing came from ranks [2]" in str(info.value)
+    os._exit(0)  # an exchange is in flight: leave without tearing the group down
+
+
+def test_silent_peer_is_named_gloo_3():
+    spawn(_silent_peer, 3, timeout=120)
+
+
+def _hierarchical(rank, world):
+    comm = mf.Communicator(gate=False, topology=2, algorithm="hierarchical")
+    x = make_input(rank, 4 * world, (256,), torch.float32, 6)
+    int4, g32 = CodecConfig(bits=4), CodecConfig(bits=4, group_size=32, spikes=False)
+    want = {c: comm.all_to_all(x, codec=c) for c in (int4, g32)}
+    # rank 3 only: its node mate (stage 1) sees it, the other node hears of it in stage 2
+    msg = _raises(lambda: comm.all_to_all(x, codec=g32 if rank == 3 else int4),
+                  ConfigMismatchError, "hierarchical stage")
+    assert ("its configuration (codecs, size gate, hidden size, dtype) differs" in msg
+            if rank in (2, 3) else "found ranks disagreeing earlier in this call" in msg), msg
+    for c, expected in want.items():
+        assert torch.equal(comm.all_to_all(x, codec=c), expected)
+    assert torch.equal(comm.all_to_all(x, codec=int4, algorithm="flat"), want[int4])
+    comm.close()
+
+
+def test_hierarchical_codec_switch_gloo_4():
+    spawn(_hierarchical, 4, timeout=300)

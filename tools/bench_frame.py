@@ -1,0 +1,95 @@
+"""What the per-peer headers of exchanges over gloo cost (comm/frame.py): the same
+all-to-all with and without them, in the same run, alternating call by call.
+
+Two (or --world) CPU processes on gloo. Per size (bf16 bytes per rank) and codec it prints
+the wall time of one exchange framed and unframed (median of --reps alternating pairs),
+their ratio, and the header bytes against the payload bytes. The unframed exchange is the
+library's own path with the framing switched off (its route without a Framing), so the
+difference is the headers' cost alone: building and checking them, the frame-sized
+receive, and the copies into the framed send buffer.
+
+    python tools/bench_frame.py --out docs/data/bench_frame.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe_flashcomm as mf  # noqa: E402
+from moe_flashcomm.comm.exchange import exchange  # noqa: E402
+from moe_flashcomm.comm.frame import HEADER_BYTES  # noqa: E402
+from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
+
+H = 1024
+SIZES = [64 << 10, 1 << 20, 4 << 20]
+CODECS = {"bf16": "bf16", "int4": 4}
+
+
+def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    comm = mf.Communicator(gate=False)
+    rows = []
+    for size in SIZES:
+        tokens = size // (2 * H) // world * world
+        x = torch.randn(tokens, H).to(torch.bfloat16)
+        split = (tokens // world,) * world
+        for name, codec in CODECS.items():
+            framed = comm.route(LinkCodecs.coerce(codec, "codec"), "cpu")
+            plain = dataclasses.replace(framed, framing=None, plans={})
+            times = {"framed": [], "plain": []}
+            for i in range(reps + 5):
+                for kind, route in (("framed", framed), ("plain", plain))[::1 if i % 2 else -1]:
+                    dist.barrier()
+                    t = time.perf_counter()
+                    exchange(x, split, split, route, uniform=True).wait()
+                    if i >= 5:
+                        times[kind].append(time.perf_counter() - t)
+            f_us = statistics.median(times["framed"]) * 1e6
+            p_us = statistics.median(times["plain"]) * 1e6
+            payload = (tokens // world) * H * 2 if name == "bf16" else \
+                (tokens // world) * mf.codec.record_bytes(H, mf.CodecConfig(bits=4))
+            rows.append(dict(bytes_per_rank=size, codec=name, framed_us=round(f_us, 1),
+                             plain_us=round(p_us, 1), ratio=round(f_us / p_us, 4),
+                             header_bytes_per_peer=HEADER_BYTES, payload_bytes_per_peer=payload,
+                             header_share=round(HEADER_BYTES / payload, 6)))
+            if rank == 0:
+                r = rows[-1]
+                print(f"{size >> 10:>6} KiB {name:>5}: framed {f_us:8.1f} us  plain {p_us:8.1f} us"
+                      f"  ratio {r['ratio']:.3f}  header {HEADER_BYTES} B / {payload} B per peer",
+                      flush=True)
+    if rank == 0 and out:
+        meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
+                    machine=f"{platform.processor() or platform.machine()}, "
+                            f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    comm.close()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--port", type=int, default=29631)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    mp.start_processes(_worker, (a.world, a.port, a.reps, a.out), nprocs=a.world,
+                       start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
