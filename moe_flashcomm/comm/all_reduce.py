@@ -447,6 +447,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             raise
         rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
                            rows3[r, a:b], r, cfg)
+        scatter.release()
         gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
                              legs, legs, detail=plan.numel, **numbering)
         for p in gather.peers:
@@ -454,6 +455,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
         got = gather.start().wait()
         for p in range(W):
             _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
+        gather.release()
 
 
 # ---- hierarchical ------------------------------------------------------------------------------

@@ -87,4 +87,6 @@ def _gather_framed(mine: torch.Tensor, group, rank: int, world: int, framing) ->
     for p in frame.peers:
         frame.payload(p).copy_(mine.view(torch.uint8))
     got = frame.start().wait()
-    return torch.stack([mine if p == rank else got[p].view(torch.int64) for p in range(world)])
+    table = torch.stack([mine if p == rank else got[p].view(torch.int64) for p in range(world)])
+    frame.release()
+    return table

@@ -374,6 +374,7 @@ def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) 
                     out[row:row + rows].view(torch.uint8).view(-1).copy_(got[p])
                 else:
                     decode(got[p].view(rows, -1), wire, H, dtype, out=out[row:row + rows])
+        frame.release()
         return out
 
     return Pending([frame], finish)

@@ -25,6 +25,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,6 +37,7 @@ WORDS = 12
 HEADER_BYTES = 8 * WORDS
 FRAME_BYTES = 4 << 20
 ALIGN = 16
+POOL_MIN, POOL_DEPTH = 64 << 10, 4  # Framing's buffer pool: smallest size class, buffers kept
 OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
               "consistency check", "skip_padding counts")
@@ -97,11 +99,28 @@ class Framing:
     def __init__(self, timeout_s: float) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.sequence: dict = {}  # process group -> exchanges started in it
+        # released frame buffers by size class: a fresh multi-MiB buffer per call costs its
+        # page faults every time (measured: tools/bench_frame.py)
+        self._free: dict = {}
 
     def next_number(self, pg) -> int:
         n = self.sequence.get(pg, 0) + 1
         self.sequence[pg] = n
         return n
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 CPU buffer of at least ``nbytes`` (its first ``nbytes`` returned)."""
+        size = max(POOL_MIN, 1 << (nbytes - 1).bit_length())
+        free = self._free.get(size)
+        buf = free.pop() if free else torch.empty(size, dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        """Return a buffer of ``buffer`` once nothing reads or writes it."""
+        whole = buf._base if buf._base is not None else buf
+        free = self._free.setdefault(whole.numel(), [])
+        if len(free) < POOL_DEPTH:
+            free.append(whole)
 
 
 class Frame:
@@ -140,23 +159,32 @@ class Frame:
         for p in peers:
             self.send_at[p] = at
             at += HEADER_BYTES + sends[p].nbytes
-        self.send = torch.empty(at, dtype=torch.uint8)
-        words = torch.tensor([[MAGIC, OPERATIONS.index(operation) + 1, self.number,
-                               rank | world << 32, dtype_code(dtype) | hidden << 8,
-                               sends[p].wire, sends[p].rows, recvs[p].rows, sends[p].nbytes,
-                               detail, int(aborted), 0] for p in peers], dtype=torch.int64)
-        head = words.view(torch.uint8)
+        self.send = framing.buffer(at)
+        words = np.array([[MAGIC, OPERATIONS.index(operation) + 1, self.number,
+                           rank | world << 32, dtype_code(dtype) | hidden << 8,
+                           sends[p].wire, sends[p].rows, recvs[p].rows, sends[p].nbytes,
+                           detail, int(aborted), 0] for p in peers], dtype=np.int64)
+        head, send = words.view(np.uint8), self.send.numpy()
         for i, p in enumerate(peers):
-            self.send[self.send_at[p]:self.send_at[p] + HEADER_BYTES].copy_(head[i])
+            send[self.send_at[p]:self.send_at[p] + HEADER_BYTES] = head[i]
         # receive buffer: per peer room for the whole expected payload and one frame
         self.recv_at, at = {}, 0
         for p in peers:
             self.recv_at[p] = at
             at += _round_up(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
-        self.recv = torch.empty(at, dtype=torch.uint8)
+        self.recv = framing.buffer(at)
+        self._recv_words = self.recv.numpy().view(np.int64)  # (slots are 16-byte aligned)
         for p in peers:  # a slot left with no magic names a silent peer
-            self.recv[self.recv_at[p]:self.recv_at[p] + 8].zero_()
+            self._recv_words[self.recv_at[p] // 8] = 0
         self.peers, self.work = peers, None
+
+    def release(self) -> None:
+        """Give the buffers back to the Framing: call once the payloads of ``wait`` are
+        consumed (not needed for correctness: unreleased buffers are simply collected)."""
+        for buf in (self.send, self.recv):
+            if buf is not None:
+                self.framing.give_back(buf)
+        self.send = self.recv = None
 
     def payload(self, p: int) -> torch.Tensor:
         """Where the payload for group rank ``p`` goes (uint8, sends[p].nbytes bytes)."""
@@ -186,8 +214,8 @@ class Frame:
     def wait(self) -> list:
         """The received payloads (uint8, recvs[p].nbytes each; None at this rank)."""
         self._wait(self.work, "")
-        headers = {p: self.recv[self.recv_at[p]:self.recv_at[p] + HEADER_BYTES]
-                   .view(torch.int64).tolist() for p in self.peers}
+        headers = {p: self._recv_words[self.recv_at[p] // 8:self.recv_at[p] // 8 + WORDS].tolist()
+                   for p in self.peers}
         problems = {p: self._disagreements(p, h) for p, h in headers.items()}
         # round 2: the rest of long payloads, sized from the headers on both ends
         room = FRAME_BYTES - HEADER_BYTES
@@ -228,16 +256,13 @@ class Frame:
         for p in self.peers:
             a = self.recv_at[p] + HEADER_BYTES
             out[p] = self.recv[a:a + self.recvs[p].nbytes]
-        self.send = None
         return out
 
     def _wait(self, work, what: str) -> None:
         try:
             work.wait(timeout=self.framing.timeout)
         except RuntimeError as e:
-            silent = [p for p in self.peers
-                      if self.recv[self.recv_at[p]:self.recv_at[p] + 8].view(torch.int64).item()
-                      != MAGIC]
+            silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
             where = (f"moe_flashcomm.{self.operation}: group rank {self.rank} of {self.world}, at "
                      f"{self._where()}{what}: nothing came from ranks "
                      f"{silent or 'none (a long message stalled)'}")
@@ -317,6 +342,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     osrc[ooff[rank]:ooff[rank] + n].copy_(isrc[ioff[rank]:ioff[rank] + n])
     for p in frame.peers:
         osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
+    frame.release()
     return Done()
 
 
