@@ -6,7 +6,9 @@ the wall time of one exchange framed and unframed (median of --reps alternating 
 their ratio, and the header bytes against the payload bytes. The unframed exchange is the
 library's own path with the framing switched off (its route without a Framing), so the
 difference is the headers' cost alone: building and checking them, the frame-sized
-receive, and the copies into the framed send buffer.
+receive, and the copies into and out of the framed buffers. It also prints the headers' own
+host work (built, checked; no transport) measured in one process, free of the other rank's
+noise.
 
     python tools/bench_frame.py --out docs/data/bench_frame.json
 """
@@ -29,7 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
 from moe_flashcomm.comm.exchange import exchange  # noqa: E402
-from moe_flashcomm.comm.frame import HEADER_BYTES  # noqa: E402
+from moe_flashcomm.comm.frame import HEADER_BYTES, MAGIC, Frame, Leg, dtype_code  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
 H = 1024
@@ -58,19 +60,21 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
                     exchange(x, split, split, route, uniform=True).wait()
                     if i >= 5:
                         times[kind].append(time.perf_counter() - t)
-            f_us = statistics.median(times["framed"]) * 1e6
-            p_us = statistics.median(times["plain"]) * 1e6
             payload = (tokens // world) * H * 2 if name == "bf16" else \
                 (tokens // world) * mf.codec.record_bytes(H, mf.CodecConfig(bits=4))
+            f_us = statistics.median(times["framed"]) * 1e6
+            p_us = statistics.median(times["plain"]) * 1e6
+            work_us = _header_work_us(comm, rank, world, tokens // world, H, payload)
             rows.append(dict(bytes_per_rank=size, codec=name, framed_us=round(f_us, 1),
                              plain_us=round(p_us, 1), ratio=round(f_us / p_us, 4),
+                             header_work_us=round(work_us, 2),
                              header_bytes_per_peer=HEADER_BYTES, payload_bytes_per_peer=payload,
                              header_share=round(HEADER_BYTES / payload, 6)))
             if rank == 0:
                 r = rows[-1]
                 print(f"{size >> 10:>6} KiB {name:>5}: framed {f_us:8.1f} us  plain {p_us:8.1f} us"
-                      f"  ratio {r['ratio']:.3f}  header {HEADER_BYTES} B / {payload} B per peer",
-                      flush=True)
+                      f"  ratio {r['ratio']:.3f}  header work {work_us:5.1f} us"
+                      f"  header {HEADER_BYTES} B / {payload} B per peer", flush=True)
     if rank == 0 and out:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
@@ -78,6 +82,23 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
         Path(out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     comm.close()
     dist.destroy_process_group()
+
+
+def _header_work_us(comm, rank: int, world: int, rows: int, hidden: int, nbytes: int) -> float:
+    """The headers' own host work per exchange, in this process alone (no transport): a
+    Frame built and released (headers written) and every peer's header checked."""
+    legs = [None if p == rank else Leg(rows, nbytes) for p in range(world)]
+    pg = object()  # a key for the numbering only: nothing is sent
+    n = 2000
+    start = time.perf_counter()
+    for _ in range(n):
+        f = Frame(comm.framing, pg, rank, world, "all_to_all", torch.bfloat16, hidden, legs, legs)
+        for p in f.peers:
+            f._disagreements(p, [MAGIC, 1, f.number, p | world << 32,
+                                 dtype_code(torch.bfloat16) | hidden << 8, 1, rows, rows,
+                                 nbytes, 0, 0, 0])
+        f.release()
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def main() -> None:

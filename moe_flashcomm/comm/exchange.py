@@ -218,7 +218,8 @@ class Plan:
                           # transport, each entry (peer, row, rows, wire, bytes)
     p2p_call: Optional["P2PCall"] = None  # its launches, made at the first call
     framed: Optional[tuple] = None  # gloo: (sends, receives) per group rank, each entry
-                          # (row, rows, wire, bytes), None at this rank (comm/frame.py)
+                          # (row, rows, wire, bytes), None at this rank, then their
+                          # frame.Legs (comm/frame.py)
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
@@ -230,11 +231,16 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
     recv_w = [route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
     in_off, out_off = offsets(in_rows), offsets(out_rows)
     if route.framing is not None:  # every pair travels with its header, even empty ones
-        def legs(off, rows, wires):
+        def entries(off, rows, wires):
             return tuple(None if p == r else (off[p], n, w, n * row_bytes(w, hidden, dtype))
                          for p, (n, w) in enumerate(zip(rows, wires)))
+
+        def legs(es):
+            return tuple(None if e is None else framing.Leg(e[1], e[3], framing.wire_code(e[2]))
+                         for e in es)
+        sends, recvs = entries(in_off, in_rows, send_w), entries(out_off, out_rows, recv_w)
         return Plan(False, False, sum(out_rows), own, [], False,
-                    framed=(legs(in_off, in_rows, send_w), legs(out_off, out_rows, recv_w)))
+                    framed=(sends, recvs, legs(sends), legs(recvs)))
     if all(w == RAW for p, w in enumerate(send_w + recv_w) if p % route.world != r):
         # every pair as the rows themselves (own rows included): the tensor as it is
         return Plan(True, uniform, sum(out_rows), own, [], False)
@@ -347,12 +353,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
 def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:
     """The exchange over gloo: each pair's rows behind a header the receiver checks."""
     H, dtype = x.shape[1], x.dtype
-    sends, recvs = plan.framed
-
-    def leg(e):
-        return None if e is None else framing.Leg(e[1], e[3], framing.wire_code(e[2]))
+    sends, recvs, send_legs, recv_legs = plan.framed
     frame = framing.Frame(route.framing, route.group, route.rank, route.world, operation,
-                          dtype, H, [leg(e) for e in sends], [leg(e) for e in recvs])
+                          dtype, H, send_legs, recv_legs)
     for p in frame.peers:
         row, rows, wire, nbytes = sends[p]
         if rows:

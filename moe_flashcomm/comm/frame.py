@@ -22,6 +22,7 @@ disagreement raises. A peer that sends nothing within the timeout is named.
 from __future__ import annotations
 
 import datetime
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -123,6 +124,49 @@ class Framing:
             free.append(whole)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a Frame's buffers look like, a function of its arguments other than the call's
+    number and the group: offsets, splits and the header words."""
+    peers: tuple
+    sends: tuple
+    recvs: tuple
+    send_at: dict
+    recv_at: dict
+    send_bytes: int
+    recv_bytes: int
+    in_splits: list
+    out_splits: list
+    fits: bool            # every payload fits its frame (one round, no copy)
+    magic_words: list     # int64 index of each peer's slot in the receive buffer
+    template: np.ndarray  # [peers, WORDS] int64, the number column 0 (read only)
+
+
+@functools.lru_cache(maxsize=1024)
+def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: int,
+           sends: tuple, recvs: tuple, detail: int, aborted: bool) -> Layout:
+    """The Layout of a Frame (a pure function of its arguments, memoised)."""
+    if aborted:
+        sends = tuple(None if leg is None else Leg(0, 0) for leg in sends)
+    peers = tuple(p for p in range(world) if p != rank)
+    room = FRAME_BYTES - HEADER_BYTES
+    send_at, recv_at, at, back = {}, {}, 0, 0
+    in_splits, out_splits = [0] * world, [0] * world
+    for p in peers:  # send: per peer [header][payload]; receive: room for both and a frame
+        send_at[p], recv_at[p] = at, back
+        at += HEADER_BYTES + sends[p].nbytes
+        in_splits[p] = HEADER_BYTES + min(sends[p].nbytes, room)
+        out_splits[p] = _round_up(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
+        back += out_splits[p]
+    template = np.array([[MAGIC, OPERATIONS.index(operation) + 1, 0, rank | world << 32,
+                          dtype_code(dtype) | hidden << 8, sends[p].wire, sends[p].rows,
+                          recvs[p].rows, sends[p].nbytes, detail, int(aborted), 0]
+                         for p in peers], dtype=np.int64).reshape(len(peers), WORDS)
+    template.flags.writeable = False
+    return Layout(peers, sends, recvs, send_at, recv_at, at, back, in_splits, out_splits,
+                  sum(in_splits) == at, [recv_at[p] // 8 for p in peers], template)
+
+
 class Frame:
     """One framed all-to-all over ``pg`` (group rank ``rank`` of ``world``).
 
@@ -142,41 +186,28 @@ class Frame:
                  recvs: Sequence[Optional[Leg]], detail: int = 0, *,
                  number: Optional[int] = None, counter=None, aborted: bool = False) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
-        self.framing, self.pg, self.rank, self.world = framing, pg, rank, world
+        lay = layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs), detail,
+                     aborted)
+        self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
         self.operation, self.dtype, self.hidden, self.detail = operation, dtype, hidden, detail
-        if aborted:
-            sends = [None if leg is None else Leg(0, 0) for leg in sends]
-        self.sends, self.recvs = sends, recvs
+        self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
+        self.send_at, self.recv_at = lay.send_at, lay.recv_at
         self.counter = counter if counter is not None else pg
         if number is None:
             # the first-use checks (comm/check.py) run on every rank at once and compare
             # more than a number could: they are not counted
             number = 0 if operation == "consistency check" else framing.next_number(self.counter)
         self.number = number
-        peers = [p for p in range(world) if p != rank]
-        # send buffer: per peer [header][payload]
-        self.send_at, at = {}, 0
-        for p in peers:
-            self.send_at[p] = at
-            at += HEADER_BYTES + sends[p].nbytes
-        self.send = framing.buffer(at)
-        words = np.array([[MAGIC, OPERATIONS.index(operation) + 1, self.number,
-                           rank | world << 32, dtype_code(dtype) | hidden << 8,
-                           sends[p].wire, sends[p].rows, recvs[p].rows, sends[p].nbytes,
-                           detail, int(aborted), 0] for p in peers], dtype=np.int64)
-        head, send = words.view(np.uint8), self.send.numpy()
-        for i, p in enumerate(peers):
-            send[self.send_at[p]:self.send_at[p] + HEADER_BYTES] = head[i]
-        # receive buffer: per peer room for the whole expected payload and one frame
-        self.recv_at, at = {}, 0
-        for p in peers:
-            self.recv_at[p] = at
-            at += _round_up(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
-        self.recv = framing.buffer(at)
+        self.send = framing.buffer(lay.send_bytes)
+        send, words = self.send.numpy(), lay.template.copy()
+        words[:, 2] = number
+        head = words.view(np.uint8)
+        for i, p in enumerate(lay.peers):
+            send[lay.send_at[p]:lay.send_at[p] + HEADER_BYTES] = head[i]
+        self.recv = framing.buffer(lay.recv_bytes)
         self._recv_words = self.recv.numpy().view(np.int64)  # (slots are 16-byte aligned)
-        for p in peers:  # a slot left with no magic names a silent peer
-            self._recv_words[self.recv_at[p] // 8] = 0
-        self.peers, self.work = peers, None
+        self._recv_words[lay.magic_words] = 0  # a slot left with no magic names a silent peer
+        self.work = None
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
@@ -192,19 +223,13 @@ class Frame:
         return self.send[a:a + self.sends[p].nbytes]
 
     def start(self) -> "Frame":
-        first = {p: HEADER_BYTES + min(self.sends[p].nbytes, FRAME_BYTES - HEADER_BYTES)
-                 for p in self.peers}
-        in_splits, out_splits = [0] * self.world, [0] * self.world
-        for k, p in enumerate(self.peers):
-            in_splits[p] = first[p]
-            end = self.recv_at[self.peers[k + 1]] if k + 1 < len(self.peers) else self.recv.numel()
-            out_splits[p] = end - self.recv_at[p]
-        if sum(in_splits) == self.send.numel():  # every payload fits its frame
+        lay = self.layout
+        if lay.fits:  # every payload fits its frame: the buffer as it is
             send = self.send
         else:  # round 1 takes the first frame of each
-            send = torch.cat([self.send[self.send_at[p]:self.send_at[p] + first[p]]
+            send = torch.cat([self.send[self.send_at[p]:self.send_at[p] + lay.in_splits[p]]
                               for p in self.peers])
-        self.work = dist.all_to_all_single(self.recv, send, out_splits, in_splits,
+        self.work = dist.all_to_all_single(self.recv, send, lay.out_splits, lay.in_splits,
                                            group=self.pg, async_op=True)
         return self
 
