@@ -245,8 +245,8 @@ class Frame:
         # round 2: the rest of long payloads, sized from the headers on both ends
         room = FRAME_BYTES - HEADER_BYTES
         works = []
-        ranks = dist.get_process_group_ranks(self.pg) if self.pg is not None else range(self.world)
-        ranks = list(ranks)
+        ranks = None if self.layout.fits and all(h[8] <= room for h in headers.values()) \
+            else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
         for p in self.peers:
             if self.sends[p].nbytes > room:
                 a = self.send_at[p] + FRAME_BYTES
