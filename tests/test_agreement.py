@@ -178,3 +178,25 @@ def _hierarchical(rank, world):
 
 def test_hierarchical_codec_switch_gloo_4():
     spawn(_hierarchical, 4, timeout=300)
+
+
+def _hierarchical_all_reduce(rank, world):
+    comm = mf.Communicator(gate=False, topology=2)
+    x = make_input(rank, 1500, (), torch.float32, 7)
+    for numel in (1000, 1500):  # (both pad to the same rows)
+        comm.all_reduce(x[:numel].clone(), algorithm="hierarchical")
+    # rank 3 only: its node mate sees it in stage 1, the other node hears of it in stage 2
+    mine = 1000 if rank == 3 else 1500
+    msg = _raises(lambda: comm.all_reduce(x[:mine].clone(), algorithm="hierarchical"),
+                  ConfigMismatchError, "hierarchical all-reduce stage")
+    assert ("reduces 1000 values; this rank reduces 1500" in msg if rank == 2 else
+            "reduces 1500 values; this rank reduces 1000" in msg if rank == 3 else
+            "found ranks disagreeing earlier in this call" in msg), msg
+    got = comm.all_reduce(x.clone(), algorithm="hierarchical")
+    inputs = [make_input(r, 1500, (), torch.float32, 7) for r in range(world)]
+    assert torch.equal(got, reference_all_reduce(inputs, local_size=2))
+    comm.close()
+
+
+def test_hierarchical_all_reduce_numel_disagrees_gloo_4():
+    spawn(_hierarchical_all_reduce, 4, timeout=300)

@@ -21,7 +21,7 @@ from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import check_tokens
 from . import direct, frame
-from .check import check_consistent
+from .check import ConfigMismatchError, check_consistent
 from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
@@ -438,11 +438,11 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
         try:
             got = scatter.start().wait()
-        except frame.ConfigMismatchError:
+        except ConfigMismatchError:
             try:  # the all-gather as headers only: ranks that agree with this one raise too
                 frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW, legs,
                             legs, detail=plan.numel, aborted=True, **numbering).start().wait()
-            except (frame.ConfigMismatchError, frame.PeerError):
+            except (ConfigMismatchError, frame.PeerError):
                 pass  # (theirs: this rank's error is the one to report)
             raise
         rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
@@ -459,17 +459,18 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
 
 
 # ---- hierarchical ------------------------------------------------------------------------------
-def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor, numel: int) -> None:
+def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor, named: dict) -> None:
     """All-gather of ``inp`` (uint8, equal sizes) among a hierarchy stage's ranks into
     ``out`` (stage rank order). A masked stage (no process group of its own), and any stage
-    on CPU (framed), sends ``inp`` to every stage peer with one all_to_all_single."""
+    on CPU (framed, ``named``: the headers' fields), sends ``inp`` to every stage peer with
+    one all_to_all_single."""
     pg, peers, masked = h.stages[stage]
     if not masked and out.is_cuda:
         _gather_single(out.view(-1), inp.reshape(-1), pg)
         return
     n, k = len(peers), inp.numel()
     h.a2a(stage, out.view(-1), inp.reshape(1, -1).expand(n, k).reshape(-1), [k] * n, [k] * n,
-          operation="hierarchical all-reduce stage", detail=numel)
+          **named)
 
 
 def _hierarchy(comm):
@@ -482,38 +483,69 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
-    named = dict(operation="hierarchical all-reduce stage", detail=plan.numel)
+    # on CPU (framed) every stage carries the call's number and the numel
+    named = dict(operation="hierarchical all-reduce stage", detail=plan.numel,
+                 **h.numbering(buf.device))
     intra = functools.partial(h.a2a, "intra", **named)
     inter = functools.partial(h.a2a, "inter", **named)
-    # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
-    #    the group, in x's dtype
-    if L > 1:
-        recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra)
-        work.wait()
-        part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False)
-    else:
-        part = x3[lr]
-    # 2. the flat reduce-scatter of the part across groups: sub-chunk `node` of it
-    part3 = part.view(M, c, ROW)
-    rb = record_bytes(ROW, plan.inter)
-    if M > 1:
-        recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, None, plan.inter, inter)
-        work.wait()
-    else:
-        recv = torch.empty((0, c, rb), dtype=torch.uint8, device=buf.device)
-    rec = reduce_chunk(recv, part3[node], node, plan.inter)
-    # 3. all-gather of the final records: across groups, then inside the group
-    if M > 1:
-        across = torch.empty((M, c, rb), dtype=torch.uint8, device=buf.device)
-        _stage_gather(h, "inter", across, rec, plan.numel)
-    else:
-        across = rec
-    if L > 1:
-        inside = torch.empty((L, M * c, rb), dtype=torch.uint8, device=buf.device)
-        _stage_gather(h, "intra", inside, across, plan.numel)
-    else:
-        inside = across
+    done = []  # the stages this rank has run, for _abort_stages
+    try:
+        # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
+        #    the group, in x's dtype
+        if L > 1:
+            recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra)
+            work.wait()
+            part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False)
+        else:
+            part = x3[lr]
+        done.append(1)
+        # 2. the flat reduce-scatter of the part across groups: sub-chunk `node` of it
+        part3 = part.view(M, c, ROW)
+        rb = record_bytes(ROW, plan.inter)
+        if M > 1:
+            recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, None, plan.inter, inter)
+            work.wait()
+        else:
+            recv = torch.empty((0, c, rb), dtype=torch.uint8, device=buf.device)
+        rec = reduce_chunk(recv, part3[node], node, plan.inter)
+        done.append(2)
+        # 3. all-gather of the final records: across groups, then inside the group
+        if M > 1:
+            across = torch.empty((M, c, rb), dtype=torch.uint8, device=buf.device)
+            _stage_gather(h, "inter", across, rec, named)
+        else:
+            across = rec
+        done.append(3)
+        if L > 1:
+            inside = torch.empty((L, M * c, rb), dtype=torch.uint8, device=buf.device)
+            _stage_gather(h, "intra", inside, across, named)
+        else:
+            inside = across
+    except ConfigMismatchError:
+        if named.get("number"):
+            _abort_stages(h, plan, named, after=len(done))
+        raise
     _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))
+
+
+def _abort_stages(h, plan: _Plan, named: dict, after: int) -> None:
+    """A framed call that found a disagreement in stage ``after + 1``: the later stages as
+    headers only, so the ranks that meet this one there raise in this call too."""
+    L, M, c = h.local, h.nodes, plan.rows
+    rb1, rb2 = record_bytes(ROW, plan.intra), record_bytes(ROW, plan.inter)
+    stages = [("intra", L, h.local_rank, M * c * rb1, False),  # (stage, ranks, own, bytes,
+              ("inter", M, h.node, c * rb2, False),             #  an all-gather)
+              ("inter", M, h.node, c * rb2, True),
+              ("intra", L, h.local_rank, M * c * rb2, True)]
+    for stage, n, own, k, gather in stages[after + 1:]:
+        if n == 1:
+            continue
+        splits = [k if gather or q != own else 0 for q in range(n)]
+        try:
+            h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+                  splits, [0] * n, aborted=True, **named)
+        except (ConfigMismatchError, frame.PeerError):
+            pass  # (theirs: this rank's error is the one to report)
 
 
 # ---- the specification ---------------------------------------------------------------------------
