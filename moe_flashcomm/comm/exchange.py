@@ -20,6 +20,9 @@ stream, so encode(k+1), transfer(k) and decode(k-1) overlap.
 
 Inside one node over NVLink the bytes skip NCCL: encode kernels write the records straight
 into the peers' memory (``comm/p2p.py``) for calls whose sizes every rank knows.
+
+Over gloo (CPU tensors) every pair travels behind a header its receiver checks
+(``comm/frame.py``): ranks that disagree raise instead of aborting or decoding garbage.
 """
 from __future__ import annotations
 
