@@ -14,6 +14,8 @@ import itertools
 import pytest
 import torch
 
+from moe_flashcomm.codec import CodecConfig
+from moe_flashcomm.comm import ConfigMismatchError
 from tests.distributed import spawn
 
 
@@ -88,7 +90,15 @@ def _protocol(rank, world):
         [p * (6 << 20) for p in range(world)]
     assert len(rt.host) == 1 and bufs._error_page in rt.host  # the kernels' error page
     bufs.check()  # nothing reported
-    bufs.close()
+    # what a decode kernel writes when a peer sent 5 int8 rows where 4 int4 were due
+    peer = (rank + 1) % world
+    int4, int8 = CodecConfig(bits=4), CodecConfig(bits=8)
+    got, want = p2p.stamp(int8, 5, 64, torch.bfloat16), p2p.stamp(int4, 4, 64, torch.bfloat16)
+    (ctypes.c_uint64 * 6).from_address(bufs._error_page)[:] = [1, peer, got, want, 9, 1]
+    with pytest.raises(ConfigMismatchError, match=(
+            f"rank {peer} sent 5 rows of int8/g128\\+spikes records \\(torch.bfloat16, hidden "
+            "64\\); this rank expected 4 rows of int4/g128\\+spikes records")):
+        bufs.close()  # everything freed first, then raised
     assert not rt.live and not rt.mapped and not rt.host
 
 

@@ -28,7 +28,7 @@ from ..codec.reference import check_tokens
 from . import hierarchical, p2p
 from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
                        split_key)
-from .check import check_consistent
+from .check import ConfigMismatchError, check_consistent
 from .exchange import ALGORITHMS, Route, SideStreams, exchange
 from . import frame
 from .frame import Framing
@@ -119,14 +119,31 @@ class Communicator:
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         """Free the peer-to-peer memory and mappings (after this device is idle) and forget
-        every plan. Local: each rank closes its own; a closed communicator raises when used."""
+        every plan. Local: each rank closes its own; a closed communicator raises when used.
+        A disagreement the peer-to-peer kernels found in the last calls is raised here, once
+        everything is freed (see ``check``)."""
         if self.closed:
             return
         self.closed = True
+        found = None
         for bufs in self._peer_buffers.values():
             if bufs is not None:
-                bufs.close()
+                try:
+                    bufs.close()
+                except ConfigMismatchError as e:
+                    found = found or e
         self._forget()
+        if found is not None:
+            raise found
+
+    def check(self) -> None:
+        """Raise ConfigMismatchError for a disagreement between ranks that the peer-to-peer
+        kernels found after their call returned (each call checks the earlier ones; this
+        checks the latest, e.g. after a final ``torch.cuda.synchronize()``). Local, cheap:
+        a read of pinned host memory per device."""
+        for bufs in self._peer_buffers.values():
+            if bufs is not None:
+                bufs.check()
 
     def _forget(self) -> None:
         """Drop every plan, route and buffer reference (and the process groups they hold)."""

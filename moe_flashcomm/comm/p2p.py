@@ -238,8 +238,14 @@ class PeerBuffers:
         return self.data_ptrs[owner] + sender * self.cap
 
     def close(self) -> None:
-        """Unmap the peers' memory and free ours (after the device is idle)."""
+        """Unmap the peers' memory and free ours (after the device is idle). Raises, once
+        everything is freed, what the kernels of the last calls reported (``check``)."""
         torch.cuda.synchronize(self.device)
+        try:
+            self.check()
+            found = None
+        except ConfigMismatchError as e:
+            found = e
         for ptrs in (self.data_ptrs, self.flag_ptrs):
             if ptrs:
                 self._release(ptrs)
@@ -250,6 +256,8 @@ class PeerBuffers:
             self._error_host = 0
         self.data_ptrs, self.flag_ptrs, self.cap = [], [], 0
         self.generation += 1
+        if found is not None:
+            raise found
 
 
 def _padded(stamps: tuple) -> list:
