@@ -200,3 +200,22 @@ def _hierarchical_all_reduce(rank, world):
 
 def test_hierarchical_all_reduce_numel_disagrees_gloo_4():
     spawn(_hierarchical_all_reduce, 4, timeout=300)
+
+
+def _bad_arguments(rank, world):
+    comm = mf.Communicator(gate=False)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 8)
+    expected = comm.all_to_all(x)
+    # rank 2's split sizes do not add up to its rows: it raises its ValueError, and the ranks
+    # waiting for it in the exchange raise at once (not after the timeout)
+    if rank == 2:
+        _raises(lambda: comm.all_to_all(x, [4] * world, [5] * world), ValueError, "")
+    else:
+        _raises(lambda: comm.all_to_all(x), ConfigMismatchError,
+                "rank 2: it rejected its arguments for its all_to_all")
+    assert torch.equal(comm.all_to_all(x), expected)
+    comm.close()
+
+
+def test_bad_arguments_on_one_rank_gloo_3():
+    spawn(_bad_arguments, 3, timeout=240)

@@ -236,8 +236,12 @@ class Communicator:
             key = call = None
         if call is None:
             self._check_open()
-            call = self._prepare(x, output_split_sizes, input_split_sizes, codec, grad_codec,
-                                 chunks, algorithm)
+            try:
+                call = self._prepare(x, output_split_sizes, input_split_sizes, codec,
+                                     grad_codec, chunks, algorithm)
+            except (ValueError, TypeError):
+                self._reject(x, algorithm)
+                raise
             if key is not None and call.cacheable:
                 if len(self._plans) >= 1024:
                     self._plans.clear()
@@ -248,6 +252,14 @@ class Communicator:
                 return _AllToAll.apply(x, call)
             return call.forward_out(x)
         return call.start(x)
+
+    def _reject(self, x, algorithm) -> None:
+        """This rank's arguments were bad: where the peers' exchange of this call is framed
+        (gloo, CPU tensors, flat), take part in it with a rejected frame so that they raise
+        now instead of waiting for the timeout."""
+        flat = (algorithm if algorithm in ALGORITHMS else self.algorithm) == "flat"
+        if flat and "gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda):
+            frame.reject(self.framing, self.pg, self.rank, self.world, "all_to_all")
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
                  algorithm) -> _Call:

@@ -46,7 +46,10 @@ NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     "hierarchical all-reduce stage")  # whose detail word is the numel
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64)
 RAW_WIRE = 1  # the rows' own bytes
-ABORTED = 1  # flags word: the sender found a disagreement earlier in this call
+# the flags word: the sender found a disagreement earlier in this call; the sender rejected
+# its own arguments for this call. Either way it sends headers only.
+ABORTED, REJECTED = 1, 2
+REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 
 
 class PeerError(RuntimeError):
@@ -144,9 +147,9 @@ class Layout:
 
 @functools.lru_cache(maxsize=1024)
 def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: int,
-           sends: tuple, recvs: tuple, detail: int, aborted: bool) -> Layout:
+           sends: tuple, recvs: tuple, detail: int, flags: int) -> Layout:
     """The Layout of a Frame (a pure function of its arguments, memoised)."""
-    if aborted:
+    if flags:
         sends = tuple(None if leg is None else Leg(0, 0) for leg in sends)
     peers = tuple(p for p in range(world) if p != rank)
     room = FRAME_BYTES - HEADER_BYTES
@@ -160,7 +163,7 @@ def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: in
         back += out_splits[p]
     template = np.array([[MAGIC, OPERATIONS.index(operation) + 1, 0, rank | world << 32,
                           dtype_code(dtype) | hidden << 8, sends[p].wire, sends[p].rows,
-                          recvs[p].rows, sends[p].nbytes, detail, int(aborted), 0]
+                          recvs[p].rows, sends[p].nbytes, detail, flags, 0]
                          for p in peers], dtype=np.int64).reshape(len(peers), WORDS)
     template.flags.writeable = False
     return Layout(peers, sends, recvs, send_at, recv_at, at, back, in_splits, out_splits,
@@ -179,15 +182,17 @@ class Frame:
     A call of several exchanges (hierarchical stages, the all-reduce's two steps) numbers
     them all with the call's number (``number``, drawn from ``counter``'s count: the
     call's group); a rank that found a disagreement in one step sends the later ones as
-    ``aborted`` frames (headers only), so ranks that only meet it there raise too."""
+    ``aborted`` frames (headers only), so ranks that only meet it there raise too. A rank
+    whose own arguments are bad sends a ``rejected`` frame in their place (``reject``)."""
 
     def __init__(self, framing: Framing, pg, rank: int, world: int, operation: str,
                  dtype: torch.dtype, hidden: int, sends: Sequence[Optional[Leg]],
                  recvs: Sequence[Optional[Leg]], detail: int = 0, *,
-                 number: Optional[int] = None, counter=None, aborted: bool = False) -> None:
+                 number: Optional[int] = None, counter=None, aborted: bool = False,
+                 rejected: bool = False) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
         lay = layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs), detail,
-                     aborted)
+                     ABORTED * aborted | REJECTED * rejected)
         self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
         self.operation, self.dtype, self.hidden, self.detail = operation, dtype, hidden, detail
         self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
@@ -207,7 +212,7 @@ class Frame:
         self.recv = framing.buffer(lay.recv_bytes)
         self._recv_words = self.recv.numpy().view(np.int64)  # (slots are 16-byte aligned)
         self._recv_words[lay.magic_words] = 0  # a slot left with no magic names a silent peer
-        self.work = None
+        self.work, self.timeout = None, framing.timeout
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
@@ -285,7 +290,7 @@ class Frame:
 
     def _wait(self, work, what: str) -> None:
         try:
-            work.wait(timeout=self.framing.timeout)
+            work.wait(timeout=self.timeout)
         except RuntimeError as e:
             silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
             where = (f"moe_flashcomm.{self.operation}: group rank {self.rank} of {self.world}, at "
@@ -294,7 +299,7 @@ class Frame:
             if "timed out" not in str(e).lower():
                 raise PeerError(f"{where}; the connection failed ({e})") from e
             raise PeerTimeoutError(
-                f"{where} within {self.framing.timeout.total_seconds():g} s. They did not make "
+                f"{where} within {self.timeout.total_seconds():g} s. They did not make "
                 "this call, or made another collective; every rank must make the same calls in "
                 "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
                 "wait.)") from None
@@ -310,6 +315,8 @@ class Frame:
         mine = self.recvs[p]
         out = []
         op = OPERATIONS[h[1] - 1] if 1 <= h[1] <= len(OPERATIONS) else f"operation {h[1]}"
+        if h[10] & REJECTED:
+            return [f"it rejected its arguments for its {op} (its own error says why)"]
         if op != self.operation:
             return [f"it runs {op} while this rank runs {self.operation}"]
         if h[10] & ABORTED:
@@ -379,3 +386,22 @@ class Done:
 
     def is_completed(self) -> bool:
         return True
+
+
+def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:
+    """This rank cannot make its call (its arguments were rejected): headers only, flagged,
+    in place of the call's exchange, so the peers waiting in it raise at once rather than
+    after the timeout. Whatever they sent is drained; their errors are theirs to report."""
+    legs = [None if p == rank else Leg(0, 0) for p in range(world)]
+    frame = Frame(framing, pg, rank, world, operation, torch.uint8, 0, legs, legs,
+                  rejected=True)
+    # peers in the call answer at once; peers that are not (a call on this rank alone)
+    # must not hold up this rank's own error for long
+    frame.timeout = min(frame.timeout, datetime.timedelta(seconds=REJECT_WAIT_S))
+    try:
+        frame.start().wait()
+    except ConfigMismatchError:
+        pass
+    except PeerError:
+        return  # (its buffers stay with the pending transfer: not given back)
+    frame.release()
