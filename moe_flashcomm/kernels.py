@@ -66,6 +66,7 @@ P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
 P2P_STAMP = 4 * MAX_PEERS + 1
 P2P_FLAG_WORDS = 5 * MAX_PEERS + 1
 P2P_ERROR_WORDS = 6  # the error page: claimed, peer, stamp seen, stamp expected, call, reported
+P2P_ERROR_SET = 5    # its "reported" word, written last
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 # csrc/p2p.cu's constants that moe_flashcomm/kernels.py restates
 CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_FREED,
-             "kCounter": K.P2P_COUNTER, "kStamp": K.P2P_STAMP, "kErrSet": K.P2P_ERROR_WORDS - 1,
+             "kCounter": K.P2P_COUNTER, "kStamp": K.P2P_STAMP, "kErrSet": K.P2P_ERROR_SET,
              "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
              "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED}
 

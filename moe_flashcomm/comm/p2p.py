@@ -44,7 +44,6 @@ FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per pee
 MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
 
 
-
 def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
     """One direction of a pair in a u64 both of its ranks compute alike: the wire (codec),
     the rows, the dtype and the hidden size (mod 2**14); bit 0 set (0: nothing stored)."""
@@ -108,7 +107,7 @@ class PeerBuffers:
     def check(self) -> None:
         """Raise ConfigMismatchError if a kernel of an earlier call saw a peer's stamp differ
         from the one this rank expected (and clear the report)."""
-        if not self._error_words[5]:
+        if not self._error_words[kernels.P2P_ERROR_SET]:
             return
         _, peer, got, want, call, _ = (int(w) for w in self._error_words)
         self._error_words[:] = 0
