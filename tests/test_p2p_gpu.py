@@ -183,6 +183,12 @@ def disagreement(rank, world, comm):
                 f"rank 0 sent 5 rows of int4/g128+spikes records (torch.bfloat16, hidden {H}); "
                 f"this rank expected 6 rows") in str(info.value), str(info.value)
         assert torch.equal(comm.all_to_all(x, codec=int4), expected[int4])
+    # the last call's disagreement, read on demand (and nothing left after it)
+    comm.all_to_all(x, codec=int8 if rank == 1 else int4)
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError, match="this rank expected 4 rows"):
+        comm.check()
+    comm.check()
 
 
 def _checks(rank, world, port):
