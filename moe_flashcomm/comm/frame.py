@@ -38,7 +38,8 @@ WORDS = 12
 HEADER_BYTES = 8 * WORDS
 FRAME_BYTES = 4 << 20
 ALIGN = 16
-POOL_MIN, POOL_DEPTH = 64 << 10, 4  # Framing's buffer pool: smallest size class, buffers kept
+# Framing's buffer pool: smallest size class, buffers kept per class, bytes kept in all
+POOL_MIN, POOL_DEPTH, POOL_BYTES = 64 << 10, 4, 256 << 20
 OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
               "consistency check", "skip_padding counts")
@@ -106,6 +107,7 @@ class Framing:
         # released frame buffers by size class: a fresh multi-MiB buffer per call costs its
         # page faults every time (measured: tools/bench_frame.py)
         self._free: dict = {}
+        self._pooled = 0  # bytes in self._free
 
     def next_number(self, pg) -> int:
         n = self.sequence.get(pg, 0) + 1
@@ -116,15 +118,18 @@ class Framing:
         """A uint8 CPU buffer of at least ``nbytes`` (its first ``nbytes`` returned)."""
         size = max(POOL_MIN, 1 << (nbytes - 1).bit_length())
         free = self._free.get(size)
-        buf = free.pop() if free else torch.empty(size, dtype=torch.uint8)
-        return buf[:nbytes]
+        if free:
+            self._pooled -= size
+            return free.pop()[:nbytes]
+        return torch.empty(size, dtype=torch.uint8)[:nbytes]
 
     def give_back(self, buf: torch.Tensor) -> None:
         """Return a buffer of ``buffer`` once nothing reads or writes it."""
         whole = buf._base if buf._base is not None else buf
         free = self._free.setdefault(whole.numel(), [])
-        if len(free) < POOL_DEPTH:
+        if len(free) < POOL_DEPTH and self._pooled + whole.numel() <= POOL_BYTES:
             free.append(whole)
+            self._pooled += whole.numel()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,43 @@
+"""comm/frame.py's pieces that need no process group: the buffer pool and the layout of a
+frame (the exchanges themselves: tests/test_agreement.py)."""
+import numpy as np
+import torch
+
+from moe_flashcomm.comm import frame as F
+
+
+def test_pool_reuses_by_size_class_and_keeps_a_bounded_amount():
+    framing = F.Framing(10)
+    a = framing.buffer(1000)
+    assert a.numel() == 1000 and a._base.numel() == F.POOL_MIN
+    framing.give_back(a)
+    b = framing.buffer(2000)  # the same size class: the same storage
+    assert b.data_ptr() == a.data_ptr()
+    big = [framing.buffer(F.POOL_BYTES // 2 + 1) for _ in range(3)]
+    for buf in big:
+        framing.give_back(buf)
+    assert framing._pooled <= F.POOL_BYTES  # one fits, the others are left to be collected
+    assert sum(len(v) for v in framing._free.values()) == 1
+
+
+def test_layout_splits_and_headers():
+    legs = (None, F.Leg(3, 300, 7), F.Leg(0, 0), F.Leg(5, F.FRAME_BYTES))
+    back = (None, F.Leg(2, 200, 7), F.Leg(1, 100), F.Leg(4, 400))
+    lay = F.layout(0, 4, "all_to_all", torch.bfloat16, 64, legs, back, 0, 0)
+    H = F.HEADER_BYTES
+    assert lay.peers == (1, 2, 3)
+    # round 1 sends the header and at most a frame's room; the last payload does not fit
+    assert lay.in_splits == [0, H + 300, H, F.FRAME_BYTES] and not lay.fits
+    assert lay.send_bytes == 3 * H + 300 + F.FRAME_BYTES
+    # every peer gets a 16-byte aligned slot of at least a frame
+    assert lay.out_splits == [0] + [F.FRAME_BYTES] * 3
+    assert all(at % 16 == 0 for at in lay.recv_at.values())
+    row = dict(zip(range(F.WORDS), lay.template[0].tolist()))
+    assert row[0] == F.MAGIC and row[1] == F.OPERATIONS.index("all_to_all") + 1
+    assert row[3] == 0 | 4 << 32 and row[4] == F.dtype_code(torch.bfloat16) | 64 << 8
+    assert (row[5], row[6], row[7], row[8], row[10]) == (7, 3, 2, 300, 0)
+    assert not lay.template.flags.writeable
+    # an aborted frame sends headers only, flagged
+    ab = F.layout(0, 4, "all_to_all", torch.bfloat16, 64, legs, back, 0, F.ABORTED)
+    assert ab.in_splits == [0, H, H, H] and ab.fits
+    assert np.all(ab.template[:, 10] == F.ABORTED) and np.all(ab.template[:, 8] == 0)
