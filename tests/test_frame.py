@@ -41,3 +41,23 @@ def test_layout_splits_and_headers():
     ab = F.layout(0, 4, "all_to_all", torch.bfloat16, 64, legs, back, 0, F.ABORTED)
     assert ab.in_splits == [0, H, H, H] and ab.fits
     assert np.all(ab.template[:, 10] == F.ABORTED) and np.all(ab.template[:, 8] == 0)
+
+
+def test_expected_headers_mirror_the_peers_headers():
+    """What rank a expects from rank b is exactly the header b sends to a when they agree,
+    so the steady state is one array comparison (Frame.problems)."""
+    rows = [[0, 3, 0], [2, 0, 5], [1, 4, 0]]  # rows[src][dst]
+    wire = {(s, d): 7 if (s + d) % 2 else 1 for s in range(3) for d in range(3)}
+
+    def lay(r):
+        sends = tuple(None if q == r else F.Leg(rows[r][q], rows[r][q] * 16, wire[r, q])
+                      for q in range(3))
+        recvs = tuple(None if q == r else F.Leg(rows[q][r], rows[q][r] * 16, wire[q, r])
+                      for q in range(3))
+        return F.layout(r, 3, "all_reduce all-gather", torch.float16, 1024, sends, recvs, 77, 0)
+    lays = [lay(r) for r in range(3)]
+    for a in range(3):
+        for b in range(3):
+            if a != b:
+                sent = lays[b].template[lays[b].peers.index(a)]
+                assert np.array_equal(lays[a].expected[lays[a].peers.index(b)], sent)

@@ -147,7 +147,9 @@ class Layout:
     out_splits: list
     fits: bool            # every payload fits its frame (one round, no copy)
     magic_words: list     # int64 index of each peer's slot in the receive buffer
-    template: np.ndarray  # [peers, WORDS] int64, the number column 0 (read only)
+    header_index: np.ndarray  # [peers, WORDS] int64 indices of the received headers
+    template: np.ndarray  # [peers, WORDS] int64 we send, the number column 0 (read only)
+    expected: np.ndarray  # [peers, WORDS] int64 we should receive, likewise
 
 
 @functools.lru_cache(maxsize=1024)
@@ -170,9 +172,16 @@ def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: in
                           dtype_code(dtype) | hidden << 8, sends[p].wire, sends[p].rows,
                           recvs[p].rows, sends[p].nbytes, detail, flags, 0]
                          for p in peers], dtype=np.int64).reshape(len(peers), WORDS)
-    template.flags.writeable = False
+    # what an agreeing peer p sends us: its view of the pair mirrors ours
+    expected = np.array([[MAGIC, OPERATIONS.index(operation) + 1, 0, p | world << 32,
+                          dtype_code(dtype) | hidden << 8, recvs[p].wire, recvs[p].rows,
+                          sends[p].rows, recvs[p].nbytes, detail, 0, 0]
+                         for p in peers], dtype=np.int64).reshape(len(peers), WORDS)
+    template.flags.writeable = expected.flags.writeable = False
+    magic = [recv_at[p] // 8 for p in peers]
+    index = (np.array(magic, dtype=np.int64).reshape(-1, 1) + np.arange(WORDS)).reshape(-1, WORDS)
     return Layout(peers, sends, recvs, send_at, recv_at, at, back, in_splits, out_splits,
-                  sum(in_splits) == at, [recv_at[p] // 8 for p in peers], template)
+                  sum(in_splits) == at, magic, index, template, expected)
 
 
 class Frame:
@@ -249,23 +258,23 @@ class Frame:
     def wait(self) -> list:
         """The received payloads (uint8, recvs[p].nbytes each; None at this rank)."""
         self._wait(self.work, "")
-        headers = {p: self._recv_words[self.recv_at[p] // 8:self.recv_at[p] // 8 + WORDS].tolist()
-                   for p in self.peers}
-        problems = {p: self._disagreements(p, h) for p, h in headers.items()}
+        got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
+        problems = self.problems(got)
         # round 2: the rest of long payloads, sized from the headers on both ends
         room = FRAME_BYTES - HEADER_BYTES
         works = []
-        ranks = None if self.layout.fits and all(h[8] <= room for h in headers.values()) \
+        valid = got[:, 0] == MAGIC
+        ranks = None if self.layout.fits and not (valid & (got[:, 8] > room)).any() \
             else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
-        for p in self.peers:
+        for i, p in enumerate(self.peers):
             if self.sends[p].nbytes > room:
                 a = self.send_at[p] + FRAME_BYTES
                 works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
                                         ranks[p], group=self.pg, tag=self.number & 0xFFFF))
-            h = headers[p]
-            if h[0] == MAGIC and h[8] > room:
-                rest = h[8] - room
-                if h[8] == self.recvs[p].nbytes:
+            sent = int(got[i, 8])
+            if valid[i] and sent > room:
+                rest = sent - room
+                if sent == self.recvs[p].nbytes:
                     a = self.recv_at[p] + FRAME_BYTES
                     dst = self.recv[a:a + rest]
                 else:  # drained, to keep the transport in step, then reported
@@ -273,9 +282,9 @@ class Frame:
                 works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
         for w in works:
             self._wait(w, " (the rest of a long message)")
-        bad = {p: msgs for p, msgs in problems.items() if msgs}
+        bad = problems
         if bad:  # counted alike again from here, whatever each rank was running
-            seen = [h[2] for h in headers.values() if h[0] == MAGIC]
+            seen = got[valid, 2].tolist()
             self.framing.sequence[self.counter] = max(
                 seen + [self.framing.sequence.get(self.counter, 0)])
             lines = [f"rank {p}: {m}" for p, msgs in bad.items() for m in msgs]
@@ -292,6 +301,17 @@ class Frame:
             a = self.recv_at[p] + HEADER_BYTES
             out[p] = self.recv[a:a + self.recvs[p].nbytes]
         return out
+
+    def problems(self, got: np.ndarray) -> dict:
+        """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
+        does not; empty when every header is the expected one (the steady state: one
+        comparison)."""
+        same = got == self.layout.expected  # (its number column is 0)
+        same[:, 2] = got[:, 2] == self.number
+        if same.all():
+            return {}
+        return {p: msgs for p, h in zip(self.peers, got.tolist())
+                if (msgs := self._disagreements(p, h))}
 
     def _wait(self, work, what: str) -> None:
         try:
