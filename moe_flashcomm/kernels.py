@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import env
+from .memo import remember
 
 CUPY_HINT = ("install CuPy for your CUDA version: pip install moe-flashcomm[cuda12] "
              "(CUDA 12) or pip install moe-flashcomm[cuda13] (CUDA 13)")
@@ -441,12 +442,7 @@ class KernelCache:
 
     def plan(self, key: tuple, make):
         """The codec launch plan under ``key``, made by ``make()`` the first time."""
-        hit = self.plans.get(key)
-        if hit is None:
-            if len(self.plans) > 4096:
-                self.plans.clear()
-            hit = self.plans[key] = make()
-        return hit
+        return remember(self.plans, key, make, 4096)
 
 
 KERNELS = KernelCache()

@@ -439,11 +439,11 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
         try:
             got = scatter.start().wait()
         except ConfigMismatchError:
-            try:  # the all-gather as headers only: ranks that agree with this one raise too
-                frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW, legs,
-                            legs, detail=plan.numel, aborted=True, **numbering).start().wait()
-            except (ConfigMismatchError, frame.PeerError):
-                pass  # (theirs: this rank's error is the one to report)
+            # the all-gather as headers only: ranks that agree with this one raise too
+            gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
+                                 legs, legs, detail=plan.numel, aborted=True, **numbering)
+            gather.start().wait()
+            gather.release()
             raise
         rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
                            rows3[r, a:b], r, cfg)
@@ -541,11 +541,8 @@ def _abort_stages(h, plan: _Plan, named: dict, after: int) -> None:
         if n == 1:
             continue
         splits = [k if gather or q != own else 0 for q in range(n)]
-        try:
-            h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
-                  splits, [0] * n, aborted=True, **named)
-        except (ConfigMismatchError, frame.PeerError):
-            pass  # (theirs: this rank's error is the one to report)
+        h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+              splits, [0] * n, aborted=True, **named)
 
 
 # ---- the specification ---------------------------------------------------------------------------

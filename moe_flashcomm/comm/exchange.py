@@ -39,6 +39,7 @@ from ..codec import encode as _codec_encode
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from .. import kernels
+from ..memo import remember
 from .gate import wire_gate
 from . import frame as framing
 from . import p2p
@@ -280,14 +281,9 @@ def _items(nbytes: list, unit: int) -> list:
 def cached_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, dtype: torch.dtype,
                 chunks: int, uniform: bool = False) -> Plan:
     """``make_plan``'s result, cached in ``route.plans``."""
-    key = (in_rows, out_rows, hidden, dtype, chunks, uniform)
-    plan = route.plans.get(key)
-    if plan is None:
-        if len(route.plans) > 256:
-            route.plans.clear()
-        plan = route.plans[key] = make_plan(route, in_rows, out_rows, hidden, dtype, chunks,
-                                            uniform)
-    return plan
+    return remember(route.plans, (in_rows, out_rows, hidden, dtype, chunks, uniform),
+                    lambda: make_plan(route, in_rows, out_rows, hidden, dtype, chunks, uniform),
+                    256)
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,

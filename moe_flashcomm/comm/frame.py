@@ -22,7 +22,6 @@ disagreement raises. A peer that sends nothing within the timeout is named.
 from __future__ import annotations
 
 import datetime
-import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from ..codec import CodecConfig
+from ..memo import remember
 from .check import ConfigMismatchError
+from .plan import offsets
 
 MAGIC = 0x4D4F45464C415331  # "MOEFLAS1": the format's version is its last byte
 WORDS = 12
@@ -108,6 +109,11 @@ class Framing:
         # page faults every time (measured: tools/bench_frame.py)
         self._free: dict = {}
         self._pooled = 0  # bytes in self._free
+        self._layouts: dict = {}  # Frame arguments -> Layout
+
+    def layout(self, *args) -> "Layout":
+        """``layout(*args)``, made once per arguments (the calls of a model repeat them)."""
+        return remember(self._layouts, args, lambda: layout(*args), 1024)
 
     def next_number(self, pg) -> int:
         n = self.sequence.get(pg, 0) + 1
@@ -152,10 +158,9 @@ class Layout:
     expected: np.ndarray  # [peers, WORDS] int64 we should receive, likewise
 
 
-@functools.lru_cache(maxsize=1024)
 def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: int,
            sends: tuple, recvs: tuple, detail: int, flags: int) -> Layout:
-    """The Layout of a Frame (a pure function of its arguments, memoised)."""
+    """The Layout of a Frame: a pure function of its arguments (Framing.layout keeps them)."""
     if flags:
         sends = tuple(None if leg is None else Leg(0, 0) for leg in sends)
     peers = tuple(p for p in range(world) if p != rank)
@@ -205,8 +210,9 @@ class Frame:
                  number: Optional[int] = None, counter=None, aborted: bool = False,
                  rejected: bool = False) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
-        lay = layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs), detail,
-                     ABORTED * aborted | REJECTED * rejected)
+        self.flags = ABORTED * aborted | REJECTED * rejected
+        lay = framing.layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs),
+                             detail, self.flags)
         self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
         self.operation, self.dtype, self.hidden, self.detail = operation, dtype, hidden, detail
         self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
@@ -227,10 +233,13 @@ class Frame:
         self._recv_words = self.recv.numpy().view(np.int64)  # (slots are 16-byte aligned)
         self._recv_words[lay.magic_words] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
+        self.stalled = False  # a headers-only frame whose peers never answered
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
         consumed (not needed for correctness: unreleased buffers are simply collected)."""
+        if self.stalled:  # the pending transfer still holds them
+            return
         for buf in (self.send, self.recv):
             if buf is not None:
                 self.framing.give_back(buf)
@@ -255,8 +264,21 @@ class Frame:
     def is_completed(self) -> bool:
         return self.work is None or self.work.is_completed()
 
-    def wait(self) -> list:
-        """The received payloads (uint8, recvs[p].nbytes each; None at this rank)."""
+    def wait(self) -> Optional[list]:
+        """The received payloads (uint8, recvs[p].nbytes each; None at this rank). A
+        headers-only frame (aborted, rejected) only drains what its peers send and returns
+        None: the error to report is this rank's own, raised by its caller."""
+        if not self.flags:
+            return self._complete()
+        try:
+            self._complete()
+        except ConfigMismatchError:
+            pass
+        except PeerError:
+            self.stalled = True
+        return None
+
+    def _complete(self) -> list:
         self._wait(self.work, "")
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems = self.problems(got)
@@ -282,12 +304,11 @@ class Frame:
                 works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
         for w in works:
             self._wait(w, " (the rest of a long message)")
-        bad = problems
-        if bad:  # counted alike again from here, whatever each rank was running
+        if problems:  # counted alike again from here, whatever each rank was running
             seen = got[valid, 2].tolist()
             self.framing.sequence[self.counter] = max(
                 seen + [self.framing.sequence.get(self.counter, 0)])
-            lines = [f"rank {p}: {m}" for p, msgs in bad.items() for m in msgs]
+            lines = [f"rank {p}: {m}" for p, msgs in problems.items() for m in msgs]
             raise ConfigMismatchError(
                 f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
                 f"{self._where()} (seen by group rank {self.rank} of {self.world}):\n  "
@@ -386,8 +407,8 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     ``number``, ``counter`` and ``aborted``."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
-    ioff = [sum(in_splits[:p]) * unit for p in range(world)]
-    ooff = [sum(out_splits[:p]) * unit for p in range(world)]
+    ioff = [i * unit for i in offsets(in_splits)]
+    ooff = [i * unit for i in offsets(out_splits)]
     sends = [None if p == rank else Leg(in_splits[p], in_splits[p] * unit) for p in range(world)]
     recvs = [None if p == rank else Leg(out_splits[p], out_splits[p] * unit) for p in range(world)]
     frame = Frame(framing, pg, rank, world, operation, inp.dtype, 0, sends, recvs, detail,
@@ -395,10 +416,11 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
     got = frame.start().wait()
-    n = in_splits[rank] * unit
-    osrc[ooff[rank]:ooff[rank] + n].copy_(isrc[ioff[rank]:ioff[rank] + n])
-    for p in frame.peers:
-        osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
+    if got is not None:  # (None: headers only)
+        n = in_splits[rank] * unit
+        osrc[ooff[rank]:ooff[rank] + n].copy_(isrc[ioff[rank]:ioff[rank] + n])
+        for p in frame.peers:
+            osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
     frame.release()
     return Done()
 
@@ -423,10 +445,5 @@ def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:
     # peers in the call answer at once; peers that are not (a call on this rank alone)
     # must not hold up this rank's own error for long
     frame.timeout = min(frame.timeout, datetime.timedelta(seconds=REJECT_WAIT_S))
-    try:
-        frame.start().wait()
-    except ConfigMismatchError:
-        pass
-    except PeerError:
-        return  # (its buffers stay with the pending transfer: not given back)
+    frame.start().wait()
     frame.release()

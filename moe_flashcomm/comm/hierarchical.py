@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..memo import remember
 from . import frame
 from .check import ConfigMismatchError, check_consistent, hash63
 from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes
@@ -281,12 +282,7 @@ class Hierarchy:
         return rows * row_bytes(route.wire(peer, rows, hidden, dtype), hidden, dtype)
 
     def _cached(self, key, make):
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) > 512:
-                self._plans.clear()
-            plan = self._plans[key] = make()
-        return plan
+        return remember(self._plans, key, make, 512)
 
 
 def hierarchy(comm) -> Hierarchy:
@@ -452,12 +448,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
             h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest, **numbering)
     except ConfigMismatchError:
         if numbering and h.nodes > 1:  # stage 2 as headers only: its peers raise too
-            try:
-                h.a2a("inter", torch.empty(sum(src.recv2), dtype=torch.uint8),
-                      torch.empty(0, dtype=torch.uint8), src.recv2, [0] * h.nodes,
-                      detail=digest, aborted=True, **numbering)
-            except (ConfigMismatchError, frame.PeerError):
-                pass  # (theirs: this rank's error is the one to report)
+            h.a2a("inter", torch.empty(sum(src.recv2), dtype=torch.uint8),
+                  torch.empty(0, dtype=torch.uint8), src.recv2, [0] * h.nodes,
+                  detail=digest, aborted=True, **numbering)
         raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:

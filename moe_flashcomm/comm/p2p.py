@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env, kernels
+from ..memo import remember
 from ..codec import cuda as _cuda
 from .check import ConfigMismatchError
 from .frame import dtype_code, wire_code, wire_text, DTYPES
@@ -123,15 +124,9 @@ class PeerBuffers:
              copy_bytes: int = 0) -> kernels.Launch:
         """p2p_sync's launch: wait for / publish to every peer as ``mode`` says (its other
         blocks copy ``copy_bytes`` meanwhile: pointer bases source, destination)."""
-        key = (mode, advance, copy_bytes, stamps)
-        hit = self._syncs.get(key)
-        if hit is None:
-            if len(self._syncs) > 256:
-                self._syncs.clear()
-            hit = self._syncs[key] = kernels.sync_launch(
-                self.device.index, self.args(stamps, mode=mode, advance=int(advance),
-                                             copy_n16=copy_bytes // 16), copy_bytes)
-        return hit
+        return remember(self._syncs, (mode, advance, copy_bytes, stamps), lambda: kernels.sync_launch(
+            self.device.index, self.args(stamps, mode=mode, advance=int(advance),
+                                         copy_n16=copy_bytes // 16), copy_bytes), 256)
 
     def encode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
                       copy_bytes: int, stamps: tuple) -> Optional[kernels.Launch]:

@@ -1,0 +1,19 @@
+"""One idiom in one place: things made once per key (a call's shape, a configuration) and kept
+in a table their owner holds, emptied when it grows past a bound, so a program that keeps
+making new keys does not grow memory without end."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def remember(table: dict, key, make: Callable[[], T], limit: int) -> T:
+    """``table[key]``, made by ``make()`` the first time (``table`` emptied first when it holds
+    more than ``limit`` entries)."""
+    hit = table.get(key)
+    if hit is None:
+        if len(table) > limit:
+            table.clear()
+        hit = table[key] = make()
+    return hit
