@@ -12,10 +12,14 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
+import traceback
 import warnings
+from multiprocessing.connection import wait as wait_any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _mark(marks: str, what: str, rank: int, text: str = "") -> None:
+    with open(os.path.join(marks, f"{what}.{rank}"), "w") as f:
+        f.write(text)
 
 
 def _worker(rank, world_size, port, backend, env, fn, args, marks):
@@ -39,37 +48,102 @@ def _worker(rank, world_size, port, backend, env, fn, args, marks):
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
-    open(os.path.join(marks, str(rank)), "w").close()  # this rank got past the rendezvous
+    _mark(marks, "joined", rank)  # this rank got past the rendezvous
     try:
         fn(rank, world_size, *args)
-    finally:
         dist.destroy_process_group()
+    except BaseException:
+        _mark(marks, "failed", rank, traceback.format_exc())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # the traceback is in the mark; the peers may be stuck in a collective
+    _mark(marks, "passed", rank)
+
+
+def _exit_name(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _run_once(fn, world_size, args, backend, env, timeout, marks):
+    """Start the ranks and wait for all of them (the first failure ends the others after a
+    short grace). Returns {rank: exit code}."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    procs = [context.Process(target=_worker,
+                             args=(r, world_size, port, backend, env, fn, args, marks))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline, grace = time.monotonic() + timeout, None
+    try:
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish "
+                                   f"within {timeout:g} s")
+            if grace is not None and now >= grace:
+                break
+            wait_any([p.sentinel for p in procs if p.is_alive()],
+                     timeout=min(1.0, deadline - now))
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                      and not os.path.exists(os.path.join(marks, f"passed.{r}"))]
+            if failed and grace is None:
+                grace = time.monotonic() + 10  # the others may still report their own error
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return {r: p.exitcode for r, p in enumerate(procs)}
 
 
 def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = None,
           timeout: float = 900) -> None:
     """Run ``fn`` in ``world_size`` processes, killed after ``timeout`` seconds (a hard
-    limit: a hang fails the test instead of stalling the run). A start that dies before
-    every rank has joined the process group (the rendezvous on a free port lost a race, or
-    the store's thread aborted: rare, seen on shared CI machines) is retried once on a new
-    port; a failure after that is the test's."""
+    limit: a hang fails the test instead of stalling the run).
+
+    A rank passes when ``fn`` and ``destroy_process_group`` return, or when it leaves with
+    exit code 0 (``os._exit(0)``). Two failures that are not the test's are tolerated:
+    - a start that dies before every rank has joined the process group (the rendezvous on a
+      free port lost a race, or the store's thread aborted: rare on shared CI machines) is
+      retried once on a new port;
+    - a rank that aborts in interpreter teardown after it passed is reported as a warning.
+      A CPU process that built DeepSpeed's process groups does that about once in a hundred
+      runs ("terminate called without an active exception", no Python frame), with or
+      without moe_flashcomm.
+    """
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as marks:
-            try:
-                context = mp.spawn(_worker, args=(world_size, free_port(), backend, env or {},
-                                                  fn, args, marks),
-                                   nprocs=world_size, join=False)
-                deadline = time.monotonic() + timeout
-                while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-                    if time.monotonic() >= deadline:
-                        for process in context.processes:
-                            if process.is_alive():
-                                process.kill()
-                        raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish "
-                                           f"within {timeout:g} s")
+            codes = _run_once(fn, world_size, args, backend, env or {}, timeout, marks)
+
+            def has(what, rank):
+                return os.path.exists(os.path.join(marks, f"{what}.{rank}"))
+
+            failed = sorted((os.path.getmtime(os.path.join(marks, f"failed.{r}")), r)
+                            for r in range(world_size) if has("failed", r))
+            if failed:  # the first to fail is the cause; the others often only saw it go
+                reports = []
+                for _, rank in failed:
+                    with open(os.path.join(marks, f"failed.{rank}")) as f:
+                        reports.append(f"rank {rank} of {world_size} failed in "
+                                       f"{fn.__name__}:\n{f.read()}")
+                raise AssertionError("\n".join(reports))
+            broken = {r: c for r, c in codes.items() if c != 0 and not has("passed", r)}
+            if not broken:
+                for r, c in codes.items():
+                    if c != 0:
+                        warnings.warn(f"rank {r} passed, then ended with {_exit_name(c)} in "
+                                      f"interpreter teardown")
                 return
-            except mp.ProcessExitedException:
-                if attempt or len(os.listdir(marks)) == world_size:
-                    raise
+            if attempt == 0 and not all(has("joined", r) for r in range(world_size)):
                 warnings.warn(f"{world_size} processes died before joining the process "
                               f"group; starting them again on another port")
+                continue
+            raise RuntimeError("; ".join(f"rank {r} ended with {_exit_name(c)} before it "
+                                         f"passed" for r, c in broken.items())
+                               + f" in {fn.__name__} (its output is above)")

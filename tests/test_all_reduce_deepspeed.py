@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
 from types import SimpleNamespace
 
@@ -215,13 +214,6 @@ def _world2(rank: int, world: int) -> None:
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_linear_allreduce(tag)
     check_kernel_injection_modules(tag)
-    if dist.get_backend() == "gloo":
-        # Every check above has passed. About one run in three, a DeepSpeed CPU process built this
-        # way aborts in C++ teardown at interpreter exit ("terminate called without an active
-        # exception", no Python frame: seen 2026-11-23); leave without running that teardown.
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)
 
 
 def test_tensor_parallel_hooks_gloo_2_ranks():
