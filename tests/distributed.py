@@ -113,10 +113,13 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = 
       free port lost a race, or the store's thread aborted: rare on shared CI machines) is
       retried once on a new port;
     - a rank that aborts in interpreter teardown after it passed is reported as a warning.
-      CPU processes that built DeepSpeed's process groups rarely do ("terminate called
-      without an active exception" with no Python frame on the main thread: seen 2026-11-23
-      and in CI on 2026-12-04, once in 12 runs of tests/test_native.py here, then not in
-      200 more).
+      Gloo processes rarely do ("terminate called without an active exception"; in CI on
+      2026-12-04, and about once in 50 runs of a DeepSpeed test here under load). A core
+      dump shows why: a gloo worker thread drops the last reference to a finished
+      all-to-all's work while the interpreter finalizes; freeing the tensors it holds needs
+      the GIL, which a thread other than the main one cannot take then, so the thread is
+      unwound through a noexcept frame. The groups DeepSpeed keeps live until then; the
+      library's own exchanges hold their latest work (frame.Framing.last_work).
     """
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as marks:

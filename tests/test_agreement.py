@@ -141,6 +141,48 @@ def test_all_reduce_numel_disagrees_gloo_2():
     spawn(_all_reduce_numel, 2, timeout=240)
 
 
+def _backend_sum_numel(rank, world):
+    """The backend's own sum (the gated path and "native"): framed over gloo too, so a numel
+    that differs raises on every rank where gloo would abort the process."""
+    import torch.distributed as dist
+    from moe_flashcomm.comm.gate import SizeGate
+    # quantized from 1 MiB of bf16 on CPU (CPU is never gated by default)
+    gated = mf.Communicator(gate=SizeGate({}, all_reduce={"cpu": {"*": 1 << 20}}))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        inputs = [make_input(r, 1003, (), dtype, 9) for r in range(world)]
+        ordered = inputs[0].clone()
+        for r in range(1, world):
+            ordered += inputs[r]  # the rank-order sum, rounded in the dtype at each step
+        for comm, codec in ((gated, None), (gated, "native")):
+            got = comm.all_reduce(inputs[rank].clone(), codec=codec)
+            assert torch.equal(got, ordered), (dtype, codec)
+            if world == 2:  # a + b = b + a: gloo's own bits
+                stock = inputs[rank].clone()
+                dist.all_reduce(stock)
+                assert torch.equal(got, stock), (dtype, codec)
+    x = make_input(rank, 1500, (), torch.float32, 4)
+    mine = 1000 + rank
+    for codec in (None, "native"):
+        _raises(lambda: gated.all_reduce(x[:mine].clone(), codec=codec), ConfigMismatchError,
+                "all_reduce reduce-scatter", f"this rank reduces {mine}")
+    # a size the gate sends to the backend on one rank and quantizes on the others
+    big = 1 << 19
+    _raises(lambda: gated.all_reduce(torch.ones(big if rank == 0 else 1000)),
+            ConfigMismatchError, f"values; this rank reduces {big if rank == 0 else 1000}")
+    got = gated.all_reduce(x.clone(), codec="native")  # the group works afterwards
+    want = sum(make_input(r, 1500, (), torch.float32, 4) for r in range(world))
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    gated.close()
+
+
+def test_backend_sum_numel_disagrees_gloo_2():
+    spawn(_backend_sum_numel, 2, timeout=240)
+
+
+def test_backend_sum_numel_disagrees_gloo_3():
+    spawn(_backend_sum_numel, 3, timeout=240)
+
+
 def _silent_peer(rank, world):
     comm = mf.Communicator(gate=False, timeout=3)
     x = make_input(rank, 4 * world, (64,), torch.float32, 5)

@@ -8,7 +8,8 @@ library's own path with the framing switched off (its route without a Framing), 
 difference is the headers' cost alone: building and checking them, the frame-sized
 receive, and the copies into and out of the framed buffers. It also prints the headers' own
 host work (built, checked; no transport) measured in one process, free of the other rank's
-noise.
+noise. Last, the backend's sum over gloo ("native" all_reduce, framed) against gloo's own
+all_reduce.
 
     python tools/bench_frame.py --out docs/data/bench_frame.json
 """
@@ -75,13 +76,43 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
                 print(f"{size >> 10:>6} KiB {name:>5}: framed {f_us:8.1f} us  plain {p_us:8.1f} us"
                       f"  ratio {r['ratio']:.3f}  header work {work_us:5.1f} us"
                       f"  header {HEADER_BYTES} B / {payload} B per peer", flush=True)
+    sums = _backend_sums(comm, rank, reps)
     if rank == 0 and out:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
-        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums), indent=1)
+                             + "\n")
     comm.close()
     dist.destroy_process_group()
+
+
+def _backend_sums(comm, rank: int, reps: int) -> list:
+    """The backend's sum over gloo ("native", and the gated path): framed (a reduce-scatter
+    and an all-gather with headers) against gloo's own all_reduce, alternating."""
+    rows = []
+    for size in [4 << 10] + SIZES:
+        x = torch.randn(size // 4)  # fp32 values
+        times = {"framed": [], "gloo": []}
+        for i in range(reps + 5):
+            for kind in ("framed", "gloo")[::1 if i % 2 else -1]:
+                y = x.clone()
+                dist.barrier()
+                t = time.perf_counter()
+                if kind == "framed":
+                    comm.all_reduce(y, codec="native")
+                else:
+                    dist.all_reduce(y)
+                if i >= 5:
+                    times[kind].append(time.perf_counter() - t)
+        f_us = statistics.median(times["framed"]) * 1e6
+        g_us = statistics.median(times["gloo"]) * 1e6
+        rows.append(dict(fp32_bytes=size, framed_us=round(f_us, 1), gloo_us=round(g_us, 1),
+                         ratio=round(f_us / g_us, 4)))
+        if rank == 0:
+            print(f"all_reduce native {size >> 10:>6} KiB fp32: framed {f_us:8.1f} us  "
+                  f"gloo {g_us:8.1f} us  ratio {f_us / g_us:.3f}", flush=True)
+    return rows
 
 
 def _header_work_us(comm, rank: int, world: int, rows: int, hidden: int, nbytes: int) -> float:

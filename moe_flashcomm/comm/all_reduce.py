@@ -178,7 +178,7 @@ def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecC
 class _Plan:
     """How one configuration and size runs on this rank."""
 
-    nccl: bool                     # gated (or one rank): torch.distributed.all_reduce
+    nccl: bool                     # gated (or one rank): the backend's sum (gloo: framed)
     world: int
     rank: int
     rows: int                      # c
@@ -217,7 +217,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
-        return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0)
+        return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0, numel=n)
     c = rows_per_rank(n, world)
     if algorithm == "hierarchical":
         _hierarchy(comm)  # creates the stage groups (collective), checks the layout
@@ -263,19 +263,21 @@ def all_reduce(
     group:     process group (None: the default group).
     codec:     CodecConfig / dict / bits value (None: CodecConfig(), int4 g128 spikes;
                rounding must be "nearest"; "native": torch.distributed.all_reduce
-               itself). For ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
+               itself; over gloo, its framed equivalent: _native_framed). For ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
                across groups, all-gather inside groups: see docs/design.md).
     topology:  Topology or ranks per group (node, PCIe switch, NUMA half); None: the
                launcher's LOCAL_WORLD_SIZE. Used by the hierarchical groups and the gate.
     gate:      size gate (SizeGate.coerce): below its all-reduce threshold (bf16 bytes of
-               the tensor) the call is ``torch.distributed.all_reduce``. False: never.
+               the tensor) the call is as with "native". False: never.
     chunks:    pipeline ranges (flat; CUDA): None: by size; any value gives the same bits.
 
     Every rank ends with the bit-identical tensor. Every rank must pass the same codec,
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
-    combination is used (not the size: as with torch, equal numel is the caller's duty).
+    combination is used. Over gloo every call's headers also carry the numel, so a rank
+    whose numel differs raises on every rank; with NCCL equal numel is the caller's duty,
+    as with torch.
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
@@ -314,8 +316,10 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
             plans[key] = plan
     group = comm.group
     if plan.nccl:  # gated (plan.call: more than one rank, a non-empty tensor)
-        if plan.call:
+        if plan.call and x.is_cuda:
             direct.all_reduce(group, x)
+        elif plan.call:
+            _native_framed(x, plan, group, comm.framing)
         return x
     work = x if x.is_contiguous() else x.contiguous()
     flat = work.view(-1)
@@ -456,6 +460,40 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
         for p in range(W):
             _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
         gather.release()
+
+
+def _native_framed(x: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
+    """The backend's sum (gated, or "native") over gloo, framed: a rank whose numel differs
+    makes every rank raise where gloo itself would abort the process. A reduce-scatter of
+    the values in their own dtype, each range summed in rank order, then an all-gather. On
+    two ranks that is torch.distributed.all_reduce's result to the bit (a + b = b + a); on
+    more, the same sum, whose rounding may differ from gloo's order."""
+    W, r = plan.world, plan.rank
+    work = x if x.is_contiguous() else x.contiguous()
+    flat = work.view(-1)
+    n = flat.numel()
+    cut = [n * p // W for p in range(W + 1)]
+    sizes = [cut[p + 1] - cut[p] for p in range(W)]
+    mine = sizes[r]
+    key = group if group is not None else dist.group.WORLD
+    numbering = dict(number=framing.next_number(key), counter=key, detail=n)
+    parts = flat.new_empty(W * mine)
+    try:
+        frame.all_to_all_single(framing, group, r, W, "all_reduce reduce-scatter", parts, flat,
+                                [mine] * W, sizes, **numbering)
+    except ConfigMismatchError:  # the all-gather as headers only: the others raise too
+        frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather",
+                                flat.new_empty(0), flat.new_empty(0), [0] * W, [0] * W,
+                                aborted=True, **numbering)
+        raise
+    ranges = parts.view(W, mine)
+    total = ranges[0].clone()
+    for p in range(1, W):
+        total += ranges[p]
+    frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", flat,
+                            total.repeat(W), sizes, [mine] * W, **numbering)
+    if work is not x:
+        x.copy_(work)
 
 
 # ---- hierarchical ------------------------------------------------------------------------------

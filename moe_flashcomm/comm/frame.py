@@ -110,6 +110,11 @@ class Framing:
         self._free: dict = {}
         self._pooled = 0  # bytes in self._free
         self._layouts: dict = {}  # Frame arguments -> Layout
+        # the latest exchange's gloo work, held until the next one starts: left to gloo's
+        # worker thread, a finished exchange's last reference can fall while the interpreter
+        # exits, when that thread cannot take the GIL to free the tensors it holds and the
+        # process aborts (std::terminate; seen in a core dump of a spawned test)
+        self.last_work = None
 
     def layout(self, *args) -> "Layout":
         """``layout(*args)``, made once per arguments (the calls of a model repeat them)."""
@@ -259,6 +264,7 @@ class Frame:
                               for p in self.peers])
         self.work = dist.all_to_all_single(self.recv, send, lay.out_splits, lay.in_splits,
                                            group=self.pg, async_op=True)
+        self.framing.last_work = self.work
         return self
 
     def is_completed(self) -> bool:
@@ -380,9 +386,9 @@ class Frame:
             out.append(f"it sends {dt} rows of hidden size {h[4] >> 8}; this rank has "
                        f"{self.dtype} rows of hidden size {self.hidden}")
         if h[9] != self.detail:
-            out.append(f"it reduces {h[9]} values; this rank reduces {self.detail}"
-                       if self.operation in NUMEL_OPERATIONS else
-                       "its configuration (codecs, size gate, hidden size, dtype) differs from "
+            if self.operation in NUMEL_OPERATIONS:  # (the sizes that differ follow from it)
+                return out + [f"it reduces {h[9]} values; this rank reduces {self.detail}"]
+            out.append("its configuration (codecs, size gate, hidden size, dtype) differs from "
                        "this rank's")
         if h[6] != mine.rows:
             out.append(f"it sends {h[6]} rows to this rank; this rank expects {mine.rows} "
