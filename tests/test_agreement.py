@@ -3,6 +3,7 @@ seconds, and the group works afterwards (comm/frame.py: every exchange over gloo
 a header). Real gloo process groups; each test is killed if it runs past its limit."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -153,13 +154,17 @@ def _backend_sum_numel(rank, world):
         ordered = inputs[0].clone()
         for r in range(1, world):
             ordered += inputs[r]  # the rank-order sum, rounded in the dtype at each step
-        for comm, codec in ((gated, None), (gated, "native")):
-            got = comm.all_reduce(inputs[rank].clone(), codec=codec)
+        for codec in (None, "native"):
+            got = gated.all_reduce(inputs[rank].clone(), codec=codec)
             assert torch.equal(got, ordered), (dtype, codec)
             if world == 2:  # a + b = b + a: gloo's own bits
                 stock = inputs[rank].clone()
                 dist.all_reduce(stock)
                 assert torch.equal(got, stock), (dtype, codec)
+    # more than a frame of values: a reduce-scatter and an all-gather
+    inputs = [make_input(r, (1 << 20) + 5, (), torch.float32, 10) for r in range(world)]
+    got = gated.all_reduce(inputs[rank].clone(), codec="native")
+    assert torch.equal(got, functools.reduce(torch.add, inputs)), "two steps"
     x = make_input(rank, 1500, (), torch.float32, 4)
     mine = 1000 + rank
     for codec in (None, "native"):
@@ -169,6 +174,9 @@ def _backend_sum_numel(rank, world):
     big = 1 << 19
     _raises(lambda: gated.all_reduce(torch.ones(big if rank == 0 else 1000)),
             ConfigMismatchError, f"values; this rank reduces {big if rank == 0 else 1000}")
+    # two steps on one rank, one on the others
+    _raises(lambda: gated.all_reduce(torch.ones(1 << 21 if rank == 0 else 1000), codec="native"),
+            ConfigMismatchError, f"values; this rank reduces {1 << 21 if rank == 0 else 1000}")
     got = gated.all_reduce(x.clone(), codec="native")  # the group works afterwards
     want = sum(make_input(r, 1500, (), torch.float32, 4) for r in range(world))
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
