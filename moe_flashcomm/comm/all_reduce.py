@@ -263,7 +263,9 @@ def all_reduce(
     group:     process group (None: the default group).
     codec:     CodecConfig / dict / bits value (None: CodecConfig(), int4 g128 spikes;
                rounding must be "nearest"; "native": torch.distributed.all_reduce
-               itself; over gloo, its framed equivalent: _native_framed). For ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a group of ranks, ``inter_node`` across.
+               itself; over gloo, its framed equivalent: _native_framed). For
+               ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a
+               group of ranks, ``inter_node`` across.
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
                across groups, all-gather inside groups: see docs/design.md).
@@ -478,8 +480,8 @@ def _native_framed(x: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     flat = work.view(-1)
     n = flat.numel()
     one_round = n * flat.element_size() <= frame.FRAME_BYTES - frame.HEADER_BYTES
-    cut = [0 if one_round else n * p // W for p in range(W)] + [n]
-    sizes = [n] * W if one_round else [cut[p + 1] - cut[p] for p in range(W)]
+    # the values each rank sums: all of them, or its range
+    sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
     mine = sizes[r]
     key = group if group is not None else dist.group.WORLD
     numbering = dict(number=framing.next_number(key), counter=key, detail=n)
