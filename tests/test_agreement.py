@@ -210,6 +210,31 @@ def test_silent_peer_is_named_gloo_3():
     spawn(_silent_peer, 3, timeout=120)
 
 
+def _algorithm_switch(rank, world):
+    """Flat on rank 0, hierarchical on the others (both used before): they never meet in
+    one group, so each waits out the timeout; a stage names its peers' global ranks."""
+    comm = mf.Communicator(gate=False, topology=2, timeout=3)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 11)
+    for algorithm in ("flat", "hierarchical"):
+        comm.all_to_all(x, algorithm=algorithm)
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError) as info:
+        comm.all_to_all(x, algorithm="flat" if rank == 0 else "hierarchical")
+    assert 3 <= time.monotonic() - start < LIMIT_S
+    if rank == 0:
+        assert "nothing came from ranks [1, 2, 3]" in str(info.value)
+    else:  # stages: inside (0, 1) and (2, 3), then across (0, 2) and (1, 3). Rank 1 waits
+        # for rank 0 inside; ranks 2 and 3 finish theirs, then wait across for 0 and 1
+        silent = {1: 0, 2: 0, 3: 1}[rank]
+        assert f"(global rank {rank}), at" in str(info.value), str(info.value)
+        assert f"(global ranks [{silent}])" in str(info.value), str(info.value)
+    os._exit(0)  # exchanges are in flight: leave without tearing the group down
+
+
+def test_algorithm_switched_on_one_rank_gloo_4():
+    spawn(_algorithm_switch, 4, timeout=120)
+
+
 def _hierarchical(rank, world):
     comm = mf.Communicator(gate=False, topology=2, algorithm="hierarchical")
     x = make_input(rank, 4 * world, (256,), torch.float32, 6)

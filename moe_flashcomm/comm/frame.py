@@ -345,9 +345,13 @@ class Frame:
             work.wait(timeout=self.timeout)
         except RuntimeError as e:
             silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
-            where = (f"moe_flashcomm.{self.operation}: group rank {self.rank} of {self.world}, at "
-                     f"{self._where()}{what}: nothing came from ranks "
-                     f"{silent or 'none (a long message stalled)'}")
+            me, named = f"group rank {self.rank} of {self.world}", f"{silent}"
+            ranks = dist.get_process_group_ranks(self.pg)
+            if ranks != list(range(dist.get_world_size())):  # a subgroup: global ranks too
+                me += f" (global rank {ranks[self.rank]})"
+                named += f" (global ranks {[ranks[p] for p in silent]})"
+            where = (f"moe_flashcomm.{self.operation}: {me}, at {self._where()}{what}: nothing "
+                     f"came from ranks {named if silent else 'none (a long message stalled)'}")
             if "timed out" not in str(e).lower():
                 raise PeerError(f"{where}; the connection failed ({e})") from e
             raise PeerTimeoutError(
