@@ -53,7 +53,8 @@ def _worker(rank, world_size, port, backend, env, fn, args, marks):
         fn(rank, world_size, *args)
         dist.destroy_process_group()
     except BaseException:
-        _mark(marks, "failed", rank, traceback.format_exc())
+        # when, on the clock every process shares (file times are too coarse to order ranks)
+        _mark(marks, "failed", rank, f"{time.monotonic_ns()}\n{traceback.format_exc()}")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # the traceback is in the mark; the peers may be stuck in a collective
@@ -128,15 +129,16 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", env: dict | None = 
             def has(what, rank):
                 return os.path.exists(os.path.join(marks, f"{what}.{rank}"))
 
-            failed = sorted((os.path.getmtime(os.path.join(marks, f"failed.{r}")), r)
-                            for r in range(world_size) if has("failed", r))
+            failed = []
+            for r in range(world_size):
+                if has("failed", r):
+                    with open(os.path.join(marks, f"failed.{r}")) as f:
+                        when, report = f.read().split("\n", 1)
+                    failed.append((int(when), r, report))
             if failed:  # the first to fail is the cause; the others often only saw it go
-                reports = []
-                for _, rank in failed:
-                    with open(os.path.join(marks, f"failed.{rank}")) as f:
-                        reports.append(f"rank {rank} of {world_size} failed in "
-                                       f"{fn.__name__}:\n{f.read()}")
-                raise AssertionError("\n".join(reports))
+                raise AssertionError("\n".join(f"rank {r} of {world_size} failed in "
+                                               f"{fn.__name__}:\n{report}"
+                                               for _, r, report in sorted(failed)))
             broken = {r: c for r, c in codes.items() if c != 0 and not has("passed", r)}
             if not broken:
                 for r, c in codes.items():
