@@ -151,9 +151,7 @@ def _backend_sum_numel(rank, world):
     gated = mf.Communicator(gate=SizeGate({}, all_reduce={"cpu": {"*": 1 << 20}}))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         inputs = [make_input(r, 1003, (), dtype, 9) for r in range(world)]
-        ordered = inputs[0].clone()
-        for r in range(1, world):
-            ordered += inputs[r]  # the rank-order sum, rounded in the dtype at each step
+        ordered = functools.reduce(torch.add, inputs)  # rounded in the dtype at each step
         for codec in (None, "native"):
             got = gated.all_reduce(inputs[rank].clone(), codec=codec)
             assert torch.equal(got, ordered), (dtype, codec)

@@ -317,23 +317,25 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
                 plans.clear()
             plans[key] = plan
     group = comm.group
-    if plan.nccl:  # gated (plan.call: more than one rank, a non-empty tensor)
-        if plan.call and x.is_cuda:
+    if plan.nccl and (x.is_cuda or not plan.call):
+        # gated or "native" on NCCL (plan.call: more than one rank, a non-empty tensor)
+        if plan.call:
             direct.all_reduce(group, x)
-        elif plan.call:
-            _native_framed(x, plan, group, comm.framing)
         return x
     work = x if x.is_contiguous() else x.contiguous()
     flat = work.view(-1)
-    buf = _padded(flat, plan.world)
-    if plan.hierarchical:
-        _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
-    elif x.is_cuda:
-        _flat(buf, plan, group)
+    if plan.nccl:  # the backend's sum over gloo
+        _native_framed(flat, plan, group, comm.framing)
     else:
-        _flat_framed(buf, plan, group, comm.framing)
-    if buf is not flat:
-        flat.copy_(buf[:flat.numel()])
+        buf = _padded(flat, plan.world)
+        if plan.hierarchical:
+            _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
+        elif x.is_cuda:
+            _flat(buf, plan, group)
+        else:
+            _flat_framed(buf, plan, group, comm.framing)
+        if buf is not flat:
+            flat.copy_(buf[:flat.numel()])
     if work is not x:
         x.copy_(work)
     return x
@@ -433,8 +435,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
     rows3 = buf.view(W, c, ROW)
     rb, code = record_bytes(ROW, cfg), frame.wire_code(cfg)
-    key = group if group is not None else dist.group.WORLD
-    numbering = dict(number=framing.next_number(key), counter=key)  # one for the call
+    numbering = framing.numbering(group)  # one for the call
     for a, b in plan.pieces:
         m = b - a
         legs = [None if p == r else frame.Leg(m, m * rb, code) for p in range(W)]
@@ -464,9 +465,10 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
         gather.release()
 
 
-def _native_framed(x: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
-    """The backend's sum (gated, or "native") over gloo, framed: a rank whose numel differs
-    makes every rank raise where gloo itself would abort the process. A reduce-scatter of
+def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
+    """The backend's sum (gated, or "native") of ``flat`` (contiguous, 1-D, in place) over
+    gloo, framed: a rank whose numel differs makes every rank raise where gloo itself would
+    abort the process. A reduce-scatter of
     the values in their own dtype, each range summed in rank order, then an all-gather; up
     to one frame of values, the reduce-scatter alone, sending every peer all of them (one
     round: where gloo's latency rules, twice as fast). The first step carries the numel, so
@@ -476,15 +478,12 @@ def _native_framed(x: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     torch.distributed.all_reduce's to the bit (a + b = b + a); on more, the same sum, whose
     rounding may differ from gloo's order."""
     W, r = plan.world, plan.rank
-    work = x if x.is_contiguous() else x.contiguous()
-    flat = work.view(-1)
     n = flat.numel()
     one_round = n * flat.element_size() <= frame.FRAME_BYTES - frame.HEADER_BYTES
     # the values each rank sums: all of them, or its range
     sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
     mine = sizes[r]
-    key = group if group is not None else dist.group.WORLD
-    numbering = dict(number=framing.next_number(key), counter=key, detail=n)
+    numbering = dict(framing.numbering(group), detail=n)
     ranges = flat.new_empty(W * mine)
     try:
         frame.all_to_all_single(framing, group, r, W, "all_reduce reduce-scatter", ranges,
@@ -503,8 +502,6 @@ def _native_framed(x: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     if not one_round:
         frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", flat,
                                 total.repeat(W), sizes, [mine] * W, **numbering)
-    if work is not x:
-        x.copy_(work)
 
 
 # ---- hierarchical ------------------------------------------------------------------------------

@@ -125,6 +125,13 @@ class Framing:
         self.sequence[pg] = n
         return n
 
+    def numbering(self, group) -> dict:
+        """Frame's ``number`` and ``counter`` for every step of one call on ``group`` (None:
+        the default group): one number from the group's count, so a step never pairs with
+        another call's."""
+        key = group if group is not None else dist.group.WORLD
+        return dict(number=self.next_number(key), counter=key)
+
     def buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 CPU buffer of at least ``nbytes`` (its first ``nbytes`` returned)."""
         size = max(POOL_MIN, 1 << (nbytes - 1).bit_length())

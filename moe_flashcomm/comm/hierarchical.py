@@ -231,8 +231,7 @@ class Hierarchy:
         of the whole group, so a stage never pairs with another call's."""
         if self.framing is None or device.type == "cuda":
             return {}
-        key = self.group if self.group is not None else dist.group.WORLD
-        return dict(number=self.framing.next_number(key), counter=key)
+        return self.framing.numbering(self.group)
 
     def kind(self, stage: str) -> str:
         """How a stage runs: "skipped", "group", "own group" or "masked"."""
