@@ -86,7 +86,8 @@ def p2p_copy_bytes() -> int:
 
 
 def timeout_s() -> int:
-    """MOE_FLASHCOMM_TIMEOUT_S: how long a framed exchange (gloo) waits for silent peers."""
+    """MOE_FLASHCOMM_TIMEOUT_S: how long a call waits for silent peers (a framed exchange over
+    gloo, a peer-to-peer kernel's wait)."""
     return integer("MOE_FLASHCOMM_TIMEOUT_S", 300, minimum=1)
 
 

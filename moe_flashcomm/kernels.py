@@ -66,8 +66,10 @@ P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX
 P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
 P2P_STAMP = 4 * MAX_PEERS + 1
 P2P_FLAG_WORDS = 5 * MAX_PEERS + 1
-P2P_ERROR_WORDS = 6  # the error page: claimed, peer, stamp seen, stamp expected, call, reported
-P2P_ERROR_SET = 5    # its "reported" word, written last
+# the error page: claimed, peer, word seen, word expected, call, kind, reported (written last)
+P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
+# its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out
+P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),

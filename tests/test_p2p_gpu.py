@@ -2,19 +2,21 @@
 agreement collectives, CUDA IPC between the processes for the data; marked ``cuda``), or two
 GPUs over NCCL (``multigpu``). Checked: bit-identical to the reference codec (even and uneven
 splits, several codecs and dtypes, forward and backward), CUDA graph capture of forward and
-backward replayed many times bit-identical to eager calls, close() and a new communicator on
-the same group, and a process group destroyed and made again with permuted ranks."""
+backward replayed many times bit-identical to eager calls, stamps that disagree, a silent peer
+(the kernels' waits time out and both ranks raise), close() and a new communicator on the same
+group, and a process group destroyed and made again with permuted ranks."""
 from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
-from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm import ConfigMismatchError, PeerTimeoutError
 from tests.distributed import free_port, spawn
 from tests.test_all_to_all import make_input
 
@@ -191,6 +193,43 @@ def disagreement(rank, world, comm):
     comm.check()
 
 
+def silent_peer(rank, world):
+    """Rank 1 skips a call. Rank 0's kernel gives up its wait after the communicator's
+    timeout and reports it: rank 0 raises PeerTimeoutError at its next call and at every call
+    after it. Rank 1's calls then find rank 0 silent in turn, and it raises too. No trap, no
+    hang: both processes go on (the fused kernels, then p2p_sync's, which stochastic
+    rounding takes)."""
+    for codec in (mf.CodecConfig(bits=4), mf.CodecConfig(bits=4, rounding="stochastic")):
+        with mf.Communicator(gate=False, codec=codec, timeout=2) as comm:
+            x = make_input(rank, 4 * world, (H,), torch.bfloat16, 33).cuda()
+            expected = comm.all_to_all(x)
+            torch.cuda.synchronize()
+            if rank == 0:
+                comm.all_to_all(x)  # rank 1 is not there: the wait gives up after 2 s
+                start = time.monotonic()
+                torch.cuda.synchronize()
+                assert time.monotonic() - start < 30
+                said = r"group rank 0 of 2 waited 2 s on the GPU, at its peer-to-peer call #2, for rank 1"
+                with pytest.raises(PeerTimeoutError, match=said):
+                    comm.all_to_all(x)
+                with pytest.raises(PeerTimeoutError, match=said):  # every later call
+                    comm.check()
+                dist.barrier()
+            else:
+                dist.barrier()  # rank 0 has failed
+                # rank 0's records of its call #2 are here: this call completes with them
+                got = comm.all_to_all(x)
+                assert codec.is_stochastic or torch.equal(got, expected)
+                comm.all_to_all(x)  # rank 0 makes no more calls: this wait gives up
+                torch.cuda.synchronize()
+                with pytest.raises(PeerTimeoutError,
+                                   match=r"group rank 1 of 2 waited 2 s on the GPU, at its "
+                                         r"peer-to-peer call #3, for rank 0"):
+                    comm.check()
+            dist.barrier()
+    torch.cuda.synchronize()
+
+
 def _checks(rank, world, port):
     if dist.get_backend() == "gloo":  # two processes on one GPU
         torch.cuda.set_device(0)
@@ -199,6 +238,8 @@ def _checks(rank, world, port):
     backward(rank, world, comm)
     graphs(rank, world, comm)
     disagreement(rank, world, comm)
+    if world == 2:
+        silent_peer(rank, world)
     for copy_mb in ("1000000", "0"):  # records stored by the encode kernel, then the copy engine
         os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
         with mf.Communicator(gate=False) as c:
@@ -219,6 +260,37 @@ def test_p2p_two_processes_one_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     spawn(_checks, 2, free_port(), env={"LOCAL_WORLD_SIZE": 2})
+
+
+def _growth_alone(rank, world, port):
+    """Sizes that disagree where only rank 0 needs larger peer buffers: rank 0's growth (a
+    framed exchange over gloo) names rank 1 after the timeout; rank 1's kernels give up
+    waiting for rank 0 and rank 1 raises at its next check. Both within seconds."""
+    torch.cuda.set_device(0)
+    comm = mf.Communicator(gate=False, timeout=2)
+    small = make_input(rank, 4 * world, (H,), torch.bfloat16, 34).cuda()
+    comm.all_to_all(small)
+    torch.cuda.synchronize()
+    start = time.monotonic()
+    if rank == 0:  # 4096 rows per peer: more than the first buffers hold
+        big = make_input(rank, 4096 * world, (H,), torch.bfloat16, 35).cuda()
+        with pytest.raises(PeerTimeoutError, match=r"peer-to-peer buffers: group rank 0 of 2.*"
+                                                   r"nothing came from ranks \[1\]"):
+            comm.all_to_all(big)
+    else:
+        comm.all_to_all(small)
+        torch.cuda.synchronize()
+        with pytest.raises(PeerTimeoutError, match="group rank 1 of 2 waited 2 s on the GPU"):
+            comm.check()
+    assert time.monotonic() - start < 30
+    os._exit(0)  # rank 0's exchange is in flight: leave without tearing the group down
+
+
+@pytest.mark.cuda
+def test_p2p_buffers_grown_on_one_rank_only_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_growth_alone, 2, free_port(), env={"LOCAL_WORLD_SIZE": 2}, timeout=120)
 
 
 @pytest.mark.multigpu

@@ -2,20 +2,25 @@
 over real gloo process groups, on a CPU machine: device memory and CUDA IPC are replaced by a
 bookkeeping stand-in (the data path itself runs only on GPUs: tests/test_all_to_all.py,
 multigpu). Checked: every rank maps every other rank's allocation, growth replaces and frees the
-old buffers, and one rank's failed allocation makes every rank raise instead of leaving the
-others waiting in a collective.
+old buffers, one rank's failed allocation makes every rank raise instead of leaving the
+others waiting in a collective, and what the host raises for each report of the kernels'
+error page (the kernels that write it run in tests/test_p2p_gpu.py).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import itertools
+import os
+import time
 
 import pytest
 import torch
 
 from moe_flashcomm.codec import CodecConfig
-from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm import kernels as K
+from moe_flashcomm.comm import ConfigMismatchError, PeerTimeoutError
+from moe_flashcomm.comm.frame import Framing
 from tests.distributed import spawn
 
 
@@ -71,10 +76,11 @@ def _fake(rt):
     return p2p
 
 
-def _protocol(rank, world):
+def _protocol(rank, world, framed):
     rt = FakeRuntime(rank)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"))
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7,
+                           Framing(60) if framed else None)
     assert len(bufs.flag_ptrs) == world and bufs.flag_ptrs[rank] in rt.live
     assert all(q in rt.mapped for p, q in enumerate(bufs.flag_ptrs) if p != rank)
     bufs.reserve(3 << 20)
@@ -94,11 +100,39 @@ def _protocol(rank, world):
     peer = (rank + 1) % world
     int4, int8 = CodecConfig(bits=4), CodecConfig(bits=8)
     got, want = p2p.stamp(int8, 5, 64, torch.bfloat16), p2p.stamp(int4, 4, 64, torch.bfloat16)
-    (ctypes.c_uint64 * 6).from_address(bufs._error_page)[:] = [1, peer, got, want, 9, 1]
-    with pytest.raises(ConfigMismatchError, match=(
-            f"rank {peer} sent 5 rows of int8/g128\\+spikes records \\(torch.bfloat16, hidden "
-            "64\\); this rank expected 4 rows of int4/g128\\+spikes records")):
+    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs._error_page)
+    page[:] = [1, peer, got, want, 9, K.P2P_ERROR_STAMP, 1]
+    mismatch = (f"rank {peer} sent 5 rows of int8/g128\\+spikes records \\(torch.bfloat16, "
+                "hidden 64\\); this rank expected 4 rows of int4/g128\\+spikes records")
+    with pytest.raises(ConfigMismatchError, match=mismatch):
+        bufs.check()
+    bufs.check()  # read once: the flags stay in step after a stamp that differs
+    page[:] = [1, peer, got, want, 9, K.P2P_ERROR_STAMP, 1]
+    with pytest.raises(ConfigMismatchError, match=mismatch):
         bufs.close()  # everything freed first, then raised
+    assert not rt.live and not rt.mapped and not rt.host
+
+
+def _timeout(rank, world):
+    """What the host makes of a kernel's wait that timed out (csrc/p2p.cu writes the page)."""
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
+    bufs.reserve(1 << 20)
+    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs._error_page)
+    peer = (rank + 1) % world
+    page[:] = [1, peer, 11, 12, 12, K.P2P_ERROR_LANDED_TIMEOUT, 1]
+    said = (f"group rank {rank} of {world} waited 7 s on the GPU, at its peer-to-peer call #12, "
+            f"for rank {peer} for its records \\(\"landed\"\\): its last call seen here is #11")
+    with pytest.raises(PeerTimeoutError, match=said):
+        bufs.check()
+    assert page[K.P2P_ERROR_SET] == 1  # kept, so the kernels still queued give up at once
+    with pytest.raises(PeerTimeoutError, match=said):  # every later call, too
+        bufs.check()
+    with pytest.raises(PeerTimeoutError, match=said):
+        bufs.reserve(8 << 20)  # no growth (a collective) once out of step
+    assert bufs.cap == 1 << 20
+    bufs.close()  # raised already: not again; everything freed
     assert not rt.live and not rt.mapped and not rt.host
 
 
@@ -106,14 +140,45 @@ def _failure(rank, world):
     total = world * (4 << 20)
     rt = FakeRuntime(rank, fail_size=total if rank == world - 1 else -1)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"))
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
     with pytest.raises(RuntimeError, match=rf"ranks \[{world - 1}\] could not allocate"):
         bufs.reserve(4 << 20)
     assert bufs.cap == 0 and len(rt.live) == 1  # only the flags: the new buffer was freed
 
 
-def test_p2p_buffers_protocol_gloo_3():
-    spawn(_protocol, 3)
+@pytest.mark.parametrize("framed", [False, True], ids=["all_gather_object", "framed"])
+def test_p2p_buffers_protocol_gloo_3(framed):
+    spawn(_protocol, 3, framed)
+
+
+def _growth_alone(rank, world):
+    """Sizes that disagree where the buffers must grow: rank 0 grows, rank 1 does not. Over
+    gloo the handles travel framed, so rank 0 raises after the timeout, naming rank 1."""
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(2))
+    bufs.reserve(1 << 20)
+    if rank == 1:  # its call fits: no collective (its kernels would wait for rank 0)
+        bufs.reserve(1 << 20)
+        time.sleep(6)
+        os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError, match=r"moe_flashcomm.peer-to-peer buffers: group rank "
+                                               r"0 of 2, .* nothing came from ranks \[1\]"):
+        bufs.reserve(8 << 20)
+    assert 2 <= time.monotonic() - start < 10
+    assert bufs.cap == 1 << 20 and len(rt.live) == 2  # flags and the old buffer; the new freed
+    with pytest.raises(PeerTimeoutError, match="nothing came from ranks"):
+        bufs.check()  # out of step from here: every later call raises
+    os._exit(0)  # the exchange is in flight: leave without tearing the group down
+
+
+def test_p2p_buffers_grown_on_one_rank_only_gloo_2():
+    spawn(_growth_alone, 2, timeout=60)
+
+
+def test_p2p_wait_timeout_raises_at_every_later_call_gloo_2():
+    spawn(_timeout, 2)
 
 
 def test_p2p_buffers_failed_allocation_raises_everywhere_gloo_2():

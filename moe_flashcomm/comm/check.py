@@ -47,7 +47,8 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
     mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
                         device=device)
     if framing is not None and device.type == "cpu":
-        table = _gather_framed(mine, group, rank, world, framing)
+        from .frame import gather_words  # (frame.py imports this module)
+        table = gather_words(framing, group, rank, world, "consistency check", mine)
     else:
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine, group=group)
@@ -76,17 +77,3 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
               "dtype, algorithm, chunks, topology and size gate.")
     verified.add(key)
 
-
-def _gather_framed(mine: torch.Tensor, group, rank: int, world: int, framing) -> torch.Tensor:
-    """Every rank's ``mine`` (int64 [n]) as a table [world, n], by a framed exchange."""
-    from .frame import Frame, Leg
-    leg = Leg(mine.numel(), mine.numel() * 8)
-    legs = [None if p == rank else leg for p in range(world)]
-    frame = Frame(framing, group, rank, world, "consistency check", torch.int64, mine.numel(),
-                  legs, legs)
-    for p in frame.peers:
-        frame.payload(p).copy_(mine.view(torch.uint8))
-    got = frame.start().wait()
-    table = torch.stack([mine if p == rank else got[p].view(torch.int64) for p in range(world)])
-    frame.release()
-    return table

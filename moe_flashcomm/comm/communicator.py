@@ -55,8 +55,10 @@ class Communicator:
     codec, grad_codec: the default codecs of ``all_to_all`` (forward, backward); None:
                 int4 (g128, spikes) and int8.
     algorithm, chunks: the defaults of ``all_to_all``.
-    timeout:    seconds an exchange over gloo waits for peers that send nothing before it
-                raises PeerTimeoutError naming them; None: $MOE_FLASHCOMM_TIMEOUT_S (300).
+    timeout:    seconds a call waits for peers that do not take part before it raises
+                PeerTimeoutError naming them (an exchange over gloo at once; a peer-to-peer
+                wait on the GPU gives up and raises at the next call); None:
+                $MOE_FLASHCOMM_TIMEOUT_S (300).
 
     Collective: every rank of ``group`` makes its communicator with the same settings, at
     the same point (a mismatch raises ``ConfigMismatchError`` on every rank). Use it as a
@@ -98,7 +100,8 @@ class Communicator:
         self.p2p_enabled = env.p2p_enabled()
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.framing = Framing(env.timeout_s() if timeout is None else timeout)
+        self.timeout_s = env.timeout_s() if timeout is None else timeout
+        self.framing = Framing(self.timeout_s)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: set = set()   # consistency keys all ranks agreed on
         self._routes: dict = {}       # (codecs, device type) -> Route
@@ -130,17 +133,18 @@ class Communicator:
             if bufs is not None:
                 try:
                     bufs.close()
-                except ConfigMismatchError as e:
+                except (ConfigMismatchError, frame.PeerTimeoutError) as e:
                     found = found or e
         self._forget()
         if found is not None:
             raise found
 
     def check(self) -> None:
-        """Raise ConfigMismatchError for a disagreement between ranks that the peer-to-peer
-        kernels found after their call returned (each call checks the earlier ones; this
-        checks the latest, e.g. after a final ``torch.cuda.synchronize()``). Local, cheap:
-        a read of pinned host memory per device."""
+        """Raise what the peer-to-peer kernels found after their call returned:
+        ConfigMismatchError for a disagreement between ranks, PeerTimeoutError for a wait
+        for a peer that timed out (each call checks the earlier ones; this checks the
+        latest, e.g. after a final ``torch.cuda.synchronize()``). Local, cheap: a read of
+        pinned host memory per device."""
         for bufs in self._peer_buffers.values():
             if bufs is not None:
                 bufs.check()
@@ -192,7 +196,8 @@ class Communicator:
                 and intra_node_path("cuda") == "nvlink"
             self._peer_buffers[index] = p2p.peer_buffers(
                 self.pg, self.rank, self.world, torch.device("cuda", index),
-                self.agree_device) if usable else None
+                self.agree_device, self.timeout_s,
+                self.framing if self.agree_device.type == "cpu" else None) if usable else None
         return self._peer_buffers[index]
 
     def _call_routes(self, x: torch.Tensor, codecs: LinkCodecs, grad_codecs: LinkCodecs,

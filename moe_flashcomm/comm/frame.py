@@ -43,7 +43,7 @@ ALIGN = 16
 POOL_MIN, POOL_DEPTH, POOL_BYTES = 64 << 10, 4, 256 << 20
 OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
-              "consistency check", "skip_padding counts")
+              "consistency check", "skip_padding counts", "peer-to-peer buffers")
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     "hierarchical all-reduce stage")  # whose detail word is the numel
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64)
@@ -59,7 +59,8 @@ class PeerError(RuntimeError):
 
 
 class PeerTimeoutError(PeerError):
-    """Peers of a framed exchange sent nothing within the communicator's timeout."""
+    """Peers did not take part in a call within the communicator's timeout: they sent
+    nothing to a framed exchange (gloo), or a peer-to-peer kernel's wait for them gave up."""
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,21 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
             osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
     frame.release()
     return Done()
+
+
+def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
+                 words: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``words`` (int64 [n], the same n on every rank) as a table [world, n], by
+    one framed exchange: a rank that does not take part is named after the timeout."""
+    leg = Leg(words.numel(), words.numel() * 8)
+    legs = [None if p == rank else leg for p in range(world)]
+    frame = Frame(framing, pg, rank, world, operation, torch.int64, words.numel(), legs, legs)
+    for p in frame.peers:
+        frame.payload(p).copy_(words.view(torch.uint8))
+    got = frame.start().wait()
+    table = torch.stack([words if p == rank else got[p].view(torch.int64) for p in range(world)])
+    frame.release()
+    return table
 
 
 class Done:

@@ -14,7 +14,11 @@ Ranks that disagree: with "landed" each sender stores its stamp of the pair (cod
 dtype, hidden: ``stamp``) in the receiver's flags, and the receiver's kernel compares it with
 the stamp it expects, writing a difference to a pinned error page that the host reads at its
 next call (``PeerBuffers.check``): both ranks of the pair raise ConfigMismatchError there,
-with no synchronisation in the call. Sizes must agree when the buffers grow (collective).
+with no synchronisation in the call. A wait for a peer that lasts the communicator's timeout
+(the peer died or made another call) gives up and is reported on the same page: that rank
+raises PeerTimeoutError at its next call, and at every call after it, since the flags are out
+of step; its peers' own waits then time out in turn. Sizes must agree when the buffers grow
+(collective).
 
 Every rank of the group must take this path for the same calls, so the decision uses only
 what every rank knows: the route (all peers on this node over NVLink, decided once,
@@ -35,14 +39,15 @@ from .. import env, kernels
 from ..memo import remember
 from ..codec import cuda as _cuda
 from .check import ConfigMismatchError
-from .frame import dtype_code, wire_code, wire_text, DTYPES
+from . import frame
+from .frame import DTYPES, Framing, PeerTimeoutError, dtype_code, wire_code, wire_text
 
 MAX_PEERS = kernels.MAX_PEERS
 ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
-TIMEOUT_S = 120  # a wait for a peer this long traps (a rank died): no silent hang
 COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
 MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
+HANDLE_WORDS = 8  # a CUDA IPC memory handle: 64 bytes
 
 
 def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -78,8 +83,12 @@ class PeerBuffers:
     (plans holding their addresses are then made again).
     """
 
-    def __init__(self, group, rank: int, world: int, device: torch.device) -> None:
+    def __init__(self, group, rank: int, world: int, device: torch.device,
+                 timeout_s: float, framing: Optional[Framing] = None) -> None:
         self.group, self.rank, self.world, self.device = group, rank, world, device
+        self.timeout_s = timeout_s  # a kernel's wait for a peer gives up after this
+        self.framing = framing  # the group's agreement runs on gloo: handles travel framed
+        self.failed: Optional[str] = None  # a wait timed out: the flags are out of step
         self.cap = 0
         # read once per communicator (every rank's are checked equal when it is made)
         self.max_bytes = env.p2p_max_bytes()  # most device memory our receive buffer may take
@@ -101,24 +110,28 @@ class PeerBuffers:
     def args(self, stamps: tuple, **fields):
         """csrc/p2p.cu's P2PArgs of this rank with ``fields`` set; ``stamps``: the call's
         (send, receive) stamps per group rank."""
-        return kernels.p2p_args(self.flag_ptrs, self.rank, self.world, TIMEOUT_S * 10**9,
+        return kernels.p2p_args(self.flag_ptrs, self.rank, self.world,
+                                int(self.timeout_s * 10**9),
                                 send_stamp=_padded(stamps[0]), recv_stamp=_padded(stamps[1]),
                                 error_page=self._error_page, **fields)
 
     def check(self) -> None:
-        """Raise ConfigMismatchError if a kernel of an earlier call saw a peer's stamp differ
-        from the one this rank expected (and clear the report)."""
-        if not self._error_words[kernels.P2P_ERROR_SET]:
+        """Raise what a kernel of an earlier call reported: ConfigMismatchError for a peer's
+        stamp that differed from the one this rank expected (the report is then cleared),
+        PeerTimeoutError for a wait that timed out (kept: every later call raises it too)."""
+        if self.failed is not None:
+            raise PeerTimeoutError(self.failed)
+        words = self._error_words
+        if not words[kernels.P2P_ERROR_SET]:
             return
-        _, peer, got, want, call, _ = (int(w) for w in self._error_words)
-        self._error_words[:] = 0
-        raise ConfigMismatchError(
-            f"moe_flashcomm.all_to_all (peer-to-peer): ranks of the group disagree (seen by group "
-            f"rank {self.rank} of {self.world} at its peer-to-peer call #{call}):\n"
-            f"  rank {peer} sent {describe(got)}; this rank expected {describe(want)}\n"
-            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
-            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
-            "returned: its output is not valid.)")
+        kind, message = page_report([int(w) for w in words], self.rank, self.world,
+                                    dist.get_process_group_ranks(self.group), self.timeout_s)
+        if kind is ConfigMismatchError:
+            words[:] = 0
+            raise ConfigMismatchError(message)
+        # the page stays set: the kernels still queued give up their waits within a millisecond
+        self.failed = message
+        raise PeerTimeoutError(message)
 
     def sync(self, mode: int, stamps: tuple, advance: bool = False,
              copy_bytes: int = 0) -> kernels.Launch:
@@ -170,8 +183,13 @@ class PeerBuffers:
                 handle = bytes(rt.ipcGetMemHandle(ptr))
         except Exception:
             handle = None
-        handles: list = [None] * self.world
-        dist.all_gather_object(handles, handle, group=self.group)
+        try:
+            handles = self._gather(handle)
+        except BaseException:
+            if ptr is not None:
+                with torch.cuda.device(self.device):
+                    rt.free(ptr)
+            raise
         if any(h is None for h in handles):
             if ptr is not None:
                 with torch.cuda.device(self.device):
@@ -185,6 +203,26 @@ class PeerBuffers:
                             rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
         return ptrs
 
+    def _gather(self, handle: Optional[bytes]) -> list:
+        """Every rank's IPC handle (None where its allocation failed). Over gloo a framed
+        exchange, so a rank that grows its buffers while a peer does not (sizes that
+        disagree) raises PeerTimeoutError after the timeout instead of waiting for good."""
+        if self.framing is None:
+            handles: list = [None] * self.world
+            dist.all_gather_object(handles, handle, group=self.group)
+            return handles
+        # word 0: the handle's length (0: none), then its bytes
+        words = torch.zeros(1 + HANDLE_WORDS, dtype=torch.int64)
+        if handle is not None:
+            assert len(handle) <= 8 * HANDLE_WORDS, len(handle)
+            words[0] = len(handle)
+            words[1:].view(torch.uint8)[:len(handle)] = torch.frombuffer(bytearray(handle),
+                                                                         dtype=torch.uint8)
+        table = frame.gather_words(self.framing, self.group, self.rank, self.world,
+                                   "peer-to-peer buffers", words)
+        return [bytes(row[1:].view(torch.uint8)[:int(row[0])].tolist()) if row[0] else None
+                for row in table]
+
     def _release(self, ptrs: list[int]) -> None:
         """Unmap the peers' entries of ``ptrs`` and free ours."""
         rt = _runtime()
@@ -197,9 +235,13 @@ class PeerBuffers:
 
     def reserve(self, nbytes: int) -> None:
         """Make every sender region hold ``nbytes``. Collective when it grows: call only
-        with a size every rank of the group computes identically."""
+        with a size every rank of the group computes identically. (Where sizes disagree and
+        only some ranks grow, those raise PeerTimeoutError after the timeout when the
+        handles travel framed; the others' kernels time out waiting for them.)"""
         if nbytes <= self.cap:
             return
+        if self.failed is not None:
+            raise PeerTimeoutError(self.failed)
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("moe_flashcomm: the peer-to-peer buffers must grow for this call, "
                                "which cannot happen during CUDA graph capture; run the same "
@@ -210,7 +252,11 @@ class PeerBuffers:
         torch.cuda.synchronize(self.device)  # our writes into the old buffers are done
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
         # still reads or writes the old buffers when they go
-        ptrs = self._exchange(self.world * cap)
+        try:
+            ptrs = self._exchange(self.world * cap)
+        except PeerTimeoutError as e:  # a peer did not grow with us: out of step from here
+            self.failed = str(e)
+            raise
         if self.data_ptrs:
             self._release(self.data_ptrs)
         self.data_ptrs, self.cap = ptrs, cap
@@ -233,13 +279,15 @@ class PeerBuffers:
 
     def close(self) -> None:
         """Unmap the peers' memory and free ours (after the device is idle). Raises, once
-        everything is freed, what the kernels of the last calls reported (``check``)."""
+        everything is freed, what the kernels of the last calls reported and no call has
+        raised yet (``check``)."""
         torch.cuda.synchronize(self.device)
+        raised = self.failed is not None  # (a timeout already raised is not raised again)
         try:
             self.check()
             found = None
-        except ConfigMismatchError as e:
-            found = e
+        except (ConfigMismatchError, PeerTimeoutError) as e:
+            found = None if raised else e
         for ptrs in (self.data_ptrs, self.flag_ptrs):
             if ptrs:
                 self._release(ptrs)
@@ -252,6 +300,36 @@ class PeerBuffers:
         self.generation += 1
         if found is not None:
             raise found
+
+
+def page_report(words: list, rank: int, world: int, global_ranks: list,
+                timeout_s: float) -> tuple[type, str]:
+    """The error class and message of an error page's ``words`` (csrc/p2p.cu's kErr* words)
+    as group rank ``rank`` of ``world`` reads them; ``global_ranks``: the group's."""
+    _, peer, got, want, call, kind, _ = words
+    me = f"group rank {rank} of {world}"
+    them = f"rank {peer}"
+    if list(global_ranks) != list(range(len(global_ranks))):  # a subgroup: global ranks too
+        me += f" (global rank {global_ranks[rank]})"
+        them += f" (global rank {global_ranks[peer]})" if 0 <= peer < len(global_ranks) else ""
+    if kind == kernels.P2P_ERROR_STAMP:
+        return ConfigMismatchError, (
+            f"moe_flashcomm.all_to_all (peer-to-peer): ranks of the group disagree (seen by "
+            f"{me} at its peer-to-peer call #{call}):\n"
+            f"  {them} sent {describe(got)}; this rank expected {describe(want)}\n"
+            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
+            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
+            "returned: its output is not valid.)")
+    flag = {kernels.P2P_ERROR_FREED_TIMEOUT: "to take new records (\"freed\")",
+            kernels.P2P_ERROR_LANDED_TIMEOUT: "for its records (\"landed\")"}.get(kind, "")
+    return PeerTimeoutError, (
+        f"moe_flashcomm.all_to_all (peer-to-peer): {me} waited {timeout_s:g} s on the GPU, at "
+        f"its peer-to-peer call #{call}, for {them} {flag}: its last call seen here is #{got} "
+        f"and this one needed #{want}. It died, or it did not make this call: every rank must "
+        "make the same moe_flashcomm calls in the same order. The outputs from that call on are "
+        "not valid and this communicator's peer-to-peer state is out of step: every later "
+        "call raises this error; close() it. (Communicator(timeout=...) or "
+        "$MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")
 
 
 def _padded(stamps: tuple) -> list:
@@ -270,10 +348,13 @@ def _cudamalloc_zeroed(nbytes: int, device: torch.device) -> int:
 
 
 def peer_buffers(group, rank: int, world: int, device: torch.device,
-                 agree_device: torch.device) -> Optional[PeerBuffers]:
+                 agree_device: torch.device, timeout_s: float,
+                 framing: Optional[Framing] = None) -> Optional[PeerBuffers]:
     """PeerBuffers for ``group`` on ``device``, or None where the transport cannot run on
     every rank (CuPy missing, more than MAX_PEERS ranks, memory not mappable). Collective:
-    every rank of the group calls it; ``agree_device`` carries the group's small votes."""
+    every rank of the group calls it; ``agree_device`` carries the group's small votes;
+    ``timeout_s``: how long a kernel waits for a peer; ``framing``: the communicator's,
+    where the group's agreement runs on gloo."""
     ok = 2 <= world <= MAX_PEERS
     try:
         _runtime()
@@ -282,7 +363,7 @@ def peer_buffers(group, rank: int, world: int, device: torch.device,
     bufs, err = None, ""
     if _all(ok, group, agree_device):
         try:
-            bufs = PeerBuffers(group, rank, world, device)
+            bufs = PeerBuffers(group, rank, world, device, timeout_s, framing)
         except Exception as e:  # e.g. the IPC mapping is refused: every rank falls back
             err = f"{type(e).__name__}: {e}"
         if not _all(not err, group, agree_device):
