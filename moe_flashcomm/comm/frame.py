@@ -95,6 +95,17 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPES.index(dtype) + 1 if dtype in DTYPES else 0
 
 
+def global_note(pg, ranks) -> str:
+    """For a message naming group rank(s) ``ranks`` (an int or a list) of ``pg``: their global
+    ranks in brackets where ``pg`` is a subgroup, else nothing."""
+    members = dist.get_process_group_ranks(pg if pg is not None else dist.group.WORLD)
+    if members == list(range(dist.get_world_size())):
+        return ""
+    if isinstance(ranks, int):
+        return f" (global rank {members[ranks]})"
+    return f" (global ranks {[members[r] for r in ranks]})"
+
+
 def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -353,11 +364,8 @@ class Frame:
             work.wait(timeout=self.timeout)
         except RuntimeError as e:
             silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
-            me, named = f"group rank {self.rank} of {self.world}", f"{silent}"
-            ranks = dist.get_process_group_ranks(self.pg)
-            if ranks != list(range(dist.get_world_size())):  # a subgroup: global ranks too
-                me += f" (global rank {ranks[self.rank]})"
-                named += f" (global ranks {[ranks[p] for p in silent]})"
+            me = f"group rank {self.rank} of {self.world}{global_note(self.pg, self.rank)}"
+            named = f"{silent}{global_note(self.pg, silent)}"
             where = (f"moe_flashcomm.{self.operation}: {me}, at {self._where()}{what}: nothing "
                      f"came from ranks {named if silent else 'none (a long message stalled)'}")
             if "timed out" not in str(e).lower():

@@ -124,8 +124,8 @@ class PeerBuffers:
         words = self._error_words
         if not words[kernels.P2P_ERROR_SET]:
             return
-        kind, message = page_report([int(w) for w in words], self.rank, self.world,
-                                    dist.get_process_group_ranks(self.group), self.timeout_s)
+        kind, message = page_report([int(w) for w in words], self.group, self.rank,
+                                    self.world, self.timeout_s)
         if kind is ConfigMismatchError:
             words[:] = 0
             raise ConfigMismatchError(message)
@@ -302,16 +302,13 @@ class PeerBuffers:
             raise found
 
 
-def page_report(words: list, rank: int, world: int, global_ranks: list,
+def page_report(words: list, group, rank: int, world: int,
                 timeout_s: float) -> tuple[type, str]:
     """The error class and message of an error page's ``words`` (csrc/p2p.cu's kErr* words)
-    as group rank ``rank`` of ``world`` reads them; ``global_ranks``: the group's."""
+    as group rank ``rank`` of ``world`` in ``group`` reads them."""
     _, peer, got, want, call, kind, _ = words
-    me = f"group rank {rank} of {world}"
-    them = f"rank {peer}"
-    if list(global_ranks) != list(range(len(global_ranks))):  # a subgroup: global ranks too
-        me += f" (global rank {global_ranks[rank]})"
-        them += f" (global rank {global_ranks[peer]})" if 0 <= peer < len(global_ranks) else ""
+    me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
+    them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
     if kind == kernels.P2P_ERROR_STAMP:
         return ConfigMismatchError, (
             f"moe_flashcomm.all_to_all (peer-to-peer): ranks of the group disagree (seen by "
