@@ -11,7 +11,8 @@ Per size (bf16 bytes per rank) and codec it prints:
   nccl_us     the same for NCCL's all_to_all_single of the bf16 tensor;
   gpu_us      GPU time of one call (CUDA events around a burst, per call);
   kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call);
-and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16).
+and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both in the two
+processes and first in this one alone, with its parts (``codec_alone``).
 
     python tools/bench_host.py --out docs/data/bench_host.json
 """
@@ -45,7 +46,8 @@ def _host_us(fn, rounds=ROUNDS, burst=BURST, clock=time.perf_counter) -> float:
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
-        dist.barrier()  # both ranks start their bursts together (the barrier kernels pair up)
+        if dist.is_initialized():
+            dist.barrier()  # both ranks start their bursts together (the barrier kernels pair up)
         torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work queued first
         t = clock()
         for _ in range(burst):
@@ -97,7 +99,29 @@ def _kernels_us(fn, calls=5) -> float:
     return total / calls
 
 
-def _worker(rank, world, port, out_path, sizes, codecs, profile):
+def codec_alone() -> dict:
+    """Host µs of ``encode`` / ``decode`` of 8 x 7168 bf16 (int4) in one process with the GPU
+    to itself, and of their parts: the output allocation, the driver launch of the prepared
+    plan (``Launch``), and a torch add for scale."""
+    from moe_flashcomm import kernels as K
+    from moe_flashcomm.codec import cuda as C
+    x8 = torch.randn(8, H, dtype=torch.bfloat16, device="cuda")
+    cfg = mf.CodecConfig(bits=4)
+    rec = mf.encode(x8, cfg)
+    mf.decode(rec, cfg, H, torch.bfloat16)
+    dev = torch.cuda.current_device()
+    launch, = C.encode_launches(dev, 8, H, cfg, torch.bfloat16, True)
+    stream = K.raw_stream(dev)
+    xp, rp = x8.data_ptr(), rec.data_ptr()
+    t = dict(encode_us=lambda: mf.encode(x8, cfg),
+             decode_us=lambda: mf.decode(rec, cfg, H, torch.bfloat16),
+             empty_us=lambda: torch.empty(8, rec.shape[1], dtype=torch.uint8, device="cuda"),
+             launch_us=lambda: launch(stream, xp, rp),
+             torch_add_us=lambda: x8.add(1))
+    return {name: _host_us(fn, burst=64) for name, fn in t.items()}
+
+
+def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     gpus = torch.cuda.device_count()
@@ -144,7 +168,8 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile):
               f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
         meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
-        Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec), indent=1))
+        Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec,
+                                                  codec_alone=alone), indent=1))
     comm.close()
     dist.destroy_process_group()
 
@@ -156,9 +181,17 @@ def main():
                    help="bf16 bytes per rank, comma-separated")
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--profile", default="", help="SIZE:CODEC: print a cProfile of rank 0's calls")
+    p.add_argument("--codec-only", action="store_true",
+                   help="only the codec's host time in one process (no all-to-all)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
+    with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
+        alone = pool.apply(codec_alone)
+    print("codec alone, 8 x 7168 bf16 int4: " + ", ".join(f"{k[:-3]} {v:.1f} us"
+                                                          for k, v in alone.items()), flush=True)
+    if a.codec_only:
+        return
     sizes = [int(s) for s in a.sizes.split(",")]
     codecs = [c for c in a.codecs.split(",") if c]
     import socket
@@ -169,7 +202,7 @@ def main():
     if a.profile:
         size, name = a.profile.split(":")
         profile = (int(size), name)
-    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs, profile), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs, profile, alone), nprocs=2, join=True)
 
 
 if __name__ == "__main__":
