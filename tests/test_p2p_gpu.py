@@ -267,8 +267,10 @@ def _growth_alone(rank, world, port):
     framed exchange over gloo) names rank 1 after the timeout; rank 1's kernels give up
     waiting for rank 0 and rank 1 raises at its next check. Both within seconds."""
     torch.cuda.set_device(0)
-    comm = mf.Communicator(gate=False, timeout=2)
     small = make_input(rank, 4 * world, (H,), torch.bfloat16, 34).cuda()
+    with mf.Communicator(gate=False) as warm:  # kernels compiled and loaded on both ranks
+        warm.all_to_all(small)
+    comm = mf.Communicator(gate=False, timeout=2)
     comm.all_to_all(small)
     torch.cuda.synchronize()
     start = time.monotonic()
