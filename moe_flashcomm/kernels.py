@@ -272,20 +272,24 @@ class _Driver:
 
     def __init__(self) -> None:
         lib = ctypes.CDLL("libcuda.so.1")
+        # The hot path's calls only queue work and keep the GIL (a PyDLL), as torch's own
+        # launches do: giving it up lets any other busy Python thread of the process take it
+        # for up to its switch interval (5 ms), measured at ~150 µs a call (docs/notes.md).
+        hot = ctypes.PyDLL("libcuda.so.1")
         vp, ui = ctypes.c_void_p, ctypes.c_uint
-        self.launch = lib.cuLaunchKernel
+        self.launch = hot.cuLaunchKernel
         self.launch.argtypes = [vp, ui, ui, ui, ui, ui, ui, ui, vp, vp, vp]
         self.launch.restype = ctypes.c_int
-        self.copy = lib.cuMemcpyAsync
+        self.copy = hot.cuMemcpyAsync
         self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, vp]
         self.copy.restype = ctypes.c_int
         self._error_string = lib.cuGetErrorString
         self._error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self._lib = lib
         self._contexts: dict = {}
-        self.event_record = lib.cuEventRecord
+        self.event_record = hot.cuEventRecord
         self.event_record.argtypes = [vp, vp]
-        self.stream_wait = lib.cuStreamWaitEvent
+        self.stream_wait = hot.cuStreamWaitEvent
         self.stream_wait.argtypes = [vp, vp, ui]
 
     def event(self, device: int) -> int:
@@ -400,15 +404,17 @@ raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 
 
 def device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    """The index of a CUDA tensor's device (``t.device`` would build a device object)."""
+    return t.get_device()
 
 
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_ALREADY_CURRENT = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 def on_device(dev: int):
     """A context that makes ``dev`` current for a launch (its kernels live in its context)."""
-    return contextlib.nullcontext() if dev == _current_device() else torch.cuda.device(dev)
+    return _ALREADY_CURRENT if dev == _current_device() else torch.cuda.device(dev)
 
 
 class KernelCache:
