@@ -272,9 +272,9 @@ class _Driver:
 
     def __init__(self) -> None:
         lib = ctypes.CDLL("libcuda.so.1")
-        # The hot path's calls only queue work and keep the GIL (a PyDLL), as torch's own
-        # launches do: giving it up lets any other busy Python thread of the process take it
-        # for up to its switch interval (5 ms), measured at ~150 µs a call (docs/notes.md).
+        # The hot path's calls only queue work (microseconds) and keep the GIL (a PyDLL):
+        # giving it up lets any other busy Python thread of the process take it for up to
+        # its switch interval, 5 ms a launch when measured (docs/notes.md).
         hot = ctypes.PyDLL("libcuda.so.1")
         vp, ui = ctypes.c_void_p, ctypes.c_uint
         self.launch = hot.cuLaunchKernel
@@ -408,13 +408,13 @@ def device_index(t: torch.Tensor) -> int:
     return t.get_device()
 
 
-_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _ALREADY_CURRENT = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 def on_device(dev: int):
     """A context that makes ``dev`` current for a launch (its kernels live in its context)."""
-    return _ALREADY_CURRENT if dev == _current_device() else torch.cuda.device(dev)
+    return _ALREADY_CURRENT if dev == current_device() else torch.cuda.device(dev)
 
 
 class KernelCache:

@@ -319,6 +319,39 @@ def test_non_contiguous_and_misaligned_input(cfg):
 
 
 @gpu
+@pytest.mark.parametrize("cfg", [CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False),
+                                 CodecConfig(bits="fp8"), 6, "fp8"], ids=str)
+def test_repeated_calls_match_reference(cfg):
+    """Calls that repeat a shape and codec take the prepared path (codec.cuda._Repeat): new
+    data, aligned and misaligned tensors in turn, still bit-identical to the reference."""
+    full = CodecConfig.coerce(cfg)
+    flat = heavy_tailed(1, 24 * 1024 + 8, torch.bfloat16, seed=20).view(-1)
+    for i in range(6):
+        x = heavy_tailed(24, 1024, torch.bfloat16, seed=21 + i)
+        if i % 2:  # the same shape 16 bytes (aligned), then 2 bytes (misaligned) into `flat`
+            off = 8 if i % 4 == 1 else 1
+            x = flat[off:off + 24 * 1024].view(24, 1024).copy_(x)
+        want = R.encode(x.cpu(), full)
+        rec = C.encode(x, cfg)
+        assert_same_records(rec, want, record_layout(1024, full), f"call {i}")
+        assert_same_bits(C.decode(rec, cfg, 1024, torch.bfloat16),
+                         R.decode(want, full, 1024, torch.bfloat16), f"decode, call {i}")
+    repeats = {k[0] for k in K.KERNELS.plans if k[0].startswith("repeat") and k[1] == id(cfg)}
+    assert repeats == {"repeat encode", "repeat decode"}
+
+
+@gpu
+def test_repeated_calls_never_reuse_a_mutable_codec_argument():
+    """A dict codec may change between calls: its calls are never repeats."""
+    x = heavy_tailed(8, 512, torch.float16, seed=30)
+    codec = {"bits": 4}
+    C.encode(x, codec)
+    codec["bits"] = 8
+    assert_same_records(C.encode(x, codec), R.encode(x.cpu(), CodecConfig(bits=8)),
+                        record_layout(512, CodecConfig(bits=8)), "dict changed to int8")
+
+
+@gpu
 def test_out_arguments_write_in_place():
     cfg = CodecConfig(bits=5, group_size=64)
     x = heavy_tailed(12, 640, torch.float16, seed=9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import cuda, reference
 from .config import CodecConfig
 from .format import RecordLayout, record_bytes, record_layout
 from .reference import Seed
@@ -18,8 +18,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor
     torch's default generator. Ignored for nearest rounding.
     """
     if isinstance(x, torch.Tensor) and x.is_cuda:
-        from . import cuda
-        return cuda.encode(x, CodecConfig.coerce(cfg), seed)
+        return cuda.encode(x, cfg, seed)
     return reference.encode(x, cfg, seed)
 
 
@@ -27,8 +26,7 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Records uint8 [T, record_bytes] -> tokens [T, hidden] of ``dtype`` (the encoded dtype)."""
     if isinstance(records, torch.Tensor) and records.is_cuda:
-        from . import cuda
-        return cuda.decode(records, CodecConfig.coerce(cfg), hidden, dtype)
+        return cuda.decode(records, cfg, hidden, dtype)
     return reference.decode(records, cfg, hidden, dtype)
 
 
