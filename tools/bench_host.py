@@ -101,8 +101,12 @@ def _kernels_us(fn, calls=5) -> float:
 
 def codec_alone() -> dict:
     """Host µs of ``encode`` / ``decode`` of 8 x 7168 bf16 (int4) in one process with the GPU
-    to itself, and of their parts: the output allocation, the driver launch of the prepared
-    plan (``Launch``), and a torch add for scale."""
+    to itself, and of their parts: the output allocation, the prepared driver launch
+    (``Launch``), the bare ``cuLaunchKernel`` and a trivial driver call through ctypes, a torch
+    add for scale; then (``busy_*``) the same with another Python thread of the process
+    spinning, where a driver call that gives up the GIL (ctypes ``CDLL``) waits for it."""
+    import ctypes
+    import threading
     from moe_flashcomm import kernels as K
     from moe_flashcomm.codec import cuda as C
     x8 = torch.randn(8, H, dtype=torch.bfloat16, device="cuda")
@@ -113,12 +117,36 @@ def codec_alone() -> dict:
     launch, = C.encode_launches(dev, 8, H, cfg, torch.bfloat16, True)
     stream = K.raw_stream(dev)
     xp, rp = x8.data_ptr(), rec.data_ptr()
+    driver = K.KERNELS.driver
+    fn, blocks, params = launch._fn, launch._blocks, launch._params
+    released = ctypes.CDLL("libcuda.so.1").cuLaunchKernel  # the GIL given up around the call
+    released.argtypes, released.restype = driver.launch.argtypes, ctypes.c_int
+    ctx = ctypes.c_void_p()
     t = dict(encode_us=lambda: mf.encode(x8, cfg),
              decode_us=lambda: mf.decode(rec, cfg, H, torch.bfloat16),
              empty_us=lambda: torch.empty(8, rec.shape[1], dtype=torch.uint8, device="cuda"),
              launch_us=lambda: launch(stream, xp, rp),
+             driver_launch_us=lambda: driver.launch(fn, blocks, 1, 1, 256, 1, 1, 0, stream,
+                                                    params, None),
+             driver_trivial_us=lambda: driver._lib.cuCtxGetCurrent(ctypes.byref(ctx)),
              torch_add_us=lambda: x8.add(1))
-    return {name: _host_us(fn, burst=64) for name, fn in t.items()}
+    out = {name: _host_us(fn, burst=64) for name, fn in t.items()}
+    spinning = [True]
+
+    def spin() -> None:
+        n = 0
+        while spinning[0]:
+            n += 1
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    busy = dict(busy_launch_us=t["launch_us"], busy_encode_us=t["encode_us"],
+                busy_released_launch_us=lambda: released(fn, blocks, 1, 1, 256, 1, 1, 0, stream,
+                                                         params, None),
+                busy_torch_add_us=t["torch_add_us"])
+    out.update({name: _host_us(fn, rounds=3, burst=8) for name, fn in busy.items()})
+    spinning[0] = False
+    thread.join()
+    return out
 
 
 def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
