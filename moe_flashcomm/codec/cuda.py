@@ -359,14 +359,16 @@ def _repeat(key: tuple, cfg) -> Optional[_Repeat]:
 
 def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> torch.Tensor:
     """Encode CUDA tokens ``x`` [T, H] (fp32/bf16/fp16) into records uint8 [T, record_bytes]."""
-    try:
-        key = ("repeat encode", id(cfg), x.shape, x.dtype, x.get_device(), x.data_ptr() % 16)
-    except (AttributeError, RuntimeError):  # not a tensor with data: the checks below say so
-        key = None
-    if key is not None and x.is_contiguous() and not torch.compiler.is_compiling():
-        hit = _repeat(key, cfg)
-        if hit is not None:
-            return hit(x)
+    key = None
+    if not torch.compiler.is_compiling():  # (a traced tensor has no address)
+        try:
+            key = ("repeat encode", id(cfg), x.shape, x.dtype, x.get_device(), x.data_ptr() % 16)
+        except (AttributeError, RuntimeError):  # not a tensor with data: checked below
+            pass
+        if key is not None and x.is_contiguous():
+            hit = _repeat(key, cfg)
+            if hit is not None:
+                return hit(x)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_input(x)
@@ -385,15 +387,17 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> to
 def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
-    try:
-        key = ("repeat decode", id(cfg), records.shape, records.dtype, records.get_device(),
-               records.data_ptr() % 16, hidden, dtype)
-    except (AttributeError, RuntimeError):
-        key = None
-    if key is not None and records.is_contiguous() and not torch.compiler.is_compiling():
-        hit = _repeat(key, cfg)
-        if hit is not None:
-            return hit(records)
+    key = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = ("repeat decode", id(cfg), records.shape, records.dtype, records.get_device(),
+                   records.data_ptr() % 16, hidden, dtype)
+        except (AttributeError, RuntimeError):
+            pass
+        if key is not None and records.is_contiguous():
+            hit = _repeat(key, cfg)
+            if hit is not None:
+                return hit(records)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_records(records, record_layout(hidden, cfg, dtype), dtype)
