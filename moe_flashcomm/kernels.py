@@ -408,13 +408,13 @@ def device_index(t: torch.Tensor) -> int:
     return t.get_device()
 
 
-current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _ALREADY_CURRENT = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 def on_device(dev: int):
     """A context that makes ``dev`` current for a launch (its kernels live in its context)."""
-    return _ALREADY_CURRENT if dev == current_device() else torch.cuda.device(dev)
+    return _ALREADY_CURRENT if dev == _current_device() else torch.cuda.device(dev)
 
 
 class KernelCache:

@@ -337,15 +337,10 @@ class _Repeat:
     def __call__(self, src: torch.Tensor) -> torch.Tensor:
         out = src.new_empty((src.shape[0], self.columns), dtype=self.dtype)
         sp, op = src.data_ptr(), out.data_ptr()
-        if self.dev == K.current_device():
+        with K.on_device(self.dev):
             stream = K.raw_stream(self.dev)
             for launch in self.launches:
                 launch(stream, sp, op)
-        else:
-            with torch.cuda.device(self.dev):
-                stream = K.raw_stream(self.dev)
-                for launch in self.launches:
-                    launch(stream, sp, op)
         return out
 
 
