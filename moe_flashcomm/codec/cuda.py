@@ -347,23 +347,32 @@ class _Repeat:
 IMMUTABLE = (CodecConfig, int, str)  # codec arguments a repeat may be keyed by (not a dict)
 
 
-def _repeat(key: tuple, cfg) -> Optional[_Repeat]:
+def _repeat_key(t, cfg, *call) -> Optional[tuple]:
+    """The key of a public call on tensor ``t`` with codec argument ``cfg``: (id(cfg), shape,
+    dtype, device index, address mod 16) + ``call``. None while torch.compile traces (a traced
+    tensor has no address) or for what is no tensor with data (the checks say so later)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return (id(cfg), t.shape, t.dtype, t.get_device(), t.data_ptr() % 16) + call
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _repeat(key: Optional[tuple], cfg, t: torch.Tensor) -> Optional[_Repeat]:
+    """The prepared repeat of this call, if there is one."""
+    if key is None or not t.is_contiguous():
+        return None
     hit = KERNELS.plans.get(key)
     return hit if hit is not None and hit.cfg is cfg else None
 
 
 def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> torch.Tensor:
     """Encode CUDA tokens ``x`` [T, H] (fp32/bf16/fp16) into records uint8 [T, record_bytes]."""
-    key = None
-    if not torch.compiler.is_compiling():  # (a traced tensor has no address)
-        try:
-            key = ("repeat encode", id(cfg), x.shape, x.dtype, x.get_device(), x.data_ptr() % 16)
-        except (AttributeError, RuntimeError):  # not a tensor with data: checked below
-            pass
-        if key is not None and x.is_contiguous():
-            hit = _repeat(key, cfg)
-            if hit is not None:
-                return hit(x)
+    key = _repeat_key(x, cfg, "encode")
+    hit = _repeat(key, cfg, x)
+    if hit is not None:
+        return hit(x)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_input(x)
@@ -374,25 +383,19 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> to
     if key is not None and isinstance(given, IMMUTABLE) and x.is_contiguous() and x.shape[0] \
             and cfg.is_quantized and not cfg.is_stochastic:  # (stochastic: a seed per call)
         T, H = x.shape
-        launches = encode_launches(key[4], T, H, cfg, x.dtype, H % 8 == 0 and key[5] == 0)
-        KERNELS.plan(key, lambda: _Repeat(given, rec.shape[1], torch.uint8, key[4], launches))
+        dev, misaligned = key[3], key[4]
+        launches = encode_launches(dev, T, H, cfg, x.dtype, H % 8 == 0 and not misaligned)
+        KERNELS.plan(key, lambda: _Repeat(given, rec.shape[1], torch.uint8, dev, launches))
     return rec
 
 
 def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
-    key = None
-    if not torch.compiler.is_compiling():
-        try:
-            key = ("repeat decode", id(cfg), records.shape, records.dtype, records.get_device(),
-                   records.data_ptr() % 16, hidden, dtype)
-        except (AttributeError, RuntimeError):
-            pass
-        if key is not None and records.is_contiguous():
-            hit = _repeat(key, cfg)
-            if hit is not None:
-                return hit(records)
+    key = _repeat_key(records, cfg, "decode", hidden, dtype)
+    hit = _repeat(key, cfg, records)
+    if hit is not None:
+        return hit(records)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_records(records, record_layout(hidden, cfg, dtype), dtype)
@@ -400,7 +403,7 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
         return decode_op(records, str(cfg.bits), cfg.group_size, cfg.spikes, hidden, dtype)
     y = decode_impl(records, cfg, hidden, dtype)
     if key is not None and isinstance(given, IMMUTABLE) and records.is_contiguous() \
-            and key[5] == 0 and records.shape[0] and cfg.is_quantized:
-        launches = decode_launches(key[4], records.shape[0], hidden, cfg, dtype)
-        KERNELS.plan(key, lambda: _Repeat(given, hidden, dtype, key[4], launches))
+            and key[4] == 0 and records.shape[0] and cfg.is_quantized:  # (else: a copy first)
+        launches = decode_launches(key[3], records.shape[0], hidden, cfg, dtype)
+        KERNELS.plan(key, lambda: _Repeat(given, hidden, dtype, key[3], launches))
     return y
