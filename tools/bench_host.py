@@ -118,7 +118,7 @@ def codec_alone() -> dict:
     stream = K.raw_stream(dev)
     xp, rp = x8.data_ptr(), rec.data_ptr()
     driver = K.KERNELS.driver
-    fn, blocks, params = launch._fn, launch._blocks, launch._params
+    function, blocks, params = launch._fn, launch._blocks, launch._params
     released = ctypes.CDLL("libcuda.so.1").cuLaunchKernel  # the GIL given up around the call
     released.argtypes, released.restype = driver.launch.argtypes, ctypes.c_int
     ctx = ctypes.c_void_p()
@@ -126,8 +126,8 @@ def codec_alone() -> dict:
              decode_us=lambda: mf.decode(rec, cfg, H, torch.bfloat16),
              empty_us=lambda: torch.empty(8, rec.shape[1], dtype=torch.uint8, device="cuda"),
              launch_us=lambda: launch(stream, xp, rp),
-             driver_launch_us=lambda: driver.launch(fn, blocks, 1, 1, 256, 1, 1, 0, stream,
-                                                    params, None),
+             driver_launch_us=lambda: driver.launch(function, blocks, 1, 1, 256, 1, 1, 0,
+                                                    stream, params, None),
              driver_trivial_us=lambda: driver._lib.cuCtxGetCurrent(ctypes.byref(ctx)),
              torch_add_us=lambda: x8.add(1))
     out = {name: _host_us(fn, burst=64) for name, fn in t.items()}
@@ -140,8 +140,8 @@ def codec_alone() -> dict:
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
     busy = dict(busy_launch_us=t["launch_us"], busy_encode_us=t["encode_us"],
-                busy_released_launch_us=lambda: released(fn, blocks, 1, 1, 256, 1, 1, 0, stream,
-                                                         params, None),
+                busy_released_launch_us=lambda: released(function, blocks, 1, 1, 256, 1, 1, 0,
+                                                         stream, params, None),
                 busy_torch_add_us=t["torch_add_us"])
     out.update({name: _host_us(fn, rounds=3, burst=8) for name, fn in busy.items()})
     spinning[0] = False

@@ -185,17 +185,14 @@ class PeerBuffers:
             handle = None
         try:
             handles = self._gather(handle)
-        except BaseException:
+            if any(h is None for h in handles):
+                raise RuntimeError(f"ranks {[p for p, h in enumerate(handles) if h is None]} could "
+                                   f"not allocate {nbytes} bytes or export them through CUDA IPC")
+        except BaseException:  # (a peer's failure, or the gather's): ours is freed
             if ptr is not None:
                 with torch.cuda.device(self.device):
                     rt.free(ptr)
             raise
-        if any(h is None for h in handles):
-            if ptr is not None:
-                with torch.cuda.device(self.device):
-                    rt.free(ptr)
-            raise RuntimeError(f"ranks {[p for p, h in enumerate(handles) if h is None]} "
-                               f"could not allocate {nbytes} bytes or export them through CUDA IPC")
         ptrs = []
         with torch.cuda.device(self.device):
             for p, h in enumerate(handles):
@@ -282,12 +279,12 @@ class PeerBuffers:
         everything is freed, what the kernels of the last calls reported and no call has
         raised yet (``check``)."""
         torch.cuda.synchronize(self.device)
-        raised = self.failed is not None  # (a timeout already raised is not raised again)
-        try:
-            self.check()
-            found = None
-        except (ConfigMismatchError, PeerTimeoutError) as e:
-            found = None if raised else e
+        found = None
+        if self.failed is None:  # (a timeout already raised is not raised again)
+            try:
+                self.check()
+            except (ConfigMismatchError, PeerTimeoutError) as e:
+                found = e
         for ptrs in (self.data_ptrs, self.flag_ptrs):
             if ptrs:
                 self._release(ptrs)
