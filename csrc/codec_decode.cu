@@ -173,13 +173,13 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
 }
 
 // Integer widths: out = minimum + code * scale, spikes restored. A thread decodes U chunks of
-// V values, kBlock items apart, all record loads issued first.
+// V values, kBlock items apart, all record loads issued first; ``block`` as for the encode.
 template <typename Out, int BITS, bool SPIKES, int V, int U>
 __device__ __forceinline__ void decode_int_items(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                 const DecArgs& a) {
+                                                 const DecArgs& a, const u32 block) {
   typedef Staging<Out, V> S;
   __shared__ uint4 stage[S::kOn ? kBlock * S::kPieces : 1];
-  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  const u32 item0 = block * (kBlock * U) + threadIdx.x;
   ChunkIn<BITS, SPIKES, V> c[U];
   Pos P[U];
 #pragma unroll
@@ -200,15 +200,15 @@ __device__ __forceinline__ void decode_int_items(const u8* __restrict__ rec, Out
 template <typename Out, int BITS, bool SPIKES, int V, int U>
 __global__ void __launch_bounds__(kBlock) decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
                                                      const DecArgs a) {
-  decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, a);
+  decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, a, blockIdx.x);
 }
 
 // fp8: out = e4m3(code) * scale.
 template <typename Out, int V, int U>
 __device__ __forceinline__ void decode_fp8_items(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                 const DecArgs& a) {
+                                                 const DecArgs& a, const u32 block) {
   typedef typename Val<Out>::W W;
-  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  const u32 item0 = block * (kBlock * U) + threadIdx.x;
   u32 w[U][V / 4];
   u16 sc[U];
   Pos P[U];
@@ -238,7 +238,7 @@ __device__ __forceinline__ void decode_fp8_items(const u8* __restrict__ rec, Out
 template <typename Out, int V, int U>
 __global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
                                                      const DecArgs a) {
-  decode_fp8_items<Out, V, U>(rec, y, a);
+  decode_fp8_items<Out, V, U>(rec, y, a, blockIdx.x);
 }
 
 }  // namespace mfc

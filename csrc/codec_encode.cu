@@ -728,21 +728,22 @@ __device__ __forceinline__ void encode_chunk(const u32* w, u32 item, u8* __restr
 }
 
 // Integer widths (2..8 bits), spikes on/off, nearest or stochastic rounding. A thread encodes
-// U chunks of V values, kBlock items apart (each load instruction stays coalesced).
+// U chunks of V values, kBlock items apart (each load instruction stays coalesced); ``block``
+// numbers the block's items (blockIdx.x, or its place in a task of p2p_exchange).
 // DG = 128: dense rows (16-byte aligned, H a multiple of 128) in groups of 128, the usual case.
 // That copy holds no code for partial chunks, unaligned loads or other group sizes, which in
 // the general copy (DG = 0) cost ~40 instructions per chunk on the common path
 // (docs/kernel-notes.md, "v6: dense rows").
 template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
 __device__ __forceinline__ void encode_int_items(const In* __restrict__ x, u8* __restrict__ rec,
-                                                 const EncArgs& a) {
+                                                 const EncArgs& a, const u32 block) {
   static_assert(DG == 0 || DG == 128, "DG: 0 or 128");
 #ifdef MFC_NO_DENSE  // A/B: the dense-row copy compiled as the general one
   constexpr int D = 0;
 #else
   constexpr int D = DG;
 #endif
-  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+  const u32 item0 = block * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
   load_items<In, V, U, D != 0>(x, item0, a, w);
 #pragma unroll
@@ -756,7 +757,7 @@ __device__ __forceinline__ void encode_int_items(const In* __restrict__ x, u8* _
 template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
 __global__ void __launch_bounds__(kBlock) encode_int(const In* __restrict__ x, u8* __restrict__ rec,
                                                      const EncArgs a) {
-  encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, a);
+  encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, a, blockIdx.x);
 }
 
 // fp8 e4m3: scale = round_up(amax / 448), code = e4m3(clamp(x / scale, +-448)).
@@ -804,8 +805,8 @@ __device__ __forceinline__ void encode_fp8_chunk(const u32* w, u32 item, u8* __r
 
 template <typename In, int V, int U>
 __device__ __forceinline__ void encode_fp8_items(const In* __restrict__ x, u8* __restrict__ rec,
-                                                 const EncArgs& a) {
-  const u32 item0 = blockIdx.x * (kBlock * U) + threadIdx.x;
+                                                 const EncArgs& a, const u32 block) {
+  const u32 item0 = block * (kBlock * U) + threadIdx.x;
   u32 w[U][raw_words<In, V>()];
   load_items<In, V, U, false>(x, item0, a, w);
 #pragma unroll
@@ -819,7 +820,7 @@ __device__ __forceinline__ void encode_fp8_items(const In* __restrict__ x, u8* _
 template <typename In, int V, int U>
 __global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
                                                      const EncArgs a) {
-  encode_fp8_items<In, V, U>(x, rec, a);
+  encode_fp8_items<In, V, U>(x, rec, a, blockIdx.x);
 }
 
 }  // namespace mfc

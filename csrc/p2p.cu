@@ -3,17 +3,17 @@
 // Every rank owns, in device memory its peers map through CUDA IPC, per peer p:
 //   landed[p]  the last call whose records from p have landed in our buffer (p writes it);
 //   freed[p]   the last call for which p has decoded our records out of its buffer (p writes it);
-// and, for itself only, the call counter and one block-completion count per launch kind and
-// peer. Call e = counter + 1 of every rank:
+// and, for itself only, the call counter, one block-completion count per task kind and peer,
+// and p2p_exchange's ticket and block counters. Call e = counter + 1 of every rank:
 //   * before writing into peer p's buffer, wait until freed[p] >= e - 1;
 //   * after our records for p have landed there, publish landed_p[rank] = e (release, system);
 //   * before decoding p's records, wait until landed[p] >= e (acquire, system);
 //   * after decoding them, publish freed_p[rank] = e; the call's last launch stores counter = e.
 // The call number lives on the device, so a captured CUDA graph replays correctly: no host
-// state reaches the kernels. The common call is two launches per peer: p2p_encode_* waits
-// and publishes around the codec's encode (its extra blocks copy the rows a rank keeps),
-// p2p_decode_* around the decode. Calls with raw or copy-engine pairs use p2p_sync between
-// their copies instead. A wait that lasts timeout_ns (a rank died, or the ranks made different
+// state reaches the kernels. The common call is one launch, p2p_exchange_*: it encodes into
+// every peer, copies the rows a rank keeps and decodes every peer's records, each pair's waits
+// and publications around its own blocks. Calls with raw, copy-engine or mixed-codec pairs use
+// p2p_sync between their copies and codec launches instead; both keep the same per-pair flags. A wait that lasts timeout_ns (a rank died, or the ranks made different
 // calls) gives up and is reported on the error page below; later waits of this rank then give
 // up at once, so neither a hang nor an abort follows and the host raises at its next call.
 //
@@ -35,7 +35,7 @@ constexpr int kMaxPeers = 16;
 // Word offsets in a rank's flag allocation.
 constexpr int kLanded = 0, kFreed = kMaxPeers, kCounter = 2 * kMaxPeers,
               kEncDone = 2 * kMaxPeers + 1, kDecDone = 3 * kMaxPeers + 1,
-              kStamp = 4 * kMaxPeers + 1;
+              kStamp = 4 * kMaxPeers + 1, kTicket = 5 * kMaxPeers + 1, kDone = 5 * kMaxPeers + 2;
 // The error page's words: claimed, then peer, the word seen, the word expected, call, kind;
 // "reported" last (the host reads the others once it is set). Kinds: a stamp that differs, a
 // wait for "freed" or for "landed" that timed out.
@@ -49,12 +49,10 @@ struct P2PArgs {
   u64 recv_stamp[kMaxPeers];  // the stamp expected from each peer
   u64 error_page;             // pinned host memory, mapped (kErr* words)
   u64 timeout_ns;
-  u64 copy_n16;               // 16-byte words the extra blocks copy (the rows a rank keeps)
+  u64 copy_n16;               // 16-byte words the copy blocks copy (the rows a rank keeps)
   int rank, world;
-  int peer;                   // p2p_encode / p2p_decode: the pair's peer
-  int mode;                   // p2p_sync: what to do (kWait* / kPublish* / kAdvance bits)
-  int work_blocks;            // p2p_encode: blocks that encode; the rest copy
-  int advance;                // the call's last launch: store counter = e at its end
+  int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits)
+  int advance;                // p2p_sync: the call's last launch, store counter = e at its end
 };
 
 constexpr int kWaitFreed = 1, kPublishLanded = 2, kWaitLanded = 4, kPublishFreed = 8;
@@ -134,95 +132,129 @@ __device__ __forceinline__ void check_stamp(const P2PArgs& a, int p, u64 call) {
   if (got != a.recv_stamp[p]) report(a, kErrStamp, p, got, a.recv_stamp[p], call);
 }
 
-// Every block ends here: the last one to finish publishes ``value`` into ``word`` (this
-// launch's stores are then visible to the peer) and, for the call's last launch, advances the
-// counter. ``done`` counts finished blocks and is reset for the next launch of its kind.
-__device__ __forceinline__ void finish(const P2PArgs& a, u64* done, u64* word, u64 value,
-                                       bool stamp = false) {
-  __threadfence_system();  // every thread's stores before the block counts as done
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(done), 1u);
-    if (prev == gridDim.x - 1) {
-      *reinterpret_cast<unsigned*>(done) = 0;
-      if (stamp) stamp_for(a, a.peer);
-      __threadfence_system();
-      if (word != nullptr) publish(word, value);
-      if (a.advance) flags_of(a, a.rank)[kCounter] = value;
-    }
-  }
-}
-
 __device__ __forceinline__ void copy_words(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n16,
                                            u32 block, u32 blocks) {
   const u64 stride = (u64)blocks * blockDim.x;
   for (u64 i = (u64)block * blockDim.x + threadIdx.x; i < n16; i += stride) dst[i] = src[i];
 }
 
-// The peer may take new records once it has decoded our previous call's.
-__device__ __forceinline__ void wait_freed(const P2PArgs& a, u64 e) {
-  if (threadIdx.x == 0) wait_at_least(flags_of(a, a.rank) + kFreed + a.peer, e - 1, a, a.peer, kErrFreedTimeout, e);
-  __syncthreads();
+// One task of p2p_exchange: the encode of the rows for one peer, or the decode of one peer's
+// records.
+struct ExchangeTask {
+  u64 offset;  // byte offset of the rows in x (encode) or in y (decode)
+  u64 remote;  // our region in the peer's buffer (encode), the peer's region in ours (decode)
+  u32 items;   // the codec's items (the total of its args); 0: no rows, the flags only
+  u32 first;   // the task's first ticket
+  u32 blocks;
+  int peer;
+};
+
+struct ExchangeArgs {
+  ExchangeTask task[2 * (kMaxPeers - 1)];  // the encodes, then the decodes, in ticket order
+  u64 keep_src, keep_dst;                  // byte offsets in x and y of the rows this rank keeps
+  u32 keep_first, keep_blocks;             // the tickets of their copy (a.copy_n16 words)
+  int sends, tasks;                        // encode tasks; all tasks
+};
+
+// The task that holds ``ticket`` among tasks [lo, hi) (in ticket order).
+__device__ __forceinline__ int task_of(const ExchangeArgs& t, u32 ticket, int lo, int hi) {
+  int i = lo;
+  while (i + 1 < hi && ticket >= t.task[i + 1].first) ++i;
+  return i;
 }
 
-__device__ __forceinline__ void wait_landed(const P2PArgs& a, u64 e) {
-  if (threadIdx.x == 0) {
-    wait_at_least(flags_of(a, a.rank) + kLanded + a.peer, e, a, a.peer, kErrLandedTimeout, e);
-    if (blockIdx.x == 0) check_stamp(a, a.peer, e);
+// A task's blocks end here: the last one to finish publishes ``value`` into the peer's
+// ``word``, after every block's stores (and, for an encode, our stamp of the pair).
+__device__ __forceinline__ void finish_task(const P2PArgs& a, u64* done, u32 blocks, u64* word, u64 value,
+                                            int stamp_peer) {
+  __threadfence_system();  // every thread's stores before the block counts as done
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(reinterpret_cast<unsigned*>(done), 1u) == blocks - 1) {
+    *reinterpret_cast<unsigned*>(done) = 0;
+    if (stamp_peer >= 0) stamp_for(a, stamp_peer);
+    __threadfence_system();
+    publish(word, value);
+  }
+}
+
+// A whole call in one launch. Blocks take tickets in the order they start: first the encodes
+// into each peer's buffer, then the copy of the rows this rank keeps, then the decodes of each
+// peer's records. A block that waits (for a peer's "freed" or "landed") never holds back an
+// encode of this rank, since every encode ticket went to a block that already runs or ran.
+// The launch's last block starts the tickets again at 0 and moves the call number on.
+template <typename T, typename Encode, typename Decode>
+__device__ __forceinline__ void exchange(const T* x, T* y, const ExchangeArgs& t, const P2PArgs& a,
+                                         Encode encode, Decode decode) {
+  __shared__ u32 block_ticket;
+  u64* mine = flags_of(a, a.rank);
+  if (threadIdx.x == 0) block_ticket = atomicAdd(reinterpret_cast<unsigned*>(mine + kTicket), 1u);
+  __syncthreads();
+  const u32 ticket = block_ticket;
+  const u64 call = call_number(a);
+  const char* xb = reinterpret_cast<const char*>(x);
+  char* yb = reinterpret_cast<char*>(y);
+  if (ticket < t.keep_first) {  // encode into the peer's buffer once it is done with it
+    const ExchangeTask& k = t.task[task_of(t, ticket, 0, t.sends)];
+    if (threadIdx.x == 0) wait_at_least(mine + kFreed + k.peer, call - 1, a, k.peer, kErrFreedTimeout, call);
+    __syncthreads();
+    if (k.items) encode(reinterpret_cast<const T*>(xb + k.offset), reinterpret_cast<u8*>(k.remote), k.items,
+                        ticket - k.first);
+    finish_task(a, mine + kEncDone + k.peer, k.blocks, flags_of(a, k.peer) + kLanded + a.rank, call, k.peer);
+  } else if (ticket < t.keep_first + t.keep_blocks) {
+    copy_words(reinterpret_cast<const uint4*>(xb + t.keep_src), reinterpret_cast<uint4*>(yb + t.keep_dst),
+               a.copy_n16, ticket - t.keep_first, t.keep_blocks);
+  } else {  // decode the peer's records once they have landed
+    const ExchangeTask& k = t.task[task_of(t, ticket, t.sends, t.tasks)];
+    if (threadIdx.x == 0) {
+      wait_at_least(mine + kLanded + k.peer, call, a, k.peer, kErrLandedTimeout, call);
+      if (ticket == k.first) check_stamp(a, k.peer, call);
+    }
+    __syncthreads();
+    if (k.items) decode(reinterpret_cast<const u8*>(k.remote), reinterpret_cast<T*>(yb + k.offset), k.items,
+                        ticket - k.first);
+    finish_task(a, mine + kDecDone + k.peer, k.blocks, flags_of(a, k.peer) + kFreed + a.rank, call, -1);
   }
   __syncthreads();
-}
-
-// An encode into peer a.peer's buffer once the peer is done with it, "landed" published by
-// the last block; blocks past work_blocks copy the rows this rank keeps (src -> dst) meanwhile.
-template <typename Encode>
-__device__ __forceinline__ void encode_framed(const P2PArgs& a, const uint4* __restrict__ src,
-                                              uint4* __restrict__ dst, Encode encode) {
-  const u64 call = call_number(a);
-  if ((int)blockIdx.x >= a.work_blocks) {
-    copy_words(src, dst, a.copy_n16, blockIdx.x - a.work_blocks, gridDim.x - a.work_blocks);
-  } else {
-    wait_freed(a, call);
-    encode();
+  if (threadIdx.x == 0 && atomicAdd(reinterpret_cast<unsigned*>(mine + kDone), 1u) == gridDim.x - 1) {
+    *reinterpret_cast<unsigned*>(mine + kDone) = 0;
+    *reinterpret_cast<unsigned*>(mine + kTicket) = 0;
+    mine[kCounter] = call;
   }
-  finish(a, flags_of(a, a.rank) + kEncDone + a.peer, flags_of(a, a.peer) + kLanded + a.rank, call,
-         true);
 }
 
-// A decode of peer a.peer's records out of our buffer once they have landed, "freed" published
-// by the last block.
-template <typename Decode>
-__device__ __forceinline__ void decode_framed(const P2PArgs& a, Decode decode) {
-  const u64 call = call_number(a);
-  wait_landed(a, call);
-  decode();
-  finish(a, flags_of(a, a.rank) + kDecDone + a.peer, flags_of(a, a.peer) + kFreed + a.rank, call);
+// The codec's encode and decode of one wire as p2p_exchange's tasks (each task's own items).
+template <typename T, int BITS, bool SPIKES, int EV, int EU, int DG, int DV, int DU>
+__global__ void __launch_bounds__(kBlock, 4) p2p_exchange_int(const T* __restrict__ x, T* __restrict__ y,
+                                                           const EncArgs e, const DecArgs d,
+                                                           const ExchangeArgs t, const P2PArgs a) {
+  exchange(x, y, t, a,
+           [&](const T* src, u8* rec, u32 items, u32 block) {
+             EncArgs task = e;
+             task.total = items;
+             encode_int_items<T, BITS, SPIKES, false, EV, EU, DG>(src, rec, task, block);
+           },
+           [&](const u8* rec, T* dst, u32 items, u32 block) {
+             DecArgs task = d;
+             task.total = items;
+             decode_int_items<T, BITS, SPIKES, DV, DU>(rec, dst, task, block);
+           });
 }
 
-template <typename In, int BITS, bool SPIKES, bool SR, int V, int U, int DG>
-__global__ void __launch_bounds__(kBlock) p2p_encode_int(const In* __restrict__ x, u8* __restrict__ rec,
-                                                         const EncArgs e, const P2PArgs a,
-                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
-  encode_framed(a, src, dst, [&] { encode_int_items<In, BITS, SPIKES, SR, V, U, DG>(x, rec, e); });
-}
-
-template <typename In, int V, int U>
-__global__ void __launch_bounds__(kBlock) p2p_encode_fp8(const In* __restrict__ x, u8* __restrict__ rec,
-                                                         const EncArgs e, const P2PArgs a,
-                                                         const uint4* __restrict__ src, uint4* __restrict__ dst) {
-  encode_framed(a, src, dst, [&] { encode_fp8_items<In, V, U>(x, rec, e); });
-}
-
-template <typename Out, int BITS, bool SPIKES, int V, int U>
-__global__ void __launch_bounds__(kBlock) p2p_decode_int(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                         const DecArgs d, const P2PArgs a) {
-  decode_framed(a, [&] { decode_int_items<Out, BITS, SPIKES, V, U>(rec, y, d); });
-}
-
-template <typename Out, int V, int U>
-__global__ void __launch_bounds__(kBlock) p2p_decode_fp8(const u8* __restrict__ rec, Out* __restrict__ y,
-                                                         const DecArgs d, const P2PArgs a) {
-  decode_framed(a, [&] { decode_fp8_items<Out, V, U>(rec, y, d); });
+template <typename T, int EV, int EU, int DV, int DU>
+__global__ void __launch_bounds__(kBlock, 4) p2p_exchange_fp8(const T* __restrict__ x, T* __restrict__ y,
+                                                           const EncArgs e, const DecArgs d,
+                                                           const ExchangeArgs t, const P2PArgs a) {
+  exchange(x, y, t, a,
+           [&](const T* src, u8* rec, u32 items, u32 block) {
+             EncArgs task = e;
+             task.total = items;
+             encode_fp8_items<T, EV, EU>(src, rec, task, block);
+           },
+           [&](const u8* rec, T* dst, u32 items, u32 block) {
+             DecArgs task = d;
+             task.total = items;
+             decode_fp8_items<T, DV, DU>(rec, dst, task, block);
+           });
 }
 
 // For calls with raw or copy-engine pairs: block 0 waits for / publishes to every peer as
@@ -263,11 +295,10 @@ __global__ void p2p_sync(const P2PArgs a, const uint4* __restrict__ src, uint4* 
 // bodies themselves are compiled in every variant by the codec files).
 namespace mfc {
 #define MFC_P2P_INT(T, B) \
-  (const void*)&p2p_encode_int<T, B, true, false, 32, 1, 128>, (const void*)&p2p_encode_int<T, B, true, false, 32, 1, 0>, \
-  (const void*)&p2p_decode_int<T, B, true, 32, 1>
+  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 128, 32, 1>, \
+  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 0, 32, 1>
 #define MFC_P2P_TYPE(T) \
-  MFC_P2P_INT(T, 2), MFC_P2P_INT(T, 4), MFC_P2P_INT(T, 8), (const void*)&p2p_encode_fp8<T, 32, 1>, \
-  (const void*)&p2p_decode_fp8<T, 8, 2>
+  MFC_P2P_INT(T, 2), MFC_P2P_INT(T, 4), MFC_P2P_INT(T, 8), (const void*)&p2p_exchange_fp8<T, 32, 1, 8, 2>
 extern const void* const all_p2p_kernels[] = {MFC_P2P_TYPE(__nv_bfloat16), MFC_P2P_TYPE(__half),
                                               (const void*)&p2p_sync};
 }  // namespace mfc

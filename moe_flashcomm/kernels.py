@@ -59,13 +59,18 @@ REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("
 P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX_PEERS,)),
                      ("recv_stamp", _u8, (MAX_PEERS,)), ("error_page", _u8),
                      ("timeout_ns", _u8), ("copy_n16", _u8),
-                     ("rank", _i4), ("world", _i4), ("peer", _i4), ("mode", _i4),
-                     ("work_blocks", _i4), ("advance", _i4)], align=True)
+                     ("rank", _i4), ("world", _i4), ("mode", _i4), ("advance", _i4)], align=True)
+EXCHANGE_TASK = np.dtype([("offset", _u8), ("remote", _u8), ("items", _u4), ("first", _u4),
+                          ("blocks", _u4), ("peer", _i4)], align=True)
+EXCHANGE_ARGS = np.dtype([("task", EXCHANGE_TASK, (2 * (MAX_PEERS - 1),)),
+                          ("keep_src", _u8), ("keep_dst", _u8), ("keep_first", _u4),
+                          ("keep_blocks", _u4), ("sends", _i4), ("tasks", _i4)], align=True)
 # csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
-# block-completion counts per launch kind and peer, the peers' stamps) and p2p_sync's modes
+# block-completion counts per task kind and peer, the peers' stamps, p2p_exchange's ticket
+# and block counters) and p2p_sync's modes
 P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
-P2P_STAMP = 4 * MAX_PEERS + 1
-P2P_FLAG_WORDS = 5 * MAX_PEERS + 1
+P2P_STAMP, P2P_TICKET, P2P_DONE = 4 * MAX_PEERS + 1, 5 * MAX_PEERS + 1, 5 * MAX_PEERS + 2
+P2P_FLAG_WORDS = P2P_DONE + 1
 # the error page: claimed, peer, word seen, word expected, call, kind, reported (written last)
 P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
 # its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out
@@ -73,7 +78,8 @@ P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
-           "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu")}
+           "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu"),
+           "ExchangeTask": (EXCHANGE_TASK, "p2p.cu"), "ExchangeArgs": (EXCHANGE_ARGS, "p2p.cu")}
 
 
 def struct(dtype: np.dtype, **fields) -> np.ndarray:
@@ -485,3 +491,12 @@ def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> Launch:
     destination)."""
     fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_sync")
     return Launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))
+
+
+def exchange_launch(device: int, name_expr: str, enc: np.ndarray, dec: np.ndarray,
+                    table: np.ndarray, args: np.ndarray, blocks: int) -> Launch:
+    """p2p_exchange (``name_expr``: its template for the call's wire): the whole call in one
+    launch of ``blocks`` blocks, every task of ``table`` (an ExchangeArgs) and the copy of the
+    rows a rank keeps (pointer bases: tokens, output)."""
+    fn = KERNELS.function(device, "p2p.cu", name_expr)
+    return Launch(device, fn, blocks, (0, 0, enc, dec, table, args))

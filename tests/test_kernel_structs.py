@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 # csrc/p2p.cu's constants that moe_flashcomm/kernels.py restates
 CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_FREED,
-             "kCounter": K.P2P_COUNTER, "kStamp": K.P2P_STAMP, "kErrSet": K.P2P_ERROR_SET,
+             "kCounter": K.P2P_COUNTER, "kStamp": K.P2P_STAMP, "kTicket": K.P2P_TICKET,
+             "kDone": K.P2P_DONE, "kErrSet": K.P2P_ERROR_SET,
              "kErrKind": K.P2P_ERROR_KIND, "kErrStamp": K.P2P_ERROR_STAMP,
              "kErrFreedTimeout": K.P2P_ERROR_FREED_TIMEOUT,
              "kErrLandedTimeout": K.P2P_ERROR_LANDED_TIMEOUT,
@@ -60,6 +61,8 @@ def test_struct_matches_the_cu_declaration(layout, name):
 def test_constants_match_the_cu_declarations(layout):
     for name, value in CONSTANTS.items():
         assert int(layout[name]) == value, f"mfc::{name} in csrc/p2p.cu"
-    # the flag words: every peer's stamp is the last of them; the error page's "reported" word
-    assert K.P2P_FLAG_WORDS == K.P2P_STAMP + K.MAX_PEERS
+    # the flag words: every peer's stamp, then the exchange's two counters, the last of them;
+    # the error page's "reported" word
+    assert K.P2P_TICKET == K.P2P_STAMP + K.MAX_PEERS
+    assert K.P2P_FLAG_WORDS == K.P2P_DONE + 1
     assert K.P2P_ERROR_WORDS == K.P2P_ERROR_SET + 1

@@ -1,14 +1,15 @@
 """Host and GPU time per call of the quantized intra-node all-to-all (peer-to-peer transport)
 and of the codec, against NCCL's own ``all_to_all_single`` measured in the same run.
 
-Two processes; each rank on its own GPU when there are two, else both on GPU 0 (gloo carries
-the small agreement collectives, CUDA IPC the data: host time is representative there,
-bandwidth is not). NCCL's baseline is ``all_to_all_single`` on a one-rank NCCL group.
+Two processes (``--world``); each rank on its own GPU when there are enough, else all on GPU 0
+(gloo carries the small agreement collectives, CUDA IPC the data: host time is representative
+there, bandwidth is not). NCCL's baseline is ``all_to_all_single`` on a one-rank NCCL group.
 
 Per size (bf16 bytes per rank) and codec it prints:
   host_us     host time of one forward call under autograd (x.requires_grad), the host ahead
               of the GPU (bursts queued behind a GPU sleep), median over rounds;
-  nccl_us     the same for NCCL's all_to_all_single of the bf16 tensor;
+  nccl_us     the same for NCCL's all_to_all_single of the bf16 tensor, its bursts taking
+              turns with ours (ratio: the median of ours / NCCL's per round);
   gpu_us      GPU time of one call (CUDA events around a burst, per call);
   kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call);
 and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both in the two
@@ -37,24 +38,39 @@ H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 CODECS = {"int4": mf.CodecConfig(bits=4), "int8": mf.CodecConfig(bits=8),
           "int2": mf.CodecConfig(bits=2), "fp8": mf.CodecConfig(bits="fp8")}
-BURST, ROUNDS = 16, 15
+BURST, ROUNDS = 16, 31
+
+
+def _burst_us(fn, burst: int, clock=time.perf_counter) -> float:
+    """Host time of one call in a burst of ``burst`` calls, the GPU kept busy so the host runs
+    ahead (``clock=time.thread_time``: the calling thread's CPU time instead of wall time)."""
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()  # both ranks start their bursts together (their kernels pair up)
+    torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work queued first
+    t = clock()
+    for _ in range(burst):
+        fn()
+    return (clock() - t) / burst * 1e6
 
 
 def _host_us(fn, rounds=ROUNDS, burst=BURST, clock=time.perf_counter) -> float:
-    """Median host time of one call, the GPU kept busy so the host runs ahead
-    (``clock=time.thread_time``: the calling thread's CPU time instead of wall time)."""
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        if dist.is_initialized():
-            dist.barrier()  # both ranks start their bursts together (the barrier kernels pair up)
-        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work queued first
-        t = clock()
-        for _ in range(burst):
-            fn()
-        times.append((clock() - t) / burst * 1e6)
+    """Median over ``rounds`` bursts of the host time of one call."""
+    times = [_burst_us(fn, burst, clock) for _ in range(rounds)]
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def _host_us_against(fn, baseline, rounds=ROUNDS, burst=BURST) -> tuple[float, float, float]:
+    """(median host µs of ``fn``, of ``baseline``, median of their per-round ratio): the two
+    take turns, round by round, so a change in the host's load reaches both alike."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(_burst_us(baseline, burst))
+        ours.append(_burst_us(fn, burst))
+    torch.cuda.synchronize()
+    return (statistics.median(ours), statistics.median(theirs),
+            statistics.median(a / b for a, b in zip(ours, theirs)))
 
 
 def _profile(fn, calls=64) -> str:
@@ -165,13 +181,13 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
         y = torch.empty_like(x)
         nccl = lambda: dist.all_to_all_single(y, x, group=own_nccl)  # noqa: E731
         nccl()
-        nccl_us = _host_us(nccl)
         for name in codecs:
             cfg = CODECS[name]
             call = lambda: comm.all_to_all(xg, codec=cfg)  # noqa: E731
             call()  # plans, buffers
-            row = dict(size=size, rows=T, codec=name, host_us=_host_us(call), nccl_us=nccl_us,
-                       host_cpu_us=_host_us(call, clock=time.thread_time),
+            host_us, nccl_us, ratio = _host_us_against(call, nccl)
+            row = dict(size=size, rows=T, codec=name, host_us=host_us, nccl_us=nccl_us,
+                       ratio=ratio, host_cpu_us=_host_us(call, clock=time.thread_time),
                        gpu_us=_gpu_us(call), kernels_us=_kernels_us(call))
             if profile == (size, name):
                 text = _profile(call)
@@ -179,9 +195,9 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
                     print(text, flush=True)
             rows_out.append(row)
             if rank == 0:
-                print(f"{size >> 10:>8} KiB {name:>5}: host {row['host_us']:7.1f} us "
-                      f"(cpu {row['host_cpu_us']:6.1f})  "
-                      f"(NCCL {nccl_us:6.1f})  GPU {row['gpu_us']:9.1f} us  "
+                print(f"{size >> 10:>8} KiB {name:>5}: host {host_us:7.1f} us "
+                      f"(cpu {row['host_cpu_us']:6.1f})  (NCCL {nccl_us:6.1f}, ours / NCCL "
+                      f"{ratio:4.2f})  GPU {row['gpu_us']:9.1f} us  "
                       f"kernels {row['kernels_us']:9.1f} us", flush=True)
     # the codec alone, 8 x 7168 bf16
     x8 = torch.randn(8, H, dtype=torch.bfloat16, device="cuda")
@@ -209,6 +225,8 @@ def main():
                    help="bf16 bytes per rank, comma-separated")
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--profile", default="", help="SIZE:CODEC: print a cProfile of rank 0's calls")
+    p.add_argument("--world", type=int, default=2,
+                   help="processes (each on its own GPU when there are enough, else all on GPU 0)")
     p.add_argument("--codec-only", action="store_true",
                    help="only the codec's host time in one process (no all-to-all)")
     a = p.parse_args()
@@ -230,7 +248,8 @@ def main():
     if a.profile:
         size, name = a.profile.split(":")
         profile = (int(size), name)
-    mp.spawn(_worker, args=(2, port, a.out, sizes, codecs, profile, alone), nprocs=2, join=True)
+    mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone), nprocs=a.world,
+             join=True)
 
 
 if __name__ == "__main__":

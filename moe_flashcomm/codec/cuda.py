@@ -143,7 +143,7 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
                         **_layout_fields(L))
         pieces.append((K.blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
                        args))
-    return _encode_name(cfg, dtype, V, U, dense=vec and H % DENSE_GROUP == 0), pieces
+    return _encode_name(cfg, dtype, V, U, _dense(H, vec)), pieces
 
 
 def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
@@ -257,6 +257,11 @@ def _decode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int) -> str:
     return f"mfc::decode_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {V}, {U}>"
 
 
+def _dense(H: int, vec: bool) -> bool:
+    """Rows that the encode's dense-row copy can take (with groups of DENSE_GROUP)."""
+    return vec and H % DENSE_GROUP == 0
+
+
 def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bool) -> str:
     """The encode kernel's name expression. ``dense``: rows 16-byte aligned with a hidden size
     that is a multiple of DENSE_GROUP; with groups of that size an integer encode then takes
@@ -267,6 +272,19 @@ def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bo
     sp, sr = str(cfg.spikes).lower(), str(cfg.is_stochastic).lower()
     dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
     return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {dg}>"
+
+
+def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool) -> str:
+    """The name expression of csrc/p2p.cu's p2p_exchange for ``cfg`` (not stochastic): the
+    encode and decode of ``encode_pieces`` / ``decode_pieces`` in one kernel."""
+    t, dense = CTYPE[dtype], _dense(H, vec)
+    Ve, Ue = _shape(cfg, None, ENCODE_SHAPE, ENCODE_SHAPES)
+    Vd, Ud = _shape(cfg, None, DECODE_SHAPE, DECODE_SHAPES)
+    if cfg.is_fp8:
+        return f"mfc::p2p_exchange_fp8<{t}, {Ve}, {Ue}, {Vd}, {Ud}>"
+    dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
+    return (f"mfc::p2p_exchange_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Ve}, {Ue}, "
+            f"{dg}, {Vd}, {Ud}>")
 
 
 def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,

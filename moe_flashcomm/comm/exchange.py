@@ -397,12 +397,12 @@ class P2PCall:
     """One peer-to-peer exchange of fixed sizes with every launch prepared: a call costs the
     host an output allocation and one driver call per kernel or copy (comm/p2p.py).
 
-    Where every pair of the call has records to encode and decode, the common case, a call is
-    one encode launch per peer (it waits until the peer is done with its buffer, publishes
-    "landed" when its records are there, and its extra blocks copy the rows this rank keeps)
-    and one decode launch per peer (it waits for "landed", publishes "freed"). Otherwise
-    (raw pairs, empty pairs, records large enough for the copy engine) three sync launches
-    frame plain copies, encodes and decodes. ``steps`` holds the launches as calls
+    Where every pair of the call moves records of one wire (or nothing), the common case, a
+    call is one launch: per peer, encode blocks that wait until the peer is done with its
+    buffer and publish "landed" when its records are there, and decode blocks that wait for
+    "landed" and publish "freed"; other blocks copy the rows this rank keeps. Otherwise (raw
+    pairs, records large enough for the copy engine, pairs of different codecs) three sync
+    launches frame plain copies, encodes and decodes. ``steps`` holds the launches as calls
     ``step(stream, x address, output address)``."""
 
     def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
@@ -420,10 +420,10 @@ class P2PCall:
         if own and row % 16:  # not whole 16-byte words: the copy engine, first
             steps.append(lambda s, xp, op: copy(dev, op + o_off, xp + x_off, own, s))
             own = 0
-        fused = self._fused(route, plan, hidden, dtype, o_off, x_off, own)
-        if fused is None:
-            fused = self._framed(route, plan, hidden, dtype, o_off, x_off, own)
-        self.steps = tuple(steps + fused)
+        launches = self._one_launch(route, plan, hidden, dtype, o_off, x_off, own)
+        if launches is None:
+            launches = self._framed(route, plan, hidden, dtype, o_off, x_off, own)
+        self.steps = tuple(steps + launches)
 
     @staticmethod
     def _stamps(route: Route, plan: Plan, hidden: int, dtype: torch.dtype) -> tuple:
@@ -438,34 +438,28 @@ class P2PCall:
             return tuple(stamps)
         return per_rank(sends), per_rank(recvs)
 
-    def _fused(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
-               x_off: int, own: int) -> Optional[list]:
-        """The steps of a call whose every pair encodes and decodes records with one launch
-        each, or None. Both ends of every pair decide alike (the same sizes and wires)."""
-        bufs, r = route.p2p, route.rank
+    def _one_launch(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
+                    o_off: int, x_off: int, own: int) -> Optional[list]:
+        """The step of a call whose pairs all move records of one wire through the SMs (or
+        nothing), as one p2p_exchange launch; None otherwise. Both ends of every pair decide
+        alike for that pair (the flags are per pair, so the two kinds of call mix)."""
+        bufs, r, w = route.p2p, route.rank, route.world
         _, sends, recvs = plan.p2p
-        peers = [p for p in range(route.world) if p != r]
-        if [e[0] for e in sends] != peers or [e[0] for e in recvs] != peers or any(
-                e[3] == RAW or e[4] >= bufs.copy_bytes or e[3].is_stochastic for e in sends + recvs):
+        wires = {e[3] for e in sends + recvs}
+        if len(wires) != 1 or any(e[4] >= bufs.copy_bytes for e in sends + recvs):
             return None
-        steps = []
-        for i, (p, first, rows, wire, nbytes) in enumerate(sends):
-            launch = bufs.encode_launch(p, rows, hidden, wire, dtype, own if i == 0 else 0,
-                                        self.stamps)
-            if launch is None:
-                return None
-            to, off = bufs.region(p, r), first * hidden * dtype.itemsize
-            steps.append(lambda s, xp, op, launch=launch, to=to, off=off:
-                         launch(s, xp + off, to, xp + x_off, op + o_off))
-        for i, (p, first, rows, wire, nbytes) in enumerate(recvs):
-            launch = bufs.decode_launch(p, rows, hidden, wire, dtype, i == len(recvs) - 1,
-                                        self.stamps)
-            if launch is None:
-                return None
-            frm, off = bufs.region(r, p), first * hidden * dtype.itemsize
-            steps.append(lambda s, xp, op, launch=launch, frm=frm, off=off:
-                         launch(s, frm, op + off))
-        return steps
+        wire = wires.pop()
+        if wire == RAW or wire.is_stochastic:
+            return None
+
+        def tasks(entries, order):  # every peer, empty pairs included (their flags move)
+            given = {e[0]: e[1:3] for e in entries}
+            return [(p, *given.get(p, (0, 0))) for p in sorted(set(range(w)) - {r}, key=order)]
+        # each rank first encodes for the next ranks and decodes from the previous ones
+        launch = bufs.exchange_launch(tasks(sends, lambda p: (p - r) % w),
+                                      tasks(recvs, lambda p: (r - p) % w), hidden, wire, dtype,
+                                      (x_off, o_off, own), self.stamps)
+        return None if launch is None else [launch]
 
     def _framed(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
                 x_off: int, own: int) -> list:

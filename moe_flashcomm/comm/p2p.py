@@ -4,9 +4,9 @@ Inside a node the encode kernel writes the records straight into the receiving G
 through CUDA IPC: quantization and transfer are one pass, with no NCCL launch or staging.
 Every rank's receive buffer holds one region per sender at a fixed address; its flag words
 (per peer: "landed" and "freed" call numbers, and its own call counter) are mapped by every
-peer. One call (``exchange.P2PCall``, csrc/p2p.cu) is, per peer, an encode launch that waits
-until the peer has decoded our previous records and publishes "landed" when ours are in, and
-a decode launch that waits for "landed" and publishes "freed". The call numbers live on the
+peer. One call (``exchange.P2PCall``, csrc/p2p.cu) is one launch: per peer, its encode blocks
+wait until the peer has decoded our previous records and publish "landed" when ours are in,
+and its decode blocks wait for "landed" and publish "freed". The call numbers live on the
 device and the buffers do not move, so a call captured in a CUDA graph replays correctly
 any number of times.
 
@@ -141,34 +141,45 @@ class PeerBuffers:
             self.device.index, self.args(stamps, mode=mode, advance=int(advance),
                                          copy_n16=copy_bytes // 16), copy_bytes), 256)
 
-    def encode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
-                      copy_bytes: int, stamps: tuple) -> Optional[kernels.Launch]:
-        """p2p_encode into ``peer``'s buffer, waiting for its "freed" and publishing "landed";
-        its extra blocks copy ``copy_bytes`` (pointer bases: tokens, destination, copy
-        source, copy destination). None where the encode takes more than one launch."""
-        name, pieces = _cuda.encode_pieces(rows, hidden, cfg, dtype, hidden % 8 == 0)
-        if len(pieces) != 1:
-            return None
-        blocks, x_off, rec_off, enc = pieces[0]
-        fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
-                                      name.replace("mfc::encode_", "mfc::p2p_encode_"))
-        args = self.args(stamps, peer=peer, work_blocks=blocks, copy_n16=copy_bytes // 16)
-        return kernels.Launch(self.device.index, fn, blocks + kernels.copy_blocks(copy_bytes),
-                              (x_off, rec_off, enc, args, 0, 0))
+    def exchange_launch(self, sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
+                        keep: tuple, stamps: tuple) -> Optional[kernels.Launch]:
+        """p2p_exchange: the whole call in one launch (pointer bases: tokens, output).
+        ``sends`` / ``recvs``: (peer, first row, rows) of every peer, in the order their tasks
+        take tickets; ``keep``: (token byte offset, output byte offset, bytes) of the rows this
+        rank keeps. None where a pair's encode or decode would take more than one launch."""
+        row, vec = hidden * dtype.itemsize, hidden % 8 == 0
+        table = kernels.struct(kernels.EXCHANGE_ARGS)
+        t = table[0]
+        ticket = 0
 
-    def decode_launch(self, peer: int, rows: int, hidden: int, cfg, dtype: torch.dtype,
-                      advance: bool, stamps: tuple) -> Optional[kernels.Launch]:
-        """p2p_decode of ``peer``'s records once they have landed, publishing "freed" (pointer
-        bases: records, tokens); ``advance``: the call's last launch. None where the decode
-        takes more than one launch."""
-        name, pieces = _cuda.decode_pieces(rows, hidden, cfg, dtype)
-        if len(pieces) != 1:
-            return None
-        blocks, rec_off, y_off, dec = pieces[0]
-        fn = kernels.KERNELS.function(self.device.index, "p2p.cu",
-                                      name.replace("mfc::decode_", "mfc::p2p_decode_"))
-        args = self.args(stamps, peer=peer, advance=int(advance))
-        return kernels.Launch(self.device.index, fn, blocks, (rec_off, y_off, dec, args))
+        def task(i: int, peer: int, offset: int, remote: int, pieces: list) -> bool:
+            nonlocal ticket
+            if len(pieces) > 1:
+                return False
+            blocks, items = (pieces[0][0], int(pieces[0][3]["total"][0])) if pieces else (1, 0)
+            t["task"][i] = (offset, remote, items, ticket, blocks, peer)
+            ticket += blocks
+            return True
+
+        for i, (p, first, rows) in enumerate(sends):
+            if not task(i, p, first * row, self.region(p, self.rank),
+                        _cuda.encode_pieces(rows, hidden, cfg, dtype, vec)[1]):
+                return None
+        x_off, y_off, nbytes = keep
+        t["keep_src"], t["keep_dst"], t["keep_first"] = x_off, y_off, ticket
+        t["keep_blocks"] = kernels.copy_blocks(nbytes)
+        ticket += int(t["keep_blocks"])
+        for i, (p, first, rows) in enumerate(recvs, len(sends)):
+            if not task(i, p, first * row, self.region(self.rank, p),
+                        _cuda.decode_pieces(rows, hidden, cfg, dtype)[1]):
+                return None
+        t["sends"], t["tasks"] = len(sends), len(sends) + len(recvs)
+        # the codec's arguments of one row: each task sets its own item count
+        enc = _cuda.encode_pieces(1, hidden, cfg, dtype, vec)[1][0][3]
+        dec = _cuda.decode_pieces(1, hidden, cfg, dtype)[1][0][3]
+        return kernels.exchange_launch(self.device.index, _cuda.exchange_name(hidden, cfg, dtype, vec),
+                                       enc, dec, table, self.args(stamps, copy_n16=nbytes // 16),
+                                       ticket)
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
