@@ -227,15 +227,19 @@ def main():
     p.add_argument("--profile", default="", help="SIZE:CODEC: print a cProfile of rank 0's calls")
     p.add_argument("--world", type=int, default=2,
                    help="processes (each on its own GPU when there are enough, else all on GPU 0)")
+    p.add_argument("--no-codec-alone", action="store_true",
+                   help="skip the codec's parts in a process of its own")
     p.add_argument("--codec-only", action="store_true",
                    help="only the codec's host time in one process (no all-to-all)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
-    with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
-        alone = pool.apply(codec_alone)
-    print("codec alone, 8 x 7168 bf16 int4: " + ", ".join(f"{k[:-3]} {v:.1f} us"
-                                                          for k, v in alone.items()), flush=True)
+    alone = None
+    if not a.no_codec_alone:
+        with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
+            alone = pool.apply(codec_alone)
+        print("codec alone, 8 x 7168 bf16 int4: " + ", ".join(
+            f"{k[:-3]} {v:.1f} us" for k, v in alone.items()), flush=True)
     if a.codec_only:
         return
     sizes = [int(s) for s in a.sizes.split(",")]
