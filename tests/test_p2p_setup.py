@@ -3,8 +3,9 @@ over real gloo process groups, on a CPU machine: device memory and CUDA IPC are 
 bookkeeping stand-in (the data path itself runs only on GPUs: tests/test_all_to_all.py,
 multigpu). Checked: every rank maps every other rank's allocation, growth replaces and frees the
 old buffers, one rank's failed allocation makes every rank raise instead of leaving the
-others waiting in a collective, and what the host raises for each report of the kernels'
-error page (the kernels that write it run in tests/test_p2p_gpu.py).
+others waiting in a collective, what the host raises for each report of the kernels'
+error page (the kernels that write it run in tests/test_p2p_gpu.py), and the tickets of the
+one-launch call's tasks.
 """
 from __future__ import annotations
 
@@ -183,3 +184,40 @@ def test_p2p_wait_timeout_raises_at_every_later_call_gloo_2():
 
 def test_p2p_buffers_failed_allocation_raises_everywhere_gloo_2():
     spawn(_failure, 2)
+
+
+def test_exchange_table_tickets():
+    """The one-launch call's tasks (csrc/p2p.cu's p2p_exchange): encode tickets first, then
+    the kept rows' copy, then the decodes, each task's tickets contiguous; an empty pair takes
+    one block that only moves its flags; every task's items are the codec's own launch's."""
+    from moe_flashcomm.codec import cuda as C
+    from moe_flashcomm.comm import p2p
+    H, cfg, dtype, rank = 7168, CodecConfig(bits=4), torch.bfloat16, 1
+    region = lambda owner, sender: (owner << 32) + (sender << 20)  # noqa: E731
+    sends = [(2, 40, 8), (3, 48, 0), (0, 0, 20)]  # (peer, first row, rows), in ticket order
+    recvs = [(0, 0, 5), (3, 5, 0), (2, 5, 9)]
+    row = H * dtype.itemsize
+    keep = (20 * row, 14 * row, 20 * row)
+    table, blocks = p2p.exchange_table(sends, recvs, H, cfg, dtype, keep, region, rank)
+    t = table[0]
+    assert (t["sends"], t["tasks"]) == (3, 6)
+    ticket = 0
+    for i, (kind, (peer, first, rows)) in enumerate([("encode", e) for e in sends]
+                                                    + [("decode", e) for e in recvs]):
+        if i == 3:  # the copy of the kept rows sits between encodes and decodes
+            assert t["keep_first"] == ticket and t["keep_blocks"] == K.copy_blocks(keep[2])
+            assert (t["keep_src"], t["keep_dst"]) == keep[:2]
+            ticket += int(t["keep_blocks"])
+        task = t["task"][i]
+        pieces = (C.encode_pieces(rows, H, cfg, dtype, True) if kind == "encode"
+                  else C.decode_pieces(rows, H, cfg, dtype))[1]
+        want_blocks, want_items = (pieces[0][0], int(pieces[0][3]["total"][0])) if rows else (1, 0)
+        remote = region(peer, rank) if kind == "encode" else region(rank, peer)
+        assert (task["peer"], task["offset"], task["remote"]) == (peer, first * row, remote)
+        assert (task["first"], task["blocks"], task["items"]) == (ticket, want_blocks, want_items)
+        ticket += want_blocks
+    assert blocks == ticket
+    # a pair past 2^31 items would take two launches of the codec: no one-launch table
+    huge = (2**31 // (H // 32)) + 1
+    assert p2p.exchange_table([(0, 0, huge)], [(0, 0, 1)], H, cfg, dtype, (0, 0, 0), region,
+                              rank) is None

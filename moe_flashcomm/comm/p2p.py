@@ -143,43 +143,19 @@ class PeerBuffers:
 
     def exchange_launch(self, sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
                         keep: tuple, stamps: tuple) -> Optional[kernels.Launch]:
-        """p2p_exchange: the whole call in one launch (pointer bases: tokens, output).
-        ``sends`` / ``recvs``: (peer, first row, rows) of every peer, in the order their tasks
-        take tickets; ``keep``: (token byte offset, output byte offset, bytes) of the rows this
-        rank keeps. None where a pair's encode or decode would take more than one launch."""
-        row, vec = hidden * dtype.itemsize, hidden % 8 == 0
-        table = kernels.struct(kernels.EXCHANGE_ARGS)
-        t = table[0]
-        ticket = 0
-
-        def task(i: int, peer: int, offset: int, remote: int, pieces: list) -> bool:
-            nonlocal ticket
-            if len(pieces) > 1:
-                return False
-            blocks, items = (pieces[0][0], int(pieces[0][3]["total"][0])) if pieces else (1, 0)
-            t["task"][i] = (offset, remote, items, ticket, blocks, peer)
-            ticket += blocks
-            return True
-
-        for i, (p, first, rows) in enumerate(sends):
-            if not task(i, p, first * row, self.region(p, self.rank),
-                        _cuda.encode_pieces(rows, hidden, cfg, dtype, vec)[1]):
-                return None
-        x_off, y_off, nbytes = keep
-        t["keep_src"], t["keep_dst"], t["keep_first"] = x_off, y_off, ticket
-        t["keep_blocks"] = kernels.copy_blocks(nbytes)
-        ticket += int(t["keep_blocks"])
-        for i, (p, first, rows) in enumerate(recvs, len(sends)):
-            if not task(i, p, first * row, self.region(self.rank, p),
-                        _cuda.decode_pieces(rows, hidden, cfg, dtype)[1]):
-                return None
-        t["sends"], t["tasks"] = len(sends), len(sends) + len(recvs)
+        """p2p_exchange: the whole call in one launch (pointer bases: tokens, output), its
+        tasks as ``exchange_table`` makes them; None where it makes none."""
+        made = exchange_table(sends, recvs, hidden, cfg, dtype, keep, self.region, self.rank)
+        if made is None:
+            return None
+        table, blocks = made
+        vec = hidden % 8 == 0
         # the codec's arguments of one row: each task sets its own item count
         enc = _cuda.encode_pieces(1, hidden, cfg, dtype, vec)[1][0][3]
         dec = _cuda.decode_pieces(1, hidden, cfg, dtype)[1][0][3]
         return kernels.exchange_launch(self.device.index, _cuda.exchange_name(hidden, cfg, dtype, vec),
-                                       enc, dec, table, self.args(stamps, copy_n16=nbytes // 16),
-                                       ticket)
+                                       enc, dec, table, self.args(stamps, copy_n16=keep[2] // 16),
+                                       blocks)
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
@@ -308,6 +284,44 @@ class PeerBuffers:
         self.generation += 1
         if found is not None:
             raise found
+
+
+def exchange_table(sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
+                   keep: tuple, region, rank: int) -> Optional[tuple[np.ndarray, int]]:
+    """(csrc/p2p.cu's ExchangeArgs, the launch's blocks) of one call: ``sends`` / ``recvs``
+    give (peer, first row, rows) of every peer in the order their tasks take tickets, ``keep``
+    (token byte offset, output byte offset, bytes) the rows this rank keeps, ``region(owner,
+    sender)`` the buffers' addresses. Tickets run over the encodes, the copy, the decodes; a
+    task without rows takes one block (its flags still move). None where a pair's encode or
+    decode would take more than one launch (past 2^31 items)."""
+    row, vec = hidden * dtype.itemsize, hidden % 8 == 0
+    table = kernels.struct(kernels.EXCHANGE_ARGS)
+    t = table[0]
+    ticket = 0
+
+    def add(i: int, peer: int, offset: int, remote: int, pieces: list) -> bool:
+        nonlocal ticket
+        if len(pieces) > 1:
+            return False
+        blocks, items = (pieces[0][0], int(pieces[0][3]["total"][0])) if pieces else (1, 0)
+        t["task"][i] = (offset, remote, items, ticket, blocks, peer)
+        ticket += blocks
+        return True
+
+    for i, (p, first, rows) in enumerate(sends):
+        if not add(i, p, first * row, region(p, rank),
+                   _cuda.encode_pieces(rows, hidden, cfg, dtype, vec)[1]):
+            return None
+    x_off, y_off, nbytes = keep
+    t["keep_src"], t["keep_dst"], t["keep_first"] = x_off, y_off, ticket
+    t["keep_blocks"] = kernels.copy_blocks(nbytes)
+    ticket += int(t["keep_blocks"])
+    for i, (p, first, rows) in enumerate(recvs, len(sends)):
+        if not add(i, p, first * row, region(rank, p),
+                   _cuda.decode_pieces(rows, hidden, cfg, dtype)[1]):
+            return None
+    t["sends"], t["tasks"] = len(sends), len(sends) + len(recvs)
+    return table, ticket
 
 
 def page_report(words: list, group, rank: int, world: int,
