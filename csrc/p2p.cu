@@ -183,8 +183,9 @@ __device__ __forceinline__ void finish_task(const P2PArgs& a, u64* done, u32 blo
 // encode of this rank, since every encode ticket went to a block that already runs or ran.
 // The launch's last block starts the tickets again at 0 and moves the call number on.
 template <typename T, typename Encode, typename Decode>
-__device__ __forceinline__ void exchange(const T* x, T* y, const ExchangeArgs& t, const P2PArgs& a,
-                                         Encode encode, Decode decode) {
+__device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, const DecArgs& d,
+                                         const ExchangeArgs& t, const P2PArgs& a, Encode encode,
+                                         Decode decode) {
   __shared__ u32 block_ticket;
   u64* mine = flags_of(a, a.rank);
   if (threadIdx.x == 0) block_ticket = atomicAdd(reinterpret_cast<unsigned*>(mine + kTicket), 1u);
@@ -197,8 +198,11 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const ExchangeArgs& t
     const ExchangeTask& k = t.task[task_of(t, ticket, 0, t.sends)];
     if (threadIdx.x == 0) wait_at_least(mine + kFreed + k.peer, call - 1, a, k.peer, kErrFreedTimeout, call);
     __syncthreads();
-    if (k.items) encode(reinterpret_cast<const T*>(xb + k.offset), reinterpret_cast<u8*>(k.remote), k.items,
-                        ticket - k.first);
+    if (k.items) {
+      EncArgs task = e;  // the codec's arguments for this task's rows
+      task.total = k.items;
+      encode(reinterpret_cast<const T*>(xb + k.offset), reinterpret_cast<u8*>(k.remote), task, ticket - k.first);
+    }
     finish_task(a, mine + kEncDone + k.peer, k.blocks, flags_of(a, k.peer) + kLanded + a.rank, call, k.peer);
   } else if (ticket < t.keep_first + t.keep_blocks) {
     copy_words(reinterpret_cast<const uint4*>(xb + t.keep_src), reinterpret_cast<uint4*>(yb + t.keep_dst),
@@ -210,8 +214,11 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const ExchangeArgs& t
       if (ticket == k.first) check_stamp(a, k.peer, call);
     }
     __syncthreads();
-    if (k.items) decode(reinterpret_cast<const u8*>(k.remote), reinterpret_cast<T*>(yb + k.offset), k.items,
-                        ticket - k.first);
+    if (k.items) {
+      DecArgs task = d;
+      task.total = k.items;
+      decode(reinterpret_cast<const u8*>(k.remote), reinterpret_cast<T*>(yb + k.offset), task, ticket - k.first);
+    }
     finish_task(a, mine + kDecDone + k.peer, k.blocks, flags_of(a, k.peer) + kFreed + a.rank, call, -1);
   }
   __syncthreads();
@@ -222,39 +229,27 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const ExchangeArgs& t
   }
 }
 
-// The codec's encode and decode of one wire as p2p_exchange's tasks (each task's own items).
+// The codec's encode and decode of one wire as p2p_exchange's tasks.
 template <typename T, int BITS, bool SPIKES, int EV, int EU, int DG, int DV, int DU>
 __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_int(const T* __restrict__ x, T* __restrict__ y,
-                                                           const EncArgs e, const DecArgs d,
-                                                           const ExchangeArgs t, const P2PArgs a) {
-  exchange(x, y, t, a,
-           [&](const T* src, u8* rec, u32 items, u32 block) {
-             EncArgs task = e;
-             task.total = items;
+                                                              const EncArgs e, const DecArgs d,
+                                                              const ExchangeArgs t, const P2PArgs a) {
+  exchange(x, y, e, d, t, a,
+           [](const T* src, u8* rec, const EncArgs& task, u32 block) {
              encode_int_items<T, BITS, SPIKES, false, EV, EU, DG>(src, rec, task, block);
            },
-           [&](const u8* rec, T* dst, u32 items, u32 block) {
-             DecArgs task = d;
-             task.total = items;
+           [](const u8* rec, T* dst, const DecArgs& task, u32 block) {
              decode_int_items<T, BITS, SPIKES, DV, DU>(rec, dst, task, block);
            });
 }
 
 template <typename T, int EV, int EU, int DV, int DU>
 __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_fp8(const T* __restrict__ x, T* __restrict__ y,
-                                                           const EncArgs e, const DecArgs d,
-                                                           const ExchangeArgs t, const P2PArgs a) {
-  exchange(x, y, t, a,
-           [&](const T* src, u8* rec, u32 items, u32 block) {
-             EncArgs task = e;
-             task.total = items;
-             encode_fp8_items<T, EV, EU>(src, rec, task, block);
-           },
-           [&](const u8* rec, T* dst, u32 items, u32 block) {
-             DecArgs task = d;
-             task.total = items;
-             decode_fp8_items<T, DV, DU>(rec, dst, task, block);
-           });
+                                                              const EncArgs e, const DecArgs d,
+                                                              const ExchangeArgs t, const P2PArgs a) {
+  exchange(x, y, e, d, t, a,
+           [](const T* src, u8* rec, const EncArgs& task, u32 block) { encode_fp8_items<T, EV, EU>(src, rec, task, block); },
+           [](const u8* rec, T* dst, const DecArgs& task, u32 block) { decode_fp8_items<T, DV, DU>(rec, dst, task, block); });
 }
 
 // For calls with raw or copy-engine pairs: block 0 waits for / publishes to every peer as
