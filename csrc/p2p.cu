@@ -13,9 +13,10 @@
 // state reaches the kernels. The common call is one launch, p2p_exchange_*: it encodes into
 // every peer, copies the rows a rank keeps and decodes every peer's records, each pair's waits
 // and publications around its own blocks. Calls with raw, copy-engine or mixed-codec pairs use
-// p2p_sync between their copies and codec launches instead; both keep the same per-pair flags. A wait that lasts timeout_ns (a rank died, or the ranks made different
-// calls) gives up and is reported on the error page below; later waits of this rank then give
-// up at once, so neither a hang nor an abort follows and the host raises at its next call.
+// p2p_sync between their copies and codec launches instead; both keep the same per-pair flags.
+// A wait that lasts timeout_ns (a rank died, or the ranks made different calls) gives up and
+// is reported on the error page below; later waits of this rank then give up at once, so
+// neither a hang nor an abort follows and the host raises at its next call.
 //
 // Agreement: with "landed" a sender also stores its stamp of the pair (codec, rows, dtype,
 // hidden: moe_flashcomm/comm/p2p.py packs it) into the receiver's stamp[sender]; the receiver

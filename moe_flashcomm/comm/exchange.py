@@ -441,8 +441,8 @@ class P2PCall:
     def _one_launch(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                     o_off: int, x_off: int, own: int) -> Optional[list]:
         """The step of a call whose pairs all move records of one wire through the SMs (or
-        nothing), as one p2p_exchange launch; None otherwise. Both ends of every pair decide
-        alike for that pair (the flags are per pair, so the two kinds of call mix)."""
+        nothing), as one p2p_exchange launch; None otherwise. The ranks of a call may decide
+        differently: the flags are per pair, and both kinds of call move them alike."""
         bufs, r, w = route.p2p, route.rank, route.world
         _, sends, recvs = plan.p2p
         wires = {e[3] for e in sends + recvs}
