@@ -262,6 +262,12 @@ def _dense(H: int, vec: bool) -> bool:
     return vec and H % DENSE_GROUP == 0
 
 
+def _dg(cfg: CodecConfig, dense: bool) -> int:
+    """The integer encode's DG template argument: DENSE_GROUP for dense rows in groups of that
+    size (the copy without partial chunks), else 0."""
+    return DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
+
+
 def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bool) -> str:
     """The encode kernel's name expression. ``dense``: rows 16-byte aligned with a hidden size
     that is a multiple of DENSE_GROUP; with groups of that size an integer encode then takes
@@ -270,21 +276,19 @@ def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bo
     if cfg.is_fp8:
         return f"mfc::encode_fp8<{t}, {V}, {U}>"
     sp, sr = str(cfg.spikes).lower(), str(cfg.is_stochastic).lower()
-    dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
-    return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {dg}>"
+    return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {_dg(cfg, dense)}>"
 
 
 def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool) -> str:
     """The name expression of csrc/p2p.cu's p2p_exchange for ``cfg`` (not stochastic): the
     encode and decode of ``encode_pieces`` / ``decode_pieces`` in one kernel."""
-    t, dense = CTYPE[dtype], _dense(H, vec)
+    t = CTYPE[dtype]
     Ve, Ue = _shape(cfg, None, ENCODE_SHAPE, ENCODE_SHAPES)
     Vd, Ud = _shape(cfg, None, DECODE_SHAPE, DECODE_SHAPES)
     if cfg.is_fp8:
         return f"mfc::p2p_exchange_fp8<{t}, {Ve}, {Ue}, {Vd}, {Ud}>"
-    dg = DENSE_GROUP if dense and cfg.group_size == DENSE_GROUP else 0
     return (f"mfc::p2p_exchange_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Ve}, {Ue}, "
-            f"{dg}, {Vd}, {Ud}>")
+            f"{_dg(cfg, _dense(H, vec))}, {Vd}, {Ud}>")
 
 
 def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,

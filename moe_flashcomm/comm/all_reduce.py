@@ -469,8 +469,8 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     """The backend's sum (gated, or "native") of ``flat`` (contiguous, 1-D, in place) over
     gloo, framed: a rank whose numel differs makes every rank raise where gloo itself would
     abort the process. A reduce-scatter of the values in their own dtype, each range summed
-    in rank order, then an all-gather; up to one frame of values, the reduce-scatter alone, sending every peer all of them (one
-    round: where gloo's latency rules, twice as fast). The first step carries the numel, so
+    in rank order, then an all-gather; up to one frame of values, the reduce-scatter alone,
+    sending every peer all of them (one round: where gloo's latency rules, twice as fast). The first step carries the numel, so
     the choice is made only once every rank knows they agree; a disagreement ends the call
     as it ends the quantized path (``_flat_framed``: an aborted all-gather), so ranks that
     took different paths stay in step. On two ranks the result is
