@@ -9,9 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_flashcomm", "moe_flashcomm.*"]) + ["moe_flashcomm.csrc"],
-    # The top-level csrc/ ships as moe_flashcomm/csrc: compiled at first use (NVRTC), no build step.
+    # The top-level csrc/ ships as moe_flashcomm/csrc: compiled at first use (the kernels by
+    # NVRTC, the launcher by torch's extension builder), no build step.
     package_dir={"moe_flashcomm.csrc": "csrc"},
-    package_data={"moe_flashcomm.csrc": ["*.cu", "*.cuh"]},
+    package_data={"moe_flashcomm.csrc": ["*.cu", "*.cuh", "*.cpp"]},
     install_requires=["torch>=2.3", "deepspeed>=0.16"],
     extras_require={
         "cuda12": ["cupy-cuda12x>=13"],

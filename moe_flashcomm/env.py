@@ -65,6 +65,12 @@ def kernel_defines() -> tuple[str, ...]:
     return out
 
 
+def native_launch() -> bool:
+    """MOE_FLASHCOMM_NATIVE_LAUNCH: launch kernels through the compiled launcher
+    (csrc/launcher.cpp, built on first use; default on); 0: through ctypes only."""
+    return flag("MOE_FLASHCOMM_NATIVE_LAUNCH", True)
+
+
 def gate_file() -> Optional[str]:
     """MOE_FLASHCOMM_GATE_FILE: a size-gate JSON file (``python -m moe_flashcomm.tune_gate``)."""
     return _raw("MOE_FLASHCOMM_GATE_FILE")

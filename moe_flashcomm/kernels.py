@@ -1,9 +1,11 @@
 """Every kernel of ``csrc/``: compiled with NVRTC at first use (cached on disk), loaded once per
 device, and launched through the CUDA driver's ``cuLaunchKernel`` with arguments packed once.
 
-A :class:`Launch` is one kernel launch whose argument block is built when its plan is made;
+A :func:`Launch` is one kernel launch whose argument block is built when its plan is made;
 a call writes only the pointers that change (the tensors' addresses) and calls the driver:
-a few microseconds of host time, no Python-side argument conversion per call. The argument
+a few microseconds of host time, no Python-side argument conversion per call. The calls go
+through the compiled launcher (csrc/launcher.cpp, built on first use with torch's extension
+builder) where it builds, else through ctypes, with the same argument blocks. The argument
 structs are declared once here (``STRUCTS``), mirrored from csrc, and
 ``tests/test_kernel_structs.py`` checks their sizes and offsets against the .cu declarations
 with nvcc.
@@ -18,6 +20,8 @@ import ctypes
 import hashlib
 import os
 import re
+import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -286,6 +290,7 @@ class _Driver:
         self.launch = hot.cuLaunchKernel
         self.launch.argtypes = [vp, ui, ui, ui, ui, ui, ui, ui, vp, vp, vp]
         self.launch.restype = ctypes.c_int
+        self.launch_address = ctypes.cast(self.launch, vp).value  # (the compiled launcher's)
         self.copy = hot.cuMemcpyAsync
         self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, vp]
         self.copy.restype = ctypes.c_int
@@ -334,21 +339,18 @@ class Value(int):
     """A kernel argument passed as a fixed 64-bit value (not a pointer a call fills in)."""
 
 
-class Launch:
-    """One kernel launch: its function, grid and argument block, built once.
+MAX_POINTERS = 8  # pointer parameters a launch may take (csrc/launcher.cpp)
 
-    ``params`` lists the kernel's parameters in order: an int is a pointer, the next base
-    address a call passes plus this offset; a :class:`Value` a fixed u64; a one-element
-    numpy struct an argument struct (``self.args`` is a writable view of its copy)."""
-    __slots__ = ("_fn", "_blocks", "_threads", "_ptrs", "_params", "_keep", "args",
-                 "_launch", "_device")
 
-    def __init__(self, device: int, fn: int, blocks: int, params: Sequence,
-                 threads: int = BLOCK) -> None:
-        self._launch = KERNELS.driver.launch
-        self._device, self._fn, self._blocks, self._threads = device, fn, blocks, threads
+class ArgumentBlock:
+    """A kernel's parameters, packed once into ctypes cells: an int is a pointer (a call's
+    base address plus this offset), a :class:`Value` a fixed u64, a one-element numpy
+    struct an argument struct (``args`` is a writable view of its copy)."""
+    __slots__ = ("cells", "array", "pointers", "args")
+
+    def __init__(self, params: Sequence) -> None:
         self.args = None
-        cells, ptrs = [], []
+        cells, pointers = [], []
         for p in params:
             if isinstance(p, np.ndarray):
                 cell = (ctypes.c_uint8 * p.dtype.itemsize).from_buffer_copy(p.tobytes())
@@ -357,11 +359,42 @@ class Launch:
                 cell = ctypes.c_uint64(int(p))
             else:
                 cell = ctypes.c_uint64(0)
-                ptrs.append((cell, int(p)))
+                pointers.append((cell, int(p)))
             cells.append(cell)
-        self._ptrs = tuple(ptrs)
-        self._keep = cells
-        self._params = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+        if len(pointers) > MAX_POINTERS:
+            raise ValueError(f"a launch takes at most {MAX_POINTERS} pointers, got {len(pointers)}")
+        self.cells, self.pointers = cells, tuple(pointers)
+        self.array = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+
+
+def Launch(device: int, fn: int, blocks: int, params: Sequence, threads: int = BLOCK):
+    """One kernel launch, its argument block built once: a callable ``(stream, *bases)``
+    that writes the pointer parameters (base + offset, in order) and launches, with ``args``
+    the writable view of its argument struct. The compiled launcher's where it is built
+    (``KERNELS.native``), else :class:`CtypesLaunch`; both take the same block."""
+    block = ArgumentBlock(params)
+    native = KERNELS.native
+    if native is None:
+        return CtypesLaunch(device, fn, blocks, threads, block)
+    driver = KERNELS.driver
+    made = native.Launch(driver.launch_address, device, fn, blocks, threads,
+                         ctypes.addressof(block.array),
+                         [(ctypes.addressof(c), off) for c, off in block.pointers], block,
+                         driver.make_current, driver.error)
+    made.args = block.args
+    return made
+
+
+class CtypesLaunch:
+    """A :func:`Launch` through ctypes (no compiler, or MOE_FLASHCOMM_NATIVE_LAUNCH=0)."""
+    __slots__ = ("_fn", "_blocks", "_threads", "_block", "_ptrs", "_params", "args",
+                 "_launch", "_device")
+
+    def __init__(self, device: int, fn: int, blocks: int, threads: int,
+                 block: ArgumentBlock) -> None:
+        self._launch = KERNELS.driver.launch
+        self._device, self._fn, self._blocks, self._threads = device, fn, blocks, threads
+        self._block, self._ptrs, self._params, self.args = block, block.pointers, block.array, block.args
 
     def __call__(self, stream: int, *bases: int) -> None:
         for (cell, off), base in zip(self._ptrs, bases):
@@ -423,6 +456,42 @@ def on_device(dev: int):
     return _ALREADY_CURRENT if dev == _current_device() else torch.cuda.device(dev)
 
 
+_UNBUILT = object()
+
+
+def build_launcher(strict: bool = False):
+    """Build (or load from the kernel cache) csrc/launcher.cpp with torch's C++ extension
+    builder. A failure warns and returns None (``strict``: raises), naming the cause."""
+    src = csrc_dir() / "launcher.cpp"
+    tag = hashlib.sha256(src.read_bytes() + torch.__version__.encode() + sys.version.encode()
+                         ).hexdigest()[:16]
+    name = f"moe_flashcomm_launcher_{tag}"  # a module per source, torch and Python
+    build = env.kernel_cache_dir() / name
+    try:
+        from torch.utils.cpp_extension import load
+        build.mkdir(parents=True, exist_ok=True)
+        cached = any(build.glob("*.so"))
+        if not cached:
+            print(f"moe_flashcomm: compiling the kernel launcher once (about 20-60 s) into {build}",
+                  file=sys.stderr, flush=True)
+        try:
+            return load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
+        except ImportError:
+            if not cached:
+                raise
+            shutil.rmtree(build, ignore_errors=True)  # a damaged cache entry: built again
+            build.mkdir(parents=True)
+            return load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers, a full disk
+        if strict:
+            raise
+        warnings.warn(f"moe_flashcomm: the compiled launcher (csrc/launcher.cpp) could not be "
+                      f"built ({type(e).__name__}: {e}); kernels are launched through ctypes, a "
+                      f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 skips the "
+                      f"build.", RuntimeWarning, stacklevel=2)
+        return None
+
+
 class KernelCache:
     """Loaded kernels per (device, source, name, defines) and the codec's launch plans per
     shape: the process's one cache of compiled code. Loading is thread-safe."""
@@ -430,6 +499,7 @@ class KernelCache:
     def __init__(self) -> None:
         self._functions: dict = {}
         self._driver: Optional[_Driver] = None
+        self._native = _UNBUILT
         self.plans: dict = {}  # codec launch plans (moe_flashcomm.codec.cuda), by shape
         self._lock = threading.Lock()
 
@@ -438,6 +508,16 @@ class KernelCache:
         if self._driver is None:
             self._driver = _Driver()
         return self._driver
+
+    @property
+    def native(self):
+        """The compiled launcher module (csrc/launcher.cpp), built the first time; None where
+        MOE_FLASHCOMM_NATIVE_LAUNCH=0 or it cannot be built (launches then use ctypes)."""
+        if self._native is _UNBUILT:
+            with self._lock:
+                if self._native is _UNBUILT:
+                    self._native = build_launcher() if env.native_launch() else None
+        return self._native
 
     def function(self, device: int, source_name: str, name_expr: str,
                  defines: tuple[str, ...] = ()) -> int:

@@ -130,11 +130,14 @@ def codec_alone() -> dict:
     rec = mf.encode(x8, cfg)
     mf.decode(rec, cfg, H, torch.bfloat16)
     dev = torch.cuda.current_device()
-    launch, = C.encode_launches(dev, 8, H, cfg, torch.bfloat16, True)
+    launch, = C.encode_launches(dev, 8, H, cfg, torch.bfloat16, True)  # the codec's own
+    name, ((blocks, x_off, r_off, args),) = C.encode_pieces(8, H, cfg, torch.bfloat16, True)
+    function = K.KERNELS.function(dev, "codec_encode.cu", name)
+    by_ctypes = K.CtypesLaunch(dev, function, blocks, K.BLOCK, K.ArgumentBlock((x_off, r_off, args)))
+    params = by_ctypes._params
     stream = K.raw_stream(dev)
     xp, rp = x8.data_ptr(), rec.data_ptr()
     driver = K.KERNELS.driver
-    function, blocks, params = launch._fn, launch._blocks, launch._params
     released = ctypes.CDLL("libcuda.so.1").cuLaunchKernel  # the GIL given up around the call
     released.argtypes, released.restype = driver.launch.argtypes, ctypes.c_int
     ctx = ctypes.c_void_p()
@@ -142,11 +145,13 @@ def codec_alone() -> dict:
              decode_us=lambda: mf.decode(rec, cfg, H, torch.bfloat16),
              empty_us=lambda: torch.empty(8, rec.shape[1], dtype=torch.uint8, device="cuda"),
              launch_us=lambda: launch(stream, xp, rp),
+             ctypes_launch_us=lambda: by_ctypes(stream, xp, rp),
              driver_launch_us=lambda: driver.launch(function, blocks, 1, 1, 256, 1, 1, 0,
                                                     stream, params, None),
              driver_trivial_us=lambda: driver._lib.cuCtxGetCurrent(ctypes.byref(ctx)),
              torch_add_us=lambda: x8.add(1))
     out = {name: _host_us(fn, burst=64) for name, fn in t.items()}
+    out["launcher"] = "ctypes" if K.KERNELS.native is None else "compiled"
     spinning = [True]
 
     def spin() -> None:
@@ -210,8 +215,10 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
     if rank == 0:
         print(f"codec 8 x {H} bf16 int4: encode {codec['encode_us']:.1f} us, decode "
               f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
+        from moe_flashcomm import kernels as K
         meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
-                    date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+                    date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
+                    launcher="ctypes" if K.KERNELS.native is None else "compiled")
         Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec,
                                                   codec_alone=alone), indent=1))
     comm.close()
@@ -238,8 +245,8 @@ def main():
     if not a.no_codec_alone:
         with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
             alone = pool.apply(codec_alone)
-        print("codec alone, 8 x 7168 bf16 int4: " + ", ".join(
-            f"{k[:-3]} {v:.1f} us" for k, v in alone.items()), flush=True)
+        print(f"codec alone, 8 x 7168 bf16 int4, {alone['launcher']} launcher: " + ", ".join(
+            f"{k[:-3]} {v:.1f} us" for k, v in alone.items() if k.endswith("_us")), flush=True)
     if a.codec_only:
         return
     sizes = [int(s) for s in a.sizes.split(",")]

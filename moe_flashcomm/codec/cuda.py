@@ -348,15 +348,18 @@ def _(records, bits, group_size, spikes, hidden, dtype):
 # ---- public entry points -------------------------------------------------------------------
 class _Repeat:
     """A public encode or decode call made before with the same arguments but the tensor's
-    data: validated then, its launches prepared, so a repeat costs an output allocation and
-    the driver launch (MoE layers repeat their shapes). Keyed by the ``cfg`` object's id and
-    holding it, so the id cannot be another object's while the entry lives."""
-    __slots__ = ("cfg", "columns", "dtype", "dev", "launches")
+    data: validated then, its launches prepared, so a repeat (``call(src)``) costs an output
+    allocation and the driver launch (MoE layers repeat their shapes), both in C++ where the
+    compiled launcher is built. Keyed by the ``cfg`` object's id and holding it, so the id
+    cannot be another object's while the entry lives."""
+    __slots__ = ("cfg", "columns", "dtype", "dev", "launches", "call")
 
     def __init__(self, cfg, columns: int, dtype: torch.dtype, dev: int, launches: tuple) -> None:
         self.cfg, self.columns, self.dtype, self.dev, self.launches = cfg, columns, dtype, dev, launches
+        native = KERNELS.native
+        self.call = self._ctypes if native is None else native.Repeat(list(launches), columns, dtype)
 
-    def __call__(self, src: torch.Tensor) -> torch.Tensor:
+    def _ctypes(self, src: torch.Tensor) -> torch.Tensor:
         out = src.new_empty((src.shape[0], self.columns), dtype=self.dtype)
         sp, op = src.data_ptr(), out.data_ptr()
         with K.on_device(self.dev):
@@ -394,7 +397,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> to
     key = _repeat_key(x, cfg, "encode")
     hit = _repeat(key, cfg, x)
     if hit is not None:
-        return hit(x)
+        return hit.call(x)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_input(x)
@@ -417,7 +420,7 @@ def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
     key = _repeat_key(records, cfg, "decode", hidden, dtype)
     hit = _repeat(key, cfg, records)
     if hit is not None:
-        return hit(records)
+        return hit.call(records)
     given = cfg
     cfg = CodecConfig.coerce(cfg)
     reference.check_records(records, record_layout(hidden, cfg, dtype), dtype)
