@@ -18,7 +18,7 @@ constexpr int kInvalidContext = 201;  // CUDA_ERROR_INVALID_CONTEXT
 using LaunchFn = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                          unsigned, void*, void**, void**);
 
-// One prepared kernel launch, the twin of kernels.Launch: the argument block lives in that
+// One prepared kernel launch, the twin of kernels.CtypesLaunch: the argument block lives in that
 // object's ctypes cells (``keep`` holds them alive); a call writes the pointer cells, each
 // a base address plus its offset, and launches on the given stream.
 class Launch {
@@ -32,7 +32,7 @@ class Launch {
         keep_(std::move(keep)), make_current_(std::move(make_current)),
         error_(std::move(error)) {}
 
-  // Fewer bases than pointers leave the rest as the last call set them (as kernels.Launch).
+  // Fewer bases than pointers leave the rest as the last call set them (as kernels.CtypesLaunch).
   void run(uintptr_t stream, const uint64_t* bases, size_t n) {
     n = std::min(n, pointers_.size());
     for (size_t i = 0; i < n; ++i) {
@@ -57,7 +57,7 @@ class Launch {
     run(stream, values, n);
   }
 
-  py::object args = py::none();  // the writable view of the argument struct (kernels.Launch)
+  py::object args = py::none();  // the writable view of the argument struct (kernels.CtypesLaunch)
 
  private:
   int go(uintptr_t stream) {

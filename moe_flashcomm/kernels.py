@@ -1,8 +1,8 @@
 """Every kernel of ``csrc/``: compiled with NVRTC at first use (cached on disk), loaded once per
 device, and launched through the CUDA driver's ``cuLaunchKernel`` with arguments packed once.
 
-A :func:`Launch` is one kernel launch whose argument block is built when its plan is made;
-a call writes only the pointers that change (the tensors' addresses) and calls the driver:
+:func:`prepare_launch` gives one kernel launch whose argument block is built when its plan is
+made; a call writes only the pointers that change (the tensors' addresses) and calls the driver:
 a few microseconds of host time, no Python-side argument conversion per call. The calls go
 through the compiled launcher (csrc/launcher.cpp, built on first use with torch's extension
 builder) where it builds, else through ctypes, with the same argument blocks. The argument
@@ -28,7 +28,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -340,6 +340,7 @@ class Value(int):
 
 
 MAX_POINTERS = 8  # pointer parameters a launch may take (csrc/launcher.cpp)
+PreparedLaunch = Callable[..., None]  # prepare_launch's result: (stream, *bases) -> None
 
 
 class ArgumentBlock:
@@ -367,7 +368,8 @@ class ArgumentBlock:
         self.array = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
 
 
-def Launch(device: int, fn: int, blocks: int, params: Sequence, threads: int = BLOCK):
+def prepare_launch(device: int, fn: int, blocks: int, params: Sequence,
+                   threads: int = BLOCK) -> PreparedLaunch:
     """One kernel launch, its argument block built once: a callable ``(stream, *bases)``
     that writes the pointer parameters (base + offset, in order) and launches, with ``args``
     the writable view of its argument struct. The compiled launcher's where it is built
@@ -376,7 +378,14 @@ def Launch(device: int, fn: int, blocks: int, params: Sequence, threads: int = B
     native = KERNELS.native
     if native is None:
         return CtypesLaunch(device, fn, blocks, threads, block)
-    driver = KERNELS.driver
+    return compiled_launch(native, KERNELS.driver, device, fn, blocks, threads, block)
+
+
+def compiled_launch(native, driver, device: int, fn: int, blocks: int, threads: int,
+                    block: ArgumentBlock):
+    """The compiled launcher's Launch of ``block``, calling the function at
+    ``driver.launch_address`` (cuLaunchKernel's signature) and, on an invalid context,
+    ``driver.make_current(device)`` once; a failure raises ``driver.error(code, what)``."""
     made = native.Launch(driver.launch_address, device, fn, blocks, threads,
                          ctypes.addressof(block.array),
                          [(ctypes.addressof(c), off) for c, off in block.pointers], block,
@@ -386,7 +395,7 @@ def Launch(device: int, fn: int, blocks: int, params: Sequence, threads: int = B
 
 
 class CtypesLaunch:
-    """A :func:`Launch` through ctypes (no compiler, or MOE_FLASHCOMM_NATIVE_LAUNCH=0)."""
+    """A :func:`prepare_launch` through ctypes (no compiler, or MOE_FLASHCOMM_NATIVE_LAUNCH=0)."""
     __slots__ = ("_fn", "_blocks", "_threads", "_block", "_ptrs", "_params", "args",
                  "_launch", "_device")
 
@@ -565,18 +574,18 @@ def p2p_args(peer_flags: Sequence[int], rank: int, world: int, timeout_ns: int,
                   **fields)
 
 
-def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> Launch:
+def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> PreparedLaunch:
     """p2p_sync with ``args`` (its mode, advance, copy_n16 set): block 0 waits for / publishes
     to every peer, the other blocks copy ``copy_bytes`` meanwhile (pointer bases: source,
     destination)."""
     fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_sync")
-    return Launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))
+    return prepare_launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))
 
 
 def exchange_launch(device: int, name_expr: str, enc: np.ndarray, dec: np.ndarray,
-                    table: np.ndarray, args: np.ndarray, blocks: int) -> Launch:
+                    table: np.ndarray, args: np.ndarray, blocks: int) -> PreparedLaunch:
     """p2p_exchange (``name_expr``: its template for the call's wire): the whole call in one
     launch of ``blocks`` blocks, every task of ``table`` (an ExchangeArgs) and the copy of the
     rows a rank keeps (pointer bases: tokens, output)."""
     fn = KERNELS.function(device, "p2p.cu", name_expr)
-    return Launch(device, fn, blocks, (0, 0, enc, dec, table, args))
+    return prepare_launch(device, fn, blocks, (0, 0, enc, dec, table, args))

@@ -22,7 +22,7 @@ class FakeDriver:
     def __init__(self, layout):
         self.layout, self.calls, self.codes, self.made_current = layout, [], [], []
         self._callback = _SIGNATURE(self._launch)  # (kept alive with the object)
-        self.address = ctypes.cast(self._callback, ctypes.c_void_p).value
+        self.launch_address = ctypes.cast(self._callback, ctypes.c_void_p).value
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         values = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64)).contents.value
@@ -45,12 +45,7 @@ def native():
 
 
 def _launch(native, driver, block, fn=0x1234, blocks=5, threads=256, device=3):
-    made = native.Launch(driver.address, device, fn, blocks, threads,
-                         ctypes.addressof(block.array),
-                         [(ctypes.addressof(c), off) for c, off in block.pointers], block,
-                         driver.make_current, driver.error)
-    made.args = block.args
-    return made
+    return K.compiled_launch(native, driver, device, fn, blocks, threads, block)
 
 
 def test_launch_writes_pointers_and_passes_the_block(native):
@@ -119,7 +114,7 @@ def test_compiled_and_ctypes_launches_give_the_same_records(native, bits):
     name, pieces = C.encode_pieces(T, H, cfg, torch.bfloat16, True)
     (blocks, x_off, rec_off, args), = pieces
     fn = K.KERNELS.function(dev, "codec_encode.cu", name)
-    compiled = K.Launch(dev, fn, blocks, (x_off, rec_off, args))
+    compiled = K.prepare_launch(dev, fn, blocks, (x_off, rec_off, args))
     by_ctypes = K.CtypesLaunch(dev, fn, blocks, K.BLOCK, K.ArgumentBlock((x_off, rec_off, args)))
     assert isinstance(compiled, native.Launch)
     rb = mf.record_bytes(H, cfg, torch.bfloat16)

@@ -149,7 +149,7 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
 def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
     name, pieces = encode_pieces(T, H, cfg, dtype, vec, shape)
     fn = KERNELS.function(dev, "codec_encode.cu", name, defines)
-    return tuple(K.Launch(dev, fn, blocks, (x_off, rec_off, args))
+    return tuple(K.prepare_launch(dev, fn, blocks, (x_off, rec_off, args))
                  for blocks, x_off, rec_off, args in pieces)
 
 
@@ -179,7 +179,7 @@ def decode_pieces(T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
 def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
     name, pieces = decode_pieces(T, hidden, cfg, dtype, shape)
     fn = KERNELS.function(dev, "codec_decode.cu", name, defines)
-    return tuple(K.Launch(dev, fn, blocks, (rec_off, y_off, args))
+    return tuple(K.prepare_launch(dev, fn, blocks, (rec_off, y_off, args))
                  for blocks, rec_off, y_off, args in pieces)
 
 

@@ -140,7 +140,7 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec) -> tuple:
                                      gap=_cuda._gaps(L), **geo, **fields)[0]
         args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
         out_off = t0 * rb if requant else t0 * H * esize
-        launches.append(kernels.Launch(dev, fn, kernels.blocks(items), (
+        launches.append(kernels.prepare_launch(dev, fn, kernels.blocks(items), (
             t0 * rb, kernels.Value(m * rb), t0 * H * esize,
             out_off if requant else 0, 0 if requant else out_off, args)))
     return tuple(launches)

@@ -134,7 +134,7 @@ class PeerBuffers:
         raise PeerTimeoutError(message)
 
     def sync(self, mode: int, stamps: tuple, advance: bool = False,
-             copy_bytes: int = 0) -> kernels.Launch:
+             copy_bytes: int = 0) -> kernels.PreparedLaunch:
         """p2p_sync's launch: wait for / publish to every peer as ``mode`` says (its other
         blocks copy ``copy_bytes`` meanwhile: pointer bases source, destination)."""
         return remember(self._syncs, (mode, advance, copy_bytes, stamps), lambda: kernels.sync_launch(
