@@ -4,8 +4,9 @@ device, and launched through the CUDA driver's ``cuLaunchKernel`` with arguments
 :func:`prepare_launch` gives one kernel launch whose argument block is built when its plan is
 made; a call writes only the pointers that change (the tensors' addresses) and calls the driver:
 a few microseconds of host time, no Python-side argument conversion per call. The calls go
-through the compiled launcher (csrc/launcher.cpp, built on first use with torch's extension
-builder) where it builds, else through ctypes, with the same argument blocks. The argument
+through ctypes or, with MOE_FLASHCOMM_NATIVE_LAUNCH=1, through the compiled launcher
+(csrc/launcher.cpp, built on first use with torch's extension builder), with the same argument
+blocks. The argument
 structs are declared once here (``STRUCTS``), mirrored from csrc, and
 ``tests/test_kernel_structs.py`` checks their sizes and offsets against the .cu declarations
 with nvcc.
@@ -395,13 +396,15 @@ def compiled_launch(native, driver, device: int, fn: int, blocks: int, threads: 
 
 
 class CtypesLaunch:
-    """A :func:`prepare_launch` through ctypes (no compiler, or MOE_FLASHCOMM_NATIVE_LAUNCH=0)."""
+    """A :func:`prepare_launch` through ctypes (the default, or no compiler);
+    ``driver`` as for :func:`compiled_launch` (default: the process's)."""
     __slots__ = ("_fn", "_blocks", "_threads", "_block", "_ptrs", "_params", "args",
-                 "_launch", "_device")
+                 "_driver", "_launch", "_device")
 
     def __init__(self, device: int, fn: int, blocks: int, threads: int,
-                 block: ArgumentBlock) -> None:
-        self._launch = KERNELS.driver.launch
+                 block: ArgumentBlock, driver=None) -> None:
+        self._driver = KERNELS.driver if driver is None else driver
+        self._launch = self._driver.launch
         self._device, self._fn, self._blocks, self._threads = device, fn, blocks, threads
         self._block, self._ptrs, self._params, self.args = block, block.pointers, block.array, block.args
 
@@ -411,11 +414,11 @@ class CtypesLaunch:
         rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
                           self._params, None)
         if rc == INVALID_CONTEXT:  # a thread without the context: make it current, once
-            KERNELS.driver.make_current(self._device)
+            self._driver.make_current(self._device)
             rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
                               self._params, None)
         if rc:
-            raise KERNELS.driver.error(rc, "cuLaunchKernel")
+            raise self._driver.error(rc, "cuLaunchKernel")
 
 
 def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
@@ -496,8 +499,8 @@ def build_launcher(strict: bool = False):
             raise
         warnings.warn(f"moe_flashcomm: the compiled launcher (csrc/launcher.cpp) could not be "
                       f"built ({type(e).__name__}: {e}); kernels are launched through ctypes, a "
-                      f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 skips the "
-                      f"build.", RuntimeWarning, stacklevel=2)
+                      f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 (the default) "
+                      f"skips the build.", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -520,8 +523,8 @@ class KernelCache:
 
     @property
     def native(self):
-        """The compiled launcher module (csrc/launcher.cpp), built the first time; None where
-        MOE_FLASHCOMM_NATIVE_LAUNCH=0 or it cannot be built (launches then use ctypes)."""
+        """The compiled launcher module (csrc/launcher.cpp), built the first time; None unless
+        MOE_FLASHCOMM_NATIVE_LAUNCH=1 or where it cannot be built (launches then use ctypes)."""
         if self._native is _UNBUILT:
             with self._lock:
                 if self._native is _UNBUILT:

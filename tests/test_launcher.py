@@ -1,7 +1,8 @@
-"""The compiled launcher (csrc/launcher.cpp): built with torch's extension builder (this is
-CI's check that it compiles), then driven on CPU with a stand-in for cuLaunchKernel (a ctypes
-callback of its signature) that records what the driver would be given. The GPU tests at the
-end compare it with the ctypes launch on real kernels and streams."""
+"""The two ways a prepared launch reaches the driver: the compiled launcher (csrc/launcher.cpp,
+built here with torch's extension builder: CI's check that it compiles) and ctypes. On CPU both
+are driven with a stand-in for cuLaunchKernel (a ctypes callback of its signature) that records
+what the driver would be given. The GPU tests at the end compare them on real kernels and
+streams."""
 import ctypes
 
 import pytest
@@ -22,7 +23,8 @@ class FakeDriver:
     def __init__(self, layout):
         self.layout, self.calls, self.codes, self.made_current = layout, [], [], []
         self._callback = _SIGNATURE(self._launch)  # (kept alive with the object)
-        self.launch_address = ctypes.cast(self._callback, ctypes.c_void_p).value
+        self.launch = self._callback  # (what CtypesLaunch calls)
+        self.launch_address = ctypes.cast(self._callback, ctypes.c_void_p).value  # (compiled)
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         values = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64)).contents.value
@@ -44,15 +46,23 @@ def native():
     return K.build_launcher(strict=True)
 
 
-def _launch(native, driver, block, fn=0x1234, blocks=5, threads=256, device=3):
-    return K.compiled_launch(native, driver, device, fn, blocks, threads, block)
+@pytest.fixture(params=["compiled", "ctypes"])
+def make_launch(request):
+    """A launch of ``block`` through the stand-in ``driver``, made either way."""
+    native = K.build_launcher(strict=True) if request.param == "compiled" else None
+
+    def make(driver, block, fn=0x1234, blocks=5, threads=256, device=3):
+        if native is None:
+            return K.CtypesLaunch(device, fn, blocks, threads, block, driver)
+        return K.compiled_launch(native, driver, device, fn, blocks, threads, block)
+    return make
 
 
-def test_launch_writes_pointers_and_passes_the_block(native):
+def test_launch_writes_pointers_and_passes_the_block(make_launch):
     args = K.struct(K.DEC_ARGS, H=7168, rec_bytes=4144, total=99)
     block = K.ArgumentBlock((16, 0, args, K.Value(0xABCDEF)))
     driver = FakeDriver(block.cells)
-    launch = _launch(native, driver, block)
+    launch = make_launch(driver, block)
     launch(77, 1000, 5000)
     launch(78, 2000)  # a base left out keeps the last call's value
     first, second = driver.calls
@@ -68,10 +78,10 @@ def test_launch_writes_pointers_and_passes_the_block(native):
     assert bytes(block.cells[2]) == K.struct(K.DEC_ARGS, H=7168, rec_bytes=4144, total=5).tobytes()
 
 
-def test_launch_makes_the_context_current_once_and_raises_driver_errors(native):
+def test_launch_makes_the_context_current_once_and_raises_driver_errors(make_launch):
     block = K.ArgumentBlock((0,))
     driver = FakeDriver(block.cells)
-    launch = _launch(native, driver, block, device=2)
+    launch = make_launch(driver, block, device=2)
     driver.codes = [INVALID_CONTEXT, 0]
     launch(1, 64)
     assert driver.made_current == [2] and len(driver.calls) == 2
@@ -83,7 +93,7 @@ def test_launch_makes_the_context_current_once_and_raises_driver_errors(native):
 def test_repeat_allocates_the_output_and_launches_on_it(native):
     block = K.ArgumentBlock((0, 8))
     driver = FakeDriver(block.cells)
-    launches = [_launch(native, driver, block, fn=1), _launch(native, driver, block, fn=2)]
+    launches = [K.compiled_launch(native, driver, 0, fn, 1, 256, block) for fn in (1, 2)]
     repeat = native.Repeat(launches, 40, torch.uint8)
     src = torch.zeros(6, 32, dtype=torch.bfloat16)
     out = repeat(src, stream=55)
@@ -102,23 +112,30 @@ def test_too_many_pointers_are_refused():
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
+# The compiled launcher against the ctypes launch on real kernels, whichever the process uses
+# (MOE_FLASHCOMM_NATIVE_LAUNCH); run the whole GPU suite with it set to 1 to test it everywhere.
+def _encode(native, bits, T=64, H=7168, dtype=torch.bfloat16):
+    """(x, cfg, compiled launch, ctypes launch, record bytes) of one encode plan."""
+    import moe_flashcomm as mf
+    from moe_flashcomm.codec import cuda as C
+    dev = torch.cuda.current_device()
+    x = torch.randn(T, H, dtype=dtype, device="cuda")
+    cfg = mf.CodecConfig(bits=bits)
+    name, pieces = C.encode_pieces(T, H, cfg, dtype, H % 8 == 0)
+    (blocks, x_off, rec_off, args), = pieces
+    fn = K.KERNELS.function(dev, "codec_encode.cu", name)
+    compiled = K.compiled_launch(native, K.KERNELS.driver, dev, fn, blocks, K.BLOCK,
+                                 K.ArgumentBlock((x_off, rec_off, args)))
+    by_ctypes = K.CtypesLaunch(dev, fn, blocks, K.BLOCK, K.ArgumentBlock((x_off, rec_off, args)))
+    return x, cfg, compiled, by_ctypes, mf.record_bytes(H, cfg, dtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, "fp8"])
 def test_compiled_and_ctypes_launches_give_the_same_records(native, bits):
-    import moe_flashcomm as mf
-    from moe_flashcomm.codec import cuda as C, reference
-    assert K.KERNELS.native is native  # the GPU tests run on the compiled launcher
-    dev, T, H = torch.cuda.current_device(), 64, 7168
-    x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
-    cfg = mf.CodecConfig(bits=bits)
-    name, pieces = C.encode_pieces(T, H, cfg, torch.bfloat16, True)
-    (blocks, x_off, rec_off, args), = pieces
-    fn = K.KERNELS.function(dev, "codec_encode.cu", name)
-    compiled = K.prepare_launch(dev, fn, blocks, (x_off, rec_off, args))
-    by_ctypes = K.CtypesLaunch(dev, fn, blocks, K.BLOCK, K.ArgumentBlock((x_off, rec_off, args)))
-    assert isinstance(compiled, native.Launch)
-    rb = mf.record_bytes(H, cfg, torch.bfloat16)
-    a = torch.full((T, rb), 7, dtype=torch.uint8, device="cuda")
+    from moe_flashcomm.codec import reference
+    x, cfg, compiled, by_ctypes, rb = _encode(native, bits)
+    a = torch.full((x.shape[0], rb), 7, dtype=torch.uint8, device="cuda")
     b = torch.zeros_like(a)
     stream = torch.cuda.current_stream().cuda_stream
     compiled(stream, x.data_ptr(), a.data_ptr())
@@ -128,19 +145,20 @@ def test_compiled_and_ctypes_launches_give_the_same_records(native, bits):
 
 
 @pytest.mark.cuda
-def test_the_current_stream_is_torchs(native):
-    import moe_flashcomm as mf
+def test_a_compiled_repeat_runs_on_torchs_current_stream(native):
+    from moe_flashcomm.codec import reference
+    x, cfg, compiled, _, rb = _encode(native, 3, T=32, H=1024, dtype=torch.float16)
+    repeat = native.Repeat([compiled], rb, torch.uint8)
     dev = torch.cuda.current_device()
     side = torch.cuda.Stream()
     assert native.current_stream(dev) == torch.cuda.current_stream().cuda_stream
     with torch.cuda.stream(side):
         assert native.current_stream(dev) == side.cuda_stream
-        x = torch.randn(32, 1024, dtype=torch.float16, device="cuda")
-        cfg = mf.CodecConfig(bits=3)
-        first = mf.encode(x, cfg)  # plans the repeat
+        first = repeat(x)
         torch.cuda._sleep(50_000_000)  # the side stream busy: a launch elsewhere would race
         x.add_(1)
-        again = mf.encode(x, cfg)  # the repeat: after the add, on this stream
+        again = repeat(x)  # after the add, on this stream
     torch.cuda.synchronize()
-    assert torch.equal(again.cpu(), mf.codec.reference.encode(x.cpu(), cfg))
+    assert again.shape == (32, rb) and again.dtype == torch.uint8
+    assert torch.equal(again.cpu(), reference.encode(x.cpu(), cfg))
     assert not torch.equal(first, again)
