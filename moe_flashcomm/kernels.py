@@ -6,8 +6,7 @@ made; a call writes only the pointers that change (the tensors' addresses) and c
 a few microseconds of host time, no Python-side argument conversion per call. The calls go
 through ctypes or, with MOE_FLASHCOMM_NATIVE_LAUNCH=1, through the compiled launcher
 (csrc/launcher.cpp, built on first use with torch's extension builder), with the same argument
-blocks. The argument
-structs are declared once here (``STRUCTS``), mirrored from csrc, and
+blocks. The argument structs are declared once here (``STRUCTS``), mirrored from csrc, and
 ``tests/test_kernel_structs.py`` checks their sizes and offsets against the .cu declarations
 with nvcc.
 
@@ -214,10 +213,14 @@ def read_cache_file(path: Path, key: str) -> Optional[tuple[str, bytes]]:
 
 def write_cache_file(path: Path, key: str, name: str, cubin: bytes) -> None:
     """Publish the entry at ``path`` atomically (a reader sees the old file or the new one)."""
+    _write_atomic(path, cache_entry(key, name, cubin))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
         try:
-            f.write(cache_entry(key, name, cubin))
+            f.write(data)
         except BaseException:
             os.unlink(f.name)
             raise
@@ -373,8 +376,9 @@ def prepare_launch(device: int, fn: int, blocks: int, params: Sequence,
                    threads: int = BLOCK) -> PreparedLaunch:
     """One kernel launch, its argument block built once: a callable ``(stream, *bases)``
     that writes the pointer parameters (base + offset, in order) and launches, with ``args``
-    the writable view of its argument struct. The compiled launcher's where it is built
-    (``KERNELS.native``), else :class:`CtypesLaunch`; both take the same block."""
+    the writable view of its argument struct. Through the compiled launcher where it is
+    turned on and built (``KERNELS.native``), else a :class:`CtypesLaunch`; both launch the
+    same block."""
     block = ArgumentBlock(params)
     native = KERNELS.native
     if native is None:
@@ -473,27 +477,27 @@ _UNBUILT = object()
 
 def build_launcher(strict: bool = False):
     """Build (or load from the kernel cache) csrc/launcher.cpp with torch's C++ extension
-    builder. A failure warns and returns None (``strict``: raises), naming the cause."""
+    builder. The module is checked against the checksum written beside it when it was built
+    (loading a truncated one would kill the process with SIGBUS): a damaged entry is built
+    again. A failure warns and returns None (``strict``: raises), naming the cause."""
     src = csrc_dir() / "launcher.cpp"
     tag = hashlib.sha256(src.read_bytes() + torch.__version__.encode() + sys.version.encode()
                          ).hexdigest()[:16]
     name = f"moe_flashcomm_launcher_{tag}"  # a module per source, torch and Python
     build = env.kernel_cache_dir() / name
+    module, checksum = build / f"{name}.so", build / f"{name}.so.sha256"
     try:
         from torch.utils.cpp_extension import load
+        if module.exists() and not _matches(module, checksum):
+            shutil.rmtree(build)  # damaged or unfinished: built again
         build.mkdir(parents=True, exist_ok=True)
-        cached = any(build.glob("*.so"))
-        if not cached:
+        if not module.exists():
             print(f"moe_flashcomm: compiling the kernel launcher once (about 20-60 s) into {build}",
                   file=sys.stderr, flush=True)
-        try:
-            return load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
-        except ImportError:
-            if not cached:
-                raise
-            shutil.rmtree(build, ignore_errors=True)  # a damaged cache entry: built again
-            build.mkdir(parents=True)
-            return load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
+        loaded = load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
+        if not checksum.exists():
+            _write_atomic(checksum, hashlib.sha256(module.read_bytes()).hexdigest().encode())
+        return loaded
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers, a full disk
         if strict:
             raise
@@ -502,6 +506,14 @@ def build_launcher(strict: bool = False):
                       f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 (the default) "
                       f"skips the build.", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _matches(path: Path, checksum: Path) -> bool:
+    """``path``'s content has the sha256 recorded in ``checksum``."""
+    try:
+        return checksum.read_bytes().strip() == hashlib.sha256(path.read_bytes()).hexdigest().encode()
+    except OSError:
+        return False
 
 
 class KernelCache:

@@ -4,6 +4,8 @@ are driven with a stand-in for cuLaunchKernel (a ctypes callback of its signatur
 what the driver would be given. The GPU tests at the end compare them on real kernels and
 streams."""
 import ctypes
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +106,28 @@ def test_repeat_allocates_the_output_and_launches_on_it(native):
         assert call["values"] == [src.data_ptr(), out.data_ptr() + 8]
     empty = repeat(torch.zeros(0, 32, dtype=torch.bfloat16), stream=55)
     assert empty.shape == (0, 40)
+
+
+def test_a_damaged_build_is_built_again(native, tmp_path):
+    """A truncated module in the cache (a full disk, a killed build) is removed and built
+    again on the next load, in a new process as a job's next start would be."""
+    import shutil
+    import subprocess
+    import sys
+    built = Path(native.__file__)  # <cache>/<module name>/<module name>.so
+    cache = tmp_path / "cache"
+    shutil.copytree(built.parent, cache / built.parent.name)
+    damaged = cache / built.parent.name / built.name
+    damaged.write_bytes(damaged.read_bytes()[:4096])
+    code = ("import sys, warnings; warnings.simplefilter('error'); "
+            "from moe_flashcomm import kernels as K; m = K.build_launcher(strict=True); "
+            "print(m.__file__); print(hasattr(m, 'Repeat'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "MOE_FLASHCOMM_CACHE": str(cache)})
+    assert run.returncode == 0, run.stderr
+    path, has_repeat = run.stdout.split()
+    assert Path(path) == damaged and has_repeat == "True"
+    assert damaged.stat().st_size > 4096
 
 
 def test_too_many_pointers_are_refused():
