@@ -481,9 +481,14 @@ def build_launcher(strict: bool = False):
     (loading a truncated one would kill the process with SIGBUS): a damaged entry is built
     again. A failure warns and returns None (``strict``: raises), naming the cause."""
     src = csrc_dir() / "launcher.cpp"
-    tag = hashlib.sha256(src.read_bytes() + torch.__version__.encode() + sys.version.encode()
+    # a module per source, torch installation and Python: environments that share the cache
+    # never rebuild each other's (torch's builder would, in place, for other include paths)
+    tag = hashlib.sha256(b"\0".join([src.read_bytes(), torch.__version__.encode(),
+                                     torch.__file__.encode(), sys.version.encode()])
                          ).hexdigest()[:16]
-    name = f"moe_flashcomm_launcher_{tag}"  # a module per source, torch and Python
+    name = f"moe_flashcomm_launcher_{tag}"
+    if name in sys.modules:  # loaded by this process already
+        return sys.modules[name]
     build = env.kernel_cache_dir() / name
     module, checksum = build / f"{name}.so", build / f"{name}.so.sha256"
     try:
@@ -495,7 +500,7 @@ def build_launcher(strict: bool = False):
             print(f"moe_flashcomm: compiling the kernel launcher once (about 20-60 s) into {build}",
                   file=sys.stderr, flush=True)
         loaded = load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
-        if not checksum.exists():
+        if not _matches(module, checksum):  # just built
             _write_atomic(checksum, hashlib.sha256(module.read_bytes()).hexdigest().encode())
         return loaded
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers, a full disk
