@@ -209,24 +209,33 @@ def test_silent_peer_is_named_gloo_3():
 
 
 def _algorithm_switch(rank, world):
-    """Flat on rank 0, hierarchical on the others (both used before): they never meet in
-    one group, so each waits out the timeout; a stage names its peers' global ranks."""
-    comm = mf.Communicator(gate=False, topology=2, timeout=3)
+    """Flat on rank 0, hierarchical on the others (both used before). Over gloo a
+    hierarchical call's first step runs on the whole group, so the two meet there and every
+    rank raises at once, naming the other's call (not after the timeout); the hierarchical
+    ranks send their later steps only where rank 0 is not awaited."""
+    comm = mf.Communicator(gate=False, topology=2, timeout=60)
     x = make_input(rank, 4 * world, (64,), torch.float32, 11)
-    for algorithm in ("flat", "hierarchical"):
-        comm.all_to_all(x, algorithm=algorithm)
-    start = time.monotonic()
-    with pytest.raises(PeerTimeoutError) as info:
-        comm.all_to_all(x, algorithm="flat" if rank == 0 else "hierarchical")
-    assert 3 <= time.monotonic() - start < LIMIT_S
+    y = make_input(rank, 3000, (), torch.float32, 12)
+    before = {a: (comm.all_to_all(x, algorithm=a), comm.all_reduce(y.clone(), algorithm=a))
+              for a in ("flat", "hierarchical")}
+    mine = "flat" if rank == 0 else "hierarchical"
     if rank == 0:
-        assert "nothing came from ranks [1, 2, 3]" in str(info.value)
-    else:  # stages: inside (0, 1) and (2, 3), then across (0, 2) and (1, 3). Rank 1 waits
-        # for rank 0 inside; ranks 2 and 3 finish theirs, then wait across for 0 and 1
-        silent = {1: 0, 2: 0, 3: 1}[rank]
-        assert f"(global rank {rank}), at" in str(info.value), str(info.value)
-        assert f"(global ranks [{silent}])" in str(info.value), str(info.value)
-    os._exit(0)  # exchanges are in flight: leave without tearing the group down
+        _raises(lambda: comm.all_to_all(x, algorithm=mine), ConfigMismatchError,
+                "rank 1: it runs hierarchical stage while this rank runs all_to_all",
+                "rank 3: it runs hierarchical stage")
+        _raises(lambda: comm.all_reduce(y.clone(), algorithm=mine), ConfigMismatchError,
+                "rank 2: it runs hierarchical all-reduce stage while this rank runs "
+                "all_reduce reduce-scatter")
+    else:
+        _raises(lambda: comm.all_to_all(x, algorithm=mine), ConfigMismatchError,
+                "rank 0: it runs all_to_all while this rank runs hierarchical stage")
+        _raises(lambda: comm.all_reduce(y.clone(), algorithm=mine), ConfigMismatchError,
+                "rank 0: it runs all_reduce reduce-scatter while this rank runs "
+                "hierarchical all-reduce stage")
+    for a, (out, total) in before.items():  # and the group works afterwards
+        assert torch.equal(comm.all_to_all(x, algorithm=a), out)
+        assert torch.equal(comm.all_reduce(y.clone(), algorithm=a), total)
+    comm.close()
 
 
 def test_algorithm_switched_on_one_rank_gloo_4():
@@ -238,11 +247,12 @@ def _hierarchical(rank, world):
     x = make_input(rank, 4 * world, (256,), torch.float32, 6)
     int4, g32 = CodecConfig(bits=4), CodecConfig(bits=4, group_size=32, spikes=False)
     want = {c: comm.all_to_all(x, codec=c) for c in (int4, g32)}
-    # rank 3 only: its node mate (stage 1) sees it, the other node hears of it in stage 2
+    # rank 3 only: stage 1 runs on the whole group over gloo (headers to every rank), so
+    # every rank sees it there
     msg = _raises(lambda: comm.all_to_all(x, codec=g32 if rank == 3 else int4),
-                  ConfigMismatchError, "hierarchical stage")
-    assert ("its configuration (codecs, size gate, hidden size, dtype) differs" in msg
-            if rank in (2, 3) else "found ranks disagreeing earlier in this call" in msg), msg
+                  ConfigMismatchError, "hierarchical stage",
+                  "its configuration (codecs, size gate, hidden size, dtype) differs")
+    assert ("rank 3: its configuration" in msg) == (rank != 3), msg
     for c, expected in want.items():
         assert torch.equal(comm.all_to_all(x, codec=c), expected)
     assert torch.equal(comm.all_to_all(x, codec=int4, algorithm="flat"), want[int4])
@@ -258,13 +268,12 @@ def _hierarchical_all_reduce(rank, world):
     x = make_input(rank, 1500, (), torch.float32, 7)
     for numel in (1000, 1500):  # (both pad to the same rows)
         comm.all_reduce(x[:numel].clone(), algorithm="hierarchical")
-    # rank 3 only: its node mate sees it in stage 1, the other node hears of it in stage 2
+    # rank 3 only: every rank sees it in stage 1 (on the whole group over gloo)
     mine = 1000 if rank == 3 else 1500
     msg = _raises(lambda: comm.all_reduce(x[:mine].clone(), algorithm="hierarchical"),
                   ConfigMismatchError, "hierarchical all-reduce stage")
-    assert ("reduces 1000 values; this rank reduces 1500" in msg if rank == 2 else
-            "reduces 1500 values; this rank reduces 1000" in msg if rank == 3 else
-            "found ranks disagreeing earlier in this call" in msg), msg
+    assert ("reduces 1500 values; this rank reduces 1000" in msg if rank == 3 else
+            "rank 3: it reduces 1000 values; this rank reduces 1500" in msg), msg
     got = comm.all_reduce(x.clone(), algorithm="hierarchical")
     inputs = [make_input(r, 1500, (), torch.float32, 7) for r in range(world)]
     assert torch.equal(got, reference_all_reduce(inputs, local_size=2))

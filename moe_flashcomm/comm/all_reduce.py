@@ -445,12 +445,14 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
         try:
             got = scatter.start().wait()
-        except ConfigMismatchError:
-            # the all-gather as headers only: ranks that agree with this one raise too
-            gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
-                                 legs, legs, detail=plan.numel, aborted=True, **numbering)
-            gather.start().wait()
-            gather.release()
+        except ConfigMismatchError as e:
+            if not e.elsewhere:  # (a rank in another call would never answer)
+                # the all-gather as headers only: ranks that agree with this one raise too
+                gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype,
+                                     ROW, legs, legs, detail=plan.numel, aborted=True,
+                                     **numbering)
+                gather.start().wait()
+                gather.release()
             raise
         rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
                            rows3[r, a:b], r, cfg)
@@ -488,10 +490,11 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         frame.all_to_all_single(framing, group, r, W, "all_reduce reduce-scatter", ranges,
                                 flat.repeat(W) if one_round else flat, [mine] * W, sizes,
                                 **numbering)
-    except ConfigMismatchError:
-        empty = flat.new_empty(0)
-        frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty, empty,
-                                [0] * W, [0] * W, aborted=True, **numbering)
+    except ConfigMismatchError as e:
+        if not e.elsewhere:  # (a rank in another call would never answer)
+            empty = flat.new_empty(0)
+            frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
+                                    empty, [0] * W, [0] * W, aborted=True, **numbering)
         raise
     ranges = ranges.view(W, mine)
     total = flat if one_round else flat.new_empty(mine)
@@ -566,16 +569,17 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
             _stage_gather(h, "intra", inside, across, named)
         else:
             inside = across
-    except ConfigMismatchError:
+    except ConfigMismatchError as e:
         if named.get("number"):
-            _abort_stages(h, plan, named, after=len(done))
+            _abort_stages(h, plan, named, after=len(done), elsewhere=e.elsewhere)
         raise
     _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))
 
 
-def _abort_stages(h, plan: _Plan, named: dict, after: int) -> None:
+def _abort_stages(h, plan: _Plan, named: dict, after: int, elsewhere=frozenset()) -> None:
     """A framed call that found a disagreement in stage ``after + 1``: the later stages as
-    headers only, so the ranks that meet this one there raise in this call too."""
+    headers only, so the ranks that meet this one there raise in this call too; not those
+    that would wait for a rank of ``elsewhere`` (seen in another call: it never comes)."""
     L, M, c = h.local, h.nodes, plan.rows
     rb1, rb2 = record_bytes(ROW, plan.intra), record_bytes(ROW, plan.inter)
     stages = [("intra", L, h.local_rank, M * c * rb1, False),  # (stage, ranks, own, bytes,
@@ -583,7 +587,7 @@ def _abort_stages(h, plan: _Plan, named: dict, after: int) -> None:
               ("inter", M, h.node, c * rb2, True),
               ("intra", L, h.local_rank, M * c * rb2, True)]
     for stage, n, own, k, gather in stages[after + 1:]:
-        if n == 1:
+        if n == 1 or h.meets(stage, elsewhere):
             continue
         splits = [k if gather or q != own else 0 for q in range(n)]
         h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),

@@ -17,7 +17,10 @@ import torch.distributed as dist
 
 
 class ConfigMismatchError(RuntimeError):
-    """Ranks of a group called a collective with different configurations."""
+    """Ranks of a group called a collective with different configurations. ``elsewhere``:
+    the ranks seen running another call (another operation, or rejecting their arguments),
+    which take no part in this call's later steps (a framed exchange sets it)."""
+    elsewhere: frozenset = frozenset()
 
 
 def hash63(value: Any) -> int:

@@ -334,7 +334,7 @@ class Frame:
             self.framing.sequence[self.counter] = max(
                 seen + [self.framing.sequence.get(self.counter, 0)])
             lines = [f"rank {p}: {m}" for p, msgs in problems.items() for m in msgs]
-            raise ConfigMismatchError(
+            error = ConfigMismatchError(
                 f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
                 f"{self._where()} (seen by group rank {self.rank} of {self.world}):\n  "
                 + "\n  ".join(lines)
@@ -342,6 +342,9 @@ class Frame:
                   "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
                   "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
                   "(output_split_sizes[a] on b).")
+            error.elsewhere = frozenset(p for p, h in zip(self.peers, got.tolist())
+                                        if self._elsewhere(h))
+            raise error
         out: list = [None] * self.world
         for p in self.peers:
             a = self.recv_at[p] + HEADER_BYTES
@@ -378,6 +381,12 @@ class Frame:
 
     def _where(self) -> str:
         return f"exchange #{self.number} of this group" if self.number else "a first-use check"
+
+    def _elsewhere(self, h: list) -> bool:
+        """Header ``h`` is of a rank in another call: another operation, or its arguments
+        rejected (it takes no part in this call's later steps)."""
+        return h[0] == MAGIC and (h[1] != OPERATIONS.index(self.operation) + 1
+                                  or bool(h[10] & REJECTED))
 
     def _disagreements(self, p: int, h: list) -> list:
         """What group rank p's header ``h`` says that this rank's view of the pair does not."""

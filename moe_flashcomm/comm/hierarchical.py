@@ -254,18 +254,37 @@ class Hierarchy:
         among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
         ``detail`` and ``numbering`` go to frame.all_to_all_single)."""
         pg, peers, masked = self.stages[stage]
+        framed = self.framing is not None and not out.is_cuda
+        if framed and stage == "intra":
+            # a call's first step: on the whole group, so that a rank running the flat
+            # algorithm meets this one there and both raise at once (headers only to the
+            # ranks outside the node) instead of waiting for each other until the timeout
+            pg, masked = self.group, len(peers) < self.world
         if masked:
             o, i = [0] * self.world, [0] * self.world
             for k, p in enumerate(peers):
                 o[p], i[p] = out_splits[k], in_splits[k]
             out_splits, in_splits = o, i
-        if self.framing is not None and not out.is_cuda:
-            rank, world = ((self.rank, self.world) if pg is self.group
-                           else (peers.index(self.rank), len(peers)))
-            return frame.all_to_all_single(self.framing, pg, rank, world, operation, out, inp,
-                                           out_splits, in_splits, detail, **numbering)
+        if framed:
+            on_group = pg is self.group
+            rank, world = (self.rank, self.world) if on_group else (peers.index(self.rank),
+                                                                     len(peers))
+            try:
+                return frame.all_to_all_single(self.framing, pg, rank, world, operation, out,
+                                               inp, out_splits, in_splits, detail, **numbering)
+            except ConfigMismatchError as e:
+                if not on_group:  # (in the group's ranks, as the stages name them)
+                    e.elsewhere = frozenset(peers[q] for q in e.elsewhere)
+                raise
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg,
                                       async_op=async_op)
+
+    def meets(self, stage: str, ranks) -> bool:
+        """Whether ``stage``'s exchange on CPU (framed) would wait for any of the group ranks
+        ``ranks``: a step that does must not be sent once they are known to be in another
+        call (they would never answer)."""
+        peers = range(self.world) if stage == "intra" else self.stages[stage][1]
+        return len(self.stages[stage][1]) > 1 and any(p in ranks for p in peers)
 
     # a pair's wire bytes seen from this rank: codecs and gate depend only on whether the
     # two ranks share a node, so a peer of this rank with the same relation stands in
@@ -445,8 +464,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         else:
             recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
             h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest, **numbering)
-    except ConfigMismatchError:
-        if numbering and h.nodes > 1:  # stage 2 as headers only: its peers raise too
+    except ConfigMismatchError as e:
+        if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
+            # stage 2 as headers only: its peers raise too
             h.a2a("inter", torch.empty(sum(src.recv2), dtype=torch.uint8),
                   torch.empty(0, dtype=torch.uint8), src.recv2, [0] * h.nodes,
                   detail=digest, aborted=True, **numbering)
