@@ -13,7 +13,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..comm.autograd import split_key
 from ..comm.exchange import RAW, row_bytes
+from ..memo import remember
 
 DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
 LINKS = ("intra_node", "inter_node")
@@ -54,6 +56,9 @@ class ExchangeStats:
     slots_stock: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
     _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
+    # what one call adds, per call arguments: MoE layers repeat their shapes, and counting a
+    # call peer by peer costs the host O(world) route lookups (docs/notes.md)
+    _counted: dict = field(default_factory=dict, repr=False, compare=False)
 
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
@@ -162,24 +167,37 @@ class ExchangeStats:
         p, None: even split) sent on Communicator ``comm`` with ``codecs`` (LinkCodecs): its
         route decides each pair's wire exactly as the exchange does. ``stock_slots``: slots
         the padded exchange would send to other ranks (None: as many as this one)."""
-        route, nodes = comm.route(codecs, x.device.type), comm.nodes
-        rank, world = route.rank, route.world
-        rows = list(send_rows) if send_rows is not None else [x.shape[0] // world] * world
-        per_row = math.prod(x.shape[1:-1])
-        hidden = x.shape[-1]
-        quantized = False
-        slots = 0
-        for p, n in enumerate(rows):
-            n *= per_row
-            if p == rank or n == 0:
-                continue
-            slots += n
-            wire = route.wire(p, n, hidden, x.dtype)
-            link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
-            self.bytes_sent[direction][link] += n * row_bytes(wire, hidden, x.dtype)
-            self.bf16_bytes[direction][link] += n * hidden * 2
-            quantized |= wire != RAW and not wire.is_passthrough
+        rows = None if send_rows is None else split_key(send_rows)
+        key = (x.shape, x.dtype, x.device.type, rows, comm, codecs)
+        quantized, slots, sent, bf16 = remember(
+            self._counted, key, lambda: _count(x, rows, comm, codecs), 256)
         self.calls[direction] += 1
-        self.quantized[direction] += int(quantized)
+        self.quantized[direction] += quantized
         self.slots_sent[direction] += slots
         self.slots_stock[direction] += slots if stock_slots is None else stock_slots
+        for link in LINKS:
+            self.bytes_sent[direction][link] += sent[link]
+            self.bf16_bytes[direction][link] += bf16[link]
+
+
+def _count(x: torch.Tensor, rows: Optional[tuple], comm, codecs) -> tuple:
+    """What ExchangeStats.record adds for one call: (quantized 0/1, slots sent to other
+    ranks, wire bytes per link, bf16 bytes per link)."""
+    route, nodes = comm.route(codecs, x.device.type), comm.nodes
+    rank, world = route.rank, route.world
+    rows = rows if rows is not None else [x.shape[0] // world] * world
+    per_row = math.prod(x.shape[1:-1])
+    hidden = x.shape[-1]
+    quantized, slots = False, 0
+    sent, bf16 = _zeros(LINKS), _zeros(LINKS)
+    for p, n in enumerate(rows):
+        n *= per_row
+        if p == rank or n == 0:
+            continue
+        slots += n
+        wire = route.wire(p, n, hidden, x.dtype)
+        link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
+        sent[link] += n * row_bytes(wire, hidden, x.dtype)
+        bf16[link] += n * hidden * 2
+        quantized |= wire != RAW and not wire.is_passthrough
+    return int(quantized), slots, sent, bf16
