@@ -206,7 +206,9 @@ class Hierarchy:
     local rank. A stage runs on, in order of preference: nothing (one rank: skipped),
     ``group`` itself (the stage is the whole group), its own cached stage group, or
     ``group`` with zero split sizes for the ranks outside the stage ("masked": correct, but
-    torch posts zero-byte NCCL send/recv to them). Per-split plans are cached here.
+    torch posts zero-byte NCCL send/recv to them). Over gloo the intra stage is always run
+    masked on ``group``, so that a rank running the flat algorithm meets it (``a2a``).
+    Per-split plans are cached here.
     """
 
     def __init__(self, group, lay: Layout, rank: int, backend: str,
@@ -283,8 +285,9 @@ class Hierarchy:
         """Whether ``stage``'s exchange on CPU (framed) would wait for any of the group ranks
         ``ranks``: a step that does must not be sent once they are known to be in another
         call (they would never answer)."""
-        peers = range(self.world) if stage == "intra" else self.stages[stage][1]
-        return len(self.stages[stage][1]) > 1 and any(p in ranks for p in peers)
+        _, peers, masked = self.stages[stage]
+        awaited = range(self.world) if stage == "intra" or masked else peers  # (on the group)
+        return len(peers) > 1 and any(p in ranks for p in awaited)
 
     # a pair's wire bytes seen from this rank: codecs and gate depend only on whether the
     # two ranks share a node, so a peer of this rank with the same relation stands in
