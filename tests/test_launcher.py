@@ -22,15 +22,15 @@ class FakeDriver:
     """cuLaunchKernel's stand-in: records each launch (function, grid, block, stream and the
     parameter values it points at) and returns the codes it is told to."""
 
-    def __init__(self, layout):
-        self.layout, self.calls, self.codes, self.made_current = layout, [], [], []
+    def __init__(self, cells):
+        self.cells, self.calls, self.codes, self.made_current = cells, [], [], []
         self._callback = _SIGNATURE(self._launch)  # (kept alive with the object)
         self.launch = self._callback  # (what CtypesLaunch calls)
         self.launch_address = ctypes.cast(self._callback, ctypes.c_void_p).value  # (compiled)
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         values = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64)).contents.value
-                  for i in range(len(self.layout))]
+                  for i in range(len(self.cells))]
         self.calls.append(dict(fn=fn, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem,
                                stream=stream or 0, values=values))
         return self.codes.pop(0) if self.codes else 0
