@@ -21,6 +21,7 @@ import contextlib
 import copy
 import time
 import io
+import pickle
 import logging
 import math
 
@@ -667,6 +668,9 @@ def check_copy_and_pickle(tag: str) -> None:
     assert vars(twin.deepspeed_moe)["_moe_flashcomm"].config == vars(moe.deepspeed_moe)["_moe_flashcomm"].config
     assert_identical(ref, run(twin, x), f"{tag} deep copy", noise)
     assert twin_stats.exchanges == 4 and stats.exchanges == 0  # each counts its own
+    # counters pickle and copy (not their memo of call shapes, which holds communicators)
+    for copied in (pickle.loads(pickle.dumps(twin_stats)), copy.deepcopy(twin_stats)):
+        assert copied.as_dict() == twin_stats.as_dict() and copied.exchanges == 4
     assert_identical(ref, run(moe, x), f"{tag} original of the deep copy", noise)
     assert mf.disable_deepspeed(twin) and "forward" not in vars(twin.deepspeed_moe)
     assert "forward" in vars(moe.deepspeed_moe)  # the original stays patched

@@ -60,6 +60,12 @@ class ExchangeStats:
     # call peer by peer costs the host O(world) route lookups (docs/notes.md)
     _counted: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled and copied with its CUDA timings resolved and without its memo of call
+        shapes (whose keys hold communicators)."""
+        self._resolve()
+        return {**self.__dict__, "_counted": {}}
+
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
         if device.type != "cuda":
