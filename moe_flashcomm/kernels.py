@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import re
@@ -493,15 +494,20 @@ def build_launcher(strict: bool = False):
     module, checksum = build / f"{name}.so", build / f"{name}.so.sha256"
     try:
         from torch.utils.cpp_extension import load
-        if module.exists() and not _matches(module, checksum):
-            shutil.rmtree(build)  # damaged or unfinished: built again
-        build.mkdir(parents=True, exist_ok=True)
-        if not module.exists():
-            print(f"moe_flashcomm: compiling the kernel launcher once (about 20-60 s) into {build}",
-                  file=sys.stderr, flush=True)
-        loaded = load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
-        if not _matches(module, checksum):  # just built
-            _write_atomic(checksum, hashlib.sha256(module.read_bytes()).hexdigest().encode())
+        build.parent.mkdir(parents=True, exist_ok=True)
+        # one process at a time checks, builds and stamps (the ranks of a node start
+        # together): a check must never see, and remove, a module another is still linking
+        with open(build.parent / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if module.exists() and not _matches(module, checksum):
+                shutil.rmtree(build)  # damaged or unfinished: built again
+            build.mkdir(exist_ok=True)
+            if not module.exists():
+                print(f"moe_flashcomm: compiling the kernel launcher once (about 20-60 s) into "
+                      f"{build}", file=sys.stderr, flush=True)
+            loaded = load(name, [str(src)], extra_cflags=["-O2"], build_directory=str(build))
+            if not _matches(module, checksum):  # just built
+                _write_atomic(checksum, hashlib.sha256(module.read_bytes()).hexdigest().encode())
         return loaded
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers, a full disk
         if strict:
