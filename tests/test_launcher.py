@@ -135,6 +135,36 @@ def test_a_damaged_build_is_built_again_once(native, tmp_path):
     assert damaged.stat().st_size > 4096
 
 
+def test_without_a_compiler_it_warns_and_launches_through_ctypes(tmp_path):
+    """No working C++ compiler: the build fails, a warning names the cause and the variable,
+    and the process launches through ctypes (``KERNELS.native`` is None)."""
+    import subprocess
+    import sys
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from moe_flashcomm import kernels as K\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    native = K.KERNELS.native\n"
+            "print(native is None); print([str(w.message) for w in seen])")
+    env = {**os.environ, "MOE_FLASHCOMM_CACHE": str(tmp_path), "CXX": "/bin/false",
+           "MOE_FLASHCOMM_NATIVE_LAUNCH": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    is_none, messages = run.stdout.strip().split("\n", 1)
+    assert is_none == "True", run.stdout
+    assert "the compiled launcher (csrc/launcher.cpp) could not be built" in messages
+    assert "launched through ctypes" in messages and "MOE_FLASHCOMM_NATIVE_LAUNCH" in messages
+
+
+def test_the_launcher_is_off_unless_asked_for(monkeypatch):
+    cache = K.KernelCache()
+    monkeypatch.delenv("MOE_FLASHCOMM_NATIVE_LAUNCH", raising=False)
+    assert cache.native is None  # (nothing built)
+    monkeypatch.setenv("MOE_FLASHCOMM_NATIVE_LAUNCH", "abc")
+    with pytest.raises(ValueError, match="MOE_FLASHCOMM_NATIVE_LAUNCH='abc'"):
+        K.KernelCache().native
+
+
 def test_too_many_pointers_are_refused():
     with pytest.raises(ValueError, match="at most 8 pointers"):
         K.ArgumentBlock(tuple(range(K.MAX_POINTERS + 1)))
