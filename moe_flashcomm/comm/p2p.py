@@ -142,7 +142,7 @@ class PeerBuffers:
                                          copy_n16=copy_bytes // 16), copy_bytes), 256)
 
     def exchange_launch(self, sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
-                        keep: tuple, stamps: tuple) -> Optional[kernels.Launch]:
+                        keep: tuple, stamps: tuple) -> Optional[kernels.PreparedLaunch]:
         """p2p_exchange: the whole call in one launch (pointer bases: tokens, output), its
         tasks as ``exchange_table`` makes them; None where it makes none."""
         made = exchange_table(sends, recvs, hidden, cfg, dtype, keep, self.region, self.rank)
