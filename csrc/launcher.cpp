@@ -1,8 +1,8 @@
-// The host side of the hot path, compiled on first use by moe_flashcomm/kernels.py (torch's
-// C++ extension builder, as DeepSpeed builds its ops) when MOE_FLASHCOMM_NATIVE_LAUNCH=1;
-// otherwise, or without a compiler, the same launches go through ctypes. A prototype of
-// Repeat measured 5.5 us of host time per codec call on an H200 host, where the public
-// encode took 11-12 us through Python and ctypes (docs/notes.md).
+// The host side of the hot path (a codec call, a peer-to-peer exchange), compiled on first use
+// by moe_flashcomm/kernels.py (torch's C++ extension builder, as DeepSpeed builds its ops) when
+// MOE_FLASHCOMM_NATIVE_LAUNCH=1; otherwise, or without a compiler, the same launches go
+// through ctypes. A prototype of Repeat measured 5.5 us of host time per codec call on an H200
+// host, where the public encode took 11-12 us through Python and ctypes (docs/notes.md).
 //
 // Nothing here links the CUDA libraries: cuLaunchKernel's address comes from the driver
 // library that kernels.py already opened, and the current stream from torch's device guard.
@@ -104,6 +104,45 @@ class Repeat {
   at::ScalarType dtype_;
 };
 
+// A peer-to-peer exchange whose plan is one launch (comm/exchange.py P2PCall), its hot path in
+// one call: raise what the kernels of earlier calls reported (``check``, called only when the
+// error page's "set" word is nonzero), an output of ``shape``, torch's current stream ordered
+// after the group's previous call (``begin``, called only when the stream changes; it writes
+// the stream cell) and the launch (bases: tokens, output). ``stream`` given: that stream
+// instead (tests without a GPU).
+class Exchange {
+ public:
+  Exchange(std::shared_ptr<Launch> launch, at::ScalarType dtype, uintptr_t error_set,
+           uintptr_t stream_cell, py::object check, py::object begin)
+      : launch_(std::move(launch)), dtype_(dtype),
+        error_set_(reinterpret_cast<volatile uint64_t*>(error_set)),
+        stream_cell_(reinterpret_cast<const uint64_t*>(stream_cell)), check_(std::move(check)),
+        begin_(std::move(begin)) {}
+
+  at::Tensor call(at::Tensor x, const std::vector<int64_t>& shape,
+                  std::optional<uintptr_t> stream) {
+    if (*error_set_) check_();  // (it raises)
+    c10::DeviceGuard guard(x.device());
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) {
+      x = x.clone();  // the encodes were planned for 16-byte aligned rows
+    }
+    at::Tensor out = at::empty(shape, x.options().dtype(dtype_));
+    uintptr_t s = stream ? *stream : Repeat::current_stream(x.device());
+    if (*stream_cell_ != s) begin_(s);
+    uint64_t bases[2] = {reinterpret_cast<uint64_t>(x.data_ptr()),
+                         reinterpret_cast<uint64_t>(out.data_ptr())};
+    launch_->run(s, bases, 2);
+    return out;
+  }
+
+ private:
+  std::shared_ptr<Launch> launch_;
+  at::ScalarType dtype_;
+  volatile uint64_t* error_set_;  // pinned host memory the kernels write
+  const uint64_t* stream_cell_;
+  py::object check_, begin_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -116,6 +155,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Repeat>(m, "Repeat")
       .def(py::init<std::vector<std::shared_ptr<Launch>>, int64_t, at::ScalarType>())
       .def("__call__", &Repeat::call, py::arg("src"), py::arg("stream") = py::none());
+  py::class_<Exchange>(m, "Exchange")
+      .def(py::init<std::shared_ptr<Launch>, at::ScalarType, uintptr_t, uintptr_t, py::object,
+                    py::object>())
+      .def("__call__", &Exchange::call, py::arg("x"), py::arg("shape"),
+           py::arg("stream") = py::none());
   m.def("current_stream", [](int device) {
     return Repeat::current_stream(c10::Device(c10::DeviceType::CUDA, device));
   });

@@ -108,6 +108,46 @@ def test_repeat_allocates_the_output_and_launches_on_it(native):
     assert empty.shape == (0, 40)
 
 
+def test_exchange_checks_orders_allocates_and_launches(native):
+    """The peer-to-peer call's hot path (comm/exchange.py P2PCall.run): the error page read
+    first (its check raising before anything is queued), the output of the given shape,
+    ``begin`` only when the stream changes, and the one launch on (tokens, output); tokens
+    not 16-byte aligned are copied first, as the Python path does."""
+    from moe_flashcomm.comm.p2p import NO_STREAM
+    block = K.ArgumentBlock((0, 16))
+    driver = FakeDriver(block.cells)
+    launch = K.compiled_launch(native, driver, 0, 7, 3, 256, block)
+    page, cell = (ctypes.c_uint64 * 7)(), ctypes.c_uint64(NO_STREAM)
+    checked, begun = [], []
+
+    def check():
+        checked.append(page[6])
+        raise K.CudaError("the kernels of an earlier call reported")
+
+    def begin(stream):
+        begun.append(stream)
+        cell.value = stream
+    call = native.Exchange(launch, torch.bfloat16, ctypes.addressof(page) + 8 * 6,
+                           ctypes.addressof(cell), check, begin)
+    x = torch.randn(6, 32).to(torch.bfloat16)
+    out = call(x, (4, 2, 32), stream=55)
+    assert out.shape == (4, 2, 32) and out.dtype == torch.bfloat16
+    call(x, (4, 2, 32), stream=55)
+    call(x, (3, 32), stream=0)  # (0 is a stream: the legacy default)
+    assert begun == [55, 0] and cell.value == 0
+    assert [c["stream"] for c in driver.calls] == [55, 55, 0]
+    assert driver.calls[0]["fn"] == 7 and driver.calls[0]["grid"] == (3, 1, 1)
+    assert driver.calls[0]["values"] == [x.data_ptr(), out.data_ptr() + 16]
+    odd = torch.randn(6 * 32 + 1).to(torch.bfloat16)[1:].view(6, 32)  # 2 bytes off
+    assert odd.data_ptr() % 16
+    call(odd, (6, 32), stream=0)
+    assert driver.calls[-1]["values"][0] % 16 == 0
+    page[6] = 1
+    with pytest.raises(K.CudaError, match="earlier call reported"):
+        call(x, (6, 32), stream=0)
+    assert checked == [1] and len(driver.calls) == 4
+
+
 def test_a_damaged_build_is_built_again_once(native, tmp_path):
     """A truncated module in the cache (a full disk, a killed build) is removed and built
     again on the next load, in new processes as a job's next start would be: two of them at

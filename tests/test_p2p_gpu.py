@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
+from moe_flashcomm import kernels as K
 from moe_flashcomm.comm import ConfigMismatchError, PeerTimeoutError
 from tests.distributed import free_port, spawn
 from tests.test_all_to_all import make_input
@@ -48,6 +49,13 @@ def _uses_p2p(comm) -> bool:
     return any(b is not None and b.cap > 0 for b in comm._peer_buffers.values())
 
 
+def _compiled_calls(comm) -> int:
+    """Peer-to-peer calls made through the compiled launcher's Exchange (csrc/launcher.cpp)."""
+    calls = [plan.p2p_call for fwd, bwd in comm._setups.values() for route in (fwd, bwd)
+             for plan in route.plans.values()]
+    return sum(c is not None and c.native is not None for c in calls)
+
+
 def exactness(rank, world, comm):
     even = [[4] * world for _ in range(world)]
     uneven = [[3, 5], [7, 2]] if world == 2 else even  # p2p takes split sizes for pairs
@@ -60,6 +68,8 @@ def exactness(rank, world, comm):
                 got = comm.all_to_all(x, codec=cfg, **kw)
                 assert torch.equal(got, want(rank, world, S, 10 + i, dtype, cfg)), (cfg, dtype, S)
     assert _uses_p2p(comm), "the peer-to-peer transport was not used"
+    if K.KERNELS.native is not None:  # (MOE_FLASHCOMM_NATIVE_LAUNCH=1)
+        assert _compiled_calls(comm), "no call went through the compiled launcher"
 
 
 def backward(rank, world, comm):

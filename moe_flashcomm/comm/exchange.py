@@ -424,6 +424,17 @@ class P2PCall:
         if launches is None:
             launches = self._framed(route, plan, hidden, dtype, o_off, x_off, own)
         self.steps = tuple(steps + launches)
+        self.native = self._compiled()
+
+    def _compiled(self):
+        """The call as one object of the compiled launcher (csrc/launcher.cpp ``Exchange``:
+        the check, the allocation, the stream and the launch in C++) where it is one compiled
+        launch, else None (``run`` takes the steps)."""
+        native = kernels.KERNELS.native
+        if native is None or len(self.steps) != 1 or not isinstance(self.steps[0], native.Launch):
+            return None
+        bufs = self.bufs
+        return native.Exchange(self.steps[0], self.dtype, *bufs.cells, bufs.check, bufs.begin)
 
     @staticmethod
     def _stamps(route: Route, plan: Plan, hidden: int, dtype: torch.dtype) -> tuple:
@@ -507,6 +518,8 @@ class P2PCall:
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
         """The exchange of ``x`` (contiguous, rows of ``hidden``): the output ``out_shape``."""
+        if self.native is not None and self.bufs.failed is None:
+            return self.native(x, out_shape)
         self.bufs.check()  # what the kernels of earlier calls found (a host memory read)
         if x.data_ptr() % 16:
             x = x.clone()  # the encodes were planned for 16-byte aligned rows

@@ -48,6 +48,7 @@ COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
 MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
 HANDLE_WORDS = 8  # a CUDA IPC memory handle: 64 bytes
+NO_STREAM = (1 << 64) - 1  # PeerBuffers' stream cell before the first call (0 is a stream)
 
 
 def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -94,7 +95,8 @@ class PeerBuffers:
         self.max_bytes = env.p2p_max_bytes()  # most device memory our receive buffer may take
         self.copy_bytes = env.p2p_copy_bytes()  # records per peer the copy engine moves
         self.generation = 0
-        self.stream: Optional[int] = None  # the stream of the last call
+        # the stream of the last call, in a cell the compiled launcher reads (``cells``)
+        self._stream = ctypes.c_uint64(NO_STREAM)
         self.data_ptrs: list[int] = []
         self.flag_ptrs = self._exchange(FLAG_BYTES)
         self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile, stamps) -> launch
@@ -247,15 +249,29 @@ class PeerBuffers:
         self.generation += 1
 
     # -- per call --------------------------------------------------------------------------
+    @property
+    def stream(self) -> Optional[int]:
+        """The stream of the group's last call (None before the first)."""
+        value = self._stream.value
+        return None if value == NO_STREAM else value
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """Host addresses the compiled launcher reads per call (csrc/launcher.cpp Exchange):
+        the error page's "set" word (``check`` raises where it is nonzero) and the last
+        call's stream (``begin`` writes it)."""
+        return (self._error_host + 8 * kernels.P2P_ERROR_SET, ctypes.addressof(self._stream))
+
     def begin(self, stream: int) -> None:
         """Order a call on ``stream`` after the previous one (the flag protocol needs every
         call of the group in one stream order)."""
-        if stream != self.stream:
+        last = self.stream
+        if stream != last:
             # (a capture orders its replays itself: waiting on work outside it is not allowed)
-            if self.stream is not None and not torch.cuda.is_current_stream_capturing():
+            if last is not None and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.current_stream(self.device).wait_stream(
-                    torch.cuda.ExternalStream(self.stream, device=self.device))
-            self.stream = stream
+                    torch.cuda.ExternalStream(last, device=self.device))
+            self._stream.value = stream
 
     def region(self, owner: int, sender: int) -> int:
         """Device address (in this process) where ``sender`` writes into ``owner``'s buffer."""
