@@ -9,10 +9,12 @@ from moe_flashcomm.comm import frame as F
 def test_pool_reuses_by_size_class_and_keeps_a_bounded_amount():
     framing = F.Framing(10)
     a = framing.buffer(1000)
-    assert a.numel() == 1000 and a._base.numel() == F.POOL_MIN
+    assert a.head(1000).numel() == 1000 and a.tensor.numel() == F.POOL_MIN
+    assert a.head(1000) is a.head(1000)  # (a repeated size keeps its view)
+    assert a.array.ctypes.data == a.words.ctypes.data == a.tensor.data_ptr()
     framing.give_back(a)
     b = framing.buffer(2000)  # the same size class: the same storage
-    assert b.data_ptr() == a.data_ptr()
+    assert b.head(2000).data_ptr() == a.tensor.data_ptr() and b.head(2000).numel() == 2000
     big = [framing.buffer(F.POOL_BYTES // 2 + 1) for _ in range(3)]
     for buf in big:
         framing.give_back(buf)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,9 +63,9 @@ class PeerTimeoutError(PeerError):
     nothing to a framed exchange (gloo), or a peer-to-peer kernel's wait for them gave up."""
 
 
-@dataclass(frozen=True)
-class Leg:
-    """One direction between this rank and a peer: ``rows`` rows of ``wire`` in ``nbytes``."""
+class Leg(NamedTuple):
+    """One direction between this rank and a peer: ``rows`` rows of ``wire`` in ``nbytes``.
+    (A tuple: layouts are looked up by their legs at every exchange, and tuples hash in C.)"""
     rows: int
     nbytes: int
     wire: int = RAW_WIRE
@@ -144,22 +144,40 @@ class Framing:
         key = group if group is not None else dist.group.WORLD
         return dict(number=self.next_number(key), counter=key)
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        """A uint8 CPU buffer of at least ``nbytes`` (its first ``nbytes`` returned)."""
+    def buffer(self, nbytes: int) -> "Buffer":
+        """A Buffer of at least ``nbytes``, from the pool where one is free."""
         size = max(POOL_MIN, 1 << (nbytes - 1).bit_length())
         free = self._free.get(size)
         if free:
             self._pooled -= size
-            return free.pop()[:nbytes]
-        return torch.empty(size, dtype=torch.uint8)[:nbytes]
+            return free.pop()
+        return Buffer(size)
 
-    def give_back(self, buf: torch.Tensor) -> None:
+    def give_back(self, buf: "Buffer") -> None:
         """Return a buffer of ``buffer`` once nothing reads or writes it."""
-        whole = buf._base if buf._base is not None else buf
-        free = self._free.setdefault(whole.numel(), [])
-        if len(free) < POOL_DEPTH and self._pooled + whole.numel() <= POOL_BYTES:
-            free.append(whole)
-            self._pooled += whole.numel()
+        size = buf.array.size
+        free = self._free.setdefault(size, [])
+        if len(free) < POOL_DEPTH and self._pooled + size <= POOL_BYTES:
+            free.append(buf)
+            self._pooled += size
+
+
+class Buffer:
+    """A pooled uint8 CPU buffer with its views made once (each costs the host about as much
+    as checking a header): numpy's bytes (``array``) and int64 words (``words``), and the
+    tensor of its first bytes (``head(n)``, kept for the next call of the same size)."""
+    __slots__ = ("tensor", "array", "words", "_head")
+
+    def __init__(self, size: int) -> None:
+        self.tensor = torch.empty(size, dtype=torch.uint8)
+        self.array = self.tensor.numpy()
+        self.words = self.array.view(np.int64)
+        self._head = self.tensor
+
+    def head(self, nbytes: int) -> torch.Tensor:
+        if self._head.numel() != nbytes:
+            self._head = self.tensor[:nbytes]
+        return self._head
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,8 @@ class Layout:
     recv_bytes: int
     in_splits: list
     out_splits: list
-    fits: bool            # every payload fits its frame (one round, no copy)
+    fits: bool            # every payload sent fits its frame (round 1 sends the buffer as it is)
+    one_round: bool       # and every payload received: no round 2 where the peers agree
     magic_words: list     # int64 index of each peer's slot in the receive buffer
     header_index: np.ndarray  # [peers, WORDS] int64 indices of the received headers
     template: np.ndarray  # [peers, WORDS] int64 we send, the number column 0 (read only)
@@ -209,8 +228,10 @@ def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: in
     template.flags.writeable = expected.flags.writeable = False
     magic = [recv_at[p] // 8 for p in peers]
     index = (np.array(magic, dtype=np.int64).reshape(-1, 1) + np.arange(WORDS)).reshape(-1, WORDS)
+    fits = sum(in_splits) == at
+    one_round = fits and all(recvs[p].nbytes <= room for p in peers)
     return Layout(peers, sends, recvs, send_at, recv_at, at, back, in_splits, out_splits,
-                  sum(in_splits) == at, magic, index, template, expected)
+                  fits, one_round, magic, index, template, expected)
 
 
 class Frame:
@@ -247,27 +268,27 @@ class Frame:
             # more than a number could: they are not counted
             number = 0 if operation == "consistency check" else framing.next_number(self.counter)
         self.number = number
-        self.send = framing.buffer(lay.send_bytes)
-        send, words = self.send.numpy(), lay.template.copy()
+        self._buffers = sent, got = framing.buffer(lay.send_bytes), framing.buffer(lay.recv_bytes)
+        self.send, self.recv = sent.head(lay.send_bytes), got.head(lay.recv_bytes)
+        send, self._recv_words = sent.array, got.words
+        words = lay.template.copy()
         words[:, 2] = number
         head = words.view(np.uint8)
         for i, p in enumerate(lay.peers):
             send[lay.send_at[p]:lay.send_at[p] + HEADER_BYTES] = head[i]
-        self.recv = framing.buffer(lay.recv_bytes)
-        self._recv_words = self.recv.numpy().view(np.int64)  # (slots are 16-byte aligned)
-        self._recv_words[lay.magic_words] = 0  # a slot left with no magic names a silent peer
+        for m in lay.magic_words:  # (slots are 16-byte aligned)
+            self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
         self.stalled = False  # a headers-only frame whose peers never answered
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
         consumed (not needed for correctness: unreleased buffers are simply collected)."""
-        if self.stalled:  # the pending transfer still holds them
+        if self.stalled or self._buffers is None:  # (the pending transfer still holds them)
             return
-        for buf in (self.send, self.recv):
-            if buf is not None:
-                self.framing.give_back(buf)
-        self.send = self.recv = None
+        for buf in self._buffers:
+            self.framing.give_back(buf)
+        self._buffers = self.send = self.recv = None
 
     def payload(self, p: int) -> torch.Tensor:
         """Where the payload for group rank ``p`` goes (uint8, sends[p].nbytes bytes)."""
@@ -307,29 +328,10 @@ class Frame:
         self._wait(self.work, "")
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems = self.problems(got)
-        # round 2: the rest of long payloads, sized from the headers on both ends
-        room = FRAME_BYTES - HEADER_BYTES
-        works = []
-        valid = got[:, 0] == MAGIC
-        ranks = None if self.layout.fits and not (valid & (got[:, 8] > room)).any() \
-            else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
-        for i, p in enumerate(self.peers):
-            if self.sends[p].nbytes > room:
-                a = self.send_at[p] + FRAME_BYTES
-                works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
-                                        ranks[p], group=self.pg, tag=self.number & 0xFFFF))
-            sent = int(got[i, 8])
-            if valid[i] and sent > room:
-                rest = sent - room
-                if sent == self.recvs[p].nbytes:
-                    a = self.recv_at[p] + FRAME_BYTES
-                    dst = self.recv[a:a + rest]
-                else:  # drained, to keep the transport in step, then reported
-                    dst = torch.empty(rest, dtype=torch.uint8)
-                works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
-        for w in works:
-            self._wait(w, " (the rest of a long message)")
+        if problems or not self.layout.one_round:
+            self._round_two(got)
         if problems:  # counted alike again from here, whatever each rank was running
+            valid = got[:, 0] == MAGIC
             seen = got[valid, 2].tolist()
             self.framing.sequence[self.counter] = max(
                 seen + [self.framing.sequence.get(self.counter, 0)])
@@ -351,13 +353,38 @@ class Frame:
             out[p] = self.recv[a:a + self.recvs[p].nbytes]
         return out
 
+    def _round_two(self, got: np.ndarray) -> None:
+        """The rest of payloads longer than a frame, point to point, sized from the headers
+        ``got`` on both ends (what a disagreeing peer sends is drained)."""
+        room = FRAME_BYTES - HEADER_BYTES
+        works = []
+        valid = got[:, 0] == MAGIC
+        ranks = None if self.layout.fits and not (valid & (got[:, 8] > room)).any() \
+            else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
+        for i, p in enumerate(self.peers):
+            if self.sends[p].nbytes > room:
+                a = self.send_at[p] + FRAME_BYTES
+                works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
+                                        ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+            sent = int(got[i, 8])
+            if valid[i] and sent > room:
+                rest = sent - room
+                if sent == self.recvs[p].nbytes:
+                    a = self.recv_at[p] + FRAME_BYTES
+                    dst = self.recv[a:a + rest]
+                else:  # drained, to keep the transport in step, then reported
+                    dst = torch.empty(rest, dtype=torch.uint8)
+                works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+        for w in works:
+            self._wait(w, " (the rest of a long message)")
+
     def problems(self, got: np.ndarray) -> dict:
         """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
         does not; empty when every header is the expected one (the steady state: one
         comparison)."""
-        same = got == self.layout.expected  # (its number column is 0)
-        same[:, 2] = got[:, 2] == self.number
-        if same.all():
+        want = self.layout.expected.copy()  # (its number column is 0)
+        want[:, 2] = self.number
+        if got.tobytes() == want.tobytes():  # (a third of the time of numpy's comparison)
             return {}
         return {p: msgs for p, h in zip(self.peers, got.tolist())
                 if (msgs := self._disagreements(p, h))}
