@@ -536,6 +536,7 @@ class KernelCache:
         self._driver: Optional[_Driver] = None
         self._native = _UNBUILT
         self.plans: dict = {}  # codec launch plans (moe_flashcomm.codec.cuda), by shape
+        self._plan_sets = {"env": self.plans}  # per launcher (use_launcher)
         self._lock = threading.Lock()
 
     @property
@@ -553,6 +554,13 @@ class KernelCache:
                 if self._native is _UNBUILT:
                     self._native = build_launcher() if env.native_launch() else None
         return self._native
+
+    def use_launcher(self, compiled: bool) -> None:
+        """Prepare launches from now on through the compiled launcher (built if need be) or
+        ctypes, whatever the environment says: benchmarks compare the two in one process.
+        Each keeps its own codec plans; launches prepared before keep their launcher."""
+        self._native = build_launcher(strict=True) if compiled else None
+        self.plans = self._plan_sets.setdefault(compiled, {})
 
     def function(self, device: int, source_name: str, name_expr: str,
                  defines: tuple[str, ...] = ()) -> int:

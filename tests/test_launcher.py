@@ -205,6 +205,20 @@ def test_the_launcher_is_off_unless_asked_for(monkeypatch):
         K.KernelCache().native
 
 
+def test_use_launcher_switches_the_launcher_and_keeps_each_ones_plans(native):
+    """Benchmarks compare the launchers in one process: each keeps its own codec plans."""
+    cache = K.KernelCache()
+    cache.use_launcher(False)
+    assert cache.native is None
+    ctypes_plans = cache.plans
+    cache.plan(("a",), lambda: "made through ctypes")
+    cache.use_launcher(True)
+    assert cache.native is native and cache.plans is not ctypes_plans
+    assert cache.plan(("a",), lambda: "made compiled") == "made compiled"
+    cache.use_launcher(False)
+    assert cache.native is None and cache.plan(("a",), lambda: "again") == "made through ctypes"
+
+
 def test_too_many_pointers_are_refused():
     with pytest.raises(ValueError, match="at most 8 pointers"):
         K.ArgumentBlock(tuple(range(K.MAX_POINTERS + 1)))

@@ -13,7 +13,9 @@ Per size (bf16 bytes per rank) and codec it prints:
   gpu_us      GPU time of one call (CUDA events around a burst, per call);
   kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call);
 and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both in the two
-processes and first in this one alone, with its parts (``codec_alone``).
+processes and first in this one alone, with its parts (``codec_alone``). Launches go through
+the launcher MOE_FLASHCOMM_NATIVE_LAUNCH picks; ``--launchers both`` also times ctypes against
+the compiled launcher (csrc/launcher.cpp) in the same run, the two taking turns with NCCL.
 
     python tools/bench_host.py --out docs/data/bench_host.json
 """
@@ -26,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -61,16 +64,23 @@ def _host_us(fn, rounds=ROUNDS, burst=BURST, clock=time.perf_counter) -> float:
     return statistics.median(times)
 
 
-def _host_us_against(fn, baseline, rounds=ROUNDS, burst=BURST) -> tuple[float, float, float]:
-    """(median host µs of ``fn``, of ``baseline``, median of their per-round ratio): the two
-    take turns, round by round, so a change in the host's load reaches both alike."""
-    ours, theirs = [], []
+def _turns(fns: dict, rounds=ROUNDS, burst=BURST, before: Optional[dict] = None) -> dict:
+    """Host µs of one call of each of ``fns`` per round: they take turns, burst by burst,
+    so a change in the host's load reaches all alike. ``before[name]()`` runs (untimed)
+    before each of that one's bursts."""
+    times: dict = {name: [] for name in fns}
     for _ in range(rounds):
-        theirs.append(_burst_us(baseline, burst))
-        ours.append(_burst_us(fn, burst))
+        for name, fn in fns.items():
+            if before and name in before:
+                before[name]()
+            times[name].append(_burst_us(fn, burst))
     torch.cuda.synchronize()
-    return (statistics.median(ours), statistics.median(theirs),
-            statistics.median(a / b for a, b in zip(ours, theirs)))
+    return times
+
+
+def _ratio(times: dict, a: str, b: str) -> float:
+    """The median of the per-round ratios a / b of ``_turns``' times."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def _profile(fn, calls=64) -> str:
@@ -115,12 +125,14 @@ def _kernels_us(fn, calls=5) -> float:
     return total / calls
 
 
-def codec_alone() -> dict:
+def codec_alone(both: bool = False) -> dict:
     """Host µs of ``encode`` / ``decode`` of 8 x 7168 bf16 (int4) in one process with the GPU
     to itself, and of their parts: the output allocation, the prepared driver launch
     (``Launch``), the bare ``cuLaunchKernel`` and a trivial driver call through ctypes, a torch
     add for scale; then (``busy_*``) the same with another Python thread of the process
-    spinning, where a driver call that gives up the GIL (ctypes ``CDLL``) waits for it."""
+    spinning, where a driver call that gives up the GIL (ctypes ``CDLL``) waits for it.
+    ``both``: first ``encode`` / ``decode`` through ctypes and through the compiled launcher,
+    taking turns (``*_ctypes_us``, ``*_compiled_us``), and their ratios."""
     import ctypes
     import threading
     from moe_flashcomm import kernels as K
@@ -150,8 +162,23 @@ def codec_alone() -> dict:
                                                     stream, params, None),
              driver_trivial_us=lambda: driver._lib.cuCtxGetCurrent(ctypes.byref(ctx)),
              torch_add_us=lambda: x8.add(1))
-    out = {name: _host_us(fn, burst=64) for name, fn in t.items()}
-    out["launcher"] = "ctypes" if K.KERNELS.native is None else "compiled"
+    launcher = "ctypes" if K.KERNELS.native is None else "compiled"
+    out = {}
+    if both:
+        fns, before = {}, {}
+        for kind in ("ctypes", "compiled"):
+            use = (lambda c: lambda: K.KERNELS.use_launcher(c))(kind == "compiled")
+            use()
+            mf.encode(x8, cfg), mf.decode(rec, cfg, H, torch.bfloat16)  # this launcher's repeats
+            fns[f"encode_{kind}_us"], before[f"encode_{kind}_us"] = t["encode_us"], use
+            fns[f"decode_{kind}_us"], before[f"decode_{kind}_us"] = t["decode_us"], use
+        times = _turns(fns, burst=64, before=before)
+        out.update({name: statistics.median(v) for name, v in times.items()})
+        for op in ("encode", "decode"):
+            out[f"{op}_compiled_over_ctypes"] = _ratio(times, f"{op}_compiled_us", f"{op}_ctypes_us")
+        K.KERNELS.use_launcher(launcher == "compiled")
+    out.update({name: _host_us(fn, burst=64) for name, fn in t.items()})
+    out["launcher"] = launcher
     spinning = [True]
 
     def spin() -> None:
@@ -170,14 +197,20 @@ def codec_alone() -> dict:
     return out
 
 
-def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
+def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     gpus = torch.cuda.device_count()
     torch.cuda.set_device(rank if gpus >= world else 0)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     own_nccl = [dist.new_group([r], backend="nccl") for r in range(world)][rank]
+    from moe_flashcomm import kernels as K
+    launcher = "ctypes" if K.KERNELS.native is None else "compiled"
     comm = mf.Communicator(gate=False)
+    # both: a second communicator whose calls are prepared through the other launcher (each
+    # call keeps the launches it was prepared with), the two taking turns with NCCL
+    other = mf.Communicator(gate=False) if both else None
+    kinds = {launcher: comm, ("compiled" if launcher == "ctypes" else "ctypes"): other}
     rows_out = []
     for size in sizes:
         T = max(world, size // (2 * H) // world * world)
@@ -189,11 +222,27 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
         for name in codecs:
             cfg = CODECS[name]
             call = lambda: comm.all_to_all(xg, codec=cfg)  # noqa: E731
+            fns = dict(nccl=nccl, ours=call)
+            for kind, c in kinds.items():
+                if c is not None and c is not comm:
+                    K.KERNELS.use_launcher(kind == "compiled")
+                    fns[kind] = (lambda c: lambda: c.all_to_all(xg, codec=cfg))(c)
+                    fns[kind]()  # its plans and launches, made through that launcher
+                    K.KERNELS.use_launcher(launcher == "compiled")
             call()  # plans, buffers
-            host_us, nccl_us, ratio = _host_us_against(call, nccl)
-            row = dict(size=size, rows=T, codec=name, host_us=host_us, nccl_us=nccl_us,
-                       ratio=ratio, host_cpu_us=_host_us(call, clock=time.thread_time),
+            times = _turns(fns)
+            host_us, nccl_us = statistics.median(times["ours"]), statistics.median(times["nccl"])
+            ratio = _ratio(times, "ours", "nccl")
+            row = dict(size=size, rows=T, codec=name, launcher=launcher, host_us=host_us,
+                       nccl_us=nccl_us, ratio=ratio,
+                       host_cpu_us=_host_us(call, clock=time.thread_time),
                        gpu_us=_gpu_us(call), kernels_us=_kernels_us(call))
+            if both:
+                times[launcher] = times.pop("ours")
+                for kind in ("ctypes", "compiled"):
+                    row[f"host_{kind}_us"] = statistics.median(times[kind])
+                    row[f"{kind}_over_nccl"] = _ratio(times, kind, "nccl")
+                row["compiled_over_ctypes"] = _ratio(times, "compiled", "ctypes")
             if profile == (size, name):
                 text = _profile(call)
                 if rank == 0:
@@ -207,6 +256,11 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
                 print(f"{size >> 10:>8} KiB {name:>5}: host {host_us:7.1f} us "
                       f"(cpu {row['host_cpu_us']:6.1f})  (NCCL {nccl_us:6.1f}, ours / NCCL "
                       f"{ratio:4.2f})  {gpu}", flush=True)
+                if both:
+                    print(f"{'':>22}ctypes {row['host_ctypes_us']:7.1f} us ({row['ctypes_over_nccl']:4.2f}"
+                          f" x NCCL)  compiled {row['host_compiled_us']:7.1f} us "
+                          f"({row['compiled_over_nccl']:4.2f} x NCCL)  compiled / ctypes "
+                          f"{row['compiled_over_ctypes']:4.2f}", flush=True)
     # the codec alone, 8 x 7168 bf16
     x8 = torch.randn(8, H, dtype=torch.bfloat16, device="cuda")
     cfg = mf.CodecConfig(bits=4)
@@ -218,13 +272,14 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone):
     if rank == 0:
         print(f"codec 8 x {H} bf16 int4: encode {codec['encode_us']:.1f} us, decode "
               f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
-        from moe_flashcomm import kernels as K
         meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-                    launcher="ctypes" if K.KERNELS.native is None else "compiled")
+                    launcher=launcher)
         Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec,
                                                   codec_alone=alone), indent=1))
-    comm.close()
+    for c in kinds.values():
+        if c is not None:
+            c.close()
     dist.destroy_process_group()
 
 
@@ -241,15 +296,22 @@ def main():
                    help="skip the codec's parts in a process of its own")
     p.add_argument("--codec-only", action="store_true",
                    help="only the codec's host time in one process (no all-to-all)")
+    p.add_argument("--launchers", choices=("env", "both"), default="env",
+                   help="env: launch as MOE_FLASHCOMM_NATIVE_LAUNCH says; both: also time "
+                        "ctypes against the compiled launcher, taking turns in one run")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
     alone = None
     if not a.no_codec_alone:
         with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
-            alone = pool.apply(codec_alone)
+            alone = pool.apply(codec_alone, (a.launchers == "both",))
         print(f"codec alone, 8 x 7168 bf16 int4, {alone['launcher']} launcher: " + ", ".join(
             f"{k[:-3]} {v:.1f} us" for k, v in alone.items() if k.endswith("_us")), flush=True)
+        if a.launchers == "both":
+            print("codec alone, compiled / ctypes: " + ", ".join(
+                f"{op} {alone[f'{op}_compiled_over_ctypes']:.2f}" for op in ("encode", "decode")),
+                flush=True)
     if a.codec_only:
         return
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -262,8 +324,8 @@ def main():
     if a.profile:
         size, name = a.profile.split(":")
         profile = (int(size), name)
-    mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone), nprocs=a.world,
-             join=True)
+    mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone,
+                            a.launchers == "both"), nprocs=a.world, join=True)
 
 
 if __name__ == "__main__":
