@@ -8,8 +8,8 @@ library's own path with the framing switched off (its route without a Framing), 
 difference is the headers' cost alone: building and checking them, the frame-sized
 receive, and the copies into and out of the framed buffers. It also prints the headers' own
 host work (built, checked; no transport) measured in one process, free of the other rank's
-noise. Last, the backend's sum over gloo ("native" all_reduce, framed) against gloo's own
-all_reduce.
+noise, also for groups of 4 to 16 ranks. Last, the backend's sum over gloo ("native"
+all_reduce, framed) against gloo's own all_reduce.
 
     python tools/bench_frame.py --out docs/data/bench_frame.json
 """
@@ -76,13 +76,22 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
                 print(f"{size >> 10:>6} KiB {name:>5}: framed {f_us:8.1f} us  plain {p_us:8.1f} us"
                       f"  ratio {r['ratio']:.3f}  header work {work_us:5.1f} us"
                       f"  header {HEADER_BYTES} B / {payload} B per peer", flush=True)
+    # the header work of larger groups (no transport: it needs no more processes), 1 MiB of
+    # bf16 per rank sent as raw rows
+    by_world = {}
+    if rank == 0:
+        for w in (2, 4, 8, 16):
+            share = (1 << 20) // w  # bytes per peer
+            by_world[w] = round(_header_work_us(comm, 0, w, share // (2 * H), H, share), 2)
+        print("header work by group size, 1 MiB bf16 per rank: " + ", ".join(
+            f"{w} ranks {us:.1f} us" for w, us in by_world.items()), flush=True)
     sums = _backend_sums(comm, rank, reps)
     if rank == 0 and out:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
-        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums), indent=1)
-                             + "\n")
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums,
+                                             header_work_by_world=by_world), indent=1) + "\n")
     comm.close()
     dist.destroy_process_group()
 
