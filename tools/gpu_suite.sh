@@ -31,7 +31,7 @@ for step in ${*:-tests host allreduce inference all2all small}; do
     tests)
       python3 -m pytest -q ${TEST_ARGS:--m "cuda or multigpu" tests} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     host)
-      python3 tools/bench_host.py --out "$OUT/bench_host.json" || status=1 ;;
+      python3 tools/bench_host.py --launchers both --out "$OUT/bench_host.json" || status=1 ;;
     allreduce)
       python3 tools/bench_allreduce.py --out "$OUT" --budget "${AR_BUDGET:-150}" || status=1 ;;
     all2all)
