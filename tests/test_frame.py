@@ -43,6 +43,10 @@ def test_layout_splits_and_headers():
     ab = F.layout(0, 4, "all_to_all", torch.bfloat16, 64, legs, back, 0, F.ABORTED)
     assert ab.in_splits == [0, H, H, H] and ab.fits
     assert np.all(ab.template[:, 10] == F.ABORTED) and np.all(ab.template[:, 8] == 0)
+    # one round only where every payload, sent and received, fits its frame
+    assert not lay.one_round and ab.one_round
+    long_in = F.layout(0, 4, "all_to_all", torch.bfloat16, 64, back, legs, 0, 0)
+    assert long_in.fits and not long_in.one_round  # rank 3's long payload: round 2
 
 
 def test_expected_headers_mirror_the_peers_headers():
