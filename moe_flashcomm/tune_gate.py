@@ -174,7 +174,7 @@ def _measure_path(rank: int, world: int, port: int, path: str, cfg: dict, out: s
                 rows.append(dict(path=path, hidden=hidden, tokens=tokens, size_bytes=tokens * hidden * 2,
                                  pair_bytes=(tokens // world) * hidden * 2, variant=name, codec=name,
                                  ms=ms, nccl_ms=nccl))
-            del x, out_buf
+            x = out_buf = None  # (freed before the next size)
             if device == "cuda":
                 torch.cuda.empty_cache()
         if rank == 0:

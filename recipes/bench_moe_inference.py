@@ -179,7 +179,7 @@ def bench(args) -> None:
                          f"{row['stock_bf16_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes"
                          f" (err {row[f'{key}_rel_err']:.1e})")
             log(line)
-        del layer
+        layer = None  # (freed before the next preset; the timed lambdas above are done)
         if gpu:
             torch.cuda.empty_cache()
     if rank == 0:
