@@ -15,7 +15,7 @@ from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
-from tests.a2a_cases import make_input
+from tests.a2a_cases import expected, make_input
 from tests.distributed import spawn
 
 LIMIT_S = 10  # what every disagreement must take at most, on every rank
@@ -96,6 +96,28 @@ def _split_sizes(rank, world):
 
 def test_split_sizes_disagree_gloo_2():
     spawn(_split_sizes, 2, timeout=240)
+
+
+def _long_payloads(rank, world):
+    comm = mf.Communicator(gate=False)
+    hidden = 1024
+    long_rows = FRAME_BYTES // (2 * hidden) + 77  # a bf16 payload past one frame
+    # rank 0 sends rank 1 a long payload and gets a short one: rank 0's own send does not fit
+    # its frame, while rank 1 sends one frame but must fetch the rest (round 2 on both ends)
+    S = [[3, long_rows], [5, 2]]
+    for codec in ("native", 4):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = make_input(rank, sum(S[rank]), (hidden,), dtype, 7)
+            got = comm.all_to_all(x, [S[p][rank] for p in range(world)], S[rank], codec=codec)
+            want = expected(rank, world, S, (hidden,), dtype, 7, lambda p: CodecConfig.coerce(codec))
+            assert torch.equal(got, want), (codec, dtype)
+    comm.close()
+
+
+def test_long_payloads_agree_gloo_2():
+    """Payloads past one frame (4 MiB) move their rest point to point, on agreeing ranks too:
+    exact, in either direction."""
+    spawn(_long_payloads, 2, timeout=240)
 
 
 def _shape_and_order(rank, world):
