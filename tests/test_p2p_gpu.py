@@ -72,6 +72,34 @@ def exactness(rank, world, comm):
         assert _compiled_calls(comm), "no call went through the compiled launcher"
 
 
+def both_launchers(rank, world):
+    """The compiled launcher's calls (csrc/launcher.cpp Exchange, whatever the environment
+    says) give the bits of the ctypes ones, forward and backward, on communicators of their
+    own; calls back to back, and with an error page and stream cell they share with nothing."""
+    prior = K.KERNELS.native is not None
+    S = [[4] * world for _ in range(world)]
+    results = {}
+    try:
+        for compiled in (False, True):
+            K.KERNELS.use_launcher(compiled)
+            with mf.Communicator(gate=False) as c:
+                got = []
+                for i, cfg in enumerate((mf.CodecConfig(bits=4), mf.CodecConfig(bits=8))):
+                    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 70 + i).cuda()
+                    xg = x.clone().requires_grad_()
+                    y = c.all_to_all(xg, codec=cfg, grad_codec=cfg)
+                    y.backward(make_input(rank + 9, 4 * world, (H,), torch.bfloat16, 72).cuda())
+                    got += [y.detach(), xg.grad, c.all_to_all(x, codec=cfg)]
+                    assert torch.equal(got[-1], want(rank, world, S, 70 + i, torch.bfloat16, cfg))
+                torch.cuda.synchronize()
+                assert _compiled_calls(c) if compiled else not _compiled_calls(c), compiled
+                results[compiled] = got
+    finally:
+        K.KERNELS.use_launcher(prior)
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+
+
 def backward(rank, world, comm):
     """The backward is the reverse exchange of the gradient with the grad codec."""
     S = [[3, 5], [7, 2]] if world == 2 else [[4] * world for _ in range(world)]
@@ -249,6 +277,7 @@ def _checks(rank, world, port):
     comm = mf.Communicator(gate=False)
     exactness(rank, world, comm)
     backward(rank, world, comm)
+    both_launchers(rank, world)
     graphs(rank, world, comm)
     disagreement(rank, world, comm)
     if world == 2:
