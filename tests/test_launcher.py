@@ -275,3 +275,28 @@ def test_a_compiled_repeat_runs_on_torchs_current_stream(native):
     assert again.shape == (32, rb) and again.dtype == torch.uint8
     assert torch.equal(again.cpu(), reference.encode(x.cpu(), cfg))
     assert not torch.equal(first, again)
+
+
+@pytest.mark.cuda
+def test_public_codec_calls_agree_through_either_launcher(native):
+    """``encode`` / ``decode`` and their repeats (the compiled ``Repeat``, whatever the
+    environment says) give the ctypes calls' bits."""
+    import moe_flashcomm as mf
+    from moe_flashcomm.codec import cuda as C
+    prior = K.KERNELS.native is not None
+    x = torch.randn(8, 7168, dtype=torch.bfloat16, device="cuda")
+    got = {}
+    try:
+        for compiled in (False, True):
+            K.KERNELS.use_launcher(compiled)
+            cfg = mf.CodecConfig(bits=4)
+            recs = [mf.encode(x, cfg) for _ in range(3)]  # the first prepares, then repeats
+            outs = [mf.decode(recs[0], cfg, 7168, torch.bfloat16) for _ in range(3)]
+            repeats = [p for p in K.KERNELS.plans.values() if isinstance(p, C._Repeat)]
+            assert len(repeats) == 2
+            assert all(isinstance(r.call, native.Repeat) == compiled for r in repeats)
+            got[compiled] = recs + outs
+    finally:
+        K.KERNELS.use_launcher(prior)
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
