@@ -84,6 +84,37 @@ def test_lifetime_and_disagreement_gloo_2():
     spawn(_lifetime, 2)
 
 
+def _bad_arguments(rank, world):
+    # the constructor's own checks name the field and what is allowed, before any collective
+    for kwargs, pattern in ((dict(algorithm="ring"), r"algorithm must be one of \('flat'"),
+                            (dict(timeout=0), "timeout must be a number of seconds > 0, got 0"),
+                            (dict(timeout=-3.5), "got -3.5"), (dict(timeout=True), "got True"),
+                            (dict(timeout="60"), "got '60'")):
+        with pytest.raises(ValueError, match=pattern):
+            mf.Communicator(**kwargs)
+    alone = dist.new_group([0])  # (made by every rank; rank 1 is not in it)
+    if rank == 1:
+        with pytest.raises(ValueError, match="this process is not a member of `group`"):
+            mf.Communicator(alone)
+    comm = mf.Communicator(gate=False)
+    # tokens of a shape all_to_all cannot route: every rank raises its own error, at once
+    for x, pattern in ((torch.ones(8), r"at least 2-D \[tokens, ..., hidden\], got shape \(8,\)"),
+                       (torch.ones(4, 0), r"hidden size x.shape\[-1\] >= 1, got shape \(4, 0\)")):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=pattern):
+            comm.all_to_all(x)
+        assert time.monotonic() - start < 10
+    x = make_input(rank, 4 * world, (32,), torch.float32, 11)  # and the group works afterwards
+    assert torch.equal(comm.all_to_all(x, codec=8),
+                       expected(rank, world, [[4] * world] * world, (32,), torch.float32, 11,
+                                lambda p: mf.CodecConfig(bits=8)))
+    comm.close()
+
+
+def test_bad_arguments_name_the_field_gloo_2():
+    spawn(_bad_arguments, 2, timeout=240)
+
+
 def test_communicator_outside_distributed_says_so():
     with pytest.raises(RuntimeError, match="init_process_group"):
         mf.Communicator()
