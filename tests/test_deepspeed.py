@@ -713,7 +713,24 @@ def check_ranks_that_disagree(tag: str) -> None:
     with pytest.raises((ValueError, mf.comm.ConfigMismatchError),
                        match="CodecConfig.bits|failed on rank"):
         mf.enable_deepspeed(moe, bad)
+    # models whose MoE layers differ between the ranks (here: named differently)
+    named = nn.ModuleDict({"first" if dist.get_rank() == 0 else "second": moe})
+    with pytest.raises(mf.comm.ConfigMismatchError,
+                       match=r"this rank has MoE layers \['(first|second)\.deepspeed_moe'\], rank"):
+        mf.enable_deepspeed(named, PASS)
     assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
+    # a layer rule that selects no layer is a warning naming the layers there are
+    from moe_flashcomm.integrations.patching import ds_logger
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    ds_logger().addHandler(handler)
+    try:
+        mf.enable_deepspeed(moe, {**PASS, "layers": [{"match": "decoder.*", "dispatch": 4}]})
+    finally:
+        ds_logger().removeHandler(handler)
+    assert "layers[0].match ['decoder.*'] selects no layer; the MoE layers are: " \
+           "['deepspeed_moe']" in seen.getvalue(), seen.getvalue()
+    mf.disable_deepspeed(moe)
     mf.enable_deepspeed(moe, PASS)
     (state,) = [m.__dict__["_moe_flashcomm"] for m in moe.modules() if "_moe_flashcomm" in m.__dict__]
     assert state.comm is not None and not state.comm.closed
