@@ -1,7 +1,8 @@
 """The exchange plans NCCL runs (comm/exchange.py without a Framing: segments merged across
 neighbouring peers of one wire, pipelined chunks, the direct decode, the plain all_to_all_single
-of raw rows), driven on CPU over gloo, which moves the same byte splits. Between GPUs this
-path needs two of them; here every CI run checks its bits against the reference codec."""
+of raw rows) and the flat all-reduce NCCL runs (comm/all_reduce.py ``_flat``: pipelined ranges,
+the two-rank all-gather), driven on CPU over gloo, which moves the same bytes. Between GPUs
+these paths need two of them; here every CI run checks their bits against the reference."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import dataclasses
 import torch
 
 import moe_flashcomm as mf
+from moe_flashcomm.comm import all_reduce as A
 from moe_flashcomm.comm.exchange import exchange
 from moe_flashcomm.comm.topology import LinkCodecs
 from tests.a2a_cases import expected, make_input, split_matrix
@@ -53,3 +55,30 @@ def _plans(rank, world):
 
 def test_unframed_plans_gloo_3():
     spawn(_plans, 3, timeout=300)
+
+
+def _all_reduce(rank, world):
+    comm = mf.Communicator(gate=False)
+    for codec in (4, 8, "fp8", 2):
+        for dtype in (torch.float32, torch.bfloat16):
+            for n in (1000, 3 * 1024 + 7, 9000):  # (padded to whole rows of every rank)
+                for chunks in (1, 2, 3):
+                    inputs = [make_input(p, n, (), dtype, n + chunks) for p in range(world)]
+                    buf = A._padded(inputs[rank].clone(), world)
+                    plan = A._make_plan(comm, inputs[rank], LinkCodecs.coerce(codec, "codec"),
+                                        "flat", chunks)
+                    A._flat(buf, plan, comm.group)
+                    want = A.reference_all_reduce(inputs, codec)
+                    assert torch.equal(buf[:n], want), (codec, dtype, n, chunks)
+    comm.close()
+
+
+def test_unframed_all_reduce_gloo_3():
+    spawn(_all_reduce, 3, timeout=300)
+
+
+def test_unframed_all_reduce_pair_gather_gloo_2():
+    """Two ranks: the reduce-scatter's exchange as an all-gather (the default), and as an
+    all_to_all_single."""
+    spawn(_all_reduce, 2, timeout=300)
+    spawn(_all_reduce, 2, timeout=300, env=dict(MOE_FLASHCOMM_AR_PAIR_GATHER="0"))
