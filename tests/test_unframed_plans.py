@@ -1,8 +1,9 @@
 """The exchange plans NCCL runs (comm/exchange.py without a Framing: segments merged across
 neighbouring peers of one wire, pipelined chunks, the direct decode, the plain all_to_all_single
-of raw rows) and the flat all-reduce NCCL runs (comm/all_reduce.py ``_flat``: pipelined ranges,
-the two-rank all-gather), driven on CPU over gloo, which moves the same bytes. Between GPUs
-these paths need two of them; here every CI run checks their bits against the reference."""
+of raw rows), the flat all-reduce NCCL runs (comm/all_reduce.py ``_flat``: pipelined ranges,
+the two-rank all-gather) and the hierarchical all-to-all and all-reduce on unframed stage
+groups, driven on CPU over gloo, which moves the same bytes. Between GPUs these paths need
+two of them; here every CI run checks their bits against the reference."""
 from __future__ import annotations
 
 import dataclasses
@@ -82,3 +83,29 @@ def test_unframed_all_reduce_pair_gather_gloo_2():
     all_to_all_single."""
     spawn(_all_reduce, 2, timeout=300)
     spawn(_all_reduce, 2, timeout=300, env=dict(MOE_FLASHCOMM_AR_PAIR_GATHER="0"))
+
+
+def _hierarchical(rank, world):
+    comm = mf.Communicator(gate=False, topology=2)  # 2 "nodes" of 2 ranks
+    comm.framing = None  # before any route or stage is made: the stages NCCL would run
+    link = {"intra_node": "bf16", "inter_node": 4}
+    codecs = LinkCodecs.coerce(link, "codec")
+    for kind in ("even", "uneven", "zeros"):
+        for dtype in (torch.float32, torch.bfloat16):
+            S = split_matrix(world, kind, 90)
+            x = make_input(rank, sum(S[rank]), (64,), dtype, 91)
+            got = comm.all_to_all(x, [S[p][rank] for p in range(world)], S[rank], codec=link,
+                                  algorithm="hierarchical")
+            pair = lambda p: codecs.intra_node if p // 2 == rank // 2 else codecs.inter_node  # noqa: E731
+            assert torch.equal(got, expected(rank, world, S, (64,), dtype, 91, pair)), (kind, dtype)
+    inputs = [make_input(p, 5000, (), torch.float32, 92) for p in range(world)]
+    got = comm.all_reduce(inputs[rank].clone(), codec={"intra_node": 8, "inter_node": 4},
+                          algorithm="hierarchical")
+    want = A.reference_all_reduce(inputs, {"intra_node": 8, "inter_node": 4}, local_size=2)
+    assert torch.equal(got, want)
+    assert comm.hierarchy_state["hierarchy"][1].framing is None  # (the unframed stages ran)
+    comm.close()
+
+
+def test_unframed_hierarchical_gloo_4():
+    spawn(_hierarchical, 4, timeout=300)
