@@ -178,8 +178,6 @@ class FlashCommConfig:
                 v = _codec_to_json(v)
             elif f.name == "layers":
                 v = [r.to_dict() for r in v]
-            elif f.name == "gate" and isinstance(v, os.PathLike):
-                v = os.fspath(v)
             d[f.name] = v
         return d
 

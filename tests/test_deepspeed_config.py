@@ -125,8 +125,22 @@ def test_constructor_validates_too():
         FlashCommConfig(combine=1)
     with pytest.raises(ConfigError, match=r"FlashCommConfig\.layers\[0\]\.dispatch_grad"):
         FlashCommConfig(layers=[{"index": 0, "dispatch_grad": "fp4"}])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="config must be a FlashCommConfig, a dict or None, got int"):
         FlashCommConfig.coerce(4)
+
+
+def test_what_is_not_a_config_is_named():
+    """A section, a DeepSpeed config or a gate path of the wrong kind says what it got."""
+    with pytest.raises(ConfigError, match="moe_flashcomm must be a dict, got list"):
+        FlashCommConfig.from_deepspeed_config({"moe_flashcomm": ["int4"]})
+    with pytest.raises(TypeError, match="expected a DeepSpeed config dict or JSON path, got int"):
+        FlashCommConfig.from_deepspeed_config(3)
+    assert FlashCommConfig.from_deepspeed_config({"train_batch_size": 8}) is None
+    assert FlashCommConfig.from_deepspeed_config({"moe_flashcomm": None}) == FlashCommConfig()
+    from pathlib import Path
+    cfg = FlashCommConfig(gate=Path("gate.json"))  # a path-like gate is kept as its string
+    assert cfg.to_dict()["gate"] == "gate.json"
+    assert FlashCommConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_package_imports_without_deepspeed():
