@@ -1,8 +1,9 @@
 """The exchange plans NCCL runs (comm/exchange.py without a Framing: segments merged across
 neighbouring peers of one wire, pipelined chunks, the direct decode, the plain all_to_all_single
 of raw rows), the flat all-reduce NCCL runs (comm/all_reduce.py ``_flat``: pipelined ranges,
-the two-rank all-gather) and the hierarchical all-to-all and all-reduce on unframed stage
-groups, driven on CPU over gloo, which moves the same bytes. Between GPUs these paths need
+the two-rank all-gather), the hierarchical all-to-all and all-reduce on unframed stage
+groups, and the autograd calls that stand in for a plain all_to_all_single (``_Fast``),
+driven on CPU over gloo, which moves the same bytes. Between GPUs these paths need
 two of them; here every CI run checks their bits against the reference."""
 from __future__ import annotations
 
@@ -109,3 +110,41 @@ def _hierarchical(rank, world):
 
 def test_unframed_hierarchical_gloo_4():
     spawn(_hierarchical, 4, timeout=300)
+
+
+def _autograd(rank, world):
+    """The calls that stand in for a plain all_to_all_single (raw rows: ``_Fast``, issued on
+    the process group directly) and the quantized ones, through autograd, sync and async."""
+    comm = mf.Communicator(gate=False)
+    comm.framing = None  # before any route is made
+    S = split_matrix(world, "uneven", 95)
+    out_rows = [S[p][rank] for p in range(world)]
+    for codec, dtype in (("bf16", torch.bfloat16), ("native", torch.float32), (4, torch.float32)):
+        link = lambda p: LinkCodecs.coerce(codec, "codec").intra_node  # noqa: E731
+        x = make_input(rank, sum(S[rank]), (4, 32), dtype, 96).requires_grad_()
+        for async_op in (False, True):
+            y = comm.all_to_all(x, out_rows, S[rank], codec=codec, grad_codec=codec,
+                                async_op=async_op)
+            y = y.wait() if async_op else y
+            assert torch.equal(y, expected(rank, world, S, (4, 32), dtype, 96, link)), codec
+            gy = make_input(rank + 7, sum(out_rows), (4, 32), dtype, 97)
+            (gx,) = torch.autograd.grad(y, x, gy)
+            want = torch.cat([_grad_rows(rank, p, world, S, dtype, link) for p in range(world)])
+            assert torch.equal(gx, want), (codec, async_op)
+    fast = [c for c in comm._plans.values() if c.fast_fwd is not None]
+    assert len(fast) == 2  # raw rows ("bf16" of bf16 tokens, "native"): the direct calls ran
+    comm.close()
+
+
+def _grad_rows(rank, p, world, S, dtype, link):
+    """The rows of this rank's input gradient that came back from group rank ``p``: what
+    ``p`` received from this rank, its gradient rows through the pair's codec."""
+    from tests.a2a_cases import roundtrip
+    gp = make_input(p + 7, sum(S[q][p] for q in range(world)), (4, 32), dtype, 97)
+    off = sum(S[q][p] for q in range(rank))
+    rows = gp[off:off + S[rank][p]]
+    return rows if p == rank else roundtrip(rows, link(p))
+
+
+def test_unframed_autograd_gloo_3():
+    spawn(_autograd, 3, timeout=300)
