@@ -204,9 +204,37 @@ def check_kernel_injection_modules(tag: str) -> None:
         for k in local:
             assert torch.equal(got[k], expected(local[k], codec) + bias[k]), (tag, k)
             assert stats[k].calls == 1
+        check_patched_dist(mlp, local["mlp"], codec, tag)
         mf.disable_all_reduce(model)
         for k in local:
             assert torch.equal(run()[k], stock[k]), (tag, k)
+
+
+def check_patched_dist(layer: nn.Module, local: torch.Tensor, codec, tag: str) -> None:
+    """What a patched method sees as ``dist``: a sum of floats is the layer's quantized
+    all-reduce (an async caller gets a completed handle, ``inference_all_reduce`` is the same
+    sum); another reduction, integer tensors and every other name are deepspeed.comm's."""
+    from moe_flashcomm.integrations.allreduce import _STATE
+    state = layer.__dict__[_STATE]
+    patched = state.impl(layer).__globals__["dist"]
+    t = local.clone()
+    handle = patched.all_reduce(t, async_op=True)
+    assert handle.wait() and handle.is_completed()
+    assert torch.equal(t, expected(local, codec)), tag
+    t = local.clone()
+    patched.inference_all_reduce(t)
+    assert torch.equal(t, expected(local, codec)), tag
+    assert state.stats.calls == 3  # (the forward's, then these two)
+    m = randn(7, seed=70 + dist.get_rank())
+    want = m.clone()
+    dist.all_reduce(want, op=dist.ReduceOp.MAX)
+    patched.all_reduce(m, op=dist.ReduceOp.MAX)
+    assert torch.equal(m, want), tag
+    i = torch.arange(5, device=m.device) + dist.get_rank()
+    patched.all_reduce(i)
+    assert torch.equal(i, torch.arange(5, device=m.device) * dist.get_world_size()
+                       + sum(range(dist.get_world_size()))), tag
+    assert state.stats.calls == 3 and patched.get_world_size() == dist.get_world_size()
 
 
 def _world2(rank: int, world: int) -> None:
