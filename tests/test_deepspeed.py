@@ -713,6 +713,15 @@ def check_ranks_that_disagree(tag: str) -> None:
     with pytest.raises((ValueError, mf.comm.ConfigMismatchError),
                        match="CodecConfig.bits|failed on rank"):
         mf.enable_deepspeed(moe, bad)
+    # a layer that one rank cannot patch (another wrapper left an instance attribute there):
+    # that rank's error names it, and the other ranks raise too instead of waiting for it
+    (layer,) = [m for m in moe.modules() if type(m).__name__ == "MOELayer"]
+    if dist.get_rank() == 1:
+        layer.forward = layer.forward  # (as a wrapper library would)
+    with pytest.raises((RuntimeError, mf.comm.ConfigMismatchError),
+                       match="already has an instance attribute 'forward'"):
+        mf.enable_deepspeed(moe, PASS)
+    layer.__dict__.pop("forward", None)
     # models whose MoE layers differ between the ranks (here: named differently)
     named = nn.ModuleDict({"first" if dist.get_rank() == 0 else "second": moe})
     with pytest.raises(mf.comm.ConfigMismatchError,

@@ -45,8 +45,9 @@ from ..comm.communicator import communicator
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .padding import RouteCounts, SlotPlan, filled_slots
-from .patching import (TESTED_VERSIONS, PatchState, Site, ds_logger, import_deepspeed, patch,
-                       rank0, rebind, resolve, states, unpatch, unsupported, unwrap, uses_global)
+from .patching import (TESTED_VERSIONS, PatchState, Site, check_patchable, ds_logger,
+                       import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
+                       unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
 
 _STATE = "_moe_flashcomm"  # instance attribute holding a patched layer's _LayerState
@@ -246,17 +247,21 @@ def _tensor_parallel_size(layer: nn.Module) -> int:
                           '"skip_padding": false') from None
 
 
-def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
+def _state_for(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
+    """What ``layer`` will hold: its own state where it is enabled already (configured anew
+    once the ranks agree, its counters kept), else a new one checked to be installable, so
+    that whatever keeps a layer from being patched raises before the ranks agree."""
     state = vars(layer).get(_STATE)
-    if state is not None:  # enabled again: new config, same counters
-        state.configure(config)
+    if state is not None:
         return state
     if site.cls_name == "AutoEPMoELayer" and getattr(layer, "comm_backend", "comm") != "comm":
         raise ValueError(f"moe_flashcomm: AutoEP layer '{name}' uses comm_backend="
                          f"{layer.comm_backend!r} (DeepEP), whose transport moe_flashcomm cannot "
                          'replace; set expert_parallel.comm_backend to "comm", or disable this layer '
                          'with a rule {"match": ..., "enabled": false}')
-    return patch(layer, _LayerState(name, site, config))
+    state = _LayerState(name, site, config)
+    check_patchable(layer, state)
+    return state
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -386,19 +391,24 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
         _check_rules(cfg, [n for n, _, _ in layers])
         resolved = [(name, layer, cfg.for_layer(name, index))
                     for index, (name, layer, _) in enumerate(layers)]
-        return resolved, layers, cfg
+        states = [_state_for(layer, name, site, lcfg) if lcfg.enabled else None
+                  for (name, layer, site), (_, _, lcfg) in zip(layers, resolved)]
+        return resolved, layers, cfg, states
 
-    resolved, layers, cfg = _agree(prepare)
+    resolved, layers, cfg, states = _agree(prepare)
     enabled: dict[str, ExchangeStats] = {}
     patched = []
     lines = []
-    for (name, layer, site), (_, _, lcfg) in zip(layers, resolved):
+    for (name, layer, site), (_, _, lcfg), state in zip(layers, resolved, states):
         label = f"{name or '<root>'} [{site.cls_name}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
             unpatch(layer, _STATE)
             lines.append(f"  {label}: stock DeepSpeed (disabled by config)")
             continue
-        state = _patch(layer, name, site, lcfg)
+        if state is vars(layer).get(_STATE):  # enabled again: new config, same counters
+            state.configure(lcfg)
+        else:
+            patch(layer, state)
         patched.append((layer, state))
         enabled[name] = state.stats
         lines.append(f"  {label}: {lcfg.describe()}")

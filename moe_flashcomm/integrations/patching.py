@@ -213,9 +213,10 @@ def _call_state(attr: str, method: str, layer: nn.Module, *args: Any, **kwargs: 
     return getattr(layer.__dict__[attr], method)(layer, *args, **kwargs)
 
 
-def patch(layer: nn.Module, state: PatchState) -> PatchState:
-    """Install ``state`` on ``layer``: checks the layer's code (``state.bind``) first, so
-    nothing is changed on a layer that cannot be patched."""
+def check_patchable(layer: nn.Module, state: PatchState) -> None:
+    """Raise what would keep ``state`` from being installed on ``layer`` (an instance
+    attribute of another wrapper where a method goes; DeepSpeed code of another shape),
+    changing nothing: callers check every layer before the ranks agree."""
     for attr in state.methods():
         if attr in vars(layer):
             raise RuntimeError(
@@ -223,6 +224,12 @@ def patch(layer: nn.Module, state: PatchState) -> PatchState:
                 f"attribute '{attr}' (another wrapper?); enable moe_flashcomm before wrapping "
                 "the layer")
     state.impl(layer)
+
+
+def patch(layer: nn.Module, state: PatchState) -> PatchState:
+    """Install ``state`` on ``layer``, checked first (``check_patchable``), so nothing is
+    changed on a layer that cannot be patched."""
+    check_patchable(layer, state)
     layer.__dict__[state.ATTR] = state
     for attr, method in state.methods().items():
         layer.__dict__[attr] = functools.partial(_call_state, state.ATTR, method, layer)
