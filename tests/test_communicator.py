@@ -92,6 +92,18 @@ def _bad_arguments(rank, world):
                             (dict(timeout="60"), "got '60'")):
         with pytest.raises(ValueError, match=pattern):
             mf.Communicator(**kwargs)
+    # bad arguments on one rank only: it raises its own error, the others raise at once too
+    # (it takes part in their consistency check, marked), instead of waiting for it
+    for kwargs in (dict(timeout=-1), dict(algorithm="ring"), dict(codec=9), dict(gate=5)):
+        start = time.monotonic()
+        if rank == 0:
+            with pytest.raises((ValueError, TypeError)):
+                mf.Communicator(**kwargs)
+        else:
+            with pytest.raises(ConfigMismatchError,
+                               match=r"ranks \[0\] of the group rejected their arguments"):
+                mf.Communicator()
+        assert time.monotonic() - start < 10, kwargs
     alone = dist.new_group([0])  # (made by every rank; rank 1 is not in it)
     if rank == 1:
         with pytest.raises(ValueError, match="this process is not a member of `group`"):

@@ -34,6 +34,34 @@ def hash63(value: Any) -> int:
 MAX_FIELDS = 15
 
 
+# The first word of a rank whose arguments for the checked call were rejected (reject_check)
+REJECTED = hash63("moe_flashcomm: this rank rejected its arguments")
+
+
+def _gather(words: list, group, device: torch.device, framing) -> torch.Tensor:
+    """Every rank's check words, a table [world, 1 + MAX_FIELDS] (framed on CPU)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
+                        device=device)
+    if framing is not None and device.type == "cpu":
+        from .frame import gather_words  # (frame.py imports this module)
+        return gather_words(framing, group, rank, world, "consistency check", mine)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.stack(gathered).cpu()
+
+
+def reject_check(group: Optional[dist.ProcessGroup], device: torch.device, framing=None) -> None:
+    """This rank rejected its arguments for a call whose first step is a consistency check
+    (making a Communicator): take part in the check marked so, so that the other ranks raise
+    at once instead of waiting for this one; the caller then raises its own error. What the
+    others sent is not this rank's to report."""
+    try:
+        _gather([REJECTED], group, device, framing)
+    except (ConfigMismatchError, RuntimeError):
+        pass
+
+
 def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGroup],
                      device: torch.device, verified: set,
                      what: str = "moe_flashcomm.all_to_all", framing=None) -> None:
@@ -47,16 +75,14 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
     assert len(fields) <= MAX_FIELDS, len(fields)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     words = [hash63((what, tuple(fields)))] + [hash63(v) for v in fields.values()]
-    mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
-                        device=device)
-    if framing is not None and device.type == "cpu":
-        from .frame import gather_words  # (frame.py imports this module)
-        table = gather_words(framing, group, rank, world, "consistency check", mine)
-    else:
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered).cpu()
+    table = _gather(words, group, device, framing)
     kind = table[:, 0]
+    rejected = [q for q in range(world) if kind[q] == REJECTED]
+    if rejected:
+        raise ConfigMismatchError(
+            f"{what}: ranks {rejected} of the group rejected their arguments for this call "
+            f"(their own errors say why; group rank {rank} of {world}). Every rank must pass "
+            "valid arguments, the same on every rank.")
     if bool((kind != kind[rank]).any()):
         other = [q for q in range(world) if kind[q] != kind[rank]]
         raise ConfigMismatchError(

@@ -28,7 +28,7 @@ from ..codec.reference import check_tokens
 from . import hierarchical, p2p
 from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
                        split_key)
-from .check import ConfigMismatchError, check_consistent
+from .check import ConfigMismatchError, check_consistent, reject_check
 from .exchange import ALGORITHMS, Route, SideStreams, exchange
 from . import frame
 from .frame import Framing
@@ -74,29 +74,21 @@ class Communicator:
         if not dist.is_initialized():
             raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
                                "initialised (torch.distributed.init_process_group)")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        check_chunks(chunks)
-        if timeout is not None and not (isinstance(timeout, (int, float))
-                                        and not isinstance(timeout, bool) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         self.group = group
         self.pg = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         if self.rank < 0:
             raise ValueError("this process is not a member of `group`")
-        self.topology = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
-        self.global_ranks = tuple(dist.get_process_group_ranks(self.pg))
-        self.nodes = tuple(self.topology.node_of(g) for g in self.global_ranks)
-        self.gate = SizeGate.coerce(gate)
-        self.codec = LinkCodecs.coerce(codec, "codec")
-        self.grad_codec = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None
-                                            else grad_codec, "grad_codec")
-        self.algorithm, self.chunks = algorithm, chunks
         self.backend = str(dist.get_backend(self.pg)).lower()
         # where the group's small agreement collectives run (NCCL needs CUDA tensors)
         self.agree_device = (torch.device("cuda", torch.cuda.current_device())
                              if "nccl" in self.backend else torch.device("cpu"))
+        try:
+            self._arguments(topology, gate, codec, grad_codec, algorithm, chunks, timeout)
+        except (ValueError, TypeError):
+            # the other ranks are in the consistency check below: they raise at once
+            reject_check(self.pg, self.agree_device, Framing(frame.REJECT_WAIT_S))
+            raise
         self.p2p_enabled = env.p2p_enabled()
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
@@ -118,6 +110,23 @@ class Communicator:
                               nccl_paths=(intra_node_path("cuda"),)),
                          self.pg, self.agree_device, self._verified,
                          what="moe_flashcomm.Communicator", framing=self.framing)
+
+    def _arguments(self, topology, gate, codec, grad_codec, algorithm, chunks, timeout) -> None:
+        """Check and keep the constructor's arguments (ValueError / TypeError naming them)."""
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        check_chunks(chunks)
+        if timeout is not None and not (isinstance(timeout, (int, float))
+                                        and not isinstance(timeout, bool) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        self.topology = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+        self.global_ranks = tuple(dist.get_process_group_ranks(self.pg))
+        self.nodes = tuple(self.topology.node_of(g) for g in self.global_ranks)
+        self.gate = SizeGate.coerce(gate)
+        self.codec = LinkCodecs.coerce(codec, "codec")
+        self.grad_codec = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None
+                                            else grad_codec, "grad_codec")
+        self.algorithm, self.chunks = algorithm, chunks
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
