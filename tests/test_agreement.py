@@ -15,7 +15,8 @@ from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
-from tests.a2a_cases import expected, make_input
+from tests import a2a_cases
+from tests.a2a_cases import make_input
 from tests.distributed import spawn
 
 LIMIT_S = 10  # what every disagreement must take at most, on every rank
@@ -109,7 +110,8 @@ def _long_payloads(rank, world):
         for dtype in (torch.bfloat16, torch.float32):
             x = make_input(rank, sum(S[rank]), (hidden,), dtype, 7)
             got = comm.all_to_all(x, [S[p][rank] for p in range(world)], S[rank], codec=codec)
-            want = expected(rank, world, S, (hidden,), dtype, 7, lambda p: CodecConfig.coerce(codec))
+            want = a2a_cases.expected(rank, world, S, (hidden,), dtype, 7,
+                                      lambda p: CodecConfig.coerce(codec))
             assert torch.equal(got, want), (codec, dtype)
     comm.close()
 
@@ -318,6 +320,27 @@ def _bad_arguments(rank, world):
         _raises(lambda: comm.all_to_all(x), ConfigMismatchError,
                 "rank 2: it rejected its arguments for its all_to_all")
     assert torch.equal(comm.all_to_all(x), expected)
+    # the same for an all-reduce, first at a configuration's first use, then a known one
+    y = make_input(rank, 3000, (), torch.float32, 12)
+    for codec in (8, 4):
+        if codec == 4:
+            want = comm.all_reduce(y.clone(), codec=4)  # (known to every rank from here)
+        if rank == 2:
+            _raises(lambda: comm.all_reduce(y.clone(), codec=codec, op="max"), ValueError,
+                    "op must be one of ('sum',)")
+        else:
+            _raises(lambda: comm.all_reduce(y.clone(), codec=codec), ConfigMismatchError,
+                    "rank 2: it rejected its arguments")
+    assert torch.equal(comm.all_reduce(y.clone(), codec=4), want)
+    # and for a hierarchical all-to-all (its first step is on the whole group over gloo)
+    hier = mf.Communicator(gate=False, topology=1, algorithm="hierarchical")
+    got = hier.all_to_all(x)
+    if rank == 2:
+        _raises(lambda: hier.all_to_all(x, [4] * world, [5] * world), ValueError, "")
+    else:
+        _raises(lambda: hier.all_to_all(x), ConfigMismatchError, "rank 2: it rejected")
+    assert torch.equal(hier.all_to_all(x), got)
+    hier.close()
     comm.close()
 
 

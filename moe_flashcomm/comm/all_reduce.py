@@ -311,7 +311,11 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         key, plan = None, None
     if plan is None:
         comm._check_open()
-        plan = _plan(comm, x, codec, op, algorithm, chunks)
+        try:
+            plan = _plan(comm, x, codec, op, algorithm, chunks)
+        except (ValueError, TypeError):
+            comm._reject(x, "all_reduce reduce-scatter")
+            raise
         if key is not None:
             if len(plans) > 1024:
                 plans.clear()

@@ -254,7 +254,7 @@ class Communicator:
                 call = self._prepare(x, output_split_sizes, input_split_sizes, codec,
                                      grad_codec, chunks, algorithm)
             except (ValueError, TypeError):
-                self._reject(x, algorithm)
+                self._reject(x, "all_to_all")
                 raise
             if key is not None and call.cacheable:
                 if len(self._plans) >= 1024:
@@ -267,13 +267,14 @@ class Communicator:
             return call.forward_out(x)
         return call.start(x)
 
-    def _reject(self, x, algorithm) -> None:
-        """This rank's arguments were bad: where the peers' exchange of this call is framed
-        (gloo, CPU tensors, flat), take part in it with a rejected frame so that they raise
-        now instead of waiting for the timeout."""
-        flat = (algorithm if algorithm in ALGORITHMS else self.algorithm) == "flat"
-        if flat and "gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda):
-            frame.reject(self.framing, self.pg, self.rank, self.world, "all_to_all")
+    def _reject(self, x, operation: str) -> None:
+        """This rank's arguments for ``operation`` were bad. Over gloo (CPU tensors) every
+        call's first step is a framed exchange on the whole group (the flat exchange, the
+        hierarchical intra stage or count exchange, a consistency check): take part in it
+        with a rejected frame, so that the peers raise now instead of waiting for the
+        timeout."""
+        if "gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda):
+            frame.reject(self.framing, self.pg, self.rank, self.world, operation)
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
                  algorithm) -> _Call:
