@@ -536,7 +536,7 @@ class KernelCache:
         self._driver: Optional[_Driver] = None
         self._native = _UNBUILT
         self.plans: dict = {}  # codec launch plans (moe_flashcomm.codec.cuda), by shape
-        self._plan_sets = {"env": self.plans}  # per launcher (use_launcher)
+        self._plan_sets: dict = {}  # compiled or not -> codec plans (use_launcher)
         self._lock = threading.Lock()
 
     @property
