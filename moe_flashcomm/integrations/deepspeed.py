@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import threading
 import types
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -71,23 +70,16 @@ def _expected_exchanges(site: Site, layer: nn.Module) -> int:
 
 
 # ---- running a patched layer -----------------------------------------------------------------
-_local = threading.local()
-
-
-def _running() -> "_LayerState":
-    stack = getattr(_local, "stack", None)
-    if not stack:
-        raise RuntimeError("moe_flashcomm: a patched DeepSpeed all-to-all ran outside its layer's forward")
-    return stack[-1]
-
-
 class _AllToAllStandIn:
-    """What a patched layer's DeepSpeed code finds under the name ``_AllToAll`` (called as
-    ``.apply(group, x)``) or ``_AllToAllV`` (``.apply(group, x, input_splits, output_splits)``)."""
+    """What one patched layer's DeepSpeed code finds under the name ``_AllToAll`` (called as
+    ``.apply(group, x)``) or ``_AllToAllV`` (``.apply(group, x, input_splits, output_splits)``):
+    each layer's rebound code gets its own, so the call reaches that layer's state."""
 
-    @staticmethod
-    def apply(group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
-        return _running().exchange(group, x, input_splits, output_splits)
+    def __init__(self, state: "_LayerState") -> None:
+        self.state = state
+
+    def apply(self, group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
+        return self.state.exchange(group, x, input_splits, output_splits)
 
 
 class _LayerState(PatchState):
@@ -126,21 +118,18 @@ class _LayerState(PatchState):
         if not uses_global(fn, site.global_name) or not hasattr(fn.__globals__[site.global_name], "apply"):
             raise unsupported(f"{type(layer).__qualname__}.{site.method}() of '{name}' does not call "
                               f"{site.global_name}.apply")
-        return rebind(fn, {site.global_name: _AllToAllStandIn})
+        return rebind(fn, {site.global_name: _AllToAllStandIn(self)})
 
     def run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """``layer``'s forward (``_forward`` for AutoEP), counting its exchanges."""
         impl = self.impl(layer)
-        stack = _local.__dict__.setdefault("stack", [])
         outer = self.calls, self.counts, self.plan
         self.calls, self.counts, self.plan = 0, None, None
         watch = self._watch_gate(layer)
-        stack.append(self)
         try:
             out = impl(layer, *args, **kwargs)
             calls = self.calls
         finally:
-            stack.pop()
             if watch is not None:
                 watch.remove()
             self.calls, self.counts, self.plan = outer
