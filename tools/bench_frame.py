@@ -8,8 +8,9 @@ library's own path with the framing switched off (its route without a Framing), 
 difference is the headers' cost alone: building and checking them, the frame-sized
 receive, and the copies into and out of the framed buffers. It also prints the headers' own
 host work (built, checked; no transport) measured in one process, free of the other rank's
-noise, also for groups of 4 to 16 ranks. Last, the backend's sum over gloo ("native"
-all_reduce, framed) against gloo's own all_reduce.
+noise, also for groups of 4 to 16 ranks, and each step of a framed raw exchange timed in the
+running exchange (where the other rank and gloo's threads compete for the cores). Last, the
+backend's sum over gloo ("native" all_reduce, framed) against gloo's own all_reduce.
 
     python tools/bench_frame.py --out docs/data/bench_frame.json
 """
@@ -31,7 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
-from moe_flashcomm.comm.exchange import exchange  # noqa: E402
+from moe_flashcomm.comm.exchange import cached_plan, exchange  # noqa: E402
 from moe_flashcomm.comm.frame import HEADER_BYTES, Frame, Leg  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
@@ -85,12 +86,13 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
             by_world[w] = round(_header_work_us(comm, 0, w, share // (2 * H), H, share), 2)
         print("header work by group size, 1 MiB bf16 per rank: " + ", ".join(
             f"{w} ranks {us:.1f} us" for w, us in by_world.items()), flush=True)
+    parts = _framed_parts(comm, rank, world, reps)
     sums = _backend_sums(comm, rank, reps)
     if rank == 0 and out:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
-        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums,
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums, raw_parts=parts,
                                              header_work_by_world=by_world), indent=1) + "\n")
     comm.close()
     dist.destroy_process_group()
@@ -121,6 +123,65 @@ def _backend_sums(comm, rank: int, reps: int) -> list:
         if rank == 0:
             print(f"all_reduce native {size >> 10:>6} KiB fp32: framed {f_us:8.1f} us  "
                   f"gloo {g_us:8.1f} us  ratio {f_us / g_us:.3f}", flush=True)
+    return rows
+
+
+def _framed_parts(comm, rank: int, world: int, reps: int) -> list:
+    """Each step of a framed exchange of raw bf16 rows (what ``exchange`` does for them),
+    timed inside the running exchange, against gloo's ``all_to_all_single`` of the tensor
+    (the unframed exchange), median per step."""
+    rows = []
+    route = comm.route(LinkCodecs.coerce("bf16", "codec"), "cpu")
+    for size in SIZES[:2]:
+        tokens = size // (2 * H) // world * world
+        x = torch.randn(tokens, H).to(torch.bfloat16)
+        split = (tokens // world,) * world
+        plan = cached_plan(route, split, split, H, x.dtype, 1, True)
+        sends, recvs, send_legs, recv_legs = plan.framed
+        steps: dict = {}
+        for i in range(reps + 5):
+            dist.barrier()
+            t = [time.perf_counter()]
+            frame = Frame(route.framing, route.group, rank, world, "all_to_all", x.dtype, H,
+                          send_legs, recv_legs)
+            t.append(time.perf_counter())
+            for p in frame.peers:
+                row, n = sends[p][:2]
+                frame.payload(p).copy_(x[row:row + n].view(torch.uint8).reshape(-1))
+            t.append(time.perf_counter())
+            frame.start()
+            t.append(time.perf_counter())
+            out = x.new_empty((plan.out_total, H))
+            src, dst, n = plan.own
+            out[dst:dst + n].copy_(x[src:src + n])
+            t.append(time.perf_counter())
+            frame.work.wait()
+            t.append(time.perf_counter())
+            got = frame.wait()  # the headers' check (the transfer is done)
+            t.append(time.perf_counter())
+            for p in frame.peers:
+                row, n = recvs[p][:2]
+                out[row:row + n].view(torch.uint8).view(-1).copy_(got[p])
+            t.append(time.perf_counter())
+            frame.release()
+            t.append(time.perf_counter())
+            dist.barrier()
+            plain = torch.empty_like(x)
+            start = time.perf_counter()
+            dist.all_to_all_single(plain, x, async_op=True).wait()
+            t.append(time.perf_counter() - start)
+            if i >= 5:
+                names = ("frame built", "rows copied in", "started", "own rows copied",
+                         "transport", "headers checked", "rows copied out", "released")
+                for name, a, b in zip(names, t[:-2], t[1:-1]):
+                    steps.setdefault(name, []).append(b - a)
+                steps.setdefault("framed total", []).append(t[-2] - t[0])
+                steps.setdefault("unframed all_to_all_single", []).append(t[-1])
+        us = {k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}
+        rows.append(dict(bytes_per_rank=size, steps_us=us))
+        if rank == 0:
+            print(f"framed raw bf16 {size >> 10} KiB, step by step (us): "
+                  + ", ".join(f"{k} {v}" for k, v in us.items()), flush=True)
     return rows
 
 
