@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ..codec import CodecConfig
 from ..memo import remember
+from . import direct
 from .check import ConfigMismatchError
 from .plan import offsets
 
@@ -302,8 +303,9 @@ class Frame:
         else:  # round 1 takes the first frame of each
             send = torch.cat([self.send[self.send_at[p]:self.send_at[p] + lay.in_splits[p]]
                               for p in self.peers])
-        self.work = dist.all_to_all_single(self.recv, send, lay.out_splits, lay.in_splits,
-                                           group=self.pg, async_op=True)
+        # on the group itself: its sizes and dtypes hold by construction (comm/direct.py)
+        self.work = direct.all_to_all_single(self.pg, self.recv, send, lay.out_splits,
+                                             lay.in_splits, True)
         self.framing.last_work = self.work
         return self
 
