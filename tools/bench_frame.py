@@ -92,8 +92,9 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
-        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums, raw_parts=parts,
-                                             header_work_by_world=by_world), indent=1) + "\n")
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums,
+                                             raw_parts=parts, header_work_by_world=by_world),
+                                        indent=1) + "\n")
     comm.close()
     dist.destroy_process_group()
 
