@@ -128,9 +128,10 @@ def _backend_sums(comm, rank: int, reps: int) -> list:
 
 
 def _framed_parts(comm, rank: int, world: int, reps: int) -> list:
-    """Each step of a framed exchange of raw bf16 rows (what ``exchange`` does for them),
-    timed inside the running exchange, against gloo's ``all_to_all_single`` of the tensor
-    (the unframed exchange), median per step."""
+    """Each step of a framed exchange of raw bf16 rows, timed inside the running exchange,
+    against gloo's ``all_to_all_single`` of the tensor (the unframed exchange), median per
+    step. The steps are those of ``exchange._framed_exchange`` for raw rows, written out
+    here to time each one: a change there belongs here too."""
     rows = []
     route = comm.route(LinkCodecs.coerce("bf16", "codec"), "cpu")
     for size in SIZES[:2]:
