@@ -1,6 +1,6 @@
 // The host side of the hot path (a codec call, a peer-to-peer exchange), compiled on first use
-// by moe_flashcomm/kernels.py (torch's C++ extension builder, as DeepSpeed builds its ops) when
-// MOE_FLASHCOMM_NATIVE_LAUNCH=1; otherwise, or without a compiler, the same launches go
+// by moe_flashcomm/kernels.py (torch's C++ extension builder, as DeepSpeed builds its ops)
+// unless MOE_FLASHCOMM_NATIVE_LAUNCH=0; then, or without a compiler, the same launches go
 // through ctypes. A prototype of Repeat measured 5.5 us of host time per codec call on an H200
 // host, where the public encode took 11-12 us through Python and ctypes (docs/notes.md).
 //

@@ -67,9 +67,8 @@ def kernel_defines() -> tuple[str, ...]:
 
 def native_launch() -> bool:
     """MOE_FLASHCOMM_NATIVE_LAUNCH: launch kernels through the compiled launcher
-    (csrc/launcher.cpp, built on first use); default off, ctypes, until it has been
-    verified on a GPU (docs/notes.md)."""
-    return flag("MOE_FLASHCOMM_NATIVE_LAUNCH", False)
+    (csrc/launcher.cpp, built on the first CUDA call; default on); off: through ctypes."""
+    return flag("MOE_FLASHCOMM_NATIVE_LAUNCH", True)
 
 
 def gate_file() -> Optional[str]:

@@ -4,11 +4,11 @@ device, and launched through the CUDA driver's ``cuLaunchKernel`` with arguments
 :func:`prepare_launch` gives one kernel launch whose argument block is built when its plan is
 made; a call writes only the pointers that change (the tensors' addresses) and calls the driver:
 a few microseconds of host time, no Python-side argument conversion per call. The calls go
-through ctypes or, with MOE_FLASHCOMM_NATIVE_LAUNCH=1, through the compiled launcher
-(csrc/launcher.cpp, built on first use with torch's extension builder), with the same argument
-blocks. The argument structs are declared once here (``STRUCTS``), mirrored from csrc, and
-``tests/test_kernel_structs.py`` checks their sizes and offsets against the .cu declarations
-with nvcc.
+through the compiled launcher (csrc/launcher.cpp, built on the first CUDA call with torch's
+extension builder) or, with MOE_FLASHCOMM_NATIVE_LAUNCH=0 or no compiler, through ctypes,
+with the same argument blocks. The argument structs are declared once here (``STRUCTS``),
+mirrored from csrc, and ``tests/test_kernel_structs.py`` checks their sizes and offsets
+against the .cu declarations with nvcc.
 
 State: one :class:`KernelCache` per process (``KERNELS``) holds the loaded modules and the
 per-shape launch plans of the codec; everything else belongs to a Communicator.
@@ -514,8 +514,8 @@ def build_launcher(strict: bool = False):
             raise
         warnings.warn(f"moe_flashcomm: the compiled launcher (csrc/launcher.cpp) could not be "
                       f"built ({type(e).__name__}: {e}); kernels are launched through ctypes, a "
-                      f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 (the default) "
-                      f"skips the build.", RuntimeWarning, stacklevel=2)
+                      f"few microseconds more per call. MOE_FLASHCOMM_NATIVE_LAUNCH=0 skips the "
+                      f"build.", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -547,8 +547,8 @@ class KernelCache:
 
     @property
     def native(self):
-        """The compiled launcher module (csrc/launcher.cpp), built the first time; None unless
-        MOE_FLASHCOMM_NATIVE_LAUNCH=1 or where it cannot be built (launches then use ctypes)."""
+        """The compiled launcher module (csrc/launcher.cpp), built the first time; None with
+        MOE_FLASHCOMM_NATIVE_LAUNCH=0 or where it cannot be built (launches then use ctypes)."""
         if self._native is _UNBUILT:
             with self._lock:
                 if self._native is _UNBUILT:

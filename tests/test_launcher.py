@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_flashcomm import kernels as K
+from moe_flashcomm import env, kernels as K
 
 INVALID_CONTEXT = 201
 
@@ -196,10 +196,11 @@ def test_without_a_compiler_it_warns_and_launches_through_ctypes(tmp_path):
     assert "launched through ctypes" in messages and "MOE_FLASHCOMM_NATIVE_LAUNCH" in messages
 
 
-def test_the_launcher_is_off_unless_asked_for(monkeypatch):
-    cache = K.KernelCache()
+def test_the_launcher_is_on_unless_turned_off(monkeypatch):
     monkeypatch.delenv("MOE_FLASHCOMM_NATIVE_LAUNCH", raising=False)
-    assert cache.native is None  # (nothing built)
+    assert env.native_launch()
+    monkeypatch.setenv("MOE_FLASHCOMM_NATIVE_LAUNCH", "0")
+    assert K.KernelCache().native is None  # (nothing built)
     monkeypatch.setenv("MOE_FLASHCOMM_NATIVE_LAUNCH", "abc")
     with pytest.raises(ValueError, match="MOE_FLASHCOMM_NATIVE_LAUNCH='abc'"):
         K.KernelCache().native
@@ -226,7 +227,8 @@ def test_too_many_pointers_are_refused():
 
 # ---- on a GPU --------------------------------------------------------------------------------
 # The compiled launcher against the ctypes launch on real kernels, whichever the process uses
-# (MOE_FLASHCOMM_NATIVE_LAUNCH); run the whole GPU suite with it set to 1 to test it everywhere.
+# (MOE_FLASHCOMM_NATIVE_LAUNCH); run the whole GPU suite with it set to 0 as well to test ctypes
+# everywhere.
 def _encode(native, bits, T=64, H=7168, dtype=torch.bfloat16):
     """(x, cfg, compiled launch, ctypes launch, record bytes) of one encode plan."""
     import moe_flashcomm as mf

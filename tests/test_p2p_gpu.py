@@ -68,7 +68,7 @@ def exactness(rank, world, comm):
                 got = comm.all_to_all(x, codec=cfg, **kw)
                 assert torch.equal(got, want(rank, world, S, 10 + i, dtype, cfg)), (cfg, dtype, S)
     assert _uses_p2p(comm), "the peer-to-peer transport was not used"
-    if K.KERNELS.native is not None:  # (MOE_FLASHCOMM_NATIVE_LAUNCH=1)
+    if K.KERNELS.native is not None:  # (unless MOE_FLASHCOMM_NATIVE_LAUNCH=0)
         assert _compiled_calls(comm), "no call went through the compiled launcher"
 
 
