@@ -171,3 +171,15 @@ def test_first_run_build_is_announced(tmp_path):
         proc.wait(timeout=60)
     assert any("first run: DeepSpeed builds its C++ op" in line for line in lines), lines
     assert any(line.startswith("moe_flashcomm: dispatch=") for line in lines), lines
+
+
+@pytest.mark.parametrize("record", ["bench_host_1205_launchers.json", "bench_host_1205_launchers_w4.json"])
+def test_bench_host_plots_a_recorded_run(record, tmp_path):
+    """``tools/bench_host.py --plot`` draws a recorded run (no GPU needed): a PNG beside the JSON."""
+    pytest.importorskip("matplotlib")
+    data = tmp_path / record
+    data.write_bytes((ROOT / "docs" / "data" / record).read_bytes())
+    proc = run("tools/bench_host.py", "--plot", str(data), cwd=tmp_path, timeout=120)
+    png = data.with_suffix(".png")
+    assert f"plot: {png}" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

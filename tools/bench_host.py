@@ -16,6 +16,7 @@ and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both
 processes and first in this one alone, with its parts (``codec_alone``). Launches go through
 the launcher MOE_FLASHCOMM_NATIVE_LAUNCH picks; ``--launchers both`` also times ctypes against
 the compiled launcher (csrc/launcher.cpp) in the same run, the two taking turns with NCCL.
+A plot of host µs per size and codec goes beside the JSON (``--plot JSON``: only that).
 
     python tools/bench_host.py --out docs/data/bench_host.json
 """
@@ -36,6 +37,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
+from benchlib import pyplot, save_figure  # noqa: E402
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -274,13 +276,48 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
               f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
         meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-                    launcher=launcher)
+                    launcher=launcher, world=world)
         Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec,
                                                   codec_alone=alone), indent=1))
     for c in kinds.values():
         if c is not None:
             c.close()
     dist.destroy_process_group()
+
+
+def plot(result: dict, png: Path) -> None:
+    """Host µs per call against bf16 bytes per rank, a panel per codec: ours (each launcher
+    timed), NCCL's all_to_all_single in the same run, and the issue's 30 µs bound."""
+    plt = pyplot()
+    if plt is None:
+        return
+    rows, meta = result["rows"], result["meta"]
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    fig, axes = plt.subplots(1, len(codecs), figsize=(4.2 * len(codecs), 3.6), squeeze=False,
+                             sharey=True)
+    series = ([("host_compiled_us", "compiled launcher"), ("host_ctypes_us", "ctypes")]
+              if "host_compiled_us" in rows[0] else [("host_us", f"ours ({meta['launcher']})")])
+    series.append(("nccl_us", "NCCL all_to_all_single"))
+    top = 1.08 * max(r[key] for r in rows for key, _ in series)
+    for ax, name in zip(axes[0], codecs):
+        sel = sorted((r for r in rows if r["codec"] == name), key=lambda r: r["size"])
+        sizes = [r["size"] for r in sel]
+        for key, label in series:
+            ax.plot(sizes, [r[key] for r in sel], marker="o", ms=3, label=label)
+        ax.axhline(30, color="r", lw=0.6, ls="--", label="30 µs")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"{s >> 20} MiB" if s >= 1 << 20 else f"{s >> 10} KiB"
+                              for s in sizes], rotation=45, fontsize=7)
+        ax.set_ylim(0, top)
+        ax.set_title(name)
+        ax.set_xlabel("bf16 bytes per rank")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("host µs per call")
+    axes[0][0].legend(fontsize=7)
+    args = meta["command"].split()  # (runs recorded before meta had "world": its argument)
+    world = meta.get("world") or (int(args[args.index("--world") + 1]) if "--world" in args else 2)
+    save_figure(fig, png, f"quantized peer-to-peer all-to-all, host time per call\n{world} "
+                f"processes on {meta['gpus']} x {meta['device']}, {meta['date']}")
 
 
 def main():
@@ -299,7 +336,10 @@ def main():
     p.add_argument("--launchers", choices=("env", "both"), default="env",
                    help="env: launch as MOE_FLASHCOMM_NATIVE_LAUNCH says; both: also time "
                         "ctypes against the compiled launcher, taking turns in one run")
+    p.add_argument("--plot", type=Path, help="only plot this JSON (beside it, as .png)")
     a = p.parse_args()
+    if a.plot:
+        return plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
     alone = None
@@ -326,6 +366,7 @@ def main():
         profile = (int(size), name)
     mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone,
                             a.launchers == "both"), nprocs=a.world, join=True)
+    plot(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
