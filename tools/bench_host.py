@@ -287,7 +287,7 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
 
 def plot(result: dict, png: Path) -> None:
     """Host µs per call against bf16 bytes per rank, a panel per codec: ours (each launcher
-    timed), NCCL's all_to_all_single in the same run, and the issue's 30 µs bound."""
+    timed), NCCL's all_to_all_single in the same run, and the 30 µs target."""
     plt = pyplot()
     if plt is None:
         return
