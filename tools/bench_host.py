@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
-from benchlib import pyplot, save_figure  # noqa: E402
+from benchlib import fmt_size, pyplot, save_figure  # noqa: E402
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -306,8 +306,7 @@ def plot(result: dict, png: Path) -> None:
             ax.plot(sizes, [r[key] for r in sel], marker="o", ms=3, label=label)
         ax.axhline(30, color="r", lw=0.6, ls="--", label="30 µs")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [f"{s >> 20} MiB" if s >= 1 << 20 else f"{s >> 10} KiB"
-                              for s in sizes], rotation=45, fontsize=7)
+        ax.set_xticks(sizes, [fmt_size(s) for s in sizes], fontsize=7)
         ax.set_ylim(0, top)
         ax.set_title(name)
         ax.set_xlabel("bf16 bytes per rank")
