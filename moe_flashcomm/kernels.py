@@ -29,7 +29,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -307,6 +307,9 @@ class _Driver:
         self.event_record.argtypes = [vp, vp]
         self.stream_wait = hot.cuStreamWaitEvent
         self.stream_wait.argtypes = [vp, vp, ui]
+        # (the compiled launcher's Program calls these three directly)
+        self.step_addresses = tuple(ctypes.cast(f, vp).value for f in
+                                    (self.copy, self.event_record, self.stream_wait))
 
     def event(self, device: int) -> int:
         """A new event (no timing) of ``device``'s context, for ordering streams."""
@@ -426,10 +429,11 @@ class CtypesLaunch:
             raise self._driver.error(rc, "cuLaunchKernel")
 
 
-def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
+def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int,
+               driver: Optional[_Driver] = None) -> None:
     """``nbytes`` from device address ``src`` to ``dst`` (local or a peer's mapping)."""
     if nbytes:
-        driver = KERNELS.driver
+        driver = KERNELS.driver if driver is None else driver
         rc = driver.copy(dst, src, nbytes, stream)
         if rc == INVALID_CONTEXT:
             driver.make_current(device)
@@ -442,16 +446,72 @@ class Order:
     """Orders one stream after another with a driver event: ``Order(dev)(after, before)``
     makes stream ``after`` wait for the work queued so far on ``before``. Two driver calls,
     valid under CUDA graph capture (a fork or join of the captured streams)."""
-    __slots__ = ("_event", "_record", "_wait")
+    __slots__ = ("event", "_record", "_wait")
 
-    def __init__(self, device: int) -> None:
-        driver = KERNELS.driver
-        self._event = driver.event(device)
+    def __init__(self, device: int, driver: Optional[_Driver] = None) -> None:
+        driver = KERNELS.driver if driver is None else driver
+        self.event = driver.event(device)
         self._record, self._wait = driver.event_record, driver.stream_wait
 
     def __call__(self, after: int, before: int) -> None:
-        self._record(self._event, before)
-        self._wait(after, self._event, 0)
+        self._record(self.event, before)
+        self._wait(after, self.event, 0)
+
+
+# ---- a call's steps as data: run by Python (ctypes) or by the compiled launcher ---------------
+LAUNCH, COPY, ORDER, STAGE, CALL = range(5)  # Step.kind (csrc/launcher.cpp Program::Kind)
+# what a step's address is an offset from: the call's tokens, its output, its staging buffer,
+# nothing (peer buffers: they do not move while a plan holds them)
+TOKENS, OUTPUT, STAGING, FIXED = range(4)
+MAIN, SIDE = 0, 1  # the call's stream, the communicator's copy stream
+
+
+class Step(NamedTuple):
+    """One step of a call: LAUNCH ``target`` (a prepared launch) with ``refs`` its pointer
+    bases; COPY ``nbytes`` from ``refs[1]`` to ``refs[0]`` on ``stream``; ORDER (``target``
+    an Order) ``stream`` after the other one; STAGE a staging buffer of ``nbytes`` (it lives
+    until the next STAGE or the call's end: order the main stream after its readers); CALL
+    ``target()`` in Python (stochastic encodes draw a seed per call). A ref is (base, offset),
+    base one of TOKENS, OUTPUT, STAGING, FIXED."""
+    kind: int
+    target: object = None
+    refs: tuple = ()
+    nbytes: int = 0
+    stream: int = MAIN
+
+
+def run_steps(steps: Sequence[Step], device: torch.device, main: int, side: int, tokens: int,
+              output: int, driver: Optional[_Driver] = None) -> None:
+    """Run ``steps`` on streams ``main`` and ``side`` of ``device`` (the twin of
+    csrc/launcher.cpp's Program, which :func:`compiled_program` makes of the same steps)."""
+    bases, streams = [tokens, output, 0, 0], (main, side)
+    staging = None
+    for step in steps:
+        kind = step.kind
+        if kind == LAUNCH:
+            step.target(main, *[bases[b] + off for b, off in step.refs])
+        elif kind == COPY:
+            (db, do), (sb, so) = step.refs
+            copy_async(device.index, bases[db] + do, bases[sb] + so, step.nbytes,
+                       streams[step.stream], driver)
+        elif kind == ORDER:
+            step.target(streams[step.stream], streams[1 - step.stream])
+        elif kind == STAGE:
+            staging = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
+            bases[STAGING] = staging.data_ptr()
+        else:
+            step.target()
+
+
+def compiled_program(native, device: int, steps: Sequence[Step], driver=None):
+    """The compiled launcher's Program of ``steps``, or None where a launch among them is not
+    a compiled one (prepared through ctypes)."""
+    if any(s.kind == LAUNCH and not isinstance(s.target, native.Launch) for s in steps):
+        return None
+    driver = KERNELS.driver if driver is None else driver
+    return native.Program([(s.kind, s.target.event if s.kind == ORDER else s.target,
+                            s.refs, s.nbytes, s.stream) for s in steps],
+                          device, driver.step_addresses, driver.make_current, driver.error)
 
 
 # torch's current stream of a device as a handle (the C call torch.compile's code uses)

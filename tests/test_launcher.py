@@ -16,24 +16,54 @@ INVALID_CONTEXT = 201
 
 _SIGNATURE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7,
                               ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+_COPY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t,
+                         ctypes.c_void_p)
+_RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_WAIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
 
 
 class FakeDriver:
-    """cuLaunchKernel's stand-in: records each launch (function, grid, block, stream and the
-    parameter values it points at) and returns the codes it is told to."""
+    """The driver's stand-in: records each launch (function, grid, block, stream and the
+    parameter values it points at), copy, event record and stream wait, in order in ``log``
+    (launches also in ``calls``), and returns the codes it is told to."""
 
     def __init__(self, cells):
-        self.cells, self.calls, self.codes, self.made_current = cells, [], [], []
-        self._callback = _SIGNATURE(self._launch)  # (kept alive with the object)
-        self.launch = self._callback  # (what CtypesLaunch calls)
-        self.launch_address = ctypes.cast(self._callback, ctypes.c_void_p).value  # (compiled)
+        self.cells, self.calls, self.codes, self.made_current, self.log = cells, [], [], [], []
+        self._callbacks = [_SIGNATURE(self._launch), _COPY(self._copy), _RECORD(self._record),
+                           _WAIT(self._wait)]  # (kept alive with the object)
+        self.launch, self.copy, self.event_record, self.stream_wait = self._callbacks
+        # (what the compiled launcher calls)
+        self.launch_address, *steps = [ctypes.cast(c, ctypes.c_void_p).value
+                                       for c in self._callbacks]
+        self.step_addresses = tuple(steps)
+        self._events = 0
+
+    def _code(self):
+        return self.codes.pop(0) if self.codes else 0
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         values = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64)).contents.value
                   for i in range(len(self.cells))]
         self.calls.append(dict(fn=fn, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem,
                                stream=stream or 0, values=values))
-        return self.codes.pop(0) if self.codes else 0
+        self.log.append(("launch", fn, stream or 0, values))
+        return self._code()
+
+    def _copy(self, dst, src, nbytes, stream):
+        self.log.append(("copy", dst, src, nbytes, stream or 0))
+        return self._code()
+
+    def _record(self, event, stream):
+        self.log.append(("record", event, stream or 0))
+        return self._code()
+
+    def _wait(self, stream, event, flags):
+        self.log.append(("wait", stream or 0, event))
+        return self._code()
+
+    def event(self, device):
+        self._events += 1
+        return 0xE0 + self._events
 
     def make_current(self, device):
         self.made_current.append(device)
@@ -127,7 +157,9 @@ def test_exchange_checks_orders_allocates_and_launches(native):
     def begin(stream):
         begun.append(stream)
         cell.value = stream
-    call = native.Exchange(launch, torch.bfloat16, ctypes.addressof(page) + 8 * 6,
+    program = K.compiled_program(native, 0, [K.Step(K.LAUNCH, launch, ((K.TOKENS, 0),
+                                                                       (K.OUTPUT, 0)))], driver)
+    call = native.Exchange(program, 0, torch.bfloat16, ctypes.addressof(page) + 8 * 6,
                            ctypes.addressof(cell), check, begin)
     x = torch.randn(6, 32).to(torch.bfloat16)
     out = call(x, (4, 2, 32), stream=55)
@@ -146,6 +178,90 @@ def test_exchange_checks_orders_allocates_and_launches(native):
     with pytest.raises(K.CudaError, match="earlier call reported"):
         call(x, (6, 32), stream=0)
     assert checked == [1] and len(driver.calls) == 4
+
+
+def _program_steps(make_launch, driver, block, called):
+    """A call of every step kind (comm/exchange.py P2PCall makes them): launches on the tokens,
+    the output, the staging buffer and fixed addresses, copies on either stream, the fork and
+    join of the copy stream, a call into Python; a copy of nothing queues nothing."""
+    launch = [make_launch(driver, block, fn=fn, blocks=2, device=0) for fn in (1, 2, 3)]
+    fork, join = K.Order(0, driver), K.Order(0, driver)
+    return [K.Step(K.LAUNCH, launch[0], ((K.TOKENS, 16), (K.OUTPUT, 32))),
+            K.Step(K.COPY, refs=((K.FIXED, 0x5000), (K.TOKENS, 64)), nbytes=128),
+            K.Step(K.STAGE, nbytes=4096),
+            K.Step(K.LAUNCH, launch[1], ((K.TOKENS, 0), (K.STAGING, 0))),
+            K.Step(K.ORDER, fork, stream=K.SIDE),
+            K.Step(K.COPY, refs=((K.FIXED, 0x9000), (K.STAGING, 1024)), nbytes=512,
+                   stream=K.SIDE),
+            K.Step(K.ORDER, join, stream=K.MAIN),
+            K.Step(K.CALL, lambda: called.append(len(driver.log))),
+            K.Step(K.LAUNCH, launch[2]),  # no bases: the cells keep the last call's
+            K.Step(K.COPY, refs=((K.OUTPUT, 0), (K.FIXED, 0x7000)), nbytes=0)]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_program_runs_its_steps_in_order_either_way(compiled):
+    """csrc/launcher.cpp's Program and its Python twin kernels.run_steps give the driver the
+    same calls, in order, on the same streams; a staging buffer is allocated on the call's
+    device and addressed by the steps after it."""
+    native = K.build_launcher(strict=True)
+    block = K.ArgumentBlock((0, 0))
+    driver = FakeDriver(block.cells)
+    called = []
+
+    def make_launch(driver, block, fn, blocks, device):
+        if compiled:
+            return K.compiled_launch(native, driver, device, fn, blocks, 256, block)
+        return K.CtypesLaunch(device, fn, blocks, 256, block, driver)
+    steps = _program_steps(make_launch, driver, block, called)
+    cpu = torch.device("cpu")
+    if compiled:
+        K.compiled_program(native, 0, steps, driver)(11, 22, 1000, 5000, cpu)
+    else:
+        K.run_steps(steps, cpu, 11, 22, 1000, 5000, driver)
+    staging = driver.log[2][3][1]  # the second launch's second pointer
+    assert staging not in (0, 1000, 5000)
+    assert driver.log == [
+        ("launch", 1, 11, [1016, 5032]),
+        ("copy", 0x5000, 1064, 128, 11),
+        ("launch", 2, 11, [1000, staging]),
+        ("record", 0xE1, 11), ("wait", 22, 0xE1),  # the side stream waits for the main one
+        ("copy", 0x9000, staging + 1024, 512, 22),
+        ("record", 0xE2, 22), ("wait", 11, 0xE2),  # and the main stream for the copies
+        ("launch", 3, 11, [1000, staging])]
+    assert called == [8]  # after the join, before the last launch
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_program_retries_without_a_context_and_raises_driver_errors(compiled):
+    native = K.build_launcher(strict=True)
+    block = K.ArgumentBlock((0,))
+    driver = FakeDriver(block.cells)
+    fork = K.Order(3, driver)
+    steps = [K.Step(K.COPY, refs=((K.OUTPUT, 0), (K.TOKENS, 0)), nbytes=64),
+             K.Step(K.ORDER, fork, stream=K.SIDE)]
+    if compiled:
+        program = K.compiled_program(native, 3, steps, driver)
+
+        def run():
+            program(1, 2, 100, 200, torch.device("cpu"))
+    else:
+        def run():
+            K.run_steps(steps, torch.device("cuda", 3), 1, 2, 100, 200, driver)
+    driver.codes = [INVALID_CONTEXT, 0]
+    run()
+    assert driver.made_current == [3] and [e[0] for e in driver.log] == ["copy", "copy",
+                                                                         "record", "wait"]
+    driver.codes = [700]
+    with pytest.raises(K.CudaError, match="cuMemcpyAsync failed: CUDA error 700"):
+        run()
+
+
+def test_a_program_of_ctypes_launches_is_not_compiled(native):
+    block = K.ArgumentBlock((0,))
+    driver = FakeDriver(block.cells)
+    step = K.Step(K.LAUNCH, K.CtypesLaunch(0, 1, 1, 256, block, driver))
+    assert K.compiled_program(native, 0, [step], driver) is None
 
 
 def test_a_damaged_build_is_built_again_once(native, tmp_path):

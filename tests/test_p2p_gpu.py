@@ -75,25 +75,41 @@ def exactness(rank, world, comm):
 def both_launchers(rank, world):
     """The compiled launcher's calls (csrc/launcher.cpp Exchange, whatever the environment
     says) give the bits of the ctypes ones, forward and backward, on communicators of their
-    own; calls back to back, and with an error page and stream cell they share with nothing."""
+    own: calls of one launch, and framed calls of every step kind (records the copy engine
+    moves from a staging buffer, raw rows, a seed drawn per call); calls back to back, and
+    with an error page and stream cell they share with nothing."""
     prior = K.KERNELS.native is not None
     S = [[4] * world for _ in range(world)]
+    cases = [(mf.CodecConfig(bits=4), None), (mf.CodecConfig(bits=8), None),
+             (mf.CodecConfig(bits=8), "0"), (mf.CodecConfig(bits="native"), None),
+             (mf.CodecConfig(bits=4, rounding="stochastic"), None)]
     results = {}
     try:
         for compiled in (False, True):
             K.KERNELS.use_launcher(compiled)
-            with mf.Communicator(gate=False) as c:
-                got = []
-                for i, cfg in enumerate((mf.CodecConfig(bits=4), mf.CodecConfig(bits=8))):
+            got = []
+            for i, (cfg, copy_mb) in enumerate(cases):
+                if copy_mb is not None:  # every pair's records through the copy engine
+                    os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
+                with mf.Communicator(gate=False) as c:
+                    os.environ.pop("MOE_FLASHCOMM_P2P_COPY_MB", None)
+                    torch.manual_seed(100 + i)  # (the stochastic case's seeds)
                     x = make_input(rank, 4 * world, (H,), torch.bfloat16, 70 + i).cuda()
                     xg = x.clone().requires_grad_()
                     y = c.all_to_all(xg, codec=cfg, grad_codec=cfg)
                     y.backward(make_input(rank + 9, 4 * world, (H,), torch.bfloat16, 72).cuda())
                     got += [y.detach(), xg.grad, c.all_to_all(x, codec=cfg)]
-                    assert torch.equal(got[-1], want(rank, world, S, 70 + i, torch.bfloat16, cfg))
-                torch.cuda.synchronize()
-                assert _compiled_calls(c) if compiled else not _compiled_calls(c), compiled
-                results[compiled] = got
+                    if not cfg.is_stochastic:
+                        assert torch.equal(got[-1], want(rank, world, S, 70 + i,
+                                                         torch.bfloat16, cfg)), (cfg, copy_mb)
+                    torch.cuda.synchronize()
+                    # (every call compiled, or none)
+                    calls = [plan.p2p_call for fwd, bwd in c._setups.values()
+                             for route in (fwd, bwd) for plan in route.plans.values()
+                             if plan.p2p_call is not None]
+                    assert calls and all((p.native is not None) == compiled for p in calls), \
+                        (compiled, cfg, copy_mb)
+            results[compiled] = got
     finally:
         K.KERNELS.use_launcher(prior)
     for a, b in zip(results[False], results[True]):

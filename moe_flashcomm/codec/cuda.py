@@ -185,10 +185,16 @@ def _make_decode(dev, T, hidden, cfg, dtype, shape, defines) -> tuple:
 
 def run_encode(launches: tuple, stream: int, xp: int, rp: int, seed_key: Optional[int]) -> None:
     """Launch an encode plan on ``stream``; ``seed_key``: stochastic rounding's lowbias32(seed)."""
+    if seed_key is not None:
+        set_seed(launches, seed_key)
     for launch in launches:
-        if seed_key is not None:
-            launch.args["seed_key"] = seed_key  # in place: the launch copies the block
         launch(stream, xp, rp)
+
+
+def set_seed(launches: tuple, seed_key: int) -> None:
+    """The seed of an encode plan's next launches (the driver copies the block at launch)."""
+    for launch in launches:
+        launch.args["seed_key"] = seed_key
 
 
 def seed_key(cfg: CodecConfig, seed: int) -> Optional[int]:

@@ -402,8 +402,9 @@ class P2PCall:
     buffer and publish "landed" when its records are there, and decode blocks that wait for
     "landed" and publish "freed"; other blocks copy the rows this rank keeps. Otherwise (raw
     pairs, records large enough for the copy engine, pairs of different codecs) three sync
-    launches frame plain copies, encodes and decodes. ``steps`` holds the launches as calls
-    ``step(stream, x address, output address)``."""
+    launches frame plain copies, encodes and decodes. ``steps`` holds the call as
+    ``kernels.Step`` data (bases: tokens, output), run in one C++ call by the compiled
+    launcher (``native``) or step by step from Python."""
 
     def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -412,13 +413,14 @@ class P2PCall:
         self.bufs, self.generation = bufs, bufs.generation
         self.stamps = self._stamps(route, plan, hidden, dtype)
         self.device, self.dev, self.dtype = device, device.index, dtype
-        dev, copy = self.dev, kernels.copy_async
+        self.side = 0  # the copy engine's stream, where the call has staged copies
         row = hidden * dtype.itemsize
         src, dst, n = plan.own
         o_off, x_off, own = dst * row, src * row, n * row
         steps = []
         if own and row % 16:  # not whole 16-byte words: the copy engine, first
-            steps.append(lambda s, xp, op: copy(dev, op + o_off, xp + x_off, own, s))
+            steps.append(kernels.Step(kernels.COPY, refs=((kernels.OUTPUT, o_off),
+                                                          (kernels.TOKENS, x_off)), nbytes=own))
             own = 0
         launches = self._one_launch(route, plan, hidden, dtype, o_off, x_off, own)
         if launches is None:
@@ -428,13 +430,16 @@ class P2PCall:
 
     def _compiled(self):
         """The call as one object of the compiled launcher (csrc/launcher.cpp ``Exchange``:
-        the check, the allocation, the stream and the launch in C++) where it is one compiled
-        launch, else None (``run`` takes the steps)."""
+        the check, the allocation, the stream and every step in C++), or None where the
+        launcher is off or the steps were prepared without it (``run`` takes them)."""
         native = kernels.KERNELS.native
-        if native is None or len(self.steps) != 1 or not isinstance(self.steps[0], native.Launch):
+        program = None if native is None else kernels.compiled_program(native, self.dev,
+                                                                        self.steps)
+        if program is None:
             return None
         bufs = self.bufs
-        return native.Exchange(self.steps[0], self.dtype, *bufs.cells, bufs.check, bufs.begin)
+        return native.Exchange(program, self.side, self.dtype, *bufs.cells, bufs.check,
+                               bufs.begin)
 
     @staticmethod
     def _stamps(route: Route, plan: Plan, hidden: int, dtype: torch.dtype) -> tuple:
@@ -470,50 +475,60 @@ class P2PCall:
         launch = bufs.exchange_launch(tasks(sends, lambda p: (p - r) % w),
                                       tasks(recvs, lambda p: (r - p) % w), hidden, wire, dtype,
                                       (x_off, o_off, own), self.stamps)
-        return None if launch is None else [launch]
+        return None if launch is None else [
+            kernels.Step(kernels.LAUNCH, launch, ((kernels.TOKENS, 0), (kernels.OUTPUT, 0)))]
 
     def _framed(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
                 x_off: int, own: int) -> list:
         """The steps of any call: sync (the peers are done with their buffers; its other
         blocks copy the rows this rank keeps), copies and encodes into the peers' buffers,
-        sync (ours have landed there, theirs here), decodes and copies, sync (we are done)."""
-        bufs, r, dev, copy = route.p2p, route.rank, self.dev, kernels.copy_async
+        sync (ours have landed there, theirs here), decodes and copies, sync (we are done).
+        Records of ``copy_bytes`` or more per peer are encoded locally, part k copied by the
+        copy engine (on the side stream) while part k + 1 is encoded: it moves bytes over
+        NVLink faster than the encode kernel's own remote stores."""
+        K = kernels
+        bufs, r, dev = route.p2p, route.rank, self.dev
         _, sends, recvs = plan.p2p
-        row = hidden * dtype.itemsize
-        device = self.device
-        steps = []
-        ready = bufs.sync(kernels.WAIT_FREED, self.stamps, copy_bytes=own)
-        landed = bufs.sync(kernels.PUBLISH_LANDED | kernels.WAIT_LANDED, self.stamps)
-        done = bufs.sync(kernels.PUBLISH_FREED, self.stamps, advance=True)
-        steps.append(lambda s, xp, op: ready(s, xp + x_off, op + o_off))
+        row, vec = hidden * dtype.itemsize, hidden % 8 == 0
+        ready = bufs.sync(K.WAIT_FREED, self.stamps, copy_bytes=own)
+        landed = bufs.sync(K.PUBLISH_LANDED | K.WAIT_LANDED, self.stamps)
+        done = bufs.sync(K.PUBLISH_FREED, self.stamps, advance=True)
+        steps = [K.Step(K.LAUNCH, ready, ((K.TOKENS, x_off), (K.OUTPUT, o_off)))]
         staged = []
         for p, first, rows, wire, nbytes in sends:
             to, off = bufs.region(p, r), first * row
             if wire == RAW:
-                steps.append(lambda s, xp, op, to=to, off=off, n=nbytes: copy(dev, to, xp + off, n, s))
+                steps.append(K.Step(K.COPY, refs=((K.FIXED, to), (K.TOKENS, off)), nbytes=nbytes))
             elif nbytes < bufs.copy_bytes:
-                launches = _cuda.encode_launches(dev, rows, hidden, wire, dtype, hidden % 8 == 0)
-                steps.append(_encode_step(launches, wire, off, to))
-            else:  # encoded locally, part k copied while part k + 1 is encoded
-                rb = nbytes // rows
-                parts = [chunk_range(rows, k, p2p.COPY_CHUNKS) for k in range(p2p.COPY_CHUNKS)]
-                staged.append((rows * rb, to, [
-                    (_encode_step(_cuda.encode_launches(dev, b - a, hidden, wire, dtype,
-                                                        hidden % 8 == 0), wire, (first + a) * row, None),
-                     a * rb, (b - a) * rb) for a, b in parts if b > a]))
+                steps += _encode_steps(_cuda.encode_launches(dev, rows, hidden, wire, dtype, vec),
+                                       wire, (K.TOKENS, off), (K.FIXED, to))
+            else:
+                staged.append((p, first, rows, wire, nbytes))
         if staged:
-            copier = route.streams.get(device, "copy").cuda_stream
-            steps.append(self._staged_step(staged, copier))
-        steps.append(lambda s, xp, op: landed(s))
+            self.side = route.streams.get(self.device, "copy").cuda_stream
+            fork, join = K.Order(dev), K.Order(dev)
+        for p, first, rows, wire, nbytes in staged:
+            to, rb = bufs.region(p, r), nbytes // rows
+            steps.append(K.Step(K.STAGE, nbytes=nbytes))
+            for a, b in (chunk_range(rows, k, p2p.COPY_CHUNKS) for k in range(p2p.COPY_CHUNKS)):
+                if b > a:
+                    steps += _encode_steps(
+                        _cuda.encode_launches(dev, b - a, hidden, wire, dtype, vec), wire,
+                        (K.TOKENS, (first + a) * row), (K.STAGING, a * rb))
+                    steps += [K.Step(K.ORDER, fork, stream=K.SIDE),
+                              K.Step(K.COPY, refs=((K.FIXED, to + a * rb), (K.STAGING, a * rb)),
+                                     nbytes=(b - a) * rb, stream=K.SIDE)]
+            # the main stream after the copies: the staging buffer is then free to reuse
+            steps.append(K.Step(K.ORDER, join, stream=K.MAIN))
+        steps.append(K.Step(K.LAUNCH, landed))
         for p, first, rows, wire, nbytes in recvs:
             frm, off = bufs.region(r, p), first * row
             if wire == RAW:
-                steps.append(lambda s, xp, op, frm=frm, off=off, n=nbytes: copy(dev, op + off, frm, n, s))
+                steps.append(K.Step(K.COPY, refs=((K.OUTPUT, off), (K.FIXED, frm)), nbytes=nbytes))
             else:
-                for launch in _cuda.decode_launches(dev, rows, hidden, wire, dtype):
-                    steps.append(lambda s, xp, op, launch=launch, frm=frm, off=off:
-                                 launch(s, frm, op + off))
-        steps.append(lambda s, xp, op: done(s))
+                steps += [K.Step(K.LAUNCH, launch, ((K.FIXED, frm), (K.OUTPUT, off)))
+                          for launch in _cuda.decode_launches(dev, rows, hidden, wire, dtype)]
+        steps.append(K.Step(K.LAUNCH, done))
         return steps
 
     def run(self, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
@@ -524,41 +539,20 @@ class P2PCall:
         if x.data_ptr() % 16:
             x = x.clone()  # the encodes were planned for 16-byte aligned rows
         out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
-        xp, op = x.data_ptr(), out.data_ptr()
         stream = kernels.raw_stream(self.dev)
         if stream != self.bufs.stream:
             self.bufs.begin(stream)
-        for step in self.steps:
-            step(stream, xp, op)
+        kernels.run_steps(self.steps, self.device, stream, self.side, x.data_ptr(),
+                          out.data_ptr())
         return out
 
-    def _staged_step(self, staged: list, copier: int):
-        """Records encoded locally and moved by the copy engine into the peers' memory: it
-        moves bytes over NVLink faster than the encode kernel's own remote stores."""
-        fork, join, dev, device = kernels.Order(self.dev), kernels.Order(self.dev), self.dev, self.device
 
-        def step(s: int, xp: int, op: int) -> None:
-            for nbytes, to, parts in staged:
-                rec = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                rp = rec.data_ptr()
-                for encode, r_off, n in parts:
-                    encode(s, xp, rp + r_off)
-                    fork(copier, s)
-                    kernels.copy_async(dev, to + r_off, rp + r_off, n, copier)
-                join(s, copier)  # (before rec can be reused by the current stream)
-        return step
-
-
-def _encode_step(launches: tuple, wire: CodecConfig, x_off: int, to: Optional[int]):
-    """A step ``(stream, x address, third)`` that encodes rows at ``x_off`` of the tokens into
-    ``to``, or (``to`` None) into the address passed third (the staged copies' buffer)."""
-    def dest(third: int) -> int:
-        return third if to is None else to
-    if wire.is_stochastic:  # a new seed per call, drawn from torch's generator like the codec's
-        return lambda s, xp, third: _cuda.run_encode(
-            launches, s, xp + x_off, dest(third),
-            _cuda.seed_key(wire, _reference.resolve_seed(None)))
-    if len(launches) == 1 and to is not None:
-        launch = launches[0]
-        return lambda s, xp, op: launch(s, xp + x_off, to)
-    return lambda s, xp, third: _cuda.run_encode(launches, s, xp + x_off, dest(third), None)
+def _encode_steps(launches: tuple, wire: CodecConfig, src: tuple, dst: tuple) -> list:
+    """The steps of an encode plan's ``launches`` from address ``src`` into ``dst`` (refs);
+    a stochastic one first draws this call's seed from torch's generator, as the codec does."""
+    steps = [kernels.Step(kernels.LAUNCH, launch, (src, dst)) for launch in launches]
+    if wire.is_stochastic:
+        def draw_seed() -> None:
+            _cuda.set_seed(launches, _cuda.seed_key(wire, _reference.resolve_seed(None)))
+        steps.insert(0, kernels.Step(kernels.CALL, draw_seed))
+    return steps
