@@ -76,39 +76,57 @@ def both_launchers(rank, world):
     """The compiled launcher's calls (csrc/launcher.cpp Exchange, whatever the environment
     says) give the bits of the ctypes ones, forward and backward, on communicators of their
     own: calls of one launch, and framed calls of every step kind (records the copy engine
-    moves from a staging buffer, raw rows, a seed drawn per call); calls back to back, and
-    with an error page and stream cell they share with nothing."""
+    moves from a staging buffer, a seed drawn per call, and at two ranks raw rows one way and
+    records the other, a size gate between the pairs' sizes); calls back to back, and with an
+    error page and stream cell they share with nothing."""
     prior = K.KERNELS.native is not None
-    S = [[4] * world for _ in range(world)]
-    cases = [(mf.CodecConfig(bits=4), None), (mf.CodecConfig(bits=8), None),
-             (mf.CodecConfig(bits=8), "0"), (mf.CodecConfig(bits="native"), None),
-             (mf.CodecConfig(bits=4, rounding="stochastic"), None)]
+    even = [[4] * world for _ in range(world)]
+    # (codec, MOE_FLASHCOMM_P2P_COPY_MB, gate, splits)
+    cases = [(mf.CodecConfig(bits=4), None, False, even),
+             (mf.CodecConfig(bits=8), None, False, even),
+             (mf.CodecConfig(bits=8), "0", False, even),  # every pair through the copy engine
+             (mf.CodecConfig(bits=4, rounding="stochastic"), None, False, even)]
+    if world == 2:  # pairs under 6 rows travel raw: rank 0 sends 5 raw, receives 7 as int8
+        cases.append((mf.CodecConfig(bits=8), None, {"nvlink": {"int8": 6 * H * 2}},
+                      [[3, 5], [7, 2]]))
     results = {}
     try:
         for compiled in (False, True):
             K.KERNELS.use_launcher(compiled)
             got = []
-            for i, (cfg, copy_mb) in enumerate(cases):
-                if copy_mb is not None:  # every pair's records through the copy engine
+            for i, (cfg, copy_mb, gate, S) in enumerate(cases):
+                if copy_mb is not None:
                     os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
-                with mf.Communicator(gate=False) as c:
+                with mf.Communicator(gate=gate) as c:
                     os.environ.pop("MOE_FLASHCOMM_P2P_COPY_MB", None)
                     torch.manual_seed(100 + i)  # (the stochastic case's seeds)
-                    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 70 + i).cuda()
+                    kw = {} if S is even else dict(
+                        input_split_sizes=S[rank], output_split_sizes=[S[p][rank] for p in range(world)])
+                    x = make_input(rank, sum(S[rank]), (H,), torch.bfloat16, 70 + i).cuda()
                     xg = x.clone().requires_grad_()
-                    y = c.all_to_all(xg, codec=cfg, grad_codec=cfg)
-                    y.backward(make_input(rank + 9, 4 * world, (H,), torch.bfloat16, 72).cuda())
-                    got += [y.detach(), xg.grad, c.all_to_all(x, codec=cfg)]
-                    if not cfg.is_stochastic:
+                    y = c.all_to_all(xg, codec=cfg, grad_codec=cfg, **kw)
+                    y.backward(make_input(rank + 9, y.shape[0], (H,), torch.bfloat16, 72).cuda())
+                    got += [y.detach(), xg.grad, c.all_to_all(x, codec=cfg, **kw)]
+                    if gate:  # the raw pair's rows arrive as they are
+                        p, n = 1 - rank, S[1 - rank][rank]
+                        if n < 6:
+                            sent = make_input(p, sum(S[p]), (H,), torch.bfloat16, 70 + i).cuda()
+                            assert torch.equal(got[-1][:n] if p == 0 else got[-1][-n:],
+                                               sent[:n] if p == 1 else sent[-n:])
+                    elif not cfg.is_stochastic:
                         assert torch.equal(got[-1], want(rank, world, S, 70 + i,
                                                          torch.bfloat16, cfg)), (cfg, copy_mb)
                     torch.cuda.synchronize()
-                    # (every call compiled, or none)
                     calls = [plan.p2p_call for fwd, bwd in c._setups.values()
                              for route in (fwd, bwd) for plan in route.plans.values()
                              if plan.p2p_call is not None]
+                    # every call compiled, or none; each case took the kind of call it is for
                     assert calls and all((p.native is not None) == compiled for p in calls), \
                         (compiled, cfg, copy_mb)
+                    kinds = {s.kind for call in calls for s in call.steps}
+                    assert (K.STAGE in kinds) == (copy_mb is not None), (cfg, kinds)
+                    assert (K.CALL in kinds) == cfg.is_stochastic, (cfg, kinds)
+                    assert (K.COPY in kinds) == bool(gate), (cfg, kinds)
             results[compiled] = got
     finally:
         K.KERNELS.use_launcher(prior)
