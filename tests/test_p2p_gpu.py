@@ -98,7 +98,6 @@ def both_launchers(rank, world):
                 if copy_mb is not None:
                     os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
                 with mf.Communicator(gate=gate) as c:
-                    os.environ.pop("MOE_FLASHCOMM_P2P_COPY_MB", None)
                     torch.manual_seed(100 + i)  # (the stochastic case's seeds)
                     kw = {} if S is even else dict(
                         input_split_sizes=S[rank], output_split_sizes=[S[p][rank] for p in range(world)])
@@ -107,6 +106,8 @@ def both_launchers(rank, world):
                     y = c.all_to_all(xg, codec=cfg, grad_codec=cfg, **kw)
                     y.backward(make_input(rank + 9, y.shape[0], (H,), torch.bfloat16, 72).cuda())
                     got += [y.detach(), xg.grad, c.all_to_all(x, codec=cfg, **kw)]
+                    # (read when the peer buffers are made, at the first call)
+                    os.environ.pop("MOE_FLASHCOMM_P2P_COPY_MB", None)
                     if gate:  # the raw pair's rows arrive as they are
                         p, n = 1 - rank, S[1 - rank][rank]
                         if n < 6:
@@ -123,10 +124,11 @@ def both_launchers(rank, world):
                     # every call compiled, or none; each case took the kind of call it is for
                     assert calls and all((p.native is not None) == compiled for p in calls), \
                         (compiled, cfg, copy_mb)
-                    kinds = {s.kind for call in calls for s in call.steps}
-                    assert (K.STAGE in kinds) == (copy_mb is not None), (cfg, kinds)
-                    assert (K.CALL in kinds) == cfg.is_stochastic, (cfg, kinds)
-                    assert (K.COPY in kinds) == bool(gate), (cfg, kinds)
+                    kinds = {(s.kind, s.stream) for call in calls for s in call.steps}
+                    assert ((K.STAGE, K.MAIN) in kinds) == (copy_mb is not None), (cfg, kinds)
+                    assert ((K.CALL, K.MAIN) in kinds) == cfg.is_stochastic, (cfg, kinds)
+                    # raw rows: copies on the call's stream (the copy engine's are on the side)
+                    assert ((K.COPY, K.MAIN) in kinds) == bool(gate), (cfg, kinds)
             results[compiled] = got
     finally:
         K.KERNELS.use_launcher(prior)
@@ -156,9 +158,23 @@ def backward(rank, world, comm):
 
 def graphs(rank, world, comm):
     """Forward and backward captured once, replayed many times: every replay gives what an
-    eager call gives on the same data (epochs advance on the device)."""
+    eager call gives on the same data (epochs advance on the device). Calls of one launch,
+    and framed calls whose records the copy engine moves (a staging buffer, the copy stream
+    forked from the capture and joined back)."""
+    os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = "0"
+    staged = mf.Communicator(gate=False)
+    try:  # (the variable is read when the peer buffers are made, at the first call)
+        staged.all_to_all(make_input(rank, 64 * world, (H,), torch.bfloat16, 59).cuda())
+    finally:
+        os.environ.pop("MOE_FLASHCOMM_P2P_COPY_MB", None)
+    with staged:
+        _graphs(rank, world, [(comm, mf.CodecConfig(bits=4)), (comm, mf.CodecConfig(bits="fp8")),
+                              (staged, mf.CodecConfig(bits=8))])
+
+
+def _graphs(rank, world, cases):
     T = 64 * world
-    for cfg in (mf.CodecConfig(bits=4), mf.CodecConfig(bits="fp8")):
+    for comm, cfg in cases:
         sx = make_input(rank, T, (H,), torch.bfloat16, 60).cuda().requires_grad_()
         sg = make_input(rank, T, (H,), torch.bfloat16, 61).cuda()
         side = torch.cuda.Stream()
@@ -187,6 +203,9 @@ def graphs(rank, world, comm):
             assert torch.equal(sx.grad, xe.grad), (cfg, seed)
         del graph
         torch.cuda.synchronize()
+    calls = [plan.p2p_call for fwd, bwd in cases[-1][0]._setups.values() for route in (fwd, bwd)
+             for plan in route.plans.values() if plan.p2p_call is not None]
+    assert any(s.kind == K.STAGE for call in calls for s in call.steps), "no staged call"
 
 
 def close_and_again(rank, world, comm):
