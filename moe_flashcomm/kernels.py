@@ -404,7 +404,7 @@ def compiled_launch(native, driver, device: int, fn: int, blocks: int, threads: 
 
 
 class CtypesLaunch:
-    """A :func:`prepare_launch` through ctypes (the default, or no compiler);
+    """A :func:`prepare_launch` through ctypes (MOE_FLASHCOMM_NATIVE_LAUNCH=0, or no compiler);
     ``driver`` as for :func:`compiled_launch` (default: the process's)."""
     __slots__ = ("_fn", "_blocks", "_threads", "_block", "_ptrs", "_params", "args",
                  "_driver", "_launch", "_device")
@@ -419,14 +419,19 @@ class CtypesLaunch:
     def __call__(self, stream: int, *bases: int) -> None:
         for (cell, off), base in zip(self._ptrs, bases):
             cell.value = base + off
-        rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
-                          self._params, None)
-        if rc == INVALID_CONTEXT:  # a thread without the context: make it current, once
-            self._driver.make_current(self._device)
-            rc = self._launch(self._fn, self._blocks, 1, 1, self._threads, 1, 1, 0, stream,
-                              self._params, None)
-        if rc:
-            raise self._driver.error(rc, "cuLaunchKernel")
+        drive(self._driver, self._device, "cuLaunchKernel", self._launch, self._fn,
+              self._blocks, 1, 1, self._threads, 1, 1, 0, stream, self._params, None)
+
+
+def drive(driver: _Driver, device: int, what: str, call, *args) -> None:
+    """``call(*args)``, a driver call; where the thread has no context (autograd's threads),
+    ``device``'s is made current and the call made once more; a failure raises CudaError."""
+    rc = call(*args)
+    if rc == INVALID_CONTEXT:
+        driver.make_current(device)
+        rc = call(*args)
+    if rc:
+        raise driver.error(rc, what)
 
 
 def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int,
@@ -434,28 +439,23 @@ def copy_async(device: int, dst: int, src: int, nbytes: int, stream: int,
     """``nbytes`` from device address ``src`` to ``dst`` (local or a peer's mapping)."""
     if nbytes:
         driver = KERNELS.driver if driver is None else driver
-        rc = driver.copy(dst, src, nbytes, stream)
-        if rc == INVALID_CONTEXT:
-            driver.make_current(device)
-            rc = driver.copy(dst, src, nbytes, stream)
-        if rc:
-            raise driver.error(rc, "cuMemcpyAsync")
+        drive(driver, device, "cuMemcpyAsync", driver.copy, dst, src, nbytes, stream)
 
 
 class Order:
     """Orders one stream after another with a driver event: ``Order(dev)(after, before)``
     makes stream ``after`` wait for the work queued so far on ``before``. Two driver calls,
     valid under CUDA graph capture (a fork or join of the captured streams)."""
-    __slots__ = ("event", "_record", "_wait")
+    __slots__ = ("event", "_device", "_driver")
 
     def __init__(self, device: int, driver: Optional[_Driver] = None) -> None:
-        driver = KERNELS.driver if driver is None else driver
-        self.event = driver.event(device)
-        self._record, self._wait = driver.event_record, driver.stream_wait
+        self._driver = driver = KERNELS.driver if driver is None else driver
+        self._device, self.event = device, driver.event(device)
 
     def __call__(self, after: int, before: int) -> None:
-        self._record(self.event, before)
-        self._wait(after, self.event, 0)
+        d = self._driver
+        drive(d, self._device, "cuEventRecord", d.event_record, self.event, before)
+        drive(d, self._device, "cuStreamWaitEvent", d.stream_wait, after, self.event, 0)
 
 
 # ---- a call's steps as data: run by Python (ctypes) or by the compiled launcher ---------------
@@ -496,7 +496,7 @@ def run_steps(steps: Sequence[Step], device: torch.device, main: int, side: int,
                        streams[step.stream], driver)
         elif kind == ORDER:
             step.target(streams[step.stream], streams[1 - step.stream])
-        elif kind == STAGE:
+        elif kind == STAGE:  # (held here until the next one or the call's end)
             staging = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
             bases[STAGING] = staging.data_ptr()
         else:
