@@ -475,39 +475,55 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     """The backend's sum (gated, or "native") of ``flat`` (contiguous, 1-D, in place) over
     gloo, framed: a rank whose numel differs makes every rank raise where gloo itself would
     abort the process. A reduce-scatter of the values in their own dtype, each range summed
-    in rank order, then an all-gather; up to one frame of values, the reduce-scatter alone,
-    sending every peer all of them (one round: where gloo's latency rules, twice as fast). The first step carries the numel, so
-    the choice is made only once every rank knows they agree; a disagreement ends the call
-    as it ends the quantized path (``_flat_framed``: an aborted all-gather), so ranks that
-    took different paths stay in step. On two ranks the result is
-    torch.distributed.all_reduce's to the bit (a + b = b + a); on more, the same sum, whose
-    rounding may differ from gloo's order."""
+    in rank order straight from the received frame, then an all-gather; up to one frame of
+    values, the reduce-scatter alone, sending every peer all of them (one round: where gloo's
+    latency rules, twice as fast). The first step carries the numel, so the choice is made
+    only once every rank knows they agree; a disagreement ends the call as it ends the
+    quantized path (``_flat_framed``: an aborted all-gather), so ranks that took different
+    paths stay in step. On two ranks the result is torch.distributed.all_reduce's to the bit
+    (a + b = b + a); on more, the same sum, whose rounding may differ from gloo's order."""
     W, r = plan.world, plan.rank
-    n = flat.numel()
-    one_round = n * flat.element_size() <= frame.FRAME_BYTES - frame.HEADER_BYTES
+    n, unit = flat.numel(), flat.element_size()
+    one_round = n * unit <= frame.FRAME_BYTES - frame.HEADER_BYTES
     # the values each rank sums: all of them, or its range
+    starts = [0] * W if one_round else [n * p // W for p in range(W)]
     sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
-    mine = sizes[r]
+    mine, raw = sizes[r], flat.view(torch.uint8)
     numbering = dict(framing.numbering(group), detail=n)
-    ranges = flat.new_empty(W * mine)
+
+    def framed(operation: str, send: list, receive: list) -> frame.Frame:
+        return frame.Frame(framing, group, r, W, operation, flat.dtype, 0,
+                           [None if p == r else frame.Leg(send[p], send[p] * unit) for p in range(W)],
+                           [None if p == r else frame.Leg(receive[p], receive[p] * unit)
+                            for p in range(W)], **numbering)
+    scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
+    for p in scatter.peers:
+        scatter.payload(p).copy_(raw[starts[p] * unit:(starts[p] + sizes[p]) * unit])
     try:
-        frame.all_to_all_single(framing, group, r, W, "all_reduce reduce-scatter", ranges,
-                                flat.repeat(W) if one_round else flat, [mine] * W, sizes,
-                                **numbering)
+        got = scatter.start().wait()
     except ConfigMismatchError as e:
         if not e.elsewhere:  # (a rank in another call would never answer)
             empty = flat.new_empty(0)
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
                                     empty, [0] * W, [0] * W, aborted=True, **numbering)
         raise
-    ranges = ranges.view(W, mine)
-    total = flat if one_round else flat.new_empty(mine)
-    total.copy_(ranges[0])
-    for p in range(1, W):
-        total += ranges[p]
-    if not one_round:
-        frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", flat,
-                                total.repeat(W), sizes, [mine] * W, **numbering)
+    own = flat[starts[r]:starts[r] + mine]
+    terms = [own if p == r else got[p].view(flat.dtype) for p in range(W)]
+    total = terms[0] + terms[1]
+    for term in terms[2:]:
+        total += term
+    scatter.release()  # (after the sum: the terms are views of its buffer)
+    if one_round:
+        flat.copy_(total)
+        return
+    gather = framed("all_reduce all-gather", [mine] * W, sizes)
+    for p in gather.peers:
+        gather.payload(p).copy_(total.view(torch.uint8))
+    got = gather.start().wait()
+    own.copy_(total)
+    for p in gather.peers:
+        raw[starts[p] * unit:(starts[p] + sizes[p]) * unit].copy_(got[p])
+    gather.release()
 
 
 # ---- hierarchical ------------------------------------------------------------------------------
