@@ -158,17 +158,17 @@ class Program {
     void* streams[2] = {reinterpret_cast<void*>(main), reinterpret_cast<void*>(side)};
     at::Tensor staging;
     for (const auto& step : steps_) {
-      uint64_t at[8];
+      uint64_t address[8];
       for (size_t i = 0; i < step.refs.size(); ++i) {
-        at[i] = bases[step.refs[i].first] + step.refs[i].second;
+        address[i] = bases[step.refs[i].first] + step.refs[i].second;
       }
       switch (step.kind) {
         case kLaunch:
-          step.launch->run(main, at, step.refs.size());
+          step.launch->run(main, address, step.refs.size());
           break;
         case kCopy:
           if (step.nbytes) {
-            drive([&] { return copy_(at[0], at[1], step.nbytes, streams[step.stream]); },
+            drive([&] { return copy_(address[0], address[1], step.nbytes, streams[step.stream]); },
                   make_current_, device_, error_, "cuMemcpyAsync");
           }
           break;
