@@ -49,11 +49,15 @@ def _uses_p2p(comm) -> bool:
     return any(b is not None and b.cap > 0 for b in comm._peer_buffers.values())
 
 
+def _p2p_calls(comm) -> list:
+    """The peer-to-peer calls (exchange.P2PCall) a communicator has made, both directions."""
+    return [plan.p2p_call for fwd, bwd in comm._setups.values() for route in (fwd, bwd)
+            for plan in route.plans.values() if plan.p2p_call is not None]
+
+
 def _compiled_calls(comm) -> int:
     """Peer-to-peer calls made through the compiled launcher's Exchange (csrc/launcher.cpp)."""
-    calls = [plan.p2p_call for fwd, bwd in comm._setups.values() for route in (fwd, bwd)
-             for plan in route.plans.values()]
-    return sum(c is not None and c.native is not None for c in calls)
+    return sum(c.native is not None for c in _p2p_calls(comm))
 
 
 def exactness(rank, world, comm):
@@ -118,9 +122,7 @@ def both_launchers(rank, world):
                         assert torch.equal(got[-1], want(rank, world, S, 70 + i,
                                                          torch.bfloat16, cfg)), (cfg, copy_mb)
                     torch.cuda.synchronize()
-                    calls = [plan.p2p_call for fwd, bwd in c._setups.values()
-                             for route in (fwd, bwd) for plan in route.plans.values()
-                             if plan.p2p_call is not None]
+                    calls = _p2p_calls(c)
                     # every call compiled, or none; each case took the kind of call it is for
                     assert calls and all((p.native is not None) == compiled for p in calls), \
                         (compiled, cfg, copy_mb)
@@ -203,9 +205,8 @@ def _graphs(rank, world, cases):
             assert torch.equal(sx.grad, xe.grad), (cfg, seed)
         del graph
         torch.cuda.synchronize()
-    calls = [plan.p2p_call for fwd, bwd in cases[-1][0]._setups.values() for route in (fwd, bwd)
-             for plan in route.plans.values() if plan.p2p_call is not None]
-    assert any(s.kind == K.STAGE for call in calls for s in call.steps), "no staged call"
+    staged = _p2p_calls(cases[-1][0])
+    assert any(s.kind == K.STAGE for call in staged for s in call.steps), "no staged call"
 
 
 def close_and_again(rank, world, comm):

@@ -488,8 +488,11 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     # the values each rank sums: all of them, or its range
     starts = [0] * W if one_round else [n * p // W for p in range(W)]
     sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
-    mine, raw = sizes[r], flat.view(torch.uint8)
+    mine = sizes[r]
     numbering = dict(framing.numbering(group), detail=n)
+
+    def piece(p: int) -> torch.Tensor:  # the values of rank p's range
+        return flat[starts[p]:starts[p] + sizes[p]]
 
     def framed(operation: str, send: list, receive: list) -> frame.Frame:
         return frame.Frame(framing, group, r, W, operation, flat.dtype, 0,
@@ -498,7 +501,7 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
                             for p in range(W)], **numbering)
     scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
     for p in scatter.peers:
-        scatter.payload(p).copy_(raw[starts[p] * unit:(starts[p] + sizes[p]) * unit])
+        scatter.payload(p).copy_(piece(p).view(torch.uint8))
     try:
         got = scatter.start().wait()
     except ConfigMismatchError as e:
@@ -507,8 +510,7 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
                                     empty, [0] * W, [0] * W, aborted=True, **numbering)
         raise
-    own = flat[starts[r]:starts[r] + mine]
-    terms = [own if p == r else got[p].view(flat.dtype) for p in range(W)]
+    terms = [piece(p) if p == r else got[p].view(flat.dtype) for p in range(W)]
     total = terms[0] + terms[1]
     for term in terms[2:]:
         total += term
@@ -520,9 +522,9 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     for p in gather.peers:
         gather.payload(p).copy_(total.view(torch.uint8))
     got = gather.start().wait()
-    own.copy_(total)
+    piece(r).copy_(total)
     for p in gather.peers:
-        raw[starts[p] * unit:(starts[p] + sizes[p]) * unit].copy_(got[p])
+        piece(p).view(torch.uint8).copy_(got[p])
     gather.release()
 
 
