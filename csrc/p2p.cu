@@ -12,8 +12,12 @@
 // The call number lives on the device, so a captured CUDA graph replays correctly: no host
 // state reaches the kernels. The common call is one launch, p2p_exchange_*: it encodes into
 // every peer, copies the rows a rank keeps and decodes every peer's records, each pair's waits
-// and publications around its own blocks. Calls with raw, copy-engine or mixed-codec pairs use
-// p2p_sync between their copies and codec launches instead; both keep the same per-pair flags.
+// and publications around its own blocks. Where the copy engine moves a pair's records, a
+// p2p_exchange launch in kStage mode first encodes them into a local staging buffer (its
+// encodes wait for "freed", publish nothing, and the call number stays); after the copies, the
+// call's last p2p_exchange publishes "landed" for those pairs from tasks without rows. Calls
+// with raw, stochastic or mixed-codec pairs use p2p_sync between their copies and codec
+// launches instead; all keep the same per-pair flags.
 // A wait that lasts timeout_ns (a rank died, or the ranks made different calls) gives up and
 // is reported on the error page below; later waits of this rank then give up at once, so
 // neither a hang nor an abort follows and the host raises at its next call.
@@ -52,11 +56,13 @@ struct P2PArgs {
   u64 timeout_ns;
   u64 copy_n16;               // 16-byte words the copy blocks copy (the rows a rank keeps)
   int rank, world;
-  int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits)
-  int advance;                // p2p_sync: the call's last launch, store counter = e at its end
+  int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits); p2p_exchange: kStage
+  int advance;                // the call's last launch: store counter = e at its end
 };
 
 constexpr int kWaitFreed = 1, kPublishLanded = 2, kWaitLanded = 4, kPublishFreed = 8;
+// p2p_exchange's encodes write to y + remote (a staging buffer) and publish nothing
+constexpr int kStage = 16;
 
 __device__ __forceinline__ u64 globaltimer() {
   u64 t;
@@ -165,13 +171,15 @@ __device__ __forceinline__ int task_of(const ExchangeArgs& t, u32 ticket, int lo
 }
 
 // A task's blocks end here: the last one to finish publishes ``value`` into the peer's
-// ``word``, after every block's stores (and, for an encode, our stamp of the pair).
+// ``word`` (none: nullptr), after every block's stores (and, for an encode, our stamp of the
+// pair).
 __device__ __forceinline__ void finish_task(const P2PArgs& a, u64* done, u32 blocks, u64* word, u64 value,
                                             int stamp_peer) {
   __threadfence_system();  // every thread's stores before the block counts as done
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(reinterpret_cast<unsigned*>(done), 1u) == blocks - 1) {
     *reinterpret_cast<unsigned*>(done) = 0;
+    if (word == nullptr) return;
     if (stamp_peer >= 0) stamp_for(a, stamp_peer);
     __threadfence_system();
     publish(word, value);
@@ -182,7 +190,8 @@ __device__ __forceinline__ void finish_task(const P2PArgs& a, u64* done, u32 blo
 // into each peer's buffer, then the copy of the rows this rank keeps, then the decodes of each
 // peer's records. A block that waits (for a peer's "freed" or "landed") never holds back an
 // encode of this rank, since every encode ticket went to a block that already runs or ran.
-// The launch's last block starts the tickets again at 0 and moves the call number on.
+// The launch's last block starts the tickets again at 0 and, in the call's last launch, moves
+// the call number on.
 template <typename T, typename Encode, typename Decode>
 __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, const DecArgs& d,
                                          const ExchangeArgs& t, const P2PArgs& a, Encode encode,
@@ -195,16 +204,19 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, con
   const u64 call = call_number(a);
   const char* xb = reinterpret_cast<const char*>(x);
   char* yb = reinterpret_cast<char*>(y);
-  if (ticket < t.keep_first) {  // encode into the peer's buffer once it is done with it
+  if (ticket < t.keep_first) {  // encode (into the peer's buffer, or staging) once the peer is done with it
     const ExchangeTask& k = t.task[task_of(t, ticket, 0, t.sends)];
     if (threadIdx.x == 0) wait_at_least(mine + kFreed + k.peer, call - 1, a, k.peer, kErrFreedTimeout, call);
     __syncthreads();
+    const bool staged = a.mode & kStage;
     if (k.items) {
       EncArgs task = e;  // the codec's arguments for this task's rows
       task.total = k.items;
-      encode(reinterpret_cast<const T*>(xb + k.offset), reinterpret_cast<u8*>(k.remote), task, ticket - k.first);
+      u8* rec = staged ? reinterpret_cast<u8*>(yb + k.remote) : reinterpret_cast<u8*>(k.remote);
+      encode(reinterpret_cast<const T*>(xb + k.offset), rec, task, ticket - k.first);
     }
-    finish_task(a, mine + kEncDone + k.peer, k.blocks, flags_of(a, k.peer) + kLanded + a.rank, call, k.peer);
+    finish_task(a, mine + kEncDone + k.peer, k.blocks, staged ? nullptr : flags_of(a, k.peer) + kLanded + a.rank,
+                call, k.peer);
   } else if (ticket < t.keep_first + t.keep_blocks) {
     copy_words(reinterpret_cast<const uint4*>(xb + t.keep_src), reinterpret_cast<uint4*>(yb + t.keep_dst),
                a.copy_n16, ticket - t.keep_first, t.keep_blocks);
@@ -226,7 +238,7 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, con
   if (threadIdx.x == 0 && atomicAdd(reinterpret_cast<unsigned*>(mine + kDone), 1u) == gridDim.x - 1) {
     *reinterpret_cast<unsigned*>(mine + kDone) = 0;
     *reinterpret_cast<unsigned*>(mine + kTicket) = 0;
-    mine[kCounter] = call;
+    if (a.advance) mine[kCounter] = call;
   }
 }
 

@@ -72,7 +72,7 @@ EXCHANGE_ARGS = np.dtype([("task", EXCHANGE_TASK, (2 * (MAX_PEERS - 1),)),
                           ("keep_blocks", _u4), ("sends", _i4), ("tasks", _i4)], align=True)
 # csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
 # block-completion counts per task kind and peer, the peers' stamps, p2p_exchange's ticket
-# and block counters) and p2p_sync's modes
+# and block counters), p2p_sync's modes and p2p_exchange's
 P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
 P2P_STAMP, P2P_TICKET, P2P_DONE = 4 * MAX_PEERS + 1, 5 * MAX_PEERS + 1, 5 * MAX_PEERS + 2
 P2P_FLAG_WORDS = P2P_DONE + 1
@@ -81,6 +81,7 @@ P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
 # its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out
 P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
+EXCHANGE_STAGE = 16  # p2p_exchange's mode: encode into a staging buffer, publish nothing
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
            "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu"),

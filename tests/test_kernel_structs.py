@@ -19,7 +19,8 @@ CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_
              "kErrFreedTimeout": K.P2P_ERROR_FREED_TIMEOUT,
              "kErrLandedTimeout": K.P2P_ERROR_LANDED_TIMEOUT,
              "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
-             "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED}
+             "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED,
+             "kStage": K.EXCHANGE_STAGE}
 
 
 def _probe_source() -> str:

@@ -127,10 +127,18 @@ def both_launchers(rank, world):
                     assert calls and all((p.native is not None) == compiled for p in calls), \
                         (compiled, cfg, copy_mb)
                     kinds = {(s.kind, s.stream) for call in calls for s in call.steps}
-                    assert ((K.STAGE, K.MAIN) in kinds) == (copy_mb is not None), (cfg, kinds)
+                    staged = copy_mb is not None
+                    assert ((K.STAGE, K.MAIN) in kinds) == staged, (cfg, kinds)
                     assert ((K.CALL, K.MAIN) in kinds) == cfg.is_stochastic, (cfg, kinds)
-                    # raw rows: copies on the call's stream (the copy engine's are on the side)
-                    assert ((K.COPY, K.MAIN) in kinds) == bool(gate), (cfg, kinds)
+                    # the copy engine: the first part on the copy stream, the last on the
+                    # call's; raw rows: copies on the call's stream
+                    assert ((K.COPY, K.SIDE) in kinds) == staged, (cfg, kinds)
+                    assert ((K.COPY, K.MAIN) in kinds) == (staged or bool(gate)), (cfg, kinds)
+                    # raw rows or a seed per call: p2p_sync launches (no pointers) frame the
+                    # call; one wire: p2p_exchange launches only, the staged parts' among them
+                    framed = {any(s.kind == K.LAUNCH and not s.refs for s in call.steps)
+                              for call in calls}
+                    assert framed == {bool(gate) or cfg.is_stochastic}, (cfg, copy_mb, framed)
             results[compiled] = got
     finally:
         K.KERNELS.use_launcher(prior)

@@ -194,16 +194,17 @@ def test_exchange_table_tickets():
     from moe_flashcomm.comm import p2p
     H, cfg, dtype, rank = 7168, CodecConfig(bits=4), torch.bfloat16, 1
     region = lambda owner, sender: (owner << 32) + (sender << 20)  # noqa: E731
-    sends = [(2, 40, 8), (3, 48, 0), (0, 0, 20)]  # (peer, first row, rows), in ticket order
-    recvs = [(0, 0, 5), (3, 5, 0), (2, 5, 9)]
+    # (peer, first row, rows, address of the records), in ticket order
+    sends = [(p, first, rows, region(p, rank)) for p, first, rows in [(2, 40, 8), (3, 48, 0), (0, 0, 20)]]
+    recvs = [(p, first, rows, region(rank, p)) for p, first, rows in [(0, 0, 5), (3, 5, 0), (2, 5, 9)]]
     row = H * dtype.itemsize
     keep = (20 * row, 14 * row, 20 * row)
-    table, blocks = p2p.exchange_table(sends, recvs, H, cfg, dtype, keep, region, rank)
+    table, blocks = p2p.exchange_table(sends, recvs, H, cfg, dtype, keep)
     t = table[0]
     assert (t["sends"], t["tasks"]) == (3, 6)
     ticket = 0
-    for i, (kind, (peer, first, rows)) in enumerate([("encode", e) for e in sends]
-                                                    + [("decode", e) for e in recvs]):
+    for i, (kind, (peer, first, rows, remote)) in enumerate([("encode", e) for e in sends]
+                                                            + [("decode", e) for e in recvs]):
         if i == 3:  # the copy of the kept rows sits between encodes and decodes
             assert t["keep_first"] == ticket and t["keep_blocks"] == K.copy_blocks(keep[2])
             assert (t["keep_src"], t["keep_dst"]) == keep[:2]
@@ -212,12 +213,10 @@ def test_exchange_table_tickets():
         pieces = (C.encode_pieces(rows, H, cfg, dtype, True) if kind == "encode"
                   else C.decode_pieces(rows, H, cfg, dtype))[1]
         want_blocks, want_items = (pieces[0][0], int(pieces[0][3]["total"][0])) if rows else (1, 0)
-        remote = region(peer, rank) if kind == "encode" else region(rank, peer)
         assert (task["peer"], task["offset"], task["remote"]) == (peer, first * row, remote)
         assert (task["first"], task["blocks"], task["items"]) == (ticket, want_blocks, want_items)
         ticket += want_blocks
     assert blocks == ticket
     # a pair past 2^31 items would take two launches of the codec: no one-launch table
     huge = (2**31 // (H // 32)) + 1
-    assert p2p.exchange_table([(0, 0, huge)], [(0, 0, 1)], H, cfg, dtype, (0, 0, 0), region,
-                              rank) is None
+    assert p2p.exchange_table([(0, 0, huge, 0)], [(0, 0, 1, 0)], H, cfg, dtype, (0, 0, 0)) is None

@@ -400,9 +400,10 @@ class P2PCall:
     Where every pair of the call moves records of one wire (or nothing), the common case, a
     call is one launch: per peer, encode blocks that wait until the peer is done with its
     buffer and publish "landed" when its records are there, and decode blocks that wait for
-    "landed" and publish "freed"; other blocks copy the rows this rank keeps. Otherwise (raw
-    pairs, records large enough for the copy engine, pairs of different codecs) three sync
-    launches frame plain copies, encodes and decodes. ``steps`` holds the call as
+    "landed" and publish "freed"; other blocks copy the rows this rank keeps. Records large
+    enough for the copy engine add, per pipelined part, a launch that encodes them into a
+    staging buffer and the copies. Otherwise (raw pairs, stochastic rounding, pairs of
+    different codecs) three sync launches frame plain copies, encodes and decodes. ``steps`` holds the call as
     ``kernels.Step`` data (bases: tokens, output), run in one C++ call by the compiled
     launcher (``native``) or step by step from Python."""
 
@@ -456,36 +457,95 @@ class P2PCall:
 
     def _one_launch(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                     o_off: int, x_off: int, own: int) -> Optional[list]:
-        """The step of a call whose pairs all move records of one wire through the SMs (or
-        nothing), as one p2p_exchange launch; None otherwise. The ranks of a call may decide
-        differently: the flags are per pair, and both kinds of call move them alike."""
+        """The steps of a call whose pairs all move records of one wire (or nothing), None
+        otherwise: one p2p_exchange launch, its encodes storing straight into the peers.
+        Records of ``copy_bytes`` or more per peer go by the copy engine instead: launches of
+        their own encode them into a staging buffer (``_staged``), and the call's launch
+        publishes their "landed" from tasks without rows. The ranks of a call may decide
+        differently: the flags are per pair, and every kind of call moves them alike."""
+        K = kernels
         bufs, r, w = route.p2p, route.rank, route.world
         _, sends, recvs = plan.p2p
         wires = {e[3] for e in sends + recvs}
-        if len(wires) != 1 or any(e[4] >= bufs.copy_bytes for e in sends + recvs):
+        if len(wires) != 1:
             return None
         wire = wires.pop()
         if wire == RAW or wire.is_stochastic:
             return None
+        staged = [e for e in sends if e[4] >= bufs.copy_bytes]
 
-        def tasks(entries, order):  # every peer, empty pairs included (their flags move)
+        def tasks(entries, order, remote):  # every peer, empty pairs included (their flags move)
             given = {e[0]: e[1:3] for e in entries}
-            return [(p, *given.get(p, (0, 0))) for p in sorted(set(range(w)) - {r}, key=order)]
+            return [(p, *given.get(p, (0, 0)), remote(p))
+                    for p in sorted(set(range(w)) - {r}, key=order)]
         # each rank first encodes for the next ranks and decodes from the previous ones
-        launch = bufs.exchange_launch(tasks(sends, lambda p: (p - r) % w),
-                                      tasks(recvs, lambda p: (r - p) % w), hidden, wire, dtype,
-                                      (x_off, o_off, own), self.stamps)
-        return None if launch is None else [
-            kernels.Step(kernels.LAUNCH, launch, ((kernels.TOKENS, 0), (kernels.OUTPUT, 0)))]
+        launch = bufs.exchange_launch(
+            tasks([e for e in sends if e[4] < bufs.copy_bytes], lambda p: (p - r) % w,
+                  lambda p: bufs.region(p, r)),
+            tasks(recvs, lambda p: (r - p) % w, lambda p: bufs.region(r, p)),
+            hidden, wire, dtype, (x_off, o_off, own), self.stamps)
+        if launch is None:
+            return None
+        steps = []
+        if staged:
+            def encode_part(pieces):
+                stage = bufs.exchange_launch([(p, first, rows, at) for p, first, rows, _, at in pieces],
+                                             [], hidden, wire, dtype, (0, 0, 0), self.stamps,
+                                             stage=True)
+                return None if stage is None else [
+                    K.Step(K.LAUNCH, stage, ((K.TOKENS, 0), (K.STAGING, 0)))]
+            steps = self._staged(route, staged, encode_part)
+            if steps is None:
+                return None
+        return steps + [K.Step(K.LAUNCH, launch, ((K.TOKENS, 0), (K.OUTPUT, 0)))]
+
+    def _staged(self, route: Route, staged: list, encode_part) -> Optional[list]:
+        """The steps that move the records of ``staged`` (send entries) by the copy engine,
+        which moves bytes over NVLink faster than an encode kernel's remote stores: one
+        staging buffer for them all, and per part (COPY_CHUNKS, by rows) the steps of
+        ``encode_part(pieces)`` (pieces: peer, first row, rows, wire, staging offset; None:
+        not possible) encode part k of every pair into it, then the copy engine moves that
+        part into the peers' buffers: on the copy stream while the next part is encoded, the
+        last part on the call's own stream, after its encode. Then the call's stream waits
+        for the copy stream: the records are in place and the staging buffer is free."""
+        K = kernels
+        bufs, r, n = route.p2p, route.rank, p2p.COPY_CHUNKS
+        self.side = route.streams.get(self.device, "copy").cuda_stream
+        fork, join = K.Order(self.dev), K.Order(self.dev)
+        places, total = [], 0  # (peer, first row, rows, wire, record bytes, staging offset)
+        for p, first, rows, wire, nbytes in staged:
+            places.append((p, first, rows, wire, nbytes // rows, total))
+            total += nbytes
+        steps, forked = [K.Step(K.STAGE, nbytes=total)], False
+        for k in range(n):
+            parts = [(p, first, wire, rb, at, *chunk_range(rows, k, n))
+                     for p, first, rows, wire, rb, at in places]
+            parts = [part for part in parts if part[-1] > part[-2]]
+            if not parts:
+                continue
+            encoded = encode_part([(p, first + a, b - a, wire, at + a * rb)
+                                   for p, first, wire, rb, at, a, b in parts])
+            if encoded is None:
+                return None
+            steps += encoded
+            stream = K.MAIN if k == n - 1 else K.SIDE
+            if stream == K.SIDE:
+                steps.append(K.Step(K.ORDER, fork, stream=K.SIDE))
+                forked = True
+            steps += [K.Step(K.COPY, refs=((K.FIXED, bufs.region(p, r) + a * rb),
+                                           (K.STAGING, at + a * rb)),
+                             nbytes=(b - a) * rb, stream=stream)
+                      for p, first, wire, rb, at, a, b in parts]
+        if forked:
+            steps.append(K.Step(K.ORDER, join, stream=K.MAIN))
+        return steps
 
     def _framed(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, o_off: int,
                 x_off: int, own: int) -> list:
         """The steps of any call: sync (the peers are done with their buffers; its other
-        blocks copy the rows this rank keeps), copies and encodes into the peers' buffers,
-        sync (ours have landed there, theirs here), decodes and copies, sync (we are done).
-        Records of ``copy_bytes`` or more per peer are encoded locally, part k copied by the
-        copy engine (on the side stream) while part k + 1 is encoded: it moves bytes over
-        NVLink faster than the encode kernel's own remote stores."""
+        blocks copy the rows this rank keeps), copies and encodes into the peers' buffers
+        (records of ``copy_bytes`` or more per peer by the copy engine: ``_staged``), sync
+        (ours have landed there, theirs here), decodes and copies, sync (we are done)."""
         K = kernels
         bufs, r, dev = route.p2p, route.rank, self.dev
         _, sends, recvs = plan.p2p
@@ -505,21 +565,10 @@ class P2PCall:
             else:
                 staged.append((p, first, rows, wire, nbytes))
         if staged:
-            self.side = route.streams.get(self.device, "copy").cuda_stream
-            fork, join = K.Order(dev), K.Order(dev)
-        for p, first, rows, wire, nbytes in staged:
-            to, rb = bufs.region(p, r), nbytes // rows
-            steps.append(K.Step(K.STAGE, nbytes=nbytes))
-            for a, b in (chunk_range(rows, k, p2p.COPY_CHUNKS) for k in range(p2p.COPY_CHUNKS)):
-                if b > a:
-                    steps += _encode_steps(
-                        _cuda.encode_launches(dev, b - a, hidden, wire, dtype, vec), wire,
-                        (K.TOKENS, (first + a) * row), (K.STAGING, a * rb))
-                    steps += [K.Step(K.ORDER, fork, stream=K.SIDE),
-                              K.Step(K.COPY, refs=((K.FIXED, to + a * rb), (K.STAGING, a * rb)),
-                                     nbytes=(b - a) * rb, stream=K.SIDE)]
-            # the main stream after the copies: the staging buffer is then free to reuse
-            steps.append(K.Step(K.ORDER, join, stream=K.MAIN))
+            steps += self._staged(route, staged, lambda pieces: [
+                step for p, first, rows, wire, at in pieces
+                for step in _encode_steps(_cuda.encode_launches(dev, rows, hidden, wire, dtype, vec),
+                                          wire, (K.TOKENS, first * row), (K.STAGING, at))])
         steps.append(K.Step(K.LAUNCH, landed))
         for p, first, rows, wire, nbytes in recvs:
             frm, off = bufs.region(r, p), first * row

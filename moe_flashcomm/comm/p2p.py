@@ -144,10 +144,14 @@ class PeerBuffers:
                                          copy_n16=copy_bytes // 16), copy_bytes), 256)
 
     def exchange_launch(self, sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
-                        keep: tuple, stamps: tuple) -> Optional[kernels.PreparedLaunch]:
+                        keep: tuple, stamps: tuple, stage: bool = False
+                        ) -> Optional[kernels.PreparedLaunch]:
         """p2p_exchange: the whole call in one launch (pointer bases: tokens, output), its
-        tasks as ``exchange_table`` makes them; None where it makes none."""
-        made = exchange_table(sends, recvs, hidden, cfg, dtype, keep, self.region, self.rank)
+        tasks as ``exchange_table`` makes them; None where it makes none. ``stage``: the
+        encodes of ``sends`` only, into a staging buffer (pointer bases: tokens, staging;
+        their ``remote`` an offset in it), publishing nothing: the copy engine moves the
+        records, and the call's last launch publishes "landed" for them."""
+        made = exchange_table(sends, recvs, hidden, cfg, dtype, keep)
         if made is None:
             return None
         table, blocks = made
@@ -155,9 +159,10 @@ class PeerBuffers:
         # the codec's arguments of one row: each task sets its own item count
         enc = _cuda.encode_pieces(1, hidden, cfg, dtype, vec)[1][0][3]
         dec = _cuda.decode_pieces(1, hidden, cfg, dtype)[1][0][3]
+        args = self.args(stamps, copy_n16=keep[2] // 16, advance=int(not stage),
+                         mode=kernels.EXCHANGE_STAGE if stage else 0)
         return kernels.exchange_launch(self.device.index, _cuda.exchange_name(hidden, cfg, dtype, vec),
-                                       enc, dec, table, self.args(stamps, copy_n16=keep[2] // 16),
-                                       blocks)
+                                       enc, dec, table, args, blocks)
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
@@ -303,13 +308,13 @@ class PeerBuffers:
 
 
 def exchange_table(sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
-                   keep: tuple, region, rank: int) -> Optional[tuple[np.ndarray, int]]:
+                   keep: tuple) -> Optional[tuple[np.ndarray, int]]:
     """(csrc/p2p.cu's ExchangeArgs, the launch's blocks) of one call: ``sends`` / ``recvs``
-    give (peer, first row, rows) of every peer in the order their tasks take tickets, ``keep``
-    (token byte offset, output byte offset, bytes) the rows this rank keeps, ``region(owner,
-    sender)`` the buffers' addresses. Tickets run over the encodes, the copy, the decodes; a
-    task without rows takes one block (its flags still move). None where a pair's encode or
-    decode would take more than one launch (past 2^31 items)."""
+    give (peer, first row, rows, address of the records) of every peer in the order their
+    tasks take tickets, ``keep`` (token byte offset, output byte offset, bytes) the rows this
+    rank keeps. Tickets run over the encodes, the copy, the decodes; a task without rows takes
+    one block (its flags still move). None where a pair's encode or decode would take more
+    than one launch (past 2^31 items)."""
     row, vec = hidden * dtype.itemsize, hidden % 8 == 0
     table = kernels.struct(kernels.EXCHANGE_ARGS)
     t = table[0]
@@ -324,17 +329,15 @@ def exchange_table(sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtyp
         ticket += blocks
         return True
 
-    for i, (p, first, rows) in enumerate(sends):
-        if not add(i, p, first * row, region(p, rank),
-                   _cuda.encode_pieces(rows, hidden, cfg, dtype, vec)[1]):
+    for i, (p, first, rows, remote) in enumerate(sends):
+        if not add(i, p, first * row, remote, _cuda.encode_pieces(rows, hidden, cfg, dtype, vec)[1]):
             return None
     x_off, y_off, nbytes = keep
     t["keep_src"], t["keep_dst"], t["keep_first"] = x_off, y_off, ticket
     t["keep_blocks"] = kernels.copy_blocks(nbytes)
     ticket += int(t["keep_blocks"])
-    for i, (p, first, rows) in enumerate(recvs, len(sends)):
-        if not add(i, p, first * row, region(rank, p),
-                   _cuda.decode_pieces(rows, hidden, cfg, dtype)[1]):
+    for i, (p, first, rows, remote) in enumerate(recvs, len(sends)):
+        if not add(i, p, first * row, remote, _cuda.decode_pieces(rows, hidden, cfg, dtype)[1]):
             return None
     t["sends"], t["tasks"] = len(sends), len(sends) + len(recvs)
     return table, ticket
