@@ -81,18 +81,21 @@ def both_launchers(rank, world):
     says) give the bits of the ctypes ones, forward and backward, on communicators of their
     own: calls of one launch, and framed calls of every step kind (records the copy engine
     moves from a staging buffer, a seed drawn per call, and at two ranks raw rows one way and
-    records the other, a size gate between the pairs' sizes); calls back to back, and with an
-    error page and stream cell they share with nothing."""
+    records the other, a size gate between the pairs' sizes), each framed kind also with the
+    copy engine; calls back to back, and with an error page and stream cell they share with
+    nothing."""
     prior = K.KERNELS.native is not None
     even = [[4] * world for _ in range(world)]
     # (codec, MOE_FLASHCOMM_P2P_COPY_MB, gate, splits)
     cases = [(mf.CodecConfig(bits=4), None, False, even),
              (mf.CodecConfig(bits=8), None, False, even),
              (mf.CodecConfig(bits=8), "0", False, even),  # every pair through the copy engine
-             (mf.CodecConfig(bits=4, rounding="stochastic"), None, False, even)]
+             (mf.CodecConfig(bits=4, rounding="stochastic"), None, False, even),
+             (mf.CodecConfig(bits=4, rounding="stochastic"), "0", False, even)]
     if world == 2:  # pairs under 6 rows travel raw: rank 0 sends 5 raw, receives 7 as int8
-        cases.append((mf.CodecConfig(bits=8), None, {"nvlink": {"int8": 6 * H * 2}},
-                      [[3, 5], [7, 2]]))
+        gate = {"nvlink": {"int8": 6 * H * 2}}
+        cases += [(mf.CodecConfig(bits=8), copy_mb, gate, [[3, 5], [7, 2]])
+                  for copy_mb in (None, "0")]
     results = {}
     try:
         for compiled in (False, True):
