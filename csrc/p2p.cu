@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_fp8(const T* __restric
            [](const u8* rec, T* dst, const DecArgs& task, u32 block) { decode_fp8_items<T, DV, DU>(rec, dst, task, block); });
 }
 
-// For calls with raw or copy-engine pairs: block 0 waits for / publishes to every peer as
+// For calls with raw, stochastic or mixed-codec pairs: block 0 waits for / publishes to every peer as
 // a.mode says (one thread per peer); blocks 1 and up copy copy_n16 words meanwhile. With
 // a.advance the counter moves on at the end (the call's last step).
 __global__ void p2p_sync(const P2PArgs a, const uint4* __restrict__ src, uint4* __restrict__ dst) {

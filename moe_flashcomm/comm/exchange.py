@@ -403,9 +403,9 @@ class P2PCall:
     "landed" and publish "freed"; other blocks copy the rows this rank keeps. Records large
     enough for the copy engine add, per pipelined part, a launch that encodes them into a
     staging buffer and the copies. Otherwise (raw pairs, stochastic rounding, pairs of
-    different codecs) three sync launches frame plain copies, encodes and decodes. ``steps`` holds the call as
-    ``kernels.Step`` data (bases: tokens, output), run in one C++ call by the compiled
-    launcher (``native``) or step by step from Python."""
+    different codecs) three sync launches frame plain copies, encodes and decodes. ``steps``
+    holds the call as ``kernels.Step`` data (bases: tokens, output), run in one C++ call by
+    the compiled launcher (``native``) or step by step from Python."""
 
     def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> None:
