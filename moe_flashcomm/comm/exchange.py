@@ -472,6 +472,7 @@ class P2PCall:
         wire = wires.pop()
         if wire == RAW or wire.is_stochastic:
             return None
+        direct = [e for e in sends if e[4] < bufs.copy_bytes]
         staged = [e for e in sends if e[4] >= bufs.copy_bytes]
 
         def tasks(entries, order, remote):  # every peer, empty pairs included (their flags move)
@@ -480,8 +481,7 @@ class P2PCall:
                     for p in sorted(set(range(w)) - {r}, key=order)]
         # each rank first encodes for the next ranks and decodes from the previous ones
         launch = bufs.exchange_launch(
-            tasks([e for e in sends if e[4] < bufs.copy_bytes], lambda p: (p - r) % w,
-                  lambda p: bufs.region(p, r)),
+            tasks(direct, lambda p: (p - r) % w, lambda p: bufs.region(p, r)),
             tasks(recvs, lambda p: (r - p) % w, lambda p: bufs.region(r, p)),
             hidden, wire, dtype, (x_off, o_off, own), self.stamps)
         if launch is None:
