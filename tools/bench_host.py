@@ -4,14 +4,18 @@ and of the codec, against NCCL's own ``all_to_all_single`` measured in the same 
 Two processes (``--world``); each rank on its own GPU when there are enough, else all on GPU 0
 (gloo carries the small agreement collectives, CUDA IPC the data: host time is representative
 there, bandwidth is not). NCCL's baseline is ``all_to_all_single`` on a one-rank NCCL group.
+Processes sharing a GPU take turns on it, so their GPU times say nothing, unless they run
+under CUDA MPS (``--mps``: started by the caller), where their kernels run side by side.
 
 Per size (bf16 bytes per rank) and codec it prints:
   host_us     host time of one forward call under autograd (x.requires_grad), the host ahead
               of the GPU (bursts queued behind a GPU sleep), median over rounds;
   nccl_us     the same for NCCL's all_to_all_single of the bf16 tensor, its bursts taking
               turns with ours (ratio: the median of ours / NCCL's per round);
-  gpu_us      GPU time of one call (CUDA events around a burst, per call);
-  kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call);
+  gpu_us      GPU time of one call (CUDA events around a burst queued behind a GPU sleep, so
+              the GPU runs the calls back to back, per call);
+  kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call; the
+              same way); gpu_us / kernels_us - 1 is the GPU's idle time inside a call;
 and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both in the two
 processes and first in this one alone, with its parts (``codec_alone``). Launches go through
 the launcher MOE_FLASHCOMM_NATIVE_LAUNCH picks; ``--launchers both`` also times ctypes against
@@ -106,6 +110,7 @@ def _gpu_us(fn, calls=20) -> float:
     torch.cuda.synchronize()
     dist.barrier()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(5_000_000)  # the host queues every call before the GPU starts them
     a.record()
     for _ in range(calls):
         fn()
@@ -119,11 +124,13 @@ def _kernels_us(fn, calls=5) -> float:
     torch.cuda.synchronize()
     dist.barrier()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(5_000_000)  # (as _gpu_us; its spin_kernel is left out below)
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
     total = sum(e.device_time_total for e in prof.key_averages()
-                if e.device_time_total and not e.key.startswith("ProfilerStep"))
+                if e.device_time_total and not e.key.startswith("ProfilerStep")
+                and "spin_kernel" not in e.key)
     return total / calls
 
 
@@ -199,7 +206,7 @@ def codec_alone(both: bool = False) -> dict:
     return out
 
 
-def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
+def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both, mps):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     gpus = torch.cuda.device_count()
@@ -253,8 +260,9 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
             if rank == 0:
                 # processes sharing a GPU take turns on it and spin waiting for each other:
                 # their GPU and kernel times say nothing about a call's own (kept in the JSON)
-                gpu = (f"GPU {row['gpu_us']:9.1f} us  kernels {row['kernels_us']:9.1f} us"
-                       if gpus >= world else "GPU shared by the processes: no GPU times")
+                gpu = (f"GPU {row['gpu_us']:9.1f} us  kernels {row['kernels_us']:9.1f} us "
+                       f"(idle {row['gpu_us'] / row['kernels_us'] - 1:+.1%})"
+                       if gpus >= world or mps else "GPU shared by the processes: no GPU times")
                 print(f"{size >> 10:>8} KiB {name:>5}: host {host_us:7.1f} us "
                       f"(cpu {row['host_cpu_us']:6.1f})  (NCCL {nccl_us:6.1f}, ours / NCCL "
                       f"{ratio:4.2f})  {gpu}", flush=True)
@@ -276,7 +284,7 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both):
               f"{codec['decode_us']:.1f} us (torch add {codec['torch_add_us']:.1f} us)")
         meta = dict(device=torch.cuda.get_device_name(), gpus=gpus, torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-                    launcher=launcher, world=world)
+                    launcher=launcher, world=world, mps=mps)
         Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows_out, codec=codec,
                                                   codec_alone=alone), indent=1))
     for c in kinds.values():
@@ -335,12 +343,20 @@ def main():
     p.add_argument("--launchers", choices=("env", "both"), default="env",
                    help="env: launch as MOE_FLASHCOMM_NATIVE_LAUNCH says; both: also time "
                         "ctypes against the compiled launcher, taking turns in one run")
+    p.add_argument("--mps", action="store_true",
+                   help="the processes share GPU 0 through CUDA MPS, which the caller started "
+                        "(nvidia-cuda-mps-control -d, $CUDA_MPS_PIPE_DIRECTORY): their kernels "
+                        "run side by side, so GPU times are reported")
     p.add_argument("--plot", type=Path, help="only plot this JSON (beside it, as .png)")
     a = p.parse_args()
     if a.plot:
         return plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
     if not torch.cuda.is_available():
         sys.exit("bench_host.py: needs a CUDA GPU")
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
+    if a.mps and not pipe.exists():
+        sys.exit(f"bench_host.py: --mps, but no MPS control daemon at {pipe.parent}; start one "
+                 f"with nvidia-cuda-mps-control -d (same CUDA_MPS_PIPE_DIRECTORY)")
     alone = None
     if not a.no_codec_alone:
         with mp.get_context("spawn").Pool(1) as pool:  # a process with the GPU to itself
@@ -364,7 +380,7 @@ def main():
         size, name = a.profile.split(":")
         profile = (int(size), name)
     mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone,
-                            a.launchers == "both"), nprocs=a.world, join=True)
+                            a.launchers == "both", a.mps), nprocs=a.world, join=True)
     plot(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".png"))
 
 
