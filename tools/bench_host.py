@@ -261,7 +261,7 @@ def _worker(rank, world, port, out_path, sizes, codecs, profile, alone, both, mp
                 # processes sharing a GPU take turns on it and spin waiting for each other:
                 # their GPU and kernel times say nothing about a call's own (kept in the JSON)
                 gpu = (f"GPU {row['gpu_us']:9.1f} us  kernels {row['kernels_us']:9.1f} us "
-                       f"(idle {row['gpu_us'] / row['kernels_us'] - 1:+.1%})"
+                       f"(idle {row['gpu_us'] / max(row['kernels_us'], 1e-3) - 1:+.1%})"
                        if gpus >= world or mps else "GPU shared by the processes: no GPU times")
                 print(f"{size >> 10:>8} KiB {name:>5}: host {host_us:7.1f} us "
                       f"(cpu {row['host_cpu_us']:6.1f})  (NCCL {nccl_us:6.1f}, ours / NCCL "
