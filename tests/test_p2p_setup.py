@@ -195,8 +195,10 @@ def test_exchange_table_tickets():
     H, cfg, dtype, rank = 7168, CodecConfig(bits=4), torch.bfloat16, 1
     region = lambda owner, sender: (owner << 32) + (sender << 20)  # noqa: E731
     # (peer, first row, rows, address of the records), in ticket order
-    sends = [(p, first, rows, region(p, rank)) for p, first, rows in [(2, 40, 8), (3, 48, 0), (0, 0, 20)]]
-    recvs = [(p, first, rows, region(rank, p)) for p, first, rows in [(0, 0, 5), (3, 5, 0), (2, 5, 9)]]
+    sends = [(p, first, rows, region(p, rank))
+             for p, first, rows in [(2, 40, 8), (3, 48, 0), (0, 0, 20)]]
+    recvs = [(p, first, rows, region(rank, p))
+             for p, first, rows in [(0, 0, 5), (3, 5, 0), (2, 5, 9)]]
     row = H * dtype.itemsize
     keep = (20 * row, 14 * row, 20 * row)
     table, blocks = p2p.exchange_table(sends, recvs, H, cfg, dtype, keep)

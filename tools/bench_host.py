@@ -15,7 +15,9 @@ Per size (bf16 bytes per rank) and codec it prints:
   gpu_us      GPU time of one call (CUDA events around a burst queued behind a GPU sleep, so
               the GPU runs the calls back to back, per call);
   kernels_us  the sum of the call's kernel and copy times (torch.profiler, per call; the
-              same way); gpu_us / kernels_us - 1 is the GPU's idle time inside a call;
+              same way); gpu_us / kernels_us - 1 is the GPU's idle time inside a call (a
+              kernel's time includes its waits for a peer: where the ranks' calls do not
+              start together, the sum over-counts);
 and the host time of ``moe_flashcomm.encode`` / ``decode`` (8 x 7168 bf16), both in the two
 processes and first in this one alone, with its parts (``codec_alone``). Launches go through
 the launcher MOE_FLASHCOMM_NATIVE_LAUNCH picks; ``--launchers both`` also times ctypes against
