@@ -496,9 +496,8 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
 
     def framed(operation: str, send: list, receive: list) -> frame.Frame:
         return frame.Frame(framing, group, r, W, operation, flat.dtype, 0,
-                           [None if p == r else frame.Leg(send[p], send[p] * unit) for p in range(W)],
-                           [None if p == r else frame.Leg(receive[p], receive[p] * unit)
-                            for p in range(W)], **numbering)
+                           frame.item_legs(send, unit, r), frame.item_legs(receive, unit, r),
+                           **numbering)
     scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
     for p in scatter.peers:
         scatter.payload(p).copy_(piece(p).view(torch.uint8))

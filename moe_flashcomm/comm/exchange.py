@@ -489,9 +489,9 @@ class P2PCall:
         steps = []
         if staged:
             def encode_part(pieces):
-                stage = bufs.exchange_launch([(p, first, rows, at) for p, first, rows, _, at in pieces],
-                                             [], hidden, wire, dtype, (0, 0, 0), self.stamps,
-                                             stage=True)
+                stage = bufs.exchange_launch(
+                    [(p, first, rows, at) for p, first, rows, _, at in pieces], [], hidden, wire,
+                    dtype, (0, 0, 0), self.stamps, stage=True)
                 return None if stage is None else [
                     K.Step(K.LAUNCH, stage, ((K.TOKENS, 0), (K.STAGING, 0)))]
             steps = self._staged(route, staged, encode_part)

@@ -72,6 +72,12 @@ class Leg(NamedTuple):
     wire: int = RAW_WIRE
 
 
+def item_legs(splits: list, unit: int, rank: int) -> list:
+    """Per group rank p, a Leg of ``splits[p]`` raw items of ``unit`` bytes (None at
+    ``rank``: the rows a rank keeps do not travel)."""
+    return [None if p == rank else Leg(n, n * unit) for p, n in enumerate(splits)]
+
+
 def wire_code(wire) -> int:
     """A codec (or RAW / None) as one header word, readable back by ``wire_text``."""
     if not isinstance(wire, CodecConfig):
@@ -473,8 +479,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
     ooff = [i * unit for i in offsets(out_splits)]
-    sends = [None if p == rank else Leg(in_splits[p], in_splits[p] * unit) for p in range(world)]
-    recvs = [None if p == rank else Leg(out_splits[p], out_splits[p] * unit) for p in range(world)]
+    sends, recvs = item_legs(in_splits, unit, rank), item_legs(out_splits, unit, rank)
     frame = Frame(framing, pg, rank, world, operation, inp.dtype, 0, sends, recvs, detail,
                   **numbering)
     for p in frame.peers:
