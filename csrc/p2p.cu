@@ -17,7 +17,10 @@
 // encodes wait for "freed", publish nothing, and the call number stays); after the copies, the
 // call's last p2p_exchange publishes "landed" for those pairs from tasks without rows. Calls
 // with raw, stochastic or mixed-codec pairs use p2p_sync between their copies and codec
-// launches instead; all keep the same per-pair flags.
+// launches instead; all keep the same per-pair flags. Its LOCAL variant serves exchanges
+// that another transport carries (NCCL): one launch encodes every peer's records into a local
+// send buffer, each behind its stamp, and one decodes a receive buffer after checking each
+// stamp; no flags are used.
 // A wait that lasts timeout_ns (a rank died, or the ranks made different calls) gives up and
 // is reported on the error page below; later waits of this rank then give up at once, so
 // neither a hang nor an abort follows and the host raises at its next call.
@@ -63,6 +66,11 @@ struct P2PArgs {
 constexpr int kWaitFreed = 1, kPublishLanded = 2, kWaitLanded = 4, kPublishFreed = 8;
 // p2p_exchange's encodes write to y + remote (a staging buffer) and publish nothing
 constexpr int kStage = 16;
+// In p2p_exchange's LOCAL variant the tasks are local (another transport moves the bytes): an
+// encode writes its records at y + remote and, in the kStampBytes before them, send_stamp[its
+// task]; a decode compares the kStampBytes before x + remote with recv_stamp[its task] and
+// decodes the records there. Nothing waits or publishes, and a block's index is its ticket.
+constexpr int kStampBytes = 16;  // the stamp, then a zero word: records stay 16-byte aligned
 
 __device__ __forceinline__ u64 globaltimer() {
   u64 t;
@@ -191,49 +199,75 @@ __device__ __forceinline__ void finish_task(const P2PArgs& a, u64* done, u32 blo
 // peer's records. A block that waits (for a peer's "freed" or "landed") never holds back an
 // encode of this rank, since every encode ticket went to a block that already runs or ran.
 // The launch's last block starts the tickets again at 0 and, in the call's last launch, moves
-// the call number on.
-template <typename T, typename Encode, typename Decode>
+// the call number on. LOCAL: see kStampBytes (a variant of its own, so that the transport's
+// kernels keep their registers).
+template <bool LOCAL, typename T, typename Encode, typename Decode>
 __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, const DecArgs& d,
                                          const ExchangeArgs& t, const P2PArgs& a, Encode encode,
                                          Decode decode) {
   __shared__ u32 block_ticket;
-  u64* mine = flags_of(a, a.rank);
-  if (threadIdx.x == 0) block_ticket = atomicAdd(reinterpret_cast<unsigned*>(mine + kTicket), 1u);
-  __syncthreads();
-  const u32 ticket = block_ticket;
-  const u64 call = call_number(a);
+  constexpr bool local = LOCAL;
+  u64* mine = local ? nullptr : flags_of(a, a.rank);
+  if constexpr (!local) {
+    if (threadIdx.x == 0) block_ticket = atomicAdd(reinterpret_cast<unsigned*>(mine + kTicket), 1u);
+    __syncthreads();
+  }
+  const u32 ticket = local ? blockIdx.x : block_ticket;
+  const u64 call = local ? 0 : call_number(a);
   const char* xb = reinterpret_cast<const char*>(x);
   char* yb = reinterpret_cast<char*>(y);
   if (ticket < t.keep_first) {  // encode (into the peer's buffer, or staging) once the peer is done with it
-    const ExchangeTask& k = t.task[task_of(t, ticket, 0, t.sends)];
-    if (threadIdx.x == 0) wait_at_least(mine + kFreed + k.peer, call - 1, a, k.peer, kErrFreedTimeout, call);
-    __syncthreads();
-    const bool staged = a.mode & kStage;
+    const int i = task_of(t, ticket, 0, t.sends);
+    const ExchangeTask& k = t.task[i];
+    if constexpr (!local) {
+      if (threadIdx.x == 0) wait_at_least(mine + kFreed + k.peer, call - 1, a, k.peer, kErrFreedTimeout, call);
+      __syncthreads();
+    }
+    const bool staged = local || (a.mode & kStage);
+    u8* rec = staged ? reinterpret_cast<u8*>(yb + k.remote) : reinterpret_cast<u8*>(k.remote);
     if (k.items) {
       EncArgs task = e;  // the codec's arguments for this task's rows
       task.total = k.items;
-      u8* rec = staged ? reinterpret_cast<u8*>(yb + k.remote) : reinterpret_cast<u8*>(k.remote);
       encode(reinterpret_cast<const T*>(xb + k.offset), rec, task, ticket - k.first);
     }
-    finish_task(a, mine + kEncDone + k.peer, k.blocks, staged ? nullptr : flags_of(a, k.peer) + kLanded + a.rank,
-                call, k.peer);
+    if constexpr (local) {
+      if (ticket == k.first && threadIdx.x == 0) {
+        u64* slot = reinterpret_cast<u64*>(rec - kStampBytes);
+        slot[0] = a.send_stamp[i];
+        slot[1] = 0;
+      }
+    } else {
+      finish_task(a, mine + kEncDone + k.peer, k.blocks,
+                  staged ? nullptr : flags_of(a, k.peer) + kLanded + a.rank, call, k.peer);
+    }
   } else if (ticket < t.keep_first + t.keep_blocks) {
     copy_words(reinterpret_cast<const uint4*>(xb + t.keep_src), reinterpret_cast<uint4*>(yb + t.keep_dst),
                a.copy_n16, ticket - t.keep_first, t.keep_blocks);
   } else {  // decode the peer's records once they have landed
-    const ExchangeTask& k = t.task[task_of(t, ticket, t.sends, t.tasks)];
-    if (threadIdx.x == 0) {
-      wait_at_least(mine + kLanded + k.peer, call, a, k.peer, kErrLandedTimeout, call);
-      if (ticket == k.first) check_stamp(a, k.peer, call);
+    const int i = task_of(t, ticket, t.sends, t.tasks);
+    const ExchangeTask& k = t.task[i];
+    const u8* rec = local ? reinterpret_cast<const u8*>(xb + k.remote) : reinterpret_cast<const u8*>(k.remote);
+    if constexpr (local) {
+      if (ticket == k.first && threadIdx.x == 0) {
+        const u64 got = *reinterpret_cast<const u64*>(rec - kStampBytes);
+        const u64 want = a.recv_stamp[i - t.sends];
+        if (got != want) report(a, kErrStamp, k.peer, got, want, 0);
+      }
+    } else {
+      if (threadIdx.x == 0) {
+        wait_at_least(mine + kLanded + k.peer, call, a, k.peer, kErrLandedTimeout, call);
+        if (ticket == k.first) check_stamp(a, k.peer, call);
+      }
+      __syncthreads();
     }
-    __syncthreads();
     if (k.items) {
       DecArgs task = d;
       task.total = k.items;
-      decode(reinterpret_cast<const u8*>(k.remote), reinterpret_cast<T*>(yb + k.offset), task, ticket - k.first);
+      decode(rec, reinterpret_cast<T*>(yb + k.offset), task, ticket - k.first);
     }
-    finish_task(a, mine + kDecDone + k.peer, k.blocks, flags_of(a, k.peer) + kFreed + a.rank, call, -1);
+    if constexpr (!local) finish_task(a, mine + kDecDone + k.peer, k.blocks, flags_of(a, k.peer) + kFreed + a.rank, call, -1);
   }
+  if constexpr (local) return;
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(reinterpret_cast<unsigned*>(mine + kDone), 1u) == gridDim.x - 1) {
     *reinterpret_cast<unsigned*>(mine + kDone) = 0;
@@ -243,11 +277,11 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, con
 }
 
 // The codec's encode and decode of one wire as p2p_exchange's tasks.
-template <typename T, int BITS, bool SPIKES, int EV, int EU, int DG, int DV, int DU>
+template <typename T, int BITS, bool SPIKES, int EV, int EU, int DG, int DV, int DU, bool LOCAL>
 __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_int(const T* __restrict__ x, T* __restrict__ y,
                                                               const EncArgs e, const DecArgs d,
                                                               const ExchangeArgs t, const P2PArgs a) {
-  exchange(x, y, e, d, t, a,
+  exchange<LOCAL>(x, y, e, d, t, a,
            [](const T* src, u8* rec, const EncArgs& task, u32 block) {
              encode_int_items<T, BITS, SPIKES, false, EV, EU, DG>(src, rec, task, block);
            },
@@ -256,11 +290,11 @@ __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_int(const T* __restric
            });
 }
 
-template <typename T, int EV, int EU, int DV, int DU>
+template <typename T, int EV, int EU, int DV, int DU, bool LOCAL>
 __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_fp8(const T* __restrict__ x, T* __restrict__ y,
                                                               const EncArgs e, const DecArgs d,
                                                               const ExchangeArgs t, const P2PArgs a) {
-  exchange(x, y, e, d, t, a,
+  exchange<LOCAL>(x, y, e, d, t, a,
            [](const T* src, u8* rec, const EncArgs& task, u32 block) { encode_fp8_items<T, EV, EU>(src, rec, task, block); },
            [](const u8* rec, T* dst, const DecArgs& task, u32 block) { decode_fp8_items<T, DV, DU>(rec, dst, task, block); });
 }
@@ -299,14 +333,15 @@ __global__ void p2p_sync(const P2PArgs a, const uint4* __restrict__ src, uint4* 
 }  // namespace mfc
 
 #ifdef MFC_P2P_INSTANTIATE_ALL
-// CI (tools/check_csrc.sh): the wrappers of the default shapes for 16-bit tokens (the codec
+// CI (tools/check_csrc.sh): the wrappers of the default shapes for 16-bit tokens, both variants (the codec
 // bodies themselves are compiled in every variant by the codec files).
 namespace mfc {
-#define MFC_P2P_INT(T, B) \
-  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 128, 32, 1>, \
-  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 0, 32, 1>
-#define MFC_P2P_TYPE(T) \
-  MFC_P2P_INT(T, 2), MFC_P2P_INT(T, 4), MFC_P2P_INT(T, 8), (const void*)&p2p_exchange_fp8<T, 32, 1, 8, 2>
+#define MFC_P2P_INT(T, B, L) \
+  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 128, 32, 1, L>, \
+  (const void*)&p2p_exchange_int<T, B, true, 32, 1, 0, 32, 1, L>
+#define MFC_P2P_WAYS(T, L) \
+  MFC_P2P_INT(T, 2, L), MFC_P2P_INT(T, 4, L), MFC_P2P_INT(T, 8, L), (const void*)&p2p_exchange_fp8<T, 32, 1, 8, 2, L>
+#define MFC_P2P_TYPE(T) MFC_P2P_WAYS(T, false), MFC_P2P_WAYS(T, true)
 extern const void* const all_p2p_kernels[] = {MFC_P2P_TYPE(__nv_bfloat16), MFC_P2P_TYPE(__half),
                                               (const void*)&p2p_sync};
 }  // namespace mfc

@@ -82,6 +82,9 @@ P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
 P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 EXCHANGE_STAGE = 16  # p2p_exchange's mode: encode into a staging buffer, publish nothing
+# p2p_exchange's LOCAL variant (exchanges another transport carries, NCCL): each pair's
+# records behind its stamp of STAMP_BYTES in the local send and receive buffers
+STAMP_BYTES = 16
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
            "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu"),

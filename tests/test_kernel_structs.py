@@ -20,7 +20,7 @@ CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_
              "kErrLandedTimeout": K.P2P_ERROR_LANDED_TIMEOUT,
              "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
              "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED,
-             "kStage": K.EXCHANGE_STAGE}
+             "kStage": K.EXCHANGE_STAGE, "kStampBytes": K.STAMP_BYTES}
 
 
 def _probe_source() -> str:

@@ -95,13 +95,13 @@ def _protocol(rank, world, framed):
     # one region per sender in every receiver's buffer, at fixed addresses
     assert [bufs.region(rank, p) - bufs.data_ptrs[rank] for p in range(world)] == \
         [p * (6 << 20) for p in range(world)]
-    assert len(rt.host) == 1 and bufs._error_page in rt.host  # the kernels' error page
+    assert len(rt.host) == 1 and bufs.page.address in rt.host  # the kernels' error page
     bufs.check()  # nothing reported
     # what a decode kernel writes when a peer sent 5 int8 rows where 4 int4 were due
     peer = (rank + 1) % world
     int4, int8 = CodecConfig(bits=4), CodecConfig(bits=8)
     got, want = p2p.stamp(int8, 5, 64, torch.bfloat16), p2p.stamp(int4, 4, 64, torch.bfloat16)
-    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs._error_page)
+    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs.page.address)
     page[:] = [1, peer, got, want, 9, K.P2P_ERROR_STAMP, 1]
     mismatch = (f"rank {peer} sent 5 rows of int8/g128\\+spikes records \\(torch.bfloat16, "
                 "hidden 64\\); this rank expected 4 rows of int4/g128\\+spikes records")
@@ -120,7 +120,7 @@ def _timeout(rank, world):
     p2p = _fake(rt)
     bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
     bufs.reserve(1 << 20)
-    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs._error_page)
+    page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs.page.address)
     peer = (rank + 1) % world
     page[:] = [1, peer, 11, 12, 12, K.P2P_ERROR_LANDED_TIMEOUT, 1]
     said = (f"group rank {rank} of {world} waited 7 s on the GPU, at its peer-to-peer call #12, "

@@ -147,3 +147,29 @@ def _grad_rows(rank, p, world, S, dtype, link):
 
 def test_unframed_autograd_gloo_3():
     spawn(_autograd, 3, timeout=300)
+
+
+def test_stamped_segments_layout():
+    """CUDA's layout (exchange.StampedCall): each pair's records follow a stamp of 16 bytes,
+    so byte splits grow by it, records stay 16-byte aligned and neighbouring peers' records
+    are not merged into one segment; raw pairs and a rank's own rows carry none."""
+    from moe_flashcomm.codec import record_bytes
+    from moe_flashcomm.comm.exchange import RAW, _segments
+    from moe_flashcomm.comm.plan import offsets
+    H, dtype, int4 = 256, torch.bfloat16, mf.CodecConfig(bits=4)
+    rb, S = record_bytes(H, int4), 16
+    counts, wires = [2, 3, 4, 0, 1], [int4, None, int4, int4, RAW]
+    segs, splits = _segments(offsets(counts), counts, wires, 0, 1, H, dtype, stamped=True)
+    assert splits == [S + 2 * rb, 0, S + 4 * rb, 0, 2 * H]
+    assert [(s.peer, s.row, s.rows, s.byte, s.nbytes) for s in segs] == [
+        (0, 0, 2, S, 2 * rb), (2, 5, 4, 2 * S + 2 * rb, 4 * rb), (4, 9, 1, 2 * S + 6 * rb, 2 * H)]
+    # unstamped (gloo's frames carry headers instead): neighbours on one wire merge
+    counts, wires = [2, 4], [int4, int4]
+    segs, splits = _segments(offsets(counts), counts, wires, 0, 1, H, dtype)
+    assert splits == [2 * rb, 4 * rb] and [(s.rows, s.byte) for s in segs] == [(6, 0)]
+    segs, splits = _segments(offsets(counts), counts, wires, 0, 1, H, dtype, stamped=True)
+    assert splits == [S + 2 * rb, S + 4 * rb] and [(s.rows, s.byte) for s in segs] == \
+        [(2, S), (4, 2 * S + 2 * rb)]
+    # pipelined chunks: every chunk's piece of a pair has its own stamp
+    segs, splits = _segments(offsets([5]), [5], [int4], 1, 2, H, dtype, stamped=True)
+    assert splits == [S + 3 * rb] and (segs[0].row, segs[0].rows) == (2, 3)

@@ -285,16 +285,18 @@ def _encode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int, dense: bo
     return f"mfc::encode_int<{t}, {cfg.bits}, {sp}, {sr}, {V}, {U}, {_dg(cfg, dense)}>"
 
 
-def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool) -> str:
+def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
+                  local: bool = False) -> str:
     """The name expression of csrc/p2p.cu's p2p_exchange for ``cfg`` (not stochastic): the
-    encode and decode of ``encode_pieces`` / ``decode_pieces`` in one kernel."""
-    t = CTYPE[dtype]
+    encode and decode of ``encode_pieces`` / ``decode_pieces`` in one kernel; ``local``: its
+    variant for exchanges another transport carries."""
+    t, way = CTYPE[dtype], str(local).lower()
     Ve, Ue = _shape(cfg, None, ENCODE_SHAPE, ENCODE_SHAPES)
     Vd, Ud = _shape(cfg, None, DECODE_SHAPE, DECODE_SHAPES)
     if cfg.is_fp8:
-        return f"mfc::p2p_exchange_fp8<{t}, {Ve}, {Ue}, {Vd}, {Ud}>"
+        return f"mfc::p2p_exchange_fp8<{t}, {Ve}, {Ue}, {Vd}, {Ud}, {way}>"
     return (f"mfc::p2p_exchange_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Ve}, {Ue}, "
-            f"{_dg(cfg, _dense(H, vec))}, {Vd}, {Ud}>")
+            f"{_dg(cfg, _dense(H, vec))}, {Vd}, {Ud}, {way}>")
 
 
 def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Shape] = None,

@@ -29,7 +29,7 @@ from . import hierarchical, p2p
 from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
                        split_key)
 from .check import ConfigMismatchError, check_consistent, reject_check
-from .exchange import ALGORITHMS, Route, SideStreams, exchange
+from .exchange import ALGORITHMS, Route, SideStreams, exchange, raise_stamp_report
 from . import frame
 from .frame import Framing
 from .gate import SizeGate
@@ -100,6 +100,7 @@ class Communicator:
         self._plans: dict = {}        # all_to_all arguments -> _Call
         self._setups: dict = {}       # call configuration -> (forward, backward) Route
         self._peer_buffers: dict = {}  # device index -> PeerBuffers or None
+        self._pages: dict = {}  # device index -> p2p.ErrorPage of the stamped exchanges
         self.all_reduce_plans: dict = {}  # comm/all_reduce.py's plans
         self.hierarchy_state: dict = {}   # comm/hierarchical.py's layout, stages and sizes
         self.closed = False
@@ -132,8 +133,8 @@ class Communicator:
     def close(self) -> None:
         """Free the peer-to-peer memory and mappings (after this device is idle) and forget
         every plan. Local: each rank closes its own; a closed communicator raises when used.
-        A disagreement the peer-to-peer kernels found in the last calls is raised here, once
-        everything is freed (see ``check``)."""
+        A disagreement the kernels found in the last calls is raised here, once everything
+        is freed (see ``check``)."""
         if self.closed:
             return
         self.closed = True
@@ -144,23 +145,33 @@ class Communicator:
                     bufs.close()
                 except (ConfigMismatchError, frame.PeerTimeoutError) as e:
                     found = found or e
+        for page in self._pages.values():
+            torch.cuda.synchronize(page.device)  # the last decodes have run
+            try:
+                raise_stamp_report(page, self)
+            except ConfigMismatchError as e:
+                found = found or e
+            page.close()
         self._forget()
         if found is not None:
             raise found
 
     def check(self) -> None:
-        """Raise what the peer-to-peer kernels found after their call returned:
-        ConfigMismatchError for a disagreement between ranks, PeerTimeoutError for a wait
-        for a peer that timed out (each call checks the earlier ones; this checks the
-        latest, e.g. after a final ``torch.cuda.synchronize()``). Local, cheap: a read of
-        pinned host memory per device."""
+        """Raise what the kernels of CUDA calls found after their call returned:
+        ConfigMismatchError for a disagreement between ranks (a stamp that differed),
+        PeerTimeoutError for a peer-to-peer wait for a peer that timed out (each call checks
+        the earlier ones; this checks the latest, e.g. after a final
+        ``torch.cuda.synchronize()``). Local, cheap: a read of pinned host memory per
+        device."""
         for bufs in self._peer_buffers.values():
             if bufs is not None:
                 bufs.check()
+        for page in self._pages.values():
+            raise_stamp_report(page, self)
 
     def _forget(self) -> None:
         """Drop every plan, route and buffer reference (and the process groups they hold)."""
-        for d in (self._peer_buffers, self._routes, self._plans, self._setups,
+        for d in (self._peer_buffers, self._pages, self._routes, self._plans, self._setups,
                   self.all_reduce_plans, self.hierarchy_state):
             d.clear()
 
@@ -193,7 +204,8 @@ class Communicator:
             thresholds = tuple(self.gate.threshold(path, c) for path, c in zip(paths, codec))
             hit = self._routes[key] = Route(
                 self.group, self.rank, self.world, codec, thresholds, paths=paths,
-                streams=self.streams, framing=self.framing if device_type == "cpu" else None)
+                streams=self.streams, framing=self.framing if device_type == "cpu" else None,
+                pages=self._pages if device_type == "cuda" else None)
         return hit
 
     def peer_buffers(self, device: torch.device) -> Optional[p2p.PeerBuffers]:

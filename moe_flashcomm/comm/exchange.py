@@ -7,7 +7,9 @@ Wire per (rank, peer) pair, decided on both sides from the pair's row count alon
   * a CodecConfig: ``record_bytes(H, codec)`` per row (moe_flashcomm.codec records). The
     size gate turns a pair's codec into the bf16 passthrough below its threshold.
 So every rank computes its byte splits from row splits, and metadata travels inside the
-records: no second collective. The byte buffers travel typed as the tokens' dtype (every
+records: no second collective. On CUDA each pair's records travel behind a 16-byte stamp of
+the pair (codec, rows, dtype, hidden) that the receiver's decode kernel checks
+(``StampedCall``): ranks that disagree raise at the next call instead of decoding garbage. The byte buffers travel typed as the tokens' dtype (every
 segment is a whole number of its items: rows, or records of 16-byte multiples), so a rank
 whose pairs are all size-gated can send its tensor as it is and still pair with a rank that
 sends records: both ends of every pair use the same element type. Likewise the even form of
@@ -27,9 +29,11 @@ Over gloo (CPU tensors) every pair travels behind a header its receiver checks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,6 +44,7 @@ from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from .. import kernels
 from ..memo import remember
+from .check import ConfigMismatchError
 from .gate import wire_gate
 from . import frame as framing
 from . import p2p
@@ -70,6 +75,9 @@ class Route:
     streams: Optional["SideStreams"] = field(default=None, compare=False, hash=False, repr=False)
     framing: Optional[framing.Framing] = field(default=None, compare=False, hash=False,
                                                repr=False)  # gloo: headers (comm/frame.py)
+    pages: Optional[dict] = field(default=None, compare=False, hash=False, repr=False)
+    # CUDA: the communicator's error pages per device (p2p.ErrorPage); pairs of records
+    # carry stamps its kernels check (StampedCall)
 
     def wire(self, peer: int, rows: int, hidden: int, dtype: torch.dtype) -> Wire:
         cfg = wire_gate(self.codecs[peer], rows * hidden * 2, self.thresholds[peer])
@@ -110,33 +118,38 @@ def decode(rec: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: torch.dtype,
 # ---- the exchange ------------------------------------------------------------------------
 @dataclass
 class _Seg:
-    """``rows`` rows at row ``row`` of a tensor, ``wire`` on the wire, at byte ``byte``."""
+    """``rows`` rows at row ``row`` of a tensor, ``wire`` on the wire, at byte ``byte``;
+    ``peer``: the group rank they go to or come from (the first, where peers merged)."""
     row: int
     rows: int
     wire: Wire
     byte: int = 0
     nbytes: int = 0
+    peer: int = -1
 
 
 def _segments(row_off: Sequence[int], counts: Sequence[int], wires: Sequence[Wire],
-              k: int, chunks: int, hidden: int, dtype: torch.dtype) -> tuple[list, list[int]]:
+              k: int, chunks: int, hidden: int, dtype: torch.dtype,
+              stamped: bool = False) -> tuple[list, list[int]]:
     """Segments of chunk ``k`` in peer order and the byte split per peer. With one chunk,
-    neighbouring peers on the same wire merge into one segment (one encode/decode call)."""
+    neighbouring peers on the same wire merge into one segment (one encode/decode call).
+    ``stamped``: each pair's records follow a stamp of STAMP_BYTES (never merged)."""
     segs: list[_Seg] = []
     splits, byte = [], 0
     for p, (off, n, w) in enumerate(zip(row_off, counts, wires)):
         a, b = chunk_range(n, k, chunks)
         nbytes = (b - a) * row_bytes(w, hidden, dtype)
-        splits.append(nbytes)
+        stamp = kernels.STAMP_BYTES if stamped and b > a and isinstance(w, CodecConfig) else 0
+        splits.append(stamp + nbytes)
         if b > a and w is not None:
             last = segs[-1] if segs else None
-            if chunks == 1 and last is not None and last.wire == w \
+            if chunks == 1 and not stamp and last is not None and last.wire == w \
                     and last.row + last.rows == off + a and last.byte + last.nbytes == byte:
                 last.rows += b - a
                 last.nbytes += nbytes
             else:
-                segs.append(_Seg(off + a, b - a, w, byte, nbytes))
-        byte += nbytes
+                segs.append(_Seg(off + a, b - a, w, byte + stamp, nbytes, p))
+        byte += stamp + nbytes
     return segs, splits
 
 
@@ -147,7 +160,11 @@ def _pack(x: torch.Tensor, segs: list[_Seg]) -> torch.Tensor:
         rows = x[s.row:s.row + s.rows]
         return (rows.view(torch.uint8) if s.wire == RAW else encode(rows, s.wire)).reshape(-1)
     total = segs[-1].byte + segs[-1].nbytes if segs else 0
-    send = torch.empty(total, dtype=torch.uint8, device=x.device)
+    return _pack_into(torch.empty(total, dtype=torch.uint8, device=x.device), x, segs)
+
+
+def _pack_into(send: torch.Tensor, x: torch.Tensor, segs: list[_Seg]) -> torch.Tensor:
+    """Write ``segs`` of ``x`` into ``send`` (flat uint8): rows copied, records encoded."""
     for s in segs:
         rows, dst = x[s.row:s.row + s.rows], send[s.byte:s.byte + s.nbytes]
         if s.wire == RAW:
@@ -224,6 +241,8 @@ class Plan:
     framed: Optional[tuple] = None  # gloo: (sends, receives) per group rank, each entry
                           # (row, rows, wire, bytes), None at this rank, then their
                           # frame.Legs (comm/frame.py)
+    stamped: bool = False  # CUDA: the chunks' pairs of records carry stamps (StampedCall)
+    stamped_calls: dict = field(default_factory=dict)  # device index -> StampedCall
 
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
@@ -261,15 +280,17 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         if need * route.world <= route.p2p.max_bytes:
             return Plan(False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
-    unit = dtype.itemsize
+    unit, stamped = dtype.itemsize, route.pages is not None
     for k in range(chunks):
-        send_segs, send_bytes = _segments(in_off, in_rows, send_w, k, chunks, hidden, dtype)
-        recv_segs, recv_bytes = _segments(out_off, out_rows, recv_w, k, chunks, hidden, dtype)
+        send_segs, send_bytes = _segments(in_off, in_rows, send_w, k, chunks, hidden, dtype,
+                                          stamped)
+        recv_segs, recv_bytes = _segments(out_off, out_rows, recv_w, k, chunks, hidden, dtype,
+                                          stamped)
         parts.append((send_segs, _items(send_bytes, unit), recv_segs, _items(recv_bytes, unit)))
     first = parts[0][2]
-    direct = (chunks == 1 and len(first) == 1 and first[0].wire != RAW
+    direct = (not stamped and chunks == 1 and len(first) == 1 and first[0].wire != RAW
               and first[0].rows == sum(out_rows))
-    return Plan(False, False, sum(out_rows), own, parts, direct)
+    return Plan(False, False, sum(out_rows), own, parts, direct, stamped=stamped)
 
 
 def _items(nbytes: list, unit: int) -> list:
@@ -311,13 +332,19 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
 
+    stamped = stamped_call(route, plan, H, dtype, x.device) if plan.stamped else None
+    if stamped is not None:
+        stamped.check()  # what the decodes of earlier calls found (a host memory read)
+        if x.data_ptr() % 16:
+            x = x.clone()  # the encodes were planned for 16-byte aligned rows
     out = None if plan.direct else x.new_empty((plan.out_total, H))
     side = route.streams.get(x.device, "decode") if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))  # `out` is allocated
     works, buffers = [], []
-    for send_segs, send_splits, recv_segs, recv_splits in plan.chunks:
-        send = _pack(x, send_segs)
+    for k, (send_segs, send_splits, recv_segs, recv_splits) in enumerate(plan.chunks):
+        send = (_pack(x, send_segs) if stamped is None
+                else stamped.pack(k, x, sum(send_splits) * dtype.itemsize))
         recv = torch.empty(sum(recv_splits), dtype=dtype, device=x.device).view(torch.uint8)
         works.append(dist.all_to_all_single(recv.view(dtype), send.view(dtype), recv_splits,
                                             send_splits, group=group, async_op=True))
@@ -331,11 +358,13 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
         stream = side if side is not None else (
             torch.cuda.current_stream(x.device) if x.is_cuda else None)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for work, (send, recv, recv_segs) in zip(works, buffers):
+            for k, (work, (send, recv, recv_segs)) in enumerate(zip(works, buffers)):
                 work.wait()
                 if plan.direct:
                     seg = recv_segs[0]
                     out = decode(recv.view(seg.rows, -1), seg.wire, H, dtype)
+                elif stamped is not None:
+                    stamped.unpack(k, recv, out)
                 else:
                     _unpack(recv, recv_segs, out)
                 if stream is not None:  # keep the buffers until this stream is past them
@@ -347,6 +376,111 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
         return out
 
     return Pending(works, finish)
+
+
+def stamped_call(route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> "StampedCall":
+    """The kernels of ``plan`` (a stamped plan) on ``device``, made at its first call there."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    call = plan.stamped_calls.get(index)
+    if call is None:
+        page = route.pages.get(index)
+        if page is None:
+            page = route.pages[index] = p2p.ErrorPage(torch.device("cuda", index))
+        call = plan.stamped_calls[index] = StampedCall(route, plan, hidden, dtype, index, page)
+    return call
+
+
+def raise_stamp_report(page: "p2p.ErrorPage", route_or_comm) -> None:
+    """Raise ConfigMismatchError for what the decodes reported on ``page`` (then cleared);
+    ``route_or_comm``: anything with the group's ``group``, ``rank`` and ``world``."""
+    words = page.report()
+    if words is not None:
+        page.clear()
+        g = route_or_comm
+        raise ConfigMismatchError(p2p.stamp_mismatch(words, g.group, g.rank, g.world,
+                                                     "exchanges of records before this check"))
+
+
+class StampedCall:
+    """The kernels of a plan whose records NCCL (or gloo) carries, on one device. Every
+    pair's records travel behind a stamp (``p2p.stamp``: codec, rows, dtype, hidden); the
+    receiver's decode compares it with the stamp it expects and writes a difference to the
+    communicator's error page, which the next call (or ``Communicator.check``) raises on
+    both ranks of the pair. Per chunk one p2p_exchange launch in its local mode
+    (csrc/p2p.cu kLocal) encodes the pairs of one codec (up to MAX_PEERS) behind their
+    stamps, and one decodes them: the codec's launches, without merging neighbouring peers.
+    Stochastic encodes take the codec's own kernels with the stamp copied in; raw pairs
+    (their own bytes) and records a launch cannot take (past 2^31 items, or not 16-byte
+    aligned behind raw rows of odd size) are copied or decoded without a check."""
+
+    def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, dev: int,
+                 page: "p2p.ErrorPage") -> None:
+        self.group, self.rank, self.world, self.page = route.group, route.rank, route.world, page
+        self.hidden, self.dtype, self.dev = hidden, dtype, dev
+        self.device = torch.device("cuda", dev)
+        self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
+                       for send_segs, _, recv_segs, _ in plan.chunks]
+
+    def _launches(self, segs: list, send: bool) -> tuple[list, list, list]:
+        """(p2p_exchange launches, the segments left to the codec's kernels or copies, and
+        for those left that carry records, where their stamp goes with its bytes on the
+        device) of one side of a chunk."""
+        by_codec: dict = {}
+        left = []
+        for s in segs:
+            if s.wire == RAW or s.byte % 16 or (send and s.wire.is_stochastic):
+                left.append(s)
+            else:  # (a decode does not depend on the rounding)
+                by_codec.setdefault(dataclasses.replace(s.wire, rounding="nearest"), []).append(s)
+        launches = []
+        for cfg, group in by_codec.items():
+            for i in range(0, len(group), p2p.MAX_PEERS):
+                batch = group[i:i + p2p.MAX_PEERS]
+                tasks = [(s.peer, s.row, s.rows, s.byte) for s in batch]
+                stamps = p2p.padded([p2p.stamp(s.wire, s.rows, self.hidden, self.dtype)
+                                     for s in batch])
+                args = kernels.p2p_args((), self.rank, self.world, 0,
+                                        error_page=self.page.address,
+                                        **{"send_stamp" if send else "recv_stamp": stamps})
+                launch = p2p.exchange_kernel(self.dev, tasks if send else [],
+                                             [] if send else tasks, self.hidden, cfg, self.dtype,
+                                             (0, 0, 0), args, local=True)
+                if launch is None:
+                    left += batch
+                else:
+                    launches.append(launch)
+        coded = [s for s in left if s.wire != RAW] if send else []
+        stamps = []
+        if coded:
+            words = np.array([[p2p.stamp(s.wire, s.rows, self.hidden, self.dtype), 0]
+                              for s in coded], dtype=np.uint64)
+            rows = torch.from_numpy(words.view(np.int64)).to(self.device).view(torch.uint8)
+            stamps = [(s.byte - kernels.STAMP_BYTES, row) for s, row in zip(coded, rows)]
+        return launches, left, stamps
+
+    def check(self) -> None:
+        raise_stamp_report(self.page, self)
+
+    def pack(self, k: int, x: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """Chunk ``k``'s send buffer (flat uint8, ``nbytes``) of ``x`` (16-byte aligned)."""
+        launches, left, stamps = self.chunks[k][0]
+        send = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        stream, xp, sp = kernels.raw_stream(self.dev), x.data_ptr(), send.data_ptr()
+        for launch in launches:
+            launch(stream, xp, sp)
+        _pack_into(send, x, left)
+        for at, stamp in stamps:
+            send[at:at + kernels.STAMP_BYTES].copy_(stamp)
+        return send
+
+    def unpack(self, k: int, recv: torch.Tensor, out: torch.Tensor) -> None:
+        """Decode chunk ``k``'s receive buffer into ``out``, checking the stamps."""
+        launches, left, _ = self.chunks[k][1]
+        stream, rp, op = kernels.raw_stream(self.dev), recv.data_ptr(), out.data_ptr()
+        for launch in launches:
+            launch(stream, rp, op)
+        _unpack(recv, left, out)
 
 
 def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:

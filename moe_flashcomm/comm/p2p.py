@@ -76,6 +76,42 @@ def _runtime():
     return cupy.cuda.runtime
 
 
+class ErrorPage:
+    """Pinned host memory, mapped into the device, where csrc/p2p.cu's kernels report the
+    first problem they meet (the kErr* words: claimed, peer, word seen, word expected, call,
+    kind, reported); the host reads it with no synchronisation. One per communicator and
+    device for each transport that stamps its pairs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            # unified addressing: the same address on the GPU
+            self.address = _runtime().hostAlloc(8 * kernels.P2P_ERROR_WORDS, MAPPED)
+        self.words = np.ctypeslib.as_array(
+            (ctypes.c_uint64 * kernels.P2P_ERROR_WORDS).from_address(self.address))
+        self.words[:] = 0
+
+    @property
+    def set_word(self) -> int:
+        """Host address of the "reported" word (the compiled launcher reads it per call)."""
+        return self.address + 8 * kernels.P2P_ERROR_SET
+
+    def report(self) -> Optional[list]:
+        """The page's words where a kernel has reported, else None."""
+        words = self.words
+        return [int(w) for w in words] if words[kernels.P2P_ERROR_SET] else None
+
+    def clear(self) -> None:
+        self.words[:] = 0
+
+    def close(self) -> None:
+        if self.address:
+            self.words = np.zeros(kernels.P2P_ERROR_WORDS, dtype=np.uint64)
+            with torch.cuda.device(self.device):
+                _runtime().freeHost(self.address)
+            self.address = 0
+
+
 class PeerBuffers:
     """Receive buffer and flags of one process group on one device, mapped by every peer.
 
@@ -100,22 +136,15 @@ class PeerBuffers:
         self.data_ptrs: list[int] = []
         self.flag_ptrs = self._exchange(FLAG_BYTES)
         self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile, stamps) -> launch
-        # the kernels report a peer's unexpected stamp here (pinned, mapped into the device)
-        rt, nbytes = _runtime(), 8 * kernels.P2P_ERROR_WORDS
-        with torch.cuda.device(device):
-            self._error_host = rt.hostAlloc(nbytes, MAPPED)
-        self._error_page = self._error_host  # unified addressing: the same address on the GPU
-        self._error_words = np.ctypeslib.as_array(
-            (ctypes.c_uint64 * kernels.P2P_ERROR_WORDS).from_address(self._error_host))
-        self._error_words[:] = 0
+        self.page = ErrorPage(device)  # the kernels report a peer's unexpected stamp here
 
     def args(self, stamps: tuple, **fields):
         """csrc/p2p.cu's P2PArgs of this rank with ``fields`` set; ``stamps``: the call's
         (send, receive) stamps per group rank."""
         return kernels.p2p_args(self.flag_ptrs, self.rank, self.world,
                                 int(self.timeout_s * 10**9),
-                                send_stamp=_padded(stamps[0]), recv_stamp=_padded(stamps[1]),
-                                error_page=self._error_page, **fields)
+                                send_stamp=padded(stamps[0]), recv_stamp=padded(stamps[1]),
+                                error_page=self.page.address, **fields)
 
     def check(self) -> None:
         """Raise what a kernel of an earlier call reported: ConfigMismatchError for a peer's
@@ -123,13 +152,12 @@ class PeerBuffers:
         PeerTimeoutError for a wait that timed out (kept: every later call raises it too)."""
         if self.failed is not None:
             raise PeerTimeoutError(self.failed)
-        words = self._error_words
-        if not words[kernels.P2P_ERROR_SET]:
+        words = self.page.report()
+        if words is None:
             return
-        kind, message = page_report([int(w) for w in words], self.group, self.rank,
-                                    self.world, self.timeout_s)
+        kind, message = page_report(words, self.group, self.rank, self.world, self.timeout_s)
         if kind is ConfigMismatchError:
-            words[:] = 0
+            self.page.clear()
             raise ConfigMismatchError(message)
         # the page stays set: the kernels still queued give up their waits within a millisecond
         self.failed = message
@@ -151,18 +179,9 @@ class PeerBuffers:
         encodes of ``sends`` only, into a staging buffer (pointer bases: tokens, staging;
         their ``remote`` an offset in it), publishing nothing: the copy engine moves the
         records, and the call's last launch publishes "landed" for them."""
-        made = exchange_table(sends, recvs, hidden, cfg, dtype, keep)
-        if made is None:
-            return None
-        table, blocks = made
-        vec = hidden % 8 == 0
-        # the codec's arguments of one row: each task sets its own item count
-        enc = _cuda.encode_pieces(1, hidden, cfg, dtype, vec)[1][0][3]
-        dec = _cuda.decode_pieces(1, hidden, cfg, dtype)[1][0][3]
         args = self.args(stamps, copy_n16=keep[2] // 16, advance=int(not stage),
                          mode=kernels.EXCHANGE_STAGE if stage else 0)
-        return kernels.exchange_launch(self.device.index, _cuda.exchange_name(hidden, cfg, dtype, vec),
-                                       enc, dec, table, args, blocks)
+        return exchange_kernel(self.device.index, sends, recvs, hidden, cfg, dtype, keep, args)
 
     # -- collective setup ------------------------------------------------------------------
     def _exchange(self, nbytes: int) -> list[int]:
@@ -265,7 +284,7 @@ class PeerBuffers:
         """Host addresses the compiled launcher reads per call (csrc/launcher.cpp Exchange):
         the error page's "set" word (``check`` raises where it is nonzero) and the last
         call's stream (``begin`` writes it)."""
-        return (self._error_host + 8 * kernels.P2P_ERROR_SET, ctypes.addressof(self._stream))
+        return (self.page.set_word, ctypes.addressof(self._stream))
 
     def begin(self, stream: int) -> None:
         """Order a call on ``stream`` after the previous one (the flag protocol needs every
@@ -296,15 +315,29 @@ class PeerBuffers:
         for ptrs in (self.data_ptrs, self.flag_ptrs):
             if ptrs:
                 self._release(ptrs)
-        if self._error_host:
-            self._error_words = np.zeros(kernels.P2P_ERROR_WORDS, dtype=np.uint64)
-            with torch.cuda.device(self.device):
-                _runtime().freeHost(self._error_host)
-            self._error_host = 0
+        self.page.close()
         self.data_ptrs, self.flag_ptrs, self.cap = [], [], 0
         self.generation += 1
         if found is not None:
             raise found
+
+
+def exchange_kernel(device: int, sends: list, recvs: list, hidden: int, cfg,
+                    dtype: torch.dtype, keep: tuple, args: np.ndarray, local: bool = False
+                    ) -> Optional[kernels.PreparedLaunch]:
+    """p2p_exchange with ``args`` (a P2PArgs) for the tasks ``exchange_table`` makes of
+    ``sends``, ``recvs`` and ``keep``; None where it makes none. ``local``: its variant for
+    exchanges another transport carries (tasks in local buffers, behind stamps)."""
+    made = exchange_table(sends, recvs, hidden, cfg, dtype, keep)
+    if made is None:
+        return None
+    table, blocks = made
+    vec = hidden % 8 == 0
+    # the codec's arguments of one row: each task sets its own item count
+    enc = _cuda.encode_pieces(1, hidden, cfg, dtype, vec)[1][0][3]
+    dec = _cuda.decode_pieces(1, hidden, cfg, dtype)[1][0][3]
+    return kernels.exchange_launch(device, _cuda.exchange_name(hidden, cfg, dtype, vec, local),
+                                   enc, dec, table, args, blocks)
 
 
 def exchange_table(sends: list, recvs: list, hidden: int, cfg, dtype: torch.dtype,
@@ -351,13 +384,8 @@ def page_report(words: list, group, rank: int, world: int,
     me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
     them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
     if kind == kernels.P2P_ERROR_STAMP:
-        return ConfigMismatchError, (
-            f"moe_flashcomm.all_to_all (peer-to-peer): ranks of the group disagree (seen by "
-            f"{me} at its peer-to-peer call #{call}):\n"
-            f"  {them} sent {describe(got)}; this rank expected {describe(want)}\n"
-            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
-            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
-            "returned: its output is not valid.)")
+        return ConfigMismatchError, stamp_mismatch(words, group, rank, world,
+                                                   f"peer-to-peer call #{call}")
     flag = {kernels.P2P_ERROR_FREED_TIMEOUT: "to take new records (\"freed\")",
             kernels.P2P_ERROR_LANDED_TIMEOUT: "for its records (\"landed\")"}.get(kind, "")
     return PeerTimeoutError, (
@@ -370,8 +398,21 @@ def page_report(words: list, group, rank: int, world: int,
         "$MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")
 
 
-def _padded(stamps: tuple) -> list:
-    """Per group rank -> per MAX_PEERS slot (numpy u64)."""
+def stamp_mismatch(words: list, group, rank: int, world: int, call: str) -> str:
+    """The message of an error page's stamp report (``words``) as group rank ``rank`` of
+    ``world`` in ``group`` reads it; ``call``: the call it was found in, in words."""
+    _, peer, got, want = words[:4]
+    me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
+    them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
+    return (f"moe_flashcomm.all_to_all: ranks of the group disagree (seen by {me} at its "
+            f"{call}):\n  {them} sent {describe(got)}; this rank expected {describe(want)}\n"
+            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
+            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
+            "returned: its output is not valid.)")
+
+
+def padded(stamps: tuple) -> list:
+    """Up to MAX_PEERS stamps -> P2PArgs' MAX_PEERS slots (numpy u64)."""
     return [s & (1 << 64) - 1 for s in stamps] + [0] * (MAX_PEERS - len(stamps))
 
 

@@ -1,0 +1,167 @@
+"""Stamped exchanges on GPUs: the all-to-all of CUDA tensors that NCCL (here gloo, with two to
+four processes sharing one GPU and the peer-to-peer transport off) carries. Every pair's
+records travel behind a stamp that the receiving decode kernel checks (exchange.StampedCall,
+csrc/p2p.cu's kLocal mode). Checked: bit-identical to the codec (even and uneven splits,
+several codecs and dtypes, pipelined chunks, forward and backward, raw pairs and records that
+are not 16-byte aligned mixed in), and ranks that disagree where the first-use check cannot
+see it (codecs of the same record size, stochastic against nearest rounding): both ranks of
+the pair raise at their next call, or at ``check()``, and the group works afterwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_flashcomm as mf
+from moe_flashcomm.codec import record_bytes
+from moe_flashcomm.comm import ConfigMismatchError
+from tests.distributed import spawn
+from tests.test_all_to_all import make_input
+from tests.test_p2p_gpu import CODECS, want
+
+pytestmark = pytest.mark.cuda
+ENV = {"MOE_FLASHCOMM_P2P": "0"}  # NCCL's path, not the peer-to-peer transport
+
+
+def _stamped_calls(comm) -> list:
+    """The StampedCalls a communicator has made, both directions."""
+    return [call for fwd, bwd in comm._setups.values() for route in (fwd, bwd)
+            for plan in route.plans.values() for call in plan.stamped_calls.values()]
+
+
+def _kwargs(S, rank, world):
+    return dict(input_split_sizes=S[rank], output_split_sizes=[S[p][rank] for p in range(world)])
+
+
+def exactness(rank, world, comm):
+    even = [[4] * world for _ in range(world)]
+    uneven = [[(3 * p + 5 * q) % 7 + (p == 0) for q in range(world)] for p in range(world)]
+    for i, cfg in enumerate(CODECS):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            for S in (even, uneven):
+                for chunks in (1, 2):
+                    x = make_input(rank, sum(S[rank]), (1024,), dtype, 40 + i).cuda()
+                    got = comm.all_to_all(x, codec=cfg, chunks=chunks, **_kwargs(S, rank, world))
+                    assert torch.equal(got, want(rank, world, S, 40 + i, dtype, cfg, 1024)), \
+                        (cfg, dtype, S, chunks)
+    calls = _stamped_calls(comm)  # encodes and decodes through p2p_exchange launches
+    assert calls and all(send[0] and recv[0] for c in calls for send, recv in c.chunks)
+
+
+def backward(rank, world, comm):
+    """The gradient's exchange (int8, the default grad codec) is stamped too."""
+    x = make_input(rank, 4 * world, (512,), torch.bfloat16, 50).cuda().requires_grad_()
+    g = make_input(rank, 4 * world, (512,), torch.bfloat16, 51).cuda()
+    comm.all_to_all(x, codec=mf.CodecConfig(bits=4)).backward(g)
+    S = [[4] * world for _ in range(world)]
+    assert torch.equal(x.grad, _back(rank, world, S, 51, mf.CodecConfig(bits=8), 512))
+
+
+def _back(rank, world, S, seed, cfg, hidden):
+    """What the backward gives ``rank``: its rows' gradients as every receiver sent them back."""
+    parts = []
+    for q in range(world):
+        g = make_input(q, sum(S[q]), (hidden,), torch.bfloat16, seed).cuda()
+        off = sum(S[p][q] for p in range(rank))
+        rows = g[off:off + S[rank][q]]
+        parts.append(rows if q == rank else
+                     mf.decode(mf.encode(rows, cfg), cfg, hidden, rows.dtype))
+    return torch.cat(parts)
+
+
+def mixed(rank, world):
+    """Four ranks on two "nodes": raw rows to the node's other rank (bf16 passthrough), int4
+    across nodes, then int8 inside and int4 across (two codecs in one call), at hidden 100
+    (rows of 200 bytes: records behind raw rows are not 16-byte aligned)."""
+    S = [[(p + 2 * q) % 4 + 1 for q in range(world)] for p in range(world)]
+    for intra in ("bf16", mf.CodecConfig(bits=8)):
+        codec = mf.LinkCodecs(intra_node=intra, inter_node=mf.CodecConfig(bits=4))
+        with mf.Communicator(gate=False, topology=2, codec=codec) as comm:
+            for hidden in (100, 1024):
+                x = make_input(rank, sum(S[rank]), (hidden,), torch.bfloat16, 60).cuda()
+                got = comm.all_to_all(x, **_kwargs(S, rank, world))
+                parts = []
+                for p in range(world):
+                    src = make_input(p, sum(S[p]), (hidden,), torch.bfloat16, 60).cuda()
+                    off = sum(S[p][:rank])
+                    rows = src[off:off + S[p][rank]]
+                    cfg = codec.for_peer(p // 2 == rank // 2)
+                    parts.append(rows if p == rank or cfg.is_passthrough else
+                                 mf.decode(mf.encode(rows, cfg), cfg, hidden, rows.dtype))
+                assert torch.equal(got, torch.cat(parts)), (intra, hidden)
+            comm.check()
+
+
+def disagreement(rank, world, comm):
+    """Configurations both ranks have used, used differently at one call: the decodes compare
+    the stamps, every rank raises at its next call, and the group works afterwards."""
+    H = 256
+    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 70).cuda()
+    a, b = mf.CodecConfig(bits=4, group_size=128), mf.CodecConfig(bits=4, group_size=32,
+                                                                  spikes=False)
+    assert record_bytes(H, a) == record_bytes(H, b)  # the same bytes: only a stamp tells
+    sr, near = mf.CodecConfig(bits=8, rounding="stochastic"), mf.CodecConfig(bits=8)
+    expected = {c: comm.all_to_all(x, codec=c) for c in (a, b, near)}
+    comm.all_to_all(x, codec=sr)  # (every configuration below has been used by every rank)
+    comm.all_to_all(x, codec=b if rank == 1 else a)  # returns: the kernels check
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError) as info:
+        comm.all_to_all(x, codec=a)
+    msg = str(info.value)
+    assert (f"rank 1 sent 4 rows of int4/g32 records (torch.bfloat16, hidden {H}); this rank "
+            f"expected 4 rows of int4/g128+spikes" if rank != 1 else
+            "this rank expected 4 rows of int4/g32 records") in msg, msg
+    for c, out in expected.items():
+        assert torch.equal(comm.all_to_all(x, codec=c), out)
+    # stochastic rounding: its encode is the codec's own kernel with the stamp copied in
+    comm.all_to_all(x, codec=sr if rank == 1 else near)
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError) as info:
+        comm.all_to_all(x, codec=a)
+    assert ("rank 1 sent 4 rows of int8/g128+spikes+sr records" if rank != 1 else
+            "this rank expected 4 rows of int8/g128+spikes+sr records") in str(info.value), \
+        str(info.value)
+    assert torch.equal(comm.all_to_all(x, codec=a), expected[a])
+    # the last call's disagreement, read on demand (and nothing left after it)
+    comm.all_to_all(x, codec=b if rank == 1 else a)
+    torch.cuda.synchronize()
+    with pytest.raises(ConfigMismatchError, match="this rank expected 4 rows"):
+        comm.check()
+    comm.check()
+    # and at close(), once everything is freed
+    comm.all_to_all(x, codec=b if rank == 1 else a)
+    with pytest.raises(ConfigMismatchError, match="this rank expected 4 rows"):
+        comm.close()
+
+
+def _checks(rank, world):
+    torch.cuda.set_device(0)  # every process on the one GPU
+    comm = mf.Communicator(gate=False)
+    assert all(b is None for b in comm._peer_buffers.values())
+    exactness(rank, world, comm)
+    backward(rank, world, comm)
+    disagreement(rank, world, comm)
+    torch.cuda.synchronize()
+
+
+def _mixed(rank, world):
+    torch.cuda.set_device(0)
+    mixed(rank, world)
+    torch.cuda.synchronize()
+
+
+def test_stamped_two_processes_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_checks, 2, env=ENV, timeout=600)
+
+
+def test_stamped_three_processes_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_checks, 3, env=ENV, timeout=600)
+
+
+def test_stamped_mixed_wires_four_processes_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_mixed, 4, env=ENV, timeout=600)

@@ -1,0 +1,137 @@
+"""What the stamps of NCCL's exchanges cost: the encode side (send buffer) and decode side
+(receive buffer) of a flat all-to-all of CUDA tensors, today's stamped layout against the
+plain one it replaced (records of neighbouring peers merged, no stamps), on one GPU.
+
+The transfer itself is NCCL's and the same bytes but for 16 per pair, so it is left out: the
+decode reads the send buffer back (every pair has the same rows, so the layouts match), which
+also checks that both layouts decode to the same bits and that no stamp is reported. One
+process; a group rank of ``--world`` sending ``size / world`` per peer, hidden 7168, bf16.
+
+Per size (bf16 bytes per rank) and codec it prints host µs per call of each side and layout
+(bursts queued behind a GPU sleep, the layouts taking turns, medians), the GPU µs of both
+sides per call (CUDA events around back-to-back calls) and the stamps' share of the bytes.
+
+    python tools/bench_stamps.py --out docs/data/bench_stamps.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moe_flashcomm as mf  # noqa: E402
+from moe_flashcomm import kernels  # noqa: E402
+from moe_flashcomm.comm import exchange as X  # noqa: E402
+from benchlib import burst_ms, fmt_size  # noqa: E402
+
+H = 7168
+SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+CODECS = {"int4": mf.CodecConfig(bits=4), "int8": mf.CodecConfig(bits=8),
+          "fp8": mf.CodecConfig(bits="fp8")}
+BURST, ROUNDS = 16, 31
+
+
+def _burst_us(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work first: the host runs ahead
+    t = time.perf_counter()
+    for _ in range(BURST):
+        fn()
+    return (time.perf_counter() - t) / BURST * 1e6
+
+
+def _sides(world: int, cfg, rows: int, stamped: bool, pages: dict):
+    """(encode, decode, wire bytes) of one layout: callables of one call each."""
+    route = X.Route(None, 0, world, (cfg,) * world, (0,) * world, pages=pages if stamped else None)
+    counts = (rows,) * world
+    plan = X.make_plan(route, counts, counts, H, torch.bfloat16, 1, uniform=True)
+    send_segs, send_splits, recv_segs, _ = plan.chunks[0]
+    nbytes = sum(send_splits) * 2
+    x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
+    out = torch.zeros_like(x)  # (a rank's own rows are not in the exchange)
+    call = X.stamped_call(route, plan, H, torch.bfloat16, x.device) if stamped else None
+    state = {}
+
+    def encode():
+        state["send"] = X._pack(x, send_segs) if call is None else call.pack(0, x, nbytes)
+
+    def decode():
+        if call is None:
+            X._unpack(state["send"], recv_segs, out)
+        else:
+            call.unpack(0, state["send"], out)
+    return encode, decode, nbytes, out
+
+
+def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
+    rows = max(1, size // (2 * H) // world)
+    sides = {s: _sides(world, cfg, rows, s == "stamped", pages) for s in ("plain", "stamped")}
+    for enc, dec, _, _ in sides.values():
+        enc()
+        dec()
+    torch.cuda.synchronize()
+    plain_out, stamped_out = sides["plain"][3], sides["stamped"][3]
+    assert torch.equal(plain_out, stamped_out), "the layouts decode to different bits"
+    assert all(p.report() is None for p in pages.values()), "a stamp was reported"
+    times: dict = {f"{s}_{side}": [] for s in sides for side in ("encode", "decode")}
+    for _ in range(ROUNDS):
+        for s, (enc, dec, _, _) in sides.items():
+            times[f"{s}_encode"].append(_burst_us(enc))
+            enc()
+            times[f"{s}_decode"].append(_burst_us(dec))
+    torch.cuda.synchronize()
+    row = {"size": size, "codec": name, "world": world, "rows_per_peer": rows,
+           "bytes_plain": sides["plain"][2], "bytes_stamped": sides["stamped"][2]}
+    for k, v in times.items():
+        row[f"{k}_host_us"] = statistics.median(v)
+    for s, (enc, dec, _, _) in sides.items():
+        row[f"{s}_gpu_us"] = 1e3 * burst_ms(lambda: (enc(), dec()), warmup=2, rounds=5,
+                                            calls=10)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=8)
+    ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="bf16 bytes per rank")
+    ap.add_argument("--out", default=None, help="JSON of every row")
+    a = ap.parse_args()
+    torch.cuda.init()
+    pages: dict = {}
+    launcher = "compiled" if kernels.KERNELS.native is not None else "ctypes"
+    print(f"{torch.cuda.get_device_name()}; world {a.world}, hidden {H}, bf16; launcher "
+          f"{launcher}")
+    print(f"{'size':>9} {'codec':>5} | {'encode host us':>21} | {'decode host us':>21} | "
+          f"{'GPU us both sides':>21} | stamp bytes")
+    print(f"{'':>9} {'':>5} | {'plain':>10} {'stamped':>10} | {'plain':>10} {'stamped':>10} | "
+          f"{'plain':>10} {'stamped':>10} |")
+    rows = []
+    for size in a.sizes:
+        for name in a.codecs:
+            r = measure(a.world, size, name, CODECS[name], pages)
+            rows.append(r)
+            extra = r["bytes_stamped"] - r["bytes_plain"]
+            print(f"{fmt_size(size):>9} {name:>5} | {r['plain_encode_host_us']:10.1f} "
+                  f"{r['stamped_encode_host_us']:10.1f} | {r['plain_decode_host_us']:10.1f} "
+                  f"{r['stamped_decode_host_us']:10.1f} | {r['plain_gpu_us']:10.1f} "
+                  f"{r['stamped_gpu_us']:10.1f} | {extra} B ({extra / r['bytes_plain']:.4%})",
+                  flush=True)
+    for page in pages.values():
+        page.close()
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(), "launcher": launcher,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": " ".join(["python", *sys.argv])}
+        Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
