@@ -407,9 +407,9 @@ class StampedCall:
     pair's records travel behind a stamp (``p2p.stamp``: codec, rows, dtype, hidden); the
     receiver's decode compares it with the stamp it expects and writes a difference to the
     communicator's error page, which the next call (or ``Communicator.check``) raises on
-    both ranks of the pair. Per chunk one p2p_exchange launch in its local mode
-    (csrc/p2p.cu kLocal) encodes the pairs of one codec (up to MAX_PEERS) behind their
-    stamps, and one decodes them: the codec's launches, without merging neighbouring peers.
+    both ranks of the pair. Per chunk one launch of p2p_exchange's LOCAL variant
+    (csrc/p2p.cu) encodes the pairs of one codec (up to MAX_PEERS) behind their stamps, and
+    one decodes them: as many launches as the plain layout's merged codec calls.
     Stochastic encodes take the codec's own kernels with the stamp copied in; raw pairs
     (their own bytes) and records a launch cannot take (past 2^31 items, or not 16-byte
     aligned behind raw rows of odd size) are copied or decoded without a check."""
