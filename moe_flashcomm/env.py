@@ -91,6 +91,12 @@ def p2p_copy_bytes() -> int:
     return integer("MOE_FLASHCOMM_P2P_COPY_MB", 64, minimum=0) << 20
 
 
+def stamps_enabled() -> bool:
+    """MOE_FLASHCOMM_STAMPS: every pair of a CUDA all-to-all over NCCL carries a stamp its
+    receiver checks (default on; off: the records alone, checked at first use only)."""
+    return flag("MOE_FLASHCOMM_STAMPS", True)
+
+
 def timeout_s() -> int:
     """MOE_FLASHCOMM_TIMEOUT_S: how long a call waits for silent peers (a framed exchange over
     gloo, a peer-to-peer kernel's wait)."""

@@ -5,6 +5,7 @@ different communicators raise instead of hanging or aborting."""
 from __future__ import annotations
 
 import datetime
+import os
 import time
 
 import pytest
@@ -68,6 +69,13 @@ def _lifetime(rank, world):
     start = time.monotonic()
     with pytest.raises(ConfigMismatchError, match="codec"):
         mf.Communicator(codec=4 if rank == 0 else 2)
+    # environment settings that shape the wire or the peer buffers are part of the check
+    for name, value in (("MOE_FLASHCOMM_P2P_MAX_MB", "1024"), ("MOE_FLASHCOMM_STAMPS", "0")):
+        if rank == 1:
+            os.environ[name] = value
+        with pytest.raises(ConfigMismatchError, match="p2p" if "P2P" in name else "stamps"):
+            mf.Communicator()
+        os.environ.pop(name, None)
     # one rank makes a communicator while the others call: both sides raise, no abort
     comm = mf.Communicator(gate=False)
     with pytest.raises(ConfigMismatchError, match="different moe_flashcomm operation"):

@@ -89,7 +89,7 @@ class Communicator:
             # the other ranks are in the consistency check below: they raise at once
             reject_check(self.pg, self.agree_device, Framing(frame.REJECT_WAIT_S))
             raise
-        self.p2p_enabled = env.p2p_enabled()
+        self.p2p_enabled, self.stamps = env.p2p_enabled(), env.stamps_enabled()
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
         self.timeout_s = env.timeout_s() if timeout is None else timeout
@@ -108,6 +108,7 @@ class Communicator:
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
                               chunks=chunks, backend=self.backend,
                               p2p=(self.p2p_enabled, env.p2p_max_bytes(), env.p2p_copy_bytes()),
+                              stamps=self.stamps,
                               nccl_paths=(intra_node_path("cuda"),)),
                          self.pg, self.agree_device, self._verified,
                          what="moe_flashcomm.Communicator", framing=self.framing)
@@ -205,7 +206,7 @@ class Communicator:
             hit = self._routes[key] = Route(
                 self.group, self.rank, self.world, codec, thresholds, paths=paths,
                 streams=self.streams, framing=self.framing if device_type == "cpu" else None,
-                pages=self._pages if device_type == "cuda" else None)
+                pages=self._pages if device_type == "cuda" and self.stamps else None)
         return hit
 
     def peer_buffers(self, device: torch.device) -> Optional[p2p.PeerBuffers]:
