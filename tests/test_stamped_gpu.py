@@ -19,7 +19,7 @@ from tests.test_all_to_all import make_input
 from tests.test_p2p_gpu import CODECS, want
 
 pytestmark = pytest.mark.cuda
-ENV = {"MOE_FLASHCOMM_P2P": "0"}  # NCCL's path, not the peer-to-peer transport
+ENV = {"MOE_FLASHCOMM_P2P": "0", "MOE_FLASHCOMM_STAMPS": "1"}  # NCCL's path, stamped
 
 
 def _stamped_calls(comm) -> list:
