@@ -70,9 +70,9 @@ def _lifetime(rank, world):
     with pytest.raises(ConfigMismatchError, match="codec"):
         mf.Communicator(codec=4 if rank == 0 else 2)
     # environment settings that shape the wire or the peer buffers are part of the check
-    for name, value in (("MOE_FLASHCOMM_P2P_MAX_MB", "1024"), ("MOE_FLASHCOMM_STAMPS", "0")):
-        if rank == 1:
-            os.environ[name] = value
+    for name, values in (("MOE_FLASHCOMM_P2P_MAX_MB", ("4096", "1024")),
+                         ("MOE_FLASHCOMM_STAMPS", ("0", "1"))):
+        os.environ[name] = values[rank]
         with pytest.raises(ConfigMismatchError, match="p2p" if "P2P" in name else "stamps"):
             mf.Communicator()
         os.environ.pop(name, None)
