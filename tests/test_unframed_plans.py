@@ -173,3 +173,37 @@ def test_stamped_segments_layout():
     # pipelined chunks: every chunk's piece of a pair has its own stamp
     segs, splits = _segments(offsets([5]), [5], [int4], 1, 2, H, dtype, stamped=True)
     assert splits == [S + 3 * rb] and (segs[0].row, segs[0].rows) == (2, 3)
+
+
+def test_stamped_call_tasks(monkeypatch):
+    """The launches exchange.StampedCall prepares (their kernels run in
+    tests/test_stamped_gpu.py; here the launch is recorded instead of compiled): per side one
+    launch of p2p_exchange's LOCAL variant for every 16 peers of a codec, each task's records
+    at its segment's byte, behind the slot of its stamp, with the pair's stamp in the args."""
+    from moe_flashcomm import kernels as K
+    from moe_flashcomm.comm import exchange as X, p2p
+    made = []
+    monkeypatch.setattr(K, "exchange_launch", lambda dev, name, enc, dec, table, args, blocks:
+                        made.append((name, table[0].copy(), args[0].copy(), blocks)) or name)
+
+    class Page:
+        address = 0x1234000
+
+    H, dtype, int4, world, rank = 512, torch.bfloat16, mf.CodecConfig(bits=4), 20, 3
+    route = X.Route(None, rank, world, (int4,) * world, (0,) * world, pages={})
+    rows = tuple(1 + p % 3 for p in range(world))
+    plan = X.make_plan(route, rows, rows, H, dtype, 1)
+    call = X.StampedCall(route, plan, H, dtype, 0, Page())
+    (send, recv), = call.chunks
+    assert len(send[0]) == len(recv[0]) == 2 and not send[1] and not recv[1]  # 16 + 3 peers
+    assert all(name.endswith(", true>") for name, *_ in made)
+    send_segs, _, recv_segs, _ = plan.chunks[0]
+    for side, segs, launches in (("send", send_segs, made[:2]), ("recv", recv_segs, made[2:])):
+        tasks = [t for _, table, _, _ in launches for t in table["task"][:int(table["tasks"])]]
+        assert [(int(t["peer"]), int(t["remote"]), int(t["offset"])) for t in tasks] == \
+            [(s.peer, s.byte, s.row * H * 2) for s in segs]
+        assert all(s.byte % 16 == 0 and s.byte >= K.STAMP_BYTES for s in segs)
+        stamps = [int(w) for _, _, args, _ in launches for w in args[f"{side}_stamp"] if w]
+        assert stamps == [p2p.stamp(int4, s.rows, H, dtype) for s in segs]
+        assert all(int(args["error_page"]) == Page.address for _, _, args, _ in launches)
+    assert {int(t["sends"]) for _, t, _, _ in made} == {16, 3, 0}
