@@ -1,9 +1,9 @@
 """Stamped exchanges on GPUs: the all-to-all of CUDA tensors that NCCL (here gloo, with two to
 four processes sharing one GPU and the peer-to-peer transport off) carries. Every pair's
 records travel behind a stamp that the receiving decode kernel checks (exchange.StampedCall,
-csrc/p2p.cu's kLocal mode). Checked: bit-identical to the codec (even and uneven splits,
-several codecs and dtypes, pipelined chunks, forward and backward, raw pairs and records that
-are not 16-byte aligned mixed in), and ranks that disagree where the first-use check cannot
+p2p_exchange's LOCAL variant in csrc/p2p.cu). Checked: bit-identical to the codec (even and
+uneven splits, several codecs and dtypes, pipelined chunks, forward and backward, raw pairs
+and records that are not 16-byte aligned mixed in), and ranks that disagree where the first-use check cannot
 see it (codecs of the same record size, stochastic against nearest rounding): both ranks of
 the pair raise at their next call, or at ``check()``, and the group works afterwards."""
 from __future__ import annotations
