@@ -93,9 +93,8 @@ def p2p_copy_bytes() -> int:
 
 def stamps_enabled() -> bool:
     """MOE_FLASHCOMM_STAMPS: every pair of a CUDA all-to-all over NCCL carries a stamp its
-    receiver checks (default off until its kernels have run on GPUs: the records alone,
-    checked at first use only)."""
-    return flag("MOE_FLASHCOMM_STAMPS", False)
+    receiver checks (default on; off: the records alone, checked at first use only)."""
+    return flag("MOE_FLASHCOMM_STAMPS", True)
 
 
 def timeout_s() -> int:

@@ -46,14 +46,13 @@ def _burst_us(fn) -> float:
     return (time.perf_counter() - t) / BURST * 1e6
 
 
-def _sides(world: int, cfg, rows: int, stamped: bool, pages: dict):
-    """(encode, decode, wire bytes) of one layout: callables of one call each."""
+def _sides(x: torch.Tensor, world: int, cfg, rows: int, stamped: bool, pages: dict):
+    """(encode, decode, wire bytes, output) of one layout: callables of one call each."""
     route = X.Route(None, 0, world, (cfg,) * world, (0,) * world, pages=pages if stamped else None)
     counts = (rows,) * world
     plan = X.make_plan(route, counts, counts, H, torch.bfloat16, 1, uniform=True)
     send_segs, send_splits, recv_segs, _ = plan.chunks[0]
     nbytes = sum(send_splits) * 2
-    x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
     out = torch.zeros_like(x)  # (a rank's own rows are not in the exchange)
     call = X.stamped_call(route, plan, H, torch.bfloat16, x.device) if stamped else None
     state = {}
@@ -71,7 +70,8 @@ def _sides(world: int, cfg, rows: int, stamped: bool, pages: dict):
 
 def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
     rows = max(1, size // (2 * H) // world)
-    sides = {s: _sides(world, cfg, rows, s == "stamped", pages) for s in ("plain", "stamped")}
+    x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
+    sides = {s: _sides(x, world, cfg, rows, s == "stamped", pages) for s in ("plain", "stamped")}
     for enc, dec, _, _ in sides.values():
         enc()
         dec()

@@ -7,7 +7,7 @@ Wire per (rank, peer) pair, decided on both sides from the pair's row count alon
   * a CodecConfig: ``record_bytes(H, codec)`` per row (moe_flashcomm.codec records). The
     size gate turns a pair's codec into the bf16 passthrough below its threshold.
 So every rank computes its byte splits from row splits, and metadata travels inside the
-records: no second collective. On CUDA (with MOE_FLASHCOMM_STAMPS) each pair's records
+records: no second collective. On CUDA (unless MOE_FLASHCOMM_STAMPS=0) each pair's records
 travel behind a 16-byte stamp of the pair (codec, rows, dtype, hidden) that the receiver's
 decode kernel checks (``StampedCall``): ranks that disagree raise at the next call instead
 of decoding garbage. The byte buffers travel typed as the tokens' dtype (every
