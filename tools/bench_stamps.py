@@ -7,9 +7,10 @@ decode reads the send buffer back (every pair has the same rows, so the layouts 
 also checks that both layouts decode to the same bits and that no stamp is reported. One
 process; a group rank of ``--world`` sending ``size / world`` per peer, hidden 7168, bf16.
 
-Per size (bf16 bytes per rank) and codec it prints host µs per call of each side and layout
-(bursts queued behind a GPU sleep, the layouts taking turns, medians), the GPU µs of both
-sides per call (CUDA events around back-to-back calls) and the stamps' share of the bytes.
+Per size (bf16 bytes per rank) and codec it prints, for each side and layout, host µs per call
+(bursts queued behind a GPU sleep, the layouts taking turns, medians) and GPU µs per call
+(CUDA events around bursts queued behind a GPU sleep: the kernels' time, not the host's), and
+the stamps' share of the bytes.
 
     python tools/bench_stamps.py --out docs/data/bench_stamps.json
 """
@@ -90,9 +91,11 @@ def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
            "bytes_plain": sides["plain"][2], "bytes_stamped": sides["stamped"][2]}
     for k, v in times.items():
         row[f"{k}_host_us"] = statistics.median(v)
+    def sleep():
+        torch.cuda._sleep(1_000_000)
     for s, (enc, dec, _, _) in sides.items():
-        row[f"{s}_gpu_us"] = 1e3 * burst_ms(lambda: (enc(), dec()), warmup=2, rounds=5,
-                                            calls=10)
+        for side, fn in (("encode", enc), ("decode", dec)):
+            row[f"{s}_{side}_gpu_us"] = 1e3 * burst_ms(fn, sleep, warmup=2, rounds=7)
     return row
 
 
@@ -108,21 +111,19 @@ def main() -> None:
     launcher = "compiled" if kernels.KERNELS.native is not None else "ctypes"
     print(f"{torch.cuda.get_device_name()}; world {a.world}, hidden {H}, bf16; launcher "
           f"{launcher}")
-    print(f"{'size':>9} {'codec':>5} | {'encode host us':>21} | {'decode host us':>21} | "
-          f"{'GPU us both sides':>21} | stamp bytes")
-    print(f"{'':>9} {'':>5} | {'plain':>10} {'stamped':>10} | {'plain':>10} {'stamped':>10} | "
-          f"{'plain':>10} {'stamped':>10} |")
+    sides = [f"{side} {where} us" for where in ("host", "GPU") for side in ("encode", "decode")]
+    print(f"{'size':>9} {'codec':>5} | " + " | ".join(f"{c:>17}" for c in sides) + " | stamp bytes")
+    print(f"{'':>9} {'':>5} | " + " | ".join(f"{'plain':>8} {'stamped':>8}" for _ in sides) + " |")
     rows = []
     for size in a.sizes:
         for name in a.codecs:
             r = measure(a.world, size, name, CODECS[name], pages)
             rows.append(r)
             extra = r["bytes_stamped"] - r["bytes_plain"]
-            print(f"{fmt_size(size):>9} {name:>5} | {r['plain_encode_host_us']:10.1f} "
-                  f"{r['stamped_encode_host_us']:10.1f} | {r['plain_decode_host_us']:10.1f} "
-                  f"{r['stamped_decode_host_us']:10.1f} | {r['plain_gpu_us']:10.1f} "
-                  f"{r['stamped_gpu_us']:10.1f} | {extra} B ({extra / r['bytes_plain']:.4%})",
-                  flush=True)
+            cells = [f"{r[f'plain_{k}_us']:8.1f} {r[f'stamped_{k}_us']:8.1f}"
+                     for k in ("encode_host", "decode_host", "encode_gpu", "decode_gpu")]
+            print(f"{fmt_size(size):>9} {name:>5} | " + " | ".join(cells)
+                  + f" | {extra} B ({extra / r['bytes_plain']:.4%})", flush=True)
     for page in pages.values():
         page.close()
     if a.out:
