@@ -3,9 +3,10 @@ four processes sharing one GPU and the peer-to-peer transport off) carries. Ever
 records travel behind a stamp that the receiving decode kernel checks (exchange.StampedCall,
 p2p_exchange's LOCAL variant in csrc/p2p.cu). Checked: bit-identical to the codec (even and
 uneven splits, several codecs and dtypes, pipelined chunks, forward and backward, raw pairs
-and records that are not 16-byte aligned mixed in), and ranks that disagree where the first-use check cannot
-see it (codecs of the same record size, stochastic against nearest rounding): both ranks of
-the pair raise at their next call, or at ``check()``, and the group works afterwards."""
+and records that are not 16-byte aligned mixed in), and ranks that disagree where the
+first-use check cannot see it (codecs of the same record size, stochastic against nearest
+rounding): both ranks of the pair raise at their next call, or at ``check()``, and the group
+works afterwards."""
 from __future__ import annotations
 
 import pytest
