@@ -264,6 +264,43 @@ def test_hierarchical_gloo_2x4_4x2_subgroups():
     spawn(_world8, 8, env={"LOCAL_WORLD_SIZE": 4})
 
 
+def test_stage_sizes_agree_with_and_without_stamps():
+    """Every rank's plans of the two stages, made apart (as on CUDA: no headers), agree on
+    every message's size (NCCL's send and receive counts must match): what a source sends
+    to each node peer is what that peer expects in stage 1, and what a forwarder sends each
+    node is what the destination expects in stage 2. With stamps (CUDA's default) each pair
+    of records grows by 16 bytes, raw pairs (bf16 passthrough of bf16 rows) do not."""
+    from moe_flashcomm import kernels
+    from moe_flashcomm.comm.exchange import Route
+    nodes, local, H, dtype = 2, 3, 256, torch.bfloat16
+    W = nodes * local
+    lay = hmod.Layout(tuple(range(W)), nodes, local, True)
+    S = [[(3 * p + 5 * q) % 4 + (p == q) for q in range(W)] for p in range(W)]
+    for intra in (mf.CodecConfig(bits=8), mf.CodecConfig(bits="bf16")):
+        codecs = [tuple(intra if p // local == r // local else mf.CodecConfig(bits=4)
+                        for p in range(W)) for r in range(W)]
+        sent = {}
+        for pages in (None, {}):
+            hs = [hmod.Hierarchy(None, lay, r, "gloo") for r in range(W)]
+            routes = [Route(None, r, W, codecs[r], (0,) * W, pages=pages) for r in range(W)]
+            src = [hmod._source_plan(hs[r], routes[r], tuple(S[r]), tuple(S[p][r] for p in range(W)),
+                                     H, dtype, torch.device("cpu")) for r in range(W)]
+            for f in range(W):
+                n, lr = divmod(f, local)
+                counts = tuple(tuple(S[n * local + l][m * local + lr] for m in range(nodes))
+                               for l in range(local))
+                hop = hmod._hop_plan(hs[f], routes[f], counts, H, dtype, torch.device("cpu"))
+                for l in range(local):  # stage 1: node rank l -> f
+                    assert src[n * local + l].send1[lr] == hop.recv1[l], (intra, pages, f, l)
+                for m in range(nodes):  # stage 2: f -> (m, lr)
+                    assert hop.send2[m] == src[m * local + lr].recv2[n], (intra, pages, f, m)
+            sent[pages is not None] = [sum(p.send1) for p in src]
+        records = [sum(1 for q in range(W) if q != r and S[r][q] and
+                       (q // local != r // local or not intra.is_passthrough)) for r in range(W)]
+        assert [b - a for a, b in zip(sent[False], sent[True])] == \
+            [kernels.STAMP_BYTES * k for k in records], intra
+
+
 # ---- no processes: the gather permutation and the model ------------------------------------------
 def test_block_order():
     g = torch.Generator().manual_seed(0)

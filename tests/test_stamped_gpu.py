@@ -9,12 +9,14 @@ rounding): both ranks of the pair raise at their next call, or at ``check()``, a
 works afterwards."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 import moe_flashcomm as mf
 from moe_flashcomm.codec import record_bytes
-from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm import ConfigMismatchError, hierarchical
 from tests.distributed import spawn
 from tests.test_all_to_all import make_input
 from tests.test_p2p_gpu import CODECS, want
@@ -72,14 +74,16 @@ def _back(rank, world, S, seed, cfg, hidden):
 def mixed(rank, world):
     """Four ranks on two "nodes": raw rows to the node's other rank (bf16 passthrough), int4
     across nodes, then int8 inside and int4 across (two codecs in one call), at hidden 100
-    (rows of 200 bytes: records behind raw rows are not 16-byte aligned)."""
+    (rows of 200 bytes: records behind raw rows are not 16-byte aligned); the flat algorithm
+    and the hierarchical one (each pair's stamp travels from its source through the
+    forwarding rank to the destination's decode)."""
     S = [[(p + 2 * q) % 4 + 1 for q in range(world)] for p in range(world)]
     for intra in ("bf16", mf.CodecConfig(bits=8)):
         codec = mf.LinkCodecs(intra_node=intra, inter_node=mf.CodecConfig(bits=4))
         with mf.Communicator(gate=False, topology=2, codec=codec) as comm:
-            for hidden in (100, 1024):
+            for hidden, algorithm in itertools.product((100, 1024), ("flat", "hierarchical")):
                 x = make_input(rank, sum(S[rank]), (hidden,), torch.bfloat16, 60).cuda()
-                got = comm.all_to_all(x, **_kwargs(S, rank, world))
+                got = comm.all_to_all(x, algorithm=algorithm, **_kwargs(S, rank, world))
                 parts = []
                 for p in range(world):
                     src = make_input(p, sum(S[p]), (hidden,), torch.bfloat16, 60).cuda()
@@ -88,8 +92,31 @@ def mixed(rank, world):
                     cfg = codec.for_peer(p // 2 == rank // 2)
                     parts.append(rows if p == rank or cfg.is_passthrough else
                                  mf.decode(mf.encode(rows, cfg), cfg, hidden, rows.dtype))
-                assert torch.equal(got, torch.cat(parts)), (intra, hidden)
+                assert torch.equal(got, torch.cat(parts)), (intra, hidden, algorithm)
+            assert [p for p in hierarchical.hierarchy(comm)._plans.values()
+                    if getattr(p, "stamped_calls", None)]  # the source plans' launches
             comm.check()
+
+
+def hierarchical_disagreement(rank, world):
+    """The hierarchical algorithm with codecs of the same record size on one rank: the stages
+    only move bytes, the destinations' decodes compare the stamps, and every rank (each
+    exchanges with rank 1) raises at its next call; the group works afterwards."""
+    H = 256
+    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 80).cuda()
+    a, b = mf.CodecConfig(bits=4, group_size=128), mf.CodecConfig(bits=4, group_size=32,
+                                                                  spikes=False)
+    with mf.Communicator(gate=False, topology=2, algorithm="hierarchical") as comm:
+        expected = {c: comm.all_to_all(x, codec=c) for c in (a, b)}
+        comm.all_to_all(x, codec=b if rank == 1 else a)
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError) as info:
+            comm.all_to_all(x, codec=a)
+        assert ("rank 1 sent 4 rows of int4/g32 records" if rank != 1 else
+                "this rank expected 4 rows of int4/g32 records") in str(info.value), \
+            str(info.value)
+        for c, out in expected.items():
+            assert torch.equal(comm.all_to_all(x, codec=c), out)
 
 
 def disagreement(rank, world, comm):
@@ -147,6 +174,7 @@ def _checks(rank, world):
 def _mixed(rank, world):
     torch.cuda.set_device(0)
     mixed(rank, world)
+    hierarchical_disagreement(rank, world)
     torch.cuda.synchronize()
 
 

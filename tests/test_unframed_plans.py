@@ -193,7 +193,7 @@ def test_stamped_call_tasks(monkeypatch):
     route = X.Route(None, rank, world, (int4,) * world, (0,) * world, pages={})
     rows = tuple(1 + p % 3 for p in range(world))
     plan = X.make_plan(route, rows, rows, H, dtype, 1)
-    call = X.StampedCall(route, plan, H, dtype, 0, Page())
+    call = X.StampedCall(route, plan.sides(), H, dtype, 0, Page())
     (send, recv), = call.chunks
     assert len(send[0]) == len(recv[0]) == 2 and not send[1] and not recv[1]  # 16 + 3 peers
     assert all(name.endswith(", true>") for name, *_ in made)

@@ -245,6 +245,10 @@ class Plan:
     stamped: bool = False  # CUDA: the chunks' pairs of records carry stamps (StampedCall)
     stamped_calls: dict = field(default_factory=dict)  # device index -> StampedCall
 
+    def sides(self) -> list:
+        """(send segments, receive segments) per chunk: what a StampedCall launches."""
+        return [(send_segs, recv_segs) for send_segs, _, recv_segs, _ in self.chunks]
+
 
 def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
               dtype: torch.dtype, chunks: int, uniform: bool = False) -> Plan:
@@ -379,16 +383,19 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     return Pending(works, finish)
 
 
-def stamped_call(route: Route, plan: Plan, hidden: int, dtype: torch.dtype,
+def stamped_call(route: Route, plan, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> "StampedCall":
-    """The kernels of ``plan`` (a stamped plan) on ``device``, made at its first call there."""
+    """The kernels of ``plan`` on ``device``, made at its first call there. ``plan``: a
+    stamped Plan, or any plan with its ``stamped_calls`` dict and ``sides()``
+    (hierarchical.py's source plans)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     call = plan.stamped_calls.get(index)
     if call is None:
         page = route.pages.get(index)
         if page is None:
             page = route.pages[index] = p2p.ErrorPage(torch.device("cuda", index))
-        call = plan.stamped_calls[index] = StampedCall(route, plan, hidden, dtype, index, page)
+        call = plan.stamped_calls[index] = StampedCall(route, plan.sides(), hidden, dtype,
+                                                       index, page)
     return call
 
 
@@ -404,7 +411,8 @@ def raise_stamp_report(page: "p2p.ErrorPage", route_or_comm) -> None:
 
 
 class StampedCall:
-    """The kernels of a plan whose records NCCL (or gloo) carries, on one device. Every
+    """The kernels of an exchange whose records NCCL (or gloo) carries, on one device: the
+    flat all-to-all's chunks, or the hierarchical algorithm's source and destination. Every
     pair's records travel behind a stamp (``p2p.stamp``: codec, rows, dtype, hidden); the
     receiver's decode compares it with the stamp it expects and writes a difference to the
     communicator's error page, which the next call (or ``Communicator.check``) raises on
@@ -415,13 +423,14 @@ class StampedCall:
     (their own bytes) and records a launch cannot take (past 2^31 items, or not 16-byte
     aligned behind raw rows of odd size) are copied or decoded without a check."""
 
-    def __init__(self, route: Route, plan: Plan, hidden: int, dtype: torch.dtype, dev: int,
+    def __init__(self, route: Route, sides: list, hidden: int, dtype: torch.dtype, dev: int,
                  page: "p2p.ErrorPage") -> None:
+        """``sides``: (send segments, receive segments) per chunk, made with stamps."""
         self.group, self.rank, self.world, self.page = route.group, route.rank, route.world, page
         self.hidden, self.dtype, self.dev = hidden, dtype, dev
         self.device = torch.device("cuda", dev)
         self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
-                       for send_segs, _, recv_segs, _ in plan.chunks]
+                       for send_segs, recv_segs in sides]
 
     def _launches(self, segs: list, send: bool) -> tuple[list, list, list]:
         """(p2p_exchange launches, the segments left to the codec's kernels or copies, and

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .. import kernels
+from ..codec import CodecConfig
 from ..memo import remember
 from . import frame
 from .check import ConfigMismatchError, check_consistent, hash63
-from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes
+from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes, stamped_call
 from .exchange import exchange as flat_exchange
 from .frame import Framing
 from .plan import offsets
@@ -300,7 +302,10 @@ class Hierarchy:
             peer = self.node * L + (self.local_rank + 1) % L
         else:
             peer = ((self.node + 1) % N) * L + self.local_rank
-        return rows * row_bytes(route.wire(peer, rows, hidden, dtype), hidden, dtype)
+        wire = route.wire(peer, rows, hidden, dtype)
+        stamp = kernels.STAMP_BYTES if route.pages is not None and isinstance(wire, CodecConfig) \
+            else 0  # as exchange._segments lays the pair out at its source
+        return stamp + rows * row_bytes(wire, hidden, dtype)
 
     def _cached(self, key, make):
         return remember(self._plans, key, make, 512)
@@ -376,6 +381,13 @@ class _SourcePlan:
     send1: list   # bytes to each intra-node peer
     recv2: list   # bytes from each node
     own: tuple    # (input row, output row, rows) this rank keeps
+    stamped: bool = False  # CUDA: each pair's records behind its stamp (exchange.StampedCall)
+    stamped_calls: dict = field(default_factory=dict)  # device index -> StampedCall
+
+    def sides(self) -> list:
+        """The one (send segments, receive segments) a StampedCall launches: the source's
+        encode and the destination's decode, checked end to end across both stages."""
+        return [(self.send_segs, self.recv_segs)]
 
 
 @dataclass
@@ -392,15 +404,18 @@ def _source_plan(h: Hierarchy, route: Route, in_rows: tuple, out_rows: tuple, hi
     r, N, L = route.rank, h.nodes, h.local
     send_w = [None if p == r else route.wire(p, n, hidden, dtype) for p, n in enumerate(in_rows)]
     recv_w = [None if p == r else route.wire(p, n, hidden, dtype) for p, n in enumerate(out_rows)]
-    send_segs, send_bytes = _segments(offsets(in_rows), in_rows, send_w, 0, 1, hidden, dtype)
-    recv_segs, recv_bytes = _segments(offsets(out_rows), out_rows, recv_w, 0, 1, hidden, dtype)
+    stamped = route.pages is not None  # (CUDA routes, as exchange.make_plan)
+    send_segs, send_bytes = _segments(offsets(in_rows), in_rows, send_w, 0, 1, hidden, dtype,
+                                      stamped)
+    recv_segs, recv_bytes = _segments(offsets(out_rows), out_rows, recv_w, 0, 1, hidden, dtype,
+                                      stamped)
     # destination blocks (n', l') -> (l', n'): what goes to intra-node peer l', by node
     unit, index = block_order(send_bytes, [n * L + l for l in range(L) for n in range(N)])
     return _SourcePlan(
         send_segs, recv_segs, unit, None if index is None else index.to(device),
         send1=[sum(send_bytes[n * L + l] for n in range(N)) for l in range(L)],
         recv2=[sum(recv_bytes[n * L:(n + 1) * L]) for n in range(N)],
-        own=(sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r]))
+        own=(sum(in_rows[:r]), sum(out_rows[:r]), in_rows[r]), stamped=stamped)
 
 
 def _hop_plan(h: Hierarchy, route: Route, counts: tuple, hidden: int, dtype: torch.dtype,
@@ -457,11 +472,18 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype),
                        lambda: _digest(route, H, dtype))
     numbering = h.numbering(dev)
+    stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
+    if stamped is not None:
+        stamped.check()  # what the decodes of earlier calls found (a host memory read)
+        if x.data_ptr() % 16:
+            x = x.clone()  # the encodes were planned for 16-byte aligned rows
     try:
         counts = hop_counts(h, in_rows, uniform, dev, digest, numbering)
         hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
                         lambda: _hop_plan(h, route, counts, H, dtype, dev))
-        send1 = _gather(_pack(x, src.send_segs), src.unit, src.index)
+        packed = (_pack(x, src.send_segs) if stamped is None
+                  else stamped.pack(0, x, sum(src.send1)))
+        send1 = _gather(packed, src.unit, src.index)
         if h.local == 1:
             recv1 = send1
         else:
@@ -490,7 +512,10 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         nonlocal send2
         for w in works:
             w.wait()
-        _unpack(recv2, src.recv_segs, out)
+        if stamped is None:
+            _unpack(recv2, src.recv_segs, out)
+        else:
+            stamped.unpack(0, recv2, out)
         send2 = None  # held until stage 2 is waited for
         return out
 
