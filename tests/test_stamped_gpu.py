@@ -98,38 +98,16 @@ def mixed(rank, world):
             comm.check()
 
 
-def hierarchical_disagreement(rank, world):
-    """The hierarchical algorithm with codecs of the same record size on one rank: the stages
-    only move bytes, the destinations' decodes compare the stamps, and every rank (each
-    exchanges with rank 1) raises at its next call; the group works afterwards."""
-    H = 256
-    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 80).cuda()
-    a, b = mf.CodecConfig(bits=4, group_size=128), mf.CodecConfig(bits=4, group_size=32,
-                                                                  spikes=False)
-    with mf.Communicator(gate=False, topology=2, algorithm="hierarchical") as comm:
-        expected = {c: comm.all_to_all(x, codec=c) for c in (a, b)}
-        comm.all_to_all(x, codec=b if rank == 1 else a)
-        torch.cuda.synchronize()
-        with pytest.raises(ConfigMismatchError) as info:
-            comm.all_to_all(x, codec=a)
-        assert ("rank 1 sent 4 rows of int4/g32 records" if rank != 1 else
-                "this rank expected 4 rows of int4/g32 records") in str(info.value), \
-            str(info.value)
-        for c, out in expected.items():
-            assert torch.equal(comm.all_to_all(x, codec=c), out)
-
-
-def disagreement(rank, world, comm):
-    """Configurations both ranks have used, used differently at one call: the decodes compare
-    the stamps, every rank raises at its next call, and the group works afterwards."""
-    H = 256
-    x = make_input(rank, 4 * world, (H,), torch.bfloat16, 70).cuda()
+def same_size_switch(rank, comm, x):
+    """Codecs of the same record size, both used by every rank, then rank 1 switches at one
+    call: only the stamps tell. Every rank (each exchanges with rank 1) raises at its next
+    call, naming both sides, and the group works afterwards. Returns the two codecs and
+    their outputs."""
+    H = x.shape[1]
     a, b = mf.CodecConfig(bits=4, group_size=128), mf.CodecConfig(bits=4, group_size=32,
                                                                   spikes=False)
     assert record_bytes(H, a) == record_bytes(H, b)  # the same bytes: only a stamp tells
-    sr, near = mf.CodecConfig(bits=8, rounding="stochastic"), mf.CodecConfig(bits=8)
-    expected = {c: comm.all_to_all(x, codec=c) for c in (a, b, near)}
-    comm.all_to_all(x, codec=sr)  # (every configuration below has been used by every rank)
+    expected = {c: comm.all_to_all(x, codec=c) for c in (a, b)}
     comm.all_to_all(x, codec=b if rank == 1 else a)  # returns: the kernels check
     torch.cuda.synchronize()
     with pytest.raises(ConfigMismatchError) as info:
@@ -140,6 +118,25 @@ def disagreement(rank, world, comm):
             "this rank expected 4 rows of int4/g32 records") in msg, msg
     for c, out in expected.items():
         assert torch.equal(comm.all_to_all(x, codec=c), out)
+    return a, b, expected
+
+
+def hierarchical_disagreement(rank, world):
+    """The same switch under the hierarchical algorithm: the stages only move bytes and the
+    destinations' decodes compare the stamps."""
+    x = make_input(rank, 4 * world, (256,), torch.bfloat16, 80).cuda()
+    with mf.Communicator(gate=False, topology=2, algorithm="hierarchical") as comm:
+        same_size_switch(rank, comm, x)
+
+
+def disagreement(rank, world, comm):
+    """Configurations both ranks have used, used differently at one call: the decodes compare
+    the stamps, every rank raises at its next call, and the group works afterwards."""
+    x = make_input(rank, 4 * world, (256,), torch.bfloat16, 70).cuda()
+    a, b, expected = same_size_switch(rank, comm, x)
+    sr, near = mf.CodecConfig(bits=8, rounding="stochastic"), mf.CodecConfig(bits=8)
+    for c in (near, sr):  # both roundings used by every rank before the switch
+        comm.all_to_all(x, codec=c)
     # stochastic rounding: its encode is the codec's own kernel with the stamp copied in
     comm.all_to_all(x, codec=sr if rank == 1 else near)
     torch.cuda.synchronize()
