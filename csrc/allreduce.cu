@@ -10,6 +10,11 @@
 // encoder's geometry); the peers' records have the output's layout, so the thread's decode
 // reads exactly the bytes its encode writes. Integer widths (round to nearest) and fp8.
 //
+// Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
+// sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it); the
+// first block compares every peer's with the stamp expected and reports a difference on the
+// error page (the host raises at its next call). error_page 0: no stamps.
+//
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
 // store_chunk; peer_values below mirrors decode_chunk / decode_fp8 with the values kept in
@@ -20,17 +25,30 @@
 #endif
 #include "codec_encode.cu"
 #include "codec_decode.cu"
+#include "error_page.cuh"
 
 namespace mfc {
 
-// Kernel arguments (one struct, by value; moe_flashcomm/comm/all_reduce.py mirrors it).
-// enc describes the output records and the geometry (H, groups, items); dec the peers'
-// records, which have the same layout.
+// Kernel arguments (one struct, by value; moe_flashcomm/kernels.py mirrors it). enc
+// describes the output records and the geometry (H, groups, items); dec the peers' records,
+// which have the same layout.
 struct ReduceArgs {
   EncArgs enc;
   DecArgs dec;
   int world, rank;
+  u64 stamp;       // the stamp expected from every peer
+  u64 error_page;  // pinned host memory, mapped (error_page.cuh); 0: no stamps
 };
+
+// Block 0: every peer's stamp (in the slot before its records) against the one expected.
+__device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long peer_stride,
+                                             const ReduceArgs& a) {
+  for (int i = threadIdx.x; i < a.world - 1; i += blockDim.x) {
+    const u64 got = *reinterpret_cast<const u64*>(peers + (size_t)i * peer_stride - kStampBytes);
+    const int p = i + (i >= a.rank);
+    if (got != a.stamp) report_error(a.error_page, kErrReduceStamp, p, got, a.stamp, 0);
+  }
+}
 
 // fp32 -> T -> fp32: the rounding of torch's .to(T) (nearest even; overflow to infinity).
 template <typename T> __device__ __forceinline__ float round_to(float v);
@@ -142,6 +160,7 @@ template <typename In, int BITS, bool SPIKES, int V, bool REQUANT>
 __global__ void __launch_bounds__(kBlock) reduce_chunk(
     const u8* __restrict__ peers, unsigned long long peer_stride, const In* __restrict__ own,
     u8* __restrict__ rec, In* __restrict__ sum, const ReduceArgs a) {
+  if (a.error_page && blockIdx.x == 0) check_stamps(peers, peer_stride, a);  // every thread
   const u32 item = blockIdx.x * kBlock + threadIdx.x;
   if ((item & ~31u) >= a.enc.total) return;  // warp-uniform: the encode's shuffles need every lane
   const EncArgs& e = a.enc;

@@ -22,8 +22,8 @@
 // send buffer, each behind its stamp, and one decodes a receive buffer after checking each
 // stamp; no flags are used.
 // A wait that lasts timeout_ns (a rank died, or the ranks made different calls) gives up and
-// is reported on the error page below; later waits of this rank then give up at once, so
-// neither a hang nor an abort follows and the host raises at its next call.
+// is reported on the error page (error_page.cuh); later waits of this rank then give up at
+// once, so neither a hang nor an abort follows and the host raises at its next call.
 //
 // Agreement: with "landed" a sender also stores its stamp of the pair (codec, rows, dtype,
 // hidden: moe_flashcomm/comm/p2p.py packs it) into the receiver's stamp[sender]; the receiver
@@ -36,6 +36,7 @@
 #endif
 #include "codec_encode.cu"
 #include "codec_decode.cu"
+#include "error_page.cuh"
 
 namespace mfc {
 
@@ -44,12 +45,6 @@ constexpr int kMaxPeers = 16;
 constexpr int kLanded = 0, kFreed = kMaxPeers, kCounter = 2 * kMaxPeers,
               kEncDone = 2 * kMaxPeers + 1, kDecDone = 3 * kMaxPeers + 1,
               kStamp = 4 * kMaxPeers + 1, kTicket = 5 * kMaxPeers + 1, kDone = 5 * kMaxPeers + 2;
-// The error page's words: claimed, then peer, the word seen, the word expected, call, kind;
-// "reported" last (the host reads the others once it is set). Kinds: a stamp that differs, a
-// wait for "freed" or for "landed" that timed out.
-constexpr int kErrClaim = 0, kErrPeer = 1, kErrGot = 2, kErrWant = 3, kErrCall = 4, kErrKind = 5,
-              kErrSet = 6;
-constexpr int kErrStamp = 1, kErrFreedTimeout = 2, kErrLandedTimeout = 3;
 
 struct P2PArgs {
   u64 peer_flags[kMaxPeers];  // device address (in this process) of each rank's flag words
@@ -67,10 +62,10 @@ constexpr int kWaitFreed = 1, kPublishLanded = 2, kWaitLanded = 4, kPublishFreed
 // p2p_exchange's encodes write to y + remote (a staging buffer) and publish nothing
 constexpr int kStage = 16;
 // In p2p_exchange's LOCAL variant the tasks are local (another transport moves the bytes): an
-// encode writes its records at y + remote and, in the kStampBytes before them, send_stamp[its
-// task]; a decode compares the kStampBytes before x + remote with recv_stamp[its task] and
-// decodes the records there. Nothing waits or publishes, and a block's index is its ticket.
-constexpr int kStampBytes = 16;  // the stamp, then a zero word: records stay 16-byte aligned
+// encode writes its records at y + remote and, in the kStampBytes before them (error_page.cuh),
+// send_stamp[its task]; a decode compares the kStampBytes before x + remote with
+// recv_stamp[its task] and decodes the records there. Nothing waits or publishes, and a
+// block's index is its ticket.
 
 __device__ __forceinline__ u64 globaltimer() {
   u64 t;
@@ -90,15 +85,7 @@ __device__ __forceinline__ u64 call_number(const P2PArgs& a) {
 
 // The first problem this rank meets (until its host has read it) goes to the error page.
 __device__ __forceinline__ void report(const P2PArgs& a, int kind, int p, u64 got, u64 want, u64 call) {
-  u64* page = reinterpret_cast<u64*>(a.error_page);
-  if (atomicCAS(reinterpret_cast<unsigned long long*>(page + kErrClaim), 0ull, 1ull) != 0ull) return;
-  page[kErrPeer] = (u64)p;
-  page[kErrGot] = got;
-  page[kErrWant] = want;
-  page[kErrCall] = call;
-  page[kErrKind] = (u64)kind;
-  __threadfence_system();
-  *reinterpret_cast<volatile u64*>(page + kErrSet) = 1;
+  report_error(a.error_page, kind, p, got, want, call);
 }
 
 // Whether a wait of this rank has timed out already (the host keeps that report): the flags

@@ -59,8 +59,8 @@ DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4
                      ("o2", _i4), ("o1", _i4), ("o_scale", _i4), ("o_min", _i4), ("o_lov", _i4),
                      ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4), ("dense", _i4)],
                     align=True)
-REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4)],
-                       align=True)
+REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4),
+                        ("stamp", _u8), ("error_page", _u8)], align=True)
 P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX_PEERS,)),
                      ("recv_stamp", _u8, (MAX_PEERS,)), ("error_page", _u8),
                      ("timeout_ns", _u8), ("copy_n16", _u8),
@@ -76,14 +76,17 @@ EXCHANGE_ARGS = np.dtype([("task", EXCHANGE_TASK, (2 * (MAX_PEERS - 1),)),
 P2P_LANDED, P2P_FREED, P2P_COUNTER = 0, MAX_PEERS, 2 * MAX_PEERS
 P2P_STAMP, P2P_TICKET, P2P_DONE = 4 * MAX_PEERS + 1, 5 * MAX_PEERS + 1, 5 * MAX_PEERS + 2
 P2P_FLAG_WORDS = P2P_DONE + 1
-# the error page: claimed, peer, word seen, word expected, call, kind, reported (written last)
+# the error page (csrc/error_page.cuh): claimed, peer, word seen, word expected, call, kind,
+# reported (written last)
 P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
-# its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out
+# its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out, a stamp
+# that differs in an all-reduce's reduce-scatter
 P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
+P2P_ERROR_REDUCE_STAMP = 4
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 EXCHANGE_STAGE = 16  # p2p_exchange's mode: encode into a staging buffer, publish nothing
-# p2p_exchange's LOCAL variant (exchanges another transport carries, NCCL): each pair's
-# records behind its stamp of STAMP_BYTES in the local send and receive buffers
+# exchanges another transport carries (NCCL: p2p_exchange's LOCAL variant, the all-reduce's
+# reduce-scatter): each pair's records behind its stamp of STAMP_BYTES in the local buffers
 STAMP_BYTES = 16
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),

@@ -222,3 +222,23 @@ def test_exchange_table_tickets():
     # a pair past 2^31 items would take two launches of the codec: no one-launch table
     huge = (2**31 // (H // 32)) + 1
     assert p2p.exchange_table([(0, 0, huge, 0)], [(0, 0, 1, 0)], H, cfg, dtype, (0, 0, 0)) is None
+
+
+def _stamp_reports(rank, world):
+    from moe_flashcomm.comm import p2p
+    a, b = CodecConfig(bits=4, spikes=False), CodecConfig(bits=3, group_size=64)
+    got, want = p2p.stamp(b, 3, 1024, torch.bfloat16), p2p.stamp(a, 3, 1024, torch.bfloat16)
+    for kind, call, same in ((K.P2P_ERROR_STAMP, "all_to_all", "hidden size and split sizes"),
+                             (K.P2P_ERROR_REDUCE_STAMP, "all_reduce", "dtype and number of values")):
+        msg = p2p.stamp_mismatch([1, 1, got, want, 0, kind, 1], None, rank, world, "next call")
+        assert msg.startswith(f"moe_flashcomm.{call}: ranks of the group disagree (seen by "
+                              f"group rank {rank} of {world}"), msg
+        assert ("rank 1 sent 3 rows of int3/g64+spikes records (torch.bfloat16, hidden 1024); "
+                "this rank expected 3 rows of int4/g128 records") in msg, msg
+        assert same in msg, msg
+
+
+def test_stamp_report_names_the_call_that_found_it():
+    """A stamp that differs, as the host words it: found by an all-to-all's decode or by the
+    all-reduce's fused reduction (its reduce-scatter: kind P2P_ERROR_REDUCE_STAMP)."""
+    spawn(_stamp_reports, 2)

@@ -6,7 +6,8 @@ uneven splits, several codecs and dtypes, pipelined chunks, forward and backward
 and records that are not 16-byte aligned mixed in), and ranks that disagree where the
 first-use check cannot see it (codecs of the same record size, stochastic against nearest
 rounding): both ranks of the pair raise at their next call, or at ``check()``, and the group
-works afterwards."""
+works afterwards. The flat all-reduce's reduce-scatter carries the same stamps, checked by its
+fused reduction."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,9 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import record_bytes
 from moe_flashcomm.comm import ConfigMismatchError, hierarchical
+from moe_flashcomm.comm.all_reduce import ROW, reference_all_reduce, rows_per_rank
 from tests.distributed import spawn
+from tests.test_all_reduce import make_input as reduce_input
 from tests.test_all_to_all import make_input
 from tests.test_p2p_gpu import CODECS, want
 
@@ -158,6 +161,48 @@ def disagreement(rank, world, comm):
         comm.close()
 
 
+def all_reduce_checks(rank, world):
+    """The flat all-reduce: bit-identical to the specification (codecs, dtypes, one and two
+    pipeline ranges, a numel that needs padding); a rank that switches to a codec of the same
+    record size, or to a dtype of the same size, makes every rank raise at its next call
+    (every pair meets in the reduce-scatter), and the group works afterwards."""
+    n = 3 * ROW * world + 5
+    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction, no stamps)
+    with mf.Communicator(gate=False) as comm:
+        for (i, cfg), dtype, chunks in itertools.product(
+                enumerate(codecs), (torch.bfloat16, torch.float32, torch.float16), (1, 2)):
+            x = reduce_input(rank, (n,), dtype, 90 + i).cuda()
+            want = reference_all_reduce([reduce_input(p, (n,), dtype, 90 + i)
+                                         for p in range(world)], cfg)
+            assert torch.equal(comm.all_reduce(x, codec=cfg, chunks=chunks).cpu(), want), \
+                (cfg, dtype, chunks)
+        stamped = [p for p in comm.all_reduce_plans.values() if p.stamped]
+        assert stamped and all(p.stamped_calls for p in stamped)
+        a, b = mf.CodecConfig(bits=4, spikes=False), mf.CodecConfig(bits=3, group_size=64)
+        assert record_bytes(ROW, a) == record_bytes(ROW, b)  # the same bytes: only a stamp tells
+        x = reduce_input(rank, (n,), torch.bfloat16, 99).cuda()
+        expected = {c: comm.all_reduce(x.clone(), codec=c) for c in (a, b)}
+        comm.all_reduce(x.clone(), codec=b if rank == 1 else a)  # returns: the kernels check
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError) as info:
+            comm.all_reduce(x.clone(), codec=a)
+        msg, rows = str(info.value), rows_per_rank(n, world)
+        assert msg.startswith("moe_flashcomm.all_reduce: ranks of the group disagree"), msg
+        assert (f"rank 1 sent {rows} rows of int3/g64+spikes records (torch.bfloat16, hidden "
+                f"{ROW}); this rank expected {rows} rows of int4/g128 records" if rank != 1 else
+                f"this rank expected {rows} rows of int3/g64+spikes records") in msg, msg
+        for c, out in expected.items():
+            assert torch.equal(comm.all_reduce(x.clone(), codec=c), out)
+        # fp16 against bf16 (both used before), found by comm.check()
+        comm.all_reduce(x.half(), codec=a)
+        comm.all_reduce(x.half() if rank == 1 else x.clone(), codec=a)
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError, match="torch.float16"):
+            comm.check()
+        comm.check()
+        assert torch.equal(comm.all_reduce(x.clone(), codec=a), expected[a])
+
+
 def _checks(rank, world):
     torch.cuda.set_device(0)  # every process on the one GPU
     comm = mf.Communicator(gate=False)
@@ -165,6 +210,7 @@ def _checks(rank, world):
     exactness(rank, world, comm)
     backward(rank, world, comm)
     disagreement(rank, world, comm)
+    all_reduce_checks(rank, world)
     torch.cuda.synchronize()
 
 

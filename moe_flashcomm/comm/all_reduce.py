@@ -9,7 +9,7 @@ the error bound, pipelining and process groups are described in docs/design.md, 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -20,8 +20,9 @@ from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import check_tokens
-from . import direct, frame
+from . import direct, frame, p2p
 from .check import ConfigMismatchError, check_consistent
+from .exchange import StampedCall, _Seg, error_page
 from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
@@ -66,20 +67,24 @@ def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
 
 
 def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
-                 requant: bool = True, fused: Optional[bool] = None) -> torch.Tensor:
+                 requant: bool = True, fused: Optional[bool] = None,
+                 stamp_page: int = 0) -> torch.Tensor:
     """The reduction of one owned chunk.
 
     peers: uint8 [P - 1, m, rb] records of the other P - 1 ranks of the group, in rank
-           order with ``rank`` left out (rb = record_bytes(ROW, cfg)).
+           order with ``rank`` left out (rb = record_bytes(ROW, cfg)); with ``stamp_page``, a
+           view whose peers lie ``peers.stride(0)`` bytes apart, each behind its stamp.
     own:   [m, ROW] this rank's own values (fp32/bf16/fp16), exact.
     Sum in fp32, in rank order 0..P-1, of ``own`` and each peer's decoded records (decoded
     to own.dtype, as ``codec.decode`` does); the sum cast to own.dtype. Returns the records
     of that sum, uint8 [m, rb] (``requant``) or the sum itself, [m, ROW] of own.dtype.
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
+    stamp_page: the address of an error page (p2p.ErrorPage): the fused kernel also
+               compares each peer's stamp with the one expected and reports a difference there.
     """
     if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel():
-        return _fused_reduce(peers, own, rank, cfg, requant)
+        return _fused_reduce(peers, own, rank, cfg, requant, stamp_page)
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
     for p in range(peers.shape[0] + 1):
@@ -117,15 +122,17 @@ def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
 
 
 def reduce_launches(dev: int, m: int, H: int, cfg: CodecConfig, dtype: torch.dtype,
-                    requant: bool, world: int, rank: int, vec: bool) -> tuple:
+                    requant: bool, world: int, rank: int, vec: bool, stride: int,
+                    stamp_page: int = 0) -> tuple:
     """The launches of the fused reduction of m rows (pointer bases: peers' records, own
-    values, output records or sums), made once per shape."""
-    return kernels.KERNELS.plan(("reduce", dev, m, H, cfg, dtype, requant, world, rank, vec),
-                                lambda: _make_reduce(dev, m, H, cfg, dtype, requant, world,
-                                                     rank, vec))
+    values, output records or sums; ``stride``: bytes from one peer's records to the next),
+    made once per shape."""
+    key = ("reduce", dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp_page)
+    return kernels.KERNELS.plan(key, lambda: _make_reduce(dev, m, H, cfg, dtype, requant, world,
+                                                          rank, vec, stride, stamp_page))
 
 
-def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec) -> tuple:
+def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp_page) -> tuple:
     L = record_layout(H, cfg)
     V = min(REDUCE_V, cfg.group_size)
     esize, rb = dtype.itemsize, L.record_bytes
@@ -136,25 +143,28 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec) -> tuple:
         geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items,
                    vec=int(vec))
         args = kernels.struct(kernels.REDUCE_ARGS, world=world, rank=rank)
+        if stamp_page and t0 == 0:  # (the first launch's first block checks)
+            args["stamp"], args["error_page"] = p2p.stamp(cfg, m, H, dtype), stamp_page
         args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden,
                                      gap=_cuda._gaps(L), **geo, **fields)[0]
         args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
         out_off = t0 * rb if requant else t0 * H * esize
         launches.append(kernels.prepare_launch(dev, fn, kernels.blocks(items), (
-            t0 * rb, kernels.Value(m * rb), t0 * H * esize,
+            t0 * rb, kernels.Value(stride), t0 * H * esize,
             out_off if requant else 0, 0 if requant else out_off, args)))
     return tuple(launches)
 
 
 def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
-                  requant: bool) -> torch.Tensor:
+                  requant: bool, stamp_page: int) -> torch.Tensor:
     """reduce_chunk in one kernel (csrc/allreduce.cu), on torch's current stream."""
     m, H = own.shape
     L = record_layout(H, cfg)
     own = own.contiguous()
-    peers = peers.contiguous()
-    if peers.numel() and peers.data_ptr() % 16:
-        peers = peers.clone()  # 16-byte record loads
+    if not stamp_page:
+        peers = peers.contiguous()
+        if peers.numel() and peers.data_ptr() % 16:
+            peers = peers.clone()  # 16-byte record loads
     if requant:
         out = torch.empty((m, L.record_bytes), dtype=torch.uint8, device=own.device)
     else:
@@ -163,7 +173,8 @@ def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecC
         return out
     dev = kernels.device_index(own)
     launches = reduce_launches(dev, m, H, cfg, own.dtype, requant, peers.shape[0] + 1, rank,
-                               H % 8 == 0 and own.data_ptr() % 16 == 0)
+                               H % 8 == 0 and own.data_ptr() % 16 == 0, peers.stride(0),
+                               stamp_page if peers.numel() else 0)
     pp = peers.data_ptr() if peers.numel() else 0
     op = out.data_ptr()
     with kernels.on_device(dev):
@@ -188,6 +199,9 @@ class _Plan:
     hierarchical: bool = False     # the hierarchical algorithm (on the communicator's stages)
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
     numel: int = 0                 # the tensor's values (in the headers of framed exchanges)
+    stamped: bool = False          # flat on CUDA: the reduce-scatter's records carry stamps
+    # device index -> its encodes behind the stamps (exchange.StampedCall), one chunk a piece
+    stamped_calls: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _path(comm, device_type: str) -> str:
@@ -231,8 +245,12 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         k = chunks
     k = max(1, min(k, c))
     pieces = tuple(chunk_range(c, i, k) for i in range(k))
+    # stamps: every pair exchanges records in the flat reduce-scatter, so every rank sees a
+    # rank that disagrees; the hierarchical stages re-encode sums and would not pass it on
+    stamped = (x.is_cuda and comm.stamps and algorithm == "flat" and world > 1
+               and not intra.is_passthrough)
     return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical",
-                 numel=n)
+                 numel=n, stamped=stamped)
 
 
 def _is_sum(op: object) -> bool:
@@ -335,7 +353,10 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         if plan.hierarchical:
             _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
         elif x.is_cuda:
-            _flat(buf, plan, group)
+            stamped = _stamped_call(comm, plan, buf) if plan.stamped else None
+            if stamped is not None and buf.data_ptr() % 16:
+                buf = buf.clone()  # the encodes were planned for 16-byte aligned rows
+            _flat(buf, plan, group, stamped)
         else:
             _flat_framed(buf, plan, group, comm.framing)
         if buf is not flat:
@@ -351,31 +372,61 @@ def _gather_single(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool =
     return fn(out, inp, group=group, async_op=async_op)
 
 
+def _stamped_call(comm, plan: _Plan, buf: torch.Tensor) -> StampedCall:
+    """The encodes of ``plan``'s reduce-scatter on ``buf``'s device, made at its first call
+    there: per piece, every peer's rows in one launch, each pair's records behind its stamp
+    (exchange.StampedCall; the fused reduction checks them). Raises what the kernels of
+    earlier calls found (a read of the error page)."""
+    index = kernels.device_index(buf)
+    call = plan.stamped_calls.get(index)
+    if call is None:
+        W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
+        rb = record_bytes(ROW, cfg)
+        sides = []
+        for a, b in plan.pieces:  # peer p's rows of the piece: rows p * c + [a, b) of buf
+            slot = kernels.STAMP_BYTES + (b - a) * rb
+            segs = [_Seg(p * c + a, b - a, cfg, i * slot + kernels.STAMP_BYTES, (b - a) * rb, p)
+                    for i, p in enumerate(q for q in range(W) if q != r)]
+            sides.append((segs, []))
+        call = plan.stamped_calls[index] = StampedCall(comm, sides, ROW, buf.dtype, index,
+                                                       error_page(comm._pages, index))
+    call.check()
+    return call
+
+
 def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank: int, group,
-                          cfg: CodecConfig, a2a=None):
+                          cfg: CodecConfig, a2a=None, stamped: Optional[tuple] = None):
     """Encode rows [a, b) of every other rank's chunk of ``rows3`` [world, c, ROW] and start
     their exchange (``a2a``: a hierarchy stage's all_to_all_single, else ``group``'s).
-    Returns (receive buffer uint8 [world - 1, b - a, rb], work, send buffer)."""
+    ``stamped``: (StampedCall, its chunk): each peer's records behind a stamp.
+    Returns (receive buffer uint8 [world - 1, b - a, rb], work, send buffer); stamped, the
+    receive buffer is a view of the records, each peer's slot ``stride(0)`` bytes long."""
     m, rb = b - a, record_bytes(ROW, cfg)
-    send = torch.empty((world - 1, m, rb), dtype=torch.uint8, device=rows3.device)
-    for p in range(world):
-        if p != rank:
-            _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)])
+    stamp = kernels.STAMP_BYTES if stamped is not None else 0
+    if stamped is not None:
+        call, k = stamped
+        send = call.pack(k, rows3.view(-1, ROW), (world - 1) * (stamp + m * rb))
+        send = send.view(world - 1, stamp + m * rb)
+    else:
+        send = torch.empty((world - 1, m * rb), dtype=torch.uint8, device=rows3.device)
+        for p in range(world):
+            if p != rank:
+                _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)].view(m, rb))
     if a2a is None and world == 2 and env.all_reduce_pair_gather():
         # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
         # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
         # over sockets (docs/benchmarks.md, "## All-reduce")
-        both = torch.empty((2, m, rb), dtype=torch.uint8, device=rows3.device)
+        both = torch.empty((2, stamp + m * rb), dtype=torch.uint8, device=rows3.device)
         work = _gather_single(both.view(-1), send.view(-1), group, async_op=True)
-        return both[1 - rank:2 - rank], work, send
+        return both[1 - rank:2 - rank, stamp:].view(1, m, rb), work, send
     recv = torch.empty_like(send)
-    splits = [0 if p == rank else m * rb for p in range(world)]
+    splits = [0 if p == rank else (stamp + m * rb) for p in range(world)]
     if a2a is not None:
         work = a2a(recv.view(-1), send.view(-1), splits, splits, async_op=True)
     else:
         work = dist.all_to_all_single(recv.view(-1), send.view(-1), splits, splits, group=group,
                                       async_op=True)
-    return recv, work, send
+    return recv[:, stamp:].view(world - 1, m, rb), work, send
 
 
 def _direct(t: torch.Tensor) -> bool:
@@ -399,8 +450,9 @@ def _decode_into(rec: torch.Tensor, cfg: CodecConfig, out: torch.Tensor) -> None
         out.copy_(_decode(rec, cfg, ROW, out.dtype))
 
 
-def _flat(buf: torch.Tensor, plan: _Plan, group) -> None:
-    """The flat all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
+def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] = None) -> None:
+    """The flat all-reduce of ``buf`` (flat, world * c * ROW values) in place; ``stamped``:
+    the reduce-scatter's encodes, its records behind stamps the reduction checks."""
     W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
     rows3 = buf.view(W, c, ROW)
     rb = record_bytes(ROW, cfg)
@@ -410,13 +462,15 @@ def _flat(buf: torch.Tensor, plan: _Plan, group) -> None:
     for k in range(K + 2):
         if k < K:
             a, b = plan.pieces[k]
-            started[k] = _start_reduce_scatter(rows3, a, b, W, r, group, cfg)
+            started[k] = _start_reduce_scatter(rows3, a, b, W, r, group, cfg,
+                                               stamped=None if stamped is None else (stamped, k))
         j = k - 1
         if 0 <= j < K:
             a, b = plan.pieces[j]
             recv, work, _ = started[j]
             work.wait()
-            rec = reduce_chunk(recv, rows3[r, a:b], r, cfg)
+            rec = reduce_chunk(recv, rows3[r, a:b], r, cfg,
+                               stamp_page=stamped.page.address if stamped else 0)
             gathered = torch.empty((W, b - a, rb), dtype=torch.uint8, device=buf.device)
             gathering[j] = (gathered, _gather_single(gathered.view(-1), rec.view(-1), group,
                                                      async_op=True), rec)

@@ -391,12 +391,17 @@ def stamped_call(route: Route, plan, hidden: int, dtype: torch.dtype,
     index = device.index if device.index is not None else torch.cuda.current_device()
     call = plan.stamped_calls.get(index)
     if call is None:
-        page = route.pages.get(index)
-        if page is None:
-            page = route.pages[index] = p2p.ErrorPage(torch.device("cuda", index))
         call = plan.stamped_calls[index] = StampedCall(route, plan.sides(), hidden, dtype,
-                                                       index, page)
+                                                       index, error_page(route.pages, index))
     return call
+
+
+def error_page(pages: dict, index: int) -> "p2p.ErrorPage":
+    """The error page of device ``index`` in ``pages`` (a communicator's), made at first use."""
+    page = pages.get(index)
+    if page is None:
+        page = pages[index] = p2p.ErrorPage(torch.device("cuda", index))
+    return page
 
 
 def raise_stamp_report(page: "p2p.ErrorPage", route_or_comm) -> None:

@@ -401,14 +401,17 @@ def page_report(words: list, group, rank: int, world: int,
 def stamp_mismatch(words: list, group, rank: int, world: int, call: str) -> str:
     """The message of an error page's stamp report (``words``) as group rank ``rank`` of
     ``world`` in ``group`` reads it; ``call``: the call it was found in, in words."""
-    _, peer, got, want = words[:4]
+    _, peer, got, want, _, kind = words[:6]
     me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
     them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
-    return (f"moe_flashcomm.all_to_all: ranks of the group disagree (seen by {me} at its "
+    if kind == kernels.P2P_ERROR_REDUCE_STAMP:  # (its "hidden": the all-reduce's row length)
+        operation, same = "all_reduce", "codec, dtype and number of values"
+    else:
+        operation, same = "all_to_all", "codecs, dtype, hidden size and split sizes"
+    return (f"moe_flashcomm.{operation}: ranks of the group disagree (seen by {me} at its "
             f"{call}):\n  {them} sent {describe(got)}; this rank expected {describe(want)}\n"
-            "Every rank must make the same moe_flashcomm calls in the same order, with the same "
-            "codecs, dtype, hidden size and split sizes. (Found on the device after that call "
-            "returned: its output is not valid.)")
+            f"Every rank must make the same moe_flashcomm calls in the same order, with the same "
+            f"{same}. (Found on the device after that call returned: its output is not valid.)")
 
 
 def padded(stamps: tuple) -> list:
