@@ -1,11 +1,14 @@
 """What the stamps of NCCL's exchanges cost: the encode side (send buffer) and decode side
 (receive buffer) of a flat all-to-all of CUDA tensors, today's stamped layout against the
-plain one it replaced (records of neighbouring peers merged, no stamps), on one GPU.
+plain one it replaced (records of neighbouring peers merged, no stamps), on one GPU; with
+``--op all_reduce``, the flat all-reduce's reduce-scatter: its encodes (one launch behind the
+stamps against one encode per peer) and its fused reduction (checking the stamps or not).
 
 The transfer itself is NCCL's and the same bytes but for 16 per pair, so it is left out: the
-decode reads the send buffer back (every pair has the same rows, so the layouts match), which
-also checks that both layouts decode to the same bits and that no stamp is reported. One
-process; a group rank of ``--world`` sending ``size / world`` per peer, hidden 7168, bf16.
+decode (or reduction) reads the send buffer back (every pair has the same rows, so the layouts
+match), which also checks that both layouts give the same bits and that no stamp is
+reported. One process; a group rank of ``--world`` sending ``size / world`` per peer, hidden
+7168 (all-reduce: a tensor of ``size``, rows of 1024 values), bf16.
 
 Per size (bf16 bytes per rank) and codec it prints, for each side and layout, host µs per call
 (bursts queued behind a GPU sleep, the layouts taking turns, medians) and GPU µs per call
@@ -13,6 +16,7 @@ Per size (bf16 bytes per rank) and codec it prints, for each side and layout, ho
 the stamps' share of the bytes.
 
     python tools/bench_stamps.py --out docs/data/bench_stamps.json
+    python tools/bench_stamps.py --op all_reduce --out docs/data/bench_stamps_all_reduce.json
 """
 from __future__ import annotations
 
@@ -22,12 +26,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
 from moe_flashcomm import kernels  # noqa: E402
+from moe_flashcomm.codec import record_bytes  # noqa: E402
+from moe_flashcomm.comm import all_reduce as AR  # noqa: E402
 from moe_flashcomm.comm import exchange as X  # noqa: E402
 from benchlib import burst_ms, fmt_size  # noqa: E402
 
@@ -53,7 +60,8 @@ def _burst_us(fn) -> float:
 
 
 def _sides(x: torch.Tensor, world: int, cfg, rows: int, stamped: bool, pages: dict):
-    """(encode, decode, wire bytes, output) of one layout: callables of one call each."""
+    """(encode, decode, wire bytes, output) of one layout of the all-to-all: callables of one
+    call each (the output's, its tensor)."""
     route = X.Route(None, 0, world, (cfg,) * world, (0,) * world, pages=pages if stamped else None)
     counts = (rows,) * world
     plan = X.make_plan(route, counts, counts, H, torch.bfloat16, 1, uniform=True)
@@ -71,19 +79,48 @@ def _sides(x: torch.Tensor, world: int, cfg, rows: int, stamped: bool, pages: di
             X._unpack(state["send"], recv_segs, out)
         else:
             call.unpack(0, state["send"], out)
-    return encode, decode, nbytes, out
+    return encode, decode, nbytes, lambda: out
 
 
-def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
-    rows = max(1, size // (2 * H) // world)
-    x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
-    sides = {s: _sides(x, world, cfg, rows, s == "stamped", pages) for s in ("plain", "stamped")}
+def _reduce_sides(x3: torch.Tensor, world: int, cfg, stamped: bool, pages: dict):
+    """The same of the flat all-reduce's reduce-scatter as rank 0 of ``world`` (x3: [world,
+    c, ROW], one piece): its send buffer, and the fused reduction of that buffer read back as
+    the records received (the stamps it holds are the ones expected)."""
+    c = x3.shape[1]
+    plan = AR._Plan(False, world, 0, c, ((0, c),), cfg, cfg, stamped=stamped)
+    comm = SimpleNamespace(group=None, rank=0, world=world, _pages=pages)
+    call = AR._stamped_call(comm, plan, x3) if stamped else None
+    stamp, rb = (kernels.STAMP_BYTES if stamped else 0), record_bytes(AR.ROW, cfg)
+    state = {}
+
+    def encode():
+        state["send"] = AR._scatter_records(x3, 0, c, world, 0, cfg,
+                                            None if call is None else (call, 0))
+
+    def reduce():
+        peers = state["send"][:, stamp:].view(world - 1, c, rb)
+        state["out"] = AR.reduce_chunk(peers, x3[0], 0, cfg,
+                                       stamp_page=0 if call is None else call.page.address)
+    return encode, reduce, (world - 1) * (stamp + c * rb), lambda: state["out"]
+
+
+def measure(world: int, size: int, name: str, cfg, pages: dict, op: str) -> dict:
+    if op == "all_reduce":
+        rows = AR.rows_per_rank(size // 2, world)
+        x = torch.randn(world, rows, AR.ROW, device="cuda").to(torch.bfloat16)
+        sides = {s: _reduce_sides(x, world, cfg, s == "stamped", pages)
+                 for s in ("plain", "stamped")}
+    else:
+        rows = max(1, size // (2 * H) // world)
+        x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
+        sides = {s: _sides(x, world, cfg, rows, s == "stamped", pages)
+                 for s in ("plain", "stamped")}
     for enc, dec, _, _ in sides.values():
         enc()
         dec()
     torch.cuda.synchronize()
-    plain_out, stamped_out = sides["plain"][3], sides["stamped"][3]
-    assert torch.equal(plain_out, stamped_out), "the layouts decode to different bits"
+    plain_out, stamped_out = sides["plain"][3](), sides["stamped"][3]()
+    assert torch.equal(plain_out, stamped_out), "the layouts give different bits"
     assert all(p.report() is None for p in pages.values()), "a stamp was reported"
     times: dict = {f"{s}_{side}": [] for s in sides for side in ("encode", "decode")}
     for _ in range(ROUNDS):
@@ -92,7 +129,7 @@ def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
             enc()
             times[f"{s}_decode"].append(_burst_us(dec))
     torch.cuda.synchronize()
-    row = {"size": size, "codec": name, "world": world, "rows_per_peer": rows,
+    row = {"op": op, "size": size, "codec": name, "world": world, "rows_per_peer": rows,
            "bytes_plain": sides["plain"][2], "bytes_stamped": sides["stamped"][2]}
     for k, v in times.items():
         row[f"{k}_host_us"] = statistics.median(v)
@@ -104,6 +141,8 @@ def measure(world: int, size: int, name: str, cfg, pages: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", default="all_to_all", choices=("all_to_all", "all_reduce"),
+                    help="all_reduce: its reduce-scatter (the 'decode' side is the reduction)")
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="bf16 bytes per rank")
@@ -112,9 +151,11 @@ def main() -> None:
     torch.cuda.init()
     pages: dict = {}
     launcher = "compiled" if kernels.KERNELS.native is not None else "ctypes"
-    print(f"{torch.cuda.get_device_name()}; world {a.world}, hidden {H}, bf16; launcher "
+    shape = f"rows of {AR.ROW}" if a.op == "all_reduce" else f"hidden {H}"
+    print(f"{torch.cuda.get_device_name()}; {a.op}, world {a.world}, {shape}, bf16; launcher "
           f"{launcher}")
-    columns = [f"{side} {where} us" for where in ("host", "GPU") for side in ("encode", "decode")]
+    receive = "reduce" if a.op == "all_reduce" else "decode"
+    columns = [f"{side} {where} us" for where in ("host", "GPU") for side in ("encode", receive)]
     print(f"{'size':>9} {'codec':>5} | " + " | ".join(f"{c:>17}" for c in columns)
           + " | stamp bytes")
     print(f"{'':>9} {'':>5} | " + " | ".join(f"{'plain':>8} {'stamped':>8}" for _ in columns)
@@ -122,7 +163,7 @@ def main() -> None:
     rows = []
     for size in a.sizes:
         for name in a.codecs:
-            r = measure(a.world, size, name, CODECS[name], pages)
+            r = measure(a.world, size, name, CODECS[name], pages, a.op)
             rows.append(r)
             extra = r["bytes_stamped"] - r["bytes_plain"]
             cells = [f"{r[f'plain_{k}_us']:8.1f} {r[f'stamped_{k}_us']:8.1f}"

@@ -394,33 +394,43 @@ def _stamped_call(comm, plan: _Plan, buf: torch.Tensor) -> StampedCall:
     return call
 
 
+def _scatter_records(rows3: torch.Tensor, a: int, b: int, world: int, rank: int,
+                     cfg: CodecConfig, stamped: Optional[tuple] = None) -> torch.Tensor:
+    """The reduce-scatter's send buffer, uint8 [world - 1, slot]: rows [a, b) of every other
+    rank's chunk of ``rows3`` [world, c, ROW] encoded, in rank order. ``stamped``:
+    (StampedCall, its chunk): one launch, each peer's records behind a stamp (slot: stamp and
+    records); else one encode per peer (slot: the records)."""
+    m, rb = b - a, record_bytes(ROW, cfg)
+    if stamped is not None:
+        call, k = stamped
+        slot = kernels.STAMP_BYTES + m * rb
+        return call.pack(k, rows3.view(-1, ROW), (world - 1) * slot).view(world - 1, slot)
+    send = torch.empty((world - 1, m * rb), dtype=torch.uint8, device=rows3.device)
+    for p in range(world):
+        if p != rank:
+            _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)].view(m, rb))
+    return send
+
+
 def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank: int, group,
                           cfg: CodecConfig, a2a=None, stamped: Optional[tuple] = None):
     """Encode rows [a, b) of every other rank's chunk of ``rows3`` [world, c, ROW] and start
     their exchange (``a2a``: a hierarchy stage's all_to_all_single, else ``group``'s).
-    ``stamped``: (StampedCall, its chunk): each peer's records behind a stamp.
-    Returns (receive buffer uint8 [world - 1, b - a, rb], work, send buffer); stamped, the
-    receive buffer is a view of the records, each peer's slot ``stride(0)`` bytes long."""
+    ``stamped``: see _scatter_records. Returns (the records received, uint8
+    [world - 1, b - a, rb], each peer's ``stride(0)`` bytes after the last's; work; send
+    buffer)."""
     m, rb = b - a, record_bytes(ROW, cfg)
     stamp = kernels.STAMP_BYTES if stamped is not None else 0
-    if stamped is not None:
-        call, k = stamped
-        send = call.pack(k, rows3.view(-1, ROW), (world - 1) * (stamp + m * rb))
-        send = send.view(world - 1, stamp + m * rb)
-    else:
-        send = torch.empty((world - 1, m * rb), dtype=torch.uint8, device=rows3.device)
-        for p in range(world):
-            if p != rank:
-                _encode_into(rows3[p, a:b], cfg, send[p - (p > rank)].view(m, rb))
+    send = _scatter_records(rows3, a, b, world, rank, cfg, stamped)
     if a2a is None and world == 2 and env.all_reduce_pair_gather():
         # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
         # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
         # over sockets (docs/benchmarks.md, "## All-reduce")
-        both = torch.empty((2, stamp + m * rb), dtype=torch.uint8, device=rows3.device)
+        both = torch.empty((2, send.shape[1]), dtype=torch.uint8, device=rows3.device)
         work = _gather_single(both.view(-1), send.view(-1), group, async_op=True)
         return both[1 - rank:2 - rank, stamp:].view(1, m, rb), work, send
     recv = torch.empty_like(send)
-    splits = [0 if p == rank else (stamp + m * rb) for p in range(world)]
+    splits = [0 if p == rank else send.shape[1] for p in range(world)]
     if a2a is not None:
         work = a2a(recv.view(-1), send.view(-1), splits, splits, async_op=True)
     else:
