@@ -297,7 +297,9 @@ def all_reduce(
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
     combination is used. Over gloo every call's headers also carry the numel, so a rank
     whose numel differs raises on every rank; with NCCL equal numel is the caller's duty,
-    as with torch.
+    as with torch. On CUDA the flat algorithm's records carry stamps (codec, dtype, rows)
+    that the reduction checks: a rank that switches to a codec or dtype every rank has used
+    before makes every rank raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off).
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
