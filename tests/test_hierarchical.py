@@ -283,8 +283,9 @@ def test_stage_sizes_agree_with_and_without_stamps():
         for pages in (None, {}):
             hs = [hmod.Hierarchy(None, lay, r, "gloo") for r in range(W)]
             routes = [Route(None, r, W, codecs[r], (0,) * W, pages=pages) for r in range(W)]
-            src = [hmod._source_plan(hs[r], routes[r], tuple(S[r]), tuple(S[p][r] for p in range(W)),
-                                     H, dtype, torch.device("cpu")) for r in range(W)]
+            src = [hmod._source_plan(hs[r], routes[r], tuple(S[r]),
+                                     tuple(S[p][r] for p in range(W)), H, dtype,
+                                     torch.device("cpu")) for r in range(W)]
             for f in range(W):
                 n, lr = divmod(f, local)
                 counts = tuple(tuple(S[n * local + l][m * local + lr] for m in range(nodes))
