@@ -140,7 +140,7 @@ def _segments(row_off: Sequence[int], counts: Sequence[int], wires: Sequence[Wir
     for p, (off, n, w) in enumerate(zip(row_off, counts, wires)):
         a, b = chunk_range(n, k, chunks)
         nbytes = (b - a) * row_bytes(w, hidden, dtype)
-        stamp = kernels.STAMP_BYTES if stamped and b > a and isinstance(w, CodecConfig) else 0
+        stamp = stamp_bytes(stamped, w, b - a)
         splits.append(stamp + nbytes)
         if b > a and w is not None:
             last = segs[-1] if segs else None
@@ -152,6 +152,12 @@ def _segments(row_off: Sequence[int], counts: Sequence[int], wires: Sequence[Wir
                 segs.append(_Seg(off + a, b - a, w, byte + stamp, nbytes, p))
         byte += stamp + nbytes
     return segs, splits
+
+
+def stamp_bytes(stamped: bool, wire: Wire, rows: int) -> int:
+    """The bytes before a pair's rows on the wire: a stamp where the exchange is ``stamped``
+    and the pair carries records (raw rows and empty pairs carry none)."""
+    return kernels.STAMP_BYTES if stamped and rows and isinstance(wire, CodecConfig) else 0
 
 
 def _pack(x: torch.Tensor, segs: list[_Seg]) -> torch.Tensor:
@@ -339,9 +345,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
 
     stamped = stamped_call(route, plan, H, dtype, x.device) if plan.stamped else None
     if stamped is not None:
-        stamped.check()  # what the decodes of earlier calls found (a host memory read)
-        if x.data_ptr() % 16:
-            x = x.clone()  # the encodes were planned for 16-byte aligned rows
+        x = stamped.prepare(x)
     out = None if plan.direct else x.new_empty((plan.out_total, H))
     side = route.streams.get(x.device, "decode") if x.is_cuda and len(plan.chunks) > 1 else None
     if side is not None:
@@ -417,7 +421,8 @@ def raise_stamp_report(page: "p2p.ErrorPage", route_or_comm) -> None:
 
 class StampedCall:
     """The kernels of an exchange whose records NCCL (or gloo) carries, on one device: the
-    flat all-to-all's chunks, or the hierarchical algorithm's source and destination. Every
+    flat all-to-all's chunks, the hierarchical algorithm's source and destination, or the
+    flat all-reduce's reduce-scatter (encodes only: its fused reduction checks). Every
     pair's records travel behind a stamp (``p2p.stamp``: codec, rows, dtype, hidden); the
     receiver's decode compares it with the stamp it expects and writes a difference to the
     communicator's error page, which the next call (or ``Communicator.check``) raises on
@@ -476,6 +481,12 @@ class StampedCall:
 
     def check(self) -> None:
         raise_stamp_report(self.page, self)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Before a call: raise what the kernels of earlier calls found (a host memory read);
+        ``x`` itself, or a 16-byte aligned copy (the encodes were planned for aligned rows)."""
+        self.check()
+        return x.clone() if x.data_ptr() % 16 else x
 
     def pack(self, k: int, x: torch.Tensor, nbytes: int) -> torch.Tensor:
         """Chunk ``k``'s send buffer (flat uint8, ``nbytes``) of ``x`` (16-byte aligned)."""

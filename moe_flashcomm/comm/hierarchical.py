@@ -20,12 +20,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import kernels
-from ..codec import CodecConfig
 from ..memo import remember
 from . import frame
 from .check import ConfigMismatchError, check_consistent, hash63
-from .exchange import Pending, Route, _pack, _segments, _unpack, row_bytes, stamped_call
+from .exchange import (Pending, Route, _pack, _segments, _unpack, row_bytes, stamp_bytes,
+                       stamped_call)
 from .exchange import exchange as flat_exchange
 from .frame import Framing
 from .plan import offsets
@@ -303,8 +302,7 @@ class Hierarchy:
         else:
             peer = ((self.node + 1) % N) * L + self.local_rank
         wire = route.wire(peer, rows, hidden, dtype)
-        stamp = kernels.STAMP_BYTES if route.pages is not None and isinstance(wire, CodecConfig) \
-            else 0  # as exchange._segments lays the pair out at its source
+        stamp = stamp_bytes(route.pages is not None, wire, rows)  # as at the pair's source
         return stamp + rows * row_bytes(wire, hidden, dtype)
 
     def _cached(self, key, make):
@@ -474,9 +472,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     numbering = h.numbering(dev)
     stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
     if stamped is not None:
-        stamped.check()  # what the decodes of earlier calls found (a host memory read)
-        if x.data_ptr() % 16:
-            x = x.clone()  # the encodes were planned for 16-byte aligned rows
+        x = stamped.prepare(x)
     try:
         counts = hop_counts(h, in_rows, uniform, dev, digest, numbering)
         hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
