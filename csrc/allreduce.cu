@@ -13,7 +13,8 @@
 // Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
 // sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it); the
 // first block compares every peer's with the stamp expected and reports a difference on the
-// error page (the host raises at its next call). error_page 0: no stamps.
+// error page (the host raises at its next call), and may mark its own output (write_slot).
+// error_page 0: no stamps.
 //
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
@@ -36,17 +37,38 @@ struct ReduceArgs {
   EncArgs enc;
   DecArgs dec;
   int world, rank;
+  int peer_base, peer_step;  // peer p is rank peer_base + p * peer_step of the page's group
+  int write_slot;            // REQUANT: write the kStampBytes slot before rec (below)
   u64 stamp;       // the stamp expected from every peer
   u64 error_page;  // pinned host memory, mapped (error_page.cuh); 0: no stamps
+  u64 slot_stamp;  // the stamp the slot carries when this call saw no disagreement
 };
 
 // Block 0: every peer's stamp (in the slot before its records) against the one expected.
+// With write_slot (the hierarchical all-reduce's second stage) it then writes the slot before
+// its output records: slot_stamp, or kSawDisagreement where a stamp differed here or the
+// error page holds a report (the first stage's check, earlier in this call: the host clears
+// the page before a call), so that every rank that decodes the output learns of it.
 __device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long peer_stride,
-                                             const ReduceArgs& a) {
+                                             u8* rec, const ReduceArgs& a) {
+  __shared__ int differs;
+  if (threadIdx.x == 0) differs = 0;
+  __syncthreads();
   for (int i = threadIdx.x; i < a.world - 1; i += blockDim.x) {
     const u64 got = *reinterpret_cast<const u64*>(peers + (size_t)i * peer_stride - kStampBytes);
-    const int p = i + (i >= a.rank);
-    if (got != a.stamp) report_error(a.error_page, kErrReduceStamp, p, got, a.stamp, 0);
+    const int p = a.peer_base + (i + (i >= a.rank)) * a.peer_step;
+    if (got != a.stamp) {
+      report_error(a.error_page, kErrReduceStamp, p, got, a.stamp, 0);
+      differs = 1;
+    }
+  }
+  if (!a.write_slot) return;  // (uniform: an argument)
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool reported = *reinterpret_cast<const volatile u64*>(a.error_page + 8 * kErrSet) != 0;
+    u64* slot = reinterpret_cast<u64*>(rec - kStampBytes);
+    slot[0] = differs || reported ? kSawDisagreement : a.slot_stamp;
+    slot[1] = 0;
   }
 }
 
@@ -160,7 +182,7 @@ template <typename In, int BITS, bool SPIKES, int V, bool REQUANT>
 __global__ void __launch_bounds__(kBlock) reduce_chunk(
     const u8* __restrict__ peers, unsigned long long peer_stride, const In* __restrict__ own,
     u8* __restrict__ rec, In* __restrict__ sum, const ReduceArgs a) {
-  if (a.error_page && blockIdx.x == 0) check_stamps(peers, peer_stride, a);  // every thread
+  if (a.error_page && blockIdx.x == 0) check_stamps(peers, peer_stride, rec, a);  // every thread
   const u32 item = blockIdx.x * kBlock + threadIdx.x;
   if ((item & ~31u) >= a.enc.total) return;  // warp-uniform: the encode's shuffles need every lane
   const EncArgs& e = a.enc;

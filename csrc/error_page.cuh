@@ -17,6 +17,9 @@ constexpr int kErrStamp = 1, kErrFreedTimeout = 2, kErrLandedTimeout = 3, kErrRe
 // Exchanges another transport carries (NCCL) put each pair's records behind a slot of
 // kStampBytes: the stamp, then a zero word, so that the records stay 16-byte aligned.
 constexpr int kStampBytes = 16;
+// In place of a stamp: "the rank that wrote this saw ranks disagree in this call" (the
+// hierarchical all-reduce passes it on to every rank; no stamp has all bits set).
+constexpr u64 kSawDisagreement = ~0ull;
 
 // The first problem (until the host has read it) goes to the page at ``page_address``.
 __device__ __forceinline__ void report_error(u64 page_address, int kind, int p, u64 got, u64 want,

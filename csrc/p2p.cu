@@ -54,7 +54,8 @@ struct P2PArgs {
   u64 timeout_ns;
   u64 copy_n16;               // 16-byte words the copy blocks copy (the rows a rank keeps)
   int rank, world;
-  int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits); p2p_exchange: kStage
+  int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits); p2p_exchange: kStage;
+                              // its LOCAL variant: the kind a differing stamp is reported as (0: kErrStamp)
   int advance;                // the call's last launch: store counter = e at its end
 };
 
@@ -238,7 +239,7 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, con
       if (ticket == k.first && threadIdx.x == 0) {
         const u64 got = *reinterpret_cast<const u64*>(rec - kStampBytes);
         const u64 want = a.recv_stamp[i - t.sends];
-        if (got != want) report(a, kErrStamp, k.peer, got, want, 0);
+        if (got != want) report(a, a.mode ? a.mode : kErrStamp, k.peer, got, want, 0);
       }
     } else {
       if (threadIdx.x == 0) {

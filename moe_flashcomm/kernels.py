@@ -60,7 +60,8 @@ DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4
                      ("o_hiv", _i4), ("o_loi", _i4), ("o_hii", _i4), ("vec", _i4), ("dense", _i4)],
                     align=True)
 REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4),
-                        ("stamp", _u8), ("error_page", _u8)], align=True)
+                        ("peer_base", _i4), ("peer_step", _i4), ("write_slot", _i4),
+                        ("stamp", _u8), ("error_page", _u8), ("slot_stamp", _u8)], align=True)
 P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX_PEERS,)),
                      ("recv_stamp", _u8, (MAX_PEERS,)), ("error_page", _u8),
                      ("timeout_ns", _u8), ("copy_n16", _u8),
@@ -88,6 +89,8 @@ EXCHANGE_STAGE = 16  # p2p_exchange's mode: encode into a staging buffer, publis
 # exchanges another transport carries (NCCL: p2p_exchange's LOCAL variant, the all-reduce's
 # reduce-scatter): each pair's records behind its stamp of STAMP_BYTES in the local buffers
 STAMP_BYTES = 16
+# in place of a stamp: the rank that wrote it saw ranks disagree in this call (kSawDisagreement)
+SAW_DISAGREEMENT = (1 << 64) - 1
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
            "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu"),

@@ -6,8 +6,8 @@ uneven splits, several codecs and dtypes, pipelined chunks, forward and backward
 and records that are not 16-byte aligned mixed in), and ranks that disagree where the
 first-use check cannot see it (codecs of the same record size, stochastic against nearest
 rounding): both ranks of the pair raise at their next call, or at ``check()``, and the group
-works afterwards. The flat all-reduce's reduce-scatter carries the same stamps, checked by its
-fused reduction."""
+works afterwards. The all-reduce's reduce-scatters carry the same stamps, checked by its
+fused reductions; the hierarchical one passes what its stages saw on to every rank."""
 from __future__ import annotations
 
 import itertools
@@ -203,6 +203,41 @@ def all_reduce_checks(rank, world):
         assert torch.equal(comm.all_reduce(x.clone(), codec=a), expected[a])
 
 
+def hierarchical_all_reduce(rank, world):
+    """The hierarchical all-reduce on 2 "nodes" of 2: bit-identical to the specification. A
+    rank that switches codec (every codec used by every rank before) is met by some ranks in
+    a stage; the others learn of it from the marked slots of the final records: every rank
+    raises at its next call. The same where only its inter-node codec differs (met in stage
+    2 by one rank alone). The group works afterwards."""
+    n = 3 * ROW * world + 5
+    with mf.Communicator(gate=False, topology=2) as comm:
+        for (i, cfg), dtype in itertools.product(enumerate(CODECS[:3]),
+                                                 (torch.bfloat16, torch.float32)):
+            x = reduce_input(rank, (n,), dtype, 110 + i).cuda()
+            want = reference_all_reduce([reduce_input(p, (n,), dtype, 110 + i)
+                                         for p in range(world)], cfg, local_size=2)
+            got = comm.all_reduce(x, codec=cfg, algorithm="hierarchical")
+            assert torch.equal(got.cpu(), want), (cfg, dtype)
+        assert [p for p in comm.all_reduce_plans.values()
+                if p.hierarchical and p.stamped and p.stamped_calls]
+        a, b = mf.CodecConfig(bits=4, spikes=False), mf.CodecConfig(bits=3, group_size=64)
+        codecs = {"a": a, "b": b, "inter b": mf.LinkCodecs(intra_node=a, inter_node=b)}
+        x = reduce_input(rank, (n,), torch.bfloat16, 119).cuda()
+        expected = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
+        for c in codecs.values():
+            comm.all_reduce(x.clone(), codec=c, algorithm="hierarchical")
+        for switch in ("b", "inter b"):
+            comm.all_reduce(x.clone(), codec=codecs[switch] if rank == 1 else a,
+                            algorithm="hierarchical")  # returns: the kernels check
+            torch.cuda.synchronize()
+            with pytest.raises(ConfigMismatchError) as info:
+                comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
+            assert str(info.value).startswith(
+                "moe_flashcomm.all_reduce: ranks of the group disagree"), (switch, str(info.value))
+            got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
+            assert torch.equal(got, expected), switch
+
+
 def _checks(rank, world):
     torch.cuda.set_device(0)  # every process on the one GPU
     comm = mf.Communicator(gate=False)
@@ -218,6 +253,7 @@ def _mixed(rank, world):
     torch.cuda.set_device(0)
     mixed(rank, world)
     hierarchical_disagreement(rank, world)
+    hierarchical_all_reduce(rank, world)
     torch.cuda.synchronize()
 
 

@@ -66,13 +66,27 @@ def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class StampCheck:
+    """What the fused reduction checks and marks (csrc/allreduce.cu's ReduceArgs): ``page``,
+    the address of the error page (p2p.ErrorPage) a differing stamp goes to; peer p of the
+    reduction is rank ``peer_base + p * peer_step`` of the page's group; ``slot_stamp``
+    (requant): the stamp written in the STAMP_BYTES before the output records (0: none), or
+    in its place kernels.SAW_DISAGREEMENT where this call saw ranks disagree."""
+    page: int
+    peer_base: int = 0
+    peer_step: int = 1
+    slot_stamp: int = 0
+
+
 def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
                  requant: bool = True, fused: Optional[bool] = None,
-                 stamp_page: int = 0) -> torch.Tensor:
+                 check: Optional[StampCheck] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reduction of one owned chunk.
 
     peers: uint8 [P - 1, m, rb] records of the other P - 1 ranks of the group, in rank
-           order with ``rank`` left out (rb = record_bytes(ROW, cfg)); with ``stamp_page``, a
+           order with ``rank`` left out (rb = record_bytes(ROW, cfg)); with ``check``, a
            view whose peers lie ``peers.stride(0)`` bytes apart, each behind its stamp.
     own:   [m, ROW] this rank's own values (fp32/bf16/fp16), exact.
     Sum in fp32, in rank order 0..P-1, of ``own`` and each peer's decoded records (decoded
@@ -80,11 +94,13 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     of that sum, uint8 [m, rb] (``requant``) or the sum itself, [m, ROW] of own.dtype.
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
-    stamp_page: the address of an error page (p2p.ErrorPage): the fused kernel also
-               compares each peer's stamp with the one expected and reports a difference there.
+    check: the fused kernel also compares each peer's stamp with the one expected, reporting
+           a difference on the error page, and marks its output (StampCheck).
+    out:   the fused kernel's output (contiguous; with a slot stamp, STAMP_BYTES after its
+           slot), else allocated.
     """
     if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel():
-        return _fused_reduce(peers, own, rank, cfg, requant, stamp_page)
+        return _fused_reduce(peers, own, rank, cfg, requant, check, out)
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
     for p in range(peers.shape[0] + 1):
@@ -123,16 +139,16 @@ def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
 
 def reduce_launches(dev: int, m: int, H: int, cfg: CodecConfig, dtype: torch.dtype,
                     requant: bool, world: int, rank: int, vec: bool, stride: int,
-                    stamp_page: int = 0) -> tuple:
+                    check: Optional[StampCheck] = None) -> tuple:
     """The launches of the fused reduction of m rows (pointer bases: peers' records, own
     values, output records or sums; ``stride``: bytes from one peer's records to the next),
     made once per shape."""
-    key = ("reduce", dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp_page)
+    key = ("reduce", dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check)
     return kernels.KERNELS.plan(key, lambda: _make_reduce(dev, m, H, cfg, dtype, requant, world,
-                                                          rank, vec, stride, stamp_page))
+                                                          rank, vec, stride, check))
 
 
-def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp_page) -> tuple:
+def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check) -> tuple:
     L = record_layout(H, cfg)
     V = min(REDUCE_V, cfg.group_size)
     esize, rb = dtype.itemsize, L.record_bytes
@@ -143,8 +159,11 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp
         geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items,
                    vec=int(vec))
         args = kernels.struct(kernels.REDUCE_ARGS, world=world, rank=rank)
-        if stamp_page and t0 == 0:  # (the first launch's first block checks)
-            args["stamp"], args["error_page"] = p2p.stamp(cfg, m, H, dtype), stamp_page
+        if check is not None and t0 == 0:  # (the first launch's first block checks)
+            args["stamp"], args["error_page"] = p2p.stamp(cfg, m, H, dtype), check.page
+            args["peer_base"], args["peer_step"] = check.peer_base, check.peer_step
+            args["write_slot"] = int(requant and check.slot_stamp != 0)
+            args["slot_stamp"] = check.slot_stamp
         args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden,
                                      gap=_cuda._gaps(L), **geo, **fields)[0]
         args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
@@ -156,25 +175,26 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, stamp
 
 
 def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
-                  requant: bool, stamp_page: int) -> torch.Tensor:
+                  requant: bool, check: Optional[StampCheck],
+                  out: Optional[torch.Tensor]) -> torch.Tensor:
     """reduce_chunk in one kernel (csrc/allreduce.cu), on torch's current stream."""
     m, H = own.shape
     L = record_layout(H, cfg)
     own = own.contiguous()
-    if not stamp_page:
+    if check is None:
         peers = peers.contiguous()
         if peers.numel() and peers.data_ptr() % 16:
             peers = peers.clone()  # 16-byte record loads
-    if requant:
+    if out is None and requant:
         out = torch.empty((m, L.record_bytes), dtype=torch.uint8, device=own.device)
-    else:
+    elif out is None:
         out = torch.empty((m, H), dtype=own.dtype, device=own.device)
     if m == 0:
         return out
     dev = kernels.device_index(own)
     launches = reduce_launches(dev, m, H, cfg, own.dtype, requant, peers.shape[0] + 1, rank,
                                H % 8 == 0 and own.data_ptr() % 16 == 0, peers.stride(0),
-                               stamp_page if peers.numel() else 0)
+                               check if peers.numel() or (check and check.slot_stamp) else None)
     pp = peers.data_ptr() if peers.numel() else 0
     op = out.data_ptr()
     with kernels.on_device(dev):
@@ -199,8 +219,9 @@ class _Plan:
     hierarchical: bool = False     # the hierarchical algorithm (on the communicator's stages)
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
     numel: int = 0                 # the tensor's values (in the headers of framed exchanges)
-    stamped: bool = False          # flat on CUDA: the reduce-scatter's records carry stamps
-    # device index -> its encodes behind the stamps (exchange.StampedCall), one chunk a piece
+    stamped: bool = False          # CUDA: the reduce-scatters' records carry stamps
+    # (name, device index) -> the StampedCall of a reduce-scatter's encodes (one chunk a
+    # piece), or of the hierarchical algorithm's last decode ("final")
     stamped_calls: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -246,9 +267,10 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     k = max(1, min(k, c))
     pieces = tuple(chunk_range(c, i, k) for i in range(k))
     # stamps: every pair exchanges records in the flat reduce-scatter, so every rank sees a
-    # rank that disagrees; the hierarchical stages re-encode sums and would not pass it on
-    stamped = (x.is_cuda and comm.stamps and algorithm == "flat" and world > 1
-               and not intra.is_passthrough)
+    # rank that disagrees; the hierarchical algorithm passes what its stages saw on to every
+    # rank (_hierarchical). The passthrough's reduction is the torch definition: unchecked.
+    stamped = (x.is_cuda and comm.stamps and world > 1 and not intra.is_passthrough
+               and not inter.is_passthrough)
     return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical",
                  numel=n, stamped=stamped)
 
@@ -352,8 +374,11 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         _native_framed(flat, plan, group, comm.framing)
     else:
         buf = _padded(flat, plan.world)
-        if plan.hierarchical:
-            _hierarchical(buf, plan, _hierarchy(comm))  # per call: create_stage_groups may replace them
+        if plan.hierarchical:  # (per call: create_stage_groups may replace the stages)
+            h = _hierarchy(comm)
+            if plan.stamped:
+                buf = _final_call(comm, plan, h, buf).prepare(buf)
+            _hierarchical(buf, plan, h, comm if plan.stamped else None)
         elif x.is_cuda:
             stamped = _stamped_call(comm, plan, buf) if plan.stamped else None
             if stamped is not None:
@@ -374,23 +399,46 @@ def _gather_single(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool =
     return fn(out, inp, group=group, async_op=async_op)
 
 
-def _stamped_call(comm, plan: _Plan, buf: torch.Tensor) -> StampedCall:
-    """The encodes of ``plan``'s reduce-scatter on ``buf``'s device, made at its first call
-    there: per piece, every peer's rows in one launch, each pair's records behind its stamp
-    (exchange.StampedCall; the fused reduction checks them)."""
+def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: int = 0,
+                  r: int = 0, span: int = 0, pieces: tuple = (),
+                  cfg: Optional[CodecConfig] = None) -> StampedCall:
+    """The encodes of one of ``plan``'s reduce-scatters on ``buf``'s device (its ``name``:
+    "flat", or a hierarchy stage), made at its first call there: per piece, every peer's rows
+    in one launch, each pair's records behind its stamp (exchange.StampedCall; the fused
+    reduction checks them). Its ``n`` ranks' rows lie in ``span`` rows each (rank ``r``
+    keeps its own); piece (a, b) is rows [a, b) of each. Defaults: the flat algorithm's."""
     index = kernels.device_index(buf)
-    call = plan.stamped_calls.get(index)
+    call = plan.stamped_calls.get((name, index))
     if call is None:
-        W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
+        if name == "flat":
+            n, r, span, pieces, cfg = plan.world, plan.rank, plan.rows, plan.pieces, plan.intra
         rb = record_bytes(ROW, cfg)
         sides = []
-        for a, b in plan.pieces:  # peer p's rows of the piece: rows p * c + [a, b) of buf
+        for a, b in pieces:  # peer p's rows of the piece: rows p * span + [a, b)
             slot = kernels.STAMP_BYTES + (b - a) * rb
-            segs = [_Seg(p * c + a, b - a, cfg, i * slot + kernels.STAMP_BYTES, (b - a) * rb, p)
-                    for i, p in enumerate(q for q in range(W) if q != r)]
+            segs = [_Seg(p * span + a, b - a, cfg, i * slot + kernels.STAMP_BYTES, (b - a) * rb,
+                         p) for i, p in enumerate(q for q in range(n) if q != r)]
             sides.append((segs, []))
-        call = plan.stamped_calls[index] = StampedCall(comm, sides, ROW, buf.dtype, index,
-                                                       error_page(comm._pages, index))
+        call = plan.stamped_calls[(name, index)] = StampedCall(
+            comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index))
+    return call
+
+
+def _final_call(comm, plan: _Plan, h, buf: torch.Tensor) -> StampedCall:
+    """The hierarchical all-reduce's last decode on ``buf``'s device: the L x M blocks of
+    final records (local chunk l, node n: rows (l * M + n) * c of ``buf``), each behind the
+    slot its owner's second-stage reduction wrote, compared with the stamp expected: a rank
+    that saw ranks disagree has marked its slot, so every rank learns of it."""
+    index = kernels.device_index(buf)
+    call = plan.stamped_calls.get(("final", index))
+    if call is None:
+        L, M, c, cfg = h.local, h.nodes, plan.rows, plan.inter
+        slot = kernels.STAMP_BYTES + c * record_bytes(ROW, cfg)
+        segs = [_Seg((l * M + n) * c, c, cfg, (l * M + n) * slot + kernels.STAMP_BYTES,
+                     slot - kernels.STAMP_BYTES, n * L + l) for l in range(L) for n in range(M)]
+        call = plan.stamped_calls[("final", index)] = StampedCall(
+            comm, [([], segs)], ROW, buf.dtype, index, error_page(comm._pages, index),
+            kind=kernels.P2P_ERROR_REDUCE_STAMP)
     return call
 
 
@@ -480,7 +528,7 @@ def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] 
             recv, work, _ = started[j]
             work.wait()
             rec = reduce_chunk(recv, rows3[r, a:b], r, cfg,
-                               stamp_page=stamped.page.address if stamped else 0)
+                               check=StampCheck(stamped.page.address) if stamped else None)
             gathered = torch.empty((W, b - a, rb), dtype=torch.uint8, device=buf.device)
             gathering[j] = (gathered, _gather_single(gathered.view(-1), rec.view(-1), group,
                                                      async_op=True), rec)
@@ -612,9 +660,16 @@ def _hierarchy(comm):
     return hierarchy(comm)
 
 
-def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
-    """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place."""
+def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
+    """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place.
+    ``comm`` (CUDA, stamped): both reduce-scatters' records travel behind stamps their
+    reductions check; the second reduction writes a slot before its output records (its
+    stamp, or the mark of a disagreement this rank saw in either stage) that travels with
+    them through both all-gathers, and the last decode checks every rank's slot, so a
+    disagreement any rank saw reaches every rank (_final_call)."""
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
+    stamped = comm is not None
+    page = error_page(comm._pages, kernels.device_index(buf)).address if stamped else 0
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
     # on CPU (framed) every stage carries the call's number and the numel
     named = dict(operation="hierarchical all-reduce stage", detail=plan.numel,
@@ -626,9 +681,13 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
         # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
         #    the group, in x's dtype
         if L > 1:
-            recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra)
+            s1 = (_stamped_call(comm, plan, buf, "intra", L, lr, M * c, ((0, M * c),),
+                                plan.intra), 0) if stamped else None
+            recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra,
+                                                  stamped=s1)
             work.wait()
-            part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False)
+            part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False,
+                                check=StampCheck(page, node * L) if stamped else None)
         else:
             part = x3[lr]
         done.append(1)
@@ -636,21 +695,31 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
         part3 = part.view(M, c, ROW)
         rb = record_bytes(ROW, plan.inter)
         if M > 1:
-            recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, None, plan.inter, inter)
+            s2 = (_stamped_call(comm, plan, buf, "inter", M, node, c, ((0, c),), plan.inter),
+                  0) if stamped else None
+            recv, work, _ = _start_reduce_scatter(part3, 0, c, M, node, None, plan.inter, inter,
+                                                  stamped=s2)
             work.wait()
         else:
             recv = torch.empty((0, c, rb), dtype=torch.uint8, device=buf.device)
-        rec = reduce_chunk(recv, part3[node], node, plan.inter)
+        if stamped:  # the final records behind their slot: [slot, c * rb records]
+            rec = torch.empty(kernels.STAMP_BYTES + c * rb, dtype=torch.uint8,
+                              device=buf.device)
+            final = p2p.stamp(plan.inter, c, ROW, buf.dtype)
+            reduce_chunk(recv, part3[node], node, plan.inter, check=StampCheck(page, lr, L, final),
+                         out=rec[kernels.STAMP_BYTES:].view(c, rb))
+        else:
+            rec = reduce_chunk(recv, part3[node], node, plan.inter)
         done.append(2)
         # 3. all-gather of the final records: across groups, then inside the group
         if M > 1:
-            across = torch.empty((M, c, rb), dtype=torch.uint8, device=buf.device)
+            across = torch.empty((M, rec.numel()), dtype=torch.uint8, device=buf.device)
             _stage_gather(h, "inter", across, rec, named)
         else:
-            across = rec
+            across = rec.view(1, -1)
         done.append(3)
         if L > 1:
-            inside = torch.empty((L, M * c, rb), dtype=torch.uint8, device=buf.device)
+            inside = torch.empty((L, across.numel()), dtype=torch.uint8, device=buf.device)
             _stage_gather(h, "intra", inside, across, named)
         else:
             inside = across
@@ -658,7 +727,10 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h) -> None:
         if named.get("number"):
             _abort_stages(h, plan, named, after=len(done), elsewhere=e.elsewhere)
         raise
-    _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))
+    if stamped:
+        _final_call(comm, plan, h, buf).unpack(0, inside.view(-1), buf.view(L * M * c, ROW))
+    else:
+        _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))
 
 
 def _abort_stages(h, plan: _Plan, named: dict, after: int, elsewhere=frozenset()) -> None:

@@ -434,9 +434,11 @@ class StampedCall:
     aligned behind raw rows of odd size) are copied or decoded without a check."""
 
     def __init__(self, route: Route, sides: list, hidden: int, dtype: torch.dtype, dev: int,
-                 page: "p2p.ErrorPage") -> None:
-        """``sides``: (send segments, receive segments) per chunk, made with stamps."""
+                 page: "p2p.ErrorPage", kind: int = kernels.P2P_ERROR_STAMP) -> None:
+        """``sides``: (send segments, receive segments) per chunk, made with stamps.
+        ``kind``: what the decodes report a differing stamp as (the error page's kinds)."""
         self.group, self.rank, self.world, self.page = route.group, route.rank, route.world, page
+        self.kind = kind
         self.hidden, self.dtype, self.dev = hidden, dtype, dev
         self.device = torch.device("cuda", dev)
         self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
@@ -461,7 +463,7 @@ class StampedCall:
                 stamps = p2p.padded([p2p.stamp(s.wire, s.rows, self.hidden, self.dtype)
                                      for s in batch])
                 args = kernels.p2p_args((), self.rank, self.world, 0,
-                                        error_page=self.page.address,
+                                        error_page=self.page.address, mode=self.kind,
                                         **{"send_stamp" if send else "recv_stamp": stamps})
                 launch = p2p.exchange_kernel(self.dev, tasks if send else [],
                                              [] if send else tasks, self.hidden, cfg, self.dtype,

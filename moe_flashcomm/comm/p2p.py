@@ -61,6 +61,8 @@ def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
 
 def describe(value: int) -> str:
     """A stamp in words."""
+    if value == kernels.SAW_DISAGREEMENT:
+        return "a mark that it saw ranks of the group disagree earlier in this call"
     if not value & 1:
         return "nothing (no stamp)"
     code, dt = value >> 1 & 0x3FFFFF, value >> 23 & 7
