@@ -237,6 +237,11 @@ def _stamp_reports(rank, world):
         assert ("rank 1 sent 3 rows of int3/g64+spikes records (torch.bfloat16, hidden 1024); "
                 "this rank expected 3 rows of int4/g128 records") in msg, msg
         assert same in msg, msg
+    # a rank's mark in place of a stamp: it saw ranks disagree (the hierarchical all-reduce)
+    msg = p2p.stamp_mismatch([1, 1, K.SAW_DISAGREEMENT, want, 0, K.P2P_ERROR_REDUCE_STAMP, 1],
+                             None, rank, world, "next call")
+    assert ("rank 1 sent a mark that it saw ranks of the group disagree earlier in this call; "
+            "this rank expected 3 rows of int4/g128 records") in msg, msg
 
 
 def test_stamp_report_names_the_call_that_found_it():
