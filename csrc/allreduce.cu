@@ -12,9 +12,9 @@
 //
 // Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
 // sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it); the
-// first block compares every peer's with the stamp expected and reports a difference on the
-// error page (the host raises at its next call), and may mark its own output (write_slot).
-// error_page 0: no stamps.
+// first warp compares every peer's with the stamp expected, after its own work, and reports a
+// difference on the error page (the host raises at its next call), and may mark its own output
+// (write_slot). error_page 0: no stamps.
 //
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
@@ -44,30 +44,29 @@ struct ReduceArgs {
   u64 slot_stamp;  // the stamp the slot carries when this call saw no disagreement
 };
 
-// Block 0: every peer's stamp (in the slot before its records) against the one expected.
-// With write_slot (the hierarchical all-reduce's second stage) it then writes the slot before
-// its output records: slot_stamp, or kSawDisagreement where a stamp differed here or the
-// error page holds a report (the first stage's check, earlier in this call: the host clears
-// the page before a call), so that every rank that decodes the output learns of it.
+// The first warp of block 0: every peer's stamp (in the slot before its records) against the
+// one expected. With write_slot (the hierarchical all-reduce's second stage) it then writes
+// the slot before its output records: slot_stamp, or kSawDisagreement where a stamp differed
+// here or the error page holds a report (the first stage's check, earlier in this call: the
+// host clears the page before a call), so that every rank that decodes the output learns of
+// it. Called after the warp's own work: at the kernel's start it made block 0 ~5.5 us slower
+// (H100, 1 MiB; docs/notes.md, "Stamps over NCCL").
 __device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long peer_stride,
                                              u8* rec, const ReduceArgs& a) {
-  __shared__ int differs;
-  if (threadIdx.x == 0) differs = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.world - 1; i += blockDim.x) {
+  bool differs = false;
+  for (int i = threadIdx.x; i < a.world - 1; i += 32) {
     const u64 got = *reinterpret_cast<const u64*>(peers + (size_t)i * peer_stride - kStampBytes);
-    const int p = a.peer_base + (i + (i >= a.rank)) * a.peer_step;
     if (got != a.stamp) {
-      report_error(a.error_page, kErrReduceStamp, p, got, a.stamp, 0);
-      differs = 1;
+      report_error(a.error_page, kErrReduceStamp, a.peer_base + (i + (i >= a.rank)) * a.peer_step,
+                   got, a.stamp, 0);
+      differs = true;
     }
   }
-  if (!a.write_slot) return;  // (uniform: an argument)
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  const bool any = __any_sync(~0u, differs);  // (every lane of the warp is here)
+  if (a.write_slot && threadIdx.x == 0) {
     const bool reported = *reinterpret_cast<const volatile u64*>(a.error_page + 8 * kErrSet) != 0;
     u64* slot = reinterpret_cast<u64*>(rec - kStampBytes);
-    slot[0] = differs || reported ? kSawDisagreement : a.slot_stamp;
+    slot[0] = any || reported ? kSawDisagreement : a.slot_stamp;
     slot[1] = 0;
   }
 }
@@ -182,7 +181,6 @@ template <typename In, int BITS, bool SPIKES, int V, bool REQUANT>
 __global__ void __launch_bounds__(kBlock) reduce_chunk(
     const u8* __restrict__ peers, unsigned long long peer_stride, const In* __restrict__ own,
     u8* __restrict__ rec, In* __restrict__ sum, const ReduceArgs a) {
-  if (a.error_page && blockIdx.x == 0) check_stamps(peers, peer_stride, rec, a);  // every thread
   const u32 item = blockIdx.x * kBlock + threadIdx.x;
   if ((item & ~31u) >= a.enc.total) return;  // warp-uniform: the encode's shuffles need every lane
   const EncArgs& e = a.enc;
@@ -198,6 +196,9 @@ __global__ void __launch_bounds__(kBlock) reduce_chunk(
   } else {
     if (item < e.total) store_chunk<In, V>(sum + (size_t)P.t * e.H, P.base, e.H, e.vec != 0, acc);
   }
+  // (warp 0 of block 0 always gets here: item 0 exists)
+  if (a.error_page && blockIdx.x == 0 && threadIdx.x < 32)
+    check_stamps(peers, peer_stride, rec, a);
 }
 
 }  // namespace mfc

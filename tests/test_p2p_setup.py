@@ -228,13 +228,14 @@ def _stamp_reports(rank, world):
     from moe_flashcomm.comm import p2p
     a, b = CodecConfig(bits=4, spikes=False), CodecConfig(bits=3, group_size=64)
     got, want = p2p.stamp(b, 3, 1024, torch.bfloat16), p2p.stamp(a, 3, 1024, torch.bfloat16)
-    for kind, call, same in (
-            (K.P2P_ERROR_STAMP, "all_to_all", "hidden size and split sizes"),
-            (K.P2P_ERROR_REDUCE_STAMP, "all_reduce", "dtype and number of values")):
+    for kind, call, same, size in (  # (the all-reduce's stamps carry its numel as "hidden")
+            (K.P2P_ERROR_STAMP, "all_to_all", "hidden size and split sizes", "hidden 1024"),
+            (K.P2P_ERROR_REDUCE_STAMP, "all_reduce", "dtype and number of values",
+             "numel 1024 mod 16384")):
         msg = p2p.stamp_mismatch([1, 1, got, want, 0, kind, 1], None, rank, world, "next call")
         assert msg.startswith(f"moe_flashcomm.{call}: ranks of the group disagree (seen by "
                               f"group rank {rank} of {world}"), msg
-        assert ("rank 1 sent 3 rows of int3/g64+spikes records (torch.bfloat16, hidden 1024); "
+        assert (f"rank 1 sent 3 rows of int3/g64+spikes records (torch.bfloat16, {size}); "
                 "this rank expected 3 rows of int4/g128 records") in msg, msg
         assert same in msg, msg
     # a rank's mark in place of a stamp: it saw ranks disagree (the hierarchical all-reduce)

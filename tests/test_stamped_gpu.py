@@ -165,7 +165,8 @@ def all_reduce_checks(rank, world):
     """The flat all-reduce: bit-identical to the specification (codecs, dtypes, one and two
     pipeline ranges, a numel that needs padding); a rank that switches to a codec of the same
     record size, or to a dtype of the same size, makes every rank raise at its next call
-    (every pair meets in the reduce-scatter), and the group works afterwards."""
+    (every pair meets in the reduce-scatter), as does a numel that pads to the same rows; the
+    group works afterwards."""
     n = 3 * ROW * world + 5
     codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction, no stamps)
     with mf.Communicator(gate=False) as comm:
@@ -188,11 +189,20 @@ def all_reduce_checks(rank, world):
             comm.all_reduce(x.clone(), codec=a)
         msg, rows = str(info.value), rows_per_rank(n, world)
         assert msg.startswith("moe_flashcomm.all_reduce: ranks of the group disagree"), msg
-        assert (f"rank 1 sent {rows} rows of int3/g64+spikes records (torch.bfloat16, hidden "
-                f"{ROW}); this rank expected {rows} rows of int4/g128 records" if rank != 1 else
-                f"this rank expected {rows} rows of int3/g64+spikes records") in msg, msg
+        assert (f"rank 1 sent {rows} rows of int3/g64+spikes records (torch.bfloat16, numel "
+                f"{n} mod 16384); this rank expected {rows} rows of int4/g128 records"
+                if rank != 1 else f"this rank expected {rows} rows of int3/g64+spikes records"
+                ) in msg, msg
         for c, out in expected.items():
             assert torch.equal(comm.all_reduce(x.clone(), codec=c), out)
+        # numels that pad to the same rows (both used before): the stamps carry the numel
+        assert rows_per_rank(n - 1, world) == rows
+        comm.all_reduce(x[:n - 1].clone(), codec=a)
+        comm.all_reduce(x[:n - 1].clone() if rank == 1 else x.clone(), codec=a)
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError, match=f"numel {n - 1} mod 16384"):
+            comm.all_reduce(x.clone(), codec=a)
+        assert torch.equal(comm.all_reduce(x.clone(), codec=a), expected[a])
         # fp16 against bf16 (both used before), found by comm.check()
         comm.all_reduce(x.half(), codec=a)
         comm.all_reduce(x.half() if rank == 1 else x.clone(), codec=a)
@@ -208,7 +218,8 @@ def hierarchical_all_reduce(rank, world):
     rank that switches codec (every codec used by every rank before) is met by some ranks in
     a stage; the others learn of it from the marked slots of the final records: every rank
     raises at its next call. The same where only its inter-node codec differs (met in stage
-    2 by one rank alone). The group works afterwards."""
+    2 by one rank alone), and where its numel differs but pads to the same rows. The group
+    works afterwards."""
     n = 3 * ROW * world + 5
     with mf.Communicator(gate=False, topology=2) as comm:
         for (i, cfg), dtype in itertools.product(enumerate(CODECS[:3]),
@@ -236,6 +247,15 @@ def hierarchical_all_reduce(rank, world):
                 "moe_flashcomm.all_reduce: ranks of the group disagree"), (switch, str(info.value))
             got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
             assert torch.equal(got, expected), switch
+        # numels that pad to the same rows (both used before): every rank raises
+        comm.all_reduce(x[:n - 1].clone(), codec=a, algorithm="hierarchical")
+        comm.all_reduce(x[:n - 1].clone() if rank == 1 else x.clone(), codec=a,
+                        algorithm="hierarchical")
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError, match="mod 16384"):
+            comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
+        got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
+        assert torch.equal(got, expected)
 
 
 def _checks(rank, world):

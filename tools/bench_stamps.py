@@ -100,7 +100,8 @@ def _reduce_sides(x3: torch.Tensor, world: int, cfg, stamped: bool, pages: dict)
     def reduce():
         peers = state["send"][:, stamp:].view(world - 1, c, rb)
         state["out"] = AR.reduce_chunk(
-            peers, x3[0], 0, cfg, check=None if call is None else AR.StampCheck(call.page.address))
+            peers, x3[0], 0, cfg,
+            check=None if call is None else AR.StampCheck(call.page.address, plan.numel))
     return encode, reduce, (world - 1) * (stamp + c * rb), lambda: state["out"]
 
 

@@ -69,11 +69,14 @@ def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
 @dataclass(frozen=True)
 class StampCheck:
     """What the fused reduction checks and marks (csrc/allreduce.cu's ReduceArgs): ``page``,
-    the address of the error page (p2p.ErrorPage) a differing stamp goes to; peer p of the
+    the address of the error page (p2p.ErrorPage) a differing stamp goes to; ``numel``, the
+    call's, which the all-reduce's stamps carry in their hidden field (its rows are always
+    ROW long), so that numels that pad to the same rows still differ; peer p of the
     reduction is rank ``peer_base + p * peer_step`` of the page's group; ``slot_stamp``
     (requant): the stamp written in the STAMP_BYTES before the output records (0: none), or
     in its place kernels.SAW_DISAGREEMENT where this call saw ranks disagree."""
     page: int
+    numel: int
     peer_base: int = 0
     peer_step: int = 1
     slot_stamp: int = 0
@@ -159,8 +162,8 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check
         geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items,
                    vec=int(vec))
         args = kernels.struct(kernels.REDUCE_ARGS, world=world, rank=rank)
-        if check is not None and t0 == 0:  # (the first launch's first block checks)
-            args["stamp"], args["error_page"] = p2p.stamp(cfg, m, H, dtype), check.page
+        if check is not None and t0 == 0:  # (the first launch's first warp checks)
+            args["stamp"], args["error_page"] = p2p.stamp(cfg, m, check.numel, dtype), check.page
             args["peer_base"], args["peer_step"] = check.peer_base, check.peer_step
             args["write_slot"] = int(requant and check.slot_stamp != 0)
             args["slot_stamp"] = check.slot_stamp
@@ -318,10 +321,12 @@ def all_reduce(
     Every rank ends with the bit-identical tensor. Every rank must pass the same codec,
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
     combination is used. Over gloo every call's headers also carry the numel, so a rank
-    whose numel differs raises on every rank; with NCCL equal numel is the caller's duty,
-    as with torch. On CUDA the flat algorithm's records carry stamps (codec, dtype, rows)
-    that the reduction checks: a rank that switches to a codec or dtype every rank has used
-    before makes every rank raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off).
+    whose numel differs raises on every rank. On CUDA the records of a quantized codec
+    carry stamps (codec, dtype, rows, numel mod 2^14) that the reductions check: a rank
+    that switches to a codec, dtype or numel every rank has used before makes every rank
+    raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off). With NCCL, where the numels
+    give different byte counts, and on the gated, ``"native"`` and passthrough paths, equal
+    numel is the caller's duty, as with torch.
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
@@ -420,7 +425,8 @@ def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: i
                          p) for i, p in enumerate(q for q in range(n) if q != r)]
             sides.append((segs, []))
         call = plan.stamped_calls[(name, index)] = StampedCall(
-            comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index))
+            comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index),
+            stamp_hidden=plan.numel)
     return call
 
 
@@ -438,7 +444,7 @@ def _final_call(comm, plan: _Plan, h, buf: torch.Tensor) -> StampedCall:
                      slot - kernels.STAMP_BYTES, n * L + l) for l in range(L) for n in range(M)]
         call = plan.stamped_calls[("final", index)] = StampedCall(
             comm, [([], segs)], ROW, buf.dtype, index, error_page(comm._pages, index),
-            kind=kernels.P2P_ERROR_REDUCE_STAMP)
+            kind=kernels.P2P_ERROR_REDUCE_STAMP, stamp_hidden=plan.numel)
     return call
 
 
@@ -527,8 +533,8 @@ def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] 
             a, b = plan.pieces[j]
             recv, work, _ = started[j]
             work.wait()
-            rec = reduce_chunk(recv, rows3[r, a:b], r, cfg,
-                               check=StampCheck(stamped.page.address) if stamped else None)
+            check = StampCheck(stamped.page.address, plan.numel) if stamped else None
+            rec = reduce_chunk(recv, rows3[r, a:b], r, cfg, check=check)
             gathered = torch.empty((W, b - a, rb), dtype=torch.uint8, device=buf.device)
             gathering[j] = (gathered, _gather_single(gathered.view(-1), rec.view(-1), group,
                                                      async_op=True), rec)
@@ -687,7 +693,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
                                                   stamped=s1)
             work.wait()
             part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False,
-                                check=StampCheck(page, node * L) if stamped else None)
+                                check=StampCheck(page, plan.numel, node * L) if stamped else None)
         else:
             part = x3[lr]
         done.append(1)
@@ -705,8 +711,9 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
         if stamped:  # the final records behind their slot: [slot, c * rb records]
             rec = torch.empty(kernels.STAMP_BYTES + c * rb, dtype=torch.uint8,
                               device=buf.device)
-            final = p2p.stamp(plan.inter, c, ROW, buf.dtype)
-            reduce_chunk(recv, part3[node], node, plan.inter, check=StampCheck(page, lr, L, final),
+            final = p2p.stamp(plan.inter, c, plan.numel, buf.dtype)
+            reduce_chunk(recv, part3[node], node, plan.inter,
+                         check=StampCheck(page, plan.numel, lr, L, final),
                          out=rec[kernels.STAMP_BYTES:].view(c, rb))
         else:
             rec = reduce_chunk(recv, part3[node], node, plan.inter)

@@ -434,11 +434,15 @@ class StampedCall:
     aligned behind raw rows of odd size) are copied or decoded without a check."""
 
     def __init__(self, route: Route, sides: list, hidden: int, dtype: torch.dtype, dev: int,
-                 page: "p2p.ErrorPage", kind: int = kernels.P2P_ERROR_STAMP) -> None:
+                 page: "p2p.ErrorPage", kind: int = kernels.P2P_ERROR_STAMP,
+                 stamp_hidden: Optional[int] = None) -> None:
         """``sides``: (send segments, receive segments) per chunk, made with stamps.
-        ``kind``: what the decodes report a differing stamp as (the error page's kinds)."""
+        ``kind``: what the decodes report a differing stamp as (the error page's kinds).
+        ``stamp_hidden``: what the stamps carry as the hidden size (the all-reduce's numel;
+        None: ``hidden``)."""
         self.group, self.rank, self.world, self.page = route.group, route.rank, route.world, page
         self.kind = kind
+        self.stamp_hidden = hidden if stamp_hidden is None else stamp_hidden
         self.hidden, self.dtype, self.dev = hidden, dtype, dev
         self.device = torch.device("cuda", dev)
         self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
@@ -460,7 +464,7 @@ class StampedCall:
             for i in range(0, len(group), p2p.MAX_PEERS):
                 batch = group[i:i + p2p.MAX_PEERS]
                 tasks = [(s.peer, s.row, s.rows, s.byte) for s in batch]
-                stamps = p2p.padded([p2p.stamp(s.wire, s.rows, self.hidden, self.dtype)
+                stamps = p2p.padded([p2p.stamp(s.wire, s.rows, self.stamp_hidden, self.dtype)
                                      for s in batch])
                 args = kernels.p2p_args((), self.rank, self.world, 0,
                                         error_page=self.page.address, mode=self.kind,
@@ -475,7 +479,7 @@ class StampedCall:
         coded = [s for s in left if s.wire != RAW] if send else []
         stamps = []
         if coded:
-            words = np.array([[p2p.stamp(s.wire, s.rows, self.hidden, self.dtype), 0]
+            words = np.array([[p2p.stamp(s.wire, s.rows, self.stamp_hidden, self.dtype), 0]
                               for s in coded], dtype=np.uint64)
             rows = torch.from_numpy(words.view(np.int64)).to(self.device).view(torch.uint8)
             stamps = [(s.byte - kernels.STAMP_BYTES, row) for s, row in zip(coded, rows)]

@@ -59,8 +59,8 @@ def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
             | (hidden & 0x3FFF) << 50)
 
 
-def describe(value: int) -> str:
-    """A stamp in words."""
+def describe(value: int, numel: bool = False) -> str:
+    """A stamp in words; ``numel``: an all-reduce's, whose hidden field holds its numel."""
     if value == kernels.SAW_DISAGREEMENT:
         return "a mark that it saw ranks of the group disagree earlier in this call"
     if not value & 1:
@@ -70,7 +70,8 @@ def describe(value: int) -> str:
     if rows == 0:
         return "no rows"
     dtype = DTYPES[dt - 1] if 1 <= dt <= len(DTYPES) else "another dtype"
-    return f"{rows} rows of {wire_text(code)} ({dtype}, hidden {hidden})"
+    size = f"numel {hidden} mod {1 << 14}" if numel else f"hidden {hidden}"
+    return f"{rows} rows of {wire_text(code)} ({dtype}, {size})"
 
 
 def _runtime():
@@ -406,12 +407,14 @@ def stamp_mismatch(words: list, group, rank: int, world: int, call: str) -> str:
     _, peer, got, want, _, kind = words[:6]
     me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
     them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
-    if kind == kernels.P2P_ERROR_REDUCE_STAMP:  # (its "hidden": the all-reduce's row length)
+    reduce = kind == kernels.P2P_ERROR_REDUCE_STAMP
+    if reduce:
         operation, same = "all_reduce", "codec, dtype and number of values"
     else:
         operation, same = "all_to_all", "codecs, dtype, hidden size and split sizes"
     return (f"moe_flashcomm.{operation}: ranks of the group disagree (seen by {me} at its "
-            f"{call}):\n  {them} sent {describe(got)}; this rank expected {describe(want)}\n"
+            f"{call}):\n  {them} sent {describe(got, reduce)}; this rank expected "
+            f"{describe(want, reduce)}\n"
             f"Every rank must make the same moe_flashcomm calls in the same order, with the same "
             f"{same}. (Found on the device after that call returned: its output is not valid.)")
 
