@@ -49,14 +49,15 @@ FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per pee
 MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
 HANDLE_WORDS = 8  # a CUDA IPC memory handle: 64 bytes
 NO_STREAM = (1 << 64) - 1  # PeerBuffers' stream cell before the first call (0 is a stream)
+HIDDEN_MOD = 1 << 14  # a stamp keeps the hidden size (an all-reduce: its numel) modulo this
 
 
 def stamp(wire, rows: int, hidden: int, dtype: torch.dtype) -> int:
     """One direction of a pair in a u64 both of its ranks compute alike: the wire (codec),
-    the rows, the dtype and the hidden size (mod 2**14); bit 0 set (0: nothing stored)."""
+    the rows, the dtype and the hidden size (mod HIDDEN_MOD); bit 0 set (0: nothing stored)."""
     code = wire_code(wire) if rows else 0
     return (1 | code << 1 | dtype_code(dtype) << 23 | min(rows, (1 << 24) - 1) << 26
-            | (hidden & 0x3FFF) << 50)
+            | (hidden % HIDDEN_MOD) << 50)
 
 
 def describe(value: int, numel: bool = False) -> str:
@@ -70,7 +71,7 @@ def describe(value: int, numel: bool = False) -> str:
     if rows == 0:
         return "no rows"
     dtype = DTYPES[dt - 1] if 1 <= dt <= len(DTYPES) else "another dtype"
-    size = f"numel {hidden} mod {1 << 14}" if numel else f"hidden {hidden}"
+    size = f"numel {hidden} mod {HIDDEN_MOD}" if numel else f"hidden {hidden}"
     return f"{rows} rows of {wire_text(code)} ({dtype}, {size})"
 
 
