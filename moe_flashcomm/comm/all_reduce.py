@@ -20,9 +20,10 @@ from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import check_tokens
+from ..memo import remember
 from . import direct, frame, p2p
 from .check import ConfigMismatchError, check_consistent
-from .exchange import StampedCall, _Seg, error_page
+from .exchange import STAMPED_CALLS_KEPT, StampedCall, _Seg, error_page
 from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
@@ -413,10 +414,10 @@ def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: i
     reduction checks them). Its ``n`` ranks' rows lie in ``span`` rows each (rank ``r``
     keeps its own); piece (a, b) is rows [a, b) of each. Defaults: the flat algorithm's."""
     index = kernels.device_index(buf)
-    call = plan.stamped_calls.get((name, index))
-    if call is None:
-        if name == "flat":
-            n, r, span, pieces, cfg = plan.world, plan.rank, plan.rows, plan.pieces, plan.intra
+    if name == "flat":
+        n, r, span, pieces, cfg = plan.world, plan.rank, plan.rows, plan.pieces, plan.intra
+
+    def make() -> StampedCall:
         rb = record_bytes(ROW, cfg)
         sides = []
         for a, b in pieces:  # peer p's rows of the piece: rows p * span + [a, b)
@@ -424,10 +425,9 @@ def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: i
             segs = [_Seg(p * span + a, b - a, cfg, i * slot + kernels.STAMP_BYTES, (b - a) * rb,
                          p) for i, p in enumerate(q for q in range(n) if q != r)]
             sides.append((segs, []))
-        call = plan.stamped_calls[(name, index)] = StampedCall(
-            comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index),
-            stamp_hidden=plan.numel)
-    return call
+        return StampedCall(comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index),
+                           stamp_hidden=plan.numel)
+    return remember(plan.stamped_calls, (name, index), make, STAMPED_CALLS_KEPT)
 
 
 def _final_call(comm, plan: _Plan, h, buf: torch.Tensor) -> StampedCall:
@@ -436,16 +436,16 @@ def _final_call(comm, plan: _Plan, h, buf: torch.Tensor) -> StampedCall:
     slot its owner's second-stage reduction wrote, compared with the stamp expected: a rank
     that saw ranks disagree has marked its slot, so every rank learns of it."""
     index = kernels.device_index(buf)
-    call = plan.stamped_calls.get(("final", index))
-    if call is None:
+
+    def make() -> StampedCall:
         L, M, c, cfg = h.local, h.nodes, plan.rows, plan.inter
         slot = kernels.STAMP_BYTES + c * record_bytes(ROW, cfg)
         segs = [_Seg((l * M + n) * c, c, cfg, (l * M + n) * slot + kernels.STAMP_BYTES,
                      slot - kernels.STAMP_BYTES, n * L + l) for l in range(L) for n in range(M)]
-        call = plan.stamped_calls[("final", index)] = StampedCall(
-            comm, [([], segs)], ROW, buf.dtype, index, error_page(comm._pages, index),
-            kind=kernels.P2P_ERROR_REDUCE_STAMP, stamp_hidden=plan.numel)
-    return call
+        return StampedCall(comm, [([], segs)], ROW, buf.dtype, index,
+                           error_page(comm._pages, index), kind=kernels.P2P_ERROR_REDUCE_STAMP,
+                           stamp_hidden=plan.numel)
+    return remember(plan.stamped_calls, ("final", index), make, STAMPED_CALLS_KEPT)
 
 
 def _scatter_records(rows3: torch.Tensor, a: int, b: int, world: int, rank: int,
@@ -521,6 +521,7 @@ def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] 
     rows3 = buf.view(W, c, ROW)
     rb = record_bytes(ROW, cfg)
     K = len(plan.pieces)
+    check = StampCheck(stamped.page.address, plan.numel) if stamped else None
     started: list = [None] * K    # (recv, work, send) of the reduce-scatter
     gathering: list = [None] * K  # (gathered, work, rec) of the all-gather
     for k in range(K + 2):
@@ -533,7 +534,6 @@ def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] 
             a, b = plan.pieces[j]
             recv, work, _ = started[j]
             work.wait()
-            check = StampCheck(stamped.page.address, plan.numel) if stamped else None
             rec = reduce_chunk(recv, rows3[r, a:b], r, cfg, check=check)
             gathered = torch.empty((W, b - a, rb), dtype=torch.uint8, device=buf.device)
             gathering[j] = (gathered, _gather_single(gathered.view(-1), rec.view(-1), group,

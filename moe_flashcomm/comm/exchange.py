@@ -154,6 +154,10 @@ def _segments(row_off: Sequence[int], counts: Sequence[int], wires: Sequence[Wir
     return segs, splits
 
 
+# StampedCalls a plan keeps (one per device, or per reduce-scatter and device): a bound only
+STAMPED_CALLS_KEPT = 64
+
+
 def stamp_bytes(stamped: bool, wire: Wire, rows: int) -> int:
     """The bytes before a pair's rows on the wire: a stamp where the exchange is ``stamped``
     and the pair carries records (raw rows and empty pairs carry none)."""
@@ -393,11 +397,9 @@ def stamped_call(route: Route, plan, hidden: int, dtype: torch.dtype,
     stamped Plan, or any plan with its ``stamped_calls`` dict and ``sides()``
     (hierarchical.py's source plans)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    call = plan.stamped_calls.get(index)
-    if call is None:
-        call = plan.stamped_calls[index] = StampedCall(route, plan.sides(), hidden, dtype,
-                                                       index, error_page(route.pages, index))
-    return call
+    return remember(plan.stamped_calls, index, lambda: StampedCall(
+        route, plan.sides(), hidden, dtype, index, error_page(route.pages, index)),
+        STAMPED_CALLS_KEPT)
 
 
 def error_page(pages: dict, index: int) -> "p2p.ErrorPage":
