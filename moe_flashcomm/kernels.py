@@ -71,6 +71,10 @@ EXCHANGE_TASK = np.dtype([("offset", _u8), ("remote", _u8), ("items", _u4), ("fi
 EXCHANGE_ARGS = np.dtype([("task", EXCHANGE_TASK, (2 * (MAX_PEERS - 1),)),
                           ("keep_src", _u8), ("keep_dst", _u8), ("keep_first", _u4),
                           ("keep_blocks", _u4), ("sends", _i4), ("tasks", _i4)], align=True)
+STAMP_CHECKS = 32  # kStampChecks in csrc/stamp_check.cu: slots one launch checks
+STAMP_TABLE = np.dtype([("offset", _u8, (STAMP_CHECKS,)), ("want", _u8, (STAMP_CHECKS,)),
+                        ("peer", _i4, (STAMP_CHECKS,)), ("error_page", _u8), ("slot_stamp", _u8),
+                        ("n", _i4), ("kind", _i4)], align=True)
 # csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
 # block-completion counts per task kind and peer, the peers' stamps, p2p_exchange's ticket
 # and block counters), p2p_sync's modes and p2p_exchange's
@@ -94,7 +98,8 @@ SAW_DISAGREEMENT = (1 << 64) - 1
 # C name -> (numpy layout, the csrc file that declares it)
 STRUCTS = {"EncArgs": (ENC_ARGS, "codec_encode.cu"), "DecArgs": (DEC_ARGS, "codec_decode.cu"),
            "ReduceArgs": (REDUCE_ARGS, "allreduce.cu"), "P2PArgs": (P2P_ARGS, "p2p.cu"),
-           "ExchangeTask": (EXCHANGE_TASK, "p2p.cu"), "ExchangeArgs": (EXCHANGE_ARGS, "p2p.cu")}
+           "ExchangeTask": (EXCHANGE_TASK, "p2p.cu"), "ExchangeArgs": (EXCHANGE_ARGS, "p2p.cu"),
+           "StampTable": (STAMP_TABLE, "stamp_check.cu")}
 
 
 def struct(dtype: np.dtype, **fields) -> np.ndarray:
@@ -684,6 +689,25 @@ def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> PreparedL
     destination)."""
     fn = KERNELS.function(device, "p2p.cu", "mfc::p2p_sync")
     return prepare_launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))
+
+
+def stamp_check_launches(device: int, checks: Sequence, kind: int, page: int,
+                         slot_stamp: int = 0) -> tuple:
+    """check_stamp_table (csrc/stamp_check.cu): each (byte offset, stamp expected, peer) of
+    ``checks`` compared, a difference reported on the error page at ``page`` as ``kind``; one
+    launch per STAMP_CHECKS, one with none (pointer bases: the buffer, and the slot to write
+    or 0: each launch writes ``slot_stamp`` there, or the mark of a disagreement; the last
+    one, which sees the earlier ones' reports, decides)."""
+    fn = KERNELS.function(device, "stamp_check.cu", "mfc::check_stamp_table")
+    launches = []
+    for i in range(0, max(len(checks), 1), STAMP_CHECKS):
+        part = checks[i:i + STAMP_CHECKS]
+        table = struct(STAMP_TABLE, error_page=page, slot_stamp=slot_stamp, n=len(part),
+                       kind=kind)
+        for j, (offset, want, peer) in enumerate(part):
+            table["offset"][0, j], table["want"][0, j], table["peer"][0, j] = offset, want, peer
+        launches.append(prepare_launch(device, fn, 1, (0, 0, table), threads=32))
+    return tuple(launches)
 
 
 def exchange_launch(device: int, name_expr: str, enc: np.ndarray, dec: np.ndarray,

@@ -20,12 +20,13 @@ CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_
              "kErrLandedTimeout": K.P2P_ERROR_LANDED_TIMEOUT,
              "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
              "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED,
-             "kStage": K.EXCHANGE_STAGE, "kStampBytes": K.STAMP_BYTES}
+             "kStage": K.EXCHANGE_STAGE, "kStampBytes": K.STAMP_BYTES,
+             "kStampChecks": K.STAMP_CHECKS}
 
 
 def _probe_source() -> str:
     lines = ['#include <cstdio>', '#include <cstddef>', '#include "allreduce.cu"',
-             '#include "p2p.cu"', 'int main() {']
+             '#include "p2p.cu"', '#include "stamp_check.cu"', 'int main() {']
     for name, (dtype, _) in K.STRUCTS.items():
         lines.append(f'  std::printf("{name} size %zu\\n", sizeof(mfc::{name}));')
         for field in dtype.names:

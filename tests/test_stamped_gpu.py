@@ -3,10 +3,10 @@ four processes sharing one GPU and the peer-to-peer transport off) carries. Ever
 records travel behind a stamp that the receiving decode kernel checks (exchange.StampedCall,
 p2p_exchange's LOCAL variant in csrc/p2p.cu). Checked: bit-identical to the codec (even and
 uneven splits, several codecs and dtypes, pipelined chunks, forward and backward, raw pairs
-and records that are not 16-byte aligned mixed in), and ranks that disagree where the
-first-use check cannot see it (codecs of the same record size, stochastic against nearest
-rounding): both ranks of the pair raise at their next call, or at ``check()``, and the group
-works afterwards. The all-reduce's reduce-scatters carry the same stamps, checked by its
+and records that are not 16-byte aligned mixed in, the passthrough's casts of fp32 rows), and
+ranks that disagree where the first-use check cannot see it (codecs of the same record size,
+stochastic against nearest rounding, a dtype of the same size): both ranks of the pair raise
+at their next call, or at ``check()``, and the group works afterwards. The all-reduce's reduce-scatters carry the same stamps, checked by its
 fused reductions; the hierarchical one passes what its stages saw on to every rank."""
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def exactness(rank, world, comm):
                         (cfg, dtype, S, chunks)
     calls = _stamped_calls(comm)  # encodes and decodes through p2p_exchange launches
     assert calls and all(send[0] and recv[0] for c in calls for send, recv in c.chunks)
+    # the passthrough's casts of fp32 rows (torch's): their stamps copied in, checked by
+    # check_stamp_table; the size gate's passthrough pairs alike (every pair under the
+    # default threshold here), and 16-bit rows as they are
+    passthrough = mf.CodecConfig(bits="bf16")
+    with mf.Communicator() as gated:
+        for (i, dtype), S in itertools.product(
+                enumerate((torch.bfloat16, torch.float32, torch.float16)), (even, uneven)):
+            x = make_input(rank, sum(S[rank]), (1024,), dtype, 45 + i).cuda()
+            expected = want(rank, world, S, 45 + i, dtype, passthrough, 1024)
+            assert torch.equal(comm.all_to_all(x, codec="bf16", **_kwargs(S, rank, world)),
+                               expected), (dtype, S)
+            assert torch.equal(gated.all_to_all(x, codec=4, **_kwargs(S, rank, world)),
+                               expected), (dtype, S)
+        checks = [recv[2] for c in _stamped_calls(gated) for _, recv in c.chunks]
+        assert checks and all(checks)
 
 
 def backward(rank, world, comm):
@@ -99,6 +114,28 @@ def mixed(rank, world):
             assert [p for p in hierarchical.hierarchy(comm)._plans.values()
                     if getattr(p, "stamped_calls", None)]  # the source plans' launches
             comm.check()
+    # rank 1 switches to fp16 (both dtypes used before): the same bytes everywhere. Rank 1
+    # receives the int4 records of ranks 2 and 3 behind raw rows of 600 bytes (not 16-byte
+    # aligned: decoded by the codec's own kernels, their stamps compared by
+    # check_stamp_table); ranks 2 and 3 decode rank 1's in p2p_exchange launches. Rank 0
+    # meets rank 1 in raw rows only, which carry no stamp.
+    codec = mf.LinkCodecs(intra_node="bf16", inter_node=mf.CodecConfig(bits=4))
+    with mf.Communicator(gate=False, topology=2, codec=codec) as comm:
+        x = make_input(rank, sum(S[rank]), (100,), torch.bfloat16, 61).cuda()
+        kw = _kwargs(S, rank, world)
+        expected = comm.all_to_all(x, **kw)
+        comm.all_to_all(x.half(), **kw)
+        comm.all_to_all(x.half() if rank == 1 else x, **kw)
+        torch.cuda.synchronize()
+        if rank == 0:
+            comm.check()
+        else:
+            with pytest.raises(ConfigMismatchError) as info:
+                comm.check()
+            sent = "torch.bfloat16" if rank == 1 else "torch.float16"
+            assert f"records ({sent}, hidden 100)" in str(info.value), str(info.value)
+        comm.check()
+        assert torch.equal(comm.all_to_all(x, **kw), expected)
 
 
 def same_size_switch(rank, comm, x):
@@ -168,7 +205,7 @@ def all_reduce_checks(rank, world):
     (every pair meets in the reduce-scatter), as does a numel that pads to the same rows; the
     group works afterwards."""
     n = 3 * ROW * world + 5
-    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction, no stamps)
+    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction, check_stamp_table)
     with mf.Communicator(gate=False) as comm:
         for (i, cfg), dtype, chunks in itertools.product(
                 enumerate(codecs), (torch.bfloat16, torch.float32, torch.float16), (1, 2)):
@@ -211,6 +248,16 @@ def all_reduce_checks(rank, world):
             comm.check()
         comm.check()
         assert torch.equal(comm.all_reduce(x.clone(), codec=a), expected[a])
+        # the same with the passthrough (bf16 and fp16 values travel as themselves)
+        passthrough = comm.all_reduce(x.clone(), codec="bf16")
+        comm.all_reduce(x.half(), codec="bf16")
+        comm.all_reduce(x.half() if rank == 1 else x.clone(), codec="bf16")
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError) as info:
+            comm.all_reduce(x.clone(), codec="bf16")
+        assert ("rank 1 sent" if rank != 1 else "this rank expected") + f" {rows} rows of bf16 " \
+            "records (torch.float16" in str(info.value), str(info.value)
+        assert torch.equal(comm.all_reduce(x.clone(), codec="bf16"), passthrough)
 
 
 def hierarchical_all_reduce(rank, world):
@@ -222,7 +269,7 @@ def hierarchical_all_reduce(rank, world):
     works afterwards."""
     n = 3 * ROW * world + 5
     with mf.Communicator(gate=False, topology=2) as comm:
-        for (i, cfg), dtype in itertools.product(enumerate(CODECS[:3]),
+        for (i, cfg), dtype in itertools.product(enumerate(CODECS[:3] + ["bf16"]),
                                                  (torch.bfloat16, torch.float32)):
             x = reduce_input(rank, (n,), dtype, 110 + i).cuda()
             want = reference_all_reduce([reduce_input(p, (n,), dtype, 110 + i)
@@ -256,6 +303,18 @@ def hierarchical_all_reduce(rank, world):
             comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
         got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
         assert torch.equal(got, expected)
+        # the passthrough, rank 1 in fp16 (both dtypes used before): the torch reductions'
+        # check_stamp_table launches check the stages and write the slot, the last decode's
+        # checks the slots: every rank raises
+        passthrough = comm.all_reduce(x.clone(), codec="bf16", algorithm="hierarchical")
+        comm.all_reduce(x.half(), codec="bf16", algorithm="hierarchical")
+        comm.all_reduce(x.half() if rank == 1 else x.clone(), codec="bf16",
+                        algorithm="hierarchical")
+        torch.cuda.synchronize()
+        with pytest.raises(ConfigMismatchError, match="ranks of the group disagree"):
+            comm.all_reduce(x.clone(), codec="bf16", algorithm="hierarchical")
+        got = comm.all_reduce(x.clone(), codec="bf16", algorithm="hierarchical")
+        assert torch.equal(got, passthrough)
 
 
 def _checks(rank, world):

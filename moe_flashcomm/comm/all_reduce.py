@@ -98,13 +98,17 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     of that sum, uint8 [m, rb] (``requant``) or the sum itself, [m, ROW] of own.dtype.
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
-    check: the fused kernel also compares each peer's stamp with the one expected, reporting
-           a difference on the error page, and marks its output (StampCheck).
-    out:   the fused kernel's output (contiguous; with a slot stamp, STAMP_BYTES after its
-           slot), else allocated.
+    check: also compare each peer's stamp with the one expected, reporting a difference on
+           the error page, and mark the output (StampCheck): the fused kernel does it after
+           its work; the torch definition (CUDA: the passthrough's) launches
+           check_stamp_table.
+    out:   the output (contiguous; with a slot stamp, STAMP_BYTES after its slot), else
+           allocated.
     """
     if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel():
         return _fused_reduce(peers, own, rank, cfg, requant, check, out)
+    if check is not None:
+        _check_stamps(peers, own, rank, cfg, requant, check, out)
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
     for p in range(peers.shape[0] + 1):
@@ -115,8 +119,36 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
         acc = term.clone() if acc is None else acc.add_(term)
     if acc is None:  # pragma: no cover - P >= 1 always
         acc = own.new_zeros((m, hidden), dtype=torch.float32)
-    out = acc.to(dtype)  # NaNs canonical, as the fused kernel stores them
-    return _encode(out, cfg) if requant else _reference.canonical_nan(out)
+    total = acc.to(dtype)  # NaNs canonical, as the fused kernel stores them
+    result = _encode(total, cfg) if requant else _reference.canonical_nan(total)
+    return result if out is None else out.copy_(result)
+
+
+def _check_stamps(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
+                  requant: bool, check: StampCheck, out: Optional[torch.Tensor]) -> None:
+    """The fused kernel's stamp check for reduce_chunk's torch definition: one launch
+    (check_stamp_table) compares the stamp before each peer's records, reported as the
+    fused kernel reports it, and writes the output's slot (``out``, requant)."""
+    m, dtype, dev = own.shape[0], own.dtype, kernels.device_index(own)
+    slot = requant and check.slot_stamp != 0
+    stride, n = peers.stride(0), peers.shape[0] if peers.numel() else 0
+    if not n and not slot:
+        return
+
+    def make() -> tuple:
+        want = p2p.stamp(cfg, m, check.numel, dtype)
+        checks = [(i * stride, want, check.peer_base + (i + (i >= rank)) * check.peer_step)
+                  for i in range(n)]
+        return kernels.stamp_check_launches(dev, checks, kernels.P2P_ERROR_REDUCE_STAMP,
+                                            check.page, check.slot_stamp if slot else 0)
+    launches = kernels.KERNELS.plan(("stamp check", dev, m, cfg, dtype, rank, n, stride, slot,
+                                     check), make)
+    base = peers.data_ptr() - kernels.STAMP_BYTES if n else 0
+    slot_at = out.data_ptr() - kernels.STAMP_BYTES if slot else 0
+    with kernels.on_device(dev):
+        stream = kernels.raw_stream(dev)
+        for launch in launches:
+            launch(stream, base, slot_at)
 
 
 # ---- fused CUDA kernel (csrc/allreduce.cu) ---------------------------------------------------
@@ -272,9 +304,8 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     pieces = tuple(chunk_range(c, i, k) for i in range(k))
     # stamps: every pair exchanges records in the flat reduce-scatter, so every rank sees a
     # rank that disagrees; the hierarchical algorithm passes what its stages saw on to every
-    # rank (_hierarchical). The passthrough's reduction is the torch definition: unchecked.
-    stamped = (x.is_cuda and comm.stamps and world > 1 and not intra.is_passthrough
-               and not inter.is_passthrough)
+    # rank (_hierarchical)
+    stamped = x.is_cuda and comm.stamps and world > 1
     return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical",
                  numel=n, stamped=stamped)
 
@@ -322,12 +353,13 @@ def all_reduce(
     Every rank ends with the bit-identical tensor. Every rank must pass the same codec,
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
     combination is used. Over gloo every call's headers also carry the numel, so a rank
-    whose numel differs raises on every rank. On CUDA the records of a quantized codec
-    carry stamps (codec, dtype, rows, numel mod 2^14) that the reductions check: a rank
-    that switches to a codec, dtype or numel every rank has used before makes every rank
-    raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off). With NCCL, where the numels
-    give different byte counts, and on the gated, ``"native"`` and passthrough paths, equal
-    numel is the caller's duty, as with torch.
+    whose numel differs raises on every rank. On CUDA the records (of a quantized codec or
+    the ``"bf16"`` passthrough) carry stamps (codec, dtype, rows, numel mod 2^14) that the
+    reductions check: a rank that switches to a codec, dtype or numel every rank has used
+    before makes every rank raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off). With
+    NCCL, where the numels give different byte counts, and on the gated and ``"native"``
+    paths (torch.distributed.all_reduce itself), equal numel and dtype are the caller's
+    duty, as with torch.
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """

@@ -284,9 +284,11 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         return Plan(True, uniform, sum(out_rows), own, [], False)
     send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
     chunks = max(1, chunks)
-    if route.p2p is not None and (uniform or route.world == 2):
+    cast = any(isinstance(w, CodecConfig) and w.is_passthrough for w in send_w + recv_w)
+    if route.p2p is not None and (uniform or route.world == 2) and not cast:
         # every rank knows every pair's size (no split sizes anywhere) or there is one pair:
-        # every rank takes the same decision and reserves the same room
+        # every rank takes the same decision and reserves the same room. (Not for the
+        # passthrough's casts of fp32 rows, which no kernel does: NCCL's path takes them.)
         sends = tuple((p, in_off[p], n, send_w[p], n * row_bytes(send_w[p], hidden, dtype))
                       for p, n in enumerate(in_rows) if p != r and n)
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
@@ -431,9 +433,12 @@ class StampedCall:
     both ranks of the pair. Per chunk one launch of p2p_exchange's LOCAL variant
     (csrc/p2p.cu) encodes the pairs of one codec (up to MAX_PEERS) behind their stamps, and
     one decodes them: as many launches as the plain layout's merged codec calls.
-    Stochastic encodes take the codec's own kernels with the stamp copied in; raw pairs
-    (their own bytes) and records a launch cannot take (past 2^31 items, or not 16-byte
-    aligned behind raw rows of odd size) are copied or decoded without a check."""
+    Stochastic encodes take the codec's own kernels with the stamp copied in. Records a
+    launch cannot take (the passthrough codec's, past 2^31 items, or not 16-byte aligned
+    behind raw rows of odd size) are encoded with their stamp copied in and decoded by the
+    codec's own path, one check_stamp_table launch per chunk comparing their stamps. Raw
+    pairs (their own bytes) carry no stamp: a rank whose pairs are all raw sends its tensor
+    as it is, and its peers must expect the same bytes."""
 
     def __init__(self, route: Route, sides: list, hidden: int, dtype: torch.dtype, dev: int,
                  page: "p2p.ErrorPage", kind: int = kernels.P2P_ERROR_STAMP,
@@ -450,14 +455,16 @@ class StampedCall:
         self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
                        for send_segs, recv_segs in sides]
 
-    def _launches(self, segs: list, send: bool) -> tuple[list, list, list]:
-        """(p2p_exchange launches, the segments left to the codec's kernels or copies, and
-        for those left that carry records, where their stamp goes with its bytes on the
-        device) of one side of a chunk."""
+    def _launches(self, segs: list, send: bool) -> tuple[list, list, Sequence]:
+        """(p2p_exchange launches, the segments left to the codec's own path or copies, and
+        for those left that carry records: sending, where their stamp goes with its bytes on
+        the device; receiving, the launches that check their stamps) of one side of a
+        chunk."""
         by_codec: dict = {}
         left = []
         for s in segs:
-            if s.wire == RAW or s.byte % 16 or (send and s.wire.is_stochastic):
+            if (s.wire == RAW or s.wire.is_passthrough or s.byte % 16
+                    or (send and s.wire.is_stochastic)):
                 left.append(s)
             else:  # (a decode does not depend on the rounding)
                 by_codec.setdefault(dataclasses.replace(s.wire, rounding="nearest"), []).append(s)
@@ -478,14 +485,17 @@ class StampedCall:
                     left += batch
                 else:
                     launches.append(launch)
-        coded = [s for s in left if s.wire != RAW] if send else []
-        stamps = []
-        if coded:
-            words = np.array([[p2p.stamp(s.wire, s.rows, self.stamp_hidden, self.dtype), 0]
-                              for s in coded], dtype=np.uint64)
-            rows = torch.from_numpy(words.view(np.int64)).to(self.device).view(torch.uint8)
-            stamps = [(s.byte - kernels.STAMP_BYTES, row) for s, row in zip(coded, rows)]
-        return launches, left, stamps
+        coded = [s for s in left if s.wire != RAW]
+        if not coded:
+            return launches, left, ()
+        want = [p2p.stamp(s.wire, s.rows, self.stamp_hidden, self.dtype) for s in coded]
+        if not send:
+            return launches, left, kernels.stamp_check_launches(
+                self.dev, [(s.byte - kernels.STAMP_BYTES, w, s.peer) for s, w in zip(coded, want)],
+                self.kind, self.page.address)
+        words = np.array([[w, 0] for w in want], dtype=np.uint64)
+        rows = torch.from_numpy(words.view(np.int64)).to(self.device).view(torch.uint8)
+        return launches, left, [(s.byte - kernels.STAMP_BYTES, row) for s, row in zip(coded, rows)]
 
     def check(self) -> None:
         raise_stamp_report(self.page, self)
@@ -510,11 +520,13 @@ class StampedCall:
 
     def unpack(self, k: int, recv: torch.Tensor, out: torch.Tensor) -> None:
         """Decode chunk ``k``'s receive buffer into ``out``, checking the stamps."""
-        launches, left, _ = self.chunks[k][1]
+        launches, left, checks = self.chunks[k][1]
         stream, rp, op = kernels.raw_stream(self.dev), recv.data_ptr(), out.data_ptr()
         for launch in launches:
             launch(stream, rp, op)
         _unpack(recv, left, out)
+        for check in checks:
+            check(stream, rp, 0)
 
 
 def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:
