@@ -8,7 +8,10 @@ The transfer itself is NCCL's and the same bytes but for 16 per pair, so it is l
 decode (or reduction) reads the send buffer back (every pair has the same rows, so the layouts
 match), which also checks that both layouts give the same bits and that no stamp is
 reported. One process; a group rank of ``--world`` sending ``size / world`` per peer, hidden
-7168 (all-reduce: a tensor of ``size``, rows of 1024 values), bf16.
+7168 (all-reduce: a tensor of ``size``, rows of 1024 values), ``--dtype`` (bf16). The
+``bf16`` codec (the passthrough) is a cast by torch: with fp32 tokens its all-to-all records
+are encoded by it and their stamps copied in and compared by one check_stamp_table launch; its
+all-reduce's reduction is the torch definition, with the same check launch.
 
 Per size (bf16 bytes per rank) and codec it prints, for each side and layout, host µs per call
 (bursts queued behind a GPU sleep, the layouts taking turns, medians) and GPU µs per call
@@ -17,6 +20,7 @@ the stamps' share of the bytes.
 
     python tools/bench_stamps.py --out docs/data/bench_stamps.json
     python tools/bench_stamps.py --op all_reduce --out docs/data/bench_stamps_all_reduce.json
+    python tools/bench_stamps.py --codecs bf16 --dtype fp32
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from benchlib import burst_ms, fmt_size  # noqa: E402
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 CODECS = {"int4": mf.CodecConfig(bits=4), "int8": mf.CodecConfig(bits=8),
-          "fp8": mf.CodecConfig(bits="fp8")}
+          "fp8": mf.CodecConfig(bits="fp8"), "bf16": mf.CodecConfig(bits="bf16")}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BURST, ROUNDS = 16, 31
 
 
@@ -64,11 +69,12 @@ def _sides(x: torch.Tensor, world: int, cfg, rows: int, stamped: bool, pages: di
     call each (the output's, its tensor)."""
     route = X.Route(None, 0, world, (cfg,) * world, (0,) * world, pages=pages if stamped else None)
     counts = (rows,) * world
-    plan = X.make_plan(route, counts, counts, H, torch.bfloat16, 1, uniform=True)
+    plan = X.make_plan(route, counts, counts, H, x.dtype, 1, uniform=True)
+    assert not plan.fast, "16-bit tokens with the passthrough travel as they are: no layouts"
     send_segs, send_splits, recv_segs, _ = plan.chunks[0]
-    nbytes = sum(send_splits) * 2
+    nbytes = sum(send_splits) * x.dtype.itemsize
     out = torch.zeros_like(x)  # (a rank's own rows are not in the exchange)
-    call = X.stamped_call(route, plan, H, torch.bfloat16, x.device) if stamped else None
+    call = X.stamped_call(route, plan, H, x.dtype, x.device) if stamped else None
     state = {}
 
     def encode():
@@ -105,15 +111,16 @@ def _reduce_sides(x3: torch.Tensor, world: int, cfg, stamped: bool, pages: dict)
     return encode, reduce, (world - 1) * (stamp + c * rb), lambda: state["out"]
 
 
-def measure(world: int, size: int, name: str, cfg, pages: dict, op: str) -> dict:
+def measure(world: int, size: int, name: str, cfg, pages: dict, op: str,
+            dtype: torch.dtype = torch.bfloat16) -> dict:
     if op == "all_reduce":
         rows = AR.rows_per_rank(size // 2, world)
-        x = torch.randn(world, rows, AR.ROW, device="cuda").to(torch.bfloat16)
+        x = torch.randn(world, rows, AR.ROW, device="cuda").to(dtype)
         sides = {s: _reduce_sides(x, world, cfg, s == "stamped", pages)
                  for s in ("plain", "stamped")}
     else:
         rows = max(1, size // (2 * H) // world)
-        x = torch.randn(rows * world, H, device="cuda").to(torch.bfloat16)
+        x = torch.randn(rows * world, H, device="cuda").to(dtype)
         sides = {s: _sides(x, world, cfg, rows, s == "stamped", pages)
                  for s in ("plain", "stamped")}
     for enc, dec, _, _ in sides.values():
@@ -130,7 +137,8 @@ def measure(world: int, size: int, name: str, cfg, pages: dict, op: str) -> dict
             enc()
             times[f"{s}_decode"].append(_burst_us(dec))
     torch.cuda.synchronize()
-    row = {"op": op, "size": size, "codec": name, "world": world, "rows_per_peer": rows,
+    row = {"op": op, "size": size, "codec": name, "dtype": str(dtype), "world": world,
+           "rows_per_peer": rows,
            "bytes_plain": sides["plain"][2], "bytes_stamped": sides["stamped"][2]}
     for k, v in times.items():
         row[f"{k}_host_us"] = statistics.median(v)
@@ -147,13 +155,15 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="bf16 bytes per rank")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                    help="the tokens' (fp32 for the bf16 codec's all-to-all)")
     ap.add_argument("--out", default=None, help="JSON of every row")
     a = ap.parse_args()
     torch.cuda.init()
     pages: dict = {}
     launcher = "compiled" if kernels.KERNELS.native is not None else "ctypes"
     shape = f"rows of {AR.ROW}" if a.op == "all_reduce" else f"hidden {H}"
-    print(f"{torch.cuda.get_device_name()}; {a.op}, world {a.world}, {shape}, bf16; launcher "
+    print(f"{torch.cuda.get_device_name()}; {a.op}, world {a.world}, {shape}, {a.dtype}; launcher "
           f"{launcher}")
     receive = "reduce" if a.op == "all_reduce" else "decode"
     columns = [f"{side} {where} us" for where in ("host", "GPU") for side in ("encode", receive)]
@@ -164,7 +174,7 @@ def main() -> None:
     rows = []
     for size in a.sizes:
         for name in a.codecs:
-            r = measure(a.world, size, name, CODECS[name], pages, a.op)
+            r = measure(a.world, size, name, CODECS[name], pages, a.op, DTYPES[a.dtype])
             rows.append(r)
             extra = r["bytes_stamped"] - r["bytes_plain"]
             cells = [f"{r[f'plain_{k}_us']:8.1f} {r[f'stamped_{k}_us']:8.1f}"

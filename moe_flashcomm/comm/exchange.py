@@ -457,9 +457,9 @@ class StampedCall:
 
     def _launches(self, segs: list, send: bool) -> tuple[list, list, Sequence]:
         """(p2p_exchange launches, the segments left to the codec's own path or copies, and
-        for those left that carry records: sending, where their stamp goes with its bytes on
-        the device; receiving, the launches that check their stamps) of one side of a
-        chunk."""
+        for those left that carry records: sending, the byte positions of their stamps and
+        the stamps' bytes on the device; receiving, the launches that check their stamps) of
+        one side of a chunk."""
         by_codec: dict = {}
         left = []
         for s in segs:
@@ -493,9 +493,12 @@ class StampedCall:
             return launches, left, kernels.stamp_check_launches(
                 self.dev, [(s.byte - kernels.STAMP_BYTES, w, s.peer) for s, w in zip(coded, want)],
                 self.kind, self.page.address)
-        words = np.array([[w, 0] for w in want], dtype=np.uint64)
-        rows = torch.from_numpy(words.view(np.int64)).to(self.device).view(torch.uint8)
-        return launches, left, [(s.byte - kernels.STAMP_BYTES, row) for s, row in zip(coded, rows)]
+        # every stamp's bytes and where they go, for one index_copy_ (one launch, any alignment)
+        words = np.array([[w, 0] for w in want], dtype=np.uint64).view(np.uint8).reshape(-1)
+        at = np.array([s.byte - kernels.STAMP_BYTES + i for s in coded
+                       for i in range(kernels.STAMP_BYTES)], dtype=np.int64)
+        return launches, left, (torch.from_numpy(at).to(self.device),
+                                torch.from_numpy(words).to(self.device))
 
     def check(self) -> None:
         raise_stamp_report(self.page, self)
@@ -514,8 +517,8 @@ class StampedCall:
         for launch in launches:
             launch(stream, xp, sp)
         _pack_into(send, x, left)
-        for at, stamp in stamps:
-            send[at:at + kernels.STAMP_BYTES].copy_(stamp)
+        if stamps:
+            send.index_copy_(0, *stamps)
         return send
 
     def unpack(self, k: int, recv: torch.Tensor, out: torch.Tensor) -> None:
