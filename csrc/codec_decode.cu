@@ -241,6 +241,48 @@ __global__ void __launch_bounds__(kBlock) decode_fp8(const u8* __restrict__ rec,
   decode_fp8_items<Out, V, U>(rec, y, a, blockIdx.x);
 }
 
+// The passthrough: the wire floats as Out, as reference.decode's ``.to(dtype)`` gives them: the
+// same bits for 16-bit tokens (their wire is their dtype), bf16 bits shifted into fp32 (exact,
+// NaN payloads kept). An item is 16 bytes of a record, 8 values of a row (encode_cast_items).
+template <typename Out>
+__device__ __forceinline__ void decode_cast_items(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                  const DecArgs& a, const u32 block) {
+  const u32 item = block * kBlock + threadIdx.x;
+  if (item >= a.total) return;
+  const u32 t = item / a.ipt, c = item - t * a.ipt;
+  const int base = (int)c * 8, n = min(8, a.H - base);
+  const uint4 q = *reinterpret_cast<const uint4*>(rec + (size_t)t * a.rec_bytes + 16 * c);
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+  Out* row = y + (size_t)t * a.H + base;
+  if constexpr (sizeof(Out) == 2) {
+    if (a.vec) {
+      *reinterpret_cast<uint4*>(row) = q;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (k < n) reinterpret_cast<u16*>(row)[k] = (u16)(w[k / 2] >> (16 * (k & 1)));
+    }
+  } else {
+    u32 o[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = (k & 1) ? (w[k / 2] & 0xFFFF0000u) : (w[k / 2] << 16);
+    if (a.vec) {
+      reinterpret_cast<uint4*>(row)[0] = make_uint4(o[0], o[1], o[2], o[3]);
+      reinterpret_cast<uint4*>(row)[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (k < n) reinterpret_cast<u32*>(row)[k] = o[k];
+    }
+  }
+}
+
+template <typename Out>
+__global__ void __launch_bounds__(kBlock) decode_cast(const u8* __restrict__ rec, Out* __restrict__ y,
+                                                      const DecArgs a) {
+  decode_cast_items<Out>(rec, y, a, blockIdx.x);
+}
+
 }  // namespace mfc
 
 #ifdef MFC_INSTANTIATE_ALL
@@ -255,6 +297,8 @@ namespace mfc {
   MFC_DEC_BITS(T, false, V, U), MFC_DEC_BITS(T, true, V, U), (const void*)&decode_fp8<T, V, U>
 #define MFC_DEC(V, U) MFC_DEC_TYPE(float, V, U), MFC_DEC_TYPE(__nv_bfloat16, V, U), MFC_DEC_TYPE(__half, V, U)
 extern const void* const all_decode_kernels[] = {MFC_DEC_SHAPES};
+extern const void* const all_cast_decode_kernels[] = {
+  (const void*)&decode_cast<float>, (const void*)&decode_cast<__nv_bfloat16>, (const void*)&decode_cast<__half>};
 }  // namespace mfc
 #endif
 #endif  // MFC_CODEC_DECODE_CU

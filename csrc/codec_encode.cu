@@ -823,6 +823,42 @@ __global__ void __launch_bounds__(kBlock) encode_fp8(const In* __restrict__ x, u
   encode_fp8_items<In, V, U>(x, rec, a, blockIdx.x);
 }
 
+// The passthrough ("bf16"): each value as the wire float (bf16; fp16 for fp16 tokens), rounded
+// to nearest even, NaN as the canonical NaN, the record padded with zeros to 16 bytes
+// (reference.encode's passthrough). An item is 8 values of a row, 16 bytes of its record:
+// a.ipt items per row (ceil(H / 8)), a.vec for 16-byte aligned rows with H a multiple of 8.
+template <typename In>
+__device__ __forceinline__ void encode_cast_items(const In* __restrict__ x, u8* __restrict__ rec,
+                                                  const EncArgs& a, const u32 block) {
+  typedef typename Val<In>::W W;
+  const u32 item = block * kBlock + threadIdx.x;
+  if (item >= a.total) return;
+  const u32 t = item / a.ipt, c = item - t * a.ipt;
+  const int base = (int)c * 8, n = min(8, a.H - base);
+  const In* row = x + (size_t)t * a.H + base;
+  float v[8];
+  if (a.vec) {
+    Val<In>::get8(row, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = k < n ? Val<In>::get(row + k) : 0.0f;
+  }
+  u32 w[4];
+#pragma unroll
+  for (int k = 0; k < 8; k += 2) {
+    const u32 lo = k < n ? (v[k] != v[k] ? Wire<W>::kNaN : Wire<W>::rn(v[k])) : 0u;
+    const u32 hi = k + 1 < n ? (v[k + 1] != v[k + 1] ? Wire<W>::kNaN : Wire<W>::rn(v[k + 1])) : 0u;
+    w[k / 2] = lo | hi << 16;
+  }
+  *reinterpret_cast<uint4*>(rec + (size_t)t * a.rec_bytes + 16 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename In>
+__global__ void __launch_bounds__(kBlock) encode_cast(const In* __restrict__ x, u8* __restrict__ rec,
+                                                      const EncArgs a) {
+  encode_cast_items<In>(x, rec, a, blockIdx.x);
+}
+
 }  // namespace mfc
 
 #ifdef MFC_INSTANTIATE_ALL
@@ -842,6 +878,8 @@ namespace mfc {
   MFC_ENC_BITS(T, false, V, U), MFC_ENC_BITS(T, true, V, U), (const void*)&encode_fp8<T, V, U>
 #define MFC_ENC(V, U) MFC_ENC_TYPE(float, V, U), MFC_ENC_TYPE(__nv_bfloat16, V, U), MFC_ENC_TYPE(__half, V, U)
 extern const void* const all_encode_kernels[] = {MFC_ENC_SHAPES};
+extern const void* const all_cast_encode_kernels[] = {
+  (const void*)&encode_cast<float>, (const void*)&encode_cast<__nv_bfloat16>, (const void*)&encode_cast<__half>};
 }  // namespace mfc
 #endif
 #endif  // MFC_CODEC_ENCODE_CU

@@ -287,6 +287,16 @@ __global__ void __launch_bounds__(kBlock, 4) p2p_exchange_fp8(const T* __restric
            [](const u8* rec, T* dst, const DecArgs& task, u32 block) { decode_fp8_items<T, DV, DU>(rec, dst, task, block); });
 }
 
+// The passthrough's casts (encode_cast_items, decode_cast_items) as p2p_exchange's tasks.
+template <typename T, bool LOCAL>
+__global__ void __launch_bounds__(kBlock, 4) p2p_exchange_cast(const T* __restrict__ x, T* __restrict__ y,
+                                                               const EncArgs e, const DecArgs d,
+                                                               const ExchangeArgs t, const P2PArgs a) {
+  exchange<LOCAL>(x, y, e, d, t, a,
+           [](const T* src, u8* rec, const EncArgs& task, u32 block) { encode_cast_items<T>(src, rec, task, block); },
+           [](const u8* rec, T* dst, const DecArgs& task, u32 block) { decode_cast_items<T>(rec, dst, task, block); });
+}
+
 // For calls with raw, stochastic or mixed-codec pairs: block 0 waits for / publishes to every peer as
 // a.mode says (one thread per peer); blocks 1 and up copy copy_n16 words meanwhile. With
 // a.advance the counter moves on at the end (the call's last step).
@@ -328,9 +338,12 @@ namespace mfc {
   (const void*)&p2p_exchange_int<T, B, true, 32, 1, 128, 32, 1, L>, \
   (const void*)&p2p_exchange_int<T, B, true, 32, 1, 0, 32, 1, L>
 #define MFC_P2P_WAYS(T, L) \
-  MFC_P2P_INT(T, 2, L), MFC_P2P_INT(T, 4, L), MFC_P2P_INT(T, 8, L), (const void*)&p2p_exchange_fp8<T, 32, 1, 8, 2, L>
+  MFC_P2P_INT(T, 2, L), MFC_P2P_INT(T, 4, L), MFC_P2P_INT(T, 8, L), (const void*)&p2p_exchange_fp8<T, 32, 1, 8, 2, L>, \
+  (const void*)&p2p_exchange_cast<T, L>
 #define MFC_P2P_TYPE(T) MFC_P2P_WAYS(T, false), MFC_P2P_WAYS(T, true)
 extern const void* const all_p2p_kernels[] = {MFC_P2P_TYPE(__nv_bfloat16), MFC_P2P_TYPE(__half),
+                                              (const void*)&p2p_exchange_cast<float, false>,
+                                              (const void*)&p2p_exchange_cast<float, true>,
                                               (const void*)&p2p_sync};
 }  // namespace mfc
 #endif

@@ -695,9 +695,9 @@ def stamp_check_launches(device: int, checks: Sequence, kind: int, page: int,
                          slot_stamp: int = 0) -> tuple:
     """check_stamp_table (csrc/stamp_check.cu): each (byte offset, stamp expected, peer) of
     ``checks`` compared, a difference reported on the error page at ``page`` as ``kind``; one
-    launch per STAMP_CHECKS, one with none (pointer bases: the buffer, and the slot to write
-    or 0: each launch writes ``slot_stamp`` there, or the mark of a disagreement; the last
-    one, which sees the earlier ones' reports, decides)."""
+    launch per STAMP_CHECKS of them, or one for the slot alone (pointer bases: the buffer,
+    and the slot to write or 0: each launch writes ``slot_stamp`` there, or the mark of a
+    disagreement; the last one, which sees the earlier ones' reports, decides)."""
     fn = KERNELS.function(device, "stamp_check.cu", "mfc::check_stamp_table")
     launches = []
     for i in range(0, max(len(checks), 1), STAMP_CHECKS):

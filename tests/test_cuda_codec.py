@@ -165,6 +165,22 @@ def test_fp8_and_passthrough_match_reference(cfg, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_passthrough_decodes_any_record_bits_as_the_reference(dtype):
+    """The passthrough's decode (csrc/codec_decode.cu decode_cast) on records of random bytes,
+    NaNs of every payload among them: the reference's ``.to(dtype)`` bit for bit (the same
+    bits for 16-bit tokens, bf16 shifted into fp32), on the vector and scalar paths."""
+    cfg = CodecConfig(bits="bf16")
+    g = torch.Generator().manual_seed(7)
+    for T, H in ((16, 1024), (9, 3 * 128 + 5), (5, 7)):
+        rb = record_layout(H, cfg, dtype).record_bytes
+        rec = torch.randint(0, 256, (T, rb), dtype=torch.uint8, generator=g)
+        rec.view(torch.int16)[:3, :H] |= 0x7F80  # exponents all ones: NaNs and infinities
+        assert_same_bits(C.decode_impl(rec.cuda(), cfg, H, dtype), R.decode(rec, cfg, H, dtype),
+                         f"{dtype} H={H}")
+
+
+@gpu
 def test_large_batch_matches_reference():
     """A size that fills the GPU several times over (many blocks, 7168-wide tokens)."""
     for cfg in (CodecConfig(bits=4), CodecConfig(bits=3), CodecConfig(bits="fp8")):
@@ -204,7 +220,7 @@ def non_finite(T, H, dtype, seed):
 
 NAN_CFGS = [CodecConfig(bits=b, group_size=g, spikes=s) for b, g, s in
             itertools.product(INT_BITS, (32, 128, 256), (True, False))] + \
-           [CodecConfig(bits="fp8", group_size=g) for g in GROUPS]
+           [CodecConfig(bits="fp8", group_size=g) for g in GROUPS] + [CodecConfig(bits="bf16")]
 
 
 @gpu

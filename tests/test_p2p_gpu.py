@@ -72,13 +72,14 @@ def exactness(rank, world, comm):
                 got = comm.all_to_all(x, codec=cfg, **kw)
                 assert torch.equal(got, want(rank, world, S, 10 + i, dtype, cfg)), (cfg, dtype, S)
     assert _uses_p2p(comm), "the peer-to-peer transport was not used"
-    # the passthrough: 16-bit rows travel as they are; fp32 rows are cast to bf16 by torch,
-    # which no peer-to-peer kernel does, so those calls take NCCL's path (here gloo's)
+    # the passthrough: 16-bit rows travel as they are; fp32 rows are cast to bf16
+    # (p2p_exchange_cast)
     S = [[4] * world for _ in range(world)]
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         x = make_input(rank, 4 * world, (H,), dtype, 19).cuda()
         got = comm.all_to_all(x, codec="bf16")
-        assert torch.equal(got, want(rank, world, S, 19, dtype, mf.CodecConfig(bits="bf16"))), dtype
+        assert torch.equal(got, want(rank, world, S, 19, dtype, mf.CodecConfig(bits="bf16"))), \
+            dtype
     if K.KERNELS.native is not None:  # (unless MOE_FLASHCOMM_NATIVE_LAUNCH=0)
         assert _compiled_calls(comm), "no call went through the compiled launcher"
 

@@ -6,8 +6,9 @@ uneven splits, several codecs and dtypes, pipelined chunks, forward and backward
 and records that are not 16-byte aligned mixed in, the passthrough's casts of fp32 rows), and
 ranks that disagree where the first-use check cannot see it (codecs of the same record size,
 stochastic against nearest rounding, a dtype of the same size): both ranks of the pair raise
-at their next call, or at ``check()``, and the group works afterwards. The all-reduce's reduce-scatters carry the same stamps, checked by its
-fused reductions; the hierarchical one passes what its stages saw on to every rank."""
+at their next call, or at ``check()``, and the group works afterwards. The all-reduce's
+reduce-scatters carry the same stamps, checked by its fused reductions; the hierarchical one
+passes what its stages saw on to every rank."""
 from __future__ import annotations
 
 import itertools
@@ -51,9 +52,9 @@ def exactness(rank, world, comm):
                         (cfg, dtype, S, chunks)
     calls = _stamped_calls(comm)  # encodes and decodes through p2p_exchange launches
     assert calls and all(send[0] and recv[0] for c in calls for send, recv in c.chunks)
-    # the passthrough's casts of fp32 rows (torch's): their stamps copied in, checked by
-    # check_stamp_table; the size gate's passthrough pairs alike (every pair under the
-    # default threshold here), and 16-bit rows as they are
+    # the passthrough's casts of fp32 rows to bf16 (encode_cast / decode_cast as
+    # p2p_exchange's tasks, behind stamps), the size gate's passthrough pairs alike (every
+    # pair under the default threshold here), and 16-bit rows as they are
     passthrough = mf.CodecConfig(bits="bf16")
     with mf.Communicator() as gated:
         for (i, dtype), S in itertools.product(
@@ -64,8 +65,8 @@ def exactness(rank, world, comm):
                                expected), (dtype, S)
             assert torch.equal(gated.all_to_all(x, codec=4, **_kwargs(S, rank, world)),
                                expected), (dtype, S)
-        checks = [recv[2] for c in _stamped_calls(gated) for _, recv in c.chunks]
-        assert checks and all(checks)
+        calls = _stamped_calls(gated)
+        assert calls and all(send[0] and recv[0] for c in calls for send, recv in c.chunks)
 
 
 def backward(rank, world, comm):
@@ -205,7 +206,7 @@ def all_reduce_checks(rank, world):
     (every pair meets in the reduce-scatter), as does a numel that pads to the same rows; the
     group works afterwards."""
     n = 3 * ROW * world + 5
-    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction, check_stamp_table)
+    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction and check_stamp_table)
     with mf.Communicator(gate=False) as comm:
         for (i, cfg), dtype, chunks in itertools.product(
                 enumerate(codecs), (torch.bfloat16, torch.float32, torch.float16), (1, 2)):
@@ -304,7 +305,7 @@ def hierarchical_all_reduce(rank, world):
         got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
         assert torch.equal(got, expected)
         # the passthrough, rank 1 in fp16 (both dtypes used before): the torch reductions'
-        # check_stamp_table launches check the stages and write the slot, the last decode's
+        # check_stamp_table launches check the stages and write the slot, the last decode
         # checks the slots: every rank raises
         passthrough = comm.all_reduce(x.clone(), codec="bf16", algorithm="hierarchical")
         comm.all_reduce(x.half(), codec="bf16", algorithm="hierarchical")

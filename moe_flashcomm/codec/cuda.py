@@ -133,6 +133,10 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
     """The encode kernel's name expression and, per launch (token range), its blocks, token
     and record byte offsets and argument struct (one launch below 2^31 chunks)."""
     L = record_layout(H, cfg)
+    if cfg.is_passthrough:
+        pieces = [(blocks, t0 * H * dtype.itemsize, t0 * L.record_bytes, args)
+                  for t0, blocks, args in _cast_pieces(T, H, L.record_bytes, ENC_ARGS, vec)]
+        return f"mfc::encode_cast<{CTYPE[dtype]}>", pieces
     V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
@@ -144,6 +148,17 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
         pieces.append((K.blocks(-(-items // U)), t0 * H * dtype.itemsize, t0 * L.record_bytes,
                        args))
     return _encode_name(cfg, dtype, V, U, _dense(H, vec)), pieces
+
+
+def _cast_pieces(T: int, H: int, rec_bytes: int, struct_type, vec: bool) -> list:
+    """The passthrough's casts (encode_cast / decode_cast): per launch, its first token,
+    blocks and argument struct (EncArgs or DecArgs); an item is 8 values of a row."""
+    ipt = -(-H // 8)
+    step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
+    return [(t0, K.blocks((min(T, t0 + step) - t0) * ipt),
+             K.struct(struct_type, H=H, rec_bytes=rec_bytes, ipt=ipt,
+                      total=(min(T, t0 + step) - t0) * ipt, vec=int(vec)))
+            for t0 in range(0, T, step)]
 
 
 def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:
@@ -165,6 +180,11 @@ def decode_pieces(T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
     """The decode kernel's name expression and, per launch, its blocks, record and token byte
     offsets and argument struct."""
     L = record_layout(hidden, cfg)
+    if cfg.is_passthrough:
+        pieces = [(blocks, t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args)
+                  for t0, blocks, args in _cast_pieces(T, hidden, L.record_bytes, DEC_ARGS,
+                                                       hidden % 8 == 0)]
+        return f"mfc::decode_cast<{CTYPE[dtype]}>", pieces
     V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
@@ -215,12 +235,6 @@ def encode_impl(x: torch.Tensor, cfg: CodecConfig, seed: int, shape: Optional[Sh
     rec = torch.empty(T, L.record_bytes, dtype=torch.uint8, device=x.device) if out is None else out
     if cfg.is_native:
         return reference.encode_native(x, rec)
-    if cfg.is_passthrough:  # NaN as the canonical NaN bits, like the reference
-        wire = reference.wire_float(x.dtype)
-        nan = reference.CANONICAL_NAN[wire]
-        rec.view(torch.int16)[:, :H] = torch.where(torch.isnan(x), nan, x.to(wire).view(torch.int16))
-        rec[:, 2 * H:].zero_()
-        return rec
     dev = K.device_index(x)
     xp = x.data_ptr()
     launches = encode_launches(dev, T, H, cfg, x.dtype, H % 8 == 0 and xp % 16 == 0, shape,
@@ -244,8 +258,6 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     if cfg.is_native:  # a copy of the tokens' bytes
         y.view(torch.uint8).copy_(records[:, :hidden * dtype.itemsize])
         return y
-    if cfg.is_passthrough:  # a copy: a custom op's output must not alias its input
-        return y.copy_(records.view(reference.wire_float(dtype))[:, :hidden])
     dev = K.device_index(records)
     launches = decode_launches(dev, T, hidden, cfg, dtype, shape, defines)
     rp, yp = records.data_ptr(), y.data_ptr()
@@ -291,6 +303,8 @@ def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
     encode and decode of ``encode_pieces`` / ``decode_pieces`` in one kernel; ``local``: its
     variant for exchanges another transport carries."""
     t, way = CTYPE[dtype], str(local).lower()
+    if cfg.is_passthrough:
+        return f"mfc::p2p_exchange_cast<{t}, {way}>"
     Ve, Ue = _shape(cfg, None, ENCODE_SHAPE, ENCODE_SHAPES)
     Vd, Ud = _shape(cfg, None, DECODE_SHAPE, DECODE_SHAPES)
     if cfg.is_fp8:
@@ -303,6 +317,9 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
                  decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
     """(source, name expression) of the kernels a config uses for one dtype (the encode for
     dense rows and for the others)."""
+    if cfg.is_passthrough:
+        return [("codec_encode.cu", f"mfc::encode_cast<{CTYPE[dtype]}>"),
+                ("codec_decode.cu", f"mfc::decode_cast<{CTYPE[dtype]}>")]
     if not cfg.is_quantized:
         return []
     (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)

@@ -284,11 +284,9 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         return Plan(True, uniform, sum(out_rows), own, [], False)
     send_w[r] = recv_w[r] = None  # own rows: copied aside, exactly
     chunks = max(1, chunks)
-    cast = any(isinstance(w, CodecConfig) and w.is_passthrough for w in send_w + recv_w)
-    if route.p2p is not None and (uniform or route.world == 2) and not cast:
+    if route.p2p is not None and (uniform or route.world == 2):
         # every rank knows every pair's size (no split sizes anywhere) or there is one pair:
-        # every rank takes the same decision and reserves the same room. (Not for the
-        # passthrough's casts of fp32 rows, which no kernel does: NCCL's path takes them.)
+        # every rank takes the same decision and reserves the same room
         sends = tuple((p, in_off[p], n, send_w[p], n * row_bytes(send_w[p], hidden, dtype))
                       for p, n in enumerate(in_rows) if p != r and n)
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
@@ -434,9 +432,9 @@ class StampedCall:
     (csrc/p2p.cu) encodes the pairs of one codec (up to MAX_PEERS) behind their stamps, and
     one decodes them: as many launches as the plain layout's merged codec calls.
     Stochastic encodes take the codec's own kernels with the stamp copied in. Records a
-    launch cannot take (the passthrough codec's, past 2^31 items, or not 16-byte aligned
-    behind raw rows of odd size) are encoded with their stamp copied in and decoded by the
-    codec's own path, one check_stamp_table launch per chunk comparing their stamps. Raw
+    launch cannot take (past 2^31 items, or not 16-byte aligned behind raw rows of odd size)
+    are encoded with their stamp copied in and decoded by the codec's own kernels, one
+    check_stamp_table launch per chunk comparing their stamps. Raw
     pairs (their own bytes) carry no stamp: a rank whose pairs are all raw sends its tensor
     as it is, and its peers must expect the same bytes."""
 
@@ -463,8 +461,7 @@ class StampedCall:
         by_codec: dict = {}
         left = []
         for s in segs:
-            if (s.wire == RAW or s.wire.is_passthrough or s.byte % 16
-                    or (send and s.wire.is_stochastic)):
+            if s.wire == RAW or s.byte % 16 or (send and s.wire.is_stochastic):
                 left.append(s)
             else:  # (a decode does not depend on the rounding)
                 by_codec.setdefault(dataclasses.replace(s.wire, rounding="nearest"), []).append(s)
