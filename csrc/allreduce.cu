@@ -8,7 +8,8 @@
 //
 // One thread owns V values of one group of one row (codec_common.cuh's work split, the
 // encoder's geometry); the peers' records have the output's layout, so the thread's decode
-// reads exactly the bytes its encode writes. Integer widths (round to nearest) and fp8.
+// reads exactly the bytes its encode writes. Integer widths (round to nearest) and fp8;
+// the passthrough (reduce_cast, below) sums the wire floats 8 at a time.
 //
 // Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
 // sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it); the
@@ -201,6 +202,51 @@ __global__ void __launch_bounds__(kBlock) reduce_chunk(
     check_stamps(peers, peer_stride, rec, a);
 }
 
+// The passthrough ("bf16"): the peers' records are the wire floats themselves (bf16; fp16 for
+// fp16 tensors), so a thread sums 8 values of a row straight from them, with reduce_chunk's
+// sum, rounding and NaNs, and re-encodes the sum as encode_cast_items does (REQUANT) or stores
+// it. An item is 8 values of a row (a.enc.ipt = H / 8 per row); H is a multiple of 8 and
+// every pointer 16-byte aligned (rows of ROW values).
+template <typename In, bool REQUANT>
+__global__ void __launch_bounds__(kBlock) reduce_cast(
+    const u8* __restrict__ peers, unsigned long long peer_stride, const In* __restrict__ own,
+    u8* __restrict__ rec, In* __restrict__ sum, const ReduceArgs a) {
+  typedef typename Val<In>::W W;
+  const EncArgs& e = a.enc;
+  const u32 item = blockIdx.x * kBlock + threadIdx.x;
+  if (item < e.total) {
+    const u32 t = item / e.ipt, c = item - t * e.ipt;
+    float acc[8];
+    for (int p = 0; p < a.world; ++p) {
+      float v[8];
+      if (p == a.rank) {
+        Val<In>::get8(own + (size_t)t * e.H + 8 * c, v);
+      } else {
+        const u8* in = peers + (size_t)(p - (p > a.rank)) * peer_stride + (size_t)t * a.dec.rec_bytes + 16 * c;
+        Val<W>::get8(reinterpret_cast<const W*>(in), v);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = p == 0 ? v[k] : __fadd_rn(acc[k], v[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = round_to<In>(acc[k]);
+    if constexpr (REQUANT) {
+      u32 w[4];
+#pragma unroll
+      for (int k = 0; k < 8; k += 2) {
+        const u32 lo = acc[k] != acc[k] ? Wire<W>::kNaN : Wire<W>::rn(acc[k]);
+        const u32 hi = acc[k + 1] != acc[k + 1] ? Wire<W>::kNaN : Wire<W>::rn(acc[k + 1]);
+        w[k / 2] = lo | hi << 16;
+      }
+      *reinterpret_cast<uint4*>(rec + (size_t)t * a.dec.rec_bytes + 16 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      Val<In>::put8(sum + (size_t)t * e.H + 8 * c, acc);
+    }
+  }
+  if (a.error_page && blockIdx.x == 0 && threadIdx.x < 32)  // (item 0 exists: the whole warp)
+    check_stamps(peers, peer_stride, rec, a);
+}
+
 }  // namespace mfc
 
 #ifdef MFC_AR_INSTANTIATE_ALL
@@ -215,5 +261,8 @@ namespace mfc {
 #define MFC_AR_TYPE(T, V) MFC_AR_BITS(T, false, V), MFC_AR_BITS(T, true, V), MFC_AR_R(T, 0, false, V)
 #define MFC_AR_V(V) MFC_AR_TYPE(float, V), MFC_AR_TYPE(__nv_bfloat16, V), MFC_AR_TYPE(__half, V)
 extern const void* const all_reduce_kernels[] = {MFC_AR_V(16)};
+#define MFC_AR_CAST(T) (const void*)&reduce_cast<T, true>, (const void*)&reduce_cast<T, false>
+extern const void* const all_cast_reduce_kernels[] = {
+  MFC_AR_CAST(float), MFC_AR_CAST(__nv_bfloat16), MFC_AR_CAST(__half)};
 }  // namespace mfc
 #endif

@@ -312,6 +312,7 @@ def test_reference_is_exact_for_passthrough_of_integers():
 FUSED_CODECS = [mf.CodecConfig(bits=b, group_size=g, spikes=s)
                 for b, g, s in itertools.product(range(2, 9), (32, 128, 256), (True, False))]
 FUSED_CODECS += [mf.CodecConfig(bits="fp8", group_size=g) for g in (32, 128)]
+FUSED_CODECS += [mf.CodecConfig(bits="bf16")]  # the passthrough: reduce_cast
 
 
 def peer_records(P: int, rank: int, m: int, cfg, dtype, seed: int):

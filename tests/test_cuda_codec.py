@@ -254,7 +254,8 @@ def test_decoded_nan_bits_for_every_kernel_shape(cfg, dtype):
 
 @gpu
 @pytest.mark.parametrize("cfg", [CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False),
-                                 CodecConfig(bits=8, group_size=256), CodecConfig(bits="fp8")], ids=str)
+                                 CodecConfig(bits=8, group_size=256), CodecConfig(bits="fp8"),
+                                 CodecConfig(bits="bf16")], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_all_reduce_nan_bits_match_reference(cfg, dtype):
     """csrc/allreduce.cu with NaN/Inf among the peers' and the own values: the same record

@@ -206,7 +206,7 @@ def all_reduce_checks(rank, world):
     (every pair meets in the reduce-scatter), as does a numel that pads to the same rows; the
     group works afterwards."""
     n = 3 * ROW * world + 5
-    codecs = CODECS[:3] + ["bf16"]  # (passthrough: the torch reduction and check_stamp_table)
+    codecs = CODECS[:3] + ["bf16"]  # (the passthrough: reduce_cast)
     with mf.Communicator(gate=False) as comm:
         for (i, cfg), dtype, chunks in itertools.product(
                 enumerate(codecs), (torch.bfloat16, torch.float32, torch.float16), (1, 2)):
@@ -304,9 +304,9 @@ def hierarchical_all_reduce(rank, world):
             comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
         got = comm.all_reduce(x.clone(), codec=a, algorithm="hierarchical")
         assert torch.equal(got, expected)
-        # the passthrough, rank 1 in fp16 (both dtypes used before): the torch reductions'
-        # check_stamp_table launches check the stages and write the slot, the last decode
-        # checks the slots: every rank raises
+        # the passthrough, rank 1 in fp16 (both dtypes used before): the stages' reductions
+        # (reduce_cast) check the stamps and write the slot, the last decode checks the
+        # slots: every rank raises
         passthrough = comm.all_reduce(x.clone(), codec="bf16", algorithm="hierarchical")
         comm.all_reduce(x.half(), codec="bf16", algorithm="hierarchical")
         comm.all_reduce(x.half() if rank == 1 else x.clone(), codec="bf16",

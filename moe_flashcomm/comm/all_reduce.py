@@ -98,17 +98,16 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     of that sum, uint8 [m, rb] (``requant``) or the sum itself, [m, ROW] of own.dtype.
     ``fused``: None (default) uses the fused CUDA kernel for CUDA tensors where it exists;
     False always runs this torch definition (codec kernels + torch adds on CUDA).
-    check: also compare each peer's stamp with the one expected, reporting a difference on
-           the error page, and mark the output (StampCheck): the fused kernel does it after
-           its work; the torch definition (CUDA: the passthrough's) launches
-           check_stamp_table.
+    check: the fused kernel also compares each peer's stamp with the one expected, reporting
+           a difference on the error page, and marks its output (StampCheck).
     out:   the output (contiguous; with a slot stamp, STAMP_BYTES after its slot), else
            allocated.
     """
-    if fused is not False and own.is_cuda and not cfg.is_passthrough and own.numel():
+    if (fused is not False and own.is_cuda and own.numel()
+            and (not cfg.is_passthrough or own.shape[1] % 8 == 0)):
         return _fused_reduce(peers, own, rank, cfg, requant, check, out)
     if check is not None:
-        _check_stamps(peers, own, rank, cfg, requant, check, out)
+        raise ValueError("check: stamps are compared by the fused CUDA kernel only")
     m, hidden, dtype = own.shape[0], own.shape[1], own.dtype
     acc = None
     for p in range(peers.shape[0] + 1):
@@ -124,39 +123,15 @@ def reduce_chunk(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecCo
     return result if out is None else out.copy_(result)
 
 
-def _check_stamps(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecConfig,
-                  requant: bool, check: StampCheck, out: Optional[torch.Tensor]) -> None:
-    """The fused kernel's stamp check for reduce_chunk's torch definition: one launch
-    (check_stamp_table) compares the stamp before each peer's records, reported as the
-    fused kernel reports it, and writes the output's slot (``out``, requant)."""
-    m, dtype, dev = own.shape[0], own.dtype, kernels.device_index(own)
-    slot = requant and check.slot_stamp != 0
-    stride, n = peers.stride(0), peers.shape[0] if peers.numel() else 0
-    if not n and not slot:
-        return
-
-    def make() -> tuple:
-        want = p2p.stamp(cfg, m, check.numel, dtype)
-        checks = [(i * stride, want, check.peer_base + (i + (i >= rank)) * check.peer_step)
-                  for i in range(n)]
-        return kernels.stamp_check_launches(dev, checks, kernels.P2P_ERROR_REDUCE_STAMP,
-                                            check.page, check.slot_stamp if slot else 0)
-    launches = kernels.KERNELS.plan(("stamp check", dev, m, cfg, dtype, rank, n, stride, slot,
-                                     check), make)
-    base = peers.data_ptr() - kernels.STAMP_BYTES if n else 0
-    slot_at = out.data_ptr() - kernels.STAMP_BYTES if slot else 0
-    with kernels.on_device(dev):
-        stream = kernels.raw_stream(dev)
-        for launch in launches:
-            launch(stream, base, slot_at)
-
-
 # ---- fused CUDA kernel (csrc/allreduce.cu) ---------------------------------------------------
 REDUCE_V = 16  # values per thread (at most the group size)
 
 
 def kernel_name(cfg: CodecConfig, dtype: torch.dtype, requant: bool = True) -> str:
-    """The NVRTC name expression of the fused reduction for ``cfg`` (int or fp8) and ``dtype``."""
+    """The NVRTC name expression of the fused reduction for ``cfg`` (int, fp8 or the
+    passthrough) and ``dtype``."""
+    if cfg.is_passthrough:
+        return f"mfc::reduce_cast<{_cuda.CTYPE[dtype]}, {str(requant).lower()}>"
     bits = 0 if cfg.is_fp8 else cfg.bits
     return (f"mfc::reduce_chunk<{_cuda.CTYPE[dtype]}, {bits}, {str(cfg.spikes).lower()}, "
             f"{min(REDUCE_V, cfg.group_size)}, {str(requant).lower()}>")
@@ -166,7 +141,8 @@ def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
                device: Optional[int] = None, workers: Optional[int] = None) -> int:
     """Compile the fused reductions of ``configs`` x ``dtypes`` and the codec kernels the
     all-reduce uses into the disk cache (NVRTC in parallel threads). Returns how many."""
-    cfgs = [c for c in (CodecConfig.coerce(c) for c in configs) if not c.is_passthrough]
+    cfgs = [c for c in (CodecConfig.coerce(c) for c in configs)
+            if c.is_quantized or c.is_passthrough]
     n = _cuda.precompile(cfgs, dtypes, device=device, workers=workers)
     names = [("allreduce.cu", kernel_name(c, d, r)) for c in cfgs for d in dtypes
              for r in (True, False)]
@@ -186,12 +162,16 @@ def reduce_launches(dev: int, m: int, H: int, cfg: CodecConfig, dtype: torch.dty
 
 def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check) -> tuple:
     L = record_layout(H, cfg)
-    V = min(REDUCE_V, cfg.group_size)
+    if cfg.is_passthrough:  # (8 values an item: one launch)
+        geometry = [(0, m * H // 8, 0, H // 8, 0, 0)]
+    else:
+        geometry = _cuda._geometry(m, L, min(REDUCE_V, cfg.group_size))
     esize, rb = dtype.itemsize, L.record_bytes
-    fields = _cuda._layout_fields(L)
+    fields = {"rec_bytes": rb} if cfg.is_passthrough else _cuda._layout_fields(L)
+    gaps = {} if cfg.is_passthrough else {"gap": _cuda._gaps(L)}
     fn = kernels.KERNELS.function(dev, "allreduce.cu", kernel_name(cfg, dtype, requant))
     launches = []
-    for t0, items, log2L, ipt, mul, shift in _cuda._geometry(m, L, V):
+    for t0, items, log2L, ipt, mul, shift in geometry:
         geo = dict(H=H, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift, total=items,
                    vec=int(vec))
         args = kernels.struct(kernels.REDUCE_ARGS, world=world, rank=rank)
@@ -200,8 +180,8 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check
             args["peer_base"], args["peer_step"] = check.peer_base, check.peer_step
             args["write_slot"] = int(requant and check.slot_stamp != 0)
             args["slot_stamp"] = check.slot_stamp
-        args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden,
-                                     gap=_cuda._gaps(L), **geo, **fields)[0]
+        args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden, **gaps, **geo,
+                                     **fields)[0]
         args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
         out_off = t0 * rb if requant else t0 * H * esize
         launches.append(kernels.prepare_launch(dev, fn, kernels.blocks(items), (
@@ -217,6 +197,8 @@ def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecC
     m, H = own.shape
     L = record_layout(H, cfg)
     own = own.contiguous()
+    if cfg.is_passthrough and own.data_ptr() % 16:
+        own = own.clone()  # (reduce_cast loads 8 values at a time)
     if check is None:
         peers = peers.contiguous()
         if peers.numel() and peers.data_ptr() % 16:
