@@ -12,8 +12,8 @@
 // the passthrough (reduce_cast, below) sums the wire floats 8 at a time.
 //
 // Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
-// sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it); the
-// first warp compares every peer's with the stamp expected, after its own work, and reports a
+// sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it) and the
+// call's numel; the first warp compares every peer's with the stamp expected, after its own work, and reports a
 // difference on the error page (the host raises at its next call), and may mark its own output
 // (write_slot). error_page 0: no stamps.
 //
@@ -43,10 +43,11 @@ struct ReduceArgs {
   u64 stamp;       // the stamp expected from every peer
   u64 error_page;  // pinned host memory, mapped (error_page.cuh); 0: no stamps
   u64 slot_stamp;  // the stamp the slot carries when this call saw no disagreement
+  u64 numel;       // the second word expected in every peer's slot (the call's numel)
 };
 
 // The first warp of block 0: every peer's stamp (in the slot before its records) against the
-// one expected. With write_slot (the hierarchical all-reduce's second stage) it then writes
+// one expected, and the numel in the slot's second word. With write_slot (the hierarchical all-reduce's second stage) it then writes
 // the slot before its output records: slot_stamp, or kSawDisagreement where a stamp differed
 // here or the error page holds a report (the first stage's check, earlier in this call: the
 // host clears the page before a call), so that every rank that decodes the output learns of
@@ -56,10 +57,14 @@ __device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long
                                              u8* rec, const ReduceArgs& a) {
   bool differs = false;
   for (int i = threadIdx.x; i < a.world - 1; i += 32) {
-    const u64 got = *reinterpret_cast<const u64*>(peers + (size_t)i * peer_stride - kStampBytes);
+    const u64* slot = reinterpret_cast<const u64*>(peers + (size_t)i * peer_stride - kStampBytes);
+    const u64 got = slot[0], numel = slot[1];
+    const int peer = a.peer_base + (i + (i >= a.rank)) * a.peer_step;
     if (got != a.stamp) {
-      report_error(a.error_page, kErrReduceStamp, a.peer_base + (i + (i >= a.rank)) * a.peer_step,
-                   got, a.stamp, 0);
+      report_error(a.error_page, kErrReduceStamp, peer, got, a.stamp, 0);
+      differs = true;
+    } else if (numel != a.numel) {  // (the stamp holds the numel mod 2^14 only)
+      report_error(a.error_page, kErrReduceNumel, peer, numel, a.numel, 0);
       differs = true;
     }
   }

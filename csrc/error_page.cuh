@@ -12,10 +12,13 @@ namespace mfc {
 constexpr int kErrClaim = 0, kErrPeer = 1, kErrGot = 2, kErrWant = 3, kErrCall = 4, kErrKind = 5,
               kErrSet = 6;
 // Kinds: a stamp that differs (an all-to-all), a wait for "freed" or for "landed" that timed
-// out (peer-to-peer), a stamp that differs in an all-reduce's reduce-scatter.
-constexpr int kErrStamp = 1, kErrFreedTimeout = 2, kErrLandedTimeout = 3, kErrReduceStamp = 4;
+// out (peer-to-peer), a stamp that differs in an all-reduce's reduce-scatter, the same stamp
+// there with another numel in the slot's second word.
+constexpr int kErrStamp = 1, kErrFreedTimeout = 2, kErrLandedTimeout = 3, kErrReduceStamp = 4,
+              kErrReduceNumel = 5;
 // Exchanges another transport carries (NCCL) put each pair's records behind a slot of
-// kStampBytes: the stamp, then a zero word, so that the records stay 16-byte aligned.
+// kStampBytes: the stamp, then a second word (the all-reduce's numel, else 0), so that the
+// records stay 16-byte aligned.
 constexpr int kStampBytes = 16;
 // In place of a stamp: "the rank that wrote this saw ranks disagree in this call" (the
 // hierarchical all-reduce passes it on to every rank; no stamp has all bits set).

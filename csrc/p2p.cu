@@ -53,6 +53,7 @@ struct P2PArgs {
   u64 error_page;             // pinned host memory, mapped (kErr* words)
   u64 timeout_ns;
   u64 copy_n16;               // 16-byte words the copy blocks copy (the rows a rank keeps)
+  u64 stamp_detail;           // LOCAL: the word after each stamp (the all-reduce's numel; 0)
   int rank, world;
   int mode;                   // p2p_sync: what to do (kWait* / kPublish* bits); p2p_exchange: kStage;
                               // its LOCAL variant: the kind a differing stamp is reported as (0: kErrStamp)
@@ -222,7 +223,7 @@ __device__ __forceinline__ void exchange(const T* x, T* y, const EncArgs& e, con
       if (ticket == k.first && threadIdx.x == 0) {
         u64* slot = reinterpret_cast<u64*>(rec - kStampBytes);
         slot[0] = a.send_stamp[i];
-        slot[1] = 0;
+        slot[1] = a.stamp_detail;
       }
     } else {
       finish_task(a, mine + kEncDone + k.peer, k.blocks,

@@ -61,10 +61,11 @@ DEC_ARGS = np.dtype([("H", _i4), ("log2L", _i4), ("rec_bytes", _i4), ("ipt", _u4
                     align=True)
 REDUCE_ARGS = np.dtype([("enc", ENC_ARGS), ("dec", DEC_ARGS), ("world", _i4), ("rank", _i4),
                         ("peer_base", _i4), ("peer_step", _i4), ("write_slot", _i4),
-                        ("stamp", _u8), ("error_page", _u8), ("slot_stamp", _u8)], align=True)
+                        ("stamp", _u8), ("error_page", _u8), ("slot_stamp", _u8),
+                        ("numel", _u8)], align=True)
 P2P_ARGS = np.dtype([("peer_flags", _u8, (MAX_PEERS,)), ("send_stamp", _u8, (MAX_PEERS,)),
                      ("recv_stamp", _u8, (MAX_PEERS,)), ("error_page", _u8),
-                     ("timeout_ns", _u8), ("copy_n16", _u8),
+                     ("timeout_ns", _u8), ("copy_n16", _u8), ("stamp_detail", _u8),
                      ("rank", _i4), ("world", _i4), ("mode", _i4), ("advance", _i4)], align=True)
 EXCHANGE_TASK = np.dtype([("offset", _u8), ("remote", _u8), ("items", _u4), ("first", _u4),
                           ("blocks", _u4), ("peer", _i4)], align=True)
@@ -85,13 +86,14 @@ P2P_FLAG_WORDS = P2P_DONE + 1
 # reported (written last)
 P2P_ERROR_WORDS, P2P_ERROR_KIND, P2P_ERROR_SET = 7, 5, 6
 # its kinds: a stamp that differs, a wait for "freed" or for "landed" that timed out, a stamp
-# that differs in an all-reduce's reduce-scatter
+# that differs in an all-reduce's reduce-scatter, the same stamp with another numel there
 P2P_ERROR_STAMP, P2P_ERROR_FREED_TIMEOUT, P2P_ERROR_LANDED_TIMEOUT = 1, 2, 3
-P2P_ERROR_REDUCE_STAMP = 4
+P2P_ERROR_REDUCE_STAMP, P2P_ERROR_REDUCE_NUMEL = 4, 5
 WAIT_FREED, PUBLISH_LANDED, WAIT_LANDED, PUBLISH_FREED = 1, 2, 4, 8
 EXCHANGE_STAGE = 16  # p2p_exchange's mode: encode into a staging buffer, publish nothing
 # exchanges another transport carries (NCCL: p2p_exchange's LOCAL variant, the all-reduce's
-# reduce-scatter): each pair's records behind its stamp of STAMP_BYTES in the local buffers
+# reduce-scatter): each pair's records behind a slot of STAMP_BYTES in the local buffers, its
+# stamp and a second word (the all-reduce's numel, else 0)
 STAMP_BYTES = 16
 # in place of a stamp: the rank that wrote it saw ranks disagree in this call (kSawDisagreement)
 SAW_DISAGREEMENT = (1 << 64) - 1

@@ -21,6 +21,8 @@ CONSTANTS = {"kMaxPeers": K.MAX_PEERS, "kLanded": K.P2P_LANDED, "kFreed": K.P2P_
              "kWaitFreed": K.WAIT_FREED, "kPublishLanded": K.PUBLISH_LANDED,
              "kWaitLanded": K.WAIT_LANDED, "kPublishFreed": K.PUBLISH_FREED,
              "kStage": K.EXCHANGE_STAGE, "kStampBytes": K.STAMP_BYTES,
+             "kErrReduceStamp": K.P2P_ERROR_REDUCE_STAMP,
+             "kErrReduceNumel": K.P2P_ERROR_REDUCE_NUMEL,
              "kStampChecks": K.STAMP_CHECKS}
 
 

@@ -243,9 +243,16 @@ def _stamp_reports(rank, world):
                              None, rank, world, "next call")
     assert ("rank 1 sent a mark that it saw ranks of the group disagree earlier in this call; "
             "this rank expected 3 rows of int4/g128 records") in msg, msg
+    # the same stamp with another numel in the slot's second word (numels 2^14 apart)
+    msg = p2p.stamp_mismatch([1, 1, 17413, 1029, 0, K.P2P_ERROR_REDUCE_NUMEL, 1], None, rank,
+                             world, "next call")
+    assert msg.startswith("moe_flashcomm.all_reduce: ranks of the group disagree"), msg
+    assert ("rank 1 sent the records of a tensor of 17413 values; this rank expected 1029 "
+            "values") in msg, msg
 
 
 def test_stamp_report_names_the_call_that_found_it():
     """A stamp that differs, as the host words it: found by an all-to-all's decode or by the
-    all-reduce's fused reduction (its reduce-scatter: kind P2P_ERROR_REDUCE_STAMP)."""
+    all-reduce's fused reduction (its reduce-scatter: kind P2P_ERROR_REDUCE_STAMP, or
+    P2P_ERROR_REDUCE_NUMEL for the numel in the slot's second word)."""
     spawn(_stamp_reports, 2)

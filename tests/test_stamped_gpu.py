@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -335,6 +336,49 @@ def _mixed(rank, world):
     hierarchical_disagreement(rank, world)
     hierarchical_all_reduce(rank, world)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("cfg", [mf.CodecConfig(bits=4), mf.CodecConfig(bits="bf16")], ids=str)
+def test_all_reduce_slots_carry_the_whole_numel(cfg):
+    """Past 16 ranks two numels 2^14 apart can pad to the same rows and so give the same
+    stamp (whose hidden field holds the numel mod 2^14): the slot's second word holds the
+    whole numel, and the fused reduction compares it. Rank 0 of 3 reduces records behind
+    slots written as StampedCall writes them, one peer's with numel + 2^14: reported as that
+    peer's numel; with the right numel, nothing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from moe_flashcomm import kernels as K
+    from moe_flashcomm.comm import p2p
+    from moe_flashcomm.comm.all_reduce import StampCheck, reduce_chunk
+    m, numel, dtype, dev = 4, 17 * 2 * ROW + 3, torch.bfloat16, torch.device("cuda", 0)
+    slot = K.STAMP_BYTES + m * record_bytes(ROW, cfg)
+    buf = torch.empty(2, slot, dtype=torch.uint8, device=dev)
+    for i in range(2):
+        buf[i, K.STAMP_BYTES:] = mf.encode(torch.randn(m, ROW, device=dev).to(dtype),
+                                           cfg).view(-1)
+    stamp = p2p.stamp(cfg, m, numel, dtype)
+
+    def write_slot(i: int, second: int) -> None:
+        words = np.array([stamp, second], dtype=np.uint64).view(np.uint8)
+        buf[i, :K.STAMP_BYTES] = torch.from_numpy(words).to(dev)
+    write_slot(0, numel)
+    write_slot(1, numel + (1 << 14))
+    peers = buf[:, K.STAMP_BYTES:].view(2, m, -1)
+    own = torch.randn(m, ROW, device=dev).to(dtype)
+    page = p2p.ErrorPage(dev)
+    try:
+        reduce_chunk(peers, own, 0, cfg, check=StampCheck(page.address, numel))
+        torch.cuda.synchronize()
+        words = page.report()
+        assert words is not None and words[1:6] == [2, numel + (1 << 14), numel, 0,
+                                                    K.P2P_ERROR_REDUCE_NUMEL], words
+        page.clear()
+        write_slot(1, numel)
+        reduce_chunk(peers, own, 0, cfg, check=StampCheck(page.address, numel))
+        torch.cuda.synchronize()
+        assert page.report() is None
+    finally:
+        page.close()
 
 
 def test_stamped_two_processes_one_gpu():

@@ -179,7 +179,7 @@ def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check
             args["stamp"], args["error_page"] = p2p.stamp(cfg, m, check.numel, dtype), check.page
             args["peer_base"], args["peer_step"] = check.peer_base, check.peer_step
             args["write_slot"] = int(requant and check.slot_stamp != 0)
-            args["slot_stamp"] = check.slot_stamp
+            args["slot_stamp"], args["numel"] = check.slot_stamp, check.numel
         args["enc"] = kernels.struct(kernels.ENC_ARGS, padded=L.padded_hidden, **gaps, **geo,
                                      **fields)[0]
         args["dec"] = kernels.struct(kernels.DEC_ARGS, **geo, **fields)[0]
@@ -440,7 +440,7 @@ def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: i
                          p) for i, p in enumerate(q for q in range(n) if q != r)]
             sides.append((segs, []))
         return StampedCall(comm, sides, ROW, buf.dtype, index, error_page(comm._pages, index),
-                           stamp_hidden=plan.numel)
+                           numel=plan.numel)
     return remember(plan.stamped_calls, (name, index), make, STAMPED_CALLS_KEPT)
 
 
@@ -458,7 +458,7 @@ def _final_call(comm, plan: _Plan, h, buf: torch.Tensor) -> StampedCall:
                      slot - kernels.STAMP_BYTES, n * L + l) for l in range(L) for n in range(M)]
         return StampedCall(comm, [([], segs)], ROW, buf.dtype, index,
                            error_page(comm._pages, index), kind=kernels.P2P_ERROR_REDUCE_STAMP,
-                           stamp_hidden=plan.numel)
+                           numel=plan.numel)
     return remember(plan.stamped_calls, ("final", index), make, STAMPED_CALLS_KEPT)
 
 

@@ -440,14 +440,16 @@ class StampedCall:
 
     def __init__(self, route: Route, sides: list, hidden: int, dtype: torch.dtype, dev: int,
                  page: "p2p.ErrorPage", kind: int = kernels.P2P_ERROR_STAMP,
-                 stamp_hidden: Optional[int] = None) -> None:
+                 numel: Optional[int] = None) -> None:
         """``sides``: (send segments, receive segments) per chunk, made with stamps.
         ``kind``: what the decodes report a differing stamp as (the error page's kinds).
-        ``stamp_hidden``: what the stamps carry as the hidden size (the all-reduce's numel;
-        None: ``hidden``)."""
+        ``numel``: the all-reduce's, which its stamps carry in place of the hidden size (mod
+        p2p.HIDDEN_MOD) and whole in the slot's second word (the fused reduction checks it);
+        None: an all-to-all's (the hidden size; the second word 0)."""
         self.group, self.rank, self.world, self.page = route.group, route.rank, route.world, page
         self.kind = kind
-        self.stamp_hidden = hidden if stamp_hidden is None else stamp_hidden
+        self.stamp_hidden = hidden if numel is None else numel
+        self.detail = 0 if numel is None else numel
         self.hidden, self.dtype, self.dev = hidden, dtype, dev
         self.device = torch.device("cuda", dev)
         self.chunks = [(self._launches(send_segs, True), self._launches(recv_segs, False))
@@ -474,6 +476,7 @@ class StampedCall:
                                      for s in batch])
                 args = kernels.p2p_args((), self.rank, self.world, 0,
                                         error_page=self.page.address, mode=self.kind,
+                                        stamp_detail=self.detail,
                                         **{"send_stamp" if send else "recv_stamp": stamps})
                 launch = p2p.exchange_kernel(self.dev, tasks if send else [],
                                              [] if send else tasks, self.hidden, cfg, self.dtype,
@@ -491,7 +494,8 @@ class StampedCall:
                 self.dev, [(s.byte - kernels.STAMP_BYTES, w, s.peer) for s, w in zip(coded, want)],
                 self.kind, self.page.address)
         # every stamp's bytes and where they go, for one index_copy_ (one launch, any alignment)
-        words = np.array([[w, 0] for w in want], dtype=np.uint64).view(np.uint8).reshape(-1)
+        words = np.array([[w, self.detail] for w in want],
+                         dtype=np.uint64).view(np.uint8).reshape(-1)
         at = np.array([s.byte - kernels.STAMP_BYTES + i for s in coded
                        for i in range(kernels.STAMP_BYTES)], dtype=np.int64)
         return launches, left, (torch.from_numpy(at).to(self.device),

@@ -408,14 +408,17 @@ def stamp_mismatch(words: list, group, rank: int, world: int, call: str) -> str:
     _, peer, got, want, _, kind = words[:6]
     me = f"group rank {rank} of {world}{frame.global_note(group, rank)}"
     them = f"rank {peer}{frame.global_note(group, peer) if 0 <= peer < world else ''}"
-    reduce = kind == kernels.P2P_ERROR_REDUCE_STAMP
+    reduce = kind in (kernels.P2P_ERROR_REDUCE_STAMP, kernels.P2P_ERROR_REDUCE_NUMEL)
     if reduce:
         operation, same = "all_reduce", "codec, dtype and number of values"
     else:
         operation, same = "all_to_all", "codecs, dtype, hidden size and split sizes"
+    if kind == kernels.P2P_ERROR_REDUCE_NUMEL:  # (the same stamp: numels 2^14 apart)
+        sent, expected = f"the records of a tensor of {got} values", f"{want} values"
+    else:
+        sent, expected = describe(got, reduce), describe(want, reduce)
     return (f"moe_flashcomm.{operation}: ranks of the group disagree (seen by {me} at its "
-            f"{call}):\n  {them} sent {describe(got, reduce)}; this rank expected "
-            f"{describe(want, reduce)}\n"
+            f"{call}):\n  {them} sent {sent}; this rank expected {expected}\n"
             f"Every rank must make the same moe_flashcomm calls in the same order, with the same "
             f"{same}. (Found on the device after that call returned: its output is not valid.)")
 
