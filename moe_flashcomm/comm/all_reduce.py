@@ -71,8 +71,9 @@ def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
 class StampCheck:
     """What the fused reduction checks and marks (csrc/allreduce.cu's ReduceArgs): ``page``,
     the address of the error page (p2p.ErrorPage) a differing stamp goes to; ``numel``, the
-    call's, which the all-reduce's stamps carry in their hidden field (its rows are always
-    ROW long), so that numels that pad to the same rows still differ; peer p of the
+    call's, which the all-reduce's stamps carry in their hidden field (mod p2p.HIDDEN_MOD; its
+    rows are always ROW long) and their slot's second word (whole), so that numels that pad
+    to the same rows still differ; peer p of the
     reduction is rank ``peer_base + p * peer_step`` of the page's group; ``slot_stamp``
     (requant): the stamp written in the STAMP_BYTES before the output records (0: none), or
     in its place kernels.SAW_DISAGREEMENT where this call saw ranks disagree."""
@@ -336,7 +337,7 @@ def all_reduce(
     dtype, algorithm, topology, gate and chunks: checked collectively the first time a
     combination is used. Over gloo every call's headers also carry the numel, so a rank
     whose numel differs raises on every rank. On CUDA the records (of a quantized codec or
-    the ``"bf16"`` passthrough) carry stamps (codec, dtype, rows, numel mod 2^14) that the
+    the ``"bf16"`` passthrough) carry stamps (codec, dtype, rows, numel) that the
     reductions check: a rank that switches to a codec, dtype or numel every rank has used
     before makes every rank raise at its next call (``MOE_FLASHCOMM_STAMPS=0``: off). With
     NCCL, where the numels give different byte counts, and on the gated and ``"native"``
