@@ -13,9 +13,9 @@
 //
 // Stamps (exchanges NCCL carries): each peer's records follow a slot of kStampBytes holding the
 // sender's stamp of the pair (codec, rows, dtype; moe_flashcomm/comm/p2p.py packs it) and the
-// call's numel; the first warp compares every peer's with the stamp expected, after its own work, and reports a
-// difference on the error page (the host raises at its next call), and may mark its own output
-// (write_slot). error_page 0: no stamps.
+// call's numel; the first warp compares every peer's with the ones expected, after its own
+// work, reports a difference on the error page (the host raises at its next call), and may
+// mark its own output (write_slot). error_page 0: no stamps.
 //
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
@@ -47,11 +47,11 @@ struct ReduceArgs {
 };
 
 // The first warp of block 0: every peer's stamp (in the slot before its records) against the
-// one expected, and the numel in the slot's second word. With write_slot (the hierarchical all-reduce's second stage) it then writes
-// the slot before its output records: slot_stamp, or kSawDisagreement where a stamp differed
-// here or the error page holds a report (the first stage's check, earlier in this call: the
-// host clears the page before a call), so that every rank that decodes the output learns of
-// it. Called after the warp's own work: at the kernel's start it made block 0 ~5.5 us slower
+// one expected, and the numel in the slot's second word. With write_slot (the hierarchical
+// all-reduce's second stage) it then writes the slot before its output records: slot_stamp,
+// or kSawDisagreement where a stamp differed here or the error page holds a report (the first
+// stage's check, earlier in this call: the host clears the page before a call), so that every
+// rank that decodes the output learns of it. Called after the warp's own work: at the kernel's start it made block 0 ~5.5 us slower
 // (H100, 1 MiB; docs/notes.md, "Stamps over NCCL").
 __device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long peer_stride,
                                              u8* rec, const ReduceArgs& a) {

@@ -9,9 +9,8 @@ decode (or reduction) reads the send buffer back (every pair has the same rows, 
 match), which also checks that both layouts give the same bits and that no stamp is
 reported. One process; a group rank of ``--world`` sending ``size / world`` per peer, hidden
 7168 (all-reduce: a tensor of ``size``, rows of 1024 values), ``--dtype`` (bf16). The
-``bf16`` codec (the passthrough) is a cast by torch: with fp32 tokens its all-to-all records
-are encoded by it and their stamps copied in and compared by one check_stamp_table launch; its
-all-reduce's reduction is the torch definition, with the same check launch.
+``bf16`` codec (the passthrough) needs fp32 tokens here (16-bit ones travel as they are):
+its casts are p2p_exchange_cast's tasks, its all-reduce's reduction reduce_cast.
 
 Per size (bf16 bytes per rank) and codec it prints, for each side and layout, host µs per call
 (bursts queued behind a GPU sleep, the layouts taking turns, medians) and GPU µs per call
