@@ -74,8 +74,8 @@ EXCHANGE_ARGS = np.dtype([("task", EXCHANGE_TASK, (2 * (MAX_PEERS - 1),)),
                           ("keep_blocks", _u4), ("sends", _i4), ("tasks", _i4)], align=True)
 STAMP_CHECKS = 32  # kStampChecks in csrc/stamp_check.cu: slots one launch checks
 STAMP_TABLE = np.dtype([("offset", _u8, (STAMP_CHECKS,)), ("want", _u8, (STAMP_CHECKS,)),
-                        ("peer", _i4, (STAMP_CHECKS,)), ("error_page", _u8), ("slot_stamp", _u8),
-                        ("n", _i4), ("kind", _i4)], align=True)
+                        ("peer", _i4, (STAMP_CHECKS,)), ("error_page", _u8), ("n", _i4),
+                        ("kind", _i4)], align=True)
 # csrc/p2p.cu: word offsets of a rank's flags (landed and freed per peer, the call counter,
 # block-completion counts per task kind and peer, the peers' stamps, p2p_exchange's ticket
 # and block counters), p2p_sync's modes and p2p_exchange's
@@ -693,22 +693,18 @@ def sync_launch(device: int, args: np.ndarray, copy_bytes: int = 0) -> PreparedL
     return prepare_launch(device, fn, 1 + copy_blocks(copy_bytes), (args, 0, 0))
 
 
-def stamp_check_launches(device: int, checks: Sequence, kind: int, page: int,
-                         slot_stamp: int = 0) -> tuple:
+def stamp_check_launches(device: int, checks: Sequence, kind: int, page: int) -> tuple:
     """check_stamp_table (csrc/stamp_check.cu): each (byte offset, stamp expected, peer) of
     ``checks`` compared, a difference reported on the error page at ``page`` as ``kind``; one
-    launch per STAMP_CHECKS of them, or one for the slot alone (pointer bases: the buffer,
-    and the slot to write or 0: each launch writes ``slot_stamp`` there, or the mark of a
-    disagreement; the last one, which sees the earlier ones' reports, decides)."""
+    launch per STAMP_CHECKS of them (pointer base: the buffer)."""
     fn = KERNELS.function(device, "stamp_check.cu", "mfc::check_stamp_table")
     launches = []
-    for i in range(0, max(len(checks), 1), STAMP_CHECKS):
+    for i in range(0, len(checks), STAMP_CHECKS):
         part = checks[i:i + STAMP_CHECKS]
-        table = struct(STAMP_TABLE, error_page=page, slot_stamp=slot_stamp, n=len(part),
-                       kind=kind)
+        table = struct(STAMP_TABLE, error_page=page, n=len(part), kind=kind)
         for j, (offset, want, peer) in enumerate(part):
             table["offset"][0, j], table["want"][0, j], table["peer"][0, j] = offset, want, peer
-        launches.append(prepare_launch(device, fn, 1, (0, 0, table), threads=32))
+        launches.append(prepare_launch(device, fn, 1, (0, table), threads=32))
     return tuple(launches)
 
 

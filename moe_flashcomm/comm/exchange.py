@@ -530,7 +530,7 @@ class StampedCall:
             launch(stream, rp, op)
         _unpack(recv, left, out)
         for check in checks:
-            check(stream, rp, 0)
+            check(stream, rp)
 
 
 def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:
