@@ -236,14 +236,7 @@ __global__ void __launch_bounds__(kBlock) reduce_cast(
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[k] = round_to<In>(acc[k]);
     if constexpr (REQUANT) {
-      u32 w[4];
-#pragma unroll
-      for (int k = 0; k < 8; k += 2) {
-        const u32 lo = acc[k] != acc[k] ? Wire<W>::kNaN : Wire<W>::rn(acc[k]);
-        const u32 hi = acc[k + 1] != acc[k + 1] ? Wire<W>::kNaN : Wire<W>::rn(acc[k + 1]);
-        w[k / 2] = lo | hi << 16;
-      }
-      *reinterpret_cast<uint4*>(rec + (size_t)t * a.dec.rec_bytes + 16 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+      Val<W>::put8(reinterpret_cast<W*>(rec + (size_t)t * a.dec.rec_bytes + 16 * c), acc);
     } else {
       Val<In>::put8(sum + (size_t)t * e.H + 8 * c, acc);
     }

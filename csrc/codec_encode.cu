@@ -843,14 +843,7 @@ __device__ __forceinline__ void encode_cast_items(const In* __restrict__ x, u8* 
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] = k < n ? Val<In>::get(row + k) : 0.0f;
   }
-  u32 w[4];
-#pragma unroll
-  for (int k = 0; k < 8; k += 2) {
-    const u32 lo = k < n ? (v[k] != v[k] ? Wire<W>::kNaN : Wire<W>::rn(v[k])) : 0u;
-    const u32 hi = k + 1 < n ? (v[k + 1] != v[k + 1] ? Wire<W>::kNaN : Wire<W>::rn(v[k + 1])) : 0u;
-    w[k / 2] = lo | hi << 16;
-  }
-  *reinterpret_cast<uint4*>(rec + (size_t)t * a.rec_bytes + 16 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+  Val<W>::put8(reinterpret_cast<W*>(rec + (size_t)t * a.rec_bytes + 16 * c), v);  // (0.0f pads)
 }
 
 template <typename In>
