@@ -20,7 +20,7 @@
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
 // store_chunk; peer_values below mirrors decode_chunk / decode_fp8 with the values kept in
-// registers (decode_chunk stores them).
+// registers (decode_chunk stores them; chunk_values is both's arithmetic).
 #ifdef MFC_INSTANTIATE_ALL  // the codec files' own instantiations are not needed here
 #define MFC_AR_INSTANTIATE_ALL
 #undef MFC_INSTANTIATE_ALL
@@ -113,24 +113,7 @@ __device__ __forceinline__ void peer_values(const u8* in, const Pos& P, const De
   ChunkIn<BITS, SPIKES, V> c;
   c.load(in, P, a);
   const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
-  if constexpr (BITS == 8) {
-#pragma unroll
-    for (int k = 0; k < V; ++k) o[k] = __fadd_rn(mnf, __fmul_rn(code_at(c.p4[k / 4], k % 4), scf));
-  } else {
-    u32 E[V / 8], O[V / 8];
-#pragma unroll
-    for (int j = 0; j < V / 8; ++j) {
-      E[j] = O[j] = 0;
-      if constexpr ((BITS & 4) != 0) plane_unpack<4>(chunk_bits<4>(c.p4, j), BITS - 4, E[j], O[j]);
-      if constexpr ((BITS & 2) != 0) plane_unpack<2>(chunk_bits<2>(c.p2, j), BITS & 1, E[j], O[j]);
-      if constexpr ((BITS & 1) != 0) plane_unpack<1>(chunk_bits<1>(c.p1, j), 0, E[j], O[j]);
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const u32 w = (k & 1) ? O[k / 8] : E[k / 8];
-      o[k] = __fadd_rn(mnf, __fmul_rn(code_at(w, (k % 8) / 2), scf));  // two roundings
-    }
-  }
+  chunk_values(c, mnf, scf, o);
   if (SPIKES) {  // the spike slots hold the exact extremes (hi written last, as decode does)
     const int jl = c.li - P.lane * V, jh = c.hi - P.lane * V;
     const float lov = Wire<W>::f(c.lov), hiv = Wire<W>::f(c.hiv);

@@ -102,14 +102,11 @@ __device__ __forceinline__ void pack_out(const float* o, u32* w, bool finite_gro
   }
 }
 
-template <typename Out, int BITS, bool SPIKES, int V>
-__device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, const Pos& P, u32 item,
-                                             Out* __restrict__ y, const DecArgs& a, uint4* stage) {
-  typedef typename Val<Out>::W W;
-  typedef Staging<Out, V> S;
-  Out* row = y + (size_t)P.t * a.H;
-  const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
-  float o[V];
+// An integer chunk's V values, minimum + code * scale (mnf, scf: as fp32), before saturation
+// and spikes; decode_chunk and the all-reduce's peer_values share it.
+template <int BITS, bool SPIKES, int V>
+__device__ __forceinline__ void chunk_values(const ChunkIn<BITS, SPIKES, V>& c, float mnf, float scf,
+                                             float* o) {
   if constexpr (BITS == 8) {
 #pragma unroll
     for (int k = 0; k < V; ++k) o[k] = __fadd_rn(mnf, __fmul_rn(code_at(c.p4[k / 4], k % 4), scf));
@@ -128,6 +125,17 @@ __device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, 
       o[k] = __fadd_rn(mnf, __fmul_rn(code_at(w, (k % 8) / 2), scf));  // two roundings
     }
   }
+}
+
+template <typename Out, int BITS, bool SPIKES, int V>
+__device__ __forceinline__ void decode_chunk(const ChunkIn<BITS, SPIKES, V>& c, const Pos& P, u32 item,
+                                             Out* __restrict__ y, const DecArgs& a, uint4* stage) {
+  typedef typename Val<Out>::W W;
+  typedef Staging<Out, V> S;
+  Out* row = y + (size_t)P.t * a.H;
+  const float scf = Wire<W>::f(c.scale), mnf = Wire<W>::f(c.minimum);
+  float o[V];
+  chunk_values(c, mnf, scf, o);
 #pragma unroll
   for (int k = 0; k < V; ++k) o[k] = saturate<Out>(o[k]);
   // the spike slots (jl, jh: their place in this chunk, >= V if elsewhere); hi wins a tie
