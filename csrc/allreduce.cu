@@ -20,7 +20,7 @@
 // The codec's own device code is reused: ChunkIn (decode loads), load_raw / value (token
 // loads), encode_chunk / encode_fp8_chunk (group statistics, metadata, codes) and
 // store_chunk; peer_values below mirrors decode_chunk / decode_fp8 with the values kept in
-// registers (decode_chunk stores them; chunk_values is both's arithmetic).
+// registers (decode_chunk stores them; the two share chunk_values).
 #ifdef MFC_INSTANTIATE_ALL  // the codec files' own instantiations are not needed here
 #define MFC_AR_INSTANTIATE_ALL
 #undef MFC_INSTANTIATE_ALL
