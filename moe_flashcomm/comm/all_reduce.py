@@ -610,11 +610,12 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     abort the process. A reduce-scatter of the values in their own dtype, each range summed
     in rank order straight from the received frame, then an all-gather; up to one frame of
     values, the reduce-scatter alone, sending every peer all of them (one round: where gloo's
-    latency rules, twice as fast). The first step carries the numel, so the choice is made
-    only once every rank knows they agree; a disagreement ends the call as it ends the
-    quantized path (``_flat_framed``: an aborted all-gather), so ranks that took different
-    paths stay in step. On two ranks the result is torch.distributed.all_reduce's to the bit
-    (a + b = b + a); on more, the same sum, whose rounding may differ from gloo's order."""
+    latency rules, twice as fast), the sum written in place. The first step carries the
+    numel, so the choice is made only once every rank knows they agree; a disagreement ends
+    the call as it ends the quantized path (``_flat_framed``: an aborted all-gather), so
+    ranks that took different paths stay in step. On two ranks the result is
+    torch.distributed.all_reduce's to the bit (a + b = b + a); on more, the same sum, whose
+    rounding may differ from gloo's order."""
     W, r = plan.world, plan.rank
     n, unit = flat.numel(), flat.element_size()
     one_round = n * unit <= frame.FRAME_BYTES - frame.HEADER_BYTES
@@ -642,19 +643,19 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
                                     empty, [0] * W, [0] * W, aborted=True, **numbering)
         raise
+    # in rank order, each step rounded in the dtype; written into the first received range
+    # until this rank's term, then over this rank's own: no new tensor and no copy back
     terms = [piece(p) if p == r else got[p].view(flat.dtype) for p in range(W)]
-    total = terms[0] + terms[1]
-    for term in terms[2:]:
-        total += term
+    total = terms[0]
+    for p in range(1, W):
+        total = torch.add(total, terms[p], out=terms[0] if p < r else piece(r))
     scatter.release()  # (after the sum: the terms are views of its buffer)
     if one_round:
-        flat.copy_(total)
         return
     gather = framed("all_reduce all-gather", [mine] * W, sizes)
     for p in gather.peers:
         gather.payload(p).copy_(total.view(torch.uint8))
     got = gather.start().wait()
-    piece(r).copy_(total)
     for p in gather.peers:
         piece(p).view(torch.uint8).copy_(got[p])
     gather.release()
