@@ -86,15 +86,29 @@ def kernel_shape(cfg: CodecConfig, direction: str, shape: Optional[Shape] = None
     return _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
 
 
+def _token_ranges(T: int, ipt: int):
+    """Per launch (below 2^31 items of ``ipt`` per token): first token and items."""
+    step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
+    for t0 in range(0, T, step):
+        yield t0, (min(T, t0 + step) - t0) * ipt
+
+
 def _geometry(T: int, L: RecordLayout, V: int):
     """Per launch (token range): first token, items (chunks), log2(lanes per group), items
     per token and its fastdiv multiplier and shift."""
     ipt = L.padded_hidden // V
     mul, shift = _fastdiv(ipt)
-    step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
     log2L = (L.group_size // V).bit_length() - 1
-    for t0 in range(0, T, step):
-        yield t0, (min(T, t0 + step) - t0) * ipt, log2L, ipt, mul, shift
+    for t0, items in _token_ranges(T, ipt):
+        yield t0, items, log2L, ipt, mul, shift
+
+
+def cast_geometry(T: int, H: int):
+    """``_geometry`` of the passthrough's kernels (encode_cast, decode_cast, reduce_cast): an
+    item is 8 values of a row, ceil(H / 8) per token; no groups, and they divide directly."""
+    ipt = -(-H // 8)
+    for t0, items in _token_ranges(T, ipt):
+        yield t0, items, 0, ipt, 0, 0
 
 
 def _planes(L: RecordLayout) -> tuple[int, int, int]:
@@ -152,13 +166,10 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
 
 def _cast_pieces(T: int, H: int, rec_bytes: int, struct_type, vec: bool) -> list:
     """The passthrough's casts (encode_cast / decode_cast): per launch, its first token,
-    blocks and argument struct (EncArgs or DecArgs); an item is 8 values of a row."""
-    ipt = -(-H // 8)
-    step = max(1, _MAX_ITEMS // ipt)  # tokens per launch
-    return [(t0, K.blocks((min(T, t0 + step) - t0) * ipt),
-             K.struct(struct_type, H=H, rec_bytes=rec_bytes, ipt=ipt,
-                      total=(min(T, t0 + step) - t0) * ipt, vec=int(vec)))
-            for t0 in range(0, T, step)]
+    blocks and argument struct (EncArgs or DecArgs)."""
+    return [(t0, K.blocks(items), K.struct(struct_type, H=H, rec_bytes=rec_bytes, ipt=ipt,
+                                           total=items, vec=int(vec)))
+            for t0, items, _, ipt, _, _ in cast_geometry(T, H)]
 
 
 def _make_encode(dev, T, H, cfg, dtype, vec, shape, defines) -> tuple:

@@ -163,8 +163,8 @@ def reduce_launches(dev: int, m: int, H: int, cfg: CodecConfig, dtype: torch.dty
 
 def _make_reduce(dev, m, H, cfg, dtype, requant, world, rank, vec, stride, check) -> tuple:
     L = record_layout(H, cfg)
-    if cfg.is_passthrough:  # (8 values an item: one launch)
-        geometry = [(0, m * H // 8, 0, H // 8, 0, 0)]
+    if cfg.is_passthrough:
+        geometry = _cuda.cast_geometry(m, H)
     else:
         geometry = _cuda._geometry(m, L, min(REDUCE_V, cfg.group_size))
     esize, rb = dtype.itemsize, L.record_bytes
