@@ -51,8 +51,9 @@ struct ReduceArgs {
 // all-reduce's second stage) it then writes the slot before its output records: slot_stamp,
 // or kSawDisagreement where a stamp differed here or the error page holds a report (the first
 // stage's check, earlier in this call: the host clears the page before a call), so that every
-// rank that decodes the output learns of it. Called after the warp's own work: at the kernel's start it made block 0 ~5.5 us slower
-// (H100, 1 MiB; docs/notes.md, "Stamps over NCCL").
+// rank that decodes the output learns of it. Called after the warp's own work: at the
+// kernel's start it made block 0 ~5.5 us slower (H100, 1 MiB; docs/notes.md, "Stamps over
+// NCCL").
 __device__ __forceinline__ void check_stamps(const u8* peers, unsigned long long peer_stride,
                                              u8* rec, const ReduceArgs& a) {
   bool differs = false;
