@@ -72,6 +72,24 @@ def test_native_record_bytes_depend_on_the_dtype():
         record_bytes(10, native, torch.float64)
 
 
+def test_layout_traces_under_torch_compile_without_warnings():
+    """The codec's compiled path sizes its records with record_layout inside the traced code:
+    one graph, no warning, the eager sizes."""
+    import warnings
+    import torch
+
+    def sizes(x):
+        L = record_layout(x.shape[1], CodecConfig(bits=3, group_size=64), x.dtype)
+        N = record_layout(x.shape[1], CodecConfig(bits="native"), x.dtype)
+        return x.new_empty((x.shape[0], L.record_bytes + N.record_bytes))
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch.compile(sizes, fullgraph=True, backend="eager")(torch.zeros(2, 1000))
+    assert got.shape[1] == record_bytes(1000, CodecConfig(bits=3, group_size=64)) + a16(4000)
+
+
 def test_bit_splitting_planes():
     assert [plane_widths(b) for b in range(2, 9)] == [
         (2,), (2, 1), (4,), (4, 1), (4, 2), (4, 2, 1), (8,)]

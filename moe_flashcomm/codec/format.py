@@ -80,16 +80,17 @@ def record_layout(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = 
     if dtype is not None and dtype not in INPUT_DTYPES:
         raise TypeError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
     cfg = CodecConfig.coerce(cfg)
+    # torch.compile traces the maker itself: it skips a functools cache, with a warning
+    layout = _make_layout if torch.compiler.is_compiling() else _layout
     if not cfg.is_native:
-        return _layout(hidden, cfg, 0)
+        return layout(hidden, cfg, 0)
     if dtype is None:
         raise ValueError("the 'native' codec's records are the tokens' own bytes, so their size "
                          "depends on the dtype: pass dtype= (record_layout / record_bytes)")
-    return _layout(hidden, cfg, dtype.itemsize)
+    return layout(hidden, cfg, dtype.itemsize)
 
 
-@lru_cache(maxsize=None)
-def _layout(hidden: int, cfg: CodecConfig, itemsize: int) -> RecordLayout:
+def _make_layout(hidden: int, cfg: CodecConfig, itemsize: int) -> RecordLayout:
     """``itemsize``: bytes per value of a native record (0 for the other codecs)."""
     if cfg.is_passthrough or cfg.is_native:
         size = 2 if cfg.is_passthrough else itemsize
@@ -111,6 +112,9 @@ def _layout(hidden: int, cfg: CodecConfig, itemsize: int) -> RecordLayout:
         fields[name] = offset if present else None
         offset += n * size if present else 0
     return RecordLayout(hidden, g, n, padded, tuple(planes), record_bytes=align(offset), **fields)
+
+
+_layout = lru_cache(maxsize=None)(_make_layout)
 
 
 def record_bytes(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = None) -> int:
