@@ -237,11 +237,46 @@ def check_patched_dist(layer: nn.Module, local: torch.Tensor, codec, tag: str) -
     assert state.stats.calls == 3 and patched.get_world_size() == dist.get_world_size()
 
 
+def check_enable_deepspeed_applies_the_section(tag: str) -> None:
+    """``enable_deepspeed`` applies its config's ``all_reduce``: set, the hooks go in; off
+    when called again, the hooks it installed go and those of ``enable_all_reduce`` stay; a
+    MoE layer it turns stock has its communicator closed."""
+    from deepspeed.module_inject.layers import LinearAllreduce
+    from tests.test_deepspeed import PASS, make_moe
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("moe", make_moe(2 * world, world, 1, True, dtype=torch.float32, seed=3))
+    model.add_module("down", LinearAllreduce(nn.Linear(H * world, H), dist.group.WORLD))
+    down, moe_layer = model.down, model.moe.deepspeed_moe
+    shard = torch.randn(2, 5, H)
+    with torch.no_grad():
+        local = shard @ down.weight.t()
+        stock = down(shard)
+        mf.enable_deepspeed(model, {**PASS, "all_reduce": 4, **OFF})
+        assert list(all_reduce_stats(model)) == ["down"], tag
+        assert torch.equal(down(shard), expected(local, 4) + down.bias), tag
+        mf.enable_deepspeed(model, PASS)  # called again without all_reduce: its hooks go
+        assert all_reduce_stats(model) == {} and torch.equal(down(shard), stock), tag
+        mf.enable_all_reduce(model, {"all_reduce": 8, **OFF})
+        mf.enable_deepspeed(model, PASS)  # ... but not those of enable_all_reduce
+        assert torch.equal(down(shard), expected(local, 8) + down.bias), tag
+        comm = vars(moe_layer)["_moe_flashcomm"].comm
+        assert comm is not None and not comm.closed, tag
+        mf.enable_deepspeed(model, {"enabled": False})  # every MoE layer stock again
+        assert "_moe_flashcomm" not in vars(moe_layer) and comm.closed, tag
+        assert torch.equal(down(shard), expected(local, 8) + down.bias), tag
+        mf.disable_deepspeed(model)  # restores both
+        assert all_reduce_stats(model) == {} and torch.equal(down(shard), stock), tag
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_linear_allreduce(tag)
     check_kernel_injection_modules(tag)
+    if dist.get_backend() == "gloo":
+        check_enable_deepspeed_applies_the_section(tag)
 
 
 def test_tensor_parallel_hooks_gloo_2_ranks():

@@ -3,11 +3,11 @@
 
 Enabled by ``enable_all_reduce(model, config)`` when ``config.all_reduce`` (the
 ``"all_reduce"`` field of the ``"moe_flashcomm"`` DeepSpeed section) names a codec; off by
-default. ``enable_deepspeed`` (the MoE all-to-all) does not install these hooks: call both
-with the same config where both are wanted. An inference engine carries no
-``"moe_flashcomm"`` section: pass the config explicitly,
-``enable_all_reduce(engine, {"all_reduce": 4})``. As ``enable_deepspeed`` does for the MoE all-to-all, each layer *instance* is
-patched, reversibly: the instance gets its own copy of one DeepSpeed method (same code
+default. ``enable_deepspeed`` applies the same field of its config (``enable_from_section``):
+set, it installs or updates these hooks; off, it removes only those it installed itself. An
+inference engine carries no ``"moe_flashcomm"`` section: pass the config explicitly,
+``enable_all_reduce(engine, {"all_reduce": 4})``. As ``enable_deepspeed`` does for the MoE
+all-to-all, each layer *instance* is patched, reversibly: the instance gets its own copy of one DeepSpeed method (same code
 object) in which one global name resolves to moe_flashcomm; nothing global is touched, so
 every other all-reduce (gradients, ZeRO, other layers) stays NCCL's.
 
@@ -167,9 +167,16 @@ class _LayerState(PatchState):
 
     ATTR = _STATE
 
-    def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
+    def __init__(self, name: str, site: Site, config: FlashCommConfig,
+                 from_section: bool = False) -> None:
         super().__init__(name, site, config)
         self.calls = 0
+        # installed by enable_deepspeed from its config (which then may remove it again),
+        # not by a call of enable_all_reduce
+        self.from_section = from_section
+
+    def __reduce__(self):
+        return type(self), (self.name, self.site, self.config, self.from_section)
 
     def new_stats(self) -> AllReduceStats:
         return AllReduceStats()
@@ -224,12 +231,14 @@ def _expects_all_reduce(site: Site, layer: nn.Module) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig) -> _LayerState:
+def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig,
+           from_section: bool) -> _LayerState:
     state = vars(layer).get(_STATE)
-    if state is not None:  # enabled again: new config, same counters
-        state.configure(config)
-        return state
-    return patch(layer, _LayerState(name, site, config))
+    if state is None:
+        return patch(layer, _LayerState(name, site, config, from_section))
+    state.configure(config)  # enabled again: new config, same counters
+    state.from_section = from_section  # (the latest call owns it)
+    return state
 
 
 # ---- public API ------------------------------------------------------------------------------------
@@ -246,7 +255,7 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
             hooks off: previously patched layers are restored.
     Returns the live AllReduceStats of every patched layer, by qualified module name.
     """
-    ds = import_deepspeed()
+    import_deepspeed()
     root, cfg = resolve(model, config)
     if cfg.all_reduce is None or not cfg.enabled:
         restored = disable_all_reduce(root)
@@ -254,11 +263,30 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
             ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
                               f"DeepSpeed's own all-reduces ({len(restored)} layer(s) restored)")
         return {}
+    return _enable(root, cfg, from_section=False)
+
+
+def enable_from_section(model: Any, config: FlashCommConfig) -> None:
+    """``enable_deepspeed``'s share: its config's ``all_reduce`` installs or updates the hooks;
+    off, only the layers an earlier ``enable_deepspeed`` patched are restored (a separate
+    ``enable_all_reduce`` call's stay)."""
+    root, _ = unwrap(model)
+    if config.all_reduce is not None and config.enabled:
+        _enable(root, config, from_section=True)
+        return
+    for module in root.modules():
+        state = vars(module).get(_STATE)
+        if state is not None and state.from_section:
+            unpatch(module, _STATE)
+
+
+def _enable(root: nn.Module, cfg: FlashCommConfig, from_section: bool) -> dict[str, AllReduceStats]:
+    ds = import_deepspeed()
     enabled: dict[str, AllReduceStats] = {}
     for name, module in root.named_modules():
         site = _site_of(module)
         if site is not None:
-            enabled[name] = _patch(module, name, site, cfg).stats
+            enabled[name] = _patch(module, name, site, cfg, from_section).stats
     if not enabled and rank0():
         ds_logger().warning(
             f"moe_flashcomm.enable_all_reduce: {type(root).__name__} has no tensor-parallel "

@@ -43,6 +43,7 @@ from ..comm import Communicator, ConfigMismatchError, create_stage_groups
 from ..comm.communicator import communicator
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
+from .allreduce import disable_all_reduce, enable_from_section
 from .padding import RouteCounts, SlotPlan, filled_slots
 from .patching import (TESTED_VERSIONS, PatchState, Site, check_patchable, ds_logger,
                        import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
@@ -360,8 +361,10 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
             section when ``model`` is a training engine, else the defaults.
 
     AutoEP replaces layers inside ``deepspeed.initialize``: enable on the engine it returns.
-    A config with ``all_reduce`` set also installs the tensor-parallel all-reduce hooks
-    (``enable_all_reduce``); ``disable_deepspeed`` removes both.
+    The config's ``all_reduce`` applies too: set, it installs or updates the tensor-parallel
+    all-reduce hooks (``enable_all_reduce``); off, it removes those an earlier call of this
+    function installed (hooks of a separate ``enable_all_reduce`` call stay).
+    ``disable_deepspeed`` removes both.
     Every rank resolves the model and config first and then all agree (one small collective):
     a rank that fails, or resolves different layer configs, makes every rank raise. The
     layers of one expert-parallel group share one ``moe_flashcomm.Communicator``, made here
@@ -386,12 +389,12 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
 
     resolved, layers, cfg, states = _agree(prepare)
     enabled: dict[str, ExchangeStats] = {}
-    patched = []
+    patched, removed = [], []
     lines = []
     for (name, layer, site), (_, _, lcfg), state in zip(layers, resolved, states):
         label = f"{name or '<root>'} [{site.cls_name}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
-            unpatch(layer, _STATE)
+            removed.append(unpatch(layer, _STATE))
             lines.append(f"  {label}: stock DeepSpeed (disabled by config)")
             continue
         if state is vars(layer).get(_STATE):  # enabled again: new config, same counters
@@ -402,9 +405,10 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
         enabled[name] = state.stats
         lines.append(f"  {label}: {lcfg.describe()}")
     _attach_communicators(patched)
-    if cfg.all_reduce is not None:  # tensor-parallel all-reduce hooks, from the same config
-        from .allreduce import enable_all_reduce
-        enable_all_reduce(model, cfg)
+    for state in removed:  # layers enabled before, stock now: their communicators go
+        if state is not None and state.comm is not None:
+            state.comm.close()
+    enable_from_section(model, cfg)  # the tensor-parallel all-reduce hooks
     if rank0():
         ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
                           f"send their all-to-alls through moe_flashcomm (DeepSpeed {ds.__version__}):\n"
@@ -416,8 +420,6 @@ def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
     """Restore stock DeepSpeed on every layer ``enable_deepspeed`` patched in ``model``
     (removes the per-instance attributes) and close the layers' communicators (their
     peer-to-peer memory is freed). Returns the final ExchangeStats of those layers."""
-    from .allreduce import disable_all_reduce
-
     root, _ = unwrap(model)
     disable_all_reduce(root)
     restored = {}
