@@ -113,6 +113,15 @@ def _long_payloads(rank, world):
             want = a2a_cases.expected(rank, world, S, (hidden,), dtype, 7,
                                       lambda p: CodecConfig.coerce(codec))
             assert torch.equal(got, want), (codec, dtype)
+    # a first-use check on rank 0 (exchange number 0) meets rank 1's call, whose long
+    # payload rank 0 must drain: both raise at once, and the group works afterwards
+    T = [[S[p][r] for p in range(world)] for r in range(world)]  # rank 1 sends the long one
+    x = make_input(rank, sum(T[rank]), (hidden,), torch.float32, 8)
+    recv = [T[p][rank] for p in range(world)]
+    want = comm.all_to_all(x, recv, T[rank], codec="native")
+    _raises(lambda: comm.all_to_all(x, recv, T[rank], codec=8 if rank == 0 else "native"),
+            ConfigMismatchError, "consistency check")
+    assert torch.equal(comm.all_to_all(x, recv, T[rank], codec="native"), want)
     comm.close()
 
 

@@ -336,13 +336,13 @@ class Frame:
         self._wait(self.work, "")
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems = self.problems(got)
-        if problems or not self.layout.one_round:
-            self._round_two(got)
         if problems:  # counted alike again from here, whatever each rank was running
-            valid = got[:, 0] == MAGIC
-            seen = got[valid, 2].tolist()
+            seen = got[got[:, 0] == MAGIC, 2].tolist()
             self.framing.sequence[self.counter] = max(
                 seen + [self.framing.sequence.get(self.counter, 0)])
+        if problems or not self.layout.one_round:
+            self._round_two(got)
+        if problems:
             lines = [f"rank {p}: {m}" for p, msgs in problems.items() for m in msgs]
             error = ConfigMismatchError(
                 f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
@@ -382,7 +382,10 @@ class Frame:
                     dst = self.recv[a:a + rest]
                 else:  # drained, to keep the transport in step, then reported
                     dst = torch.empty(rest, dtype=torch.uint8)
-                works.append(dist.irecv(dst, ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+                # tagged with the sender's number: a first-use check (number 0) can meet
+                # another call's long message
+                works.append(dist.irecv(dst, ranks[p], group=self.pg,
+                                        tag=int(got[i, 2]) & 0xFFFF))
         for w in works:
             self._wait(w, " (the rest of a long message)")
 
