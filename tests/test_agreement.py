@@ -14,6 +14,7 @@ import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
+from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
 from tests import a2a_cases
 from tests.a2a_cases import make_input
@@ -164,6 +165,10 @@ def _all_reduce_numel(rank, world):
             "all_reduce reduce-scatter", f"reduces {2500 - mine} values; this rank reduces {mine}")
     _raises(lambda: comm.all_reduce(x[:1000].clone() if rank else torch.ones(5000)),
             ConfigMismatchError, "values; this rank reduces")
+    # an empty tensor on one rank (it returned at once, leaving its peer to time out)
+    comm.all_reduce(torch.ones(0))
+    _raises(lambda: comm.all_reduce(torch.ones(0) if rank == 0 else x.clone()),
+            ConfigMismatchError, "reduces 0 values" if rank else "reduces 1500 values")
     # afterwards: the specification's result on every rank
     got = comm.all_reduce(x.clone())
     inputs = [make_input(r, 1500, (), torch.float32, 4) for r in range(world)]
@@ -297,12 +302,20 @@ def test_hierarchical_codec_switch_gloo_4():
 
 
 def _hierarchical_all_reduce(rank, world):
-    comm = mf.Communicator(gate=False, topology=2)
     x = make_input(rank, 1500, (), torch.float32, 7)
+    mine = 1000 if rank == 3 else 1500
+    # the process's first hierarchical call, gated on rank 3 only (its sum over gloo meets
+    # the others' first stage): every rank raises
+    fresh = mf.Communicator(gate=SizeGate({}, all_reduce={"cpu": {"*": 4000}}), topology=2)
+    msg = _raises(lambda: fresh.all_reduce(x[:mine].clone(), algorithm="hierarchical"),
+                  ConfigMismatchError)
+    assert ("it reduces 1500 values; this rank reduces 1000" in msg if rank == 3
+            else "rank 3: it " in msg), msg
+    fresh.close()
+    comm = mf.Communicator(gate=False, topology=2)
     for numel in (1000, 1500):  # (both pad to the same rows)
         comm.all_reduce(x[:numel].clone(), algorithm="hierarchical")
     # rank 3 only: every rank sees it in stage 1 (on the whole group over gloo)
-    mine = 1000 if rank == 3 else 1500
     msg = _raises(lambda: comm.all_reduce(x[:mine].clone(), algorithm="hierarchical"),
                   ConfigMismatchError, "hierarchical all-reduce stage")
     assert ("reduces 1500 values; this rank reduces 1000" in msg if rank == 3 else

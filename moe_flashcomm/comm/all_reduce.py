@@ -271,7 +271,9 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     cfg = inter if path == "network" else intra
     n = x.numel()
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
-        return _Plan(True, world, rank, 0, (), intra, inter, call=world > 1 and n > 0, numel=n)
+        # over gloo an empty tensor is exchanged too (headers only): a peer's numel is checked
+        return _Plan(True, world, rank, 0, (), intra, inter,
+                     call=world > 1 and (n > 0 or not x.is_cuda), numel=n)
     c = rows_per_rank(n, world)
     if algorithm == "hierarchical":
         _hierarchy(comm)  # creates the stage groups (collective), checks the layout
