@@ -273,6 +273,17 @@ def _algorithm_switch(rank, world):
     for a, (out, total) in before.items():  # and the group works afterwards
         assert torch.equal(comm.all_to_all(x, algorithm=a), out)
         assert torch.equal(comm.all_reduce(y.clone(), algorithm=a), total)
+    # "auto" with split sizes gathers the group's sizes at a codec's first use (framed: it
+    # was a plain all_reduce, which a rank rejecting its arguments left waiting forever)
+    s = [4] * world
+    comm.all_to_all(x, s, s, codec=4, algorithm="auto")
+    if rank == 0:
+        _raises(lambda: comm.all_to_all(x, s, [5] * world, codec=8, algorithm="auto"),
+                ValueError, "input_split_sizes sums to 20")
+    else:
+        _raises(lambda: comm.all_to_all(x, s, s, codec=8, algorithm="auto"),
+                ConfigMismatchError, "rank 0: it rejected its arguments")
+    assert torch.equal(comm.all_to_all(x, s, s, algorithm="flat"), before["flat"][0])
     comm.close()
 
 

@@ -38,17 +38,23 @@ MAX_FIELDS = 15
 REJECTED = hash63("moe_flashcomm: this rank rejected its arguments")
 
 
-def _gather(words: list, group, device: torch.device, framing) -> torch.Tensor:
-    """Every rank's check words, a table [world, 1 + MAX_FIELDS] (framed on CPU)."""
+def gather_table(words: list, group, device: torch.device, framing) -> torch.Tensor:
+    """Every rank's int64 ``words`` (as many on every rank), a table [world, len(words)], for
+    a first-use step: framed on CPU (as a consistency check: not counted among the group's
+    exchanges), else one all_gather."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = torch.tensor(words + [0] * (1 + MAX_FIELDS - len(words)), dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor(words, dtype=torch.int64, device=device)
     if framing is not None and device.type == "cpu":
         from .frame import gather_words  # (frame.py imports this module)
         return gather_words(framing, group, rank, world, "consistency check", mine)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     return torch.stack(gathered).cpu()
+
+
+def _gather(words: list, group, device: torch.device, framing) -> torch.Tensor:
+    """Every rank's check words, a table [world, 1 + MAX_FIELDS]."""
+    return gather_table(words + [0] * (1 + MAX_FIELDS - len(words)), group, device, framing)
 
 
 def reject_check(group: Optional[dist.ProcessGroup], device: torch.device, framing=None) -> None:

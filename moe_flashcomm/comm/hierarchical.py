@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..memo import remember
 from . import frame
-from .check import ConfigMismatchError, check_consistent, hash63
+from .check import ConfigMismatchError, check_consistent, gather_table, hash63
 from .exchange import (Pending, Route, _pack, _segments, _unpack, row_bytes, stamp_bytes,
                        stamped_call)
 from .exchange import exchange as flat_exchange
@@ -523,14 +523,14 @@ def _mean_pair_rows(comm, route: Route, in_rows: tuple, uniform: bool, key: tupl
                     device: torch.device) -> int:
     """Rows per (source, destination) pair that ``"auto"`` decides on, equal on every rank:
     ``in_rows[0]`` for even splits; with split sizes, the group's mean at the first call of
-    a configuration (one int64 all_reduce then, remembered: MoE layers keep their sizes)."""
+    a configuration (one word per rank gathered then, remembered: MoE layers keep their
+    sizes; framed over gloo, so a rank in another call raises instead of hanging it)."""
     if uniform:
         return in_rows[0]
     sizes = comm.hierarchy_state.setdefault("auto_sizes", {})
     if key not in sizes:
-        total = torch.tensor([sum(in_rows)], dtype=torch.int64, device=comm.agree_device)
-        dist.all_reduce(total, group=route.group)
-        sizes[key] = int(total.item()) // (route.world * route.world)
+        table = gather_table([sum(in_rows)], comm.pg, comm.agree_device, comm.framing)
+        sizes[key] = int(table.sum()) // (route.world * route.world)
     return sizes[key]
 
 
