@@ -302,6 +302,16 @@ def _hierarchical(rank, world):
                   ConfigMismatchError, "hierarchical stage",
                   "its configuration (codecs, size gate, hidden size, dtype) differs")
     assert ("rank 3: its configuration" in msg) == (rank != 3), msg
+    # split sizes: rank 3 expects 5 rows from rank 0, which sends 4 (across the nodes, so
+    # only a relay carries them): the source and the destination meet in stage 1, whose
+    # headers carry the call's rows pair by pair; the relays raise in stage 2
+    s = [4] * world
+    msg = _raises(lambda: comm.all_to_all(x, [5, 4, 4, 4] if rank == 3 else s, s, codec=int4),
+                  ConfigMismatchError)
+    assert {0: "rank 3: it expects 5 rows from this rank; this rank sends 4 to it",
+            3: "rank 0: it sends 4 rows to this rank; this rank expects 5 from it"}.get(
+        rank, "(global rank 0): it found ranks disagreeing" if rank == 2
+        else "(global rank 3): it found ranks disagreeing") in msg, msg
     for c, expected in want.items():
         assert torch.equal(comm.all_to_all(x, codec=c), expected)
     assert torch.equal(comm.all_to_all(x, codec=int4, algorithm="flat"), want[int4])

@@ -343,10 +343,12 @@ class Frame:
         if problems or not self.layout.one_round:
             self._round_two(got)
         if problems:
-            lines = [f"rank {p}: {m}" for p, msgs in problems.items() for m in msgs]
+            lines = [f"rank {p}{global_note(self.pg, p)}: {m}" for p, msgs in problems.items()
+                     for m in msgs]
             error = ConfigMismatchError(
                 f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
-                f"{self._where()} (seen by group rank {self.rank} of {self.world}):\n  "
+                f"{self._where()} (seen by group rank {self.rank} of {self.world}"
+                f"{global_note(self.pg, self.rank)}):\n  "
                 + "\n  ".join(lines)
                 + "\nEvery rank must make the same moe_flashcomm calls in the same order, with "
                   "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
@@ -473,16 +475,22 @@ class Frame:
 
 def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: str,
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
-                      in_splits: list, detail: int = 0, **numbering) -> "Done":
+                      in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
+                      **numbering) -> "Done":
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
-    result stands in for the work of an asynchronous call. ``numbering``: Frame's
-    ``number``, ``counter`` and ``aborted``."""
+    result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
+    group rank, the rows in the headers in place of the splits (a stage of a larger
+    exchange checks that exchange's rows, pair by pair). ``numbering``: Frame's ``number``,
+    ``counter`` and ``aborted``."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
     ooff = [i * unit for i in offsets(out_splits)]
     sends, recvs = item_legs(in_splits, unit, rank), item_legs(out_splits, unit, rank)
+    if rows is not None:
+        sends, recvs = ([None if leg is None else leg._replace(rows=n) for leg, n in zip(legs, r)]
+                        for legs, r in zip((sends, recvs), rows))
     frame = Frame(framing, pg, rank, world, operation, inp.dtype, 0, sends, recvs, detail,
                   **numbering)
     for p in frame.peers:

@@ -252,10 +252,12 @@ class Hierarchy:
 
     def a2a(self, stage: str, out: torch.Tensor, inp: torch.Tensor, out_splits: list,
             in_splits: list, async_op: bool = False, operation: str = "hierarchical stage",
-            detail: int = 0, **numbering):
+            detail: int = 0, rows: Optional[tuple] = None, **numbering):
         """``all_to_all_single`` of a stage; splits are per stage rank (index = position
         among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
-        ``detail`` and ``numbering`` go to frame.all_to_all_single)."""
+        ``detail`` and ``numbering`` go to frame.all_to_all_single), and the first stage,
+        on the whole group, puts the call's ``rows`` (sent, received: per group rank) in the
+        headers, so that a source and a destination that disagree meet there."""
         pg, peers, masked = self.stages[stage]
         framed = self.framing is not None and not out.is_cuda
         if framed and stage == "intra":
@@ -274,7 +276,8 @@ class Hierarchy:
                                                                      len(peers))
             try:
                 return frame.all_to_all_single(self.framing, pg, rank, world, operation, out,
-                                               inp, out_splits, in_splits, detail, **numbering)
+                                               inp, out_splits, in_splits, detail,
+                                               rows if on_group else None, **numbering)
             except ConfigMismatchError as e:
                 if not on_group:  # (in the group's ranks, as the stages name them)
                     e.elsewhere = frozenset(peers[q] for q in e.elsewhere)
@@ -484,7 +487,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
             recv1 = send1
         else:
             recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
-            h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest, **numbering)
+            h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest,
+                  rows=(in_rows, out_rows), **numbering)
     except ConfigMismatchError as e:
         if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
             # stage 2 as headers only: its peers raise too
