@@ -18,7 +18,8 @@ The same fields are read from a ``"moe_flashcomm"`` section of a DeepSpeed JSON 
 A codec field takes what ``CodecConfig.coerce`` takes (a bits value: 2..8, "fp8", "bf16",
 which rounds fp32 tokens to bf16, or "native", the tokens in their own dtype, exact for every
 dtype; a dict of CodecConfig fields; a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
-class (``moe_flashcomm.comm.LinkCodecs``). Every field has a default; a bad value raises
+class (``moe_flashcomm.comm.LinkCodecs``). Every field has a default, which null (None) also
+means; in a layer rule null leaves the field as the base config has it. A bad value raises
 ``ValueError`` naming the field and the allowed values; unknown keys are errors.
 """
 from __future__ import annotations
@@ -95,7 +96,8 @@ class FlashCommConfig:
     gate:          size gate: True = the tuned thresholds (``$MOE_FLASHCOMM_GATE_FILE`` or
                    the measured defaults), False = always use the codec, a thresholds dict
                    ``{path: {codec: bytes}}`` or the path of a JSON file written by
-                   ``python -m moe_flashcomm.tune_gate``. Below its threshold a message
+                   ``python -m moe_flashcomm.tune_gate`` (read when the config is built, so
+                   a bad file fails there, naming the field). Below its threshold a message
                    goes as bf16.
     chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
                    overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
@@ -130,6 +132,9 @@ class FlashCommConfig:
 
     def _validate(self, where: str) -> None:
         set_ = object.__setattr__
+        for f in fields(self):  # None (JSON null): the field's default, not CodecConfig's int4
+            if getattr(self, f.name) is None:
+                set_(self, f.name, _default(f))
         for name in ("enabled", "skip_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}.{name} must be true or false, got {getattr(self, name)!r}")
@@ -143,7 +148,7 @@ class FlashCommConfig:
         elif self.chunks is not None and (isinstance(self.chunks, bool)
                                           or not isinstance(self.chunks, int) or self.chunks < 1):
             raise ConfigError(f"{where}.chunks must be an int >= 1 or \"auto\", got {self.chunks!r}")
-        layers = () if self.layers is None else self.layers
+        layers = self.layers
         if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
             raise ConfigError(f"{where}.layers must be a list of rules (dicts with 'match' or "
                               f"'index' and the fields to override), got {layers!r}")
@@ -191,8 +196,7 @@ class FlashCommConfig:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
         obj = cls.__new__(cls)
         for f in fields(cls):
-            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            object.__setattr__(obj, f.name, d.get(f.name, default))
+            object.__setattr__(obj, f.name, d.get(f.name))  # (absent or null: the default)
         obj._validate(where)
         return obj
 
@@ -243,18 +247,21 @@ class FlashCommConfig:
         return s + " " + " ".join(extra)
 
 
+def _default(f) -> Any:
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
 def _check_gate(gate: Any, where: str) -> Any:
     if isinstance(gate, bool):
         return gate
-    if isinstance(gate, (str, os.PathLike)):
-        return os.fspath(gate)
-    if isinstance(gate, Mapping):
+    if isinstance(gate, (str, os.PathLike, Mapping)):
+        # loaded as enable_deepspeed will load it: a missing or bad file fails here, named
         from .comm.gate import SizeGate
         try:
             SizeGate.coerce(gate)
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{where}: {e}") from None
-        return dict(gate)
+        return dict(gate) if isinstance(gate, Mapping) else os.fspath(gate)
     raise ConfigError(f"{where} must be true, false, a thresholds dict or a JSON file path, "
                       f"got {gate!r}")
 
@@ -288,7 +295,8 @@ def _rule(r: Any, where: str) -> LayerRule:
         if not index or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                 for v in index):
             raise ConfigError(f"{where}.index must be an int >= 0 or a list of them, got {i!r}")
-    overrides = {k: v for k, v in r.items() if k not in ("match", "index")}
+    # null overrides nothing: the layer keeps the base config's value
+    overrides = {k: v for k, v in r.items() if k not in ("match", "index") and v is not None}
     # validate the overridden values exactly as top-level fields are
     probe = FlashCommConfig.from_dict(overrides, where=where)
     return LayerRule(match, index, tuple((k, getattr(probe, k)) for k in overrides))

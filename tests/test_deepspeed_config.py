@@ -4,6 +4,7 @@ No processes are spawned here."""
 import json
 import subprocess
 import sys
+from dataclasses import fields, replace
 
 import pytest
 
@@ -112,6 +113,10 @@ def test_layer_rules_apply_in_order():
     ({"layers": [{"match": ""}]}, "moe_flashcomm.layers[0].match must be a glob string"),
     ({"layers": [{"match": "a", "combine": "int4"}]}, "moe_flashcomm.layers[0].combine: CodecConfig.bits"),
     ({"layers": [{"match": "a", "layers": []}]}, "moe_flashcomm.layers[0]: unknown field(s) ['layers']"),
+    ({"gate": "/nonexistent/gate.json"},
+     "moe_flashcomm.gate: cannot read size-gate file '/nonexistent/gate.json'"),
+    ({"layers": [{"match": "a"}, {"index": 0, "gate": "/nonexistent/gate.json"}]},
+     "moe_flashcomm.layers[1].gate: cannot read size-gate file '/nonexistent/gate.json'"),
 ])
 def test_bad_fields_raise_naming_the_field(bad, needle):
     with pytest.raises(ValueError) as e:
@@ -137,10 +142,43 @@ def test_what_is_not_a_config_is_named():
         FlashCommConfig.from_deepspeed_config(3)
     assert FlashCommConfig.from_deepspeed_config({"train_batch_size": 8}) is None
     assert FlashCommConfig.from_deepspeed_config({"moe_flashcomm": None}) == FlashCommConfig()
-    from pathlib import Path
-    cfg = FlashCommConfig(gate=Path("gate.json"))  # a path-like gate is kept as its string
-    assert cfg.to_dict()["gate"] == "gate.json"
+
+
+def test_a_gate_file_is_loaded_when_the_config_is_built(tmp_path):
+    """A gate path, at the top or in a rule, is read at once: a bad file is a ConfigError
+    naming the field and the file's problem (not an error at enable time)."""
+    good = tmp_path / "gate.json"
+    good.write_text(json.dumps({"thresholds": {"host": {"int4": 5}}}))
+    cfg = FlashCommConfig(gate=good)  # a path-like gate is kept as its string
+    assert cfg.to_dict()["gate"] == str(good)
     assert FlashCommConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"thresholds": {"nvlink": {"int4": "big"}}}))
+    problem = f"size gate {bad}: thresholds['nvlink']['int4'] must be an int >= 0 (bytes), got 'big'"
+    with pytest.raises(ConfigError) as e:
+        FlashCommConfig(gate=bad)
+    assert str(e.value) == f"FlashCommConfig.gate: {problem}"
+    with pytest.raises(ConfigError) as e:
+        FlashCommConfig.from_deepspeed_config(
+            {"moe_flashcomm": {"gate": str(good), "layers": [{"match": "*", "gate": str(bad)}]}})
+    assert str(e.value) == f"moe_flashcomm.layers[0].gate: {problem}"
+
+
+def test_null_is_the_default_and_in_a_rule_inherits():
+    """null (None) at the top level is each field's default (the gradients' int8, not
+    CodecConfig's int4); in a layer rule it overrides nothing."""
+    nulls = {f.name: None for f in fields(FlashCommConfig)}
+    assert FlashCommConfig.from_dict(nulls) == FlashCommConfig(**nulls) == FlashCommConfig()
+    c = FlashCommConfig.from_deepspeed_config({"moe_flashcomm": {"dispatch_grad": None,
+                                                                 "combine_grad": None}})
+    assert c.dispatch_grad == c.combine_grad == LinkCodecs(8, 8)
+    base = FlashCommConfig(dispatch=2, dispatch_grad=4, gate=False, enabled=True, layers=[
+        {"index": 0, **{f: None for f in nulls if f not in ("layers", "all_reduce")}},
+        {"index": 1, "dispatch": None, "combine": "bf16"}])
+    assert base.for_layer("a", 0) == replace(base, layers=())
+    one = base.for_layer("b", 1)
+    assert one.dispatch == LinkCodecs(2, 2) and one.combine == LinkCodecs("bf16", "bf16")
+    assert [k for k, _ in base.layers[1].overrides] == ["combine"]
 
 
 def test_package_imports_without_deepspeed():

@@ -94,6 +94,31 @@ def test_a_gate_file_is_checked_against_the_schema(tmp_path, data, needle):
         assert needle in str(e.value), str(e.value)
 
 
+EVERY_CODEC = [CodecConfig(bits=b) for b in (*range(2, 9), "fp8")]
+
+
+@pytest.mark.parametrize("table", ["thresholds", "all_reduce"])
+def test_every_codec_is_gated_wherever_int4_is(table):
+    """The defaults tune some widths only (no int5, int7): every width and fp8 has a
+    threshold on every path where int4 has one."""
+    gate = SizeGate(DEFAULT_THRESHOLDS)  # (all_reduce: its defaults)
+    lookup = gate.threshold if table == "thresholds" else gate.all_reduce_threshold
+    paths = [p for p in getattr(gate, table) if lookup(p, INT4)]
+    assert len(paths) == 3
+    for path in paths:
+        assert all(lookup(path, c) > 0 for c in EVERY_CODEC), path
+
+
+def test_a_missing_width_takes_the_next_wider_ones_threshold():
+    """A wider code carries more bytes, so it pays later: a width the row lacks borrows the
+    next wider width's threshold (toward bf16). An explicit "*" comes first; a width above the
+    widest in the row, and fp8, are not gated."""
+    gate = SizeGate({"host": {"int3": 30, "int6": 60}, "network": {"int6": 60, "*": 1}})
+    host = [gate.threshold("host", c) for c in EVERY_CODEC]
+    assert host == [30, 30, 60, 60, 60, 0, 0, 0]  # int2..int8, fp8
+    assert [gate.threshold("network", c) for c in EVERY_CODEC] == [1, 1, 1, 1, 60, 1, 1, 1]
+
+
 def test_bf16_and_native_are_never_gated_and_native_all_reduces_with_torch():
     gate = SizeGate({"host": {"*": 1 << 40}}, all_reduce={"host": {"*": 0}})
     native, bf16, int4 = CodecConfig(bits="native"), CodecConfig(bits="bf16"), CodecConfig(bits=4)
@@ -160,6 +185,18 @@ def test_gate_file_variable_is_read_at_call_time(tmp_path, monkeypatch):
     write(tmp_path / "gate.json", {"thresholds": {"host": {"int4": 9}}})  # rewritten: re-read
     os.utime(f, ns=(1, 10 ** 18))
     assert SizeGate.default().thresholds == {"host": {"int4": 9}}
+
+
+def test_gate_file_variable_errors_name_the_variable(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.json")
+    bad = write(tmp_path / "bad.json", {"thresholds": {"host": {"int4": "big"}}})
+    for path, problem in ((missing, "cannot read size-gate file"),
+                          (bad, "thresholds['host']['int4'] must be an int >= 0")):
+        monkeypatch.setenv("MOE_FLASHCOMM_GATE_FILE", path)
+        with pytest.raises(ValueError) as e:
+            SizeGate.coerce(True)
+        assert str(e.value).startswith(f"environment variable MOE_FLASHCOMM_GATE_FILE={path!r}: ")
+        assert problem in str(e.value)
 
 
 def _gate_file_run(rank, world):

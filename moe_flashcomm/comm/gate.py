@@ -32,7 +32,7 @@ NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on t
 # Measured defaults, fitted by fit_thresholds from the 2x H200 sweeps behind
 # docs/benchmarks.md (`python -m moe_flashcomm.tune_gate --from-bench docs/data/bench_all2all*.json
 # --python`). Paths absent here ("cpu") are never gated: on CPU the library is for development
-# and CI, not speed.
+# and CI, not speed. int5 and int7, not measured, take int6's and int8's (_lookup).
 DEFAULT_THRESHOLDS: dict = {
     # NVLink: the peer-to-peer transport (comm/p2p.py) pays from 128 MiB per peer
     "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134083510, "int4": 134083510,
@@ -89,9 +89,21 @@ def _check_table(given: Any, name: str, source: str) -> dict:
     return table
 
 
+def _lookup(row: Mapping[str, int], cfg: CodecConfig) -> int:
+    """The threshold of a quantized ``cfg`` in one path's row: its own key, else the row's
+    ``"*"``, else that of the next wider integer width the row has (a wider code carries more
+    bytes, so it pays at a larger size: borrowing its threshold errs toward bf16), else 0."""
+    wider = [f"int{b}" for b in range(cfg.bits + 1, 9)] if cfg.is_int else []
+    for key in (codec_key(cfg), "*", *wider):
+        if key in row:
+            return int(row[key])
+    return 0
+
+
 class SizeGate:
     """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
-    the fallback of its path. ``SizeGate({})`` never gates the all-to-all.
+    the fallback of its path, else a width the path lacks takes the next wider one's
+    (_lookup). ``SizeGate({})`` never gates the all-to-all.
 
     ``all_reduce``: the all-reduce table (bf16 bytes of the whole tensor); None: the
     defaults (DEFAULT_ALL_REDUCE_THRESHOLDS), ``{}``: never gate the all-reduce."""
@@ -112,8 +124,7 @@ class SizeGate:
         "bf16" and "native": never)."""
         if not cfg.is_quantized:
             return 0
-        row = self.thresholds.get(path, {})
-        return int(row.get(codec_key(cfg), row.get("*", 0)))
+        return _lookup(self.thresholds.get(path, {}), cfg)
 
     def all_reduce_threshold(self, path: str, cfg: CodecConfig) -> int:
         """Bytes (bf16, the whole tensor) below which ``moe_flashcomm.all_reduce`` with
@@ -123,8 +134,7 @@ class SizeGate:
             return NEVER_PAYS
         if cfg.is_passthrough:
             return 0
-        row = self.all_reduce.get(path, {})
-        return int(row.get(codec_key(cfg), row.get("*", 0)))
+        return _lookup(self.all_reduce.get(path, {}), cfg)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SizeGate":
@@ -156,9 +166,12 @@ class SizeGate:
     def default(cls) -> "SizeGate":
         """The table of ``$MOE_FLASHCOMM_GATE_FILE`` if set, else DEFAULT_THRESHOLDS."""
         path = env.gate_file()
-        if path:
+        if not path:
+            return _DEFAULT
+        try:
             return cls.load(path)  # (read when a communicator or call plan is made)
-        return _DEFAULT
+        except ValueError as e:  # named like every other variable (env.py)
+            raise ValueError(f"environment variable MOE_FLASHCOMM_GATE_FILE={path!r}: {e}") from None
 
     @classmethod
     def coerce(cls, obj: "SizeGate | bool | Mapping[str, Any] | str | None") -> "SizeGate":
