@@ -7,6 +7,7 @@ naming the variable, its value and what is allowed. The README's table lists the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -53,15 +54,20 @@ def kernel_cache_dir() -> Path:
     return Path(value) if value else Path.home() / ".cache" / "moe_flashcomm" / "kernels"
 
 
+# a C identifier, optionally =VALUE (MFC_X=-1, MFC_Y=1.5); no spaces: each is one -D argument
+_DEFINE = re.compile(r"[A-Za-z_]\w*(=[^,\s]+)?", re.ASCII)
+
+
 def kernel_defines() -> tuple[str, ...]:
     """MOE_FLASHCOMM_DEFINES: extra -D defines for every kernel compile (comma-separated),
     to point a whole run at a kernel variant (e.g. ``MFC_ENC_V4``)."""
     value = _raw("MOE_FLASHCOMM_DEFINES") or ""
     out = tuple(d.strip() for d in value.split(",") if d.strip())
     for d in out:
-        if not d.replace("=", "").replace("_", "").isalnum():
+        if not _DEFINE.fullmatch(d):
             raise ValueError(f"environment variable MOE_FLASHCOMM_DEFINES={value!r}: {d!r} is "
-                             "not a NAME or NAME=VALUE define")
+                             "not a NAME or NAME=VALUE define (NAME a C identifier, VALUE "
+                             "without spaces)")
     return out
 
 

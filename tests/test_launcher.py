@@ -322,6 +322,17 @@ def test_the_launcher_is_on_unless_turned_off(monkeypatch):
         K.KernelCache().native
 
 
+def test_kernel_defines_take_c_identifiers_with_any_value(monkeypatch):
+    """MOE_FLASHCOMM_DEFINES: NAME or NAME=VALUE, NAME a C identifier, VALUE one -D argument."""
+    monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", "MFC_X=-1, MFC_Y=1.5,_Z,MFC_W=0x10")
+    assert env.kernel_defines() == ("MFC_X=-1", "MFC_Y=1.5", "_Z", "MFC_W=0x10")
+    for bad in ("1BAD", "MFC-X", "MFC_X=", "=1", "MFC_X=1 2", "MFC X"):
+        monkeypatch.setenv("MOE_FLASHCOMM_DEFINES", f"MFC_OK,{bad}")
+        with pytest.raises(ValueError, match=f"MOE_FLASHCOMM_DEFINES='MFC_OK,{bad}': '{bad}' is "
+                                             "not a NAME or NAME=VALUE define"):
+            env.kernel_defines()
+
+
 def test_use_launcher_switches_the_launcher_and_keeps_each_ones_plans(native):
     """Benchmarks compare the launchers in one process: each keeps its own codec plans."""
     cache = K.KernelCache()
