@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import preflight  # noqa: E402
-from finetune_moe import init_rank, launch, log  # noqa: E402
+from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
 from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import env  # noqa: E402
@@ -80,7 +80,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.capacity_factor <= 0:
         preflight.fail(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    args.presets = args.presets or (["mixtral", "deepseek"] if torch.cuda.is_available() else ["tiny"])
     return args
+
+
+def check_args(args) -> None:
+    """In the parent, before any rank starts: a mistake exits with status 2 and one line."""
+    world = world_size(args)
+    for name in args.presets:
+        experts = PRESETS[name][2]
+        if experts % world:
+            preflight.fail(f"preset {name}: its {experts} experts must be divisible by the "
+                           f"{world} ranks (expert parallel over all ranks)")
+    if args.deepspeed_config is not None:
+        preflight.load_ds_config(args.deepspeed_config, {})
+    preflight.check_gate_variable()  # every layer here uses the default gate
 
 
 def timed(fn, reps: int) -> float:
@@ -125,7 +139,6 @@ def bench(args) -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
-    presets = args.presets or (["mixtral", "deepseek"] if gpu else ["tiny"])
     token_counts = args.tokens or ([1024, 4096, 16384] if gpu else [64, 256])
     if not gpu:
         log("CPU run: the codecs are slower than stock here, because without CUDA kernels the "
@@ -133,7 +146,7 @@ def bench(args) -> None:
     keys = [codec if skip == "on" else f"{codec}_padded" for codec in args.codecs
             for skip in args.skip_padding]
     rows = []
-    for name in presets:
+    for name in args.presets:
         hidden, ffn, experts, k = PRESETS[name]
         torch.manual_seed(0)
         layer = MoE(hidden_size=hidden, expert=Expert(hidden, ffn), num_experts=experts, ep_size=world, k=k,
@@ -219,8 +232,7 @@ def plot(rows: list, codecs: list, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.deepspeed_config is not None:
-        preflight.load_ds_config(args.deepspeed_config, {})
+    check_args(args)
     preflight.say("moe_flashcomm: dispatch and combine with " + ", ".join(args.codecs) +
                   " (group 128, spikes), each against stock DeepSpeed")
     preflight.check_extension_build(cpu_run=env.rank() is None and not torch.cuda.is_available())

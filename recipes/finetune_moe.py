@@ -25,7 +25,7 @@ import preflight  # noqa: E402
 from moe_lm import ByteBatches, MoELM, ModelConfig, split_corpus, stdlib_corpus  # noqa: E402
 from preflight import positive_int  # noqa: E402
 
-from moe_flashcomm import env  # noqa: E402
+from moe_flashcomm import FlashCommConfig, env  # noqa: E402
 
 # Used when no --deepspeed_config is given (CPU runs): small batches, fp32, ZeRO-2.
 DEFAULT_CONFIG = {
@@ -86,9 +86,21 @@ def check_args(args) -> dict:
     if args.corpus_bytes < 20 * (args.seq + 1):
         preflight.fail(f"--corpus-bytes {args.corpus_bytes} is too small for --seq {args.seq} "
                        f"(at least {20 * (args.seq + 1)})")
-    if getattr(args, "resume", False) and not (args.out / "ckpt").is_dir():
-        preflight.fail(f"--resume: no checkpoint under {args.out / 'ckpt'}")
-    return preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
+    if args.hidden % ModelConfig.heads:
+        preflight.fail(f"--hidden {args.hidden} must be divisible by the model's "
+                       f"{ModelConfig.heads} attention heads")
+    ckpt = args.out / "ckpt"
+    if getattr(args, "resume", False) and not (ckpt / "latest").is_file():  # what train() loads
+        preflight.fail(f"--resume: no checkpoint under {ckpt} (no DeepSpeed 'latest' file)")
+    cfg = preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
+    section = FlashCommConfig.from_deepspeed_config(cfg)  # (valid: checked above)
+    for i, rule in enumerate(section.layers if section else ()):
+        past = [idx for idx in rule.index if idx >= args.layers]  # one MoE layer per block
+        if past:
+            preflight.fail(f"--deepspeed_config {args.deepspeed_config}: moe_flashcomm.layers[{i}]"
+                           f".index: {past[0]} is out of range, --layers {args.layers} gives "
+                           f"MoE layers 0..{args.layers - 1}")
+    return cfg
 
 
 def log(msg: str, progress=None) -> None:

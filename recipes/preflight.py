@@ -86,13 +86,22 @@ def load_ds_config(path: Optional[Path], default: dict) -> dict:
             fail(f"{where}: not valid JSON ({e})")
         if not isinstance(cfg, dict):
             fail(f"{where}: expected a JSON object, got {type(cfg).__name__}")
-    try:
-        section = FlashCommConfig.from_deepspeed_config(cfg)
-        if section is not None and isinstance(section.gate, str):
-            SizeGate.load(section.gate)
+    try:  # (gate files, the top level's and the rules', are loaded here too)
+        section = FlashCommConfig.from_deepspeed_config(cfg) or FlashCommConfig()
     except (TypeError, ValueError) as e:
         fail(f"{where}: {e}")
+    rule_gates = [v for rule in section.layers for k, v in rule.overrides if k == "gate"]
+    if any(gate is True for gate in [section.gate, *rule_gates]):
+        check_gate_variable()
     return cfg
+
+
+def check_gate_variable() -> None:
+    """$MOE_FLASHCOMM_GATE_FILE, which every gate left at true (the default) reads."""
+    try:
+        SizeGate.default()
+    except ValueError as e:
+        fail(str(e))
 
 
 def codecs_line(cfg: dict) -> str:

@@ -60,6 +60,63 @@ def test_malformed_config_and_bad_arguments_fail_fast(tmp_path):
     assert "--resume: no checkpoint under" in fails_fast(SCRIPTS[0], "--resume", cwd=tmp_path)
 
 
+BAD_GATE = {"thresholds": {"nvlink": {"int4": "big"}}}
+
+
+@pytest.mark.parametrize("script, args, section, gate_variable, message", [
+    (SCRIPTS[0], [], {"layers": [{"index": [0, 2], "dispatch": 8}]}, None,
+     "moe_flashcomm.layers[0].index: 2 is out of range, --layers 2 gives MoE layers 0..1"),
+    (SCRIPTS[0], [], {"layers": [{"match": "*", "gate": "missing.json"}]}, None,
+     "moe_flashcomm.layers[0].gate: cannot read size-gate file 'missing.json'"),
+    (SCRIPTS[0], [], {"gate": "bad.json"}, None,
+     "moe_flashcomm.gate: size gate bad.json: thresholds['nvlink']['int4'] must be an int >= 0"),
+    (SCRIPTS[0], [], None, "missing.json",
+     "environment variable MOE_FLASHCOMM_GATE_FILE='missing.json': cannot read size-gate file"),
+    (SCRIPTS[1], [], None, "bad.json",
+     "environment variable MOE_FLASHCOMM_GATE_FILE='bad.json': size gate bad.json: "),
+    (SCRIPTS[0], ["--hidden", "130"], None, None,
+     "--hidden 130 must be divisible by the model's 4 attention heads"),
+    (SCRIPTS[0], ["--resume", "--out", "."], None, None,  # ./ckpt exists, holds no checkpoint
+     "--resume: no checkpoint under ckpt (no DeepSpeed 'latest' file)"),
+    (SCRIPTS[1], ["--cpu-ranks", "3"], None, None,
+     "preset tiny: its 4 experts must be divisible by the 3 ranks"),
+    (SCRIPTS[1], ["--cpu-ranks", "16", "--presets", "deepseek-routing", "mixtral-routing"], None,
+     None, "preset mixtral-routing: its 8 experts must be divisible by the 16 ranks"),
+])
+def test_mistakes_that_ranks_would_hit_fail_fast(script, args, section, gate_variable, message,
+                                                 tmp_path):
+    """What each rank would otherwise meet later, as a multi-rank traceback: rule indices past
+    the model's MoE layers, gate files (rules', the top level's, $MOE_FLASHCOMM_GATE_FILE's),
+    the model's shape, a checkpoint directory without a checkpoint, experts that the ranks do
+    not divide."""
+    (tmp_path / "bad.json").write_text(json.dumps(BAD_GATE))
+    (tmp_path / "ckpt").mkdir()
+    if section is not None:
+        cfg = json.loads((ROOT / "recipes" / "finetune_moe.json").read_text())
+        cfg["moe_flashcomm"] = section
+        (tmp_path / "ds.json").write_text(json.dumps(cfg))
+        args = [*args, "--deepspeed_config", "ds.json"]
+    env = dict(os.environ)
+    env.pop("MOE_FLASHCOMM_GATE_FILE", None)
+    if gate_variable:
+        env["MOE_FLASHCOMM_GATE_FILE"] = gate_variable
+    assert message in fails_fast(script, *args, cwd=tmp_path, env=env)
+
+
+def test_the_gate_variable_is_checked_where_a_gate_reads_it(tmp_path, monkeypatch):
+    """$MOE_FLASHCOMM_GATE_FILE is read by gates left at true: with every gate set otherwise a
+    bad value is no mistake of this run."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import preflight
+    monkeypatch.setenv("MOE_FLASHCOMM_GATE_FILE", str(tmp_path / "missing.json"))
+    off = {"moe_flashcomm": {"gate": False, "layers": [{"index": 0, "dispatch": 8}]}}
+    assert preflight.load_ds_config(None, off) is off
+    for on in ({}, {"moe_flashcomm": {"gate": False, "layers": [{"index": 0, "gate": True}]}}):
+        with pytest.raises(SystemExit) as e:
+            preflight.load_ds_config(None, on)
+        assert e.value.code == preflight.EXIT_USAGE
+
+
 def test_stale_build_lock_is_reported_with_its_fix(tmp_path):
     """An interrupted build of a DeepSpeed op leaves ``lock``: every later start would wait
     forever. The recipe says so, and how to clear it, instead of hanging."""
