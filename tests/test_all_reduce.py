@@ -176,6 +176,14 @@ def extra_checks(rank: int, world: int, device: str) -> None:
     # zero-size tensors pass through
     e = torch.empty(0, 4, device=device)
     assert mf.all_reduce(e, codec=4, gate=False).shape == (0, 4)
+    # a leaf that requires grad is reduced in place outside autograd, as by
+    # torch.distributed.all_reduce (autograd refused the in-place writes)
+    for codec in (4, "native"):
+        y = make_input(rank, (3000,), torch.float32, 94).to(device)
+        want = mf.all_reduce(y.clone(), codec=codec, gate=False)
+        leaf = y.clone().requires_grad_()
+        assert mf.all_reduce(leaf, codec=codec, gate=False) is leaf
+        assert torch.equal(leaf.detach(), want) and leaf.grad is None and leaf.is_leaf, codec
 
 
 def error_checks(rank: int, world: int, device: str) -> None:

@@ -370,7 +370,9 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     """``all_reduce`` on a Communicator (its plans are kept per arguments and size)."""
     plans = comm.all_reduce_plans
     try:  # the hot path: these exact arguments were seen before
-        key = (codec, op, algorithm, chunks, x.dtype, x.device.type, x.numel())
+        # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan)
+        key = (codec, type(codec), op, algorithm, chunks, type(chunks), x.dtype,
+               x.device.type, x.numel())
         plan = plans.get(key)
     except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
         key, plan = None, None
@@ -385,6 +387,11 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
             if len(plans) > 1024:
                 plans.clear()
             plans[key] = plan
+    if x.requires_grad and torch.is_grad_enabled():
+        # in place outside autograd, as torch.distributed.all_reduce (a leaf that requires
+        # grad refuses in-place writes under autograd)
+        with torch.no_grad():
+            return run_all_reduce(comm, x, codec, op, algorithm, chunks)
     group = comm.group
     if plan.nccl and (x.is_cuda or not plan.call):
         # gated or "native" on NCCL (plan.call: more than one rank, a non-empty tensor)
