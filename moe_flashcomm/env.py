@@ -33,8 +33,8 @@ def flag(name: str, default: bool) -> bool:
                      f"{', '.join(_TRUE + _FALSE)}")
 
 
-def integer(name: str, default: int, minimum: int = 0) -> int:
-    """An int variable >= ``minimum``; unset or empty: default."""
+def integer(name: str, default: int, minimum: int = 0, maximum: Optional[int] = None) -> int:
+    """An int variable from ``minimum`` to ``maximum``; unset or empty: default."""
     value = _raw(name)
     if value is None:
         return default
@@ -42,12 +42,16 @@ def integer(name: str, default: int, minimum: int = 0) -> int:
         out = int(value)
     except ValueError:
         out = None
-    if out is None or out < minimum:
-        raise ValueError(f"environment variable {name}={value!r}: expected an int >= {minimum}")
+    if out is None or out < minimum or (maximum is not None and out > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ValueError(f"environment variable {name}={value!r}: expected an int {allowed}")
     return out
 
 
 # ---- the package's own variables -------------------------------------------------------------
+# the longest wait for a silent peer, in seconds: the GPU kernels count it in int64 nanoseconds
+MAX_TIMEOUT_S = 10**9
+
 def kernel_cache_dir() -> Path:
     """MOE_FLASHCOMM_CACHE: where compiled kernels are kept."""
     value = _raw("MOE_FLASHCOMM_CACHE")
@@ -106,7 +110,7 @@ def stamps_enabled() -> bool:
 def timeout_s() -> int:
     """MOE_FLASHCOMM_TIMEOUT_S: how long a call waits for silent peers (a framed exchange over
     gloo, a peer-to-peer kernel's wait)."""
-    return integer("MOE_FLASHCOMM_TIMEOUT_S", 300, minimum=1)
+    return integer("MOE_FLASHCOMM_TIMEOUT_S", 300, minimum=1, maximum=MAX_TIMEOUT_S)
 
 
 def all_reduce_pair_gather() -> bool:

@@ -95,14 +95,18 @@ def test_lifetime_and_disagreement_gloo_2():
 def _bad_arguments(rank, world):
     # the constructor's own checks name the field and what is allowed, before any collective
     for kwargs, pattern in ((dict(algorithm="ring"), r"algorithm must be one of \('flat'"),
-                            (dict(timeout=0), "timeout must be a number of seconds > 0, got 0"),
+                            (dict(timeout=0),
+                             "timeout must be a number of seconds from 0.001 to 1e[+]09, got 0"),
                             (dict(timeout=-3.5), "got -3.5"), (dict(timeout=True), "got True"),
-                            (dict(timeout="60"), "got '60'")):
+                            (dict(timeout="60"), "got '60'"), (dict(timeout=1e-7), "got 1e-07"),
+                            (dict(timeout=float("inf")), "got inf"),
+                            (dict(timeout=float("nan")), "got nan")):
         with pytest.raises(ValueError, match=pattern):
             mf.Communicator(**kwargs)
     # bad arguments on one rank only: it raises its own error, the others raise at once too
     # (it takes part in their consistency check, marked), instead of waiting for it
-    for kwargs in (dict(timeout=-1), dict(algorithm="ring"), dict(codec=9), dict(gate=5)):
+    for kwargs in (dict(timeout=-1), dict(timeout=1e15), dict(algorithm="ring"), dict(codec=9),
+                   dict(gate=5)):
         start = time.monotonic()
         if rank == 0:
             with pytest.raises((ValueError, TypeError)):
@@ -128,6 +132,20 @@ def _bad_arguments(rank, world):
     assert torch.equal(comm.all_to_all(x, codec=8),
                        expected(rank, world, [[4] * world] * world, (32,), torch.float32, 11,
                                 lambda p: mf.CodecConfig(bits=8)))
+    # arguments equal to a call's made before, but of types that are refused, are refused
+    # still (they found its cached plan)
+    splits = [4] * world
+    comm.all_to_all(x, splits, splits, codec=8, chunks=1)
+    comm.all_reduce(x.clone(), codec=8, chunks=1)
+    for kwargs, pattern in ((dict(output_split_sizes=[4.0] * world), "must be an int, got 4.0"),
+                            (dict(codec=8.0), "got float"), (dict(chunks=1.0), "chunks"),
+                            (dict(chunks=True), "chunks")):
+        args = dict(output_split_sizes=splits, input_split_sizes=splits, codec=8, chunks=1)
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            comm.all_to_all(x, **{**args, **kwargs})
+        if "output_split_sizes" not in kwargs:
+            with pytest.raises((ValueError, TypeError), match=pattern):
+                comm.all_reduce(x.clone(), **{**dict(codec=8, chunks=1), **kwargs})
     comm.close()
 
 

@@ -212,9 +212,16 @@ class AllToAllHandle:
 
 
 def split_key(sizes) -> tuple:
-    """Split sizes (not None) as a hashable key (TypeError for what cannot be one)."""
+    """Split sizes (not None) as a hashable key; TypeError for what cannot be one, and for
+    entries other than ints (2.0 equals 2 but is refused: it takes the checking path)."""
     if isinstance(sizes, torch.Tensor):
         if sizes.dtype.is_floating_point:
             raise TypeError("not a key")
         return tuple(sizes.tolist())
-    return tuple(sizes)
+    key = tuple(sizes)
+    if {*map(type, key)} - _INT:
+        raise TypeError("not a key")
+    return key
+
+
+_INT = {int}

@@ -119,8 +119,10 @@ class Communicator:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         check_chunks(chunks)
         if timeout is not None and not (isinstance(timeout, (int, float))
-                                        and not isinstance(timeout, bool) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+                                        and not isinstance(timeout, bool)
+                                        and 1e-3 <= timeout <= env.MAX_TIMEOUT_S):
+            raise ValueError(f"timeout must be a number of seconds from 0.001 to "
+                             f"{env.MAX_TIMEOUT_S:g}, got {timeout!r}")
         self.topology = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
         self.global_ranks = tuple(dist.get_process_group_ranks(self.pg))
         self.nodes = tuple(self.topology.node_of(g) for g in self.global_ranks)
@@ -254,8 +256,10 @@ class Communicator:
         this group (``moe_flashcomm.all_to_all`` documents the arguments); ``codec``,
         ``grad_codec``, ``chunks`` and ``algorithm`` default to the communicator's."""
         try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
+            # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan)
             key = (x.shape, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(),
-                   codec, grad_codec, chunks, algorithm,
+                   codec, type(codec), grad_codec, type(grad_codec), chunks, type(chunks),
+                   algorithm,
                    None if output_split_sizes is None else split_key(output_split_sizes),
                    None if input_split_sizes is None else split_key(input_split_sizes))
             call = self._plans.get(key)
