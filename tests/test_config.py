@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from moe_flashcomm import CodecConfig
@@ -5,8 +7,34 @@ from moe_flashcomm import CodecConfig
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, "fp8", "bf16", "native"])
 def test_valid_configs_round_trip_through_dict(bits):
-    cfg = CodecConfig(bits=bits, group_size=64, rounding="stochastic")
+    cfg = CodecConfig(bits=bits, group_size=64,
+                      rounding="stochastic" if isinstance(bits, int) else "nearest")
     assert CodecConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("bits", ["fp8", "bf16", "native"])
+def test_stochastic_rounding_needs_an_integer_width(bits):
+    """These round to nearest: a stochastic config of them would be silently biased."""
+    with pytest.raises(ValueError, match=f"rounding='stochastic' needs an integer width 2..8 .*"
+                                         f"got bits='{bits}'"):
+        CodecConfig(bits=bits, rounding="stochastic")
+
+
+def test_link_codecs_hash_is_made_again_when_loaded(tmp_path):
+    """A LinkCodecs pickled by a process with another string hash seed keys the same cache
+    entries as one made here (its cached hash is not carried over)."""
+    import pickle
+    import subprocess
+    import sys
+    from moe_flashcomm import LinkCodecs
+    code = ("import pickle, sys; from moe_flashcomm import LinkCodecs; "
+            "sys.stdout.buffer.write(pickle.dumps(LinkCodecs('bf16', 4)))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    blob = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          check=True, timeout=120).stdout
+    loaded, here = pickle.loads(blob), LinkCodecs("bf16", 4)
+    assert loaded == here and hash(loaded) == hash(here)
+    assert {here: 1}.get(loaded) == 1
 
 
 def test_defaults():

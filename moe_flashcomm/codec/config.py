@@ -54,6 +54,9 @@ class CodecConfig:
             raise ValueError(
                 f"CodecConfig.rounding must be one of {ROUNDINGS}, got {self.rounding!r}"
             )
+        if self.rounding == "stochastic" and not self.is_int:  # (it would round to nearest)
+            raise ValueError(f"CodecConfig.rounding='stochastic' needs an integer width 2..8 "
+                             f"(fp8, bf16 and native round to nearest), got bits={bits!r}")
         if not self.is_int:
             object.__setattr__(self, "spikes", False)
 

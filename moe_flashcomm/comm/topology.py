@@ -105,6 +105,9 @@ class LinkCodecs:
     def __hash__(self) -> int:  # cached: LinkCodecs keys the per-call caches
         return self._hash
 
+    def __reduce__(self):  # made again when loaded: str hashes differ between processes
+        return type(self), (self.intra_node, self.inter_node)
+
     def for_peer(self, same_node: bool) -> CodecConfig:
         return self.intra_node if same_node else self.inter_node
 
