@@ -57,7 +57,7 @@ class Communicator:
     algorithm, chunks: the defaults of ``all_to_all``.
     timeout:    seconds a call waits for peers that do not take part before it raises
                 PeerTimeoutError naming them (an exchange over gloo at once; a peer-to-peer
-                wait on the GPU gives up and raises at the next call); None:
+                wait on the GPU gives up and raises at the next call), 0.001 to 1e9; None:
                 $MOE_FLASHCOMM_TIMEOUT_S (300).
 
     Collective: every rank of ``group`` makes its communicator with the same settings, at
