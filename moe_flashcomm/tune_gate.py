@@ -8,7 +8,7 @@ with NCCL's link emulation set before NCCL starts (docs/design.md, "Link emulati
 
     python -m moe_flashcomm.tune_gate --out gate.json              # measure (2 GPUs)
     python -m moe_flashcomm.tune_gate --from-bench out/bench_all2all/bench_all2all.json --out gate.json
-    python -m moe_flashcomm.tune_gate --from-bench ... --python    # a DEFAULT_THRESHOLDS literal
+    python -m moe_flashcomm.tune_gate --from-bench a.json b.json --python  # rows joined; a DEFAULT_THRESHOLDS literal
     MOE_FLASHCOMM_GATE_FILE=gate.json python train.py              # use it
 
 ``--cpu-dry-run`` runs the same code on gloo processes (timings meaningless) to check a setup
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .codec import CodecConfig
-from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds
+from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds, write_gate
 
 # NCCL environment per emulated link class on one 2-GPU host; NCCL reads it when it starts.
 LINK_EMULATION = {
@@ -44,12 +44,15 @@ HIDDEN = (4096, 7168)
 
 
 def parse_size(s: str) -> int:
-    """'64K', '256M', '1G' or a plain number of bytes."""
+    """'64K', '256M', '1G' or a plain number of bytes, > 0."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     try:
-        return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
-    except (ValueError, IndexError):
-        raise ValueError(f"size {s!r}: expected bytes or a number with K, M or G") from None
+        n = int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+    except (ValueError, IndexError, OverflowError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"size {s!r}: expected bytes > 0, or a number with K, M or G")
+    return n
 
 
 def fmt_size(n: int) -> str:
@@ -202,65 +205,160 @@ def measure(paths, hiddens, sizes, codecs, budget_s: float = 0.2, device: str = 
 def fit_from_rows(rows: list) -> dict:
     """Thresholds ``{path: {codec_key: bytes}}`` from measured rows: this module's, or a
     tools/bench_all2all.py JSON's (its always-quantized rows; every row needs ``nccl_ms`` or
-    an ``nccl`` row of the same path, hidden size and tokens)."""
-    nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
-    fit = [dict(path=r["path"], hidden=r["hidden"], pair_bytes=r["pair_bytes"], ms=r["ms"],
-                nccl_ms=r.get("nccl_ms") or nccl[(r["path"], r["hidden"], r["tokens"])],
-                codec=codec_key(bench_codec(r["codec"])))
-           for r in rows if r.get("codec") not in (None, "bf16") and not r.get("gated")
-           and not r.get("sweep") and not r.get("algorithm") and r["path"] in LINK_EMULATION]
+    an ``nccl`` row of the same path, hidden size and tokens). ValueError: what rows lack."""
+    timed = [r for r in rows if r.get("codec") not in (None, "bf16") and not r.get("gated")
+             and not r.get("sweep") and not r.get("algorithm") and r.get("path") in LINK_EMULATION]
+    if not timed:
+        raise ValueError(f"no always-quantized all-to-all rows of a link path ({', '.join(LINK_EMULATION)})")
+    nccl = {(r["path"], r.get("hidden"), r.get("tokens")): r["ms"] for r in rows
+            if r.get("variant") == "nccl" and "ms" in r}
+    fit = []
+    for r in timed:
+        lacks = [k for k in ("hidden", "pair_bytes", "ms") if k not in r]
+        base = r.get("nccl_ms") or nccl.get((r["path"], r.get("hidden"), r.get("tokens")))
+        if lacks or base is None:
+            raise ValueError(f"its {r['path']} {r['codec']} rows lack " + (", ".join(lacks) or
+                             "an NCCL time (nccl_ms, or an nccl row of its hidden size and tokens)"))
+        fit.append(dict(path=r["path"], hidden=r["hidden"], pair_bytes=r["pair_bytes"], ms=r["ms"],
+                        nccl_ms=base, codec=codec_key(bench_codec(r["codec"]))))
     return fit_thresholds(fit)
 
 
-def _csv(what: str, value: str, allowed=None) -> list:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if allowed is not None and v not in allowed]
-    if not items or bad:
-        raise SystemExit(f"{what}: {', '.join(bad) or 'empty'} not allowed; "
-                         f"allowed: {', '.join(allowed) if allowed else 'a comma-separated list'}")
-    return items
+def load_bench(path: Path) -> tuple:
+    """(rows, meta) of a tools/bench_all2all.py JSON; ValueError naming the file and what it
+    lacks (an all-reduce benchmark, a gate file, anything else)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it: {e}") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} has no \"rows\" list: not a tools/bench_all2all.py JSON")
+    try:
+        fit_from_rows(rows)  # (cheap) what the fit needs is there
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}: not a tools/bench_all2all.py JSON") from None
+    return rows, data.get("meta") or {}
+
+
+# ---- command-line checks and files, shared with the tools in tools/ (benchlib re-exports) ----
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > ``low`` (>= with ``inclusive``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value >= low if inclusive else value > low) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} "
+                                             f"{low:g}, got {text!r}")
+        return value
+    return parse
+
+
+def csv_arg(item: Callable[[str], object] = str, allowed=None) -> Callable[[str], list]:
+    """An argparse ``type``: a comma-separated list, each item one of ``allowed`` (if given),
+    converted by ``item`` (whose ValueError says why not: parse_size, positive_int)."""
+    def parse(text: str) -> list:
+        out = []
+        for v in (v.strip() for v in text.split(",")):
+            if allowed is not None and v not in allowed:
+                raise argparse.ArgumentTypeError(f"{v!r} is not one of {', '.join(allowed)}")
+            try:
+                out.append(item(v))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return out
+    return parse
+
+
+SIZES_ARG = csv_arg(parse_size)
+
+
+def out_problem(path: Path, folder: bool = False) -> Optional[str]:
+    """Why ``path`` cannot be written (a file, or a folder with ``folder``), or None. Missing
+    folders above it are fine (the tools make them), so a run ends at its start, not after
+    its measurements."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is {'not ' if folder else ''}a directory"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def require_gpus(n: int = 1, hint: str = "") -> None:
+    """End the run with one line (exit status 1) where this machine has fewer than ``n``
+    CUDA GPUs: GPU-only tools say so instead of failing in torch.cuda."""
+    import torch
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < n:
+        sys.exit(f"{Path(sys.argv[0]).name}: needs {'a CUDA GPU' if n == 1 else f'{n} CUDA GPUs'}"
+                 f", found {found}{f' ({hint})' if hint else ''}")
 
 
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moe_flashcomm.tune_gate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("gate.json"), help="JSON to write (default gate.json)")
-    ap.add_argument("--from-bench", type=Path, help="fit on a tools/bench_all2all.py JSON instead of measuring")
-    ap.add_argument("--paths", default=",".join(LINK_EMULATION), help="link emulations to measure")
-    ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden sizes")
-    ap.add_argument("--codecs", default=",".join(CODECS))
-    ap.add_argument("--sizes", default=",".join(SIZES), help="bf16 bytes per rank, e.g. 64K,1M,64M")
-    ap.add_argument("--budget", type=float, default=0.2, help="seconds of timed calls per point")
+    ap.add_argument("--out", type=Path, default=Path("gate.json"),
+                    help="JSON to write (default gate.json); an existing gate file keeps its all_reduce table")
+    ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
+                    help="fit on tools/bench_all2all.py JSONs (rows joined) instead of measuring")
+    ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=",".join(LINK_EMULATION),
+                    help="link emulations to measure")
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default=",".join(map(str, HIDDEN)),
+                    help="hidden sizes")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    ap.add_argument("--sizes", type=SIZES_ARG, default=",".join(SIZES),
+                    help="bf16 bytes per rank, e.g. 64K,1M,64M")
+    ap.add_argument("--budget", type=float_above(0), default=0.2, help="seconds of timed calls per point")
     ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check the setup without GPUs (timings meaningless)")
     args = ap.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        ap.error(f"--out: {problem}")
     if args.from_bench:
-        try:
-            data = json.loads(args.from_bench.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--from-bench: cannot read {args.from_bench}: {e}") from None
-        rows, meta = data["rows"], data.get("meta", {})
+        rows, devices, dates = [], [], []
+        for f in args.from_bench:
+            try:
+                more, meta = load_bench(f)
+            except ValueError as e:
+                ap.error(f"--from-bench {e}")
+            rows += more
+            devices.append(meta.get("device"))
+            dates.append(meta.get("date"))
+        meta = dict(device=" + ".join(sorted({d for d in devices if d})) or None,
+                    date=max((d for d in dates if d), default=None))
     else:
         import torch
         device = "cpu" if args.cpu_dry_run else "cuda"
-        if device == "cuda" and torch.cuda.device_count() < 2:
-            raise SystemExit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()} "
-                             "(--from-bench fits a stored run, --cpu-dry-run checks the setup)")
-        codecs = _csv("--codecs", args.codecs, CODECS)
-        try:
-            sizes = [parse_size(s) for s in _csv("--sizes", args.sizes)]
-            hiddens = [int(h) for h in _csv("--hidden", args.hidden)]
-        except ValueError as e:
-            raise SystemExit(f"{e}") from None
-        rows = measure(_csv("--paths", args.paths, LINK_EMULATION), hiddens, sizes, codecs,
-                       args.budget, device)
+        if device == "cuda":
+            require_gpus(2, "--from-bench fits a stored run, --cpu-dry-run checks the setup")
+        rows = measure(args.paths, args.hidden, args.sizes, args.codecs, args.budget, device)
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
     table = fit_from_rows(rows)
-    args.out.write_text(json.dumps(dict(thresholds=table, units="bf16 bytes per peer",
-                                        device=meta.get("device"), date=meta.get("date"),
-                                        source="python -m moe_flashcomm.tune_gate"), indent=1))
+    write_gate(args.out, thresholds=table, units="bf16 bytes per peer", device=meta.get("device"),
+               date=meta.get("date"), source="python -m moe_flashcomm.tune_gate")
     for path, row in table.items():
         print(f"{path:>8}: " + ", ".join(f"{c} {fmt_size(v) if v < NEVER_PAYS else 'never'}"
                                          for c, v in sorted(row.items())))

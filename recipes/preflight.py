@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 from moe_flashcomm import FlashCommConfig, SizeGate, env
+from moe_flashcomm.tune_gate import positive_int  # noqa: F401 (the recipes' argparse type)
 
 EXIT_USAGE = 2
 # A lock whose build directory has not changed for this long, with no process building
@@ -57,16 +58,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} ({self.prog} --help lists the options)")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
 
 
 def load_ds_config(path: Optional[Path], default: dict) -> dict:

@@ -35,6 +35,14 @@ def test_threshold_is_the_smallest_size_that_pays_from_there_on():
     assert fit_thresholds(rows("host", "int8", [(8, 0.7, 0.6)])) == {"host": {"int8": NEVER_PAYS}}
 
 
+def test_a_codec_that_never_pays_at_one_hidden_size_keeps_never_pays():
+    """One hidden size pays from 1 MiB, the other at no size: the threshold is NEVER_PAYS
+    itself (the step slack once made it a huge size just below, printed as a size)."""
+    fit = fit_thresholds(rows("network", "int4", [(1, 0.5, 1.0), (4, 0.5, 1.0)], hidden=4096)
+                         + rows("network", "int4", [(1, 2.0, 1.0), (4, 2.0, 1.0)], hidden=7168))
+    assert fit == {"network": {"int4": NEVER_PAYS}}
+
+
 def test_sizes_where_nccl_is_faster_than_the_quantized_host_time_do_not_pay():
     """GPU time 4x faster, but NCCL's call is shorter than a quantized call's host time:
     back-to-back calls would lose, so the gate keeps bf16 there."""

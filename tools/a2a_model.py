@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import csv_arg, float_above, out_problem, positive_int  # noqa: E402
+
 from moe_flashcomm import CodecConfig, record_bytes  # noqa: E402
 from moe_flashcomm.comm.hierarchical import (LinkModel, predict,  # noqa: E402
                                              prefer_hierarchical, traffic)
@@ -56,8 +58,12 @@ def row_bytes(hidden: int, codec) -> int:
 
 
 def parse_topology(s: str) -> tuple[int, int]:
-    n, l = s.lower().split("x")
-    return int(n), int(l)
+    """'2x8' -> (nodes, GPUs per node), each >= 1."""
+    try:
+        n, l = (positive_int(v) for v in s.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):  # (not two parts, or not ints >= 1)
+        raise ValueError(f"topology {s!r}: expected NODESxGPUS with ints >= 1, e.g. 2x8") from None
+    return n, l
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -183,26 +189,30 @@ def compare_2x1(bench: Path, model: LinkModel, hidden_default: int) -> list[dict
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--topologies", default="2x1,2x8,4x8,16x8",
+    ap.add_argument("--topologies", type=csv_arg(parse_topology), default="2x1,2x8,4x8,16x8",
                     help="NODESxGPUS, comma-separated (2x1: what 2 GPUs can measure)")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--tokens", type=positive_int, default=4096, help="tokens per rank")
+    ap.add_argument("--hidden", type=positive_int, default=7168)
+    ap.add_argument("--topk", type=positive_int, default=8)
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
     d = LinkModel()
-    ap.add_argument("--intra-alpha-us", type=float, default=d.intra_alpha * 1e6)
-    ap.add_argument("--inter-alpha-us", type=float, default=d.inter_alpha * 1e6)
-    ap.add_argument("--intra-gbps", type=float, default=d.intra_beta / 1e9,
+    alpha, rate = float_above(0, inclusive=True), float_above(0)  # (a rate of 0 divides by 0)
+    ap.add_argument("--intra-alpha-us", type=alpha, default=d.intra_alpha * 1e6)
+    ap.add_argument("--inter-alpha-us", type=alpha, default=d.inter_alpha * 1e6)
+    ap.add_argument("--intra-gbps", type=rate, default=d.intra_beta / 1e9,
                     help="GB/s one rank sends over intra-node links")
-    ap.add_argument("--inter-gbps", type=float, default=d.inter_beta / 1e9,
+    ap.add_argument("--inter-gbps", type=rate, default=d.inter_beta / 1e9,
                     help="GB/s one rank sends over inter-node links")
-    ap.add_argument("--mem-gbps", type=float, default=d.mem_beta / 1e9)
-    ap.add_argument("--codec-gbps", type=float, default=d.codec_beta / 1e9,
+    ap.add_argument("--mem-gbps", type=rate, default=d.mem_beta / 1e9)
+    ap.add_argument("--codec-gbps", type=rate, default=d.codec_beta / 1e9,
                     help="bf16 GB/s through one encode or decode")
     ap.add_argument("--bench-json", type=Path,
                     help="tools/bench_all2all.py JSON: fit the links' alpha/beta from it")
     ap.add_argument("--out", type=Path, default=Path("out/a2a_model.json"))
     args = ap.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        ap.error(f"--out: {problem}")
 
     model = LinkModel(args.intra_alpha_us * 1e-6, args.intra_gbps * 1e9,
                       args.inter_alpha_us * 1e-6, args.inter_gbps * 1e9,
@@ -214,10 +224,10 @@ def main(argv=None) -> None:
             comparison = compare_2x1(args.bench_json, model, args.hidden)
         else:
             print(f"{args.bench_json} not found: the default link model", file=sys.stderr)
-    codecs = {k: CODECS[k] for k in args.codecs.split(",")}
+    codecs = {k: CODECS[k] for k in args.codecs}
     rows = []
-    for topo in args.topologies.split(","):
-        rows += rows_for(*parse_topology(topo), args.tokens, args.hidden, args.topk, codecs, model)
+    for topo in args.topologies:
+        rows += rows_for(*topo, args.tokens, args.hidden, args.topk, codecs, model)
 
     print(f"MoE all-to-all per rank: {args.tokens} tokens x top-{args.topk}, hidden "
           f"{args.hidden}, bf16 input, uniform routing")
@@ -233,8 +243,8 @@ def main(argv=None) -> None:
     print(table(rows))
     cross = {}
     print("\nauto picks hierarchical below these per-pair wire sizes:")
-    for topo in args.topologies.split(","):
-        n, l = parse_topology(topo)
+    for n, l in args.topologies:
+        topo = f"{n}x{l}"
         c = crossover(n, l, model)
         cross[topo] = c
         why = "needs >= 2 nodes of >= 2 GPUs" if min(n, l) < 2 else "slower at every size"

@@ -35,7 +35,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, burst_ms, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
+from benchlib import (PATH_ENV, SIZES_ARG, burst_ms, codec_of, csv_arg, float_above, fmt_size,  # noqa: E402
+                      free_port, init_worker, out_problem, parse_size, positive_int, pyplot,
+                      ratio_axes, require_gpus, save_figure)
 
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
 
@@ -189,10 +191,12 @@ def run_paths(cfg: dict, out: Path) -> dict:
 def library_rows(rows: list, gate: dict) -> list:
     """Per (path, hidden, size, codec): what the library does with the size gate ``gate``
     (the timing of the gated call where the gate sends bf16, the quantized one elsewhere),
-    with the NCCL time."""
+    with the NCCL time. A size the gate sends as bf16 but the run never timed gated (a gate
+    refitted with --refit) takes the bf16 codec's time there, else NCCL's (``untimed``)."""
     from moe_flashcomm.comm.gate import codec_key
     nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
     gated = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in rows if r.get("gated")}
+    bf16 = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "bf16"}
     out = []
     for r in rows:
         if r.get("codec") is None or r.get("gated") or r.get("sweep") or r["path"] == "local" \
@@ -202,11 +206,14 @@ def library_rows(rows: list, gate: dict) -> list:
         c = codec_of(r["codec"])
         is_gated = not c.is_passthrough and \
             r["pair_bytes"] < gate.get(r["path"], {}).get(codec_key(c), 0)
-        ms = gated[key] if is_gated else r["ms"]  # a gated size was timed gated
         base = nccl[key[:3]]
+        untimed = is_gated and key not in gated
+        ms = r["ms"]
+        if is_gated:  # timed gated, else (a refitted gate) what bf16 took at that point
+            ms = bf16.get(key[:3], base) if untimed else gated[key]
         out.append(dict(path=r["path"], hidden=r["hidden"], size_bytes=r["size_bytes"],
-                        codec=r["codec"], nccl_ms=base, raw_ms=r["ms"], ms=ms,
-                        gated=is_gated, speedup=base / ms, raw_speedup=base / r["ms"]))
+                        codec=r["codec"], nccl_ms=base, raw_ms=r["ms"], ms=ms, gated=is_gated,
+                        untimed=untimed, speedup=base / ms, raw_speedup=base / r["ms"]))
     return out
 
 
@@ -227,7 +234,8 @@ def print_tables(result: dict) -> str:
                 for c in codecs:
                     r = cells.get(c)
                     row.append(f"{'':>15}" if r is None else
-                               f"{r['speedup']:6.2f}{'*' if r['gated'] else ' '}({r['raw_speedup']:5.2f})")
+                               f"{r['speedup']:6.2f}{'~' if r['untimed'] else '*' if r['gated'] else ' '}"
+                               f"({r['raw_speedup']:5.2f})")
                 lines.append(f"{fmt_size(size):>7} {base:9.3f} " + " ".join(row))
     algos = [r for r in result["rows"] if r.get("algorithm")]
     if algos:
@@ -286,16 +294,31 @@ def plot(result: dict, png: Path) -> None:
                 "(solid: gate on; dotted: always quantized)")
 
 
+def chunk_sweep(text: str):
+    """--chunk-sweep SIZE:HIDDEN:CODECS:CHUNKS as a dict, '' as None (an argparse type)."""
+    if not text:
+        return None
+    try:
+        if text.count(":") != 3:
+            raise ValueError("not 4 fields")
+        size, hidden, codecs, chunks = text.split(":")
+        return dict(size=parse_size(size), hidden=positive_int(hidden),
+                    codecs=csv_arg(allowed=CODECS)(codecs), chunks=csv_arg(positive_int)(chunks))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; expected SIZE:HIDDEN:CODECS:CHUNKS, "
+                                         "e.g. 256M:7168:int8,int4:1,2,4") from None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"))
-    ap.add_argument("--paths", default=",".join(PATH_ENV))
-    ap.add_argument("--hidden", default="4096,7168")
-    ap.add_argument("--codecs", default=",".join(CODECS))
-    ap.add_argument("--sizes", default=None, help="per-rank bf16 bytes, e.g. 64K,1M,256M")
+    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV))
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    ap.add_argument("--sizes", type=SIZES_ARG, default=None, help="per-rank bf16 bytes, e.g. 64K,1M,256M")
     ap.add_argument("--quick", action="store_true", help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168")
-    ap.add_argument("--budget", type=float, default=0.25, help="seconds of timed calls per point")
-    ap.add_argument("--chunk-sweep", default="256M:7168:int8,int4,int2:1,2,4",
+    ap.add_argument("--budget", type=float_above(0), default=0.25, help="seconds of timed calls per point")
+    ap.add_argument("--chunk-sweep", type=chunk_sweep, default="256M:7168:int8,int4,int2:1,2,4",
                     help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
     ap.add_argument("--refit", action="store_true", help="with --plot: refit the gate")
@@ -311,21 +334,24 @@ def main(argv=None) -> None:
         if args.refit:  # the current gate fit on the always-quantized timings
             result["gate"] = fit_from_rows(result["rows"])
         print_tables(result)
+        if any(r["untimed"] for r in library_rows(result["rows"], result["gate"])):
+            print("~ (for *): the refitted gate sends these as bf16, sizes this run did not time "
+                  "gated: the bf16 codec's time stands in (in the plot too)")
         plot(result, args.plot.with_suffix(".png"))
         return
-    if not args.cpu_dry_run and torch.cuda.device_count() < 2:
-        sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    problem = out_problem(args.out, folder=True)
+    if problem:
+        ap.error(f"--out: {problem}")
+    if not args.cpu_dry_run:
+        require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = args.sizes.split(",") if args.sizes else (QUICK_SIZES if args.quick else SIZES)
-    cfg = dict(paths=args.paths.split(","), codecs=args.codecs.split(","),
-               hiddens=[7168] if args.quick else [int(h) for h in args.hidden.split(",")],
-               sizes=[parse_size(s) for s in sizes], budget_s=args.budget,
+    sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else SIZES)]
+    cfg = dict(paths=args.paths, codecs=args.codecs, hiddens=[7168] if args.quick else args.hidden,
+               sizes=sizes, budget_s=args.budget,
                no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda",
                algorithms=args.algorithms)
     if args.chunk_sweep:
-        size, hidden, codecs, chunks = args.chunk_sweep.split(":")
-        cfg["chunk_sweep"] = dict(size=parse_size(size), hidden=int(hidden), codecs=codecs.split(","),
-                                  chunks=[int(k) for k in chunks.split(",")])
+        cfg["chunk_sweep"] = args.chunk_sweep
     t0 = time.perf_counter()
     result = run_paths(cfg, args.out)
     result["meta"] = dict(

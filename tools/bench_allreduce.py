@@ -40,7 +40,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, codec_of, csv_arg, float_above, fmt_size,  # noqa: E402
+                      free_port, init_worker, out_problem, parse_size, positive_int, pyplot,
+                      ratio_axes, require_gpus, save_figure, write_gate)
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -276,29 +278,34 @@ def plot(result: dict, png: Path) -> None:
                 "(solid: gate on; dotted: always quantized; red ticks: targets)")
 
 
-def write_gate(path: Path, table: dict) -> None:
-    """A gate file with this run's all-reduce table; an existing file's all-to-all
-    thresholds (and other fields) are kept."""
-    from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS, DEFAULT_THRESHOLDS
-    data = json.loads(path.read_text()) if path.exists() else {"thresholds": DEFAULT_THRESHOLDS}
+def write_all_reduce_gate(path: Path, table: dict) -> None:
+    """A gate file with this run's all-reduce table (the defaults for paths not measured); an
+    existing gate file's all-to-all thresholds and notes are kept (benchlib.write_gate)."""
+    from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS
     merged = {p: dict(r) for p, r in DEFAULT_ALL_REDUCE_THRESHOLDS.items()}
     merged.update(table)  # measured paths replace the defaults
-    data["all_reduce"] = merged
-    path.write_text(json.dumps(data, indent=1))
+    write_gate(path, all_reduce=merged)
     print(f"gate file: {path} (use: MOE_FLASHCOMM_GATE_FILE={path})")
+
+
+def chunks_arg(text: str) -> list:
+    """--chunks: comma-separated 'auto' (None: the library's choice) or ints >= 1."""
+    return csv_arg(lambda c: None if c == "auto" else positive_int(c))(text)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"))
-    ap.add_argument("--paths", default=",".join(PATH_ENV), help="of " + ",".join(PATH_ENV))
-    ap.add_argument("--codecs", default=",".join(CODECS), help="e.g. int4,int8,fp8,int2,int3")
-    ap.add_argument("--sizes", default=None,
+    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
+                    help="of " + ",".join(PATH_ENV))
+    ap.add_argument("--codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(CODECS),
+                    help="of " + ",".join(QUANTIZED))
+    ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank (default {','.join(SIZES)}; cpu: {','.join(CPU_SIZES)})")
-    ap.add_argument("--chunks", default="auto",
+    ap.add_argument("--chunks", type=chunks_arg, default="auto",
                     help="pipeline ranges to time, e.g. auto,1,2,4 (auto: the library's choice)")
-    ap.add_argument("--reps", type=int, default=15, help="timed calls per point (a third from 256M)")
-    ap.add_argument("--budget", type=float, default=170.0,
+    ap.add_argument("--reps", type=positive_int, default=15, help="timed calls per point (a third from 256M)")
+    ap.add_argument("--budget", type=float_above(0), default=170.0,
                     help="total seconds for the whole run; the largest sizes are skipped past it")
     ap.add_argument("--gate", type=Path, help="gate file for the '+gate' variant (default: shipped)")
     ap.add_argument("--gate-out", type=Path, help="write the fitted all-reduce gate here")
@@ -311,21 +318,17 @@ def main(argv=None) -> None:
         report(result)
         plot(result, args.plot.with_suffix(".png"))
         return
-    if args.device == "cuda" and torch.cuda.device_count() < 2:
-        sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()} (--device cpu for a dry run)")
-    paths = args.paths.split(",")
-    unknown = [p for p in paths if p not in PATH_ENV]
-    if unknown:
-        sys.exit(f"--paths: unknown {unknown}; allowed: {', '.join(PATH_ENV)}")
+    for option, path, folder in (("--out", args.out, True), ("--gate-out", args.gate_out, False)):
+        problem = path and out_problem(path, folder)
+        if problem:
+            ap.error(f"{option}: {problem}")
+    if args.device == "cuda":
+        require_gpus(2, "--device cpu for a dry run")
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = args.sizes.split(",") if args.sizes else (CPU_SIZES if args.device == "cpu" else SIZES)
-    chunks = [None if c == "auto" else int(c) for c in args.chunks.split(",")]
-    cfg = dict(paths=paths, codecs=args.codecs.split(","),
-               sizes=sorted(parse_size(s) for s in sizes), reps=args.reps, chunks=chunks,
-               total_budget_s=args.budget, device=args.device,
+    sizes = args.sizes or [parse_size(s) for s in (CPU_SIZES if args.device == "cpu" else SIZES)]
+    cfg = dict(paths=args.paths, codecs=args.codecs, sizes=sorted(sizes), reps=args.reps,
+               chunks=args.chunks, total_budget_s=args.budget, device=args.device,
                gate_file=str(args.gate.resolve()) if args.gate else None)
-    for c in cfg["codecs"]:
-        codec_of(c)  # fail early on a bad codec name
     t0 = time.perf_counter()
     result = run_paths(cfg, args.out)
     result["fitted_gate"] = fitted_gate(result["rows"]) if args.device == "cuda" else {}
@@ -342,7 +345,7 @@ def main(argv=None) -> None:
     (args.out / "bench_allreduce.txt").write_text(text + "\n")
     plot(result, out_json.with_suffix(".png"))
     if args.gate_out:
-        write_gate(args.gate_out, result["fitted_gate"])
+        write_all_reduce_gate(args.gate_out, result["fitted_gate"])
     print(f"json: {out_json}")
 
 

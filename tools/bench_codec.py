@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_flashcomm import CodecConfig, record_layout  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
-from benchlib import pyplot  # noqa: E402
+from benchlib import pyplot, require_gpus  # noqa: E402
 
 MiB = 2**20
 
@@ -140,6 +140,7 @@ def main() -> None:
                     help="kernel variants to compare: comma-separated -D defines ('' = default)")
     ap.add_argument("--replays", type=int, default=15)
     args = ap.parse_args()
+    require_gpus()
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB

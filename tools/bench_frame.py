@@ -36,6 +36,8 @@ from moe_flashcomm.comm.exchange import cached_plan, exchange  # noqa: E402
 from moe_flashcomm.comm.frame import HEADER_BYTES, Frame, Leg  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
+from benchlib import out_problem, positive_int  # noqa: E402
+
 H = 1024
 SIZES = [64 << 10, 1 << 20, 4 << 20]
 CODECS = {"bf16": "bf16", "int4": 4}
@@ -92,6 +94,7 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
         meta = dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"), world=world,
                     machine=f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", torch=torch.__version__, reps=reps)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums,
                                              raw_parts=parts, header_work_by_world=by_world),
                                         indent=1) + "\n")
@@ -205,11 +208,16 @@ def _header_work_us(comm, rank: int, world: int, rows: int, hidden: int, nbytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--world", type=positive_int, default=2)
+    ap.add_argument("--reps", type=positive_int, default=200)
     ap.add_argument("--port", type=int, default=29631)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.world < 2:
+        ap.error(f"--world: expected an int >= 2 (an exchange between processes), got {a.world}")
+    problem = a.out and out_problem(Path(a.out))
+    if problem:
+        ap.error(f"--out: {problem}")
     mp.start_processes(_worker, (a.world, a.port, a.reps, a.out), nprocs=a.world,
                        start_method="spawn")
 

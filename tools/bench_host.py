@@ -43,7 +43,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
-from benchlib import fmt_size, pyplot, save_figure  # noqa: E402
+from benchlib import (SIZES_ARG, csv_arg, fmt_size, out_problem, parse_size, positive_int,  # noqa: E402
+                      pyplot, require_gpus, save_figure)
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -306,7 +307,9 @@ def plot(result: dict, png: Path) -> None:
     fig, axes = plt.subplots(1, len(codecs), figsize=(4.2 * len(codecs), 3.6), squeeze=False,
                              sharey=True)
     series = ([("host_compiled_us", "compiled launcher"), ("host_ctypes_us", "ctypes")]
-              if "host_compiled_us" in rows[0] else [("host_us", f"ours ({meta['launcher']})")])
+              if "host_compiled_us" in rows[0] else
+              [("host_us", f"ours ({meta['launcher']})" if "launcher" in meta else "ours")])
+    # (runs recorded before meta had "launcher" do not say which one they timed)
     series.append(("nccl_us", "NCCL all_to_all_single"))
     top = 1.08 * max(r[key] for r in rows for key, _ in series)
     for ax, name in zip(axes[0], codecs):
@@ -329,14 +332,26 @@ def plot(result: dict, png: Path) -> None:
                 f"processes on {meta['gpus']} x {meta['device']}, {meta['date']}")
 
 
+def profile_arg(text: str) -> tuple:
+    """--profile SIZE:CODEC as (bytes, codec name)."""
+    size, _, name = text.partition(":")
+    try:
+        if name not in CODECS:
+            raise ValueError(f"codec {name!r} is not one of {', '.join(CODECS)}")
+        return parse_size(size), name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; expected SIZE:CODEC, e.g. 1M:int4") from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_host.json")
-    p.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
-                   help="bf16 bytes per rank, comma-separated")
-    p.add_argument("--codecs", default=",".join(CODECS))
-    p.add_argument("--profile", default="", help="SIZE:CODEC: print a cProfile of rank 0's calls")
-    p.add_argument("--world", type=int, default=2,
+    p.add_argument("--out", type=Path, default=Path("bench_host.json"))
+    p.add_argument("--sizes", type=SIZES_ARG, default=",".join(str(s) for s in SIZES),
+                   help="bf16 bytes per rank, comma-separated (e.g. 64K,1M)")
+    p.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    p.add_argument("--profile", type=profile_arg, default=None,
+                   help="SIZE:CODEC: print a cProfile of rank 0's calls")
+    p.add_argument("--world", type=positive_int, default=2,
                    help="processes (each on its own GPU when there are enough, else all on GPU 0)")
     p.add_argument("--no-codec-alone", action="store_true",
                    help="skip the codec's parts in a process of its own")
@@ -353,8 +368,10 @@ def main():
     a = p.parse_args()
     if a.plot:
         return plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
-    if not torch.cuda.is_available():
-        sys.exit("bench_host.py: needs a CUDA GPU")
+    problem = out_problem(a.out)
+    if problem:
+        p.error(f"--out: {problem}")
+    require_gpus()
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
     if a.mps and not pipe.exists():
         sys.exit(f"bench_host.py: --mps, but no MPS control daemon at {pipe.parent}; start one "
@@ -371,19 +388,14 @@ def main():
                 flush=True)
     if a.codec_only:
         return
-    sizes = [int(s) for s in a.sizes.split(",")]
-    codecs = [c for c in a.codecs.split(",") if c]
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    profile = None
-    if a.profile:
-        size, name = a.profile.split(":")
-        profile = (int(size), name)
-    mp.spawn(_worker, args=(a.world, port, a.out, sizes, codecs, profile, alone,
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(a.world, port, str(a.out), a.sizes, a.codecs, a.profile, alone,
                             a.launchers == "both", a.mps), nprocs=a.world, join=True)
-    plot(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".png"))
+    plot(json.loads(a.out.read_text()), a.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -46,13 +46,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import PATH_ENV, codec_of, fmt_size, free_port, init_worker, parse_size, pyplot, ratio_axes, save_figure  # noqa: E402
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, codec_of, csv_arg, fmt_size, free_port,  # noqa: E402
+                      init_worker, out_problem, positive_int, pyplot, ratio_axes,
+                      require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
 A2A_SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
 AR_SIZES = ("1M", "4M", "16M", "64M", "256M")
 MODES = ("issue", "device")
+OPS = ("all_to_all", "all_reduce")
 FLOOR = 1 / 1.05  # "never more than 5% slower"
 BURST_MS = 2.0  # calls per burst: about this much GPU time, 3..30 calls
 HOST_MS = 1.0  # more host time than any call issue takes
@@ -290,15 +293,18 @@ def plot(result: dict, png: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_small"))
-    ap.add_argument("--paths", default=",".join(PATH_ENV))
-    ap.add_argument("--ops", default="all_to_all,all_reduce")
-    ap.add_argument("--hidden", default="4096,7168")
-    ap.add_argument("--a2a-codecs", default=",".join(A2A_CODECS))
-    ap.add_argument("--ar-codecs", default=",".join(AR_CODECS))
-    ap.add_argument("--sizes", default=None, help="all-to-all bf16 bytes per rank")
-    ap.add_argument("--ar-sizes", default=None, help="all-reduce bf16 bytes per rank")
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV))
+    ap.add_argument("--ops", type=csv_arg(allowed=OPS), default=",".join(OPS))
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168")
+    ap.add_argument("--a2a-codecs", type=csv_arg(allowed=A2A_CODECS), default=",".join(A2A_CODECS))
+    ap.add_argument("--ar-codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(AR_CODECS),
+                    help="of " + ",".join(QUANTIZED))
+    ap.add_argument("--sizes", type=SIZES_ARG, default=",".join(A2A_SIZES),
+                    help="all-to-all bf16 bytes per rank")
+    ap.add_argument("--ar-sizes", type=SIZES_ARG, default=",".join(AR_SIZES),
+                    help="all-reduce bf16 bytes per rank")
+    ap.add_argument("--modes", type=csv_arg(allowed=MODES), default=",".join(MODES))
+    ap.add_argument("--rounds", type=positive_int, default=9)
     ap.add_argument("--plot", type=Path, help="only print and plot this JSON")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -309,24 +315,19 @@ def main(argv=None) -> None:
         print_tables(result)
         plot(result, args.plot.with_suffix(".png"))
         return
-    paths, ops, modes = args.paths.split(","), args.ops.split(","), args.modes.split(",")
-    for name, given, allowed in (("--paths", paths, PATH_ENV), ("--ops", ops, ("all_to_all", "all_reduce")),
-                                 ("--modes", modes, MODES)):
-        bad = [v for v in given if v not in allowed]
-        if bad:
-            sys.exit(f"{name}: unknown {bad}; allowed: {', '.join(allowed)}")
-    if not args.cpu_dry_run and torch.cuda.device_count() < 2:
-        sys.exit(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    problem = out_problem(args.out, folder=True)
+    if problem:
+        ap.error(f"--out: {problem}")
+    if not args.cpu_dry_run:
+        require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(ops=ops, modes=["issue"] if args.cpu_dry_run else modes, rounds=args.rounds,
-               hiddens=[int(h) for h in args.hidden.split(",")],
-               a2a_codecs=args.a2a_codecs.split(","), ar_codecs=args.ar_codecs.split(","),
-               a2a_sizes=[parse_size(s) for s in (args.sizes.split(",") if args.sizes else A2A_SIZES)],
-               ar_sizes=[parse_size(s) for s in (args.ar_sizes.split(",") if args.ar_sizes else AR_SIZES)],
+    cfg = dict(ops=args.ops, modes=["issue"] if args.cpu_dry_run else args.modes,
+               rounds=args.rounds, hiddens=args.hidden, a2a_codecs=args.a2a_codecs,
+               ar_codecs=args.ar_codecs, a2a_sizes=args.sizes, ar_sizes=args.ar_sizes,
                no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda")
     t0 = time.perf_counter()
     rows = []
-    for path in paths:
+    for path in args.paths:
         part = args.out / f"part_{path}.json"
         mp.spawn(_worker, args=(2, free_port(), path, cfg, str(part)), nprocs=2, join=True)
         rows += json.loads(part.read_text())["rows"]

@@ -39,7 +39,7 @@ from moe_flashcomm import kernels  # noqa: E402
 from moe_flashcomm.codec import record_bytes  # noqa: E402
 from moe_flashcomm.comm import all_reduce as AR  # noqa: E402
 from moe_flashcomm.comm import exchange as X  # noqa: E402
-from benchlib import burst_ms, fmt_size  # noqa: E402
+from benchlib import burst_ms, fmt_size, require_gpus  # noqa: E402
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -158,6 +158,7 @@ def main() -> None:
                     help="the tokens' (fp32 for the bf16 codec's all-to-all)")
     ap.add_argument("--out", default=None, help="JSON of every row")
     a = ap.parse_args()
+    require_gpus()
     torch.cuda.init()
     pages: dict = {}
     launcher = "compiled" if kernels.KERNELS.native is not None else "ctypes"

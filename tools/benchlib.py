@@ -1,11 +1,22 @@
-"""What the 2-GPU benchmarks share. The link emulation, sizes, codec names, process setup
-and free ports are the size-gate tuner's (moe_flashcomm.tune_gate), re-exported here."""
+"""What the benchmarks share. The link emulation, sizes, codec names, process setup, free
+ports and argument checks (argparse types, --out, "needs a CUDA GPU") are the size-gate
+tuner's (moe_flashcomm.tune_gate, which uses them too), gate files the gate's; re-exported
+here."""
 from __future__ import annotations
 
-from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV  # noqa: F401
-from moe_flashcomm.tune_gate import bench_codec as codec_of  # noqa: F401
-from moe_flashcomm.tune_gate import fmt_size, free_port, parse_size  # noqa: F401
-from moe_flashcomm.tune_gate import init_link_worker as init_worker  # noqa: F401
+from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV
+from moe_flashcomm.tune_gate import SIZES_ARG, csv_arg, float_above, fmt_size, free_port
+from moe_flashcomm.tune_gate import bench_codec as codec_of
+from moe_flashcomm.tune_gate import init_link_worker as init_worker
+from moe_flashcomm.comm.gate import write_gate
+from moe_flashcomm.tune_gate import out_problem, parse_size, positive_int, require_gpus
+
+__all__ = ["PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms", "codec_of", "csv_arg", "float_above",
+           "fmt_size", "free_port", "init_worker", "out_problem", "parse_size", "positive_int",
+           "pyplot", "ratio_axes", "require_gpus", "save_figure", "write_gate"]
+
+# the quantized codecs by their command-line names
+QUANTIZED = ("fp8",) + tuple(f"int{b}" for b in range(2, 9))
 
 
 def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10) -> float:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from moe_flashcomm import CodecConfig, decode, encode, record_layout
+from moe_flashcomm.codec.config import GROUP_SIZES
 
-from benchlib import pyplot
+from benchlib import out_problem, positive_int, pyplot
 
 try:
     from tqdm import tqdm
@@ -64,11 +65,16 @@ def measure(x: torch.Tensor, cfg: CodecConfig) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--tokens", type=positive_int, default=256)
+    ap.add_argument("--hidden", type=positive_int, default=4096)
+    ap.add_argument("--groups", type=int, nargs="+", default=list(GROUP_SIZES), choices=GROUP_SIZES)
     ap.add_argument("--out", type=Path, default=Path("out/codec_error.json"))
     args = ap.parse_args()
+    if args.hidden < 4:  # (make_data's outlier channels)
+        ap.error(f"--hidden: expected an int >= 4 (4 outlier channels), got {args.hidden}")
+    problem = out_problem(args.out)
+    if problem:
+        ap.error(f"--out: {problem}")
 
     kinds = ("gaussian", "student-t3", "outlier-channels")
     data = {k: make_data(k, args.tokens, args.hidden) for k in kinds}

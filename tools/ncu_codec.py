@@ -24,6 +24,7 @@ from moe_flashcomm import CodecConfig  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
 from bench_codec import buffers_needed, tokens  # noqa: E402
+from benchlib import require_gpus  # noqa: E402
 
 MiB = 2**20
 
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--decode", action="store_true", help="also decode")
     p.add_argument("--defines", nargs="*", default=[], help="kernel variant defines (A/B)")
     args = p.parse_args()
+    require_gpus()
     T = args.size * MiB // (2 * args.hidden)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     n = buffers_needed(2 * T * args.hidden, l2) + 1

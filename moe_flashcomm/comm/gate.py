@@ -35,7 +35,7 @@ NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on t
 # and CI, not speed. int5 and int7, not measured, take int6's and int8's (_lookup).
 DEFAULT_THRESHOLDS: dict = {
     # NVLink: the peer-to-peer transport (comm/p2p.py) pays from 128 MiB per peer
-    "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134083510, "int4": 134083510,
+    "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134213632, "int4": 134213632,
                "int6": 134213632, "int8": 134213632},
     "host": {"fp8": 33546240, "int2": 33546240, "int3": 33546240, "int4": 33546240,
              "int6": 33546240, "int8": 33546240},
@@ -99,6 +99,23 @@ def _lookup(row: Mapping[str, int], cfg: CodecConfig) -> int:
             return int(row[key])
     return 0
 
+
+def write_gate(path: Union[str, os.PathLike], **fields) -> None:
+    """Write a gate file (what ``SizeGate.load`` reads) with ``fields``: a table
+    ("thresholds", "all_reduce") and notes (FILE_INFO). What an existing gate file there holds
+    besides them is kept: ``python -m moe_flashcomm.tune_gate`` writes the all-to-all table,
+    tools/bench_allreduce.py --gate-out the all-reduce one, into the same file."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None  # no file, or not JSON: nothing to keep
+    data = {k: v for k, v in old.items() if k in TABLES + FILE_INFO} if isinstance(old, dict) else {}
+    data.update(fields)
+    data.setdefault("thresholds", DEFAULT_THRESHOLDS)  # (load needs one)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 class SizeGate:
     """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
@@ -248,8 +265,13 @@ def fit_thresholds(rows, min_nccl_ms: float = MIN_NCCL_MS) -> dict:
     for (path, codec), fs in fits.items():
         low = min(p for p, _ in fs)
         high = max(p for p, _ in fs)
-        # the same size step is a few bytes smaller at one hidden size than at another
-        # (256M at hidden 7168: 127.996 MiB per peer, at 4096: 128 MiB): a step counts whole
-        table.setdefault(path, {})[codec] = low if low > max(l for _, l in fs) else \
-            min(high, int(high * (1 - STEP_SLACK)))
+        if low > max(l for _, l in fs):
+            value = low
+        elif high >= NEVER_PAYS:  # some hidden size never pays: NEVER_PAYS itself, no slack
+            value = NEVER_PAYS
+        else:
+            # the same size step is a few bytes smaller at one hidden size than at another
+            # (256M at hidden 7168: 127.996 MiB per peer, at 4096: 128 MiB): a step counts whole
+            value = min(high, int(high * (1 - STEP_SLACK)))
+        table.setdefault(path, {})[codec] = value
     return table

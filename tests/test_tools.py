@@ -1,0 +1,239 @@
+"""The benchmark tools in tools/ and the tuner's command (python -m moe_flashcomm.tune_gate) on
+CPU: a bad argument ends with exit status 2 and a line naming the option before any long
+work, GPU-only tools say they need a GPU, stored runs replot, and the shipped size-gate
+defaults are what the documented command fits from the stored sweeps."""
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_flashcomm import SizeGate
+from moe_flashcomm.comm import gate as gate_mod
+from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS, DEFAULT_THRESHOLDS
+from moe_flashcomm import tune_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "docs" / "data"
+sys.path.insert(0, str(ROOT / "tools"))
+
+import a2a_model  # noqa: E402
+import bench_all2all  # noqa: E402
+import bench_allreduce  # noqa: E402
+import bench_frame  # noqa: E402
+import bench_host  # noqa: E402
+import bench_small  # noqa: E402
+import codec_error  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def run_tool(*args, cwd=ROOT, timeout=120):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def usage_error(capsys, monkeypatch, module, *argv) -> str:
+    """Run ``module.main()`` with ``argv``; it must exit with status 2. Its last stderr line."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---- 1: the shipped defaults are the documented command's fit -------------------------------
+
+def test_default_thresholds_are_what_the_documented_command_fits(tmp_path):
+    """gate.py's comment names the command behind DEFAULT_THRESHOLDS; run it (on the stored
+    sweeps, no GPU) and compare its literal with the table."""
+    source = Path(gate_mod.__file__).read_text()
+    assert "--from-bench docs/data/bench_all2all*.json" in source
+    benches = sorted(DATA.glob("bench_all2all*.json"))
+    assert len(benches) >= 2
+    proc = run_tool("-m", "moe_flashcomm.tune_gate", "--from-bench", *benches, "--python",
+                    cwd=tmp_path)  # (its default --out, gate.json, lands in tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    literal = ast.literal_eval(proc.stdout.split("DEFAULT_THRESHOLDS = ", 1)[1])
+    assert literal == DEFAULT_THRESHOLDS
+    assert SizeGate.load(tmp_path / "gate.json").thresholds == DEFAULT_THRESHOLDS
+
+
+# ---- 5, 9: tune_gate's inputs, --out, and "never" ---------------------------------------------
+
+@pytest.mark.parametrize("content, lacks", [
+    (None, "lack hidden, pair_bytes"),  # an all-reduce benchmark (docs/data/bench_allreduce.json)
+    ({"thresholds": {"host": {"int4": 1}}}, 'no "rows" list'),  # a gate file
+    ([1, 2], 'no "rows" list'),
+    ({"rows": []}, "no always-quantized all-to-all rows"),
+])
+def test_from_bench_names_the_file_and_what_it_lacks(tmp_path, capsys, monkeypatch, content, lacks):
+    bench = tmp_path / "in.json"
+    if content is None:
+        shutil.copy(DATA / "bench_allreduce.json", bench)
+    else:
+        bench.write_text(json.dumps(content))
+    line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench,
+                       "--out", tmp_path / "gate.json")
+    assert f"--from-bench {bench}" in line and lacks in line
+    assert "not a tools/bench_all2all.py JSON" in line
+    assert not (tmp_path / "gate.json").exists()
+
+
+def test_tune_gate_checks_out_and_arguments_first(tmp_path, capsys, monkeypatch):
+    bench = DATA / "bench_all2all_network_2x1.json"
+    line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench, "--out", tmp_path)
+    assert line.endswith(f"--out: {tmp_path} is a directory")
+    (tmp_path / "file").write_text("")
+    line = usage_error(capsys, monkeypatch, tune_gate, "--out", tmp_path / "file" / "gate.json")
+    assert line.endswith(f"--out: {tmp_path / 'file'} is not a directory")
+    line = usage_error(capsys, monkeypatch, tune_gate, "--hidden", "a")
+    assert "argument --hidden: expected an int >= 1, got 'a'" in line
+    line = usage_error(capsys, monkeypatch, tune_gate, "--sizes", "1X")
+    assert "argument --sizes: size '1X'" in line
+    # a missing folder is made
+    tune_gate.main(["--from-bench", str(bench), "--out", str(tmp_path / "new" / "gate.json")])
+    assert SizeGate.load(tmp_path / "new" / "gate.json").thresholds
+
+
+def test_tune_gate_prints_never_for_a_codec_that_never_pays(tmp_path, capsys):
+    """One hidden size pays, the other never: the file holds NEVER_PAYS, the line "never"."""
+    rows = []
+    for hidden, int4_ms in ((4096, 0.5), (7168, 2.0)):
+        for tokens in (256, 1024):
+            base = dict(path="network", hidden=hidden, tokens=tokens,
+                        pair_bytes=tokens // 2 * hidden * 2)
+            rows += [dict(base, variant="nccl", ms=1.0),
+                     dict(base, variant="int4", codec="int4", ms=int4_ms, nccl_ms=1.0)]
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": rows}))
+    tune_gate.main(["--from-bench", str(bench), "--out", str(tmp_path / "gate.json")])
+    assert "network: int4 never" in capsys.readouterr().out
+    assert SizeGate.load(tmp_path / "gate.json").thresholds == \
+        {"network": {"int4": gate_mod.NEVER_PAYS}}
+
+
+def test_gate_files_keep_the_other_table(tmp_path, capsys):
+    """tune_gate --out onto a gate file keeps its all_reduce table; bench_allreduce.py
+    --gate-out onto one keeps its all-to-all thresholds and notes (one merge: write_gate)."""
+    out = tmp_path / "gate.json"
+    out.write_text(json.dumps({"thresholds": {"host": {"int4": 5}}, "all_reduce": {"host": {"*": 7}},
+                               "units": "old"}))
+    tune_gate.main(["--from-bench", str(DATA / "bench_all2all_network_2x1.json"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["all_reduce"] == {"host": {"*": 7}}
+    assert set(data["thresholds"]) == {"network"} and data["units"] == "bf16 bytes per peer"
+    bench_allreduce.write_all_reduce_gate(out, {"network": {"int4": 9}})
+    kept = json.loads(out.read_text())
+    assert kept["thresholds"] == data["thresholds"] and kept["units"] == data["units"]
+    assert kept["all_reduce"] == dict(DEFAULT_ALL_REDUCE_THRESHOLDS, network={"int4": 9})
+    SizeGate.load(out)
+    fresh = tmp_path / "fresh.json"  # no file yet: the all-to-all defaults beside it
+    bench_allreduce.write_all_reduce_gate(fresh, {})
+    assert SizeGate.load(fresh).thresholds == DEFAULT_THRESHOLDS
+
+
+# ---- 2, 3: replots of stored runs --------------------------------------------------------------
+
+def test_bench_all2all_replots_with_a_refitted_gate(tmp_path, capsys):
+    """--refit may send as bf16 sizes the run never timed gated: the bf16 codec's time at that
+    point stands in, marked "~" (it raised KeyError)."""
+    bench = tmp_path / "bench_all2all.json"
+    shutil.copy(DATA / "bench_all2all.json", bench)
+    bench_all2all.main(["--plot", str(bench), "--refit"])
+    out = capsys.readouterr().out
+    assert "the bf16 codec's time stands in" in out and re.search(r"\d~\(", out)
+    assert (tmp_path / "bench_all2all.png").is_file()
+    result = json.loads(bench.read_text())
+    rows = bench_all2all.library_rows(result["rows"], tune_gate.fit_from_rows(result["rows"]))
+    bf16 = {(r["path"], r["hidden"], r["size_bytes"]): r["raw_ms"] for r in rows if r["codec"] == "bf16"}
+    untimed = [r for r in rows if r["untimed"]]
+    assert untimed and all(r["ms"] == bf16[(r["path"], r["hidden"], r["size_bytes"])]
+                           for r in untimed)
+
+
+def test_every_stored_bench_host_run_replots(tmp_path):
+    """Runs recorded before meta had "launcher" (most of them) plot too."""
+    files = sorted(DATA.glob("bench_host*.json"))
+    assert len(files) >= 10
+    for f in files:
+        png = tmp_path / f.with_suffix(".png").name
+        bench_host.plot(json.loads(f.read_text()), png)
+        assert png.is_file(), f
+
+
+# ---- 4: GPU-only tools on a machine without one ----------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("tool", ["bench_codec.py", "bench_stamps.py", "ncu_codec.py", "bench_host.py"])
+def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
+    args = ["--out", tmp_path / "x.json"] if tool != "ncu_codec.py" else []
+    proc = run_tool(ROOT / "tools" / tool, *args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"{tool}: needs a CUDA GPU, found 0"
+
+
+# ---- 6, 7, 8: arguments checked up front -------------------------------------------------------
+
+@pytest.mark.parametrize("module, argv, says", [
+    (a2a_model, ["--codecs", "int8"], "argument --codecs: 'int8' is not one of bf16, int4"),
+    (a2a_model, ["--topologies", "2"], "argument --topologies: topology '2': expected NODESxGPUS"),
+    (a2a_model, ["--topologies", "0x8"], "argument --topologies: topology '0x8'"),
+    (a2a_model, ["--inter-gbps", "0"], "argument --inter-gbps: expected a number > 0, got '0'"),
+    (codec_error, ["--groups", "100"], "argument --groups: invalid choice: 100"),
+    (codec_error, ["--tokens", "0"], "argument --tokens: expected an int >= 1, got '0'"),
+    (codec_error, ["--hidden", "3"], "--hidden: expected an int >= 4"),
+    (bench_all2all, ["--paths", "foo"], "argument --paths: 'foo' is not one of nvlink, host, network"),
+    (bench_all2all, ["--codecs", "int9"], "argument --codecs: 'int9' is not one of"),
+    (bench_all2all, ["--sizes", "1X"], "argument --sizes: size '1X'"),
+    (bench_all2all, ["--hidden", "x"], "argument --hidden: expected an int >= 1, got 'x'"),
+    (bench_all2all, ["--chunk-sweep", "1M"], "--chunk-sweep: '1M': not 4 fields; expected SIZE:HIDDEN"),
+    (bench_all2all, ["--chunk-sweep", "1M:64:int4:x"], "expected an int >= 1, got 'x'"),
+    (bench_small, ["--a2a-codecs", "int9"], "argument --a2a-codecs: 'int9' is not one of"),
+    (bench_small, ["--sizes", "1X"], "argument --sizes: size '1X'"),
+    (bench_small, ["--hidden", "x"], "argument --hidden: expected an int >= 1"),
+    (bench_allreduce, ["--codecs", "int9"], "argument --codecs: 'int9' is not one of"),
+    (bench_allreduce, ["--sizes", "1X"], "argument --sizes: size '1X'"),
+    (bench_allreduce, ["--chunks", "x"], "argument --chunks: expected an int >= 1, got 'x'"),
+    (bench_host, ["--sizes", "1X"], "argument --sizes: size '1X'"),
+    (bench_frame, ["--reps", "0"], "argument --reps: expected an int >= 1, got '0'"),
+])
+def test_a_bad_argument_names_the_option(capsys, monkeypatch, module, argv, says):
+    assert says in usage_error(capsys, monkeypatch, module, *argv)
+
+
+@pytest.mark.parametrize("module, folder", [(bench_all2all, True), (bench_small, True),
+                                            (bench_allreduce, True), (a2a_model, False),
+                                            (codec_error, False), (bench_frame, False),
+                                            (bench_host, False)])
+def test_out_is_checked_before_the_run(tmp_path, capsys, monkeypatch, module, folder):
+    wrong = tmp_path / "f.json"
+    if folder:
+        wrong.write_text("")
+    else:
+        wrong.mkdir()
+    line = usage_error(capsys, monkeypatch, module, "--out", wrong)
+    assert line.endswith(f"--out: {wrong} is {'not ' if folder else ''}a directory")
+
+
+def test_accuracy_study_checks_out_before_training(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = run_tool(ROOT / "tools" / "accuracy_study.py", "--out", tmp_path / "afile", "--steps", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: --out: {tmp_path / 'afile'} is not a directory")
+    assert "Traceback" not in proc.stderr and "==" not in proc.stdout  # no run started
+
+
+def test_bench_frame_makes_the_folder_of_out(tmp_path):
+    out = tmp_path / "missing" / "frame.json"
+    proc = run_tool(ROOT / "tools" / "bench_frame.py", "--reps", "1", "--port",
+                    tune_gate.free_port(), "--out", out, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["rows"]
