@@ -156,3 +156,16 @@ def test_bad_arguments_name_the_field_gloo_2():
 def test_communicator_outside_distributed_says_so():
     with pytest.raises(RuntimeError, match="init_process_group"):
         mf.Communicator()
+
+
+def test_split_sizes_key_the_plan_cache_as_the_check_takes_them():
+    """Python and numpy ints (which the split check accepts) key a call's cached plan; a float
+    is no key, so its call takes the checking path and is refused there."""
+    import numpy as np
+    from moe_flashcomm.comm.autograd import split_key
+    assert split_key([3, 0, 5]) == split_key(np.array([3, 0, 5])) == split_key(torch.tensor([3, 0, 5])) \
+        == (3, 0, 5)
+    assert all(type(v) is int for v in split_key(np.array([3, 0, 5])))
+    for bad in ([3.0, 0, 5], [2.5, 0.5], torch.tensor([1.0])):
+        with pytest.raises(TypeError):
+            split_key(bad)

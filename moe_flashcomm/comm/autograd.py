@@ -3,6 +3,7 @@ handle of an asynchronous call. ``Communicator.all_to_all`` makes the calls."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -212,16 +213,14 @@ class AllToAllHandle:
 
 
 def split_key(sizes) -> tuple:
-    """Split sizes (not None) as a hashable key; TypeError for what cannot be one, and for
-    entries other than ints (2.0 equals 2 but is refused: it takes the checking path)."""
+    """Split sizes (not None) as a hashable key of ints; TypeError for what cannot be one,
+    floats included (2.0 equals 2 but is refused: it takes the checking path). Integers of
+    other types (numpy) count as theirs, as the check takes them (bools too, as 0 and 1)."""
     if isinstance(sizes, torch.Tensor):
         if sizes.dtype.is_floating_point:
             raise TypeError("not a key")
         return tuple(sizes.tolist())
     key = tuple(sizes)
-    if {*map(type, key)} - _INT:
-        raise TypeError("not a key")
-    return key
-
-
-_INT = {int}
+    if type(sum(key)) is int:  # (the hot path: Python ints)
+        return key
+    return tuple(map(operator.index, key))
