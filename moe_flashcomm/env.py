@@ -142,6 +142,11 @@ def nccl_flag(name: str) -> bool:
     return value is not None and value.lower() not in _FALSE
 
 
+def cuda_homes() -> list[str]:
+    """CUDA_HOME and CUDA_PATH, where set: CUDA toolkits whose headers NVRTC may use."""
+    return [v for v in (_raw("CUDA_HOME"), _raw("CUDA_PATH")) if v]
+
+
 def rank() -> Optional[int]:
     """RANK (the global rank) as the launcher sets it, or None when not launched."""
     return integer("RANK", 0) if _raw("RANK") is not None else None

@@ -163,8 +163,7 @@ def _include_dirs() -> list[str]:
         cands.append(p and os.path.join(p, "include"))
     except Exception:
         pass
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        cands.append(os.environ.get(var) and os.path.join(os.environ[var], "include"))
+    cands += [os.path.join(home, "include") for home in env.cuda_homes()]
     cands.append("/usr/local/cuda/include")
     found = [c for c in cands if c and os.path.isfile(os.path.join(c, "cuda_fp8.h"))]
     if not found:

@@ -136,3 +136,16 @@ def test_native_is_exact_for_every_dtype_and_has_no_groups():
     with pytest.raises(ValueError, match="160 bytes per token but hidden=37 needs record_bytes=80"):
         # fp32 records decoded as bf16 ones
         decode(encode(torch.ones(2, 37), cfg), cfg, 37, torch.bfloat16)
+
+
+def test_only_env_py_reads_environment_variables():
+    """README, "Environment variables": every variable is read by moe_flashcomm/env.py, so its
+    table is the whole list (writes, as the tuner's link emulation makes, are fine)."""
+    import re
+    from pathlib import Path
+    import moe_flashcomm
+    read = re.compile(r"os\.getenv\(|os\.environ\.get\(|os\.environ\[[^\]]+\](?!\s*=)")
+    package = Path(moe_flashcomm.__file__).parent
+    readers = [str(f.relative_to(package)) for f in sorted(package.rglob("*.py"))
+               if f.name != "env.py" and read.search(f.read_text())]
+    assert readers == []
