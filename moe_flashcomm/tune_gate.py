@@ -287,7 +287,7 @@ def csv_arg(item: Callable[[str], object] = str, allowed=None) -> Callable[[str]
 SIZES_ARG = csv_arg(parse_size)
 
 
-def out_problem(path: Path, folder: bool = False) -> Optional[str]:
+def _out_problem(path: Path, folder: bool) -> Optional[str]:
     """Why ``path`` cannot be written (a file, or a folder with ``folder``), or None. Missing
     folders above it are fine (the tools make them), so a run ends at its start, not after
     its measurements."""
@@ -302,6 +302,16 @@ def out_problem(path: Path, folder: bool = False) -> Optional[str]:
     if not os.access(parent, os.W_OK):
         return f"{parent} is not writable"
     return None
+
+
+def check_out(parser: argparse.ArgumentParser, path: Optional[Path], folder: bool = False,
+              option: str = "--out") -> None:
+    """End the run through ``parser`` (one line, exit status 2) where ``path`` (a file, or a
+    folder with ``folder``; None: not given) cannot be written: checked at the start, not
+    after the measurements."""
+    problem = path and _out_problem(path, folder)
+    if problem:
+        parser.error(f"{option}: {problem}")
 
 
 def require_gpus(n: int = 1, hint: str = "") -> None:
@@ -333,9 +343,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check the setup without GPUs (timings meaningless)")
     args = ap.parse_args(argv)
-    problem = out_problem(args.out)
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, args.out)
     if args.from_bench:
         rows, devices, dates = [], [], []
         for f in args.from_bench:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import csv_arg, float_above, out_problem, positive_int  # noqa: E402
+from benchlib import check_out, csv_arg, float_above, positive_int  # noqa: E402
 
 from moe_flashcomm import CodecConfig, record_bytes  # noqa: E402
 from moe_flashcomm.comm.hierarchical import (LinkModel, predict,  # noqa: E402
@@ -210,9 +210,7 @@ def main(argv=None) -> None:
                     help="tools/bench_all2all.py JSON: fit the links' alpha/beta from it")
     ap.add_argument("--out", type=Path, default=Path("out/a2a_model.json"))
     args = ap.parse_args(argv)
-    problem = out_problem(args.out)
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, args.out)
 
     model = LinkModel(args.intra_alpha_us * 1e-6, args.intra_gbps * 1e9,
                       args.inter_alpha_us * 1e-6, args.inter_gbps * 1e9,

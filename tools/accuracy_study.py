@@ -29,7 +29,7 @@ import preflight  # noqa: E402
 from moe_flashcomm import env  # noqa: E402
 
 import moe_flashcomm  # noqa: E402
-from benchlib import out_problem, pyplot  # noqa: E402
+from benchlib import check_out, pyplot  # noqa: E402
 
 BF16 = {k: "bf16" for k in ("dispatch", "combine", "dispatch_grad", "combine_grad")}
 RUNS = [("bf16", BF16, 0), ("bf16 (other data seed)", BF16, 1)] + [
@@ -124,9 +124,7 @@ def parse_args(argv=None):
                    help="write each run's DeepSpeed checkpoint under <out>/<run>/ckpt")
     p.set_defaults(resume=False)  # every run starts fresh
     args = p.parse_args(argv)
-    problem = out_problem(args.out, folder=True)  # before the runs, not after them
-    if problem:
-        p.error(f"--out: {problem}")
+    check_out(p, args.out, folder=True)  # before the runs, not after them
     return args
 
 

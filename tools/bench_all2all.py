@@ -35,8 +35,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (PATH_ENV, SIZES_ARG, burst_ms, codec_of, csv_arg, float_above, fmt_size,  # noqa: E402
-                      free_port, init_worker, out_problem, parse_size, positive_int, pyplot,
+from benchlib import (PATH_ENV, SIZES_ARG, burst_ms, check_out, codec_of, csv_arg, float_above,  # noqa: E402
+                      fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
                       ratio_axes, require_gpus, save_figure)
 
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
@@ -339,9 +339,7 @@ def main(argv=None) -> None:
                   "gated: the bf16 codec's time stands in (in the plot too)")
         plot(result, args.plot.with_suffix(".png"))
         return
-    problem = out_problem(args.out, folder=True)
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, args.out, folder=True)
     if not args.cpu_dry_run:
         require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)

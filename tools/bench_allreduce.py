@@ -40,8 +40,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, codec_of, csv_arg, float_above, fmt_size,  # noqa: E402
-                      free_port, init_worker, out_problem, parse_size, positive_int, pyplot,
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, float_above,  # noqa: E402
+                      fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
                       ratio_axes, require_gpus, save_figure, write_gate)
 
 CODECS = ("int4", "int8", "fp8", "int2")
@@ -318,10 +318,8 @@ def main(argv=None) -> None:
         report(result)
         plot(result, args.plot.with_suffix(".png"))
         return
-    for option, path, folder in (("--out", args.out, True), ("--gate-out", args.gate_out, False)):
-        problem = path and out_problem(path, folder)
-        if problem:
-            ap.error(f"{option}: {problem}")
+    check_out(ap, args.out, folder=True)
+    check_out(ap, args.gate_out, option="--gate-out")
     if args.device == "cuda":
         require_gpus(2, "--device cpu for a dry run")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from moe_flashcomm.comm.exchange import cached_plan, exchange  # noqa: E402
 from moe_flashcomm.comm.frame import HEADER_BYTES, Frame, Leg  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
-from benchlib import out_problem, positive_int  # noqa: E402
+from benchlib import check_out, positive_int  # noqa: E402
 
 H = 1024
 SIZES = [64 << 10, 1 << 20, 4 << 20]
@@ -215,9 +215,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.world < 2:
         ap.error(f"--world: expected an int >= 2 (an exchange between processes), got {a.world}")
-    problem = a.out and out_problem(Path(a.out))
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, a.out and Path(a.out))
     mp.start_processes(_worker, (a.world, a.port, a.reps, a.out), nprocs=a.world,
                        start_method="spawn")
 

@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
-from benchlib import (SIZES_ARG, csv_arg, fmt_size, out_problem, parse_size, positive_int,  # noqa: E402
+from benchlib import (SIZES_ARG, check_out, csv_arg, fmt_size, parse_size, positive_int,  # noqa: E402
                       pyplot, require_gpus, save_figure)
 
 H = 7168
@@ -368,9 +368,7 @@ def main():
     a = p.parse_args()
     if a.plot:
         return plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
-    problem = out_problem(a.out)
-    if problem:
-        p.error(f"--out: {problem}")
+    check_out(p, a.out)
     require_gpus()
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
     if a.mps and not pipe.exists():

@@ -46,8 +46,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, codec_of, csv_arg, fmt_size, free_port,  # noqa: E402
-                      init_worker, out_problem, positive_int, pyplot, ratio_axes,
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, fmt_size,  # noqa: E402
+                      free_port, init_worker, positive_int, pyplot, ratio_axes,
                       require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
@@ -315,9 +315,7 @@ def main(argv=None) -> None:
         print_tables(result)
         plot(result, args.plot.with_suffix(".png"))
         return
-    problem = out_problem(args.out, folder=True)
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, args.out, folder=True)
     if not args.cpu_dry_run:
         require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 from moe_flashcomm import CodecConfig, decode, encode, record_layout
 from moe_flashcomm.codec.config import GROUP_SIZES
 
-from benchlib import out_problem, positive_int, pyplot
+from benchlib import check_out, positive_int, pyplot
 
 try:
     from tqdm import tqdm
@@ -72,9 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.hidden < 4:  # (make_data's outlier channels)
         ap.error(f"--hidden: expected an int >= 4 (4 outlier channels), got {args.hidden}")
-    problem = out_problem(args.out)
-    if problem:
-        ap.error(f"--out: {problem}")
+    check_out(ap, args.out)
 
     kinds = ("gaussian", "student-t3", "outlier-channels")
     data = {k: make_data(k, args.tokens, args.hidden) for k in kinds}
