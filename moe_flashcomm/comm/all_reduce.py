@@ -391,7 +391,12 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         # in place outside autograd, as torch.distributed.all_reduce (a leaf that requires
         # grad refuses in-place writes under autograd)
         with torch.no_grad():
-            return run_all_reduce(comm, x, codec, op, algorithm, chunks)
+            return _run(comm, x, plan)
+    return _run(comm, x, plan)
+
+
+def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``x`` summed in place by ``plan`` over the communicator's group."""
     group = comm.group
     if plan.nccl and (x.is_cuda or not plan.call):
         # gated or "native" on NCCL (plan.call: more than one rank, a non-empty tensor)
