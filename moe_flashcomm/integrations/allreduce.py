@@ -7,9 +7,10 @@ default. ``enable_deepspeed`` applies the same field of its config (``enable_fro
 set, it installs or updates these hooks; off, it removes only those it installed itself. An
 inference engine carries no ``"moe_flashcomm"`` section: pass the config explicitly,
 ``enable_all_reduce(engine, {"all_reduce": 4})``. As ``enable_deepspeed`` does for the MoE
-all-to-all, each layer *instance* is patched, reversibly: the instance gets its own copy of one DeepSpeed method (same code
-object) in which one global name resolves to moe_flashcomm; nothing global is touched, so
-every other all-reduce (gradients, ZeRO, other layers) stays NCCL's.
+all-to-all, each layer *instance* is patched, reversibly: the instance gets its own copy of
+one DeepSpeed method (same code object) in which one global name resolves to moe_flashcomm;
+nothing global is touched, so every other all-reduce (gradients, ZeRO, other layers) stays
+NCCL's.
 
 Sites (DeepSpeed 0.19.8), the method run per instance and the global name it sees:
 
@@ -273,11 +274,8 @@ def enable_from_section(model: Any, config: FlashCommConfig) -> None:
     root, _ = unwrap(model)
     if config.all_reduce is not None and config.enabled:
         _enable(root, config, from_section=True)
-        return
-    for module in root.modules():
-        state = vars(module).get(_STATE)
-        if state is not None and state.from_section:
-            unpatch(module, _STATE)
+    else:
+        _restore(root, lambda state: state.from_section)
 
 
 def _enable(root: nn.Module, cfg: FlashCommConfig, from_section: bool) -> dict[str, AllReduceStats]:
@@ -303,11 +301,16 @@ def disable_all_reduce(model: Any) -> dict[str, AllReduceStats]:
     """Restore DeepSpeed's own all-reduce on every layer ``enable_all_reduce`` patched in
     ``model``. Returns the final AllReduceStats of those layers."""
     root, _ = unwrap(model)
+    return _restore(root, lambda state: True)
+
+
+def _restore(root: nn.Module, which: Callable[[_LayerState], bool]) -> dict[str, AllReduceStats]:
+    """Unpatch the layers of ``root`` whose state ``which`` selects: their final stats."""
     restored = {}
     for name, module in root.named_modules():
-        state = unpatch(module, _STATE)
-        if state is not None:
-            restored[name] = state.stats
+        state = vars(module).get(_STATE)
+        if state is not None and which(state):
+            restored[name] = unpatch(module, _STATE).stats
     return restored
 
 
