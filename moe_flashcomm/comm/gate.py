@@ -117,6 +117,7 @@ def write_gate(path: Union[str, os.PathLike], **fields) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
 
+
 class SizeGate:
     """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
     the fallback of its path, else a width the path lacks takes the next wider one's
