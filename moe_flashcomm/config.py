@@ -79,7 +79,11 @@ class LayerRule:
     def to_dict(self) -> dict:
         d: dict = {"match": list(self.match)} if self.match else {"index": list(self.index)}
         for k, v in self.overrides:
-            d[k] = _codec_to_json(v) if k in CODEC_FIELDS else v
+            if k in CODEC_FIELDS:
+                v = _codec_to_json(v)
+            elif k == "chunks" and v is None:  # "auto": a null in a rule keeps the base's chunks
+                v = "auto"
+            d[k] = v
         return d
 
 
@@ -191,7 +195,7 @@ class FlashCommConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where} must be a dict, got {type(d).__name__}")
         allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
+        unknown = sorted(set(d) - set(allowed), key=repr)  # (keys of any type: YAML makes some)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
         obj = cls.__new__(cls)
@@ -275,7 +279,7 @@ def _rule(r: Any, where: str) -> LayerRule:
     if not isinstance(r, Mapping):
         raise ConfigError(f"{where} must be a dict with 'match' or 'index' and the fields to "
                           f"override, got {r!r}")
-    unknown = sorted(set(r) - {"match", "index", *_RULE_FIELDS})
+    unknown = sorted(set(r) - {"match", "index", *_RULE_FIELDS}, key=repr)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: match, index, "
                           + ", ".join(_RULE_FIELDS))

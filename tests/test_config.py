@@ -149,3 +149,41 @@ def test_only_env_py_reads_environment_variables():
     readers = [str(f.relative_to(package)) for f in sorted(package.rglob("*.py"))
                if f.name != "env.py" and read.search(f.read_text())]
     assert readers == []
+
+
+def test_a_rules_auto_chunks_survive_the_json_round_trip():
+    """A rule's "chunks": "auto" overrides a base chunk count; its to_dict once wrote null,
+    which in a rule means "keep the base's", so the reloaded config chunked that layer."""
+    import json
+    from moe_flashcomm.config import FlashCommConfig
+    cfg = FlashCommConfig(chunks=4, layers=[{"index": 0, "chunks": "auto"}, {"index": 1, "chunks": 2}])
+    assert [cfg.for_layer("a", i).chunks for i in range(3)] == [None, 2, 4]
+    back = FlashCommConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert [back.for_layer("a", i).chunks for i in range(3)] == [None, 2, 4]
+
+
+@pytest.mark.parametrize("bad", [4.0, [4], b"fp8"])
+def test_a_codec_of_the_wrong_type_says_what_is_allowed(bad):
+    """A codec that is neither a CodecConfig, a dict nor a bits value (a JSON 4.0 included)
+    names the value and the bits values allowed, also under a config field's name."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    allowed = "an int 2..8, 'fp8', 'bf16' or 'native'"
+    with pytest.raises(TypeError) as e:
+        CodecConfig.coerce(bad)
+    assert allowed in str(e.value) and repr(bad) in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        FlashCommConfig.from_dict({"dispatch": bad}, where="moe_flashcomm")
+    assert str(e.value).startswith("moe_flashcomm.dispatch: ") and allowed in str(e.value)
+
+
+def test_config_keys_of_any_type_are_named():
+    """Unknown keys that are not all strings (a YAML file makes ints, bools and None of some)
+    are named in a ConfigError, at the top and in a rule, as CodecConfig.from_dict does;
+    sorting them once raised a bare TypeError."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    with pytest.raises(ConfigError, match=r"moe_flashcomm: unknown field\(s\) \['x', 3\]; allowed: enabled"):
+        FlashCommConfig.from_dict({"dispatch": 4, 3: 8, "x": 1}, where="moe_flashcomm")
+    with pytest.raises(ConfigError, match=r"moe_flashcomm.layers\[0\]: unknown field\(s\) \['y', None, True\]"):
+        FlashCommConfig.from_dict({"layers": [{"index": 0, None: 1, True: 2, "y": 3}]},
+                                  where="moe_flashcomm")

@@ -356,3 +356,28 @@ def test_meta_tensors_are_refused_early(cfg):
         decode(torch.empty(4, rb, dtype=torch.uint8, device="meta"), cfg, 256, torch.float32)
     with pytest.raises(ValueError, match="CodecConfig.bits"):
         encode(torch.randn(2, 8), {"bits": 1})
+
+
+@pytest.mark.parametrize("cfg", [CodecConfig(bits=4, group_size=32), CodecConfig(bits=3, spikes=False),
+                                 CodecConfig(bits="fp8"), CodecConfig(bits="bf16"),
+                                 CodecConfig(bits="native")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_copies_and_takes_records_at_any_address(cfg, dtype):
+    """decode's output never aliases the records (the bf16 passthrough of 16-bit tokens once
+    returned a view of them, so refilling a receive buffer changed decoded tokens), and
+    records at an odd byte address decode as aligned ones do (the CUDA decode copies them;
+    the reference once failed in view(dtype))."""
+    x = heavy_tailed(3, 256, dtype)
+    rec = encode(x, cfg)
+    want = decode(rec.clone(), cfg, 256, dtype)
+    for T in (1, 3):
+        buf = torch.zeros(T * rec.shape[1] + 1, dtype=torch.uint8)
+        shifted = buf[1:].view(T, -1)
+        shifted.copy_(rec[:T])
+        y = decode(shifted, cfg, 256, dtype)
+        assert torch.equal(y.view(torch.uint8), want[:T].view(torch.uint8))
+        buf.fill_(0xFF)  # the caller reuses its buffer
+        assert torch.equal(y.view(torch.uint8), want[:T].view(torch.uint8))
+    y = decode(rec, cfg, 256, dtype)
+    rec.zero_()
+    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))

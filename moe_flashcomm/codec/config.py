@@ -120,7 +120,8 @@ class CodecConfig:
             return cls.from_dict(obj)
         if isinstance(obj, (int, str)):
             return cls(bits=obj)
-        raise TypeError(f"expected a CodecConfig, a dict or a bits value, got {type(obj).__name__}")
+        raise TypeError(f"expected a CodecConfig, a dict of its fields or a bits value "
+                        f"({BITS_ALLOWED}), got {type(obj).__name__}: {obj!r}")
 
     def __str__(self) -> str:
         if not self.is_int:

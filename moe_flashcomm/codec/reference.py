@@ -138,9 +138,11 @@ def _put(rec: torch.Tensor, offset: int, values: torch.Tensor) -> None:
 
 
 def _get(rec: torch.Tensor, offset: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Read [T, n] values of ``dtype`` stored at ``offset`` of every record."""
+    """Read [T, n] values of ``dtype`` stored at ``offset`` of every record, as a copy: the
+    result must not alias the records (a bf16 passthrough decode would return a view of its
+    input), and records may start at any byte address, which view(dtype) refuses."""
     size = torch.empty((), dtype=dtype).element_size()
-    return rec[:, offset:offset + n * size].contiguous().view(dtype)
+    return rec[:, offset:offset + n * size].clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def encode_native(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
