@@ -187,3 +187,11 @@ def test_config_keys_of_any_type_are_named():
     with pytest.raises(ConfigError, match=r"moe_flashcomm.layers\[0\]: unknown field\(s\) \['y', None, True\]"):
         FlashCommConfig.from_dict({"layers": [{"index": 0, None: 1, True: 2, "y": 3}]},
                                   where="moe_flashcomm")
+
+
+def test_link_keys_of_any_type_are_named():
+    """A per-link codec dict with keys that are not all strings names them (sorting them once
+    raised a bare TypeError, seen as "'<' not supported")."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    with pytest.raises(ConfigError, match=r"unknown link field\(s\) \['x', 3\]; allowed: intra"):
+        FlashCommConfig.from_dict({"dispatch": {"intra_node": 4, 3: 1, "x": 2}})

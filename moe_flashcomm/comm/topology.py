@@ -120,7 +120,7 @@ class LinkCodecs:
         if isinstance(obj, Mapping) and set(obj) & {"intra_node", "inter_node"}:
             unknown = set(obj) - {"intra_node", "inter_node"}
             if unknown:
-                raise ValueError(f"{name}: unknown link field(s) {sorted(unknown)}; "
+                raise ValueError(f"{name}: unknown link field(s) {sorted(unknown, key=repr)}; "
                                  "allowed: intra_node, inter_node")
             return cls(**obj)
         try:
