@@ -405,6 +405,11 @@ def test_stochastic_seed_from_generator():
     a = C.encode(x, cfg, torch.Generator().manual_seed(7))
     b = R.encode(x.cpu(), cfg, torch.Generator().manual_seed(7))
     assert_same_records(a, b, record_layout(512, cfg), "generator seed")
+    # a CUDA generator (the model's own, say) draws the seed on its device; it once raised
+    c = C.encode(x, cfg, torch.Generator(device="cuda").manual_seed(7))
+    d = R.encode(x.cpu(), cfg, torch.Generator(device="cuda").manual_seed(7))
+    assert_same_records(c, d, record_layout(512, cfg), "CUDA generator seed")
+    assert not torch.equal(c, C.encode(x, cfg, torch.Generator(device="cuda").manual_seed(8)))
 
 
 # ---- CUDA graphs and torch.compile ---------------------------------------------------------------

@@ -82,7 +82,8 @@ def resolve_seed(seed: Seed) -> int:
         return seed & _M32
     if seed is not None and not isinstance(seed, torch.Generator):
         raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
-    return int(torch.randint(0, 2**31, (1,), generator=seed).item())
+    device = None if seed is None else seed.device  # (a CUDA generator draws on its device)
+    return int(torch.randint(0, 2**31, (1,), generator=seed, device=device).item())
 
 
 # ---- validation ------------------------------------------------------------------------
