@@ -915,6 +915,21 @@ def test_version_checks(monkeypatch):
         integ.import_deepspeed.cache_clear()
 
 
+def test_stats_readers_refuse_an_unknown_direction_or_link():
+    """A misspelt direction or link class raises, naming the allowed ones (it matched
+    nothing and read as 0 bytes, 0 seconds or a slot share of 1.0)."""
+    stats = ExchangeStats()
+    stats.bytes_sent["dispatch"]["inter_node"] = 100
+    stats.slots_sent["dispatch"], stats.slots_stock["dispatch"] = 1, 4
+    assert stats.link_bytes("inter_node") == 100 and stats.slot_share("dispatch") == 0.25
+    with pytest.raises(ValueError, match=r"link must be None or one of \('intra_node', 'inter_node'\), got 'inter'"):
+        stats.link_bytes("inter")
+    with pytest.raises(ValueError, match=r"direction must be None or one of .*'dispatch_grad'.*got 'dispatch_gradient'"):
+        stats.slot_share("dispatch_gradient")
+    with pytest.raises(ValueError, match="direction must be None or one of"):
+        stats.elapsed("fwd")
+
+
 @pytest.mark.multigpu
 def test_layers_nccl_2_gpus():
     spawn(_world2, 2, backend="nccl")

@@ -29,6 +29,13 @@ def _per_link() -> dict:
     return {d: _zeros(LINKS) for d in DIRECTIONS}
 
 
+def _check(what: str, value: Optional[str], allowed: tuple) -> None:
+    """A reader's ``direction`` / ``link``: None or one of ``allowed`` (a misspelt one would
+    match nothing and read as 0 or 1.0)."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"ExchangeStats: {what} must be None or one of {allowed}, got {value!r}")
+
+
 @dataclass
 class ExchangeStats:
     """Exchanges of one layer (or a sum of layers) since enable or the last ``reset()``.
@@ -97,6 +104,7 @@ class ExchangeStats:
 
     def elapsed(self, direction: Optional[str] = None) -> float:
         """Seconds spent in exchanges of ``direction`` (None: all directions)."""
+        _check("direction", direction, DIRECTIONS)
         self._resolve()
         return sum(v for d, v in self.seconds.items() if direction in (None, d))
 
@@ -112,12 +120,14 @@ class ExchangeStats:
     def link_bytes(self, link: Optional[str] = None, bf16: bool = False) -> int:
         """Bytes over every direction, on ``link`` (None: both link classes); ``bf16``: the
         bf16 equivalent instead of what was sent."""
+        _check("link", link, LINKS)
         table = self.bf16_bytes if bf16 else self.bytes_sent
         return sum(v for d in table.values() for k, v in d.items() if link in (None, k))
 
     def slot_share(self, direction: Optional[str] = None) -> float:
         """Slots sent / slots of the stock exchange, in ``direction`` (None: all; 1.0 when
         nothing was sent)."""
+        _check("direction", direction, DIRECTIONS)
         stock = sum(v for d, v in self.slots_stock.items() if direction in (None, d))
         sent = sum(v for d, v in self.slots_sent.items() if direction in (None, d))
         return sent / stock if stock else 1.0
