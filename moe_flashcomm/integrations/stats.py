@@ -44,8 +44,10 @@ class ExchangeStats:
                 ``combine`` and their gradients ``dispatch_grad``, ``combine_grad``.
     quantized:  of those, the ones where at least one link to another rank carried an
                 integer or fp8 codec (not bf16 passthrough, not gated to bf16).
-    bytes_sent: ``{direction: {link: bytes}}``, wire bytes sent to other ranks per link class
-                (``intra_node``, ``inter_node``).
+    bytes_sent: ``{direction: {link: bytes}}``, wire bytes of this rank's rows sent to other
+                ranks, by the link class of their destination (``intra_node``,
+                ``inter_node``): what the flat algorithm sends. The hierarchical one also
+                relays node-mates' rows (more intra-node bytes), which is not counted here.
     bf16_bytes: the same rows in bf16, same keys.
     slots_sent: capacity slots (token rows of DeepSpeed's [E, C, M] tensor) sent to other
                 ranks, per direction; ``slots_stock``: those the stock, padded exchange
