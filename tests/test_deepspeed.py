@@ -24,6 +24,7 @@ import io
 import pickle
 import logging
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -774,6 +775,7 @@ def _world4(rank: int, world: int, tensor_parallel: bool = False) -> None:
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_link_classes(tag)
     check_hierarchical(tag)
+    check_pipeline_stages(tag)
     check_autoep(tag, layers=1)
     if tensor_parallel:
         check_expert_tensor_parallel(tag)
@@ -815,6 +817,32 @@ def check_hierarchical(tag: str) -> None:
     mixed = "hierarchical" if dist.get_rank() == 0 else "flat"
     with pytest.raises(mf.comm.ConfigMismatchError, match="algorithm differs"):
         mf.enable_deepspeed(moe, {"algorithm": mixed})
+    mf.disable_deepspeed(moe)
+
+
+def check_pipeline_stages(tag: str) -> None:
+    """Pipeline stages hold different MoE layers: ranks 0-1 one layer, ranks 2-3 another,
+    each stage its own expert-parallel group. Only ranks that share a group must agree (the
+    whole job once had to: every stage raised); one that differs inside a stage raises on
+    both of its ranks, within seconds, and the other stage goes on."""
+    rank, ep = dist.get_rank(), 2
+    stage = rank // ep
+    moe = nn.Sequential(OrderedDict({f"stage{stage}": make_moe(ep, ep, 2, True, seed=44 + stage)}))
+    x = tokens((2, 8, H), seed=800 + rank)
+    ref = run(moe, x)
+    algorithm = "hierarchical" if stage == 0 else "flat"  # stage groups for stage 0 only
+    mf.enable_deepspeed(moe, {**PASS, "algorithm": algorithm})
+    assert_identical(ref, run(moe, x), f"{tag} stage {stage} ({algorithm})")
+    start = time.monotonic()
+    cfg = {**PASS, "dispatch": 8 if rank == 3 else 4}
+    if stage == 1:
+        with pytest.raises(mf.comm.ConfigMismatchError,
+                           match=rf"layer 'stage1.deepspeed_moe': dispatch differs .*rank {5 - rank} "):
+            mf.enable_deepspeed(moe, cfg)
+    else:
+        mf.enable_deepspeed(moe, cfg)
+        assert rel_err(run(moe, x)[0], ref[0]) < 0.1
+    assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
     mf.disable_deepspeed(moe)
 
 

@@ -282,9 +282,11 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     """``prepare()`` (which validates the model and config and returns what ``enable_deepspeed``
     needs, first the per-layer resolved configs), then one small collective on every rank:
     a rank whose ``prepare`` raised still joins it, so every rank raises instead of leaving the
-    others waiting; ranks that resolved different layer configs raise ConfigMismatchError.
-    A non-flat algorithm then gets the stage groups of every expert-parallel group, created by
-    all processes together (expert-parallel groups are usually smaller than the job)."""
+    others waiting. Ranks that share an expert-parallel group (every rank, where a layer has
+    no group yet) and resolved different layer configs raise ConfigMismatchError; pipeline
+    stages, which hold different layers, need not agree. A non-flat algorithm then gets the
+    stage groups of its expert-parallel groups, created by all processes together
+    (expert-parallel groups are usually smaller than the job)."""
     error, out = None, None
     try:
         out = prepare()
@@ -294,10 +296,16 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
         if error is not None:
             raise error
         return out
-    mine = ("error", f"{type(error).__name__}: {error}") if error is not None else \
-        ("ok", [(name, _fields(lcfg)) for name, _, lcfg in out[0]],
-         sorted({tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, lcfg in out[0]
-                 if lcfg.enabled and getattr(layer, "ep_group", None) is not None}))
+    if error is not None:
+        mine = ("error", f"{type(error).__name__}: {error}")
+    else:
+        groups = [None if getattr(layer, "ep_group", None) is None
+                  else tuple(dist.get_process_group_ranks(layer.ep_group))
+                  for _, layer, _ in out[0]]
+        mine = ("ok", [(name, _fields(lcfg)) for name, _, lcfg in out[0]],
+                None if None in groups else sorted({r for g in groups for r in g}),
+                sorted({g for g, (_, _, lcfg) in zip(groups, out[0])
+                        if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if error is not None:
@@ -306,14 +314,17 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     if failed:
         raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed failed on rank(s) {sorted(failed)}: "
                                   + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
+    me = dist.get_rank()
     for r, g in enumerate(gathered):
-        if g[1] != mine[1]:
+        shared = mine[2] is None or r in mine[2] or g[2] is None or me in g[2]  # (symmetric)
+        if r != me and shared and g[1] != mine[1]:
             raise ConfigMismatchError("moe_flashcomm.enable_deepspeed: ranks resolved different "
-                                      f"layer configs: {_difference(mine[1], g[1], r)}; every "
-                                      "rank must enable the same layers with the same config")
-    if any(lcfg.enabled and lcfg.algorithm != "flat" for _, _, lcfg in out[0]):
-        all_groups = sorted({ranks for g in gathered for ranks in g[2]})
-        create_stage_groups([r for r in all_groups if len(r) < dist.get_world_size()])
+                                      f"layer configs: {_difference(mine[1], g[1], r)}; ranks that "
+                                      "share an expert-parallel group must enable the same layers "
+                                      "with the same config")
+    stage_groups = sorted({ranks for g in gathered for ranks in g[3]})
+    if stage_groups:  # (every rank decides alike: from what all ranks sent)
+        create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
     return out
 
 
