@@ -160,12 +160,13 @@ def test_communicator_outside_distributed_says_so():
 
 def test_split_sizes_key_the_plan_cache_as_the_check_takes_them():
     """Python and numpy ints (which the split check accepts) key a call's cached plan; a float
-    is no key, so its call takes the checking path and is refused there."""
+    or a bool tensor (which the check refuses) is no key, so its call takes the checking path
+    and is refused there."""
     import numpy as np
     from moe_flashcomm.comm.autograd import split_key
     assert split_key([3, 0, 5]) == split_key(np.array([3, 0, 5])) == split_key(torch.tensor([3, 0, 5])) \
         == (3, 0, 5)
     assert all(type(v) is int for v in split_key(np.array([3, 0, 5])))
-    for bad in ([3.0, 0, 5], [2.5, 0.5], torch.tensor([1.0])):
+    for bad in ([3.0, 0, 5], [2.5, 0.5], torch.tensor([1.0]), torch.tensor([True, False])):
         with pytest.raises(TypeError):
             split_key(bad)

@@ -217,7 +217,7 @@ def split_key(sizes) -> tuple:
     floats included (2.0 equals 2 but is refused: it takes the checking path). Integers of
     other types (numpy) count as theirs, as the check takes them (bools too, as 0 and 1)."""
     if isinstance(sizes, torch.Tensor):
-        if sizes.dtype.is_floating_point:
+        if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:  # (refused by the check)
             raise TypeError("not a key")
         return tuple(sizes.tolist())
     key = tuple(sizes)
