@@ -302,6 +302,42 @@ def test_all_reduce_gloo_4_hierarchical():
     spawn(_world4, 4, env={"LOCAL_WORLD_SIZE": 2})
 
 
+def _hierarchical_switch(rank, world):
+    """Over gloo the hierarchical all-reduce's stages name their records' dtype and codec
+    in their headers: a rank that switches to a dtype or codec every rank has used before
+    (first-use checks pass), with records of the same size, makes every rank raise in that
+    call, and the group works afterwards. (The stages' headers named raw bytes: the ranks
+    decoded each other's records as garbage, ending with different tensors, or one rank
+    failed in the decode while the others waited for it until the timeout.)"""
+    a = mf.CodecConfig(bits=3, group_size=64, spikes=True)
+    b = mf.CodecConfig(bits=4, group_size=128, spikes=False)
+    assert mf.record_bytes(ROW, a) == mf.record_bytes(ROW, b)
+    comm = mf.Communicator(gate=False, topology=2, timeout=30)
+    x = make_input(rank, (3000,), torch.float32, 50)
+    links = mf.LinkCodecs(intra_node=8, inter_node=a), mf.LinkCodecs(intra_node=8, inter_node=b)
+    for codec in (a, b) + links:
+        for dtype in (torch.bfloat16, torch.float16):
+            comm.all_reduce(x.to(dtype), codec, algorithm="hierarchical")
+    cases = (("codec", (a if rank == 3 else b), torch.bfloat16, "the codecs differ"),
+             ("inter_node codec", links[rank == 3], torch.bfloat16, "the codecs differ"),
+             ("dtype", b, torch.float16 if rank == 3 else torch.bfloat16, "torch.float16 rows"))
+    for what, codec, dtype, says in cases:
+        with pytest.raises(ConfigMismatchError) as err:
+            comm.all_reduce(x.to(dtype), codec, algorithm="hierarchical")
+        msg = str(err.value)
+        # the ranks that meet rank 3 name what differs; the others, that it was found
+        assert says in msg or "found ranks disagreeing" in msg, (what, msg)
+    y = x.to(torch.bfloat16)
+    comm.all_reduce(y, b, algorithm="hierarchical")
+    inputs = [make_input(p, (3000,), torch.float32, 50).to(torch.bfloat16) for p in range(world)]
+    assert torch.equal(y, reference_all_reduce(inputs, b, local_size=2))
+    comm.close()
+
+
+def test_all_reduce_gloo_4_hierarchical_switch():
+    spawn(_hierarchical_switch, 4, timeout=300)
+
+
 def test_all_reduce_gloo_8():
     spawn(_world8, 8)
 

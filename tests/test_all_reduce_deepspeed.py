@@ -108,7 +108,44 @@ def check_linear_allreduce(tag: str) -> None:
         mf.enable_all_reduce(model, {"all_reduce": 4, **OFF})
         assert mf.enable_all_reduce(model, {"moe_flashcomm": {"all_reduce": None}}) == {}
         assert torch.equal(down(shard), stock), tag
+        # no tensor parallelism (mp_group None): DeepSpeed's RowParallel all-reduces nothing,
+        # and neither does the patched layer (it had summed over the default group)
+        alone = LinearAllreduce(nn.Linear(H, H), None).to(device())
+        want = alone(shard)
+        assert mf.enable_all_reduce(alone, {"all_reduce": 4, **OFF})
+        assert torch.equal(alone(shard), want), tag
+        assert all_reduce_stats(alone)[""].calls == 0
+    check_shared_communicator(tag, shard)
     check_copy_and_pickle(tag, down, shard, local)
+
+
+def check_shared_communicator(tag: str, shard: torch.Tensor) -> None:
+    """Layers enabled with a gate file (the config's path, or $MOE_FLASHCOMM_GATE_FILE with
+    the default gate) or a thresholds dict share one communicator per group; each had made
+    its own."""
+    import os
+    import tempfile
+    from deepspeed.module_inject.layers import LinearAllreduce
+    from moe_flashcomm.comm.communicator import PROCESS
+    world = dist.get_world_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "gate.json")
+        with open(path, "w") as f:
+            f.write('{"thresholds": {}, "all_reduce": {}}')
+        for config in ({"all_reduce": 4, "gate": path}, {"all_reduce": 8},
+                       {"all_reduce": 6, "gate": {"nvlink": {"int6": 1}}}):
+            layers = nn.ModuleList(LinearAllreduce(nn.Linear(H * world, H), dist.group.WORLD)
+                                   for _ in range(3)).to(device())
+            os.environ["MOE_FLASHCOMM_GATE_FILE"] = path
+            try:
+                mf.enable_all_reduce(layers, config)
+                before = len(PROCESS.communicators)
+                with torch.no_grad():
+                    for layer in layers:
+                        layer(shard)
+            finally:
+                del os.environ["MOE_FLASHCOMM_GATE_FILE"]
+            assert len(PROCESS.communicators) - before <= 1, (tag, config)
 
 
 def pickle_sharing(obj, group):

@@ -676,6 +676,12 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
 
 
 # ---- hierarchical ------------------------------------------------------------------------------
+def _records(dtype: torch.dtype, cfg: CodecConfig) -> tuple:
+    """What the headers of a framed stage name its bytes as (Hierarchy.a2a's ``records``):
+    records of ROW values of ``dtype`` encoded with ``cfg``."""
+    return dtype, ROW, record_bytes(ROW, cfg), frame.wire_code(cfg)
+
+
 def _stage_gather(h, stage: str, out: torch.Tensor, inp: torch.Tensor, named: dict) -> None:
     """All-gather of ``inp`` (uint8, equal sizes) among a hierarchy stage's ranks into
     ``out`` (stage rank order). A masked stage (no process group of its own), and any stage
@@ -707,11 +713,16 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
     stamped = comm is not None
     page = error_page(comm._pages, kernels.device_index(buf)).address if stamped else 0
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
-    # on CPU (framed) every stage carries the call's number and the numel
+    # on CPU (framed) every stage carries the call's number and the numel, and names its
+    # records' dtype and codec (records of the same size may be of other codecs)
     named = dict(operation="hierarchical all-reduce stage", detail=plan.numel,
                  **h.numbering(buf.device))
-    intra = functools.partial(h.a2a, "intra", **named)
-    inter = functools.partial(h.a2a, "inter", **named)
+    records, final = (None, None), named  # final: the second stage's and the gathers'
+    if "number" in named:
+        records = _records(buf.dtype, plan.intra), _records(buf.dtype, plan.inter)
+        final = dict(named, records=records[1])
+    intra = functools.partial(h.a2a, "intra", records=records[0], **named)
+    inter = functools.partial(h.a2a, "inter", **final)
     done = []  # the stages this rank has run, for _abort_stages
     try:
         # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
@@ -751,18 +762,18 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
         # 3. all-gather of the final records: across groups, then inside the group
         if M > 1:
             across = torch.empty((M, rec.numel()), dtype=torch.uint8, device=buf.device)
-            _stage_gather(h, "inter", across, rec, named)
+            _stage_gather(h, "inter", across, rec, final)
         else:
             across = rec.view(1, -1)
         done.append(3)
         if L > 1:
             inside = torch.empty((L, across.numel()), dtype=torch.uint8, device=buf.device)
-            _stage_gather(h, "intra", inside, across, named)
+            _stage_gather(h, "intra", inside, across, final)
         else:
             inside = across
     except ConfigMismatchError as e:
         if named.get("number"):
-            _abort_stages(h, plan, named, after=len(done), elsewhere=e.elsewhere)
+            _abort_stages(h, plan, named, records, after=len(done), elsewhere=e.elsewhere)
         raise
     if stamped:
         _final_call(comm, plan, h, buf).unpack(0, inside.view(-1), buf.view(L * M * c, ROW))
@@ -770,22 +781,25 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
         _decode_into(inside.view(L * M * c, rb), plan.inter, buf.view(L * M * c, ROW))
 
 
-def _abort_stages(h, plan: _Plan, named: dict, after: int, elsewhere=frozenset()) -> None:
+def _abort_stages(h, plan: _Plan, named: dict, records: tuple, after: int,
+                  elsewhere=frozenset()) -> None:
     """A framed call that found a disagreement in stage ``after + 1``: the later stages as
     headers only, so the ranks that meet this one there raise in this call too; not those
-    that would wait for a rank of ``elsewhere`` (seen in another call: it never comes)."""
+    that would wait for a rank of ``elsewhere`` (seen in another call: it never comes).
+    ``records``: the stages' (_records of the intra codec, of the inter codec)."""
     L, M, c = h.local, h.nodes, plan.rows
     rb1, rb2 = record_bytes(ROW, plan.intra), record_bytes(ROW, plan.inter)
-    stages = [("intra", L, h.local_rank, M * c * rb1, False),  # (stage, ranks, own, bytes,
-              ("inter", M, h.node, c * rb2, False),             #  an all-gather)
-              ("inter", M, h.node, c * rb2, True),
-              ("intra", L, h.local_rank, M * c * rb2, True)]
-    for stage, n, own, k, gather in stages[after + 1:]:
+    r1, r2 = records
+    stages = [("intra", L, h.local_rank, M * c * rb1, False, r1),  # (stage, ranks, own,
+              ("inter", M, h.node, c * rb2, False, r2),             #  bytes, an all-gather,
+              ("inter", M, h.node, c * rb2, True, r2),              #  records)
+              ("intra", L, h.local_rank, M * c * rb2, True, r2)]
+    for stage, n, own, k, gather, rec in stages[after + 1:]:
         if n == 1 or h.meets(stage, elsewhere):
             continue
         splits = [k if gather or q != own else 0 for q in range(n)]
         h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
-              splits, [0] * n, aborted=True, **named)
+              splits, [0] * n, aborted=True, records=rec, **named)
 
 
 # ---- the specification ---------------------------------------------------------------------------

@@ -476,22 +476,31 @@ class Frame:
 def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: str,
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
-                      **numbering) -> "Done":
+                      records: Optional[tuple] = None, **numbering) -> "Done":
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
     group rank, the rows in the headers in place of the splits (a stage of a larger
-    exchange checks that exchange's rows, pair by pair). ``numbering``: Frame's ``number``,
-    ``counter`` and ``aborted``."""
+    exchange checks that exchange's rows, pair by pair). ``records``: the uint8 items are
+    records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
+    whose dtypes or codecs differ raise even where their records have the same size.
+    ``numbering``: Frame's ``number``, ``counter`` and ``aborted``."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
     ooff = [i * unit for i in offsets(out_splits)]
     sends, recvs = item_legs(in_splits, unit, rank), item_legs(out_splits, unit, rank)
+    dtype, hidden = inp.dtype, 0
+    if records is not None:
+        dtype, hidden, rb, code = records
+        if rows is None:
+            rows = ([n // rb for n in in_splits], [n // rb for n in out_splits])
+        sends, recvs = ([None if leg is None else leg._replace(wire=code) for leg in legs]
+                        for legs in (sends, recvs))
     if rows is not None:
         sends, recvs = ([None if leg is None else leg._replace(rows=n) for leg, n in zip(legs, r)]
                         for legs, r in zip((sends, recvs), rows))
-    frame = Frame(framing, pg, rank, world, operation, inp.dtype, 0, sends, recvs, detail,
+    frame = Frame(framing, pg, rank, world, operation, dtype, hidden, sends, recvs, detail,
                   **numbering)
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])

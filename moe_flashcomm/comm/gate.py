@@ -137,6 +137,14 @@ class SizeGate:
             blob += json.dumps(self.all_reduce, sort_keys=True)
         self.digest = hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
+    # equal tables, equal gates: the default communicators are keyed by the gate, and layers
+    # that each coerce the same config must share one per group
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SizeGate) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
     def threshold(self, path: str, cfg: CodecConfig) -> int:
         """Bytes (bf16, per peer) below which ``cfg`` on ``path`` falls back to bf16 (0 for
         "bf16" and "native": never)."""

@@ -252,12 +252,15 @@ class Hierarchy:
 
     def a2a(self, stage: str, out: torch.Tensor, inp: torch.Tensor, out_splits: list,
             in_splits: list, async_op: bool = False, operation: str = "hierarchical stage",
-            detail: int = 0, rows: Optional[tuple] = None, **numbering):
+            detail: int = 0, rows: Optional[tuple] = None, records: Optional[tuple] = None,
+            **numbering):
         """``all_to_all_single`` of a stage; splits are per stage rank (index = position
         among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
         ``detail`` and ``numbering`` go to frame.all_to_all_single), and the first stage,
         on the whole group, puts the call's ``rows`` (sent, received: per group rank) in the
-        headers, so that a source and a destination that disagree meet there."""
+        headers, so that a source and a destination that disagree meet there. ``records``
+        (the all-reduce's stages): the bytes are records, named in the headers
+        (frame.all_to_all_single)."""
         pg, peers, masked = self.stages[stage]
         framed = self.framing is not None and not out.is_cuda
         if framed and stage == "intra":
@@ -277,7 +280,7 @@ class Hierarchy:
             try:
                 return frame.all_to_all_single(self.framing, pg, rank, world, operation, out,
                                                inp, out_splits, in_splits, detail,
-                                               rows if on_group else None, **numbering)
+                                               rows if on_group else None, records, **numbering)
             except ConfigMismatchError as e:
                 if not on_group:  # (in the group's ranks, as the stages name them)
                     e.elsewhere = frozenset(peers[q] for q in e.elsewhere)

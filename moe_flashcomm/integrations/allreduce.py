@@ -140,7 +140,9 @@ class _RowParallel:
         self._real, self._state = real, state
 
     def apply(self, group, input: torch.Tensor, is_inference_mode: bool) -> torch.Tensor:
-        if not is_inference_mode or dist.get_world_size(group) == 1:
+        # None: no tensor parallelism, DeepSpeed's RowParallel leaves the input alone (it is
+        # not the default group)
+        if not is_inference_mode or group is None or dist.get_world_size(group) == 1:
             return self._real.apply(group, input, is_inference_mode)
         self._state.all_reduce(input, group)
         return input
