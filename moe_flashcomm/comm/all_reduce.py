@@ -401,7 +401,10 @@ def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     if plan.nccl and (x.is_cuda or not plan.call):
         # gated or "native" on NCCL (plan.call: more than one rank, a non-empty tensor)
         if plan.call:
-            direct.all_reduce(group, x)
+            work = x if x.is_contiguous() else x.contiguous()  # (what backends take)
+            direct.all_reduce(group, work)
+            if work is not x:
+                x.copy_(work)
         return x
     work = x if x.is_contiguous() else x.contiguous()
     flat = work.view(-1)
