@@ -331,7 +331,7 @@ def hierarchy(comm) -> Hierarchy:
     if hit is None or hit[0] != PROCESS.stage_version:
         lay = layout(comm)
         if not lay.regular:
-            raise HierarchyError(f"hierarchical all-to-all: {lay.why}")
+            raise HierarchyError(f"the hierarchical algorithm (all-to-all, all-reduce): {lay.why}")
         if len(lay.granks) == dist.get_world_size():
             _create(lay, comm.backend)  # every process is in this call
         hit = comm.hierarchy_state["hierarchy"] = (

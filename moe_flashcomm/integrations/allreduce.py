@@ -96,7 +96,8 @@ def _site_of(module: nn.Module) -> Optional[Site]:
 # ---- what stands in -------------------------------------------------------------------------------
 def _is_sum(op: Any) -> bool:
     try:
-        return op is None or op == dist.ReduceOp.SUM or str(op).upper().endswith("SUM")
+        # torch's op, or DeepSpeed's own enum member named SUM (not PREMUL_SUM: its factor)
+        return op is None or op == dist.ReduceOp.SUM or str(op).upper().endswith(".SUM")
     except Exception:  # noqa: BLE001
         return False
 
