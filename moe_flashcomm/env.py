@@ -136,10 +136,19 @@ def local_rank() -> Optional[int]:
     return integer("LOCAL_RANK", 0) if _raw("LOCAL_RANK") is not None else None
 
 
+# the number C's strtol(value, NULL, 0) reads: spaces, a sign, then hex, octal or decimal digits
+_STRTOL = re.compile(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", re.ASCII)
+
+
 def nccl_flag(name: str) -> bool:
-    """An NCCL switch (NCCL_P2P_DISABLE, NCCL_SHM_DISABLE) as NCCL reads it: non-zero is on."""
-    value = _raw(name)
-    return value is not None and value.lower() not in _FALSE
+    """An NCCL switch (NCCL_P2P_DISABLE, NCCL_SHM_DISABLE) as NCCL reads it: on where
+    strtol(value, NULL, 0) is 1; "true", "yes" or 2 leave NCCL's transport on."""
+    m = _STRTOL.match(os.environ.get(name, ""))
+    if m is None:
+        return False
+    sign, digits = m.groups()
+    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10
+    return int(sign + digits, base) == 1
 
 
 def cuda_homes() -> list[str]:

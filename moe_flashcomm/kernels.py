@@ -179,11 +179,35 @@ def _include_dirs() -> list[str]:
 CACHE_MAGIC = b"moe_flashcomm-kernel-v1"
 
 
-def cache_key(source: str, name_expr: str, nvrtc_version, options: tuple[str, ...]) -> str:
+def cache_key(source: str, name_expr: str, nvrtc_version, options: tuple[str, ...],
+              headers: str = "") -> str:
     """The entry's file name: a hash of everything the cubin depends on (the source with its
-    includes inlined, the name expression, NVRTC's version, the options: arch, defines)."""
-    text = "\0".join((source, name_expr, str(nvrtc_version)) + tuple(options))
+    includes inlined, the name expression, NVRTC's version, the options: arch, defines, and
+    ``headers``, the digest of the CUDA headers it includes: :func:`headers_digest`)."""
+    text = "\0".join((source, name_expr, str(nvrtc_version)) + tuple(options) + (headers,))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The CUDA headers csrc/codec_common.cuh includes, whose inline code (the fp8, bf16 and fp16
+# conversions) is compiled into every kernel. Their folder is in the options, but a toolkit
+# changed in place (an upgraded wheel, /usr/local/cuda pointed at another version) keeps it,
+# and NVRTC's version need not change with them: the key hashes their content.
+CUDA_HEADERS = ("cuda_bf16.h", "cuda_bf16.hpp", "cuda_fp16.h", "cuda_fp16.hpp", "cuda_fp8.h",
+                "cuda_fp8.hpp")
+
+
+def headers_digest(include_dirs: Sequence[str]) -> str:
+    """A hash of the CUDA_HEADERS NVRTC finds in ``include_dirs`` (about 1 ms: once per
+    kernel and process, when it is loaded)."""
+    h = hashlib.sha256()
+    for name in CUDA_HEADERS:
+        for d in include_dirs:
+            try:
+                h.update(name.encode() + b"\0" + Path(d, name).read_bytes())
+                break
+            except OSError:
+                continue
+    return h.hexdigest()
 
 
 def _entry_digest(key: str, name: bytes, cubin: bytes) -> bytes:
@@ -235,13 +259,15 @@ def write_cache_file(path: Path, key: str, name: str, cubin: bytes) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
-        try:
+    f = tempfile.NamedTemporaryFile(dir=path.parent, delete=False)
+    try:
+        with f:
             f.write(data)
-        except BaseException:
+        os.replace(f.name, path)
+    except BaseException:  # (the write, its flush at close or the rename): no file left
+        with contextlib.suppress(OSError):
             os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+        raise
 
 
 def compile_kernel(source_name: str, name_expr: str, arch: str,
@@ -254,8 +280,9 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
     src = kernel_source(source_name)
     defines = tuple(defines) + env.kernel_defines()
     opts = (f"--gpu-architecture={arch}",) + NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
-    opts += tuple(f"-I{d}" for d in _include_dirs())
-    key = cache_key(src, name_expr, nvrtc.getVersion(), opts)
+    includes = _include_dirs()
+    opts += tuple(f"-I{d}" for d in includes)
+    key = cache_key(src, name_expr, nvrtc.getVersion(), opts, headers_digest(includes))
     path = env.kernel_cache_dir() / f"{key}.bin"
     if path.exists():
         cached = read_cache_file(path, key)
@@ -271,7 +298,12 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
         name, cubin = nvrtc.getLoweredName(prog, name_expr), nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
-    write_cache_file(path, key, name, cubin)
+    try:
+        write_cache_file(path, key, name, cubin)
+    except OSError as e:  # a read-only or full disk costs the entry, not the kernel
+        warnings.warn(f"moe_flashcomm: could not write the kernel cache entry {path} ({e}); "
+                      "the kernel is compiled again by every process. Set MOE_FLASHCOMM_CACHE "
+                      "to a writable folder.", RuntimeWarning, stacklevel=2)
     return name, cubin
 
 

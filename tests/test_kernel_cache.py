@@ -23,15 +23,16 @@ def test_a_good_entry_is_accepted(tmp_path):
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
 
 
-def test_the_key_hashes_source_name_version_and_options():
+def test_the_key_hashes_source_name_version_options_and_headers():
     base = ("src", "mfc::k<1>", (12, 8), ("--gpu-architecture=sm_90", "-DX"))
     keys = {cuda.cache_key(*base),
             cuda.cache_key("src ", *base[1:]),
             cuda.cache_key(base[0], "mfc::k<2>", *base[2:]),
             cuda.cache_key(*base[:2], (12, 9), base[3]),
             cuda.cache_key(*base[:3], ("--gpu-architecture=sm_100", "-DX")),
-            cuda.cache_key(*base[:3], ("--gpu-architecture=sm_90",))}
-    assert len(keys) == 6 and all(len(k) == 64 for k in keys)
+            cuda.cache_key(*base[:3], ("--gpu-architecture=sm_90",)),
+            cuda.cache_key(*base, headers="digest of other CUDA headers")}
+    assert len(keys) == 7 and all(len(k) == 64 for k in keys)
 
 
 def _damaged():
@@ -94,3 +95,70 @@ def test_compile_kernel_rebuilds_a_damaged_entry(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cuda.compile_kernel(source, name_expr, arch) == again  # read back, verified
+
+
+@pytest.fixture
+def nvrtc(tmp_path, monkeypatch):
+    """compile_kernel with NVRTC (CuPy and the CUDA headers, no GPU) into a fresh cache."""
+    try:
+        cuda.cupy()
+        cuda._include_dirs()
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"needs CuPy's NVRTC and the CUDA headers: {e}")
+    monkeypatch.setenv("MOE_FLASHCOMM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MOE_FLASHCOMM_DEFINES", raising=False)
+    return tmp_path / "cache"
+
+
+KERNEL = ("stamp_check.cu", "mfc::check_stamp_table")  # the smallest kernel of csrc/
+
+
+def test_an_unwritable_cache_still_gives_the_kernel(nvrtc, tmp_path, monkeypatch):
+    """A cache that cannot be written (a read-only or full disk; here a folder that cannot be
+    made) costs the entry, not the kernel: it is compiled and returned, with a warning that
+    names the folder and the variable."""
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("MOE_FLASHCOMM_CACHE", str(blocker / "kernels"))
+    with pytest.warns(RuntimeWarning, match="could not write the kernel cache entry .*a_file"
+                                            ".*MOE_FLASHCOMM_CACHE"):
+        name, cubin = cuda.compile_kernel(*KERNEL, "sm_90")
+    assert "check_stamp_table" in name and cubin
+    # with the folder writable again the same kernel is written and then read back
+    monkeypatch.setenv("MOE_FLASHCOMM_CACHE", str(nvrtc))
+    assert cuda.compile_kernel(*KERNEL, "sm_90") == (name, cubin)
+    (entry,) = nvrtc.iterdir()
+    assert cuda.parse_cache_entry(entry.read_bytes(), entry.stem) == (name, cubin)
+
+
+def test_a_failed_publish_leaves_no_temporary_file(tmp_path):
+    """_write_atomic removes its temporary file when the rename fails too (here the entry's
+    name is taken by a folder), not only when the write does."""
+    path = tmp_path / f"{KEY}.bin"
+    (path / "x").mkdir(parents=True)
+    with pytest.raises(OSError):
+        cuda.write_cache_file(path, KEY, NAME, CUBIN)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_cuda_headers_changed_in_place_are_compiled_again(nvrtc, tmp_path, monkeypatch):
+    """The kernels inline code of the CUDA headers (cuda_fp8.hpp's conversions and the
+    like): headers replaced at the same path (a toolkit upgraded in place, /usr/local/cuda
+    pointed at another version) with the same NVRTC must not find the old entry."""
+    real = cuda._include_dirs()[0]
+    headers = tmp_path / "include"
+    headers.mkdir()
+    for entry in os.listdir(real):  # the toolkit's headers, by link
+        os.symlink(os.path.join(real, entry), headers / entry)
+    monkeypatch.setattr(cuda, "_include_dirs", lambda: [str(headers)])
+    first = cuda.compile_kernel(*KERNEL, "sm_90")
+    changed = headers / "cuda_fp8.hpp"
+    text = changed.read_text()
+    changed.unlink()
+    changed.write_text(text + "\n#error headers changed in place\n")
+    with pytest.raises(RuntimeError, match="headers changed in place"):
+        cuda.compile_kernel(*KERNEL, "sm_90")  # compiled again: NVRTC reads the new header
+    changed.write_text(text)  # the same content again: the first entry, read back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cuda.compile_kernel(*KERNEL, "sm_90") == first

@@ -33,12 +33,14 @@ class FakeRuntime:
         self.next = itertools.count((rank + 1) << 40, 1 << 30)
         self.live, self.mapped, self.fail_size = set(), set(), fail_size
         self.host: dict = {}
+        self.sizes: dict = {}  # pointer -> bytes allocated
 
     def malloc(self, n):
         if n == self.fail_size:
             raise MemoryError("out of device memory")
         p = next(self.next)
         self.live.add(p)
+        self.sizes[p] = n
         return p
 
     def memset(self, p, v, n):
@@ -186,6 +188,30 @@ def test_p2p_buffers_failed_allocation_raises_everywhere_gloo_2():
     spawn(_failure, 2)
 
 
+def _memory_limit(rank, world):
+    """MOE_FLASHCOMM_P2P_MAX_MB bounds the device memory of a rank's receive buffer, where
+    the limit is not a whole MiB per sender too (its regions are whole MiB where that fits)."""
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+    for max_mb, needs in ((1, (1000, 200_000, 349_520)),  # (1 MiB / 3: 349,525 bytes)
+                          (4096, (5 << 20, 1365 << 20, (1365 << 20) + 300_000))):
+        os.environ["MOE_FLASHCOMM_P2P_MAX_MB"] = str(max_mb)
+        bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
+        for need in needs:  # what a plan takes this transport for: need * world <= limit
+            assert need * world <= max_mb << 20
+            bufs.reserve(need)
+            allocated = rt.sizes[bufs.data_ptrs[rank]]
+            assert need <= bufs.cap and bufs.cap % 16 == 0 and allocated == world * bufs.cap
+            assert allocated <= max_mb << 20, (max_mb, need, allocated)
+        assert bufs.cap % (1 << 20) == 0 or bufs.cap == (max_mb << 20) // world // 16 * 16
+        bufs.close()
+    assert not rt.live and not rt.mapped
+
+
+def test_p2p_buffers_stay_within_the_memory_limit_gloo_3():
+    spawn(_memory_limit, 3)
+
+
 def test_exchange_table_tickets():
     """The one-launch call's tasks (csrc/p2p.cu's p2p_exchange): encode tickets first, then
     the kept rows' copy, then the decodes, each task's tickets contiguous; an empty pair takes
@@ -256,3 +282,24 @@ def test_stamp_report_names_the_call_that_found_it():
     all-reduce's fused reduction (its reduce-scatter: kind P2P_ERROR_REDUCE_STAMP, or
     P2P_ERROR_REDUCE_NUMEL for the numel in the slot's second word)."""
     spawn(_stamp_reports, 2)
+
+
+@pytest.mark.parametrize("p2p, shm, path", [
+    (None, None, "nvlink"), ("1", None, "host"), ("1", "1", "network"), (" 1", "0x1", "network"),
+    ("01", "1", "network"), ("+1", "", "host"), ("1abc", None, "host"),
+    ("0", "1", "nvlink"), ("", None, "nvlink"), ("2", None, "nvlink"), ("-1", None, "nvlink"),
+    ("true", None, "nvlink"), ("yes", None, "nvlink"), ("on", None, "nvlink"),
+    ("1", "true", "host"), ("1", "2", "host")])
+def test_nccl_switches_are_read_as_nccl_reads_them(monkeypatch, p2p, shm, path):
+    """NCCL_P2P_DISABLE / NCCL_SHM_DISABLE turn NCCL's transport off only where strtol(value,
+    NULL, 0) is 1 (its ncclGetLevel and ncclParamShmDisable): with "true", "yes" or 2 NCCL
+    still uses NVLink, and so must the link class this library names (the size gate's row,
+    whether the peer-to-peer transport may run)."""
+    from moe_flashcomm.comm.topology import intra_node_path
+    for name, value in (("NCCL_P2P_DISABLE", p2p), ("NCCL_SHM_DISABLE", shm)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert intra_node_path("cuda") == path
+    assert intra_node_path("cpu") == "cpu"

@@ -43,7 +43,7 @@ from . import frame
 from .frame import DTYPES, Framing, PeerTimeoutError, dtype_code, wire_code, wire_text
 
 MAX_PEERS = kernels.MAX_PEERS
-ALIGN = 1 << 20  # per-sender regions are whole MiB (16-byte record stores need 16)
+ALIGN = 1 << 20  # per-sender regions: whole MiB where the limit allows (stores need 16)
 COPY_CHUNKS = 2  # pipelined parts of a copy-engine transfer
 FLAG_BYTES = 8 * kernels.P2P_FLAG_WORDS  # csrc/p2p.cu: landed and freed per peer, counters
 MAPPED = 2  # cudaHostAllocMapped: the error page is written by kernels, read by the host
@@ -260,9 +260,11 @@ class PeerBuffers:
             raise RuntimeError("moe_flashcomm: the peer-to-peer buffers must grow for this call, "
                                "which cannot happen during CUDA graph capture; run the same "
                                "call once before capturing it")
-        # double to grow rarely, within the memory limit; the plan checked nbytes against it
-        cap = max(-(-nbytes // ALIGN) * ALIGN,
-                  min(2 * self.cap, self.max_bytes // self.world // ALIGN * ALIGN))
+        # whole MiB, doubled to grow rarely, within the memory limit (which need not be a
+        # whole MiB per sender); the plan checked nbytes against it
+        limit = self.max_bytes // self.world // 16 * 16
+        cap = max(-(-nbytes // 16) * 16,
+                  min(max(-(-nbytes // ALIGN) * ALIGN, 2 * self.cap), limit))
         torch.cuda.synchronize(self.device)  # our writes into the old buffers are done
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
         # still reads or writes the old buffers when they go
