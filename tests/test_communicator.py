@@ -116,6 +116,25 @@ def _bad_arguments(rank, world):
                                match=r"ranks \[0\] of the group rejected their arguments"):
                 mf.Communicator()
         assert time.monotonic() - start < 10, kwargs
+    # a bad environment value on one rank: the same (the settings were read after the check,
+    # and the other ranks waited for it until their timeout)
+    for name, value in (("MOE_FLASHCOMM_P2P_MAX_MB", "abc"), ("MOE_FLASHCOMM_TIMEOUT_S", "-1"),
+                        ("MOE_FLASHCOMM_P2P", "maybe")):
+        start = time.monotonic()
+        if rank == 0:
+            before, os.environ[name] = os.environ.get(name), value
+            try:
+                with pytest.raises(ValueError, match=name):
+                    mf.Communicator()
+            finally:
+                os.environ.pop(name)
+                if before is not None:
+                    os.environ[name] = before
+        else:
+            with pytest.raises(ConfigMismatchError,
+                               match=r"ranks \[0\] of the group rejected their arguments"):
+                mf.Communicator()
+        assert time.monotonic() - start < 10, name
     alone = dist.new_group([0])  # (made by every rank; rank 1 is not in it)
     if rank == 1:
         with pytest.raises(ValueError, match="this process is not a member of `group`"):
@@ -150,7 +169,7 @@ def _bad_arguments(rank, world):
 
 
 def test_bad_arguments_name_the_field_gloo_2():
-    spawn(_bad_arguments, 2, timeout=240)
+    spawn(_bad_arguments, 2, timeout=240, env={"MOE_FLASHCOMM_TIMEOUT_S": 30})
 
 
 def test_communicator_outside_distributed_says_so():

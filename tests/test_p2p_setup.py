@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe_flashcomm.codec import CodecConfig
-from moe_flashcomm import kernels as K
+from moe_flashcomm import env, kernels as K
 from moe_flashcomm.comm import ConfigMismatchError, PeerTimeoutError
 from moe_flashcomm.comm.frame import Framing
 from tests.distributed import spawn
@@ -79,10 +79,15 @@ def _fake(rt):
     return p2p
 
 
+def limits() -> tuple:
+    """The peer-to-peer memory limits a Communicator reads and hands its PeerBuffers."""
+    return env.p2p_max_bytes(), env.p2p_copy_bytes()
+
+
 def _protocol(rank, world, framed):
     rt = FakeRuntime(rank)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7,
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(),
                            Framing(60) if framed else None)
     assert len(bufs.flag_ptrs) == world and bufs.flag_ptrs[rank] in rt.live
     assert all(q in rt.mapped for p, q in enumerate(bufs.flag_ptrs) if p != rank)
@@ -120,7 +125,7 @@ def _timeout(rank, world):
     """What the host makes of a kernel's wait that timed out (csrc/p2p.cu writes the page)."""
     rt = FakeRuntime(rank)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(), Framing(60))
     bufs.reserve(1 << 20)
     page = (ctypes.c_uint64 * K.P2P_ERROR_WORDS).from_address(bufs.page.address)
     peer = (rank + 1) % world
@@ -143,7 +148,7 @@ def _failure(rank, world):
     total = world * (4 << 20)
     rt = FakeRuntime(rank, fail_size=total if rank == world - 1 else -1)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(), Framing(60))
     with pytest.raises(RuntimeError, match=rf"ranks \[{world - 1}\] could not allocate"):
         bufs.reserve(4 << 20)
     assert bufs.cap == 0 and len(rt.live) == 1  # only the flags: the new buffer was freed
@@ -159,7 +164,7 @@ def _growth_alone(rank, world):
     gloo the handles travel framed, so rank 0 raises after the timeout, naming rank 1."""
     rt = FakeRuntime(rank)
     p2p = _fake(rt)
-    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(2))
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(), Framing(2))
     bufs.reserve(1 << 20)
     if rank == 1:  # its call fits: no collective (its kernels would wait for rank 0)
         bufs.reserve(1 << 20)
@@ -195,8 +200,8 @@ def _memory_limit(rank, world):
     p2p = _fake(rt)
     for max_mb, needs in ((1, (1000, 200_000, 349_520)),  # (1 MiB / 3: 349,525 bytes)
                           (4096, (5 << 20, 1365 << 20, (1365 << 20) + 300_000))):
-        os.environ["MOE_FLASHCOMM_P2P_MAX_MB"] = str(max_mb)
-        bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, Framing(60))
+        bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7,
+                               (max_mb << 20, limits()[1]), Framing(60))
         for need in needs:  # what a plan takes this transport for: need * world <= limit
             assert need * world <= max_mb << 20
             bufs.reserve(need)

@@ -89,10 +89,8 @@ class Communicator:
             # the other ranks are in the consistency check below: they raise at once
             reject_check(self.pg, self.agree_device, Framing(frame.REJECT_WAIT_S))
             raise
-        self.p2p_enabled, self.stamps = env.p2p_enabled(), env.stamps_enabled()
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.timeout_s = env.timeout_s() if timeout is None else timeout
         self.framing = Framing(self.timeout_s)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: set = set()   # consistency keys all ranks agreed on
@@ -107,9 +105,9 @@ class Communicator:
         check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
                               chunks=chunks, backend=self.backend,
-                              p2p=(self.p2p_enabled, env.p2p_max_bytes(), env.p2p_copy_bytes()),
+                              p2p=(self.p2p_enabled, *self.p2p_limits),
                               stamps=self.stamps,
-                              nccl_paths=(intra_node_path("cuda"),)),
+                              nccl_paths=(self.nccl_intra_path,)),
                          self.pg, self.agree_device, self._verified,
                          what="moe_flashcomm.Communicator", framing=self.framing)
 
@@ -131,6 +129,12 @@ class Communicator:
         self.grad_codec = LinkCodecs.coerce(DEFAULT_GRAD_CODEC if grad_codec is None
                                             else grad_codec, "grad_codec")
         self.algorithm, self.chunks = algorithm, chunks
+        # the environment's settings, read here (once) so that a bad value on one rank is
+        # rejected on every rank, like a bad argument; the group checks them equal
+        self.p2p_enabled, self.stamps = env.p2p_enabled(), env.stamps_enabled()
+        self.p2p_limits = (env.p2p_max_bytes(), env.p2p_copy_bytes())  # (p2p.PeerBuffers)
+        self.nccl_intra_path = intra_node_path("cuda")  # NCCL's switches: its link class
+        self.timeout_s = env.timeout_s() if timeout is None else timeout
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -217,10 +221,10 @@ class Communicator:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._peer_buffers:
             usable = self.p2p_enabled and len(set(self.nodes)) == 1 \
-                and intra_node_path("cuda") == "nvlink"
+                and self.nccl_intra_path == "nvlink"
             self._peer_buffers[index] = p2p.peer_buffers(
                 self.pg, self.rank, self.world, torch.device("cuda", index),
-                self.agree_device, self.timeout_s,
+                self.agree_device, self.timeout_s, self.p2p_limits,
                 self.framing if self.agree_device.type == "cpu" else None) if usable else None
         return self._peer_buffers[index]
 

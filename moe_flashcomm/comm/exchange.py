@@ -292,7 +292,7 @@ def make_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int,
         recvs = tuple((p, out_off[p], n, recv_w[p], n * row_bytes(recv_w[p], hidden, dtype))
                       for p, n in enumerate(out_rows) if p != r and n)
         need = max([e[-1] for e in sends + recvs], default=0)
-        if need * route.world <= route.p2p.max_bytes:
+        if -(-need // 16) * 16 * route.world <= route.p2p.max_bytes:  # (regions: 16-byte units)
             return Plan(False, False, sum(out_rows), own, [], False, (need, sends, recvs))
     parts = []
     unit, stamped = dtype.itemsize, route.pages is not None

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import env, kernels
+from .. import kernels
 from ..memo import remember
 from ..codec import cuda as _cuda
 from .check import ConfigMismatchError
@@ -125,15 +125,16 @@ class PeerBuffers:
     """
 
     def __init__(self, group, rank: int, world: int, device: torch.device,
-                 timeout_s: float, framing: Optional[Framing] = None) -> None:
+                 timeout_s: float, limits: tuple[int, int],
+                 framing: Optional[Framing] = None) -> None:
         self.group, self.rank, self.world, self.device = group, rank, world, device
         self.timeout_s = timeout_s  # a kernel's wait for a peer gives up after this
         self.framing = framing  # the group's agreement runs on gloo: handles travel framed
         self.failed: Optional[str] = None  # a wait timed out: the flags are out of step
         self.cap = 0
-        # read once per communicator (every rank's are checked equal when it is made)
-        self.max_bytes = env.p2p_max_bytes()  # most device memory our receive buffer may take
-        self.copy_bytes = env.p2p_copy_bytes()  # records per peer the copy engine moves
+        # the communicator's (every rank's are checked equal when it is made): the most device
+        # memory our receive buffer may take, the records per peer the copy engine moves
+        self.max_bytes, self.copy_bytes = limits
         self.generation = 0
         # the stream of the last call, in a cell the compiled launcher reads (``cells``)
         self._stream = ctypes.c_uint64(NO_STREAM)
@@ -441,12 +442,13 @@ def _cudamalloc_zeroed(nbytes: int, device: torch.device) -> int:
 
 
 def peer_buffers(group, rank: int, world: int, device: torch.device,
-                 agree_device: torch.device, timeout_s: float,
+                 agree_device: torch.device, timeout_s: float, limits: tuple[int, int],
                  framing: Optional[Framing] = None) -> Optional[PeerBuffers]:
     """PeerBuffers for ``group`` on ``device``, or None where the transport cannot run on
     every rank (CuPy missing, more than MAX_PEERS ranks, memory not mappable). Collective:
     every rank of the group calls it; ``agree_device`` carries the group's small votes;
-    ``timeout_s``: how long a kernel waits for a peer; ``framing``: the communicator's,
+    ``timeout_s``: how long a kernel waits for a peer; ``limits``: MOE_FLASHCOMM_P2P_MAX_MB
+    and _COPY_MB in bytes, as the communicator read them; ``framing``: the communicator's,
     where the group's agreement runs on gloo."""
     ok = 2 <= world <= MAX_PEERS
     try:
@@ -456,7 +458,7 @@ def peer_buffers(group, rank: int, world: int, device: torch.device,
     bufs, err = None, ""
     if _all(ok, group, agree_device):
         try:
-            bufs = PeerBuffers(group, rank, world, device, timeout_s, framing)
+            bufs = PeerBuffers(group, rank, world, device, timeout_s, limits, framing)
         except Exception as e:  # e.g. the IPC mapping is refused: every rank falls back
             err = f"{type(e).__name__}: {e}"
         if not _all(not err, group, agree_device):
