@@ -301,6 +301,64 @@ def test_all_to_all_gloo_8():
     spawn(_world8, 8)
 
 
+def _double_backward(rank, world):
+    """A backward differentiated again (create_graph): the gradient of x's gradient with
+    respect to the output's gradient is the forward exchange, on every rank, whether it keeps
+    rows of its own or not (rank 0 keeps 2, ranks 1 and 2 none), sync and async."""
+    comm = mf.Communicator(gate=False)
+    S = [[2, 0, 3], [1, 0, 4], [0, 2, 0]]
+    out_splits = [S[p][rank] for p in range(world)]
+    for codec, grad_codec, dtype in (("native", "native", torch.float32),
+                                     ("bf16", "bf16", torch.bfloat16), (4, 8, torch.float32)):
+        for async_op in (False, True):
+            x = make_input(rank, sum(S[rank]), (2, 32), dtype, 61).requires_grad_()
+            y = comm.all_to_all(x, out_splits, S[rank], codec=codec, grad_codec=grad_codec,
+                                async_op=async_op)
+            y = y.wait() if async_op else y
+            gy = make_input(rank + 10, y.shape[0], (2, 32), dtype, 62).requires_grad_()
+            v = make_input(rank + 20, x.shape[0], (2, 32), dtype, 63)
+            (gx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+            assert torch.equal(gx, comm.all_to_all(gy.detach(), S[rank], out_splits,
+                                                   codec=grad_codec))
+            assert gx.grad_fn is not None, (codec, async_op)
+            (ggy,) = torch.autograd.grad(gx, gy, v)
+            assert torch.equal(ggy, comm.all_to_all(v, out_splits, S[rank], codec=codec)), \
+                (codec, async_op)
+            if codec == "native":  # exact: all_to_all_single's routing both ways
+                assert torch.equal(gx, torch_a2a(gy.detach(), S[rank], out_splits))
+                assert torch.equal(ggy, torch_a2a(v, out_splits, S[rank]))
+    comm.close()
+
+
+def test_double_backward_gloo_3():
+    spawn(_double_backward, 3, timeout=300)
+
+
+def _exchange_counts(rank, world):
+    """Communicator.exchange_counts: an equal part of the counts to each rank, as
+    all_to_all_single; counts that do not split evenly are refused, not cut short (the last
+    count came back uninitialised), and on one rank only its peers raise at once."""
+    comm = mf.Communicator(gate=False)
+    mine = torch.arange(2 * world) + 100 * rank
+    assert torch.equal(comm.exchange_counts(mine), torch_a2a(mine.view(-1, 1), [2] * world,
+                                                             [2] * world).view(-1))
+    with pytest.raises(ValueError, match="5 counts do not split evenly among the group's 2"):
+        comm.exchange_counts(torch.arange(5))
+    if rank == 0:
+        with pytest.raises(ValueError, match="do not split evenly"):
+            comm.exchange_counts(torch.arange(2 * world + 1))
+    else:
+        with pytest.raises(ConfigMismatchError, match="rank 0: it rejected its arguments"):
+            comm.exchange_counts(mine)
+    assert torch.equal(comm.exchange_counts(mine), torch_a2a(mine.view(-1, 1), [2] * world,
+                                                             [2] * world).view(-1))
+    comm.close()
+
+
+def test_exchange_counts_gloo_2():
+    spawn(_exchange_counts, 2, timeout=120)
+
+
 # ---- GPU: NCCL, 2 GPUs -----------------------------------------------------------------------
 def _nccl2(rank, world):
     battery(rank, world, "cuda")

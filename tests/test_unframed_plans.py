@@ -130,7 +130,15 @@ def _autograd(rank, world):
             (gx,) = torch.autograd.grad(y, x, gy)
             want = torch.cat([_grad_rows(rank, p, world, S, dtype, link) for p in range(world)])
             assert torch.equal(gx, want), (codec, async_op)
-    fast = [c for c in comm._plans.values() if c.fast_fwd is not None]
+            # the backward differentiated again (create_graph): the forward exchange
+            y = comm.all_to_all(x, out_rows, S[rank], codec=codec, grad_codec=codec)
+            gy = gy.requires_grad_()
+            (gx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+            v = make_input(rank + 9, sum(S[rank]), (4, 32), dtype, 98)
+            (ggy,) = torch.autograd.grad(gx, gy, v)
+            assert torch.equal(gx, want) and torch.equal(
+                ggy, comm.all_to_all(v, out_rows, S[rank], codec=codec)), (codec, async_op)
+    fast = [c for c in comm._plans.values() if c.fast_fwd is not None and c.grad]
     assert len(fast) == 2  # raw rows ("bf16" of bf16 tokens, "native"): the direct calls ran
     comm.close()
 

@@ -162,9 +162,27 @@ class _Ready:
         return self.call.backward_out(g)
 
 
+class _Reverse:
+    """The backward of a _Call (or _Ready) as a call of its own, for a backward that is
+    differentiated again (``create_graph``): forward, the reverse exchange; backward, the
+    forward exchange again (with the forward codec)."""
+    __slots__ = ("call",)
+
+    def __init__(self, call) -> None:
+        self.call = call
+
+    def forward_out(self, g: torch.Tensor) -> torch.Tensor:
+        return self.call.backward_out(g)
+
+    def backward_out(self, h: torch.Tensor) -> torch.Tensor:
+        call = self.call
+        return (call.call if isinstance(call, _Ready) else call).forward_out(h)
+
+
 class _AllToAll(torch.autograd.Function):
     """Forward: the all-to-all with the forward codec (a _Call, or a _Ready's result).
-    Backward: the reverse all-to-all of the gradient with the gradient codec."""
+    Backward: the reverse all-to-all of the gradient with the gradient codec (itself
+    differentiable, for create_graph: see _Reverse)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, call) -> torch.Tensor:
@@ -173,6 +191,9 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled() and grad.requires_grad:
+            # create_graph: the exchange's own ops would record only the rows a rank keeps
+            return _AllToAll.apply(grad, _Reverse(ctx.call)), None
         return ctx.call.backward_out(grad), None
 
 

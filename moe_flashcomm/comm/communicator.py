@@ -341,6 +341,10 @@ class Communicator:
         if mine.is_cuda:
             dist.all_to_all_single(theirs, mine, group=self.group)
         else:
+            if mine.numel() % self.world:  # (all_to_all_single refuses it; a slice would be lost)
+                self._reject(mine, "skip_padding counts")
+                raise ValueError(f"exchange_counts: {mine.numel()} counts do not split evenly "
+                                 f"among the group's {self.world} ranks")
             part = [mine.numel() // self.world] * self.world
             frame.all_to_all_single(self.framing, self.group, self.rank, self.world,
                                     "skip_padding counts", theirs, mine, part, part)
