@@ -65,6 +65,15 @@ def _lifetime(rank, world):
         mf.all_to_all([1.0, 2.0])
     with pytest.raises(CommunicatorClosedError, match="closed"):
         comm.all_to_all(x)
+    # a backward that runs after close() raises too (on CUDA its buffers are freed), also
+    # through an asynchronous call's handle
+    comm = mf.Communicator(codec=8, gate=False)
+    leaf = x.clone().requires_grad_()
+    ys = [comm.all_to_all(leaf), comm.all_to_all(leaf, async_op=True).wait()]
+    comm.close()
+    for y in ys:
+        with pytest.raises(CommunicatorClosedError, match="closed before the backward"):
+            y.sum().backward()
     # a communicator made by the ranks with different settings raises on every rank, quickly
     start = time.monotonic()
     with pytest.raises(ConfigMismatchError, match="codec"):

@@ -232,9 +232,12 @@ def close_and_again(rank, world, comm):
     x = make_input(rank, 8 * world, (H,), torch.bfloat16, 90).cuda()
     before = comm.all_to_all(x)
     ptrs = list(next(b for b in comm._peer_buffers.values() if b is not None).data_ptrs)
+    y = comm.all_to_all(x.clone().requires_grad_())  # its backward would use freed buffers
     comm.close()
     with pytest.raises(mf.comm.CommunicatorClosedError):
         comm.all_to_all(x)
+    with pytest.raises(mf.comm.CommunicatorClosedError, match="before the backward"):
+        y.float().sum().backward()
     with mf.Communicator(gate=False) as again:  # the same buffers allocated and mapped again
         assert torch.equal(again.all_to_all(x), before)
         bufs = next(b for b in again._peer_buffers.values() if b is not None)

@@ -74,17 +74,19 @@ class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
     __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run",
                  "fast_fwd", "fast_bwd", "p2p_fwd", "p2p_bwd", "dtype", "device", "grad",
-                 "uniform", "cacheable")
+                 "uniform", "cacheable", "owner")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
                  in_shape: tuple, out_shape: tuple, run=exchange, dtype=None, device=None,
-                 grad: bool = False, uniform: bool = False, cacheable: bool = True) -> None:
+                 grad: bool = False, uniform: bool = False, cacheable: bool = True,
+                 owner=None) -> None:
         self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
         self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
         self.run = run  # the algorithm's exchange (flat: exchange.exchange)
         self.dtype, self.device, self.grad = dtype, device, grad
         self.uniform = uniform  # no split sizes given (by any rank: all_to_all's contract)
         self.cacheable = cacheable  # the same arguments always take this call's path
+        self.owner = owner  # the Communicator: a backward after its close() must not run
         self.fast_fwd = self.fast_bwd = self.p2p_fwd = self.p2p_bwd = None
         if run is exchange and dtype is not None:  # flat: one all_to_all_single when bf16
             hidden = in_shape[-1]
@@ -119,6 +121,8 @@ class _Call:
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
+        if self.owner is not None and self.owner.closed:  # (its buffers and pages are freed)
+            self.owner._check_open(" before the backward of its all_to_all ran")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]

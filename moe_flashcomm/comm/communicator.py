@@ -188,10 +188,10 @@ class Communicator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_open(self) -> None:
+    def _check_open(self, when: str = "") -> None:
         if self.closed:
-            raise CommunicatorClosedError("this moe_flashcomm.Communicator was closed; make a "
-                                          "new one for the group")
+            raise CommunicatorClosedError(f"this moe_flashcomm.Communicator was closed{when}; "
+                                          "make a new one for the group")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"codec={self.codec}"
@@ -331,7 +331,8 @@ class Communicator:
         run = exchange if algorithm == "flat" else hierarchical.select(
             self, algorithm, fwd, x, tuple(in_s), uniform=uniform)
         return _Call(fwd, bwd, tuple(in_s), tuple(out_s), fwd_chunks, tuple(x.shape), out_shape,
-                     run, x.dtype, x.device, grad, uniform, cacheable=algorithm == "flat")
+                     run, x.dtype, x.device, grad, uniform, cacheable=algorithm == "flat",
+                     owner=self)
 
     def exchange_counts(self, mine: torch.Tensor) -> torch.Tensor:
         """Exact ``all_to_all_single`` of int64 counts, an equal part per rank (skip_padding:
