@@ -31,6 +31,7 @@ from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
 from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import env  # noqa: E402
+from moe_flashcomm.tune_gate import check_out, float_above  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k)
 PRESETS = {
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=positive_int, nargs="+", default=None,
                    help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
-    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--capacity-factor", type=float_above(0), default=1.25)
     p.add_argument("--zipf", type=float, default=0.0,
                    help="skewed expert popularity: the gate's logit of expert e gets -s*log(e+1) "
                         "(popularity ~ 1/(e+1)^s); 0: the random gate")
@@ -78,8 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", type=Path, default=None,
                    help="accepted for the launcher: checked, its codecs unused (see --codecs)")
     args = p.parse_args(argv)
-    if args.capacity_factor <= 0:
-        preflight.fail(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    check_out(p, args.out, folder=True)  # before the run, not after it
     args.presets = args.presets or (["mixtral", "deepseek"] if torch.cuda.is_available() else ["tiny"])
     return args
 

@@ -26,6 +26,7 @@ from moe_lm import ByteBatches, MoELM, ModelConfig, split_corpus, stdlib_corpus 
 from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import FlashCommConfig, env  # noqa: E402
+from moe_flashcomm.tune_gate import check_out  # noqa: E402
 
 # Used when no --deepspeed_config is given (CPU runs): small batches, fp32, ZeRO-2.
 DEFAULT_CONFIG = {
@@ -65,7 +66,9 @@ def parse_args(argv=None):
     add_model_args(p, steps=300, eval_every=100, eval_batches=16, out="out/finetune_moe")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in <out>/ckpt")
     p.set_defaults(save_checkpoints=True)  # the recipe always leaves a checkpoint to resume from
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_out(p, args.out, folder=True)  # before the run, not after it
+    return args
 
 
 def world_size(args) -> int:
@@ -83,9 +86,10 @@ def check_args(args) -> dict:
         preflight.fail(f"--experts {args.experts} must be divisible by the {world} ranks (expert parallel)")
     if args.top_k > args.experts:
         preflight.fail(f"--top-k {args.top_k} is more than --experts {args.experts}")
-    if args.corpus_bytes < 20 * (args.seq + 1):
+    # the validation split (5%) needs more than seq + 1 bytes: ByteBatches draws windows of seq + 1
+    if args.corpus_bytes < 20 * (args.seq + 2):
         preflight.fail(f"--corpus-bytes {args.corpus_bytes} is too small for --seq {args.seq} "
-                       f"(at least {20 * (args.seq + 1)})")
+                       f"(at least {20 * (args.seq + 2)})")
     if args.hidden % ModelConfig.heads:
         preflight.fail(f"--hidden {args.hidden} must be divisible by the model's "
                        f"{ModelConfig.heads} attention heads")
@@ -155,6 +159,10 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         if client is None:
             raise SystemExit(f"--resume: no checkpoint under {ckpt}")
         start = client["step"]
+        if start >= args.steps:  # nothing to train: negative step counts in the summary, and
+            # a re-saved checkpoint that claims step --steps with the weights of step `start`
+            preflight.fail(f"--resume: the checkpoint under {ckpt} is at step {start}; "
+                           f"--steps {args.steps} must be more")
         batches.load_state_dict(client["data"][rank])
         log(f"resumed from {ckpt} at step {start}")
 
@@ -280,7 +288,12 @@ def launch(fn, args) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log(f"no GPU and no launcher: starting {args.cpu_ranks} gloo processes")
-    mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, fn, args), nprocs=args.cpu_ranks, join=True)
+    try:
+        mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, fn, args), nprocs=args.cpu_ranks, join=True)
+    except mp.ProcessExitedException as e:
+        if e.exit_code != preflight.EXIT_USAGE:
+            raise
+        raise SystemExit(preflight.EXIT_USAGE) from None  # rank 0 said why (preflight.fail)
 
 
 def start(fn, args) -> None:

@@ -117,6 +117,52 @@ def test_the_gate_variable_is_checked_where_a_gate_reads_it(tmp_path, monkeypatc
         assert e.value.code == preflight.EXIT_USAGE
 
 
+def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypatch, capsys):
+    """--out a file: the recipes trained or timed for minutes and then failed writing there
+    (a traceback per rank); --capacity-factor nan passed the ``<= 0`` check. Both end in
+    the parent now (checked in-process: the old code would start a run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import bench_moe_inference
+    import finetune_moe
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for module, argv, says in [
+        (finetune_moe, ["--out", str(afile)], f"error: --out: {afile} is not a directory"),
+        (bench_moe_inference, ["--out", str(afile)], f"error: --out: {afile} is not a directory"),
+        (bench_moe_inference, ["--capacity-factor", "nan"],
+         "error: argument --capacity-factor: expected a number > 0, got 'nan'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            module.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(says), err
+
+
+def test_the_smallest_corpus_the_recipe_accepts_has_validation_batches(tmp_path, monkeypatch):
+    """At the least --corpus-bytes check_args allowed (20 x (seq + 1)) the 5% validation split
+    was exactly seq + 1 bytes, and ByteBatches raised on every rank after DeepSpeed started."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    monkeypatch.delenv("MOE_FLASHCOMM_GATE_FILE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    import finetune_moe
+    from moe_lm import ByteBatches, split_corpus, stdlib_corpus
+
+    def accepted(seq: int, corpus: int) -> bool:
+        args = finetune_moe.parse_args(["--seq", str(seq), "--corpus-bytes", str(corpus),
+                                        "--out", str(tmp_path / "out")])
+        try:
+            finetune_moe.check_args(args)
+        except SystemExit:
+            return False
+        return True
+
+    for seq in (4, 16, 100, 128):
+        least = next(n for n in range(20 * seq, 20 * (seq + 3)) if accepted(seq, n))
+        for data in split_corpus(stdlib_corpus(least)):
+            assert ByteBatches(data, 2, seq, seed=0).next().shape == (2, seq + 1)
+
+
 def test_stale_build_lock_is_reported_with_its_fix(tmp_path):
     """An interrupted build of a DeepSpeed op leaves ``lock``: every later start would wait
     forever. The recipe says so, and how to clear it, instead of hanging."""
@@ -157,6 +203,13 @@ def test_finetune_trains_counts_exchanges_and_resumes(tmp_path):
     assert "resumed from" in out and "at step 4" in out
     s = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert s["steps_run"] == 2 and s["exchanges"]["calls"]["dispatch_grad"] == layers * 2
+    # --steps no more than the checkpoint's: one line, exit 2 (it "trained" -2 steps at
+    # negative tokens/s and re-saved the checkpoint as step 4); the checkpoint stays
+    proc = run(SCRIPTS[0], "--steps", "4", "--resume", *common, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"error: --resume: the checkpoint under {tmp_path / 'ft' / 'ckpt'} is at step 6; " \
+        "--steps 4 must be more\n" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps_run"] == 2
 
 
 @pytest.mark.slow

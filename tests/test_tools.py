@@ -32,6 +32,7 @@ import bench_small  # noqa: E402
 import codec_error  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+MiB = 1 << 20
 
 
 def run_tool(*args, cwd=ROOT, timeout=120):
@@ -132,11 +133,29 @@ def test_gate_files_keep_the_other_table(tmp_path, capsys):
     bench_allreduce.write_all_reduce_gate(out, {"network": {"int4": 9}})
     kept = json.loads(out.read_text())
     assert kept["thresholds"] == data["thresholds"] and kept["units"] == data["units"]
-    assert kept["all_reduce"] == dict(DEFAULT_ALL_REDUCE_THRESHOLDS, network={"int4": 9})
+    assert kept["all_reduce"] == dict(DEFAULT_ALL_REDUCE_THRESHOLDS,
+                                      network=dict(DEFAULT_ALL_REDUCE_THRESHOLDS["network"], int4=9))
     SizeGate.load(out)
     fresh = tmp_path / "fresh.json"  # no file yet: the all-to-all defaults beside it
     bench_allreduce.write_all_reduce_gate(fresh, {})
     assert SizeGate.load(fresh).thresholds == DEFAULT_THRESHOLDS
+
+
+def test_all_reduce_gate_of_a_run_of_some_codecs_keeps_the_others_defaults(tmp_path, capsys):
+    """bench_allreduce.py --codecs int4 --gate-out (the stored pairs runs): the measured path's
+    row kept only int4, so int8 and fp8 all-reduces there were quantized at every size (no
+    "*" left: threshold 0) instead of below the default 16 MiB / 4 MiB."""
+    rows = json.loads((DATA / "bench_allreduce_pairs_gather.json").read_text())["rows"]
+    table = bench_allreduce.fitted_gate(rows)
+    assert set(table) == {"host", "network"} and all(set(r) == {"int4"} for r in table.values())
+    bench_allreduce.write_all_reduce_gate(tmp_path / "gate.json", table)
+    gate = SizeGate.load(tmp_path / "gate.json")
+    default = SizeGate({})
+    for path in ("host", "network"):
+        assert gate.all_reduce_threshold(path, tune_gate.bench_codec("int4")) == table[path]["int4"]
+        for codec in ("int8", "fp8", "int2"):
+            cfg = tune_gate.bench_codec(codec)
+            assert gate.all_reduce_threshold(path, cfg) == default.all_reduce_threshold(path, cfg) > 0
 
 
 # ---- 2, 3: replots of stored runs --------------------------------------------------------------
@@ -156,6 +175,26 @@ def test_bench_all2all_replots_with_a_refitted_gate(tmp_path, capsys):
     untimed = [r for r in rows if r["untimed"]]
     assert untimed and all(r["ms"] == bf16[(r["path"], r["hidden"], r["size_bytes"])]
                            for r in untimed)
+
+
+def test_bench_all2all_fits_its_gate_on_the_flat_calls_only():
+    """--algorithms flat hierarchical: the hierarchical timings joined the flat ones in the
+    run's fitted gate (gate.json, the sizes its table marks *), so a size where only the hierarchical
+    call lost went bf16 (here: 4 MiB x 0.999 instead of 1 MiB); the fit is tune_gate's on the
+    run's JSON."""
+    rows = []
+    for mib, nccl_ms, flat_ms, hier_ms in ((1, 1.0, 0.5, 2.0), (4, 4.0, 2.0, 5.0),
+                                           (16, 16.0, 8.0, 4.0)):
+        base = dict(path="network", hidden=4096, tokens=mib * MiB // 4096, size_bytes=mib * MiB * 2,
+                    pair_bytes=mib * MiB)
+        rows += [dict(base, variant="nccl", ms=nccl_ms),
+                 dict(base, variant="bf16", codec="bf16", ms=nccl_ms, nccl_ms=nccl_ms),
+                 dict(base, variant="int4", codec="int4", ms=flat_ms, nccl_ms=nccl_ms),
+                 dict(base, variant="int4/hierarchical", codec="int4", algorithm="hierarchical",
+                      ms=hier_ms, nccl_ms=nccl_ms)]
+    assert bench_all2all.fitted_gate(rows) == tune_gate.fit_from_rows(rows) == \
+        {"network": {"int4": MiB}}
+    assert bench_all2all.fitted_gate([r for r in rows if r.get("codec") != "int4"]) == {}
 
 
 def test_every_stored_bench_host_run_replots(tmp_path):

@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     DEV = cfg.get("device", "cuda")
     init_worker(rank, world, port, path, DEV)
     import moe_flashcomm as mf
-    from moe_flashcomm.comm.gate import codec_key, fit_thresholds
+    from moe_flashcomm.comm.gate import codec_key
     codecs = {c: codec_of(c) for c in cfg["codecs"]}
     try:
         from moe_flashcomm.codec import cuda as kernels
@@ -115,9 +115,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         bar.close()
 
     # the size gate fitted on these numbers, then timed where it sends bf16
-    fit_rows = [dict(r, codec=codec_key(codecs[r["codec"]])) for r in rows
-                if r.get("codec") not in (None, "bf16")]
-    table = fit_thresholds(fit_rows).get(path, {})
+    table = fitted_gate(rows).get(path, {})
     gate = {path: table}
     size_gate = mf.SizeGate(gate)
     for H in cfg["hiddens"] if cfg.get("gated", True) else ():
@@ -170,6 +168,15 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         Path(part).write_text(json.dumps(dict(rows=rows, gate=gate)))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def fitted_gate(rows: list) -> dict:
+    """The all-to-all gate of a run's rows, as ``python -m moe_flashcomm.tune_gate --from-bench``
+    fits its JSON: on the flat, always-quantized timings (--algorithms' rows would count as
+    the flat call's); {} where no codec is quantized."""
+    if all(r.get("codec") in (None, "bf16") for r in rows):
+        return {}
+    return fit_from_rows(rows)
 
 
 def run_paths(cfg: dict, out: Path) -> dict:
@@ -332,7 +339,7 @@ def main(argv=None) -> None:
     if args.plot:
         result = json.loads(args.plot.read_text())
         if args.refit:  # the current gate fit on the always-quantized timings
-            result["gate"] = fit_from_rows(result["rows"])
+            result["gate"] = fitted_gate(result["rows"])
         print_tables(result)
         if any(r["untimed"] for r in library_rows(result["rows"], result["gate"])):
             print("~ (for *): the refitted gate sends these as bf16, sizes this run did not time "

@@ -279,11 +279,15 @@ def plot(result: dict, png: Path) -> None:
 
 
 def write_all_reduce_gate(path: Path, table: dict) -> None:
-    """A gate file with this run's all-reduce table (the defaults for paths not measured); an
-    existing gate file's all-to-all thresholds and notes are kept (benchlib.write_gate)."""
+    """A gate file with this run's all-reduce table (the defaults for the paths and codecs not
+    measured); an existing gate file's all-to-all thresholds and notes are kept
+    (benchlib.write_gate)."""
     from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS
     merged = {p: dict(r) for p, r in DEFAULT_ALL_REDUCE_THRESHOLDS.items()}
-    merged.update(table)  # measured paths replace the defaults
+    for link, row in table.items():
+        # measured codecs replace the defaults' one by one: a whole row would drop the path's
+        # "*", and codecs the run did not measure would then be quantized at every size
+        merged.setdefault(link, {}).update(row)
     write_gate(path, all_reduce=merged)
     print(f"gate file: {path} (use: MOE_FLASHCOMM_GATE_FILE={path})")
 

@@ -46,7 +46,7 @@ for step in ${*:-tests host allreduce inference all2all small}; do
           recipes/bench_moe_inference.py --path "$path" --out "$OUT" --tokens $tokens \
           --reps "${INF_REPS:-5}" --codecs int8 int4 int2 || status=1
       done ;;
-    *) echo "unknown step $step (tests, allreduce, inference, all2all, small)"; status=2 ;;
+    *) echo "unknown step $step (tests, host, allreduce, inference, all2all, small)"; status=2 ;;
   esac
 done
 exit $status
