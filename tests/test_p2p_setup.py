@@ -159,6 +159,32 @@ def test_p2p_buffers_protocol_gloo_3(framed):
     spawn(_protocol, 3, framed)
 
 
+def _growth_after_capture(rank, world, framed):
+    """Buffers a CUDA graph was captured on (one rank's, here rank 1's) are kept by every
+    rank when they grow, until close(): the graph's kernels hold their addresses (they were
+    freed and unmapped, and a replay wrote into released memory); without a capture they go."""
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(),
+                           Framing(60) if framed else None)
+    bufs.reserve(1 << 20)
+    first = list(bufs.data_ptrs)
+    bufs.captured = rank == 1  # (what begin() notes during a capture)
+    bufs.reserve(3 << 20)
+    assert bufs.retired == [first] and not bufs.captured
+    assert first[rank] in rt.live and all(q in rt.mapped for p, q in enumerate(first) if p != rank)
+    second = list(bufs.data_ptrs)
+    bufs.reserve(9 << 20)  # no capture since: released
+    assert second[rank] not in rt.live and bufs.retired == [first]
+    bufs.close()
+    assert not rt.live and not rt.mapped and not rt.host
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["all_gather_object", "framed"])
+def test_p2p_buffers_a_graph_holds_are_kept_gloo_3(framed):
+    spawn(_growth_after_capture, 3, framed)
+
+
 def _growth_alone(rank, world):
     """Sizes that disagree where the buffers must grow: rank 0 grows, rank 1 does not. Over
     gloo the handles travel framed, so rank 0 raises after the timeout, naming rank 1."""

@@ -132,6 +132,10 @@ class PeerBuffers:
         self.framing = framing  # the group's agreement runs on gloo: handles travel framed
         self.failed: Optional[str] = None  # a wait timed out: the flags are out of step
         self.cap = 0
+        # a call on the current buffers was captured in a CUDA graph (begin), whose replays
+        # use their addresses: when they grow they are kept (``retired``) until close()
+        self.captured = False
+        self.retired: list[list[int]] = []
         # the communicator's (every rank's are checked equal when it is made): the most device
         # memory our receive buffer may take, the records per peer the copy engine moves
         self.max_bytes, self.copy_bytes = limits
@@ -139,7 +143,7 @@ class PeerBuffers:
         # the stream of the last call, in a cell the compiled launcher reads (``cells``)
         self._stream = ctypes.c_uint64(NO_STREAM)
         self.data_ptrs: list[int] = []
-        self.flag_ptrs = self._exchange(FLAG_BYTES)
+        self.flag_ptrs = self._exchange(FLAG_BYTES)[0]
         self._syncs: dict = {}  # (mode, advance, bytes copied meanwhile, stamps) -> launch
         self.page = ErrorPage(device)  # the kernels report a peer's unexpected stamp here
 
@@ -189,10 +193,11 @@ class PeerBuffers:
         return exchange_kernel(self.device.index, sends, recvs, hidden, cfg, dtype, keep, args)
 
     # -- collective setup ------------------------------------------------------------------
-    def _exchange(self, nbytes: int) -> list[int]:
+    def _exchange(self, nbytes: int, captured: bool = False) -> tuple[list[int], bool]:
         """Allocate ``nbytes`` of zeroed device memory; every rank's allocation as mapped in
-        this process (ours as is). Collective: every rank takes part in the gather even when
-        its own allocation or export failed (then every rank raises), so none is left waiting."""
+        this process (ours as is), and whether any rank passed ``captured``. Collective: every
+        rank takes part in the gather even when its own allocation or export failed (then
+        every rank raises), so none is left waiting."""
         rt = _runtime()
         ptr = handle = None
         try:
@@ -202,7 +207,7 @@ class PeerBuffers:
         except Exception:
             handle = None
         try:
-            handles = self._gather(handle)
+            handles, captured = self._gather(handle, captured)
             if any(h is None for h in handles):
                 raise RuntimeError(f"ranks {[p for p, h in enumerate(handles) if h is None]} could "
                                    f"not allocate {nbytes} bytes or export them through CUDA IPC")
@@ -216,27 +221,29 @@ class PeerBuffers:
             for p, h in enumerate(handles):
                 ptrs.append(ptr if p == self.rank else
                             rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
-        return ptrs
+        return ptrs, captured
 
-    def _gather(self, handle: Optional[bytes]) -> list:
-        """Every rank's IPC handle (None where its allocation failed). Over gloo a framed
-        exchange, so a rank that grows its buffers while a peer does not (sizes that
-        disagree) raises PeerTimeoutError after the timeout instead of waiting for good."""
+    def _gather(self, handle: Optional[bytes], flag: bool) -> tuple[list, bool]:
+        """Every rank's IPC handle (None where its allocation failed), and whether any rank's
+        ``flag`` is set. Over gloo a framed exchange, so a rank that grows its buffers while a
+        peer does not (sizes that disagree) raises PeerTimeoutError after the timeout instead
+        of waiting for good."""
         if self.framing is None:
-            handles: list = [None] * self.world
-            dist.all_gather_object(handles, handle, group=self.group)
-            return handles
-        # word 0: the handle's length (0: none), then its bytes
-        words = torch.zeros(1 + HANDLE_WORDS, dtype=torch.int64)
+            table: list = [None] * self.world
+            dist.all_gather_object(table, (handle, flag), group=self.group)
+            return [h for h, _ in table], any(f for _, f in table)
+        # word 0: the handle's length (0: none), word 1: the flag, then the handle's bytes
+        words = torch.zeros(2 + HANDLE_WORDS, dtype=torch.int64)
+        words[1] = int(flag)
         if handle is not None:
             assert len(handle) <= 8 * HANDLE_WORDS, len(handle)
             words[0] = len(handle)
-            words[1:].view(torch.uint8)[:len(handle)] = torch.frombuffer(bytearray(handle),
+            words[2:].view(torch.uint8)[:len(handle)] = torch.frombuffer(bytearray(handle),
                                                                          dtype=torch.uint8)
         table = frame.gather_words(self.framing, self.group, self.rank, self.world,
                                    "peer-to-peer buffers", words)
-        return [bytes(row[1:].view(torch.uint8)[:int(row[0])].tolist()) if row[0] else None
-                for row in table]
+        return ([bytes(row[2:].view(torch.uint8)[:int(row[0])].tolist()) if row[0] else None
+                 for row in table], bool(table[:, 1].any()))
 
     def _release(self, ptrs: list[int]) -> None:
         """Unmap the peers' entries of ``ptrs`` and free ours."""
@@ -270,13 +277,16 @@ class PeerBuffers:
         # the gather inside _exchange is a barrier: every rank has synchronised, so nobody
         # still reads or writes the old buffers when they go
         try:
-            ptrs = self._exchange(self.world * cap)
+            ptrs, captured = self._exchange(self.world * cap, self.captured)
         except PeerTimeoutError as e:  # a peer did not grow with us: out of step from here
             self.failed = str(e)
             raise
         if self.data_ptrs:
-            self._release(self.data_ptrs)
-        self.data_ptrs, self.cap = ptrs, cap
+            if captured:  # a rank's CUDA graph holds their addresses: every rank keeps them
+                self.retired.append(self.data_ptrs)
+            else:
+                self._release(self.data_ptrs)
+        self.data_ptrs, self.cap, self.captured = ptrs, cap, False
         self.generation += 1
 
     # -- per call --------------------------------------------------------------------------
@@ -299,7 +309,9 @@ class PeerBuffers:
         last = self.stream
         if stream != last:
             # (a capture orders its replays itself: waiting on work outside it is not allowed)
-            if last is not None and not torch.cuda.is_current_stream_capturing():
+            if torch.cuda.is_current_stream_capturing():
+                self.captured = True  # a graph holds these buffers: reserve keeps them
+            elif last is not None:
                 torch.cuda.current_stream(self.device).wait_stream(
                     torch.cuda.ExternalStream(last, device=self.device))
             self._stream.value = stream
@@ -319,11 +331,11 @@ class PeerBuffers:
                 self.check()
             except (ConfigMismatchError, PeerTimeoutError) as e:
                 found = e
-        for ptrs in (self.data_ptrs, self.flag_ptrs):
+        for ptrs in (self.data_ptrs, self.flag_ptrs, *self.retired):
             if ptrs:
                 self._release(ptrs)
         self.page.close()
-        self.data_ptrs, self.flag_ptrs, self.cap = [], [], 0
+        self.data_ptrs, self.flag_ptrs, self.cap, self.retired = [], [], 0, []
         self.generation += 1
         if found is not None:
             raise found
