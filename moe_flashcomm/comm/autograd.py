@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .. import kernels
 from ..codec import CodecConfig
 from .exchange import Pending, Route, cached_plan, exchange, p2p_call
 from . import direct
@@ -205,7 +206,7 @@ class AllToAllHandle:
     """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
     decodes and returns the output (on CUDA, ordered before later work on the current
     stream)."""
-    __slots__ = ("_pending", "_work", "_x", "_call", "_grad", "_out")
+    __slots__ = ("_pending", "_work", "_x", "_call", "_grad", "_out", "_stream")
 
     def __init__(self, pending: Optional[Pending], x: torch.Tensor, call: _Call, grad: bool,
                  work=None, out: Optional[torch.Tensor] = None) -> None:
@@ -213,6 +214,9 @@ class AllToAllHandle:
         # work / out: the plain all_to_all_single (_Fast) and its output [out_shape]
         self._pending, self._work, self._out = pending, work, out
         self._x, self._call, self._grad = x, call, grad
+        # CUDA: the stream the call was issued on (its kernels, the copy of the rows a rank
+        # keeps), which a wait() on another stream must order before that stream's work
+        self._stream = kernels.raw_stream(kernels.device_index(x)) if x.is_cuda else None
 
     def is_completed(self) -> bool:
         if self._pending is not None:
@@ -222,6 +226,8 @@ class AllToAllHandle:
     def wait(self) -> torch.Tensor:
         if self._x is not None:  # not waited for yet
             call = self._call
+            if self._stream is not None:
+                _order_after(self._stream, self._x)
             if self._pending is not None:
                 out = self._pending.wait()
                 if out.dim() != len(call.out_shape):
@@ -235,6 +241,14 @@ class AllToAllHandle:
                     out = _AllToAll.apply(self._x, _Ready(call, out))
             self._out, self._x = out, None
         return self._out
+
+
+def _order_after(stream: int, x: torch.Tensor) -> None:
+    """Order the current stream of ``x``'s device after ``stream`` (a raw handle) when they
+    differ."""
+    dev = kernels.device_index(x)
+    if kernels.raw_stream(dev) != stream:
+        torch.cuda.current_stream(dev).wait_stream(torch.cuda.ExternalStream(stream, device=dev))
 
 
 def split_key(sizes) -> tuple:
