@@ -397,38 +397,38 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
 
 def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """``x`` summed in place by ``plan`` over the communicator's group."""
-    group = comm.group
-    if plan.nccl and (x.is_cuda or not plan.call):
-        # gated or "native" on NCCL (plan.call: more than one rank, a non-empty tensor)
-        if plan.call:
-            work = x if x.is_contiguous() else x.contiguous()  # (what backends take)
-            direct.all_reduce(group, work)
-            if work is not x:
-                x.copy_(work)
+    if plan.nccl and not plan.call:  # one rank, or no values
         return x
-    work = x if x.is_contiguous() else x.contiguous()
-    flat = work.view(-1)
-    if plan.nccl:  # the backend's sum over gloo
-        _native_framed(flat, plan, group, comm.framing)
-    else:
-        buf = _padded(flat, plan.world)
-        if plan.hierarchical:  # (per call: create_stage_groups may replace the stages)
-            h = _hierarchy(comm)
-            if plan.stamped:
-                buf = _final_call(comm, plan, h, buf).prepare(buf)
-            _hierarchical(buf, plan, h, comm if plan.stamped else None)
-        elif x.is_cuda:
-            stamped = _stamped_call(comm, plan, buf) if plan.stamped else None
-            if stamped is not None:
-                buf = stamped.prepare(buf)
-            _flat(buf, plan, group, stamped)
-        else:
-            _flat_framed(buf, plan, group, comm.framing)
-        if buf is not flat:
-            flat.copy_(buf[:flat.numel()])
+    work = x if x.is_contiguous() else x.contiguous()  # (what backends and kernels take)
+    _sum(comm, work.view(-1), plan)
     if work is not x:
         x.copy_(work)
     return x
+
+
+def _sum(comm, flat: torch.Tensor, plan: _Plan) -> None:
+    """The contiguous 1-D ``flat`` summed in place by ``plan``."""
+    if plan.nccl:  # gated or "native": the backend's sum (over gloo, framed)
+        if flat.is_cuda:
+            direct.all_reduce(comm.group, flat)
+        else:
+            _native_framed(flat, plan, comm.group, comm.framing)
+        return
+    buf = _padded(flat, plan.world)
+    if plan.hierarchical:  # (per call: create_stage_groups may replace the stages)
+        h = _hierarchy(comm)
+        if plan.stamped:
+            buf = _final_call(comm, plan, h, buf).prepare(buf)
+        _hierarchical(buf, plan, h, comm if plan.stamped else None)
+    elif flat.is_cuda:
+        stamped = _stamped_call(comm, plan, buf) if plan.stamped else None
+        if stamped is not None:
+            buf = stamped.prepare(buf)
+        _flat(buf, plan, comm.group, stamped)
+    else:
+        _flat_framed(buf, plan, comm.group, comm.framing)
+    if buf is not flat:
+        flat.copy_(buf[:flat.numel()])
 
 
 # ---- flat ----------------------------------------------------------------------------------------
