@@ -165,6 +165,15 @@ def test_load_reads_both_tables(tmp_path):
     assert gate.all_reduce_threshold("host", INT4) == 16 * MiB and gate.threshold("nvlink", INT4) == 0
 
 
+def test_tables_given_as_a_dict_keep_the_defaults_of_the_table_left_out():
+    only_reduce = SizeGate.coerce({"all_reduce": {"host": {"*": 7}}})
+    assert only_reduce.thresholds == DEFAULT_THRESHOLDS  # the all-to-all is still gated
+    assert only_reduce.all_reduce_threshold("host", INT4) == 7
+    only_a2a = SizeGate.coerce({"thresholds": {"host": {"*": 7}}})
+    assert only_a2a.threshold("host", INT4) == 7
+    assert only_a2a.all_reduce == SizeGate.default().all_reduce
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read size-gate file"),
     ("{not json", "cannot read size-gate file"),

@@ -178,14 +178,15 @@ class SizeGate:
     @classmethod
     def from_tables(cls, data: Mapping[str, Any], source: str = "") -> "SizeGate":
         """A gate from ``{"thresholds": ..., "all_reduce": ...}`` (a gate file's content;
-        the descriptive keys FILE_INFO are allowed and ignored, any other key is an error)."""
+        the descriptive keys FILE_INFO are allowed and ignored, any other key is an error).
+        A table left out keeps its defaults, as an all-reduce table's missing codecs do."""
         unknown = set(data) - set(TABLES) - set(FILE_INFO)
         if unknown:
             raise ValueError(f"size gate{' ' + source if source else ''}: unknown key(s) "
                              f"{', '.join(sorted(map(repr, unknown)))}; allowed: "
                              f"{', '.join(TABLES + FILE_INFO)}")
         thresholds = data.get("thresholds")
-        return cls({} if thresholds is None else thresholds, source=source,
+        return cls(DEFAULT_THRESHOLDS if thresholds is None else thresholds, source=source,
                    all_reduce=data.get("all_reduce"))
 
     @classmethod
