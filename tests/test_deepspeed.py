@@ -823,8 +823,9 @@ def check_hierarchical(tag: str) -> None:
 def check_pipeline_stages(tag: str) -> None:
     """Pipeline stages hold different MoE layers: ranks 0-1 one layer, ranks 2-3 another,
     each stage its own expert-parallel group. Only ranks that share a group must agree (the
-    whole job once had to: every stage raised); one that differs inside a stage raises on
-    both of its ranks, within seconds, and the other stage goes on."""
+    whole job once had to: every stage raised). One that differs inside a stage raises on
+    every rank within seconds, naming the two that differ: the other stage would otherwise
+    go on and wait for it at its first pipeline send."""
     rank, ep = dist.get_rank(), 2
     stage = rank // ep
     moe = nn.Sequential(OrderedDict({f"stage{stage}": make_moe(ep, ep, 2, True, seed=44 + stage)}))
@@ -835,14 +836,17 @@ def check_pipeline_stages(tag: str) -> None:
     assert_identical(ref, run(moe, x), f"{tag} stage {stage} ({algorithm})")
     start = time.monotonic()
     cfg = {**PASS, "dispatch": 8 if rank == 3 else 4}
-    if stage == 1:
-        with pytest.raises(mf.comm.ConfigMismatchError,
-                           match=rf"layer 'stage1.deepspeed_moe': dispatch differs .*rank {5 - rank} "):
-            mf.enable_deepspeed(moe, cfg)
-    else:
+    bits = {2: 4, 3: 8}  # ranks 2 and 3's dispatch widths
+    seen = (rf"\(this rank \S*bits={bits[rank]}.*, rank {5 - rank} \S*bits={bits[5 - rank]}"
+            if stage == 1 else r"\(rank 2 \S*bits=4.*, rank 3 \S*bits=8")
+    with pytest.raises(mf.comm.ConfigMismatchError,
+                       match=r"ranks 2 and 3 resolved different layer configs: layer "
+                             rf"'stage1.deepspeed_moe': dispatch differs {seen}"):
         mf.enable_deepspeed(moe, cfg)
-        assert rel_err(run(moe, x)[0], ref[0]) < 0.1
     assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
+    # the stages agree among themselves again: each enables its own layer
+    mf.enable_deepspeed(moe, {**PASS, "dispatch": 8 if stage == 1 else 4})
+    assert rel_err(run(moe, x)[0], ref[0]) < 0.1
     mf.disable_deepspeed(moe)
 
 

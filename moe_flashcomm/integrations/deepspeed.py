@@ -283,8 +283,9 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     needs, first the per-layer resolved configs), then one small collective on every rank:
     a rank whose ``prepare`` raised still joins it, so every rank raises instead of leaving the
     others waiting. Ranks that share an expert-parallel group (every rank, where a layer has
-    no group yet) and resolved different layer configs raise ConfigMismatchError; pipeline
-    stages, which hold different layers, need not agree. A non-flat algorithm then gets the
+    no group yet) must resolve the same layer configs, else every rank raises
+    ConfigMismatchError naming two that differ; pipeline stages, which hold different layers,
+    need not agree. A non-flat algorithm then gets the
     stage groups of its expert-parallel groups, created by all processes together
     (expert-parallel groups are usually smaller than the job)."""
     error, out = None, None
@@ -314,14 +315,15 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     if failed:
         raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed failed on rank(s) {sorted(failed)}: "
                                   + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
-    me = dist.get_rank()
-    for r, g in enumerate(gathered):
-        shared = mine[2] is None or r in mine[2] or g[2] is None or me in g[2]  # (symmetric)
-        if r != me and shared and g[1] != mine[1]:
-            raise ConfigMismatchError("moe_flashcomm.enable_deepspeed: ranks resolved different "
-                                      f"layer configs: {_difference(mine[1], g[1], r)}; ranks that "
-                                      "share an expert-parallel group must enable the same layers "
-                                      "with the same config")
+    pair = _disagreeing_pair(gathered)
+    if pair is not None:  # every rank raises, so that no rank goes on to wait for the others
+        a, b = pair if dist.get_rank() != pair[1] else pair[::-1]  # this rank first, if in it
+        what = _difference(gathered[a][1], gathered[b][1],
+                           "this rank" if a == dist.get_rank() else f"rank {a}", f"rank {b}")
+        raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed: ranks {pair[0]} and "
+                                  f"{pair[1]} resolved different layer configs: {what}; ranks "
+                                  "that share an expert-parallel group must enable the same "
+                                  "layers with the same config")
     stage_groups = sorted({ranks for g in gathered for ranks in g[3]})
     if stage_groups:  # (every rank decides alike: from what all ranks sent)
         create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
@@ -332,15 +334,35 @@ def _fields(cfg: FlashCommConfig) -> dict:
     return {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
-def _difference(mine: list, theirs: list, rank: int) -> str:
-    """What differs between this rank's (layer name, fields) list and ``rank``'s."""
-    if [n for n, _ in mine] != [n for n, _ in theirs]:
-        return f"this rank has MoE layers {[n for n, _ in mine]}, rank {rank} {[n for n, _ in theirs]}"
-    for (name, a), (_, b) in zip(mine, theirs):
+def _disagreeing_pair(gathered: list) -> Optional[tuple[int, int]]:
+    """The first two ranks (same answer on every rank) that share an expert-parallel group,
+    or of which one has a layer with no group yet, and resolved different layer configs."""
+    kinds: list = []  # the distinct configs (few): each rank's is compared by its index
+    kind = []
+    for g in gathered:
+        kind.append(next((i for i, k in enumerate(kinds) if k == g[1]), len(kinds)))
+        if kind[-1] == len(kinds):
+            kinds.append(g[1])
+    if len(kinds) == 1:
+        return None
+    world = range(len(gathered))
+    for a, g in enumerate(gathered):
+        for b in sorted(world if g[2] is None else g[2]):  # (a rank with no group: everyone)
+            if kind[a] != kind[b]:
+                return min(a, b), max(a, b)
+    return None
+
+
+def _difference(first: list, second: list, first_name: str, second_name: str) -> str:
+    """What differs between two ranks' (layer name, fields) lists."""
+    if [n for n, _ in first] != [n for n, _ in second]:
+        return (f"{first_name} has MoE layers {[n for n, _ in first]}, {second_name} "
+                f"{[n for n, _ in second]}")
+    for (name, a), (_, b) in zip(first, second):
         for field in a:
             if a[field] != b.get(field):
-                return (f"layer {name!r}: {field} differs (this rank {a[field]}, rank {rank} "
-                        f"{b.get(field)})")
+                return (f"layer {name!r}: {field} differs ({first_name} {a[field]}, "
+                        f"{second_name} {b.get(field)})")
     return "?"
 
 
