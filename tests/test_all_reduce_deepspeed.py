@@ -307,17 +307,65 @@ def check_enable_deepspeed_applies_the_section(tag: str) -> None:
         assert all_reduce_stats(model) == {} and torch.equal(down(shard), stock), tag
 
 
+def check_ranks_that_disagree(tag: str) -> None:
+    """Ranks of one tensor-parallel group that would all-reduce differently (one through
+    moe_flashcomm, one DeepSpeed's own; or two codecs) raise on every rank of the job within
+    seconds, naming the two ranks and the field (they waited for good, or until the
+    communicator's timeout). Groups that do not share a rank need not agree. With 4 ranks:
+    tensor-parallel groups {0, 1} and {2, 3}."""
+    import time
+    from deepspeed.module_inject.layers import LinearAllreduce
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp = 2 if world == 4 else world
+    groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
+    torch.manual_seed(0)
+    layer = LinearAllreduce(nn.Linear(H * tp, H), groups[rank // tp]).to(device())
+    shard = torch.randn(2, 5, H).to(device())
+    with torch.no_grad():
+        local = shard @ layer.weight.t()
+        start = time.monotonic()
+        for mine, seen in ((None, "off"), (8, "bits=8")):  # rank 1 differs: off, then int8
+            config = {"all_reduce": 4 if rank != 1 else mine, **OFF}
+            with pytest.raises(mf.comm.ConfigMismatchError,
+                               match=r"ranks 0 and 1 resolved different layer configs: layer '': "
+                                     r"all_reduce differs") as raised:
+                mf.enable_all_reduce(layer, config)
+            assert "bits=4" in str(raised.value) and seen in str(raised.value), tag
+        assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
+        # agreeing inside each group is enough: the second group (4 ranks) is off
+        codec = 4 if rank < tp else None
+        stats = mf.enable_all_reduce(layer, {"all_reduce": codec, **OFF})
+        assert bool(stats) == (codec is not None), tag
+        want = local.clone()
+        if codec is None:
+            dist.all_reduce(want, group=groups[rank // tp])
+        else:
+            want = mf.all_reduce(want, group=groups[rank // tp], codec=codec, gate=False)
+        assert torch.equal(layer(shard), want + layer.bias), tag
+        mf.disable_all_reduce(layer)
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_linear_allreduce(tag)
     check_kernel_injection_modules(tag)
+    check_ranks_that_disagree(tag)
     if dist.get_backend() == "gloo":
         check_enable_deepspeed_applies_the_section(tag)
 
 
 def test_tensor_parallel_hooks_gloo_2_ranks():
     spawn(_world2, 2)
+
+
+def _world4(rank: int, world: int) -> None:
+    init_deepspeed()
+    check_ranks_that_disagree(f"rank {rank}/{world} {dist.get_backend()}")
+
+
+def test_tensor_parallel_groups_agree_apart_gloo_4_ranks():
+    spawn(_world4, 4)
 
 
 def test_config_field():

@@ -21,9 +21,12 @@ import contextlib
 import copy
 import time
 import io
+import json
+import os
 import pickle
 import logging
 import math
+import tempfile
 from collections import OrderedDict
 
 import pytest
@@ -726,7 +729,7 @@ def check_ranks_that_disagree(tag: str) -> None:
     # models whose MoE layers differ between the ranks (here: named differently)
     named = nn.ModuleDict({"first" if dist.get_rank() == 0 else "second": moe})
     with pytest.raises(mf.comm.ConfigMismatchError,
-                       match=r"this rank has MoE layers \['(first|second)\.deepspeed_moe'\], rank"):
+                       match=r"this rank has layers \['(first|second)\.deepspeed_moe'\], rank"):
         mf.enable_deepspeed(named, PASS)
     assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
     # a layer rule that selects no layer is a warning naming the layers there are
@@ -741,6 +744,12 @@ def check_ranks_that_disagree(tag: str) -> None:
     assert "layers[0].match ['decoder.*'] selects no layer; the MoE layers are: " \
            "['deepspeed_moe']" in seen.getvalue(), seen.getvalue()
     mf.disable_deepspeed(moe)
+    # equal gate tables read from files of different paths (one per rank) agree
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"gate-{dist.get_rank()}.json")
+        with open(path, "w") as f:
+            json.dump({"thresholds": {"cpu": {"*": 1}}}, f)
+        mf.enable_deepspeed(moe, {**PASS, "gate": path})
     mf.enable_deepspeed(moe, PASS)
     (state,) = [m.__dict__["_moe_flashcomm"] for m in moe.modules() if "_moe_flashcomm" in m.__dict__]
     assert state.comm is not None and not state.comm.closed

@@ -53,8 +53,8 @@ from ..comm.all_reduce import all_reduce
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .patching import (PatchState, Site, ds_logger, import_deepspeed, patch, rank0, rebind, resolve,
-                       states, unpatch, unsupported, unwrap, uses_global)
+from .patching import (PatchState, Site, agree, compared_fields, ds_logger, import_deepspeed, patch, rank0, rebind,
+                       resolve, states, unpatch, unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
@@ -260,8 +260,13 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
     Returns the live AllReduceStats of every patched layer, by qualified module name.
     """
     import_deepspeed()
-    root, cfg = resolve(model, config)
-    if cfg.all_reduce is None or not cfg.enabled:
+
+    def prepare() -> tuple:
+        root, cfg = resolve(model, config)
+        return root, cfg, cfg.all_reduce is not None and cfg.enabled
+
+    root, cfg, on = _agree(prepare)
+    if not on:
         restored = disable_all_reduce(root)
         if rank0():
             ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
@@ -275,10 +280,37 @@ def enable_from_section(model: Any, config: FlashCommConfig) -> None:
     off, only the layers an earlier ``enable_deepspeed`` patched are restored (a separate
     ``enable_all_reduce`` call's stay)."""
     root, _ = unwrap(model)
-    if config.all_reduce is not None and config.enabled:
+    on = config.all_reduce is not None and config.enabled
+    _agree(lambda: (root, config, on))
+    if on:
         _enable(root, config, from_section=True)
     else:
         _restore(root, lambda state: state.from_section)
+
+
+def _agree(prepare: Callable[[], tuple]) -> tuple:
+    """``prepare()`` on every rank, then their agreement (``patching.agree``): a rank that
+    fails makes every rank raise, and so do two ranks of one tensor-parallel group that would
+    all-reduce differently (one through moe_flashcomm, the other DeepSpeed's own: both would
+    wait for good)."""
+    return agree(prepare, _summary, "moe_flashcomm.enable_all_reduce",
+                 "ranks that share a tensor-parallel group must enable the same all-reduce "
+                 "config")[0]
+
+
+def _summary(out: tuple) -> tuple:
+    """What ``agree`` compares: per all-reduce site with a group, the all-reduce's settings
+    (or "off"); the ranks of those groups."""
+    root, cfg, on = out
+    fields = (compared_fields(cfg, ("all_reduce", "algorithm", "gate", "chunks")) if on
+              else {"all_reduce": "off"})
+    layers, ranks = [], {dist.get_rank()}
+    for name, module in root.named_modules():
+        group = getattr(module, "mp_group", None)
+        if group is not None and _site_of(module) is not None:
+            layers.append((name, fields))
+            ranks.update(dist.get_process_group_ranks(group))
+    return layers, ranks, None
 
 
 def _enable(root: nn.Module, cfg: FlashCommConfig, from_section: bool) -> dict[str, AllReduceStats]:

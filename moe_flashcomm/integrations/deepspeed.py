@@ -39,15 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..comm import Communicator, ConfigMismatchError, create_stage_groups
+from ..comm import Communicator, create_stage_groups
 from ..comm.communicator import communicator
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .allreduce import disable_all_reduce, enable_from_section
 from .padding import RouteCounts, SlotPlan, filled_slots
-from .patching import (TESTED_VERSIONS, PatchState, Site, check_patchable, ds_logger,
-                       import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
-                       unsupported, unwrap, uses_global)
+from .patching import (TESTED_VERSIONS, PatchState, Site, agree, check_patchable, compared_fields,
+                       ds_logger, import_deepspeed, patch, rank0, rebind, resolve, states,
+                       unpatch, unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
 
 _STATE = "_moe_flashcomm"  # instance attribute holding a patched layer's _LayerState
@@ -279,91 +279,32 @@ def _check_rules(cfg: FlashCommConfig, names: list[str]) -> None:
 
 
 def _agree(prepare: Callable[[], tuple]) -> tuple:
-    """``prepare()`` (which validates the model and config and returns what ``enable_deepspeed``
-    needs, first the per-layer resolved configs), then one small collective on every rank:
-    a rank whose ``prepare`` raised still joins it, so every rank raises instead of leaving the
-    others waiting. Ranks that share an expert-parallel group (every rank, where a layer has
-    no group yet) must resolve the same layer configs, else every rank raises
-    ConfigMismatchError naming two that differ; pipeline stages, which hold different layers,
-    need not agree. A non-flat algorithm then gets the
+    """``prepare()`` on every rank, then their agreement (``patching.agree``): a rank that
+    fails makes every rank raise, and so do ranks that share an expert-parallel group (every
+    rank, where a layer has no group yet) and resolved different layer configs; pipeline
+    stages, which hold different layers, need not agree. A non-flat algorithm then gets the
     stage groups of its expert-parallel groups, created by all processes together
     (expert-parallel groups are usually smaller than the job)."""
-    error, out = None, None
-    try:
-        out = prepare()
-    except Exception as e:  # noqa: BLE001 - raised again below, on this rank
-        error = e
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return out
-    if error is not None:
-        mine = ("error", f"{type(error).__name__}: {error}")
-    else:
-        groups = [None if getattr(layer, "ep_group", None) is None
-                  else tuple(dist.get_process_group_ranks(layer.ep_group))
-                  for _, layer, _ in out[0]]
-        mine = ("ok", [(name, _fields(lcfg)) for name, _, lcfg in out[0]],
-                None if None in groups else sorted({r for g in groups for r in g}),
-                sorted({g for g, (_, _, lcfg) in zip(groups, out[0])
-                        if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if error is not None:
-        raise error
-    failed = {r: g[1] for r, g in enumerate(gathered) if g[0] == "error"}
-    if failed:
-        raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed failed on rank(s) {sorted(failed)}: "
-                                  + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
-    pair = _disagreeing_pair(gathered)
-    if pair is not None:  # every rank raises, so that no rank goes on to wait for the others
-        a, b = pair if dist.get_rank() != pair[1] else pair[::-1]  # this rank first, if in it
-        what = _difference(gathered[a][1], gathered[b][1],
-                           "this rank" if a == dist.get_rank() else f"rank {a}", f"rank {b}")
-        raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed: ranks {pair[0]} and "
-                                  f"{pair[1]} resolved different layer configs: {what}; ranks "
-                                  "that share an expert-parallel group must enable the same "
-                                  "layers with the same config")
-    stage_groups = sorted({ranks for g in gathered for ranks in g[3]})
+    out, stage_groups = agree(prepare, _summary, "moe_flashcomm.enable_deepspeed",
+                              "ranks that share an expert-parallel group must enable the same "
+                              "MoE layers with the same config")
+    stage_groups = sorted({ranks for g in stage_groups for ranks in g})
     if stage_groups:  # (every rank decides alike: from what all ranks sent)
         create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
     return out
 
 
-def _fields(cfg: FlashCommConfig) -> dict:
-    return {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def _disagreeing_pair(gathered: list) -> Optional[tuple[int, int]]:
-    """The first two ranks (same answer on every rank) that share an expert-parallel group,
-    or of which one has a layer with no group yet, and resolved different layer configs."""
-    kinds: list = []  # the distinct configs (few): each rank's is compared by its index
-    kind = []
-    for g in gathered:
-        kind.append(next((i for i, k in enumerate(kinds) if k == g[1]), len(kinds)))
-        if kind[-1] == len(kinds):
-            kinds.append(g[1])
-    if len(kinds) == 1:
-        return None
-    world = range(len(gathered))
-    for a, g in enumerate(gathered):
-        for b in sorted(world if g[2] is None else g[2]):  # (a rank with no group: everyone)
-            if kind[a] != kind[b]:
-                return min(a, b), max(a, b)
-    return None
-
-
-def _difference(first: list, second: list, first_name: str, second_name: str) -> str:
-    """What differs between two ranks' (layer name, fields) lists."""
-    if [n for n, _ in first] != [n for n, _ in second]:
-        return (f"{first_name} has MoE layers {[n for n, _ in first]}, {second_name} "
-                f"{[n for n, _ in second]}")
-    for (name, a), (_, b) in zip(first, second):
-        for field in a:
-            if a[field] != b.get(field):
-                return (f"layer {name!r}: {field} differs ({first_name} {a[field]}, "
-                        f"{second_name} {b.get(field)})")
-    return "?"
+def _summary(out: tuple) -> tuple:
+    """What ``agree`` compares of ``prepare()``: per MoE layer its config; the ranks of its
+    expert-parallel groups; the groups of the layers that need stage groups."""
+    resolved = out[0]
+    groups = [None if getattr(layer, "ep_group", None) is None
+              else tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, _ in resolved]
+    return ([(name, compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)]))
+             for name, _, lcfg in resolved],
+            None if None in groups else {r for g in groups for r in g},
+            sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
+                    if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}))
 
 
 def _attach_communicators(states: list[tuple[nn.Module, "_LayerState"]]) -> None:

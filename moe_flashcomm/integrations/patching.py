@@ -29,6 +29,8 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..comm.check import ConfigMismatchError
+from ..comm.gate import SizeGate
 from ..config import FlashCommConfig
 
 TESTED_VERSIONS = ("0.19.8",)
@@ -115,6 +117,84 @@ def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
     if config is None and ds_config is not None:
         return root, FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
     return root, FlashCommConfig.coerce(config)
+
+
+# ---- every rank agrees on what it enables --------------------------------------------------------
+def agree(prepare: Callable[[], Any], summary: Callable[[Any], tuple], what: str, rule: str
+          ) -> tuple[Any, list]:
+    """``prepare()`` (which validates the model and config and returns what the caller
+    needs), then one small collective on every rank: a rank whose ``prepare`` raised still
+    joins it, so every rank raises instead of leaving the others waiting.
+
+    ``summary(prepare())``: (this rank's layers as [(name, {field: repr})], the ranks it must
+    agree with (None: every rank), what every rank should see of it). Two ranks that must
+    agree (either one naming the other) and differ make every rank raise
+    ConfigMismatchError naming them, the first difference and ``rule``, so that no rank goes
+    on to wait for them. Returns ``prepare()`` and every rank's third element."""
+    if not dist.is_initialized():  # one process: nothing to agree with
+        return prepare(), []
+    error = out = None
+    try:
+        out = prepare()
+        layers, ranks, shared = summary(out)
+    except Exception as e:  # noqa: BLE001 - raised again below, on this rank
+        error = e
+    mine = (("error", f"{type(error).__name__}: {error}") if error is not None
+            else ("ok", layers, None if ranks is None else sorted(ranks), shared))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if error is not None:
+        raise error
+    failed = {r: g[1] for r, g in enumerate(gathered) if g[0] == "error"}
+    if failed:
+        raise ConfigMismatchError(f"{what} failed on rank(s) {sorted(failed)}: "
+                                  + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
+    pair = _disagreeing_pair(gathered)
+    if pair is not None:
+        a, b = pair if dist.get_rank() != pair[1] else pair[::-1]  # this rank first, if in it
+        difference = _difference(gathered[a][1], gathered[b][1],
+                                 "this rank" if a == dist.get_rank() else f"rank {a}", f"rank {b}")
+        raise ConfigMismatchError(f"{what}: ranks {pair[0]} and {pair[1]} resolved different "
+                                  f"layer configs: {difference}; {rule}")
+    return out, [g[3] for g in gathered]
+
+
+def compared_fields(cfg: FlashCommConfig, names) -> dict:
+    """``cfg``'s fields ``names`` as ``agree`` compares them: their reprs, and a gate by its
+    tables (ranks may read equal tables from files of different paths)."""
+    return {name: f"tables {SizeGate.coerce(cfg.gate).digest}" if name == "gate"
+            else repr(getattr(cfg, name)) for name in names}
+
+
+def _disagreeing_pair(gathered: list) -> Optional[tuple[int, int]]:
+    """The first two ranks (the same on every rank) that must agree and summarised different
+    layers (``agree``)."""
+    kinds: list = []  # the distinct summaries (few): each rank's is compared by its index
+    kind = []
+    for g in gathered:
+        kind.append(next((i for i, k in enumerate(kinds) if k == g[1]), len(kinds)))
+        if kind[-1] == len(kinds):
+            kinds.append(g[1])
+    if len(kinds) == 1:
+        return None
+    for a, g in enumerate(gathered):
+        for b in (range(len(gathered)) if g[2] is None else g[2]):
+            if kind[a] != kind[b]:
+                return min(a, b), max(a, b)
+    return None
+
+
+def _difference(first: list, second: list, first_name: str, second_name: str) -> str:
+    """What differs between two ranks' [(layer name, fields)] lists."""
+    if [n for n, _ in first] != [n for n, _ in second]:
+        return (f"{first_name} has layers {[n for n, _ in first]}, {second_name} "
+                f"{[n for n, _ in second]}")
+    for (name, a), (_, b) in zip(first, second):
+        for field in a:
+            if a[field] != b.get(field):
+                return (f"layer {name!r}: {field} differs ({first_name} {a[field]}, "
+                        f"{second_name} {b.get(field)})")
+    return "?"
 
 
 # ---- DeepSpeed's code with some global names changed -------------------------------------------
