@@ -94,6 +94,9 @@ class _LayerState(PatchState):
         self.counts: Optional[RouteCounts] = None  # skip_padding: the running forward's routes
         self.plan: Optional[SlotPlan] = None  # skip_padding: its exchanges
         self.comm: Optional[Communicator] = None  # of the layer's expert-parallel group
+        # comm is one enable_deepspeed made for the layers of its group and gate (closed with
+        # them), not the group's default one, which the whole process shares
+        self.owns_comm = False
 
     def configure(self, config: FlashCommConfig) -> None:
         self.config = config
@@ -215,6 +218,7 @@ class _LayerState(PatchState):
         if comm is None or comm.closed or comm.pg is not (group if group is not None
                                                           else dist.group.WORLD):
             comm = self.comm = communicator(group, gate=self.gate)
+            self.owns_comm = False
         return comm
 
     def send(self, x: torch.Tensor, comm: Communicator, codec, grad_codec, input_splits,
@@ -285,13 +289,17 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     stages, which hold different layers, need not agree. A non-flat algorithm then gets the
     stage groups of its expert-parallel groups, created by all processes together
     (expert-parallel groups are usually smaller than the job)."""
-    out, stage_groups = agree(prepare, _summary, "moe_flashcomm.enable_deepspeed",
-                              "ranks that share an expert-parallel group must enable the same "
-                              "MoE layers with the same config")
-    stage_groups = sorted({ranks for g in stage_groups for ranks in g})
+    out, shared = agree(prepare, _summary, "moe_flashcomm.enable_deepspeed",
+                        "ranks that share an expert-parallel group must enable the same "
+                        "MoE layers with the same config")
+    stage_groups = sorted({ranks for g, _ in shared for ranks in g})
     if stage_groups:  # (every rank decides alike: from what all ranks sent)
         create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
-    return out
+    # a communicator is kept only where every rank of its group keeps its own: making one
+    # is collective in the group (every rank decides alike: from what all ranks sent)
+    keep = {key for key in (shared[dist.get_rank()][1] if shared else ())
+            if all(key in shared[r][1] for r in key[0])}
+    return out + (keep,)
 
 
 def _summary(out: tuple) -> tuple:
@@ -303,24 +311,53 @@ def _summary(out: tuple) -> tuple:
     return ([(name, compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)]))
              for name, _, lcfg in resolved],
             None if None in groups else {r for g in groups for r in g},
-            sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
-                    if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}))
+            (sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
+                     if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}),
+             sorted(_kept_communicators(resolved, out[3]))))
 
 
-def _attach_communicators(states: list[tuple[nn.Module, "_LayerState"]]) -> None:
+def _comm_key(layer: nn.Module, gate: SizeGate) -> Optional[tuple]:
+    """Which communicator an enabled layer uses: (its group's global ranks, gate tables)."""
+    group = getattr(layer, "ep_group", None)
+    if group is None or not dist.is_initialized():
+        return None
+    return tuple(dist.get_process_group_ranks(group)), gate.digest
+
+
+def _kept_communicators(resolved: list, states: list) -> set:
+    """The communicator keys (``_comm_key``) this rank can keep: every layer of the key is
+    enabled already, stays enabled and holds the same open communicator that
+    ``enable_deepspeed`` made for its group and gate. Calling ``enable_deepspeed`` again keeps
+    it, so the backward of a forward made before the call still has its transport."""
+    kept: dict = {}  # key -> its layers' one communicator, or None
+    for (_, layer, lcfg), state in zip(resolved, states):
+        key = None if state is None else _comm_key(layer, SizeGate.coerce(lcfg.gate))
+        if key is None:
+            continue
+        comm = state.comm
+        usable = (state is vars(layer).get(_STATE) and state.owns_comm and not comm.closed
+                  and comm.pg is layer.ep_group and comm.gate.digest == key[1])
+        kept[key] = comm if usable and kept.get(key, comm) is comm else None
+    return {key for key, comm in kept.items() if comm is not None}
+
+
+def _attach_communicators(states: list[tuple[nn.Module, "_LayerState"]], keep: set) -> None:
     """One Communicator per expert-parallel group and size gate, made by every member in the
-    same order (layers in module order, agreed by ``_agree``); the layers share it."""
+    same order (layers in module order, agreed by ``_agree``); the layers share it. Where
+    every rank of the group keeps the one it has (``keep``, agreed), it stays: a new one
+    would close the old one under the backward of a forward made before this call."""
     made: dict = {}
     for layer, state in states:
-        group = getattr(layer, "ep_group", None)
-        if group is None or not dist.is_initialized():
+        key = _comm_key(layer, state.gate)
+        if key is None:
             continue  # its groups do not exist yet: the default communicator at first use
-        key = (id(group), state.gate.digest)
-        if key not in made:
-            made[key] = Communicator(group, gate=state.gate)
-        if state.comm is not None and state.comm not in made.values():
+        mine = (id(layer.ep_group), key[1])  # (per group object, as its forward checks)
+        if mine not in made:
+            made[mine] = state.comm if key in keep else Communicator(layer.ep_group,
+                                                                     gate=state.gate)
+        if state.owns_comm and state.comm not in made.values():
             state.comm.close()
-        state.comm = made[key]
+        state.comm, state.owns_comm = made[mine], True
 
 
 def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
@@ -342,7 +379,9 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     Every rank resolves the model and config first and then all agree (one small collective):
     a rank that fails, or resolves different layer configs, makes every rank raise. The
     layers of one expert-parallel group share one ``moe_flashcomm.Communicator``, made here
-    (collectively in the group). Calling again updates the configs (the counters continue).
+    (collectively in the group). Calling again updates the configs (the counters continue)
+    and keeps a layer's communicator where its group and gate stay, so the backward of a
+    forward made before the call still runs (with the codecs of that forward).
     Returns the live ExchangeStats of every enabled layer, by qualified module name.
     """
     ds = import_deepspeed()
@@ -361,7 +400,7 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
                   for (name, layer, site), (_, _, lcfg) in zip(layers, resolved)]
         return resolved, layers, cfg, states
 
-    resolved, layers, cfg, states = _agree(prepare)
+    resolved, layers, cfg, states, keep = _agree(prepare)
     enabled: dict[str, ExchangeStats] = {}
     patched, removed = [], []
     lines = []
@@ -378,10 +417,11 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
         patched.append((layer, state))
         enabled[name] = state.stats
         lines.append(f"  {label}: {lcfg.describe()}")
-    _attach_communicators(patched)
+    _attach_communicators(patched, keep)
+    in_use = {id(state.comm) for _, state in patched}
     for state in removed:  # layers enabled before, stock now: their communicators go
-        if state is not None and state.comm is not None:
-            state.comm.close()
+        if state is not None and state.owns_comm and id(state.comm) not in in_use:
+            state.comm.close()  # (not one that enabled layers keep)
     enable_from_section(model, cfg)  # the tensor-parallel all-reduce hooks
     if rank0():
         ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
@@ -401,7 +441,7 @@ def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
         state = unpatch(module, _STATE)
         if state is not None:
             restored[name] = state.stats
-            if state.comm is not None:  # frees its peer-to-peer memory (shared: closed once)
+            if state.owns_comm:  # frees its peer-to-peer memory (shared: closed once)
                 state.comm.close()
     if restored and rank0():
         ds_logger().info(f"moe_flashcomm: restored stock DeepSpeed on {len(restored)} MoE layer(s)")
