@@ -259,6 +259,10 @@ def split_key(sizes) -> tuple:
         if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:  # (refused by the check)
             raise TypeError("not a key")
         return tuple(sizes.tolist())
+    if type(sizes) is not list and type(sizes) is not tuple and iter(sizes) is sizes:
+        # an iterator (a generator) has one pass, which the check needs: no key (else the
+        # check found it empty at a call's first use, and refused it as "got 0")
+        raise TypeError("not a key")
     key = tuple(sizes)
     if type(sum(key)) is int:  # (the hot path: Python ints)
         return key

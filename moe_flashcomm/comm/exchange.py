@@ -537,8 +537,20 @@ def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) 
     """The exchange over gloo: each pair's rows behind a header the receiver checks."""
     H, dtype = x.shape[1], x.dtype
     sends, recvs, send_legs, recv_legs = plan.framed
-    frame = framing.Frame(route.framing, route.group, route.rank, route.world, operation,
-                          dtype, H, send_legs, recv_legs)
+    try:  # (the output first: nothing is sent before both are allocated)
+        out = x.new_empty((plan.out_total, H))
+        frame = framing.Frame(route.framing, route.group, route.rank, route.world, operation,
+                              dtype, H, send_legs, recv_legs)
+    except (RuntimeError, OverflowError, MemoryError) as e:
+        # sizes no memory (or no int64) holds, in practice garbage split sizes: the peers
+        # are in this exchange already; take part as rejected so that they raise now
+        # instead of waiting for the timeout (or pairing with this rank's next call)
+        framing.reject(route.framing, route.group, route.rank, route.world, operation)
+        hint = " (output_split_sizes)" if operation == "all_to_all" else ""
+        raise RuntimeError(
+            f"moe_flashcomm.{operation}: group rank {route.rank} of {route.world} cannot "
+            f"allocate the buffers to receive {plan.out_total} rows of hidden size {H}{hint}: "
+            f"{type(e).__name__}: {e}") from e
     for p in frame.peers:
         row, rows, wire, nbytes = sends[p]
         if rows:
@@ -546,7 +558,6 @@ def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) 
             frame.payload(p).copy_((src.view(torch.uint8) if wire == RAW
                                     else encode(src, wire)).reshape(-1))
     frame.start()
-    out = x.new_empty((plan.out_total, H))
     src, dst, n = plan.own
     if n:
         out[dst:dst + n].copy_(x[src:src + n])

@@ -270,12 +270,14 @@ class Frame:
         self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
         self.send_at, self.recv_at = lay.send_at, lay.recv_at
         self.counter = counter if counter is not None else pg
+        # the buffers before the number: a rank that cannot allocate them (sizes no memory
+        # holds) must not count an exchange it never made, or it is out of step with its peers
+        self._buffers = sent, got = framing.buffer(lay.send_bytes), framing.buffer(lay.recv_bytes)
         if number is None:
             # the first-use checks (comm/check.py) run on every rank at once and compare
             # more than a number could: they are not counted
             number = 0 if operation == "consistency check" else framing.next_number(self.counter)
         self.number = number
-        self._buffers = sent, got = framing.buffer(lay.send_bytes), framing.buffer(lay.recv_bytes)
         self.send, self.recv = sent.head(lay.send_bytes), got.head(lay.recv_bytes)
         send, self._recv_words = sent.array, got.words
         words = lay.template.copy()

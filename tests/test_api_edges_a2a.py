@@ -1,0 +1,85 @@
+"""Edge cases of the public all-to-all API over real gloo process groups (CPU).
+
+Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to_all`` /
+``Communicator.all_to_all`` against ``torch.distributed.all_to_all_single`` done by hand
+(and the reference codec per peer for integer codecs). Every spawn has a hard time limit.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_flashcomm as mf
+from moe_flashcomm.comm import ConfigMismatchError
+from tests.a2a_cases import expected, make_input
+from tests.distributed import spawn
+
+LIMIT_S = 10  # what a rank's error, or its peers', may take at most
+
+
+def _raises(fn, exc, *patterns):
+    """Run ``fn``: it must raise ``exc`` within LIMIT_S, its message holding ``patterns``."""
+    start = time.monotonic()
+    with pytest.raises(exc) as info:
+        fn()
+    took = time.monotonic() - start
+    assert took < LIMIT_S, took
+    for pattern in patterns:
+        assert pattern in str(info.value), (pattern, str(info.value))
+
+
+def _huge_output_split_sizes(rank, world):
+    """Output split sizes on one rank that no buffer can hold (garbage counts, e.g. from an
+    uninitialised tensor): that rank raises an error naming them, its peer raises at once
+    (it used to wait for the timeout, or pair with the bad rank's next call), and both stay
+    in step: the next call is right on both (the bad rank used to count an exchange it
+    never made, so every later call raised "skipped or repeated a call")."""
+    comm = mf.Communicator(gate=False)
+    S = [[3, 3], [3, 3]]
+    x = make_input(rank, 6, (8,), torch.float32, 1)
+    want = expected(rank, world, S, (8,), torch.float32, 1, lambda p: mf.CodecConfig(bits=4))
+    assert torch.equal(comm.all_to_all(x, [3, 3], [3, 3], codec=4), want)
+    # 2**62 rows: more bytes than an int64 counts (was OverflowError: "Python int too large
+    # to convert to C long"); 10**16 rows: more than any address space (was the allocator's
+    # error, and the exchange numbers out of step)
+    for huge in (2 ** 62, 10 ** 16):
+        if rank == 0:
+            _raises(lambda: comm.all_to_all(x, [3, huge], [3, 3], codec=4), RuntimeError,
+                    "cannot allocate", "output_split_sizes", f"{3 + huge} rows")
+        else:
+            _raises(lambda: comm.all_to_all(x, [3, 3], [3, 3], codec=4), ConfigMismatchError,
+                    "rank 0: it rejected its arguments for its all_to_all")
+        assert torch.equal(comm.all_to_all(x, [3, 3], [3, 3], codec=4), want), huge
+    comm.close()
+
+
+def test_output_split_sizes_no_buffer_holds_raise_on_every_rank_gloo_2():
+    spawn(_huge_output_split_sizes, 2, timeout=120, env={"MOE_FLASHCOMM_TIMEOUT_S": 30})
+
+
+def _iterator_split_sizes(rank, world):
+    """Split sizes given as iterators (a generator, ``iter(list)``; the check takes any
+    iterable) route as the same lists do, also at a call's first use: the plan cache's key
+    used to consume them, so the check saw none ("must have one entry per rank of the group
+    (2), got 0: []") while the same call with a cached plan passed."""
+    comm = mf.Communicator(gate=False)
+    S = [[2, 3], [0, 4]]
+    in_s, out_s = S[rank], [S[p][rank] for p in range(world)]
+    for codec, dtype in (("native", torch.float32), (5, torch.bfloat16)):
+        x = make_input(rank, sum(in_s), (16,), dtype, 2)
+        want = expected(rank, world, S, (16,), dtype, 2, lambda p: mf.CodecConfig.coerce(codec))
+        if codec == "native":  # exactly all_to_all_single's result
+            ref = x.new_empty((sum(out_s), 16))
+            dist.all_to_all_single(ref, x, out_s, in_s)
+            assert torch.equal(want, ref)
+        for _ in range(2):  # the first use, then with the call's plan cached
+            got = comm.all_to_all(x, iter(out_s), (n for n in in_s), codec=codec)
+            assert torch.equal(got, want), codec
+    comm.close()
+
+
+def test_iterator_split_sizes_route_as_lists_gloo_2():
+    spawn(_iterator_split_sizes, 2, timeout=120)
