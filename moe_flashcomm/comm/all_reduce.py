@@ -270,14 +270,19 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
                      framing=comm.framing)
     cfg = inter if path == "network" else intra
     n = x.numel()
+    if algorithm == "hierarchical" and world > 1:
+        # creates the stage groups (dist.new_group: collective over the job) and checks the
+        # layout before any decision by size: a rank whose numel differs (an empty tensor,
+        # gated) must still make the same new_group calls, else the others wait in them
+        # until the timeout instead of meeting it in the first framed step and raising
+        _hierarchy(comm)
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
         # over gloo an empty tensor is exchanged too (headers only): a peer's numel is checked
         return _Plan(True, world, rank, 0, (), intra, inter,
                      call=world > 1 and (n > 0 or not x.is_cuda), numel=n)
     c = rows_per_rank(n, world)
     if algorithm == "hierarchical":
-        _hierarchy(comm)  # creates the stage groups (collective), checks the layout
-        k = 1
+        k = 1  # (the stages were made above)
     elif chunks is None:
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
         # 256 MiB, host and network paths: docs/benchmarks.md, "## All-reduce")
@@ -829,6 +834,17 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
     consecutive ranks (``codec`` may then be a LinkCodecs). Ignores the size gate.
     """
     W = len(inputs)
+    # checked here: a local_size that does not divide W (or is 0) indexed past the inputs
+    # (IndexError) or ran the flat algorithm under the hierarchical name, and inputs of
+    # other numels were summed as if padded alike
+    if local_size is not None and (isinstance(local_size, bool)
+                                   or not isinstance(local_size, int)
+                                   or local_size < 1 or W % local_size):
+        raise ValueError(f"local_size must be None or an int >= 1 dividing the {W} inputs, "
+                         f"got {local_size!r}")
+    if W == 0 or any(x.shape != inputs[0].shape or x.dtype != inputs[0].dtype for x in inputs):
+        raise ValueError("inputs: one tensor per rank, all of one shape and dtype, got "
+                         f"{[(tuple(x.shape), x.dtype) for x in inputs]}")
     codecs = LinkCodecs.coerce(codec, "codec")
     intra, inter = codecs.intra_node, codecs.inter_node
     if intra.is_native or inter.is_native:

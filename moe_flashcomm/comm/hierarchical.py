@@ -562,6 +562,11 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
     if algorithm == "auto":
         if not lay.regular or lay.nodes < 2 or lay.local < 2:
             return flat_exchange
+        # the stage groups first, whatever this rank decides: dist.new_group is collective
+        # over the job, and a rank whose rows differ (a caller's error the exchange's headers
+        # report) may decide otherwise; the ranks making groups would wait in new_group
+        # for it until the timeout instead of meeting it in the first framed step
+        hierarchy(comm)
         H, dtype = x.shape[-1], x.dtype
         key = (route.codecs, route.thresholds, H, dtype)
         rows = _mean_pair_rows(comm, route, in_rows, uniform, key, x.device)
