@@ -83,3 +83,29 @@ def _iterator_split_sizes(rank, world):
 
 def test_iterator_split_sizes_route_as_lists_gloo_2():
     spawn(_iterator_split_sizes, 2, timeout=120)
+
+
+def _bad_gate_on_one_rank(rank, world):
+    """A gate dict (or topology) the default communicator cannot take, on one rank only:
+    every rank raises at once and the next call is right on all. The bad rank raised while
+    keying the default communicators, before any exchange: a peer that had its communicator
+    cached went on with the exchange, paired with the bad rank's next call and returned."""
+    x = make_input(rank, 4 * world, (8,), torch.float32, 2)
+    want = mf.all_to_all(x, codec="native")  # warm: the default communicator is cached
+    for bad in ({"all_reduce": {"tpu": {"int4": 1}}}, {"thresholds": {"cpu": {"int4": -1}}}):
+        if rank == 1:
+            _raises(lambda: mf.all_to_all(x, codec="native", gate=bad), ValueError, "tpu"
+                    if "all_reduce" in bad else "-1")
+        else:
+            _raises(lambda: mf.all_to_all(x, codec="native"), ConfigMismatchError, "rank 1")
+        assert torch.equal(mf.all_to_all(x, codec="native"), want)
+    # a valid topology new to one rank: its new communicator's first-use check meets the
+    # peer's cached one; both raise, and count the exchange alike (the next call raised
+    # "skipped or repeated a call": each communicator had counted on its own)
+    _raises(lambda: mf.all_to_all(x, codec="native", topology=1 if rank == 1 else None),
+            ConfigMismatchError, "consistency check")
+    assert torch.equal(mf.all_to_all(x, codec="native"), want)
+
+
+def test_bad_gate_or_new_topology_on_one_rank_raises_on_every_rank_gloo_2():
+    spawn(_bad_gate_on_one_rank, 2, timeout=120)

@@ -87,11 +87,12 @@ class Communicator:
             self._arguments(topology, gate, codec, grad_codec, algorithm, chunks, timeout)
         except (ValueError, TypeError):
             # the other ranks are in the consistency check below: they raise at once
-            reject_check(self.pg, self.agree_device, Framing(frame.REJECT_WAIT_S))
+            reject_check(self.pg, self.agree_device,
+                         Framing(frame.REJECT_WAIT_S, PROCESS.exchange_counts))
             raise
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.framing = Framing(self.timeout_s)
+        self.framing = Framing(self.timeout_s, PROCESS.exchange_counts)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: set = set()   # consistency keys all ranks agreed on
         self._routes: dict = {}       # (codecs, device type) -> Route
@@ -371,6 +372,10 @@ class _Process:
         self.communicators: dict = {}  # (id(group), topology, gate) -> (group, Communicator)
         self.stage_groups: dict = {}   # (global ranks, backend) -> process group
         self.stage_version = 0         # bumped by create_stage_groups
+        # process group -> framed exchanges started in it, by all of its communicators
+        # (frame.Framing.sequence): a peer whose new communicator rejected its arguments
+        # meets this rank's cached one in the same exchange, and both count it alike
+        self.exchange_counts: dict = {}
 
     def communicator(self, group, topology=None, gate=True) -> Communicator:
         pg = group if group is not None else dist.group.WORLD
@@ -378,8 +383,13 @@ class _Process:
             key = (id(pg), topology, gate)
             hit = self.communicators.get(key)
         except TypeError:  # an unhashable gate (a dict): keyed by its table
-            key = (id(pg), topology, SizeGate.coerce(gate).digest)
-            hit = self.communicators.get(key)
+            try:
+                key = (id(pg), topology, SizeGate.coerce(gate).digest)
+                hit = self.communicators.get(key)
+            except (TypeError, ValueError):
+                # a bad gate or topology: the constructor below rejects it on every rank
+                # (raised here, the peers went on, and met this rank's next call)
+                key = hit = None
         if hit is not None and hit[0] is pg and not hit[1].closed:
             return hit[1]
         self._forget_destroyed()
@@ -395,6 +405,7 @@ class _Process:
             comm._forget()
         self.communicators.clear()
         self.stage_groups.clear()
+        self.exchange_counts.clear()
         gc.collect()
 
     def _forget_destroyed(self) -> None:
@@ -408,6 +419,8 @@ class _Process:
                         comm.close()
                     except Exception:  # noqa: BLE001 - a dead group's device may be gone
                         comm.closed = True
+        for pg in [pg for pg in self.exchange_counts if pg not in live]:
+            del self.exchange_counts[pg]
         if not live:
             self.stage_groups.clear()
 

@@ -121,9 +121,12 @@ class Framing:
     """A communicator's framed exchanges: the exchange number per process group (a rank that
     skips or repeats a call is caught) and how long to wait for silent peers."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, sequence: Optional[dict] = None) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.sequence: dict = {}  # process group -> exchanges started in it
+        # process group -> exchanges started in it; shared by the process's communicators
+        # (``sequence``), so that a check made while one of them was being made, and failed,
+        # still counts a group's exchanges alike on every rank
+        self.sequence: dict = {} if sequence is None else sequence
         # released frame buffers by size class: a fresh multi-MiB buffer per call costs its
         # page faults every time (measured: tools/bench_frame.py)
         self._free: dict = {}
