@@ -109,3 +109,25 @@ def _bad_gate_on_one_rank(rank, world):
 
 def test_bad_gate_or_new_topology_on_one_rank_raises_on_every_rank_gloo_2():
     spawn(_bad_gate_on_one_rank, 2, timeout=120)
+
+
+def _hierarchical_huge_output_split_sizes(rank, world):
+    """The hierarchical all-to-all (2 nodes x 2 ranks), output split sizes on one rank that
+    no buffer can hold: every rank raises at once and the next call is right on all. The bad
+    rank found the disagreement in stage 1, then sized the headers-only stage 2 it owes its
+    peers by its own (bad) sizes: the allocation failed, stage 2 was never sent and its
+    inter-node peer waited for the timeout, the ranks out of step from then on."""
+    comm = mf.Communicator(gate=False, timeout=5)
+    x = make_input(rank, 2 * world, (8,), torch.float32, 1)
+    S = [2] * world
+    want = comm.all_to_all(x, S, S, codec=4, algorithm="hierarchical")
+    for huge in (2 ** 62, 10 ** 16):
+        out_s = [2, huge] + [2] * (world - 2) if rank == 0 else S
+        _raises(lambda: comm.all_to_all(x, out_s, S, codec=4, algorithm="hierarchical"),
+                ConfigMismatchError, "hierarchical stage")
+        assert torch.equal(comm.all_to_all(x, S, S, codec=4, algorithm="hierarchical"), want)
+    comm.close()
+
+
+def test_hierarchical_huge_output_split_sizes_raise_on_every_rank_gloo_4():
+    spawn(_hierarchical_huge_output_split_sizes, 4, env={"LOCAL_WORLD_SIZE": 2}, timeout=120)

@@ -494,10 +494,11 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
                   rows=(in_rows, out_rows), **numbering)
     except ConfigMismatchError as e:
         if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
-            # stage 2 as headers only: its peers raise too
-            h.a2a("inter", torch.empty(sum(src.recv2), dtype=torch.uint8),
-                  torch.empty(0, dtype=torch.uint8), src.recv2, [0] * h.nodes,
-                  detail=digest, aborted=True, **numbering)
+            # stage 2 as headers only: its peers raise too (what they send is drained: no
+            # receive buffer, which this rank's own sizes, perhaps the error, would size)
+            none = torch.empty(0, dtype=torch.uint8)
+            h.a2a("inter", none, none, [0] * h.nodes, [0] * h.nodes, detail=digest,
+                  aborted=True, **numbering)
         raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:
