@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import moe_flashcomm as mf
 from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm.frame import FRAME_BYTES
 from tests.a2a_cases import expected, make_input
 from tests.distributed import spawn
 
@@ -131,3 +132,26 @@ def _hierarchical_huge_output_split_sizes(rank, world):
 
 def test_hierarchical_huge_output_split_sizes_raise_on_every_rank_gloo_4():
     spawn(_hierarchical_huge_output_split_sizes, 4, env={"LOCAL_WORLD_SIZE": 2}, timeout=120)
+
+
+def _async_waited_in_another_order(rank, world):
+    """Two asynchronous calls whose payloads exceed a frame (the rest of a long message
+    moves when the call is waited for), waited for in opposite orders on the two ranks:
+    both return their exchanges' rows (each rank's second rest waited for the other's first:
+    both waited until the timeout and the group was lost). A call never waited for is
+    completed by the next one waited for, as its peers need."""
+    comm = mf.Communicator(gate=False, timeout=10)
+    rows = 2 * (FRAME_BYTES // (1024 * 2)) + 8  # bf16 rows of 1024: over 4 MiB per peer
+    xs = [make_input(rank, 2 * rows, (1024,), torch.bfloat16, 40 + i) for i in range(3)]
+    want = [comm.all_to_all(x, codec="native") for x in xs]
+    handles = [comm.all_to_all(x, codec="native", async_op=True) for x in xs[:2]]
+    for i in ((0, 1) if rank == 0 else (1, 0)):
+        assert torch.equal(handles[i].wait(), want[i]), i
+    dropped = comm.all_to_all(xs[0], codec="native", async_op=True)  # never waited for
+    assert torch.equal(comm.all_to_all(xs[2], codec="native"), want[2])
+    assert torch.equal(dropped.wait(), want[0])
+    comm.close()
+
+
+def test_async_calls_waited_in_another_order_gloo_2():
+    spawn(_async_waited_in_another_order, 2, timeout=120)

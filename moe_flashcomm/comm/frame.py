@@ -137,6 +137,11 @@ class Framing:
         # exits, when that thread cannot take the GIL to free the tensors it holds and the
         # process aborts (std::terminate; seen in a core dump of a spawned test)
         self.last_work = None
+        # frames started and not yet waited for, in start order: the rest of a long message
+        # moves at wait(), point to point, so frames complete in the order they started on
+        # every rank, whatever order their callers wait in (else two ranks waiting for
+        # different frames each wait for the other's rest)
+        self.unfinished: list = []
 
     def layout(self, *args) -> "Layout":
         """``layout(*args)``, made once per arguments (the calls of a model repeat them)."""
@@ -292,6 +297,7 @@ class Frame:
             self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
         self.stalled = False  # a headers-only frame whose peers never answered
+        self._outcome = None  # (payloads, error) once completed
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
@@ -318,6 +324,7 @@ class Frame:
         self.work = direct.all_to_all_single(self.pg, self.recv, send, lay.out_splits,
                                              lay.in_splits, True)
         self.framing.last_work = self.work
+        self.framing.unfinished.append(self)
         return self
 
     def is_completed(self) -> bool:
@@ -326,7 +333,24 @@ class Frame:
     def wait(self) -> Optional[list]:
         """The received payloads (uint8, recvs[p].nbytes each; None at this rank). A
         headers-only frame (aborted, rejected) only drains what its peers send and returns
-        None: the error to report is this rank's own, raised by its caller."""
+        None: the error to report is this rank's own, raised by its caller. Frames started
+        before this one complete first (``Framing.unfinished``)."""
+        while self._outcome is None:
+            self.framing.unfinished[0]._settle()
+        got, error = self._outcome
+        if error is not None:
+            raise error
+        return got
+
+    def _settle(self) -> None:
+        """Complete this frame (the oldest unfinished one) and keep what its wait returns."""
+        self.framing.unfinished.pop(0)
+        try:
+            self._outcome = (self._finish(), None)
+        except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
+            self._outcome = (None, e)
+
+    def _finish(self) -> Optional[list]:
         if not self.flags:
             return self._complete()
         try:
