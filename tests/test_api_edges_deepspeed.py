@@ -55,7 +55,11 @@ def check_enable_again_between_forward_and_backward(tag: str) -> None:
     assert stats.quantized["dispatch"] == 1 and stats.quantized["combine"] == 0, (tag, stats.quantized)
     mf.enable_deepspeed(moe, {**PASS, "gate": False})  # another gate: a new communicator
     assert _state(moe).comm is not comm and comm.closed, tag
+    # disabled between a forward and its backward: the error says what closed it
+    y, aux, _ = moe(x.detach().clone().requires_grad_())
     mf.disable_deepspeed(moe)
+    with pytest.raises(mf.comm.CommunicatorClosedError, match="disable_deepspeed closes"):
+        (y.float().sum() + aux).backward()
 
 
 def check_disabling_a_copy_keeps_the_default_communicator(tag: str) -> None:

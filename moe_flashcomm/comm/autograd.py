@@ -123,7 +123,9 @@ class _Call:
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
         if self.owner is not None and self.owner.closed:  # (its buffers and pages are freed)
-            self.owner._check_open(" before the backward of its all_to_all ran")
+            self.owner._check_open(" before the backward of its all_to_all ran (under "
+                                   "DeepSpeed: disable_deepspeed closes the layers' "
+                                   "communicators; call it after the backward)")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
