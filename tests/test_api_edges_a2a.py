@@ -6,9 +6,6 @@ Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to
 """
 from __future__ import annotations
 
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -17,19 +14,7 @@ from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.frame import FRAME_BYTES
 from tests.a2a_cases import expected, make_input
 from tests.distributed import spawn
-
-LIMIT_S = 10  # what a rank's error, or its peers', may take at most
-
-
-def _raises(fn, exc, *patterns):
-    """Run ``fn``: it must raise ``exc`` within LIMIT_S, its message holding ``patterns``."""
-    start = time.monotonic()
-    with pytest.raises(exc) as info:
-        fn()
-    took = time.monotonic() - start
-    assert took < LIMIT_S, took
-    for pattern in patterns:
-        assert pattern in str(info.value), (pattern, str(info.value))
+from tests.test_agreement import _raises  # (within LIMIT_S, naming what it must)
 
 
 def _huge_output_split_sizes(rank, world):
