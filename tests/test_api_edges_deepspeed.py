@@ -80,11 +80,30 @@ def check_disabling_a_copy_keeps_the_default_communicator(tag: str) -> None:
     mf.disable_deepspeed(moe)
 
 
+def check_agreement_compares_what_is_used(tag: str) -> None:
+    """Ranks need not agree on fields a layer never uses: the codecs of a layer every rank
+    disables, or ``all_reduce`` where no tensor-parallel layer exists (agreed per
+    tensor-parallel group by the all-reduce hooks). Both raised ConfigMismatchError."""
+    ep = dist.get_world_size()
+    moe = make_moe(2 * ep, ep, 2, True, seed=5)
+    x = tokens((2, 8, H), seed=30 + dist.get_rank())
+    ref = run(moe, x)
+    mine = 4 if dist.get_rank() == 0 else 8
+    assert mf.enable_deepspeed(moe, {"dispatch": mine, "layers": [{"match": "*",
+                                                                   "enabled": False}]}) == {}
+    assert_identical(ref, run(moe, x), tag)
+    stats = mf.enable_deepspeed(moe, {**PASS, "all_reduce": mine})
+    assert list(stats) == ["deepspeed_moe"], tag
+    assert_identical(ref, run(moe, x), tag)
+    mf.disable_deepspeed(moe)
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
     check_enable_again_between_forward_and_backward(tag)
     check_disabling_a_copy_keeps_the_default_communicator(tag)
+    check_agreement_compares_what_is_used(tag)
 
 
 def test_api_edges_gloo_2_ranks():

@@ -303,12 +303,16 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
 
 
 def _summary(out: tuple) -> tuple:
-    """What ``agree`` compares of ``prepare()``: per MoE layer its config; the ranks of its
-    expert-parallel groups; the groups of the layers that need stage groups."""
+    """What ``agree`` compares of ``prepare()``: per MoE layer what its exchanges use (of a
+    disabled layer only that: its other fields are never used; ``all_reduce`` is agreed per
+    tensor-parallel group by ``enable_from_section``); the ranks of its expert-parallel
+    groups; the groups of the layers that need stage groups."""
     resolved = out[0]
     groups = [None if getattr(layer, "ep_group", None) is None
               else tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, _ in resolved]
-    return ([(name, compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)]))
+    return ([(name, compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)
+                                           if f.name != "all_reduce"] if lcfg.enabled
+                                    else ["enabled"]))
              for name, _, lcfg in resolved],
             None if None in groups else {r for g in groups for r in g},
             (sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
