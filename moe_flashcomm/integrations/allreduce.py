@@ -53,8 +53,9 @@ from ..comm.all_reduce import all_reduce
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .patching import (PatchState, Site, agree, compared_fields, ds_logger, import_deepspeed, patch, rank0, rebind,
-                       resolve, states, unpatch, unsupported, unwrap, uses_global)
+from .patching import (PatchState, Site, agree, compared_fields, ds_logger, import_deepspeed,
+                       patch, rank0, rebind, resolve, states, unpatch, unsupported, unwrap,
+                       uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
