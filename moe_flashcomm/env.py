@@ -49,6 +49,7 @@ def integer(name: str, default: int, minimum: int = 0, maximum: Optional[int] = 
 
 
 # ---- the package's own variables -------------------------------------------------------------
+DEFAULT_TIMEOUT_S = 300  # MOE_FLASHCOMM_TIMEOUT_S when unset
 # the longest wait for a silent peer, in seconds: the GPU kernels count it in int64 nanoseconds
 MAX_TIMEOUT_S = 10**9
 
@@ -109,8 +110,9 @@ def stamps_enabled() -> bool:
 
 def timeout_s() -> int:
     """MOE_FLASHCOMM_TIMEOUT_S: how long a call waits for silent peers (a framed exchange over
-    gloo, a peer-to-peer kernel's wait)."""
-    return integer("MOE_FLASHCOMM_TIMEOUT_S", 300, minimum=1, maximum=MAX_TIMEOUT_S)
+    gloo, a peer-to-peer kernel's wait, the agreement of ``enable_deepspeed`` and
+    ``enable_all_reduce``)."""
+    return integer("MOE_FLASHCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S, minimum=1, maximum=MAX_TIMEOUT_S)
 
 
 def all_reduce_pair_gather() -> bool:

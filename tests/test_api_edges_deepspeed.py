@@ -6,6 +6,8 @@ CPU only (gloo, 2 ranks), one spawn: the machine running CI has 2 cores.
 from __future__ import annotations
 
 import copy
+import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -98,12 +100,44 @@ def check_agreement_compares_what_is_used(tag: str) -> None:
     mf.disable_deepspeed(moe)
 
 
+def check_a_rank_that_never_calls_is_named(tag: str) -> None:
+    """A rank that does not call ``enable_deepspeed`` when the others do is named by them
+    after MOE_FLASHCOMM_TIMEOUT_S, and when it calls later it learns that at once, instead of
+    waiting alone; the next call on every rank then agrees. Before, the others waited in the
+    agreement's collective until the process group's timeout, and no rank was named."""
+    ep = dist.get_world_size()
+    moe = make_moe(2 * ep, ep, 2, True, seed=6)
+    x = tokens((2, 8, H), seed=40 + dist.get_rank())
+    ref = run(moe, x)
+    os.environ["MOE_FLASHCOMM_TIMEOUT_S"] = "3"
+    try:
+        start = time.monotonic()
+        if dist.get_rank() == 1:
+            time.sleep(5)  # the others give up meanwhile: this rank finds that out at once
+            with pytest.raises(mf.comm.PeerTimeoutError, match="not within 3 s of each other"):
+                mf.enable_deepspeed(moe, PASS)
+            assert time.monotonic() - start < 5 + 2, tag
+        else:
+            with pytest.raises(mf.comm.PeerTimeoutError,
+                               match=r"ranks \[1\] did not call it within 3 s"):
+                mf.enable_deepspeed(moe, PASS)
+            assert 3 <= time.monotonic() - start < 10, tag
+        assert_identical(ref, run(moe, x), tag)  # nothing was enabled
+    finally:
+        del os.environ["MOE_FLASHCOMM_TIMEOUT_S"]
+    stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]  # in step again
+    assert_identical(ref, run(moe, x), tag)
+    assert stats.calls == {d: 1 for d in stats.calls}, (tag, stats.calls)
+    mf.disable_deepspeed(moe)
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
     check_enable_again_between_forward_and_backward(tag)
     check_disabling_a_copy_keeps_the_default_communicator(tag)
     check_agreement_compares_what_is_used(tag)
+    check_a_rank_that_never_calls_is_named(tag)
 
 
 def test_api_edges_gloo_2_ranks():

@@ -19,6 +19,7 @@ attributes, so the class's methods are found again: stock behaviour, exactly.
 from __future__ import annotations
 
 import builtins
+import datetime
 import functools
 import logging
 import sys
@@ -29,7 +30,9 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 import torch.distributed as dist
 import torch.nn as nn
 
+from .. import env
 from ..comm.check import ConfigMismatchError
+from ..comm.frame import PeerTimeoutError
 from ..comm.gate import SizeGate
 from ..config import FlashCommConfig
 
@@ -134,15 +137,19 @@ def agree(prepare: Callable[[], Any], summary: Callable[[Any], tuple], what: str
     if not dist.is_initialized():  # one process: nothing to agree with
         return prepare(), []
     error = out = None
+    timeout_s = env.DEFAULT_TIMEOUT_S
     try:
+        timeout_s = env.timeout_s()
         out = prepare()
         layers, ranks, shared = summary(out)
     except Exception as e:  # noqa: BLE001 - raised again below, on this rank
         error = e
     mine = (("error", f"{type(error).__name__}: {error}") if error is not None
             else ("ok", layers, None if ranks is None else sorted(ranks), shared))
+    meeting = _Meeting(what, timeout_s)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
+    meeting.close()
     if error is not None:
         raise error
     failed = {r: g[1] for r, g in enumerate(gathered) if g[0] == "error"}
@@ -157,6 +164,47 @@ def agree(prepare: Callable[[], Any], summary: Callable[[Any], tuple], what: str
         raise ConfigMismatchError(f"{what}: ranks {pair[0]} and {pair[1]} resolved different "
                                   f"layer configs: {difference}; {rule}")
     return out, [g[3] for g in gathered]
+
+
+class _Meeting:
+    """Every rank of the job reaching its n-th agreement (n counted per rank in the job's
+    store), waited for at most ``timeout_s`` through the store before the collective: a rank
+    that never calls ``what`` is named (PeerTimeoutError) instead of leaving the others in
+    the collective until the process group's timeout, unnamed. Whether the meeting happened is
+    decided once, atomically in the store ("met" by the last rank to arrive, or "abandoned"
+    by a rank that gave up), so a rank that comes after the others gave up raises too instead
+    of waiting alone in the collective."""
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        self.store = dist.distributed_c10d._get_default_store()
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        number = self.store.add(f"moe_flashcomm/agreements/{self.rank}", 1)
+        self.at = f"moe_flashcomm/agreement/{number}"
+        self.store.set(f"{self.at}/{self.rank}", what)
+        if self.store.add(f"{self.at}/arrived", 1) == world:
+            self.store.compare_set(f"{self.at}/outcome", "", "met")
+        try:
+            self.store.wait([f"{self.at}/outcome"], datetime.timedelta(seconds=timeout_s))
+        except dist.DistStoreError:  # timed out: give up, unless the last rank came meanwhile
+            pass
+        if self.store.compare_set(f"{self.at}/outcome", "", "abandoned") == b"met":
+            return
+        silent = [q for q in range(world) if not self.store.check([f"{self.at}/{q}"])]
+        if silent:
+            raise PeerTimeoutError(
+                f"{what}: ranks {silent} did not call it within {timeout_s:g} s "
+                "(MOE_FLASHCOMM_TIMEOUT_S); every rank must call it, at the same point")
+        raise PeerTimeoutError(
+            f"{what}: every rank called it, but not within {timeout_s:g} s of each other "
+            "(MOE_FLASHCOMM_TIMEOUT_S): the first ranks stopped waiting for the last ones")
+
+    def close(self) -> None:
+        """Forget the meeting's keys, once every rank has been through the collective (each
+        read the outcome before it): nothing of it stays in the store."""
+        self.store.delete_key(f"{self.at}/{self.rank}")
+        if self.rank == 0:
+            self.store.delete_key(f"{self.at}/arrived")
+            self.store.delete_key(f"{self.at}/outcome")
 
 
 def compared_fields(cfg: FlashCommConfig, names) -> dict:
