@@ -285,7 +285,8 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         k = 1  # (the stages were made above)
     elif chunks is None:
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
-        # 256 MiB, host and network paths: docs/benchmarks.md, "## All-reduce")
+        # 256 MiB, host and network paths: docs/notes.md, "All-reduce of two ranks: step 1
+        # as an all-gather")
         pair = world == 2 and env.all_reduce_pair_gather()
         k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda and not pair else 1
     else:
@@ -516,7 +517,7 @@ def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank:
     if a2a is None and world == 2 and env.all_reduce_pair_gather():
         # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
         # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
-        # over sockets (docs/benchmarks.md, "## All-reduce")
+        # over sockets (docs/notes.md, "All-reduce of two ranks: step 1 as an all-gather")
         both = torch.empty((2, send.shape[1]), dtype=torch.uint8, device=rows3.device)
         work = _gather_single(both.view(-1), send.view(-1), group, async_op=True)
         return both[1 - rank:2 - rank, stamp:].view(1, m, rb), work, send

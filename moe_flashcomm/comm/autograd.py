@@ -17,7 +17,8 @@ DEFAULT_GRAD_CODEC = CodecConfig(bits=8)
 # Automatic chunking (CUDA, even splits, a group with a network link): one chunk per
 # CHUNK_BYTES of bf16 payload per rank, at most MAX_CHUNKS. On NVLink and host-memory
 # links chunking was measured slower at every size (each chunk adds the host cost of an
-# encode, a decode and a collective): one chunk there. docs/benchmarks.md, "## All-to-all".
+# encode, a decode and a collective): one chunk there. docs/notes.md, "NVLink: from NCCL to
+# the peer-to-peer transport".
 CHUNK_BYTES = 128 << 20
 MAX_CHUNKS = 2
 CHUNKED_PATHS = ("network",)
