@@ -24,6 +24,7 @@ means; in a layer rule null leaves the field as the base config has it. A bad va
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -63,8 +64,9 @@ class LayerRule:
     match:  fnmatch globs over the layer's qualified module name (as in ``named_modules()``
             of the model given to ``enable_deepspeed``, e.g. ``blocks.3.moe.deepspeed_moe``).
     index:  0-based positions among the DeepSpeed MoE layers of the model, in module order.
-    A rule has exactly one of the two. ``overrides`` holds FlashCommConfig fields (not
-    ``layers``), already validated.
+    A rule has exactly one of the two. ``overrides`` holds (field, value) pairs of the
+    per-layer FlashCommConfig fields; a rule made by hand is checked when a config takes it,
+    as the dict ``{"match" or "index": ..., **overrides}`` would be.
     """
 
     match: tuple[str, ...] = ()
@@ -84,7 +86,7 @@ class LayerRule:
             elif k == "chunks" and v is None:  # "auto": a null in a rule keeps the base's chunks
                 v = "auto"
             d[k] = v
-        return d
+        return copy.deepcopy(d)  # (the gate's tables: what the caller changes stays its own)
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class FlashCommConfig:
             elif f.name == "layers":
                 v = [r.to_dict() for r in v]
             d[f.name] = v
-        return d
+        return copy.deepcopy(d)  # (the gate's tables: what the caller changes stays its own)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "FlashCommConfig") -> "FlashCommConfig":
@@ -211,7 +213,10 @@ class FlashCommConfig:
         if isinstance(ds_config, (str, os.PathLike)):
             import json
             with open(ds_config) as f:
-                ds_config = json.load(f)
+                try:
+                    ds_config = json.load(f)
+                except ValueError as e:  # (not JSON, or not UTF-8 text): name the file
+                    raise ConfigError(f"DeepSpeed config {f.name!r} is not JSON: {e}") from None
         elif hasattr(ds_config, "_param_dict"):  # deepspeed.runtime.config.DeepSpeedConfig
             ds_config = ds_config._param_dict
         if not isinstance(ds_config, Mapping):
@@ -265,7 +270,8 @@ def _check_gate(gate: Any, where: str) -> Any:
             SizeGate.coerce(gate)
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{where}: {e}") from None
-        return dict(gate) if isinstance(gate, Mapping) else os.fspath(gate)
+        # a copy: the caller's dict, changed later, would change a checked config
+        return copy.deepcopy(dict(gate)) if isinstance(gate, Mapping) else os.fspath(gate)
     raise ConfigError(f"{where} must be true, false, a thresholds dict or a JSON file path, "
                       f"got {gate!r}")
 
@@ -274,8 +280,15 @@ _RULE_FIELDS = ("enabled", *CODEC_FIELDS, "algorithm", "gate", "chunks", "skip_p
 
 
 def _rule(r: Any, where: str) -> LayerRule:
-    if isinstance(r, LayerRule):
-        return r
+    if isinstance(r, LayerRule):  # made by hand too: checked as the dict it stands for
+        pairs = r.overrides
+        if not (isinstance(pairs, (tuple, list)) and all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and p[0] in _RULE_FIELDS
+                for p in pairs)):
+            raise ConfigError(f"{where}.overrides must be (field, value) pairs of the fields "
+                              f"{', '.join(_RULE_FIELDS)}, got {pairs!r}")
+        r = {**{k: v for k, v in (("match", r.match), ("index", r.index)) if v != ()},
+             **{k: "auto" if k == "chunks" and v is None else v for k, v in pairs}}
     if not isinstance(r, Mapping):
         raise ConfigError(f"{where} must be a dict with 'match' or 'index' and the fields to "
                           f"override, got {r!r}")

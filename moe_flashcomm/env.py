@@ -33,15 +33,16 @@ def flag(name: str, default: bool) -> bool:
                      f"{', '.join(_TRUE + _FALSE)}")
 
 
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
 def integer(name: str, default: int, minimum: int = 0, maximum: Optional[int] = None) -> int:
     """An int variable from ``minimum`` to ``maximum``; unset or empty: default."""
     value = _raw(name)
     if value is None:
         return default
-    try:
-        out = int(value)
-    except ValueError:
-        out = None
+    # plain ASCII digits: Python's int() would also take "1_000" and other scripts' digits
+    out = int(value) if _INT.fullmatch(value) else None
     if out is None or out < minimum or (maximum is not None and out > maximum):
         allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise ValueError(f"environment variable {name}={value!r}: expected an int {allowed}")

@@ -195,3 +195,77 @@ def test_link_keys_of_any_type_are_named():
     from moe_flashcomm.config import ConfigError, FlashCommConfig
     with pytest.raises(ConfigError, match=r"unknown link field\(s\) \['x', 3\]; allowed: intra"):
         FlashCommConfig.from_dict({"dispatch": {"intra_node": 4, 3: 1, "x": 2}})
+
+
+def test_a_hand_made_layer_rule_is_checked_as_its_dict_would_be():
+    """LayerRule is public: one built by hand once skipped every check, so a glob given as a
+    string matched per character ("*" of "*.moe" selected every layer), a bad field in
+    ``overrides`` (all_reduce, not a per-layer field) was applied, and a rule with both
+    'match' and 'index' silently used the index."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig, LayerRule
+    cfg = FlashCommConfig(layers=[LayerRule(match="*.moe", overrides=(("enabled", False),))])
+    assert cfg.layers == (LayerRule(("*.moe",), (), (("enabled", False),)),)
+    assert cfg.for_layer("blocks.0.mlp", 0).enabled and not cfg.for_layer("b.moe", 1).enabled
+    assert FlashCommConfig(layers=[LayerRule(index=3)]).layers[0].index == (3,)
+    with pytest.raises(ConfigError, match=r"layers\[0\].overrides must be \(field, value\) "
+                                          r"pairs of the fields enabled, .*got \(\('all_reduce', 4\),\)"):
+        FlashCommConfig(layers=[LayerRule(index=(0,), overrides=(("all_reduce", 4),))])
+    with pytest.raises(ConfigError, match=r"layers\[0\] needs exactly one of 'match'"):
+        FlashCommConfig(layers=[LayerRule(match=("q",), index=(0,))])
+    with pytest.raises(ConfigError, match=r"layers\[0\].dispatch: .*got 99"):
+        FlashCommConfig(layers=[LayerRule(index=(0,), overrides=(("dispatch", 99),))])
+    # a checked rule goes through again unchanged ("auto" chunks included)
+    rule = FlashCommConfig(layers=[{"index": 0, "chunks": "auto", "dispatch": 8}]).layers[0]
+    assert FlashCommConfig(chunks=2, layers=[rule]).layers == (rule,)
+    assert FlashCommConfig(chunks=2, layers=[rule]).for_layer("x", 0).chunks is None
+
+
+def test_a_config_keeps_its_own_copy_of_a_gate_table():
+    """A gate dict is checked when the config is built: the caller's dict changed after that,
+    or the dict to_dict returned, once changed the checked (frozen) config."""
+    from moe_flashcomm.config import FlashCommConfig
+    table = {"host": {"int4": 5}}
+    cfg = FlashCommConfig(gate=table, layers=[{"index": 0, "gate": {"host": {"int8": 7}}}])
+    table["host"]["int4"] = -1
+    d = cfg.to_dict()
+    d["gate"]["host"]["int4"] = "big"
+    d["layers"][0]["gate"]["host"]["int8"] = "big"
+    assert cfg.gate == {"host": {"int4": 5}}
+    assert cfg.for_layer("x", 0).gate == {"host": {"int8": 7}}
+
+
+@pytest.mark.parametrize("value", ["1_000", "\u0663", "\uff17"])
+def test_int_variables_take_plain_digits_only(monkeypatch, value):
+    """Python's int() takes "1_000" and other scripts' digits (Arabic-Indic 3, fullwidth 7),
+    which no launcher or shell writes: each is refused naming the variable, as "1e3" is."""
+    from moe_flashcomm import env
+    monkeypatch.setenv("MOE_FLASHCOMM_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=f"environment variable MOE_FLASHCOMM_TIMEOUT_S={value!r}: "
+                                         "expected an int from 1 to 1000000000"):
+        env.timeout_s()
+    monkeypatch.setenv("MOE_FLASHCOMM_TIMEOUT_S", " +42 ")
+    assert env.timeout_s() == 42
+
+
+@pytest.mark.parametrize("bits", ["bf16", "native"])
+def test_codecs_without_groups_ignore_the_group_size(bits):
+    """"bf16" and "native" have no groups: their group_size once made equal codecs unequal, so
+    two ranks sending the same bytes raised ConfigMismatchError (and headers differed)."""
+    from moe_flashcomm.comm.frame import wire_code
+    a, b = CodecConfig(bits=bits, group_size=32), CodecConfig(bits=bits)
+    assert a == b and hash(a) == hash(b) and a.group_size == 128
+    assert wire_code(a) == wire_code(b)
+    assert CodecConfig(bits="fp8", group_size=32).group_size == 32  # fp8 has groups
+    with pytest.raises(ValueError, match="CodecConfig.group_size must be one of"):
+        CodecConfig(bits=bits, group_size=100)  # still checked
+
+
+@pytest.mark.parametrize("content", [b'{"moe_flashcomm": {,}', b"\xff\xfe{}"])
+def test_a_deepspeed_config_file_that_is_not_json_names_the_file(tmp_path, content):
+    """A JSON syntax error (or bytes that are not UTF-8) once raised json's or the codec's
+    message alone, which names no file."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    path = tmp_path / "ds_config.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"DeepSpeed config {str(path)!r} is not JSON: "):
+        FlashCommConfig.from_deepspeed_config(path)

@@ -26,7 +26,8 @@ class CodecConfig:
                 per-group scale), "bf16" (16-bit passthrough, no groups: fp32 tokens are
                 rounded to bf16, bf16 and fp16 tokens travel exactly) or "native" (the
                 tokens' own bytes in their own dtype: exact for fp32, bf16 and fp16).
-    group_size: values sharing one scale/min: 32, 64, 128 or 256.
+    group_size: values sharing one scale/min: 32, 64, 128 or 256 (integer widths and fp8;
+                "bf16" and "native" have no groups: normalised to 128).
     spikes:     keep each group's min and max exactly (integer widths only; ignored
                 and normalised to False for "fp8", "bf16" and "native").
     rounding:   "nearest" (half to even) or "stochastic" (unbiased, for gradients).
@@ -57,8 +58,12 @@ class CodecConfig:
         if self.rounding == "stochastic" and not self.is_int:  # (it would round to nearest)
             raise ValueError(f"CodecConfig.rounding='stochastic' needs an integer width 2..8 "
                              f"(fp8, bf16 and native round to nearest), got bits={bits!r}")
+        # what a codec does not use is normalised, so that codecs that send the same bytes
+        # are equal (ranks that agree on their codec, cache keys)
         if not self.is_int:
             object.__setattr__(self, "spikes", False)
+        if not self.is_quantized:
+            object.__setattr__(self, "group_size", 128)
 
     @property
     def is_int(self) -> bool:
