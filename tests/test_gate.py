@@ -262,3 +262,40 @@ def test_tune_gate_measures_on_cpu(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(SizeGate.load(out).thresholds) == {"network"}
+
+
+def test_a_gate_file_that_is_not_text_names_the_file(tmp_path, monkeypatch):
+    """Bytes that are not UTF-8 (a binary file given by mistake) once raised a bare
+    UnicodeDecodeError naming neither the file nor what was being read."""
+    path = tmp_path / "gate.json"
+    path.write_bytes(b"\xff\xfe\x00 not a gate file")
+    with pytest.raises(ValueError, match=f"cannot read size-gate file {str(path)!r}: 'utf-8' codec"):
+        SizeGate.load(path)
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    with pytest.raises(ConfigError, match="FlashCommConfig.gate: cannot read size-gate file"):
+        FlashCommConfig(gate=str(path))
+
+
+def test_write_gate_refuses_what_load_would_refuse(tmp_path):
+    """write_gate once wrote any table and any key; the mistake surfaced only when a job
+    later loaded the file. The file (and what it held before) is left as it was."""
+    from moe_flashcomm.comm.gate import write_gate
+    path = tmp_path / "gate.json"
+    write_gate(path, thresholds={"host": {"int4": 5}}, device="x")
+    before = path.read_bytes()
+    for fields, needle in (({"thresholds": {"hosts": {"int4": 1}}}, "unknown path 'hosts'"),
+                           ({"all_reduce": {"host": {"int4": 1.5}}}, "must be an int >= 0"),
+                           ({"notes": "x"}, "unknown key(s) 'notes'")):
+        with pytest.raises(ValueError) as e:
+            write_gate(path, **fields)
+        assert needle in str(e.value) and str(path) in str(e.value)
+        assert path.read_bytes() == before
+    assert SizeGate.load(path).thresholds == {"host": {"int4": 5}}
+
+
+@pytest.mark.parametrize("bad", [[1, 2], "thresholds"])
+def test_from_tables_needs_a_dict(bad):
+    """A list or a string once reported its items or characters as unknown keys."""
+    with pytest.raises(ValueError, match=r"size gate: the tables must be a dict \{\"thresholds\": "
+                                         r"\.\.\., \"all_reduce\": \.\.\.\}, got " + type(bad).__name__):
+        SizeGate.from_tables(bad)

@@ -113,6 +113,7 @@ def write_gate(path: Union[str, os.PathLike], **fields) -> None:
     data = {k: v for k, v in old.items() if k in TABLES + FILE_INFO} if isinstance(old, dict) else {}
     data.update(fields)
     data.setdefault("thresholds", DEFAULT_THRESHOLDS)  # (load needs one)
+    SizeGate.from_tables(data, source=os.fspath(path))  # a file load would refuse is not written
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
@@ -169,7 +170,7 @@ class SizeGate:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # (ValueError: not JSON, or not UTF-8 text)
             raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
         if not isinstance(data, Mapping) or "thresholds" not in data:
             raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
@@ -180,6 +181,10 @@ class SizeGate:
         """A gate from ``{"thresholds": ..., "all_reduce": ...}`` (a gate file's content;
         the descriptive keys FILE_INFO are allowed and ignored, any other key is an error).
         A table left out keeps its defaults, as an all-reduce table's missing codecs do."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"size gate{' ' + source if source else ''}: the tables must be a "
+                             f"dict {{\"thresholds\": ..., \"all_reduce\": ...}}, got "
+                             f"{type(data).__name__} {data!r}")
         unknown = set(data) - set(TABLES) - set(FILE_INFO)
         if unknown:
             raise ValueError(f"size gate{' ' + source if source else ''}: unknown key(s) "
