@@ -162,3 +162,51 @@ def test_cuda_headers_changed_in_place_are_compiled_again(nvrtc, tmp_path, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cuda.compile_kernel(*KERNEL, "sm_90") == first
+
+
+# ---- the codec's host-side arguments and caches (moe_flashcomm/codec/cuda.py), no GPU ----------
+def test_codec_kernel_names_refuse_a_dtype_they_have_no_kernel_for():
+    """A dtype other than fp32/bf16/fp16 once raised a bare KeyError (or, for native, no
+    error at all); a direction other than encode/decode once gave the decode's shape."""
+    from moe_flashcomm.codec import CodecConfig
+    from moe_flashcomm.codec import cuda as codec_cuda
+    for bits in (4, "fp8", "bf16", "native"):
+        for dtype in (torch.float64, "bfloat16"):
+            with pytest.raises(TypeError, match="dtype must be torch.float32, bfloat16 or "
+                                                f"float16, got {dtype!r}"):
+                codec_cuda.kernel_names(CodecConfig(bits=bits), dtype)
+    with pytest.raises(ValueError, match="direction must be 'encode' or 'decode', got 'decoder'"):
+        codec_cuda.kernel_shape(CodecConfig(), "decoder")
+
+
+def test_precompile_takes_one_codec_alone(monkeypatch):
+    """precompile("fp8") once iterated the string ("CodecConfig.bits ... got 'f'"), and one
+    CodecConfig or one dtype was "not iterable"."""
+    from moe_flashcomm.codec import CodecConfig
+    from moe_flashcomm.codec import cuda as codec_cuda
+    monkeypatch.setattr(codec_cuda.K, "precompile_names", lambda jobs, *args: jobs)  # no GPU
+    want = codec_cuda.kernel_names(CodecConfig(bits="fp8"), torch.bfloat16)
+    assert codec_cuda.precompile("fp8", torch.bfloat16) == want
+    assert codec_cuda.precompile(CodecConfig(bits="fp8"), [torch.bfloat16]) == want
+    assert codec_cuda.precompile({"bits": "fp8"}, torch.bfloat16) == want
+    assert codec_cuda.precompile(["fp8", 4], torch.bfloat16) == \
+        want + codec_cuda.kernel_names(CodecConfig(bits=4), torch.bfloat16)
+
+
+@pytest.mark.parametrize("hidden", [40.0, True])
+def test_a_decode_repeat_is_not_taken_by_a_hidden_of_another_type(monkeypatch, hidden):
+    """A repeated CUDA decode skips the checks: its key once took hidden=40.0 (or True) for
+    the 40 (or 1) of an earlier call, so a bad hidden ran that call's launches. Here the
+    kernels are the reference (no GPU); the repeat itself is the real one."""
+    from moe_flashcomm.codec import CodecConfig, record_bytes, reference
+    from moe_flashcomm.codec import cuda as codec_cuda
+    monkeypatch.setattr(codec_cuda, "decode_impl", reference.decode)
+    monkeypatch.setattr(codec_cuda, "decode_launches", lambda *args: ())
+    monkeypatch.setattr(cuda.KERNELS, "_native", None)  # (ctypes: no launcher build)
+    monkeypatch.setattr(cuda.KERNELS, "plans", {})
+    cfg, width = CodecConfig(bits=4), int(hidden) if hidden is True else 40
+    records = torch.zeros(2, record_bytes(width, cfg), dtype=torch.uint8)
+    assert codec_cuda.decode(records, cfg, width).shape == (2, width)  # made, then kept
+    assert len(cuda.KERNELS.plans) == 1
+    with pytest.raises(ValueError, match=f"hidden must be an int >= 1, got {hidden!r}"):
+        codec_cuda.decode(records, cfg, hidden)

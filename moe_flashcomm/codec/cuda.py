@@ -14,7 +14,7 @@ checked against its own checksum when read; :func:`precompile` fills that cache 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 
@@ -81,6 +81,8 @@ def _shape(cfg: CodecConfig, shape: Optional[Shape], defaults: dict, allowed) ->
 
 def kernel_shape(cfg: CodecConfig, direction: str, shape: Optional[Shape] = None) -> Shape:
     """The (values per chunk, chunks per thread) an encode or decode of ``cfg`` runs with."""
+    if direction not in ("encode", "decode"):
+        raise ValueError(f"direction must be 'encode' or 'decode', got {direction!r}")
     if direction == "encode":
         return _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
     return _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
@@ -328,6 +330,8 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
                  decode_shape: Optional[Shape] = None) -> list[tuple[str, str]]:
     """(source, name expression) of the kernels a config uses for one dtype (the encode for
     dense rows and for the others)."""
+    if dtype not in CTYPE:  # (a KeyError naming the dtype alone, otherwise)
+        raise TypeError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
     if cfg.is_passthrough:
         return [("codec_encode.cu", f"mfc::encode_cast<{CTYPE[dtype]}>"),
                 ("codec_decode.cu", f"mfc::decode_cast<{CTYPE[dtype]}>")]
@@ -345,7 +349,12 @@ def precompile(configs: Iterable[CodecConfig], dtypes: Iterable[torch.dtype] = t
                encode_shape: Optional[Shape] = None, decode_shape: Optional[Shape] = None,
                defines: tuple[str, ...] = ()) -> int:
     """Compile the kernels of ``configs`` x ``dtypes`` into the disk cache, NVRTC runs in
-    parallel threads. Returns how many kernels were compiled or found."""
+    parallel threads (one codec or one dtype may be given alone). Returns how many kernels
+    were compiled or found."""
+    if isinstance(configs, (CodecConfig, int, str, Mapping)):  # (a str: not its characters)
+        configs = [configs]
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes]
     jobs = [k for c in configs for d in dtypes
             for k in kernel_names(CodecConfig.coerce(c), d, encode_shape, decode_shape)]
     return K.precompile_names(jobs, device, workers, defines)
@@ -453,7 +462,8 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: reference.Seed = None) -> to
 def decode(records: torch.Tensor, cfg: CodecConfig, hidden: int,
            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Decode CUDA records uint8 [T, record_bytes] into tokens [T, hidden] of ``dtype``."""
-    key = _repeat_key(records, cfg, "decode", hidden, dtype)
+    # hidden's type too: True and 40.0 equal 1 and 40 as keys, and would skip the checks
+    key = _repeat_key(records, cfg, "decode", type(hidden), hidden, dtype)
     hit = _repeat(key, cfg, records)
     if hit is not None:
         return hit.call(records)
