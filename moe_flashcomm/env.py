@@ -57,7 +57,7 @@ MAX_TIMEOUT_S = 10**9
 def kernel_cache_dir() -> Path:
     """MOE_FLASHCOMM_CACHE: where compiled kernels are kept."""
     value = _raw("MOE_FLASHCOMM_CACHE")
-    return Path(value) if value else Path.home() / ".cache" / "moe_flashcomm" / "kernels"
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "moe_flashcomm" / "kernels"
 
 
 # a C identifier, optionally =VALUE (MFC_X=-1, MFC_Y=1.5); no spaces: each is one -D argument

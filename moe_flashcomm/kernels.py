@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -259,14 +259,16 @@ def write_cache_file(path: Path, key: str, name: str, cubin: bytes) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = tempfile.NamedTemporaryFile(dir=path.parent, delete=False)
+    # created as open() creates files (0666 less the umask), so that a cache shared by users
+    # is read by all of them (NamedTemporaryFile's 0600 made the others compile again)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)
-        os.replace(f.name, path)
+        os.replace(tmp, path)
     except BaseException:  # (the write, its flush at close or the rename): no file left
         with contextlib.suppress(OSError):
-            os.unlink(f.name)
+            os.unlink(tmp)
         raise
 
 

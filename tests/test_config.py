@@ -247,6 +247,16 @@ def test_int_variables_take_plain_digits_only(monkeypatch, value):
     assert env.timeout_s() == 42
 
 
+def test_the_kernel_cache_path_expands_the_home_directory(monkeypatch):
+    """MOE_FLASHCOMM_CACHE=~/kernels (as a shell would not expand it inside quotes, or as a
+    launcher's env file passes it) meant a directory literally named "~" in the working
+    directory of each rank."""
+    from pathlib import Path
+    from moe_flashcomm import env
+    monkeypatch.setenv("MOE_FLASHCOMM_CACHE", "~/kernels")
+    assert env.kernel_cache_dir() == Path.home() / "kernels"
+
+
 @pytest.mark.parametrize("bits", ["bf16", "native"])
 def test_codecs_without_groups_ignore_the_group_size(bits):
     """"bf16" and "native" have no groups: their group_size once made equal codecs unequal, so

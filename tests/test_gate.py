@@ -12,7 +12,8 @@ import torch
 
 import moe_flashcomm as mf
 from moe_flashcomm import CodecConfig
-from moe_flashcomm.comm.gate import (DEFAULT_THRESHOLDS, MIN_NCCL_MS, NEVER_PAYS, PASSTHROUGH,
+from moe_flashcomm.comm.gate import (DEFAULT_ALL_REDUCE_THRESHOLDS, DEFAULT_THRESHOLDS,
+                                     MIN_NCCL_MS, NEVER_PAYS, PASSTHROUGH,
                                      SizeGate, fit_thresholds, wire_gate)
 from tests.distributed import spawn
 
@@ -163,6 +164,17 @@ def test_load_reads_both_tables(tmp_path):
     # no "all_reduce" section: the all-reduce keeps its defaults
     gate = SizeGate.load(write(tmp_path / "a2a.json", {"thresholds": {}}))
     assert gate.all_reduce_threshold("host", INT4) == 16 * MiB and gate.threshold("nvlink", INT4) == 0
+
+
+def test_a_gate_owns_its_all_reduce_table():
+    """A gate made without an all-reduce table held the module's default table itself: a
+    change to one gate's table changed the defaults of every gate made after it. Its repr
+    shows a table that is not the default (two unequal gates printed alike)."""
+    gate = SizeGate(DEFAULT_THRESHOLDS)
+    gate.all_reduce["nvlink"]["int4"] = 1
+    assert SizeGate(DEFAULT_THRESHOLDS).all_reduce == DEFAULT_ALL_REDUCE_THRESHOLDS != gate.all_reduce
+    assert "all_reduce" not in repr(SizeGate({}))
+    assert repr(SizeGate({}, all_reduce={})) == "SizeGate({}, all_reduce={})"
 
 
 def test_tables_given_as_a_dict_keep_the_defaults_of_the_table_left_out():

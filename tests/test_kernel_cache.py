@@ -23,6 +23,19 @@ def test_a_good_entry_is_accepted(tmp_path):
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_an_entry_is_readable_as_the_umask_allows(tmp_path, umask):
+    """A cache shared by users (one MOE_FLASHCOMM_CACHE): an entry gets the mode open() would
+    give it. Entries were 0600 whatever the umask, so the other users compiled every kernel
+    again and replaced each other's entries."""
+    old = os.umask(umask)
+    try:
+        cuda.write_cache_file(tmp_path / "entry.bin", KEY, NAME, CUBIN)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "entry.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_the_key_hashes_source_name_version_options_and_headers():
     base = ("src", "mfc::k<1>", (12, 8), ("--gpu-architecture=sm_90", "-DX"))
     keys = {cuda.cache_key(*base),

@@ -130,8 +130,9 @@ class SizeGate:
     def __init__(self, thresholds: Mapping[str, Mapping[str, int]], source: str = "",
                  all_reduce: Optional[Mapping[str, Mapping[str, int]]] = None) -> None:
         self.thresholds = _check_table(thresholds, "thresholds", source)
-        self.all_reduce = (DEFAULT_ALL_REDUCE_THRESHOLDS if all_reduce is None
-                           else _check_table(all_reduce, "all_reduce", source))
+        # (a copy of the defaults too: a change to one gate's table stays its own)
+        self.all_reduce = _check_table(DEFAULT_ALL_REDUCE_THRESHOLDS if all_reduce is None
+                                       else all_reduce, "all_reduce", source)
         self.source = source
         blob = json.dumps(self.thresholds, sort_keys=True)
         if self.all_reduce:
@@ -225,7 +226,10 @@ class SizeGate:
                         f"SizeGate, got {type(obj).__name__}")
 
     def __repr__(self) -> str:
-        return f"SizeGate({self.thresholds!r}{', source=' + repr(self.source) if self.source else ''})"
+        table = ("" if self.all_reduce == DEFAULT_ALL_REDUCE_THRESHOLDS
+                 else f", all_reduce={self.all_reduce!r}")
+        return (f"SizeGate({self.thresholds!r}{table}"
+                f"{', source=' + repr(self.source) if self.source else ''})")
 
 
 _DEFAULT = SizeGate(DEFAULT_THRESHOLDS, source="defaults")
