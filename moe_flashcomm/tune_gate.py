@@ -40,6 +40,7 @@ LINK_EMULATION = {
 }
 CODECS = ("fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
+CPU_SIZES = ("64K", "256K")  # --cpu-dry-run: the reference codec is slow on CPU
 HIDDEN = (4096, 7168)
 
 
@@ -336,8 +337,9 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--hidden", type=csv_arg(positive_int), default=",".join(map(str, HIDDEN)),
                     help="hidden sizes")
     ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
-    ap.add_argument("--sizes", type=SIZES_ARG, default=",".join(SIZES),
-                    help="bf16 bytes per rank, e.g. 64K,1M,64M")
+    ap.add_argument("--sizes", type=SIZES_ARG, default=None,
+                    help=f"bf16 bytes per rank, e.g. 64K,1M,64M (default {','.join(SIZES)}; "
+                         f"--cpu-dry-run: {','.join(CPU_SIZES)})")
     ap.add_argument("--budget", type=float_above(0), default=0.2, help="seconds of timed calls per point")
     ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -361,7 +363,8 @@ def main(argv: Optional[list] = None) -> None:
         device = "cpu" if args.cpu_dry_run else "cuda"
         if device == "cuda":
             require_gpus(2, "--from-bench fits a stored run, --cpu-dry-run checks the setup")
-        rows = measure(args.paths, args.hidden, args.sizes, args.codecs, args.budget, device)
+        sizes = args.sizes or SIZES_ARG(",".join(CPU_SIZES if args.cpu_dry_run else SIZES))
+        rows = measure(args.paths, args.hidden, sizes, args.codecs, args.budget, device)
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
     table = fit_from_rows(rows)

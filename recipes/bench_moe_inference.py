@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
     p.add_argument("--capacity-factor", type=float_above(0), default=1.25)
-    p.add_argument("--zipf", type=float, default=0.0,
+    p.add_argument("--zipf", type=float_above(0, inclusive=True), default=0.0,
                    help="skewed expert popularity: the gate's logit of expert e gets -s*log(e+1) "
                         "(popularity ~ 1/(e+1)^s); 0: the random gate")
     p.add_argument("--skip-padding", nargs="+", default=["on"], choices=["on", "off"],

@@ -131,6 +131,9 @@ def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypat
         (bench_moe_inference, ["--out", str(afile)], f"error: --out: {afile} is not a directory"),
         (bench_moe_inference, ["--capacity-factor", "nan"],
          "error: argument --capacity-factor: expected a number > 0, got 'nan'"),
+        # NaN gate weights: every row's error and bytes NaN, silently
+        (bench_moe_inference, ["--zipf", "nan"], "error: argument --zipf: expected a number >= 0, got 'nan'"),
+        (bench_moe_inference, ["--zipf", "-1"], "error: argument --zipf: expected a number >= 0, got '-1'"),
     ]:
         with pytest.raises(SystemExit) as e:
             module.parse_args(argv)

@@ -226,6 +226,11 @@ def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
     (a2a_model, ["--topologies", "2"], "argument --topologies: topology '2': expected NODESxGPUS"),
     (a2a_model, ["--topologies", "0x8"], "argument --topologies: topology '0x8'"),
     (a2a_model, ["--inter-gbps", "0"], "argument --inter-gbps: expected a number > 0, got '0'"),
+    (a2a_model, ["--bench-json", "nope.json"], "--bench-json nope.json: cannot read it"),
+    (a2a_model, ["--bench-json", DATA / "accuracy.json"], "not a tools/bench_all2all.py JSON"),
+    (bench_allreduce, ["--gate", "nope.json", "--device", "cpu"],
+     "--gate: cannot read size-gate file 'nope.json'"),
+    (bench_allreduce, ["--gate", DATA / "accuracy.json", "--device", "cpu"], "needs a 'thresholds'"),
     (codec_error, ["--groups", "100"], "argument --groups: invalid choice: 100"),
     (codec_error, ["--tokens", "0"], "argument --tokens: expected an int >= 1, got '0'"),
     (codec_error, ["--hidden", "3"], "--hidden: expected an int >= 4"),
@@ -246,6 +251,29 @@ def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
 ])
 def test_a_bad_argument_names_the_option(capsys, monkeypatch, module, argv, says):
     assert says in usage_error(capsys, monkeypatch, module, *argv)
+
+
+def test_a2a_model_says_where_its_link_model_comes_from(tmp_path, capsys):
+    """With no link option the defaults were labelled "command-line values" (the us -> s
+    round trip of the alphas is not exact); a missing --bench-json was only a warning."""
+    a2a_model.main(["--topologies", "2x1", "--out", str(tmp_path / "a.json")])
+    assert "(defaults measured on 2x H200; alphas assumed)" in capsys.readouterr().out
+    a2a_model.main(["--topologies", "2x1", "--inter-gbps", "25", "--out", str(tmp_path / "a.json")])
+    assert "(command-line values)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["model"]["inter_beta"] == 25e9
+
+
+@pytest.mark.parametrize("module", [bench_all2all, bench_small, bench_allreduce, bench_host])
+def test_plot_of_a_missing_or_foreign_file_names_it(tmp_path, capsys, monkeypatch, module):
+    """--plot FILE: a typo or another tool's JSON ended in a FileNotFoundError / KeyError
+    traceback."""
+    missing = tmp_path / "nope.json"
+    assert f"--plot {missing}: cannot read it" in usage_error(capsys, monkeypatch, module,
+                                                               "--plot", missing)
+    foreign = tmp_path / "gate.json"
+    foreign.write_text(json.dumps({"thresholds": {}}))
+    assert f"--plot {foreign}: no \"rows\" list" in usage_error(capsys, monkeypatch, module,
+                                                                "--plot", foreign)
 
 
 @pytest.mark.parametrize("module, folder", [(bench_all2all, True), (bench_small, True),
@@ -276,3 +304,26 @@ def test_bench_frame_makes_the_folder_of_out(tmp_path):
                     tune_gate.free_port(), "--out", out, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["rows"]
+
+
+# ---- dry runs on CPU: the GPU sweeps' sizes (up to 512 MiB) took hours there --------------------
+
+@pytest.mark.parametrize("tool, args, config", [
+    ("tools/bench_small.py", ["--a2a-codecs", "int4", "--ar-codecs", "int4", "--rounds", "1",
+                              "--no-progress"], {"a2a_sizes": [64 << 10, 256 << 10],
+                                                 "ar_sizes": [64 << 10, 256 << 10]}),
+    ("tools/bench_all2all.py", ["--codecs", "int4", "--budget", "0.01", "--no-progress"],
+     {"sizes": [64 << 10, 256 << 10],
+      "chunk_sweep": {"size": 256 << 10, "hidden": 7168, "codecs": ["int4"], "chunks": [1, 2]}}),
+    ("-m moe_flashcomm.tune_gate", ["--codecs", "int4", "--budget", "0.01"], None),
+])
+def test_cpu_dry_runs_default_to_small_sizes(tmp_path, tool, args, config):
+    out = tmp_path / ("gate.json" if config is None else "out")
+    proc = run_tool(*tool.split(), "--cpu-dry-run", "--paths", "nvlink", "--hidden", "4096",
+                    *args, "--out", out, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if config is None:
+        assert json.loads(out.read_text())["device"] == "cpu (dry run)"
+        return
+    data = json.loads(next(out.glob("bench_*.json")).read_text())
+    assert {k: data["meta"]["config"][k] for k in config} == config

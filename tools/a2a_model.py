@@ -40,6 +40,7 @@ from benchlib import check_out, csv_arg, float_above, positive_int  # noqa: E402
 from moe_flashcomm import CodecConfig, record_bytes  # noqa: E402
 from moe_flashcomm.comm.hierarchical import (LinkModel, predict,  # noqa: E402
                                              prefer_hierarchical, traffic)
+from moe_flashcomm.tune_gate import load_bench  # noqa: E402
 
 MIB = 1 << 20
 # name -> (intra-node codec, inter-node codec)
@@ -212,16 +213,22 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     check_out(ap, args.out)
 
-    model = LinkModel(args.intra_alpha_us * 1e-6, args.intra_gbps * 1e9,
-                      args.inter_alpha_us * 1e-6, args.inter_gbps * 1e9,
-                      args.mem_gbps * 1e9, args.codec_gbps * 1e9)
+    if args.bench_json:
+        try:
+            load_bench(args.bench_json)
+        except ValueError as e:
+            ap.error(f"--bench-json {e}")
+
+    # the defaults themselves unless a link option differs (us -> s and back is not exact)
+    links = ("intra_alpha_us", "intra_gbps", "inter_alpha_us", "inter_gbps", "mem_gbps", "codec_gbps")
+    model = LinkModel() if all(getattr(args, k) == ap.get_default(k) for k in links) else \
+        LinkModel(args.intra_alpha_us * 1e-6, args.intra_gbps * 1e9,
+                  args.inter_alpha_us * 1e-6, args.inter_gbps * 1e9,
+                  args.mem_gbps * 1e9, args.codec_gbps * 1e9)
     fitted, comparison = {}, []
     if args.bench_json:
-        if args.bench_json.exists():
-            model, fitted = model_from_bench(args.bench_json, model)
-            comparison = compare_2x1(args.bench_json, model, args.hidden)
-        else:
-            print(f"{args.bench_json} not found: the default link model", file=sys.stderr)
+        model, fitted = model_from_bench(args.bench_json, model)
+        comparison = compare_2x1(args.bench_json, model, args.hidden)
     codecs = {k: CODECS[k] for k in args.codecs}
     rows = []
     for topo in args.topologies:

@@ -37,13 +37,16 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from benchlib import (PATH_ENV, SIZES_ARG, burst_ms, check_out, codec_of, csv_arg, float_above,  # noqa: E402
                       fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
-                      ratio_axes, require_gpus, save_figure)
+                      ratio_axes, read_json, require_gpus, save_figure)
 
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
 QUICK_SIZES = ("64K", "1M", "16M", "256M")
+CPU_SIZES = ("64K", "256K")  # --cpu-dry-run: the reference codec is slow on CPU
+CHUNK_SWEEP = "256M:7168:int8,int4,int2:1,2,4"
+CPU_CHUNK_SWEEP = "256K:7168:int4:1,2"
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
@@ -322,11 +325,14 @@ def main(argv=None) -> None:
     ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV))
     ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168")
     ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
-    ap.add_argument("--sizes", type=SIZES_ARG, default=None, help="per-rank bf16 bytes, e.g. 64K,1M,256M")
+    ap.add_argument("--sizes", type=SIZES_ARG, default=None,
+                    help=f"per-rank bf16 bytes, e.g. 64K,1M,256M (default {','.join(SIZES)}; "
+                         f"--cpu-dry-run: {','.join(CPU_SIZES)})")
     ap.add_argument("--quick", action="store_true", help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168")
     ap.add_argument("--budget", type=float_above(0), default=0.25, help="seconds of timed calls per point")
-    ap.add_argument("--chunk-sweep", type=chunk_sweep, default="256M:7168:int8,int4,int2:1,2,4",
-                    help="SIZE:HIDDEN:CODECS:CHUNKS, or '' for none")
+    ap.add_argument("--chunk-sweep", type=chunk_sweep, default=argparse.SUPPRESS,
+                    help=f"SIZE:HIDDEN:CODECS:CHUNKS, or '' for none (default {CHUNK_SWEEP}; "
+                         f"--cpu-dry-run: {CPU_CHUNK_SWEEP})")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
     ap.add_argument("--refit", action="store_true", help="with --plot: refit the gate")
     ap.add_argument("--no-progress", action="store_true")
@@ -337,7 +343,7 @@ def main(argv=None) -> None:
                     help="gloo on CPU, to check this script without GPUs (timings meaningless)")
     args = ap.parse_args(argv)
     if args.plot:
-        result = json.loads(args.plot.read_text())
+        result = read_json(ap, args.plot)
         if args.refit:  # the current gate fit on the always-quantized timings
             result["gate"] = fitted_gate(result["rows"])
         print_tables(result)
@@ -350,7 +356,10 @@ def main(argv=None) -> None:
     if not args.cpu_dry_run:
         require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else SIZES)]
+    sizes = args.sizes or [parse_size(s) for s in (CPU_SIZES if args.cpu_dry_run else
+                                                   QUICK_SIZES if args.quick else SIZES)]
+    if not hasattr(args, "chunk_sweep"):  # (not given)
+        args.chunk_sweep = chunk_sweep(CPU_CHUNK_SWEEP if args.cpu_dry_run else CHUNK_SWEEP)
     cfg = dict(paths=args.paths, codecs=args.codecs, hiddens=[7168] if args.quick else args.hidden,
                sizes=sizes, budget_s=args.budget,
                no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda",

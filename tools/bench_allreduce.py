@@ -42,7 +42,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
 from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, float_above,  # noqa: E402
                       fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
-                      ratio_axes, require_gpus, save_figure, write_gate)
+                      ratio_axes, read_json, require_gpus, save_figure, write_gate)
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -318,12 +318,17 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", type=Path, help="only report and replot this JSON")
     args = ap.parse_args(argv)
     if args.plot:
-        result = json.loads(args.plot.read_text())
+        result = read_json(ap, args.plot)
         report(result)
         plot(result, args.plot.with_suffix(".png"))
         return
     check_out(ap, args.out, folder=True)
     check_out(ap, args.gate_out, option="--gate-out")
+    from moe_flashcomm import SizeGate
+    try:  # the '+gate' variant's table, read in every worker: checked here, not there
+        SizeGate.load(args.gate) if args.gate else SizeGate.default()
+    except ValueError as e:
+        ap.error(f"--gate: {e}" if args.gate else str(e))
     if args.device == "cuda":
         require_gpus(2, "--device cpu for a dry run")
     args.out.mkdir(parents=True, exist_ok=True)

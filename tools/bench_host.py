@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
 from benchlib import (SIZES_ARG, check_out, csv_arg, fmt_size, parse_size, positive_int,  # noqa: E402
-                      pyplot, require_gpus, save_figure)
+                      pyplot, read_json, require_gpus, save_figure)
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -367,7 +367,7 @@ def main():
     p.add_argument("--plot", type=Path, help="only plot this JSON (beside it, as .png)")
     a = p.parse_args()
     if a.plot:
-        return plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
+        return plot(read_json(p, a.plot), a.plot.with_suffix(".png"))
     check_out(p, a.out)
     require_gpus()
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")

@@ -48,12 +48,13 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, fmt_size,  # noqa: E402
                       free_port, init_worker, positive_int, pyplot, ratio_axes,
-                      require_gpus, save_figure)
+                      read_json, require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
 A2A_SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
 AR_SIZES = ("1M", "4M", "16M", "64M", "256M")
+CPU_SIZES = ("64K", "256K")  # --cpu-dry-run, both ops: the reference codec is slow on CPU
 MODES = ("issue", "device")
 OPS = ("all_to_all", "all_reduce")
 FLOOR = 1 / 1.05  # "never more than 5% slower"
@@ -299,10 +300,12 @@ def main(argv=None) -> None:
     ap.add_argument("--a2a-codecs", type=csv_arg(allowed=A2A_CODECS), default=",".join(A2A_CODECS))
     ap.add_argument("--ar-codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(AR_CODECS),
                     help="of " + ",".join(QUANTIZED))
-    ap.add_argument("--sizes", type=SIZES_ARG, default=",".join(A2A_SIZES),
-                    help="all-to-all bf16 bytes per rank")
-    ap.add_argument("--ar-sizes", type=SIZES_ARG, default=",".join(AR_SIZES),
-                    help="all-reduce bf16 bytes per rank")
+    ap.add_argument("--sizes", type=SIZES_ARG, default=None,
+                    help=f"all-to-all bf16 bytes per rank (default {','.join(A2A_SIZES)}; "
+                         f"--cpu-dry-run: {','.join(CPU_SIZES)})")
+    ap.add_argument("--ar-sizes", type=SIZES_ARG, default=None,
+                    help=f"all-reduce bf16 bytes per rank (default {','.join(AR_SIZES)}; "
+                         f"--cpu-dry-run: {','.join(CPU_SIZES)})")
     ap.add_argument("--modes", type=csv_arg(allowed=MODES), default=",".join(MODES))
     ap.add_argument("--rounds", type=positive_int, default=9)
     ap.add_argument("--plot", type=Path, help="only print and plot this JSON")
@@ -311,7 +314,7 @@ def main(argv=None) -> None:
                     help="gloo on CPU, to check this script without GPUs (timings meaningless)")
     args = ap.parse_args(argv)
     if args.plot:
-        result = json.loads(args.plot.read_text())
+        result = read_json(ap, args.plot)
         print_tables(result)
         plot(result, args.plot.with_suffix(".png"))
         return
@@ -319,6 +322,9 @@ def main(argv=None) -> None:
     if not args.cpu_dry_run:
         require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
+    for name, sizes in (("sizes", A2A_SIZES), ("ar_sizes", AR_SIZES)):
+        if getattr(args, name) is None:
+            setattr(args, name, SIZES_ARG(",".join(CPU_SIZES if args.cpu_dry_run else sizes)))
     cfg = dict(ops=args.ops, modes=["issue"] if args.cpu_dry_run else args.modes,
                rounds=args.rounds, hiddens=args.hidden, a2a_codecs=args.a2a_codecs,
                ar_codecs=args.ar_codecs, a2a_sizes=args.sizes, ar_sizes=args.ar_sizes,

@@ -4,6 +4,8 @@ tuner's (moe_flashcomm.tune_gate, which uses them too), gate files the gate's; r
 here."""
 from __future__ import annotations
 
+import json
+
 from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV
 from moe_flashcomm.tune_gate import SIZES_ARG, csv_arg, float_above, fmt_size, free_port
 from moe_flashcomm.tune_gate import bench_codec as codec_of
@@ -13,10 +15,22 @@ from moe_flashcomm.tune_gate import check_out, parse_size, positive_int, require
 
 __all__ = ["PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms", "check_out", "codec_of", "csv_arg",
            "float_above", "fmt_size", "free_port", "init_worker", "parse_size", "positive_int",
-           "pyplot", "ratio_axes", "require_gpus", "save_figure", "write_gate"]
+           "pyplot", "ratio_axes", "read_json", "require_gpus", "save_figure", "write_gate"]
 
 # the quantized codecs by their command-line names
 QUANTIZED = ("fp8",) + tuple(f"int{b}" for b in range(2, 9))
+
+
+def read_json(parser, path, option: str = "--plot") -> dict:
+    """A recorded run's JSON object (``--plot FILE``); a file that is missing, unreadable or
+    not such a JSON ends the run through ``parser`` (one line naming ``option``, status 2)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        parser.error(f"{option} {path}: cannot read it: {e}")
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        parser.error(f"{option} {path}: no \"rows\" list: not a JSON this tool wrote")
+    return data
 
 
 def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10) -> float:
