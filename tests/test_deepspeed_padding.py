@@ -7,8 +7,11 @@ DeepSpeed layers over real gloo groups (2 and 4 ranks).
   send equals the number of kept routes (no zero row is sent).
 * With the bf16 codec (passthrough on bf16 / fp16 models), outputs and every gradient are
   bit-identical to stock DeepSpeed: k = 1, 2, 3, drop_tokens on and off, a random and a
-  skewed gate, bf16 and fp16; the counters show exactly the slots the routes imply, per
-  direction, against the stock exchange's.
+  skewed gate, bf16 and fp16 (and fp32 with "native"); the counters show exactly the slots
+  the routes imply, per direction, against the stock exchange's. So are a layer called twice
+  in one step, eval under no_grad, and capacity 0 (no route kept).
+* A rank that receives more slots than its capacity (another rank's gate sized a larger one:
+  drop_tokens with more tokens there) raises an error naming the sender and both sizes.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ pytest.importorskip("deepspeed")
 import moe_flashcomm as mf  # noqa: E402
 from moe_flashcomm.integrations.padding import RouteCounts, filled_slots  # noqa: E402
 from tests.distributed import spawn  # noqa: E402
-from tests.test_deepspeed import (H, PASS, assert_identical, init_deepspeed, make_moe,  # noqa: E402
-                                  run, stock_runs, tokens)
+from tests.test_deepspeed import (H, PASS, assert_identical, device, init_deepspeed,  # noqa: E402
+                                  make_moe, mlp, run, stock_runs, tokens)
 
 DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
+NATIVE = {d: "native" for d in DIRECTIONS}  # exact for fp32 too ("bf16" rounds fp32 tokens)
 
 
 def skew(moe: nn.Module, x: torch.Tensor, strength: float = 3.0) -> torch.Tensor:
@@ -110,18 +114,19 @@ def check_identical(tag: str, cases) -> None:
             x = skew(moe, x)
         ref, noise = stock_runs(moe, x)
         want = expected_slots(moe, x)
-        stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
+        codec = NATIVE if dtype == torch.float32 else PASS
+        stats = mf.enable_deepspeed(moe, codec)["deepspeed_moe"]
         assert_identical(ref, run(moe, x), what, noise)
         stock = (ep - 1) * moe.deepspeed_moe.num_local_experts * _capacity(moe, x)
         for d in DIRECTIONS:
             assert stats.calls[d] == 1, (what, d, stats.calls)
             assert stats.slots_sent[d] == want[d], (what, d, stats.slots_sent, want)
             assert stats.slots_stock[d] == stock, (what, d, stats.slots_stock, stock)
-            assert stats.bytes_sent[d]["intra_node"] == want[d] * H * 2, (what, d)
+            assert stats.bytes_sent[d]["intra_node"] == want[d] * H * dtype.itemsize, (what, d)
         if skewed:
             assert stats.slot_share() < 0.9, (what, stats.slot_share())
         # off: the padded exchange, identical too
-        mf.enable_deepspeed(moe, {**PASS, "skip_padding": False})
+        mf.enable_deepspeed(moe, {**codec, "skip_padding": False})
         stats.reset()
         assert_identical(ref, run(moe, x), f"{what} skip_padding off", noise)
         assert stats.slots_sent == stats.slots_stock and stats.slots_sent["dispatch"] == stock
@@ -157,12 +162,66 @@ def check_rules_and_quantized(tag: str) -> None:
     mf.disable_deepspeed(moe)
 
 
+def check_no_grad_and_twice(tag: str) -> None:
+    """A layer called twice in one step (one backward through both forwards), and eval under
+    no_grad: identical to stock, every exchange counted once per call."""
+    moe = make_moe(4, dist.get_world_size(), 2, True, seed=80)
+    x = skew(moe, tokens((2, 12, H), seed=500 + dist.get_rank()))
+
+    def twice():
+        torch.manual_seed(7)
+        moe.zero_grad(set_to_none=True)
+        xa = x.detach().clone().requires_grad_()
+        y = moe(xa)[0]
+        z = moe(y * 0.5 + x)[0]
+        ((z.float() ** 2).sum() + y.float().sum()).backward()
+        return (z.detach(), xa.grad,
+                {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None})
+
+    def evaluate():
+        moe.eval()
+        torch.manual_seed(7)
+        with torch.no_grad():
+            out = moe(x)[0]
+        moe.train()
+        return out, out, {"output": out}  # (assert_identical's form)
+
+    # (two stock runs: on CUDA DeepSpeed's gating has atomics, see assert_identical)
+    ref, noise, ref_eval, eval_noise = twice(), twice(), evaluate(), evaluate()
+    stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
+    assert_identical(ref, twice(), f"{tag} twice per step", noise)
+    assert stats.calls == dict.fromkeys(DIRECTIONS, 2), stats.calls
+    stats.reset()
+    assert_identical(ref_eval, evaluate(), f"{tag} eval under no_grad", eval_noise)
+    assert stats.calls == {"dispatch": 1, "combine": 1, "dispatch_grad": 0, "combine_grad": 0}
+    mf.disable_deepspeed(moe)
+
+
+def check_capacity_zero(tag: str) -> None:
+    """capacity_factor 0 with min_capacity 0: the gate keeps no route (C = 0), stock exchanges
+    empty [E, 0, M] tensors; skip_padding sends no row, with the same outputs and gradients."""
+    from deepspeed.moe.layer import MoE
+    torch.manual_seed(0)
+    moe = MoE(H, mlp(H), num_experts=4, ep_size=dist.get_world_size(), k=2, capacity_factor=0.0,
+              min_capacity=0, drop_tokens=True)
+    moe.set_deepspeed_parallelism()
+    moe = moe.to(device=device(), dtype=torch.bfloat16)
+    x = tokens((1, 8, H), seed=550 + dist.get_rank())
+    ref, noise = stock_runs(moe, x)
+    stats = mf.enable_deepspeed(moe, PASS)["deepspeed_moe"]
+    assert_identical(ref, run(moe, x), f"{tag} capacity 0", noise)
+    assert stats.calls == dict.fromkeys(DIRECTIONS, 1) and stats.slot_share() == 1.0, stats
+    mf.disable_deepspeed(moe)
+
+
 def _world(rank: int, world: int, cases) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
     if world == 2:
         check_gates_fill_prefixes(tag)
         check_rules_and_quantized(tag)
+        check_no_grad_and_twice(tag)
+        check_capacity_zero(tag)
     check_identical(tag, cases)
 
 
@@ -171,7 +230,8 @@ ALL = [(k, drop, dtype, skewed) for k in (1, 2) for drop in (True, False)
 
 
 def test_skip_padding_gloo_2_ranks():
-    spawn(_world, 2, ALL + [(3, True, torch.bfloat16, True), (3, False, torch.float16, False)])
+    spawn(_world, 2, ALL + [(3, True, torch.bfloat16, True), (3, False, torch.float16, False),
+                            (2, True, torch.float32, True)])
 
 
 def test_skip_padding_gloo_4_ranks():
@@ -217,6 +277,17 @@ def check_slot_plan(device: str) -> None:
     assert torch.equal(y.grad, torch.ones_like(y))
     with pytest.raises(ValueError, match="do not fit the exchanged tensor"):
         RouteCounts(mine, theirs).plan(torch.Size([experts, 4, hidden]), world=2)
+    # capacity 0 (no route kept): nothing is sent, the empty [E, 0, M] is restored
+    empty = RouteCounts(torch.zeros_like(mine), torch.zeros_like(theirs)).plan(
+        torch.Size([experts, 0, hidden]), world=2)
+    packed, send, recv = empty.pack(torch.empty(experts, 0, hidden, device=device), "dispatch")
+    assert packed.shape == (0, hidden) and send == recv == [0, 0]
+    assert empty.unpack(packed, "combine").shape == (experts, 0, hidden)
+    # a sender's gate sized a larger capacity (drop_tokens, fewer tokens here): the error
+    # names the sender and both sizes
+    with pytest.raises(ValueError, match="group rank 1 sends 4 slots to this rank's local expert "
+                                         "1, past this rank's capacity 3 .*different capacities"):
+        RouteCounts(mine.clamp(max=3), theirs).plan(torch.Size([experts, 3, hidden]), world=2)
 
 
 def test_slot_plan_cpu():

@@ -123,11 +123,21 @@ class SlotPlan:
     def __init__(self, counts: RouteCounts, shape: torch.Size, world: int) -> None:
         experts, capacity = shape[0], shape[1]
         mine, theirs = counts.host()
-        if len(mine) != experts or experts % world or max(mine + theirs) > capacity:
+        if len(mine) != experts or experts % world or max(mine) > capacity:
             raise ValueError(f"moe_flashcomm skip_padding: the gate's routes (counts {mine}, "
                              f"{theirs}) do not fit the exchanged tensor {tuple(shape)} of "
                              f"{world} ranks")
         local = experts // world
+        over = next((i for i, n in enumerate(theirs) if n > capacity), None)
+        if over is not None:  # the sender's gate sized a larger capacity than this rank's
+            s, j = divmod(over, local)
+            raise ValueError(f"moe_flashcomm skip_padding: group rank {s} sends {theirs[over]} "
+                             f"slots to this rank's local expert {j}, past this rank's capacity "
+                             f"{capacity} (exchanged tensor {tuple(shape)}): the ranks' gates "
+                             "sized different capacities (with drop_tokens, DeepSpeed sizes it "
+                             "from each rank's own token count, k, capacity_factor and "
+                             "min_capacity); give every rank as many tokens and the same gate "
+                             "settings, or make the layers with drop_tokens=False")
         self.rows = experts * capacity
         self.send_splits = [sum(mine[p * local:(p + 1) * local]) for p in range(world)]
         self.recv_splits = [sum(theirs[s * local:(s + 1) * local]) for s in range(world)]
@@ -139,7 +149,7 @@ class SlotPlan:
     def pack(self, x: torch.Tensor, direction: str) -> tuple[torch.Tensor, list, list]:
         """(the filled rows of ``x`` [E, C, M] as [n, M], input splits, output splits)."""
         rows = self.send_rows if direction == "dispatch" else self.recv_rows
-        flat = x.reshape(self.rows, -1)
+        flat = x.reshape(self.rows, x.shape[-1])  # (not -1: capacity 0 leaves no rows)
         if direction == "dispatch":
             return _Gather.apply(flat, rows), self.send_splits, self.recv_splits
         return _Gather.apply(flat, rows), self.recv_splits, self.send_splits
