@@ -10,8 +10,8 @@ DeepSpeed layers over real gloo groups (2 and 4 ranks).
   skewed gate, bf16 and fp16 (and fp32 with "native"); the counters show exactly the slots
   the routes imply, per direction, against the stock exchange's. So are a layer called twice
   in one step, eval under no_grad, and capacity 0 (no route kept).
-* A rank that receives more slots than its capacity (another rank's gate sized a larger one:
-  drop_tokens with more tokens there) raises an error naming the sender and both sizes.
+* Ranks whose gates sized different capacities (drop_tokens with more tokens on one rank)
+  all raise at once, naming the capacities; the next forward with equal ones is exact.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import torch.nn as nn
 pytest.importorskip("deepspeed")
 
 import moe_flashcomm as mf  # noqa: E402
-from moe_flashcomm.integrations.padding import RouteCounts, filled_slots  # noqa: E402
+from moe_flashcomm.integrations.padding import (CAPACITY_SHIFT, RouteCounts,  # noqa: E402
+                                                filled_slots)
 from tests.distributed import spawn  # noqa: E402
 from tests.test_deepspeed import (H, PASS, assert_identical, device, init_deepspeed,  # noqa: E402
                                   make_moe, mlp, run, stock_runs, tokens)
@@ -214,6 +215,24 @@ def check_capacity_zero(tag: str) -> None:
     mf.disable_deepspeed(moe)
 
 
+def check_capacities_differ(tag: str) -> None:
+    """drop_tokens sizes each rank's capacity from its own token count: with 8 tokens on one
+    rank and 24 on the other, the gates size different capacities. Every rank raises at once,
+    naming them (only the rank that received more slots than its capacity raised, and the
+    other waited in the exchange for MOE_FLASHCOMM_TIMEOUT_S); then equal counts run exactly."""
+    import time
+    moe = make_moe(4, dist.get_world_size(), 1, True, seed=9)
+    even = tokens((1, 16, H), seed=560 + dist.get_rank())
+    ref, noise = stock_runs(moe, even)
+    mf.enable_deepspeed(moe, PASS)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="sized different capacities, \\[2, 6\\] by group rank"):
+        run(moe, tokens((1, 8 if dist.get_rank() == 0 else 24, H), seed=570))
+    assert time.monotonic() - start < 10, tag
+    assert_identical(ref, run(moe, even), f"{tag} after capacities that differed", noise)
+    mf.disable_deepspeed(moe)
+
+
 def _world(rank: int, world: int, cases) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
@@ -222,6 +241,7 @@ def _world(rank: int, world: int, cases) -> None:
         check_rules_and_quantized(tag)
         check_no_grad_and_twice(tag)
         check_capacity_zero(tag)
+        check_capacities_differ(tag)
     check_identical(tag, cases)
 
 
@@ -244,6 +264,13 @@ def test_skip_padding_nccl_2_gpus():
     spawn(_world, 2, ALL, backend="nccl")
 
 
+def carrying(theirs: torch.Tensor, capacities: list) -> torch.Tensor:
+    """``theirs`` as exchanged: each count with its sender's capacity in the high bits (of 2
+    ranks, 2 local experts each)."""
+    return theirs + (torch.tensor(capacities, device=theirs.device).repeat_interleave(2)
+                     << CAPACITY_SHIFT)
+
+
 def check_slot_plan(device: str) -> None:
     """One rank's view of a 2-rank exchange, without the transport: pack sends exactly the
     filled rows in expert order with their split sizes, unpack restores zeros around them, and
@@ -251,7 +278,8 @@ def check_slot_plan(device: str) -> None:
     experts, capacity, hidden = 4, 5, 3
     mine = torch.tensor([2, 0, 5, 1], device=device)  # this rank's tokens per expert
     theirs = torch.tensor([1, 3, 0, 4], device=device)  # from rank 0 and rank 1 to my 2 experts
-    plan = RouteCounts(mine, theirs).plan(torch.Size([experts, capacity, hidden]), world=2)
+    plan = RouteCounts(mine, carrying(theirs, [5, 5])).plan(  # both ranks' gates sized 5
+        torch.Size([experts, capacity, hidden]), world=2)
     assert plan.send_splits == [2, 6] and plan.recv_splits == [4, 4]
     assert plan.stock_slots == 2 * capacity
     x = torch.randn(experts, capacity, hidden, device=device, dtype=torch.bfloat16)
@@ -276,18 +304,19 @@ def check_slot_plan(device: str) -> None:
     restored.backward(torch.ones_like(restored))
     assert torch.equal(y.grad, torch.ones_like(y))
     with pytest.raises(ValueError, match="do not fit the exchanged tensor"):
-        RouteCounts(mine, theirs).plan(torch.Size([experts, 4, hidden]), world=2)
+        RouteCounts(mine, carrying(theirs, [4, 4])).plan(torch.Size([experts, 4, hidden]), world=2)
     # capacity 0 (no route kept): nothing is sent, the empty [E, 0, M] is restored
     empty = RouteCounts(torch.zeros_like(mine), torch.zeros_like(theirs)).plan(
         torch.Size([experts, 0, hidden]), world=2)
     packed, send, recv = empty.pack(torch.empty(experts, 0, hidden, device=device), "dispatch")
     assert packed.shape == (0, hidden) and send == recv == [0, 0]
     assert empty.unpack(packed, "combine").shape == (experts, 0, hidden)
-    # a sender's gate sized a larger capacity (drop_tokens, fewer tokens here): the error
-    # names the sender and both sizes
-    with pytest.raises(ValueError, match="group rank 1 sends 4 slots to this rank's local expert "
-                                         "1, past this rank's capacity 3 .*different capacities"):
-        RouteCounts(mine.clamp(max=3), theirs).plan(torch.Size([experts, 3, hidden]), world=2)
+    # the gates sized different capacities (drop_tokens, more tokens on rank 1): every rank
+    # sees both and raises alike, whether or not the counts would fit
+    for c in (3, 5):
+        with pytest.raises(ValueError, match=r"sized different capacities, \[3, 5\] by group rank"):
+            RouteCounts(mine.clamp(max=3), carrying(theirs.clamp(max=3), [3, 5])).plan(
+                torch.Size([experts, c, hidden]), world=2)
 
 
 def test_slot_plan_cpu():

@@ -163,7 +163,7 @@ class _LayerState(PatchState):
         if _tensor_parallel_size(layer) > 1:  # drop_tokens splits the capacity: padded exchange
             return
         mine = filled_slots(output[3], output[4], int(output[2]))
-        self.counts = RouteCounts(mine, self.communicator(layer.ep_group).exchange_counts(mine))
+        self.counts = RouteCounts.exchange(mine, output[1], self.communicator(layer.ep_group))
 
     def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
         """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls

@@ -24,7 +24,10 @@ with the prefix filling above it is exactly the number of kept routes, so no zer
 
 The receiver needs the counts of its senders, so the forward makes one small all-to-all of
 the E counts right after the gate, and one copy of them to the host (the split sizes of the
-uneven exchange). DeepSpeed's forward already synchronizes with the host there
+uneven exchange). Each count carries its rank's capacity C in its high 32 bits (one add; no
+other message), so every rank learns every rank's C, and ranks whose gates sized different
+capacities (``drop_tokens`` sizes C from each rank's own token count) all raise alike before
+any exchange: the padded exchange cannot pair them either. DeepSpeed's forward already synchronizes with the host there
 (``C = int(C)`` just after the gate, and an all-reduce of the capacity without
 ``drop_tokens``); on CUDA the counts are copied asynchronously before that point, so that
 synchronization covers them. The same counts serve all four exchanges: the combine and the
@@ -88,14 +91,19 @@ def _slot_rows(counts: torch.Tensor, capacity: int, total: int) -> torch.Tensor:
             + torch.arange(total, device=counts.device))
 
 
+CAPACITY_SHIFT = 32  # a count's high bits carry its sender's capacity (counts are below 2^32)
+COUNT_MASK = (1 << CAPACITY_SHIFT) - 1
+
+
 class RouteCounts:
     """This rank's filled slots per expert and those of its senders, from one forward's gate:
     ``mine[e]`` (this rank's tokens for expert e), ``theirs[s * L + j]`` (what group rank s
-    sends to this rank's j-th local expert): the row layout of the received [E, C, M]."""
+    sends to this rank's j-th local expert): the row layout of the received [E, C, M].
+    ``received``: ``theirs`` as exchanged, each with its sender's capacity in the high bits."""
 
-    def __init__(self, mine: torch.Tensor, theirs: torch.Tensor) -> None:
-        self.mine, self.theirs = mine, theirs
-        both = torch.cat([mine, theirs])
+    def __init__(self, mine: torch.Tensor, received: torch.Tensor) -> None:
+        self.mine, self.theirs = mine, received & COUNT_MASK
+        both = torch.cat([mine, received])
         if both.is_cuda:  # copied now; DeepSpeed's own synchronization after the gate covers it
             self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
             self._host.copy_(both, non_blocking=True)
@@ -104,12 +112,21 @@ class RouteCounts:
         else:
             self._host, self._ready = both, None
 
-    def host(self) -> tuple[list, list]:
+    @classmethod
+    def exchange(cls, mine: torch.Tensor, capacity, comm) -> "RouteCounts":
+        """The counts of this rank's gate (``mine`` [E] on its device, ``capacity`` C as
+        the gate returned it) and its senders', by the layer's communicator."""
+        return cls(mine, comm.exchange_counts(torch.add(mine, capacity, alpha=1 << CAPACITY_SHIFT)))
+
+    def host(self) -> tuple[list, list, list]:
+        """(mine, theirs, the capacity each of theirs carried) as lists."""
         if self._ready is not None:
             self._ready.synchronize()
         counts = self._host.tolist()
         experts = self.mine.shape[0]
-        return counts[:experts], counts[experts:]
+        received = counts[experts:]
+        return (counts[:experts], [n & COUNT_MASK for n in received],
+                [n >> CAPACITY_SHIFT for n in received])
 
     def plan(self, shape: torch.Size, world: int) -> "SlotPlan":
         return SlotPlan(self, shape, world)
@@ -122,22 +139,24 @@ class SlotPlan:
 
     def __init__(self, counts: RouteCounts, shape: torch.Size, world: int) -> None:
         experts, capacity = shape[0], shape[1]
-        mine, theirs = counts.host()
-        if len(mine) != experts or experts % world or max(mine) > capacity:
-            raise ValueError(f"moe_flashcomm skip_padding: the gate's routes (counts {mine}, "
-                             f"{theirs}) do not fit the exchanged tensor {tuple(shape)} of "
-                             f"{world} ranks")
+        mine, theirs, carried = counts.host()
+        if len(mine) != experts or experts % world:
+            raise ValueError(f"moe_flashcomm skip_padding: {len(mine)} expert counts for the "
+                             f"exchanged tensor {tuple(shape)} of {world} ranks")
         local = experts // world
-        over = next((i for i, n in enumerate(theirs) if n > capacity), None)
-        if over is not None:  # the sender's gate sized a larger capacity than this rank's
-            s, j = divmod(over, local)
-            raise ValueError(f"moe_flashcomm skip_padding: group rank {s} sends {theirs[over]} "
-                             f"slots to this rank's local expert {j}, past this rank's capacity "
-                             f"{capacity} (exchanged tensor {tuple(shape)}): the ranks' gates "
-                             "sized different capacities (with drop_tokens, DeepSpeed sizes it "
-                             "from each rank's own token count, k, capacity_factor and "
-                             "min_capacity); give every rank as many tokens and the same gate "
-                             "settings, or make the layers with drop_tokens=False")
+        capacities = carried[::local]  # one per group rank
+        if len(set(capacities)) > 1:  # (every rank sees every capacity: all raise alike)
+            raise ValueError(
+                f"moe_flashcomm skip_padding: the gates of the expert-parallel group's ranks "
+                f"sized different capacities, {capacities} by group rank; with drop_tokens "
+                "DeepSpeed sizes it from each rank's own token count, k, capacity_factor (in "
+                "eval mode eval_capacity_factor) and min_capacity: give every rank as many "
+                "tokens, the same gate settings and mode, or make the layers with "
+                "drop_tokens=False (the padded exchange cannot pair such ranks either)")
+        if capacities != [capacity] * world or max(mine + theirs) > capacity:
+            raise ValueError(f"moe_flashcomm skip_padding: the gate's routes (counts {mine}, "
+                             f"{theirs}, capacities {capacities}) do not fit the exchanged "
+                             f"tensor {tuple(shape)} of {world} ranks")
         self.rows = experts * capacity
         self.send_splits = [sum(mine[p * local:(p + 1) * local]) for p in range(world)]
         self.recv_splits = [sum(theirs[s * local:(s + 1) * local]) for s in range(world)]
