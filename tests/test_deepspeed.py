@@ -731,6 +731,13 @@ def check_ranks_that_disagree(tag: str) -> None:
     with pytest.raises(mf.comm.ConfigMismatchError,
                        match=r"this rank has layers \['(first|second)\.deepspeed_moe'\], rank"):
         mf.enable_deepspeed(named, PASS)
+    # gates that size capacities differently (drop_tokens on one rank only): the first forward
+    # put the ranks in different collectives (DeepSpeed's capacity all-reduce against the
+    # counts exchange), where they waited for the timeout
+    layer.gate.drop_tokens = dist.get_rank() != 1
+    with pytest.raises(mf.comm.ConfigMismatchError, match="gate settings differs .*'drop_tokens'"):
+        mf.enable_deepspeed(moe, PASS)
+    layer.gate.drop_tokens = True
     assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
     # a layer rule that selects no layer is a warning naming the layers there are
     from moe_flashcomm.integrations.patching import ds_logger

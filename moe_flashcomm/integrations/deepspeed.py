@@ -310,14 +310,32 @@ def _summary(out: tuple) -> tuple:
     resolved = out[0]
     groups = [None if getattr(layer, "ep_group", None) is None
               else tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, _ in resolved]
-    return ([(name, compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)
-                                           if f.name != "all_reduce"] if lcfg.enabled
-                                    else ["enabled"]))
-             for name, _, lcfg in resolved],
+    return ([(name, {**compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)
+                                              if f.name != "all_reduce"]), **_gating(layer)}
+              if lcfg.enabled else compared_fields(lcfg, ["enabled"]))
+             for name, layer, lcfg in resolved],
             None if None in groups else {r for g in groups for r in g},
             (sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
                      if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}),
              sorted(_kept_communicators(resolved, out[3]))))
+
+
+# What sizes a MOELayer's exchanges besides the config: its gate's settings (DeepSpeed's
+# TopKGate). Ranks that differ there (one with drop_tokens, say) enter different collectives
+# at the first forward, stock or patched, and wait there until the timeout.
+GATING = ("k", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
+          "drop_policy")
+
+
+def _gating(layer: nn.Module) -> dict:
+    """The gate settings of an enabled layer that ``agree`` compares (none for a layer
+    without DeepSpeed's TopKGate)."""
+    gate = getattr(layer, "gate", None)
+    wg = getattr(gate, "wg", None)
+    if not isinstance(getattr(wg, "weight", None), torch.Tensor):
+        return {}
+    settings = {a: getattr(gate, a) for a in GATING if hasattr(gate, a)}
+    return {"gate settings": repr({"experts": wg.weight.shape[0], **settings})}
 
 
 def _comm_key(layer: nn.Module, gate: SizeGate) -> Optional[tuple]:
