@@ -246,6 +246,37 @@ def test_silent_peer_is_named_gloo_3():
     spawn(_silent_peer, 3, timeout=120)
 
 
+def _enable_meeting(rank, world):
+    """The bounded wait in front of enable_deepspeed's and enable_all_reduce's agreement
+    (patching._Meeting), by the ranks' clocks: rank 1 skips a call. Rank 0 names it at each
+    call it waits in vain; rank 1, coming to its first call after rank 0 gave up its second,
+    learns it is a call behind, and to its second that it came too late; the third meets."""
+    from moe_flashcomm.integrations.patching import _Meeting
+    start = time.monotonic()
+
+    def at(t):
+        time.sleep(max(0.0, start + t - time.monotonic()))
+
+    if rank == 0:
+        for _ in range(2):  # t 0-2 s, 2-4 s
+            _raises(lambda: _Meeting("enable_x", 2), PeerTimeoutError,
+                    "enable_x: ranks [1] did not call it within 2 s")
+    else:
+        at(5)
+        _raises(lambda: _Meeting("enable_x", 2), PeerTimeoutError,
+                "ranks [0] have made more calls of enable_deepspeed / enable_all_reduce (2) "
+                "than this rank (1): this rank skipped one")
+        at(6)
+        _raises(lambda: _Meeting("enable_x", 2), PeerTimeoutError,
+                "every rank called it, but not within 2 s of each other")
+    at(7)
+    _Meeting("enable_x", 10).close()  # in step again: met
+
+
+def test_enable_meeting_names_silent_and_skipping_ranks_gloo_2():
+    spawn(_enable_meeting, 2, timeout=120)
+
+
 def _algorithm_switch(rank, world):
     """Flat on rank 0, hierarchical on the others (both used before). Over gloo a
     hierarchical call's first step runs on the whole group, so the two meet there and every

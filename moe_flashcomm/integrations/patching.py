@@ -167,20 +167,20 @@ def agree(prepare: Callable[[], Any], summary: Callable[[Any], tuple], what: str
 
 
 class _Meeting:
-    """Every rank of the job reaching its n-th agreement (n counted per rank in the job's
-    store), waited for at most ``timeout_s`` through the store before the collective: a rank
-    that never calls ``what`` is named (PeerTimeoutError) instead of leaving the others in
-    the collective until the process group's timeout, unnamed. Whether the meeting happened is
-    decided once, atomically in the store ("met" by the last rank to arrive, or "abandoned"
-    by a rank that gave up), so a rank that comes after the others gave up raises too instead
-    of waiting alone in the collective."""
+    """Every rank of the job reaching its n-th agreement, waited for at most ``timeout_s``
+    through the job's store before the collective: a rank that never calls ``what`` is named
+    (PeerTimeoutError) instead of leaving the others in the collective until the process
+    group's timeout, unnamed. Each rank counts its agreements in the store; whether the n-th
+    meeting happened is decided once, atomically ("met" by the last rank to arrive, or
+    "abandoned" by a rank that gave up), so a rank that comes after the others gave up raises
+    too instead of waiting alone in the collective, and the counts say which ranks are
+    behind (silent) or ahead (this rank skipped a call)."""
 
     def __init__(self, what: str, timeout_s: float) -> None:
         self.store = dist.distributed_c10d._get_default_store()
         self.rank, world = dist.get_rank(), dist.get_world_size()
-        number = self.store.add(f"moe_flashcomm/agreements/{self.rank}", 1)
+        number = self.store.add(self._count(self.rank), 1)
         self.at = f"moe_flashcomm/agreement/{number}"
-        self.store.set(f"{self.at}/{self.rank}", what)
         if self.store.add(f"{self.at}/arrived", 1) == world:
             self.store.compare_set(f"{self.at}/outcome", "", "met")
         try:
@@ -189,19 +189,30 @@ class _Meeting:
             pass
         if self.store.compare_set(f"{self.at}/outcome", "", "abandoned") == b"met":
             return
-        silent = [q for q in range(world) if not self.store.check([f"{self.at}/{q}"])]
+        calls = [self.store.add(self._count(q), 0) for q in range(world)]
+        silent = [q for q, n in enumerate(calls) if n < number]
+        ahead = [q for q, n in enumerate(calls) if n > number]
+        waited = f"{timeout_s:g} s (MOE_FLASHCOMM_TIMEOUT_S)"
         if silent:
+            raise PeerTimeoutError(f"{what}: ranks {silent} did not call it within {waited}; "
+                                   "every rank must call it, at the same point")
+        if ahead:
             raise PeerTimeoutError(
-                f"{what}: ranks {silent} did not call it within {timeout_s:g} s "
-                "(MOE_FLASHCOMM_TIMEOUT_S); every rank must call it, at the same point")
-        raise PeerTimeoutError(
-            f"{what}: every rank called it, but not within {timeout_s:g} s of each other "
-            "(MOE_FLASHCOMM_TIMEOUT_S): the first ranks stopped waiting for the last ones")
+                f"{what}: ranks {ahead} have made more calls of enable_deepspeed / "
+                f"enable_all_reduce ({max(calls)}) than this rank ({number}): this rank skipped "
+                f"one, or came to this one after they stopped waiting ({waited}); every rank "
+                "must make the same calls")
+        raise PeerTimeoutError(f"{what}: every rank called it, but not within {timeout_s:g} s "
+                               "of each other (MOE_FLASHCOMM_TIMEOUT_S): the first ranks stopped "
+                               "waiting for the last ones")
+
+    @staticmethod
+    def _count(rank: int) -> str:
+        return f"moe_flashcomm/agreements/{rank}"
 
     def close(self) -> None:
         """Forget the meeting's keys, once every rank has been through the collective (each
-        read the outcome before it): nothing of it stays in the store."""
-        self.store.delete_key(f"{self.at}/{self.rank}")
+        read the outcome before it)."""
         if self.rank == 0:
             self.store.delete_key(f"{self.at}/arrived")
             self.store.delete_key(f"{self.at}/outcome")
