@@ -12,7 +12,9 @@ with NCCL's link emulation set before NCCL starts (docs/design.md, "Link emulati
     MOE_FLASHCOMM_GATE_FILE=gate.json python train.py              # use it
 
 ``--cpu-dry-run`` runs the same code on gloo processes (timings meaningless) to check a setup
-without GPUs. The 2-GPU benchmarks in tools/ share this module's link emulation and timing.
+without GPUs; without ``--out`` it writes its file to a new temporary path (which it prints),
+never over ./gate.json. The 2-GPU benchmarks in tools/ share this module's link emulation and
+timing.
 """
 from __future__ import annotations
 
@@ -328,8 +330,9 @@ def require_gpus(n: int = 1, hint: str = "") -> None:
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moe_flashcomm.tune_gate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("gate.json"),
-                    help="JSON to write (default gate.json); an existing gate file keeps its all_reduce table")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default gate.json; --cpu-dry-run: a new temporary file, "
+                         "printed); an existing gate file keeps its all_reduce table")
     ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
                     help="fit on tools/bench_all2all.py JSONs (rows joined) instead of measuring")
     ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=",".join(LINK_EMULATION),
@@ -343,9 +346,13 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--budget", type=float_above(0), default=0.2, help="seconds of timed calls per point")
     ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
     ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="gloo on CPU, to check the setup without GPUs (timings meaningless)")
+                    help="gloo on CPU, to check the setup without GPUs (timings meaningless); "
+                         "without --out it writes a temporary file, not gate.json")
     args = ap.parse_args(argv)
+    dry_run = args.cpu_dry_run and not args.from_bench
     check_out(ap, args.out)
+    if args.out is None and not dry_run:
+        args.out = Path("gate.json")
     if args.from_bench:
         rows, devices, dates = [], [], []
         for f in args.from_bench:
@@ -368,12 +375,19 @@ def main(argv: Optional[list] = None) -> None:
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
     table = fit_from_rows(rows)
+    if args.out is None:  # a dry run's meaningless thresholds stay out of ./gate.json
+        fd, name = tempfile.mkstemp(prefix="gate_dry_run_", suffix=".json")
+        os.close(fd)
+        args.out = Path(name)
     write_gate(args.out, thresholds=table, units="bf16 bytes per peer", device=meta.get("device"),
                date=meta.get("date"), source="python -m moe_flashcomm.tune_gate")
     for path, row in table.items():
         print(f"{path:>8}: " + ", ".join(f"{c} {fmt_size(v) if v < NEVER_PAYS else 'never'}"
                                          for c, v in sorted(row.items())))
-    print(f"wrote {args.out} (use it with MOE_FLASHCOMM_GATE_FILE={args.out})")
+    if dry_run:
+        print(f"wrote {args.out} (a dry run: timings meaningless, not a gate to use)")
+    else:
+        print(f"wrote {args.out} (use it with MOE_FLASHCOMM_GATE_FILE={args.out})")
     if args.python:
         print("DEFAULT_THRESHOLDS = " + pprint.pformat(table, width=90))
 

@@ -130,11 +130,11 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench(args) -> None:
+    init_rank(args)  # first: it quiets ranks but 0 before DeepSpeed's import warns
     from deepspeed.moe.layer import MoE
 
     import moe_flashcomm
 
-    init_rank(args)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")

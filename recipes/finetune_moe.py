@@ -5,8 +5,9 @@ On GPUs, with the DeepSpeed launcher:
 On a CPU-only machine the same script starts its own gloo processes with a small default:
     python recipes/finetune_moe.py                    # 2 ranks, a few minutes
 The "moe_flashcomm" section of the DeepSpeed config picks the codecs (see README).
-Logs loss, tokens/s, time in all-to-all and bytes per link class; writes <out>/summary.json;
-saves a DeepSpeed checkpoint at the end (--resume continues from it).
+Logs loss, tokens/s (of the training steps: evaluation not counted), time in all-to-all and
+bytes per link class; writes <out>/summary.json; saves a DeepSpeed checkpoint at the end
+(--resume continues from it).
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         log(f"resumed from {ckpt} at step {start}")
 
     tokens_per_step = micro * args.seq * world
-    history, t_start, evaluations = [], time.perf_counter(), 0
+    history, t_start, evaluations, eval_seconds = [], time.perf_counter(), 0, 0.0
     progress = None
     if rank == 0 and not args.no_progress and sys.stdout.isatty():
         from tqdm import tqdm
@@ -181,13 +182,16 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
         if step % args.eval_every == 0 or step == args.steps:
+            t_eval = time.perf_counter()  # (loss.item() above waited for the step)
             history[-1]["val_loss"] = evaluate(engine, val_batches)
+            eval_seconds += time.perf_counter() - t_eval
             evaluations += 1
             log(f"step {step}: train loss {loss.item():.4f}, val loss {history[-1]['val_loss']:.4f}",
                 progress)
     if progress:
         progress.close()
     elapsed = time.perf_counter() - t_start
+    train_seconds = elapsed - eval_seconds
     steps_run = args.steps - start
 
     stats = ExchangeStats.total(layer_stats.values())
@@ -209,8 +213,11 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         "moe_flashcomm": ds_config.get("moe_flashcomm"),
         "final_train_loss": history[-1]["loss"] if history else None,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-        "tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
-        "seconds": elapsed, "all_to_all_seconds": stats.elapsed(), "exchanges": exchanges,
+        # tokens/s of the training steps; "seconds" also counts the evaluations, as does
+        # "all_to_all_seconds" (their forward exchanges)
+        "tokens_per_s": tokens_per_step * steps_run / train_seconds if steps_run else None,
+        "seconds": elapsed, "train_seconds": train_seconds, "evaluation_seconds": eval_seconds,
+        "all_to_all_seconds": stats.elapsed(), "exchanges": exchanges,
         "evaluation_forwards": evaluations * args.eval_batches, "filled_slot_share": filled,
         "history": history,
     }, engine, val_batches

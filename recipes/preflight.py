@@ -45,7 +45,13 @@ def fail(msg: str) -> NoReturn:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the docstring as written, and every option's default."""
+    """--help: the docstring as written, and every option's default (once: not where the help
+    names it already, nor a default of None, which the help explains where it matters)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

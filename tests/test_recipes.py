@@ -4,6 +4,7 @@ arguments or the config fail in the parent, in seconds, with one line and exit s
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -142,6 +143,20 @@ def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypat
         assert len(err.splitlines()) == 1 and err.startswith(says), err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_names_each_default_once(script, monkeypatch, capsys):
+    """Options whose help says their default got " (default: None)" after it."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    module = __import__(Path(script).stem)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"])
+    assert e.value.code == 0
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    for option in re.split(r"\n  (?=-)", options):
+        assert option.count("default") <= 1 and "(default: None)" not in option, option
+
+
 def test_the_smallest_corpus_the_recipe_accepts_has_validation_batches(tmp_path, monkeypatch):
     """At the least --corpus-bytes check_args allowed (20 x (seq + 1)) the 5% validation split
     was exactly seq + 1 bytes, and ByteBatches raised on every rank after DeepSpeed started."""
@@ -201,6 +216,12 @@ def test_finetune_trains_counts_exchanges_and_resumes(tmp_path):
     assert sum(ex["bf16_bytes"]["dispatch"].values()) > 3 * sum(ex["bytes_sent"]["dispatch"].values())
     assert math.isfinite(s["val_loss"]) and s["val_loss"] < math.log(256)  # learned something
     assert s["all_to_all_seconds"] > 0 and s["tokens_per_s"] > 0
+    # tokens/s of the training steps: it counted the evaluations' time too
+    assert 0 < s["evaluation_seconds"] < s["seconds"]
+    assert s["train_seconds"] == pytest.approx(s["seconds"] - s["evaluation_seconds"])
+    micro = 8  # (finetune_moe.DEFAULT_CONFIG)
+    assert s["tokens_per_s"] == pytest.approx(micro * s["model"]["seq"] * s["world_size"] * steps
+                                              / s["train_seconds"])
 
     out = run(SCRIPTS[0], "--steps", "6", "--resume", *common, cwd=tmp_path).stdout
     assert "resumed from" in out and "at step 4" in out
@@ -220,6 +241,8 @@ def test_inference_benchmark_smoke(tmp_path):
     out = run(SCRIPTS[1], "--tokens", "32", "--reps", "2", "--codecs", "int8", "int2",
               "--out", str(tmp_path / "inf"), cwd=tmp_path).stdout
     assert "the torch reference codec" in out  # why the codecs are slower on CPU
+    # DeepSpeed's import warns; rank 1 imported it before init_rank quieted it: twice
+    assert out.count("Setting accelerator to CPU") <= 1, out
     data = json.loads((tmp_path / "inf" / "moe_inference_cpu.json").read_text())
     assert data["meta"]["world_size"] == 2 and data["meta"]["path"] == "cpu"
     (row,) = data["rows"]

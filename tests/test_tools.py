@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,21 @@ def test_all_reduce_gate_of_a_run_of_some_codecs_keeps_the_others_defaults(tmp_p
             assert gate.all_reduce_threshold(path, cfg) == default.all_reduce_threshold(path, cfg) > 0
 
 
+def test_bench_allreduce_dry_run_checks_no_targets_and_fits_no_gate(tmp_path, capsys, monkeypatch):
+    """--device cpu printed the 2x H200 targets as ok / MISSED and --gate-out wrote the
+    default tables as if fitted."""
+    result = json.loads((DATA / "bench_allreduce.json").read_text())
+    assert "over NCCL bf16" in bench_allreduce.report(result)  # a GPU run: checked
+    result["meta"]["device"] = "cpu (gloo)"
+    text = bench_allreduce.report(result)
+    assert "targets (2x H200): not checked on a dry run" in text
+    assert "over NCCL bf16" not in text and "MISSED" not in text and ": ok" not in text
+    line = usage_error(capsys, monkeypatch, bench_allreduce, "--device", "cpu", "--gate-out",
+                       tmp_path / "gate.json", "--out", tmp_path / "out")
+    assert "--gate-out: a dry run (--device cpu) fits no gate" in line
+    assert not (tmp_path / "gate.json").exists() and not (tmp_path / "out").exists()
+
+
 # ---- 2, 3: replots of stored runs --------------------------------------------------------------
 
 def test_bench_all2all_replots_with_a_refitted_gate(tmp_path, capsys):
@@ -207,6 +224,20 @@ def test_every_stored_bench_host_run_replots(tmp_path):
         assert png.is_file(), f
 
 
+def test_codec_error_plots_and_labels_the_groups_it_ran(tmp_path, monkeypatch, capsys):
+    """--groups 32: the int2..8 lines were drawn at group 128 (empty) and labelled "g128",
+    the fp8 marker "g32..256"."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    monkeypatch.setattr(sys, "argv", ["codec_error.py", "--groups", "32", "--tokens", "4",
+                                      "--hidden", "256", "--out", str(tmp_path / "e.json")])
+    codec_error.main()
+    assert (tmp_path / "e.png").is_file()
+    for ax in plt.gcf().axes:  # (the figure just saved)
+        lines = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()}
+        assert lines == {"int2..8 g32 spikes on": 7, "int2..8 g32 spikes off": 7, "fp8 (g32)": 1}
+    plt.close("all")
+
+
 # ---- 4: GPU-only tools on a machine without one ----------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -248,6 +279,8 @@ def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
     (bench_allreduce, ["--chunks", "x"], "argument --chunks: expected an int >= 1, got 'x'"),
     (bench_host, ["--sizes", "1X"], "argument --sizes: size '1X'"),
     (bench_frame, ["--reps", "0"], "argument --reps: expected an int >= 1, got '0'"),
+    (bench_frame, ["--port", "99999"], "argument --port: expected a port 1..65535, got '99999'"),
+    (bench_frame, ["--port", "0"], "argument --port: expected a port 1..65535, got '0'"),
 ])
 def test_a_bad_argument_names_the_option(capsys, monkeypatch, module, argv, says):
     assert says in usage_error(capsys, monkeypatch, module, *argv)
@@ -306,6 +339,45 @@ def test_bench_frame_makes_the_folder_of_out(tmp_path):
     assert json.loads(out.read_text())["rows"]
 
 
+def test_bench_frame_picks_a_free_port_and_shows_its_example(capsys, monkeypatch):
+    """The default port was a fixed 29631 (a second run, or anything else there, failed in
+    torch's rendezvous); --help showed the docstring's first paragraph only, not the command."""
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", 29631))
+        except OSError:
+            pass  # taken already
+        port = bench_frame.parse_args([]).port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
+    monkeypatch.setattr(sys, "argv", ["bench_frame.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        bench_frame.main()
+    assert e.value.code == 0
+    assert "    python tools/bench_frame.py --out docs/data/bench_frame.json\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for d in ("tools", "recipes")
+                                           for p in (ROOT / d).glob("*.py")))
+def test_docstrings_read_as_written(script):
+    """--help prints the docstring: a backslash ending a line of an example command joined
+    it to the next, with the indentation as a run of spaces inside the command."""
+    source = (ROOT / script).read_text()
+    doc = ast.get_docstring(ast.parse(source), clean=False)
+    assert doc and doc in source
+
+
+def test_wire_format_table_has_help(capsys):
+    """--help printed the table (no parser)."""
+    import wire_format_table
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        wire_format_table.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "record-size table" in out and "| hidden |" not in out
+
+
 # ---- dry runs on CPU: the GPU sweeps' sizes (up to 512 MiB) took hours there --------------------
 
 @pytest.mark.parametrize("tool, args, config", [
@@ -318,12 +390,23 @@ def test_bench_frame_makes_the_folder_of_out(tmp_path):
     ("-m moe_flashcomm.tune_gate", ["--codecs", "int4", "--budget", "0.01"], None),
 ])
 def test_cpu_dry_runs_default_to_small_sizes(tmp_path, tool, args, config):
-    out = tmp_path / ("gate.json" if config is None else "out")
+    """tune_gate without --out: its meaningless thresholds overwrote ./gate.json; they go to
+    a temporary file now, which it names."""
+    out = tmp_path / "out"
+    real = tmp_path / "gate.json"  # (tune_gate runs in tmp_path, beside a real gate)
+    real.write_text(json.dumps({"thresholds": DEFAULT_THRESHOLDS}))
     proc = run_tool(*tool.split(), "--cpu-dry-run", "--paths", "nvlink", "--hidden", "4096",
-                    *args, "--out", out, timeout=150)
+                    *args, *(["--out", out] if config else []),
+                    cwd=ROOT if config else tmp_path, timeout=150)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if config is None:
-        assert json.loads(out.read_text())["device"] == "cpu (dry run)"
+        assert json.loads(real.read_text()) == {"thresholds": DEFAULT_THRESHOLDS}
+        written = Path(re.search(r"^wrote (\S+) \(a dry run", proc.stdout, re.M)[1])
+        try:
+            assert written.parent == Path(tempfile.gettempdir())
+            assert json.loads(written.read_text())["device"] == "cpu (dry run)"
+        finally:
+            written.unlink()
         return
     data = json.loads(next(out.glob("bench_*.json")).read_text())
     assert {k: data["meta"]["config"][k] for k in config} == config

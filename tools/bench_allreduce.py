@@ -230,13 +230,18 @@ def report(result: dict) -> str:
     if skipped:
         lines.append("\nskipped (time budget): " + ", ".join(
             f"{r['path']} {fmt_size(r['size_bytes'])}" for r in skipped))
-    lines.append("\ntargets (2x H200):")
-    for path, codec, size, floor in TARGETS:
+    if str(result.get("meta", {}).get("device", "")).startswith("cpu"):
+        lines.append("\ntargets (2x H200): not checked on a dry run (--device cpu: timings meaningless)")
+        targets = ()
+    else:
+        lines.append("\ntargets (2x H200):")
+        targets = TARGETS
+    for path, codec, size, floor in targets:
         v = res.get((path, size, codec))
         got = f"{v['nccl'] / v['raw']:.2f}x (gate on {v['nccl'] / v['gate']:.2f}x)" if v else "not measured"
         lines.append(f"  {path} {codec} {fmt_size(size)}: >= {floor}x over NCCL bf16: {got}")
     nv = [(s, c, v["nccl"] / v["gate"]) for (p, s, c), v in res.items() if p == "nvlink" and "gate" in v]
-    if nv:
+    if nv and targets:
         worst = min(nv, key=lambda t: t[2])
         ok = "ok" if worst[2] >= NVLINK_FLOOR else "MISSED"
         lines.append(f"  nvlink, gate on, never > 5% slower (ratio >= {NVLINK_FLOOR:.3f}): worst "
@@ -312,7 +317,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float_above(0), default=170.0,
                     help="total seconds for the whole run; the largest sizes are skipped past it")
     ap.add_argument("--gate", type=Path, help="gate file for the '+gate' variant (default: shipped)")
-    ap.add_argument("--gate-out", type=Path, help="write the fitted all-reduce gate here")
+    ap.add_argument("--gate-out", type=Path, help="write the fitted all-reduce gate here (not with --device cpu)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: gloo on CPU to check this script (timings meaningless)")
     ap.add_argument("--plot", type=Path, help="only report and replot this JSON")
@@ -323,6 +328,8 @@ def main(argv=None) -> None:
         plot(result, args.plot.with_suffix(".png"))
         return
     check_out(ap, args.out, folder=True)
+    if args.gate_out and args.device == "cpu":  # nothing fitted: it would write the defaults
+        ap.error("--gate-out: a dry run (--device cpu) fits no gate; run it on 2 GPUs")
     check_out(ap, args.gate_out, option="--gate-out")
     from moe_flashcomm import SizeGate
     try:  # the '+gate' variant's table, read in every worker: checked here, not there

@@ -1,4 +1,4 @@
-"""Encode/decode bandwidth of the CUDA codec against a device-to-device copy in the same run.
+r"""Encode/decode bandwidth of the CUDA codec against a device-to-device copy in the same run.
 
 GB/s counts bytes read + bytes written (encode: tokens in + records out; decode: records in +
 tokens out; copy: 2x the tensor). Each point is the median over replays of a CUDA graph of

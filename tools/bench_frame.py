@@ -36,7 +36,7 @@ from moe_flashcomm.comm.exchange import cached_plan, exchange  # noqa: E402
 from moe_flashcomm.comm.frame import HEADER_BYTES, Frame, Leg  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
-from benchlib import check_out, positive_int  # noqa: E402
+from benchlib import check_out, free_port, positive_int  # noqa: E402
 
 H = 1024
 SIZES = [64 << 10, 1 << 20, 4 << 20]
@@ -206,16 +206,35 @@ def _header_work_us(comm, rank: int, world: int, rows: int, hidden: int, nbytes:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def port_arg(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {text!r}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=positive_int, default=2)
     ap.add_argument("--reps", type=positive_int, default=200)
-    ap.add_argument("--port", type=int, default=29631)
+    ap.add_argument("--port", type=port_arg, default=None,
+                    help="the rendezvous port on 127.0.0.1 (default: a free one)")
     ap.add_argument("--out", default="")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.world < 2:
         ap.error(f"--world: expected an int >= 2 (an exchange between processes), got {a.world}")
     check_out(ap, a.out and Path(a.out))
+    if a.port is None:
+        a.port = free_port()
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     mp.start_processes(_worker, (a.world, a.port, a.reps, a.out), nprocs=a.world,
                        start_method="spawn")
 

@@ -103,22 +103,28 @@ def main() -> None:
             "torch": torch.__version__}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
-    plot(rows, kinds, args.out.with_suffix(".png"))
+    plot(rows, kinds, args.out.with_suffix(".png"), args.groups)
 
 
-def plot(rows, kinds, path: Path) -> None:
+def plot(rows, kinds, path: Path, groups) -> None:
+    """Error against bits per value: the integer codecs at group 128 (or, where the run did
+    not measure 128, the first of ``groups``), fp8 at every group run."""
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), sharey=True)
+    shown = 128 if 128 in groups else groups[0]
+    fp8_groups = ",".join(str(g) for g in sorted(set(groups)))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     for ax, kind in zip(axes, kinds):
         for spikes, style in ((True, "o-"), (False, "s--")):
             pts = sorted((r["bits_per_value"], r["rel_l2"]) for r in rows
                          if r["data"] == kind and r["spikes"] == spikes and r["bits"] != "fp8"
-                         and r["group_size"] == 128)
-            ax.plot(*zip(*pts), style, label=f"int2..8 g128 spikes {'on' if spikes else 'off'}")
+                         and r["group_size"] == shown)
+            ax.plot(*zip(*pts), style, label=f"int2..8 g{shown} spikes {'on' if spikes else 'off'}")
         fp8 = [(r["bits_per_value"], r["rel_l2"]) for r in rows if r["data"] == kind and r["bits"] == "fp8"]
-        ax.plot(*zip(*sorted(fp8)), "^", label="fp8 (g32..256)")
+        ax.plot(*zip(*sorted(fp8)), "^", label=f"fp8 (g{fp8_groups})")
         ax.set(title=kind, xlabel="wire bits per value", yscale="log")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("relative L2 error")

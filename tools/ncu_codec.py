@@ -1,4 +1,4 @@
-"""A fixed workload of codec kernels for Nsight Compute (hardware counters of one launch each).
+r"""A fixed workload of codec kernels for Nsight Compute (hardware counters of one launch each).
 
 Inside an NVTX range "profile", on rotating buffers (so a launch reads from DRAM, not L2): an SM
 copy of the tokens (``x * 1``, the bandwidth reference), then each requested encode (and
