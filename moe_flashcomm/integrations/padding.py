@@ -27,10 +27,10 @@ the E counts right after the gate, and one copy of them to the host (the split s
 uneven exchange). Each count carries its rank's capacity C in its high 32 bits (one add; no
 other message), so every rank learns every rank's C, and ranks whose gates sized different
 capacities (``drop_tokens`` sizes C from each rank's own token count) all raise alike before
-any exchange: the padded exchange cannot pair them either. DeepSpeed's forward already synchronizes with the host there
-(``C = int(C)`` just after the gate, and an all-reduce of the capacity without
-``drop_tokens``); on CUDA the counts are copied asynchronously before that point, so that
-synchronization covers them. The same counts serve all four exchanges: the combine and the
+any exchange: the padded exchange cannot pair them either. DeepSpeed's forward already
+synchronizes with the host there (``C = int(C)`` just after the gate, and an all-reduce of the
+capacity without ``drop_tokens``); on CUDA the counts are copied asynchronously before that
+point, so that synchronization covers them. The same counts serve all four exchanges: the combine and the
 dispatch's gradient go back the way the dispatch came.
 """
 from __future__ import annotations
