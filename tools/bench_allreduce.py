@@ -54,12 +54,6 @@ TARGETS = (  # (path, codec, size, minimum NCCL/ours): the issue's targets, 2x H
 NVLINK_FLOOR = 1 / 1.05  # NVLink, gate on: never more than 5% slower than NCCL
 
 
-
-
-
-
-
-
 # ---- worker (one process per GPU) ------------------------------------------------------------
 DEV = "cuda"
 
@@ -159,8 +153,6 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         Path(part).write_text(json.dumps(dict(rows=rows)))
     dist.barrier()
     dist.destroy_process_group()
-
-
 
 
 def run_paths(cfg: dict, out: Path) -> dict:

@@ -229,7 +229,6 @@ class _LayerState(PatchState):
                                chunks=cfg.chunks, algorithm=cfg.algorithm)
 
 
-
 def _tensor_parallel_size(layer: nn.Module) -> int:
     """The tensor-parallel world size DeepSpeed's ``MOELayer.forward`` sees (above 1 it
     splits the capacity dimension across those ranks before the all-to-all)."""
