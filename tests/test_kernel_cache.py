@@ -190,6 +190,8 @@ def test_codec_kernel_names_refuse_a_dtype_they_have_no_kernel_for():
                 codec_cuda.kernel_names(CodecConfig(bits=bits), dtype)
     with pytest.raises(ValueError, match="direction must be 'encode' or 'decode', got 'decoder'"):
         codec_cuda.kernel_shape(CodecConfig(), "decoder")
+    with pytest.raises(ValueError, match=r"decode_shape \(1, 1\) is not one of"):  # (which one)
+        codec_cuda.kernel_shape(CodecConfig(), "decode", (1, 1))
 
 
 def test_precompile_takes_one_codec_alone(monkeypatch):

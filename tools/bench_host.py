@@ -344,7 +344,8 @@ def profile_arg(text: str) -> tuple:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_host.json"))
     p.add_argument("--sizes", type=SIZES_ARG, default=",".join(str(s) for s in SIZES),
                    help="bf16 bytes per rank, comma-separated (e.g. 64K,1M)")

@@ -148,7 +148,8 @@ def measure(world: int, size: int, name: str, cfg, pages: dict, op: str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="all_to_all", choices=("all_to_all", "all_reduce"),
                     help="all_reduce: its reduce-scatter (the 'decode' side is the reduction)")
     ap.add_argument("--world", type=int, default=8)

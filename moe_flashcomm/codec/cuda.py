@@ -72,10 +72,12 @@ def _gaps(L: RecordLayout) -> list[int]:
     return [(s << 4) | n for s, n in gaps] + [0] * (4 - len(gaps))
 
 
-def _shape(cfg: CodecConfig, shape: Optional[Shape], defaults: dict, allowed) -> Shape:
+def _shape(cfg: CodecConfig, shape: Optional[Shape], direction: str) -> Shape:
+    defaults, allowed = ((ENCODE_SHAPE, ENCODE_SHAPES) if direction == "encode"
+                         else (DECODE_SHAPE, DECODE_SHAPES))
     V, U = shape or defaults["fp8" if cfg.is_fp8 else "int"]
     if (V, U) not in allowed:
-        raise ValueError(f"kernel shape {(V, U)} is not one of {allowed}")
+        raise ValueError(f"{direction}_shape {(V, U)} is not one of {allowed}")
     return min(V, cfg.group_size), U
 
 
@@ -83,9 +85,7 @@ def kernel_shape(cfg: CodecConfig, direction: str, shape: Optional[Shape] = None
     """The (values per chunk, chunks per thread) an encode or decode of ``cfg`` runs with."""
     if direction not in ("encode", "decode"):
         raise ValueError(f"direction must be 'encode' or 'decode', got {direction!r}")
-    if direction == "encode":
-        return _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
-    return _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
+    return _shape(cfg, shape, direction)
 
 
 def _token_ranges(T: int, ipt: int):
@@ -153,7 +153,7 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
         pieces = [(blocks, t0 * H * dtype.itemsize, t0 * L.record_bytes, args)
                   for t0, blocks, args in _cast_pieces(T, H, L.record_bytes, ENC_ARGS, vec)]
         return f"mfc::encode_cast<{CTYPE[dtype]}>", pieces
-    V, U = _shape(cfg, shape, ENCODE_SHAPE, ENCODE_SHAPES)
+    V, U = _shape(cfg, shape, "encode")
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         # the noise counter (token * padded_hidden + position) counts tokens from the batch start
@@ -198,7 +198,7 @@ def decode_pieces(T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
                   for t0, blocks, args in _cast_pieces(T, hidden, L.record_bytes, DEC_ARGS,
                                                        hidden % 8 == 0)]
         return f"mfc::decode_cast<{CTYPE[dtype]}>", pieces
-    V, U = _shape(cfg, shape, DECODE_SHAPE, DECODE_SHAPES)
+    V, U = _shape(cfg, shape, "decode")
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
         args = K.struct(DEC_ARGS, H=hidden, log2L=log2L, ipt=ipt, div_mul=mul, div_shift=shift,
@@ -318,8 +318,8 @@ def exchange_name(H: int, cfg: CodecConfig, dtype: torch.dtype, vec: bool,
     t, way = CTYPE[dtype], str(local).lower()
     if cfg.is_passthrough:
         return f"mfc::p2p_exchange_cast<{t}, {way}>"
-    Ve, Ue = _shape(cfg, None, ENCODE_SHAPE, ENCODE_SHAPES)
-    Vd, Ud = _shape(cfg, None, DECODE_SHAPE, DECODE_SHAPES)
+    Ve, Ue = _shape(cfg, None, "encode")
+    Vd, Ud = _shape(cfg, None, "decode")
     if cfg.is_fp8:
         return f"mfc::p2p_exchange_fp8<{t}, {Ve}, {Ue}, {Vd}, {Ud}, {way}>"
     return (f"mfc::p2p_exchange_int<{t}, {cfg.bits}, {str(cfg.spikes).lower()}, {Ve}, {Ue}, "
