@@ -251,7 +251,9 @@ def _enable_meeting(rank, world):
     (patching._Meeting), by the ranks' clocks: rank 1 skips a call. Rank 0 names it at each
     call it waits in vain; rank 1, coming to its first call after rank 0 gave up its second,
     learns it is a call behind, and to its second that it came too late; the third meets."""
+    import torch.distributed as dist
     from moe_flashcomm.integrations.patching import _Meeting
+    dist.barrier()  # one clock for both ranks (their imports took different times)
     start = time.monotonic()
 
     def at(t):
@@ -266,11 +268,14 @@ def _enable_meeting(rank, world):
         _raises(lambda: _Meeting("enable_x", 2), PeerTimeoutError,
                 "ranks [0] have made more calls of enable_deepspeed / enable_all_reduce (2) "
                 "than this rank (1): this rank skipped one")
-        at(6)
+        at(6)  # rank 0 gave up its second call at 4 s, and makes its third at 8 s
         _raises(lambda: _Meeting("enable_x", 2), PeerTimeoutError,
                 "every rank called it, but not within 2 s of each other")
-    at(7)
-    _Meeting("enable_x", 10).close()  # in step again: met
+    at(8)
+    met = _Meeting("enable_x", 10)  # in step again
+    dist.barrier()  # (agree's collective: every rank is past the meeting before it is closed)
+    met.close()
+    dist.barrier()  # (rank 0 holds the store: it must not exit while rank 1 uses it)
 
 
 def test_enable_meeting_names_silent_and_skipping_ranks_gloo_2():
