@@ -337,8 +337,8 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
                 ("codec_decode.cu", f"mfc::decode_cast<{CTYPE[dtype]}>")]
     if not cfg.is_quantized:
         return []
-    (Ve, Ue) = _shape(cfg, encode_shape, ENCODE_SHAPE, ENCODE_SHAPES)
-    (Vd, Ud) = _shape(cfg, decode_shape, DECODE_SHAPE, DECODE_SHAPES)
+    (Ve, Ue) = _shape(cfg, encode_shape, "encode")
+    (Vd, Ud) = _shape(cfg, decode_shape, "decode")
     encodes = dict.fromkeys(_encode_name(cfg, dtype, Ve, Ue, dense) for dense in (True, False))
     return ([("codec_encode.cu", e) for e in encodes]
             + [("codec_decode.cu", _decode_name(cfg, dtype, Vd, Ud))])
