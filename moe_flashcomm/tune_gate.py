@@ -42,7 +42,7 @@ LINK_EMULATION = {
 }
 CODECS = ("fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
-CPU_SIZES = ("64K", "256K")  # --cpu-dry-run: the reference codec is slow on CPU
+CPU_SIZES = ("64K", "256K")  # --cpu-dry-run (here and in tools/): the reference codec is slow on CPU
 HIDDEN = (4096, 7168)
 
 

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (PATH_ENV, SIZES_ARG, burst_ms, check_out, codec_of, csv_arg, float_above,  # noqa: E402
-                      fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
+from benchlib import (CPU_SIZES, PATH_ENV, SIZES_ARG, burst_ms, check_out, codec_of,  # noqa: E402
+                      csv_arg, float_above, fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
                       ratio_axes, read_json, require_gpus, save_figure)
 
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
@@ -44,7 +44,6 @@ from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # no
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
 QUICK_SIZES = ("64K", "1M", "16M", "256M")
-CPU_SIZES = ("64K", "256K")  # --cpu-dry-run: the reference codec is slow on CPU
 CHUNK_SWEEP = "256M:7168:int8,int4,int2:1,2,4"
 CPU_CHUNK_SWEEP = "256K:7168:int4:1,2"
 

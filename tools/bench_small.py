@@ -46,15 +46,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, fmt_size,  # noqa: E402
-                      free_port, init_worker, positive_int, pyplot, ratio_axes,
+from benchlib import (CPU_SIZES, PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of,  # noqa: E402
+                      csv_arg, fmt_size, free_port, init_worker, positive_int, pyplot, ratio_axes,
                       read_json, require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
 A2A_SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
 AR_SIZES = ("1M", "4M", "16M", "64M", "256M")
-CPU_SIZES = ("64K", "256K")  # --cpu-dry-run, both ops: the reference codec is slow on CPU
 MODES = ("issue", "device")
 OPS = ("all_to_all", "all_reduce")
 FLOOR = 1 / 1.05  # "never more than 5% slower"

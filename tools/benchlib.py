@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 
 from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV
-from moe_flashcomm.tune_gate import SIZES_ARG, csv_arg, float_above, fmt_size, free_port
+from moe_flashcomm.tune_gate import CPU_SIZES, SIZES_ARG, csv_arg, float_above, fmt_size, free_port
 from moe_flashcomm.tune_gate import bench_codec as codec_of
 from moe_flashcomm.tune_gate import init_link_worker as init_worker
 from moe_flashcomm.comm.gate import write_gate
 from moe_flashcomm.tune_gate import check_out, parse_size, positive_int, require_gpus
 
-__all__ = ["PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms", "check_out", "codec_of", "csv_arg",
-           "float_above", "fmt_size", "free_port", "init_worker", "parse_size", "positive_int",
-           "pyplot", "ratio_axes", "read_json", "require_gpus", "save_figure", "write_gate"]
+__all__ = ["CPU_SIZES", "PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms", "check_out", "codec_of",
+           "csv_arg", "float_above", "fmt_size", "free_port", "init_worker", "parse_size",
+           "positive_int", "pyplot", "ratio_axes", "read_json", "require_gpus", "save_figure", "write_gate"]
 
 # the quantized codecs by their command-line names
 QUANTIZED = ("fp8",) + tuple(f"int{b}" for b in range(2, 9))
