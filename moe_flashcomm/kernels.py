@@ -23,8 +23,8 @@ import os
 import re
 import shutil
 import sys
-import uuid
 import threading
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
