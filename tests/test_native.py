@@ -124,7 +124,7 @@ def _all_reduce(rank, world):
 
 
 def _meta(rank, world):
-    """Every rank raises before any collective: nobody is left waiting."""
+    """A meta or sparse x: every rank raises before any collective, nobody is left waiting."""
     x = torch.empty(4 * world, 32, device="meta")
     for codec in ("native", 4):
         with pytest.raises(ValueError, match="x is a meta tensor"):
@@ -133,6 +133,14 @@ def _meta(rank, world):
             mf.all_reduce(x, codec=codec)
     # a real call afterwards still pairs up
     y = torch.full((4 * world, 32), float(rank))
+    assert torch.equal(mf.all_to_all(y, codec="native"), torch_a2a(y, [4] * world, [4] * world))
+    # a sparse x is refused the same way, also where a dense x of its shape made a plan
+    sparse = y.to_sparse()
+    for codec in ("native", 4):
+        for call in (mf.all_to_all, mf.all_reduce):
+            call(y.clone(), codec=codec, gate=False)
+            with pytest.raises(ValueError, match="x has layout torch.sparse_coo"):
+                call(sparse, codec=codec, gate=False)
     assert torch.equal(mf.all_to_all(y, codec="native"), torch_a2a(y, [4] * world, [4] * world))
 
 

@@ -346,8 +346,9 @@ def test_bad_inputs_raise_clearly():
 
 @pytest.mark.parametrize("cfg", [CodecConfig(), CodecConfig(bits="fp8"), CodecConfig(bits="bf16"),
                                  CodecConfig(bits="native")])
-def test_meta_tensors_are_refused_early(cfg):
-    """A meta tensor (shape only) is a clear ValueError, not a failure deep inside torch."""
+def test_meta_and_sparse_tensors_are_refused_early(cfg):
+    """A meta tensor (shape only) or a sparse one is a clear ValueError, not a failure deep
+    inside torch."""
     x = torch.empty(4, 256, device="meta")
     with pytest.raises(ValueError, match="x is a meta tensor .*no data"):
         encode(x, cfg)
@@ -356,6 +357,11 @@ def test_meta_tensors_are_refused_early(cfg):
         decode(torch.empty(4, rb, dtype=torch.uint8, device="meta"), cfg, 256, torch.float32)
     with pytest.raises(ValueError, match="CodecConfig.bits"):
         encode(torch.randn(2, 8), {"bits": 1})
+    # sparse tensors likewise
+    with pytest.raises(ValueError, match="x has layout torch.sparse_coo"):
+        encode(torch.randn(4, 256).to_sparse(), cfg)
+    with pytest.raises(ValueError, match="records has layout torch.sparse_coo"):
+        decode(torch.zeros(4, rb, dtype=torch.uint8).to_sparse(), cfg, 256, torch.float32)
 
 
 @pytest.mark.parametrize("cfg", [CodecConfig(bits=4, group_size=32), CodecConfig(bits=3, spikes=False),

@@ -88,14 +88,20 @@ def resolve_seed(seed: Seed) -> int:
 
 # ---- validation ------------------------------------------------------------------------
 def check_data(t: torch.Tensor, name: str) -> None:
-    """``t`` has data to read: a meta tensor (shape only) is refused here, before it fails
-    somewhere deep inside torch or a collective."""
+    """``t`` has dense data to read: a meta tensor (shape only) or a sparse one is refused
+    here, before it fails somewhere deep inside torch or a collective."""
     # (while torch.compile traces, the tensors are stand-ins: nothing to check, and reading
     # is_meta would put a node into the graph)
-    if not torch.compiler.is_compiling() and t.is_meta:
+    if torch.compiler.is_compiling():
+        return
+    if t.is_meta:
         raise ValueError(f"{name} is a meta tensor (shape only, no data); moe_flashcomm encodes, "
                          "decodes and exchanges tensors with data: materialise it first "
                          "(e.g. module.to_empty(device=...) and load the weights)")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} has layout {t.layout}; moe_flashcomm encodes, decodes and "
+                         "exchanges dense (torch.strided) tensors: convert it first "
+                         "(e.g. x.to_dense())")
 
 
 def check_tokens(x: torch.Tensor, name: str = "x") -> None:

@@ -378,7 +378,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     try:  # the hot path: these exact arguments were seen before
         # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan)
         key = (codec, type(codec), op, algorithm, chunks, type(chunks), x.dtype,
-               x.device.type, x.numel())
+               x.device.type, x.layout, x.numel())
         plan = plans.get(key)
     except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
         key, plan = None, None

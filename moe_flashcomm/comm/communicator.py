@@ -261,8 +261,10 @@ class Communicator:
         this group (``moe_flashcomm.all_to_all`` documents the arguments); ``codec``,
         ``grad_codec``, ``chunks`` and ``algorithm`` default to the communicator's."""
         try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
-            # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan)
-            key = (x.shape, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled(),
+            # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan; with
+            # the layout: a sparse x of a planned shape is refused too)
+            key = (x.shape, x.dtype, x.device, x.layout,
+                   x.requires_grad and torch.is_grad_enabled(),
                    codec, type(codec), grad_codec, type(grad_codec), chunks, type(chunks),
                    algorithm,
                    None if output_split_sizes is None else split_key(output_split_sizes),
