@@ -189,6 +189,9 @@ def test_tables_given_as_a_dict_keep_the_defaults_of_the_table_left_out():
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read size-gate file"),
     ("{not json", "cannot read size-gate file"),
+    # nested past the JSON reader's depth: once a bare RecursionError
+    ('{"thresholds": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "cannot read size-gate file .*recursion"),
     ({"network": {"int4": 1}}, "needs a 'thresholds' object"),
     ({"thresholds": {"infiniband": {"int4": 1}}},
      "unknown path 'infiniband' in thresholds; allowed: nvlink, host, network, cpu"),

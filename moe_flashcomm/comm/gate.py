@@ -171,7 +171,8 @@ class SizeGate:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, ValueError) as e:  # (ValueError: not JSON, or not UTF-8 text)
+        except (OSError, ValueError, RecursionError) as e:
+            # (ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deeply)
             raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
         if not isinstance(data, Mapping) or "thresholds" not in data:
             raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
