@@ -61,21 +61,25 @@ def parse_args(argv=None):
                    help="default: mixtral deepseek on GPU, tiny on CPU")
     p.add_argument("--tokens", type=positive_int, nargs="+", default=None,
                    help="tokens per rank (batch x sequence); default 1024 4096 16384 on GPU, 64 256 on CPU")
-    p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS))
-    p.add_argument("--capacity-factor", type=float_above(0), default=1.25)
+    p.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2"], choices=sorted(CODECS),
+                   help="codecs of dispatch and combine to time against stock DeepSpeed")
+    p.add_argument("--capacity-factor", type=float_above(0), default=1.25,
+                   help="the gate's capacity factor (eval_capacity_factor too)")
     p.add_argument("--zipf", type=float_above(0, inclusive=True), default=0.0,
                    help="skewed expert popularity: the gate's logit of expert e gets -s*log(e+1) "
                         "(popularity ~ 1/(e+1)^s); 0: the random gate")
     p.add_argument("--skip-padding", nargs="+", default=["on"], choices=["on", "off"],
                    help="time the codecs with skip_padding on (row keys <codec>_...) and/or off "
                         "(<codec>_padded_...)")
-    p.add_argument("--reps", type=positive_int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10, help="timed forwards per point")
     p.add_argument("--path", default="nvlink" if torch.cuda.is_available() else "cpu",
                    help="label of the link emulation in the environment (nvlink, host-memory, network)")
-    p.add_argument("--out", type=Path, default=Path("out/moe_inference"))
-    p.add_argument("--plot", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("out/moe_inference"),
+                   help="folder of moe_inference_<path>.json")
+    p.add_argument("--plot", action="store_true", help="also write moe_inference_<path>.png")
     p.add_argument("--local_rank", type=int, default=env.local_rank() or 0, help=argparse.SUPPRESS)
-    p.add_argument("--cpu-ranks", type=positive_int, default=2)
+    p.add_argument("--cpu-ranks", type=positive_int, default=2,
+                   help="gloo processes to start when not launched")
     p.add_argument("--deepspeed_config", type=Path, default=None,
                    help="accepted for the launcher: checked, its codecs unused (see --codecs)")
     args = p.parse_args(argv)

@@ -47,17 +47,21 @@ def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval
     p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON (default: the embedded CPU config)")
     p.add_argument("--local_rank", type=int, default=env.local_rank() or 0, help=argparse.SUPPRESS)
     p.add_argument("--cpu-ranks", type=positive_int, default=2, help="gloo processes to start when not launched")
-    p.add_argument("--steps", type=positive_int, default=steps)
-    p.add_argument("--eval-every", type=positive_int, default=eval_every)
-    p.add_argument("--eval-batches", type=positive_int, default=eval_batches)
-    p.add_argument("--hidden", type=positive_int, default=128)
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--experts", type=positive_int, default=8)
-    p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--seq", type=positive_int, default=128)
-    p.add_argument("--corpus-bytes", type=positive_int, default=4_000_000)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--steps", type=positive_int, default=steps, help="training steps")
+    p.add_argument("--eval-every", type=positive_int, default=eval_every,
+                   help="steps between validation losses")
+    p.add_argument("--eval-batches", type=positive_int, default=eval_batches,
+                   help="validation batches per evaluation")
+    p.add_argument("--hidden", type=positive_int, default=128, help="the model's hidden size")
+    p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks (each with an MoE layer)")
+    p.add_argument("--experts", type=positive_int, default=8,
+                   help="experts per MoE layer (a multiple of the number of ranks)")
+    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens (bytes) per sequence")
+    p.add_argument("--corpus-bytes", type=positive_int, default=4_000_000,
+                   help="bytes of the corpus (the Python standard library's sources)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the weights and the batches")
+    p.add_argument("--out", type=Path, default=Path(out), help="folder of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when "
                    "stdout is not a terminal)")
 

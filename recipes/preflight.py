@@ -46,10 +46,11 @@ def fail(msg: str) -> NoReturn:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the docstring as written, and every option's default (once: not where the help
-    names it already, nor a default of None, which the help explains where it matters)."""
+    names it already, nor a default of None, which the help explains where it matters, nor
+    a flag's False)."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

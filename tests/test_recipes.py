@@ -144,8 +144,10 @@ def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_names_each_default_once(script, monkeypatch, capsys):
-    """Options whose help says their default got " (default: None)" after it."""
+def test_help_explains_each_option_and_names_each_default_once(script, monkeypatch, capsys):
+    """Options whose help says their default got " (default: None)" after it; options
+    without help text showed neither what they do nor their default; flags said
+    " (default: False)"."""
     monkeypatch.syspath_prepend(str(ROOT / "recipes"))
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     module = __import__(Path(script).stem)
@@ -155,6 +157,9 @@ def test_help_names_each_default_once(script, monkeypatch, capsys):
     options = capsys.readouterr().out.split("\noptions:\n")[1]
     for option in re.split(r"\n  (?=-)", options):
         assert option.count("default") <= 1 and "(default: None)" not in option, option
+        assert "(default: False)" not in option, option
+        lines = option.strip().splitlines()  # help follows the option, or starts a new line
+        assert len(lines) > 1 or len(re.split(r"\s{2,}", lines[0])) > 1, option
 
 
 def test_the_smallest_corpus_the_recipe_accepts_has_validation_batches(tmp_path, monkeypatch):
