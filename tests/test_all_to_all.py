@@ -352,6 +352,11 @@ def _exchange_counts(rank, world):
             comm.exchange_counts(mine)
     assert torch.equal(comm.exchange_counts(mine), torch_a2a(mine.view(-1, 1), [2] * world,
                                                              [2] * world).view(-1))
+    # a transposed view once came back as uninitialised memory, with no error
+    view = mine.view(2, world).t()
+    assert torch.equal(comm.exchange_counts(view), comm.exchange_counts(view.contiguous()))
+    assert torch.equal(comm.exchange_counts(view).view(-1),
+                       torch_a2a(view.reshape(-1, 1), [2] * world, [2] * world).view(-1))
     comm.close()
 
 

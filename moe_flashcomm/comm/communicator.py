@@ -341,6 +341,8 @@ class Communicator:
         """Exact ``all_to_all_single`` of int64 counts, an equal part per rank (skip_padding:
         the filled slots per expert, to the ranks of the experts). Framed over gloo."""
         self._check_open()
+        # (a transposed view would send its memory order, and be written through a copy)
+        mine = mine.contiguous()
         theirs = torch.empty_like(mine)
         if mine.is_cuda:
             dist.all_to_all_single(theirs, mine, group=self.group)
