@@ -246,6 +246,21 @@ def load_bench(path: Path) -> tuple:
 
 # ---- command-line checks and files, shared with the tools in tools/ (benchlib re-exports) ----
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, and every option's default once: not where the help
+    names it already, nor a default that says nothing (None, a flag's False, empty); a list
+    as it is typed (``1 2 4``, not ``[1, 2, 4]``). The recipes' parsers use it too."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d in ("", []) or "default" in (action.help or ""):
+            return action.help
+        text = super()._get_help_string(action)
+        if isinstance(d, (list, tuple)):
+            text = text.replace("%(default)s", " ".join(map(str, d)).replace("%", "%%"))
+        return text
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an int >= 1."""
     try:
@@ -329,17 +344,19 @@ def require_gpus(n: int = 1, hint: str = "") -> None:
 
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moe_flashcomm.tune_gate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON to write (default gate.json; --cpu-dry-run: a new temporary file, "
                          "printed); an existing gate file keeps its all_reduce table")
     ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
                     help="fit on tools/bench_all2all.py JSONs (rows joined) instead of measuring")
     ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=",".join(LINK_EMULATION),
-                    help="link emulations to measure")
+                    help="link emulations to measure, comma-separated: a fresh pair of processes "
+                         "each")
     ap.add_argument("--hidden", type=csv_arg(positive_int), default=",".join(map(str, HIDDEN)),
-                    help="hidden sizes")
-    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+                    help="hidden sizes to time, comma-separated")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
+                    help="codecs to time and fit a threshold for, comma-separated")
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank, e.g. 64K,1M,64M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")

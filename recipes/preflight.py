@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 from moe_flashcomm import FlashCommConfig, SizeGate, env
+from moe_flashcomm.tune_gate import HelpFormatter  # (the tools' and the tuner's as well)
 from moe_flashcomm.tune_gate import positive_int  # noqa: F401 (the recipes' argparse type)
 
 EXIT_USAGE = 2
@@ -42,17 +43,6 @@ def fail(msg: str) -> NoReturn:
     if is_rank0():
         print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USAGE)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the docstring as written, and every option's default (once: not where the help
-    names it already, nor a default of None, which the help explains where it matters, nor
-    a flag's False)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

@@ -2,6 +2,7 @@
 CPU: a bad argument ends with exit status 2 and a line naming the option before any long
 work, GPU-only tools say they need a GPU, stored runs replot, and the shipped size-gate
 defaults are what the documented command fits from the stored sweeps."""
+import argparse
 import ast
 import json
 import os
@@ -376,6 +377,35 @@ def test_wire_format_table_has_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and "record-size table" in out and "| hidden |" not in out
+
+
+PARSERS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if "Parser(" in p.read_text())
+
+
+@pytest.mark.parametrize("module", ["moe_flashcomm.tune_gate"] + PARSERS)
+def test_help_explains_each_option_and_names_each_default_once(module, monkeypatch, capsys):
+    """Many options had no help text, and the parsers' formatter showed no defaults: --help
+    said neither what an option does nor what it is without it. Each option shown with a
+    default to name (not None, False, empty) names it once."""
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **kw: parsers.append(self) or parse_args(self, *a, **kw))
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as e:
+        __import__(module, fromlist=["main"]).main()
+    assert e.value.code == 0
+    options = {o.split()[0].rstrip(","): o for o in
+               re.split(r"\n  (?=-)", capsys.readouterr().out.split("\noptions:\n")[1])}
+    for option in options.values():
+        assert option.count("default") <= 1 and "(default: None)" not in option, option
+        assert "(default: False)" not in option, option
+        lines = option.strip().splitlines()  # help follows the option, or starts a new line
+        assert len(lines) > 1 or len(re.split(r"\s{2,}", lines[0])) > 1, option
+    for a in parsers[0]._actions:  # (`is`: a default of 0 == False is named)
+        named = a.default is not None and a.default is not False and a.default not in ("", [])
+        if named and argparse.SUPPRESS not in (a.help, a.default):
+            assert "default" in options[a.option_strings[0]], options[a.option_strings[0]]
 
 
 # ---- dry runs on CPU: the GPU sweeps' sizes (up to 512 MiB) took hours there --------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import check_out, csv_arg, float_above, positive_int  # noqa: E402
+from benchlib import HelpFormatter, check_out, csv_arg, float_above, positive_int  # noqa: E402
 
 from moe_flashcomm import CodecConfig, record_bytes  # noqa: E402
 from moe_flashcomm.comm.hierarchical import (LinkModel, predict,  # noqa: E402
@@ -188,28 +188,39 @@ def compare_2x1(bench: Path, model: LinkModel, hidden_default: int) -> list[dict
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--topologies", type=csv_arg(parse_topology), default="2x1,2x8,4x8,16x8",
-                    help="NODESxGPUS, comma-separated (2x1: what 2 GPUs can measure)")
+                    help="NODESxGPUS, comma-separated; 2x1 is what 2 GPUs can measure")
     ap.add_argument("--tokens", type=positive_int, default=4096, help="tokens per rank")
-    ap.add_argument("--hidden", type=positive_int, default=7168)
-    ap.add_argument("--topk", type=positive_int, default=8)
-    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    ap.add_argument("--hidden", type=positive_int, default=7168,
+                    help="values per token row, also for --bench-json rows that name none")
+    ap.add_argument("--topk", type=positive_int, default=8, help="experts each token is routed to")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
+                    help="wire codecs to model, comma-separated; bf16/int4 is bf16 inside a node, "
+                         "int4 across nodes")
     d = LinkModel()
     alpha, rate = float_above(0, inclusive=True), float_above(0)  # (a rate of 0 divides by 0)
-    ap.add_argument("--intra-alpha-us", type=alpha, default=d.intra_alpha * 1e6)
-    ap.add_argument("--inter-alpha-us", type=alpha, default=d.inter_alpha * 1e6)
+    ap.add_argument("--intra-alpha-us", type=alpha, default=d.intra_alpha * 1e6,
+                    help="assumed microseconds per message over intra-node links")
+    ap.add_argument("--inter-alpha-us", type=alpha, default=d.inter_alpha * 1e6,
+                    help="assumed microseconds per message over inter-node links")
+    # (the measured rates by hand, rounded: argparse would print every digit)
     ap.add_argument("--intra-gbps", type=rate, default=d.intra_beta / 1e9,
-                    help="GB/s one rank sends over intra-node links")
+                    help=f"GB/s one rank sends over intra-node links (default "
+                         f"{d.intra_beta / 1e9:.4g}: NVLink, measured)")
     ap.add_argument("--inter-gbps", type=rate, default=d.inter_beta / 1e9,
-                    help="GB/s one rank sends over inter-node links")
-    ap.add_argument("--mem-gbps", type=rate, default=d.mem_beta / 1e9)
+                    help=f"GB/s one rank sends over inter-node links (default "
+                         f"{d.inter_beta / 1e9:.4g}: the network emulation, measured)")
+    ap.add_argument("--mem-gbps", type=rate, default=d.mem_beta / 1e9,
+                    help="GB/s of a device copy: the hierarchical algorithm's gathers read and "
+                         "write their bytes at this rate")
     ap.add_argument("--codec-gbps", type=rate, default=d.codec_beta / 1e9,
-                    help="bf16 GB/s through one encode or decode")
+                    help=f"bf16 GB/s through one encode or decode (default "
+                         f"{d.codec_beta / 1e9:.4g})")
     ap.add_argument("--bench-json", type=Path,
                     help="tools/bench_all2all.py JSON: fit the links' alpha/beta from it")
-    ap.add_argument("--out", type=Path, default=Path("out/a2a_model.json"))
+    ap.add_argument("--out", type=Path, default=Path("out/a2a_model.json"),
+                    help="JSON file to write: the link model, every row and the crossovers")
     args = ap.parse_args(argv)
     check_out(ap, args.out)
 

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, PATH_ENV, SIZES_ARG, burst_ms, check_out, codec_of,  # noqa: E402
-                      csv_arg, float_above, fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
-                      ratio_axes, read_json, require_gpus, save_figure)
+from benchlib import (CPU_SIZES, PATH_ENV, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
+                      codec_of, csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
+                      positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure)
 
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
 
@@ -319,11 +319,17 @@ def chunk_sweep(text: str):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"))
-    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV))
-    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168")
-    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"),
+                    help="folder to write bench_all2all.json, table.txt, gate.json and "
+                         "bench_all2all.png to")
+    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
+                    help="link emulations to time, comma-separated: a fresh pair of processes each")
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168",
+                    help="hidden sizes to time, comma-separated")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
+                    help="codecs to time against NCCL, comma-separated; bf16 is the library's "
+                         "exchange unquantized")
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"per-rank bf16 bytes, e.g. 64K,1M,256M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
@@ -334,7 +340,7 @@ def main(argv=None) -> None:
                          f"--cpu-dry-run: {CPU_CHUNK_SWEEP})")
     ap.add_argument("--plot", type=Path, help="only replot this JSON")
     ap.add_argument("--refit", action="store_true", help="with --plot: refit the gate")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (tqdm)")
     ap.add_argument("--algorithms", nargs="+", default=["flat"],
                     choices=["flat", "hierarchical", "auto"],
                     help="all_to_all algorithms to time per codec (not flat: as 2 nodes x 1 GPU)")

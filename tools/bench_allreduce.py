@@ -40,9 +40,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of, csv_arg, float_above,  # noqa: E402
-                      fmt_size, free_port, init_worker, parse_size, positive_int, pyplot,
-                      ratio_axes, read_json, require_gpus, save_figure, write_gate)
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, HelpFormatter, check_out, codec_of,  # noqa: E402
+                      csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
+                      positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure,
+                      write_gate)
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -295,12 +296,14 @@ def chunks_arg(text: str) -> list:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"),
+                    help="folder to write bench_allreduce.json, bench_allreduce.txt and "
+                         "bench_allreduce.png to")
     ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
-                    help="of " + ",".join(PATH_ENV))
+                    help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(CODECS),
-                    help="of " + ",".join(QUANTIZED))
+                    help="codecs to time against NCCL, comma-separated, of " + ",".join(QUANTIZED))
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank (default {','.join(SIZES)}; cpu: {','.join(CPU_SIZES)})")
     ap.add_argument("--chunks", type=chunks_arg, default="auto",

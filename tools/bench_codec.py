@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_flashcomm import CodecConfig, record_layout  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
-from benchlib import pyplot, require_gpus  # noqa: E402
+from benchlib import HelpFormatter, pyplot, require_gpus  # noqa: E402
 
 MiB = 2**20
 
@@ -123,22 +123,27 @@ def parse_shape(s: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="JSON path (a PNG plot is written beside it)")
     ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 256, 1024],
                     help="bf16 input sizes in MiB")
-    ap.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168])
-    ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "5", "6", "7", "8", "fp8"])
-    ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168], help="hidden sizes to time")
+    ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "5", "6", "7", "8", "fp8"],
+                    help="codec widths to time: 2 to 8 (integer bits) or fp8")
+    ap.add_argument("--group", type=int, default=128,
+                    help="values sharing one scale: 32, 64, 128 or 256")
+    ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths), 0: off")
     ap.add_argument("--encode-shapes", nargs="+", default=[], metavar="VxU",
                     help="encode kernel shapes to compare (default: the library's)")
-    ap.add_argument("--decode-shapes", nargs="+", default=[], metavar="VxU")
+    ap.add_argument("--decode-shapes", nargs="+", default=[], metavar="VxU",
+                    help="decode kernel shapes to compare (default: the library's)")
     ap.add_argument("--shapes-from", metavar="JSON",
                     help="use per direction the shape with the best mean %% of copy in an earlier run")
     ap.add_argument("--variants", nargs="+", default=[""],
-                    help="kernel variants to compare: comma-separated -D defines ('' = default)")
-    ap.add_argument("--replays", type=int, default=15)
+                    help="kernel variants to compare, each comma-separated -D defines "
+                         "(default: '', the kernels as shipped)")
+    ap.add_argument("--replays", type=int, default=15,
+                    help="CUDA graph replays per point, of which the median counts")
     args = ap.parse_args()
     require_gpus()
 

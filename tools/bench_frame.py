@@ -36,7 +36,7 @@ from moe_flashcomm.comm.exchange import cached_plan, exchange  # noqa: E402
 from moe_flashcomm.comm.frame import HEADER_BYTES, Frame, Leg  # noqa: E402
 from moe_flashcomm.comm.topology import LinkCodecs  # noqa: E402
 
-from benchlib import check_out, free_port, positive_int  # noqa: E402
+from benchlib import HelpFormatter, check_out, free_port, positive_int  # noqa: E402
 
 H = 1024
 SIZES = [64 << 10, 1 << 20, 4 << 20]
@@ -218,12 +218,14 @@ def port_arg(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=positive_int, default=2)
-    ap.add_argument("--reps", type=positive_int, default=200)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--world", type=positive_int, default=2, help="gloo processes, >= 2")
+    ap.add_argument("--reps", type=positive_int, default=200,
+                    help="timed calls per point and variant, after 5 warm-up calls; medians count")
     ap.add_argument("--port", type=port_arg, default=None,
                     help="the rendezvous port on 127.0.0.1 (default: a free one)")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="",
+                    help="JSON file to write every measurement to (without it: printed only)")
     a = ap.parse_args(argv)
     if a.world < 2:
         ap.error(f"--world: expected an int >= 2 (an exchange between processes), got {a.world}")

@@ -43,8 +43,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_flashcomm as mf  # noqa: E402
-from benchlib import (SIZES_ARG, check_out, csv_arg, fmt_size, parse_size, positive_int,  # noqa: E402
-                      pyplot, read_json, require_gpus, save_figure)
+from benchlib import (SIZES_ARG, HelpFormatter, check_out, csv_arg, fmt_size, parse_size,  # noqa: E402
+                      positive_int, pyplot, read_json, require_gpus, save_figure)
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -344,12 +344,13 @@ def profile_arg(text: str) -> tuple:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench_host.json"))
-    p.add_argument("--sizes", type=SIZES_ARG, default=",".join(str(s) for s in SIZES),
-                   help="bf16 bytes per rank, comma-separated (e.g. 64K,1M)")
-    p.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench_host.json"),
+                   help="JSON file to write, with a PNG plot beside it")
+    p.add_argument("--sizes", type=SIZES_ARG, default=",".join(fmt_size(s) for s in SIZES),
+                   help="bf16 bytes per rank, comma-separated, e.g. 64K,1M")
+    p.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
+                   help="codecs of the all-to-all to time, comma-separated")
     p.add_argument("--profile", type=profile_arg, default=None,
                    help="SIZE:CODEC: print a cProfile of rank 0's calls")
     p.add_argument("--world", type=positive_int, default=2,

@@ -46,9 +46,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, PATH_ENV, QUANTIZED, SIZES_ARG, check_out, codec_of,  # noqa: E402
-                      csv_arg, fmt_size, free_port, init_worker, positive_int, pyplot, ratio_axes,
-                      read_json, require_gpus, save_figure)
+from benchlib import (CPU_SIZES, PATH_ENV, QUANTIZED, SIZES_ARG, HelpFormatter, check_out,  # noqa: E402
+                      codec_of, csv_arg, fmt_size, free_port, init_worker, positive_int, pyplot,
+                      ratio_axes, read_json, require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
@@ -291,24 +291,33 @@ def plot(result: dict, png: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("out/bench_small"))
-    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV))
-    ap.add_argument("--ops", type=csv_arg(allowed=OPS), default=",".join(OPS))
-    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168")
-    ap.add_argument("--a2a-codecs", type=csv_arg(allowed=A2A_CODECS), default=",".join(A2A_CODECS))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench_small"),
+                    help="folder to write bench_small.json, table.txt and bench_small.png to")
+    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
+                    help="link emulations to time, comma-separated: a fresh pair of processes each")
+    ap.add_argument("--ops", type=csv_arg(allowed=OPS), default=",".join(OPS),
+                    help="collectives to time, comma-separated")
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168",
+                    help="hidden sizes of the all-to-all, comma-separated")
+    ap.add_argument("--a2a-codecs", type=csv_arg(allowed=A2A_CODECS), default=",".join(A2A_CODECS),
+                    help="all-to-all codecs to time against NCCL, comma-separated")
     ap.add_argument("--ar-codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(AR_CODECS),
-                    help="of " + ",".join(QUANTIZED))
+                    help="all-reduce codecs to time against NCCL, comma-separated, of "
+                         + ",".join(QUANTIZED))
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"all-to-all bf16 bytes per rank (default {','.join(A2A_SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
     ap.add_argument("--ar-sizes", type=SIZES_ARG, default=None,
                     help=f"all-reduce bf16 bytes per rank (default {','.join(AR_SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
-    ap.add_argument("--modes", type=csv_arg(allowed=MODES), default=",".join(MODES))
-    ap.add_argument("--rounds", type=positive_int, default=9)
+    ap.add_argument("--modes", type=csv_arg(allowed=MODES), default=",".join(MODES),
+                    help="timing regimes (see above), comma-separated; --cpu-dry-run: issue only")
+    ap.add_argument("--rounds", type=positive_int, default=9,
+                    help="rounds of one burst per variant; the median over rounds counts")
     ap.add_argument("--plot", type=Path, help="only print and plot this JSON")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (tqdm): a line per point instead")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check this script without GPUs (timings meaningless)")
     args = ap.parse_args(argv)

@@ -39,7 +39,7 @@ from moe_flashcomm import kernels  # noqa: E402
 from moe_flashcomm.codec import record_bytes  # noqa: E402
 from moe_flashcomm.comm import all_reduce as AR  # noqa: E402
 from moe_flashcomm.comm import exchange as X  # noqa: E402
-from benchlib import burst_ms, fmt_size, require_gpus  # noqa: E402
+from benchlib import HelpFormatter, burst_ms, fmt_size, require_gpus  # noqa: E402
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -148,12 +148,14 @@ def measure(world: int, size: int, name: str, cfg, pages: dict, op: str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--op", default="all_to_all", choices=("all_to_all", "all_reduce"),
                     help="all_reduce: its reduce-scatter (the 'decode' side is the reduction)")
-    ap.add_argument("--world", type=int, default=8)
-    ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    ap.add_argument("--world", type=int, default=8,
+                    help="ranks in the group, the one process playing rank 0; all-to-all: "
+                         "size / world bytes to each peer")
+    ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS),
+                    help="codecs to time")
     ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="bf16 bytes per rank")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES),
                     help="the tokens' (fp32 for the bf16 codec's all-to-all)")

@@ -1,7 +1,7 @@
 """What the benchmarks share. The link emulation, sizes, codec names, process setup, free
-ports and argument checks (argparse types, --out, "needs a CUDA GPU") are the size-gate
-tuner's (moe_flashcomm.tune_gate, which uses them too), gate files the gate's; re-exported
-here."""
+ports and argument checks (argparse types, --help's formatter, --out, "needs a CUDA GPU")
+are the size-gate tuner's (moe_flashcomm.tune_gate, which uses them too), gate files the
+gate's; re-exported here."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ from moe_flashcomm.tune_gate import CPU_SIZES, SIZES_ARG, csv_arg, float_above, 
 from moe_flashcomm.tune_gate import bench_codec as codec_of
 from moe_flashcomm.tune_gate import init_link_worker as init_worker
 from moe_flashcomm.comm.gate import write_gate
-from moe_flashcomm.tune_gate import check_out, parse_size, positive_int, require_gpus
+from moe_flashcomm.tune_gate import HelpFormatter, check_out, parse_size, positive_int, require_gpus
 
-__all__ = ["CPU_SIZES", "PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms", "check_out", "codec_of",
-           "csv_arg", "float_above", "fmt_size", "free_port", "init_worker", "parse_size",
-           "positive_int", "pyplot", "ratio_axes", "read_json", "require_gpus", "save_figure", "write_gate"]
+__all__ = ["CPU_SIZES", "HelpFormatter", "PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms",
+           "check_out", "codec_of", "csv_arg", "float_above", "fmt_size", "free_port", "init_worker",
+           "parse_size", "positive_int", "pyplot", "ratio_axes", "read_json", "require_gpus",
+           "save_figure", "write_gate"]
 
 # the quantized codecs by their command-line names
 QUANTIZED = ("fp8",) + tuple(f"int{b}" for b in range(2, 9))

@@ -19,7 +19,7 @@ import torch
 from moe_flashcomm import CodecConfig, decode, encode, record_layout
 from moe_flashcomm.codec.config import GROUP_SIZES
 
-from benchlib import check_out, positive_int, pyplot
+from benchlib import HelpFormatter, check_out, positive_int, pyplot
 
 try:
     from tqdm import tqdm
@@ -64,11 +64,13 @@ def measure(x: torch.Tensor, cfg: CodecConfig) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=positive_int, default=256)
-    ap.add_argument("--hidden", type=positive_int, default=4096)
-    ap.add_argument("--groups", type=int, nargs="+", default=list(GROUP_SIZES), choices=GROUP_SIZES)
-    ap.add_argument("--out", type=Path, default=Path("out/codec_error.json"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--tokens", type=positive_int, default=256, help="token rows per distribution")
+    ap.add_argument("--hidden", type=positive_int, default=4096, help="values per token row, >= 4")
+    ap.add_argument("--groups", type=int, nargs="+", default=list(GROUP_SIZES), choices=GROUP_SIZES,
+                    help="group sizes (values sharing one scale) to measure")
+    ap.add_argument("--out", type=Path, default=Path("out/codec_error.json"),
+                    help="JSON file to write, with a PNG plot beside it")
     args = ap.parse_args()
     if args.hidden < 4:  # (make_data's outlier channels)
         ap.error(f"--hidden: expected an int >= 4 (4 outlier channels), got {args.hidden}")

@@ -24,16 +24,18 @@ from moe_flashcomm import CodecConfig  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
 from bench_codec import buffers_needed, tokens  # noqa: E402
-from benchlib import require_gpus  # noqa: E402
+from benchlib import HelpFormatter, require_gpus  # noqa: E402
 
 MiB = 2**20
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size", type=int, default=64, help="MiB of bf16 tokens")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--bits", type=int, nargs="+", default=[4])
+    p.add_argument("--hidden", type=int, default=7168, help="values per token row")
+    p.add_argument("--bits", type=int, nargs="+", default=[4],
+                   help="integer widths to profile: an encode kernel each (and a decode one, "
+                        "with --decode)")
     p.add_argument("--reps", type=int, default=2, help="launches of each kernel")
     p.add_argument("--decode", action="store_true", help="also decode")
     p.add_argument("--defines", nargs="*", default=[], help="kernel variant defines (A/B)")

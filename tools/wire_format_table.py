@@ -5,10 +5,11 @@
 import argparse
 
 from moe_flashcomm import CodecConfig, record_layout
+from benchlib import HelpFormatter
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.parse_args(argv)
     print("| hidden | bits | group | spikes | record bytes | bits/value | vs bf16 |")
     print("|---:|---|---:|---|---:|---:|---:|")
