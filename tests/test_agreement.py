@@ -246,6 +246,42 @@ def test_silent_peer_is_named_gloo_3():
     spawn(_silent_peer, 3, timeout=120)
 
 
+def _late_rank(rank, world):
+    """A rank that comes to a call of several steps after the others gave up on it (their
+    PeerTimeoutError) completes the first step with the frames they abandoned, and meets at
+    its next step the headers-only frames they left for it: it raises in that same call,
+    and the next calls pair up. Before, its later steps paired with the others' next call:
+    from then on every rank got a mix of two calls' values, with no error."""
+    comm = mf.Communicator(gate=False, topology=2, timeout=2)
+    xs = [make_input(rank, 4 * world, (64,), torch.float32, 20 + i) for i in range(3)]
+    ys = [make_input(rank, 3000, (), torch.float32, 30 + i) for i in range(3)]
+    longs = [make_input(rank, FRAME_BYTES // 4 + 4096, (), torch.float32, 40 + i) for i in range(3)]
+    s = [4] * world
+    calls = {  # each of several framed steps
+        "int8 all_reduce": lambda i: comm.all_reduce(ys[i].clone(), codec=8),
+        "native all_reduce past one frame": lambda i: comm.all_reduce(longs[i].clone(),
+                                                                      codec="native"),
+        "hierarchical all_to_all, split sizes": lambda i: comm.all_to_all(
+            xs[i], s, s, algorithm="hierarchical"),
+        "hierarchical all_reduce": lambda i: comm.all_reduce(ys[i].clone(),
+                                                             algorithm="hierarchical")}
+    for name, call in calls.items():
+        want = [call(i) for i in range(3)]
+        if rank == 3:
+            time.sleep(4)  # past the others' timeout
+            _raises(lambda: call(0), ConfigMismatchError,
+                    "it stopped waiting for a silent rank earlier in this call")
+        else:
+            _raises(lambda: call(0), PeerTimeoutError, "nothing came from ranks [3]")
+        for i in (1, 2):
+            assert torch.equal(call(i), want[i]), (name, i)
+    comm.close()
+
+
+def test_a_late_rank_raises_in_the_call_it_was_late_for_gloo_4():
+    spawn(_late_rank, 4, timeout=180)
+
+
 def _enable_meeting(rank, world):
     """The bounded wait in front of enable_deepspeed's and enable_all_reduce's agreement
     (patching._Meeting), by the ranks' clocks: rank 1 skips a call. Rank 0 names it at each

@@ -605,14 +605,16 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
         try:
             got = scatter.start().wait()
-        except ConfigMismatchError as e:
+        except (ConfigMismatchError, frame.PeerTimeoutError) as e:
             if not e.elsewhere:  # (a rank in another call would never answer)
                 # the all-gather as headers only: ranks that agree with this one raise too
+                answered = frame.peers_answered(e)
                 gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype,
                                      ROW, legs, legs, detail=plan.numel, aborted=True,
-                                     **numbering)
-                gather.start().wait()
-                gather.release()
+                                     gave_up=not answered, **numbering).start()
+                if answered:
+                    gather.wait()
+                    gather.release()
             raise
         rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
                            rows3[r, a:b], r, cfg)
@@ -660,11 +662,12 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         scatter.payload(p).copy_(piece(p).view(torch.uint8))
     try:
         got = scatter.start().wait()
-    except ConfigMismatchError as e:
+    except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         if not e.elsewhere:  # (a rank in another call would never answer)
             empty = flat.new_empty(0)
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
-                                    empty, [0] * W, [0] * W, aborted=True, **numbering)
+                                    empty, [0] * W, [0] * W, aborted=True,
+                                    wait=frame.peers_answered(e), **numbering)
         raise
     # in rank order, each step rounded in the dtype; written into the first received range
     # until this rank's term, then over this rank's own: no new tensor and no copy back
@@ -780,9 +783,10 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
             _stage_gather(h, "intra", inside, across, final)
         else:
             inside = across
-    except ConfigMismatchError as e:
+    except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         if named.get("number"):
-            _abort_stages(h, plan, named, records, after=len(done), elsewhere=e.elsewhere)
+            _abort_stages(h, plan, named, records, after=len(done), elsewhere=e.elsewhere,
+                          wait=frame.peers_answered(e))
         raise
     if stamped:
         _final_call(comm, plan, h, buf).unpack(0, inside.view(-1), buf.view(L * M * c, ROW))
@@ -791,10 +795,11 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
 
 
 def _abort_stages(h, plan: _Plan, named: dict, records: tuple, after: int,
-                  elsewhere=frozenset()) -> None:
-    """A framed call that found a disagreement in stage ``after + 1``: the later stages as
-    headers only, so the ranks that meet this one there raise in this call too; not those
-    that would wait for a rank of ``elsewhere`` (seen in another call: it never comes).
+                  elsewhere=frozenset(), wait: bool = True) -> None:
+    """A framed call that found a disagreement in stage ``after + 1``, or a silent peer
+    (``wait`` False: frame.peers_answered): the later stages as headers only, so the ranks
+    that meet this one there raise in this call too; not those that would wait for a rank
+    of ``elsewhere`` (seen in another call: it never comes).
     ``records``: the stages' (_records of the intra codec, of the inter codec)."""
     L, M, c = h.local, h.nodes, plan.rows
     rb1, rb2 = record_bytes(ROW, plan.intra), record_bytes(ROW, plan.inter)
@@ -808,7 +813,7 @@ def _abort_stages(h, plan: _Plan, named: dict, records: tuple, after: int,
             continue
         splits = [k if gather or q != own else 0 for q in range(n)]
         h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
-              splits, [0] * n, aborted=True, records=rec, **named)
+              splits, [0] * n, aborted=True, records=rec, wait=wait, **named)
 
 
 # ---- the specification ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ RAW_WIRE = 1  # the rows' own bytes
 # the flags word: the sender found a disagreement earlier in this call; the sender rejected
 # its own arguments for this call. Either way it sends headers only.
 ABORTED, REJECTED = 1, 2
+GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlier in this call
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 
 
@@ -62,6 +63,17 @@ class PeerError(RuntimeError):
 class PeerTimeoutError(PeerError):
     """Peers did not take part in a call within the communicator's timeout: they sent
     nothing to a framed exchange (gloo), or a peer-to-peer kernel's wait for them gave up."""
+    elsewhere: frozenset = frozenset()  # (as ConfigMismatchError's: no rank is known elsewhere)
+
+
+def peers_answered(error: Exception) -> bool:
+    """Whether every peer of a call's failed step answered it (``error`` a disagreement, not
+    a timeout). A call ends its later steps as aborted frames either way, but waits for them
+    only then. After a timeout they are started and left: a peer that comes late completes
+    the abandoned step with this rank's frame and meets them at its next step, so it raises
+    in that same call and the ranks stay in step (else its later steps would pair with this
+    rank's next call); a later wait settles them (``Framing.unfinished``)."""
+    return not isinstance(error, PeerTimeoutError)
 
 
 class Leg(NamedTuple):
@@ -268,9 +280,9 @@ class Frame:
                  dtype: torch.dtype, hidden: int, sends: Sequence[Optional[Leg]],
                  recvs: Sequence[Optional[Leg]], detail: int = 0, *,
                  number: Optional[int] = None, counter=None, aborted: bool = False,
-                 rejected: bool = False) -> None:
+                 rejected: bool = False, gave_up: bool = False) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
-        self.flags = ABORTED * aborted | REJECTED * rejected
+        self.flags = ABORTED * (aborted or gave_up) | REJECTED * rejected | GAVE_UP * gave_up
         lay = framing.layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs),
                              detail, self.flags)
         self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
@@ -469,6 +481,10 @@ class Frame:
             return [f"it rejected its arguments for its {op} (its own error says why)"]
         if op != self.operation:
             return [f"it runs {op} while this rank runs {self.operation}"]
+        if h[10] & GAVE_UP:
+            return [f"it stopped waiting for a silent rank earlier in this call (exchange "
+                    f"#{h[2]}) and ended it: this rank came to the call after its timeout "
+                    "(MOE_FLASHCOMM_TIMEOUT_S)"]
         if h[10] & ABORTED:
             return [f"it found ranks disagreeing earlier in this call (exchange #{h[2]}); "
                     "its error names them"]
@@ -505,7 +521,8 @@ class Frame:
 def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: str,
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
-                      records: Optional[tuple] = None, **numbering) -> "Done":
+                      records: Optional[tuple] = None, wait: bool = True,
+                      **numbering) -> "Done":
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
@@ -513,7 +530,8 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     exchange checks that exchange's rows, pair by pair). ``records``: the uint8 items are
     records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
     whose dtypes or codecs differ raise even where their records have the same size.
-    ``numbering``: Frame's ``number``, ``counter`` and ``aborted``."""
+    ``numbering``: Frame's ``number``, ``counter`` and ``aborted``. ``wait=False``: an
+    aborted frame after a timeout, only started (``peers_answered``)."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
@@ -530,10 +548,14 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
         sends, recvs = ([None if leg is None else leg._replace(rows=n) for leg, n in zip(legs, r)]
                         for legs, r in zip((sends, recvs), rows))
     frame = Frame(framing, pg, rank, world, operation, dtype, hidden, sends, recvs, detail,
-                  **numbering)
+                  gave_up=not wait, **numbering)
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
-    got = frame.start().wait()
+    frame.start()
+    if not wait:
+        assert frame.flags, "only a headers-only frame is left unwaited"
+        return Done()
+    got = frame.wait()
     if got is not None:  # (None: headers only)
         n = in_splits[rank] * unit
         osrc[ooff[rank]:ooff[rank] + n].copy_(isrc[ioff[rank]:ioff[rank] + n])

@@ -479,8 +479,10 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
     if stamped is not None:
         x = stamped.prepare(x)
+    counted = False  # the count exchange (where one is made) is this call's first step
     try:
         counts = hop_counts(h, in_rows, uniform, dev, digest, numbering)
+        counted = True
         hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
                         lambda: _hop_plan(h, route, counts, H, dtype, dev))
         packed = (_pack(x, src.send_segs) if stamped is None
@@ -492,13 +494,17 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
             recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
             h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest,
                   rows=(in_rows, out_rows), **numbering)
-    except ConfigMismatchError as e:
+    except (ConfigMismatchError, frame.PeerTimeoutError) as e:
+        none, answered = torch.empty(0, dtype=torch.uint8), frame.peers_answered(e)
+        if numbering and not answered and not counted:
+            # a silent peer in the count exchange: stage 1 too, which it reaches if it comes
+            h.a2a("intra", none, none, [0] * h.local, [0] * h.local, detail=digest,
+                  aborted=True, wait=False, **numbering)
         if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
             # stage 2 as headers only: its peers raise too (what they send is drained: no
             # receive buffer, which this rank's own sizes, perhaps the error, would size)
-            none = torch.empty(0, dtype=torch.uint8)
             h.a2a("inter", none, none, [0] * h.nodes, [0] * h.nodes, detail=digest,
-                  aborted=True, **numbering)
+                  aborted=True, wait=answered, **numbering)
         raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:
