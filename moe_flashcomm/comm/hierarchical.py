@@ -559,7 +559,9 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
     # hierarchical derives the intermediate counts when no rank passes split sizes: all
     # ranks must agree on that. Checked collectively the first time a combination is used
     # (as all_to_all's other fields): a rank that passes split sizes where the others do
-    # not, in a combination all have used before, is not detected (and hangs).
+    # not, in a combination all have used before, raises over gloo (its count exchange
+    # meets the others' first stage, both framed on the whole group) but is not detected
+    # over NCCL (and hangs).
     lay = layout(comm)
     check_consistent(dict(algorithm=algorithm, row_shape=tuple(x.shape[1:]), dtype=x.dtype,
                           layout=(lay.nodes, lay.local), split_sizes_given=not uniform),
