@@ -103,7 +103,9 @@ class FlashCommConfig:
                    the measured defaults), False = always use the codec, a thresholds dict
                    ``{path: {codec: bytes}}`` or the path of a JSON file written by
                    ``python -m moe_flashcomm.tune_gate`` (read when the config is built, so
-                   a bad file fails there, naming the field). Below its threshold a message
+                   a bad file fails there, naming the field; the config keeps the tables
+                   read, ``{"thresholds": ..., "all_reduce": ...}``, not the path, so copies
+                   and pickles of a patched model carry them). Below its threshold a message
                    goes as bf16.
     chunks:        pipeline each exchange in this many chunks (encode / transfer / decode
                    overlap on CUDA); None or "auto": chosen by message size; 1: no chunking.
@@ -265,13 +267,20 @@ def _check_gate(gate: Any, where: str) -> Any:
         return gate
     if isinstance(gate, (str, os.PathLike, Mapping)):
         # loaded as enable_deepspeed will load it: a missing or bad file fails here, named
-        from .comm.gate import SizeGate
+        from .comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS, SizeGate
         try:
-            SizeGate.coerce(gate)
+            loaded = SizeGate.coerce(gate)
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{where}: {e}") from None
         # a copy: the caller's dict, changed later, would change a checked config
-        return copy.deepcopy(dict(gate)) if isinstance(gate, Mapping) else os.fspath(gate)
+        if isinstance(gate, Mapping):
+            return copy.deepcopy(dict(gate))
+        # a file: the tables read now, not its path, which a later read (a copy or a pickle
+        # of a patched model loaded elsewhere) could find changed, moved or gone
+        tables = {"thresholds": loaded.thresholds}
+        if loaded.all_reduce != DEFAULT_ALL_REDUCE_THRESHOLDS:  # (left out: the defaults)
+            tables["all_reduce"] = loaded.all_reduce
+        return tables
     raise ConfigError(f"{where} must be true, false, a thresholds dict or a JSON file path, "
                       f"got {gate!r}")
 

@@ -146,12 +146,18 @@ def test_what_is_not_a_config_is_named():
 
 def test_a_gate_file_is_loaded_when_the_config_is_built(tmp_path):
     """A gate path, at the top or in a rule, is read at once: a bad file is a ConfigError
-    naming the field and the file's problem (not an error at enable time)."""
+    naming the field and the file's problem (not an error at enable time), and the config
+    keeps the tables read, not the path (which a later read could find changed or gone)."""
     good = tmp_path / "gate.json"
     good.write_text(json.dumps({"thresholds": {"host": {"int4": 5}}}))
-    cfg = FlashCommConfig(gate=good)  # a path-like gate is kept as its string
-    assert cfg.to_dict()["gate"] == str(good)
+    cfg = FlashCommConfig(gate=good, layers=[{"index": 0, "gate": str(good)}])
+    good.write_text(json.dumps({"thresholds": {"host": {"int4": 6}}, "all_reduce": {}}))
+    read = {"thresholds": {"host": {"int4": 5}}}
+    assert cfg.gate == cfg.for_layer("x", 0).gate == read
+    assert cfg.to_dict()["gate"] == read
     assert FlashCommConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert FlashCommConfig(gate=good).gate == {"thresholds": {"host": {"int4": 6}},
+                                                "all_reduce": {}}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"thresholds": {"nvlink": {"int4": "big"}}}))
     problem = f"size gate {bad}: thresholds['nvlink']['int4'] must be an int >= 0 (bytes), got 'big'"

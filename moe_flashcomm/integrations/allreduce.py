@@ -53,9 +53,9 @@ from ..comm.all_reduce import all_reduce
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .patching import (PatchState, Site, agree, compared_fields, ds_logger, import_deepspeed,
-                       patch, rank0, rebind, resolve, states, unpatch, unsupported, unwrap,
-                       uses_global)
+from .patching import (PatchState, Site, agree, check_patchable, compared_fields, ds_logger,
+                       import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
+                       unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
@@ -236,14 +236,20 @@ def _expects_all_reduce(site: Site, layer: nn.Module) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def _patch(layer: nn.Module, name: str, site: Site, config: FlashCommConfig,
-           from_section: bool) -> _LayerState:
-    state = vars(layer).get(_STATE)
-    if state is None:
-        return patch(layer, _LayerState(name, site, config, from_section))
-    state.configure(config)  # enabled again: new config, same counters
-    state.from_section = from_section  # (the latest call owns it)
-    return state
+def _states(root: nn.Module, config: FlashCommConfig, from_section: bool) -> list:
+    """(name, layer, state) of every site of ``root``: its own state where it is patched
+    already, else a new one checked to be installable, so that a layer that cannot be
+    patched raises before any is (the model stays as it was)."""
+    out = []
+    for name, module in root.named_modules():
+        site = _site_of(module)
+        if site is not None:
+            state = vars(module).get(_STATE)
+            if state is None:
+                state = _LayerState(name, site, config, from_section)
+                check_patchable(module, state)
+            out.append((name, module, state))
+    return out
 
 
 # ---- public API ------------------------------------------------------------------------------------
@@ -317,10 +323,13 @@ def _summary(out: tuple) -> tuple:
 def _enable(root: nn.Module, cfg: FlashCommConfig, from_section: bool) -> dict[str, AllReduceStats]:
     ds = import_deepspeed()
     enabled: dict[str, AllReduceStats] = {}
-    for name, module in root.named_modules():
-        site = _site_of(module)
-        if site is not None:
-            enabled[name] = _patch(module, name, site, cfg, from_section).stats
+    for name, module, state in _states(root, cfg, from_section):
+        if state is vars(module).get(_STATE):  # enabled again: new config, same counters
+            state.configure(cfg)
+            state.from_section = from_section  # (the latest call owns it)
+        else:
+            patch(module, state)
+        enabled[name] = state.stats
     if not enabled and rank0():
         ds_logger().warning(
             f"moe_flashcomm.enable_all_reduce: {type(root).__name__} has no tensor-parallel "

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..comm import Communicator, create_stage_groups
+from ..comm.check import ConfigMismatchError
 from ..comm.communicator import communicator
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
@@ -270,13 +271,41 @@ def _find_layers(root: nn.Module) -> list[tuple[str, nn.Module, Site]]:
     return found
 
 
-def _check_rules(cfg: FlashCommConfig, names: list[str]) -> None:
+def _found(cfg: FlashCommConfig, names: list[str]) -> tuple:
+    """What ``_check_rules`` needs of this rank: its number of MoE layers, its rules' largest
+    index (-1: none) and the globs of its match rules that select one of its layers."""
+    top = max((idx for rule in cfg.layers for idx in rule.index), default=-1)
+    matched = [rule.match for rule in cfg.layers
+               if rule.match and any(fnmatch.fnmatchcase(n, p) for n in names for p in rule.match)]
+    return len(names), top, matched
+
+
+def _check_rules(root: nn.Module, cfg: FlashCommConfig, names: list[str], found: list) -> None:
+    """The model and its rules against what every rank found (``_found``; pipeline stages
+    hold different MoE layers, and an ``index`` counts the stage's own): no MoE layer on any
+    rank, or an index past the last MoE layer of every rank, raises on every rank (each
+    decides alike, from what all ranks sent), before anything is changed; a match rule that
+    selects no layer on any rank is a warning. A rank without MoE layers enables nothing."""
+    most = max(n for n, _, _ in found)
+    if most == 0:
+        raise ValueError(f"moe_flashcomm.enable_deepspeed: {type(root).__name__} holds no "
+                         "DeepSpeed MoE layer (deepspeed.moe.layer.MoE / MOELayer, "
+                         "AutoEPMoELayer, DeepSpeedMoEInference)"
+                         + (", nor does the model of any other rank" if len(found) > 1 else ""))
+    has = (f"the model has {most}" if all(n == most for n, _, _ in found)
+           else f"no rank's model has more than {most}")
     for i, rule in enumerate(cfg.layers):
         for idx in rule.index:
-            if idx >= len(names):
-                raise ConfigError(f"FlashCommConfig.layers[{i}].index: {idx} is out of range, the "
-                                  f"model has {len(names)} DeepSpeed MoE layer(s)")
-        if rule.match and not any(fnmatch.fnmatchcase(n, p) for n in names for p in rule.match):
+            if idx >= most:
+                raise ConfigError(f"FlashCommConfig.layers[{i}].index: {idx} is out of range, "
+                                  f"{has} DeepSpeed MoE layer(s)")
+    bad = [r for r, (_, top, _) in enumerate(found) if top >= most]
+    if bad:  # (this rank's rules are fine: it raises with the others)
+        raise ConfigMismatchError(f"moe_flashcomm.enable_deepspeed failed on rank(s) {bad}: a "
+                                  f"layers[].index rule is out of range, {has} DeepSpeed MoE "
+                                  "layer(s)")
+    for i, rule in enumerate(cfg.layers):
+        if rule.match and not any(rule.match in matched for _, _, matched in found):
             ds_logger().warning(f"moe_flashcomm: layers[{i}].match {list(rule.match)} selects no "
                                  f"layer; the MoE layers are: {names}")
 
@@ -287,25 +316,29 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     rank, where a layer has no group yet) and resolved different layer configs; pipeline
     stages, which hold different layers, need not agree. A non-flat algorithm then gets the
     stage groups of its expert-parallel groups, created by all processes together
-    (expert-parallel groups are usually smaller than the job)."""
+    (expert-parallel groups are usually smaller than the job). Returns ``prepare()``, the
+    communicator keys kept and every rank's ``_found`` (one: this process's, without
+    torch.distributed)."""
     out, shared = agree(prepare, _summary, "moe_flashcomm.enable_deepspeed",
                         "ranks that share an expert-parallel group must enable the same "
                         "MoE layers with the same config")
-    stage_groups = sorted({ranks for g, _ in shared for ranks in g})
+    stage_groups = sorted({ranks for s in shared for ranks in s[0]})
     if stage_groups:  # (every rank decides alike: from what all ranks sent)
         create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
     # a communicator is kept only where every rank of its group keeps its own: making one
     # is collective in the group (every rank decides alike: from what all ranks sent)
     keep = {key for key in (shared[dist.get_rank()][1] if shared else ())
             if all(key in shared[r][1] for r in key[0])}
-    return out + (keep,)
+    found = [s[2] for s in shared] if shared else [_found(out[2], [n for n, _, _ in out[0]])]
+    return out + (keep, found)
 
 
 def _summary(out: tuple) -> tuple:
     """What ``agree`` compares of ``prepare()``: per MoE layer what its exchanges use (of a
     disabled layer only that: its other fields are never used; ``all_reduce`` is agreed per
     tensor-parallel group by ``enable_from_section``); the ranks of its expert-parallel
-    groups; the groups of the layers that need stage groups."""
+    groups; the groups of the layers that need stage groups, the communicators this rank
+    can keep and what ``_check_rules`` needs."""
     resolved = out[0]
     groups = [None if getattr(layer, "ep_group", None) is None
               else tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, _ in resolved]
@@ -316,7 +349,8 @@ def _summary(out: tuple) -> tuple:
             None if None in groups else {r for g in groups for r in g},
             (sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
                      if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}),
-             sorted(_kept_communicators(resolved, out[3]))))
+             sorted(_kept_communicators(resolved, out[3])),
+             _found(out[2], [n for n, _, _ in resolved])))
 
 
 # What sizes a MOELayer's exchanges besides the config: its gate's settings (DeepSpeed's
@@ -362,23 +396,36 @@ def _kept_communicators(resolved: list, states: list) -> set:
     return {key for key, comm in kept.items() if comm is not None}
 
 
-def _attach_communicators(states: list[tuple[nn.Module, "_LayerState"]], keep: set) -> None:
-    """One Communicator per expert-parallel group and size gate, made by every member in the
-    same order (layers in module order, agreed by ``_agree``); the layers share it. Where
-    every rank of the group keeps the one it has (``keep``, agreed), it stays: a new one
-    would close the old one under the backward of a forward made before this call."""
+def _communicators(enabled: list[tuple[nn.Module, SizeGate, Optional["_LayerState"]]],
+                   keep: set) -> tuple[list, list]:
+    """The communicator of each layer to enable (None: its groups do not exist yet, the
+    default communicator at first use): one per expert-parallel group and size gate, made by
+    every member in the same order (layers in module order, agreed by ``_agree``); the layers
+    share it. Where every rank of the group keeps the one it has (``keep``, agreed), it stays:
+    a new one would close the old one under the backward of a forward made before this call.
+    Returns (those communicators, the ones made here). Nothing else changes: where making one
+    fails, those made are closed and the error raised."""
     made: dict = {}
-    for layer, state in states:
-        key = _comm_key(layer, state.gate)
-        if key is None:
-            continue  # its groups do not exist yet: the default communicator at first use
-        mine = (id(layer.ep_group), key[1])  # (per group object, as its forward checks)
-        if mine not in made:
-            made[mine] = state.comm if key in keep else Communicator(layer.ep_group,
-                                                                     gate=state.gate)
-        if state.owns_comm and state.comm not in made.values():
-            state.comm.close()
-        state.comm, state.owns_comm = made[mine], True
+    out, new = [], []
+    try:
+        for layer, gate, state in enabled:
+            key = _comm_key(layer, gate)
+            if key is None:
+                out.append(None)
+                continue
+            mine = (id(layer.ep_group), key[1])  # (per group object, as its forward checks)
+            if mine not in made:
+                if key in keep:
+                    made[mine] = state.comm
+                else:
+                    made[mine] = Communicator(layer.ep_group, gate=gate)
+                    new.append(made[mine])
+            out.append(made[mine])
+    except BaseException:
+        for comm in new:
+            comm.close()
+        raise
+    return out, new
 
 
 def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
@@ -398,7 +445,9 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     function installed (hooks of a separate ``enable_all_reduce`` call stay).
     ``disable_deepspeed`` removes both.
     Every rank resolves the model and config first and then all agree (one small collective):
-    a rank that fails, or resolves different layer configs, makes every rank raise. The
+    a rank that fails, or resolves different layer configs, makes every rank raise; a rank
+    whose model holds no MoE layer (a pipeline stage) enables nothing, unless no rank's model
+    holds one (an error). A call that raises leaves the model as it was. The
     layers of one expert-parallel group share one ``moe_flashcomm.Communicator``, made here
     (collectively in the group). Calling again updates the configs (the counters continue)
     and keeps a layer's communicator where its group and gate stay, so the backward of a
@@ -410,41 +459,54 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     def prepare() -> tuple:
         root, cfg = resolve(model, config)
         layers = _find_layers(root)
-        if not layers:
-            raise ValueError(f"moe_flashcomm.enable_deepspeed: {type(root).__name__} holds no "
-                             "DeepSpeed MoE layer (deepspeed.moe.layer.MoE / MOELayer, "
-                             "AutoEPMoELayer, DeepSpeedMoEInference)")
-        _check_rules(cfg, [n for n, _, _ in layers])
         resolved = [(name, layer, cfg.for_layer(name, index))
                     for index, (name, layer, _) in enumerate(layers)]
         states = [_state_for(layer, name, site, lcfg) if lcfg.enabled else None
                   for (name, layer, site), (_, _, lcfg) in zip(layers, resolved)]
-        return resolved, layers, cfg, states
+        return resolved, layers, cfg, states, root
 
-    resolved, layers, cfg, states, keep = _agree(prepare)
+    resolved, layers, cfg, states, root, keep, found = _agree(prepare)
+    _check_rules(root, cfg, [n for n, _, _ in layers], found)
+    # What can fail (making communicators, the all-reduce hooks) comes before any layer
+    # changes: a call that raises leaves the model as it was.
+    on = [(layer, SizeGate.coerce(lcfg.gate), state)
+          for (_, layer, lcfg), state in zip(resolved, states) if lcfg.enabled]
+    comms, made = _communicators(on, keep)
+    comm_of = {id(layer): comm for (layer, _, _), comm in zip(on, comms)}
+    try:
+        enable_from_section(model, cfg)  # the tensor-parallel all-reduce hooks
+    except BaseException:
+        for comm in made:
+            comm.close()
+        raise
+    # the communicators of the layers enabled before: closed below where no layer keeps them
+    before = [s.comm for s in (vars(layer).get(_STATE) for _, layer, _ in layers)
+              if s is not None and s.owns_comm]
     enabled: dict[str, ExchangeStats] = {}
-    patched, removed = [], []
     lines = []
     for (name, layer, site), (_, _, lcfg), state in zip(layers, resolved, states):
         label = f"{name or '<root>'} [{site.cls_name}, ep_size={getattr(layer, 'ep_size', '?')}]"
         if not lcfg.enabled:
-            removed.append(unpatch(layer, _STATE))
+            unpatch(layer, _STATE)
             lines.append(f"  {label}: stock DeepSpeed (disabled by config)")
             continue
         if state is vars(layer).get(_STATE):  # enabled again: new config, same counters
             state.configure(lcfg)
         else:
             patch(layer, state)
-        patched.append((layer, state))
+        comm = comm_of[id(layer)]
+        if comm is not None:  # (None: the default communicator at its first exchange)
+            state.comm, state.owns_comm = comm, True
         enabled[name] = state.stats
         lines.append(f"  {label}: {lcfg.describe()}")
-    _attach_communicators(patched, keep)
-    in_use = {id(state.comm) for _, state in patched}
-    for state in removed:  # layers enabled before, stock now: their communicators go
-        if state is not None and state.owns_comm and id(state.comm) not in in_use:
-            state.comm.close()  # (not one that enabled layers keep)
-    enable_from_section(model, cfg)  # the tensor-parallel all-reduce hooks
-    if rank0():
+    in_use = {id(state.comm) for state in states if state is not None}
+    for comm in before:  # only after every layer has its own: layers may share one
+        if id(comm) not in in_use:
+            comm.close()
+    if not layers:  # (another rank's model holds some: _check_rules)
+        ds_logger().info(f"moe_flashcomm: rank {dist.get_rank()} holds no DeepSpeed MoE layer "
+                          "(a pipeline stage without one?): nothing enabled on it")
+    elif rank0():
         ds_logger().info(f"moe_flashcomm: {len(enabled)} of {len(layers)} DeepSpeed MoE layer(s) "
                           f"send their all-to-alls through moe_flashcomm (DeepSpeed {ds.__version__}):\n"
                           + "\n".join(lines))
@@ -454,7 +516,11 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
 def disable_deepspeed(model: Any) -> dict[str, ExchangeStats]:
     """Restore stock DeepSpeed on every layer ``enable_deepspeed`` patched in ``model``
     (removes the per-instance attributes) and close the layers' communicators (their
-    peer-to-peer memory is freed). Returns the final ExchangeStats of those layers."""
+    peer-to-peer memory is freed). Returns the final ExchangeStats of those layers.
+
+    Not a collective, but every rank calls it at the same point, as ``enable_deepspeed``:
+    a rank restored alone runs DeepSpeed's own all-to-all while its peers wait for it in
+    moe_flashcomm's."""
     root, _ = unwrap(model)
     disable_all_reduce(root)
     restored = {}
