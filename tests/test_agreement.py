@@ -282,6 +282,42 @@ def test_a_late_rank_raises_in_the_call_it_was_late_for_gloo_4():
     spawn(_late_rank, 4, timeout=180)
 
 
+def _missed_check(rank, world):
+    """A rank that passed a first-use check its peer missed (the peer made it through
+    another communicator of the group, or came late to it) exchanged at every later call
+    while the peer checked again: both raised at every call, forever. Now the rank that
+    exchanges sees the peer check what it checked before, forgets that check, and both
+    check again at their next call."""
+    a, b = mf.Communicator(gate=False, timeout=2), mf.Communicator(gate=False, timeout=2)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 50)
+    want = mf.all_to_all(x, codec="native")
+    # crosswise: a's check on rank 0 meets b's on rank 1, with equal fields: they pass
+    assert torch.equal((a if rank == 0 else b).all_to_all(x, codec="native"), want)
+    for comm, checked in ((b, 1), (a, 0)):  # checked on one rank only
+        said = ("it makes the first-use check of a configuration this rank checked with it "
+                "before" if rank == checked else "while this rank runs consistency check")
+        _raises(lambda: comm.all_to_all(x, codec="native"), ConfigMismatchError, said)
+        for _ in range(2):
+            assert torch.equal(comm.all_to_all(x, codec="native"), want)
+    # late to a check: rank 1 passes it with the frame rank 0 abandoned (PeerTimeoutError),
+    # and its exchange meets the check rank 0 left posted for it
+    y = make_input(rank, 4 * world, (32,), torch.float32, 51)
+    want = mf.all_to_all(y, codec="native")
+    if rank == 1:
+        time.sleep(3)
+    _raises(lambda: b.all_to_all(y, codec="native"),
+            *((ConfigMismatchError, "it came to it late") if rank == 1
+              else (PeerTimeoutError, "nothing came from ranks [1]")))
+    for _ in range(2):
+        assert torch.equal(b.all_to_all(y, codec="native"), want)
+    a.close()
+    b.close()
+
+
+def test_a_check_one_rank_missed_is_made_again_gloo_2():
+    spawn(_missed_check, 2, timeout=120)
+
+
 def _enable_meeting(rank, world):
     """The bounded wait in front of enable_deepspeed's and enable_all_reduce's agreement
     (patching._Meeting), by the ranks' clocks: rank 1 skips a call. Rank 0 names it at each

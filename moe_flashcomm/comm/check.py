@@ -53,8 +53,13 @@ def gather_table(words: list, group, device: torch.device, framing) -> torch.Ten
 
 
 def _gather(words: list, group, device: torch.device, framing) -> torch.Tensor:
-    """Every rank's check words, a table [world, 1 + MAX_FIELDS]."""
-    return gather_table(words + [0] * (1 + MAX_FIELDS - len(words)), group, device, framing)
+    """Every rank's check words (``padded``), a table [world, 1 + MAX_FIELDS]."""
+    return gather_table(padded(words), group, device, framing)
+
+
+def padded(words: list) -> list:
+    """A check's words as they travel: 1 + MAX_FIELDS of them."""
+    return words + [0] * (1 + MAX_FIELDS - len(words))
 
 
 def reject_check(group: Optional[dist.ProcessGroup], device: torch.device, framing=None) -> None:
@@ -69,12 +74,13 @@ def reject_check(group: Optional[dist.ProcessGroup], device: torch.device, frami
 
 
 def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGroup],
-                     device: torch.device, verified: set,
+                     device: torch.device, verified: dict,
                      what: str = "moe_flashcomm.all_to_all", framing=None) -> None:
     """Raise ConfigMismatchError on every rank unless all ranks of ``group`` run the same
     check (``what``) with equal ``fields`` (compared by repr). Collective on the first call
-    per key (remembered in ``verified``, the communicator's), free after. ``framing``: the
-    communicator's (comm/frame.py), for a framed exchange on CPU."""
+    per key (remembered in ``verified``, the communicator's: key -> the words sent, which
+    a peer checking them again names, Communicator._forget_check), free after.
+    ``framing``: the communicator's (comm/frame.py), for a framed exchange on CPU."""
     key = (what,) + tuple((k, repr(v)) for k, v in fields.items())
     if key in verified:
         return
@@ -110,5 +116,5 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
             + "\n  ".join(problems)
             + "\nEvery rank must pass the same codec, grad codec, hidden size (x.shape[1:]), "
               "dtype, algorithm, chunks, topology and size gate.")
-    verified.add(key)
+    verified[key] = tuple(padded(words))
 

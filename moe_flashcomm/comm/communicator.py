@@ -92,9 +92,9 @@ class Communicator:
             raise
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.framing = Framing(self.timeout_s, PROCESS.exchange_counts)
+        self.framing = Framing(self.timeout_s, PROCESS.exchange_counts, self._forget_check)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
-        self._verified: set = set()   # consistency keys all ranks agreed on
+        self._verified: dict = {}     # consistency keys all ranks agreed on -> their words
         self._routes: dict = {}       # (codecs, device type) -> Route
         self._plans: dict = {}        # all_to_all arguments -> _Call
         self._setups: dict = {}       # call configuration -> (forward, backward) Route
@@ -182,6 +182,20 @@ class Communicator:
         for d in (self._peer_buffers, self._pages, self._routes, self._plans, self._setups,
                   self.all_reduce_plans, self.hierarchy_state):
             d.clear()
+
+    def _forget_check(self, words: tuple) -> bool:
+        """A peer makes the first-use check ``words`` (comm/check.py) that this rank made
+        with it before: it missed it (it came to it late, or made it through another
+        communicator of the group). Forget that check, and the plans that skip it, so that
+        both check again at their next call instead of disagreeing at every call. Whether
+        this rank had made it."""
+        made = [key for key, sent in self._verified.items() if sent == words]
+        for key in made:
+            del self._verified[key]
+        if made:  # (the plans are made again without a collective, but for the checks)
+            for plans in (self._plans, self._setups, self.all_reduce_plans):
+                plans.clear()
+        return bool(made)
 
     def __enter__(self) -> "Communicator":
         return self

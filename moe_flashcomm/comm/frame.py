@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,8 +133,12 @@ class Framing:
     """A communicator's framed exchanges: the exchange number per process group (a rank that
     skips or repeats a call is caught) and how long to wait for silent peers."""
 
-    def __init__(self, timeout_s: float, sequence: Optional[dict] = None) -> None:
+    def __init__(self, timeout_s: float, sequence: Optional[dict] = None,
+                 on_peer_check: Optional[Callable[[tuple], bool]] = None) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        # the communicator's: a peer makes a first-use check (its words) while this rank
+        # exchanges; True where this rank had made that check and now forgets it
+        self.on_peer_check = on_peer_check
         # process group -> exchanges started in it; shared by the process's communicators
         # (``sequence``), so that a check made while one of them was being made, and failed,
         # still counts a group's exchanges alike on every rank
@@ -469,6 +473,15 @@ class Frame:
         return h[0] == MAGIC and (h[1] != OPERATIONS.index(self.operation) + 1
                                   or bool(h[10] & REJECTED))
 
+    def _forgets_check(self, p: int, h: list) -> bool:
+        """Whether group rank p, whose header ``h`` is a first-use check's, checks what this
+        rank had checked with it before (the communicator then forgets that check)."""
+        n, hook = h[8], self.framing.on_peer_check
+        if hook is None or h[10] or n % 8 or not 0 < n <= FRAME_BYTES - HEADER_BYTES:
+            return False
+        a = self.recv_at[p] + HEADER_BYTES
+        return hook(tuple(self.recv[a:a + n].view(torch.int64).tolist()))
+
     def _disagreements(self, p: int, h: list) -> list:
         """What group rank p's header ``h`` says that this rank's view of the pair does not."""
         if h[0] != MAGIC:
@@ -480,6 +493,11 @@ class Frame:
         if h[10] & REJECTED:
             return [f"it rejected its arguments for its {op} (its own error says why)"]
         if op != self.operation:
+            if op == "consistency check" and self._forgets_check(p, h):
+                return ["it makes the first-use check of a configuration this rank checked with "
+                        "it before, so it missed that check (it came to it late, or made it "
+                        "through another communicator): this rank forgets it, and both check "
+                        "it again at their next call"]
             return [f"it runs {op} while this rank runs {self.operation}"]
         if h[10] & GAVE_UP:
             return [f"it stopped waiting for a silent rank earlier in this call (exchange "
@@ -571,10 +589,23 @@ def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
     one framed exchange: a rank that does not take part is named after the timeout."""
     leg = Leg(words.numel(), words.numel() * 8)
     legs = [None if p == rank else leg for p in range(world)]
-    frame = Frame(framing, pg, rank, world, operation, torch.int64, words.numel(), legs, legs)
-    for p in frame.peers:
-        frame.payload(p).copy_(words.view(torch.uint8))
-    got = frame.start().wait()
+
+    def start() -> Frame:
+        frame = Frame(framing, pg, rank, world, operation, torch.int64, words.numel(), legs, legs)
+        for p in frame.peers:
+            frame.payload(p).copy_(words.view(torch.uint8))
+        return frame.start()
+    frame = start()
+    try:
+        got = frame.wait()
+    except PeerTimeoutError:
+        if operation == "consistency check":
+            # the check again, left posted (a later wait settles it): a peer that comes late
+            # makes the check with the abandoned frame, and its call's next step meets this
+            # one, so that it raises in that call and forgets the check it passed alone
+            # (Framing.on_peer_check): both check again at their next call
+            start()
+        raise
     table = torch.stack([words if p == rank else got[p].view(torch.int64) for p in range(world)])
     frame.release()
     return table
