@@ -126,7 +126,8 @@ class _Call:
         if self.owner is not None and self.owner.closed:  # (its buffers and pages are freed)
             self.owner._check_open(" before the backward of its all_to_all ran (under "
                                    "DeepSpeed: disable_deepspeed closes the layers' "
-                                   "communicators; call it after the backward)")
+                                   "communicators, and enable_deepspeed a layer's when it "
+                                   "gives it another gate; call them after the backward)")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
