@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 from .codec import CodecConfig
+from .comm.all_reduce import check_native_links
 from .comm.exchange import ALGORITHMS  # the transport's algorithms
 from .comm.topology import LinkCodecs
 
@@ -119,8 +120,9 @@ class FlashCommConfig:
     all_reduce:    tensor-parallel inference all-reduces of activations through
                    ``moe_flashcomm.all_reduce`` (``moe_flashcomm.enable_all_reduce``): None /
                    false (default) = off, else their codec (``{"intra_node": ...,
-                   "inter_node": ...}`` with different codecs: the hierarchical all-reduce).
-                   Uses ``gate`` and ``chunks`` too. Not a per-layer field.
+                   "inter_node": ...}`` with different codecs: the hierarchical all-reduce;
+                   "native" on both links or on neither). Uses ``gate`` and ``chunks``
+                   too. Not a per-layer field.
     """
 
     enabled: bool = True
@@ -170,6 +172,10 @@ class FlashCommConfig:
                 if c.is_int and c.rounding != "nearest":
                     raise ConfigError(f"{where}.all_reduce: rounding must be 'nearest', got "
                                       f"{c.rounding!r}")
+            try:
+                check_native_links(ar, f"{where}.all_reduce")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             set_(self, "all_reduce", ar)
 
     # ---- per layer -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ included."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pickle
 from types import SimpleNamespace
@@ -345,14 +346,78 @@ def check_ranks_that_disagree(tag: str) -> None:
         mf.disable_all_reduce(layer)
 
 
+def check_float64_goes_to_deepspeed(tag: str) -> None:
+    """A dtype the codecs do not take (float64) is all-reduced by DeepSpeed's own all-reduce,
+    exactly, not counted; every forward had raised TypeError (LinearAllreduce) or "ran a
+    forward without its all-reduce going through moe_flashcomm" (a ``dist`` site)."""
+    from deepspeed.module_inject.layers import LinearAllreduce
+    from deepspeed.ops.transformer.inference.ds_mlp import DeepSpeedMLP
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    down = LinearAllreduce(nn.Linear(H * world, H).double(), dist.group.WORLD).to(device())
+    w1, b1 = randn(H, 2 * H, seed=10).double(), randn(2 * H, seed=20).double()
+    w2 = randn(2 * H, H, seed=30 + dist.get_rank()).double()
+    mlp = bare(DeepSpeedMLP, inter_w=w1, inter_b=b1, attn_nw=None, output_w=w2, output_b=None,
+               mp_group=dist.group.WORLD,
+               fused_gemm_gelu=lambda input, weight, bias, weight_out: F.gelu(input @ weight + bias) @ weight_out,
+               residual_add_func=lambda hidden_state, residual, **kw: hidden_state + residual)
+    model = nn.ModuleDict(dict(down=down, mlp=mlp))
+    shard = randn(2, 5, H, seed=1 + dist.get_rank()).double()
+
+    def run():
+        return down(shard), mlp(shard, shard, shard, None)
+
+    with torch.no_grad():
+        stock = run()
+        stats = mf.enable_all_reduce(model, {"all_reduce": 4, **OFF})
+        assert sorted(stats) == ["down", "mlp"], tag
+        for got, want in zip(run(), stock):
+            assert torch.equal(got, want), tag
+        assert all(s.calls == 0 for s in stats.values()), (tag, stats)
+        mf.disable_all_reduce(model)
+
+
+def check_unpatchable_on_one_rank(tag: str) -> None:
+    """A layer that cannot be patched on one rank (another wrapper's instance ``forward``)
+    makes every rank raise, and nothing is patched anywhere: the other ranks had patched
+    theirs and waited in their next forward. The same through ``enable_deepspeed``'s
+    ``all_reduce``, which leaves its MoE layers stock too."""
+    from deepspeed.module_inject.layers import LinearAllreduce
+    from tests.test_deepspeed import PASS, make_moe
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("moe", make_moe(2 * world, world, 1, True, dtype=torch.float32, seed=3))
+    model.add_module("down", LinearAllreduce(nn.Linear(H * world, H), dist.group.WORLD))
+    down = model.down
+    if rank == 1:
+        down.forward = functools.partial(type(down).forward, down)
+    wrapped = "already has an instance attribute 'forward'"
+    raised = (RuntimeError, wrapped) if rank == 1 else (mf.comm.ConfigMismatchError,
+                                                        r"failed on rank\(s\) \[1\]")
+    for enable, config in ((mf.enable_all_reduce, {"all_reduce": 4, **OFF}),
+                           (mf.enable_deepspeed, {**PASS, "all_reduce": 4, **OFF})):
+        with pytest.raises(raised[0], match=raised[1]) as e:
+            enable(model, config)
+        assert wrapped in str(e.value), tag
+        assert all_reduce_stats(model) == {}, (tag, enable.__name__)
+        assert "_moe_flashcomm" not in vars(model.moe.deepspeed_moe), tag
+        assert ("forward" in vars(down)) == (rank == 1), tag
+    shard = torch.randn(2, 5, H)
+    with torch.no_grad():  # every rank stock: DeepSpeed's all-reduce meets its peer's
+        assert torch.equal(down(shard), exact(shard @ down.weight.t()) + down.bias), tag
+
+
 def _world2(rank: int, world: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world} {dist.get_backend()}"
     check_linear_allreduce(tag)
     check_kernel_injection_modules(tag)
     check_ranks_that_disagree(tag)
+    check_float64_goes_to_deepspeed(tag)
     if dist.get_backend() == "gloo":
         check_enable_deepspeed_applies_the_section(tag)
+        check_unpatchable_on_one_rank(tag)
 
 
 def test_tensor_parallel_hooks_gloo_2_ranks():

@@ -125,6 +125,22 @@ def test_bad_fields_raise_naming_the_field(bad, needle):
     assert needle in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("links", [{"intra_node": "native", "inter_node": 4},
+                                   {"intra_node": "bf16", "inter_node": "native"}])
+def test_all_reduce_mixing_native_per_link_is_rejected_when_built(links):
+    """A "native" all-reduce is torch.distributed.all_reduce itself: mixed with another codec
+    per link it raised only at the first forward of a patched layer, not naming the field."""
+    for build, where in ((lambda: FlashCommConfig(all_reduce=links), "FlashCommConfig"),
+                         (lambda: FlashCommConfig.from_deepspeed_config(
+                             {"moe_flashcomm": {"all_reduce": links}}), "moe_flashcomm")):
+        with pytest.raises(ConfigError, match=rf"^{where}\.all_reduce: a 'native' all-reduce .* "
+                                              r"use 'native' for both intra_node and inter_node, "
+                                              r"or for neither"):
+            build()
+    both = FlashCommConfig(all_reduce={"intra_node": "native", "inter_node": "native"})
+    assert both.all_reduce == LinkCodecs.coerce("native")
+
+
 def test_constructor_validates_too():
     with pytest.raises(ConfigError, match=r"FlashCommConfig\.combine: CodecConfig\.bits"):
         FlashCommConfig(combine=1)

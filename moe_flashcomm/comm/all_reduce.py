@@ -67,6 +67,15 @@ def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
     return cfg
 
 
+def check_native_links(codecs: LinkCodecs, name: str) -> None:
+    """The all-reduce's rule for per-link codecs (``_make_plan`` and FlashCommConfig's
+    ``all_reduce`` check it): "native" on both links or on neither."""
+    if codecs.intra_node.is_native != codecs.inter_node.is_native:
+        raise ValueError(f"{name}: a 'native' all-reduce is torch.distributed.all_reduce itself; "
+                         f"it cannot be mixed with another codec per link ({codecs}): use "
+                         "'native' for both intra_node and inter_node, or for neither")
+
+
 @dataclass(frozen=True)
 class StampCheck:
     """What the fused reduction checks and marks (csrc/allreduce.cu's ReduceArgs): ``page``,
@@ -260,9 +269,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     if algorithm == "flat" and intra != inter:
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
-    if intra.is_native != inter.is_native:
-        raise ValueError(f"codec: a 'native' all-reduce is torch.distributed.all_reduce itself; "
-                         f"it cannot be mixed with another codec per link ({codecs})")
+    check_native_links(codecs, "codec")
     path = _path(comm, x.device.type)
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=env.all_reduce_pair_gather()),

@@ -30,8 +30,10 @@ Sites (DeepSpeed 0.19.8), the method run per instance and the global name it see
   Function's forward with ``dist`` resolved to moe_flashcomm; inference has no backward).
 
 Where ``dist`` is swapped, only ``all_reduce`` / ``inference_all_reduce`` with a sum change;
-every other ``dist`` attribute is DeepSpeed's. Each patched forward checks that its
-all-reduce went through moe_flashcomm when its group has more than one rank, so a
+every other ``dist`` attribute is DeepSpeed's. A tensor of a dtype the codecs do not take
+(only fp32, bf16 and fp16: float64, say) goes to DeepSpeed's own all-reduce, at every site.
+Each patched forward checks that its all-reduce went through moe_flashcomm when its group
+has more than one rank, so a
 DeepSpeed whose layer stopped calling the patched name fails loudly instead of silently
 running stock.
 
@@ -126,6 +128,8 @@ class _Dist:
 
     def all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
         if not _is_sum(op) or tensor.dtype not in INPUT_DTYPES:
+            if _is_sum(op):  # a dtype the codecs do not take (float64, ints)
+                self._state.passed_on()
             given = {} if op is None else {"op": op}
             return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
         self._state.all_reduce(tensor, group)
@@ -145,6 +149,9 @@ class _RowParallel:
         # None: no tensor parallelism, DeepSpeed's RowParallel leaves the input alone (it is
         # not the default group)
         if not is_inference_mode or group is None or dist.get_world_size(group) == 1:
+            return self._real.apply(group, input, is_inference_mode)
+        if input.dtype not in INPUT_DTYPES:  # (float64): DeepSpeed's own all-reduce
+            self._state.passed_on()
             return self._real.apply(group, input, is_inference_mode)
         self._state.all_reduce(input, group)
         return input
@@ -203,6 +210,12 @@ class _LayerState(PatchState):
         stand_in = _STAND_INS[kind](fn.__globals__[site.global_name], self)
         return rebind(fn, {site.global_name: stand_in})
 
+    def passed_on(self) -> None:
+        """A sum whose dtype the codecs do not take (only fp32, bf16, fp16) went to DeepSpeed's
+        own all-reduce: not in the stats, but the forward did call the patched name (``run``
+        checks that it did)."""
+        self.calls += 1
+
     def all_reduce(self, tensor: torch.Tensor, group) -> None:
         codec = self.codec if self.algorithm == "hierarchical" else self.codec.intra_node
         all_reduce(tensor, group=group, codec=codec, algorithm=self.algorithm, gate=self.gate,
@@ -238,8 +251,9 @@ def _expects_all_reduce(site: Site, layer: nn.Module) -> bool:
 
 def _states(root: nn.Module, config: FlashCommConfig, from_section: bool) -> list:
     """(name, layer, state) of every site of ``root``: its own state where it is patched
-    already, else a new one checked to be installable, so that a layer that cannot be
-    patched raises before any is (the model stays as it was)."""
+    already, else a new one checked to be installable. Run in the agreed ``prepare``: a
+    layer that cannot be patched on any rank raises on every rank before any is patched
+    (every model stays as it was)."""
     out = []
     for name, module in root.named_modules():
         site = _site_of(module)
@@ -270,16 +284,17 @@ def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, An
 
     def prepare() -> tuple:
         root, cfg = resolve(model, config)
-        return root, cfg, cfg.all_reduce is not None and cfg.enabled
+        on = cfg.all_reduce is not None and cfg.enabled
+        return root, cfg, on, _states(root, cfg, from_section=False) if on else []
 
-    root, cfg, on = _agree(prepare)
+    root, cfg, on, found = _agree(prepare)
     if not on:
         restored = disable_all_reduce(root)
         if rank0():
             ds_logger().info("moe_flashcomm: all_reduce is off in the config (the default): "
                               f"DeepSpeed's own all-reduces ({len(restored)} layer(s) restored)")
         return {}
-    return _enable(root, cfg, from_section=False)
+    return _enable(root, cfg, found, from_section=False)
 
 
 def enable_from_section(model: Any, config: FlashCommConfig) -> None:
@@ -288,16 +303,18 @@ def enable_from_section(model: Any, config: FlashCommConfig) -> None:
     ``enable_all_reduce`` call's stay)."""
     root, _ = unwrap(model)
     on = config.all_reduce is not None and config.enabled
-    _agree(lambda: (root, config, on))
+    found = _agree(lambda: (root, config, on,
+                            _states(root, config, from_section=True) if on else []))[3]
     if on:
-        _enable(root, config, from_section=True)
+        _enable(root, config, found, from_section=True)
     else:
         _restore(root, lambda state: state.from_section)
 
 
 def _agree(prepare: Callable[[], tuple]) -> tuple:
-    """``prepare()`` on every rank, then their agreement (``patching.agree``): a rank that
-    fails makes every rank raise, and so do two ranks of one tensor-parallel group that would
+    """``prepare()`` (root, config, on, the ``_states`` to enable) on every rank, then their
+    agreement (``patching.agree``): a rank that fails (a layer that cannot be patched, say)
+    makes every rank raise, and so do two ranks of one tensor-parallel group that would
     all-reduce differently (one through moe_flashcomm, the other DeepSpeed's own: both would
     wait for good)."""
     return agree(prepare, _summary, "moe_flashcomm.enable_all_reduce",
@@ -308,7 +325,7 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
 def _summary(out: tuple) -> tuple:
     """What ``agree`` compares: per all-reduce site with a group, the all-reduce's settings
     (or "off"); the ranks of those groups."""
-    root, cfg, on = out
+    root, cfg, on, _ = out
     fields = (compared_fields(cfg, ("all_reduce", "algorithm", "gate", "chunks")) if on
               else {"all_reduce": "off"})
     layers, ranks = [], {dist.get_rank()}
@@ -320,10 +337,12 @@ def _summary(out: tuple) -> tuple:
     return layers, ranks, None
 
 
-def _enable(root: nn.Module, cfg: FlashCommConfig, from_section: bool) -> dict[str, AllReduceStats]:
+def _enable(root: nn.Module, cfg: FlashCommConfig, found: list, from_section: bool
+            ) -> dict[str, AllReduceStats]:
+    """Patch or reconfigure the layers ``found`` (``_states``, checked and agreed)."""
     ds = import_deepspeed()
     enabled: dict[str, AllReduceStats] = {}
-    for name, module, state in _states(root, cfg, from_section):
+    for name, module, state in found:
         if state is vars(module).get(_STATE):  # enabled again: new config, same counters
             state.configure(cfg)
             state.from_section = from_section  # (the latest call owns it)
