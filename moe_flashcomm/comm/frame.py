@@ -570,8 +570,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
     frame.start()
-    if not wait:
-        assert frame.flags, "only a headers-only frame is left unwaited"
+    if not wait:  # (a headers-only frame: nothing to copy out)
         return Done()
     got = frame.wait()
     if got is not None:  # (None: headers only)
