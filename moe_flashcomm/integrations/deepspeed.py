@@ -397,35 +397,30 @@ def _kept_communicators(resolved: list, states: list) -> set:
 
 
 def _communicators(enabled: list[tuple[nn.Module, SizeGate, Optional["_LayerState"]]],
-                   keep: set) -> tuple[list, list]:
+                   keep: set, made: list) -> list:
     """The communicator of each layer to enable (None: its groups do not exist yet, the
     default communicator at first use): one per expert-parallel group and size gate, made by
     every member in the same order (layers in module order, agreed by ``_agree``); the layers
     share it. Where every rank of the group keeps the one it has (``keep``, agreed), it stays:
     a new one would close the old one under the backward of a forward made before this call.
-    Returns (those communicators, the ones made here). Nothing else changes: where making one
-    fails, those made are closed and the error raised."""
-    made: dict = {}
-    out, new = [], []
-    try:
-        for layer, gate, state in enabled:
-            key = _comm_key(layer, gate)
-            if key is None:
-                out.append(None)
-                continue
-            mine = (id(layer.ep_group), key[1])  # (per group object, as its forward checks)
-            if mine not in made:
-                if key in keep:
-                    made[mine] = state.comm
-                else:
-                    made[mine] = Communicator(layer.ep_group, gate=gate)
-                    new.append(made[mine])
-            out.append(made[mine])
-    except BaseException:
-        for comm in new:
-            comm.close()
-        raise
-    return out, new
+    Each one made here is appended to ``made`` at once (the caller closes them if the call
+    fails, here or later); nothing else changes."""
+    mine_of: dict = {}
+    out = []
+    for layer, gate, state in enabled:
+        key = _comm_key(layer, gate)
+        if key is None:
+            out.append(None)
+            continue
+        mine = (id(layer.ep_group), key[1])  # (per group object, as its forward checks)
+        if mine not in mine_of:
+            if key in keep:
+                mine_of[mine] = state.comm
+            else:
+                mine_of[mine] = Communicator(layer.ep_group, gate=gate)
+                made.append(mine_of[mine])
+        out.append(mine_of[mine])
+    return out
 
 
 def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
@@ -471,14 +466,15 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     # changes: a call that raises leaves the model as it was.
     on = [(layer, SizeGate.coerce(lcfg.gate), state)
           for (_, layer, lcfg), state in zip(resolved, states) if lcfg.enabled]
-    comms, made = _communicators(on, keep)
-    comm_of = {id(layer): comm for (layer, _, _), comm in zip(on, comms)}
+    made: list = []
     try:
+        comms = _communicators(on, keep, made)
         enable_from_section(model, cfg)  # the tensor-parallel all-reduce hooks
-    except BaseException:
+    except BaseException:  # (the communicators made so far: this call's, and no layer's)
         for comm in made:
             comm.close()
         raise
+    comm_of = {id(layer): comm for (layer, _, _), comm in zip(on, comms)}
     # the communicators of the layers enabled before: closed below where no layer keeps them
     before = [s.comm for s in (vars(layer).get(_STATE) for _, layer, _ in layers)
               if s is not None and s.owns_comm]
