@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
@@ -73,6 +74,9 @@ class LayerRule:
     match: tuple[str, ...] = ()
     index: tuple[int, ...] = ()
     overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __hash__(self) -> int:  # (an override's gate tables are dicts: hashed as their JSON)
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def selects(self, name: str, index: int) -> bool:
         if self.index:
@@ -139,6 +143,9 @@ class FlashCommConfig:
 
     def __post_init__(self) -> None:
         self._validate("FlashCommConfig")
+
+    def __hash__(self) -> int:  # (a gate's tables are dicts: hashed as the JSON they write)
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def _validate(self, where: str) -> None:
         set_ = object.__setattr__
@@ -219,12 +226,14 @@ class FlashCommConfig:
         """The ``"moe_flashcomm"`` section of a DeepSpeed config (a dict, a JSON file path, a
         ``DeepSpeedConfig``), or None when it has no such section."""
         if isinstance(ds_config, (str, os.PathLike)):
-            import json
             with open(ds_config) as f:
                 try:
                     ds_config = json.load(f)
                 except ValueError as e:  # (not JSON, or not UTF-8 text): name the file
                     raise ConfigError(f"DeepSpeed config {f.name!r} is not JSON: {e}") from None
+            if not isinstance(ds_config, Mapping):
+                raise ConfigError(f"DeepSpeed config {f.name!r} must hold a JSON object, got "
+                                  f"{type(ds_config).__name__}")
         elif hasattr(ds_config, "_param_dict"):  # deepspeed.runtime.config.DeepSpeedConfig
             ds_config = ds_config._param_dict
         if not isinstance(ds_config, Mapping):

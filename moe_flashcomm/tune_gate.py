@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .codec import CodecConfig
-from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds, write_gate
+from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds, kept_fields, write_gate
 
 # NCCL environment per emulated link class on one 2-GPU host; NCCL reads it when it starts.
 LINK_EMULATION = {
@@ -332,6 +332,15 @@ def check_out(parser: argparse.ArgumentParser, path: Optional[Path], folder: boo
         parser.error(f"{option}: {problem}")
 
 
+def check_gate_out(parser: argparse.ArgumentParser, path: Optional[Path], option: str = "--out") -> None:
+    """``check_out`` for a gate file, and the tables an existing one keeps (``kept_fields``)."""
+    check_out(parser, path, option=option)
+    try:
+        path and kept_fields(path)
+    except ValueError as e:
+        parser.error(f"{option}: {e}")
+
+
 def require_gpus(n: int = 1, hint: str = "") -> None:
     """End the run with one line (exit status 1) where this machine has fewer than ``n``
     CUDA GPUs: GPU-only tools say so instead of failing in torch.cuda."""
@@ -367,9 +376,9 @@ def main(argv: Optional[list] = None) -> None:
                          "without --out it writes a temporary file, not gate.json")
     args = ap.parse_args(argv)
     dry_run = args.cpu_dry_run and not args.from_bench
-    check_out(ap, args.out)
     if args.out is None and not dry_run:
         args.out = Path("gate.json")
+    check_gate_out(ap, args.out)  # (a dry run's temporary file is made new: nothing to check)
     if args.from_bench:
         rows, devices, dates = [], [], []
         for f in args.from_bench:

@@ -279,3 +279,26 @@ def test_a_deepspeed_config_file_that_is_not_json_names_the_file(tmp_path, conte
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=f"DeepSpeed config {str(path)!r} is not JSON: "):
         FlashCommConfig.from_deepspeed_config(path)
+
+
+@pytest.mark.parametrize("content", ['[{"moe_flashcomm": {}}]', "null"])
+def test_a_deepspeed_config_file_not_holding_an_object_names_the_file(tmp_path, content):
+    """It said "expected a DeepSpeed config dict or JSON path, got list", though a path was
+    given, and named no file."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    path = tmp_path / "ds_config.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"DeepSpeed config {str(path)!r} must hold a JSON object, got "):
+        FlashCommConfig.from_deepspeed_config(path)
+
+
+def test_configs_with_gate_tables_hash():
+    """A frozen config whose gate (or a rule's) is a table raised TypeError in hash(); equal
+    configs hash alike."""
+    from moe_flashcomm.config import FlashCommConfig
+    tables = {"host": {"int4": 5}}
+    a = FlashCommConfig(gate=tables, layers=[{"match": "x", "gate": {"host": {"int8": 7}}}])
+    b = FlashCommConfig.from_dict(a.to_dict())
+    assert a == b and hash(a) == hash(b) and len({a, b, FlashCommConfig()}) == 2
+    assert hash(a.layers[0]) == hash(b.layers[0])
+    assert hash(FlashCommConfig(gate=tables)) != hash(FlashCommConfig(gate={"host": {"int4": 6}}))

@@ -36,6 +36,16 @@ def test_threshold_is_the_smallest_size_that_pays_from_there_on():
     assert fit_thresholds(rows("host", "int8", [(8, 0.7, 0.6)])) == {"host": {"int8": NEVER_PAYS}}
 
 
+def test_a_size_two_joined_runs_disagree_on_loses():
+    """Runs joined by --from-bench, one paying at 8 MiB, the other losing there: 8 MiB loses
+    (the gate errs bf16), in either order. The paying row sorted last and was taken, so the
+    threshold fell just below the size measured losing."""
+    a = rows("host", "int4", [(8, 0.5, 0.6), (32, 0.9, 1.5)])
+    b = rows("host", "int4", [(8, 0.7, 0.6), (32, 0.9, 1.5)])
+    assert fit_thresholds(a) == {"host": {"int4": 8 * MiB}}
+    assert fit_thresholds(a + b) == fit_thresholds(b + a) == {"host": {"int4": 32 * MiB}}
+
+
 def test_a_codec_that_never_pays_at_one_hidden_size_keeps_never_pays():
     """One hidden size pays from 1 MiB, the other at no size: the threshold is NEVER_PAYS
     itself (the step slack once made it a huge size just below, printed as a size)."""
@@ -175,6 +185,29 @@ def test_a_gate_owns_its_all_reduce_table():
     assert SizeGate(DEFAULT_THRESHOLDS).all_reduce == DEFAULT_ALL_REDUCE_THRESHOLDS != gate.all_reduce
     assert "all_reduce" not in repr(SizeGate({}))
     assert repr(SizeGate({}, all_reduce={})) == "SizeGate({}, all_reduce={})"
+
+
+def test_default_gates_are_not_shared():
+    """SizeGate.default(), coerce(True) and coerce(False) returned one object each: a change
+    to one caller's tables changed every later default gate, which still compared equal (its
+    digest was stale)."""
+    mine = SizeGate.coerce(True)
+    mine.thresholds["nvlink"]["int4"] = 1
+    mine.all_reduce["host"]["*"] = 0
+    off = SizeGate.coerce(False)
+    off.thresholds["cpu"] = {"*": 1 << 40}
+    assert SizeGate.default().thresholds == DEFAULT_THRESHOLDS
+    assert SizeGate.coerce(None).all_reduce == DEFAULT_ALL_REDUCE_THRESHOLDS
+    assert SizeGate.coerce(False).thresholds == {} and SizeGate.coerce(False).all_reduce == {}
+
+
+def test_nvlink_all_reduce_widths_not_measured_take_the_next_wider_ones():
+    """NVLink's all-reduce row ended in "*": never, taken before the next wider width: int3
+    never quantized though int2 and int4 pay from 1 GiB."""
+    gate = SizeGate(DEFAULT_THRESHOLDS)
+    by_bits = {b: gate.all_reduce_threshold("nvlink", CodecConfig(bits=b)) for b in range(2, 9)}
+    assert by_bits[3] == by_bits[2] == by_bits[4] == 1 << 30
+    assert all(by_bits[b] >= NEVER_PAYS for b in (5, 6, 7, 8))  # int8 never: NCCL stays
 
 
 def test_tables_given_as_a_dict_keep_the_defaults_of_the_table_left_out():

@@ -104,6 +104,22 @@ def test_tune_gate_checks_out_and_arguments_first(tmp_path, capsys, monkeypatch)
     # a missing folder is made
     tune_gate.main(["--from-bench", str(bench), "--out", str(tmp_path / "new" / "gate.json")])
     assert SizeGate.load(tmp_path / "new" / "gate.json").thresholds
+    # the default ./gate.json is checked as early (it was checked only when given by name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gate.json").mkdir()
+    line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench)
+    assert line.endswith("--out: gate.json is a directory")
+    # a table the existing file keeps, which a load would refuse, is named before measuring
+    # (it failed in write_gate, after the measurements, with a traceback)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"thresholds": {}, "all_reduce": {"hosts": {"*": 1}}}))
+    line = usage_error(capsys, monkeypatch, tune_gate, "--sizes", "1X", "--out", bad)
+    assert "argument --sizes" in line  # (arguments first)
+    line = usage_error(capsys, monkeypatch, tune_gate, "--out", bad)
+    assert f"--out: size gate {bad} (kept when it is written again): unknown path 'hosts'" in line
+    line = usage_error(capsys, monkeypatch, bench_allreduce, "--gate-out", bad, "--out", tmp_path / "o")
+    assert f"--gate-out: size gate {bad} (kept when it is written again)" in line
+    assert json.loads(bad.read_text())["all_reduce"] == {"hosts": {"*": 1}}  # left as it was
 
 
 def test_tune_gate_prints_never_for_a_codec_that_never_pays(tmp_path, capsys):

@@ -40,7 +40,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, HelpFormatter, check_out, codec_of,  # noqa: E402
+from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, HelpFormatter, check_gate_out, check_out, codec_of,  # noqa: E402
                       csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
                       positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure,
                       write_gate)
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
     check_out(ap, args.out, folder=True)
     if args.gate_out and args.device == "cpu":  # nothing fitted: it would write the defaults
         ap.error("--gate-out: a dry run (--device cpu) fits no gate; run it on 2 GPUs")
-    check_out(ap, args.gate_out, option="--gate-out")
+    check_gate_out(ap, args.gate_out, option="--gate-out")
     from moe_flashcomm import SizeGate
     try:  # the '+gate' variant's table, read in every worker: checked here, not there
         SizeGate.load(args.gate) if args.gate else SizeGate.default()

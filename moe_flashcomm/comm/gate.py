@@ -35,7 +35,7 @@ NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on t
 # and CI, not speed. int5 and int7, not measured, take int6's and int8's (_lookup).
 DEFAULT_THRESHOLDS: dict = {
     # NVLink: the peer-to-peer transport (comm/p2p.py) pays from 128 MiB per peer
-    "nvlink": {"fp8": 134083510, "int2": 134213632, "int3": 134213632, "int4": 134213632,
+    "nvlink": {"fp8": 134217728, "int2": 134213632, "int3": 134213632, "int4": 134213632,
                "int6": 134213632, "int8": 134213632},
     "host": {"fp8": 33546240, "int2": 33546240, "int3": 33546240, "int4": 33546240,
              "int6": 33546240, "int8": 33546240},
@@ -45,9 +45,10 @@ DEFAULT_THRESHOLDS: dict = {
 
 # All-reduce defaults (bf16 bytes of the whole tensor), fitted by tools/bench_allreduce.py on
 # 2x H200 (docs/benchmarks.md): quantizing pays from 16 MiB over host memory, 4 MiB over the
-# network, and on NVLink only at 1 GiB (int8 never: NCCL stays).
+# network, and on NVLink only at 1 GiB (int8 never: NCCL stays). Widths not measured take the
+# next wider one's (_lookup): int3 int4's, int5 to int7 int8's.
 DEFAULT_ALL_REDUCE_THRESHOLDS: dict = {
-    "nvlink": {"int2": 1 << 30, "int4": 1 << 30, "fp8": 1 << 30, "*": 1 << 62},
+    "nvlink": {"int2": 1 << 30, "int4": 1 << 30, "fp8": 1 << 30, "int8": NEVER_PAYS},
     "host": {"*": 16 << 20},
     "network": {"*": 4 << 20},
 }
@@ -100,17 +101,28 @@ def _lookup(row: Mapping[str, int], cfg: CodecConfig) -> int:
     return 0
 
 
-def write_gate(path: Union[str, os.PathLike], **fields) -> None:
-    """Write a gate file (what ``SizeGate.load`` reads) with ``fields``: a table
-    ("thresholds", "all_reduce") and notes (FILE_INFO). What an existing gate file there holds
-    besides them is kept: ``python -m moe_flashcomm.tune_gate`` writes the all-to-all table,
-    tools/bench_allreduce.py --gate-out the all-reduce one, into the same file."""
+def kept_fields(path: Union[str, os.PathLike]) -> dict:
+    """What ``write_gate`` keeps of the gate file at ``path``: its tables and notes ({} where
+    there is no file, or it is not JSON), or ValueError naming the file where a kept table is
+    one ``SizeGate.load`` would refuse. The tools check it at their start, before measuring."""
     try:
         with open(path) as f:
             old = json.load(f)
-    except (OSError, ValueError):
-        old = None  # no file, or not JSON: nothing to keep
-    data = {k: v for k, v in old.items() if k in TABLES + FILE_INFO} if isinstance(old, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}  # no file, or not JSON: nothing to keep
+    kept = {k: v for k, v in old.items() if k in TABLES + FILE_INFO} if isinstance(old, dict) else {}
+    for name in TABLES:
+        if name in kept:
+            _check_table(kept[name], name, f"{os.fspath(path)} (kept when it is written again)")
+    return kept
+
+
+def write_gate(path: Union[str, os.PathLike], **fields) -> None:
+    """Write a gate file (what ``SizeGate.load`` reads) with ``fields``: a table
+    ("thresholds", "all_reduce") and notes (FILE_INFO). What an existing gate file there holds
+    besides them is kept (``kept_fields``): ``python -m moe_flashcomm.tune_gate`` writes the
+    all-to-all table, tools/bench_allreduce.py --gate-out the all-reduce one, into the same file."""
+    data = kept_fields(path)
     data.update(fields)
     data.setdefault("thresholds", DEFAULT_THRESHOLDS)  # (load needs one)
     SizeGate.from_tables(data, source=os.fspath(path))  # a file load would refuse is not written
@@ -200,8 +212,8 @@ class SizeGate:
     def default(cls) -> "SizeGate":
         """The table of ``$MOE_FLASHCOMM_GATE_FILE`` if set, else DEFAULT_THRESHOLDS."""
         path = env.gate_file()
-        if not path:
-            return _DEFAULT
+        if not path:  # (a new gate each time: one caller's change to its tables stays its own)
+            return cls(DEFAULT_THRESHOLDS, source="defaults")
         try:
             return cls.load(path)  # (read when a communicator or call plan is made)
         except ValueError as e:  # named like every other variable (env.py)
@@ -214,7 +226,7 @@ class SizeGate:
         if obj is None or obj is True:
             return cls.default()
         if obj is False:
-            return _NEVER
+            return cls({}, source="off", all_reduce={})
         if isinstance(obj, cls):
             return obj
         if isinstance(obj, Mapping):
@@ -233,8 +245,6 @@ class SizeGate:
                 f"{', source=' + repr(self.source) if self.source else ''})")
 
 
-_DEFAULT = SizeGate(DEFAULT_THRESHOLDS, source="defaults")
-_NEVER = SizeGate({}, source="off", all_reduce={})
 def wire_gate(cfg: CodecConfig, bf16_bytes: int, threshold: int) -> Optional[CodecConfig]:
     """The codec a pair uses: ``cfg``, or the bf16 passthrough when its bf16 size is under
     ``threshold``."""
@@ -260,22 +270,23 @@ def fit_thresholds(rows, min_nccl_ms: float = MIN_NCCL_MS) -> dict:
     ``rows``: dicts with ``path``, ``codec`` (a codec_key), ``hidden``, ``pair_bytes``
     (bf16 bytes per peer), ``ms`` (the codec, gate off) and ``nccl_ms`` (NCCL bf16, same
     size). A size pays when the codec is not slower than NCCL bf16 there and NCCL takes at
-    least ``min_nccl_ms`` (the quantized call's host time stays hidden). Per path, codec
+    least ``min_nccl_ms`` (the quantized call's host time stays hidden), at every
+    measurement of it (runs joined by ``--from-bench`` that disagree count as losing). Per path, codec
     and hidden size: the smallest measured size from which the codec pays at every larger
     measured size (``pays``), and the largest size where it does not (``loses``). The
     threshold is the smallest ``pays`` when that is above every ``loses`` (hidden sizes
     differ slightly in bytes per size step), else the largest ``pays``: sizes below it go
     bf16, so between measured sizes the gate errs bf16.
     """
-    series: dict = {}
+    series: dict = {}  # {(path, codec, hidden): {pair_bytes: pays at every measurement}}
     for r in rows:
-        series.setdefault((r["path"], r["codec"], r["hidden"]), []).append(
-            (r["pair_bytes"], r["ms"] <= r["nccl_ms"] and r["nccl_ms"] >= min_nccl_ms))
+        sizes = series.setdefault((r["path"], r["codec"], r["hidden"]), {})
+        ok = r["ms"] <= r["nccl_ms"] and r["nccl_ms"] >= min_nccl_ms
+        sizes[r["pair_bytes"]] = sizes.get(r["pair_bytes"], True) and ok  # (runs that disagree: loses)
     fits: dict = {}
-    for (path, codec, _), points in sorted(series.items()):
-        points.sort()
+    for (path, codec, _), sizes in sorted(series.items()):
         pays, loses = NEVER_PAYS, 0
-        for pair_bytes, ok in reversed(points):
+        for pair_bytes, ok in sorted(sizes.items(), reverse=True):
             if not ok:
                 loses = pair_bytes
                 break
