@@ -140,3 +140,26 @@ def _async_waited_in_another_order(rank, world):
 
 def test_async_calls_waited_in_another_order_gloo_2():
     spawn(_async_waited_in_another_order, 2, timeout=120)
+
+
+def test_split_sizes_of_a_type_that_is_no_list_are_named():
+    """A dict (or set, or string) of the right length passed as split sizes: its keys were
+    taken as the sizes (a dict of {rank: rows}), or the error was about a size."""
+    from moe_flashcomm.comm.plan import check_splits
+    for bad in ({0: 3, 1: 5}, {3, 5}, "35"):
+        try:
+            check_splits("input_split_sizes", bad, 2)
+        except TypeError as e:
+            assert str(e).startswith("input_split_sizes must be a list of ints (one per rank of "
+                                     f"the group) or None, got {type(bad).__name__}"), e
+        else:
+            raise AssertionError(f"{bad!r} taken as split sizes")
+    assert check_splits("x", (3, 5), 2) == check_splits("x", torch.tensor([3, 5]), 2) == [3, 5]
+    # nor do they key a plan: a dict's keys would find the plan of the sizes [0, 1]
+    from moe_flashcomm.comm.autograd import split_key
+    for bad in ({0: 3, 1: 5}, {0, 1}, "01"):
+        try:
+            split_key(bad)
+        except TypeError:
+            continue
+        raise AssertionError(f"{bad!r} keyed a plan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping, Set
 from typing import Optional
 
 import torch
@@ -263,9 +264,11 @@ def split_key(sizes) -> tuple:
         if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:  # (refused by the check)
             raise TypeError("not a key")
         return tuple(sizes.tolist())
-    if type(sizes) is not list and type(sizes) is not tuple and iter(sizes) is sizes:
+    if type(sizes) is not list and type(sizes) is not tuple and (
+            iter(sizes) is sizes or isinstance(sizes, (Mapping, Set, str, bytes))):
         # an iterator (a generator) has one pass, which the check needs: no key (else the
-        # check found it empty at a call's first use, and refused it as "got 0")
+        # check found it empty at a call's first use, and refused it as "got 0"); a dict's
+        # keys would find the plan of other sizes: the check refuses it
         raise TypeError("not a key")
     key = tuple(sizes)
     if type(sum(key)) is int:  # (the hot path: Python ints)

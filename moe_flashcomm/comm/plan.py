@@ -1,6 +1,7 @@
 """Split sizes: validation and the per-chunk partition of each peer's rows. No tensors moved."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Set
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,6 +19,8 @@ def check_splits(name: str, sizes: SplitSizes, world: int) -> Optional[list[int]
                              f"got a {sizes.dtype} tensor of shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
     try:
+        if isinstance(sizes, (Mapping, Set, str, bytes)):  # iterable, but no list of sizes
+            raise TypeError
         out = list(sizes)
     except TypeError:
         raise TypeError(f"{name} must be a list of ints (one per rank of the group) or None, "
