@@ -13,11 +13,17 @@ compile() {  # compile <file> <name> [flags]
     -c "$f" -o "$out/$name.o" >"$out/$name.log" 2>&1 &
   pids+=("$!:$f:$name")
 }
-for f in csrc/*.cu; do
-  compile "$f" "$(basename "$f" .cu)" "$@"
+# all at once; the encode kernels (most of the time) in halves of their shapes, and again
+# as their dense-row copies (encode_int's DG = 128), so that no one job holds up the end
+for half in 1 2; do
+  compile csrc/codec_encode.cu "codec_encode_$half" -DMFC_INSTANTIATE_HALF=$half "$@"
 done
-# the encode kernels' dense-row copies (encode_int's DG = 128), in parallel with the rest
-compile csrc/codec_encode.cu codec_encode_dense -DMFC_INSTANTIATE_DG=128 "$@"
+for half in 1 2; do
+  compile csrc/codec_encode.cu "codec_encode_dense_$half" -DMFC_INSTANTIATE_HALF=$half -DMFC_INSTANTIATE_DG=128 "$@"
+done
+for f in csrc/*.cu; do
+  [ "$f" = csrc/codec_encode.cu ] || compile "$f" "$(basename "$f" .cu)" "$@"
+done
 status=0
 for entry in "${pids[@]}"; do
   IFS=: read -r pid f name <<<"$entry"
