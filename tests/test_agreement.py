@@ -93,6 +93,21 @@ def _split_sizes(rank, world):
         mine = xs[rank * rows:(rank + 1) * rows]
         peer = theirs.to(torch.bfloat16)[rank * rows:(rank + 1) * rows]
         assert torch.equal(got, torch.cat([mine, peer] if rank == 0 else [peer, mine]))
+    # one rank per node (topology 1): the hierarchical call's only step, the inter-node stage
+    # on the whole group, carries the call's rows too. The gate makes rank 0's 16 rows int4
+    # and the 5 rows rank 1 expects bf16: 1280 bytes both, which alone decoded garbage
+    H = 128
+    hier = mf.Communicator(gate={"cpu": {"int4": 10 * H * 2}}, topology=1, codec=4,
+                           algorithm="hierarchical")
+    x = make_input(rank, 18 if rank == 0 else 6, (H,), torch.bfloat16, 3)
+    send, recv = ([2, 16], [2, 3]) if rank == 0 else ([3, 3], [5, 3])
+    _raises(lambda: hier.all_to_all(x, recv, send), ConfigMismatchError,
+            "rank 1: it expects 5 rows from this rank; this rank sends 16 to it" if rank == 0
+            else "rank 0: it sends 16 rows to this rank; this rank expects 5 from it")
+    even = [3, 3]  # (bf16 under the gate: exact, as "bf16" is)
+    assert torch.equal(hier.all_to_all(x[:6], even, even),
+                       comm.all_to_all(x[:6], even, even, codec="bf16"))
+    hier.close()
     comm.close()
 
 
@@ -414,12 +429,25 @@ def _hierarchical(rank, world):
     # only a relay carries them): the source and the destination meet in stage 1, whose
     # headers carry the call's rows pair by pair; the relays raise in stage 2
     s = [4] * world
+    # (stage 2 runs on its own stage group: its errors name ranks of the group too, as
+    # stage 1's do, not their place in the stage group)
     msg = _raises(lambda: comm.all_to_all(x, [5, 4, 4, 4] if rank == 3 else s, s, codec=int4),
-                  ConfigMismatchError)
+                  ConfigMismatchError, f"(seen by group rank {rank} of 4):")
     assert {0: "rank 3: it expects 5 rows from this rank; this rank sends 4 to it",
-            3: "rank 0: it sends 4 rows to this rank; this rank expects 5 from it"}.get(
-        rank, "(global rank 0): it found ranks disagreeing" if rank == 2
-        else "(global rank 3): it found ranks disagreeing") in msg, msg
+            3: "rank 0: it sends 4 rows to this rank; this rank expects 5 from it",
+            1: "rank 3: it found ranks disagreeing", 2: "rank 0: it found ranks disagreeing"
+            }[rank] in msg and "global rank" not in msg, msg
+    # a forward on rank 3 where the others run a backward (both used before; the same bytes:
+    # even splits, grad_codec == codec): the stages' headers name the direction, so every
+    # rank raises, as in the flat algorithm, and again at the next call, crossed the other way
+    leaf = x.clone().requires_grad_()
+    g = make_input(rank + 10, 4 * world, (256,), torch.float32, 6)
+    comm.all_to_all(leaf, codec=int4, grad_codec=int4).backward(g)
+    y = comm.all_to_all(leaf, codec=int4, grad_codec=int4)
+    fwd, bwd = "hierarchical stage", "hierarchical backward stage"
+    steps = {bwd: lambda: y.backward(g), fwd: lambda: comm.all_to_all(x, codec=int4)}
+    for mine, theirs in ((bwd, fwd), (fwd, bwd)) if rank != 3 else ((fwd, bwd), (bwd, fwd)):
+        _raises(steps[mine], ConfigMismatchError, f"it runs {theirs} while this rank runs {mine}")
     for c, expected in want.items():
         assert torch.equal(comm.all_to_all(x, codec=c), expected)
     assert torch.equal(comm.all_to_all(x, codec=int4, algorithm="flat"), want[int4])

@@ -173,6 +173,14 @@ def extra_checks(rank: int, world: int, device: str) -> None:
         z = make_input(rank, (3000,), torch.float32, 93).to(device)
         assert torch.equal(mf.all_reduce(z, codec=3, gate=False, algorithm="hierarchical",
                                          topology=topo), flat), topo
+    # per-link codecs: one rank per node sends every byte across nodes (flat, inter_node);
+    # one node sends none across, so inter_node has no link (flat, intra_node), as in the spec
+    links = mf.LinkCodecs(intra_node="bf16", inter_node=2)
+    for topo, codec in ((1, 2), (world, "bf16")):
+        got = check_case(rank, world, (3000,), torch.float32, links, 93, device, bound=False,
+                         gate=False, algorithm="hierarchical", topology=topo)
+        y = make_input(rank, (3000,), torch.float32, 93).to(device)
+        assert torch.equal(got, mf.all_reduce(y, codec=codec, gate=False)), topo
     # zero-size tensors pass through
     e = torch.empty(0, 4, device=device)
     assert mf.all_reduce(e, codec=4, gate=False).shape == (0, 4)
@@ -350,6 +358,8 @@ def test_reference_is_exact_for_passthrough_of_integers():
     assert torch.equal(reference_all_reduce(xs, "bf16"), want)
     assert torch.equal(reference_all_reduce(xs, "bf16", local_size=2), want)
     assert torch.equal(reference_all_reduce(xs, 4, local_size=4), reference_all_reduce(xs, 4))
+    links = mf.LinkCodecs(intra_node=8, inter_node=2)  # one group: no inter-group link
+    assert torch.equal(reference_all_reduce(xs, links, local_size=4), reference_all_reduce(xs, 8))
 
 
 # ---- the fused kernel against the torch reduction -------------------------------------------------

@@ -7,6 +7,7 @@ Many cases run inside one spawn (CI has 2 cores).
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -15,11 +16,12 @@ import torch.distributed as dist
 
 import moe_flashcomm as mf
 from moe_flashcomm.comm import hierarchical as hmod
+from moe_flashcomm.comm.all_reduce import reference_all_reduce
 from moe_flashcomm.comm.hierarchical import (HierarchyError, LinkModel, block_order,
                                              create_stage_groups, hierarchical_groups,
                                              predict, prefer_hierarchical, traffic)
 from tests.a2a_cases import expected, make_input, split_matrix
-from tests.distributed import spawn
+from tests.distributed import free_port, spawn
 
 BF16, INT4, INT2 = mf.CodecConfig(bits="bf16"), mf.CodecConfig(bits=4), mf.CodecConfig(bits=2)
 CODECS = [BF16, mf.CodecConfig(bits="fp8"), INT4, INT2,
@@ -194,8 +196,9 @@ def check_groups(rank, world, local, topology, kinds, group=None):
 
 
 # ---- spawns ------------------------------------------------------------------------------------
-def _world4(rank, world):
-    """2 nodes x 2 ranks from LOCAL_WORLD_SIZE=2; then explicit degenerate topologies."""
+def _world4(rank, world, port):
+    """2 nodes x 2 ranks from LOCAL_WORLD_SIZE=2; then explicit degenerate topologies; last,
+    the default group made again (``reinit``)."""
     os.environ["LOCAL_RANK"] = str(rank % 2)
     check_groups(rank, world, 2, None, ("own group", "own group"))
     battery(rank, world, 2)
@@ -206,6 +209,27 @@ def _world4(rank, world):
         check_groups(rank, world, local, topo, kinds)
         battery(rank, world, local, topology=topo, light=True)
     error_checks(rank, world)
+    reinit(rank, world, port)
+
+
+def reinit(rank, world, port):
+    """After destroy_process_group() and init_process_group() with every rank in another's
+    place, the hierarchical algorithms make the new job's stage groups: those of the old
+    job are dead, and where a process was a non-member it holds a placeholder, not a group
+    (it raised AttributeError / KeyError, or ran on destroyed groups)."""
+    dist.destroy_process_group()
+    new = (rank + 1) % world
+    os.environ["LOCAL_RANK"] = str(new % 2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=new,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    check_groups(new, world, 2, 2, ("own group", "own group"))
+    x = make_input(new, 3 * world, (64,), torch.float32, 96)
+    flat, hier = both(x, None, None, codec=INT4, topology=2, gate=False)
+    check_equal(flat, hier, "after re-init")
+    y = make_input(new, 5000, (), torch.float32, 97)
+    inputs = [make_input(p, 5000, (), torch.float32, 97) for p in range(world)]
+    mf.all_reduce(y, codec=4, gate=False, algorithm="hierarchical", topology=2)
+    assert torch.equal(y, reference_all_reduce(inputs, 4, local_size=2))
 
 
 def _world8(rank, world):
@@ -257,7 +281,7 @@ def error_checks(rank, world):
 
 
 def test_hierarchical_gloo_2x2():
-    spawn(_world4, 4, env={"LOCAL_WORLD_SIZE": 2})
+    spawn(_world4, 4, free_port(), env={"LOCAL_WORLD_SIZE": 2})
 
 
 def test_hierarchical_gloo_2x4_4x2_subgroups():

@@ -283,6 +283,10 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         # gated) must still make the same new_group calls, else the others wait in them
         # until the timeout instead of meeting it in the first framed step and raising
         _hierarchy(comm)
+        if len(set(comm.nodes)) == 1:
+            # one node: no byte crosses one, so the inter-node codec has no link to apply to,
+            # and the hierarchy's one group is the flat algorithm: run it, with intra_node
+            algorithm, inter = "flat", intra
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
         # over gloo an empty tensor is exchanged too (headers only): a peer's numel is checked
         return _Plan(True, world, rank, 0, (), intra, inter,
@@ -338,7 +342,8 @@ def all_reduce(
                rounding must be "nearest"; "native": torch.distributed.all_reduce
                itself; over gloo, its framed equivalent: _native_framed). For
                ``algorithm="hierarchical"`` also a LinkCodecs: ``intra_node`` inside a
-               group of ranks, ``inter_node`` across.
+               group of ranks, ``inter_node`` across (a group on one node: the flat
+               algorithm with ``intra_node``).
     op:        "sum" or ``torch.distributed.ReduceOp.SUM`` (the only reduction).
     algorithm: "flat" or "hierarchical" (reduce-scatter inside groups of ranks, all-reduce
                across groups, all-gather inside groups: see docs/design.md).
@@ -844,7 +849,8 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
     rank, equal shapes and dtypes, CPU), computed in one process with the reference codec.
 
     local_size: None for the flat algorithm; L for the hierarchical one with groups of L
-    consecutive ranks (``codec`` may then be a LinkCodecs). Ignores the size gate.
+    consecutive ranks (``codec`` may then be a LinkCodecs; one group, L = W, is the flat
+    algorithm with its intra_node codec, as in ``all_reduce``). Ignores the size gate.
     """
     W = len(inputs)
     # checked here: a local_size that does not divide W (or is 0) indexed past the inputs
@@ -863,6 +869,8 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
     if intra.is_native or inter.is_native:
         raise ValueError("a 'native' all-reduce is torch.distributed.all_reduce: its result is "
                          "the backend's sum, not this specification's")
+    if local_size == W:  # one group: no link across groups (_make_plan)
+        local_size = None
     shape, dtype = inputs[0].shape, inputs[0].dtype
     c = rows_per_rank(inputs[0].numel(), W)
     xs = [_padded(x.reshape(-1), W).view(W * c, ROW) for x in inputs]

@@ -388,7 +388,8 @@ class _Process:
 
     def __init__(self) -> None:
         self.communicators: dict = {}  # (id(group), topology, gate) -> (group, Communicator)
-        self.stage_groups: dict = {}   # (global ranks, backend) -> process group
+        self.stage_groups: dict = {}   # (global ranks, backend) -> process group, made in:
+        self.stage_world = None        # the default group of the job that made them
         self.stage_version = 0         # bumped by create_stage_groups
         # process group -> framed exchanges started in it, by all of its communicators
         # (frame.Framing.sequence): a peer whose new communicator rejected its arguments
@@ -415,6 +416,16 @@ class _Process:
         self.communicators[key] = (pg, comm)  # (the group held: its id cannot be reused)
         return comm
 
+    def stages(self) -> dict:
+        """``stage_groups``, of the job now running: a default group destroyed and made again
+        is another job (its ranks may be other processes), whose stage groups are made anew.
+        Checked by identity, not by liveness: a non-member's entry is no process group."""
+        world = dist.group.WORLD
+        if self.stage_world is not world:
+            self.stage_groups.clear()
+            self.stage_world = world
+        return self.stage_groups
+
     def release(self) -> None:
         """At exit: drop the process groups we hold while the interpreter is whole (a gloo
         group destroyed during interpreter teardown aborts the process). Device memory goes
@@ -423,6 +434,7 @@ class _Process:
             comm._forget()
         self.communicators.clear()
         self.stage_groups.clear()
+        self.stage_world = None
         self.exchange_counts.clear()
         gc.collect()
 
@@ -441,6 +453,7 @@ class _Process:
             del self.exchange_counts[pg]
         if not live:
             self.stage_groups.clear()
+            self.stage_world = None
 
 
 def _live_groups() -> list:

@@ -44,7 +44,8 @@ ALIGN = 16
 POOL_MIN, POOL_DEPTH, POOL_BYTES = 64 << 10, 4, 256 << 20
 OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
-              "consistency check", "skip_padding counts", "peer-to-peer buffers")
+              "consistency check", "skip_padding counts", "peer-to-peer buffers",
+              "hierarchical backward stage")
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     "hierarchical all-reduce stage")  # whose detail word is the numel
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64)
@@ -278,19 +279,23 @@ class Frame:
     them all with the call's number (``number``, drawn from ``counter``'s count: the
     call's group); a rank that found a disagreement in one step sends the later ones as
     ``aborted`` frames (headers only), so ranks that only meet it there raise too. A rank
-    whose own arguments are bad sends a ``rejected`` frame in their place (``reject``)."""
+    whose own arguments are bad sends a ``rejected`` frame in their place (``reject``).
+    ``names`` (a step on a stage group of a call's group): (that group, the group rank of
+    each rank of ``pg``), so that errors name ranks as the call's other steps do."""
 
     def __init__(self, framing: Framing, pg, rank: int, world: int, operation: str,
                  dtype: torch.dtype, hidden: int, sends: Sequence[Optional[Leg]],
                  recvs: Sequence[Optional[Leg]], detail: int = 0, *,
                  number: Optional[int] = None, counter=None, aborted: bool = False,
-                 rejected: bool = False, gave_up: bool = False) -> None:
+                 rejected: bool = False, gave_up: bool = False,
+                 names: Optional[tuple] = None) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
         self.flags = ABORTED * (aborted or gave_up) | REJECTED * rejected | GAVE_UP * gave_up
         lay = framing.layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs),
                              detail, self.flags)
         self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
         self.operation, self.dtype, self.hidden, self.detail = operation, dtype, hidden, detail
+        self.names = names
         self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
         self.send_at, self.recv_at = lay.send_at, lay.recv_at
         self.counter = counter if counter is not None else pg
@@ -388,19 +393,17 @@ class Frame:
         if problems or not self.layout.one_round:
             self._round_two(got)
         if problems:
-            lines = [f"rank {p}{global_note(self.pg, p)}: {m}" for p, msgs in problems.items()
-                     for m in msgs]
+            lines = [f"rank {self._name(p)}: {m}" for p, msgs in problems.items() for m in msgs]
             error = ConfigMismatchError(
                 f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
-                f"{self._where()} (seen by group rank {self.rank} of {self.world}"
-                f"{global_note(self.pg, self.rank)}):\n  "
+                f"{self._where()} (seen by {self._me()}):\n  "
                 + "\n  ".join(lines)
                 + "\nEvery rank must make the same moe_flashcomm calls in the same order, with "
                   "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
                   "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
                   "(output_split_sizes[a] on b).")
-            error.elsewhere = frozenset(p for p, h in zip(self.peers, got.tolist())
-                                        if self._elsewhere(h))
+            error.elsewhere = frozenset(self._group_rank(p) for p, h in
+                                        zip(self.peers, got.tolist()) if self._elsewhere(h))
             raise error
         out: list = [None] * self.world
         for p in self.peers:
@@ -452,10 +455,10 @@ class Frame:
             work.wait(timeout=self.timeout)
         except RuntimeError as e:
             silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
-            me = f"group rank {self.rank} of {self.world}{global_note(self.pg, self.rank)}"
-            named = f"{silent}{global_note(self.pg, silent)}"
-            where = (f"moe_flashcomm.{self.operation}: {me}, at {self._where()}{what}: nothing "
-                     f"came from ranks {named if silent else 'none (a long message stalled)'}")
+            named = self._name(silent)
+            named = named if silent else "none (a long message stalled)"
+            where = (f"moe_flashcomm.{self.operation}: {self._me()}, at {self._where()}{what}: "
+                     f"nothing came from ranks {named}")
             if "timed out" not in str(e).lower():
                 raise PeerError(f"{where}; the connection failed ({e})") from e
             raise PeerTimeoutError(
@@ -463,6 +466,24 @@ class Frame:
                 "this call, or made another collective; every rank must make the same calls in "
                 "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
                 "wait.)") from None
+
+    def _group_rank(self, p: int) -> int:
+        """Rank p of ``pg`` as the call's group numbers it (``names``)."""
+        return p if self.names is None else self.names[1][p]
+
+    def _name(self, ranks) -> str:
+        """Rank(s) p of ``pg`` (an int or a list) as messages name them: group rank(s) of the
+        call's group, with their global ranks where it is a subgroup."""
+        group = self.pg if self.names is None else self.names[0]
+        ranks = (self._group_rank(ranks) if isinstance(ranks, int)
+                 else [self._group_rank(p) for p in ranks])
+        return f"{ranks}{global_note(group, ranks)}"
+
+    def _me(self) -> str:
+        group, world = (self.pg, self.world) if self.names is None else (
+            self.names[0], dist.get_world_size(self.names[0]))
+        me = self._group_rank(self.rank)
+        return f"group rank {me} of {world}{global_note(group, me)}"
 
     def _where(self) -> str:
         return f"exchange #{self.number} of this group" if self.number else "a first-use check"
@@ -506,9 +527,10 @@ class Frame:
         if h[10] & ABORTED:
             return [f"it found ranks disagreeing earlier in this call (exchange #{h[2]}); "
                     "its error names them"]
-        if h[3] != (p | self.world << 32):
-            return [f"it is group rank {h[3] & 0xFFFFFFFF} of {h[3] >> 32}, not rank {p} of "
-                    f"{self.world}: the groups differ"]
+        if h[3] != (p | self.world << 32):  # (ranks of pg: a stage group's own numbers)
+            unit = "group" if self.names is None else "stage"
+            return [f"it is {unit} rank {h[3] & 0xFFFFFFFF} of {h[3] >> 32}, not {unit} rank "
+                    f"{p} of {self.world}: the groups differ"]
         if h[2] != self.number:
             out.append(f"it is at exchange #{h[2]} of this group, this rank at #{self.number}: "
                        "a rank skipped or repeated a call")
@@ -540,7 +562,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
                       records: Optional[tuple] = None, wait: bool = True,
-                      **numbering) -> "Done":
+                      names: Optional[tuple] = None, **numbering) -> "Done":
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
@@ -549,7 +571,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
     whose dtypes or codecs differ raise even where their records have the same size.
     ``numbering``: Frame's ``number``, ``counter`` and ``aborted``. ``wait=False``: an
-    aborted frame after a timeout, only started (``peers_answered``)."""
+    aborted frame after a timeout, only started (``peers_answered``). ``names``: Frame's."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
@@ -566,7 +588,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
         sends, recvs = ([None if leg is None else leg._replace(rows=n) for leg, n in zip(legs, r)]
                         for legs, r in zip((sends, recvs), rows))
     frame = Frame(framing, pg, rank, world, operation, dtype, hidden, sends, recvs, detail,
-                  gave_up=not wait, **numbering)
+                  gave_up=not wait, names=names, **numbering)
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
     frame.start()

@@ -163,10 +163,10 @@ def _stage_ranks(lay: Layout) -> list[tuple]:
 
 def _stage_groups() -> dict:
     """(global ranks, backend) -> the group from dist.new_group (a non-member's: whatever it
-    returned): the process's, shared by every communicator. The same keys on every process:
-    every entry is made by every process."""
+    returned): the process's, shared by every communicator, of the job now running. The same
+    keys on every process: every entry is made by every process."""
     from .communicator import PROCESS
-    return PROCESS.stage_groups
+    return PROCESS.stages()
 
 
 def _create(lay: Layout, backend: str) -> None:
@@ -256,9 +256,10 @@ class Hierarchy:
             **numbering):
         """``all_to_all_single`` of a stage; splits are per stage rank (index = position
         among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
-        ``detail`` and ``numbering`` go to frame.all_to_all_single), and the first stage,
-        on the whole group, puts the call's ``rows`` (sent, received: per group rank) in the
-        headers, so that a source and a destination that disagree meet there. ``records``
+        ``detail`` and ``numbering`` go to frame.all_to_all_single), and the call's first
+        step, on the whole group (stage 1, or stage 2 with one rank per node), puts the call's
+        ``rows`` (sent, received: per group rank) in the headers, so that a source and a
+        destination that disagree meet there. ``records``
         (the all-reduce's stages): the bytes are records, named in the headers
         (frame.all_to_all_single)."""
         pg, peers, masked = self.stages[stage]
@@ -274,17 +275,15 @@ class Hierarchy:
                 o[p], i[p] = out_splits[k], in_splits[k]
             out_splits, in_splits = o, i
         if framed:
-            on_group = pg is self.group
-            rank, world = (self.rank, self.world) if on_group else (peers.index(self.rank),
-                                                                     len(peers))
-            try:
-                return frame.all_to_all_single(self.framing, pg, rank, world, operation, out,
-                                               inp, out_splits, in_splits, detail,
-                                               rows if on_group else None, records, **numbering)
-            except ConfigMismatchError as e:
-                if not on_group:  # (in the group's ranks, as the stages name them)
-                    e.elsewhere = frozenset(peers[q] for q in e.elsewhere)
-                raise
+            if pg is self.group:
+                return frame.all_to_all_single(self.framing, pg, self.rank, self.world,
+                                               operation, out, inp, out_splits, in_splits,
+                                               detail, rows, records, **numbering)
+            # on a stage group: its errors name (and report elsewhere) ranks of the group
+            return frame.all_to_all_single(self.framing, pg, peers.index(self.rank),
+                                           len(peers), operation, out, inp, out_splits,
+                                           in_splits, detail, None, records,
+                                           names=(self.group, peers), **numbering)
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg,
                                       async_op=async_op)
 
@@ -436,7 +435,8 @@ def _hop_plan(h: Hierarchy, route: Route, counts: tuple, hidden: int, dtype: tor
 
 
 def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device,
-               digest: int = 0, numbering: Optional[dict] = None) -> tuple:
+               digest: int = 0, numbering: Optional[dict] = None,
+               operation: str = "hierarchical stage") -> tuple:
     """``counts[l][n']`` = rows (this node, l) sends to (n', this local rank): derived
     (L == 1, or ``uniform``: every pair has the same rows) or one int64 all_to_all_single
     of N ints per peer in the intra-node group."""
@@ -447,8 +447,15 @@ def hop_counts(h: Hierarchy, in_rows: tuple, uniform: bool, device: torch.device
         return ((in_rows[0],) * N,) * L
     mine = torch.tensor(in_rows, dtype=torch.int64).view(N, L).t().reshape(-1).to(device)
     theirs = torch.empty_like(mine)
-    h.a2a("intra", theirs, mine, [N] * L, [N] * L, detail=digest, **(numbering or {}))
+    h.a2a("intra", theirs, mine, [N] * L, [N] * L, operation=operation, detail=digest,
+          **(numbering or {}))
     return tuple(map(tuple, theirs.view(L, N).tolist()))
+
+
+# the stages' operation in the headers, per direction: a rank running a forward where its
+# peers run a backward raises, as in the flat algorithm, though the bytes may match
+STAGE_OPERATIONS = {"all_to_all": "hierarchical stage",
+                    "all_to_all backward": "hierarchical backward stage"}
 
 
 def _digest(route: Route, hidden: int, dtype: torch.dtype) -> int:
@@ -465,9 +472,12 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     """Start the hierarchical all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group
     rank p, ``out_rows[p]`` come from it, as ``exchange.exchange`` (``chunks`` is ignored).
     ``uniform``: every pair of the group has ``in_rows[0]`` rows (no split sizes given:
-    the count exchange is skipped). Stage 1 completes before this returns; ``wait()`` of the
-    result completes stage 2 and decodes, giving [sum(out_rows), H] of ``x.dtype``."""
+    the count exchange is skipped). ``operation``: "all_to_all" or "all_to_all backward",
+    which the stages' headers tell apart (STAGE_OPERATIONS). Stage 1 completes before this
+    returns; ``wait()`` of the result completes stage 2 and decodes, giving
+    [sum(out_rows), H] of ``x.dtype``."""
     h = hierarchy
+    op = STAGE_OPERATIONS[operation]
     x = x.contiguous()
     H, dtype, dev = x.shape[1], x.dtype, x.device
     src = h._cached(("src", in_rows, out_rows, H, dtype, dev, route.codecs, route.thresholds),
@@ -481,7 +491,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         x = stamped.prepare(x)
     counted = False  # the count exchange (where one is made) is this call's first step
     try:
-        counts = hop_counts(h, in_rows, uniform, dev, digest, numbering)
+        counts = hop_counts(h, in_rows, uniform, dev, digest, numbering, op)
         counted = True
         hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
                         lambda: _hop_plan(h, route, counts, H, dtype, dev))
@@ -492,27 +502,30 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
             recv1 = send1
         else:
             recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
-            h.a2a("intra", recv1, send1, hop.recv1, src.send1, detail=digest,
+            h.a2a("intra", recv1, send1, hop.recv1, src.send1, operation=op, detail=digest,
                   rows=(in_rows, out_rows), **numbering)
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         none, answered = torch.empty(0, dtype=torch.uint8), frame.peers_answered(e)
         if numbering and not answered and not counted:
             # a silent peer in the count exchange: stage 1 too, which it reaches if it comes
-            h.a2a("intra", none, none, [0] * h.local, [0] * h.local, detail=digest,
-                  aborted=True, wait=False, **numbering)
+            h.a2a("intra", none, none, [0] * h.local, [0] * h.local, operation=op,
+                  detail=digest, aborted=True, wait=False, **numbering)
         if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
             # stage 2 as headers only: its peers raise too (what they send is drained: no
             # receive buffer, which this rank's own sizes, perhaps the error, would size)
-            h.a2a("inter", none, none, [0] * h.nodes, [0] * h.nodes, detail=digest,
-                  aborted=True, wait=answered, **numbering)
+            h.a2a("inter", none, none, [0] * h.nodes, [0] * h.nodes, operation=op,
+                  detail=digest, aborted=True, wait=answered, **numbering)
         raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:
         recv2, works = send2, []
     else:
         recv2 = torch.empty(sum(src.recv2), dtype=torch.uint8, device=dev)
+        # with one rank per node this is the call's first step, on the whole group: its
+        # headers carry the call's rows, as stage 1's do (Hierarchy.a2a)
         works = [h.a2a("inter", recv2, send2, src.recv2, hop.send2, async_op=True,
-                       detail=digest, **numbering)]
+                       operation=op, detail=digest,
+                       rows=(in_rows, out_rows) if h.local == 1 else None, **numbering)]
     out = x.new_empty((sum(out_rows), H))
     a, b, n = src.own
     if n:  # own rows: exact copy, overlapping stage 2
