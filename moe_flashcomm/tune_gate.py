@@ -11,10 +11,11 @@ with NCCL's link emulation set before NCCL starts (docs/design.md, "Link emulati
     python -m moe_flashcomm.tune_gate --from-bench a.json b.json --python  # rows joined; a DEFAULT_THRESHOLDS literal
     MOE_FLASHCOMM_GATE_FILE=gate.json python train.py              # use it
 
-``--cpu-dry-run`` runs the same code on gloo processes (timings meaningless) to check a setup
-without GPUs; without ``--out`` it writes its file to a new temporary path (which it prints),
-never over ./gate.json. The 2-GPU benchmarks in tools/ share this module's link emulation and
-timing.
+``--paths`` and ``--codecs`` measure some link paths or codecs only: the file keeps
+DEFAULT_THRESHOLDS for the paths and codecs not measured. ``--cpu-dry-run`` runs the same
+code on gloo processes (timings meaningless) to check a setup without GPUs; without ``--out``
+it writes its file to a new temporary path (which it prints), never over ./gate.json. The
+2-GPU benchmarks in tools/ share this module's link emulation and timing.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .codec import CodecConfig
-from .comm.gate import NEVER_PAYS, codec_key, fit_thresholds, kept_fields, write_gate
+from .comm.gate import (DEFAULT_THRESHOLDS, NEVER_PAYS, codec_key, fit_thresholds, kept_fields,
+                        with_defaults, write_gate)
 
 # NCCL environment per emulated link class on one 2-GPU host; NCCL reads it when it starts.
 LINK_EMULATION = {
@@ -341,6 +343,19 @@ def check_gate_out(parser: argparse.ArgumentParser, path: Optional[Path], option
         parser.error(f"{option}: {e}")
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None with a note when
+    matplotlib (not a dependency) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def require_gpus(n: int = 1, hint: str = "") -> None:
     """End the run with one line (exit status 1) where this machine has fewer than ``n``
     CUDA GPUs: GPU-only tools say so instead of failing in torch.cuda."""
@@ -359,23 +374,33 @@ def main(argv: Optional[list] = None) -> None:
                          "printed); an existing gate file keeps its all_reduce table")
     ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
                     help="fit on tools/bench_all2all.py JSONs (rows joined) instead of measuring")
-    ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=",".join(LINK_EMULATION),
-                    help="link emulations to measure, comma-separated: a fresh pair of processes "
-                         "each")
-    ap.add_argument("--hidden", type=csv_arg(positive_int), default=",".join(map(str, HIDDEN)),
-                    help="hidden sizes to time, comma-separated")
-    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
-                    help="codecs to time and fit a threshold for, comma-separated")
+    # (None: not given; --from-bench refuses the measuring options)
+    ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=None,
+                    help=f"link emulations to measure, comma-separated: a fresh pair of processes "
+                         f"each; the others keep the built-in thresholds "
+                         f"(default {','.join(LINK_EMULATION)})")
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default=None,
+                    help=f"hidden sizes to time, comma-separated (default {','.join(map(str, HIDDEN))})")
+    ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=None,
+                    help=f"codecs to time and fit a threshold for, comma-separated; the others keep "
+                         f"the built-in thresholds (default {','.join(CODECS)})")
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank, e.g. 64K,1M,64M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
-    ap.add_argument("--budget", type=float_above(0), default=0.2, help="seconds of timed calls per point")
+    ap.add_argument("--budget", type=float_above(0), default=None,
+                    help="seconds of timed calls per point (default 0.2)")
     ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check the setup without GPUs (timings meaningless); "
                          "without --out it writes a temporary file, not gate.json")
     args = ap.parse_args(argv)
-    dry_run = args.cpu_dry_run and not args.from_bench
+    if args.from_bench:  # it fits stored runs: a measuring option would be ignored
+        given = [o for o in ("paths", "hidden", "codecs", "sizes", "budget", "cpu_dry_run")
+                 if getattr(args, o) not in (None, False)]
+        if given:
+            ap.error(f"--{given[0].replace('_', '-')}: not with --from-bench (it fits the stored "
+                     f"runs as they were measured)")
+    dry_run = args.cpu_dry_run
     if args.out is None and not dry_run:
         args.out = Path("gate.json")
     check_gate_out(ap, args.out)  # (a dry run's temporary file is made new: nothing to check)
@@ -387,6 +412,9 @@ def main(argv: Optional[list] = None) -> None:
             except ValueError as e:
                 ap.error(f"--from-bench {e}")
             rows += more
+            if str(meta.get("device", "")).startswith("cpu"):
+                print(f"note: {f} was measured on {meta['device']}: its thresholds are "
+                      f"meaningless", file=sys.stderr)
             devices.append(meta.get("device"))
             dates.append(meta.get("date"))
         meta = dict(device=" + ".join(sorted({d for d in devices if d})) or None,
@@ -397,19 +425,28 @@ def main(argv: Optional[list] = None) -> None:
         if device == "cuda":
             require_gpus(2, "--from-bench fits a stored run, --cpu-dry-run checks the setup")
         sizes = args.sizes or SIZES_ARG(",".join(CPU_SIZES if args.cpu_dry_run else SIZES))
-        rows = measure(args.paths, args.hidden, sizes, args.codecs, args.budget, device)
+        rows = measure(args.paths or list(LINK_EMULATION), args.hidden or HIDDEN, sizes,
+                       args.codecs or CODECS, args.budget or 0.2, device)
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
-    table = fit_from_rows(rows)
+    fitted = fit_from_rows(rows)
+    table = with_defaults(fitted, DEFAULT_THRESHOLDS)  # what was not measured keeps its default
     if args.out is None:  # a dry run's meaningless thresholds stay out of ./gate.json
         fd, name = tempfile.mkstemp(prefix="gate_dry_run_", suffix=".json")
         os.close(fd)
         args.out = Path(name)
     write_gate(args.out, thresholds=table, units="bf16 bytes per peer", device=meta.get("device"),
                date=meta.get("date"), source="python -m moe_flashcomm.tune_gate")
-    for path, row in table.items():
+    for path, row in fitted.items():
         print(f"{path:>8}: " + ", ".join(f"{c} {fmt_size(v) if v < NEVER_PAYS else 'never'}"
                                          for c, v in sorted(row.items())))
+    kept = []
+    for path, row in table.items():
+        missing = [c for c in row if c not in fitted.get(path, {})]
+        if missing:
+            kept.append(" ".join([path] + (missing if path in fitted else [])))
+    if kept:
+        print("not measured, the defaults kept: " + ", ".join(kept))
     if dry_run:
         print(f"wrote {args.out} (a dry run: timings meaningless, not a gate to use)")
     else:

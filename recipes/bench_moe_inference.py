@@ -1,5 +1,6 @@
 """MoE inference throughput: one DeepSpeed MoE layer of realistic shape, expert parallel over
-all ranks, timed with stock DeepSpeed (bf16 all-to-all) and with moe_flashcomm codecs.
+all ranks, timed with stock DeepSpeed (its all-to-all in the layer's dtype: bf16 on GPUs,
+fp32 on CPU) and with moe_flashcomm codecs.
 
 On GPUs (set the NCCL link emulation of docs/benchmarks.md in the environment):
     deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path nvlink
@@ -31,7 +32,7 @@ from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
 from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import env  # noqa: E402
-from moe_flashcomm.tune_gate import check_out, float_above  # noqa: E402
+from moe_flashcomm.tune_gate import check_out, float_above, pyplot  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k)
 PRESETS = {
@@ -91,6 +92,9 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """In the parent, before any rank starts: a mistake exits with status 2 and one line."""
     world = world_size(args)
+    if world == 1:  # (DeepSpeed makes no all-to-all for an expert-parallel group of one)
+        preflight.fail("one rank: its experts are all local, so there is no all-to-all to time; "
+                       "run 2 or more (--cpu-ranks, deepspeed --num_gpus)")
     for name in args.presets:
         experts = PRESETS[name][2]
         if experts % world:
@@ -180,10 +184,11 @@ def bench(args) -> None:
                     stats.reset()
                     row[f"{key}_s"] = timed(lambda: layer(x), args.reps)
                     # this rank's bytes to other ranks per forward (dispatch + combine); the
-                    # stock exchange's in bf16; the share of capacity slots that went
+                    # stock exchange's, in the layer's dtype; the share of capacity slots that went
                     forwards = stats.calls["dispatch"]
                     row[f"{key}_bytes"] = stats.link_bytes() / forwards
-                    row["stock_bf16_bytes"] = (sum(stats.slots_stock.values()) * hidden * 2 / forwards)
+                    row["stock_bytes"] = (sum(stats.slots_stock.values()) * hidden * dtype.itemsize
+                                          / forwards)
                     row[f"{key}_slot_share"] = stats.slot_share()
                     # the layer's output error from the codec, relative to the output's norm
                     row[f"{key}_rel_err"] = rel_err(layer(x)[0].float(), stock)
@@ -193,7 +198,7 @@ def bench(args) -> None:
                     f"({tokens * world / row['stock_s']:>10.0f} tok/s)")
             for key in keys:
                 line += (f" | {key} {row[f'{key}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{key}_s']:.2f}, "
-                         f"{row['stock_bf16_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes"
+                         f"{row['stock_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes"
                          f" (err {row[f'{key}_rel_err']:.1e})")
             log(line)
         layer = None  # (freed before the next preset; the timed lambdas above are done)
@@ -210,20 +215,20 @@ def bench(args) -> None:
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         log(f"wrote {path}")
         if args.plot:
-            plot(rows, keys, path.with_suffix(".png"))
+            plot(rows, keys, path.with_suffix(".png"), str(dtype).removeprefix("torch."))
 
 
-def plot(rows: list, codecs: list, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list, codecs: list, path: Path, stock_dtype: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     presets = sorted({r["preset"] for r in rows})
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
     for ax, name in zip(axes[0], presets):
         rs = [r for r in rows if r["preset"] == name]
         t = [r["tokens_per_rank"] for r in rs]
-        ax.plot(t, [r["tokens_per_rank"] * r["world"] / r["stock_s"] for r in rs], "k-o", label="stock (bf16)")
+        ax.plot(t, [r["tokens_per_rank"] * r["world"] / r["stock_s"] for r in rs], "k-o",
+                label=f"stock ({stock_dtype})")
         for c in codecs:
             ax.plot(t, [r["tokens_per_rank"] * r["world"] / r[f"{c}_s"] for r in rs], "-o", label=c)
         ax.set(xscale="log", xlabel="tokens per rank", ylabel="tokens/s", title=f"{name} ({rs[0]['path']})")

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,7 +28,7 @@ from moe_lm import ByteBatches, MoELM, ModelConfig, split_corpus, stdlib_corpus 
 from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import FlashCommConfig, env  # noqa: E402
-from moe_flashcomm.tune_gate import check_out  # noqa: E402
+from moe_flashcomm.tune_gate import check_out, free_port  # noqa: E402
 
 # Used when no --deepspeed_config is given (CPU runs): small batches, fp32, ZeRO-2.
 DEFAULT_CONFIG = {
@@ -61,6 +62,8 @@ def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval
     p.add_argument("--corpus-bytes", type=positive_int, default=4_000_000,
                    help="bytes of the corpus (the Python standard library's sources)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the weights and the batches")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the training batches alone (default: --seed)")
     p.add_argument("--out", type=Path, default=Path(out), help="folder of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when "
                    "stdout is not a terminal)")
@@ -99,8 +102,13 @@ def check_args(args) -> dict:
         preflight.fail(f"--hidden {args.hidden} must be divisible by the model's "
                        f"{ModelConfig.heads} attention heads")
     ckpt = args.out / "ckpt"
-    if getattr(args, "resume", False) and not (ckpt / "latest").is_file():  # what train() loads
-        preflight.fail(f"--resume: no checkpoint under {ckpt} (no DeepSpeed 'latest' file)")
+    if getattr(args, "resume", False):
+        if not (ckpt / "latest").is_file():  # what train() loads
+            preflight.fail(f"--resume: no checkpoint under {ckpt} (no DeepSpeed 'latest' file)")
+        saved = checkpoint_ranks(ckpt)
+        if saved and saved != world:  # (DeepSpeed refuses it on every rank, a traceback each)
+            preflight.fail(f"--resume: the checkpoint under {ckpt} was saved by {saved} ranks, "
+                           f"this run has {world}; resume with {saved}")
     cfg = preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
     section = FlashCommConfig.from_deepspeed_config(cfg)  # (valid: checked above)
     for i, rule in enumerate(section.layers if section else ()):
@@ -110,6 +118,16 @@ def check_args(args) -> dict:
                            f".index: {past[0]} is out of range, --layers {args.layers} gives "
                            f"MoE layers 0..{args.layers - 1}")
     return cfg
+
+
+def checkpoint_ranks(ckpt: Path) -> Optional[int]:
+    """Ranks that saved the DeepSpeed checkpoint under ``ckpt``: its ZeRO optimizer files,
+    one per rank; None where it has none (no ZeRO) or ``latest`` cannot be read."""
+    try:
+        tag = (ckpt / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return len(list((ckpt / tag).glob("*zero_pp_rank_*_optim_states.pt"))) or None
 
 
 def log(msg: str, progress=None) -> None:
@@ -153,7 +171,8 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
 
     train_data, val_data = split_corpus(stdlib_corpus(args.corpus_bytes))
     micro = engine.train_micro_batch_size_per_gpu()
-    batches = ByteBatches(train_data, micro, args.seq, seed=args.seed + rank)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    batches = ByteBatches(train_data, micro, args.seq, seed=data_seed + rank)
     val = ByteBatches(val_data, micro, args.seq, seed=args.seed + 10_000 + rank)
     val_batches = [val.next() for _ in range(args.eval_batches)]
 
@@ -207,11 +226,13 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
     val_loss = history[-1].get("val_loss") if history else evaluate(engine, val_batches)
     exchanges = stats.as_dict()
     # the trained gate: share of each layer's capacity slots that hold tokens on the
-    # validation batches (skip_padding sends only those; 1.0 where it is off)
+    # validation batches (skip_padding sends only those; 1.0 where it is off); None where
+    # nothing was exchanged (one rank): not measured
     for s in layer_stats.values():
         s.reset()
     evaluate(engine, val_batches)
-    filled = {name: s.slot_share("dispatch") for name, s in layer_stats.items()}
+    filled = {name: s.slot_share("dispatch") if s.slots_stock["dispatch"] else None
+              for name, s in layer_stats.items()}
     return {
         "model": vars(mcfg), "world_size": world, "steps": args.steps, "steps_run": steps_run,
         "moe_flashcomm": ds_config.get("moe_flashcomm"),
@@ -250,20 +271,33 @@ def run_rank(args) -> None:
     if torch.distributed.get_rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        log(f"val loss {summary['val_loss']:.4f} (ppl {summary['val_perplexity']:.2f}), "
-            f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['all_to_all_seconds']:.1f} s of "
-            f"{summary['seconds']:.1f} s in all-to-all")
-        log(describe_exchanges(summary["exchanges"], summary["model"]["layers"],
-                               summary["steps_run"], summary["evaluation_forwards"]))
-        log("filled capacity slots, trained gate (validation batches, rank 0): " + ", ".join(
-            f"{name} {share:.1%}" for name, share in summary["filled_slot_share"].items()))
+        for line in summary_lines(summary):
+            log(line)
         log(f"wrote {args.out / 'summary.json'}")
 
 
-def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int) -> str:
+def summary_lines(summary: dict) -> list:
+    """What a run prints of its summary: the loss and speed, the exchanges, the filled slots
+    (where measured)."""
+    lines = [f"val loss {summary['val_loss']:.4f} (ppl {summary['val_perplexity']:.2f}), "
+             f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['all_to_all_seconds']:.1f} s of "
+             f"{summary['seconds']:.1f} s in all-to-all",
+             describe_exchanges(summary["exchanges"], summary["model"]["layers"], summary["steps_run"],
+                                summary["evaluation_forwards"], summary["world_size"])]
+    filled = {name: share for name, share in summary["filled_slot_share"].items() if share is not None}
+    if filled:
+        lines.append("filled capacity slots, trained gate (validation batches, rank 0): " + ", ".join(
+            f"{name} {share:.1%}" for name, share in filled.items()))
+    return lines
+
+
+def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int, world: int) -> str:
     """One line per direction: calls, MB sent per link class against bf16 and the share of
     capacity slots sent; then where the calls come from (evaluation forwards have no
-    backward)."""
+    backward). One line where no all-to-all was made."""
+    if not any(ex["calls"].values()):
+        return "all-to-all (rank 0): none" + (
+            " (one rank: every expert is local, nothing to exchange)" if world == 1 else "")
     lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"
              "   slots sent"]
     for d, calls in ex["calls"].items():
@@ -285,19 +319,26 @@ def _cpu_worker(rank: int, world: int, port: int, fn, args) -> None:  # env: set
     fn(args)
 
 
+def single_process() -> None:
+    """The launcher's variables for this process as the one rank (a GPU machine without a
+    launcher), where no launcher set them: without them DeepSpeed looks for an MPI launch
+    (mpi4py, not a dependency)."""
+    if env.rank() is None:
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+            os.environ.setdefault(name, value)
+
+
 def launch(fn, args) -> None:
-    """Run ``fn(args)`` on every rank: directly under the deepspeed launcher / torchrun or on a
-    GPU machine, else in ``args.cpu_ranks`` gloo processes started here."""
+    """Run ``fn(args)`` on every rank: directly under the deepspeed launcher / torchrun or, as
+    the one rank, on a GPU machine; else in ``args.cpu_ranks`` gloo processes started here."""
     if env.rank() is not None or torch.cuda.is_available():
+        single_process()
         fn(args)
         return
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log(f"no GPU and no launcher: starting {args.cpu_ranks} gloo processes")
     try:
         mp.spawn(_cpu_worker, args=(args.cpu_ranks, port, fn, args), nprocs=args.cpu_ranks, join=True)

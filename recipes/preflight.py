@@ -115,13 +115,29 @@ def _building(directory: Path) -> bool:
     return False
 
 
-def check_extension_build(cpu_run: bool) -> None:
-    """Before DeepSpeed starts: fail on a stale build lock (with the command that clears it),
-    say when another process is building, and on a CPU run say when DeepSpeed's op is about to
-    be built for the first time (a few minutes, once)."""
+def build_root() -> Path:
+    """The folder torch builds this interpreter's JIT ops in (DeepSpeed's too), one folder
+    per op: $TORCH_EXTENSIONS_DIR itself, else py<version>_<cpu|cuXY|rocmXY> under torch's
+    default root (torch.utils.cpp_extension's rule). Ops of other Pythons or torch builds
+    lie elsewhere: this run never waits on their locks."""
+    import torch
     root = env.torch_extensions_dir()
+    if os.environ.get("TORCH_EXTENSIONS_DIR", "").strip():  # (as env.torch_extensions_dir reads it)
+        return root
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return root / f"{python}_{accelerator}"
+
+
+def check_extension_build(cpu_run: bool) -> None:
+    """Before DeepSpeed starts: fail on a stale build lock of an op this run could build
+    (with the command that clears it), say when another process is building one, and on a
+    CPU run say when DeepSpeed's op is about to be built for the first time (a few minutes,
+    once)."""
+    root = build_root()
     now = time.time()
-    for lock in sorted(root.glob("*/*/lock")):
+    for lock in sorted(root.glob("*/lock")):
         build = lock.parent
         try:
             newest = max(p.stat().st_mtime for p in build.iterdir())
@@ -132,6 +148,6 @@ def check_extension_build(cpu_run: bool) -> None:
                  f"build was interrupted), so DeepSpeed would wait for it forever; clear it "
                  f"with: rm -rf {build}")
         say(f"another process is building the C++ op {build.name} in {build}; waiting for it")
-    if cpu_run and not any(root.glob(f"*/{CPU_OP}/{CPU_OP}*.so")):
+    if cpu_run and not any(root.glob(f"{CPU_OP}/{CPU_OP}*.so")):
         say(f"first run: DeepSpeed builds its C++ op {CPU_OP} for CPU communication (a few "
             f"minutes, once; cached under {root})")

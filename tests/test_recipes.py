@@ -83,6 +83,9 @@ BAD_GATE = {"thresholds": {"nvlink": {"int4": "big"}}}
      "preset tiny: its 4 experts must be divisible by the 3 ranks"),
     (SCRIPTS[1], ["--cpu-ranks", "16", "--presets", "deepseek-routing", "mixtral-routing"], None,
      None, "preset mixtral-routing: its 8 experts must be divisible by the 16 ranks"),
+    # one rank makes no all-to-all: it ended in ZeroDivisionError after timing the stock layer
+    (SCRIPTS[1], ["--cpu-ranks", "1"], None, None,
+     "one rank: its experts are all local, so there is no all-to-all to time"),
 ])
 def test_mistakes_that_ranks_would_hit_fail_fast(script, args, section, gate_variable, message,
                                                  tmp_path):
@@ -188,8 +191,9 @@ def test_the_smallest_corpus_the_recipe_accepts_has_validation_batches(tmp_path,
 
 def test_stale_build_lock_is_reported_with_its_fix(tmp_path):
     """An interrupted build of a DeepSpeed op leaves ``lock``: every later start would wait
-    forever. The recipe says so, and how to clear it, instead of hanging."""
-    build = tmp_path / "ext" / "py3_cpu" / "deepspeed_shm_comm"
+    forever. The recipe says so, and how to clear it, instead of hanging. (With
+    $TORCH_EXTENSIONS_DIR torch builds each op in a folder right under it.)"""
+    build = tmp_path / "ext" / "deepspeed_shm_comm"
     build.mkdir(parents=True)
     for name in ("lock", "build.ninja"):
         (build / name).touch()
@@ -197,6 +201,115 @@ def test_stale_build_lock_is_reported_with_its_fix(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     out = fails_fast(SCRIPTS[0], "--steps", "1", cwd=tmp_path, env=env)
     assert f"stale build lock {build / 'lock'}" in out and f"rm -rf {build}" in out
+
+
+def test_only_locks_of_this_runs_build_folder_stop_it(tmp_path, monkeypatch, capsys):
+    """A stale lock of another Python or torch build (py311_cu130/fused_adam beside a CPU
+    torch) stopped a run that never builds there. The folder is torch's own rule."""
+    from torch.utils.cpp_extension import _get_build_directory
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import preflight
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # torch's default root: under it
+    own = Path(_get_build_directory("fused_adam", False))
+    assert own.parent == preflight.build_root()
+    other = own.parents[1] / "py27_cu999" / "fused_adam"
+    for build in (own, other):
+        build.mkdir(parents=True, exist_ok=True)
+        (build / "lock").touch()
+        os.utime(build / "lock", (time.time() - 600, time.time() - 600))
+    with pytest.raises(SystemExit) as e:
+        preflight.check_extension_build(cpu_run=True)
+    assert e.value.code == 2 and f"stale build lock {own / 'lock'}" in capsys.readouterr().err
+    (own / "lock").unlink()
+    preflight.check_extension_build(cpu_run=True)  # the other folder's lock: not this run's
+    assert "stale" not in capsys.readouterr().err
+
+
+def test_resume_with_another_rank_count_fails_fast(tmp_path, monkeypatch, capsys):
+    """A checkpoint of 2 ranks resumed with 1 ended in DeepSpeed's ZeRORuntimeException in a
+    rank traceback (exit 1). Checked in-process: the old code would start the run."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    for name in ("WORLD_SIZE", "RANK", "MOE_FLASHCOMM_GATE_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    import finetune_moe
+    ckpt = tmp_path / "out" / "ckpt"
+    (ckpt / "global_step2").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step2")
+    for rank in (0, 1):  # what DeepSpeed's ZeRO writes, one file per rank
+        (ckpt / "global_step2" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    assert finetune_moe.checkpoint_ranks(ckpt) == 2
+    args = finetune_moe.parse_args(["--resume", "--cpu-ranks", "1", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        finetune_moe.check_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --resume: the checkpoint under {ckpt} was saved by 2 "
+                                       f"ranks, this run has 1; resume with 2\n")
+    finetune_moe.check_args(finetune_moe.parse_args(["--resume", "--out", str(tmp_path / "out")]))
+
+
+def test_one_rank_run_says_there_was_no_exchange(monkeypatch):
+    """One rank makes no all-to-all: the breakdown showed 0 calls under a footer claiming
+    2 layers x (steps + evaluations) calls, "0.00x less", and 100% filled slots (the share's
+    value for nothing sent) as if measured."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import finetune_moe
+    from moe_flashcomm.integrations import ExchangeStats
+    summary = dict(val_loss=4.0, val_perplexity=math.exp(4.0), tokens_per_s=100.0, all_to_all_seconds=0.0,
+                   seconds=1.0, exchanges=ExchangeStats().as_dict(), model={"layers": 2}, steps_run=2,
+                   evaluation_forwards=2, world_size=1,
+                   filled_slot_share={"blocks.0.moe.deepspeed_moe": None})
+    text = "\n".join(finetune_moe.summary_lines(summary))
+    assert "all-to-all (rank 0): none (one rank: every expert is local, nothing to exchange)" in text
+    assert "calls per direction" not in text and "x less" not in text and "filled" not in text
+
+
+def test_a_launcher_less_single_process_is_one_rank(tmp_path):
+    """On a GPU machine without a launcher the recipes run in this one process, but DeepSpeed,
+    finding no RANK / MASTER_ADDR, looked for an MPI launch (ModuleNotFoundError: mpi4py).
+    The same initialisation on CPU (gloo), in a fresh process with no launcher variables."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'recipes')!r}); import finetune_moe, torch\n"
+            f"args = finetune_moe.parse_args(['--out', {str(tmp_path / 'out')!r}])\n"
+            "finetune_moe.single_process(); finetune_moe.init_rank(args)\n"
+            "print('world', torch.distributed.get_world_size(), torch.distributed.get_rank())\n")
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 1 0" in proc.stdout
+
+
+def test_inference_plot_names_the_stock_dtype_and_needs_no_matplotlib(tmp_path, monkeypatch, capsys):
+    """The plot called the CPU run's fp32 stock exchange "bf16"; without matplotlib (not a
+    dependency) --plot raised after the run instead of saying there is no plot."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import bench_moe_inference
+    rows = [dict(preset="tiny", tokens_per_rank=t, world=2, path="cpu", stock_s=0.01, int8_s=0.02)
+            for t in (64, 256)]
+    plt = pytest.importorskip("matplotlib.pyplot")
+    bench_moe_inference.plot(rows, ["int8"], tmp_path / "a.png", "float32")
+    labels = [line.get_label() for ax in plt.gcf().axes for line in ax.get_lines()]
+    assert labels == ["stock (float32)", "int8"] and (tmp_path / "a.png").is_file()
+    plt.close("all")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    bench_moe_inference.plot(rows, ["int8"], tmp_path / "b.png", "float32")
+    assert "matplotlib not installed: no plot" in capsys.readouterr().out
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_the_other_data_seed_run_keeps_the_initial_weights(tmp_path, monkeypatch):
+    """"bf16 (other data seed)" shifted --seed, which also seeds the initial weights: its
+    "run-to-run noise" mixed two sources. Now only the training batches' seed moves."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import accuracy_study
+    args = accuracy_study.parse_args(["--out", str(tmp_path / "acc")])
+    runs = {name: accuracy_study.args_of_run(args, name, shift) for name, _, shift in accuracy_study.RUNS}
+    assert all(r.seed == args.seed for r in runs.values())
+    assert runs["bf16"].data_seed == args.seed != runs["bf16 (other data seed)"].data_seed
 
 
 @pytest.mark.slow
@@ -253,6 +366,9 @@ def test_inference_benchmark_smoke(tmp_path):
     (row,) = data["rows"]
     assert (row["preset"], row["tokens_per_rank"], row["world"]) == ("tiny", 32, 2)
     assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("stock_s", "int8_s", "int2_s"))
+    # the stock exchange's bytes in the layer's dtype (fp32 on CPU: it counted bf16's, half)
+    assert data["meta"]["dtype"] == "torch.float32"
+    assert row["stock_bytes"] / row["int8_bytes"] > 3  # (int8 with scales: about 4x below fp32)
     # the patched layer computes the stock layer's output up to the codec's error
     assert 0 < row["int8_rel_err"] < row["int2_rel_err"] < 0.5
     assert row["int8_rel_err"] < 0.02

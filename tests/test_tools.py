@@ -29,10 +29,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 import a2a_model  # noqa: E402
 import bench_all2all  # noqa: E402
 import bench_allreduce  # noqa: E402
+import bench_codec  # noqa: E402
 import bench_frame  # noqa: E402
 import bench_host  # noqa: E402
 import bench_small  # noqa: E402
+import bench_stamps  # noqa: E402
 import codec_error  # noqa: E402
+import ncu_codec  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 MiB = 1 << 20
@@ -135,8 +138,7 @@ def test_tune_gate_prints_never_for_a_codec_that_never_pays(tmp_path, capsys):
     bench.write_text(json.dumps({"rows": rows}))
     tune_gate.main(["--from-bench", str(bench), "--out", str(tmp_path / "gate.json")])
     assert "network: int4 never" in capsys.readouterr().out
-    assert SizeGate.load(tmp_path / "gate.json").thresholds == \
-        {"network": {"int4": gate_mod.NEVER_PAYS}}
+    assert SizeGate.load(tmp_path / "gate.json").thresholds["network"]["int4"] == gate_mod.NEVER_PAYS
 
 
 def test_gate_files_keep_the_other_table(tmp_path, capsys):
@@ -148,7 +150,8 @@ def test_gate_files_keep_the_other_table(tmp_path, capsys):
     tune_gate.main(["--from-bench", str(DATA / "bench_all2all_network_2x1.json"), "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["all_reduce"] == {"host": {"*": 7}}
-    assert set(data["thresholds"]) == {"network"} and data["units"] == "bf16 bytes per peer"
+    assert data["thresholds"]["host"] == DEFAULT_THRESHOLDS["host"]  # (not measured: the defaults)
+    assert data["units"] == "bf16 bytes per peer"
     bench_allreduce.write_all_reduce_gate(out, {"network": {"int4": 9}})
     kept = json.loads(out.read_text())
     assert kept["thresholds"] == data["thresholds"] and kept["units"] == data["units"]
@@ -175,6 +178,85 @@ def test_all_reduce_gate_of_a_run_of_some_codecs_keeps_the_others_defaults(tmp_p
         for codec in ("int8", "fp8", "int2"):
             cfg = tune_gate.bench_codec(codec)
             assert gate.all_reduce_threshold(path, cfg) == default.all_reduce_threshold(path, cfg) > 0
+
+
+def test_a_gate_fitted_on_some_codecs_and_paths_keeps_the_defaults_of_the_rest(tmp_path, capsys,
+                                                                             monkeypatch):
+    """tune_gate --codecs int4 --paths network (here: a stored run of int4 on network) wrote
+    only that cell: every other codec and path was then quantized at every size (threshold
+    0) by a job loading the file."""
+    rows = json.loads((DATA / "bench_all2all_network_2x1.json").read_text())["rows"]
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [r for r in rows if r.get("codec") in (None, "int4")]}))
+    tune_gate.main(["--from-bench", str(bench), "--out", str(tmp_path / "gate.json")])
+    assert "not measured, the defaults kept: nvlink, host, network fp8" in capsys.readouterr().out
+    fitted = tune_gate.fit_from_rows(json.loads(bench.read_text())["rows"])
+    assert set(fitted) == {"network"} and set(fitted["network"]) == {"int4"}
+    gate, default = SizeGate.load(tmp_path / "gate.json"), SizeGate(DEFAULT_THRESHOLDS)
+    for path in ("nvlink", "host", "network"):
+        for codec in ("int8", "fp8", "int4", "int2"):
+            cfg = tune_gate.bench_codec(codec)
+            want = fitted[path][codec] if (path, codec) == ("network", "int4") else default.threshold(path, cfg)
+            assert gate.threshold(path, cfg) == want > 0, (path, codec)
+    # the measuring options are refused with --from-bench, which fits the runs as measured;
+    # --cpu-dry-run with it wrote ./gate.json
+    monkeypatch.chdir(tmp_path)
+    for option, value in (("--cpu-dry-run", None), ("--codecs", "int4"), ("--paths", "host")):
+        (tmp_path / "gate.json").unlink(missing_ok=True)
+        line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench, option,
+                           *([value] if value else []))
+        assert f"{option}: not with --from-bench" in line
+        assert not (tmp_path / "gate.json").exists()
+
+
+def test_bench_allreduce_reports_and_replots_a_run_of_chunk_counts_without_auto(tmp_path, capsys,
+                                                                              monkeypatch):
+    """--chunks 1,2 (no auto): no always-quantized time at the default chunking, and the
+    report and --plot ended in KeyError: 'raw' after the run."""
+    rows = []
+    for size in (1 * MiB, 4 * MiB):
+        rows.append(dict(path="network", size_bytes=size, variant="nccl", ms=1.0))
+        rows += [dict(path="network", size_bytes=size, variant=f"int4/chunks={k}", ms=0.5,
+                      codec="int4", chunks=k, nccl_ms=1.0) for k in (1, 2)]
+        rows.append(dict(path="network", size_bytes=size, variant="int4+gate", ms=0.6, codec="int4",
+                         gated=True, nccl_ms=1.0))
+    result = tmp_path / "bench_allreduce.json"
+    result.write_text(json.dumps({"rows": rows, "fitted_gate": {}, "meta": {"device": "cpu (gloo)"}}))
+    bench_allreduce.main(["--plot", str(result)])
+    out = capsys.readouterr().out
+    assert "1.67 (    -)" in out and "int4/chunks=2: 0.500 ms" in out
+    assert bench_allreduce.fitted_gate(rows) == {}
+    line = usage_error(capsys, monkeypatch, bench_allreduce, "--chunks", "1,2", "--gate-out",
+                       tmp_path / "gate.json", "--out", tmp_path / "out")
+    assert "--gate-out: the fit needs the library's chunking: add auto to --chunks" in line
+
+
+def test_bench_stamps_default_command_has_layouts_for_every_codec(capsys, monkeypatch):
+    """The documented default (16-bit tokens) timed the bf16 codec's all-to-all, whose tokens
+    travel as they are: an AssertionError at its first size, nothing written. The layouts are
+    built before any CUDA call, so they are checked here on CPU."""
+    for argv in ([], ["--dtype", "fp32"], ["--op", "all_reduce"]):
+        a = bench_stamps.parse_args(argv)
+        assert ("bf16" in a.codecs) == (argv != []), argv
+        if a.op == "all_to_all":
+            x = torch.zeros(8, bench_stamps.H, dtype=bench_stamps.DTYPES[a.dtype])
+            for codec in a.codecs:
+                bench_stamps._sides(x, 8, bench_stamps.CODECS[codec], 1, False, {})
+    line = usage_error(capsys, monkeypatch, bench_stamps, "--codecs", "int4", "bf16")
+    assert "--codecs bf16: with --dtype bf16 the all-to-all sends the tokens as they are" in line
+
+
+def test_bench_all2all_quick_keeps_the_given_hidden_size(capsys, monkeypatch):
+    """--quick --hidden 4096 timed hidden 7168 (--sizes won over --quick, --hidden did not);
+    --refit without --plot did nothing."""
+    def config(*argv):
+        return bench_all2all.run_config(bench_all2all.parser().parse_args(argv))
+    assert config("--quick", "--hidden", "4096")["hiddens"] == [4096]
+    quick = config("--quick")
+    assert quick["hiddens"] == [7168] and quick["sizes"] == list(map(tune_gate.parse_size,
+                                                                     bench_all2all.QUICK_SIZES))
+    assert config()["hiddens"] == [4096, 7168]
+    assert "--refit: only with --plot" in usage_error(capsys, monkeypatch, bench_all2all, "--refit")
 
 
 def test_bench_allreduce_dry_run_checks_no_targets_and_fits_no_gate(tmp_path, capsys, monkeypatch):
@@ -298,6 +380,17 @@ def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
     (bench_frame, ["--reps", "0"], "argument --reps: expected an int >= 1, got '0'"),
     (bench_frame, ["--port", "99999"], "argument --port: expected a port 1..65535, got '99999'"),
     (bench_frame, ["--port", "0"], "argument --port: expected a port 1..65535, got '0'"),
+    # GPU-only tools: checked before "needs a CUDA GPU" (they raised in the run, or divided by 0)
+    (bench_codec, ["--out", "x.json", "--bits", "9"], "argument --bits: invalid choice: '9'"),
+    (bench_codec, ["--out", "x.json", "--group", "100"], "argument --group: invalid choice: 100"),
+    (bench_codec, ["--out", "x.json", "--sizes", "0"], "argument --sizes: expected a number > 0"),
+    (bench_codec, ["--out", "x.json", "--sizes", "1e-7"], "--sizes: 1e-07 MiB is less than one bf16 value"),
+    (bench_codec, ["--out", "x.json", "--replays", "0"], "argument --replays: expected an int >= 1"),
+    (bench_stamps, ["--world", "0"], "argument --world: expected an int >= 1, got '0'"),
+    (bench_stamps, ["--world", "1"], "--world: expected an int >= 2 (rank 0 and its peers), got 1"),
+    (bench_stamps, ["--sizes", "0"], "argument --sizes: expected an int >= 1, got '0'"),
+    (ncu_codec, ["--size", "0"], "argument --size: expected an int >= 1, got '0'"),
+    (ncu_codec, ["--size", "1", "--hidden", "1048576"], "--hidden 1048576: more values than --size 1 MiB"),
 ])
 def test_a_bad_argument_names_the_option(capsys, monkeypatch, module, argv, says):
     assert says in usage_error(capsys, monkeypatch, module, *argv)
@@ -329,7 +422,8 @@ def test_plot_of_a_missing_or_foreign_file_names_it(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("module, folder", [(bench_all2all, True), (bench_small, True),
                                             (bench_allreduce, True), (a2a_model, False),
                                             (codec_error, False), (bench_frame, False),
-                                            (bench_host, False)])
+                                            (bench_host, False), (bench_codec, False),
+                                            (bench_stamps, False)])
 def test_out_is_checked_before_the_run(tmp_path, capsys, monkeypatch, module, folder):
     wrong = tmp_path / "f.json"
     if folder:
@@ -456,3 +550,7 @@ def test_cpu_dry_runs_default_to_small_sizes(tmp_path, tool, args, config):
         return
     data = json.loads(next(out.glob("bench_*.json")).read_text())
     assert {k: data["meta"]["config"][k] for k in config} == config
+    if tool == "tools/bench_all2all.py":  # its gate: what the run did not measure keeps the defaults
+        thresholds = json.loads((out / "gate.json").read_text())["thresholds"]
+        assert thresholds == dict(DEFAULT_THRESHOLDS, nvlink=dict(DEFAULT_THRESHOLDS["nvlink"],
+                                                                  int4=data["gate"]["nvlink"]["int4"]))

@@ -4,9 +4,10 @@ model evaluated with quantized dispatch and combine (inference).
 
     python tools/accuracy_study.py [--steps 200] [--out out/accuracy]
 
-Same seed, data and initial weights for every run; a second bf16 run with another data seed
-shows the run-to-run noise. "vs bf16" is the change of the validation loss against the bf16
-run's, in % (the same measure in both columns). Prints a table, writes JSON and a PNG of the
+Same seed, data and initial weights for every run; a second bf16 run with another seed of
+the training batches (the same initial weights and validation batches) shows the run-to-run
+noise. "vs bf16" is the change of the validation loss against the bf16 run's, in % (the
+same measure in both columns). Prints a table, writes JSON and a PNG of the
 loss curves; checkpoints only with --save-checkpoints. Runs on CPU (gloo processes it
 starts) or under the deepspeed launcher on GPUs, with the model options of
 recipes/finetune_moe.py; the config's own "moe_flashcomm" section is replaced in every run.
@@ -41,14 +42,11 @@ RUNS = [("bf16", BF16, 0), ("bf16 (other data seed)", BF16, 1)] + [
 def study(args) -> None:
     ft.init_rank(args)
     base = args.ds_config
-    out = args.out
     results, inference = [], []
     for name, section, seed_shift in RUNS:
         cfg = copy.deepcopy(base)
         cfg["moe_flashcomm"] = section
-        run_args = copy.copy(args)
-        run_args.out = out / name.replace(" ", "_").replace("(", "").replace(")", "")
-        run_args.seed = args.seed + 7919 * seed_shift
+        run_args = args_of_run(args, name, seed_shift)
         ft.log(f"== {name}")
         t0 = time.perf_counter()
         summary, engine, val = ft.train(run_args, cfg)
@@ -63,6 +61,15 @@ def study(args) -> None:
         del engine
     if torch.distributed.get_rank() == 0:
         report(results, inference, args)
+
+
+def args_of_run(args, name: str, seed_shift: int):
+    """One run's arguments: its folder, and the seed of its training batches shifted (the
+    weights' seed, --seed, stays: every run starts from the same weights)."""
+    run_args = copy.copy(args)
+    run_args.out = args.out / name.replace(" ", "_").replace("(", "").replace(")", "")
+    run_args.data_seed = (args.seed if args.data_seed is None else args.data_seed) + 7919 * seed_shift
+    return run_args
 
 
 def vs_bf16(loss: float, base: float) -> str:

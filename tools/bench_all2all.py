@@ -13,7 +13,8 @@ hidden size and per-rank message size (bf16 bytes of x, even splits) it times:
 with CUDA events around every call (calls back to back, as a training step issues them),
 after warm-up; the median over calls, the slower rank's. Ratios are NCCL time / our time
 (> 1: faster than NCCL). Writes a table to stdout, JSON, a PNG plot and the fitted gate
-(the JSON `python -m moe_flashcomm.tune_gate` writes; load it with MOE_FLASHCOMM_GATE_FILE).
+(the JSON `python -m moe_flashcomm.tune_gate` writes; load it with MOE_FLASHCOMM_GATE_FILE;
+the paths and codecs the run did not measure keep the defaults there).
 
     python tools/bench_all2all.py --out out/bench                  # the full sweep
     python tools/bench_all2all.py --quick --out out/quick          # a small one
@@ -39,6 +40,7 @@ from benchlib import (CPU_SIZES, PATH_ENV, SIZES_ARG, HelpFormatter, burst_ms, c
                       codec_of, csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
                       positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure)
 
+from moe_flashcomm.comm.gate import DEFAULT_THRESHOLDS, with_defaults  # noqa: E402
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
@@ -318,22 +320,23 @@ def chunk_sweep(text: str):
                                          "e.g. 256M:7168:int8,int4:1,2,4") from None
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"),
                     help="folder to write bench_all2all.json, table.txt, gate.json and "
                          "bench_all2all.png to")
     ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
-    ap.add_argument("--hidden", type=csv_arg(positive_int), default="4096,7168",
-                    help="hidden sizes to time, comma-separated")
+    ap.add_argument("--hidden", type=csv_arg(positive_int), default=None,
+                    help="hidden sizes to time, comma-separated (default 4096,7168; --quick: 7168)")
     ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=",".join(CODECS),
                     help="codecs to time against NCCL, comma-separated; bf16 is the library's "
                          "exchange unquantized")
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"per-rank bf16 bytes, e.g. 64K,1M,256M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
-    ap.add_argument("--quick", action="store_true", help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168")
+    ap.add_argument("--quick", action="store_true",
+                    help="sizes " + ",".join(QUICK_SIZES) + ", hidden 7168 (--sizes and --hidden win)")
     ap.add_argument("--budget", type=float_above(0), default=0.25, help="seconds of timed calls per point")
     ap.add_argument("--chunk-sweep", type=chunk_sweep, default=argparse.SUPPRESS,
                     help=f"SIZE:HIDDEN:CODECS:CHUNKS, or '' for none (default {CHUNK_SWEEP}; "
@@ -346,7 +349,31 @@ def main(argv=None) -> None:
                     help="all_to_all algorithms to time per codec (not flat: as 2 nodes x 1 GPU)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check this script without GPUs (timings meaningless)")
+    return ap
+
+
+def run_config(args) -> dict:
+    """The workers' config of a run: --quick's or the default sizes and hidden sizes where
+    --sizes and --hidden are not given, the chunk sweep."""
+    sizes = args.sizes or [parse_size(s) for s in (CPU_SIZES if args.cpu_dry_run else
+                                                   QUICK_SIZES if args.quick else SIZES)]
+    sweep = args.chunk_sweep if hasattr(args, "chunk_sweep") else \
+        chunk_sweep(CPU_CHUNK_SWEEP if args.cpu_dry_run else CHUNK_SWEEP)  # (not given)
+    cfg = dict(paths=args.paths, codecs=args.codecs,
+               hiddens=args.hidden or ([7168] if args.quick else [4096, 7168]),
+               sizes=sizes, budget_s=args.budget,
+               no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda",
+               algorithms=args.algorithms)
+    if sweep:
+        cfg["chunk_sweep"] = sweep
+    return cfg
+
+
+def main(argv=None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
+    if args.refit and not args.plot:
+        ap.error("--refit: only with --plot (a run fits its gate anyway)")
     if args.plot:
         result = read_json(ap, args.plot)
         if args.refit:  # the current gate fit on the always-quantized timings
@@ -361,16 +388,7 @@ def main(argv=None) -> None:
     if not args.cpu_dry_run:
         require_gpus(2, "--cpu-dry-run checks this script without GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = args.sizes or [parse_size(s) for s in (CPU_SIZES if args.cpu_dry_run else
-                                                   QUICK_SIZES if args.quick else SIZES)]
-    if not hasattr(args, "chunk_sweep"):  # (not given)
-        args.chunk_sweep = chunk_sweep(CPU_CHUNK_SWEEP if args.cpu_dry_run else CHUNK_SWEEP)
-    cfg = dict(paths=args.paths, codecs=args.codecs, hiddens=[7168] if args.quick else args.hidden,
-               sizes=sizes, budget_s=args.budget,
-               no_progress=args.no_progress, device="cpu" if args.cpu_dry_run else "cuda",
-               algorithms=args.algorithms)
-    if args.chunk_sweep:
-        cfg["chunk_sweep"] = args.chunk_sweep
+    cfg = run_config(args)
     t0 = time.perf_counter()
     result = run_paths(cfg, args.out)
     result["meta"] = dict(
@@ -381,8 +399,8 @@ def main(argv=None) -> None:
         date=datetime.date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
         config=cfg)
     (args.out / "bench_all2all.json").write_text(json.dumps(result, indent=1))
-    (args.out / "gate.json").write_text(json.dumps(dict(
-        thresholds=result["gate"], units="bf16 bytes per peer",
+    (args.out / "gate.json").write_text(json.dumps(dict(  # what was not measured keeps its default
+        thresholds=with_defaults(result["gate"], DEFAULT_THRESHOLDS), units="bf16 bytes per peer",
         device=result["meta"]["device"], date=result["meta"]["date"],
         source="tools/bench_all2all.py"), indent=1))
     (args.out / "table.txt").write_text(print_tables(result))

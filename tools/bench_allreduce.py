@@ -175,7 +175,7 @@ def run_paths(cfg: dict, out: Path) -> dict:
 # ---- report -----------------------------------------------------------------------------------
 def _results(rows: list) -> dict:
     """{(path, size, codec): dict(nccl, raw, gate)}: ms of NCCL, always quantized (the
-    default chunking), gate on."""
+    default chunking; no "raw" where --chunks left out auto), gate on."""
     out: dict = {}
     for r in rows:
         if not r.get("codec") or (r.get("chunks") is not None):
@@ -210,8 +210,9 @@ def report(result: dict) -> str:
         for s in sizes:
             cells = {c: res.get((path, s, c)) for c in codecs}
             base = next(v for v in cells.values() if v)["nccl"]
-            row = [f"{'':>15}" if v is None else
-                   f"{base / v['gate']:7.2f} ({base / v['raw']:5.2f})" for v in cells.values()]
+            row = [f"{'':>15}" if v is None else f"{base / v['gate']:7.2f} "
+                   + (f"({base / v['raw']:5.2f})" if "raw" in v else f"({'-':>5})")
+                   for v in cells.values()]
             lines.append(f"{fmt_size(s):>6} {base:10.3f} " + " ".join(row))
     chunked = [r for r in result["rows"] if r.get("chunks") is not None]
     if chunked:
@@ -231,7 +232,8 @@ def report(result: dict) -> str:
         targets = TARGETS
     for path, codec, size, floor in targets:
         v = res.get((path, size, codec))
-        got = f"{v['nccl'] / v['raw']:.2f}x (gate on {v['nccl'] / v['gate']:.2f}x)" if v else "not measured"
+        got = (f"{v['nccl'] / v['raw']:.2f}x (gate on {v['nccl'] / v['gate']:.2f}x)" if v and "raw" in v
+               else "not measured")
         lines.append(f"  {path} {codec} {fmt_size(size)}: >= {floor}x over NCCL bf16: {got}")
     nv = [(s, c, v["nccl"] / v["gate"]) for (p, s, c), v in res.items() if p == "nvlink" and "gate" in v]
     if nv and targets:
@@ -265,7 +267,9 @@ def plot(result: dict, png: Path) -> None:
                 continue
             xs = [s for s, _ in pts]
             line, = ax.plot(xs, [v["nccl"] / v["gate"] for _, v in pts], marker="o", ms=3, label=c)
-            ax.plot(xs, [v["nccl"] / v["raw"] for _, v in pts], ls=":", color=line.get_color(), lw=1)
+            raw = [(s, v["nccl"] / v["raw"]) for s, v in pts if "raw" in v]
+            if raw:
+                ax.plot(*zip(*raw), ls=":", color=line.get_color(), lw=1)
         for p, codec, size, floor in TARGETS:
             if p == path:
                 ax.plot([size], [floor], marker="_", ms=14, color="r")
@@ -280,13 +284,9 @@ def write_all_reduce_gate(path: Path, table: dict) -> None:
     """A gate file with this run's all-reduce table (the defaults for the paths and codecs not
     measured); an existing gate file's all-to-all thresholds and notes are kept
     (benchlib.write_gate)."""
-    from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS
-    merged = {p: dict(r) for p, r in DEFAULT_ALL_REDUCE_THRESHOLDS.items()}
-    for link, row in table.items():
-        # measured codecs replace the defaults' one by one: a whole row would drop the path's
-        # "*", and codecs the run did not measure would then be quantized at every size
-        merged.setdefault(link, {}).update(row)
-    write_gate(path, all_reduce=merged)
+    from moe_flashcomm.comm.gate import DEFAULT_ALL_REDUCE_THRESHOLDS, with_defaults
+    # (a whole row would also drop the path's "*")
+    write_gate(path, all_reduce=with_defaults(table, DEFAULT_ALL_REDUCE_THRESHOLDS))
     print(f"gate file: {path} (use: MOE_FLASHCOMM_GATE_FILE={path})")
 
 
@@ -307,7 +307,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank (default {','.join(SIZES)}; cpu: {','.join(CPU_SIZES)})")
     ap.add_argument("--chunks", type=chunks_arg, default="auto",
-                    help="pipeline ranges to time, e.g. auto,1,2,4 (auto: the library's choice)")
+                    help="pipeline ranges to time, e.g. auto,1,2,4 (auto: the library's choice; "
+                         "the table's always-quantized column and the fitted gate need it)")
     ap.add_argument("--reps", type=positive_int, default=15, help="timed calls per point (a third from 256M)")
     ap.add_argument("--budget", type=float_above(0), default=170.0,
                     help="total seconds for the whole run; the largest sizes are skipped past it")
@@ -325,6 +326,8 @@ def main(argv=None) -> None:
     check_out(ap, args.out, folder=True)
     if args.gate_out and args.device == "cpu":  # nothing fitted: it would write the defaults
         ap.error("--gate-out: a dry run (--device cpu) fits no gate; run it on 2 GPUs")
+    if args.gate_out and None not in args.chunks:  # (the fit is on the default chunking's times)
+        ap.error("--gate-out: the fit needs the library's chunking: add auto to --chunks")
     check_gate_out(ap, args.gate_out, option="--gate-out")
     from moe_flashcomm import SizeGate
     try:  # the '+gate' variant's table, read in every worker: checked here, not there

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_flashcomm import CodecConfig, record_layout  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
-from benchlib import HelpFormatter, pyplot, require_gpus  # noqa: E402
+from benchlib import HelpFormatter, check_out, float_above, positive_int, pyplot, require_gpus  # noqa: E402
 
 MiB = 2**20
 
@@ -122,17 +122,19 @@ def parse_shape(s: str):
     return int(v), int(u)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON path (a PNG plot is written beside it)")
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 256, 1024],
+    ap.add_argument("--out", type=Path, required=True, help="JSON path (a PNG plot is written beside it)")
+    ap.add_argument("--sizes", type=float_above(0), nargs="+", default=[1, 4, 16, 64, 256, 1024],
                     help="bf16 input sizes in MiB")
-    ap.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168], help="hidden sizes to time")
+    ap.add_argument("--hidden", type=positive_int, nargs="+", default=[4096, 7168], help="hidden sizes to time")
     ap.add_argument("--bits", nargs="+", default=["2", "3", "4", "5", "6", "7", "8", "fp8"],
+                    choices=[str(b) for b in range(2, 9)] + ["fp8"],
                     help="codec widths to time: 2 to 8 (integer bits) or fp8")
-    ap.add_argument("--group", type=int, default=128,
-                    help="values sharing one scale: 32, 64, 128 or 256")
-    ap.add_argument("--spikes", type=int, default=1, help="1: spikes on (integer widths), 0: off")
+    ap.add_argument("--group", type=int, default=128, choices=(32, 64, 128, 256),
+                    help="values sharing one scale")
+    ap.add_argument("--spikes", type=int, default=1, choices=(0, 1),
+                    help="1: spikes on (integer widths), 0: off")
     ap.add_argument("--encode-shapes", nargs="+", default=[], metavar="VxU",
                     help="encode kernel shapes to compare (default: the library's)")
     ap.add_argument("--decode-shapes", nargs="+", default=[], metavar="VxU",
@@ -142,15 +144,19 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=[""],
                     help="kernel variants to compare, each comma-separated -D defines "
                          "(default: '', the kernels as shipped)")
-    ap.add_argument("--replays", type=int, default=15,
+    ap.add_argument("--replays", type=positive_int, default=15,
                     help="CUDA graph replays per point, of which the median counts")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    small = [s for s in args.sizes if int(s * MiB) < 2]  # (not one bf16 value: nothing to time)
+    if small:
+        ap.error(f"--sizes: {small[0]:g} MiB is less than one bf16 value")
+    cfgs = [CodecConfig(bits=int(b) if b.isdigit() else b, group_size=args.group,
+                        spikes=bool(args.spikes)) for b in args.bits]
+    check_out(ap, args.out)  # before the run, not after it
     require_gpus()
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 60 * MiB
-    cfgs = [CodecConfig(bits=int(b) if b.isdigit() else b, group_size=args.group,
-                        spikes=bool(args.spikes)) for b in args.bits]
     shapes = dict(encode=[parse_shape(s) for s in args.encode_shapes] or [None],
                   decode=[parse_shape(s) for s in args.decode_shapes] or [None])  # None: the library's
     if args.shapes_from:
@@ -185,7 +191,7 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                   date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
                   l2_bytes=l2, copy_gbps=copy, rows=rows)
-    out = Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}  {result['date']}  copy GB/s (best of memcpy in a graph, eager, SM kernel):")

@@ -9,8 +9,9 @@ decode (or reduction) reads the send buffer back (every pair has the same rows, 
 match), which also checks that both layouts give the same bits and that no stamp is
 reported. One process; a group rank of ``--world`` sending ``size / world`` per peer, hidden
 7168 (all-reduce: a tensor of ``size``, rows of 1024 values), ``--dtype`` (bf16). The
-``bf16`` codec (the passthrough) needs fp32 tokens here (16-bit ones travel as they are):
-its casts are p2p_exchange_cast's tasks, its all-reduce's reduction reduce_cast.
+``bf16`` codec (the passthrough) needs fp32 tokens in the all-to-all (16-bit ones travel as
+they are: no layouts, so it is timed by default only with ``--dtype fp32``): its casts are
+p2p_exchange_cast's tasks, its all-reduce's reduction reduce_cast.
 
 Per size (bf16 bytes per rank) and codec it prints, for each side and layout, host µs per call
 (bursts queued behind a GPU sleep, the layouts taking turns, medians) and GPU µs per call
@@ -39,7 +40,7 @@ from moe_flashcomm import kernels  # noqa: E402
 from moe_flashcomm.codec import record_bytes  # noqa: E402
 from moe_flashcomm.comm import all_reduce as AR  # noqa: E402
 from moe_flashcomm.comm import exchange as X  # noqa: E402
-from benchlib import HelpFormatter, burst_ms, fmt_size, require_gpus  # noqa: E402
+from benchlib import HelpFormatter, burst_ms, check_out, fmt_size, positive_int, require_gpus  # noqa: E402
 
 H = 7168
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -147,20 +148,39 @@ def measure(world: int, size: int, name: str, cfg, pages: dict, op: str,
     return row
 
 
-def main() -> None:
+def passthrough_as_is(op: str, dtype: str) -> bool:
+    """Whether the bf16 codec's all-to-all sends ``dtype`` tokens as they are (no layouts)."""
+    return op == "all_to_all" and DTYPES[dtype].itemsize == 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--op", default="all_to_all", choices=("all_to_all", "all_reduce"),
                     help="all_reduce: its reduce-scatter (the 'decode' side is the reduction)")
-    ap.add_argument("--world", type=int, default=8,
-                    help="ranks in the group, the one process playing rank 0; all-to-all: "
-                         "size / world bytes to each peer")
-    ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS),
-                    help="codecs to time")
-    ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="bf16 bytes per rank")
+    ap.add_argument("--world", type=positive_int, default=8,
+                    help="ranks in the group (2 or more), the one process playing rank 0; "
+                         "all-to-all: size / world bytes to each peer")
+    ap.add_argument("--codecs", nargs="+", default=None, choices=list(CODECS),
+                    help=f"codecs to time (default {' '.join(CODECS)}; the all-to-all of 16-bit "
+                         f"--dtype: no bf16)")
+    ap.add_argument("--sizes", nargs="+", type=positive_int, default=SIZES, help="bf16 bytes per rank")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES),
                     help="the tokens' (fp32 for the bf16 codec's all-to-all)")
-    ap.add_argument("--out", default=None, help="JSON of every row")
-    a = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every row")
+    a = ap.parse_args(argv)
+    if a.world < 2:
+        ap.error(f"--world: expected an int >= 2 (rank 0 and its peers), got {a.world}")
+    if a.codecs is None:
+        a.codecs = [c for c in CODECS if c != "bf16" or not passthrough_as_is(a.op, a.dtype)]
+    elif "bf16" in a.codecs and passthrough_as_is(a.op, a.dtype):
+        ap.error(f"--codecs bf16: with --dtype {a.dtype} the all-to-all sends the tokens as they "
+                 f"are (no layouts to time); use --dtype fp32")
+    check_out(ap, a.out)  # before the run, not after it
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     require_gpus()
     torch.cuda.init()
     pages: dict = {}
@@ -187,11 +207,11 @@ def main() -> None:
     for page in pages.values():
         page.close()
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"device": torch.cuda.get_device_name(), "launcher": launcher,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "command": " ".join(["python", *sys.argv])}
-        Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

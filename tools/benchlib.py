@@ -1,7 +1,7 @@
 """What the benchmarks share. The link emulation, sizes, codec names, process setup, free
-ports and argument checks (argparse types, --help's formatter, --out, "needs a CUDA GPU")
-are the size-gate tuner's (moe_flashcomm.tune_gate, which uses them too), gate files the
-gate's; re-exported here."""
+ports, argument checks (argparse types, --help's formatter, --out, "needs a CUDA GPU") and
+matplotlib where installed are the size-gate tuner's (moe_flashcomm.tune_gate, which uses
+them too, as do the recipes), gate files the gate's; re-exported here."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from moe_flashcomm.tune_gate import bench_codec as codec_of
 from moe_flashcomm.tune_gate import init_link_worker as init_worker
 from moe_flashcomm.comm.gate import write_gate
 from moe_flashcomm.tune_gate import (HelpFormatter, check_gate_out, check_out, parse_size, positive_int,
-                                     require_gpus)
+                                     pyplot, require_gpus)
 
 __all__ = ["CPU_SIZES", "HelpFormatter", "PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms",
            "check_gate_out", "check_out", "codec_of", "csv_arg", "float_above", "fmt_size", "free_port", "init_worker",
@@ -57,19 +57,6 @@ def burst_ms(fn, before=None, warmup: int = 3, rounds: int = 5, calls: int = 10)
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / calls)
     return statistics.median(ts)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only), or None with a note when
-    matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return None
-    return plt
 
 
 def ratio_axes(ax, title: str, xlabel: str, ylabel, floor: float, log_y: bool = True) -> None:

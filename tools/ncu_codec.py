@@ -24,24 +24,26 @@ from moe_flashcomm import CodecConfig  # noqa: E402
 from moe_flashcomm.codec import cuda as C  # noqa: E402
 
 from bench_codec import buffers_needed, tokens  # noqa: E402
-from benchlib import HelpFormatter, require_gpus  # noqa: E402
+from benchlib import HelpFormatter, positive_int, require_gpus  # noqa: E402
 
 MiB = 2**20
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--size", type=int, default=64, help="MiB of bf16 tokens")
-    p.add_argument("--hidden", type=int, default=7168, help="values per token row")
-    p.add_argument("--bits", type=int, nargs="+", default=[4],
-                   help="integer widths to profile: an encode kernel each (and a decode one, "
+    p.add_argument("--size", type=positive_int, default=64, help="MiB of bf16 tokens")
+    p.add_argument("--hidden", type=positive_int, default=7168, help="values per token row")
+    p.add_argument("--bits", type=int, nargs="+", default=[4], choices=range(2, 9), metavar="BITS",
+                   help="integer widths to profile, 2 to 8: an encode kernel each (and a decode one, "
                         "with --decode)")
-    p.add_argument("--reps", type=int, default=2, help="launches of each kernel")
+    p.add_argument("--reps", type=positive_int, default=2, help="launches of each kernel")
     p.add_argument("--decode", action="store_true", help="also decode")
     p.add_argument("--defines", nargs="*", default=[], help="kernel variant defines (A/B)")
-    args = p.parse_args()
-    require_gpus()
+    args = p.parse_args(argv)
     T = args.size * MiB // (2 * args.hidden)
+    if T < 1:  # (not one token row)
+        p.error(f"--hidden {args.hidden}: more values than --size {args.size} MiB holds")
+    require_gpus()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     n = buffers_needed(2 * T * args.hidden, l2) + 1
     xs = [tokens(T, args.hidden, seed=i) for i in range(n)]

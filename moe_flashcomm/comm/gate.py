@@ -117,6 +117,17 @@ def kept_fields(path: Union[str, os.PathLike]) -> dict:
     return kept
 
 
+def with_defaults(measured: Mapping[str, Mapping[str, int]],
+                  defaults: Mapping[str, Mapping[str, int]]) -> dict:
+    """``defaults`` with the thresholds of ``measured`` in place of theirs, one path and codec
+    at a time: a fit of some paths or codecs keeps the defaults of the rest (a table without
+    them would quantize those at every size, _lookup's 0)."""
+    table = {path: dict(row) for path, row in defaults.items()}
+    for path, row in measured.items():
+        table.setdefault(path, {}).update(row)
+    return table
+
+
 def write_gate(path: Union[str, os.PathLike], **fields) -> None:
     """Write a gate file (what ``SizeGate.load`` reads) with ``fields``: a table
     ("thresholds", "all_reduce") and notes (FILE_INFO). What an existing gate file there holds
