@@ -38,8 +38,9 @@ DeepSpeed whose layer stopped calling the patched name fails loudly instead of s
 running stock.
 
 Algorithm: a codec with different ``intra_node`` / ``inter_node`` codecs, or the config's
-``algorithm == "hierarchical"``, selects the hierarchical all-reduce; else flat. The
-config's ``gate`` and ``chunks`` apply.
+``algorithm == "hierarchical"``, selects the hierarchical all-reduce (on a group inside
+one node: the flat one with ``intra_node``); else flat. The config's ``gate`` and ``chunks``
+apply.
 """
 from __future__ import annotations
 
