@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+_MISSING = object()
 
 
 def remember(table: dict, key, make: Callable[[], T], limit: int) -> T:
     """``table[key]``, made by ``make()`` the first time (``table`` emptied first when it holds
     more than ``limit`` entries)."""
-    hit = table.get(key)
-    if hit is None:
+    hit = table.get(key, _MISSING)
+    if hit is _MISSING:  # (not None: a thing made as None is kept too)
         if len(table) > limit:
             table.clear()
         hit = table[key] = make()

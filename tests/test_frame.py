@@ -67,3 +67,15 @@ def test_expected_headers_mirror_the_peers_headers():
             if a != b:
                 sent = lays[b].template[lays[b].peers.index(a)]
                 assert np.array_equal(lays[a].expected[lays[a].peers.index(b)], sent)
+
+
+def test_remember_makes_each_key_once_none_included():
+    """memo.remember made a key again at every call where the thing made was None."""
+    from moe_flashcomm.memo import remember
+    made, table = [], {}
+    for _ in range(3):
+        assert remember(table, "k", lambda: made.append(1), 8) is None
+    assert made == [1]
+    for i in range(10):  # past the bound: emptied, then made again
+        remember(table, i, lambda: made.append(1), 8)
+    assert len(table) <= 9 and "k" not in table
