@@ -370,6 +370,10 @@ class _Driver:
             raise self.error(rc, "cuEventCreate")
         return ev.value
 
+    def destroy_event(self, event: int) -> None:
+        """Release an event made by ``event`` (work queued on it completes first)."""
+        self._lib.cuEventDestroy_v2(ctypes.c_void_p(event))
+
     def make_current(self, device: int) -> None:
         """Make ``device``'s primary context (torch's) current in this thread: threads that
         never touched the runtime (autograd's backward threads) have none for the driver."""
@@ -506,6 +510,14 @@ class Order:
         d = self._driver
         drive(d, self._device, "cuEventRecord", d.event_record, self.event, before)
         drive(d, self._device, "cuStreamWaitEvent", d.stream_wait, after, self.event, 0)
+
+    def __del__(self) -> None:
+        # with its call (the steps that hold it, and the compiled program made of them): a
+        # call is made per split, so uneven splits made events without end
+        try:
+            self._driver.destroy_event(self.event)
+        except Exception:  # (at interpreter exit the library may be gone)
+            pass
 
 
 # ---- a call's steps as data: run by Python (ctypes) or by the compiled launcher ---------------
@@ -682,9 +694,13 @@ class KernelCache:
             from cupy.cuda import function
             name, cubin = compile_kernel(source_name, name_expr, arch(device), defines)
             with self._lock, cp.cuda.Device(device):
-                mod = function.Module()
-                mod.load(cubin)
-                hit = self._functions[key] = (mod, mod.get_function(name))
+                # checked again: a thread that loaded it meanwhile has handed out its handle,
+                # which replacing its module would unload
+                hit = self._functions.get(key)
+                if hit is None:
+                    mod = function.Module()
+                    mod.load(cubin)
+                    hit = self._functions[key] = (mod, mod.get_function(name))
         return hit[1].ptr
 
     def plan(self, key: tuple, make):

@@ -225,3 +225,46 @@ def test_a_decode_repeat_is_not_taken_by_a_hidden_of_another_type(monkeypatch, h
     assert len(cuda.KERNELS.plans) == 1
     with pytest.raises(ValueError, match=f"hidden must be an int >= 1, got {hidden!r}"):
         codec_cuda.decode(records, cfg, hidden)
+
+
+def test_two_threads_first_using_a_kernel_get_one_loaded_module(monkeypatch):
+    """Both threads missed the cache, compiled and loaded; the second store replaced the
+    first, whose module was then unloaded (CuPy's Module unloads when freed) while its thread
+    had handed out a handle into it. CuPy is replaced by a stand-in that records unloads."""
+    import gc
+    import sys
+    import threading
+    import types
+    unloaded, ids = set(), iter(range(1, 100))
+
+    class Module:
+        def load(self, cubin):
+            self.ptr = next(ids)
+
+        def get_function(self, name):
+            return types.SimpleNamespace(module=self, ptr=self.ptr)
+
+        def __del__(self):
+            unloaded.add(self.ptr)
+    cuda_mod = types.SimpleNamespace(function=types.SimpleNamespace(Module=Module), nvrtc=None,
+                                     Device=lambda d: threading.Lock())
+    fake = types.SimpleNamespace(cuda=cuda_mod)
+    for name, mod in (("cupy", fake), ("cupy.cuda", cuda_mod), ("cupy.cuda.function", cuda_mod.function),
+                      ("cupy.cuda.nvrtc", types.ModuleType("nvrtc"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+    both_missed = threading.Barrier(2)
+
+    def compile_kernel(*args):
+        both_missed.wait(timeout=10)  # (a real compile or disk read: the same window)
+        return "lowered", b"cubin"
+    monkeypatch.setattr(cuda, "compile_kernel", compile_kernel)
+    monkeypatch.setattr(cuda, "arch", lambda device: "sm_90")
+    cache, got = cuda.KernelCache(), []
+    threads = [threading.Thread(target=lambda: got.append(cache.function(0, "p2p.cu", "f")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert len(got) == 2 and got[0] == got[1] and not unloaded & set(got)

@@ -65,6 +65,9 @@ class FakeDriver:
         self._events += 1
         return 0xE0 + self._events
 
+    def destroy_event(self, event):
+        self.log.append(("destroy", event))
+
     def make_current(self, device):
         self.made_current.append(device)
 
@@ -230,6 +233,18 @@ def test_a_program_runs_its_steps_in_order_either_way(compiled):
         ("record", 0xE2, 22), ("wait", 11, 0xE2),  # and the main stream for the copies
         ("launch", 3, 11, [1000, staging])]
     assert called == [8]  # after the join, before the last launch
+
+
+def test_an_order_releases_its_event_with_it():
+    """Orders (two per peer-to-peer call with copy-engine pairs, a call per split) never
+    destroyed their events: uneven splits made events without end."""
+    import gc
+    driver = FakeDriver(())
+    orders = [K.Order(0, driver) for _ in range(3)]
+    events = [o.event for o in orders]
+    del orders
+    gc.collect()
+    assert sorted(e for kind, e in driver.log if kind == "destroy") == events
 
 
 @pytest.mark.parametrize("compiled", [True, False])

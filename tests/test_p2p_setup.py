@@ -43,13 +43,19 @@ class FakeRuntime:
         self.sizes[p] = n
         return p
 
-    def memset(self, p, v, n):
+    def memset(self, p, v, n):  # (asynchronous to the host, as cudaMemset is)
         assert p in self.live
+        self.zeroing = p
+
+    def deviceSynchronize(self):
+        self.zeroing = None
 
     def free(self, p):
         self.live.remove(p)
 
     def ipcGetMemHandle(self, p):
+        # shared only once zeroed: a peer's first writes could land before the memset's
+        assert getattr(self, "zeroing", None) != p, "exported while its memset may be running"
         return p.to_bytes(8, "little")
 
     def ipcOpenMemHandle(self, h, flags):
@@ -334,3 +340,25 @@ def test_nccl_switches_are_read_as_nccl_reads_them(monkeypatch, p2p, shm, path):
             monkeypatch.setenv(name, value)
     assert intra_node_path("cuda") == path
     assert intra_node_path("cpu") == "cpu"
+
+
+def test_the_error_page_is_cleared_reported_first_claimed_last():
+    """A kernel may claim the page while the host clears it. Cleared claimed-first, the
+    claim survived and its report was wiped: the page stayed claimed and never reported
+    again. Cleared the other way round, such a kernel finds it claimed and drops its report."""
+    import numpy as np
+    from moe_flashcomm import kernels as K
+    from moe_flashcomm.comm import p2p
+    writes = []
+
+    class Words(np.ndarray):
+        def __setitem__(self, key, value):
+            writes.append(key)
+            super().__setitem__(key, value)
+    page = p2p.ErrorPage.__new__(p2p.ErrorPage)
+    page.words = np.arange(1, K.P2P_ERROR_WORDS + 1, dtype=np.uint64).view(Words)
+    page.clear()
+    assert not page.words.any() and page.report() is None
+    covered = [set(range(K.P2P_ERROR_WORDS)[w]) if isinstance(w, slice) else {w} for w in writes]
+    assert covered[0] == {K.P2P_ERROR_SET} and covered[-1] == {0}
+    assert set().union(*covered) == set(range(K.P2P_ERROR_WORDS))

@@ -106,7 +106,13 @@ class ErrorPage:
         return [int(w) for w in words] if words[kernels.P2P_ERROR_SET] else None
 
     def clear(self) -> None:
-        self.words[:] = 0
+        # "reported" first, "claimed" last: a kernel that claims the page meanwhile finds it
+        # still claimed and drops its report, as any second one; cleared the other way round,
+        # its report was wiped after its claim, and no report could ever be made again
+        words = self.words
+        words[kernels.P2P_ERROR_SET] = 0
+        words[1:kernels.P2P_ERROR_SET] = 0
+        words[0] = 0
 
     def close(self) -> None:
         if self.address:
@@ -450,6 +456,9 @@ def _cudamalloc_zeroed(nbytes: int, device: torch.device) -> int:
     with torch.cuda.device(device):
         ptr = rt.malloc(nbytes)
         rt.memset(ptr, 0, nbytes)
+        # cudaMemset returns before it is done, and no stream orders it before the peers'
+        # writes once the handle is shared: done before (buffers grow rarely)
+        rt.deviceSynchronize()
     return ptr
 
 
