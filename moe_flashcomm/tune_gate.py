@@ -46,6 +46,7 @@ CODECS = ("fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
 CPU_SIZES = ("64K", "256K")  # --cpu-dry-run (here and in tools/): the reference codec is slow on CPU
 HIDDEN = (4096, 7168)
+BUDGET_S = 0.2  # seconds of timed calls per measured point
 
 
 def parse_size(s: str) -> int:
@@ -338,7 +339,8 @@ def check_gate_out(parser: argparse.ArgumentParser, path: Optional[Path], option
     """``check_out`` for a gate file, and the tables an existing one keeps (``kept_fields``)."""
     check_out(parser, path, option=option)
     try:
-        path and kept_fields(path)
+        if path:
+            kept_fields(path)
     except ValueError as e:
         parser.error(f"{option}: {e}")
 
@@ -388,7 +390,7 @@ def main(argv: Optional[list] = None) -> None:
                     help=f"bf16 bytes per rank, e.g. 64K,1M,64M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
     ap.add_argument("--budget", type=float_above(0), default=None,
-                    help="seconds of timed calls per point (default 0.2)")
+                    help=f"seconds of timed calls per point (default {BUDGET_S})")
     ap.add_argument("--python", action="store_true", help="also print a DEFAULT_THRESHOLDS literal")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="gloo on CPU, to check the setup without GPUs (timings meaningless); "
@@ -426,7 +428,7 @@ def main(argv: Optional[list] = None) -> None:
             require_gpus(2, "--from-bench fits a stored run, --cpu-dry-run checks the setup")
         sizes = args.sizes or SIZES_ARG(",".join(CPU_SIZES if args.cpu_dry_run else SIZES))
         rows = measure(args.paths or list(LINK_EMULATION), args.hidden or HIDDEN, sizes,
-                       args.codecs or CODECS, args.budget or 0.2, device)
+                       args.codecs or CODECS, args.budget or BUDGET_S, device)
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
     fitted = fit_from_rows(rows)

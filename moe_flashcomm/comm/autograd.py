@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Set
 from typing import Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from .. import kernels
 from ..codec import CodecConfig
 from .exchange import Pending, Route, cached_plan, exchange, p2p_call
+from .plan import NOT_SPLIT_SIZES
 from . import direct
 
 DEFAULT_GRAD_CODEC = CodecConfig(bits=8)
@@ -265,7 +265,7 @@ def split_key(sizes) -> tuple:
             raise TypeError("not a key")
         return tuple(sizes.tolist())
     if type(sizes) is not list and type(sizes) is not tuple and (
-            iter(sizes) is sizes or isinstance(sizes, (Mapping, Set, str, bytes))):
+            iter(sizes) is sizes or isinstance(sizes, NOT_SPLIT_SIZES)):
         # an iterator (a generator) has one pass, which the check needs: no key (else the
         # check found it empty at a call's first use, and refused it as "got 0"); a dict's
         # keys would find the plan of other sizes: the check refuses it

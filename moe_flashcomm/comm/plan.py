@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 SplitSizes = Union[Sequence[int], torch.Tensor, None]
+NOT_SPLIT_SIZES = (Mapping, Set, str, bytes)  # iterable, but no list of sizes (a dict: its keys)
 
 
 def check_splits(name: str, sizes: SplitSizes, world: int) -> Optional[list[int]]:
@@ -19,7 +20,7 @@ def check_splits(name: str, sizes: SplitSizes, world: int) -> Optional[list[int]
                              f"got a {sizes.dtype} tensor of shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
     try:
-        if isinstance(sizes, (Mapping, Set, str, bytes)):  # iterable, but no list of sizes
+        if isinstance(sizes, NOT_SPLIT_SIZES):
             raise TypeError
         out = list(sizes)
     except TypeError:
