@@ -225,6 +225,42 @@ def test_p2p_buffers_failed_allocation_raises_everywhere_gloo_2():
     spawn(_failure, 2)
 
 
+def _mapping_refused(rank, world, framed):
+    """Growth where rank 1 cannot map a peer's new buffer (cudaIpcOpenMemHandle fails after
+    the handles were shared): every rank raises, naming rank 1, frees the new memory and keeps
+    its old buffers, so the group stays in step and grows together at the next call."""
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+    bufs = p2p.PeerBuffers(None, rank, world, torch.device("cpu"), 7, limits(),
+                           Framing(60) if framed else None)
+    bufs.reserve(1 << 20)
+    old, live, mapped = list(bufs.data_ptrs), set(rt.live), set(rt.mapped)
+    opened = rt.ipcOpenMemHandle
+    if rank == 1:
+        calls = itertools.count()
+
+        def refuse(h, flags):  # the second peer's mapping fails, after one succeeded
+            if next(calls) == 1:
+                raise RuntimeError("cudaErrorMapBufferObjectFailed (stand-in)")
+            return opened(h, flags)
+        rt.ipcOpenMemHandle = refuse
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] could not map their peers' new "
+                                           r"\d+-byte buffers"):
+        bufs.reserve(3 << 20)
+    assert (bufs.data_ptrs, bufs.cap, bufs.generation) == (old, 1 << 20, 1)
+    assert (rt.live, rt.mapped, bufs.failed) == (live, mapped, None)  # new memory freed
+    rt.ipcOpenMemHandle = opened
+    bufs.reserve(3 << 20)  # the next call's growth: together
+    assert bufs.cap == 3 << 20 and bufs.generation == 2 and old[rank] not in rt.live
+    bufs.close()
+    assert not rt.live and not rt.mapped
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_p2p_buffers_refused_mapping_raises_everywhere_gloo_3(framed):
+    spawn(_mapping_refused, 3, framed)
+
+
 def _memory_limit(rank, world):
     """MOE_FLASHCOMM_P2P_MAX_MB bounds the device memory of a rank's receive buffer, where
     the limit is not a whole MiB per sender too (its regions are whole MiB where that fits)."""

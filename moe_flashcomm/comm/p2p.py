@@ -202,8 +202,9 @@ class PeerBuffers:
     def _exchange(self, nbytes: int, captured: bool = False) -> tuple[list[int], bool]:
         """Allocate ``nbytes`` of zeroed device memory; every rank's allocation as mapped in
         this process (ours as is), and whether any rank passed ``captured``. Collective: every
-        rank takes part in the gather even when its own allocation or export failed (then
-        every rank raises), so none is left waiting."""
+        rank takes part in both votes even when its own allocation, export or mapping failed
+        (then every rank raises, having freed the new memory), so none is left waiting or
+        moves on alone."""
         rt = _runtime()
         ptr = handle = None
         try:
@@ -213,7 +214,7 @@ class PeerBuffers:
         except Exception:
             handle = None
         try:
-            handles, captured = self._gather(handle, captured)
+            handles, flags = self._gather(handle, captured)
             if any(h is None for h in handles):
                 raise RuntimeError(f"ranks {[p for p, h in enumerate(handles) if h is None]} could "
                                    f"not allocate {nbytes} bytes or export them through CUDA IPC")
@@ -222,22 +223,35 @@ class PeerBuffers:
                 with torch.cuda.device(self.device):
                     rt.free(ptr)
             raise
-        ptrs = []
+        ptrs, error = [], ""
         with torch.cuda.device(self.device):
             for p, h in enumerate(handles):
-                ptrs.append(ptr if p == self.rank else
-                            rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
-        return ptrs, captured
+                try:
+                    ptrs.append(ptr if p == self.rank else
+                                rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
+                except Exception as e:
+                    error = f" (here: mapping rank {p}'s: {type(e).__name__}: {e})"
+                    break
+        # a second vote: a rank that cannot map a peer's memory must not stay behind alone
+        # while the others move on (every rank raises and keeps what it had)
+        _, unmapped = self._gather(None, bool(error))
+        if any(unmapped):
+            ptrs += [None] * (self.world - len(ptrs))
+            ptrs[self.rank] = ptr
+            self._release(ptrs)
+            raise RuntimeError(
+                f"ranks {[p for p, f in enumerate(unmapped) if f]} could not map their peers' "
+                f"new {nbytes}-byte buffers through CUDA IPC{error}")
+        return ptrs, any(flags)
 
-    def _gather(self, handle: Optional[bytes], flag: bool) -> tuple[list, bool]:
-        """Every rank's IPC handle (None where its allocation failed), and whether any rank's
-        ``flag`` is set. Over gloo a framed exchange, so a rank that grows its buffers while a
-        peer does not (sizes that disagree) raises PeerTimeoutError after the timeout instead
-        of waiting for good."""
+    def _gather(self, handle: Optional[bytes], flag: bool) -> tuple[list, list]:
+        """Every rank's IPC handle (None where its allocation failed) and ``flag``. Over gloo
+        a framed exchange, so a rank that grows its buffers while a peer does not (sizes that
+        disagree) raises PeerTimeoutError after the timeout instead of waiting for good."""
         if self.framing is None:
             table: list = [None] * self.world
             dist.all_gather_object(table, (handle, flag), group=self.group)
-            return [h for h, _ in table], any(f for _, f in table)
+            return [h for h, _ in table], [bool(f) for _, f in table]
         # word 0: the handle's length (0: none), word 1: the flag, then the handle's bytes
         words = torch.zeros(2 + HANDLE_WORDS, dtype=torch.int64)
         words[1] = int(flag)
@@ -249,13 +263,15 @@ class PeerBuffers:
         table = frame.gather_words(self.framing, self.group, self.rank, self.world,
                                    "peer-to-peer buffers", words)
         return ([bytes(row[2:].view(torch.uint8)[:int(row[0])].tolist()) if row[0] else None
-                 for row in table], bool(table[:, 1].any()))
+                 for row in table], [bool(f) for f in table[:, 1]])
 
-    def _release(self, ptrs: list[int]) -> None:
-        """Unmap the peers' entries of ``ptrs`` and free ours."""
+    def _release(self, ptrs: list) -> None:
+        """Unmap the peers' entries of ``ptrs`` and free ours (None: not mapped)."""
         rt = _runtime()
         with torch.cuda.device(self.device):
             for p, q in enumerate(ptrs):
+                if q is None:
+                    continue
                 if p == self.rank:
                     rt.free(q)
                 else:
