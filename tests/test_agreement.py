@@ -405,7 +405,7 @@ def _algorithm_switch(rank, world):
                 ValueError, "input_split_sizes sums to 20")
     else:
         _raises(lambda: comm.all_to_all(x, s, s, codec=8, algorithm="auto"),
-                ConfigMismatchError, "rank 0: it rejected its arguments")
+                ConfigMismatchError, "rank 0: it rejected its")
     assert torch.equal(comm.all_to_all(x, s, s, algorithm="flat"), before["flat"][0])
     comm.close()
 
@@ -497,7 +497,7 @@ def _bad_arguments(rank, world):
         _raises(lambda: comm.all_to_all(x, [4] * world, [5] * world), ValueError, "")
     else:
         _raises(lambda: comm.all_to_all(x), ConfigMismatchError,
-                "rank 2: it rejected its arguments for its all_to_all")
+                "rank 2: it rejected its all_to_all")
     assert torch.equal(comm.all_to_all(x), expected)
     # the same for an all-reduce, first at a configuration's first use, then a known one
     y = make_input(rank, 3000, (), torch.float32, 12)
@@ -509,7 +509,7 @@ def _bad_arguments(rank, world):
                     "op must be one of ('sum',)")
         else:
             _raises(lambda: comm.all_reduce(y.clone(), codec=codec), ConfigMismatchError,
-                    "rank 2: it rejected its arguments")
+                    "rank 2: it rejected its all_reduce reduce-scatter")
     assert torch.equal(comm.all_reduce(y.clone(), codec=4), want)
     # and for a hierarchical all-to-all (its first step is on the whole group over gloo)
     hier = mf.Communicator(gate=False, topology=1, algorithm="hierarchical")

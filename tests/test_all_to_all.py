@@ -348,7 +348,7 @@ def _exchange_counts(rank, world):
         with pytest.raises(ValueError, match="do not split evenly"):
             comm.exchange_counts(torch.arange(2 * world + 1))
     else:
-        with pytest.raises(ConfigMismatchError, match="rank 0: it rejected its arguments"):
+        with pytest.raises(ConfigMismatchError, match="rank 0: it rejected its skip_padding counts"):
             comm.exchange_counts(mine)
     assert torch.equal(comm.exchange_counts(mine), torch_a2a(mine.view(-1, 1), [2] * world,
                                                              [2] * world).view(-1))

@@ -37,7 +37,7 @@ def _huge_output_split_sizes(rank, world):
                     "cannot allocate", "output_split_sizes", f"{3 + huge} rows")
         else:
             _raises(lambda: comm.all_to_all(x, [3, 3], [3, 3], codec=4), ConfigMismatchError,
-                    "rank 0: it rejected its arguments for its all_to_all")
+                    "rank 0: it rejected its all_to_all")
         assert torch.equal(comm.all_to_all(x, [3, 3], [3, 3], codec=4), want), huge
     comm.close()
 
@@ -163,3 +163,50 @@ def test_split_sizes_of_a_type_that_is_no_list_are_named():
         except TypeError:
             continue
         raise AssertionError(f"{bad!r} keyed a plan")
+
+
+def _closed_on_one_rank(rank, world):
+    """A call that fails on one rank for any reason before its exchange, not only a
+    ValueError / TypeError: a communicator closed on that rank alone (close() is local), split
+    sizes whose values cannot be read (a meta tensor: NotImplementedError). The peers raise
+    at once, and their next call pairs with that rank's next call: the closed rank took part
+    in no exchange, so its peers' call used to pair with its next call on another
+    communicator of the group, mixing the rows or sums of two calls with no error anywhere."""
+    main, side = (mf.Communicator(gate=False, codec="native") for _ in range(2))
+    s = [2] * world
+    xa, xb = torch.full((4, 8), 100.0 + rank), torch.full((4, 8), 200.0 + rank)
+    want_a, want_b = (torch.tensor([100.0, 100, 101, 101]), torch.tensor([200.0, 200, 201, 201]))
+    side.all_to_all(xa, s, s)
+    main.all_to_all(xb, s, s)
+    ya, yb = torch.full((4,), 1.0 + rank), torch.full((4,), 100.0 + 100 * rank)
+    side.all_reduce(ya.clone(), codec="native")
+    main.all_reduce(yb.clone(), codec="native")
+    counts = torch.arange(2 * world) + 10 * rank
+    side.exchange_counts(counts)
+    main.exchange_counts(counts)
+    if rank == 0:
+        side.close()
+    calls = [("all_to_all", lambda c: c.all_to_all(xa, s, s)),
+             ("all_reduce reduce-scatter", lambda c: c.all_reduce(ya.clone(), codec="native")),
+             ("skip_padding counts", lambda c: c.exchange_counts(counts))]
+    for op, call in calls:
+        if rank == 0:
+            _raises(lambda: call(side), mf.comm.CommunicatorClosedError, "was closed")
+        else:
+            _raises(lambda: call(side), ConfigMismatchError, f"rank 0: it rejected its {op}",
+                    "its communicator was closed")
+        assert torch.equal(main.all_to_all(xb, s, s)[:, 0], want_b), op
+        assert torch.equal(main.all_reduce(yb.clone(), codec="native"), torch.full((4,), 300.0))
+    bad = torch.empty(world, dtype=torch.int64, device="meta")  # sizes never materialised
+    if rank == 0:
+        _raises(lambda: main.all_to_all(xa, bad, s), NotImplementedError)
+    else:
+        _raises(lambda: main.all_to_all(xa, s, s), ConfigMismatchError,
+                "rank 0: it rejected its all_to_all")
+    assert torch.equal(main.all_to_all(xa, s, s)[:, 0], want_a)
+    main.close()
+    side.close()
+
+
+def test_a_call_that_fails_on_one_rank_for_any_reason_raises_on_every_rank_gloo_2():
+    spawn(_closed_on_one_rank, 2, timeout=120, env={"MOE_FLASHCOMM_TIMEOUT_S": 30})

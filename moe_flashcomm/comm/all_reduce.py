@@ -392,13 +392,15 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         key = (codec, type(codec), op, algorithm, chunks, type(chunks), x.dtype,
                x.device.type, x.layout, x.numel())
         plan = plans.get(key)
-    except (TypeError, AttributeError):  # an unhashable argument (a dict), or x no tensor
+    except Exception:  # an unhashable argument (a dict), x no tensor: _plan says what is wrong
         key, plan = None, None
     if plan is None:
-        comm._check_open()
         try:
+            comm._check_open()
             plan = _plan(comm, x, codec, op, algorithm, chunks)
-        except (ValueError, TypeError):
+        except frame.EXCHANGE_ERRORS:
+            raise
+        except Exception:  # (whatever it is: peers that miss it pair with our next call)
             comm._reject(x, "all_reduce reduce-scatter")
             raise
         if key is not None:

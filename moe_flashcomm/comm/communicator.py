@@ -139,8 +139,9 @@ class Communicator:
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the peer-to-peer memory and mappings (after this device is idle) and forget
-        every plan. Local: each rank closes its own; a closed communicator raises when used.
+        """Free the peer-to-peer memory and mappings (after this device is idle and the peers
+        have taken this rank's last records, waiting at most the timeout) and forget every
+        plan. Local: each rank closes its own; a closed communicator raises when used.
         A disagreement the kernels found in the last calls is raised here, once everything
         is freed (see ``check``)."""
         if self.closed:
@@ -284,14 +285,16 @@ class Communicator:
                    None if output_split_sizes is None else split_key(output_split_sizes),
                    None if input_split_sizes is None else split_key(input_split_sizes))
             call = self._plans.get(key)
-        except (TypeError, AttributeError):  # unhashable arguments, or x is no tensor
+        except Exception:  # unhashable arguments, x no tensor: _prepare says what is wrong
             key = call = None
         if call is None:
-            self._check_open()
             try:
+                self._check_open()
                 call = self._prepare(x, output_split_sizes, input_split_sizes, codec,
                                      grad_codec, chunks, algorithm)
-            except (ValueError, TypeError):
+            except frame.EXCHANGE_ERRORS:
+                raise
+            except Exception:  # (whatever it is: peers that miss it pair with our next call)
                 self._reject(x, "all_to_all")
                 raise
             if key is not None and call.cacheable:
@@ -306,11 +309,12 @@ class Communicator:
         return call.start(x)
 
     def _reject(self, x, operation: str) -> None:
-        """This rank's arguments for ``operation`` were bad. Over gloo (CPU tensors) every
-        call's first step is a framed exchange on the whole group (the flat exchange, the
-        hierarchical intra stage or count exchange, a consistency check): take part in it
-        with a rejected frame, so that the peers raise now instead of waiting for the
-        timeout."""
+        """This rank cannot make its ``operation`` (bad arguments, a closed communicator, any
+        error before its first exchange). Over gloo (CPU tensors) every call's first step is
+        a framed exchange on the whole group (the flat exchange, the hierarchical intra stage
+        or count exchange, a consistency check): take part in it with a rejected frame, so
+        that the peers raise now instead of waiting for the timeout, or pairing this call
+        with our next one."""
         if "gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda):
             frame.reject(self.framing, self.pg, self.rank, self.world, operation)
 
@@ -354,7 +358,11 @@ class Communicator:
     def exchange_counts(self, mine: torch.Tensor) -> torch.Tensor:
         """Exact ``all_to_all_single`` of int64 counts, an equal part per rank (skip_padding:
         the filled slots per expert, to the ranks of the experts). Framed over gloo."""
-        self._check_open()
+        try:
+            self._check_open()
+        except CommunicatorClosedError:
+            self._reject(mine, "skip_padding counts")
+            raise
         # (a transposed view would send its memory order, and be written through a copy)
         mine = mine.contiguous()
         theirs = torch.empty_like(mine)

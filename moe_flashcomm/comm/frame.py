@@ -67,6 +67,11 @@ class PeerTimeoutError(PeerError):
     elsewhere: frozenset = frozenset()  # (as ConfigMismatchError's: no rank is known elsewhere)
 
 
+# what a call's exchanges raise: every rank in them raises its own (a call that fails with
+# anything else before its first exchange must tell its peers: ``reject``)
+EXCHANGE_ERRORS = (ConfigMismatchError, PeerError)
+
+
 def peers_answered(error: Exception) -> bool:
     """Whether every peer of a call's failed step answered it (``error`` a disagreement, not
     a timeout). A call ends its later steps as aborted frames either way, but waits for them
@@ -512,7 +517,8 @@ class Frame:
         out = []
         op = OPERATIONS[h[1] - 1] if 1 <= h[1] <= len(OPERATIONS) else f"operation {h[1]}"
         if h[10] & REJECTED:
-            return [f"it rejected its arguments for its {op} (its own error says why)"]
+            return [f"it rejected its {op} (its own error says why: its arguments, or its "
+                    "communicator was closed)"]
         if op != self.operation:
             if op == "consistency check" and self._forgets_check(p, h):
                 return ["it makes the first-use check of a configuration this rank checked with "
@@ -643,9 +649,10 @@ class Done:
 
 
 def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:
-    """This rank cannot make its call (its arguments were rejected): headers only, flagged,
-    in place of the call's exchange, so the peers waiting in it raise at once rather than
-    after the timeout. Whatever they sent is drained; their errors are theirs to report."""
+    """This rank cannot make its call (its arguments were rejected, or its communicator was
+    closed): headers only, flagged, in place of the call's exchange, so the peers waiting in it
+    raise at once rather than after the timeout, or pairing it with this rank's next call.
+    Whatever they sent is drained; their errors are theirs to report."""
     legs = [None if p == rank else Leg(0, 0) for p in range(world)]
     frame = Frame(framing, pg, rank, world, operation, torch.uint8, 0, legs, legs,
                   rejected=True)
