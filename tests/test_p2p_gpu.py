@@ -3,10 +3,12 @@ agreement collectives, CUDA IPC between the processes for the data; marked ``cud
 GPUs over NCCL (``multigpu``). Checked: bit-identical to the reference codec (even and uneven
 splits, several codecs and dtypes, forward and backward), CUDA graph capture of forward and
 backward replayed many times bit-identical to eager calls, stamps that disagree, a silent peer
-(the kernels' waits time out and both ranks raise), close() and a new communicator on the same
-group, and a process group destroyed and made again with permuted ranks."""
+(the kernels' waits time out and both ranks raise), close() (it waits for the peers to take
+its last records) and a new communicator on the same group, and a process group destroyed and
+made again with permuted ranks."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import re
@@ -347,6 +349,36 @@ def silent_peer(rank, world):
     torch.cuda.synchronize()
 
 
+def close_waits_for_peers(rank, world):
+    """close() waits on the GPU, for at most the timeout, until every peer has taken our last
+    records (its "freed" is its last write into our memory). Here rank 0's call counter is
+    moved one past its last call, as if rank 1 had not taken that call's records yet: rank 0's
+    close() raises after the timeout, naming rank 1, and still frees everything."""
+    import cupy
+    rt = cupy.cuda.runtime
+    comm = mf.Communicator(gate=False, timeout=2)
+    comm.all_to_all(make_input(rank, 4 * world, (H,), torch.bfloat16, 36).cuda())
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 0:
+        bufs = next(b for b in comm._peer_buffers.values() if b is not None)
+        counter, at = ctypes.c_uint64(), bufs.flag_ptrs[rank] + 8 * K.P2P_COUNTER
+        rt.memcpy(ctypes.addressof(counter), at, 8, rt.memcpyDeviceToHost)
+        counter.value += 1
+        rt.memcpy(at, ctypes.addressof(counter), 8, rt.memcpyHostToDevice)
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError, match=(
+                rf"closing its communicator, group rank 0 of 2 waited 2 s on the GPU for rank 1 "
+                rf"to take the records of its last peer-to-peer call \(#{counter.value}\); the "
+                rf"last it took were of call #{counter.value - 1}")):
+            comm.close()
+        assert 2 <= time.monotonic() - start < 30
+        assert not bufs.data_ptrs and not bufs.flag_ptrs
+    else:
+        comm.close()  # rank 0 has taken all of ours: no wait
+    dist.barrier()
+
+
 def _checks(rank, world, port):
     if dist.get_backend() == "gloo":  # two processes on one GPU
         torch.cuda.set_device(0)
@@ -358,6 +390,7 @@ def _checks(rank, world, port):
     disagreement(rank, world, comm)
     if world == 2:
         silent_peer(rank, world)
+        close_waits_for_peers(rank, world)
     for copy_mb in ("1000000", "0"):  # records stored by the encode kernel, then the copy engine
         os.environ["MOE_FLASHCOMM_P2P_COPY_MB"] = copy_mb
         with mf.Communicator(gate=False) as c:

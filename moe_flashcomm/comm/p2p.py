@@ -342,15 +342,38 @@ class PeerBuffers:
         """Device address (in this process) where ``sender`` writes into ``owner``'s buffer."""
         return self.data_ptrs[owner] + sender * self.cap
 
+    def _await_peers(self) -> None:
+        """Wait, on the GPU and for at most the timeout, until every peer has decoded the
+        records of our last call: its "freed" for them is its last write into our memory, and
+        a slower peer's kernel may still be on its way to it (close() is local)."""
+        if self.stream is None or not self.flag_ptrs:
+            return  # no call made: no peer writes into our memory for one of ours
+        launch = kernels.sync_launch(self.device.index,
+                                     self.args(((), ()), mode=kernels.WAIT_FREED))
+        launch(kernels.raw_stream(self.device.index), 0, 0)
+        torch.cuda.synchronize(self.device)
+        words = self.page.report()
+        if words is not None:  # (only a timeout: the wait compares no stamps)
+            _, peer, got, want = words[:4]
+            raise PeerTimeoutError(
+                f"moe_flashcomm: closing its communicator, group rank {self.rank} of "
+                f"{self.world}{frame.global_note(self.group, self.rank)} waited "
+                f"{self.timeout_s:g} s on the GPU for rank {peer}"
+                f"{frame.global_note(self.group, peer)} to take the records of its last "
+                f"peer-to-peer call (#{want}); the last it took were of call #{got}. It died, "
+                "or it did not make that call. The memory is freed regardless.")
+
     def close(self) -> None:
-        """Unmap the peers' memory and free ours (after the device is idle). Raises, once
-        everything is freed, what the kernels of the last calls reported and no call has
-        raised yet (``check``)."""
+        """Unmap the peers' memory and free ours, once this device is idle and every peer
+        has taken our last records (bounded by the timeout). Raises, once everything is
+        freed, what the kernels of the last calls reported and no call has raised yet
+        (``check``), or that a peer did not take our last records in time."""
         torch.cuda.synchronize(self.device)
         found = None
         if self.failed is None:  # (a timeout already raised is not raised again)
             try:
                 self.check()
+                self._await_peers()
             except (ConfigMismatchError, PeerTimeoutError) as e:
                 found = e
         for ptrs in (self.data_ptrs, self.flag_ptrs, *self.retired):
