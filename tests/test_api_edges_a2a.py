@@ -6,6 +6,8 @@ Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -135,7 +137,16 @@ def _async_waited_in_another_order(rank, world):
     dropped = comm.all_to_all(xs[0], codec="native", async_op=True)  # never waited for
     assert torch.equal(comm.all_to_all(xs[2], codec="native"), want[2])
     assert torch.equal(dropped.wait(), want[0])
+    # the same with the two calls on two communicators of the group (the order of their
+    # frames is the group's: each communicator kept its own, and both ranks waited until
+    # the timeout, and the group was lost)
+    other = mf.Communicator(gate=False, timeout=10)
+    handles = [c.all_to_all(x, codec="native", async_op=True) for c, x in zip((comm, other), xs)]
+    for i in ((0, 1) if rank == 0 else (1, 0)):
+        assert torch.equal(handles[i].wait(), want[i]), i
+    assert torch.equal(other.all_to_all(xs[2], codec="native"), want[2])
     comm.close()
+    other.close()
 
 
 def test_async_calls_waited_in_another_order_gloo_2():
@@ -210,3 +221,35 @@ def _closed_on_one_rank(rank, world):
 
 def test_a_call_that_fails_on_one_rank_for_any_reason_raises_on_every_rank_gloo_2():
     spawn(_closed_on_one_rank, 2, timeout=120, env={"MOE_FLASHCOMM_TIMEOUT_S": 30})
+
+
+def _destroyed_group(rank, world):
+    """Communicators of a group that was destroyed. A subgroup made and destroyed again and
+    again (elastic regrouping, a phase's expert group) is freed with its sockets once its user
+    drops it: the library's per-group exchange count held every one of them for good. And a
+    communicator of a destroyed default group names that at its next new call, on every rank
+    (it said "'NoneType' object has no attribute 'alltoall_base'")."""
+    import gc
+    from moe_flashcomm.comm.communicator import PROCESS
+    x = make_input(rank, 4, (8,), torch.float32, 3)
+    want = torch.cat([make_input(p, 4, (8,), torch.float32, 3)[2 * rank:2 * rank + 2]
+                      for p in range(world)])
+    comm = mf.Communicator(gate=False, codec="native")
+    assert torch.equal(comm.all_to_all(x), want)
+    for _ in range(3):
+        g = dist.new_group([0, 1])
+        with mf.Communicator(g, gate=False, codec="native") as sub:
+            assert torch.equal(sub.all_to_all(x), want)
+        assert g in PROCESS.group_lines
+        dist.destroy_process_group(g)
+        del g, sub
+        gc.collect()
+    assert list(PROCESS.group_lines.keys()) == [dist.group.WORLD]
+    dist.destroy_process_group()
+    _raises(lambda: comm.all_to_all(x[:2]), mf.comm.CommunicatorClosedError,
+            "the process group of this moe_flashcomm.Communicator was destroyed")
+    os._exit(0)  # (the harness would destroy the default group again)
+
+
+def test_communicators_of_destroyed_groups_gloo_2():
+    spawn(_destroyed_group, 2, timeout=120)

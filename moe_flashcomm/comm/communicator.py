@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import gc
 import math
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -74,8 +75,8 @@ class Communicator:
         if not dist.is_initialized():
             raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
                                "initialised (torch.distributed.init_process_group)")
-        self.group = group
-        self.pg = group if group is not None else dist.group.WORLD
+        # the group as it is now: a default group destroyed and made again is another group
+        self.pg = self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         if self.rank < 0:
             raise ValueError("this process is not a member of `group`")
@@ -88,11 +89,11 @@ class Communicator:
         except (ValueError, TypeError):
             # the other ranks are in the consistency check below: they raise at once
             reject_check(self.pg, self.agree_device,
-                         Framing(frame.REJECT_WAIT_S, PROCESS.exchange_counts))
+                         Framing(frame.REJECT_WAIT_S, PROCESS.group_lines))
             raise
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.framing = Framing(self.timeout_s, PROCESS.exchange_counts, self._forget_check)
+        self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._forget_check)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: dict = {}     # consistency keys all ranks agreed on -> their words
         self._routes: dict = {}       # (codecs, device type) -> Route
@@ -205,9 +206,14 @@ class Communicator:
         self.close()
 
     def _check_open(self, when: str = "") -> None:
+        """(At a call's first use, where its plan is made.)"""
         if self.closed:
             raise CommunicatorClosedError(f"this moe_flashcomm.Communicator was closed{when}; "
                                           "make a new one for the group")
+        if self.pg not in _live_groups():
+            raise CommunicatorClosedError(
+                "the process group of this moe_flashcomm.Communicator was destroyed "
+                "(torch.distributed.destroy_process_group); make a new one for a live group")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"codec={self.codec}"
@@ -315,7 +321,8 @@ class Communicator:
         or count exchange, a consistency check): take part in it with a rejected frame, so
         that the peers raise now instead of waiting for the timeout, or pairing this call
         with our next one."""
-        if "gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda):
+        if ("gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda)
+                and self.pg in _live_groups()):  # (a destroyed group carries nothing)
             frame.reject(self.framing, self.pg, self.rank, self.world, operation)
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
@@ -399,10 +406,11 @@ class _Process:
         self.stage_groups: dict = {}   # (global ranks, backend) -> process group, made in:
         self.stage_world = None        # the default group of the job that made them
         self.stage_version = 0         # bumped by create_stage_groups
-        # process group -> framed exchanges started in it, by all of its communicators
-        # (frame.Framing.sequence): a peer whose new communicator rejected its arguments
-        # meets this rank's cached one in the same exchange, and both count it alike
-        self.exchange_counts: dict = {}
+        # process group -> its framed exchanges, by all of its communicators (frame.GroupLine):
+        # a peer whose new communicator rejected its arguments meets this rank's cached one in
+        # the same exchange, and both count it alike; two communicators' long messages
+        # complete in one order. Weakly keyed: a group dropped by its user is freed
+        self.group_lines = weakref.WeakKeyDictionary()
 
     def communicator(self, group, topology=None, gate=True) -> Communicator:
         pg = group if group is not None else dist.group.WORLD
@@ -443,7 +451,7 @@ class _Process:
         self.communicators.clear()
         self.stage_groups.clear()
         self.stage_world = None
-        self.exchange_counts.clear()
+        self.group_lines.clear()
         gc.collect()
 
     def _forget_destroyed(self) -> None:
@@ -457,8 +465,6 @@ class _Process:
                         comm.close()
                     except Exception:  # noqa: BLE001 - a dead group's device may be gone
                         comm.closed = True
-        for pg in [pg for pg in self.exchange_counts if pg not in live]:
-            del self.exchange_counts[pg]
         if not live:
             self.stage_groups.clear()
             self.stage_world = None

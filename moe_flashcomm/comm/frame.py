@@ -22,6 +22,7 @@ disagreement raises. A peer that sends nothing within the timeout is named.
 from __future__ import annotations
 
 import datetime
+import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -78,7 +79,7 @@ def peers_answered(error: Exception) -> bool:
     only then. After a timeout they are started and left: a peer that comes late completes
     the abandoned step with this rank's frame and meets them at its next step, so it raises
     in that same call and the ranks stay in step (else its later steps would pair with this
-    rank's next call); a later wait settles them (``Framing.unfinished``)."""
+    rank's next call); a later wait settles them (``GroupLine.unfinished``)."""
     return not isinstance(error, PeerTimeoutError)
 
 
@@ -122,8 +123,12 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def global_note(pg, ranks) -> str:
     """For a message naming group rank(s) ``ranks`` (an int or a list) of ``pg``: their global
-    ranks in brackets where ``pg`` is a subgroup, else nothing."""
-    members = dist.get_process_group_ranks(pg if pg is not None else dist.group.WORLD)
+    ranks in brackets where ``pg`` is a subgroup, else nothing (also where torch no longer
+    knows ``pg``: destroyed)."""
+    try:
+        members = dist.get_process_group_ranks(pg if pg is not None else dist.group.WORLD)
+    except (KeyError, ValueError, RuntimeError):
+        return ""
     if members == list(range(dist.get_world_size())):
         return ""
     if isinstance(ranks, int):
@@ -135,20 +140,37 @@ def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-class Framing:
-    """A communicator's framed exchanges: the exchange number per process group (a rank that
-    skips or repeats a call is caught) and how long to wait for silent peers."""
+class GroupLine:
+    """The framed exchanges of one process group in this process, whichever communicator
+    started them: how many were started (a rank that skips or repeats a call is caught; a
+    check made while a communicator was being made, and failed, still counts alike on every
+    rank), and those not yet waited for, in start order. The rest of a long message moves at
+    wait(), point to point, so frames complete in the order they started on every rank,
+    whatever order their callers wait in (else two ranks waiting for different frames, of
+    one communicator or of two, each wait for the other's rest)."""
 
-    def __init__(self, timeout_s: float, sequence: Optional[dict] = None,
+    def __init__(self) -> None:
+        self.count = 0
+        self.unfinished: list = []
+
+    def next_number(self) -> int:
+        self.count += 1
+        return self.count
+
+
+class Framing:
+    """A communicator's framed exchanges: their lines per process group (``GroupLine``) and
+    how long to wait for silent peers."""
+
+    def __init__(self, timeout_s: float, lines: Optional[weakref.WeakKeyDictionary] = None,
                  on_peer_check: Optional[Callable[[tuple], bool]] = None) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         # the communicator's: a peer makes a first-use check (its words) while this rank
         # exchanges; True where this rank had made that check and now forgets it
         self.on_peer_check = on_peer_check
-        # process group -> exchanges started in it; shared by the process's communicators
-        # (``sequence``), so that a check made while one of them was being made, and failed,
-        # still counts a group's exchanges alike on every rank
-        self.sequence: dict = {} if sequence is None else sequence
+        # process group -> its GroupLine, shared by the process's communicators (``lines``);
+        # weakly: a group destroyed and dropped by its user takes its line (and sockets) along
+        self.lines = weakref.WeakKeyDictionary() if lines is None else lines
         # released frame buffers by size class: a fresh multi-MiB buffer per call costs its
         # page faults every time (measured: tools/bench_frame.py)
         self._free: dict = {}
@@ -159,20 +181,19 @@ class Framing:
         # exits, when that thread cannot take the GIL to free the tensors it holds and the
         # process aborts (std::terminate; seen in a core dump of a spawned test)
         self.last_work = None
-        # frames started and not yet waited for, in start order: the rest of a long message
-        # moves at wait(), point to point, so frames complete in the order they started on
-        # every rank, whatever order their callers wait in (else two ranks waiting for
-        # different frames each wait for the other's rest)
-        self.unfinished: list = []
 
     def layout(self, *args) -> "Layout":
         """``layout(*args)``, made once per arguments (the calls of a model repeat them)."""
         return remember(self._layouts, args, lambda: layout(*args), 1024)
 
+    def line(self, pg) -> GroupLine:
+        line = self.lines.get(pg)
+        if line is None:
+            line = self.lines[pg] = GroupLine()
+        return line
+
     def next_number(self, pg) -> int:
-        n = self.sequence.get(pg, 0) + 1
-        self.sequence[pg] = n
-        return n
+        return self.line(pg).next_number()
 
     def numbering(self, group) -> dict:
         """Frame's ``number`` and ``counter`` for every step of one call on ``group`` (None:
@@ -304,13 +325,15 @@ class Frame:
         self.sends, self.recvs, self.peers = lay.sends, lay.recvs, lay.peers
         self.send_at, self.recv_at = lay.send_at, lay.recv_at
         self.counter = counter if counter is not None else pg
+        self.line = framing.line(pg)  # (looked up once: a weak dictionary's lookup costs)
         # the buffers before the number: a rank that cannot allocate them (sizes no memory
         # holds) must not count an exchange it never made, or it is out of step with its peers
         self._buffers = sent, got = framing.buffer(lay.send_bytes), framing.buffer(lay.recv_bytes)
         if number is None:
             # the first-use checks (comm/check.py) run on every rank at once and compare
             # more than a number could: they are not counted
-            number = 0 if operation == "consistency check" else framing.next_number(self.counter)
+            number = (0 if operation == "consistency check" else self.line.next_number()
+                      if self.counter is pg else framing.next_number(self.counter))
         self.number = number
         self.send, self.recv = sent.head(lay.send_bytes), got.head(lay.recv_bytes)
         send, self._recv_words = sent.array, got.words
@@ -350,7 +373,7 @@ class Frame:
         self.work = direct.all_to_all_single(self.pg, self.recv, send, lay.out_splits,
                                              lay.in_splits, True)
         self.framing.last_work = self.work
-        self.framing.unfinished.append(self)
+        self.line.unfinished.append(self)
         return self
 
     def is_completed(self) -> bool:
@@ -360,17 +383,18 @@ class Frame:
         """The received payloads (uint8, recvs[p].nbytes each; None at this rank). A
         headers-only frame (aborted, rejected) only drains what its peers send and returns
         None: the error to report is this rank's own, raised by its caller. Frames started
-        before this one complete first (``Framing.unfinished``)."""
+        before this one on its group complete first (``GroupLine.unfinished``)."""
         while self._outcome is None:
-            self.framing.unfinished[0]._settle()
+            self.line.unfinished[0]._settle()
         got, error = self._outcome
         if error is not None:
             raise error
         return got
 
     def _settle(self) -> None:
-        """Complete this frame (the oldest unfinished one) and keep what its wait returns."""
-        self.framing.unfinished.pop(0)
+        """Complete this frame (its group's oldest unfinished one) and keep what its wait
+        returns."""
+        self.line.unfinished.pop(0)
         try:
             self._outcome = (self._finish(), None)
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
@@ -393,8 +417,8 @@ class Frame:
         problems = self.problems(got)
         if problems:  # counted alike again from here, whatever each rank was running
             seen = got[got[:, 0] == MAGIC, 2].tolist()
-            self.framing.sequence[self.counter] = max(
-                seen + [self.framing.sequence.get(self.counter, 0)])
+            line = self.framing.line(self.counter)
+            line.count = max(seen + [line.count])
         if problems or not self.layout.one_round:
             self._round_two(got)
         if problems:
