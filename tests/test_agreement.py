@@ -13,6 +13,7 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm import frame
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
@@ -145,6 +146,34 @@ def test_long_payloads_agree_gloo_2():
     """Payloads past one frame (4 MiB) move their rest point to point, on agreeing ranks too:
     exact, in either direction."""
     spawn(_long_payloads, 2, timeout=240)
+
+
+def _rejected_before_a_late_long_call(rank, world):
+    """Rank 0 rejects its arguments and stops waiting after 5 s (frame.REJECT_WAIT_S); rank 1
+    comes 2 s later with a payload past one frame for rank 0. Rank 1 raises at once, naming
+    rank 0, and the group works afterwards, long payloads included: rank 1 sent the rest of
+    its payload point to point to a frame that had stopped waiting, both ranks waited out
+    the timeout, and gloo closed the connection for good."""
+    comm = mf.Communicator(gate=False, codec="native", timeout=10)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    x = make_input(rank, 2 * rows, (512,), torch.float32, 9)
+    s = [rows, rows]
+    want = comm.all_to_all(x, s, s)
+    small = make_input(rank, 4, (8,), torch.float32, 10)
+    want_small = comm.all_to_all(small)
+    if rank == 0:
+        _raises(lambda: comm.all_to_all(x, s, [rows, rows + 1]), ValueError, "input_split_sizes")
+    else:
+        time.sleep(frame.REJECT_WAIT_S + 2)
+        _raises(lambda: comm.all_to_all(x, s, s), ConfigMismatchError,
+                "rank 0: it rejected its all_to_all")
+    assert torch.equal(comm.all_to_all(small), want_small)
+    assert torch.equal(comm.all_to_all(x, s, s), want)
+    comm.close()
+
+
+def test_a_rejected_call_that_stopped_waiting_meets_a_late_long_payload_gloo_2():
+    spawn(_rejected_before_a_late_long_call, 2, timeout=120)
 
 
 def _shape_and_order(rank, world):

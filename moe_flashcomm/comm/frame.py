@@ -442,14 +442,20 @@ class Frame:
 
     def _round_two(self, got: np.ndarray) -> None:
         """The rest of payloads longer than a frame, point to point, sized from the headers
-        ``got`` on both ends (what a disagreeing peer sends is drained)."""
+        ``got`` on both ends (what a disagreeing peer sends is drained). Nothing moves to or
+        from a headers-only frame (rejected, aborted): both ends know it from its header, and
+        such a frame may have stopped waiting long ago (a rank that rejected its arguments
+        waits 5 s), when a late peer's rest would wait for it until the timeout and gloo
+        closed the connection."""
+        if self.flags:
+            return
         room = FRAME_BYTES - HEADER_BYTES
         works = []
-        valid = got[:, 0] == MAGIC
+        valid = (got[:, 0] == MAGIC) & ((got[:, 10] & (ABORTED | REJECTED)) == 0)
         ranks = None if self.layout.fits and not (valid & (got[:, 8] > room)).any() \
             else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
         for i, p in enumerate(self.peers):
-            if self.sends[p].nbytes > room:
+            if self.sends[p].nbytes > room and valid[i]:
                 a = self.send_at[p] + FRAME_BYTES
                 works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
                                         ranks[p], group=self.pg, tag=self.number & 0xFFFF))
