@@ -174,6 +174,20 @@ def test_split_sizes_of_a_type_that_is_no_list_are_named():
         except TypeError:
             continue
         raise AssertionError(f"{bad!r} keyed a plan")
+    # tensors the check refuses key no plan either: a complex one's key equals the ints'
+    for dtype in (torch.complex64, torch.float32, torch.bool):
+        bad = torch.tensor([1, 1], dtype=dtype)
+        try:
+            check_splits("input_split_sizes", bad, 2)
+        except ValueError as e:
+            assert "must be a 1-D integer tensor or a list of ints" in str(e), e
+        else:
+            raise AssertionError(f"a {dtype} tensor taken as split sizes")
+        try:
+            split_key(bad)
+        except TypeError:
+            continue
+        raise AssertionError(f"a {dtype} tensor keyed a plan")
 
 
 def _closed_on_one_rank(rank, world):

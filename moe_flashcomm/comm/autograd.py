@@ -11,7 +11,7 @@ import torch
 from .. import kernels
 from ..codec import CodecConfig
 from .exchange import Pending, Route, cached_plan, exchange, p2p_call
-from .plan import NOT_SPLIT_SIZES
+from .plan import NOT_SPLIT_SIZES, integer_dtype
 from . import direct
 
 DEFAULT_GRAD_CODEC = CodecConfig(bits=8)
@@ -261,7 +261,7 @@ def split_key(sizes) -> tuple:
     floats included (2.0 equals 2 but is refused: it takes the checking path). Integers of
     other types (numpy) count as theirs, as the check takes them (bools too, as 0 and 1)."""
     if isinstance(sizes, torch.Tensor):
-        if sizes.dtype.is_floating_point or sizes.dtype == torch.bool:  # (refused by the check)
+        if not integer_dtype(sizes.dtype):  # (refused by the check)
             raise TypeError("not a key")
         return tuple(sizes.tolist())
     if type(sizes) is not list and type(sizes) is not tuple and (

@@ -10,12 +10,18 @@ SplitSizes = Union[Sequence[int], torch.Tensor, None]
 NOT_SPLIT_SIZES = (Mapping, Set, str, bytes)  # iterable, but no list of sizes (a dict: its keys)
 
 
+def integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether a tensor of ``dtype`` may hold split sizes (not bool, floating or complex:
+    2.0 and 2+0j equal 2, but are refused)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_splits(name: str, sizes: SplitSizes, world: int) -> Optional[list[int]]:
     """``sizes`` as a list of ``world`` non-negative ints (None stays None)."""
     if sizes is None:
         return None
     if isinstance(sizes, torch.Tensor):
-        if sizes.dim() != 1 or sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
+        if sizes.dim() != 1 or not integer_dtype(sizes.dtype):
             raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints, "
                              f"got a {sizes.dtype} tensor of shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
