@@ -176,6 +176,60 @@ def test_a_rejected_call_that_stopped_waiting_meets_a_late_long_payload_gloo_2()
     spawn(_rejected_before_a_late_long_call, 2, timeout=120)
 
 
+def _late_long_payload(rank, world):
+    """Rank 1 comes to a call with payloads past one frame after rank 0's timeout. Rank 0
+    raises PeerTimeoutError; rank 1's late call completes with rank 0's frame, which stayed
+    posted, and its second round, which rank 0's next call serves first; both ranks' next
+    calls pair up, long ones too. (Nothing served rank 1's second round: both ranks waited
+    out the timeout there and gloo closed the connection for good.)"""
+    comm = mf.Communicator(gate=False, codec="native", timeout=3)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    x = make_input(rank, 2 * rows, (512,), torch.float32, 11)
+    small = make_input(rank, 4, (8,), torch.float32, 12)
+    want, want_small = comm.all_to_all(x), comm.all_to_all(small)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 3 s"):
+            comm.all_to_all(x)
+        assert time.monotonic() - start < LIMIT_S
+    else:
+        time.sleep(5)
+        assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame
+    assert torch.equal(comm.all_to_all(small), want_small)
+    assert torch.equal(comm.all_to_all(x), want)
+    comm.close()
+
+
+def test_a_late_rank_with_a_long_payload_gloo_2():
+    spawn(_late_long_payload, 2, timeout=120)
+
+
+def _user_messages_beside_long_payloads(rank, world):
+    """A user's own point-to-point message on the group, with a small tag, in flight while
+    a call's payloads past one frame move their rest point to point: neither takes the
+    other's (the second round's tags were the exchange numbers themselves, 0 to 65535)."""
+    import torch.distributed as dist
+    from moe_flashcomm.comm.frame import round_two_tag
+    comm = mf.Communicator(gate=False, codec="native", timeout=10)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    x = make_input(rank, 2 * rows, (512,), torch.float32, 13)
+    want = comm.all_to_all(x)
+    number = comm.framing.line(dist.group.WORLD).count + 1  # the next call's
+    assert round_two_tag(number) > 1 << 24
+    mine = torch.full((rows, 512), 100.0 + rank)  # the same size as a rest, unlike its bytes
+    theirs = torch.empty_like(mine)
+    sent = dist.isend(mine, 1 - rank, tag=number)
+    assert torch.equal(comm.all_to_all(x), want)
+    dist.irecv(theirs, 1 - rank, tag=number).wait()
+    sent.wait()
+    assert torch.equal(theirs, torch.full((rows, 512), 100.0 + (1 - rank)))
+    comm.close()
+
+
+def test_user_messages_beside_long_payloads_gloo_2():
+    spawn(_user_messages_beside_long_payloads, 2, timeout=120)
+
+
 def _shape_and_order(rank, world):
     comm = mf.Communicator(gate=False)
     x = make_input(rank, 4 * world, (64,), torch.float32, 3)

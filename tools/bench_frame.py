@@ -190,11 +190,15 @@ def _framed_parts(comm, rank: int, world: int, reps: int) -> list:
     return rows
 
 
+class _NumberingKey:
+    """Stands for a process group as a key of the numbering (weakly referenced, as groups)."""
+
+
 def _header_work_us(comm, rank: int, world: int, rows: int, hidden: int, nbytes: int) -> float:
     """The headers' own host work per exchange, in this process alone (no transport): a
     Frame built and released (headers written) and every peer's header checked."""
     legs = [None if p == rank else Leg(rows, nbytes) for p in range(world)]
-    pg = object()  # a key for the numbering only: nothing is sent
+    pg = _NumberingKey()  # a key for the numbering only: nothing is sent
     n = 2000
     start = time.perf_counter()
     for _ in range(n):

@@ -56,6 +56,7 @@ RAW_WIRE = 1  # the rows' own bytes
 ABORTED, REJECTED = 1, 2
 GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlier in this call
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
+ROUND_TWO_TAGS = 0x4D46 << 16  # ("MF") the base of the second round's tags: round_two_tag
 
 
 class PeerError(RuntimeError):
@@ -119,6 +120,12 @@ def wire_text(code: int) -> str:
 
 def dtype_code(dtype: torch.dtype) -> int:
     return DTYPES.index(dtype) + 1 if dtype in DTYPES else 0
+
+
+def round_two_tag(number: int) -> int:
+    """The point-to-point tag of the second round of exchange ``number``: above the small tags
+    a user's own sends on the same group take (gloo matches messages by sender and tag)."""
+    return ROUND_TWO_TAGS | number & 0xFFFF
 
 
 def global_note(pg, ranks) -> str:
@@ -346,6 +353,8 @@ class Frame:
             self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
         self.stalled = False  # a headers-only frame whose peers never answered
+        self.late = False  # its peers did not come in time: settled once more (``_settle``)
+        self._first_round_done = False
         self._outcome = None  # (payloads, error) once completed
 
     def release(self) -> None:
@@ -393,10 +402,18 @@ class Frame:
 
     def _settle(self) -> None:
         """Complete this frame (its group's oldest unfinished one) and keep what its wait
-        returns."""
-        self.line.unfinished.pop(0)
+        returns. A frame with payloads past one frame whose peers did not come in time is
+        settled once more, by the group's next wait (``late``): a peer that comes late
+        completes the first round with this rank's frame, and then waits for the second."""
+        unfinished = self.line.unfinished
+        unfinished.pop(0)
         try:
             self._outcome = (self._finish(), None)
+        except PeerTimeoutError as e:
+            self._outcome = (None, e)
+            if not (self.late or self.flags or self.layout.one_round or self._first_round_done):
+                self.late = True
+                unfinished.insert(0, self)
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
             self._outcome = (None, e)
 
@@ -413,6 +430,7 @@ class Frame:
 
     def _complete(self) -> list:
         self._wait(self.work, "")
+        self._first_round_done = True
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems = self.problems(got)
         if problems:  # counted alike again from here, whatever each rank was running
@@ -458,7 +476,7 @@ class Frame:
             if self.sends[p].nbytes > room and valid[i]:
                 a = self.send_at[p] + FRAME_BYTES
                 works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
-                                        ranks[p], group=self.pg, tag=self.number & 0xFFFF))
+                                        ranks[p], group=self.pg, tag=round_two_tag(self.number)))
             sent = int(got[i, 8])
             if valid[i] and sent > room:
                 rest = sent - room
@@ -470,7 +488,7 @@ class Frame:
                 # tagged with the sender's number: a first-use check (number 0) can meet
                 # another call's long message
                 works.append(dist.irecv(dst, ranks[p], group=self.pg,
-                                        tag=int(got[i, 2]) & 0xFFFF))
+                                        tag=round_two_tag(int(got[i, 2]))))
         for w in works:
             self._wait(w, " (the rest of a long message)")
 
