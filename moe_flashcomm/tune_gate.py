@@ -42,6 +42,9 @@ LINK_EMULATION = {
     "host": {"NCCL_P2P_DISABLE": "1"},                                 # through host memory (PCIe)
     "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},     # sockets over loopback
 }
+# other names a command line may give a link class (docs/design.md, tools/gpu_suite.sh and
+# recipes/bench_moe_inference.py --path say host-memory)
+LINK_ALIASES = {"host-memory": "host"}
 CODECS = ("fp8", "int8", "int6", "int4", "int3", "int2")
 SIZES = ("64K", "256K", "1M", "4M", "16M", "64M")
 CPU_SIZES = ("64K", "256K")  # --cpu-dry-run (here and in tools/): the reference codec is slow on CPU
@@ -230,9 +233,17 @@ def fit_from_rows(rows: list) -> dict:
     return fit_thresholds(fit)
 
 
+def is_dry_run(meta: dict) -> bool:
+    """Whether a benchmark JSON's ``meta`` says it ran on CPU: the 2-GPU benchmarks and this
+    tuner run there only as a dry run (``"cpu (dry run)"``, bench_allreduce.py's
+    ``"cpu (gloo)"``), whose timings are meaningless."""
+    return str(meta.get("device") or "").startswith("cpu")
+
+
 def load_bench(path: Path) -> tuple:
     """(rows, meta) of a tools/bench_all2all.py JSON; ValueError naming the file and what it
-    lacks (an all-reduce benchmark, a gate file, anything else)."""
+    lacks (an all-reduce benchmark, a gate file, anything else), or that it is a dry run
+    (its fit would be a gate, or a link model, of meaningless timings)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -240,11 +251,15 @@ def load_bench(path: Path) -> tuple:
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path} has no \"rows\" list: not a tools/bench_all2all.py JSON")
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    if is_dry_run(meta):
+        raise ValueError(f"{path} is a dry run (device {meta['device']!r}): its timings are "
+                         "meaningless, nothing to fit; run the benchmark on 2 GPUs")
     try:
         fit_from_rows(rows)  # (cheap) what the fit needs is there
     except ValueError as e:
         raise ValueError(f"{path}: {e}: not a tools/bench_all2all.py JSON") from None
-    return rows, data.get("meta") or {}
+    return rows, meta
 
 
 # ---- command-line checks and files, shared with the tools in tools/ (benchlib re-exports) ----
@@ -306,6 +321,18 @@ def csv_arg(item: Callable[[str], object] = str, allowed=None) -> Callable[[str]
 
 
 SIZES_ARG = csv_arg(parse_size)
+
+
+def link_class(name: str) -> str:
+    """A link class of LINK_EMULATION by its name or one of LINK_ALIASES."""
+    link = LINK_ALIASES.get(name, name)
+    if link not in LINK_EMULATION:
+        aliases = ", ".join(f"{alias} for {to}" for alias, to in LINK_ALIASES.items())
+        raise ValueError(f"{name!r} is not one of {', '.join(LINK_EMULATION)} (or {aliases})")
+    return link
+
+
+PATHS_ARG = csv_arg(link_class)  # --paths of this tuner and the benchmarks in tools/
 
 
 def _out_problem(path: Path, folder: bool) -> Optional[str]:
@@ -375,9 +402,10 @@ def main(argv: Optional[list] = None) -> None:
                     help="JSON to write (default gate.json; --cpu-dry-run: a new temporary file, "
                          "printed); an existing gate file keeps its all_reduce table")
     ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
-                    help="fit on tools/bench_all2all.py JSONs (rows joined) instead of measuring")
+                    help="fit on tools/bench_all2all.py JSONs (rows joined; not a dry run's) "
+                         "instead of measuring")
     # (None: not given; --from-bench refuses the measuring options)
-    ap.add_argument("--paths", type=csv_arg(allowed=LINK_EMULATION), default=None,
+    ap.add_argument("--paths", type=PATHS_ARG, default=None,
                     help=f"link emulations to measure, comma-separated: a fresh pair of processes "
                          f"each; the others keep the built-in thresholds "
                          f"(default {','.join(LINK_EMULATION)})")
@@ -414,9 +442,6 @@ def main(argv: Optional[list] = None) -> None:
             except ValueError as e:
                 ap.error(f"--from-bench {e}")
             rows += more
-            if str(meta.get("device", "")).startswith("cpu"):
-                print(f"note: {f} was measured on {meta['device']}: its thresholds are "
-                      f"meaningless", file=sys.stderr)
             devices.append(meta.get("device"))
             dates.append(meta.get("date"))
         meta = dict(device=" + ".join(sorted({d for d in devices if d})) or None,

@@ -31,7 +31,7 @@ import preflight  # noqa: E402
 from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
 from preflight import positive_int  # noqa: E402
 
-from moe_flashcomm import env  # noqa: E402
+from moe_flashcomm import CodecConfig, env  # noqa: E402
 from moe_flashcomm.tune_gate import check_out, float_above, pyplot  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k)
@@ -91,6 +91,7 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """In the parent, before any rank starts: a mistake exits with status 2 and one line."""
+    preflight.check_env_variables()
     world = world_size(args)
     if world == 1:  # (DeepSpeed makes no all-to-all for an expert-parallel group of one)
         preflight.fail("one rank: its experts are all local, so there is no all-to-all to time; "
@@ -242,8 +243,10 @@ def plot(rows: list, codecs: list, path: Path, stock_dtype: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    preflight.say("moe_flashcomm: dispatch and combine with " + ", ".join(args.codecs) +
-                  " (group 128, spikes), each against stock DeepSpeed")
+    # each codec as the config's own text writes it (int4/g128+spikes, bf16): group and spikes
+    # only where they apply
+    codecs = ", ".join(str(CodecConfig.coerce(CODECS[name])) for name in args.codecs)
+    preflight.say(f"moe_flashcomm: dispatch and combine with {codecs}, each against stock DeepSpeed")
     preflight.check_extension_build(cpu_run=env.rank() is None and not torch.cuda.is_available())
     launch(bench, args)
 

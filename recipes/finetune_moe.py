@@ -43,12 +43,14 @@ DEFAULT_CONFIG = {
 
 
 def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval_batches: int,
-                   out: str) -> None:
-    """Options shared with tools/accuracy_study.py (which has its own defaults)."""
+                   out: str, resumable: bool = False) -> None:
+    """Options shared with tools/accuracy_study.py (which has its own defaults and no --resume)."""
     p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON (default: the embedded CPU config)")
     p.add_argument("--local_rank", type=int, default=env.local_rank() or 0, help=argparse.SUPPRESS)
     p.add_argument("--cpu-ranks", type=positive_int, default=2, help="gloo processes to start when not launched")
-    p.add_argument("--steps", type=positive_int, default=steps, help="training steps")
+    p.add_argument("--steps", type=positive_int, default=steps,
+                   help="training steps in all" + (", counting those already in the checkpoint "
+                                                   "with --resume" if resumable else ""))
     p.add_argument("--eval-every", type=positive_int, default=eval_every,
                    help="steps between validation losses")
     p.add_argument("--eval-batches", type=positive_int, default=eval_batches,
@@ -71,8 +73,10 @@ def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval
 
 def parse_args(argv=None):
     p = preflight.Parser(description=__doc__)
-    add_model_args(p, steps=300, eval_every=100, eval_batches=16, out="out/finetune_moe")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in <out>/ckpt")
+    add_model_args(p, steps=300, eval_every=100, eval_batches=16, out="out/finetune_moe",
+                   resumable=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in <out>/ckpt up to --steps in all")
     p.set_defaults(save_checkpoints=True)  # the recipe always leaves a checkpoint to resume from
     args = p.parse_args(argv)
     check_out(p, args.out, folder=True)  # before the run, not after it
@@ -88,7 +92,9 @@ def world_size(args) -> int:
 
 def check_args(args) -> dict:
     """In the parent, before any rank starts: the arguments, the DeepSpeed config and its
-    "moe_flashcomm" section (a problem exits with status 2 and one line). Returns the config."""
+    "moe_flashcomm" section, the MOE_FLASHCOMM_* variables (a problem exits with status 2 and
+    one line). Returns the config."""
+    preflight.check_env_variables()
     world = world_size(args)
     if args.experts % world:
         preflight.fail(f"--experts {args.experts} must be divisible by the {world} ranks (expert parallel)")

@@ -1,10 +1,10 @@
 """What the recipes check in the parent process, before DeepSpeed or any rank starts.
 
 A mistake (a missing or malformed config file, a bad ``"moe_flashcomm"`` field, an argument
-out of range) ends the run within seconds: one line on stderr naming the problem, exit
-status 2. The first run's JIT build of DeepSpeed's C++ op is announced, and a build lock left
-behind by an interrupted build (which would make every later start wait forever) is
-reported with the command that clears it.
+out of range, a malformed ``MOE_FLASHCOMM_*`` variable) ends the run within seconds: one line
+on stderr naming the problem, exit status 2. The first run's JIT build of DeepSpeed's C++ op
+is announced, and a build lock left behind by an interrupted build (which would make every
+later start wait forever) is reported with the command that clears it.
 """
 from __future__ import annotations
 
@@ -82,6 +82,21 @@ def load_ds_config(path: Optional[Path], default: dict) -> dict:
     if any(gate is True for gate in [section.gate, *rule_gates]):
         check_gate_variable()
     return cfg
+
+
+def check_env_variables() -> None:
+    """Every MOE_FLASHCOMM_* variable the ranks parse, by the parser the library itself calls:
+    a malformed value ends the run here, not as a traceback on every rank once DeepSpeed has
+    started. (MOE_FLASHCOMM_GATE_FILE: check_gate_variable, where a gate reads it;
+    MOE_FLASHCOMM_CACHE takes any path; the launchers set RANK, LOCAL_RANK and the like.)"""
+    parsers = (env.timeout_s, env.p2p_enabled, env.stamps_enabled, env.p2p_max_bytes,
+               env.p2p_copy_bytes, env.native_launch, env.kernel_defines,
+               env.all_reduce_pair_gather)
+    for parse in parsers:
+        try:
+            parse()
+        except ValueError as e:
+            fail(str(e))
 
 
 def check_gate_variable() -> None:

@@ -264,6 +264,23 @@ def test_gate_file_variable_errors_name_the_variable(tmp_path, monkeypatch):
         assert problem in str(e.value)
 
 
+def test_a_relative_gate_path_that_cannot_be_read_names_the_path_tried(tmp_path, monkeypatch):
+    """"cannot read size-gate file 'g.json'" did not say that the working directory was
+    searched (not the config file's folder): the absolute path tried is named."""
+    monkeypatch.chdir(tmp_path)
+    tried = tmp_path / "g.json"
+    with pytest.raises(ValueError) as e:
+        SizeGate.load("g.json")
+    assert str(e.value).startswith(f"cannot read size-gate file 'g.json' (tried {tried}): ")
+    monkeypatch.setenv("MOE_FLASHCOMM_GATE_FILE", "g.json")
+    with pytest.raises(ValueError) as e:
+        SizeGate.coerce(True)
+    assert f"cannot read size-gate file 'g.json' (tried {tried}): " in str(e.value)
+    with pytest.raises(ValueError) as e:  # an absolute path: named once
+        SizeGate.load(tried)
+    assert str(e.value).startswith(f"cannot read size-gate file '{tried}': ")
+
+
 def _gate_file_run(rank, world):
     """On gloo the link is "cpu", which the default table never gates: with a gate file that
     gates "cpu" up to 1 MiB per peer, int4 rows arrive exactly (sent as bf16), and with

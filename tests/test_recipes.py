@@ -121,6 +121,78 @@ def test_the_gate_variable_is_checked_where_a_gate_reads_it(tmp_path, monkeypatc
         assert e.value.code == preflight.EXIT_USAGE
 
 
+def env_variables() -> list:
+    """The MOE_FLASHCOMM_* variables moe_flashcomm/env.py reads, from its source."""
+    return sorted(set(re.findall(r'"(MOE_FLASHCOMM_\w+)"', (ROOT / "moe_flashcomm" / "env.py").read_text())))
+
+
+# what a malformed value of a variable is not: any path is a cache folder; the gate file is
+# checked by check_gate_variable, where a gate reads it
+NOT_MALFORMED = {"MOE_FLASHCOMM_CACHE", "MOE_FLASHCOMM_GATE_FILE"}
+
+
+@pytest.mark.parametrize("name", [n for n in env_variables() if n not in NOT_MALFORMED])
+def test_every_variable_env_parses_is_checked_before_any_rank(name, monkeypatch, capsys):
+    """A malformed variable failed on every rank after DeepSpeed started: a 50-line mp.spawn
+    traceback, exit status 1. (Each variable env.py reads: a new one must be checked too.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import preflight
+    for other in env_variables():
+        monkeypatch.delenv(other, raising=False)
+    preflight.check_env_variables()  # none set: nothing to say
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(name, "not valid")  # (no flag, int or define takes a space)
+    with pytest.raises(SystemExit) as e:
+        preflight.check_env_variables()
+    assert e.value.code == preflight.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: environment variable {name}='not valid': ")
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("script, name, value, says", [
+    (SCRIPTS[0], "MOE_FLASHCOMM_TIMEOUT_S", "abc", "expected an int from 1 to 1000000000"),
+    (SCRIPTS[1], "MOE_FLASHCOMM_P2P", "maybe", "expected one of 1, true"),
+    (SCRIPTS[2], "MOE_FLASHCOMM_STAMPS", "2", "expected one of 1, true"),
+])
+def test_a_malformed_variable_fails_fast(script, name, value, says, tmp_path):
+    env = dict(os.environ, **{name: value})
+    out = fails_fast(script, cwd=tmp_path, env=env)
+    assert f"error: environment variable {name}={value!r}: {says}" in out
+    assert "Traceback" not in out
+
+
+def test_steps_help_says_they_count_the_checkpoints_steps(monkeypatch, capsys):
+    """--steps 20 --resume on a checkpoint at step 300 is refused; the help said only
+    "training steps"."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import finetune_moe
+    with pytest.raises(SystemExit):
+        finetune_moe.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS training steps in all, counting those already in the checkpoint " \
+        "with --resume (default: 300)" in text
+
+
+def stale_lock(ext: Path) -> None:
+    """A build lock under $TORCH_EXTENSIONS_DIR ``ext`` that an interrupted build left: a
+    recipe stops at it, in the parent, after saying which codecs it runs."""
+    build = ext / "deepspeed_shm_comm"
+    build.mkdir(parents=True)
+    for name in ("lock", "build.ninja"):
+        (build / name).touch()
+        os.utime(build / name, (time.time() - 600, time.time() - 600))
+
+
+def test_inference_benchmark_names_each_codec_by_its_own_text(tmp_path):
+    """"dispatch and combine with int4, bf16 (group 128, spikes)": bf16 has no groups."""
+    stale_lock(tmp_path / "ext")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    out = fails_fast(SCRIPTS[1], "--codecs", "int4", "bf16", "fp8", cwd=tmp_path, env=env)
+    assert "moe_flashcomm: dispatch and combine with int4/g128+spikes, bf16, fp8/g128, each " \
+        "against stock DeepSpeed\n" in out
+
+
 def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypatch, capsys):
     """--out a file: the recipes trained or timed for minutes and then failed writing there
     (a traceback per rank); --capacity-factor nan passed the ``<= 0`` check. Both end in

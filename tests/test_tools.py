@@ -93,6 +93,24 @@ def test_from_bench_names_the_file_and_what_it_lacks(tmp_path, capsys, monkeypat
     assert not (tmp_path / "gate.json").exists()
 
 
+def test_a_dry_runs_bench_is_fitted_into_no_gate_and_no_link_model(tmp_path, capsys, monkeypatch):
+    """bench_all2all.py --cpu-dry-run's JSON made a gate of its meaningless timings (every
+    threshold "never": all bf16 on GPUs), with only a note; a2a_model.py fitted a negative
+    bandwidth from it."""
+    data = json.loads((DATA / "bench_all2all_network_2x1.json").read_text())
+    data["meta"]["device"] = "cpu (dry run)"  # as bench_all2all.py --cpu-dry-run writes it
+    bench = tmp_path / "bench_all2all.json"
+    bench.write_text(json.dumps(data))
+    line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench, "--out", tmp_path / "g.json")
+    assert line.endswith(f"--from-bench {bench} is a dry run (device 'cpu (dry run)'): its timings "
+                         "are meaningless, nothing to fit; run the benchmark on 2 GPUs")
+    assert not (tmp_path / "g.json").exists()
+    line = usage_error(capsys, monkeypatch, a2a_model, "--bench-json", bench, "--out", tmp_path / "a.json")
+    assert line.endswith(f"--bench-json {bench} is a dry run (device 'cpu (dry run)'): its timings "
+                         "are meaningless, nothing to fit; run the benchmark on 2 GPUs")
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_tune_gate_checks_out_and_arguments_first(tmp_path, capsys, monkeypatch):
     bench = DATA / "bench_all2all_network_2x1.json"
     line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench, "--out", tmp_path)
@@ -274,6 +292,24 @@ def test_bench_allreduce_dry_run_checks_no_targets_and_fits_no_gate(tmp_path, ca
     assert not (tmp_path / "gate.json").exists() and not (tmp_path / "out").exists()
 
 
+def test_bench_small_dry_run_prints_no_verdicts(tmp_path, capsys):
+    """--cpu-dry-run ended with "> 5% slower" for every path, a verdict on gloo's timings."""
+    result = json.loads((DATA / "bench_small.json").read_text())
+    slow = dict(next(r for r in result["rows"] if r["variant"] != "nccl"), ms=1e3)  # 5% and more
+    result["rows"].append(slow)
+    bench = tmp_path / "bench_small.json"
+    bench.write_text(json.dumps(result))
+    bench_small.main(["--plot", str(bench)])  # a GPU run: checked
+    text = capsys.readouterr().out
+    assert "(>= 0.952 is within 5%):" in text and "> 5% slower" in text
+    result["meta"]["device"] = "cpu (dry run)"  # as --cpu-dry-run writes it
+    bench.write_text(json.dumps(result))
+    bench_small.main(["--plot", str(bench)])
+    text = capsys.readouterr().out
+    assert "worst NCCL/ours per path and regime: not checked on a dry run" in text
+    assert "within 5%" not in text and "> 5% slower" not in text
+
+
 # ---- 2, 3: replots of stored runs --------------------------------------------------------------
 
 def test_bench_all2all_replots_with_a_refitted_gate(tmp_path, capsys):
@@ -394,6 +430,20 @@ def test_gpu_only_tools_say_they_need_a_gpu(tmp_path, tool):
 ])
 def test_a_bad_argument_names_the_option(capsys, monkeypatch, module, argv, says):
     assert says in usage_error(capsys, monkeypatch, module, *argv)
+
+
+@pytest.mark.parametrize("module", [tune_gate, bench_all2all, bench_small, bench_allreduce])
+def test_paths_take_host_memory_for_host(capsys, monkeypatch, module):
+    """The docs, tools/gpu_suite.sh and bench_moe_inference.py --path say host-memory; --paths
+    refused it ("'host-memory' is not one of nvlink, host, network"). Here --paths passes and
+    the next option's mistake is the one named."""
+    line = usage_error(capsys, monkeypatch, module, "--paths", "nvlink,host-memory", "--sizes", "1X")
+    assert "argument --sizes: size '1X'" in line
+    line = usage_error(capsys, monkeypatch, module, "--paths", "hostmemory")
+    assert line.endswith("argument --paths: 'hostmemory' is not one of nvlink, host, network "
+                         "(or host-memory for host)")
+    assert bench_all2all.parser().parse_args(["--paths", "host-memory,network"]).paths == \
+        ["host", "network"]
 
 
 def test_a2a_model_says_where_its_link_model_comes_from(tmp_path, capsys):
@@ -551,6 +601,9 @@ def test_cpu_dry_runs_default_to_small_sizes(tmp_path, tool, args, config):
     data = json.loads(next(out.glob("bench_*.json")).read_text())
     assert {k: data["meta"]["config"][k] for k in config} == config
     if tool == "tools/bench_all2all.py":  # its gate: what the run did not measure keeps the defaults
-        thresholds = json.loads((out / "gate.json").read_text())["thresholds"]
+        # not as gate.json, where a real run's gate is read: a dry run's is meaningless
+        assert not (out / "gate.json").exists()
+        assert "(a dry run: timings meaningless, gate_dry_run.json not a gate to use)" in proc.stdout
+        thresholds = json.loads((out / "gate_dry_run.json").read_text())["thresholds"]
         assert thresholds == dict(DEFAULT_THRESHOLDS, nvlink=dict(DEFAULT_THRESHOLDS["nvlink"],
                                                                   int4=data["gate"]["nvlink"]["int4"]))

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, PATH_ENV, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
+from benchlib import (CPU_SIZES, PATH_ENV, PATHS_ARG, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
                       codec_of, csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
                       positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure)
 
@@ -48,6 +48,7 @@ SIZES = ("64K", "256K", "1M", "4M", "16M", "64M", "256M", "512M")
 QUICK_SIZES = ("64K", "1M", "16M", "256M")
 CHUNK_SWEEP = "256M:7168:int8,int4,int2:1,2,4"
 CPU_CHUNK_SWEEP = "256K:7168:int4:1,2"
+DRY_RUN_GATE = "gate_dry_run.json"  # --cpu-dry-run's gate file, in place of gate.json
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
@@ -323,9 +324,9 @@ def chunk_sweep(text: str):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"),
-                    help="folder to write bench_all2all.json, table.txt, gate.json and "
-                         "bench_all2all.png to")
-    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
+                    help=f"folder to write bench_all2all.json, table.txt, gate.json "
+                         f"(--cpu-dry-run: {DRY_RUN_GATE}) and bench_all2all.png to")
+    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(PATH_ENV),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--hidden", type=csv_arg(positive_int), default=None,
                     help="hidden sizes to time, comma-separated (default 4096,7168; --quick: 7168)")
@@ -348,7 +349,8 @@ def parser() -> argparse.ArgumentParser:
                     choices=["flat", "hierarchical", "auto"],
                     help="all_to_all algorithms to time per codec (not flat: as 2 nodes x 1 GPU)")
     ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="gloo on CPU, to check this script without GPUs (timings meaningless)")
+                    help=f"gloo on CPU, to check this script without GPUs (timings meaningless; "
+                         f"its gate goes to {DRY_RUN_GATE}, not gate.json)")
     return ap
 
 
@@ -399,13 +401,16 @@ def main(argv=None) -> None:
         date=datetime.date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
         config=cfg)
     (args.out / "bench_all2all.json").write_text(json.dumps(result, indent=1))
-    (args.out / "gate.json").write_text(json.dumps(dict(  # what was not measured keeps its default
+    # a dry run's gate (of meaningless timings) stays out of gate.json, where a real run's is read
+    gate = args.out / (DRY_RUN_GATE if args.cpu_dry_run else "gate.json")
+    gate.write_text(json.dumps(dict(  # what was not measured keeps its default
         thresholds=with_defaults(result["gate"], DEFAULT_THRESHOLDS), units="bf16 bytes per peer",
         device=result["meta"]["device"], date=result["meta"]["date"],
         source="tools/bench_all2all.py"), indent=1))
     (args.out / "table.txt").write_text(print_tables(result))
     plot(result, args.out / "bench_all2all.png")
-    print(f"total {time.perf_counter() - t0:.0f} s; JSON, table, gate and plot in {args.out}")
+    dry = f" (a dry run: timings meaningless, {gate.name} not a gate to use)" if args.cpu_dry_run else ""
+    print(f"total {time.perf_counter() - t0:.0f} s; JSON, table, gate and plot in {args.out}{dry}")
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import (PATH_ENV, QUANTIZED, SIZES_ARG, HelpFormatter, check_gate_out, check_out, codec_of,  # noqa: E402
+from benchlib import (PATH_ENV, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_gate_out, check_out, codec_of,  # noqa: E402
                       csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
-                      positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure,
-                      write_gate)
+                      is_dry_run, positive_int, pyplot, ratio_axes, read_json, require_gpus,
+                      save_figure, write_gate)
 
 CODECS = ("int4", "int8", "fp8", "int2")
 SIZES = ("1M", "4M", "16M", "64M", "256M", "1G")
@@ -224,7 +224,7 @@ def report(result: dict) -> str:
     if skipped:
         lines.append("\nskipped (time budget): " + ", ".join(
             f"{r['path']} {fmt_size(r['size_bytes'])}" for r in skipped))
-    if str(result.get("meta", {}).get("device", "")).startswith("cpu"):
+    if is_dry_run(result.get("meta", {})):
         lines.append("\ntargets (2x H200): not checked on a dry run (--device cpu: timings meaningless)")
         targets = ()
     else:
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"),
                     help="folder to write bench_allreduce.json, bench_allreduce.txt and "
                          "bench_allreduce.png to")
-    ap.add_argument("--paths", type=csv_arg(allowed=PATH_ENV), default=",".join(PATH_ENV),
+    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(PATH_ENV),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(CODECS),
                     help="codecs to time against NCCL, comma-separated, of " + ",".join(QUANTIZED))

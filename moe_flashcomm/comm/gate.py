@@ -196,7 +196,9 @@ class SizeGate:
                 data = json.load(f)
         except (OSError, ValueError, RecursionError) as e:
             # (ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deeply)
-            raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}: {e}") from None
+            tried = os.path.abspath(path)  # a relative path is the working directory's
+            where = "" if tried == os.fspath(path) else f" (tried {tried})"
+            raise ValueError(f"cannot read size-gate file {os.fspath(path)!r}{where}: {e}") from None
         if not isinstance(data, Mapping) or "thresholds" not in data:
             raise ValueError(f"size-gate file {os.fspath(path)!r} needs a 'thresholds' object")
         return cls.from_tables(data, source=os.fspath(path))
