@@ -370,12 +370,12 @@ class PeerBuffers:
         (``check``), or that a peer did not take our last records in time."""
         torch.cuda.synchronize(self.device)
         found = None
-        if self.failed is None:  # (a timeout already raised is not raised again)
-            try:
-                self.check()
-                self._await_peers()
-            except (ConfigMismatchError, PeerTimeoutError) as e:
-                found = e
+        for step in (self.check, self._await_peers):
+            if self.failed is None:  # (a timeout already raised is not raised again)
+                try:
+                    step()
+                except (ConfigMismatchError, PeerTimeoutError) as e:
+                    found = found or e
         for ptrs in (self.data_ptrs, self.flag_ptrs, *self.retired):
             if ptrs:
                 self._release(ptrs)
