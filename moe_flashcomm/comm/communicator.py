@@ -91,6 +91,7 @@ class Communicator:
             reject_check(self.pg, self.agree_device,
                          Framing(frame.REJECT_WAIT_S, PROCESS.group_lines))
             raise
+        PROCESS.forget_lines(_live_groups())
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
         self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._forget_check)
@@ -465,9 +466,16 @@ class _Process:
                         comm.close()
                     except Exception:  # noqa: BLE001 - a dead group's device may be gone
                         comm.closed = True
+        self.forget_lines(live)
         if not live:
             self.stage_groups.clear()
             self.stage_world = None
+
+    def forget_lines(self, live: list) -> None:
+        """Drop the lines of groups torch.distributed no longer knows: a frame left unfinished
+        or late after a timeout holds its group, so its weak key would never go."""
+        for pg in [pg for pg in self.group_lines.keys() if pg not in live]:
+            del self.group_lines[pg]
 
 
 def _live_groups() -> list:

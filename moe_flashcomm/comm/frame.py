@@ -22,6 +22,7 @@ disagreement raises. A peer that sends nothing within the timeout is named.
 from __future__ import annotations
 
 import datetime
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -154,11 +155,17 @@ class GroupLine:
     rank), and those not yet waited for, in start order. The rest of a long message moves at
     wait(), point to point, so frames complete in the order they started on every rank,
     whatever order their callers wait in (else two ranks waiting for different frames, of
-    one communicator or of two, each wait for the other's rest)."""
+    one communicator or of two, each wait for the other's rest). And the ``late`` frames:
+    their first round timed out with payloads past one frame; a peer that comes late
+    completes that round with our frame and then waits for our second round, which the
+    group's later waits serve while they wait (``Frame._wait_first_round``)."""
+
+    LATE_KEPT = 8  # late frames kept per group (a peer that never comes adds one per call)
 
     def __init__(self) -> None:
         self.count = 0
         self.unfinished: list = []
+        self.late: list = []
 
     def next_number(self) -> int:
         self.count += 1
@@ -353,7 +360,6 @@ class Frame:
             self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
         self.stalled = False  # a headers-only frame whose peers never answered
-        self.late = False  # its peers did not come in time: settled once more (``_settle``)
         self._first_round_done = False
         self._outcome = None  # (payloads, error) once completed
 
@@ -402,18 +408,17 @@ class Frame:
 
     def _settle(self) -> None:
         """Complete this frame (its group's oldest unfinished one) and keep what its wait
-        returns. A frame with payloads past one frame whose peers did not come in time is
-        settled once more, by the group's next wait (``late``): a peer that comes late
-        completes the first round with this rank's frame, and then waits for the second."""
-        unfinished = self.line.unfinished
-        unfinished.pop(0)
+        returns. A frame with payloads past one frame whose peers did not come in time joins
+        its group's ``late`` frames."""
+        self.line.unfinished.pop(0)
         try:
             self._outcome = (self._finish(), None)
         except PeerTimeoutError as e:
             self._outcome = (None, e)
-            if not (self.late or self.flags or self.layout.one_round or self._first_round_done):
-                self.late = True
-                unfinished.insert(0, self)
+            if not (self.flags or self.layout.one_round or self._first_round_done):
+                late = self.line.late
+                late.append(self)
+                del late[:-GroupLine.LATE_KEPT]
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
             self._outcome = (None, e)
 
@@ -428,8 +433,27 @@ class Frame:
             self.stalled = True
         return None
 
-    def _complete(self) -> list:
+    def _wait_first_round(self) -> None:
+        """Wait for the first round, serving meanwhile the second round of late frames whose
+        first round a late peer has completed (it waits for ours). Polls only while the group
+        has late frames; the wait keeps its one timeout."""
+        late = self.line.late
+        if late:
+            deadline = time.monotonic() + self.timeout.total_seconds()
+            while late and not self.work.is_completed() and time.monotonic() < deadline:
+                for frame in [f for f in late if f.work.is_completed()]:
+                    late.remove(frame)
+                    try:  # (its call raised already: what it receives is dropped)
+                        frame._complete()
+                    except (ConfigMismatchError, PeerError):
+                        pass
+                time.sleep(1e-3)
+            remaining = max(deadline - time.monotonic(), 1e-3)
+            return self._wait(self.work, "", datetime.timedelta(seconds=remaining))
         self._wait(self.work, "")
+
+    def _complete(self) -> list:
+        self._wait_first_round()
         self._first_round_done = True
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems = self.problems(got)
@@ -503,9 +527,9 @@ class Frame:
         return {p: msgs for p, h in zip(self.peers, got.tolist())
                 if (msgs := self._disagreements(p, h))}
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, work, what: str, timeout: Optional[datetime.timedelta] = None) -> None:
         try:
-            work.wait(timeout=self.timeout)
+            work.wait(timeout=self.timeout if timeout is None else timeout)
         except RuntimeError as e:
             silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
             named = self._name(silent)
