@@ -204,6 +204,36 @@ def test_a_late_rank_with_a_long_payload_gloo_2():
     spawn(_late_long_payload, 2, timeout=120)
 
 
+def _silent_peer_long_payloads(rank, world):
+    """A peer that does not come to calls with payloads past one frame costs each call one
+    timeout, as for short ones, also a call after an unfinished asynchronous one (waiting
+    once more for a frame left for the late peer cost two and three)."""
+    comm = mf.Communicator(gate=False, codec="native", timeout=3)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    x = make_input(rank, 2 * rows, (512,), torch.float32, 14)
+    comm.all_to_all(x)
+    if rank == 1:
+        time.sleep(16)
+        os._exit(0)  # (the group is left to its timeouts)
+    for _ in range(2):
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 3 s"):
+            comm.all_to_all(x)
+        assert time.monotonic() - start < 4.5
+    handle = comm.all_to_all(x, async_op=True)
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError):
+        comm.all_to_all(x)  # the unfinished one first: two timeouts
+    assert time.monotonic() - start < 7.5
+    with pytest.raises(PeerTimeoutError):
+        handle.wait()
+    os._exit(0)
+
+
+def test_a_silent_peer_costs_one_timeout_per_long_call_gloo_2():
+    spawn(_silent_peer_long_payloads, 2, timeout=60)
+
+
 def _user_messages_beside_long_payloads(rank, world):
     """A user's own point-to-point message on the group, with a small tag, in flight while
     a call's payloads past one frame move their rest point to point: neither takes the
