@@ -346,8 +346,11 @@ class Frame:
         if number is None:
             # the first-use checks (comm/check.py) run on every rank at once and compare
             # more than a number could: they are not counted
-            number = (0 if operation == "consistency check" else self.line.next_number()
-                      if self.counter is pg else framing.next_number(self.counter))
+            if operation == "consistency check":
+                number = 0
+            else:
+                counting = self.line if self.counter is pg else framing.line(self.counter)
+                number = counting.next_number()
         self.number = number
         self.send, self.recv = sent.head(lay.send_bytes), got.head(lay.recv_bytes)
         send, self._recv_words = sent.array, got.words
@@ -437,7 +440,7 @@ class Frame:
         """Wait for the first round, serving meanwhile the second round of late frames whose
         first round a late peer has completed (it waits for ours). Polls only while the group
         has late frames; the wait keeps its one timeout."""
-        late = self.line.late
+        late, timeout = self.line.late, None
         if late:
             deadline = time.monotonic() + self.timeout.total_seconds()
             while late and not self.work.is_completed() and time.monotonic() < deadline:
@@ -448,9 +451,8 @@ class Frame:
                     except (ConfigMismatchError, PeerError):
                         pass
                 time.sleep(1e-3)
-            remaining = max(deadline - time.monotonic(), 1e-3)
-            return self._wait(self.work, "", datetime.timedelta(seconds=remaining))
-        self._wait(self.work, "")
+            timeout = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
+        self._wait(self.work, "", timeout)
 
     def _complete(self) -> list:
         self._wait_first_round()
