@@ -410,6 +410,41 @@ def test_a_late_rank_raises_in_the_call_it_was_late_for_gloo_4():
     spawn(_late_rank, 4, timeout=180)
 
 
+def _rejected_and_late(rank, world):
+    """Rank 0 rejects its arguments and rank 3 comes late, in one call of several steps. The
+    ranks that time out in the first step saw rank 0's rejected header, and so leave no
+    later step for it (as the late rank does, which sees the rejection). Before, their
+    later steps waited for rank 0: within two calls the group was lost."""
+    comm = mf.Communicator(gate=False, topology=2, timeout=2)
+    rows = [4] * world
+    xs = [make_input(rank, 4 * world, (64,), torch.float32, 60 + i) for i in range(3)]
+    longs = [make_input(rank, FRAME_BYTES // 4 * world + 4096, (), torch.float32, 70 + i)
+             for i in range(3)]
+    calls = {  # name: (the call, rank 0's bad arguments)
+        "native all_reduce past one frame": (
+            lambda i: comm.all_reduce(longs[i].clone(), codec="native"),
+            lambda: comm.all_reduce(longs[0].clone(), codec="native", op="max")),
+        "hierarchical all_to_all, split sizes": (
+            lambda i: comm.all_to_all(xs[i], rows, rows, algorithm="hierarchical"),
+            lambda: comm.all_to_all(xs[0], rows, [5] + rows[1:], algorithm="hierarchical"))}
+    for name, (call, bad) in calls.items():
+        want = [call(i) for i in range(3)]
+        if rank == 0:
+            _raises(bad, ValueError)
+        elif rank == 3:
+            time.sleep(3)  # past the others' timeout
+            _raises(lambda: call(0), ConfigMismatchError, "rank 0: it rejected its")
+        else:
+            _raises(lambda: call(0), PeerTimeoutError, "nothing came from ranks [3]")
+        for i in (1, 2):
+            assert torch.equal(call(i), want[i]), (name, i)
+    comm.close()
+
+
+def test_a_rejecting_rank_and_a_late_rank_in_one_call_gloo_4():
+    spawn(_rejected_and_late, 4, timeout=180)
+
+
 def _missed_check(rank, world):
     """A rank that passed a first-use check its peer missed (the peer made it through
     another communicator of the group, or came late to it) exchanged at every later call

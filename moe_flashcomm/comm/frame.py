@@ -67,7 +67,8 @@ class PeerError(RuntimeError):
 class PeerTimeoutError(PeerError):
     """Peers did not take part in a call within the communicator's timeout: they sent
     nothing to a framed exchange (gloo), or a peer-to-peer kernel's wait for them gave up."""
-    elsewhere: frozenset = frozenset()  # (as ConfigMismatchError's: no rank is known elsewhere)
+    # as ConfigMismatchError's: the ranks whose header came and was of another call
+    elsewhere: frozenset = frozenset()
 
 
 # what a call's exchanges raise: every rank in them raises its own (a call that fails with
@@ -388,8 +389,11 @@ class Frame:
             send = torch.cat([self.send[self.send_at[p]:self.send_at[p] + lay.in_splits[p]]
                               for p in self.peers])
         # on the group itself: its sizes and dtypes hold by construction (comm/direct.py)
-        self.work = direct.all_to_all_single(self.pg, self.recv, send, lay.out_splits,
-                                             lay.in_splits, True)
+        try:
+            self.work = direct.all_to_all_single(self.pg, self.recv, send, lay.out_splits,
+                                                 lay.in_splits, True)
+        except RuntimeError as e:  # gloo refuses to post on a connection it closed
+            raise self._lost(e, "", self.peers) from e
         self.framing.last_work = self.work
         self.line.unfinished.append(self)
         return self
@@ -475,8 +479,7 @@ class Frame:
                   "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
                   "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
                   "(output_split_sizes[a] on b).")
-            error.elsewhere = frozenset(self._group_rank(p) for p, h in
-                                        zip(self.peers, got.tolist()) if self._elsewhere(h))
+            error.elsewhere = self._ranks_elsewhere(got)
             raise error
         out: list = [None] * self.world
         for p in self.peers:
@@ -494,29 +497,34 @@ class Frame:
         if self.flags:
             return
         room = FRAME_BYTES - HEADER_BYTES
-        works = []
+        what = " (the rest of a long message)"
+        works = []  # (work, the peer it waits for)
         valid = (got[:, 0] == MAGIC) & ((got[:, 10] & (ABORTED | REJECTED)) == 0)
         ranks = None if self.layout.fits and not (valid & (got[:, 8] > room)).any() \
             else dist.get_process_group_ranks(self.pg)  # (point to point: global ranks)
-        for i, p in enumerate(self.peers):
-            if self.sends[p].nbytes > room and valid[i]:
-                a = self.send_at[p] + FRAME_BYTES
-                works.append(dist.isend(self.send[a:a + self.sends[p].nbytes - room],
-                                        ranks[p], group=self.pg, tag=round_two_tag(self.number)))
-            sent = int(got[i, 8])
-            if valid[i] and sent > room:
-                rest = sent - room
-                if sent == self.recvs[p].nbytes:
-                    a = self.recv_at[p] + FRAME_BYTES
-                    dst = self.recv[a:a + rest]
-                else:  # drained, to keep the transport in step, then reported
-                    dst = torch.empty(rest, dtype=torch.uint8)
-                # tagged with the sender's number: a first-use check (number 0) can meet
-                # another call's long message
-                works.append(dist.irecv(dst, ranks[p], group=self.pg,
-                                        tag=round_two_tag(int(got[i, 2]))))
-        for w in works:
-            self._wait(w, " (the rest of a long message)")
+        try:
+            for i, p in enumerate(self.peers):
+                if self.sends[p].nbytes > room and valid[i]:
+                    a = self.send_at[p] + FRAME_BYTES
+                    works.append((dist.isend(self.send[a:a + self.sends[p].nbytes - room],
+                                             ranks[p], group=self.pg,
+                                             tag=round_two_tag(self.number)), p))
+                sent = int(got[i, 8])
+                if valid[i] and sent > room:
+                    rest = sent - room
+                    if sent == self.recvs[p].nbytes:
+                        a = self.recv_at[p] + FRAME_BYTES
+                        dst = self.recv[a:a + rest]
+                    else:  # drained, to keep the transport in step, then reported
+                        dst = torch.empty(rest, dtype=torch.uint8)
+                    # tagged with the sender's number: a first-use check (number 0) can meet
+                    # another call's long message
+                    works.append((dist.irecv(dst, ranks[p], group=self.pg,
+                                             tag=round_two_tag(int(got[i, 2]))), p))
+        except RuntimeError as e:  # gloo refuses to post on a connection it closed
+            raise self._lost(e, what, [p]) from e
+        for w, p in works:
+            self._wait(w, what, peers=[p])
 
     def problems(self, got: np.ndarray) -> dict:
         """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
@@ -529,22 +537,36 @@ class Frame:
         return {p: msgs for p, h in zip(self.peers, got.tolist())
                 if (msgs := self._disagreements(p, h))}
 
-    def _wait(self, work, what: str, timeout: Optional[datetime.timedelta] = None) -> None:
+    def _wait(self, work, what: str, timeout: Optional[datetime.timedelta] = None,
+              peers: Optional[list] = None) -> None:
+        """Wait for gloo's ``work``; ``peers``: those it waits for (by default, the peers
+        whose header has not come)."""
         try:
             work.wait(timeout=self.timeout if timeout is None else timeout)
         except RuntimeError as e:
-            silent = [p for p in self.peers if self._recv_words[self.recv_at[p] // 8] != MAGIC]
-            named = self._name(silent)
-            named = named if silent else "none (a long message stalled)"
-            where = (f"moe_flashcomm.{self.operation}: {self._me()}, at {self._where()}{what}: "
-                     f"nothing came from ranks {named}")
-            if "timed out" not in str(e).lower():
-                raise PeerError(f"{where}; the connection failed ({e})") from e
-            raise PeerTimeoutError(
-                f"{where} within {self.timeout.total_seconds():g} s. They did not make "
-                "this call, or made another collective; every rank must make the same calls in "
-                "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
-                "wait.)") from None
+            error = self._lost(e, what, peers)
+            raise error from (None if isinstance(error, PeerTimeoutError) else e)
+
+    def _lost(self, e: RuntimeError, what: str, peers: Optional[list]) -> PeerError:
+        """The error for gloo's ``e``: a PeerTimeoutError after a timeout, else a PeerError (a
+        connection failed), naming ``peers`` (or the silent ones). A timeout's ``elsewhere``
+        holds the peers whose header came and says they are in another call (a rejected
+        one): a call's later steps must not wait for them, as after a ConfigMismatchError."""
+        got = self._recv_words[self.layout.header_index]
+        silent = ([p for p, magic in zip(self.peers, got[:, 0]) if magic != MAGIC]
+                  if peers is None else peers)
+        named = self._name(silent) if silent else "none (a long message stalled)"
+        where = (f"moe_flashcomm.{self.operation}: {self._me()}, at {self._where()}{what}: "
+                 f"nothing came from ranks {named}")
+        if "timed out" not in str(e).lower():
+            return PeerError(f"{where}; the connection failed ({e})")
+        error = PeerTimeoutError(
+            f"{where} within {self.timeout.total_seconds():g} s. They did not make "
+            "this call, or made another collective; every rank must make the same calls in "
+            "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
+            "wait.)")
+        error.elsewhere = self._ranks_elsewhere(got)
+        return error
 
     def _group_rank(self, p: int) -> int:
         """Rank p of ``pg`` as the call's group numbers it (``names``)."""
@@ -566,6 +588,11 @@ class Frame:
 
     def _where(self) -> str:
         return f"exchange #{self.number} of this group" if self.number else "a first-use check"
+
+    def _ranks_elsewhere(self, got: np.ndarray) -> frozenset:
+        """The call's group ranks whose headers (rows of ``got``) are of another call."""
+        return frozenset(self._group_rank(p) for p, h in zip(self.peers, got.tolist())
+                         if self._elsewhere(h))
 
     def _elsewhere(self, h: list) -> bool:
         """Header ``h`` is of a rank in another call: another operation, or its arguments
@@ -733,5 +760,8 @@ def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:
     # peers in the call answer at once; peers that are not (a call on this rank alone)
     # must not hold up this rank's own error for long
     frame.timeout = min(frame.timeout, datetime.timedelta(seconds=REJECT_WAIT_S))
-    frame.start().wait()
+    try:
+        frame.start().wait()
+    except PeerError:  # a lost connection: the caller's own error is the one to report
+        return
     frame.release()

@@ -506,7 +506,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
                   rows=(in_rows, out_rows), **numbering)
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         none, answered = torch.empty(0, dtype=torch.uint8), frame.peers_answered(e)
-        if numbering and not answered and not counted:
+        if numbering and not answered and not counted and not h.meets("intra", e.elsewhere):
             # a silent peer in the count exchange: stage 1 too, which it reaches if it comes
             h.a2a("intra", none, none, [0] * h.local, [0] * h.local, operation=op,
                   detail=digest, aborted=True, wait=False, **numbering)
