@@ -13,7 +13,7 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
-from moe_flashcomm.comm import frame
+from moe_flashcomm.comm import frame, hierarchical
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
@@ -443,6 +443,42 @@ def _rejected_and_late(rank, world):
 
 def test_a_rejecting_rank_and_a_late_rank_in_one_call_gloo_4():
     spawn(_rejected_and_late, 4, timeout=180)
+
+
+def _slow_between_stages(rank, world):
+    """Rank 3 is slow between the stages of a hierarchical call with payloads past one frame:
+    rank 1, its peer in the second stage (on their own stage group), times out there, and
+    rank 3 then completes that stage with rank 1's abandoned frame and waits for its rest.
+    Rank 1's next call, on the whole group, serves it. Before, that wait was on another
+    group's line: both waited out the timeout and gloo closed the connection for good."""
+    delay = {"left": False}
+    stage_a2a = hierarchical.Hierarchy.a2a
+
+    def slow_a2a(self, stage, *args, **kwargs):  # (this process's own calls only)
+        if stage == "inter" and delay["left"]:
+            delay["left"] = 0
+            time.sleep(3)  # past the timeout
+        return stage_a2a(self, stage, *args, **kwargs)
+    hierarchical.Hierarchy.a2a = slow_a2a
+    comm = mf.Communicator(gate=False, topology=2, timeout=2, algorithm="hierarchical")
+    # 1100 rows of 2 KiB to each rank: 4.4 MB per peer in each stage
+    xs = [make_input(rank, 1100 * world, (512,), torch.float32, 80 + i) for i in range(3)]
+    want = [comm.all_to_all(x, codec="native") for x in xs]
+    delay["left"] = rank == 3
+    if rank == 1:
+        _raises(lambda: comm.all_to_all(xs[0], codec="native"), PeerTimeoutError,
+                "nothing came from ranks [3]")
+    else:
+        assert torch.equal(comm.all_to_all(xs[0], codec="native"), want[0])
+    if rank in (0, 2):
+        time.sleep(3)  # (they know rank 3 is slow: their next call must not time out on it)
+    for i in (1, 2):
+        assert torch.equal(comm.all_to_all(xs[i], codec="native"), want[i]), i
+    comm.close()
+
+
+def test_a_rank_slow_between_hierarchical_stages_gloo_4():
+    spawn(_slow_between_stages, 4, timeout=180)
 
 
 def _missed_check(rank, world):

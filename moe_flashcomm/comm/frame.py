@@ -156,10 +156,11 @@ class GroupLine:
     rank), and those not yet waited for, in start order. The rest of a long message moves at
     wait(), point to point, so frames complete in the order they started on every rank,
     whatever order their callers wait in (else two ranks waiting for different frames, of
-    one communicator or of two, each wait for the other's rest). And the ``late`` frames:
-    their first round timed out with payloads past one frame; a peer that comes late
-    completes that round with our frame and then waits for our second round, which the
-    group's later waits serve while they wait (``Frame._wait_first_round``)."""
+    one communicator or of two, each wait for the other's rest). And the ``late`` frames
+    of the calls on this group (their steps on stage groups too): their first round timed
+    out with payloads past one frame; a peer that comes late completes that round with our
+    frame and then waits for our second round, which the later waits of the group's calls
+    serve while they wait (``Frame._wait_first_round``)."""
 
     LATE_KEPT = 8  # late frames kept per group (a peer that never comes adds one per call)
 
@@ -341,6 +342,9 @@ class Frame:
         self.send_at, self.recv_at = lay.send_at, lay.recv_at
         self.counter = counter if counter is not None else pg
         self.line = framing.line(pg)  # (looked up once: a weak dictionary's lookup costs)
+        # the call's group's: its count, and its late frames (a stage's too: the call's next
+        # step, or its next call, may wait on the whole group, and must serve them)
+        self.call_line = self.line if self.counter is pg else framing.line(self.counter)
         # the buffers before the number: a rank that cannot allocate them (sizes no memory
         # holds) must not count an exchange it never made, or it is out of step with its peers
         self._buffers = sent, got = framing.buffer(lay.send_bytes), framing.buffer(lay.recv_bytes)
@@ -350,8 +354,7 @@ class Frame:
             if operation == "consistency check":
                 number = 0
             else:
-                counting = self.line if self.counter is pg else framing.line(self.counter)
-                number = counting.next_number()
+                number = self.call_line.next_number()
         self.number = number
         self.send, self.recv = sent.head(lay.send_bytes), got.head(lay.recv_bytes)
         send, self._recv_words = sent.array, got.words
@@ -423,7 +426,7 @@ class Frame:
         except PeerTimeoutError as e:
             self._outcome = (None, e)
             if not (self.flags or self.layout.one_round or self._first_round_done):
-                late = self.line.late
+                late = self.call_line.late
                 late.append(self)
                 del late[:-GroupLine.LATE_KEPT]
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
@@ -444,7 +447,7 @@ class Frame:
         """Wait for the first round, serving meanwhile the second round of late frames whose
         first round a late peer has completed (it waits for ours). Polls only while the group
         has late frames; the wait keeps its one timeout."""
-        late, timeout = self.line.late, None
+        late, timeout = self.call_line.late, None
         if late:
             deadline = time.monotonic() + self.timeout.total_seconds()
             while late and not self.work.is_completed() and time.monotonic() < deadline:
@@ -465,8 +468,7 @@ class Frame:
         problems = self.problems(got)
         if problems:  # counted alike again from here, whatever each rank was running
             seen = got[got[:, 0] == MAGIC, 2].tolist()
-            line = self.framing.line(self.counter)
-            line.count = max(seen + [line.count])
+            self.call_line.count = max(seen + [self.call_line.count])
         if problems or not self.layout.one_round:
             self._round_two(got)
         if problems:
