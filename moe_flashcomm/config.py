@@ -16,8 +16,8 @@ The same fields are read from a ``"moe_flashcomm"`` section of a DeepSpeed JSON 
     }
 
 A codec field takes what ``CodecConfig.coerce`` takes (a bits value: 2..8, "fp8", "bf16",
-which rounds fp32 tokens to bf16, or "native", the tokens in their own dtype, exact for every
-dtype; a dict of CodecConfig fields; a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
+which rounds fp32 tokens to bf16, or "native", the tokens in their own dtype, exact for fp32,
+bf16 and fp16; a dict of CodecConfig fields; a CodecConfig) or ``{"intra_node": ..., "inter_node": ...}`` for a codec per link
 class (``moe_flashcomm.comm.LinkCodecs``). Every field has a default, which null (None) also
 means; in a layer rule null leaves the field as the base config has it. A bad value raises
 ``ValueError`` naming the field and the allowed values; unknown keys are errors.

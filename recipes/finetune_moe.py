@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,10 @@ def check_args(args) -> dict:
         if saved and saved != world:  # (DeepSpeed refuses it on every rank, a traceback each)
             preflight.fail(f"--resume: the checkpoint under {ckpt} was saved by {saved} ranks, "
                            f"this run has {world}; resume with {saved}")
+        step = checkpoint_step(ckpt)
+        if step is not None and step >= args.steps:  # (nothing to train)
+            preflight.fail(f"--resume: the checkpoint under {ckpt} is at step {step}; "
+                           f"--steps {args.steps} must be more")
     cfg = preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
     section = FlashCommConfig.from_deepspeed_config(cfg)  # (valid: checked above)
     for i, rule in enumerate(section.layers if section else ()):
@@ -134,6 +139,23 @@ def checkpoint_ranks(ckpt: Path) -> Optional[int]:
     except (OSError, UnicodeDecodeError):
         return None
     return len(list((ckpt / tag).glob("*zero_pp_rank_*_optim_states.pt"))) or None
+
+
+def checkpoint_tag(step: int) -> str:
+    """The tag train() saves a checkpoint under: its step. DeepSpeed's ``latest`` file names
+    it, so check_args reads the step without loading the checkpoint (checkpoint_step)."""
+    return f"step{step}"
+
+
+def checkpoint_step(ckpt: Path) -> Optional[int]:
+    """The step of the DeepSpeed checkpoint under ``ckpt``, from its tag (checkpoint_tag);
+    None where ``latest`` cannot be read or names another tag."""
+    try:
+        tag = (ckpt / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = re.fullmatch(r"step(\d+)", tag)
+    return int(match[1]) if match else None
 
 
 def log(msg: str, progress=None) -> None:
@@ -190,7 +212,9 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
             raise SystemExit(f"--resume: no checkpoint under {ckpt}")
         start = client["step"]
         if start >= args.steps:  # nothing to train: negative step counts in the summary, and
-            # a re-saved checkpoint that claims step --steps with the weights of step `start`
+            # a re-saved checkpoint that claims step --steps with the weights of step `start`.
+            # check_args refuses it before any rank starts; this is for a checkpoint whose
+            # tag does not name its step (one saved before checkpoint_tag)
             preflight.fail(f"--resume: the checkpoint under {ckpt} is at step {start}; "
                            f"--steps {args.steps} must be more")
         batches.load_state_dict(client["data"][rank])
@@ -227,7 +251,8 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
     if args.save_checkpoints:
         data_states = [None] * world
         torch.distributed.all_gather_object(data_states, batches.state_dict())
-        engine.save_checkpoint(str(ckpt), client_state={"step": args.steps, "data": data_states})
+        engine.save_checkpoint(str(ckpt), tag=checkpoint_tag(args.steps),
+                               client_state={"step": args.steps, "data": data_states})
 
     val_loss = history[-1].get("val_loss") if history else evaluate(engine, val_batches)
     exchanges = stats.as_dict()

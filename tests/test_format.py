@@ -132,6 +132,12 @@ def test_exchange_header_matches_the_doc():
     for i, dtype in enumerate(frame.DTYPES, start=1):
         assert f"{i} {names[dtype]}" in section
     assert f"{frame.FRAME_BYTES >> 20} MiB (`FRAME_BYTES`" in section
+    flags = next(line for line in section.splitlines() if line.startswith("| 10 | flags: "))
+    assert f"{frame.ABORTED} = the sender found a disagreement earlier in this call" in flags
+    assert f"{frame.REJECTED} = the sender rejected its own arguments" in flags
+    assert f"{frame.GAVE_UP} = (with {frame.ABORTED}) the sender stopped waiting for a silent peer " \
+        "earlier in this call" in flags
+    assert frame.ABORTED | frame.REJECTED | frame.GAVE_UP == 7  # one bit each
     for cfg in (CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False,
                                                   rounding="stochastic"),
                 CodecConfig(bits="fp8"), CodecConfig(bits="bf16"), CodecConfig(bits="native")):

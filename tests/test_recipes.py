@@ -320,6 +320,22 @@ def test_resume_with_another_rank_count_fails_fast(tmp_path, monkeypatch, capsys
     finetune_moe.check_args(finetune_moe.parse_args(["--resume", "--out", str(tmp_path / "out")]))
 
 
+def test_resume_with_no_steps_left_fails_before_any_rank_starts(tmp_path):
+    """--steps no more than the checkpoint's step was refused inside each rank, after the
+    gloo processes and DeepSpeed had started and loaded the checkpoint: their lines, then the
+    error. The parent reads the step from the tag that DeepSpeed's ``latest`` names (the slow
+    run below checks that the recipe saves under that tag)."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step6").mkdir(parents=True)
+    (ckpt / "latest").write_text("step6")
+    for rank in (0, 1):  # what DeepSpeed's ZeRO writes, one file per rank
+        (ckpt / "step6" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    for steps in ("4", "6"):
+        out = fails_fast(SCRIPTS[0], "--resume", "--steps", steps, "--out", ".", cwd=tmp_path)
+        assert out == (f"error: --resume: the checkpoint under ckpt is at step 6; --steps {steps} "
+                       f"must be more\n")
+
+
 def test_one_rank_run_says_there_was_no_exchange(monkeypatch):
     """One rank makes no all-to-all: the breakdown showed 0 calls under a footer claiming
     2 layers x (steps + evaluations) calls, "0.00x less", and 100% filled slots (the share's
@@ -415,14 +431,15 @@ def test_finetune_trains_counts_exchanges_and_resumes(tmp_path):
 
     out = run(SCRIPTS[0], "--steps", "6", "--resume", *common, cwd=tmp_path).stdout
     assert "resumed from" in out and "at step 4" in out
+    assert (tmp_path / "ft" / "ckpt" / "latest").read_text() == "step6"  # what check_args reads
     s = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert s["steps_run"] == 2 and s["exchanges"]["calls"]["dispatch_grad"] == layers * 2
     # --steps no more than the checkpoint's: one line, exit 2 (it "trained" -2 steps at
     # negative tokens/s and re-saved the checkpoint as step 4); the checkpoint stays
     proc = run(SCRIPTS[0], "--steps", "4", "--resume", *common, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"error: --resume: the checkpoint under {tmp_path / 'ft' / 'ckpt'} is at step 6; " \
-        "--steps 4 must be more\n" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout + proc.stderr == f"error: --resume: the checkpoint under " \
+        f"{tmp_path / 'ft' / 'ckpt'} is at step 6; --steps 4 must be more\n"  # before any rank
     assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps_run"] == 2
 
 

@@ -80,7 +80,7 @@ class CodecConfig:
 
     @property
     def is_native(self) -> bool:
-        """Tokens in their own dtype, their own bytes: exact for every dtype."""
+        """Tokens in their own dtype, their own bytes: exact for fp32, bf16 and fp16."""
         return self.bits == "native"
 
     @property
