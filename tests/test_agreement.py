@@ -13,7 +13,7 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
-from moe_flashcomm.comm import frame, hierarchical
+from moe_flashcomm.comm import all_reduce, frame, hierarchical
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
@@ -443,6 +443,62 @@ def _rejected_and_late(rank, world):
 
 def test_a_rejecting_rank_and_a_late_rank_in_one_call_gloo_4():
     spawn(_rejected_and_late, 4, timeout=180)
+
+
+def _late_calls_stay_paired(rank, world):
+    """Three ways a late rank used to leave the ranks one call apart, with no error from
+    then on (each later call mixed one rank's call k with the others' call k-1):
+    - late for a call of one step (a native all-reduce within one frame): it completes the
+      call with the frames the others abandoned, and they ended it with an all-gather such
+      a call does not have;
+    - slow between the steps of a chunked all-reduce's first piece: the others ended the
+      call there, and its next piece paired with their next call;
+    - late and rejecting its call: its peers could not know it would reject, and the step
+      they ended the call with met its next call instead (it now posts that frame again)."""
+    comm = mf.Communicator(gate=False, timeout=2)
+    last = world - 1
+    small = [make_input(rank, 3000, (), torch.float32, 90 + i) for i in range(3)]
+    longs = [make_input(rank, FRAME_BYTES // 4 * world + 4096, (), torch.float32, 95 + i)
+             for i in range(3)]
+    chunked = [make_input(rank, world * 4096, (), torch.float32, 100 + i) for i in range(3)]
+    slow = {"pieces": -1}  # the reduce-scatters this rank makes before it is slow
+    reduce_chunk = all_reduce.reduce_chunk
+
+    def slow_reduce(*args, **kwargs):  # (this process's own calls only)
+        if slow["pieces"] == 0:
+            time.sleep(3)  # past the timeout, between the piece's reduce-scatter and all-gather
+        slow["pieces"] -= 1
+        return reduce_chunk(*args, **kwargs)
+    all_reduce.reduce_chunk = slow_reduce
+    calls = {  # name: the call, and what makes rank `last` late (or late and rejecting)
+        "native all_reduce within one frame": (
+            lambda i: comm.all_reduce(small[i].clone(), codec="native"), None),
+        "chunked bf16 all_reduce": (
+            lambda i: comm.all_reduce(chunked[i].clone(), codec="bf16", chunks=2), None),
+        "native all_reduce past one frame, late and rejected": (
+            lambda i: comm.all_reduce(longs[i].clone(), codec="native"),
+            lambda: comm.all_reduce(longs[0].clone(), codec="native", op="max"))}
+    for name, (call, bad) in calls.items():
+        want = [call(i) for i in range(3)]
+        if rank != last:
+            _raises(lambda: call(0), PeerTimeoutError, f"nothing came from ranks [{last}]")
+        elif name.startswith("chunked"):
+            slow["pieces"] = 0
+            _raises(lambda: call(0), ConfigMismatchError,
+                    "it stopped waiting for a silent rank earlier in this call")
+        else:
+            time.sleep(3)  # past the others' timeout
+            if bad is None:  # (one step: it completes the call the others gave up on)
+                assert torch.equal(call(0), want[0]), name
+            else:
+                _raises(bad, ValueError)
+        for i in (1, 2):
+            assert torch.equal(call(i), want[i]), (name, i)
+    comm.close()
+
+
+def test_late_ranks_leave_the_calls_paired_gloo_3():
+    spawn(_late_calls_stay_paired, 3, timeout=180)
 
 
 def _slow_between_stages(rank, world):

@@ -610,9 +610,12 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     rows3 = buf.view(W, c, ROW)
     rb, code = record_bytes(ROW, cfg), frame.wire_code(cfg)
     numbering = framing.numbering(group)  # one for the call
-    for a, b in plan.pieces:
-        m = b - a
-        legs = [None if p == r else frame.Leg(m, m * rb, code) for p in range(W)]
+
+    def piece_legs(a: int, b: int) -> list:
+        return [None if p == r else frame.Leg(b - a, (b - a) * rb, code) for p in range(W)]
+
+    for j, (a, b) in enumerate(plan.pieces):
+        m, legs = b - a, piece_legs(a, b)
         scatter = frame.Frame(framing, group, r, W, "all_reduce reduce-scatter", buf.dtype, ROW,
                               legs, legs, detail=plan.numel, **numbering)
         for p in scatter.peers:
@@ -637,7 +640,18 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
                              legs, legs, detail=plan.numel, **numbering)
         for p in gather.peers:
             gather.payload(p).copy_(rec.view(-1))
-        got = gather.start().wait()
+        try:
+            got = gather.start().wait()
+        except frame.PeerTimeoutError as e:
+            if j + 1 < len(plan.pieces) and not e.elsewhere:
+                # a rank slow between this piece's steps completes this all-gather with our
+                # frame and goes on to the next piece: it meets its steps as "gave up" frames
+                # and raises in this call (else they paired with our next call)
+                after = piece_legs(*plan.pieces[j + 1])
+                for operation in ("all_reduce reduce-scatter", "all_reduce all-gather"):
+                    frame.Frame(framing, group, r, W, operation, buf.dtype, ROW, after, after,
+                                detail=plan.numel, gave_up=True, **numbering).start()
+            raise
         for p in range(W):
             _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
         gather.release()
@@ -677,11 +691,14 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     try:
         got = scatter.start().wait()
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
-        if not e.elsewhere:  # (a rank in another call would never answer)
+        answered = frame.peers_answered(e)
+        # (not for a rank in another call: it would never answer; nor for a late rank in a
+        # call of one round: it completes the call with our frames, and has no all-gather)
+        if not e.elsewhere and (answered or not one_round):
             empty = flat.new_empty(0)
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
-                                    empty, [0] * W, [0] * W, aborted=True,
-                                    wait=frame.peers_answered(e), **numbering)
+                                    empty, [0] * W, [0] * W, aborted=True, wait=answered,
+                                    **numbering)
         raise
     # in rank order, each step rounded in the dtype; written into the first received range
     # until this rank's term, then over this rank's own: no new tensor and no copy back

@@ -58,6 +58,7 @@ ABORTED, REJECTED = 1, 2
 GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlier in this call
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 ROUND_TWO_TAGS = 0x4D46 << 16  # ("MF") the base of the second round's tags: round_two_tag
+STALE_KEPT = 8  # "gave up" frames of earlier calls a frame posts again past (_met_stale)
 
 
 class PeerError(RuntimeError):
@@ -363,8 +364,6 @@ class Frame:
         head = words.view(np.uint8)
         for i, p in enumerate(lay.peers):
             send[lay.send_at[p]:lay.send_at[p] + HEADER_BYTES] = head[i]
-        for m in lay.magic_words:  # (slots are 16-byte aligned)
-            self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         self.work, self.timeout = None, framing.timeout
         self.stalled = False  # a headers-only frame whose peers never answered
         self._first_round_done = False
@@ -385,7 +384,15 @@ class Frame:
         return self.send[a:a + self.sends[p].nbytes]
 
     def start(self) -> "Frame":
+        self._post()
+        self.line.unfinished.append(self)
+        return self
+
+    def _post(self) -> None:
+        """Post the first round (again, after stale frames took the last one: _met_stale)."""
         lay = self.layout
+        for m in lay.magic_words:  # (slots are 16-byte aligned)
+            self._recv_words[m] = 0  # a slot left with no magic names a silent peer
         if lay.fits:  # every payload fits its frame: the buffer as it is
             send = self.send
         else:  # round 1 takes the first frame of each
@@ -398,8 +405,6 @@ class Frame:
         except RuntimeError as e:  # gloo refuses to post on a connection it closed
             raise self._lost(e, "", self.peers) from e
         self.framing.last_work = self.work
-        self.line.unfinished.append(self)
-        return self
 
     def is_completed(self) -> bool:
         return self.work is None or self.work.is_completed()
@@ -463,9 +468,14 @@ class Frame:
 
     def _complete(self) -> list:
         self._wait_first_round()
-        self._first_round_done = True
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
-        problems = self.problems(got)
+        problems, posts = self.problems(got), 1
+        while problems and posts <= STALE_KEPT and self._met_stale(got, problems):
+            self._post()
+            self._wait_first_round()
+            got = self._recv_words[self.layout.header_index]
+            problems, posts = self.problems(got), posts + 1
+        self._first_round_done = True
         if problems:  # counted alike again from here, whatever each rank was running
             seen = got[got[:, 0] == MAGIC, 2].tolist()
             self.call_line.count = max(seen + [self.call_line.count])
@@ -528,6 +538,25 @@ class Frame:
         for w, p in works:
             self._wait(w, what, peers=[p])
 
+    def _met_stale(self, got: np.ndarray, problems: dict) -> bool:
+        """Whether this frame's first round met, from the peers with ``problems``, "gave up"
+        frames of an earlier call (and from the others this call's): the peers that gave up
+        on a call this rank completed late (or skipped: it rejected its arguments) left
+        frames this rank never matched, and the frame met them in their place. Posted again,
+        it meets the peers' frames of this call, so the ranks stay in step (every rank at
+        this point sees the same stale frames, and posts again alike). Before, the ranks'
+        calls stayed paired off by one, and once the numbers were counted alike again,
+        without an error."""
+        if self.flags:
+            return False
+        for i, p in enumerate(self.peers):
+            h = got[i]
+            # (a first-use check, number 0, comes before every step of its call)
+            if p in problems and not (h[0] == MAGIC and h[10] & GAVE_UP
+                                      and (h[2] < self.number or not self.number)):
+                return False
+        return True
+
     def problems(self, got: np.ndarray) -> dict:
         """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
         does not; empty when every header is the expected one (the steady state: one
@@ -562,11 +591,13 @@ class Frame:
                  f"nothing came from ranks {named}")
         if "timed out" not in str(e).lower():
             return PeerError(f"{where}; the connection failed ({e})")
+        why = ("They did not make this call, or made another collective; every rank must make "
+               "the same calls in the same order." if not what else  # (else the second round)
+               "Their headers came in this call: they stopped waiting for it (their own "
+               "timeout), and did not make their next call on the group within this one.")
         error = PeerTimeoutError(
-            f"{where} within {self.timeout.total_seconds():g} s. They did not make "
-            "this call, or made another collective; every rank must make the same calls in "
-            "the same order. (Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the "
-            "wait.)")
+            f"{where} within {self.timeout.total_seconds():g} s. {why} "
+            "(Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")
         error.elsewhere = self._ranks_elsewhere(got)
         return error
 
