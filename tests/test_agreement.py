@@ -495,6 +495,28 @@ def _late_calls_stay_paired(rank, world):
         for i in (1, 2):
             assert torch.equal(call(i), want[i]), (name, i)
     comm.close()
+    # late and rejecting again, where rank 1 waits longer than the others (it sees the
+    # rejection and ends the call; rank 0 gives up and leaves a step), and rank 1 then
+    # rejects its next call: its rejected frame meets rank 0's stale step, as the others'
+    # frames do, and posts again with them (before, only theirs did)
+    mixed = mf.Communicator(gate=False, timeout=10 if rank == 1 else 2)
+    xs = [make_input(rank, 4 * world, (64,), torch.float32, 105 + i) for i in range(3)]
+    want = [mixed.all_to_all(x) for x in xs]
+    mixed.all_reduce(longs[1].clone(), codec="native")
+    if rank == last:
+        time.sleep(3)
+        _raises(lambda: mixed.all_reduce(longs[0].clone(), codec="native", op="max"), ValueError)
+    else:
+        _raises(lambda: mixed.all_reduce(longs[0].clone(), codec="native"),
+                *((PeerTimeoutError,) if rank == 0 else (ConfigMismatchError, "it rejected")))
+    if rank == 1:
+        _raises(lambda: mixed.all_to_all(xs[0], [4] * world, [5] * world), ValueError)
+    else:
+        _raises(lambda: mixed.all_to_all(xs[0]), ConfigMismatchError,
+                "rank 1: it rejected its all_to_all")
+    for i in (1, 2):
+        assert torch.equal(mixed.all_to_all(xs[i]), want[i]), ("mixed timeouts", i)
+    mixed.close()
 
 
 def test_late_ranks_leave_the_calls_paired_gloo_3():

@@ -539,23 +539,25 @@ class Frame:
             self._wait(w, what, peers=[p])
 
     def _met_stale(self, got: np.ndarray, problems: dict) -> bool:
-        """Whether this frame's first round met, from the peers with ``problems``, "gave up"
-        frames of an earlier call (and from the others this call's): the peers that gave up
-        on a call this rank completed late (or skipped: it rejected its arguments) left
-        frames this rank never matched, and the frame met them in their place. Posted again,
-        it meets the peers' frames of this call, so the ranks stay in step (every rank at
-        this point sees the same stale frames, and posts again alike). Before, the ranks'
-        calls stayed paired off by one, and once the numbers were counted alike again,
-        without an error."""
-        if self.flags:
+        """Whether this frame's first round met, among the peers with ``problems``, "gave up"
+        frames of an earlier call: peers that gave up on a call this rank completed late (or
+        skipped: it rejected its arguments) left frames this rank never matched, and this
+        frame met them in their place. Posted again, it meets the peers' frames of this call.
+        A "gave up" frame goes to every peer alike, so every rank at this point meets the same
+        ones and posts again, whatever else it sees (a disagreement shows again in the next
+        round): the ranks stay paired. Before, they stayed one call apart, and once their
+        numbers were counted alike again, every call mixed two calls' values with no error.
+        A rejected or aborted frame posts again too (it is waited for as soon as it starts);
+        a "gave up" one does not (it is settled later, after this rank's next frames went)."""
+        if self.flags & GAVE_UP:
             return False
         for i, p in enumerate(self.peers):
             h = got[i]
             # (a first-use check, number 0, comes before every step of its call)
-            if p in problems and not (h[0] == MAGIC and h[10] & GAVE_UP
-                                      and (h[2] < self.number or not self.number)):
-                return False
-        return True
+            if p in problems and h[0] == MAGIC and h[10] & GAVE_UP and (
+                    h[2] < self.number or not self.number):
+                return True
+        return False
 
     def problems(self, got: np.ndarray) -> dict:
         """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
