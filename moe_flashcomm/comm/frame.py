@@ -664,8 +664,8 @@ class Frame:
             return [f"it runs {op} while this rank runs {self.operation}"]
         if h[10] & GAVE_UP:
             return [f"it stopped waiting for a silent rank earlier in this call (exchange "
-                    f"#{h[2]}) and ended it: this rank came to the call after its timeout "
-                    "(MOE_FLASHCOMM_TIMEOUT_S)"]
+                    f"#{h[2]}) and ended it: a rank (this one, or one whose error names it) "
+                    "came to the call after that rank's timeout (MOE_FLASHCOMM_TIMEOUT_S)"]
         if h[10] & ABORTED:
             return [f"it found ranks disagreeing earlier in this call (exchange #{h[2]}); "
                     "its error names them"]
