@@ -333,9 +333,9 @@ class Communicator:
         if x.dim() < 2:
             raise ValueError(f"x must be at least 2-D [tokens, ..., hidden], got shape "
                              f"{tuple(x.shape)}")
-        if x.shape[-1] < 1:
-            raise ValueError(f"x must have hidden size x.shape[-1] >= 1, got shape "
-                             f"{tuple(x.shape)}")
+        if not 1 <= x.shape[-1] <= frame.MAX_HIDDEN:
+            raise ValueError(f"x must have hidden size x.shape[-1] >= 1 and < 2**55 (what an "
+                             f"exchange's header holds), got shape {tuple(x.shape)}")
         algorithm = self.algorithm if algorithm is None else algorithm
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")

@@ -42,6 +42,7 @@ WORDS = 12
 HEADER_BYTES = 8 * WORDS
 FRAME_BYTES = 4 << 20
 ALIGN = 16
+MAX_HIDDEN = (1 << 55) - 1  # the header's (dtype, hidden) word holds hidden << 8
 # Framing's buffer pool: smallest size class, buffers kept per class, bytes kept in all
 POOL_MIN, POOL_DEPTH, POOL_BYTES = 64 << 10, 4, 256 << 20
 OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
