@@ -204,6 +204,34 @@ def test_a_late_rank_with_a_long_payload_gloo_2():
     spawn(_late_long_payload, 2, timeout=120)
 
 
+def _late_long_payload_while_away(rank, world):
+    """As above, but rank 0 makes no call for longer than a timeout after rank 1 came: the
+    thread of its group's late frames serves rank 1's second round. (Nothing did: rank 1
+    raised PeerTimeoutError there, and gloo closed the connection for good.)"""
+    comm = mf.Communicator(gate=False, codec="native", timeout=2)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    x = make_input(rank, 2 * rows, (512,), torch.float32, 15)
+    small = make_input(rank, 4, (8,), torch.float32, 16)
+    want, want_small = comm.all_to_all(x), comm.all_to_all(small)
+    if rank == 0:
+        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 2 s"):
+            comm.all_to_all(x)
+        time.sleep(6)  # (rank 1 comes 1.5 s after the timeout, and waits for our rest)
+    else:
+        time.sleep(3.5)
+        start = time.monotonic()
+        assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame, and its rest
+        assert time.monotonic() - start < 1.5
+        time.sleep(4.5)
+    assert torch.equal(comm.all_to_all(small), want_small)
+    assert torch.equal(comm.all_to_all(x), want)
+    comm.close()
+
+
+def test_a_late_rank_is_served_while_the_others_make_no_call_gloo_2():
+    spawn(_late_long_payload_while_away, 2, timeout=120)
+
+
 def _silent_peer_long_payloads(rank, world):
     """A peer that does not come to calls with payloads past one frame costs each call one
     timeout, as for short ones, also a call after an unfinished asynchronous one (waiting
@@ -438,6 +466,22 @@ def _rejected_and_late(rank, world):
             _raises(lambda: call(0), PeerTimeoutError, "nothing came from ranks [3]")
         for i in (1, 2):
             assert torch.equal(call(i), want[i]), (name, i)
+    # again, where ranks 0-2 make no call for over two timeouts after it: the threads of
+    # their late frames serve rank 3's second round, though what came disagrees (rank 0's
+    # rejection). Before, rank 3 waited that out there and gloo closed the connection.
+    call, bad = calls["native all_reduce past one frame"]
+    want = [call(i) for i in range(3)]
+    start = time.monotonic()
+    if rank == 0:
+        _raises(bad, ValueError)
+    elif rank == 3:
+        time.sleep(3)
+        _raises(lambda: call(0), ConfigMismatchError, "rank 0: it rejected its")
+    else:
+        _raises(lambda: call(0), PeerTimeoutError, "nothing came from ranks [3]")
+    time.sleep(max(0.0, 8 - (time.monotonic() - start)))
+    for i in (1, 2):
+        assert torch.equal(call(i), want[i]), ("away", i)
     comm.close()
 
 

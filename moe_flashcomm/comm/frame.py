@@ -22,6 +22,7 @@ disagreement raises. A peer that sends nothing within the timeout is named.
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlie
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 ROUND_TWO_TAGS = 0x4D46 << 16  # ("MF") the base of the second round's tags: round_two_tag
 STALE_KEPT = 8  # "gave up" frames of earlier calls a frame posts again past (_met_stale)
+SERVE_POLL_S = 2e-3  # how often a group's late-frame thread looks for late peers that came
 
 
 class PeerError(RuntimeError):
@@ -161,8 +163,10 @@ class GroupLine:
     one communicator or of two, each wait for the other's rest). And the ``late`` frames
     of the calls on this group (their steps on stage groups too): their first round timed
     out with payloads past one frame; a peer that comes late completes that round with our
-    frame and then waits for our second round, which the later waits of the group's calls
-    serve while they wait (``Frame._wait_first_round``)."""
+    frame and then waits for our second round. A thread serves it as soon as the peer has
+    come, whenever this rank's next call comes (``serve_late``); the group's next call
+    serves it too while it waits, and alone those that ask for more than point-to-point
+    messages (``Frame.thread_may_serve``, ``Frame._wait_first_round``)."""
 
     LATE_KEPT = 8  # late frames kept per group (a peer that never comes adds one per call)
 
@@ -170,10 +174,49 @@ class GroupLine:
         self.count = 0
         self.unfinished: list = []
         self.late: list = []
+        self.lock = threading.Lock()  # over ``late``: the serving thread and a call's wait
+        self._server: Optional[threading.Thread] = None
 
     def next_number(self) -> int:
         self.count += 1
         return self.count
+
+    def add_late(self, frame: "Frame") -> None:
+        """Keep ``frame`` for its late peers; serve them from a thread while any is kept."""
+        with self.lock:
+            self.late.append(frame)
+            del self.late[:-self.LATE_KEPT]
+            if self._server is None:
+                self._server = threading.Thread(target=self._serve_late, daemon=True,
+                                                name="moe_flashcomm late frames")
+                self._server.start()
+
+    def take_arrived(self, by_thread: bool) -> list:
+        """The late frames whose peers have come (their first round completed), taken off
+        ``late``; ``by_thread``: leave those the thread may not serve, marked for the
+        caller's thread (``Frame.caller_serves``)."""
+        with self.lock:
+            came = [f for f in self.late if f.work.is_completed()]
+            if by_thread:
+                for frame in came:
+                    frame.caller_serves = frame.caller_serves or not frame.thread_may_serve()
+                came = [f for f in came if not f.caller_serves]
+            for frame in came:
+                self.late.remove(frame)
+        return came
+
+    def _serve_late(self) -> None:
+        """The thread: the second round of each late frame whose peers came, until none is
+        left to it. Only point to point, which gloo matches by tag: a collective posted here
+        could pair, on another rank, with one its caller posted in the meantime."""
+        while True:
+            for frame in self.take_arrived(by_thread=True):
+                frame.serve_late()
+            with self.lock:
+                if all(f.caller_serves for f in self.late):
+                    self._server = None
+                    return
+            time.sleep(SERVE_POLL_S)
 
 
 class Framing:
@@ -369,6 +412,7 @@ class Frame:
         self.stalled = False  # a headers-only frame whose peers never answered
         self._first_round_done = False
         self._outcome = None  # (payloads, error) once completed
+        self.caller_serves = False  # a late frame the serving thread leaves to the caller
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
@@ -432,9 +476,7 @@ class Frame:
         except PeerTimeoutError as e:
             self._outcome = (None, e)
             if not (self.flags or self.layout.one_round or self._first_round_done):
-                late = self.call_line.late
-                late.append(self)
-                del late[:-GroupLine.LATE_KEPT]
+                self.call_line.add_late(self)
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
             self._outcome = (None, e)
 
@@ -450,15 +492,15 @@ class Frame:
         return None
 
     def _wait_first_round(self) -> None:
-        """Wait for the first round, serving meanwhile the second round of late frames whose
-        first round a late peer has completed (it waits for ours). Polls only while the group
-        has late frames; the wait keeps its one timeout."""
-        late, timeout = self.call_line.late, None
-        if late:
+        """Wait for the first round, completing meanwhile the late frames whose peers came
+        (the serving thread's too, whichever takes one first; those it leaves may post
+        again, a collective, which only the caller's thread may post). Polls only while the
+        group has late frames; the wait keeps its one timeout."""
+        line, timeout = self.call_line, None
+        if line.late:
             deadline = time.monotonic() + self.timeout.total_seconds()
-            while late and not self.work.is_completed() and time.monotonic() < deadline:
-                for frame in [f for f in late if f.work.is_completed()]:
-                    late.remove(frame)
+            while line.late and not self.work.is_completed() and time.monotonic() < deadline:
+                for frame in line.take_arrived(by_thread=False):
                     try:  # (its call raised already: what it receives is dropped)
                         frame._complete()
                     except (ConfigMismatchError, PeerError):
@@ -466,6 +508,28 @@ class Frame:
                 time.sleep(1e-3)
             timeout = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
         self._wait(self.work, "", timeout)
+
+    def thread_may_serve(self) -> bool:
+        """Whether the serving thread may complete this late frame, its first round done:
+        what came asks only for the second round, as ``_complete`` would make it. Not where
+        a peer sent a "gave up" frame (this frame would post again), a first-use check (this
+        rank may forget one: the communicator's state), a number past the group's count (it
+        would be counted again), or nothing (gloo failed the round: the caller reports it)."""
+        got = self._recv_words[self.layout.header_index]
+        if self._agrees(got):
+            return True
+        check = OPERATIONS.index("consistency check") + 1
+        return bool((got[:, 0] == MAGIC).all() and not (got[:, 10] & GAVE_UP).any()
+                    and not (got[:, 1] == check).any()
+                    and not (got[:, 2] > self.call_line.count).any())
+
+    def serve_late(self) -> None:
+        """On the serving thread: the second round of a late frame whose peers came (its
+        call raised already: what it receives is dropped; what disagrees too)."""
+        try:
+            self._round_two(self._recv_words[self.layout.header_index])
+        except Exception:  # noqa: BLE001 - nobody waits for this call any more; a lost
+            pass           # connection shows at the group's next call
 
     def _complete(self) -> list:
         self._wait_first_round()
@@ -564,12 +628,16 @@ class Frame:
         """Peer -> what its header (a row of ``got``) says that this rank's view of the pair
         does not; empty when every header is the expected one (the steady state: one
         comparison)."""
-        want = self.layout.expected.copy()  # (its number column is 0)
-        want[:, 2] = self.number
-        if got.tobytes() == want.tobytes():  # (a third of the time of numpy's comparison)
+        if self._agrees(got):
             return {}
         return {p: msgs for p, h in zip(self.peers, got.tolist())
                 if (msgs := self._disagreements(p, h))}
+
+    def _agrees(self, got: np.ndarray) -> bool:
+        """Whether every header (a row of ``got``) is the one an agreeing peer sends."""
+        want = self.layout.expected.copy()  # (its number column is 0)
+        want[:, 2] = self.number
+        return got.tobytes() == want.tobytes()  # (a third of the time of numpy's comparison)
 
     def _wait(self, work, what: str, timeout: Optional[datetime.timedelta] = None,
               peers: Optional[list] = None) -> None:
