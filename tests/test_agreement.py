@@ -567,12 +567,50 @@ def test_late_ranks_leave_the_calls_paired_gloo_3():
     spawn(_late_calls_stay_paired, 3, timeout=180)
 
 
+def _late_and_disagreeing(rank, world):
+    """A rank late for a call whose arguments also disagree with the others':
+    - a native all-reduce within one frame, the late rank's numel 8 smaller: it ended the
+      call with an aborted all-gather, which the others (they had timed out) did not post,
+      and from then on every call summed its call k with their call k + 1, with no error;
+    - an all-to-all whose payloads fit one frame, the late rank's past one: the others'
+      frames of the call were never read, its rest waited for a receive never posted, and
+      gloo closed the connection for good."""
+    comm = mf.Communicator(gate=False, timeout=2)
+    last = world - 1
+    small = [make_input(rank, 3000, (), torch.float32, 110 + i) for i in range(3)]
+    xs = [make_input(rank, 300 * world, (64,), torch.float32, 115 + i) for i in range(3)]
+    big = make_input(rank, 20000 * world, (64,), torch.float32, 118)  # 5 MB to each peer
+    calls = {  # name: the call, the late rank's call, and what it sees there
+        "native all_reduce within one frame": (
+            lambda i: comm.all_reduce(small[i].clone(), codec="native"),
+            lambda: comm.all_reduce(small[0][:-8].clone(), codec="native"),
+            "it reduces 3000 values; this rank reduces 2992"),
+        "all_to_all, the late rank's payloads past one frame": (
+            lambda i: comm.all_to_all(xs[i], codec="native"),
+            lambda: comm.all_to_all(big, codec="native"),
+            "it sends 300 rows to this rank; this rank expects 20000 from it")}
+    for name, (call, bad, seen) in calls.items():
+        want = [call(i) for i in range(3)]
+        if rank != last:
+            _raises(lambda: call(0), PeerTimeoutError, f"nothing came from ranks [{last}]")
+        else:
+            time.sleep(3)  # past the others' timeout
+            _raises(bad, ConfigMismatchError, seen)
+        for i in (1, 2):
+            assert torch.equal(call(i), want[i]), (name, i)
+    comm.close()
+
+
+def test_a_late_rank_that_also_disagrees_gloo_3():
+    spawn(_late_and_disagreeing, 3, timeout=180)
+
+
 def _slow_between_stages(rank, world):
     """Rank 3 is slow between the stages of a hierarchical call with payloads past one frame:
     rank 1, its peer in the second stage (on their own stage group), times out there, and
     rank 3 then completes that stage with rank 1's abandoned frame and waits for its rest.
-    Rank 1's next call, on the whole group, serves it. Before, that wait was on another
-    group's line: both waited out the timeout and gloo closed the connection for good."""
+    Rank 1 serves it, as a late frame of the call's group. Before, that frame was on the
+    stage group's line: both waited out the timeout and gloo closed the connection."""
     delay = {"left": False}
     stage_a2a = hierarchical.Hierarchy.a2a
 

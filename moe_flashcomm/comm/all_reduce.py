@@ -692,9 +692,10 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         got = scatter.start().wait()
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         answered = frame.peers_answered(e)
-        # (not for a rank in another call: it would never answer; nor for a late rank in a
-        # call of one round: it completes the call with our frames, and has no all-gather)
-        if not e.elsewhere and (answered or not one_round):
+        # (not for a rank in another call: it would never answer. In a call of one round
+        # too: a late rank that disagrees ends it with an aborted all-gather; one that
+        # agrees completes it, and its next call's first frame posts again past this one)
+        if not e.elsewhere:
             empty = flat.new_empty(0)
             frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
                                     empty, [0] * W, [0] * W, aborted=True, wait=answered,

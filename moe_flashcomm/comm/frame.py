@@ -475,7 +475,8 @@ class Frame:
             self._outcome = (self._finish(), None)
         except PeerTimeoutError as e:
             self._outcome = (None, e)
-            if not (self.flags or self.layout.one_round or self._first_round_done):
+            # (one round too: a late peer whose payloads are longer sends us the rest)
+            if not (self.flags or self._first_round_done):
                 self.call_line.add_late(self)
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
             self._outcome = (None, e)
@@ -502,7 +503,7 @@ class Frame:
             while line.late and not self.work.is_completed() and time.monotonic() < deadline:
                 for frame in line.take_arrived(by_thread=False):
                     try:  # (its call raised already: what it receives is dropped)
-                        frame._complete()
+                        frame._complete(late=True)
                     except (ConfigMismatchError, PeerError):
                         pass
                 time.sleep(1e-3)
@@ -512,15 +513,14 @@ class Frame:
     def thread_may_serve(self) -> bool:
         """Whether the serving thread may complete this late frame, its first round done:
         what came asks only for the second round, as ``_complete`` would make it. Not where
-        a peer sent a "gave up" frame (this frame would post again), a first-use check (this
-        rank may forget one: the communicator's state), a number past the group's count (it
-        would be counted again), or nothing (gloo failed the round: the caller reports it)."""
+        a peer sent a first-use check (this rank may forget one: the communicator's state), a
+        number past the group's count (it would be counted again), or nothing (gloo failed
+        the round: the caller reports it)."""
         got = self._recv_words[self.layout.header_index]
         if self._agrees(got):
             return True
         check = OPERATIONS.index("consistency check") + 1
-        return bool((got[:, 0] == MAGIC).all() and not (got[:, 10] & GAVE_UP).any()
-                    and not (got[:, 1] == check).any()
+        return bool((got[:, 0] == MAGIC).all() and not (got[:, 1] == check).any()
                     and not (got[:, 2] > self.call_line.count).any())
 
     def serve_late(self) -> None:
@@ -531,11 +531,15 @@ class Frame:
         except Exception:  # noqa: BLE001 - nobody waits for this call any more; a lost
             pass           # connection shows at the group's next call
 
-    def _complete(self) -> list:
+    def _complete(self, late: bool = False) -> list:
+        """The first round, checked, and the second; ``late``: a late frame's, never posted
+        again (this rank posted later frames since: a frame posted now would pair with the
+        peers' next ones, not with what this one should have met)."""
         self._wait_first_round()
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems, posts = self.problems(got), 1
-        while problems and posts <= STALE_KEPT and self._met_stale(got, problems):
+        while (problems and not late and posts <= STALE_KEPT
+               and self._met_stale(got, problems)):
             self._post()
             self._wait_first_round()
             got = self._recv_words[self.layout.header_index]
