@@ -49,9 +49,12 @@ def _codec_switch(rank, world):
     # ... and records of the same size (these used to decode to garbage)
     _raises(lambda: comm.all_to_all(x, codec=g32 if rank == 1 else int4), ConfigMismatchError,
             "int4/g32 records", "int4/g128+spikes records")
-    # a configuration new to one rank (its first-use check meets the others' exchange)
-    _raises(lambda: comm.all_to_all(x, codec=3 if rank == 1 else int4), ConfigMismatchError,
-            "consistency check")
+    # a configuration new to one rank (its first-use check meets the others' exchange):
+    # the rank that checks names its configuration, the one that exchanges what is new
+    said = _raises(lambda: comm.all_to_all(x, codec=3 if rank == 1 else int4),
+                   ConfigMismatchError, "consistency check")
+    assert ("first-use check of moe_flashcomm.all_to_all with row_shape=(256,)" in said
+            if rank == 1 else "its codec is none this rank has used (LinkCodecs(" in said), said
     # the backward: gradient codecs every rank has used, used differently
     y = x.clone().requires_grad_()
     int6 = CodecConfig(bits=6)

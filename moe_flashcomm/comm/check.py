@@ -79,7 +79,7 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
     """Raise ConfigMismatchError on every rank unless all ranks of ``group`` run the same
     check (``what``) with equal ``fields`` (compared by repr). Collective on the first call
     per key (remembered in ``verified``, the communicator's: key -> the words sent, which
-    a peer checking them again names, Communicator._forget_check), free after.
+    a peer checking them again names, Communicator._peer_check), free after.
     ``framing``: the communicator's (comm/frame.py), for a framed exchange on CPU."""
     key = (what,) + tuple((k, repr(v)) for k, v in fields.items())
     if key in verified:
@@ -87,7 +87,17 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
     assert len(fields) <= MAX_FIELDS, len(fields)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     words = [hash63((what, tuple(fields)))] + [hash63(v) for v in fields.values()]
-    table = _gather(words, group, device, framing)
+    try:
+        table = _gather(words, group, device, framing)
+    except ConfigMismatchError as e:
+        if not e.elsewhere:
+            raise
+        # peers in a call, not a check: they made theirs before, and name the fields new
+        # to them; this rank names the configuration it checks
+        error = ConfigMismatchError(f"{e}\nThis rank was making the first-use check of {what} "
+                                    "with " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+        error.elsewhere = e.elsewhere
+        raise error from None
     kind = table[:, 0]
     rejected = [q for q in range(world) if kind[q] == REJECTED]
     if rejected:

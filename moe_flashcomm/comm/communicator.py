@@ -94,7 +94,7 @@ class Communicator:
         PROCESS.forget_lines(_live_groups())
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
-        self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._forget_check)
+        self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._peer_check)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: dict = {}     # consistency keys all ranks agreed on -> their words
         self._routes: dict = {}       # (codecs, device type) -> Route
@@ -186,19 +186,37 @@ class Communicator:
                   self.all_reduce_plans, self.hierarchy_state):
             d.clear()
 
-    def _forget_check(self, words: tuple) -> bool:
-        """A peer makes the first-use check ``words`` (comm/check.py) that this rank made
-        with it before: it missed it (it came to it late, or made it through another
-        communicator of the group). Forget that check, and the plans that skip it, so that
-        both check again at their next call instead of disagreeing at every call. Whether
-        this rank had made it."""
+    def _peer_check(self, words: tuple) -> Optional[str]:
+        """A peer makes the first-use check ``words`` (comm/check.py) while this rank, which
+        made its own before, exchanges: what to say of it. Where this rank made that very
+        check with it: the peer missed it (it came to it late, or made it through another
+        communicator of the group); forget it, and the plans that skip it, so that both
+        check again at their next call instead of disagreeing at every call. Else, among the
+        checks of that kind this rank made, the fields whose value is new to it."""
         made = [key for key, sent in self._verified.items() if sent == words]
         for key in made:
             del self._verified[key]
         if made:  # (the plans are made again without a collective, but for the checks)
             for plans in (self._plans, self._setups, self.all_reduce_plans):
                 plans.clear()
-        return bool(made)
+            return ("it makes the first-use check of a configuration this rank checked with it "
+                    "before, so it missed that check (it came to it late, or made it through "
+                    "another communicator): this rank forgets it, and both check it again at "
+                    "their next call")
+        kind = [key for key, sent in self._verified.items() if sent[0] == words[0]]
+        if not kind:
+            return None
+        new = [(i, name) for i, (name, _) in enumerate(kind[0][1:], start=1)
+               if all(self._verified[key][i] != words[i] for key in kind)]
+        if not new:
+            return ("it makes the first-use check of a configuration new to it, though each "
+                    "of its fields has a value this rank has used")
+
+        def used(i: int) -> str:  # (the values this rank checked, a few)
+            values = sorted({key[i][1] for key in kind})
+            return ", ".join(values[:4]) + (", ..." if len(values) > 4 else "")
+        return "it makes the first-use check of a configuration new to it: " + "; ".join(
+            f"its {name} is none this rank has used ({used(i)})" for i, name in new)
 
     def __enter__(self) -> "Communicator":
         return self

@@ -224,10 +224,10 @@ class Framing:
     how long to wait for silent peers."""
 
     def __init__(self, timeout_s: float, lines: Optional[weakref.WeakKeyDictionary] = None,
-                 on_peer_check: Optional[Callable[[tuple], bool]] = None) -> None:
+                 on_peer_check: Optional[Callable[[tuple], Optional[str]]] = None) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         # the communicator's: a peer makes a first-use check (its words) while this rank
-        # exchanges; True where this rank had made that check and now forgets it
+        # exchanges; what to say of it, if anything (it may forget a check it made)
         self.on_peer_check = on_peer_check
         # process group -> its GroupLine, shared by the process's communicators (``lines``);
         # weakly: a group destroyed and dropped by its user takes its line (and sockets) along
@@ -708,12 +708,12 @@ class Frame:
         return h[0] == MAGIC and (h[1] != OPERATIONS.index(self.operation) + 1
                                   or bool(h[10] & REJECTED))
 
-    def _forgets_check(self, p: int, h: list) -> bool:
-        """Whether group rank p, whose header ``h`` is a first-use check's, checks what this
-        rank had checked with it before (the communicator then forgets that check)."""
+    def _peer_check(self, p: int, h: list) -> Optional[str]:
+        """What the communicator says of the first-use check that group rank p makes (its
+        header ``h``) while this rank exchanges (``Framing.on_peer_check``)."""
         n, hook = h[8], self.framing.on_peer_check
         if hook is None or h[10] or n % 8 or not 0 < n <= FRAME_BYTES - HEADER_BYTES:
-            return False
+            return None
         a = self.recv_at[p] + HEADER_BYTES
         return hook(tuple(self.recv[a:a + n].view(torch.int64).tolist()))
 
@@ -729,12 +729,9 @@ class Frame:
             return [f"it rejected its {op} (its own error says why: its arguments, or its "
                     "communicator was closed)"]
         if op != self.operation:
-            if op == "consistency check" and self._forgets_check(p, h):
-                return ["it makes the first-use check of a configuration this rank checked with "
-                        "it before, so it missed that check (it came to it late, or made it "
-                        "through another communicator): this rank forgets it, and both check "
-                        "it again at their next call"]
-            return [f"it runs {op} while this rank runs {self.operation}"]
+            said = f"it runs {op} while this rank runs {self.operation}"
+            note = self._peer_check(p, h) if op == "consistency check" else None
+            return [said if note is None else f"{said}: {note}"]
         if h[10] & GAVE_UP:
             return [f"it stopped waiting for a silent rank earlier in this call (exchange "
                     f"#{h[2]}) and ended it: a rank (this one, or one whose error names it) "
