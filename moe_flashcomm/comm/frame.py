@@ -162,11 +162,11 @@ class GroupLine:
     whatever order their callers wait in (else two ranks waiting for different frames, of
     one communicator or of two, each wait for the other's rest). And the ``late`` frames
     of the calls on this group (their steps on stage groups too): their first round timed
-    out with payloads past one frame; a peer that comes late completes that round with our
-    frame and then waits for our second round. A thread serves it as soon as the peer has
-    come, whenever this rank's next call comes (``serve_late``); the group's next call
-    serves it too while it waits, and alone those that ask for more than point-to-point
-    messages (``Frame.thread_may_serve``, ``Frame._wait_first_round``)."""
+    out; a peer that comes late completes that round with our frame and, where its payloads
+    or ours are past one frame, then waits for our second round. A thread serves it as soon
+    as the peer has come, whenever this rank's next call comes (``serve_late``); the group's
+    next call serves late frames too while it waits, and alone those whose completion
+    changes this rank's state (``Frame.thread_may_serve``, ``Frame._wait_first_round``)."""
 
     LATE_KEPT = 8  # late frames kept per group (a peer that never comes adds one per call)
 
@@ -494,9 +494,9 @@ class Frame:
 
     def _wait_first_round(self) -> None:
         """Wait for the first round, completing meanwhile the late frames whose peers came
-        (the serving thread's too, whichever takes one first; those it leaves may post
-        again, a collective, which only the caller's thread may post). Polls only while the
-        group has late frames; the wait keeps its one timeout."""
+        (as the serving thread does, whichever takes one first, and those it leaves: they
+        change this rank's state). Polls only while the group has late frames; the wait
+        keeps its one timeout."""
         line, timeout = self.call_line, None
         if line.late:
             deadline = time.monotonic() + self.timeout.total_seconds()
