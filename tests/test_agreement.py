@@ -179,12 +179,14 @@ def test_a_rejected_call_that_stopped_waiting_meets_a_late_long_payload_gloo_2()
     spawn(_rejected_before_a_late_long_call, 2, timeout=120)
 
 
-def _late_long_payload(rank, world):
+def _late_long_payload(rank, world, away):
     """Rank 1 comes to a call with payloads past one frame after rank 0's timeout. Rank 0
     raises PeerTimeoutError; rank 1's late call completes with rank 0's frame, which stayed
-    posted, and its second round, which rank 0's next call serves first; both ranks' next
-    calls pair up, long ones too. (Nothing served rank 1's second round: both ranks waited
-    out the timeout there and gloo closed the connection for good.)"""
+    posted, and its second round, which rank 0 serves; both ranks' next calls pair up, long
+    ones too. (Nothing served rank 1's second round: both ranks waited out the timeout there
+    and gloo closed the connection for good.) ``away``: rank 0 makes no call for longer than
+    a timeout after rank 1 came, and the thread of its group's late frames serves rank 1
+    (before, only rank 0's next call did)."""
     comm = mf.Communicator(gate=False, codec="native", timeout=3)
     rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
     x = make_input(rank, 2 * rows, (512,), torch.float32, 11)
@@ -195,44 +197,26 @@ def _late_long_payload(rank, world):
         with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 3 s"):
             comm.all_to_all(x)
         assert time.monotonic() - start < LIMIT_S
+        if away:
+            time.sleep(7)  # (rank 1 comes 1.5 s after the timeout, and waits for our rest)
     else:
-        time.sleep(5)
-        assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame
+        time.sleep(4.5)
+        start = time.monotonic()
+        assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame, and its rest
+        assert time.monotonic() - start < 2
+        if away:
+            time.sleep(5.5)
     assert torch.equal(comm.all_to_all(small), want_small)
     assert torch.equal(comm.all_to_all(x), want)
     comm.close()
 
 
 def test_a_late_rank_with_a_long_payload_gloo_2():
-    spawn(_late_long_payload, 2, timeout=120)
-
-
-def _late_long_payload_while_away(rank, world):
-    """As above, but rank 0 makes no call for longer than a timeout after rank 1 came: the
-    thread of its group's late frames serves rank 1's second round. (Nothing did: rank 1
-    raised PeerTimeoutError there, and gloo closed the connection for good.)"""
-    comm = mf.Communicator(gate=False, codec="native", timeout=2)
-    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
-    x = make_input(rank, 2 * rows, (512,), torch.float32, 15)
-    small = make_input(rank, 4, (8,), torch.float32, 16)
-    want, want_small = comm.all_to_all(x), comm.all_to_all(small)
-    if rank == 0:
-        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 2 s"):
-            comm.all_to_all(x)
-        time.sleep(6)  # (rank 1 comes 1.5 s after the timeout, and waits for our rest)
-    else:
-        time.sleep(3.5)
-        start = time.monotonic()
-        assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame, and its rest
-        assert time.monotonic() - start < 1.5
-        time.sleep(4.5)
-    assert torch.equal(comm.all_to_all(small), want_small)
-    assert torch.equal(comm.all_to_all(x), want)
-    comm.close()
+    spawn(_late_long_payload, 2, False, timeout=120)
 
 
 def test_a_late_rank_is_served_while_the_others_make_no_call_gloo_2():
-    spawn(_late_long_payload_while_away, 2, timeout=120)
+    spawn(_late_long_payload, 2, True, timeout=120)
 
 
 def _silent_peer_long_payloads(rank, world):
