@@ -554,6 +554,33 @@ def test_late_ranks_leave_the_calls_paired_gloo_3():
     spawn(_late_calls_stay_paired, 3, timeout=180)
 
 
+def _too_many_stale_frames(rank, world):
+    """More "gave up" frames of earlier calls in a row than a frame posts again past
+    (frame.STALE_KEPT; left here by hand, as no real sequence of calls was found to leave
+    so many): the error says what was met, not only that the peer ran another operation."""
+    comm = mf.Communicator(gate=False, timeout=2)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 120)
+    comm.all_to_all(x, codec="native")
+    line = comm.framing.line(torch.distributed.group.WORLD)
+    if rank == 0:
+        empty = torch.empty(0)
+        for _ in range(frame.STALE_KEPT + 1):
+            frame.all_to_all_single(comm.framing, None, 0, world, "all_reduce all-gather",
+                                    empty, empty, [0] * world, [0] * world, aborted=True,
+                                    wait=False, number=line.count, counter=None)
+        _raises(lambda: comm.all_to_all(x, codec="native"), PeerTimeoutError)
+    else:
+        _raises(lambda: comm.all_to_all(x, codec="native"), ConfigMismatchError,
+                f"rank 0: it left this frame (exchange #{line.count}, its all_reduce "
+                "all-gather) for a rank that came late", "more than 8 in a row")
+        time.sleep(3)  # (until rank 0's timeout)
+    os._exit(0)  # (the group is out of step for good: leave without tearing it down)
+
+
+def test_too_many_stale_frames_are_named_gloo_2():
+    spawn(_too_many_stale_frames, 2, timeout=60)
+
+
 def _late_and_disagreeing(rank, world):
     """A rank late for a call whose arguments also disagree with the others':
     - a native all-reduce within one frame, the late rank's numel 8 smaller: it ended the

@@ -728,6 +728,11 @@ class Frame:
         if h[10] & REJECTED:
             return [f"it rejected its {op} (its own error says why: its arguments, or its "
                     "communicator was closed)"]
+        if h[10] & GAVE_UP and (h[2] < self.number or not self.number):
+            return [f"it left this frame (exchange #{h[2]}, its {op}) for a rank that came late "
+                    "to that earlier call, and this rank's frame met it in place of that "
+                    "rank's frame of this call (a frame started asynchronously meets such "
+                    f"frames only at its wait; more than {STALE_KEPT} in a row are not passed)"]
         if op != self.operation:
             said = f"it runs {op} while this rank runs {self.operation}"
             note = self._peer_check(p, h) if op == "consistency check" else None
