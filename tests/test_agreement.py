@@ -219,6 +219,32 @@ def test_a_late_rank_is_served_while_the_others_make_no_call_gloo_2():
     spawn(_late_long_payload, 2, True, timeout=120)
 
 
+def _late_for_many_calls(rank, world):
+    """Rank 1 misses nine calls with payloads past one frame in a row, then makes them: each
+    completes with a frame rank 0 left (gloo keeps every one posted), whose rest rank 0's
+    late-frame thread sends. Before, only the last 8 late frames were kept: rank 1 waited
+    for the rest of the first one, and gloo closed the connection for good."""
+    comm = mf.Communicator(gate=False, codec="native", timeout=1)
+    rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
+    xs = [make_input(rank, 2 * rows, (512,), torch.float32, 130 + i) for i in range(10)]
+    want = [comm.all_to_all(x) for x in xs]
+    start = time.monotonic()
+    for x, expected in zip(xs[:9], want):
+        if rank == 0:
+            with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\]"):
+                comm.all_to_all(x)
+        else:
+            time.sleep(max(0.0, 10.5 - (time.monotonic() - start)))
+            assert torch.equal(comm.all_to_all(x), expected)
+    time.sleep(max(0.0, 14 - (time.monotonic() - start)))
+    assert torch.equal(comm.all_to_all(xs[9]), want[9])
+    comm.close()
+
+
+def test_a_rank_late_for_many_long_calls_catches_up_gloo_2():
+    spawn(_late_for_many_calls, 2, timeout=120)
+
+
 def _silent_peer_long_payloads(rank, world):
     """A peer that does not come to calls with payloads past one frame costs each call one
     timeout, as for short ones, also a call after an unfinished asynchronous one (waiting

@@ -61,7 +61,9 @@ GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlie
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 ROUND_TWO_TAGS = 0x4D46 << 16  # ("MF") the base of the second round's tags: round_two_tag
 STALE_KEPT = 8  # "gave up" frames of earlier calls a frame posts again past (_met_stale)
-SERVE_POLL_S = 2e-3  # how often a group's late-frame thread looks for late peers that came
+# a group's late-frame thread looks for late peers that came after these pauses, doubled
+# from the first to the last while none comes (a peer may stay away until the group's timeout)
+SERVE_POLL_S = (1e-3, 20e-3)
 
 
 class PeerError(RuntimeError):
@@ -168,8 +170,6 @@ class GroupLine:
     next call serves late frames too while it waits, and alone those whose completion
     changes this rank's state (``Frame.thread_may_serve``, ``Frame._wait_first_round``)."""
 
-    LATE_KEPT = 8  # late frames kept per group (a peer that never comes adds one per call)
-
     def __init__(self) -> None:
         self.count = 0
         self.unfinished: list = []
@@ -182,10 +182,11 @@ class GroupLine:
         return self.count
 
     def add_late(self, frame: "Frame") -> None:
-        """Keep ``frame`` for its late peers; serve them from a thread while any is kept."""
+        """Keep ``frame`` for its late peers (until they come, or gloo fails its exchange:
+        every one a peer may still complete must be served, and gloo holds its buffers
+        meanwhile anyway); serve them from a thread while any is kept."""
         with self.lock:
             self.late.append(frame)
-            del self.late[:-self.LATE_KEPT]
             if self._server is None:
                 self._server = threading.Thread(target=self._serve_late, daemon=True,
                                                 name="moe_flashcomm late frames")
@@ -209,14 +210,17 @@ class GroupLine:
         """The thread: the second round of each late frame whose peers came, until none is
         left to it. Only point to point, which gloo matches by tag: a collective posted here
         could pair, on another rank, with one its caller posted in the meantime."""
+        pause = SERVE_POLL_S[0]
         while True:
-            for frame in self.take_arrived(by_thread=True):
+            came = self.take_arrived(by_thread=True)
+            for frame in came:
                 frame.serve_late()
             with self.lock:
                 if all(f.caller_serves for f in self.late):
                     self._server = None
                     return
-            time.sleep(SERVE_POLL_S)
+            pause = SERVE_POLL_S[0] if came else min(2 * pause, SERVE_POLL_S[1])
+            time.sleep(pause)
 
 
 class Framing:
