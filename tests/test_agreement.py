@@ -4,6 +4,7 @@ a header). Real gloo process groups; each test is killed if it runs past its lim
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 
@@ -605,6 +606,45 @@ def _too_many_stale_frames(rank, world):
 
 def test_too_many_stale_frames_are_named_gloo_2():
     spawn(_too_many_stale_frames, 2, timeout=60)
+
+
+def _failed_calls_free_their_frames(rank, world):
+    """A failed call's frames (and their buffers, MiB per peer) go with the error, with the
+    garbage collector off: nothing closes a cycle through them. (The frame kept the error
+    it raised, whose traceback holds the frame: a loop of calls failing on a lost peer grew
+    by one frame's buffers per call until the collector ran.)"""
+    def frames_alive() -> int:
+        return sum(isinstance(o, frame.Frame) for o in gc.get_objects())
+
+    def fails(call, kind) -> None:  # (pytest.raises keeps the error in a cycle of its own)
+        try:
+            call()
+        except kind:
+            return
+        raise AssertionError(f"no {kind.__name__}")
+    comm = mf.Communicator(gate=False, timeout=2)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 140)
+    for codec in (4, 8):  # (used by both: only the headers see the disagreement below)
+        comm.all_to_all(x, codec=codec)
+    gc.collect()
+    gc.disable()
+    try:
+        assert frames_alive() == 0
+        fails(lambda: comm.all_to_all(x, codec=8 if rank else 4), ConfigMismatchError)
+        assert frames_alive() == 0, "a disagreement"
+        if rank == 1:
+            os._exit(0)  # (lost: rank 0's calls fail at once)
+        time.sleep(0.5)
+        for _ in range(3):
+            fails(lambda: comm.all_to_all(x, codec=4), frame.PeerError)
+        assert frames_alive() == 0, "a lost peer"
+    finally:
+        gc.enable()
+    os._exit(0)  # (the group is lost: leave without tearing it down)
+
+
+def test_failed_calls_free_their_frames_gloo_2():
+    spawn(_failed_calls_free_their_frames, 2, timeout=60)
 
 
 def _late_and_disagreeing(rank, world):

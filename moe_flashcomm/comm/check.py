@@ -73,6 +73,17 @@ def reject_check(group: Optional[dist.ProcessGroup], device: torch.device, frami
         pass
 
 
+def _checking(error: ConfigMismatchError, what: str, fields: Mapping[str, Any]
+              ) -> ConfigMismatchError:
+    """``error`` (peers in another call met at a first-use check), naming the configuration
+    this rank checks. (Made here: a local naming it in the frame that raises it would close
+    a cycle holding the frames below and their buffers until the garbage collector runs.)"""
+    named = ConfigMismatchError(f"{error}\nThis rank was making the first-use check of {what} "
+                                "with " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+    named.elsewhere = error.elsewhere
+    return named
+
+
 def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGroup],
                      device: torch.device, verified: dict,
                      what: str = "moe_flashcomm.all_to_all", framing=None) -> None:
@@ -94,10 +105,7 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
             raise
         # peers in a call, not a check: they made theirs before, and name the fields new
         # to them; this rank names the configuration it checks
-        error = ConfigMismatchError(f"{e}\nThis rank was making the first-use check of {what} "
-                                    "with " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
-        error.elsewhere = e.elsewhere
-        raise error from None
+        raise _checking(e, what, fields) from None
     kind = table[:, 0]
     rejected = [q for q in range(world) if kind[q] == REJECTED]
     if rejected:

@@ -106,6 +106,17 @@ def item_legs(splits: list, unit: int, rank: int) -> list:
     return [None if p == rank else Leg(n, n * unit) for p, n in enumerate(splits)]
 
 
+def _copied(error: BaseException) -> BaseException:
+    """A new ``error`` of the same kind, message and attributes (``elsewhere``), with no
+    traceback."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:  # noqa: BLE001 - a kind made with other arguments
+        copy = RuntimeError(str(error))
+    copy.__dict__.update(error.__dict__)
+    return copy
+
+
 def wire_code(wire) -> int:
     """A codec (or RAW / None) as one header word, readable back by ``wire_text``."""
     if not isinstance(wire, CodecConfig):
@@ -465,10 +476,20 @@ class Frame:
         before this one on its group complete first (``GroupLine.unfinished``)."""
         while self._outcome is None:
             self.line.unfinished[0]._settle()
-        got, error = self._outcome
-        if error is not None:
-            raise error
-        return got
+        if self._outcome[1] is not None:
+            raise self._hand_out_error()
+        return self._outcome[0]
+
+    def _hand_out_error(self) -> BaseException:
+        """This frame's error, to raise, leaving a copy without traceback for a later wait.
+        An error raised holds, through its traceback, the frames it passed and their
+        locals (this frame, its callers'); kept here, or in a local of a frame it passed,
+        it would close a cycle that holds this frame's buffers (MiB per peer) until the
+        garbage collector runs, which counts objects, not bytes: a loop of calls failing
+        on a lost peer grew by one frame's buffers per call (helper 51)."""
+        error = self._outcome[1]
+        self._outcome = (None, _copied(error))
+        return error
 
     def _settle(self) -> None:
         """Complete this frame (its group's oldest unfinished one) and keep what its wait
@@ -554,23 +575,27 @@ class Frame:
             self.call_line.count = max(seen + [self.call_line.count])
         if problems or not self.layout.one_round:
             self._round_two(got)
-        if problems:
-            lines = [f"rank {self._name(p)}: {m}" for p, msgs in problems.items() for m in msgs]
-            error = ConfigMismatchError(
-                f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
-                f"{self._where()} (seen by {self._me()}):\n  "
-                + "\n  ".join(lines)
-                + "\nEvery rank must make the same moe_flashcomm calls in the same order, with "
-                  "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
-                  "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
-                  "(output_split_sizes[a] on b).")
-            error.elsewhere = self._ranks_elsewhere(got)
-            raise error
+        if problems:  # (made by a call: a local naming it would close a cycle)
+            raise self._mismatch(got, problems)
         out: list = [None] * self.world
         for p in self.peers:
             a = self.recv_at[p] + HEADER_BYTES
             out[p] = self.recv[a:a + self.recvs[p].nbytes]
         return out
+
+    def _mismatch(self, got: np.ndarray, problems: dict) -> ConfigMismatchError:
+        """The error for the disagreements ``problems`` seen in the headers ``got``."""
+        lines = [f"rank {self._name(p)}: {m}" for p, msgs in problems.items() for m in msgs]
+        error = ConfigMismatchError(
+            f"moe_flashcomm.{self.operation}: ranks of the group disagree at "
+            f"{self._where()} (seen by {self._me()}):\n  "
+            + "\n  ".join(lines)
+            + "\nEvery rank must make the same moe_flashcomm calls in the same order, with "
+              "the same codecs, dtype, hidden size and sizes: the rows rank a sends to "
+              "rank b (input_split_sizes[b] on a) must be the rows b expects from a "
+              "(output_split_sizes[a] on b).")
+        error.elsewhere = self._ranks_elsewhere(got)
+        return error
 
     def _round_two(self, got: np.ndarray) -> None:
         """The rest of payloads longer than a frame, point to point, sized from the headers
@@ -654,14 +679,14 @@ class Frame:
         try:
             work.wait(timeout=self.timeout if timeout is None else timeout)
         except RuntimeError as e:
-            error = self._lost(e, what, peers)
-            raise error from (None if isinstance(error, PeerTimeoutError) else e)
+            raise self._lost(e, what, peers)  # (a local naming it would close a cycle)
 
     def _lost(self, e: RuntimeError, what: str, peers: Optional[list]) -> PeerError:
         """The error for gloo's ``e``: a PeerTimeoutError after a timeout, else a PeerError (a
-        connection failed), naming ``peers`` (or the silent ones). A timeout's ``elsewhere``
-        holds the peers whose header came and says they are in another call (a rejected
-        one): a call's later steps must not wait for them, as after a ConfigMismatchError."""
+        connection failed, ``e`` its cause), naming ``peers`` (or the silent ones). A
+        timeout's ``elsewhere`` holds the peers whose header came and says they are in
+        another call (a rejected one): a call's later steps must not wait for them, as after
+        a ConfigMismatchError."""
         got = self._recv_words[self.layout.header_index]
         silent = ([p for p, magic in zip(self.peers, got[:, 0]) if magic != MAGIC]
                   if peers is None else peers)
@@ -669,7 +694,9 @@ class Frame:
         where = (f"moe_flashcomm.{self.operation}: {self._me()}, at {self._where()}{what}: "
                  f"nothing came from ranks {named}")
         if "timed out" not in str(e).lower():
-            return PeerError(f"{where}; the connection failed ({e})")
+            error = PeerError(f"{where}; the connection failed ({e})")
+            error.__cause__ = e  # (as ``raise ... from e``)
+            return error
         why = ("They did not make this call, or made another collective; every rank must make "
                "the same calls in the same order." if not what else  # (else the second round)
                "Their headers came in this call: they stopped waiting for it (their own "
@@ -678,6 +705,7 @@ class Frame:
             f"{where} within {self.timeout.total_seconds():g} s. {why} "
             "(Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")
         error.elsewhere = self._ranks_elsewhere(got)
+        error.__suppress_context__ = True  # (as ``raise ... from None``: gloo's text adds nothing)
         return error
 
     def _group_rank(self, p: int) -> int:
