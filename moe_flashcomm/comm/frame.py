@@ -575,7 +575,7 @@ class Frame:
             self.call_line.count = max(seen + [self.call_line.count])
         if problems or not self.layout.one_round:
             self._round_two(got)
-        if problems:  # (made by a call: a local naming it would close a cycle)
+        if problems:  # (raised as made: held in a local here, it would close a cycle)
             raise self._mismatch(got, problems)
         out: list = [None] * self.world
         for p in self.peers:
@@ -679,7 +679,7 @@ class Frame:
         try:
             work.wait(timeout=self.timeout if timeout is None else timeout)
         except RuntimeError as e:
-            raise self._lost(e, what, peers)  # (a local naming it would close a cycle)
+            raise self._lost(e, what, peers)  # (as made: see _hand_out_error)
 
     def _lost(self, e: RuntimeError, what: str, peers: Optional[list]) -> PeerError:
         """The error for gloo's ``e``: a PeerTimeoutError after a timeout, else a PeerError (a
