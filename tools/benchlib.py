@@ -76,7 +76,9 @@ def ratio_axes(ax, title: str, xlabel: str, ylabel, floor: float, log_y: bool = 
 
 
 def save_figure(fig, png, title: str) -> None:
+    """Title, save and close ``fig`` (pyplot keeps every figure open until it is closed)."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    pyplot().close(fig)
     print(f"plot: {png}")
