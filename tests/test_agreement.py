@@ -3,6 +3,7 @@ seconds, and the group works afterwards (comm/frame.py: every exchange over gloo
 a header). Real gloo process groups; each test is killed if it runs past its limit."""
 from __future__ import annotations
 
+import datetime
 import functools
 import gc
 import os
@@ -224,20 +225,25 @@ def _late_for_many_calls(rank, world):
     """Rank 1 misses nine calls with payloads past one frame in a row, then makes them: each
     completes with a frame rank 0 left (gloo keeps every one posted), whose rest rank 0's
     late-frame thread sends. Before, only the last 8 late frames were kept: rank 1 waited
-    for the rest of the first one, and gloo closed the connection for good."""
+    for the rest of the first one, and gloo closed the connection for good. (The ranks
+    pace each other through the group's store, not the clock: a loaded machine's clock
+    made the test fail.)"""
+    store = torch.distributed.distributed_c10d._get_default_store()
     comm = mf.Communicator(gate=False, codec="native", timeout=1)
     rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
     xs = [make_input(rank, 2 * rows, (512,), torch.float32, 130 + i) for i in range(10)]
     want = [comm.all_to_all(x) for x in xs]
-    start = time.monotonic()
-    for x, expected in zip(xs[:9], want):
-        if rank == 0:
+    if rank == 0:
+        for x in xs[:9]:
             with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\]"):
                 comm.all_to_all(x)
-        else:
-            time.sleep(max(0.0, 12.5 - (time.monotonic() - start)))  # (9 s, and a margin)
+        store.set("missed", "9")
+        store.wait(["caught up"], datetime.timedelta(seconds=60))
+    else:
+        store.wait(["missed"], datetime.timedelta(seconds=60))
+        for x, expected in zip(xs[:9], want):
             assert torch.equal(comm.all_to_all(x), expected)
-    time.sleep(max(0.0, 16 - (time.monotonic() - start)))
+        store.set("caught up", "9")
     assert torch.equal(comm.all_to_all(xs[9]), want[9])
     comm.close()
 
