@@ -229,9 +229,10 @@ def _late_for_many_calls(rank, world):
     pace each other through the group's store, not the clock: a loaded machine's clock
     made the test fail.)"""
     store = torch.distributed.distributed_c10d._get_default_store()
-    comm = mf.Communicator(gate=False, codec="native", timeout=1)
     rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
     xs = [make_input(rank, 2 * rows, (512,), torch.float32, 130 + i) for i in range(10)]
+    torch.distributed.barrier()  # (the inputs take a while: the first call must not time out)
+    comm = mf.Communicator(gate=False, codec="native", timeout=2)
     want = [comm.all_to_all(x) for x in xs]
     if rank == 0:
         for x in xs[:9]:
