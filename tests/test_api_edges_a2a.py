@@ -6,6 +6,7 @@ Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -15,7 +16,7 @@ import moe_flashcomm as mf
 from moe_flashcomm.comm import ConfigMismatchError
 from moe_flashcomm.comm.frame import FRAME_BYTES
 from tests.a2a_cases import expected, make_input
-from tests.distributed import spawn
+from tests.distributed import free_port, spawn
 from tests.test_agreement import _raises  # (within LIMIT_S, naming what it must)
 
 
@@ -237,12 +238,14 @@ def test_a_call_that_fails_on_one_rank_for_any_reason_raises_on_every_rank_gloo_
     spawn(_closed_on_one_rank, 2, timeout=120, env={"MOE_FLASHCOMM_TIMEOUT_S": 30})
 
 
-def _destroyed_group(rank, world):
+def _destroyed_group(rank, world, port):
     """Communicators of a group that was destroyed. A subgroup made and destroyed again and
     again (elastic regrouping, a phase's expert group) is freed with its sockets once its user
     drops it: the library's per-group exchange count held every one of them for good. And a
-    communicator of a destroyed default group names that at its next new call, on every rank
-    (it said "'NoneType' object has no attribute 'alltoall_base'")."""
+    communicator of a destroyed default group names that at its next call, on every rank: a
+    new call said "'NoneType' object has no attribute 'alltoall_base'", and a call with a
+    cached plan, after a new init_process_group, ran on the old group's sockets (a KeyError on
+    one rank and a timeout on the other in a run with a late peer)."""
     import gc
     from moe_flashcomm.comm.communicator import PROCESS
     x = make_input(rank, 4, (8,), torch.float32, 3)
@@ -250,6 +253,8 @@ def _destroyed_group(rank, world):
                       for p in range(world)])
     comm = mf.Communicator(gate=False, codec="native")
     assert torch.equal(comm.all_to_all(x), want)
+    y = torch.ones(100)
+    comm.all_reduce(y)
     for _ in range(3):
         g = dist.new_group([0, 1])
         with mf.Communicator(g, gate=False, codec="native") as sub:
@@ -260,10 +265,14 @@ def _destroyed_group(rank, world):
         gc.collect()
     assert list(PROCESS.group_lines.keys()) == [dist.group.WORLD]
     dist.destroy_process_group()
-    _raises(lambda: comm.all_to_all(x[:2]), mf.comm.CommunicatorClosedError,
-            "the process group of this moe_flashcomm.Communicator was destroyed")
-    os._exit(0)  # (the harness would destroy the default group again)
+    gone = "the process group of this moe_flashcomm.Communicator was destroyed"
+    _raises(lambda: comm.all_to_all(x[:2]), mf.comm.CommunicatorClosedError, gone)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    for call in (lambda: comm.all_to_all(x), lambda: comm.all_reduce(y)):  # (planned calls)
+        _raises(call, mf.comm.CommunicatorClosedError, gone)
+    assert torch.equal(mf.Communicator(gate=False, codec="native").all_to_all(x), want)
 
 
 def test_communicators_of_destroyed_groups_gloo_2():
-    spawn(_destroyed_group, 2, timeout=120)
+    spawn(_destroyed_group, 2, free_port(), timeout=120)

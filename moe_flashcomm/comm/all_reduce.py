@@ -394,7 +394,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         plan = plans.get(key)
     except Exception:  # an unhashable argument (a dict), x no tensor: _plan says what is wrong
         key, plan = None, None
-    if plan is None:
+    if plan is None or not comm.group_is_live():  # (destroyed: _check_open says so)
         try:
             comm._check_open()
             plan = _plan(comm, x, codec, op, algorithm, chunks)

@@ -229,10 +229,19 @@ class Communicator:
         if self.closed:
             raise CommunicatorClosedError(f"this moe_flashcomm.Communicator was closed{when}; "
                                           "make a new one for the group")
-        if self.pg not in _live_groups():
+        if not self.group_is_live():
             raise CommunicatorClosedError(
                 "the process group of this moe_flashcomm.Communicator was destroyed "
                 "(torch.distributed.destroy_process_group); make a new one for a live group")
+
+    def group_is_live(self) -> bool:
+        """Whether torch.distributed still knows this communicator's group: a cached plan of a
+        destroyed group would run on its old sockets on one rank and fail on another. A dict
+        lookup (0.1 µs), made by every call."""
+        try:
+            return self.pg in dist.distributed_c10d._world.pg_map
+        except AttributeError:  # (a torch without it)
+            return self.pg in _live_groups()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"codec={self.codec}"
@@ -312,7 +321,7 @@ class Communicator:
             call = self._plans.get(key)
         except Exception:  # unhashable arguments, x no tensor: _prepare says what is wrong
             key = call = None
-        if call is None:
+        if call is None or not self.group_is_live():  # (destroyed: _check_open says so)
             try:
                 self._check_open()
                 call = self._prepare(x, output_split_sizes, input_split_sizes, codec,
@@ -341,7 +350,7 @@ class Communicator:
         that the peers raise now instead of waiting for the timeout, or pairing this call
         with our next one."""
         if ("gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda)
-                and self.pg in _live_groups()):  # (a destroyed group carries nothing)
+                and self.group_is_live()):  # (a destroyed group carries nothing)
             frame.reject(self.framing, self.pg, self.rank, self.world, operation)
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
