@@ -7,7 +7,6 @@ Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
