@@ -255,14 +255,18 @@ def test_a_rank_late_for_many_long_calls_catches_up_gloo_2():
 
 def _silent_peer_long_payloads(rank, world):
     """A peer that does not come to calls with payloads past one frame costs each call one
-    timeout, as for short ones, also a call after an unfinished asynchronous one (waiting
-    once more for a frame left for the late peer cost two and three)."""
+    timeout, as for short ones (waiting once more for a frame left for the late peer cost
+    two), also a call after an unfinished asynchronous one (the two frames share the call's
+    one timeout: it cost two, and three before), and an all-reduce (its last call's "gave
+    up" step, then its own, cost two)."""
     comm = mf.Communicator(gate=False, codec="native", timeout=3)
     rows = FRAME_BYTES // (512 * 4) + 100  # fp32 rows of 512: past 4 MiB per peer
     x = make_input(rank, 2 * rows, (512,), torch.float32, 14)
+    y = make_input(rank, 1000, (), torch.float32, 15)
     comm.all_to_all(x)
+    comm.all_reduce(y.clone(), codec=4)
     if rank == 1:
-        time.sleep(16)
+        time.sleep(25)
         os._exit(0)  # (the group is left to its timeouts)
     for _ in range(2):
         start = time.monotonic()
@@ -272,10 +276,15 @@ def _silent_peer_long_payloads(rank, world):
     handle = comm.all_to_all(x, async_op=True)
     start = time.monotonic()
     with pytest.raises(PeerTimeoutError):
-        comm.all_to_all(x)  # the unfinished one first: two timeouts
-    assert time.monotonic() - start < 7.5
+        comm.all_to_all(x)  # the unfinished one first
+    assert time.monotonic() - start < 4.5
     with pytest.raises(PeerTimeoutError):
         handle.wait()
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 3 s"):
+            comm.all_reduce(y.clone(), codec=4)
+        assert time.monotonic() - start < 4.5
     os._exit(0)
 
 
@@ -428,7 +437,8 @@ def _late_rank(rank, world):
     PeerTimeoutError) completes the first step with the frames they abandoned, and meets at
     its next step the headers-only frames they left for it: it raises in that same call,
     and the next calls pair up. Before, its later steps paired with the others' next call:
-    from then on every rank got a mix of two calls' values, with no error."""
+    from then on every rank got a mix of two calls' values, with no error. (It comes within
+    the others' next call's timeout: a rank silent through that too makes it fail as well.)"""
     comm = mf.Communicator(gate=False, topology=2, timeout=2)
     xs = [make_input(rank, 4 * world, (64,), torch.float32, 20 + i) for i in range(3)]
     ys = [make_input(rank, 3000, (), torch.float32, 30 + i) for i in range(3)]
@@ -445,7 +455,7 @@ def _late_rank(rank, world):
     for name, call in calls.items():
         want = [call(i) for i in range(3)]
         if rank == 3:
-            time.sleep(4)  # past the others' timeout
+            time.sleep(3)  # past the others' timeout, within their next call's
             _raises(lambda: call(0), ConfigMismatchError,
                     "it stopped waiting for a silent rank earlier in this call")
         else:

@@ -7,12 +7,15 @@ Each test is a regression test for a bug found by probing ``moe_flashcomm.all_to
 from __future__ import annotations
 
 import datetime
+import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 import moe_flashcomm as mf
-from moe_flashcomm.comm import ConfigMismatchError
+from moe_flashcomm.comm import ConfigMismatchError, PeerTimeoutError
 from moe_flashcomm.comm.frame import FRAME_BYTES
 from tests.a2a_cases import expected, make_input
 from tests.distributed import free_port, spawn
@@ -240,11 +243,15 @@ def test_a_call_that_fails_on_one_rank_for_any_reason_raises_on_every_rank_gloo_
 def _destroyed_group(rank, world, port):
     """Communicators of a group that was destroyed. A subgroup made and destroyed again and
     again (elastic regrouping, a phase's expert group) is freed with its sockets once its user
-    drops it: the library's per-group exchange count held every one of them for good. And a
-    communicator of a destroyed default group names that at its next call, on every rank: a
-    new call said "'NoneType' object has no attribute 'alltoall_base'", and a call with a
-    cached plan, after a new init_process_group, ran on the old group's sockets (a KeyError on
-    one rank and a timeout on the other in a run with a late peer)."""
+    drops it: the library's per-group exchange count held every one of them for good. And
+    every use of a destroyed group names that, on every rank, whatever this rank cached:
+    - a communicator's new call (it said "'NoneType' object has no attribute
+      'alltoall_base'"), and a call with a cached plan, a backward, and a handle waited for
+      (they ran on the old group's sockets, also after a new init_process_group, and
+      payloads past one frame raised a bare KeyError; with a late peer, a KeyError on one
+      rank and a timeout on the other);
+    - a thin call or a new Communicator on a destroyed subgroup (torch's "not registered",
+      or our error where this rank had a cached communicator)."""
     import gc
     from moe_flashcomm.comm.communicator import PROCESS
     x = make_input(rank, 4, (8,), torch.float32, 3)
@@ -263,15 +270,64 @@ def _destroyed_group(rank, world, port):
         del g, sub
         gc.collect()
     assert list(PROCESS.group_lines.keys()) == [dist.group.WORLD]
+    closed, gone = mf.comm.CommunicatorClosedError, "was destroyed"
+    g = dist.new_group([0, 1])
+    mf.all_to_all(x, group=g, codec="native")  # (a default communicator of g, cached)
+    dist.destroy_process_group(g)
+    for call in (lambda: mf.all_to_all(x, group=g, codec="native"),
+                 lambda: mf.all_to_all(x, group=g, codec="native", gate=False),
+                 lambda: mf.Communicator(g)):
+        _raises(call, closed, gone)
+    big = make_input(rank, 2 * (FRAME_BYTES // (64 * 4) + 8), (64,), torch.float32, 4)
+    grad_out = comm.all_to_all(big.clone().requires_grad_(True))
+    handle = comm.all_to_all(big, async_op=True)  # (past one frame: a second round)
     dist.destroy_process_group()
     gone = "the process group of this moe_flashcomm.Communicator was destroyed"
-    _raises(lambda: comm.all_to_all(x[:2]), mf.comm.CommunicatorClosedError, gone)
+    _raises(lambda: comm.all_to_all(x[:2]), closed, gone)
+    _raises(handle.wait, closed, gone, "before this all_to_all's handle was waited for")
+    _raises(lambda: grad_out.sum().backward(), closed, gone, "before the backward")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     for call in (lambda: comm.all_to_all(x), lambda: comm.all_reduce(y)):  # (planned calls)
-        _raises(call, mf.comm.CommunicatorClosedError, gone)
+        _raises(call, closed, gone)
     assert torch.equal(mf.Communicator(gate=False, codec="native").all_to_all(x), want)
 
 
 def test_communicators_of_destroyed_groups_gloo_2():
     spawn(_destroyed_group, 2, free_port(), timeout=120)
+
+
+def _late_frame_of_a_destroyed_group(rank, world, port, mark):
+    """Rank 0 times out in a call with payloads past one frame and destroys the group before
+    rank 1 comes. Its late frame is dropped and the thread serving it ends: they stayed
+    until gloo failed the exchange at the group's own timeout (30 minutes by default),
+    polling and holding the buffers, and the thread could not serve it anyway (torch
+    refuses a send on a destroyed group: a KeyError it swallowed). Rank 1's late call is
+    told the peer may have destroyed the group; both go on in a new group."""
+    comm = mf.Communicator(gate=False, codec="native", timeout=2)
+    x = make_input(rank, 2 * (FRAME_BYTES // (512 * 4) + 100), (512,), torch.float32, 5)
+    want = comm.all_to_all(x)
+    if rank == 0:
+        _raises(lambda: comm.all_to_all(x), PeerTimeoutError, "nothing came from ranks [1]")
+        assert any(t.name == "moe_flashcomm late frames" for t in threading.enumerate())
+        dist.destroy_process_group()
+        deadline = time.monotonic() + 2
+        while (any(t.name == "moe_flashcomm late frames" for t in threading.enumerate())
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert time.monotonic() < deadline, "the thread still serves a destroyed group"
+        open(mark, "w").close()  # (rank 1 comes only now: it would end the thread)
+    else:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(mark) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _raises(lambda: comm.all_to_all(x), PeerTimeoutError, "(or destroyed the group)")
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    assert torch.equal(mf.Communicator(gate=False, codec="native").all_to_all(x), want)
+
+
+def test_a_late_frame_of_a_destroyed_group_is_dropped_gloo_2(tmp_path):
+    spawn(_late_frame_of_a_destroyed_group, 2, free_port(), str(tmp_path / "mark"),
+          timeout=120)

@@ -7,6 +7,7 @@ CPU only (gloo, 2 ranks), one spawn: the machine running CI has 2 cores.
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -21,7 +22,7 @@ pytest.importorskip("deepspeed")
 import moe_flashcomm as mf  # noqa: E402
 from moe_flashcomm.comm.gate import SizeGate  # noqa: E402
 from moe_flashcomm.integrations import exchange_stats  # noqa: E402
-from tests.distributed import spawn  # noqa: E402
+from tests.distributed import free_port, spawn  # noqa: E402
 from tests.test_deepspeed import (H, PASS, Stack, assert_identical, init_deepspeed,  # noqa: E402
                                   make_moe, mlp, run, tokens)
 
@@ -142,16 +143,40 @@ def check_pipeline_stages_with_other_moe_layers(tag: str) -> None:
         mf.enable_deepspeed(nn.Linear(H, H), PASS)
 
 
-def _world2(rank: int, world: int) -> None:
+def check_a_destroyed_expert_group_is_named(rank: int, world: int, port: int) -> None:
+    """After destroy_process_group, a patched layer's forward and backward raise
+    CommunicatorClosedError (a backward ran on the destroyed group's sockets); after a new
+    init_process_group, enable_deepspeed on a model built before, which holds the old job's
+    expert-parallel groups, names the layer and its ep_group on every rank (torch raised a
+    bare KeyError)."""
+    moe = make_moe(2 * world, world, 1, True, seed=1)
+    mf.enable_deepspeed(moe, PASS)
+    x = tokens((2, 8, H), seed=10 + rank).requires_grad_()
+    out = moe(x)[0]
+    dist.destroy_process_group()
+    gone = "the process group of this moe_flashcomm.Communicator was destroyed"
+    with pytest.raises(mf.comm.CommunicatorClosedError, match=gone):
+        out.float().sum().backward()
+    with pytest.raises(mf.comm.CommunicatorClosedError, match=gone):
+        moe(x)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    with pytest.raises(ValueError, match=r"layer 'deepspeed_moe': its ep_group is a process "
+                                         r"group that was destroyed"):
+        mf.enable_deepspeed(moe, PASS)
+
+
+def _world2(rank: int, world: int, port: int) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
     check_one_layer_changes_its_gate(tag)
     check_a_failed_call_changes_nothing(tag)
     check_pipeline_stages_with_other_moe_layers(tag)
+    check_a_destroyed_expert_group_is_named(rank, world, port)  # (last: a new job)
 
 
 def test_lifecycle_gloo_2_ranks():
-    spawn(_world2, 2, timeout=300)
+    spawn(_world2, 2, free_port(), timeout=300)
 
 
 def test_a_pickled_model_carries_its_gate_tables(tmp_path, monkeypatch):

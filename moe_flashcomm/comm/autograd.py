@@ -89,7 +89,7 @@ class _Call:
         self.dtype, self.device, self.grad = dtype, device, grad
         self.uniform = uniform  # no split sizes given (by any rank: all_to_all's contract)
         self.cacheable = cacheable  # the same arguments always take this call's path
-        self.owner = owner  # the Communicator: a backward after its close() must not run
+        self.owner = owner  # the Communicator: no backward after its close(), or its group's end
         self.fast_fwd = self.fast_bwd = self.p2p_fwd = self.p2p_bwd = None
         if run is exchange and dtype is not None:  # flat: one all_to_all_single when bf16
             hidden = in_shape[-1]
@@ -124,11 +124,14 @@ class _Call:
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
-        if self.owner is not None and self.owner.closed:  # (its buffers and pages are freed)
-            self.owner._check_open(" before the backward of its all_to_all ran (under "
-                                   "DeepSpeed: disable_deepspeed closes the layers' "
-                                   "communicators, and enable_deepspeed a layer's when it "
-                                   "gives it another gate; call them after the backward)")
+        if self.owner is not None:
+            self.owner.check_live(" before the backward of its all_to_all ran")
+            if self.owner.closed:  # (its buffers and pages are freed)
+                self.owner._check_open(" before the backward of its all_to_all ran (under "
+                                       "DeepSpeed: disable_deepspeed closes the layers' "
+                                       "communicators, and enable_deepspeed a layer's when "
+                                       "it gives it another gate; call them after the "
+                                       "backward)")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
@@ -231,6 +234,8 @@ class AllToAllHandle:
     def wait(self) -> torch.Tensor:
         if self._x is not None:  # not waited for yet
             call = self._call
+            if call.owner is not None:
+                call.owner.check_live(" before this all_to_all's handle was waited for")
             if self._stream is not None:
                 _order_after(self._stream, self._x)
             if self._pending is not None:

@@ -31,7 +31,7 @@ from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, aut
                        split_key)
 from .check import ConfigMismatchError, check_consistent, reject_check
 from .exchange import ALGORITHMS, Route, SideStreams, exchange, raise_stamp_report
-from . import frame
+from . import direct, frame
 from .frame import Framing
 from .gate import SizeGate
 from .plan import SplitSizes, check_chunks, resolve_splits
@@ -41,7 +41,7 @@ CodecArg = Union[LinkCodecs, CodecConfig, dict, int, str, None]
 
 
 class CommunicatorClosedError(RuntimeError):
-    """A closed Communicator was used."""
+    """A closed Communicator was used, or a process group that was destroyed."""
 
 
 class Communicator:
@@ -77,6 +77,11 @@ class Communicator:
                                "initialised (torch.distributed.init_process_group)")
         # the group as it is now: a default group destroyed and made again is another group
         self.pg = self.group = group if group is not None else dist.group.WORLD
+        # (as a cached one's calls say; torch: "not registered"; a non-member: below)
+        if not direct.is_live(self.pg) and self.pg is not dist.GroupMember.NON_GROUP_MEMBER:
+            raise CommunicatorClosedError(
+                "moe_flashcomm: the process group passed as `group` was destroyed "
+                "(torch.distributed.destroy_process_group); pass a live group")
         self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
         if self.rank < 0:
             raise ValueError("this process is not a member of `group`")
@@ -226,22 +231,22 @@ class Communicator:
 
     def _check_open(self, when: str = "") -> None:
         """(At a call's first use, where its plan is made.)"""
+        self.check_live(when)
         if self.closed:
             raise CommunicatorClosedError(f"this moe_flashcomm.Communicator was closed{when}; "
                                           "make a new one for the group")
-        if not self.group_is_live():
-            raise CommunicatorClosedError(
-                "the process group of this moe_flashcomm.Communicator was destroyed "
-                "(torch.distributed.destroy_process_group); make a new one for a live group")
 
     def group_is_live(self) -> bool:
-        """Whether torch.distributed still knows this communicator's group: a cached plan of a
-        destroyed group would run on its old sockets on one rank and fail on another. A dict
-        lookup (0.1 µs), made by every call."""
-        try:
-            return self.pg in dist.distributed_c10d._world.pg_map
-        except AttributeError:  # (a torch without it)
-            return self.pg in _live_groups()
+        """Whether torch.distributed still knows this communicator's group (every call asks:
+        a planned call on a destroyed group would run on its old sockets on one rank and
+        fail on another)."""
+        return direct.is_live(self.pg)
+
+    def check_live(self, when: str = "") -> None:
+        if not direct.is_live(self.pg):
+            raise CommunicatorClosedError(
+                f"the process group of this moe_flashcomm.Communicator was destroyed{when} "
+                "(torch.distributed.destroy_process_group); make a new one for a live group")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"codec={self.codec}"

@@ -31,6 +31,21 @@ def _pg(group):
     return group if group is not None else dist.group.WORLD
 
 
+def is_live(group) -> bool:
+    """Whether torch.distributed still knows ``group`` (None: the default group). A group
+    destroyed (``destroy_process_group``) keeps its sockets, so a call on it may run on one
+    rank and fail on another: callers refuse it. A dict lookup (0.1 us)."""
+    pg = _pg(group)
+    try:
+        return pg in dist.distributed_c10d._world.pg_map
+    except AttributeError:  # (a torch without it)
+        try:
+            dist.get_process_group_ranks(pg)
+            return True
+        except (KeyError, ValueError, RuntimeError, AttributeError):
+            return False
+
+
 def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op: bool):
     """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, group,
     async_op=async_op)`` (``[]``: even splits); the work when ``async_op``, else None."""

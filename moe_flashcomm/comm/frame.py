@@ -208,6 +208,9 @@ class GroupLine:
         ``late``; ``by_thread``: leave those the thread may not serve, marked for the
         caller's thread (``Frame.caller_serves``)."""
         with self.lock:
+            # (a destroyed group's are dropped: torch refuses their sends, so a late peer
+            # waits out its timeout, told the group may have been destroyed)
+            self.late[:] = [f for f in self.late if direct.is_live(f.pg)]
             came = [f for f in self.late if f.work.is_completed()]
             if by_thread:
                 for frame in came:
@@ -473,9 +476,17 @@ class Frame:
         """The received payloads (uint8, recvs[p].nbytes each; None at this rank). A
         headers-only frame (aborted, rejected) only drains what its peers send and returns
         None: the error to report is this rank's own, raised by its caller. Frames started
-        before this one on its group complete first (``GroupLine.unfinished``)."""
+        before this one on its group complete first (``GroupLine.unfinished``). Where one of
+        them waited out its timeout, the rest wait no longer: a silent peer costs the wait
+        one timeout (an all-reduce's cost two: its last call's "gave up" step, then its own),
+        while a peer that comes within it has this frame's whole timeout."""
+        deadline = None
         while self._outcome is None:
-            self.line.unfinished[0]._settle()
+            first = self.line.unfinished[0]
+            first._settle(deadline)
+            if deadline is None and first is not self and (
+                    first.stalled or isinstance(first._outcome[1], PeerTimeoutError)):
+                deadline = time.monotonic()
         if self._outcome[1] is not None:
             raise self._hand_out_error()
         return self._outcome[0]
@@ -491,13 +502,14 @@ class Frame:
         self._outcome = (None, _copied(error))
         return error
 
-    def _settle(self) -> None:
+    def _settle(self, deadline: Optional[float]) -> None:
         """Complete this frame (its group's oldest unfinished one) and keep what its wait
-        returns. A frame with payloads past one frame whose peers did not come in time joins
-        its group's ``late`` frames."""
+        returns; its first round waits until ``deadline`` at most (``_wait_first_round``). A
+        frame with payloads past one frame whose peers did not come in time joins its
+        group's ``late`` frames."""
         self.line.unfinished.pop(0)
         try:
-            self._outcome = (self._finish(), None)
+            self._outcome = (self._finish(deadline), None)
         except PeerTimeoutError as e:
             self._outcome = (None, e)
             # (one round too: a late peer whose payloads are longer sends us the rest)
@@ -506,25 +518,28 @@ class Frame:
         except Exception as e:  # noqa: BLE001 - raised by this frame's own wait()
             self._outcome = (None, e)
 
-    def _finish(self) -> Optional[list]:
+    def _finish(self, deadline: Optional[float]) -> Optional[list]:
         if not self.flags:
-            return self._complete()
+            return self._complete(deadline=deadline)
         try:
-            self._complete()
+            self._complete(deadline=deadline)
         except ConfigMismatchError:
             pass
         except PeerError:
             self.stalled = True
         return None
 
-    def _wait_first_round(self) -> None:
-        """Wait for the first round, completing meanwhile the late frames whose peers came
-        (as the serving thread does, whichever takes one first, and those it leaves: they
-        change this rank's state). Polls only while the group has late frames; the wait
-        keeps its one timeout."""
-        line, timeout = self.call_line, None
+    def _wait_first_round(self, deadline: Optional[float] = None) -> None:
+        """Wait for the first round, this frame's timeout from now at most, and ``deadline``
+        (``time.monotonic()``: set where a frame before this one waited out its timeout in
+        the same ``wait``), completing meanwhile the late frames
+        whose peers came (as the serving thread does, whichever takes one first, and those
+        it leaves: they change this rank's state). Polls only while the group has late
+        frames."""
+        line = self.call_line
+        own = time.monotonic() + self.timeout.total_seconds()
+        deadline = own if deadline is None else min(deadline, own)
         if line.late:
-            deadline = time.monotonic() + self.timeout.total_seconds()
             while line.late and not self.work.is_completed() and time.monotonic() < deadline:
                 for frame in line.take_arrived(by_thread=False):
                     try:  # (its call raised already: what it receives is dropped)
@@ -532,8 +547,8 @@ class Frame:
                     except (ConfigMismatchError, PeerError):
                         pass
                 time.sleep(1e-3)
-            timeout = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
-        self._wait(self.work, "", timeout)
+        self._wait(self.work, "", datetime.timedelta(
+            seconds=max(deadline - time.monotonic(), 1e-3)))
 
     def thread_may_serve(self) -> bool:
         """Whether the serving thread may complete this late frame, its first round done:
@@ -556,11 +571,12 @@ class Frame:
         except Exception:  # noqa: BLE001 - nobody waits for this call any more; a lost
             pass           # connection shows at the group's next call
 
-    def _complete(self, late: bool = False) -> list:
+    def _complete(self, late: bool = False, deadline: Optional[float] = None) -> list:
         """The first round, checked, and the second; ``late``: a late frame's, never posted
         again (this rank posted later frames since: a frame posted now would pair with the
-        peers' next ones, not with what this one should have met)."""
-        self._wait_first_round()
+        peers' next ones, not with what this one should have met); ``deadline``: see
+        ``_wait_first_round``."""
+        self._wait_first_round(deadline)
         got = self._recv_words[self.layout.header_index]  # [peers, WORDS], a copy
         problems, posts = self.problems(got), 1
         while (problems and not late and posts <= STALE_KEPT
@@ -700,7 +716,8 @@ class Frame:
         why = ("They did not make this call, or made another collective; every rank must make "
                "the same calls in the same order." if not what else  # (else the second round)
                "Their headers came in this call: they stopped waiting for it (their own "
-               "timeout), and did not make their next call on the group within this one.")
+               "timeout), and did not make their next call on the group within this one "
+               "(or destroyed the group).")
         error = PeerTimeoutError(
             f"{where} within {self.timeout.total_seconds():g} s. {why} "
             "(Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")

@@ -57,7 +57,7 @@ from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
 from .patching import (PatchState, Site, agree, check_patchable, compared_fields, ds_logger,
-                       import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
+                       group_ranks, import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
                        unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
@@ -334,7 +334,7 @@ def _summary(out: tuple) -> tuple:
         group = getattr(module, "mp_group", None)
         if group is not None and _site_of(module) is not None:
             layers.append((name, fields))
-            ranks.update(dist.get_process_group_ranks(group))
+            ranks.update(group_ranks(group, name, "mp_group"))
     return layers, ranks, None
 
 

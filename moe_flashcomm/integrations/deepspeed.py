@@ -47,8 +47,8 @@ from ..config import ConfigError, FlashCommConfig
 from .allreduce import disable_all_reduce, enable_from_section
 from .padding import RouteCounts, SlotPlan, filled_slots
 from .patching import (TESTED_VERSIONS, PatchState, Site, agree, check_patchable, compared_fields,
-                       ds_logger, import_deepspeed, patch, rank0, rebind, resolve, states,
-                       unpatch, unsupported, unwrap, uses_global)
+                       ds_logger, group_ranks, import_deepspeed, patch, rank0, rebind, resolve,
+                       states, unpatch, unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
 
 _STATE = "_moe_flashcomm"  # instance attribute holding a patched layer's _LayerState
@@ -341,7 +341,7 @@ def _summary(out: tuple) -> tuple:
     can keep and what ``_check_rules`` needs."""
     resolved = out[0]
     groups = [None if getattr(layer, "ep_group", None) is None
-              else tuple(dist.get_process_group_ranks(layer.ep_group)) for _, layer, _ in resolved]
+              else group_ranks(layer.ep_group, name, "ep_group") for name, layer, _ in resolved]
     return ([(name, {**compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)
                                               if f.name != "all_reduce"]), **_gating(layer)}
               if lcfg.enabled else compared_fields(lcfg, ["enabled"]))

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import env
+from ..comm import direct
 from ..comm.check import ConfigMismatchError
 from ..comm.frame import PeerTimeoutError
 from ..comm.gate import SizeGate
@@ -123,6 +124,16 @@ def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
 
 
 # ---- every rank agrees on what it enables --------------------------------------------------------
+def group_ranks(group, name: str, field: str) -> tuple:
+    """The global ranks of ``group``, layer ``name``'s ``field`` (``ep_group``, ``mp_group``);
+    a group destroyed since the model was built is named (torch raised a bare KeyError)."""
+    if not direct.is_live(group):
+        raise ValueError(f"layer {name or '<root>'!r}: its {field} is a process group that was "
+                         "destroyed (torch.distributed.destroy_process_group); the layer needs "
+                         "a group of the job now running")
+    return tuple(dist.get_process_group_ranks(group))
+
+
 def agree(prepare: Callable[[], Any], summary: Callable[[Any], tuple], what: str, rule: str
           ) -> tuple[Any, list]:
     """``prepare()`` (which validates the model and config and returns what the caller
