@@ -77,7 +77,8 @@ class Communicator:
                                "initialised (torch.distributed.init_process_group)")
         # the group as it is now: a default group destroyed and made again is another group
         self.pg = self.group = group if group is not None else dist.group.WORLD
-        # (as a cached one's calls say; torch: "not registered"; a non-member: below)
+        # a destroyed group: the error a cached communicator's calls give (torch would say
+        # "not registered"); a non-member is refused below
         if not direct.is_live(self.pg) and self.pg is not dist.GroupMember.NON_GROUP_MEMBER:
             raise CommunicatorClosedError(
                 "moe_flashcomm: the process group passed as `group` was destroyed "

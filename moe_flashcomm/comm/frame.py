@@ -478,8 +478,9 @@ class Frame:
         None: the error to report is this rank's own, raised by its caller. Frames started
         before this one on its group complete first (``GroupLine.unfinished``). Where one of
         them waited out its timeout, the rest wait no longer: a silent peer costs the wait
-        one timeout (an all-reduce's cost two: its last call's "gave up" step, then its own),
-        while a peer that comes within it has this frame's whole timeout."""
+        one timeout (an all-reduce after a timed-out one waited two: the "gave up" step of
+        the call before, then its own), and a peer that comes within it leaves this frame
+        its whole timeout."""
         deadline = None
         while self._outcome is None:
             first = self.line.unfinished[0]
@@ -532,10 +533,9 @@ class Frame:
     def _wait_first_round(self, deadline: Optional[float] = None) -> None:
         """Wait for the first round, this frame's timeout from now at most, and ``deadline``
         (``time.monotonic()``: set where a frame before this one waited out its timeout in
-        the same ``wait``), completing meanwhile the late frames
-        whose peers came (as the serving thread does, whichever takes one first, and those
-        it leaves: they change this rank's state). Polls only while the group has late
-        frames."""
+        the same ``wait``), completing meanwhile the late frames whose peers came (as the
+        serving thread does, whichever takes one first, and those it leaves: they change
+        this rank's state). Polls only while the group has late frames."""
         line = self.call_line
         own = time.monotonic() + self.timeout.total_seconds()
         deadline = own if deadline is None else min(deadline, own)

@@ -57,8 +57,8 @@ from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
 from .patching import (PatchState, Site, agree, check_patchable, compared_fields, ds_logger,
-                       group_ranks, import_deepspeed, patch, rank0, rebind, resolve, states, unpatch,
-                       unsupported, unwrap, uses_global)
+                       group_ranks, import_deepspeed, patch, rank0, rebind, resolve, states,
+                       unpatch, unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
