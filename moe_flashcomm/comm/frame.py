@@ -208,9 +208,6 @@ class GroupLine:
         ``late``; ``by_thread``: leave those the thread may not serve, marked for the
         caller's thread (``Frame.caller_serves``)."""
         with self.lock:
-            # (a destroyed group's are dropped: torch refuses their sends, so a late peer
-            # waits out its timeout, told the group may have been destroyed)
-            self.late[:] = [f for f in self.late if direct.is_live(f.pg)]
             came = [f for f in self.late if f.work.is_completed()]
             if by_thread:
                 for frame in came:
