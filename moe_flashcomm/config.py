@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 from .codec import CodecConfig
-from .comm.all_reduce import check_native_links
+from .comm.all_reduce import check_codecs as check_all_reduce_codecs
 from .comm.exchange import ALGORITHMS  # the transport's algorithms
 from .comm.topology import LinkCodecs
 
@@ -174,13 +174,8 @@ class FlashCommConfig:
             set_(self, "all_reduce", None)
         else:
             ar = _codec(None if self.all_reduce is True else self.all_reduce, f"{where}.all_reduce")
-            for link in ("intra_node", "inter_node"):
-                c = getattr(ar, link)
-                if c.is_int and c.rounding != "nearest":
-                    raise ConfigError(f"{where}.all_reduce: rounding must be 'nearest', got "
-                                      f"{c.rounding!r}")
             try:
-                check_native_links(ar, f"{where}.all_reduce")
+                check_all_reduce_codecs(ar, f"{where}.all_reduce", f"{where}.all_reduce")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             set_(self, "all_reduce", ar)

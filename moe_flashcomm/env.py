@@ -104,8 +104,9 @@ def p2p_copy_bytes() -> int:
 
 
 def stamps_enabled() -> bool:
-    """MOE_FLASHCOMM_STAMPS: every pair of a CUDA all-to-all over NCCL carries a stamp its
-    receiver checks (default on; off: the records alone, checked at first use only)."""
+    """MOE_FLASHCOMM_STAMPS: every pair of a CUDA all-to-all or all-reduce over NCCL carries a
+    stamp its receiver checks (default on; off: the records alone, checked at first use
+    only)."""
     return flag("MOE_FLASHCOMM_STAMPS", True)
 
 

@@ -10,8 +10,9 @@ with the same argument blocks. The argument structs are declared once here (``ST
 mirrored from csrc, and ``tests/test_kernel_structs.py`` checks their sizes and offsets
 against the .cu declarations with nvcc.
 
-State: one :class:`KernelCache` per process (``KERNELS``) holds the loaded modules and the
-per-shape launch plans of the codec; everything else belongs to a Communicator.
+State: one :class:`KernelCache` per process (``KERNELS``) holds the loaded modules, the
+per-shape launch plans of the codec and of the all-reduce's fused reduction, and the
+prepared repeats of the public codec calls; everything else belongs to a Communicator.
 """
 from __future__ import annotations
 
@@ -468,6 +469,7 @@ class CtypesLaunch:
         self._driver = KERNELS.driver if driver is None else driver
         self._launch = self._driver.launch
         self._device, self._fn, self._blocks, self._threads = device, fn, blocks, threads
+        # _block held: _ptrs and _params point into its ctypes cells
         self._block, self._ptrs, self._params, self.args = block, block.pointers, block.array, block.args
 
     def __call__(self, stream: int, *bases: int) -> None:
@@ -586,6 +588,11 @@ def device_index(t: torch.Tensor) -> int:
     return t.get_device()
 
 
+def index_of(device: torch.device) -> int:
+    """The index of a CUDA device (``cuda`` alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _ALREADY_CURRENT = contextlib.nullcontext()  # (reusable: it holds no state)
 
@@ -657,7 +664,7 @@ class KernelCache:
         self._functions: dict = {}
         self._driver: Optional[_Driver] = None
         self._native = _UNBUILT
-        self.plans: dict = {}  # codec launch plans (moe_flashcomm.codec.cuda), by shape
+        self.plans: dict = {}  # launch plans by shape (codec, fused reduction), public repeats
         self._plan_sets: dict = {}  # compiled or not -> codec plans (use_launcher)
         self._lock = threading.Lock()
 

@@ -14,7 +14,14 @@ def remember(table: dict, key, make: Callable[[], T], limit: int) -> T:
     more than ``limit`` entries)."""
     hit = table.get(key, _MISSING)
     if hit is _MISSING:  # (not None: a thing made as None is kept too)
-        if len(table) > limit:
-            table.clear()
-        hit = table[key] = make()
+        hit = keep(table, key, make(), limit)
     return hit
+
+
+def keep(table: dict, key, value: T, limit: int) -> T:
+    """``table[key] = value``, ``table`` emptied first when it holds more than ``limit``
+    entries (for owners that make the value themselves: ``remember``'s store)."""
+    if len(table) > limit:
+        table.clear()
+    table[key] = value
+    return value

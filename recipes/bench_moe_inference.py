@@ -29,10 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import preflight  # noqa: E402
 from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
-from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import CodecConfig, env  # noqa: E402
-from moe_flashcomm.tune_gate import check_out, float_above, pyplot  # noqa: E402
+from moe_flashcomm.tune_gate import check_out, float_above, positive_int, pyplot  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k)
 PRESETS = {

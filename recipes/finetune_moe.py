@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import preflight  # noqa: E402
 from moe_lm import ByteBatches, MoELM, ModelConfig, split_corpus, stdlib_corpus  # noqa: E402
-from preflight import positive_int  # noqa: E402
 
 from moe_flashcomm import FlashCommConfig, env  # noqa: E402
-from moe_flashcomm.tune_gate import check_out, free_port  # noqa: E402
+from moe_flashcomm.tune_gate import check_out, free_port, positive_int  # noqa: E402
 
 # Used when no --deepspeed_config is given (CPU runs): small batches, fp32, ZeRO-2.
 DEFAULT_CONFIG = {

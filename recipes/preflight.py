@@ -18,7 +18,6 @@ from typing import NoReturn, Optional
 
 from moe_flashcomm import FlashCommConfig, SizeGate, env
 from moe_flashcomm.tune_gate import HelpFormatter  # (the tools' and the tuner's as well)
-from moe_flashcomm.tune_gate import positive_int  # noqa: F401 (the recipes' argparse type)
 
 EXIT_USAGE = 2
 # A lock whose build directory has not changed for this long, with no process building

@@ -13,7 +13,6 @@ import datetime
 import faulthandler
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -25,11 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_flashcomm.tune_gate import free_port
 
 
 def _mark(marks: str, what: str, rank: int, text: str = "") -> None:

@@ -205,7 +205,7 @@ def error_checks(rank: int, world: int, device: str) -> None:
         (dict(algorithm="ring"), ValueError, r"algorithm must be one of \('flat', 'hierarchical'\)"),
         (dict(chunks=0), ValueError, "chunks must be an int >= 1"),
         (dict(codec=9), ValueError, "codec: CodecConfig.bits"),
-        (dict(codec={"bits": 4, "rounding": "stochastic"}), ValueError, "rounding='nearest' only"),
+        (dict(codec={"bits": 4, "rounding": "stochastic"}), ValueError, "integer codecs need rounding='nearest'"),
         (dict(codec={"intra_node": "bf16", "inter_node": 4}), ValueError,
          "per-link codecs .* need algorithm='hierarchical'"),
         (dict(gate={"all_reduce": {"tpu": {"int4": 1}}}), ValueError, "unknown path 'tpu'"),

@@ -444,7 +444,7 @@ def test_config_field():
     assert FlashCommConfig.from_dict(cfg.to_dict()) == cfg and "all_reduce=" in cfg.describe()
     with pytest.raises(ConfigError, match=r"moe_flashcomm.all_reduce: CodecConfig.bits"):
         FlashCommConfig.from_dict({"all_reduce": 1}, where="moe_flashcomm")
-    with pytest.raises(ConfigError, match="all_reduce: rounding must be 'nearest'"):
+    with pytest.raises(ConfigError, match="all_reduce: an all-reduce's integer codecs need rounding='nearest'"):
         FlashCommConfig(all_reduce={"bits": 8, "rounding": "stochastic"})
     with pytest.raises(ConfigError, match="unknown field"):
         FlashCommConfig.from_dict({"layers": [{"index": 0, "all_reduce": 4}]})

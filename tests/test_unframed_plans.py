@@ -103,7 +103,7 @@ def _hierarchical(rank, world):
                           algorithm="hierarchical")
     want = A.reference_all_reduce(inputs, {"intra_node": 8, "inter_node": 4}, local_size=2)
     assert torch.equal(got, want)
-    assert comm.hierarchy_state["hierarchy"][1].framing is None  # (the unframed stages ran)
+    assert comm.hierarchy_state.hierarchy.framing is None  # (the unframed stages ran)
     comm.close()
 
 

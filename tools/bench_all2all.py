@@ -36,11 +36,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, PATH_ENV, PATHS_ARG, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
-                      codec_of, csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
+from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
+                      bench_codec, csv_arg, float_above, fmt_size, free_port, init_link_worker, parse_size,
                       positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure)
 
-from moe_flashcomm.comm.gate import DEFAULT_THRESHOLDS, with_defaults  # noqa: E402
+from moe_flashcomm.comm.gate import DEFAULT_THRESHOLDS, SizeGate, with_defaults  # noqa: E402
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
 
 CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
@@ -66,10 +66,9 @@ def _input(T: int, H: int, rank: int) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
     global DEV
     DEV = cfg.get("device", "cuda")
-    init_worker(rank, world, port, path, DEV)
+    init_link_worker(rank, world, port, path, DEV)
     import moe_flashcomm as mf
-    from moe_flashcomm.comm.gate import codec_key
-    codecs = {c: codec_of(c) for c in cfg["codecs"]}
+    codecs = {c: bench_codec(c) for c in cfg["codecs"]}
     try:
         from moe_flashcomm.codec import cuda as kernels
         if rank == 0 and DEV == "cuda":
@@ -127,8 +126,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         for size in cfg["sizes"]:
             T = max(world, size // (2 * H) // world * world)
             pair = (T // world) * H * 2
-            gated = [n for n, c in codecs.items()
-                     if not c.is_passthrough and pair < table.get(codec_key(c), 0)]
+            gated = [n for n, c in codecs.items() if pair < size_gate.threshold(path, c)]
             if not gated:
                 continue
             x = _input(T, H, rank)
@@ -144,7 +142,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         T = size // (2 * H) // world * world
         x = _input(T, H, rank)
         for name in cfg["chunk_sweep"]["codecs"]:
-            c = codec_of(name)
+            c = bench_codec(name)
             for k in cfg["chunk_sweep"]["chunks"]:
                 measure(x, f"{name}/chunks={k}", lambda: mf.all_to_all(x, codec=c, gate=False, chunks=k),
                         codec=name, chunks=k, sweep=True)
@@ -157,7 +155,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         T = size // (2 * H) // world  # the rows a rank sends to its one peer
         x = _input(T, H, rank)
         for name in cfg["codecs"]:
-            c = codec_of(name)
+            c = bench_codec(name)
             if c.is_passthrough:
                 continue
             rec = encode(x, c)
@@ -205,7 +203,7 @@ def library_rows(rows: list, gate: dict) -> list:
     (the timing of the gated call where the gate sends bf16, the quantized one elsewhere),
     with the NCCL time. A size the gate sends as bf16 but the run never timed gated (a gate
     refitted with --refit) takes the bf16 codec's time there, else NCCL's (``untimed``)."""
-    from moe_flashcomm.comm.gate import codec_key
+    size_gate = SizeGate(gate)
     nccl = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "nccl"}
     gated = {(r["path"], r["hidden"], r["tokens"], r["codec"]): r["ms"] for r in rows if r.get("gated")}
     bf16 = {(r["path"], r["hidden"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "bf16"}
@@ -215,9 +213,8 @@ def library_rows(rows: list, gate: dict) -> list:
                 or r.get("algorithm"):
             continue
         key = (r["path"], r["hidden"], r["tokens"], r["codec"])
-        c = codec_of(r["codec"])
-        is_gated = not c.is_passthrough and \
-            r["pair_bytes"] < gate.get(r["path"], {}).get(codec_key(c), 0)
+        c = bench_codec(r["codec"])
+        is_gated = r["pair_bytes"] < size_gate.threshold(r["path"], c)
         base = nccl[key[:3]]
         untimed = is_gated and key not in gated
         ms = r["ms"]
@@ -233,7 +230,7 @@ def print_tables(result: dict) -> str:
     lib = library_rows(result["rows"], result["gate"])
     codecs = [c for c in CODECS if any(r["codec"] == c for r in lib)]
     lines = []
-    for path in PATH_ENV:
+    for path in LINK_EMULATION:
         for H in sorted({r["hidden"] for r in lib if r["path"] == path}):
             sel = [r for r in lib if r["path"] == path and r["hidden"] == H]
             lines.append(f"\n{path}, hidden {H}: NCCL bf16 ms, then NCCL time / ours "
@@ -285,7 +282,7 @@ def plot(result: dict, png: Path) -> None:
         return
     lib = library_rows(result["rows"], result["gate"])
     hiddens = sorted({r["hidden"] for r in lib})
-    paths = [p for p in PATH_ENV if any(r["path"] == p for r in lib)]
+    paths = [p for p in LINK_EMULATION if any(r["path"] == p for r in lib)]
     fig, axes = plt.subplots(len(hiddens), len(paths), figsize=(5.5 * len(paths), 4 * len(hiddens)),
                              squeeze=False, sharey=True)
     for i, H in enumerate(hiddens):
@@ -326,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("out/bench_all2all"),
                     help=f"folder to write bench_all2all.json, table.txt, gate.json "
                          f"(--cpu-dry-run: {DRY_RUN_GATE}) and bench_all2all.png to")
-    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(PATH_ENV),
+    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(LINK_EMULATION),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--hidden", type=csv_arg(positive_int), default=None,
                     help="hidden sizes to time, comma-separated (default 4096,7168; --quick: 7168)")

@@ -40,8 +40,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moe_flashcomm.tune_gate import median_ms  # noqa: E402
-from benchlib import (PATH_ENV, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_gate_out, check_out, codec_of,  # noqa: E402
-                      csv_arg, float_above, fmt_size, free_port, init_worker, parse_size,
+from benchlib import (LINK_EMULATION, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_gate_out, check_out, bench_codec,  # noqa: E402
+                      csv_arg, float_above, fmt_size, free_port, init_link_worker, parse_size,
                       is_dry_run, positive_int, pyplot, ratio_axes, read_json, require_gpus,
                       save_figure, write_gate)
 
@@ -94,10 +94,10 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     DEV = cfg["device"]
     if cfg.get("gate_file"):
         os.environ["MOE_FLASHCOMM_GATE_FILE"] = cfg["gate_file"]
-    init_worker(rank, world, port, path, DEV)
+    init_link_worker(rank, world, port, path, DEV)
     import moe_flashcomm as mf
     from moe_flashcomm.comm import all_reduce as ar
-    codecs = {c: codec_of(c) for c in cfg["codecs"]}
+    codecs = {c: bench_codec(c) for c in cfg["codecs"]}
     if rank == 0 and DEV == "cuda":
         try:
             t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def fitted_gate(rows: list) -> dict:
     """All-reduce thresholds ``{path: {codec_key: bf16 bytes}}`` from this run (gate.fit_thresholds:
     the smallest size from which the codec is never slower than NCCL at a larger size)."""
     from moe_flashcomm.comm.gate import codec_key, fit_thresholds
-    pts = [dict(path=p, codec=codec_key(codec_of(c)), hidden=0, pair_bytes=s, ms=v["raw"],
+    pts = [dict(path=p, codec=codec_key(bench_codec(c)), hidden=0, pair_bytes=s, ms=v["raw"],
                 nccl_ms=v["nccl"])
            for (p, s, c), v in _results(rows).items() if "raw" in v and p != "cpu"]
     return fit_thresholds(pts)
@@ -200,7 +200,7 @@ def report(result: dict) -> str:
     codecs = [c for c in CODECS + tuple(sorted({k[2] for k in res})) if any(k[2] == c for k in res)]
     codecs = list(dict.fromkeys(codecs))
     lines = []
-    for path in PATH_ENV:
+    for path in LINK_EMULATION:
         sizes = sorted({s for (p, s, _) in res if p == path})
         if not sizes:
             continue
@@ -254,7 +254,7 @@ def plot(result: dict, png: Path) -> None:
     if plt is None:
         return
     res = _results(result["rows"])
-    paths = [p for p in PATH_ENV if any(k[0] == p for k in res)]
+    paths = [p for p in LINK_EMULATION if any(k[0] == p for k in res)]
     if not paths:
         return
     fig, axes = plt.subplots(1, len(paths), figsize=(5.5 * len(paths), 4.2), squeeze=False,
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench_allreduce"),
                     help="folder to write bench_allreduce.json, bench_allreduce.txt and "
                          "bench_allreduce.png to")
-    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(PATH_ENV),
+    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(LINK_EMULATION),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--codecs", type=csv_arg(allowed=QUANTIZED), default=",".join(CODECS),
                     help="codecs to time against NCCL, comma-separated, of " + ",".join(QUANTIZED))

@@ -46,8 +46,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, PATH_ENV, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_out,  # noqa: E402
-                      codec_of, csv_arg, fmt_size, free_port, init_worker, is_dry_run, positive_int,
+from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_out,  # noqa: E402
+                      bench_codec, csv_arg, fmt_size, free_port, init_link_worker, is_dry_run, positive_int,
                       pyplot, ratio_axes, read_json, require_gpus, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
@@ -120,7 +120,7 @@ def _cases(cfg: dict, rank: int, world: int, mf):
                 x = _input((T, H), rank, dev)
                 fns = {"nccl": (lambda x=x: dist.all_to_all_single(torch.empty_like(x), x), None)}
                 for name in cfg["a2a_codecs"]:
-                    c = codec_of(name)
+                    c = bench_codec(name)
                     fns[name] = (lambda x=x, c=c: mf.all_to_all(x, codec=c), None)
                 yield "all_to_all", H, T * H * 2, fns
     if "all_reduce" in cfg["ops"]:
@@ -130,14 +130,14 @@ def _cases(cfg: dict, rank: int, world: int, mf):
             prep = lambda x=x, x0=x0: x.copy_(x0)  # noqa: E731
             fns = {"nccl": (lambda x=x: dist.all_reduce(x), prep)}
             for name in cfg["ar_codecs"]:
-                c = codec_of(name)
+                c = bench_codec(name)
                 fns[name] = (lambda x=x, c=c: mf.all_reduce(x, codec=c), prep)
             yield "all_reduce", 0, size, fns
 
 
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
     dev = cfg["device"]
-    init_worker(rank, world, port, path, dev)
+    init_link_worker(rank, world, port, path, dev)
     import moe_flashcomm as mf
     burst = Burst(dev)
     rows, t_start = [], time.perf_counter()
@@ -218,7 +218,7 @@ def ratios(rows: list) -> list:
 def print_tables(result: dict) -> str:
     rs = ratios(result["rows"])
     lines = []
-    for path in PATH_ENV:
+    for path in LINK_EMULATION:
         for op in ("all_to_all", "all_reduce"):
             sel = [r for r in rs if r["path"] == path and r["op"] == op]
             if not sel:
@@ -244,7 +244,7 @@ def print_tables(result: dict) -> str:
         checked = ()
     else:
         lines.append("\nworst NCCL/ours per path and regime (>= 0.952 is within 5%):")
-        checked = PATH_ENV
+        checked = LINK_EMULATION
     for path in checked:
         for op in ("all_to_all", "all_reduce"):
             for mode in MODES:
@@ -271,7 +271,7 @@ def plot(result: dict, png: Path) -> None:
     if plt is None:
         return
     rs = ratios(result["rows"])
-    paths = [p for p in PATH_ENV if any(r["path"] == p for r in rs)]
+    paths = [p for p in LINK_EMULATION if any(r["path"] == p for r in rs)]
     ops = [o for o in ("all_to_all", "all_reduce") if any(r["op"] == o for r in rs)]
     fig, axes = plt.subplots(len(ops), len(paths), figsize=(5.5 * len(paths), 4 * len(ops)),
                              squeeze=False, sharey=True)
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench_small"),
                     help="folder to write bench_small.json, table.txt and bench_small.png to")
-    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(PATH_ENV),
+    ap.add_argument("--paths", type=PATHS_ARG, default=",".join(LINK_EMULATION),
                     help="link emulations to time, comma-separated: a fresh pair of processes each")
     ap.add_argument("--ops", type=csv_arg(allowed=OPS), default=",".join(OPS),
                     help="collectives to time, comma-separated")

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 
-from moe_flashcomm.tune_gate import LINK_EMULATION as PATH_ENV
-from moe_flashcomm.tune_gate import (CPU_SIZES, PATHS_ARG, SIZES_ARG, csv_arg, float_above, fmt_size,
-                                     free_port, is_dry_run)
-from moe_flashcomm.tune_gate import bench_codec as codec_of
-from moe_flashcomm.tune_gate import init_link_worker as init_worker
+from moe_flashcomm.tune_gate import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, SIZES_ARG, bench_codec, csv_arg,
+                                     float_above, fmt_size, free_port, init_link_worker, is_dry_run)
 from moe_flashcomm.comm.gate import write_gate
 from moe_flashcomm.tune_gate import (HelpFormatter, check_gate_out, check_out, parse_size, positive_int,
                                      pyplot, require_gpus)
 
-__all__ = ["CPU_SIZES", "HelpFormatter", "PATHS_ARG", "PATH_ENV", "QUANTIZED", "SIZES_ARG", "burst_ms",
-           "check_gate_out", "check_out", "codec_of", "csv_arg", "float_above", "fmt_size", "free_port", "init_worker",
+__all__ = ["CPU_SIZES", "HelpFormatter", "LINK_EMULATION", "PATHS_ARG", "QUANTIZED", "SIZES_ARG", "burst_ms",
+           "bench_codec", "check_gate_out", "check_out", "csv_arg", "float_above", "fmt_size", "free_port",
+           "init_link_worker",
            "is_dry_run", "parse_size", "positive_int", "pyplot", "ratio_axes", "read_json", "require_gpus",
            "save_figure", "write_gate"]
 

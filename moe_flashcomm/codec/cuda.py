@@ -152,7 +152,7 @@ def encode_pieces(T: int, H: int, cfg: CodecConfig, dtype: torch.dtype, vec: boo
     if cfg.is_passthrough:
         pieces = [(blocks, t0 * H * dtype.itemsize, t0 * L.record_bytes, args)
                   for t0, blocks, args in _cast_pieces(T, H, L.record_bytes, ENC_ARGS, vec)]
-        return f"mfc::encode_cast<{CTYPE[dtype]}>", pieces
+        return _cast_name("encode", dtype), pieces
     V, U = _shape(cfg, shape, "encode")
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
@@ -197,7 +197,7 @@ def decode_pieces(T: int, hidden: int, cfg: CodecConfig, dtype: torch.dtype,
         pieces = [(blocks, t0 * L.record_bytes, t0 * hidden * dtype.itemsize, args)
                   for t0, blocks, args in _cast_pieces(T, hidden, L.record_bytes, DEC_ARGS,
                                                        hidden % 8 == 0)]
-        return f"mfc::decode_cast<{CTYPE[dtype]}>", pieces
+        return _cast_name("decode", dtype), pieces
     V, U = _shape(cfg, shape, "decode")
     pieces = []
     for t0, items, log2L, ipt, mul, shift in _geometry(T, L, V):
@@ -268,7 +268,7 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
     if T == 0:
         return torch.empty(0, hidden, dtype=dtype, device=records.device)
     y = torch.empty(T, hidden, dtype=dtype, device=records.device) if out is None else out
-    if cfg.is_native:  # a copy of the tokens' bytes
+    if cfg.is_native:  # the tokens' bytes, copied into y (reference.decode_native allocates)
         y.view(torch.uint8).copy_(records[:, :hidden * dtype.itemsize])
         return y
     dev = K.device_index(records)
@@ -279,6 +279,11 @@ def decode_impl(records: torch.Tensor, cfg: CodecConfig, hidden: int, dtype: tor
         for launch in launches:
             launch(stream, rp, yp)
     return y
+
+
+def _cast_name(side: str, dtype: torch.dtype) -> str:
+    """The passthrough's kernel (``side``: "encode" or "decode") for tokens of ``dtype``."""
+    return f"mfc::{side}_cast<{CTYPE[dtype]}>"
 
 
 def _decode_name(cfg: CodecConfig, dtype: torch.dtype, V: int, U: int) -> str:
@@ -333,8 +338,8 @@ def kernel_names(cfg: CodecConfig, dtype: torch.dtype, encode_shape: Optional[Sh
     if dtype not in CTYPE:  # (a KeyError naming the dtype alone, otherwise)
         raise TypeError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
     if cfg.is_passthrough:
-        return [("codec_encode.cu", f"mfc::encode_cast<{CTYPE[dtype]}>"),
-                ("codec_decode.cu", f"mfc::decode_cast<{CTYPE[dtype]}>")]
+        return [("codec_encode.cu", _cast_name("encode", dtype)),
+                ("codec_decode.cu", _cast_name("decode", dtype))]
     if not cfg.is_quantized:
         return []
     (Ve, Ue) = _shape(cfg, encode_shape, "encode")

@@ -114,7 +114,7 @@ def _make_layout(hidden: int, cfg: CodecConfig, itemsize: int) -> RecordLayout:
     return RecordLayout(hidden, g, n, padded, tuple(planes), record_bytes=align(offset), **fields)
 
 
-_layout = lru_cache(maxsize=None)(_make_layout)
+_layout = lru_cache(maxsize=4096)(_make_layout)  # bounded, as memo's tables
 
 
 def record_bytes(hidden: int, cfg: CodecConfig, dtype: Optional[torch.dtype] = None) -> int:

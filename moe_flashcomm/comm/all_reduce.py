@@ -20,7 +20,7 @@ from ..codec import CodecConfig, record_bytes, record_layout
 from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from ..codec.reference import check_tokens
-from ..memo import remember
+from ..memo import keep, remember
 from . import direct, frame, p2p
 from .check import ConfigMismatchError, check_consistent
 from .exchange import STAMPED_CALLS_KEPT, StampedCall, _Seg, error_page
@@ -28,15 +28,13 @@ from .exchange import decode as _decode
 from .exchange import encode as _encode
 from .gate import SizeGate
 from .plan import check_chunks, chunk_range
-from .topology import LinkCodecs, Topology, intra_node_path
+from .topology import LinkCodecs, Topology, link_path
 
 ROW = 1024  # values per record: a multiple of every group size (32..256)
 OPS = ("sum",)
 ALGORITHMS = ("flat", "hierarchical")
 # Automatic pipelining (CUDA, flat): one range per CHUNK_BYTES of bf16 tensor, at most MAX_CHUNKS.
 CHUNK_BYTES = 32 << 20
-# a group of two: the reduce-scatter's exchange as an all-gather (0 in the environment: as an
-# all_to_all_single, for comparison)
 MAX_CHUNKS = 4
 
 CodecLike = Union[LinkCodecs, CodecConfig, dict, int, str, None]
@@ -60,20 +58,19 @@ def _padded(flat: torch.Tensor, world: int) -> torch.Tensor:
 
 
 # ---- the reduction (torch; the fused CUDA kernel reproduces it bit for bit) -------------------
-def _check_codec(cfg: CodecConfig, name: str) -> CodecConfig:
-    if cfg.is_int and cfg.rounding != "nearest":
-        raise ValueError(f"{name}: all_reduce supports rounding='nearest' only, got "
-                         f"{cfg.rounding!r} (in {cfg})")
-    return cfg
-
-
-def check_native_links(codecs: LinkCodecs, name: str) -> None:
-    """The all-reduce's rule for per-link codecs (``_make_plan`` and FlashCommConfig's
-    ``all_reduce`` check it): "native" on both links or on neither."""
+def check_codecs(codecs: LinkCodecs, intra_name: str, inter_name: str) -> None:
+    """The all-reduce's rules for its codecs (``_make_plan`` and FlashCommConfig's
+    ``all_reduce`` check them; the errors name the codecs as ``intra_name`` and
+    ``inter_name``): integer codecs round to nearest, and "native" is on both links or on
+    neither."""
+    for cfg, name in ((codecs.intra_node, intra_name), (codecs.inter_node, inter_name)):
+        if cfg.is_int and cfg.rounding != "nearest":
+            raise ValueError(f"{name}: an all-reduce's integer codecs need rounding='nearest', "
+                             f"got {cfg.rounding!r} (in {cfg})")
     if codecs.intra_node.is_native != codecs.inter_node.is_native:
-        raise ValueError(f"{name}: a 'native' all-reduce is torch.distributed.all_reduce itself; "
-                         f"it cannot be mixed with another codec per link ({codecs}): use "
-                         "'native' for both intra_node and inter_node, or for neither")
+        raise ValueError(f"{intra_name}: a 'native' all-reduce is torch.distributed.all_reduce "
+                         f"itself; it cannot be mixed with another codec per link ({codecs}): "
+                         "use 'native' for both intra_node and inter_node, or for neither")
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ def kernel_name(cfg: CodecConfig, dtype: torch.dtype, requant: bool = True) -> s
             f"{min(REDUCE_V, cfg.group_size)}, {str(requant).lower()}>")
 
 
-def precompile(configs, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+def precompile(configs, dtypes=_reference.INPUT_DTYPES,
                device: Optional[int] = None, workers: Optional[int] = None) -> int:
     """Compile the fused reductions of ``configs`` x ``dtypes`` and the codec kernels the
     all-reduce uses into the disk cache (NVRTC in parallel threads). Returns how many."""
@@ -253,27 +250,19 @@ class _Plan:
     stamped_calls: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-def _path(comm, device_type: str) -> str:
-    """The size gate's path for the communicator's group."""
-    if device_type != "cuda":
-        return "cpu"
-    return intra_node_path(device_type) if len(set(comm.nodes)) == 1 else "network"
-
-
 def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
                chunks: Optional[int]) -> _Plan:
     rank, world, gate = comm.rank, comm.world, comm.gate
-    intra = _check_codec(codecs.intra_node, "codec.intra_node" if algorithm == "hierarchical"
-                         else "codec")
-    inter = _check_codec(codecs.inter_node, "codec.inter_node")
+    check_codecs(codecs, "codec.intra_node" if algorithm == "hierarchical" else "codec",
+                 "codec.inter_node")
+    intra, inter = codecs.intra_node, codecs.inter_node
     if algorithm == "flat" and intra != inter:
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
-    check_native_links(codecs, "codec")
-    path = _path(comm, x.device.type)
+    path = link_path(len(set(comm.nodes)) == 1, x.device.type)
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=env.all_reduce_pair_gather()),
-                     comm.pg, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
+                     comm.group, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
                      framing=comm.framing)
     cfg = inter if path == "network" else intra
     n = x.numel()
@@ -404,9 +393,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
             comm._reject(x, "all_reduce reduce-scatter")
             raise
         if key is not None:
-            if len(plans) > 1024:
-                plans.clear()
-            plans[key] = plan
+            keep(plans, key, plan, 1024)
     if x.requires_grad and torch.is_grad_enabled():
         # in place outside autograd, as torch.distributed.all_reduce (a leaf that requires
         # grad refuses in-place writes under autograd)
@@ -439,9 +426,10 @@ def _sum(comm, flat: torch.Tensor, plan: _Plan) -> None:
         h = _hierarchy(comm)
         if plan.stamped:
             buf = _final_call(comm, plan, h, buf).prepare(buf)
-        _hierarchical(buf, plan, h, comm if plan.stamped else None)
+        _hierarchical(buf, plan, h, comm)
     elif flat.is_cuda:
-        stamped = _stamped_call(comm, plan, buf) if plan.stamped else None
+        stamped = _stamped_call(comm, plan, buf, "flat", plan.world, plan.rank, plan.rows,
+                                plan.pieces, plan.intra) if plan.stamped else None
         if stamped is not None:
             buf = stamped.prepare(buf)
         _flat(buf, plan, comm.group, stamped)
@@ -457,17 +445,14 @@ def _gather_single(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool =
     return fn(out, inp, group=group, async_op=async_op)
 
 
-def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str = "flat", n: int = 0,
-                  r: int = 0, span: int = 0, pieces: tuple = (),
-                  cfg: Optional[CodecConfig] = None) -> StampedCall:
+def _stamped_call(comm, plan: _Plan, buf: torch.Tensor, name: str, n: int, r: int, span: int,
+                  pieces: tuple, cfg: CodecConfig) -> StampedCall:
     """The encodes of one of ``plan``'s reduce-scatters on ``buf``'s device (its ``name``:
     "flat", or a hierarchy stage), made at its first call there: per piece, every peer's rows
     in one launch, each pair's records behind its stamp (exchange.StampedCall; the fused
     reduction checks them). Its ``n`` ranks' rows lie in ``span`` rows each (rank ``r``
-    keeps its own); piece (a, b) is rows [a, b) of each. Defaults: the flat algorithm's."""
+    keeps its own); piece (a, b) is rows [a, b) of each, coded with ``cfg``."""
     index = kernels.device_index(buf)
-    if name == "flat":
-        n, r, span, pieces, cfg = plan.world, plan.rank, plan.rows, plan.pieces, plan.intra
 
     def make() -> StampedCall:
         rb = record_bytes(ROW, cfg)
@@ -746,15 +731,15 @@ def _hierarchy(comm):
     return hierarchy(comm)
 
 
-def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm=None) -> None:
-    """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place.
-    ``comm`` (CUDA, stamped): both reduce-scatters' records travel behind stamps their
-    reductions check; the second reduction writes a slot before its output records (its
+def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
+    """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place, for
+    the communicator ``comm``. Where ``plan.stamped`` (CUDA over NCCL), both reduce-scatters'
+    records travel behind stamps their reductions check; the second reduction writes a slot before its output records (its
     stamp, or the mark of a disagreement this rank saw in either stage) that travels with
     them through both all-gathers, and the last decode checks every rank's slot, so a
     disagreement any rank saw reaches every rank (_final_call)."""
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
-    stamped = comm is not None
+    stamped = plan.stamped
     page = error_page(comm._pages, kernels.device_index(buf)).address if stamped else 0
     x3 = buf.view(L, M * c, ROW)  # local chunk l: rows of sub-chunks (l, 0..M-1)
     # on CPU (framed) every stage carries the call's number and the numel, and names its

@@ -25,9 +25,9 @@ MAX_CHUNKS = 2
 CHUNKED_PATHS = ("network",)
 
 
-def auto_chunks(bf16_bytes: int, route: Optional[Route] = None) -> int:
+def auto_chunks(bf16_bytes: int, route: Route) -> int:
     """Chunks for a per-rank message of ``bf16_bytes`` bytes (as bf16) on ``route``."""
-    if route is not None and not any(p in CHUNKED_PATHS for p in route.paths):
+    if not any(p in CHUNKED_PATHS for p in route.paths):
         return 1
     return max(1, min(MAX_CHUNKS, bf16_bytes // CHUNK_BYTES))
 
@@ -80,9 +80,9 @@ class _Call:
                  "uniform", "cacheable", "owner")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
-                 in_shape: tuple, out_shape: tuple, run=exchange, dtype=None, device=None,
-                 grad: bool = False, uniform: bool = False, cacheable: bool = True,
-                 owner=None) -> None:
+                 in_shape: tuple, out_shape: tuple, run, dtype: torch.dtype,
+                 device: torch.device, grad: bool, uniform: bool, cacheable: bool,
+                 owner) -> None:
         self.fwd, self.bwd, self.in_rows, self.out_rows = fwd, bwd, in_rows, out_rows
         self.chunks, self.in_shape, self.out_shape = chunks, in_shape, out_shape
         self.run = run  # the algorithm's exchange (flat: exchange.exchange)
@@ -91,7 +91,7 @@ class _Call:
         self.cacheable = cacheable  # the same arguments always take this call's path
         self.owner = owner  # the Communicator: no backward after its close(), or its group's end
         self.fast_fwd = self.fast_bwd = self.p2p_fwd = self.p2p_bwd = None
-        if run is exchange and dtype is not None:  # flat: one all_to_all_single when bf16
+        if run is exchange:  # flat: one all_to_all_single when bf16
             hidden = in_shape[-1]
             per_row = math.prod(in_shape[1:-1])
             self.fast_fwd = _fast(fwd, in_rows, out_rows, hidden, per_row, dtype, chunks,
@@ -124,14 +124,12 @@ class _Call:
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
-        if self.owner is not None:
-            self.owner.check_live(" before the backward of its all_to_all ran")
-            if self.owner.closed:  # (its buffers and pages are freed)
-                self.owner._check_open(" before the backward of its all_to_all ran (under "
-                                       "DeepSpeed: disable_deepspeed closes the layers' "
-                                       "communicators, and enable_deepspeed a layer's when "
-                                       "it gives it another gate; call them after the "
-                                       "backward)")
+        self.owner.check_live(" before the backward of its all_to_all ran")
+        if self.owner.closed:  # (its buffers and pages are freed)
+            self.owner._check_open(" before the backward of its all_to_all ran (under "
+                                   "DeepSpeed: disable_deepspeed closes the layers' "
+                                   "communicators, and enable_deepspeed a layer's when it "
+                                   "gives it another gate; call them after the backward)")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
@@ -234,8 +232,7 @@ class AllToAllHandle:
     def wait(self) -> torch.Tensor:
         if self._x is not None:  # not waited for yet
             call = self._call
-            if call.owner is not None:
-                call.owner.check_live(" before this all_to_all's handle was waited for")
+            call.owner.check_live(" before this all_to_all's handle was waited for")
             if self._stream is not None:
                 _order_after(self._stream, self._x)
             if self._pending is not None:

@@ -23,9 +23,10 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .. import env
+from .. import env, kernels
 from ..codec import CodecConfig
 from ..codec.reference import check_tokens
+from ..memo import keep
 from . import hierarchical, p2p
 from .autograd import (DEFAULT_GRAD_CODEC, AllToAllHandle, _AllToAll, _Call, auto_chunks,
                        split_key)
@@ -53,9 +54,9 @@ class Communicator:
     topology:   Topology or ranks per node; None: the launcher's LOCAL_WORLD_SIZE etc.
     gate:       size gate: True (defaults or $MOE_FLASHCOMM_GATE_FILE), False, a thresholds
                 dict, a JSON path or a SizeGate.
-    codec, grad_codec: the default codecs of ``all_to_all`` (forward, backward); None:
-                int4 (g128, spikes) and int8.
-    algorithm, chunks: the defaults of ``all_to_all``.
+    codec, grad_codec: the default codecs of ``all_to_all`` (forward, backward; ``codec``
+                is ``all_reduce``'s too); None: int4 (g128, spikes) and int8.
+    algorithm, chunks: the defaults of ``all_to_all`` (``all_reduce`` has its own).
     timeout:    seconds a call waits for peers that do not take part before it raises
                 PeerTimeoutError naming them (an exchange over gloo at once; a peer-to-peer
                 wait on the GPU gives up and raises at the next call), 0.001 to 1e9; None:
@@ -76,17 +77,17 @@ class Communicator:
             raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
                                "initialised (torch.distributed.init_process_group)")
         # the group as it is now: a default group destroyed and made again is another group
-        self.pg = self.group = group if group is not None else dist.group.WORLD
+        self.group = group if group is not None else dist.group.WORLD
         # a destroyed group: the error a cached communicator's calls give (torch would say
         # "not registered"); a non-member is refused below
-        if not direct.is_live(self.pg) and self.pg is not dist.GroupMember.NON_GROUP_MEMBER:
+        if not direct.is_live(self.group) and self.group is not dist.GroupMember.NON_GROUP_MEMBER:
             raise CommunicatorClosedError(
                 "moe_flashcomm: the process group passed as `group` was destroyed "
                 "(torch.distributed.destroy_process_group); pass a live group")
-        self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         if self.rank < 0:
             raise ValueError("this process is not a member of `group`")
-        self.backend = str(dist.get_backend(self.pg)).lower()
+        self.backend = str(dist.get_backend(self.group)).lower()
         # where the group's small agreement collectives run (NCCL needs CUDA tensors)
         self.agree_device = (torch.device("cuda", torch.cuda.current_device())
                              if "nccl" in self.backend else torch.device("cpu"))
@@ -94,7 +95,7 @@ class Communicator:
             self._arguments(topology, gate, codec, grad_codec, algorithm, chunks, timeout)
         except (ValueError, TypeError):
             # the other ranks are in the consistency check below: they raise at once
-            reject_check(self.pg, self.agree_device,
+            reject_check(self.group, self.agree_device,
                          Framing(frame.REJECT_WAIT_S, PROCESS.group_lines))
             raise
         PROCESS.forget_lines(_live_groups())
@@ -109,7 +110,7 @@ class Communicator:
         self._peer_buffers: dict = {}  # device index -> PeerBuffers or None
         self._pages: dict = {}  # device index -> p2p.ErrorPage of the stamped exchanges
         self.all_reduce_plans: dict = {}  # comm/all_reduce.py's plans
-        self.hierarchy_state: dict = {}   # comm/hierarchical.py's layout, stages and sizes
+        self.hierarchy_state = hierarchical.HierarchyState()
         self.closed = False
         check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
@@ -117,7 +118,7 @@ class Communicator:
                               p2p=(self.p2p_enabled, *self.p2p_limits),
                               stamps=self.stamps,
                               nccl_paths=(self.nccl_intra_path,)),
-                         self.pg, self.agree_device, self._verified,
+                         self.group, self.agree_device, self._verified,
                          what="moe_flashcomm.Communicator", framing=self.framing)
 
     def _arguments(self, topology, gate, codec, grad_codec, algorithm, chunks, timeout) -> None:
@@ -131,7 +132,7 @@ class Communicator:
             raise ValueError(f"timeout must be a number of seconds from 0.001 to "
                              f"{env.MAX_TIMEOUT_S:g}, got {timeout!r}")
         self.topology = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
-        self.global_ranks = tuple(dist.get_process_group_ranks(self.pg))
+        self.global_ranks = tuple(dist.get_process_group_ranks(self.group))
         self.nodes = tuple(self.topology.node_of(g) for g in self.global_ranks)
         self.gate = SizeGate.coerce(gate)
         self.codec = LinkCodecs.coerce(codec, "codec")
@@ -241,10 +242,10 @@ class Communicator:
         """Whether torch.distributed still knows this communicator's group (every call asks:
         a planned call on a destroyed group would run on its old sockets on one rank and
         fail on another)."""
-        return direct.is_live(self.pg)
+        return direct.is_live(self.group)
 
     def check_live(self, when: str = "") -> None:
-        if not direct.is_live(self.pg):
+        if not direct.is_live(self.group):
             raise CommunicatorClosedError(
                 f"the process group of this moe_flashcomm.Communicator was destroyed{when} "
                 "(torch.distributed.destroy_process_group); make a new one for a live group")
@@ -274,12 +275,12 @@ class Communicator:
     def peer_buffers(self, device: torch.device) -> Optional[p2p.PeerBuffers]:
         """The peer-to-peer buffers on ``device`` when every peer is on this node over NVLink
         (collective the first time), else None."""
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = kernels.index_of(device)
         if index not in self._peer_buffers:
             usable = self.p2p_enabled and len(set(self.nodes)) == 1 \
                 and self.nccl_intra_path == "nvlink"
             self._peer_buffers[index] = p2p.peer_buffers(
-                self.pg, self.rank, self.world, torch.device("cuda", index),
+                self.group, self.rank, self.world, torch.device("cuda", index),
                 self.agree_device, self.timeout_s, self.p2p_limits,
                 self.framing if self.agree_device.type == "cpu" else None) if usable else None
         return self._peer_buffers[index]
@@ -297,7 +298,7 @@ class Communicator:
         check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
                               grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
                               device_type=device_type, requires_grad=grad),
-                         self.pg, self.agree_device, self._verified, framing=self.framing)
+                         self.group, self.agree_device, self._verified, framing=self.framing)
         if device_type == "cuda":
             bufs = self.peer_buffers(x.device)
             if bufs is not None:
@@ -338,9 +339,7 @@ class Communicator:
                 self._reject(x, "all_to_all")
                 raise
             if key is not None and call.cacheable:
-                if len(self._plans) >= 1024:
-                    self._plans.clear()
-                self._plans[key] = call
+                keep(self._plans, key, call, 1024)
         self.calls["all_to_all"] += 1
         if not async_op:
             if call.grad:
@@ -357,7 +356,7 @@ class Communicator:
         with our next one."""
         if ("gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda)
                 and self.group_is_live()):  # (a destroyed group carries nothing)
-            frame.reject(self.framing, self.pg, self.rank, self.world, operation)
+            frame.reject(self.framing, self.group, self.rank, self.world, operation)
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
                  algorithm) -> _Call:

@@ -26,6 +26,16 @@ _A2A = {a: _options(dist.AllToAllOptions, a) for a in (False, True)}
 _ALL_REDUCE = _options(dist.AllreduceOptions, False)  # sum
 
 
+class Done:
+    """The work of a call that completed before it returned (for ``async_op=True`` callers)."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 def _pg(group):
     # resolved per call: the default group may have been destroyed and created again
     return group if group is not None else dist.group.WORLD

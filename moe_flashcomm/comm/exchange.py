@@ -207,7 +207,7 @@ class SideStreams:
         self._streams: dict = {}
 
     def get(self, device: torch.device, role: str) -> "torch.cuda.Stream":
-        key = (device.index if device.index is not None else torch.cuda.current_device(), role)
+        key = (kernels.index_of(device), role)
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = torch.cuda.Stream(device=key[0])
@@ -346,7 +346,14 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
             work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
                                           async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
+    return _coded_exchange(x, plan, route)
 
+
+def _coded_exchange(x: torch.Tensor, plan: Plan, route: Route) -> Pending:
+    """``exchange`` of a plan that codes its records (CUDA, NCCL or gloo): per chunk, the
+    records packed (behind stamps where ``plan.stamped``), one ``all_to_all_single``, and
+    the decodes in ``finish`` (on a side stream where chunks overlap)."""
+    H, dtype, group = x.shape[1], x.dtype, route.group
     stamped = stamped_call(route, plan, H, dtype, x.device) if plan.stamped else None
     if stamped is not None:
         x = stamped.prepare(x)
@@ -396,7 +403,7 @@ def stamped_call(route: Route, plan, hidden: int, dtype: torch.dtype,
     """The kernels of ``plan`` on ``device``, made at its first call there. ``plan``: a
     stamped Plan, or any plan with its ``stamped_calls`` dict and ``sides()``
     (hierarchical.py's source plans)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = kernels.index_of(device)
     return remember(plan.stamped_calls, index, lambda: StampedCall(
         route, plan.sides(), hidden, dtype, index, error_page(route.pages, index)),
         STAMPED_CALLS_KEPT)

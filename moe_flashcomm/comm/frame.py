@@ -825,7 +825,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
                       records: Optional[tuple] = None, wait: bool = True,
-                      names: Optional[tuple] = None, **numbering) -> "Done":
+                      names: Optional[tuple] = None, **numbering) -> direct.Done:
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
@@ -856,7 +856,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
     frame.start()
     if not wait:  # (a headers-only frame: nothing to copy out)
-        return Done()
+        return direct.Done()
     got = frame.wait()
     if got is not None:  # (None: headers only)
         n = in_splits[rank] * unit
@@ -864,7 +864,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
         for p in frame.peers:
             osrc[ooff[p]:ooff[p] + recvs[p].nbytes].copy_(got[p])
     frame.release()
-    return Done()
+    return direct.Done()
 
 
 def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
@@ -893,16 +893,6 @@ def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
     table = torch.stack([words if p == rank else got[p].view(torch.int64) for p in range(world)])
     frame.release()
     return table
-
-
-class Done:
-    """The work of a call that completed before it returned."""
-
-    def wait(self, timeout=None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
 
 
 def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:

@@ -32,7 +32,8 @@ NEVER_PAYS = 1 << 62  # a threshold above any message: the codec never pays on t
 # Measured defaults, fitted by fit_thresholds from the 2x H200 sweeps behind
 # docs/benchmarks.md (`python -m moe_flashcomm.tune_gate --from-bench docs/data/bench_all2all*.json
 # --python`). Paths absent here ("cpu") are never gated: on CPU the library is for development
-# and CI, not speed. int5 and int7, not measured, take int6's and int8's (_lookup).
+# and CI, not speed. int5 and int7, not measured, take int6's and int8's (_lookup). Gates
+# copy the tables they are given: copy these too before changing them.
 DEFAULT_THRESHOLDS: dict = {
     # NVLink: the peer-to-peer transport (comm/p2p.py) pays from 128 MiB per peer
     "nvlink": {"fp8": 134217728, "int2": 134213632, "int3": 134213632, "int4": 134213632,

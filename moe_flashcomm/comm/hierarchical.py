@@ -144,12 +144,28 @@ def _grid(granks: tuple, topo: Topology) -> Layout:
     return Layout(granks, len(sizes), len(granks) // len(sizes), regular, why)
 
 
+@dataclass
+class HierarchyState:
+    """What this module keeps per Communicator (its ``hierarchy_state``): the group's node
+    ``layout``, its stages (``hierarchy``, made under ``stage_version`` of the process's
+    stage groups), and the per-pair rows "auto" decided on per configuration."""
+    layout: Optional[Layout] = None
+    hierarchy: Optional[Hierarchy] = None
+    stage_version: int = -1
+    auto_sizes: dict = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.layout = self.hierarchy = None
+        self.stage_version = -1
+        self.auto_sizes.clear()
+
+
 def layout(comm) -> Layout:
     """The node layout of a Communicator's group under its topology (no collective)."""
-    hit = comm.hierarchy_state.get("layout")
-    if hit is None:
-        hit = comm.hierarchy_state["layout"] = _grid(comm.global_ranks, comm.topology)
-    return hit
+    state = comm.hierarchy_state
+    if state.layout is None:
+        state.layout = _grid(comm.global_ranks, comm.topology)
+    return state.layout
 
 
 def _stage_ranks(lay: Layout) -> list[tuple]:
@@ -326,17 +342,16 @@ def hierarchy(comm) -> Hierarchy:
     HierarchyError if the group is not the same number of ranks on every node.
     """
     from .communicator import PROCESS
-    hit = comm.hierarchy_state.get("hierarchy")
-    if hit is None or hit[0] != PROCESS.stage_version:
+    state = comm.hierarchy_state
+    if state.hierarchy is None or state.stage_version != PROCESS.stage_version:
         lay = layout(comm)
         if not lay.regular:
             raise HierarchyError(f"the hierarchical algorithm (all-to-all, all-reduce): {lay.why}")
         if len(lay.granks) == dist.get_world_size():
             _create(lay, comm.backend)  # every process is in this call
-        hit = comm.hierarchy_state["hierarchy"] = (
-            PROCESS.stage_version, Hierarchy(comm.group, lay, comm.rank, comm.backend,
-                                             comm.framing))
-    return hit[1]
+        state.hierarchy = Hierarchy(comm.group, lay, comm.rank, comm.backend, comm.framing)
+        state.stage_version = PROCESS.stage_version
+    return state.hierarchy
 
 
 def hierarchical_groups(group: Optional[dist.ProcessGroup] = None,
@@ -546,17 +561,16 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
 
 
 # ---- choosing the algorithm ---------------------------------------------------------------
-def _mean_pair_rows(comm, route: Route, in_rows: tuple, uniform: bool, key: tuple,
-                    device: torch.device) -> int:
+def _mean_pair_rows(comm, route: Route, in_rows: tuple, uniform: bool, key: tuple) -> int:
     """Rows per (source, destination) pair that ``"auto"`` decides on, equal on every rank:
     ``in_rows[0]`` for even splits; with split sizes, the group's mean at the first call of
     a configuration (one word per rank gathered then, remembered: MoE layers keep their
     sizes; framed over gloo, so a rank in another call raises instead of hanging it)."""
     if uniform:
         return in_rows[0]
-    sizes = comm.hierarchy_state.setdefault("auto_sizes", {})
+    sizes = comm.hierarchy_state.auto_sizes
     if key not in sizes:
-        table = gather_table([sum(in_rows)], comm.pg, comm.agree_device, comm.framing)
+        table = gather_table([sum(in_rows)], comm.group, comm.agree_device, comm.framing)
         sizes[key] = int(table.sum()) // (route.world * route.world)
     return sizes[key]
 
@@ -565,10 +579,9 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
            uniform: bool) -> Callable[..., Pending]:
     """The exchange function (``exchange.exchange``'s signature) of ``algorithm`` for a
     call of ``all_to_all`` of ``x`` [..., H] sending token rows ``in_rows``; ``uniform``: no
-    split sizes were given. ``"auto"`` is decided identically on every rank (by topology
-    and a per-pair size all ranks agree on) with ``prefer_hierarchical``."""
-    if algorithm == "flat":
-        return flat_exchange
+    split sizes were given; ``algorithm`` "hierarchical" or "auto" (the caller runs "flat"
+    itself). ``"auto"`` is decided identically on every rank (by topology and a per-pair
+    size all ranks agree on) with ``prefer_hierarchical``."""
     # hierarchical derives the intermediate counts when no rank passes split sizes: all
     # ranks must agree on that. Checked collectively the first time a combination is used
     # (as all_to_all's other fields): a rank that passes split sizes where the others do
@@ -578,7 +591,7 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
     lay = layout(comm)
     check_consistent(dict(algorithm=algorithm, row_shape=tuple(x.shape[1:]), dtype=x.dtype,
                           layout=(lay.nodes, lay.local), split_sizes_given=not uniform),
-                     comm.pg, comm.agree_device, comm._verified,
+                     comm.group, comm.agree_device, comm._verified,
                      what=f"moe_flashcomm.all_to_all(algorithm={algorithm!r})",
                      framing=comm.framing)
     if algorithm == "auto":
@@ -591,7 +604,7 @@ def select(comm, algorithm: str, route: Route, x: torch.Tensor, in_rows: tuple,
         hierarchy(comm)
         H, dtype = x.shape[-1], x.dtype
         key = (route.codecs, route.thresholds, H, dtype)
-        rows = _mean_pair_rows(comm, route, in_rows, uniform, key, x.device)
+        rows = _mean_pair_rows(comm, route, in_rows, uniform, key)
         L, r = lay.local, route.rank
         mate = (r // L) * L + (r + 1) % L
         other = (r + L) % route.world

@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from ..codec.reference import INPUT_DTYPES
 from ..comm.all_reduce import all_reduce
+from ..comm.direct import Done
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
@@ -69,9 +70,6 @@ class AllReduceStats:
 
     calls: int = 0
     values: int = 0
-
-    def __repr__(self) -> str:
-        return f"AllReduceStats(calls={self.calls}, values={self.values})"
 
 
 # ---- the sites ----------------------------------------------------------------------------------
@@ -106,16 +104,6 @@ def _is_sum(op: Any) -> bool:
         return False
 
 
-class _Done:
-    """The handle of an all-reduce that already completed (for ``async_op=True`` callers)."""
-
-    def wait(self, *args: Any, **kwargs: Any) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
-
-
 class _Dist:
     """``deepspeed.comm`` as a patched method sees it: ``all_reduce`` and
     ``inference_all_reduce`` of a sum go to the layer's moe_flashcomm all-reduce; everything
@@ -134,7 +122,7 @@ class _Dist:
             given = {} if op is None else {"op": op}
             return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
         self._state.all_reduce(tensor, group)
-        return _Done() if async_op else None
+        return Done() if async_op else None
 
     def inference_all_reduce(self, tensor, op=None, group=None, *args, **kwargs):
         return self.all_reduce(tensor, op, group)

@@ -33,7 +33,7 @@ import dataclasses
 import fnmatch
 import functools
 import types
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -216,7 +216,7 @@ class _LayerState(PatchState):
         layer, or one enabled before its groups existed, takes the group's default one (made,
         collectively, at its first exchange)."""
         comm = self.comm
-        if comm is None or comm.closed or comm.pg is not (group if group is not None
+        if comm is None or comm.closed or comm.group is not (group if group is not None
                                                           else dist.group.WORLD):
             comm = self.comm = communicator(group, gate=self.gate)
             self.owns_comm = False
@@ -310,7 +310,23 @@ def _check_rules(root: nn.Module, cfg: FlashCommConfig, names: list[str], found:
                                  f"layer; the MoE layers are: {names}")
 
 
-def _agree(prepare: Callable[[], tuple]) -> tuple:
+class _Prepared(NamedTuple):
+    """What ``enable_deepspeed``'s ``prepare`` resolves on a rank."""
+    resolved: list  # [(name, layer, its FlashCommConfig)] per MoE layer
+    layers: list    # [(name, layer, Site)] per MoE layer
+    cfg: FlashCommConfig
+    states: list    # the _LayerState of every enabled layer, None for the others
+    root: Any       # the model's module
+
+
+class _Shared(NamedTuple):
+    """What every rank sees of a rank's ``_summary`` (``patching.agree``'s third element)."""
+    stage_groups: list  # the expert-parallel groups (their ranks) that need stage groups
+    kept: list          # the communicator keys this rank can keep
+    found: tuple        # what ``_check_rules`` needs (``_found``)
+
+
+def _agree(prepare: Callable[[], _Prepared]) -> tuple:
     """``prepare()`` on every rank, then their agreement (``patching.agree``): a rank that
     fails makes every rank raise, and so do ranks that share an expert-parallel group (every
     rank, where a layer has no group yet) and resolved different layer configs; pipeline
@@ -322,24 +338,25 @@ def _agree(prepare: Callable[[], tuple]) -> tuple:
     out, shared = agree(prepare, _summary, "moe_flashcomm.enable_deepspeed",
                         "ranks that share an expert-parallel group must enable the same "
                         "MoE layers with the same config")
-    stage_groups = sorted({ranks for s in shared for ranks in s[0]})
+    stage_groups = sorted({ranks for s in shared for ranks in s.stage_groups})
     if stage_groups:  # (every rank decides alike: from what all ranks sent)
         create_stage_groups([r for r in stage_groups if len(r) < dist.get_world_size()])
     # a communicator is kept only where every rank of its group keeps its own: making one
     # is collective in the group (every rank decides alike: from what all ranks sent)
-    keep = {key for key in (shared[dist.get_rank()][1] if shared else ())
-            if all(key in shared[r][1] for r in key[0])}
-    found = [s[2] for s in shared] if shared else [_found(out[2], [n for n, _, _ in out[0]])]
+    keep = {key for key in (shared[dist.get_rank()].kept if shared else ())
+            if all(key in shared[r].kept for r in key[0])}
+    found = ([s.found for s in shared] if shared
+             else [_found(out.cfg, [n for n, _, _ in out.resolved])])
     return out + (keep, found)
 
 
-def _summary(out: tuple) -> tuple:
+def _summary(out: _Prepared) -> tuple:
     """What ``agree`` compares of ``prepare()``: per MoE layer what its exchanges use (of a
     disabled layer only that: its other fields are never used; ``all_reduce`` is agreed per
     tensor-parallel group by ``enable_from_section``); the ranks of its expert-parallel
     groups; the groups of the layers that need stage groups, the communicators this rank
     can keep and what ``_check_rules`` needs."""
-    resolved = out[0]
+    resolved = out.resolved
     groups = [None if getattr(layer, "ep_group", None) is None
               else group_ranks(layer.ep_group, name, "ep_group") for name, layer, _ in resolved]
     return ([(name, {**compared_fields(lcfg, [f.name for f in dataclasses.fields(lcfg)
@@ -347,10 +364,10 @@ def _summary(out: tuple) -> tuple:
               if lcfg.enabled else compared_fields(lcfg, ["enabled"]))
              for name, layer, lcfg in resolved],
             None if None in groups else {r for g in groups for r in g},
-            (sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
-                     if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}),
-             sorted(_kept_communicators(resolved, out[3])),
-             _found(out[2], [n for n, _, _ in resolved])))
+            _Shared(sorted({g for g, (_, _, lcfg) in zip(groups, resolved)
+                            if g is not None and lcfg.enabled and lcfg.algorithm != "flat"}),
+                    sorted(_kept_communicators(resolved, out.states)),
+                    _found(out.cfg, [n for n, _, _ in resolved])))
 
 
 # What sizes a MOELayer's exchanges besides the config: its gate's settings (DeepSpeed's
@@ -391,7 +408,7 @@ def _kept_communicators(resolved: list, states: list) -> set:
             continue
         comm = state.comm
         usable = (state is vars(layer).get(_STATE) and state.owns_comm and not comm.closed
-                  and comm.pg is layer.ep_group and comm.gate.digest == key[1])
+                  and comm.group is layer.ep_group and comm.gate.digest == key[1])
         kept[key] = comm if usable and kept.get(key, comm) is comm else None
     return {key for key, comm in kept.items() if comm is not None}
 
@@ -451,14 +468,14 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
     """
     ds = import_deepspeed()
 
-    def prepare() -> tuple:
+    def prepare() -> _Prepared:
         root, cfg = resolve(model, config)
         layers = _find_layers(root)
         resolved = [(name, layer, cfg.for_layer(name, index))
                     for index, (name, layer, _) in enumerate(layers)]
         states = [_state_for(layer, name, site, lcfg) if lcfg.enabled else None
                   for (name, layer, site), (_, _, lcfg) in zip(layers, resolved)]
-        return resolved, layers, cfg, states, root
+        return _Prepared(resolved, layers, cfg, states, root)
 
     resolved, layers, cfg, states, root, keep, found = _agree(prepare)
     _check_rules(root, cfg, [n for n, _, _ in layers], found)

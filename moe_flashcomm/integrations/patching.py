@@ -320,12 +320,11 @@ class PatchState:
     """What a patched layer instance holds: its name, site, config and counters, and the
     function it runs in place of ``site.method`` (``bind``, derived from the layer's class).
 
-    Subclasses set ``ATTR`` (the instance attribute holding the state), ``METHODS`` (layer
-    method -> state method that stands in for it) and implement ``configure``, ``new_stats``
-    and ``bind``."""
+    Subclasses set ``ATTR`` (the instance attribute holding the state), implement
+    ``configure``, ``new_stats`` and ``bind``, and may add to ``methods`` (layer method ->
+    state method that stands in for it)."""
 
     ATTR: ClassVar[str]
-    METHODS: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, name: str, site: Site, config: FlashCommConfig) -> None:
         self.name, self.site = name, site
@@ -350,7 +349,7 @@ class PatchState:
         return self._impl
 
     def methods(self) -> dict:
-        return {self.site.method: "run", **self.METHODS}
+        return {self.site.method: "run"}
 
     def __reduce__(self):
         """Pickled and deep-copied as what it was enabled with: the copy has fresh counters

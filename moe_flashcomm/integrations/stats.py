@@ -36,6 +36,11 @@ def _check(what: str, value: Optional[str], allowed: tuple) -> None:
         raise ValueError(f"ExchangeStats: {what} must be None or one of {allowed}, got {value!r}")
 
 
+# ExchangeStats' counters: {direction: n}, and {direction: {link: bytes}}
+PER_DIRECTION = ("calls", "quantized", "seconds", "slots_sent", "slots_stock")
+PER_DIRECTION_AND_LINK = ("bytes_sent", "bf16_bytes")
+
+
 @dataclass
 class ExchangeStats:
     """Exchanges of one layer (or a sum of layers) since enable or the last ``reset()``.
@@ -142,11 +147,12 @@ class ExchangeStats:
 
     def reset(self) -> None:
         self._resolve()
-        for d in (self.calls, self.quantized, self.seconds, self.slots_sent, self.slots_stock):
+        for name in PER_DIRECTION:
+            d = getattr(self, name)
             for k in d:
-                d[k] = 0
-        for table in (self.bytes_sent, self.bf16_bytes):
-            for d in table.values():
+                d[k] = 0.0 if name == "seconds" else 0
+        for name in PER_DIRECTION_AND_LINK:
+            for d in getattr(self, name).values():
                 for k in d:
                     d[k] = 0
 
@@ -154,11 +160,11 @@ class ExchangeStats:
         out = ExchangeStats()
         self._resolve()
         other._resolve()
-        for name in ("calls", "quantized", "seconds", "slots_sent", "slots_stock"):
+        for name in PER_DIRECTION:
             a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
             for k in c:
                 c[k] = a[k] + b[k]
-        for name in ("bytes_sent", "bf16_bytes"):
+        for name in PER_DIRECTION_AND_LINK:
             a, b, c = getattr(self, name), getattr(other, name), getattr(out, name)
             for d in c:
                 for k in c[d]:
@@ -174,10 +180,9 @@ class ExchangeStats:
 
     def as_dict(self) -> dict:
         self._resolve()
-        return {"calls": dict(self.calls), "quantized": dict(self.quantized), "seconds": dict(self.seconds),
-                "slots_sent": dict(self.slots_sent), "slots_stock": dict(self.slots_stock),
-                "bytes_sent": {d: dict(v) for d, v in self.bytes_sent.items()},
-                "bf16_bytes": {d: dict(v) for d, v in self.bf16_bytes.items()}}
+        return {**{name: dict(getattr(self, name)) for name in PER_DIRECTION},
+                **{name: {d: dict(v) for d, v in getattr(self, name).items()}
+                   for name in PER_DIRECTION_AND_LINK}}
 
     def record(self, direction: str, x: torch.Tensor, send_rows: Optional[Sequence[int]],
                comm, codecs, stock_slots: Optional[int] = None) -> None:
