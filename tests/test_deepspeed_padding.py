@@ -231,6 +231,17 @@ def check_capacities_differ(tag: str) -> None:
     assert time.monotonic() - start < 10, tag
     assert_identical(ref, run(moe, even), f"{tag} after capacities that differed", noise)
     mf.disable_deepspeed(moe)
+    # without drop_tokens the capacity is the group's largest expert load, capped at the
+    # rank's own token count: 2 tokens on one rank and 40 on the other differ too
+    moe = make_moe(4, dist.get_world_size(), 1, False, seed=9)
+    ref, noise = stock_runs(moe, even)
+    mf.enable_deepspeed(moe, PASS)
+    with pytest.raises(ValueError, match=r"sized different capacities, \[2, \d+\] by group rank"
+                                         r"(.|\n)*without, as the group's largest expert load, "
+                                         r"capped at the rank's token count"):
+        run(moe, tokens((1, 2 if dist.get_rank() == 0 else 40, H), seed=575))
+    assert_identical(ref, run(moe, even), f"{tag} after capacities that differed", noise)
+    mf.disable_deepspeed(moe)
 
 
 def _world(rank: int, world: int, cases) -> None:

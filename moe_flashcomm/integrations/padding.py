@@ -148,11 +148,12 @@ class SlotPlan:
         if len(set(capacities)) > 1:  # (every rank sees every capacity: all raise alike)
             raise ValueError(
                 f"moe_flashcomm skip_padding: the gates of the expert-parallel group's ranks "
-                f"sized different capacities, {capacities} by group rank; with drop_tokens "
-                "DeepSpeed sizes it from each rank's own token count, k, capacity_factor (in "
-                "eval mode eval_capacity_factor) and min_capacity: give every rank as many "
-                "tokens, the same gate settings and mode, or make the layers with "
-                "drop_tokens=False (the padded exchange cannot pair such ranks either)")
+                f"sized different capacities, {capacities} by group rank. DeepSpeed sizes the "
+                "capacity from each rank's own token count: with drop_tokens from it, k, "
+                "capacity_factor (eval_capacity_factor in eval mode) and min_capacity; "
+                "without, as the group's largest expert load, capped at the rank's token "
+                "count. Give every rank as many tokens, with the same gate settings and mode "
+                "(the padded exchange cannot pair such ranks either)")
         if capacities != [capacity] * world or max(mine + theirs) > capacity:
             raise ValueError(f"moe_flashcomm skip_padding: the gate's routes (counts {mine}, "
                              f"{theirs}, capacities {capacities}) do not fit the exchanged "
