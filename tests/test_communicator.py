@@ -97,6 +97,54 @@ def _lifetime(rank, world):
     assert torch.equal(comm.all_to_all(x), mf.all_to_all(x, gate=False))
 
 
+def _freed_without_gc(rank, world):
+    """A communicator dropped by its user is freed at once by reference counting, whatever
+    it ran (its caches hold nothing that holds it back), so its buffers (on CUDA, up to
+    MOE_FLASHCOMM_P2P_MAX_MB of peer memory) do not wait for the cyclic garbage collector;
+    a backward or a handle made before keeps it alive until it has run."""
+    import gc
+    import weakref
+    x = make_input(rank, 4 * world, (32,), torch.float32, 7)
+    want = mf.all_to_all(x, codec=8, gate=False)
+    gc.collect()
+    gc.disable()
+    try:
+        for uses in ("none", "all_to_all", "backward", "handle", "all_reduce", "counts"):
+            comm = mf.Communicator(codec=8, gate=False)
+            if uses == "all_to_all":
+                assert torch.equal(comm.all_to_all(x), want)
+            elif uses == "backward":
+                leaf = x.clone().requires_grad_()
+                comm.all_to_all(leaf).sum().backward()
+            elif uses == "handle":
+                leaf = x.clone().requires_grad_()
+                comm.all_to_all(leaf, async_op=True).wait().sum().backward()
+            elif uses == "all_reduce":
+                comm.all_reduce(x.clone())
+            elif uses == "counts":
+                comm.exchange_counts(torch.arange(2 * world))
+            alive = weakref.ref(comm)
+            del comm
+            assert alive() is None, f"a communicator that ran {uses} outlived its last reference"
+        # dropped before its backward / its handle's wait: they keep it until they ran
+        comm = mf.Communicator(codec=8, gate=False)
+        leaf = x.clone().requires_grad_()
+        y, handle = comm.all_to_all(leaf), comm.all_to_all(leaf, async_op=True)
+        alive = weakref.ref(comm)
+        del comm
+        assert torch.equal(handle.wait(), want)
+        (y.sum() + handle.wait().sum()).backward()
+        assert alive() is not None and torch.equal(leaf.grad, 2 * torch.ones_like(leaf))
+        del y, handle
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_communicator_is_freed_at_once_gloo_2():
+    spawn(_freed_without_gc, 2)
+
+
 def test_lifetime_and_disagreement_gloo_2():
     spawn(_lifetime, 2)
 

@@ -143,6 +143,30 @@ def check_pipeline_stages_with_other_moe_layers(tag: str) -> None:
         mf.enable_deepspeed(nn.Linear(H, H), PASS)
 
 
+def check_a_deleted_model_is_freed_at_once(tag: str) -> None:
+    """A patched model deleted after a forward and backward is freed by reference counting,
+    as a stock one is: its layers and weights, and the communicator enable_deepspeed made
+    for them (on CUDA, its peer memory), without waiting for the cyclic garbage collector.
+    (A patched method held its layer, and a communicator its calls and framing held.)"""
+    import gc
+    import weakref
+    ep = dist.get_world_size()
+    gc.collect()
+    gc.disable()
+    try:
+        model = Stack([make_moe(2 * ep, ep, 2, True, seed=s) for s in (30, 31)])
+        mf.enable_deepspeed(model, {"dispatch": 8, "combine": 8, "gate": False})
+        run(model, tokens((2, 8, H), seed=300 + dist.get_rank()))
+        comms = {id(s.comm): weakref.ref(s.comm) for s in _states(model)}
+        assert len(comms) == 1, tag  # one communicator for the layers of the group
+        kept = [weakref.ref(m) for m in model.modules()] + [weakref.ref(p) for p in model.parameters()]
+        del model
+        assert not any(r() is not None for r in kept), f"{tag}: a deleted model's modules live on"
+        assert all(r() is None for r in comms.values()), f"{tag}: its communicator lives on"
+    finally:
+        gc.enable()
+
+
 def check_a_destroyed_expert_group_is_named(rank: int, world: int, port: int) -> None:
     """After destroy_process_group, a patched layer's forward and backward raise
     CommunicatorClosedError (a backward ran on the destroyed group's sockets); after a new
@@ -172,6 +196,7 @@ def _world2(rank: int, world: int, port: int) -> None:
     check_one_layer_changes_its_gate(tag)
     check_a_failed_call_changes_nothing(tag)
     check_pipeline_stages_with_other_moe_layers(tag)
+    check_a_deleted_model_is_freed_at_once(tag)
     check_a_destroyed_expert_group_is_named(rank, world, port)  # (last: a new job)
 
 

@@ -355,6 +355,9 @@ def all_reduce(
     The environment (LOCAL_WORLD_SIZE, NCCL_P2P_DISABLE, $MOE_FLASHCOMM_GATE_FILE) is read
     when a combination is first used. No autograd (like torch.distributed.all_reduce).
     """
+    if direct.compiling():  # (torch.compile: run outside the graph)
+        return direct.untraced(all_reduce, x, group, codec, op, algorithm=algorithm,
+                               topology=topology, gate=gate, chunks=chunks)
     from .communicator import communicator
     return communicator(group, topology, gate).all_reduce(x, codec, op, algorithm=algorithm,
                                                           chunks=chunks)

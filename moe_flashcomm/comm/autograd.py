@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -77,7 +78,7 @@ class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
     __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run",
                  "fast_fwd", "fast_bwd", "p2p_fwd", "p2p_bwd", "dtype", "device", "grad",
-                 "uniform", "cacheable", "owner")
+                 "uniform", "cacheable", "_owner")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
                  in_shape: tuple, out_shape: tuple, run, dtype: torch.dtype,
@@ -89,7 +90,10 @@ class _Call:
         self.dtype, self.device, self.grad = dtype, device, grad
         self.uniform = uniform  # no split sizes given (by any rank: all_to_all's contract)
         self.cacheable = cacheable  # the same arguments always take this call's path
-        self.owner = owner  # the Communicator: no backward after its close(), or its group's end
+        # the Communicator: no backward after its close(), or its group's end. Weakly: it
+        # caches this call, and a cycle would keep it (and its device memory) until the
+        # cyclic garbage collector ran; who may still use the call holds it (owner())
+        self._owner = weakref.ref(owner)
         self.fast_fwd = self.fast_bwd = self.p2p_fwd = self.p2p_bwd = None
         if run is exchange:  # flat: one all_to_all_single when bf16
             hidden = in_shape[-1]
@@ -122,11 +126,16 @@ class _Call:
         out = self.forward(x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).wait()
         return out if len(self.out_shape) == 2 else out.view(self.out_shape)
 
+    def owner(self):
+        """The Communicator, alive while the autograd context or handle holding it is."""
+        return self._owner()
+
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
-        self.owner.check_live(" before the backward of its all_to_all ran")
-        if self.owner.closed:  # (its buffers and pages are freed)
-            self.owner._check_open(" before the backward of its all_to_all ran (under "
+        owner = self._owner()
+        owner.check_live(" before the backward of its all_to_all ran")
+        if owner.closed:  # (its buffers and pages are freed)
+            owner._check_open(" before the backward of its all_to_all ran (under "
                                    "DeepSpeed: disable_deepspeed closes the layers' "
                                    "communicators, and enable_deepspeed a layer's when it "
                                    "gives it another gate; call them after the backward)")
@@ -167,10 +176,16 @@ class _Ready:
         self.call, self.out = call, out
 
     def forward_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out
+        # handed over, not kept: autograd's context holds this object, and the output would
+        # hold the context (its grad_fn), a cycle that kept both until the garbage collector
+        out, self.out = self.out, None
+        return out
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         return self.call.backward_out(g)
+
+    def owner(self):
+        return self.call.owner()
 
 
 class _Reverse:
@@ -181,6 +196,9 @@ class _Reverse:
 
     def __init__(self, call) -> None:
         self.call = call
+
+    def owner(self):
+        return self.call.owner()
 
     def forward_out(self, g: torch.Tensor) -> torch.Tensor:
         return self.call.backward_out(g)
@@ -197,7 +215,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, call) -> torch.Tensor:
-        ctx.call = call
+        ctx.call, ctx.owner = call, call.owner()  # (the call holds its communicator weakly)
         return call.forward_out(x)
 
     @staticmethod
@@ -212,7 +230,7 @@ class AllToAllHandle:
     """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
     decodes and returns the output (on CUDA, ordered before later work on the current
     stream)."""
-    __slots__ = ("_pending", "_work", "_x", "_call", "_grad", "_out", "_stream")
+    __slots__ = ("_pending", "_work", "_x", "_call", "_owner", "_grad", "_out", "_stream")
 
     def __init__(self, pending: Optional[Pending], x: torch.Tensor, call: _Call, grad: bool,
                  work=None, out: Optional[torch.Tensor] = None) -> None:
@@ -220,6 +238,7 @@ class AllToAllHandle:
         # work / out: the plain all_to_all_single (_Fast) and its output [out_shape]
         self._pending, self._work, self._out = pending, work, out
         self._x, self._call, self._grad = x, call, grad
+        self._owner = call.owner()  # (the call holds its communicator weakly)
         # CUDA: the stream the call was issued on (its kernels, the copy of the rows a rank
         # keeps), which a wait() on another stream must order before that stream's work
         self._stream = kernels.raw_stream(kernels.device_index(x)) if x.is_cuda else None
@@ -230,9 +249,11 @@ class AllToAllHandle:
         return self._work is None or self._work.is_completed()
 
     def wait(self) -> torch.Tensor:
+        if direct.compiling():  # (torch.compile: run outside the graph)
+            return direct.untraced(self.wait)
         if self._x is not None:  # not waited for yet
             call = self._call
-            call.owner.check_live(" before this all_to_all's handle was waited for")
+            self._owner.check_live(" before this all_to_all's handle was waited for")
             if self._stream is not None:
                 _order_after(self._stream, self._x)
             if self._pending is not None:

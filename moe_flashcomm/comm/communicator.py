@@ -316,6 +316,10 @@ class Communicator:
         """Quantized, differentiable ``all_to_all_single`` on rows of ``x`` [N, ..., H] over
         this group (``moe_flashcomm.all_to_all`` documents the arguments); ``codec``,
         ``grad_codec``, ``chunks`` and ``algorithm`` default to the communicator's."""
+        if direct.compiling():  # (torch.compile: run outside the graph)
+            return direct.untraced(self.all_to_all, x, output_split_sizes, input_split_sizes,
+                                   codec=codec, grad_codec=grad_codec, async_op=async_op,
+                                   chunks=chunks, algorithm=algorithm)
         try:  # repeated calls (MoE layers repeat their shapes) skip the preparation
             # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan; with
             # the layout: a sparse x of a planned shape is refused too)
@@ -398,6 +402,8 @@ class Communicator:
     def exchange_counts(self, mine: torch.Tensor) -> torch.Tensor:
         """Exact ``all_to_all_single`` of int64 counts, an equal part per rank (skip_padding:
         the filled slots per expert, to the ranks of the experts). Framed over gloo."""
+        if direct.compiling():  # (torch.compile: run outside the graph)
+            return direct.untraced(self.exchange_counts, mine)
         try:
             self._check_open()
         except CommunicatorClosedError:
@@ -423,6 +429,9 @@ class Communicator:
                    algorithm: str = "flat", chunks: Optional[int] = None) -> torch.Tensor:
         """Quantized sum of ``x`` over this group, in place (``moe_flashcomm.all_reduce``
         documents the arguments); ``codec`` None: the communicator's codec."""
+        if direct.compiling():  # (torch.compile: run outside the graph)
+            return direct.untraced(self.all_reduce, x, codec, op, algorithm=algorithm,
+                                   chunks=chunks)
         from .all_reduce import run_all_reduce
         self.calls["all_reduce"] += 1
         return run_all_reduce(self, x, self.codec if codec is None else codec, op, algorithm,
@@ -570,6 +579,10 @@ def all_to_all(
     The call runs on the default Communicator of (group, topology, gate), made at its first
     use; make a ``moe_flashcomm.Communicator`` yourself to own its lifetime.
     """
+    if direct.compiling():  # (torch.compile: run outside the graph)
+        return direct.untraced(all_to_all, x, output_split_sizes, input_split_sizes, group,
+                               codec, async_op, grad_codec, topology=topology, gate=gate,
+                               chunks=chunks, algorithm=algorithm)
     return PROCESS.communicator(group, topology, gate).all_to_all(
         x, output_split_sizes, input_split_sizes, codec=codec, grad_codec=grad_codec,
         async_op=async_op, chunks=chunks, algorithm=algorithm)

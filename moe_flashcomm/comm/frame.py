@@ -242,8 +242,11 @@ class Framing:
                  on_peer_check: Optional[Callable[[tuple], Optional[str]]] = None) -> None:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         # the communicator's: a peer makes a first-use check (its words) while this rank
-        # exchanges; what to say of it, if anything (it may forget a check it made)
-        self.on_peer_check = on_peer_check
+        # exchanges; what to say of it, if anything (it may forget a check it made). Held
+        # weakly: the communicator holds this Framing, and a cycle would keep both (and the
+        # communicator's device memory) until the cyclic garbage collector ran
+        self._on_peer_check = None if on_peer_check is None else weakref.WeakMethod(
+            on_peer_check)
         # process group -> its GroupLine, shared by the process's communicators (``lines``);
         # weakly: a group destroyed and dropped by its user takes its line (and sockets) along
         self.lines = weakref.WeakKeyDictionary() if lines is None else lines
@@ -257,6 +260,10 @@ class Framing:
         # exits, when that thread cannot take the GIL to free the tensors it holds and the
         # process aborts (std::terminate; seen in a core dump of a spawned test)
         self.last_work = None
+
+    @property
+    def on_peer_check(self) -> Optional[Callable[[tuple], Optional[str]]]:
+        return None if self._on_peer_check is None else self._on_peer_check()
 
     def layout(self, *args) -> "Layout":
         """``layout(*args)``, made once per arguments (the calls of a model repeat them)."""

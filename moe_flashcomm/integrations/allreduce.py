@@ -44,6 +44,7 @@ apply.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -110,7 +111,12 @@ class _Dist:
     else is ``deepspeed.comm`` itself."""
 
     def __init__(self, real: Any, state: "_LayerState") -> None:
-        self._real, self._state = real, state
+        # the state weakly: it holds this stand-in (in its function's globals)
+        self._real, self._state_ref = real, weakref.ref(state)
+
+    @property
+    def _state(self) -> "_LayerState":
+        return self._state_ref()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -132,7 +138,12 @@ class _RowParallel:
     """``RowParallel`` as a patched ``LinearAllreduce.forward`` sees it."""
 
     def __init__(self, real: Any, state: "_LayerState") -> None:
-        self._real, self._state = real, state
+        # the state weakly: it holds this stand-in (in its function's globals)
+        self._real, self._state_ref = real, weakref.ref(state)
+
+    @property
+    def _state(self) -> "_LayerState":
+        return self._state_ref()
 
     def apply(self, group, input: torch.Tensor, is_inference_mode: bool) -> torch.Tensor:
         # None: no tensor parallelism, DeepSpeed's RowParallel leaves the input alone (it is

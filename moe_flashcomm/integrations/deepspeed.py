@@ -33,6 +33,7 @@ import dataclasses
 import fnmatch
 import functools
 import types
+import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -75,13 +76,15 @@ def _expected_exchanges(site: Site, layer: nn.Module) -> int:
 class _AllToAllStandIn:
     """What one patched layer's DeepSpeed code finds under the name ``_AllToAll`` (called as
     ``.apply(group, x)``) or ``_AllToAllV`` (``.apply(group, x, input_splits, output_splits)``):
-    each layer's rebound code gets its own, so the call reaches that layer's state."""
+    each layer's rebound code gets its own, so the call reaches that layer's state (held
+    weakly: the state holds this stand-in, in its function's globals, and a cycle would keep
+    both, with the state's communicator, until the cyclic garbage collector ran)."""
 
     def __init__(self, state: "_LayerState") -> None:
-        self.state = state
+        self.state = weakref.ref(state)
 
     def apply(self, group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
-        return self.state.exchange(group, x, input_splits, output_splits)
+        return self.state().exchange(group, x, input_splits, output_splits)
 
 
 class _LayerState(PatchState):

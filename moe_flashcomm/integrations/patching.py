@@ -6,10 +6,10 @@ A patched layer *instance* gets
 
 * ``__dict__[state.ATTR]``: its state (a ``PatchState`` subclass: name, site, config,
   counters), and
-* for each method it overrides, an instance attribute that calls the state (a
-  ``functools.partial`` of a module-level function, so the layer still pickles and
-  deep-copies: the state pickles as ``(name, site, config)``, with fresh counters, and
-  re-derives what it runs from the layer's class on its first call).
+* for each method it overrides, an instance attribute that calls the state (``_StateCall``,
+  which holds the layer weakly, so a deleted model is freed at once; the layer still
+  pickles and deep-copies: the state pickles as ``(name, site, config)``, with fresh
+  counters, and re-derives what it runs from the layer's class on its first call).
 
 The state's own copy of a DeepSpeed method is that method's code object run with a few
 global names resolved to moe_flashcomm (``rebind``); every other global name is looked up
@@ -24,6 +24,7 @@ import functools
 import logging
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
@@ -282,10 +283,13 @@ class _LiveGlobals(dict):
 
 
 def rebind(fn: types.FunctionType, names: Mapping[str, Any]) -> types.FunctionType:
-    """``fn`` (same code object, defaults and closure) with the global ``names`` resolving to
-    the given objects; every other global looked up live in its module."""
-    new = types.FunctionType(fn.__code__, _LiveGlobals(fn.__globals__, names), fn.__name__,
-                             fn.__defaults__, fn.__closure__)
+    """``fn`` (its code, defaults and closure) with the global ``names`` resolving to the
+    given objects; every other global looked up live in its module. The code object is a
+    copy: torch.compile caches what it compiles per code object and installs its compiled
+    functions in the globals of the first frame it compiled, so two layers' functions that
+    shared one code object would run the other's compiled code without its globals."""
+    new = types.FunctionType(fn.__code__.replace(), _LiveGlobals(fn.__globals__, names),
+                             fn.__name__, fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
     return new
@@ -357,9 +361,25 @@ class PatchState:
         return type(self), (self.name, self.site, self.config)
 
 
-def _call_state(attr: str, method: str, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """What a patched instance attribute calls: ``layer``'s state's ``method``."""
-    return getattr(layer.__dict__[attr], method)(layer, *args, **kwargs)
+class _StateCall:
+    """A patched instance attribute: calls ``layer``'s state (``vars(layer)[attr]``)
+    ``method``. It holds its layer weakly: held strongly, the layer would hold itself, and a
+    model deleted would keep its weights (and communicators) until the cyclic garbage
+    collector ran. Pickled and deep-copied bound to the copy of its layer."""
+
+    __slots__ = ("attr", "method", "layer")
+
+    def __init__(self, attr: str, method: str, layer: nn.Module) -> None:
+        self.attr, self.method, self.layer = attr, method, weakref.ref(layer)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.layer()
+        if layer is None:  # (a bound method kept past its layer)
+            raise ReferenceError(f"moe_flashcomm: the layer of this {self.method} was deleted")
+        return getattr(layer.__dict__[self.attr], self.method)(layer, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self.attr, self.method, self.layer())
 
 
 def check_patchable(layer: nn.Module, state: PatchState) -> None:
@@ -381,7 +401,7 @@ def patch(layer: nn.Module, state: PatchState) -> PatchState:
     check_patchable(layer, state)
     layer.__dict__[state.ATTR] = state
     for attr, method in state.methods().items():
-        layer.__dict__[attr] = functools.partial(_call_state, state.ATTR, method, layer)
+        layer.__dict__[attr] = _StateCall(state.ATTR, method, layer)
     return state
 
 
