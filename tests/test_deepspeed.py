@@ -707,6 +707,7 @@ def check_torch_compile(tag: str) -> None:
     gradients within rounding; the collectives run outside the graph (a graph break, as
     DeepSpeed's own all-to-all). The Communicator's calls compile too, an asynchronous
     handle's wait included."""
+    init_deepspeed()
     ep, rank = dist.get_world_size(), dist.get_rank()
     x = tokens((2, 8, H), seed=950 + rank, dtype=torch.float32)
 

@@ -407,6 +407,43 @@ def _checks(rank, world, port):
     torch.cuda.synchronize()
 
 
+def _dropped(rank, world, port):
+    """A Communicator dropped without close() frees its peer memory, mappings and error page
+    as it goes, at once (nothing holds it back: docs/design.md, "Communicators"); before, its
+    raw allocations were never freed. The group works on with a new one."""
+    import gc
+    import weakref
+    torch.cuda.set_device(0)
+    S = [[64] * world for _ in range(world)]
+    x = make_input(rank, 64 * world, (H,), torch.bfloat16, 300).cuda()
+    gc.collect()
+    gc.disable()
+    try:
+        comm = mf.Communicator(gate=False)
+        leaf = x.clone().requires_grad_()
+        comm.all_to_all(leaf).float().sum().backward()
+        assert torch.equal(comm.all_to_all(x, async_op=True).wait(),
+                           want(rank, world, S, 300, torch.bfloat16, mf.CodecConfig(bits=4)))
+        bufs = comm.peer_buffers(x.device)
+        assert bufs is not None and bufs.data_ptrs and bufs.page.address  # the p2p path ran
+        alive = weakref.ref(comm)
+        del comm
+        assert alive() is None
+        assert not bufs.data_ptrs and not bufs.flag_ptrs and not bufs.page.address
+    finally:
+        gc.enable()
+    with mf.Communicator(gate=False) as comm:
+        assert torch.equal(comm.all_to_all(x), want(rank, world, S, 300, torch.bfloat16,
+                                                    mf.CodecConfig(bits=4)))
+
+
+@pytest.mark.cuda
+def test_a_dropped_communicator_frees_its_peer_memory_one_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    spawn(_dropped, 2, free_port(), env={"LOCAL_WORLD_SIZE": 2}, timeout=180)
+
+
 @pytest.mark.cuda
 def test_p2p_two_processes_one_gpu():
     if not torch.cuda.is_available():

@@ -112,6 +112,10 @@ class Communicator:
         self.all_reduce_plans: dict = {}  # comm/all_reduce.py's plans
         self.hierarchy_state = hierarchical.HierarchyState()
         self.closed = False
+        # dropped without close(): its device memory, peer mappings and pinned pages are
+        # freed as it goes (raw allocations, which nothing else frees); not at exit, where
+        # peers may be gone and the process's end frees them anyway
+        weakref.finalize(self, _free_device, self._peer_buffers, self._pages).atexit = False
         check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
                               chunks=chunks, backend=self.backend,
@@ -517,6 +521,23 @@ class _Process:
         or late after a timeout holds its group, so its weak key would never go."""
         for pg in [pg for pg in self.group_lines.keys() if pg not in live]:
             del self.group_lines[pg]
+
+
+def _free_device(peer_buffers: dict, pages: dict) -> None:
+    """``close()``'s freeing, for a communicator dropped without it: its peer buffers (once
+    the peers took its last records, bounded by its timeout) and error pages. What they
+    would report has no caller left to raise to. (Empty after close(): it clears both.)"""
+    for bufs in peer_buffers.values():
+        if bufs is not None:
+            try:
+                bufs.close()
+            except Exception:  # noqa: BLE001 - see above
+                pass
+    for page in pages.values():
+        torch.cuda.synchronize(page.device)  # (its kernels write to it)
+        page.close()
+    peer_buffers.clear()
+    pages.clear()
 
 
 def _live_groups() -> list:

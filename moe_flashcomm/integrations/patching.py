@@ -19,6 +19,7 @@ attributes, so the class's methods are found again: stock behaviour, exactly.
 from __future__ import annotations
 
 import builtins
+import copy
 import datetime
 import functools
 import logging
@@ -367,10 +368,11 @@ class _StateCall:
     model deleted would keep its weights (and communicators) until the cyclic garbage
     collector ran. Pickled and deep-copied bound to the copy of its layer."""
 
-    __slots__ = ("attr", "method", "layer")
+    __slots__ = ("attr", "method", "layer", "_held")
 
-    def __init__(self, attr: str, method: str, layer: nn.Module) -> None:
+    def __init__(self, attr: str, method: str, layer: nn.Module, held: bool = False) -> None:
         self.attr, self.method, self.layer = attr, method, weakref.ref(layer)
+        self._held = layer if held else None  # (see __deepcopy__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer()
@@ -379,7 +381,20 @@ class _StateCall:
         return getattr(layer.__dict__[self.attr], self.method)(layer, *args, **kwargs)
 
     def __reduce__(self):
-        return type(self), (self.attr, self.method, self.layer())
+        return type(self), (self.attr, self.method, self.layer(), self._held is not None)
+
+    def __deepcopy__(self, memo: dict) -> "_StateCall":
+        # nn.Module's deepcopy puts the layer's copy in the memo before it copies the layer's
+        # attributes (this one): bound to it, weakly. A layer class whose own __deepcopy__
+        # memoizes its copy only after its attributes (DeepSpeed's LinearAllreduce) makes
+        # this call copy the layer once more, and that copy has no holder but this call
+        # (memoized first, as any object that its copies may reach again)
+        original, new = self.layer(), object.__new__(type(self))
+        memo[id(self)] = new
+        final = id(original) in memo
+        type(self).__init__(new, self.attr, self.method, copy.deepcopy(original, memo),
+                            held=not final)
+        return new
 
 
 def check_patchable(layer: nn.Module, state: PatchState) -> None:
