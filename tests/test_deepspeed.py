@@ -701,12 +701,12 @@ def check_copy_and_pickle(tag: str) -> None:
 
 def check_torch_compile(tag: str) -> None:
     """torch.compile of a patched model (two MoE layers: their functions share DeepSpeed's
-    code, which torch.compile caches per code object), with skip_padding on and off: native
-    is bit-identical to the stock model compiled alike (the compiled backward may sum
-    gradients in another order than eager), int8 gives its eager outputs exactly and its
-    gradients within rounding; the collectives run outside the graph (a graph break, as
-    DeepSpeed's own all-to-all). The Communicator's calls compile too, an asynchronous
-    handle's wait included."""
+    code, which torch.compile caches per code object), with skip_padding on and off, gives
+    the patched eager model's outputs exactly and its gradients within rounding (a compiled
+    backward may sum them in another order), native and int8; the collectives run outside
+    the graph (a graph break, as DeepSpeed's own all-to-all), counted. So does a backward
+    under compiled autograd. The Communicator's calls compile too, an asynchronous handle's
+    wait included."""
     init_deepspeed()
     ep, rank = dist.get_world_size(), dist.get_rank()
     x = tokens((2, 8, H), seed=950 + rank, dtype=torch.float32)
@@ -716,26 +716,32 @@ def check_torch_compile(tag: str) -> None:
         y, g, p = run(torch.compile(model, backend="aot_eager"), x)
         return y, g, {n.removeprefix("_orig_mod."): v for n, v in p.items()}
 
+    def close_to(eager, got, what):
+        assert torch.equal(eager[0], got[0]), f"{what}: outputs differ from eager"
+        for a, b in [(eager[1], got[1])] + [(eager[2][n], got[2][n]) for n in eager[2]]:
+            assert rel_err(b, a) < 1e-5, f"{what}: gradients differ from eager"
+
     for skip_padding in (True, False):
         model = Stack([make_moe(2 * ep, ep, 2, True, dtype=torch.float32, seed=s)
                        for s in (95, 96)])
-        stock = compiled_run(model)
+        stock = run(model, x)
         for codec in ("native", 8):
             mf.enable_deepspeed(model, {"dispatch": codec, "combine": codec, "dispatch_grad": codec,
                                         "combine_grad": codec, "skip_padding": skip_padding,
                                         **NO_GATE})
             eager = run(model, x)
-            before = [s.exchanges for s in exchange_stats(model).values()]
-            got = compiled_run(model)
-            what = f"{tag} torch.compile skip_padding={skip_padding} {codec}"
             if codec == "native":
-                assert_identical(stock, got, what)
-            else:
-                assert torch.equal(eager[0], got[0]), f"{what}: outputs differ from eager"
-                for a, b in [(eager[1], got[1])] + [(eager[2][n], got[2][n]) for n in eager[2]]:
-                    assert rel_err(b, a) < 1e-5, f"{what}: gradients differ from eager"
+                assert_identical(stock, eager, f"{tag} native eager")
+            before = [s.exchanges for s in exchange_stats(model).values()]
+            close_to(eager, compiled_run(model),
+                     f"{tag} torch.compile skip_padding={skip_padding} {codec}")
             # the compiled run made each layer's four exchanges, counted
             assert [s.exchanges for s in exchange_stats(model).values()] == [n + 4 for n in before]
+            if skip_padding and codec == 8:  # the backward traced by compiled autograd
+                from torch._dynamo import compiled_autograd
+                torch._dynamo.reset()
+                with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                    close_to(eager, run(model, x), f"{tag} compiled autograd")
             mf.disable_deepspeed(model)
     torch._dynamo.reset()
 

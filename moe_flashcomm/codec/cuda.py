@@ -48,6 +48,8 @@ def _fastdiv(d: int) -> tuple[int, int]:
 
 
 def _lowbias32(x: int) -> int:
+    # reference._lowbias32 on one Python int (the host-side seed; the reference hashes
+    # int64 tensors, as the kernels do per element)
     m = 0xFFFFFFFF
     x ^= x >> 16
     x = (x * 0x7FEB352D) & m

@@ -220,6 +220,8 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if direct.compiling():  # (compiled autograd traces backwards: outside the graph)
+            return direct.untraced(_AllToAll.backward, ctx, grad)
         if torch.is_grad_enabled() and grad.requires_grad:
             # create_graph: the exchange's own ops would record only the rows a rank keeps
             return _AllToAll.apply(grad, _Reverse(ctx.call)), None
@@ -267,7 +269,8 @@ class AllToAllHandle:
             if self._grad:
                 with torch.enable_grad():
                     out = _AllToAll.apply(self._x, _Ready(call, out))
-            self._out, self._x = out, None
+            # (the communicator is held while the call may run: autograd's context has it)
+            self._out, self._x, self._owner = out, None, None
         return self._out
 
 

@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import gc
 import math
+import os
 import weakref
 from typing import Optional, Union
 
@@ -115,7 +116,8 @@ class Communicator:
         # dropped without close(): its device memory, peer mappings and pinned pages are
         # freed as it goes (raw allocations, which nothing else frees); not at exit, where
         # peers may be gone and the process's end frees them anyway
-        weakref.finalize(self, _free_device, self._peer_buffers, self._pages).atexit = False
+        weakref.finalize(self, _free_device, self._peer_buffers, self._pages,
+                         os.getpid()).atexit = False
         check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
                               chunks=chunks, backend=self.backend,
@@ -457,6 +459,7 @@ class _Process:
         # the same exchange, and both count it alike; two communicators' long messages
         # complete in one order. Weakly keyed: a group dropped by its user is freed
         self.group_lines = weakref.WeakKeyDictionary()
+        self.exiting = False  # set at exit (release)
 
     def communicator(self, group, topology=None, gate=True) -> Communicator:
         pg = group if group is not None else dist.group.WORLD
@@ -492,6 +495,7 @@ class _Process:
         """At exit: drop the process groups we hold while the interpreter is whole (a gloo
         group destroyed during interpreter teardown aborts the process). Device memory goes
         with the process."""
+        self.exiting = True  # (dropped communicators leave their memory to the exit too)
         for _, comm in self.communicators.values():
             comm._forget()
         self.communicators.clear()
@@ -523,10 +527,17 @@ class _Process:
             del self.group_lines[pg]
 
 
-def _free_device(peer_buffers: dict, pages: dict) -> None:
+def _free_device(peer_buffers: dict, pages: dict, pid: int) -> None:
     """``close()``'s freeing, for a communicator dropped without it: its peer buffers (once
     the peers took its last records, bounded by its timeout) and error pages. What they
-    would report has no caller left to raise to. (Empty after close(): it clears both.)"""
+    would report has no caller left to raise to. (Empty after close(): it clears both.)
+    Left to the process's end where freeing could do harm: in a forked child (the memory is
+    the parent's), once the process is exiting (peers may be gone: a wait would take the
+    timeout), and during a CUDA graph capture on this thread's stream (a synchronize or
+    free would break it; the garbage collector can drop a communicator at any point)."""
+    if (os.getpid() != pid or PROCESS.exiting or not (peer_buffers or pages)
+            or torch.cuda.is_current_stream_capturing()):
+        return
     for bufs in peer_buffers.values():
         if bufs is not None:
             try:
@@ -534,8 +545,11 @@ def _free_device(peer_buffers: dict, pages: dict) -> None:
             except Exception:  # noqa: BLE001 - see above
                 pass
     for page in pages.values():
-        torch.cuda.synchronize(page.device)  # (its kernels write to it)
-        page.close()
+        try:
+            torch.cuda.synchronize(page.device)  # (its kernels write to it)
+            page.close()
+        except Exception:  # noqa: BLE001 - see above
+            pass
     peer_buffers.clear()
     pages.clear()
 

@@ -17,8 +17,11 @@ import torch.distributed as dist
 # them, hand themselves to ``untraced``: a graph break, so the call runs eagerly between the
 # compiled graphs, as DeepSpeed's own all-to-all does. Dynamo cannot trace the transport's
 # host state (plans, frames, numpy headers, the process group object); a wrapper of
-# torch.compiler.disable on every call would cost 0.5-1.2 us of host time each.
-compiling = torch.compiler.is_compiling
+# torch.compiler.disable on every call would cost 0.5-1.2 us of host time each. Dynamo's
+# own flag, not torch.compiler.is_compiling: that one is also set for non-strict
+# torch.export and for code that runs eagerly during a compile, where ``untraced`` is a
+# plain call and the public call would hand itself over again and again.
+compiling = torch.compiler.is_dynamo_compiling
 
 
 @torch.compiler.disable

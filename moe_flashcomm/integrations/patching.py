@@ -381,7 +381,10 @@ class _StateCall:
         return getattr(layer.__dict__[self.attr], self.method)(layer, *args, **kwargs)
 
     def __reduce__(self):
-        return type(self), (self.attr, self.method, self.layer(), self._held is not None)
+        layer = self.layer()
+        if layer is None:
+            raise ReferenceError(f"moe_flashcomm: the layer of this {self.method} was deleted")
+        return type(self), (self.attr, self.method, layer, self._held is not None)
 
     def __deepcopy__(self, memo: dict) -> "_StateCall":
         # nn.Module's deepcopy puts the layer's copy in the memo before it copies the layer's
