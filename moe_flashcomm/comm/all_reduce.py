@@ -737,10 +737,11 @@ def _hierarchy(comm):
 def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
     """The hierarchical all-reduce of ``buf`` (flat, world * c * ROW values) in place, for
     the communicator ``comm``. Where ``plan.stamped`` (CUDA over NCCL), both reduce-scatters'
-    records travel behind stamps their reductions check; the second reduction writes a slot before its output records (its
-    stamp, or the mark of a disagreement this rank saw in either stage) that travels with
-    them through both all-gathers, and the last decode checks every rank's slot, so a
-    disagreement any rank saw reaches every rank (_final_call)."""
+    records travel behind stamps their reductions check; the second reduction writes a slot
+    before its output records (its stamp, or the mark of a disagreement this rank saw in
+    either stage) that travels with them through both all-gathers, and the last decode
+    checks every rank's slot, so a disagreement any rank saw reaches every rank
+    (_final_call)."""
     L, M, lr, node, c = h.local, h.nodes, h.local_rank, h.node, plan.rows
     stamped = plan.stamped
     page = error_page(comm._pages, kernels.device_index(buf)).address if stamped else 0

@@ -2,9 +2,10 @@
 
 On the first call with a new configuration key, every rank all-gathers one int64 hash per
 field (one small collective), compares, and records the key in the communicator's table of
-verified keys (key -> the words sent). A mismatch raises the same kind of error on every rank, naming the fields,
-instead of a hang or garbage bytes. Over gloo the gather is a framed exchange
-(comm/frame.py), so a rank checking while another exchanges meets it and both raise.
+verified keys (key -> the words sent). A mismatch raises the same kind of error on every
+rank, naming the fields, instead of a hang or garbage bytes. Over gloo the gather is a
+framed exchange (comm/frame.py), so a rank checking while another exchanges meets it and
+both raise.
 Later calls are checked by the headers of the exchanges themselves.
 """
 from __future__ import annotations

@@ -44,7 +44,6 @@ apply.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -58,9 +57,9 @@ from ..comm.direct import Done
 from ..comm.gate import SizeGate
 from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig
-from .patching import (PatchState, Site, agree, check_patchable, compared_fields, ds_logger,
-                       group_ranks, import_deepspeed, patch, rank0, rebind, resolve, states,
-                       unpatch, unsupported, unwrap, uses_global)
+from .patching import (PatchState, Site, StandIn, agree, check_patchable, compared_fields,
+                       ds_logger, group_ranks, import_deepspeed, patch, rank0, rebind, resolve,
+                       states, unpatch, unsupported, unwrap, uses_global)
 
 _STATE = "_moe_flashcomm_all_reduce"  # instance attribute of a patched layer
 
@@ -105,18 +104,14 @@ def _is_sum(op: Any) -> bool:
         return False
 
 
-class _Dist:
+class _Dist(StandIn):
     """``deepspeed.comm`` as a patched method sees it: ``all_reduce`` and
     ``inference_all_reduce`` of a sum go to the layer's moe_flashcomm all-reduce; everything
     else is ``deepspeed.comm`` itself."""
 
     def __init__(self, real: Any, state: "_LayerState") -> None:
-        # the state weakly: it holds this stand-in (in its function's globals)
-        self._real, self._state_ref = real, weakref.ref(state)
-
-    @property
-    def _state(self) -> "_LayerState":
-        return self._state_ref()
+        super().__init__(state)
+        self._real = real
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -124,26 +119,22 @@ class _Dist:
     def all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
         if not _is_sum(op) or tensor.dtype not in INPUT_DTYPES:
             if _is_sum(op):  # a dtype the codecs do not take (float64, ints)
-                self._state.passed_on()
+                self.state.passed_on()
             given = {} if op is None else {"op": op}
             return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
-        self._state.all_reduce(tensor, group)
+        self.state.all_reduce(tensor, group)
         return Done() if async_op else None
 
     def inference_all_reduce(self, tensor, op=None, group=None, *args, **kwargs):
         return self.all_reduce(tensor, op, group)
 
 
-class _RowParallel:
+class _RowParallel(StandIn):
     """``RowParallel`` as a patched ``LinearAllreduce.forward`` sees it."""
 
     def __init__(self, real: Any, state: "_LayerState") -> None:
-        # the state weakly: it holds this stand-in (in its function's globals)
-        self._real, self._state_ref = real, weakref.ref(state)
-
-    @property
-    def _state(self) -> "_LayerState":
-        return self._state_ref()
+        super().__init__(state)
+        self._real = real
 
     def apply(self, group, input: torch.Tensor, is_inference_mode: bool) -> torch.Tensor:
         # None: no tensor parallelism, DeepSpeed's RowParallel leaves the input alone (it is
@@ -151,9 +142,9 @@ class _RowParallel:
         if not is_inference_mode or group is None or dist.get_world_size(group) == 1:
             return self._real.apply(group, input, is_inference_mode)
         if input.dtype not in INPUT_DTYPES:  # (float64): DeepSpeed's own all-reduce
-            self._state.passed_on()
+            self.state.passed_on()
             return self._real.apply(group, input, is_inference_mode)
-        self._state.all_reduce(input, group)
+        self.state.all_reduce(input, group)
         return input
 
 

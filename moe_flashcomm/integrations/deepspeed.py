@@ -33,7 +33,6 @@ import dataclasses
 import fnmatch
 import functools
 import types
-import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -47,9 +46,9 @@ from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .allreduce import disable_all_reduce, enable_from_section
 from .padding import RouteCounts, SlotPlan, filled_slots
-from .patching import (TESTED_VERSIONS, PatchState, Site, agree, check_patchable, compared_fields,
-                       ds_logger, group_ranks, import_deepspeed, patch, rank0, rebind, resolve,
-                       states, unpatch, unsupported, unwrap, uses_global)
+from .patching import (TESTED_VERSIONS, PatchState, Site, StandIn, agree, check_patchable,
+                       compared_fields, ds_logger, group_ranks, import_deepspeed, patch, rank0,
+                       rebind, resolve, states, unpatch, unsupported, unwrap, uses_global)
 from .stats import ExchangeStats
 
 _STATE = "_moe_flashcomm"  # instance attribute holding a patched layer's _LayerState
@@ -73,18 +72,13 @@ def _expected_exchanges(site: Site, layer: nn.Module) -> int:
 
 
 # ---- running a patched layer -----------------------------------------------------------------
-class _AllToAllStandIn:
+class _AllToAllStandIn(StandIn):
     """What one patched layer's DeepSpeed code finds under the name ``_AllToAll`` (called as
     ``.apply(group, x)``) or ``_AllToAllV`` (``.apply(group, x, input_splits, output_splits)``):
-    each layer's rebound code gets its own, so the call reaches that layer's state (held
-    weakly: the state holds this stand-in, in its function's globals, and a cycle would keep
-    both, with the state's communicator, until the cyclic garbage collector ran)."""
-
-    def __init__(self, state: "_LayerState") -> None:
-        self.state = weakref.ref(state)
+    each layer's rebound code gets its own, so the call reaches that layer's state."""
 
     def apply(self, group, x: torch.Tensor, input_splits=None, output_splits=None) -> torch.Tensor:
-        return self.state().exchange(group, x, input_splits, output_splits)
+        return self.state.exchange(group, x, input_splits, output_splits)
 
 
 class _LayerState(PatchState):

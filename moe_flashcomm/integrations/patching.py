@@ -362,6 +362,20 @@ class PatchState:
         return type(self), (self.name, self.site, self.config)
 
 
+class StandIn:
+    """What a patched layer's rebound code finds under a global name, and reaches the
+    layer's state through. The state is held weakly: the state holds its stand-in (in its
+    function's globals), and a strong reference back would close a cycle that kept both,
+    with the state's communicator, until the cyclic garbage collector ran."""
+
+    def __init__(self, state: "PatchState") -> None:
+        self._state_ref = weakref.ref(state)
+
+    @property
+    def state(self) -> "PatchState":
+        return self._state_ref()
+
+
 class _StateCall:
     """A patched instance attribute: calls ``layer``'s state (``vars(layer)[attr]``)
     ``method``. It holds its layer weakly: held strongly, the layer would hold itself, and a
