@@ -859,13 +859,16 @@ def _hierarchical(rank, world):
     comm = mf.Communicator(gate=False, topology=2, algorithm="hierarchical")
     x = make_input(rank, 4 * world, (256,), torch.float32, 6)
     int4, g32 = CodecConfig(bits=4), CodecConfig(bits=4, group_size=32, spikes=False)
-    want = {c: comm.all_to_all(x, codec=c) for c in (int4, g32)}
+    # (two LinkCodecs whose stages move the same bytes: the link classes' codecs swapped)
+    swapped = mf.LinkCodecs(intra_node=8, inter_node=4), mf.LinkCodecs(intra_node=4, inter_node=8)
+    want = {c: comm.all_to_all(x, codec=c) for c in (int4, g32, *swapped)}
     # rank 3 only: stage 1 runs on the whole group over gloo (headers to every rank), so
     # every rank sees it there
-    msg = _raises(lambda: comm.all_to_all(x, codec=g32 if rank == 3 else int4),
-                  ConfigMismatchError, "hierarchical stage",
-                  "its configuration (codecs, size gate, hidden size, dtype) differs")
-    assert ("rank 3: its configuration" in msg) == (rank != 3), msg
+    for mine, others in ((g32, int4), swapped):
+        msg = _raises(lambda: comm.all_to_all(x, codec=mine if rank == 3 else others),
+                      ConfigMismatchError, "hierarchical stage",
+                      "its configuration (codecs, size gate, hidden size, dtype) differs")
+        assert ("rank 3: its configuration" in msg) == (rank != 3), msg
     # split sizes: rank 3 expects 5 rows from rank 0, which sends 4 (across the nodes, so
     # only a relay carries them): the source and the destination meet in stage 1, whose
     # headers carry the call's rows pair by pair; the relays raise in stage 2

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import io
 import pickle
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -186,6 +188,16 @@ def check_copy_and_pickle(tag: str, layer: nn.Module, shard: torch.Tensor, local
         assert all_reduce_stats(loaded)[""].calls == 1
         mf.disable_all_reduce(loaded)
         assert torch.equal(loaded(shard), exact(local) + layer.bias), tag
+
+        # LinearAllreduce memoizes its copy late, so the copy's forward holds one more copy
+        # of the layer; both go with the copy, by reference counts alone (no cycle)
+        copies = [weakref.ref(twin), weakref.ref(vars(twin)["forward"]._held)]
+        gc.disable()
+        try:
+            del twin
+            assert [c() for c in copies] == [None, None], tag
+        finally:
+            gc.enable()
 
 
 def bare(cls, **attrs) -> nn.Module:

@@ -225,6 +225,50 @@ def test_p2p_buffers_failed_allocation_raises_everywhere_gloo_2():
     spawn(_failure, 2)
 
 
+def _freeing(rank, world):
+    """What frees a communicator's peer buffers: close(), once, even when a release fails
+    part-way (the rest leaks rather than be freed twice by a later caller: the address may be
+    reused by then); dropped without close(), the finalizer at once, unless a CUDA graph
+    captured on them may still replay."""
+    from moe_flashcomm import Communicator
+    rt = FakeRuntime(rank)
+    p2p = _fake(rt)
+
+    def communicator():
+        comm = Communicator()
+        bufs = comm._peer_buffers[0] = p2p.PeerBuffers(  # (where a CUDA call puts them)
+            None, rank, world, torch.device("cpu"), 7, limits(), comm.framing)
+        bufs.reserve(1 << 20)
+        return comm, bufs
+
+    comm, bufs = communicator()
+    flags, data, free = bufs.flag_ptrs[rank], bufs.data_ptrs[rank], rt.free
+
+    def failing(p):
+        if p == flags:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        free(p)
+    rt.free = failing
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        comm.close()
+    rt.free = free
+    assert rt.live == {flags} and not comm._peer_buffers and not bufs.data_ptrs
+    del comm, bufs  # (the finalizer finds nothing left to free: a second free would raise)
+    assert rt.live == {flags} and data not in rt.live
+    rt.live.clear()
+
+    for captured in (False, True):
+        comm, bufs = communicator()
+        bufs.captured = captured  # (what begin() notes during a capture)
+        mine = [bufs.data_ptrs[rank], bufs.flag_ptrs[rank]]
+        del comm, bufs
+        assert all((p in rt.live) == captured for p in mine), captured
+
+
+def test_p2p_buffers_are_freed_once_gloo_2():
+    spawn(_freeing, 2)
+
+
 def _mapping_refused(rank, world, framed):
     """Growth where rank 1 cannot map a peer's new buffer (cudaIpcOpenMemHandle fails after
     the handles were shared): every rank raises, naming rank 1, frees the new memory and keeps

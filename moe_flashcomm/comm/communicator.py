@@ -116,7 +116,7 @@ class Communicator:
         # dropped without close(): its device memory, peer mappings and pinned pages are
         # freed as it goes (raw allocations, which nothing else frees); not at exit, where
         # peers may be gone and the process's end frees them anyway
-        weakref.finalize(self, _free_device, self._peer_buffers, self._pages,
+        weakref.finalize(self, _free_dropped, self._peer_buffers, self._pages,
                          os.getpid()).atexit = False
         check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
                               codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
@@ -162,21 +162,10 @@ class Communicator:
         if self.closed:
             return
         self.closed = True
-        found = None
-        for bufs in self._peer_buffers.values():
-            if bufs is not None:
-                try:
-                    bufs.close()
-                except (ConfigMismatchError, frame.PeerTimeoutError) as e:
-                    found = found or e
-        for page in self._pages.values():
-            torch.cuda.synchronize(page.device)  # the last decodes have run
-            try:
-                raise_stamp_report(page, self)
-            except ConfigMismatchError as e:
-                found = found or e
-            page.close()
-        self._forget()
+        try:
+            found = _free_device(self._peer_buffers, self._pages, self)
+        finally:
+            self._forget()
         if found is not None:
             raise found
 
@@ -251,7 +240,8 @@ class Communicator:
         return direct.is_live(self.group)
 
     def check_live(self, when: str = "") -> None:
-        if not direct.is_live(self.group):
+        """Raise if the group was destroyed; ``when`` ends the sentence (" before ...")."""
+        if not self.group_is_live():
             raise CommunicatorClosedError(
                 f"the process group of this moe_flashcomm.Communicator was destroyed{when} "
                 "(torch.distributed.destroy_process_group); make a new one for a live group")
@@ -527,31 +517,50 @@ class _Process:
             del self.group_lines[pg]
 
 
-def _free_device(peer_buffers: dict, pages: dict, pid: int) -> None:
-    """``close()``'s freeing, for a communicator dropped without it: its peer buffers (once
-    the peers took its last records, bounded by its timeout) and error pages. What they
-    would report has no caller left to raise to. (Empty after close(): it clears both.)
+def _free_device(peer_buffers: dict, pages: dict, report_to: Optional["Communicator"]):
+    """Free the peer buffers (once the peers took this rank's last records, bounded by the
+    timeout) and the error pages; return the first disagreement or timeout they report
+    (``report_to``: the communicator whose ranks the report names; None: reports are not
+    read). Both dicts are emptied whatever happens: what a failure leaves unfreed leaks
+    rather than be freed twice by a second caller."""
+    found = None
+    try:
+        for bufs in peer_buffers.values():
+            if bufs is not None:
+                try:
+                    bufs.close()
+                except (ConfigMismatchError, frame.PeerTimeoutError) as e:
+                    found = found or e
+        for page in pages.values():
+            torch.cuda.synchronize(page.device)  # the last decodes have run
+            if report_to is not None:
+                try:
+                    raise_stamp_report(page, report_to)
+                except ConfigMismatchError as e:
+                    found = found or e
+            page.close()
+    finally:
+        peer_buffers.clear()
+        pages.clear()
+    return found
+
+
+def _free_dropped(peer_buffers: dict, pages: dict, pid: int) -> None:
+    """``close()``'s freeing for a communicator dropped without it; what it would report
+    has no caller left to raise to. (Nothing to do after close(): it empties both dicts.)
     Left to the process's end where freeing could do harm: in a forked child (the memory is
     the parent's), once the process is exiting (peers may be gone: a wait would take the
-    timeout), and during a CUDA graph capture on this thread's stream (a synchronize or
-    free would break it; the garbage collector can drop a communicator at any point)."""
+    timeout), during a CUDA graph capture on this thread's stream (a synchronize or free
+    would break it; the garbage collector can drop a communicator at any point), and where
+    a captured graph may still replay into the buffers (``captured``, ``retired``)."""
     if (os.getpid() != pid or PROCESS.exiting or not (peer_buffers or pages)
-            or torch.cuda.is_current_stream_capturing()):
+            or torch.cuda.is_current_stream_capturing()
+            or any(b is not None and (b.captured or b.retired) for b in peer_buffers.values())):
         return
-    for bufs in peer_buffers.values():
-        if bufs is not None:
-            try:
-                bufs.close()
-            except Exception:  # noqa: BLE001 - see above
-                pass
-    for page in pages.values():
-        try:
-            torch.cuda.synchronize(page.device)  # (its kernels write to it)
-            page.close()
-        except Exception:  # noqa: BLE001 - see above
-            pass
-    peer_buffers.clear()
-    pages.clear()
+    try:
+        _free_device(peer_buffers, pages, None)
+    except Exception:  # noqa: BLE001 - no caller to raise to (a CUDA error: the device's)
+        pass
 
 
 def _live_groups() -> list:

@@ -473,10 +473,14 @@ STAGE_OPERATIONS = {"all_to_all": "hierarchical stage",
                     "all_to_all backward": "hierarchical backward stage"}
 
 
-def _digest(route: Route, hidden: int, dtype: torch.dtype) -> int:
-    """The route's codecs and gate thresholds per link class (the same on every rank of a
-    regular layout, though each rank's per-peer tables differ), hidden size and dtype."""
-    links = sorted({(path, repr(c), t) for p, (path, c, t) in
+def _digest(route: Route, hidden: int, dtype: torch.dtype, local: int) -> int:
+    """The route's link path, codec and gate threshold per link class, same node or not (the
+    same on every rank of a regular layout of ``local`` ranks per node, though each rank's
+    per-peer tables differ; the class is named, not read from the path: on CPU both classes'
+    path is "cpu", and a rank swapping its intra- and inter-node codecs would go unseen),
+    hidden size and dtype."""
+    node = route.rank // local
+    links = sorted({(p // local == node, path, repr(c), t) for p, (path, c, t) in
                     enumerate(zip(route.paths, route.codecs, route.thresholds)) if p != route.rank})
     return hash63((links, hidden, str(dtype)))
 
@@ -499,7 +503,7 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
                     lambda: _source_plan(h, route, in_rows, out_rows, H, dtype, dev))
     # in the stages' headers on CPU: the stages move bytes, this names what they carry
     digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype),
-                       lambda: _digest(route, H, dtype))
+                       lambda: _digest(route, H, dtype, h.local))
     numbering = h.numbering(dev)
     stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
     if stamped is not None:

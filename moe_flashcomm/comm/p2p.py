@@ -376,12 +376,16 @@ class PeerBuffers:
                     step()
                 except (ConfigMismatchError, PeerTimeoutError) as e:
                     found = found or e
-        for ptrs in (self.data_ptrs, self.flag_ptrs, *self.retired):
-            if ptrs:
-                self._release(ptrs)
-        self.page.close()
+        held = [ptrs for ptrs in (self.data_ptrs, self.flag_ptrs, *self.retired) if ptrs]
+        # forgotten before they are freed: a release that fails part-way leaks the rest
+        # rather than free them twice on a second close (an address may be reused by then)
         self.data_ptrs, self.flag_ptrs, self.cap, self.retired = [], [], 0, []
         self.generation += 1
+        try:
+            for ptrs in held:
+                self._release(ptrs)
+        finally:
+            self.page.close()
         if found is not None:
             raise found
 

@@ -388,17 +388,18 @@ class _StateCall:
         self.attr, self.method, self.layer = attr, method, weakref.ref(layer)
         self._held = layer if held else None  # (see __deepcopy__)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _layer(self) -> nn.Module:
         layer = self.layer()
         if layer is None:  # (a bound method kept past its layer)
             raise ReferenceError(f"moe_flashcomm: the layer of this {self.method} was deleted")
+        return layer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self._layer()
         return getattr(layer.__dict__[self.attr], self.method)(layer, *args, **kwargs)
 
     def __reduce__(self):
-        layer = self.layer()
-        if layer is None:
-            raise ReferenceError(f"moe_flashcomm: the layer of this {self.method} was deleted")
-        return type(self), (self.attr, self.method, layer, self._held is not None)
+        return type(self), (self.attr, self.method, self._layer(), self._held is not None)
 
     def __deepcopy__(self, memo: dict) -> "_StateCall":
         # nn.Module's deepcopy puts the layer's copy in the memo before it copies the layer's
@@ -406,11 +407,15 @@ class _StateCall:
         # memoizes its copy only after its attributes (DeepSpeed's LinearAllreduce) makes
         # this call copy the layer once more, and that copy has no holder but this call
         # (memoized first, as any object that its copies may reach again)
-        original, new = self.layer(), object.__new__(type(self))
+        original, new = self._layer(), object.__new__(type(self))
         memo[id(self)] = new
         final = id(original) in memo
-        type(self).__init__(new, self.attr, self.method, copy.deepcopy(original, memo),
-                            held=not final)
+        layer = copy.deepcopy(original, memo)
+        type(self).__init__(new, self.attr, self.method, layer, held=not final)
+        if not final:  # the extra copy's own calls (this one) bound to it weakly: no cycle
+            for key, value in list(vars(layer).items()):
+                if value is new:
+                    vars(layer)[key] = type(self)(self.attr, self.method, layer)
         return new
 
 
