@@ -355,6 +355,20 @@ def _all_reduce_numel(rank, world):
     comm.all_reduce(torch.ones(0))
     _raises(lambda: comm.all_reduce(torch.ones(0) if rank == 0 else x.clone()),
             ConfigMismatchError, "reduces 0 values" if rank else "reduces 1500 values")
+    # "native" (the values themselves) against "bf16" records, both used before: named as
+    # codecs, not as the sizes that follow from them
+    for codec in ("native", "bf16"):
+        comm.all_reduce(x.clone(), codec)
+    other = "the torch.float32 values themselves (codec \"native\")"
+    records = "torch.float32 values as records of 1024-value rows (a quantized codec or \"bf16\")"
+    _raises(lambda: comm.all_reduce(x.clone(), "native" if rank else "bf16"),
+            ConfigMismatchError, f"it sends {other if rank == 0 else records}; this rank sends "
+            f"{records if rank == 0 else other}")
+    # counts of another integer dtype on one rank: named (once "another dtype")
+    counts = torch.arange(4 * world, dtype=torch.int64)
+    comm.exchange_counts(counts)
+    _raises(lambda: comm.exchange_counts(counts.int() if rank else counts), ConfigMismatchError,
+            f"it sends {torch.int32 if rank == 0 else torch.int64} rows")
     # afterwards: the specification's result on every rank
     got = comm.all_reduce(x.clone())
     inputs = [make_input(r, 1500, (), torch.float32, 4) for r in range(world)]

@@ -100,6 +100,11 @@ def test_a_gate_file_as_tune_gate_writes_it_loads(tmp_path):
                                           "units, device, date, source"),
     ({"threshold": {}}, "needs a 'thresholds' object"),
     ([1, 2], "needs a 'thresholds' object"),
+    # null would have read as "left out": the default table, silently
+    ({"thresholds": None}, "'thresholds' must be a table (a JSON object), got null"),
+    ({"thresholds": {}, "all_reduce": None}, "'all_reduce' must be a table (a JSON object), got null"),
+    # notes describe the file; a number or a list where a sentence goes is a mistake
+    ({"thresholds": {}, "units": 5, "device": ["a"]}, "the notes 'units', 'device' must be strings"),
 ])
 def test_a_gate_file_is_checked_against_the_schema(tmp_path, data, needle):
     """Each mistake is a ValueError that names the key (never AttributeError, never ignored)."""
@@ -230,6 +235,9 @@ def test_tables_given_as_a_dict_keep_the_defaults_of_the_table_left_out():
      "unknown path 'infiniband' in thresholds; allowed: nvlink, host, network, cpu"),
     ({"thresholds": {"host": {"int4": -1}}}, "must be an int >= 0 (bytes), got -1"),
     ({"thresholds": {"host": 4}}, r"thresholds\['host'\] must be a table \{codec: bytes\}, got int 4"),
+    # a repeated key: json keeps the last one silently
+    ('{"thresholds": {"cpu": {"int4": 1}, "cpu": {"int4": 2}}}',
+     "cannot read size-gate file .*: the key 'cpu' appears twice in one object"),
 ])
 def test_load_names_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "gate.json"

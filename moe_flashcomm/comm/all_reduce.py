@@ -245,6 +245,8 @@ class _Plan:
     call: bool = True              # nccl: a collective to issue (not one rank or no values)
     numel: int = 0                 # the tensor's values (in the headers of framed exchanges)
     stamped: bool = False          # CUDA: the reduce-scatters' records carry stamps
+    pair_gather: bool = False      # two ranks, flat: step 1 as an all-gather (the variable
+                                   # read once, as the ranks agreed on it: not at every call)
     # (name, device index) -> the StampedCall of a reduce-scatter's encodes (one chunk a
     # piece), or of the hierarchical algorithm's last decode ("final")
     stamped_calls: dict = field(default_factory=dict, compare=False, repr=False)
@@ -260,8 +262,9 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
     path = link_path(len(set(comm.nodes)) == 1, x.device.type)
+    pair = algorithm == "flat" and world == 2 and env.all_reduce_pair_gather()
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
-                          path=path, pair_gather=env.all_reduce_pair_gather()),
+                          path=path, pair_gather=pair),
                      comm.group, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
                      framing=comm.framing)
     cfg = inter if path == "network" else intra
@@ -287,7 +290,6 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         # a pair exchanges by all-gathers: one piece measured fastest (2x H200, 64 and
         # 256 MiB, host and network paths: docs/notes.md, "All-reduce of two ranks: step 1
         # as an all-gather")
-        pair = world == 2 and env.all_reduce_pair_gather()
         k = min(MAX_CHUNKS, max(1, n * 2 // CHUNK_BYTES)) if x.is_cuda and not pair else 1
     else:
         k = chunks
@@ -298,7 +300,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
     # rank (_hierarchical)
     stamped = x.is_cuda and comm.stamps and world > 1
     return _Plan(False, world, rank, c, pieces, intra, inter, algorithm == "hierarchical",
-                 numel=n, stamped=stamped)
+                 numel=n, stamped=stamped, pair_gather=pair)
 
 
 def _is_sum(op: object) -> bool:
@@ -507,16 +509,17 @@ def _scatter_records(rows3: torch.Tensor, a: int, b: int, world: int, rank: int,
 
 
 def _start_reduce_scatter(rows3: torch.Tensor, a: int, b: int, world: int, rank: int, group,
-                          cfg: CodecConfig, a2a=None, stamped: Optional[tuple] = None):
+                          cfg: CodecConfig, a2a=None, stamped: Optional[tuple] = None,
+                          pair_gather: bool = False):
     """Encode rows [a, b) of every other rank's chunk of ``rows3`` [world, c, ROW] and start
     their exchange (``a2a``: a hierarchy stage's all_to_all_single, else ``group``'s).
-    ``stamped``: see _scatter_records. Returns (the records received, uint8
-    [world - 1, b - a, rb], each peer's ``stride(0)`` bytes after the last's; work; send
-    buffer)."""
+    ``stamped``: see _scatter_records; ``pair_gather``: _Plan's. Returns (the records
+    received, uint8 [world - 1, b - a, rb], each peer's ``stride(0)`` bytes after the last's;
+    work; send buffer)."""
     m, rb = b - a, record_bytes(ROW, cfg)
     stamp = kernels.STAMP_BYTES if stamped is not None else 0
     send = _scatter_records(rows3, a, b, world, rank, cfg, stamped)
-    if a2a is None and world == 2 and env.all_reduce_pair_gather():
+    if a2a is None and pair_gather:
         # two ranks: the exchange is an all-gather of the one encoded chunk, the same bytes
         # over the wire; NCCL's ring collectives move them faster than its send/recv pairs
         # over sockets (docs/notes.md, "All-reduce of two ranks: step 1 as an all-gather")
@@ -568,7 +571,8 @@ def _flat(buf: torch.Tensor, plan: _Plan, group, stamped: Optional[StampedCall] 
         if k < K:
             a, b = plan.pieces[k]
             started[k] = _start_reduce_scatter(rows3, a, b, W, r, group, cfg,
-                                               stamped=None if stamped is None else (stamped, k))
+                                               stamped=None if stamped is None else (stamped, k),
+                                               pair_gather=plan.pair_gather)
         j = k - 1
         if 0 <= j < K:
             a, b = plan.pieces[j]

@@ -52,7 +52,10 @@ OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "hierarchical backward stage")
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     "hierarchical all-reduce stage")  # whose detail word is the numel
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64)
+# codes (index + 1) of the dtypes headers and stamps name; appended only (a stamp holds 3
+# bits: the token dtypes); the integers that counts may come in, so that a peer's is named
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.int32,
+          torch.int16, torch.int8)
 RAW_WIRE = 1  # the rows' own bytes
 # the flags word: the sender found a disagreement earlier in this call; the sender rejected
 # its own arguments for this call. Either way it sends headers only.
@@ -135,6 +138,13 @@ def wire_text(code: int) -> str:
                       spikes=bool(code >> 20 & 1),
                       rounding="stochastic" if code >> 21 & 1 else "nearest")
     return f"{cfg} records"
+
+
+def _reduced(dtype, row: int) -> str:
+    """What an all-reduce's exchange carries, in words (its header's dtype and hidden size)."""
+    if row == 0:
+        return f"the {dtype} values themselves (codec \"native\")"
+    return f"{dtype} values as records of {row}-value rows (a quantized codec or \"bf16\")"
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -807,8 +817,13 @@ class Frame:
         if h[4] != (dtype_code(self.dtype) | self.hidden << 8):
             code = h[4] & 0xFF
             dt = DTYPES[code - 1] if 1 <= code <= len(DTYPES) else "another dtype"
-            out.append(f"it sends {dt} rows of hidden size {h[4] >> 8}; this rank has "
-                       f"{self.dtype} rows of hidden size {self.hidden}")
+            if self.operation in NUMEL_OPERATIONS:
+                if h[9] == self.detail:  # (else the numel, below; the rest follows from it)
+                    return out + [f"it sends {_reduced(dt, h[4] >> 8)}; this rank sends "
+                                  f"{_reduced(self.dtype, self.hidden)}"]
+            else:
+                out.append(f"it sends {dt} rows of hidden size {h[4] >> 8}; this rank has "
+                           f"{self.dtype} rows of hidden size {self.hidden}")
         if h[9] != self.detail:
             if self.operation in NUMEL_OPERATIONS:  # (the sizes that differ follow from it)
                 return out + [f"it reduces {h[9]} values; this rank reduces {self.detail}"]

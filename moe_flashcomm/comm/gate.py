@@ -143,6 +143,16 @@ def write_gate(path: Union[str, os.PathLike], **fields) -> None:
         json.dump(data, f, indent=1)
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object's keys, each once (json.load keeps the last of a repeated key silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 class SizeGate:
     """Thresholds ``{path: {codec_key: min bf16 bytes per peer}}``; a ``"*"`` codec key is
     the fallback of its path, else a width the path lacks takes the next wider one's
@@ -194,7 +204,7 @@ class SizeGate:
         with an optional ``"all_reduce"`` table (tools/bench_allreduce.py --gate-out)."""
         try:
             with open(path) as f:
-                data = json.load(f)
+                data = json.load(f, object_pairs_hook=_unique_keys)
         except (OSError, ValueError, RecursionError) as e:
             # (ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deeply)
             tried = os.path.abspath(path)  # a relative path is the working directory's
@@ -218,6 +228,17 @@ class SizeGate:
             raise ValueError(f"size gate{' ' + source if source else ''}: unknown key(s) "
                              f"{', '.join(sorted(map(repr, unknown)))}; allowed: "
                              f"{', '.join(TABLES + FILE_INFO)}")
+        where = f"size gate{' ' + source if source else ''}"
+        for name in TABLES:  # (null would read as "left out": the defaults)
+            if name in data and data[name] is None:
+                raise ValueError(f"{where}: '{name}' must be a table (a JSON object), got null; "
+                                 "leave the key out for the default table")
+        notes = {k: data[k] for k in FILE_INFO if data.get(k) is not None}
+        bad = {k: v for k, v in notes.items() if not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"{where}: the notes {', '.join(map(repr, bad))} must be strings or "
+                             f"null (they describe the file; the thresholds are bytes whatever "
+                             f"they say), got {bad}")
         thresholds = data.get("thresholds")
         return cls(DEFAULT_THRESHOLDS if thresholds is None else thresholds, source=source,
                    all_reduce=data.get("all_reduce"))
