@@ -326,6 +326,14 @@ def _shape_and_order(rank, world):
     # even splits of different token counts: the sizes disagree on every pair
     _raises(lambda: comm.all_to_all(x if rank == 2 else x[:2 * world]), ConfigMismatchError,
             "rows to this rank")
+    # the same tokens grouped into rows of two shapes, both used before: the same bytes on
+    # every pair; only the headers' row shape tells (flat, and the hierarchical stages)
+    rows = {1: x.view(4 * world, 1, 64), 2: x.view(2 * world, 2, 64)}
+    for algorithm in ("flat", "hierarchical"):
+        for shaped in rows.values():
+            comm.all_to_all(shaped, algorithm=algorithm)
+        _raises(lambda: comm.all_to_all(rows[2 if rank == 1 else 1], algorithm=algorithm),
+                ConfigMismatchError, "another shape" if algorithm == "flat" else "row shape")
     # a rank that skips a call: its next call pairs with the others' call it skipped (the
     # same bytes: nothing can tell), and their next call waits for it in vain: named
     if rank != 0:
@@ -881,7 +889,8 @@ def _hierarchical(rank, world):
     for mine, others in ((g32, int4), swapped):
         msg = _raises(lambda: comm.all_to_all(x, codec=mine if rank == 3 else others),
                       ConfigMismatchError, "hierarchical stage",
-                      "its configuration (codecs, size gate, hidden size, dtype) differs")
+                      "its configuration (codecs, size gate, row shape, hidden size, dtype) "
+                      "differs")
         assert ("rank 3: its configuration" in msg) == (rank != 3), msg
     # split sizes: rank 3 expects 5 rows from rank 0, which sends 4 (across the nodes, so
     # only a relay carries them): the source and the destination meet in stage 1, whose

@@ -11,6 +11,7 @@ import torch
 
 from .. import kernels
 from ..codec import CodecConfig
+from .check import hash63
 from .exchange import Pending, Route, cached_plan, exchange, p2p_call
 from .plan import NOT_SPLIT_SIZES, integer_dtype
 from . import direct
@@ -78,7 +79,7 @@ class _Call:
     """Everything one all-to-all and its backward need (rows are token rows [*, H])."""
     __slots__ = ("fwd", "bwd", "in_rows", "out_rows", "chunks", "in_shape", "out_shape", "run",
                  "fast_fwd", "fast_bwd", "p2p_fwd", "p2p_bwd", "dtype", "device", "grad",
-                 "uniform", "cacheable", "_owner")
+                 "uniform", "cacheable", "_owner", "detail")
 
     def __init__(self, fwd: Route, bwd: Route, in_rows: tuple, out_rows: tuple, chunks: int,
                  in_shape: tuple, out_shape: tuple, run, dtype: torch.dtype,
@@ -90,6 +91,9 @@ class _Call:
         self.dtype, self.device, self.grad = dtype, device, grad
         self.uniform = uniform  # no split sizes given (by any rank: all_to_all's contract)
         self.cacheable = cacheable  # the same arguments always take this call's path
+        # the shape of a row of dim 0 (x [N, ..., H]), in the headers of framed exchanges:
+        # ranks that group the same tokens into rows differently move the same bytes
+        self.detail = 0 if len(in_shape) <= 2 else hash63(tuple(in_shape[1:-1]))
         # the Communicator: no backward after its close(), or its group's end. Weakly: it
         # caches this call, and a cycle would keep it (and its device memory) until the
         # cyclic garbage collector ran; who may still use the call holds it (owner())
@@ -108,11 +112,12 @@ class _Call:
 
     def forward(self, x2: torch.Tensor) -> Pending:
         return self.run(x2, self.in_rows, self.out_rows, self.fwd, self.chunks,
-                        uniform=self.uniform)
+                        uniform=self.uniform, detail=self.detail)
 
     def backward(self, g2: torch.Tensor) -> Pending:
         return self.run(g2, self.out_rows, self.in_rows, self.bwd, self.chunks,
-                        uniform=self.uniform, operation="all_to_all backward")
+                        uniform=self.uniform, operation="all_to_all backward",
+                        detail=self.detail)
 
     def forward_out(self, x: torch.Tensor) -> torch.Tensor:
         """The output [out_shape] of the all-to-all of ``x`` [in_shape] (synchronous)."""

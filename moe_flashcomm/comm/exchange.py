@@ -323,17 +323,18 @@ def cached_plan(route: Route, in_rows: tuple, out_rows: tuple, hidden: int, dtyp
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
-             chunks: int = 1, uniform: bool = False, operation: str = "all_to_all") -> Pending:
+             chunks: int = 1, uniform: bool = False, operation: str = "all_to_all",
+             detail: int = 0) -> Pending:
     """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
     ``out_rows[p]`` rows come from it. ``uniform``: no rank of the call passed split sizes.
-    ``operation``: its name in the headers of a framed exchange (frame.OPERATIONS).
-    Returns a Pending whose ``wait()`` gives the output [sum(out_rows), H] of ``x.dtype``."""
+    ``operation``, ``detail``: its name and a word more in the headers of a framed exchange
+    (frame.OPERATIONS; the caller's row shape). Returns a Pending whose ``wait()`` gives the output [sum(out_rows), H] of ``x.dtype``."""
     x = x.contiguous()
     H, dtype, group = x.shape[1], x.dtype, route.group
     plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks, uniform)
 
     if plan.framed is not None:
-        return _framed_exchange(x, plan, route, operation)
+        return _framed_exchange(x, plan, route, operation, detail)
 
     if plan.p2p is not None:
         out = p2p_call(route, plan, H, dtype, x.device).run(x, (plan.out_total, H))
@@ -540,14 +541,15 @@ class StampedCall:
             check(stream, rp)
 
 
-def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str) -> Pending:
+def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str,
+                     detail: int) -> Pending:
     """The exchange over gloo: each pair's rows behind a header the receiver checks."""
     H, dtype = x.shape[1], x.dtype
     sends, recvs, send_legs, recv_legs = plan.framed
     try:  # (the output first: nothing is sent before both are allocated)
         out = x.new_empty((plan.out_total, H))
         frame = framing.Frame(route.framing, route.group, route.rank, route.world, operation,
-                              dtype, H, send_legs, recv_legs)
+                              dtype, H, send_legs, recv_legs, detail)
     except (RuntimeError, OverflowError, MemoryError) as e:
         # sizes no memory (or no int64) holds, in practice garbage split sizes: the peers
         # are in this exchange already; take part as rejected so that they raise now

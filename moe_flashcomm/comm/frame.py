@@ -52,6 +52,7 @@ OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "hierarchical backward stage")
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     "hierarchical all-reduce stage")  # whose detail word is the numel
+ROW_SHAPE_OPERATIONS = ("all_to_all", "all_to_all backward")  # and a hash of x.shape[1:-1]
 # codes (index + 1) of the dtypes headers and stamps name; appended only (a stamp holds 3
 # bits: the token dtypes); the integers that counts may come in, so that a peer's is named
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.int32,
@@ -827,8 +828,12 @@ class Frame:
         if h[9] != self.detail:
             if self.operation in NUMEL_OPERATIONS:  # (the sizes that differ follow from it)
                 return out + [f"it reduces {h[9]} values; this rank reduces {self.detail}"]
-            out.append("its configuration (codecs, size gate, hidden size, dtype) differs from "
-                       "this rank's")
+            if self.operation in ROW_SHAPE_OPERATIONS:
+                out.append("its rows of dim 0 have another shape (x.shape[1:]) than this "
+                           "rank's")
+            else:  # (a digest of them all: the hierarchical stages)
+                out.append("its configuration (codecs, size gate, row shape, hidden size, "
+                           "dtype) differs from this rank's")
         if h[6] != mine.rows:
             out.append(f"it sends {h[6]} rows to this rank; this rank expects {mine.rows} "
                        f"from it")

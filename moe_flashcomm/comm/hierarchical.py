@@ -473,26 +473,27 @@ STAGE_OPERATIONS = {"all_to_all": "hierarchical stage",
                     "all_to_all backward": "hierarchical backward stage"}
 
 
-def _digest(route: Route, hidden: int, dtype: torch.dtype, local: int) -> int:
+def _digest(route: Route, hidden: int, dtype: torch.dtype, local: int, detail: int) -> int:
     """The route's link path, codec and gate threshold per link class, same node or not (the
     same on every rank of a regular layout of ``local`` ranks per node, though each rank's
     per-peer tables differ; the class is named, not read from the path: on CPU both classes'
     path is "cpu", and a rank swapping its intra- and inter-node codecs would go unseen),
-    hidden size and dtype."""
+    hidden size, dtype and the caller's ``detail`` (its row shape: _Call.detail)."""
     node = route.rank // local
     links = sorted({(p // local == node, path, repr(c), t) for p, (path, c, t) in
                     enumerate(zip(route.paths, route.codecs, route.thresholds)) if p != route.rank})
-    return hash63((links, hidden, str(dtype)))
+    return hash63((links, hidden, str(dtype), detail))
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chunks: int = 1,
              *, hierarchy: Hierarchy, uniform: bool = False,
-             operation: str = "all_to_all") -> Pending:
+             operation: str = "all_to_all", detail: int = 0) -> Pending:
     """Start the hierarchical all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group
     rank p, ``out_rows[p]`` come from it, as ``exchange.exchange`` (``chunks`` is ignored).
     ``uniform``: every pair of the group has ``in_rows[0]`` rows (no split sizes given:
     the count exchange is skipped). ``operation``: "all_to_all" or "all_to_all backward",
-    which the stages' headers tell apart (STAGE_OPERATIONS). Stage 1 completes before this
+    which the stages' headers tell apart (STAGE_OPERATIONS); ``detail``: a word more in
+    their digest (the caller's row shape: _Call.detail). Stage 1 completes before this
     returns; ``wait()`` of the result completes stage 2 and decodes, giving
     [sum(out_rows), H] of ``x.dtype``."""
     h = hierarchy
@@ -502,8 +503,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     src = h._cached(("src", in_rows, out_rows, H, dtype, dev, route.codecs, route.thresholds),
                     lambda: _source_plan(h, route, in_rows, out_rows, H, dtype, dev))
     # in the stages' headers on CPU: the stages move bytes, this names what they carry
-    digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype),
-                       lambda: _digest(route, H, dtype, h.local))
+    digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype, detail),
+                       lambda: _digest(route, H, dtype, h.local, detail))
     numbering = h.numbering(dev)
     stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
     if stamped is not None:
