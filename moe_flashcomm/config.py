@@ -25,9 +25,11 @@ means; in a layer rule null leaves the field as the base config has it. A bad va
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
@@ -41,6 +43,12 @@ SECTION = "moe_flashcomm"
 
 CODEC_FIELDS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
 
+# Top-level keys of a DeepSpeed config: a dict with any of them given where the section's
+# fields go is a whole DeepSpeed config, not the section.
+DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps", "optimizer", "scheduler", "fp16", "bf16",
+                  "zero_optimization")
+
 
 class ConfigError(ValueError):
     """A FlashCommConfig field has a bad value; the message names the field."""
@@ -50,7 +58,56 @@ def _codec(value: Any, where: str) -> LinkCodecs:
     try:
         return LinkCodecs.coerce(value, name=where)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{e}" if str(e).startswith(where) else f"{where}: {e}") from None
+        msg = f"{e}" if str(e).startswith(where) else f"{where}: {e}"
+        bits = _int_spelling(value)
+        raise ConfigError(msg + (f"; did you mean {bits}?" if bits else "")) from None
+
+
+def _int_spelling(value: Any) -> Optional[int]:
+    """N of an "intN" / "int N" bits value in a codec (the tools' --codecs spelling), where
+    N is a width the JSON takes as the number N."""
+    if isinstance(value, Mapping):
+        return next((n for v in value.values() if (n := _int_spelling(v))), None)
+    m = re.fullmatch(r"\s*int\s*([2-8])\s*", value, re.IGNORECASE) if isinstance(value, str) else None
+    return int(m[1]) if m else None
+
+
+def read_deepspeed_config(ds_config: Any) -> Mapping:
+    """A DeepSpeed config as a dict: from a dict, a JSON file path or a ``DeepSpeedConfig``."""
+    if isinstance(ds_config, (str, os.PathLike)):
+        with open(ds_config) as f:
+            try:
+                ds_config = json.load(f)
+            except ValueError as e:  # (not JSON, or not UTF-8 text): name the file
+                raise ConfigError(f"DeepSpeed config {f.name!r} is not JSON: {e}") from None
+        if not isinstance(ds_config, Mapping):
+            raise ConfigError(f"DeepSpeed config {f.name!r} must hold a JSON object, got "
+                              f"{type(ds_config).__name__}")
+    elif hasattr(ds_config, "_param_dict"):  # deepspeed.runtime.config.DeepSpeedConfig
+        ds_config = ds_config._param_dict
+    if not isinstance(ds_config, Mapping):
+        raise TypeError(f"expected a DeepSpeed config dict or JSON path, got {type(ds_config).__name__}")
+    return ds_config
+
+
+def _misspelt_section(keys: Any) -> str:
+    """"; did you mean ...?" naming the keys that look like a misspelt section, else ""."""
+    def near(k: str) -> bool:
+        bare = k.lower().replace("_", "").replace("-", "")
+        return bare.startswith(("moe", "flashcomm")) or bool(
+            difflib.get_close_matches(SECTION, [k], cutoff=0.8))
+    close = [k for k in keys if isinstance(k, str) and k != SECTION and near(k)]
+    if not close:
+        return ""
+    return (f"; {'key' if len(close) == 1 else 'keys'} {', '.join(map(repr, close))} "
+            f"{'is' if len(close) == 1 else 'are'} not read: did you mean \"{SECTION}\"?")
+
+
+def missing_section_message(ds_config: Mapping) -> str:
+    """What to warn of a DeepSpeed config without a ``"moe_flashcomm"`` section: the defaults
+    run (DeepSpeed accepts unknown top-level keys, so a misspelt section goes unnoticed)."""
+    return (f"moe_flashcomm: the DeepSpeed config has no \"{SECTION}\" section: the defaults "
+            f"are used ({FlashCommConfig().describe()})" + _misspelt_section(ds_config))
 
 
 def _codec_to_json(c: LinkCodecs) -> Any:
@@ -173,7 +230,12 @@ class FlashCommConfig:
         if self.all_reduce is None or self.all_reduce is False:
             set_(self, "all_reduce", None)
         else:
-            ar = _codec(None if self.all_reduce is True else self.all_reduce, f"{where}.all_reduce")
+            try:
+                ar = _codec(None if self.all_reduce is True else self.all_reduce,
+                            f"{where}.all_reduce")
+            except ConfigError as e:  # (its bool and null are not codec values)
+                raise ConfigError(f"{e} (all_reduce also takes true: int4, or false / null: "
+                                  "off)") from None
             try:
                 check_all_reduce_codecs(ar, f"{where}.all_reduce", f"{where}.all_reduce")
             except ValueError as e:
@@ -208,8 +270,15 @@ class FlashCommConfig:
             raise ConfigError(f"{where} must be a dict, got {type(d).__name__}")
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(allowed), key=repr)  # (keys of any type: YAML makes some)
+        if unknown and set(unknown) & set(DEEPSPEED_KEYS):  # (an error: guessing is not safer)
+            raise ConfigError(
+                f"{where}: unknown field(s) {unknown}: this looks like a whole DeepSpeed config "
+                f"without a \"{SECTION}\" section; put the moe_flashcomm settings under a "
+                f"\"{SECTION}\" section of it (or pass that section itself)"
+                + _misspelt_section(unknown))
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}"
+                              + _misspelt_section(unknown))
         obj = cls.__new__(cls)
         for f in fields(cls):
             object.__setattr__(obj, f.name, d.get(f.name))  # (absent or null: the default)
@@ -219,38 +288,32 @@ class FlashCommConfig:
     @classmethod
     def from_deepspeed_config(cls, ds_config: Any) -> Optional["FlashCommConfig"]:
         """The ``"moe_flashcomm"`` section of a DeepSpeed config (a dict, a JSON file path, a
-        ``DeepSpeedConfig``), or None when it has no such section."""
-        if isinstance(ds_config, (str, os.PathLike)):
-            with open(ds_config) as f:
-                try:
-                    ds_config = json.load(f)
-                except ValueError as e:  # (not JSON, or not UTF-8 text): name the file
-                    raise ConfigError(f"DeepSpeed config {f.name!r} is not JSON: {e}") from None
-            if not isinstance(ds_config, Mapping):
-                raise ConfigError(f"DeepSpeed config {f.name!r} must hold a JSON object, got "
-                                  f"{type(ds_config).__name__}")
-        elif hasattr(ds_config, "_param_dict"):  # deepspeed.runtime.config.DeepSpeedConfig
-            ds_config = ds_config._param_dict
-        if not isinstance(ds_config, Mapping):
-            raise TypeError(f"expected a DeepSpeed config dict or JSON path, got {type(ds_config).__name__}")
+        ``DeepSpeedConfig``), or None when it has no such section (``missing_section_message``
+        says so, naming a key that looks like a misspelt section)."""
+        ds_config = read_deepspeed_config(ds_config)
         if SECTION not in ds_config:
             return None
         section = ds_config[SECTION]
         return cls.from_dict(section if section is not None else {}, where=SECTION)
 
     @classmethod
-    def coerce(cls, obj: "FlashCommConfig | Mapping[str, Any] | None") -> "FlashCommConfig":
+    def coerce(cls, obj: "FlashCommConfig | Mapping[str, Any] | str | os.PathLike | None"
+               ) -> "FlashCommConfig":
         """A FlashCommConfig from itself, a dict of its fields, a whole DeepSpeed config dict
-        (one holding a ``"moe_flashcomm"`` key) or None (the defaults)."""
+        (one holding a ``"moe_flashcomm"`` key), a DeepSpeed JSON file's path (its section;
+        the defaults without one) or None (the defaults)."""
         if obj is None:
             return cls()
         if isinstance(obj, cls):
             return obj
+        if isinstance(obj, (str, os.PathLike)):
+            return cls.from_deepspeed_config(obj) or cls()
         if isinstance(obj, Mapping):
             if SECTION in obj:
                 return cls.from_deepspeed_config(obj)  # type: ignore[return-value]
             return cls.from_dict(obj)
-        raise TypeError(f"config must be a FlashCommConfig, a dict or None, got {type(obj).__name__}")
+        raise TypeError(f"config must be a FlashCommConfig, a dict, a DeepSpeed JSON config "
+                        f"path or None, got {type(obj).__name__}")
 
     def describe(self) -> str:
         """One line for logs: the four codecs and the transport options."""
@@ -272,6 +335,10 @@ def _default(f) -> Any:
     return f.default_factory() if callable(f.default_factory) else f.default
 
 
+_BOOL_WORDS = ("true", "false", "on", "off", "yes", "no", "1", "0", "enabled", "disabled",
+               "none", "null")
+
+
 def _check_gate(gate: Any, where: str) -> Any:
     if isinstance(gate, bool):
         return gate
@@ -281,7 +348,11 @@ def _check_gate(gate: Any, where: str) -> Any:
         try:
             loaded = SizeGate.coerce(gate)
         except (TypeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{where}: {e}") from None
+            # "true" / "off" in quotes: a string is read as a file path
+            word = isinstance(gate, str) and gate.strip().lower() in _BOOL_WORDS
+            raise ConfigError(f"{where}: {e}" + (" (a string is a gate file's path; JSON true / "
+                                                 "false, unquoted, turn the gate on / off)"
+                                                 if word else "")) from None
         # a copy: the caller's dict, changed later, would change a checked config
         if isinstance(gate, Mapping):
             return copy.deepcopy(dict(gate))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 from moe_flashcomm import FlashCommConfig, SizeGate, env
+from moe_flashcomm.config import missing_section_message
 from moe_flashcomm.tune_gate import HelpFormatter  # (the tools' and the tuner's as well)
 
 EXIT_USAGE = 2
@@ -109,9 +110,8 @@ def check_gate_variable() -> None:
 def codecs_line(cfg: dict) -> str:
     """The active codecs of a DeepSpeed config, for the start of a run."""
     section = FlashCommConfig.from_deepspeed_config(cfg)
-    if section is None:
-        return "moe_flashcomm: no \"moe_flashcomm\" section: the defaults (" + \
-            FlashCommConfig().describe() + ")"
+    if section is None:  # (naming a key that looks like a misspelt section)
+        return missing_section_message(cfg)
     return "moe_flashcomm: " + (section.describe() if section.enabled else "disabled (stock DeepSpeed)")
 
 

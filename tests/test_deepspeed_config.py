@@ -9,7 +9,7 @@ from dataclasses import fields, replace
 import pytest
 
 from moe_flashcomm import CodecConfig, LinkCodecs
-from moe_flashcomm.config import ConfigError, FlashCommConfig
+from moe_flashcomm.config import ConfigError, FlashCommConfig, missing_section_message
 
 
 def test_defaults_and_round_trip(tmp_path):
@@ -115,6 +115,20 @@ def test_layer_rules_apply_in_order():
     ({"layers": [{"match": "a", "layers": []}]}, "moe_flashcomm.layers[0]: unknown field(s) ['layers']"),
     ({"gate": "/nonexistent/gate.json"},
      "moe_flashcomm.gate: cannot read size-gate file '/nonexistent/gate.json'"),
+    # a boolean in quotes is a file path: the message says how to write the boolean
+    ({"gate": "true"}, "No such file or directory: 'true' (a string is a gate file's path; "
+                       "JSON true / false, unquoted, turn the gate on / off)"),
+    ({"gate": "off"}, "(a string is a gate file's path; JSON true / false"),
+    ({"all_reduce": "yes"}, "moe_flashcomm.all_reduce: CodecConfig.bits must be an int 2..8, "
+                            "'fp8', 'bf16' or 'native', got 'yes' (all_reduce also takes true: "
+                            "int4, or false / null: off)"),
+    # the tools' --codecs spelling of a width: still an error, with the JSON spelling
+    ({"dispatch": "int4"}, "CodecConfig.bits must be an int 2..8, 'fp8', 'bf16' or 'native', "
+                           "got 'int4'; did you mean 4?"),
+    ({"combine": {"intra_node": "bf16", "inter_node": {"bits": "INT 8"}}},
+     "moe_flashcomm.combine: LinkCodecs.inter_node: CodecConfig.bits must be an int 2..8, 'fp8', "
+     "'bf16' or 'native', got 'INT 8'; did you mean 8?"),
+    ({"layers": [{"match": "a", "combine": "int2"}]}, "got 'int2'; did you mean 2?"),
     ({"layers": [{"match": "a"}, {"index": 0, "gate": "/nonexistent/gate.json"}]},
      "moe_flashcomm.layers[1].gate: cannot read size-gate file '/nonexistent/gate.json'"),
 ])
@@ -146,7 +160,8 @@ def test_constructor_validates_too():
         FlashCommConfig(combine=1)
     with pytest.raises(ConfigError, match=r"FlashCommConfig\.layers\[0\]\.dispatch_grad"):
         FlashCommConfig(layers=[{"index": 0, "dispatch_grad": "fp4"}])
-    with pytest.raises(TypeError, match="config must be a FlashCommConfig, a dict or None, got int"):
+    with pytest.raises(TypeError, match="config must be a FlashCommConfig, a dict, a DeepSpeed "
+                                        "JSON config path or None, got int"):
         FlashCommConfig.coerce(4)
 
 
@@ -158,6 +173,48 @@ def test_what_is_not_a_config_is_named():
         FlashCommConfig.from_deepspeed_config(3)
     assert FlashCommConfig.from_deepspeed_config({"train_batch_size": 8}) is None
     assert FlashCommConfig.from_deepspeed_config({"moe_flashcomm": None}) == FlashCommConfig()
+
+
+def test_a_whole_deepspeed_config_without_the_section_is_named(tmp_path):
+    """Given where the section's fields go, a DeepSpeed config without the section is an
+    error that says so (guessing it meant the defaults could hide a misspelt section); a
+    DeepSpeed JSON file's path is read for its section, the defaults without one."""
+    ds = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}}
+    with pytest.raises(ConfigError) as e:
+        FlashCommConfig.coerce(ds)
+    assert str(e.value) == (
+        "FlashCommConfig: unknown field(s) ['optimizer', 'train_micro_batch_size_per_gpu']: "
+        "this looks like a whole DeepSpeed config without a \"moe_flashcomm\" section; put the "
+        "moe_flashcomm settings under a \"moe_flashcomm\" section of it (or pass that section "
+        "itself)")
+    with pytest.raises(ConfigError, match=r"looks like a whole DeepSpeed config .* key "
+                                          r"'moe_flashcom' is not read: did you mean .moe_flashcomm.\?"):
+        FlashCommConfig.coerce({**ds, "moe_flashcom": {"dispatch": 8}})
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({**ds, "moe_flashcomm": {"dispatch": 8}}))
+    for given in (path, str(path)):
+        assert FlashCommConfig.coerce(given) == FlashCommConfig(dispatch=8)
+    path.write_text(json.dumps(ds))
+    assert FlashCommConfig.coerce(path) == FlashCommConfig()
+
+
+@pytest.mark.parametrize("keys, named", [
+    (["train_batch_size"], None),
+    (["train_batch_size", "moe_flashcom"], "key 'moe_flashcom' is not"),
+    (["moe-flashcomm", "MoE_FlashComm", "flash_comm", "bf16"],
+     "keys 'moe-flashcomm', 'MoE_FlashComm', 'flash_comm' are not"),
+    (["moe_flashcomn"], "key 'moe_flashcomn' is not"),
+])
+def test_a_config_without_the_section_names_a_misspelt_one(keys, named):
+    """What enable_deepspeed warns (rank 0) of a DeepSpeed config without the section: the
+    defaults run, and a key that looks like the section misspelt is named."""
+    msg = missing_section_message({k: {} for k in keys})
+    assert msg.startswith('moe_flashcomm: the DeepSpeed config has no "moe_flashcomm" section: '
+                          f"the defaults are used ({FlashCommConfig().describe()})"), msg
+    if named is None:
+        assert "did you mean" not in msg, msg
+    else:
+        assert msg.endswith(f'; {named} read: did you mean "moe_flashcomm"?'), msg
 
 
 def test_a_gate_file_is_loaded_when_the_config_is_built(tmp_path):

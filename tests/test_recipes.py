@@ -484,10 +484,68 @@ def _readme_example(rank, world, section):
     assert stats["blocks.0.moe.deepspeed_moe"].calls["dispatch"] == 1
     assert moe_flashcomm.FlashCommConfig.from_dict(section).for_layer(
         "blocks.0.moe.deepspeed_moe", 0).dispatch.intra_node.bits == 8  # rule 1
+    _config_given_to_an_engine(rank, MoELM(ModelConfig(hidden=64, seq=16, ep_size=world)))
+
+
+def _config_given_to_an_engine(rank, model):
+    """enable_deepspeed(engine) whose DeepSpeed config misspells the section (DeepSpeed accepts
+    it): the defaults, with a warning on rank 0 only naming the key; a DeepSpeed JSON path
+    as ``config``: its section (without one: the defaults and the same warning); a whole
+    DeepSpeed config dict without the section: an error that says so."""
+    import io
+    import logging
+    import tempfile
+
+    import deepspeed
+
+    import moe_flashcomm
+    from moe_flashcomm.config import ConfigError
+    from moe_flashcomm.integrations.patching import ds_logger
+    ds = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10 ** 6}
+    engine, *_ = deepspeed.initialize(model=model, config={**ds, "moe_flashcom": {"dispatch": 8}})
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    ds_logger().addHandler(handler)
+
+    def codecs(config=None):
+        """(dispatch bits of each enabled layer, what was logged meanwhile)"""
+        seen.seek(0)
+        seen.truncate()
+        stats = moe_flashcomm.enable_deepspeed(engine, config)
+        layers = [m for m in engine.module.modules() if "_moe_flashcomm" in vars(m)]
+        assert len(stats) == len(layers) == 2
+        return [vars(m)["_moe_flashcomm"].config.dispatch.intra_node.bits for m in layers], \
+            seen.getvalue()
+
+    warning = 'moe_flashcomm: the DeepSpeed config has no "moe_flashcomm" section: the defaults are used'
+    try:
+        bits, logged = codecs()
+        assert bits == [4, 4]
+        assert (warning in logged) == (rank == 0), logged
+        if rank == 0:
+            assert "key 'moe_flashcom' is not read: did you mean \"moe_flashcomm\"?" in logged, logged
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ds_config.json")
+            with open(path, "w") as f:
+                json.dump({**ds, "moe_flashcomm": {"dispatch": 8}}, f)
+            bits, logged = codecs(path)
+            assert bits == [8, 8] and warning not in logged, logged
+            with open(path, "w") as f:
+                json.dump(ds, f)
+            bits, logged = codecs(Path(path))
+            assert bits == [4, 4] and (warning in logged) == (rank == 0), logged
+        with pytest.raises(ConfigError, match=r"unknown field\(s\) \['steps_per_print', "
+                                              r"'train_micro_batch_size_per_gpu'\]: this looks "
+                                              r"like a whole DeepSpeed config"):
+            moe_flashcomm.enable_deepspeed(engine, ds)
+    finally:
+        ds_logger().removeHandler(handler)
+    moe_flashcomm.disable_deepspeed(engine)
 
 
 def test_readme_config_example_runs_on_the_recipe_model():
-    """The README's "moe_flashcomm" JSON, as written, on the recipes' model (2 gloo ranks)."""
+    """The README's "moe_flashcomm" JSON, as written, on the recipes' model (2 gloo ranks);
+    then the config an engine's enable_deepspeed reads (``_config_given_to_an_engine``)."""
     from tests.distributed import spawn
     readme = (ROOT / "README.md").read_text()
     start = readme.index('```json\n"moe_flashcomm": ') + len('```json\n"moe_flashcomm": ')

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import os
 import types
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -437,7 +438,8 @@ def _communicators(enabled: list[tuple[nn.Module, SizeGate, Optional["_LayerStat
     return out
 
 
-def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
+def enable_deepspeed(model: Any,
+                     config: Union[FlashCommConfig, Mapping[str, Any], str, os.PathLike, None] = None
                      ) -> dict[str, ExchangeStats]:
     """Send every DeepSpeed MoE all-to-all of ``model`` through moe_flashcomm.
 
@@ -445,8 +447,11 @@ def enable_deepspeed(model: Any, config: Union[FlashCommConfig, Mapping[str, Any
             ``AutoEPMoELayer`` or ``DeepSpeedMoEInference`` layers, or the engine returned by
             ``deepspeed.initialize`` / ``deepspeed.init_inference``.
     config: a FlashCommConfig, a dict of its fields, a whole DeepSpeed config dict (its
-            ``"moe_flashcomm"`` section is used), or None: the engine's DeepSpeed config
-            section when ``model`` is a training engine, else the defaults.
+            ``"moe_flashcomm"`` section is used), a DeepSpeed JSON config file's path (its
+            section), or None: the engine's DeepSpeed config section when ``model`` is a
+            training engine, else the defaults. A DeepSpeed config (a file's or the
+            engine's) without the section gives the defaults, with a warning on rank 0
+            that names a top-level key that looks like a misspelt section.
 
     AutoEP replaces layers inside ``deepspeed.initialize``: enable on the engine it returns.
     The config's ``all_reduce`` applies too: set, it installs or updates the tensor-parallel

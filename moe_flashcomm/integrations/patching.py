@@ -23,6 +23,7 @@ import copy
 import datetime
 import functools
 import logging
+import os
 import sys
 import types
 import weakref
@@ -37,7 +38,7 @@ from ..comm import direct
 from ..comm.check import ConfigMismatchError
 from ..comm.frame import PeerTimeoutError
 from ..comm.gate import SizeGate
-from ..config import FlashCommConfig
+from ..config import FlashCommConfig, missing_section_message, read_deepspeed_config
 
 TESTED_VERSIONS = ("0.19.8",)
 """DeepSpeed versions the test suite ran against."""
@@ -115,14 +116,23 @@ def unwrap(model: Any) -> tuple[nn.Module, Any]:
     raise TypeError(f"model must be a torch.nn.Module or a DeepSpeed engine, got {type(model).__name__}")
 
 
-def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None]
+def resolve(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], str, os.PathLike, None]
             ) -> tuple[nn.Module, FlashCommConfig]:
-    """The module to patch and the config to use: ``config`` coerced, or with None the
-    ``"moe_flashcomm"`` section of the engine's DeepSpeed config (defaults without one)."""
-    root, ds_config = unwrap(model)
-    if config is None and ds_config is not None:
-        return root, FlashCommConfig.from_deepspeed_config(ds_config) or FlashCommConfig()
-    return root, FlashCommConfig.coerce(config)
+    """The module to patch and the config to use: ``config`` coerced, or the
+    ``"moe_flashcomm"`` section of a DeepSpeed config: a JSON file's given as ``config``, or
+    with None the engine's. Without a section the defaults, with a warning (rank 0): DeepSpeed
+    accepts unknown top-level keys, so a misspelt section would go unnoticed."""
+    root, engine_config = unwrap(model)
+    if config is None and engine_config is not None:
+        ds_config = read_deepspeed_config(engine_config)
+    elif isinstance(config, (str, os.PathLike)):
+        ds_config = read_deepspeed_config(config)
+    else:
+        return root, FlashCommConfig.coerce(config)
+    section = FlashCommConfig.from_deepspeed_config(ds_config)
+    if section is None and rank0():
+        ds_logger().warning(missing_section_message(ds_config))
+    return root, section or FlashCommConfig()
 
 
 # ---- every rank agrees on what it enables --------------------------------------------------------
