@@ -194,13 +194,7 @@ def bench(args) -> None:
                     row[f"{key}_rel_err"] = rel_err(layer(x)[0].float(), stock)
                 moe_flashcomm.disable_deepspeed(layer)
             rows.append(row)
-            line = (f"{name:>8} tokens/rank {tokens:>6}: stock {row['stock_s'] * 1e3:8.2f} ms "
-                    f"({tokens * world / row['stock_s']:>10.0f} tok/s)")
-            for key in keys:
-                line += (f" | {key} {row[f'{key}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{key}_s']:.2f}, "
-                         f"{row['stock_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes"
-                         f" (err {row[f'{key}_rel_err']:.1e})")
-            log(line)
+            log(row_line(row, keys, dtype))
         layer = None  # (freed before the next preset; the timed lambdas above are done)
         if gpu:
             torch.cuda.empty_cache()
@@ -216,6 +210,20 @@ def bench(args) -> None:
         log(f"wrote {path}")
         if args.plot:
             plot(rows, keys, path.with_suffix(".png"), str(dtype).removeprefix("torch."))
+
+
+def row_line(row: dict, keys: list, dtype: torch.dtype) -> str:
+    """What a run prints of one measured row: stock, then each codec against it; the bytes
+    against the stock exchange's, in ``dtype`` (the layer's: fp32 on CPU, bf16 on GPUs)."""
+    stock = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
+    line = (f"{row['preset']:>8} tokens/rank {row['tokens_per_rank']:>6}: stock "
+            f"{row['stock_s'] * 1e3:8.2f} ms "
+            f"({row['tokens_per_rank'] * row['world'] / row['stock_s']:>10.0f} tok/s)")
+    for key in keys:
+        line += (f" | {key} {row[f'{key}_s'] * 1e3:8.2f} ms x{row['stock_s'] / row[f'{key}_s']:.2f}, "
+                 f"{row['stock_bytes'] / row[f'{key}_bytes']:.2f}x fewer bytes than stock {stock}"
+                 f" (err {row[f'{key}_rel_err']:.1e})")
+    return line
 
 
 def plot(rows: list, codecs: list, path: Path, stock_dtype: str) -> None:

@@ -42,6 +42,29 @@ DEFAULT_CONFIG = {
 }
 
 
+# Without a terminal (no progress bar) a progress line this often, in seconds of wall time:
+# the evaluations' lines alone leave a log silent for minutes.
+PROGRESS_EVERY_S = 30
+
+
+class ProgressLines:
+    """The progress bar's stand-in in a log: a short line at most every ``every_s`` seconds."""
+
+    def __init__(self, start: int, total: int, every_s: float = PROGRESS_EVERY_S,
+                 clock=time.perf_counter) -> None:
+        self.start, self.total, self.every_s, self.clock = start, total, every_s, clock
+        self.t0 = self.last = clock()
+
+    def line(self, step: int, loss: float) -> Optional[str]:
+        """The line for ``step`` (its loss) where one is due, else None."""
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return None
+        self.last, elapsed = now, now - self.t0
+        return (f"step {step}/{self.total}: loss {loss:.4f}, {elapsed:.0f} s, "
+                f"{(step - self.start) / elapsed:.2f} steps/s")
+
+
 def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval_batches: int,
                    out: str, resumable: bool = False) -> None:
     """Options shared with tools/accuracy_study.py (which has its own defaults and no --resume)."""
@@ -67,8 +90,8 @@ def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the training batches alone (default: --seed)")
     p.add_argument("--out", type=Path, default=Path(out), help="folder of the results")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when "
-                   "stdout is not a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (when stdout is "
+                   f"not a terminal: no progress line every {PROGRESS_EVERY_S} s)")
 
 
 def parse_args(argv=None):
@@ -221,10 +244,12 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
 
     tokens_per_step = micro * args.seq * world
     history, t_start, evaluations, eval_seconds = [], time.perf_counter(), 0, 0.0
-    progress = None
+    progress = lines = None
     if rank == 0 and not args.no_progress and sys.stdout.isatty():
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=start, desc="finetune", unit="step", file=sys.stdout)
+    elif rank == 0 and not args.no_progress:
+        lines = ProgressLines(start, args.steps)
     for step in range(start + 1, args.steps + 1):
         loss, aux = engine(batches.next().to(engine.device))
         engine.backward(loss + mcfg.aux_loss_weight * aux)
@@ -233,6 +258,8 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
+        elif lines and (line := lines.line(step, history[-1]["loss"])):
+            log(line)
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.perf_counter()  # (loss.item() above waited for the step)
             history[-1]["val_loss"] = evaluate(engine, val_batches)

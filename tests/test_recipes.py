@@ -352,6 +352,19 @@ def test_one_rank_run_says_there_was_no_exchange(monkeypatch):
     assert "calls per direction" not in text and "x less" not in text and "filled" not in text
 
 
+def test_without_a_terminal_progress_is_a_line_every_30_s(monkeypatch):
+    """Without a terminal there is no progress bar, and a run printed nothing between its
+    evaluations (minutes): a short line is due every PROGRESS_EVERY_S seconds of wall time."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import finetune_moe
+    assert finetune_moe.PROGRESS_EVERY_S == 30
+    times = iter([100.0, 110.0, 129.9, 130.0, 150.0, 190.0])  # the clock at start, then per step
+    lines = finetune_moe.ProgressLines(start=10, total=300, clock=lambda: next(times))
+    got = [lines.line(step, 5.0 - step / 100) for step in range(11, 16)]
+    assert got == [None, None, "step 13/300: loss 4.8700, 30 s, 0.10 steps/s", None,
+                   "step 15/300: loss 4.8500, 90 s, 0.06 steps/s"]
+
+
 def test_a_launcher_less_single_process_is_one_rank(tmp_path):
     """On a GPU machine without a launcher the recipes run in this one process, but DeepSpeed,
     finding no RANK / MASTER_ADDR, looked for an MPI launch (ModuleNotFoundError: mpi4py).
@@ -386,6 +399,20 @@ def test_inference_plot_names_the_stock_dtype_and_needs_no_matplotlib(tmp_path, 
     bench_moe_inference.plot(rows, ["int8"], tmp_path / "b.png", "float32")
     assert "matplotlib not installed: no plot" in capsys.readouterr().out
     assert not (tmp_path / "b.png").exists()
+
+
+def test_inference_line_names_what_the_bytes_are_fewer_than(monkeypatch):
+    """"int4 ... 8.00x fewer bytes" on CPU was against the stock exchange in fp32 (twice
+    bf16's bytes), which the line did not say."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import bench_moe_inference
+    import torch
+    row = dict(preset="tiny", tokens_per_rank=64, world=2, stock_s=0.01, stock_bytes=8000.0,
+               int4_s=0.02, int4_bytes=1000.0, int4_rel_err=0.05)
+    line = bench_moe_inference.row_line(row, ["int4"], torch.float32)
+    assert line == ("    tiny tokens/rank     64: stock    10.00 ms (     12800 tok/s) | int4    "
+                    "20.00 ms x0.50, 8.00x fewer bytes than stock fp32 (err 5.0e-02)"), line
+    assert "fewer bytes than stock bf16 " in bench_moe_inference.row_line(row, ["int4"], torch.bfloat16)
 
 
 def test_the_other_data_seed_run_keeps_the_initial_weights(tmp_path, monkeypatch):
