@@ -539,6 +539,35 @@ def test_wire_format_table_has_help(capsys):
     assert out.startswith("usage:") and "record-size table" in out and "| hidden |" not in out
 
 
+def test_check_csrc_help_compiles_nothing():
+    """--help went to nvcc, whose help exits 0: every job said "ok" (the check "passed")."""
+    for flag in ("--help", "-h"):
+        proc = subprocess.run(["bash", str(ROOT / "tools" / "check_csrc.sh"), flag],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert proc.stdout.startswith("usage: tools/check_csrc.sh [extra nvcc flags")
+        assert len(proc.stdout.splitlines()) == 1, proc.stdout  # (no "ok   csrc/..." line)
+
+
+@pytest.mark.parametrize("module, sizes", [(bench_all2all, "sizes"), (bench_small, "a2a_sizes")])
+def test_tables_say_the_sizes_are_rounded_to_whole_rows(module, sizes, capsys):
+    """At hidden 7168 the 64K and 256K asked are 56K and 252K of whole rows (2 ranks' even
+    split): the tables showed those sizes without saying why; a note says so once."""
+    assert bench_all2all.a2a_tokens(64 << 10, 7168, 2) == 4 and \
+        bench_all2all.a2a_tokens(256 << 10, 7168, 2) == 18
+    result = json.loads((DATA / f"{module.__name__}.json").read_text())  # (a GPU run)
+    result["meta"]["config"][sizes] = [64 << 10, 256 << 10]
+    text = module.print_tables(result)
+    note = ("note: at hidden 7168 the sizes are whole token rows split evenly over 2 ranks, "
+            "rounded down from those asked: 64K -> 56K, 256K -> 252K")
+    assert text.count("note: ") == 1 and note + "\n" in text, text[:600]
+    assert re.search(r"^ +56K ", text, re.M) and re.search(r"^ +64K ", text, re.M)  # (hidden 4096)
+    result["meta"]["config"][sizes] = [64 << 10]  # whole rows at 4096, and one asked: no note
+    result["rows"] = [r for r in result["rows"] if r["hidden"] == 4096]
+    assert "note: " not in module.print_tables(result)
+    capsys.readouterr()
+
+
 PARSERS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if "Parser(" in p.read_text())
 
 

@@ -36,9 +36,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, SIZES_ARG, HelpFormatter, burst_ms, check_out,  # noqa: E402
-                      bench_codec, csv_arg, float_above, fmt_size, free_port, init_link_worker, parse_size,
-                      positive_int, pyplot, ratio_axes, read_json, require_gpus, save_figure)
+from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, SIZES_ARG, HelpFormatter, a2a_tokens,  # noqa: E402
+                      burst_ms, bench_codec, check_out, csv_arg, float_above, fmt_size, free_port,
+                      init_link_worker, parse_size, positive_int, pyplot, ratio_axes, read_json,
+                      require_gpus, rounded_sizes_note, save_figure)
 
 from moe_flashcomm.comm.gate import DEFAULT_THRESHOLDS, SizeGate, with_defaults  # noqa: E402
 from moe_flashcomm.tune_gate import bench_input, fit_from_rows, time_calls  # noqa: E402
@@ -98,7 +99,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
 
     for H in cfg["hiddens"]:
         for size in cfg["sizes"]:
-            T = max(world, size // (2 * H) // world * world)
+            T = a2a_tokens(size, H, world)
             x = _input(T, H, rank)
             out = torch.empty_like(x)
             nccl = measure(x, "nccl", lambda: dist.all_to_all_single(out, x))
@@ -124,7 +125,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     size_gate = mf.SizeGate(gate)
     for H in cfg["hiddens"] if cfg.get("gated", True) else ():
         for size in cfg["sizes"]:
-            T = max(world, size // (2 * H) // world * world)
+            T = a2a_tokens(size, H, world)
             pair = (T // world) * H * 2
             gated = [n for n, c in codecs.items() if pair < size_gate.threshold(path, c)]
             if not gated:
@@ -229,7 +230,8 @@ def library_rows(rows: list, gate: dict) -> list:
 def print_tables(result: dict) -> str:
     lib = library_rows(result["rows"], result["gate"])
     codecs = [c for c in CODECS if any(r["codec"] == c for r in lib)]
-    lines = []
+    asked = result.get("meta", {}).get("config", {}).get("sizes", [])  # (2 ranks: run_paths)
+    lines = [n for H in sorted({r["hidden"] for r in lib}) if (n := rounded_sizes_note(asked, H, 2))]
     for path in LINK_EMULATION:
         for H in sorted({r["hidden"] for r in lib if r["path"] == path}):
             sel = [r for r in lib if r["path"] == path and r["hidden"] == H]

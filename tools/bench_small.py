@@ -46,9 +46,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter, check_out,  # noqa: E402
-                      bench_codec, csv_arg, fmt_size, free_port, init_link_worker, is_dry_run, positive_int,
-                      pyplot, ratio_axes, read_json, require_gpus, save_figure)
+from benchlib import (CPU_SIZES, LINK_EMULATION, PATHS_ARG, QUANTIZED, SIZES_ARG, HelpFormatter,  # noqa: E402
+                      a2a_tokens, bench_codec, check_out, csv_arg, fmt_size, free_port,
+                      init_link_worker, is_dry_run, positive_int, pyplot, ratio_axes, read_json,
+                      require_gpus, rounded_sizes_note, save_figure)
 
 A2A_CODECS = ("bf16", "fp8", "int8", "int6", "int4", "int3", "int2")
 AR_CODECS = ("int4", "int8", "fp8", "int2")
@@ -116,7 +117,7 @@ def _cases(cfg: dict, rank: int, world: int, mf):
     if "all_to_all" in cfg["ops"]:
         for H in cfg["hiddens"]:
             for size in cfg["a2a_sizes"]:
-                T = max(world, size // (2 * H) // world * world)
+                T = a2a_tokens(size, H, world)
                 x = _input((T, H), rank, dev)
                 fns = {"nccl": (lambda x=x: dist.all_to_all_single(torch.empty_like(x), x), None)}
                 for name in cfg["a2a_codecs"]:
@@ -217,7 +218,9 @@ def ratios(rows: list) -> list:
 
 def print_tables(result: dict) -> str:
     rs = ratios(result["rows"])
-    lines = []
+    asked = result.get("meta", {}).get("config", {}).get("a2a_sizes", [])  # (2 ranks: main)
+    lines = [n for H in sorted({r["hidden"] for r in rs if r["op"] == "all_to_all"})
+             if (n := rounded_sizes_note(asked, H, 2))]
     for path in LINK_EMULATION:
         for op in ("all_to_all", "all_reduce"):
             sel = [r for r in rs if r["path"] == path and r["op"] == op]

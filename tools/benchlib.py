@@ -12,14 +12,32 @@ from moe_flashcomm.comm.gate import write_gate
 from moe_flashcomm.tune_gate import (HelpFormatter, check_gate_out, check_out, parse_size, positive_int,
                                      pyplot, require_gpus)
 
-__all__ = ["CPU_SIZES", "HelpFormatter", "LINK_EMULATION", "PATHS_ARG", "QUANTIZED", "SIZES_ARG", "burst_ms",
+__all__ = ["CPU_SIZES", "HelpFormatter", "LINK_EMULATION", "PATHS_ARG", "QUANTIZED", "SIZES_ARG",
+           "a2a_tokens", "burst_ms",
            "bench_codec", "check_gate_out", "check_out", "csv_arg", "float_above", "fmt_size", "free_port",
            "init_link_worker",
            "is_dry_run", "parse_size", "positive_int", "pyplot", "ratio_axes", "read_json", "require_gpus",
-           "save_figure", "write_gate"]
+           "rounded_sizes_note", "save_figure", "write_gate"]
 
 # the quantized codecs by their command-line names
 QUANTIZED = ("fp8",) + tuple(f"int{b}" for b in range(2, 9))
+
+
+def a2a_tokens(size: int, hidden: int, world: int) -> int:
+    """Rows of the all-to-all timed for ``size`` bf16 bytes asked: whole rows of ``hidden``,
+    a multiple of ``world`` (the even split), rounded down (``world`` rows at least)."""
+    return max(world, size // (2 * hidden) // world * world)
+
+
+def rounded_sizes_note(asked, hidden: int, world: int) -> str:
+    """A table's note where its sizes (whole rows, ``a2a_tokens``) are not those asked (a
+    56K row where 64K was asked, at hidden 7168); "" where every size is as asked."""
+    moved = [f"{fmt_size(s)} -> {fmt_size(b)}" for s in asked
+             if (b := a2a_tokens(s, hidden, world) * hidden * 2) != s]
+    if not moved:
+        return ""
+    return (f"note: at hidden {hidden} the sizes are whole token rows split evenly over {world} "
+            f"ranks, rounded down from those asked: {', '.join(moved)}")
 
 
 def read_json(parser, path, option: str = "--plot") -> dict:

@@ -3,6 +3,13 @@
 # (-DMFC_INSTANTIATE_ALL), with the flags the NVRTC loader uses. Fails on any error.
 # Usage: tools/check_csrc.sh [extra nvcc flags, e.g. -Xptxas -v]
 set -euo pipefail
+for arg in "$@"; do  # (nvcc's own --help exits 0: every job would say "ok")
+  case $arg in
+    -h|--help)
+      echo "usage: tools/check_csrc.sh [extra nvcc flags, e.g. -Xptxas -v]: compiles every csrc/*.cu for sm_90"
+      exit 0 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
