@@ -337,13 +337,13 @@ def check_ranks_that_disagree(tag: str) -> None:
     with torch.no_grad():
         local = shard @ layer.weight.t()
         start = time.monotonic()
-        for mine, seen in ((None, "off"), (8, "bits=8")):  # rank 1 differs: off, then int8
+        for mine, seen in ((None, "off"), (8, "int8/g128")):  # rank 1 differs: off, then int8
             config = {"all_reduce": 4 if rank != 1 else mine, **OFF}
             with pytest.raises(mf.comm.ConfigMismatchError,
                                match=r"ranks 0 and 1 resolved different layer configs: layer '': "
                                      r"all_reduce differs") as raised:
                 mf.enable_all_reduce(layer, config)
-            assert "bits=4" in str(raised.value) and seen in str(raised.value), tag
+            assert "int4/g128" in str(raised.value) and seen in str(raised.value), tag
         assert time.monotonic() - start < 10, f"{tag}: disagreement took too long to raise"
         # agreeing inside each group is enough: the second group (4 ranks) is off
         codec = 4 if rank < tp else None

@@ -303,7 +303,7 @@ def _check_rules(root: nn.Module, cfg: FlashCommConfig, names: list[str], found:
                                   f"layers[].index rule is out of range, {has} DeepSpeed MoE "
                                   "layer(s)")
     for i, rule in enumerate(cfg.layers):
-        if rule.match and not any(rule.match in matched for _, _, matched in found):
+        if rule.match and not any(rule.match in matched for _, _, matched in found) and rank0():
             ds_logger().warning(f"moe_flashcomm: layers[{i}].match {list(rule.match)} selects no "
                                  f"layer; the MoE layers are: {names}")
 

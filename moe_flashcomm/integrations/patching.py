@@ -34,10 +34,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import env
+from ..codec import CodecConfig
 from ..comm import direct
 from ..comm.check import ConfigMismatchError
 from ..comm.frame import PeerTimeoutError
 from ..comm.gate import SizeGate
+from ..comm.topology import LinkCodecs
 from ..config import FlashCommConfig, missing_section_message, read_deepspeed_config
 
 TESTED_VERSIONS = ("0.19.8",)
@@ -242,10 +244,15 @@ class _Meeting:
 
 
 def compared_fields(cfg: FlashCommConfig, names) -> dict:
-    """``cfg``'s fields ``names`` as ``agree`` compares them: their reprs, and a gate by its
-    tables (ranks may read equal tables from files of different paths)."""
-    return {name: f"tables {SizeGate.coerce(cfg.gate).digest}" if name == "gate"
-            else repr(getattr(cfg, name)) for name in names}
+    """``cfg``'s fields ``names`` as ``agree`` compares them and its errors show them: their
+    reprs, a codec in its short form (int4/g128+spikes: all of a codec once normalised),
+    and a gate by its tables (ranks may read equal tables from files of different paths)."""
+    def shown(name: str) -> str:
+        if name == "gate":
+            return f"tables {SizeGate.coerce(cfg.gate).digest}"
+        value = getattr(cfg, name)
+        return str(value) if isinstance(value, (LinkCodecs, CodecConfig)) else repr(value)
+    return {name: shown(name) for name in names}
 
 
 def _disagreeing_pair(gathered: list) -> Optional[tuple[int, int]]:
