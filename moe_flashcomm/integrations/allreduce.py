@@ -44,6 +44,7 @@ apply.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -258,17 +259,19 @@ def _states(root: nn.Module, config: FlashCommConfig, from_section: bool) -> lis
 
 
 # ---- public API ------------------------------------------------------------------------------------
-def enable_all_reduce(model: Any, config: Union[FlashCommConfig, Mapping[str, Any], None] = None
-                      ) -> dict[str, AllReduceStats]:
+def enable_all_reduce(model: Any,
+                      config: Union[FlashCommConfig, Mapping[str, Any], str, os.PathLike,
+                                    None] = None) -> dict[str, AllReduceStats]:
     """Send the tensor-parallel inference all-reduces of ``model``'s DeepSpeed layers
     (module docstring) through ``moe_flashcomm.all_reduce`` with ``config.all_reduce``.
 
     model:  an ``nn.Module`` or a DeepSpeed engine (``deepspeed.init_inference`` /
             ``deepspeed.initialize``).
     config: a FlashCommConfig, a dict of its fields, a whole DeepSpeed config dict (its
-            ``"moe_flashcomm"`` section), or None: the engine's section when ``model`` is a
-            training engine, else the defaults. ``all_reduce`` None (the default) turns the
-            hooks off: previously patched layers are restored.
+            ``"moe_flashcomm"`` section), a DeepSpeed JSON config file's path (its section),
+            or None: the engine's section when ``model`` is a training engine, else the
+            defaults (``enable_deepspeed`` says more). ``all_reduce`` None (the default)
+            turns the hooks off: previously patched layers are restored.
     Returns the live AllReduceStats of every patched layer, by qualified module name.
     """
     import_deepspeed()
