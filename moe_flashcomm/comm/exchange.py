@@ -328,7 +328,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
     """Start the all-to-all of ``x`` [T, H]: ``in_rows[p]`` rows go to group rank p and
     ``out_rows[p]`` rows come from it. ``uniform``: no rank of the call passed split sizes.
     ``operation``, ``detail``: its name and a word more in the headers of a framed exchange
-    (frame.OPERATIONS; the caller's row shape). Returns a Pending whose ``wait()`` gives the output [sum(out_rows), H] of ``x.dtype``."""
+    (frame.OPERATIONS; the caller's row shape). Returns a Pending whose ``wait()`` gives the
+    output [sum(out_rows), H] of ``x.dtype``."""
     x = x.contiguous()
     H, dtype, group = x.shape[1], x.dtype, route.group
     plan = cached_plan(route, in_rows, out_rows, H, dtype, chunks, uniform)

@@ -829,7 +829,7 @@ class Frame:
             if self.operation in NUMEL_OPERATIONS:  # (the sizes that differ follow from it)
                 return out + [f"it reduces {h[9]} values; this rank reduces {self.detail}"]
             if self.operation in ROW_SHAPE_OPERATIONS:
-                out.append("its rows of dim 0 have another shape (x.shape[1:]) than this "
+                out.append("its rows of dim 0 have another shape (x.shape[1:-1]) than this "
                            "rank's")
             else:  # (a digest of them all: the hierarchical stages)
                 out.append("its configuration (codecs, size gate, row shape, hidden size, "
