@@ -328,7 +328,8 @@ def _hierarchical_switch(rank, world):
             comm.all_reduce(x.to(dtype), codec, algorithm="hierarchical")
     cases = (("codec", (a if rank == 3 else b), torch.bfloat16, "the codecs differ"),
              ("inter_node codec", links[rank == 3], torch.bfloat16, "the codecs differ"),
-             ("dtype", b, torch.float16 if rank == 3 else torch.bfloat16, "torch.float16 rows"))
+             ("dtype", b, torch.float16 if rank == 3 else torch.bfloat16,
+              "torch.float16 values as records"))
     for what, codec, dtype, says in cases:
         with pytest.raises(ConfigMismatchError) as err:
             comm.all_reduce(x.to(dtype), codec, algorithm="hierarchical")
