@@ -367,7 +367,7 @@ def _all_reduce_numel(rank, world):
     # codecs, not as the sizes that follow from them
     for codec in ("native", "bf16"):
         comm.all_reduce(x.clone(), codec)
-    other = "the torch.float32 values themselves (codec \"native\")"
+    other = "the torch.float32 values themselves (codec \"native\", or a codec gated off)"
     records = "torch.float32 values as records of 1024-value rows (a quantized codec or \"bf16\")"
     _raises(lambda: comm.all_reduce(x.clone(), "native" if rank else "bf16"),
             ConfigMismatchError, f"it sends {other if rank == 0 else records}; this rank sends "

@@ -128,7 +128,8 @@ def test_exchange_header_matches_the_doc():
     for i, name in enumerate(frame.OPERATIONS, start=1):
         assert f"{i} {name}" in section
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-             torch.uint8: "uint8", torch.int64: "int64"}
+             torch.uint8: "uint8", torch.int64: "int64", torch.int32: "int32",
+             torch.int16: "int16", torch.int8: "int8"}
     for i, dtype in enumerate(frame.DTYPES, start=1):
         assert f"{i} {names[dtype]}" in section
     assert f"{frame.FRAME_BYTES >> 20} MiB (`FRAME_BYTES`" in section

@@ -144,7 +144,7 @@ def wire_text(code: int) -> str:
 def _reduced(dtype, row: int) -> str:
     """What an all-reduce's exchange carries, in words (its header's dtype and hidden size)."""
     if row == 0:
-        return f"the {dtype} values themselves (codec \"native\")"
+        return f"the {dtype} values themselves (codec \"native\", or a codec gated off)"
     return f"{dtype} values as records of {row}-value rows (a quantized codec or \"bf16\")"
 
 
