@@ -137,13 +137,13 @@ class _Call:
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
-        owner = self._owner()
+        owner = self.owner()
         owner.check_live(" before the backward of its all_to_all ran")
         if owner.closed:  # (its buffers and pages are freed)
             owner._check_open(" before the backward of its all_to_all ran (under "
-                                   "DeepSpeed: disable_deepspeed closes the layers' "
-                                   "communicators, and enable_deepspeed a layer's when it "
-                                   "gives it another gate; call them after the backward)")
+                              "DeepSpeed: disable_deepspeed closes the layers' "
+                              "communicators, and enable_deepspeed a layer's when it "
+                              "gives it another gate; call them after the backward)")
         fast = self.fast_bwd
         if fast is not None and g.dtype == fast.dtype and g.device == fast.device:
             return fast.start(g if g.is_contiguous() else g.contiguous(), False)[0]
