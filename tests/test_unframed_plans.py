@@ -8,6 +8,7 @@ two of them; here every CI run checks their bits against the reference."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -71,6 +72,11 @@ def _all_reduce(rank, world):
                     A._flat(buf, plan, comm.group)
                     want = A.reference_all_reduce(inputs, codec)
                     assert torch.equal(buf[:n], want), (codec, dtype, n, chunks)
+    # "hierarchical" on one node runs the flat algorithm, a pair's all-gather included
+    plan = A._make_plan(comm, torch.ones(4096), LinkCodecs.coerce(4, "codec"), "hierarchical",
+                        None)
+    assert not plan.hierarchical
+    assert plan.pair_gather == (world == 2 and os.environ.get("MOE_FLASHCOMM_AR_PAIR_GATHER") != "0")
     comm.close()
 
 

@@ -262,7 +262,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
         raise ValueError(f"codec: per-link codecs ({codecs}) need algorithm='hierarchical'; "
                          "the flat all-reduce sends every chunk with one codec")
     path = link_path(len(set(comm.nodes)) == 1, x.device.type)
-    pair = algorithm == "flat" and world == 2 and env.all_reduce_pair_gather()
+    pair = world == 2 and env.all_reduce_pair_gather()  # (flat only: decided below)
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=pair),
                      comm.group, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
@@ -279,6 +279,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
             # one node: no byte crosses one, so the inter-node codec has no link to apply to,
             # and the hierarchy's one group is the flat algorithm: run it, with intra_node
             algorithm, inter = "flat", intra
+    pair = pair and algorithm == "flat"
     if world == 1 or n == 0 or n * 2 < gate.all_reduce_threshold(path, cfg):
         # over gloo an empty tensor is exchanged too (headers only): a peer's numel is checked
         return _Plan(True, world, rank, 0, (), intra, inter,
