@@ -59,16 +59,18 @@ def _codec(value: Any, where: str) -> LinkCodecs:
         return LinkCodecs.coerce(value, name=where)
     except (TypeError, ValueError) as e:
         msg = f"{e}" if str(e).startswith(where) else f"{where}: {e}"
-        bits = _int_spelling(value)
+        bits = _int_spelling(value, msg)
         raise ConfigError(msg + (f"; did you mean {bits}?" if bits else "")) from None
 
 
-def _int_spelling(value: Any) -> Optional[int]:
-    """N of an "intN" / "int N" bits value in a codec (the tools' --codecs spelling), where
-    N is a width the JSON takes as the number N."""
+def _int_spelling(value: Any, msg: str) -> Optional[int]:
+    """N of the "intN" / "int N" bits value in a codec (the tools' --codecs spelling) that
+    the error ``msg`` rejected ("got 'int4'"), where N is a width the JSON takes as N."""
     if isinstance(value, Mapping):
-        return next((n for v in value.values() if (n := _int_spelling(v))), None)
-    m = re.fullmatch(r"\s*int\s*([2-8])\s*", value, re.IGNORECASE) if isinstance(value, str) else None
+        return next((n for v in value.values() if (n := _int_spelling(v, msg))), None)
+    if not isinstance(value, str) or f"got {value!r}" not in msg:
+        return None
+    m = re.fullmatch(r"\s*int\s*([2-8])\s*", value, re.IGNORECASE)
     return int(m[1]) if m else None
 
 

@@ -139,6 +139,14 @@ def test_bad_fields_raise_naming_the_field(bad, needle):
     assert needle in str(e.value), str(e.value)
 
 
+def test_the_bits_hint_is_of_the_value_rejected():
+    """"did you mean N?" is of the "intN" the error names, not of another link's value."""
+    with pytest.raises(ConfigError) as e:
+        FlashCommConfig.from_deepspeed_config(
+            {"moe_flashcomm": {"dispatch": {"intra_node": "fp4", "inter_node": "int8"}}})
+    assert "got 'fp4'" in str(e.value) and "did you mean" not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("links", [{"intra_node": "native", "inter_node": 4},
                                    {"intra_node": "bf16", "inter_node": "native"}])
 def test_all_reduce_mixing_native_per_link_is_rejected_when_built(links):
