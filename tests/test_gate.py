@@ -101,7 +101,8 @@ def test_a_gate_file_as_tune_gate_writes_it_loads(tmp_path):
     ({"threshold": {}}, "needs a 'thresholds' object"),
     ([1, 2], "needs a 'thresholds' object"),
     # null would have read as "left out": the default table, silently
-    ({"thresholds": None}, "'thresholds' must be a table (a JSON object), got null"),
+    ({"thresholds": None}, "'thresholds' must be a table (a JSON object), got null; a gate "
+                           "file needs the table (python -m moe_flashcomm.tune_gate writes one)"),
     ({"thresholds": {}, "all_reduce": None}, "'all_reduce' must be a table (a JSON object), got null"),
     # notes describe the file; a number or a list where a sentence goes is a mistake
     ({"thresholds": {}, "units": 5, "device": ["a"]}, "the notes 'units', 'device' must be strings"),

@@ -219,20 +219,22 @@ class SizeGate:
         """A gate from ``{"thresholds": ..., "all_reduce": ...}`` (a gate file's content;
         the descriptive keys FILE_INFO are allowed and ignored, any other key is an error).
         A table left out keeps its defaults, as an all-reduce table's missing codecs do."""
+        where = f"size gate{' ' + source if source else ''}"
         if not isinstance(data, Mapping):
-            raise ValueError(f"size gate{' ' + source if source else ''}: the tables must be a "
-                             f"dict {{\"thresholds\": ..., \"all_reduce\": ...}}, got "
-                             f"{type(data).__name__} {data!r}")
+            raise ValueError(f"{where}: the tables must be a dict {{\"thresholds\": ..., "
+                             f"\"all_reduce\": ...}}, got {type(data).__name__} {data!r}")
         unknown = set(data) - set(TABLES) - set(FILE_INFO)
         if unknown:
-            raise ValueError(f"size gate{' ' + source if source else ''}: unknown key(s) "
-                             f"{', '.join(sorted(map(repr, unknown)))}; allowed: "
-                             f"{', '.join(TABLES + FILE_INFO)}")
-        where = f"size gate{' ' + source if source else ''}"
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(repr, unknown)))}; "
+                             f"allowed: {', '.join(TABLES + FILE_INFO)}")
         for name in TABLES:  # (null would read as "left out": the defaults)
             if name in data and data[name] is None:
+                # (a gate file needs its all-to-all table: load)
+                fix = ("leave the key out for the default table" if name == "all_reduce" else
+                       "a gate file needs the table (python -m moe_flashcomm.tune_gate writes "
+                       "one); in a dict, leave the key out for the default table")
                 raise ValueError(f"{where}: '{name}' must be a table (a JSON object), got null; "
-                                 "leave the key out for the default table")
+                                 f"{fix}")
         notes = {k: data[k] for k in FILE_INFO if data.get(k) is not None}
         bad = {k: v for k, v in notes.items() if not isinstance(v, str)}
         if bad:
