@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .codec import CodecConfig
 from .comm.all_reduce import check_codecs as check_all_reduce_codecs
 from .comm.exchange import ALGORITHMS  # the transport's algorithms
+from .comm.gate import unique_keys
 from .comm.topology import LinkCodecs
 
 SECTION = "moe_flashcomm"
@@ -77,11 +78,17 @@ def _int_spelling(value: Any, msg: str) -> Optional[int]:
 def read_deepspeed_config(ds_config: Any) -> Mapping:
     """A DeepSpeed config as a dict: from a dict, a JSON file path or a ``DeepSpeedConfig``."""
     if isinstance(ds_config, (str, os.PathLike)):
-        with open(ds_config) as f:
-            try:
-                ds_config = json.load(f)
+        try:
+            f = open(ds_config)
+        except OSError as e:  # ("int4" given as the config: say how a string is read)
+            raise ConfigError(f"cannot read DeepSpeed config {os.fspath(ds_config)!r}: "
+                              f"{e.strerror} (a config given as a string is a DeepSpeed "
+                              "JSON file's path)") from None
+        with f:
+            try:  # (repeated keys refused, as DeepSpeed's own loader does)
+                ds_config = json.load(f, object_pairs_hook=unique_keys)
             except ValueError as e:  # (not JSON, or not UTF-8 text): name the file
-                raise ConfigError(f"DeepSpeed config {f.name!r} is not JSON: {e}") from None
+                raise ConfigError(f"DeepSpeed config {f.name!r} cannot be read as JSON: {e}") from None
         if not isinstance(ds_config, Mapping):
             raise ConfigError(f"DeepSpeed config {f.name!r} must hold a JSON object, got "
                               f"{type(ds_config).__name__}")

@@ -277,7 +277,20 @@ def test_a_deepspeed_config_file_that_is_not_json_names_the_file(tmp_path, conte
     from moe_flashcomm.config import ConfigError, FlashCommConfig
     path = tmp_path / "ds_config.json"
     path.write_bytes(content)
-    with pytest.raises(ConfigError, match=f"DeepSpeed config {str(path)!r} is not JSON: "):
+    with pytest.raises(ConfigError, match=f"DeepSpeed config {str(path)!r} cannot be read as JSON: "):
+        FlashCommConfig.from_deepspeed_config(path)
+
+
+def test_a_deepspeed_config_path_that_cannot_be_read_says_how_a_string_is_read(tmp_path):
+    """``enable_deepspeed(model, "int4")`` raised a bare FileNotFoundError for 'int4'; a
+    repeated section was read silently, the last one winning (DeepSpeed's loader refuses)."""
+    from moe_flashcomm.config import ConfigError, FlashCommConfig
+    with pytest.raises(ConfigError, match="cannot read DeepSpeed config 'int4': .* \\(a config given "
+                                          "as a string is a DeepSpeed JSON file's path"):
+        FlashCommConfig.coerce("int4")
+    path = tmp_path / "ds_config.json"
+    path.write_text('{"moe_flashcomm": {"dispatch": 4}, "moe_flashcomm": {"dispatch": 2}}')
+    with pytest.raises(ConfigError, match="the key 'moe_flashcomm' appears twice in one object"):
         FlashCommConfig.from_deepspeed_config(path)
 
 

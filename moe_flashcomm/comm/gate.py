@@ -143,7 +143,7 @@ def write_gate(path: Union[str, os.PathLike], **fields) -> None:
         json.dump(data, f, indent=1)
 
 
-def _unique_keys(pairs: list) -> dict:
+def unique_keys(pairs: list) -> dict:
     """A JSON object's keys, each once (json.load keeps the last of a repeated key silently)."""
     out: dict = {}
     for key, value in pairs:
@@ -204,7 +204,7 @@ class SizeGate:
         with an optional ``"all_reduce"`` table (tools/bench_allreduce.py --gate-out)."""
         try:
             with open(path) as f:
-                data = json.load(f, object_pairs_hook=_unique_keys)
+                data = json.load(f, object_pairs_hook=unique_keys)
         except (OSError, ValueError, RecursionError) as e:
             # (ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deeply)
             tried = os.path.abspath(path)  # a relative path is the working directory's
