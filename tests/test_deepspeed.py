@@ -810,7 +810,8 @@ def check_ranks_that_disagree(tag: str) -> None:
         mf.enable_deepspeed(moe, {**PASS, "layers": [{"match": "decoder.*", "dispatch": 4}]})
     finally:
         ds_logger().removeHandler(handler)
-    said = "layers[0].match ['decoder.*'] selects no layer; the MoE layers are: ['deepspeed_moe']"
+    said = ("layers[0].match ['decoder.*'] selects no layer on any rank; rank 0's MoE layers "
+            "are: ['deepspeed_moe']")
     assert (said in seen.getvalue()) == (dist.get_rank() == 0), seen.getvalue()  # (once)
     mf.disable_deepspeed(moe)
     # equal gate tables read from files of different paths (one per rank) agree

@@ -304,8 +304,11 @@ def _check_rules(root: nn.Module, cfg: FlashCommConfig, names: list[str], found:
                                   "layer(s)")
     for i, rule in enumerate(cfg.layers):
         if rule.match and not any(rule.match in matched for _, _, matched in found) and rank0():
+            # (rank 0 speaks for every rank: the layers it names are its own, which in a
+            # pipeline job are its stage's)
+            whose = "rank 0's" if len(found) > 1 else "the"
             ds_logger().warning(f"moe_flashcomm: layers[{i}].match {list(rule.match)} selects no "
-                                 f"layer; the MoE layers are: {names}")
+                                f"layer on any rank; {whose} MoE layers are: {names}")
 
 
 class _Prepared(NamedTuple):
