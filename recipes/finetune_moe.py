@@ -55,14 +55,15 @@ class ProgressLines:
         self.start, self.total, self.every_s, self.clock = start, total, every_s, clock
         self.t0 = self.last = clock()
 
-    def line(self, step: int, loss: float) -> Optional[str]:
-        """The line for ``step`` (its loss) where one is due, else None."""
+    def line(self, step: int, loss: float, eval_s: float = 0.0) -> Optional[str]:
+        """The line for ``step`` (its loss) where one is due, else None; ``eval_s``: the
+        seconds spent evaluating so far, left out of the rate as the summary leaves them."""
         now = self.clock()
         if now - self.last < self.every_s:
             return None
         self.last, elapsed = now, now - self.t0
         return (f"step {step}/{self.total}: loss {loss:.4f}, {elapsed:.0f} s, "
-                f"{(step - self.start) / elapsed:.2f} steps/s")
+                f"{(step - self.start) / max(elapsed - eval_s, 1e-9):.2f} training steps/s")
 
 
 def add_model_args(p: argparse.ArgumentParser, steps: int, eval_every: int, eval_batches: int,
@@ -258,7 +259,7 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        elif lines and (line := lines.line(step, history[-1]["loss"])):
+        elif lines and (line := lines.line(step, history[-1]["loss"], eval_seconds)):
             log(line)
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.perf_counter()  # (loss.item() above waited for the step)
