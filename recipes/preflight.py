@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 from moe_flashcomm import FlashCommConfig, SizeGate, env
-from moe_flashcomm.config import missing_section_message
 from moe_flashcomm.tune_gate import HelpFormatter  # (the tools' and the tuner's as well)
 
 EXIT_USAGE = 2
@@ -110,8 +109,8 @@ def check_gate_variable() -> None:
 def codecs_line(cfg: dict) -> str:
     """The active codecs of a DeepSpeed config, for the start of a run."""
     section = FlashCommConfig.from_deepspeed_config(cfg)
-    if section is None:  # (naming a key that looks like a misspelt section)
-        return missing_section_message(cfg)
+    if section is None:  # (enable_deepspeed's warning says more: a misspelt section's key)
+        return f"moe_flashcomm: {FlashCommConfig().describe()} (the defaults: no section)"
     return "moe_flashcomm: " + (section.describe() if section.enabled else "disabled (stock DeepSpeed)")
 
 
