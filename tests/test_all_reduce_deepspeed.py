@@ -190,12 +190,19 @@ def check_copy_and_pickle(tag: str, layer: nn.Module, shard: torch.Tensor, local
         assert torch.equal(loaded(shard), exact(local) + layer.bias), tag
 
         # LinearAllreduce memoizes its copy late, so the copy's forward holds one more copy
-        # of the layer; both go with the copy, by reference counts alone (no cycle)
-        copies = [weakref.ref(twin), weakref.ref(vars(twin)["forward"]._held)]
+        # of the layer, which holds none (a copy of a copy too: no chain of copies); they go
+        # with the copy, by reference counts alone (no cycle)
+        twin2 = copy.deepcopy(twin, {id(group): group})
+        assert torch.equal(twin2(shard), want), tag
+        for copied in (twin, twin2):
+            extra = vars(copied)["forward"]._held
+            assert extra is not None and vars(extra)["forward"]._held is None, tag
+        copies = [weakref.ref(c) for c in (twin, twin2, *(vars(c)["forward"]._held
+                                                           for c in (twin, twin2)))]
         gc.disable()
         try:
-            del twin
-            assert [c() for c in copies] == [None, None], tag
+            del twin, twin2, extra, copied
+            assert [c() for c in copies] == [None] * 4, tag
         finally:
             gc.enable()
 

@@ -393,6 +393,9 @@ class StandIn:
         return self._state_ref()
 
 
+_COPYING = "moe_flashcomm: a patched layer being copied"  # (a deepcopy memo key's tag)
+
+
 class _StateCall:
     """A patched instance attribute: calls ``layer``'s state (``vars(layer)[attr]``)
     ``method``. It holds its layer weakly: held strongly, the layer would hold itself, and a
@@ -426,13 +429,25 @@ class _StateCall:
         # (memoized first, as any object that its copies may reach again)
         original, new = self._layer(), object.__new__(type(self))
         memo[id(self)] = new
-        final = id(original) in memo
+        if id(original) in memo:  # the layer's copy is made: bound to it
+            type(self).__init__(new, self.attr, self.method, memo[id(original)])
+            return new
+        # the layer's other calls, met while it is copied (below), are bound to the same
+        # copy, not copy it again: a copy of a copy would hold a chain of extra copies
+        key = (_COPYING, id(original))
+        if key in memo:
+            memo[key].append((new, self))
+            return new
+        memo[key] = pending = [(new, self)]
         layer = copy.deepcopy(original, memo)
-        type(self).__init__(new, self.attr, self.method, layer, held=not final)
-        if not final:  # the extra copy's own calls (this one) bound to it weakly: no cycle
-            for key, value in list(vars(layer).items()):
-                if value is new:
-                    vars(layer)[key] = type(self)(self.attr, self.method, layer)
+        del memo[key]
+        for call, of in pending:
+            type(self).__init__(call, of.attr, of.method, layer)
+        new._held = layer
+        # the extra copy's own calls (this one) bound to it weakly: no cycle
+        for name, value in list(vars(layer).items()):
+            if value is new:
+                vars(layer)[name] = type(self)(self.attr, self.method, layer)
         return new
 
 
