@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -153,6 +154,27 @@ def _async_waited_in_another_order(rank, world):
 
 def test_async_calls_waited_in_another_order_gloo_2():
     spawn(_async_waited_in_another_order, 2, timeout=120)
+
+
+def _dropped_handle_warns(rank, world):
+    """A handle dropped without wait() drops its exchange's checks: a warning says so (a
+    waited one says nothing), and the group goes on."""
+    comm = mf.Communicator(gate=False, timeout=10)
+    xs = [make_input(rank, 16, (64,), torch.float32, 50 + i) for i in range(2)]
+    want = [comm.all_to_all(x, codec=4) for x in xs]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert torch.equal(comm.all_to_all(xs[0], codec=4, async_op=True).wait(), want[0])
+        assert not seen, [str(w.message) for w in seen]
+        comm.all_to_all(xs[0], codec=4, async_op=True)  # dropped at once
+        assert [w.category for w in seen] == [RuntimeWarning], [str(w.message) for w in seen]
+        assert "handle (async_op=True) was dropped without wait()" in str(seen[0].message)
+        assert torch.equal(comm.all_to_all(xs[1], codec=4), want[1])
+    comm.close()
+
+
+def test_a_dropped_handle_warns_gloo_2():
+    spawn(_dropped_handle_warns, 2, timeout=120)
 
 
 def test_split_sizes_of_a_type_that_is_no_list_are_named():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
+import warnings
 import weakref
 from typing import Optional
 
@@ -237,7 +239,8 @@ class AllToAllHandle:
     """Returned by ``all_to_all(..., async_op=True)``: ``wait()`` finishes the transfer,
     decodes and returns the output (on CUDA, ordered before later work on the current
     stream)."""
-    __slots__ = ("_pending", "_work", "_x", "_call", "_owner", "_grad", "_out", "_stream")
+    __slots__ = ("_pending", "_work", "_x", "_call", "_owner", "_grad", "_out", "_stream",
+                 "_waited")
 
     def __init__(self, pending: Optional[Pending], x: torch.Tensor, call: _Call, grad: bool,
                  work=None, out: Optional[torch.Tensor] = None) -> None:
@@ -249,6 +252,16 @@ class AllToAllHandle:
         # CUDA: the stream the call was issued on (its kernels, the copy of the rows a rank
         # keeps), which a wait() on another stream must order before that stream's work
         self._stream = kernels.raw_stream(kernels.device_index(x)) if x.is_cuda else None
+        self._waited = False
+
+    def __del__(self) -> None:
+        # a handle never waited for drops its call's checks: say so (an error of the
+        # exchange, such as a rank that disagreed, would otherwise go unseen)
+        if not getattr(self, "_waited", True) and not sys.is_finalizing():
+            warnings.warn("moe_flashcomm: an all_to_all handle (async_op=True) was dropped "
+                          "without wait(): its output and whatever its exchange would have "
+                          "raised (a rank that disagreed) are lost; wait for every handle",
+                          RuntimeWarning, stacklevel=2)
 
     def is_completed(self) -> bool:
         if self._pending is not None:
@@ -258,6 +271,7 @@ class AllToAllHandle:
     def wait(self) -> torch.Tensor:
         if direct.compiling():  # (torch.compile: run outside the graph)
             return direct.untraced(self.wait)
+        self._waited = True  # (what wait() raises is the call's error: nothing dropped)
         if self._x is not None:  # not waited for yet
             call = self._call
             self._owner.check_live(" before this all_to_all's handle was waited for")
