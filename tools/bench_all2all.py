@@ -53,26 +53,14 @@ DRY_RUN_GATE = "gate_dry_run.json"  # --cpu-dry-run's gate file, in place of gat
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
-DEV = "cuda"  # "cpu" (gloo, host timers) for a dry run of this script without GPUs
-
-
-def _time(fn, budget_s: float, min_reps: int, max_reps: int) -> float:
-    return time_calls(fn, budget_s, min_reps, max_reps, DEV)
-
-
-def _input(T: int, H: int, rank: int) -> torch.Tensor:
-    return bench_input(T, H, rank, DEV)
-
-
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
-    global DEV
-    DEV = cfg.get("device", "cuda")
-    init_link_worker(rank, world, port, path, DEV)
+    dev = cfg.get("device", "cuda")  # "cpu" (gloo, host timers): a dry run without GPUs
+    init_link_worker(rank, world, port, path, dev)
     import moe_flashcomm as mf
     codecs = {c: bench_codec(c) for c in cfg["codecs"]}
     try:
         from moe_flashcomm.codec import cuda as kernels
-        if rank == 0 and DEV == "cuda":
+        if rank == 0 and dev == "cuda":
             t0 = time.perf_counter()
             n = kernels.precompile(codecs.values(), [torch.bfloat16])
             print(f"[{path}] {n} kernels compiled or cached in {time.perf_counter() - t0:.1f} s",
@@ -91,7 +79,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
 
     def measure(x, name, fn, **extra):
         big = x.numel() * 2 >= (64 << 20)
-        ms = _time(fn, cfg["budget_s"], 3 if big else 10, 200)
+        ms = time_calls(fn, cfg["budget_s"], 3 if big else 10, 200, dev)
         T, H = x.shape
         rows.append(dict(path=path, hidden=H, tokens=T, size_bytes=T * H * 2,
                          pair_bytes=(T // world) * H * 2, variant=name, ms=ms, **extra))
@@ -100,7 +88,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     for H in cfg["hiddens"]:
         for size in cfg["sizes"]:
             T = a2a_tokens(size, H, world)
-            x = _input(T, H, rank)
+            x = bench_input(T, H, rank, dev)
             out = torch.empty_like(x)
             nccl = measure(x, "nccl", lambda: dist.all_to_all_single(out, x))
             for name, c in codecs.items():
@@ -112,7 +100,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
                             x, codec=c, gate=False, algorithm=algo, topology=mf.Topology(1)),
                             codec=name, algorithm=algo, nccl_ms=nccl)
             x = out = None  # free before the next size
-            if DEV == "cuda":
+            if dev == "cuda":
                 torch.cuda.empty_cache()
             if bar:
                 bar.update()
@@ -130,7 +118,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             gated = [n for n, c in codecs.items() if pair < size_gate.threshold(path, c)]
             if not gated:
                 continue
-            x = _input(T, H, rank)
+            x = bench_input(T, H, rank, dev)
             for name in gated:
                 c = codecs[name]
                 measure(x, name + "+gate", lambda: mf.all_to_all(x, codec=c, gate=size_gate),
@@ -141,7 +129,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     if cfg.get("chunk_sweep"):
         H, size = cfg["chunk_sweep"]["hidden"], cfg["chunk_sweep"]["size"]
         T = size // (2 * H) // world * world
-        x = _input(T, H, rank)
+        x = bench_input(T, H, rank, dev)
         for name in cfg["chunk_sweep"]["codecs"]:
             c = bench_codec(name)
             for k in cfg["chunk_sweep"]["chunks"]:
@@ -150,11 +138,11 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
         del x
 
     # encode / decode alone (no transfer) at the chunk-sweep size: where the time goes
-    if cfg.get("chunk_sweep") and rank == 0 and path == cfg["paths"][0] and DEV == "cuda":
+    if cfg.get("chunk_sweep") and rank == 0 and path == cfg["paths"][0] and dev == "cuda":
         from moe_flashcomm.comm.exchange import decode, encode
         H, size = cfg["chunk_sweep"]["hidden"], cfg["chunk_sweep"]["size"]
         T = size // (2 * H) // world  # the rows a rank sends to its one peer
-        x = _input(T, H, rank)
+        x = bench_input(T, H, rank, dev)
         for name in cfg["codecs"]:
             c = bench_codec(name)
             if c.is_passthrough:

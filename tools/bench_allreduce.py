@@ -56,49 +56,41 @@ NVLINK_FLOOR = 1 / 1.05  # NVLink, gate on: never more than 5% slower than NCCL
 
 
 # ---- worker (one process per GPU) ------------------------------------------------------------
-DEV = "cuda"
-
-
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, prep, reps: int, warmup: int = 2) -> float:
+def _time(fn, prep, reps: int, dev: str, warmup: int = 2) -> float:
     """Median ms of ``fn`` over ``reps`` calls, ``prep`` run before each call outside the
     timed region; the max over ranks (every rank runs the same calls)."""
     for _ in range(warmup):
         prep()
         fn()
-    _sync()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     dist.barrier()
-    return median_ms(fn, reps, DEV, prep)
+    return median_ms(fn, reps, dev, prep)
 
 
-def _agree(flag: bool) -> bool:
+def _agree(flag: bool, dev: str) -> bool:
     """Rank 0's decision, on every rank."""
-    t = torch.tensor([int(flag)], device=DEV)
+    t = torch.tensor([int(flag)], device=dev)
     dist.broadcast(t, 0)
     return bool(t.item())
 
 
-def _input(n: int, rank: int) -> torch.Tensor:
-    g = torch.Generator(device=DEV).manual_seed(1234 + rank)
-    x = torch.randn(n, device=DEV, generator=g)
-    x += (torch.rand(n, device=DEV, generator=g) < 0.001) * 30  # outliers for the spikes
+def _input(n: int, rank: int, dev: str) -> torch.Tensor:
+    g = torch.Generator(device=dev).manual_seed(1234 + rank)
+    x = torch.randn(n, device=dev, generator=g)
+    x += (torch.rand(n, device=dev, generator=g) < 0.001) * 30  # outliers for the spikes
     return x.bfloat16()
 
 
 def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -> None:
-    global DEV
-    DEV = cfg["device"]
+    dev = cfg["device"]  # "cpu" (gloo, host timers): a dry run without GPUs
     if cfg.get("gate_file"):
         os.environ["MOE_FLASHCOMM_GATE_FILE"] = cfg["gate_file"]
-    init_link_worker(rank, world, port, path, DEV)
+    init_link_worker(rank, world, port, path, dev)
     import moe_flashcomm as mf
     from moe_flashcomm.comm import all_reduce as ar
     codecs = {c: bench_codec(c) for c in cfg["codecs"]}
-    if rank == 0 and DEV == "cuda":
+    if rank == 0 and dev == "cuda":
         try:
             t0 = time.perf_counter()
             n = ar.precompile(codecs.values(), [torch.bfloat16])
@@ -114,14 +106,14 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
     for size in cfg["sizes"]:
         if last is not None:  # the next point takes about (size ratio) x the last one
             projected = last[1] * size / last[0]
-            if _agree(time.perf_counter() - t_start + projected > budget):
+            if _agree(time.perf_counter() - t_start + projected > budget, dev):
                 rows.append(dict(path=path, size_bytes=size, variant="skipped"))
                 if rank == 0:
                     print(f"[{path}] {fmt_size(size)}: skipped (time budget)", flush=True)
                 continue
         t0 = time.perf_counter()
         n = size // 2
-        src = _input(n, rank)
+        src = _input(n, rank, dev)
         x = torch.empty_like(src)
         reps = cfg["reps"] if size < (256 << 20) else max(3, cfg["reps"] // 3)
 
@@ -129,7 +121,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             x.copy_(src)
 
         def measure(name: str, fn, **extra) -> float:
-            ms = _time(fn, prep, reps)
+            ms = _time(fn, prep, reps, dev)
             rows.append(dict(path=path, size_bytes=size, variant=name, ms=ms, **extra))
             return ms
 
@@ -142,7 +134,7 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
             measure(name + "+gate", lambda: mf.all_reduce(x, codec=c), codec=name, gated=True,
                     nccl_ms=nccl)
         src = x = None  # free before the next size
-        if DEV == "cuda":
+        if dev == "cuda":
             torch.cuda.empty_cache()
         last = (size, time.perf_counter() - t0)
         if rank == 0:
