@@ -8,11 +8,12 @@ with NCCL's link emulation set before NCCL starts (docs/design.md, "Link emulati
 
     python -m moe_flashcomm.tune_gate --out gate.json              # measure (2 GPUs)
     python -m moe_flashcomm.tune_gate --from-bench out/bench_all2all/bench_all2all.json --out gate.json
-    python -m moe_flashcomm.tune_gate --from-bench a.json b.json --python  # rows joined; a DEFAULT_THRESHOLDS literal
+    python -m moe_flashcomm.tune_gate --from-bench a.json b.json --python  # runs joined; also a DEFAULT_THRESHOLDS literal
     MOE_FLASHCOMM_GATE_FILE=gate.json python train.py              # use it
 
-``--paths`` and ``--codecs`` measure some link paths or codecs only: the file keeps
-DEFAULT_THRESHOLDS for the paths and codecs not measured. ``--cpu-dry-run`` runs the same
+``--paths`` and ``--codecs`` measure some link paths or codecs only: the paths and codecs not
+measured keep the thresholds the ``--out`` file already holds (so link classes can be tuned
+one run at a time), else DEFAULT_THRESHOLDS. ``--cpu-dry-run`` runs the same
 code on gloo processes (timings meaningless) to check a setup without GPUs; without ``--out``
 it writes its file to a new temporary path (which it prints), never over ./gate.json. The
 2-GPU benchmarks in tools/ share this module's link emulation and timing.
@@ -37,10 +38,12 @@ from .comm.gate import (DEFAULT_THRESHOLDS, NEVER_PAYS, codec_key, fit_threshold
                         with_defaults, write_gate)
 
 # NCCL environment per emulated link class on one 2-GPU host; NCCL reads it when it starts.
+# Both variables are set for every class: one the caller's shell exports would measure
+# another class under this one's name.
 LINK_EMULATION = {
-    "nvlink": {},                                                      # default NCCL (NVLink)
-    "host": {"NCCL_P2P_DISABLE": "1"},                                 # through host memory (PCIe)
-    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},     # sockets over loopback
+    "nvlink": {"NCCL_P2P_DISABLE": "0", "NCCL_SHM_DISABLE": "0"},   # default NCCL (NVLink)
+    "host": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "0"},     # through host memory (PCIe)
+    "network": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},  # sockets over loopback
 }
 # other names a command line may give a link class (docs/design.md, tools/gpu_suite.sh and
 # recipes/bench_moe_inference.py --path say host-memory)
@@ -219,18 +222,27 @@ def fit_from_rows(rows: list) -> dict:
              and not r.get("sweep") and not r.get("algorithm") and r.get("path") in LINK_EMULATION]
     if not timed:
         raise ValueError(f"no always-quantized all-to-all rows of a link path ({', '.join(LINK_EMULATION)})")
-    nccl = {(r["path"], r.get("hidden"), r.get("tokens")): r["ms"] for r in rows
-            if r.get("variant") == "nccl" and "ms" in r}
+    nccl = _nccl_times(rows)
     fit = []
     for r in timed:
         lacks = [k for k in ("hidden", "pair_bytes", "ms") if k not in r]
-        base = r.get("nccl_ms") or nccl.get((r["path"], r.get("hidden"), r.get("tokens")))
+        base = r.get("nccl_ms") or nccl.get(_point(r))
         if lacks or base is None:
             raise ValueError(f"its {r['path']} {r['codec']} rows lack " + (", ".join(lacks) or
                              "an NCCL time (nccl_ms, or an nccl row of its hidden size and tokens)"))
         fit.append(dict(path=r["path"], hidden=r["hidden"], pair_bytes=r["pair_bytes"], ms=r["ms"],
                         nccl_ms=base, codec=codec_key(bench_codec(r["codec"]))))
     return fit_thresholds(fit)
+
+
+def _point(row: dict) -> tuple:
+    """The measured point of a row: its NCCL row has the same."""
+    return row.get("path"), row.get("hidden"), row.get("tokens")
+
+
+def _nccl_times(rows: list) -> dict:
+    """``{point: ms}`` of the NCCL rows of one run."""
+    return {_point(r): r["ms"] for r in rows if r.get("variant") == "nccl" and "ms" in r}
 
 
 def is_dry_run(meta: dict) -> bool:
@@ -259,6 +271,11 @@ def load_bench(path: Path) -> tuple:
         fit_from_rows(rows)  # (cheap) what the fit needs is there
     except ValueError as e:
         raise ValueError(f"{path}: {e}: not a tools/bench_all2all.py JSON") from None
+    # each row with its own run's NCCL time: rows of several runs joined (--from-bench a b)
+    # are compared with their own run's NCCL, not with the last file's of the same point
+    nccl = _nccl_times(rows)
+    rows = [r if r.get("nccl_ms") or _point(r) not in nccl else dict(r, nccl_ms=nccl[_point(r)])
+            for r in rows]
     return rows, meta
 
 
@@ -306,16 +323,19 @@ def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
 
 def csv_arg(item: Callable[[str], object] = str, allowed=None) -> Callable[[str], list]:
     """An argparse ``type``: a comma-separated list, each item one of ``allowed`` (if given),
-    converted by ``item`` (whose ValueError says why not: parse_size, positive_int)."""
+    converted by ``item`` (whose ValueError says why not: parse_size, positive_int); an item
+    repeated (or another spelling of one: 1M and 1024K) counts once, as it is measured once."""
     def parse(text: str) -> list:
         out = []
         for v in (v.strip() for v in text.split(",")):
             if allowed is not None and v not in allowed:
                 raise argparse.ArgumentTypeError(f"{v!r} is not one of {', '.join(allowed)}")
             try:
-                out.append(item(v))
+                value = item(v)
             except (ValueError, argparse.ArgumentTypeError) as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
+            if value not in out:
+                out.append(value)
         return out
     return parse
 
@@ -400,20 +420,24 @@ def main(argv: Optional[list] = None) -> None:
                                  formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON to write (default gate.json; --cpu-dry-run: a new temporary file, "
-                         "printed); an existing gate file keeps its all_reduce table")
+                         "printed); an existing gate file keeps its all_reduce table and the "
+                         "thresholds of what this run does not measure; another file is refused")
     ap.add_argument("--from-bench", type=Path, nargs="+", metavar="JSON",
-                    help="fit on tools/bench_all2all.py JSONs (rows joined; not a dry run's) "
+                    help="fit on tools/bench_all2all.py JSONs (runs joined, each row against its "
+                         "own run's NCCL time; not a dry run's) "
                          "instead of measuring")
     # (None: not given; --from-bench refuses the measuring options)
     ap.add_argument("--paths", type=PATHS_ARG, default=None,
                     help=f"link emulations to measure, comma-separated: a fresh pair of processes "
-                         f"each; the others keep the built-in thresholds "
+                         f"each; the others keep the --out file's thresholds, else the "
+                         f"built-in ones "
                          f"(default {','.join(LINK_EMULATION)})")
     ap.add_argument("--hidden", type=csv_arg(positive_int), default=None,
                     help=f"hidden sizes to time, comma-separated (default {','.join(map(str, HIDDEN))})")
     ap.add_argument("--codecs", type=csv_arg(allowed=CODECS), default=None,
                     help=f"codecs to time and fit a threshold for, comma-separated; the others keep "
-                         f"the built-in thresholds (default {','.join(CODECS)})")
+                         f"the --out file's thresholds, else the built-in ones "
+                         f"(default {','.join(CODECS)})")
     ap.add_argument("--sizes", type=SIZES_ARG, default=None,
                     help=f"bf16 bytes per rank, e.g. 64K,1M,64M (default {','.join(SIZES)}; "
                          f"--cpu-dry-run: {','.join(CPU_SIZES)})")
@@ -430,8 +454,7 @@ def main(argv: Optional[list] = None) -> None:
         if given:
             ap.error(f"--{given[0].replace('_', '-')}: not with --from-bench (it fits the stored "
                      f"runs as they were measured)")
-    dry_run = args.cpu_dry_run
-    if args.out is None and not dry_run:
+    if args.out is None and not args.cpu_dry_run:
         args.out = Path("gate.json")
     check_gate_out(ap, args.out)  # (a dry run's temporary file is made new: nothing to check)
     if args.from_bench:
@@ -457,7 +480,11 @@ def main(argv: Optional[list] = None) -> None:
         meta = dict(device="cpu (dry run)" if args.cpu_dry_run else f"2x {torch.cuda.get_device_name(0)}",
                     date=datetime.date.today().isoformat())
     fitted = fit_from_rows(rows)
-    table = with_defaults(fitted, DEFAULT_THRESHOLDS)  # what was not measured keeps its default
+    # what was not measured keeps the file's thresholds (a link class tuned at a time), else
+    # the defaults (checked above: kept_fields refuses what would not load)
+    previous = kept_fields(args.out).get("thresholds") if args.out else None
+    table = with_defaults(fitted, with_defaults(previous, DEFAULT_THRESHOLDS) if previous
+                          else DEFAULT_THRESHOLDS)
     if args.out is None:  # a dry run's meaningless thresholds stay out of ./gate.json
         fd, name = tempfile.mkstemp(prefix="gate_dry_run_", suffix=".json")
         os.close(fd)
@@ -473,8 +500,9 @@ def main(argv: Optional[list] = None) -> None:
         if missing:
             kept.append(" ".join([path] + (missing if path in fitted else [])))
     if kept:
-        print("not measured, the defaults kept: " + ", ".join(kept))
-    if dry_run:
+        print(f"not measured, {'kept as the file had them (else the defaults)' if previous else 'the defaults kept'}: "
+              + ", ".join(kept))
+    if args.cpu_dry_run:
         print(f"wrote {args.out} (a dry run: timings meaningless, not a gate to use)")
     else:
         print(f"wrote {args.out} (use it with MOE_FLASHCOMM_GATE_FILE={args.out})")

@@ -2,7 +2,8 @@
 all ranks, timed with stock DeepSpeed (its all-to-all in the layer's dtype: bf16 on GPUs,
 fp32 on CPU) and with moe_flashcomm codecs.
 
-On GPUs (set the NCCL link emulation of docs/benchmarks.md in the environment):
+On GPUs (set the NCCL link emulation of docs/design.md, "Link emulation", in the environment;
+--path names it and is checked against it):
     deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path nvlink
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 deepspeed --num_gpus 2 recipes/bench_moe_inference.py --path network
 On a CPU-only machine it starts gloo processes with a tiny shape (smoke run):
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,9 @@ import preflight  # noqa: E402
 from finetune_moe import init_rank, launch, log, world_size  # noqa: E402
 
 from moe_flashcomm import CodecConfig, env  # noqa: E402
-from moe_flashcomm.tune_gate import check_out, float_above, positive_int, pyplot  # noqa: E402
+from moe_flashcomm.comm.topology import intra_node_path  # noqa: E402
+from moe_flashcomm.tune_gate import (LINK_ALIASES, LINK_EMULATION, check_out, float_above,  # noqa: E402
+                                     positive_int, pyplot)
 
 # name: (hidden, expert ffn, experts, top-k)
 PRESETS = {
@@ -103,6 +107,25 @@ def check_args(args) -> None:
     if args.deepspeed_config is not None:
         preflight.load_ds_config(args.deepspeed_config, {})
     preflight.check_gate_variable()  # every layer here uses the default gate
+    problem = path_label_problem(args.path, "cuda" if torch.cuda.is_available() else "cpu")
+    if problem:
+        preflight.fail(problem)
+
+
+def path_label_problem(label: str, device_type: str) -> Optional[str]:
+    """Why ``--path`` would mislabel the run, or None: on GPUs a link class's name must be the
+    class NCCL's environment makes (a shell that exports NCCL_P2P_DISABLE=1 would write host
+    or network timings under "nvlink"); other labels are free."""
+    name = LINK_ALIASES.get(label, label)
+    if device_type != "cuda" or name not in LINK_EMULATION:
+        return None
+    actual = intra_node_path(device_type)
+    if actual == name:
+        return None
+    said = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE"))
+    want = " ".join(f"{k}={v}" for k, v in LINK_EMULATION[name].items())
+    return (f"--path {label}: NCCL's environment ({said}) makes the link class {actual!r}, "
+            f"not {name!r}; run with {want}, or label the run --path {actual}")
 
 
 def timed(fn, reps: int) -> float:

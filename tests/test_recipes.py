@@ -218,6 +218,24 @@ def test_out_and_capacity_factor_are_checked_before_any_rank(tmp_path, monkeypat
         assert len(err.splitlines()) == 1 and err.startswith(says), err
 
 
+def test_the_inference_benchmarks_path_label_is_the_link_class_nccl_uses(monkeypatch):
+    """--path nvlink under a shell exporting NCCL_P2P_DISABLE=1 wrote host or network
+    timings as nvlink's (the label was not checked against the environment)."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import bench_moe_inference
+    check = bench_moe_inference.path_label_problem
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    monkeypatch.delenv("NCCL_SHM_DISABLE", raising=False)
+    assert check("host-memory", "cuda") is None and check("host", "cuda") is None
+    assert check("nvlink", "cpu") is None and check("my-cluster", "cuda") is None  # free labels
+    assert check("nvlink", "cuda") == (
+        "--path nvlink: NCCL's environment (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=(unset)) makes "
+        "the link class 'host', not 'nvlink'; run with NCCL_P2P_DISABLE=0 NCCL_SHM_DISABLE=0, "
+        "or label the run --path host")
+    monkeypatch.setenv("NCCL_SHM_DISABLE", "1")
+    assert "makes the link class 'network', not 'host'" in check("host-memory", "cuda")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_explains_each_option_and_names_each_default_once(script, monkeypatch, capsys):
     """Options whose help says their default got " (default: None)" after it; options

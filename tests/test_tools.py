@@ -143,6 +143,60 @@ def test_tune_gate_checks_out_and_arguments_first(tmp_path, capsys, monkeypatch)
     assert json.loads(bad.read_text())["all_reduce"] == {"hosts": {"*": 1}}  # left as it was
 
 
+def _bench_rows(codec_ms: float, nccl_ms: float) -> list:
+    """One run's rows of one point (network, hidden 4096, 2 MiB per peer)."""
+    base = dict(path="network", hidden=4096, tokens=512, pair_bytes=2 << 20)
+    return [dict(base, variant="nccl", ms=nccl_ms), dict(base, variant="int4", codec="int4", ms=codec_ms)]
+
+
+def test_joined_runs_are_each_compared_with_their_own_nccl(tmp_path):
+    """--from-bench a b: rows without nccl_ms took the NCCL time of the point from whichever
+    file came last, so two runs that each pay gave "never" in one order (helper 62)."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": _bench_rows(1.0, 1.2)}))
+    b.write_text(json.dumps({"rows": _bench_rows(0.5, 0.6)}))
+    for order in ((a, b), (b, a)):
+        out = tmp_path / "gate.json"
+        out.unlink(missing_ok=True)
+        tune_gate.main(["--from-bench", *map(str, order), "--out", str(out)])
+        assert SizeGate.load(out).thresholds["network"]["int4"] == 2 << 20, order
+
+
+def test_a_file_that_is_no_gate_file_is_not_written_over(tmp_path, capsys, monkeypatch):
+    """--out onto a DeepSpeed config (or any other file) replaced it with a gate file."""
+    bench = DATA / "bench_all2all_network_2x1.json"
+    ds = tmp_path / "ds_config.json"
+    ds.write_text(json.dumps({"train_batch_size": 8, "moe_flashcomm": {}}))
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes")
+    for path, what in ((ds, "has the keys ['moe_flashcomm', 'train_batch_size']"),
+                       (text, "is not a JSON object")):
+        line = usage_error(capsys, monkeypatch, tune_gate, "--from-bench", bench, "--out", path)
+        assert f"--out: {path} exists and {what}: not a gate file to write over" in line
+    assert json.loads(ds.read_text())["train_batch_size"] == 8 and text.read_text() == "my notes"
+    empty = tmp_path / "empty.json"
+    empty.write_text("")  # (an empty file is written: mkstemp's, for one)
+    tune_gate.main(["--from-bench", str(bench), "--out", str(empty)])
+    assert SizeGate.load(empty).thresholds
+
+
+def test_link_emulation_sets_both_variables(monkeypatch):
+    """A shell exporting NCCL_P2P_DISABLE=1 turned the "nvlink" workers into host or network
+    ones under the nvlink name (the emulation only added variables)."""
+    from moe_flashcomm.comm.topology import intra_node_path
+    for path, variables in tune_gate.LINK_EMULATION.items():
+        monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+        monkeypatch.setenv("NCCL_SHM_DISABLE", "1")
+        for k, v in variables.items():
+            monkeypatch.setenv(k, v)
+        assert intra_node_path("cuda") == path
+
+
+def test_repeated_list_items_count_once():
+    assert tune_gate.PATHS_ARG("nvlink,host-memory,host,nvlink") == ["nvlink", "host"]
+    assert tune_gate.SIZES_ARG("1M,1024K,64K") == [1 << 20, 64 << 10]
+
+
 def test_tune_gate_prints_never_for_a_codec_that_never_pays(tmp_path, capsys):
     """One hidden size pays, the other never: the file holds NEVER_PAYS, the line "never"."""
     rows = []
@@ -168,7 +222,8 @@ def test_gate_files_keep_the_other_table(tmp_path, capsys):
     tune_gate.main(["--from-bench", str(DATA / "bench_all2all_network_2x1.json"), "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["all_reduce"] == {"host": {"*": 7}}
-    assert data["thresholds"]["host"] == DEFAULT_THRESHOLDS["host"]  # (not measured: the defaults)
+    # not measured: the file's own threshold, else the defaults (a class tuned at a time)
+    assert data["thresholds"]["host"] == dict(DEFAULT_THRESHOLDS["host"], int4=5)
     assert data["units"] == "bf16 bytes per peer"
     bench_allreduce.write_all_reduce_gate(out, {"network": {"int4": 9}})
     kept = json.loads(out.read_text())

@@ -18,8 +18,8 @@ echo "GPUs: $ngpu"
 
 path_env() {
   case $1 in
-    nvlink) echo "" ;;
-    host-memory) echo "NCCL_P2P_DISABLE=1" ;;
+    nvlink) echo "NCCL_P2P_DISABLE=0 NCCL_SHM_DISABLE=0" ;;
+    host-memory) echo "NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=0" ;;
     network) echo "NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1" ;;
   esac
 }

@@ -104,14 +104,30 @@ def _lookup(row: Mapping[str, int], cfg: CodecConfig) -> int:
 
 def kept_fields(path: Union[str, os.PathLike]) -> dict:
     """What ``write_gate`` keeps of the gate file at ``path``: its tables and notes ({} where
-    there is no file, or it is not JSON), or ValueError naming the file where a kept table is
-    one ``SizeGate.load`` would refuse. The tools check it at their start, before measuring."""
+    there is no file, or an empty one). ValueError naming the file where it is no gate file
+    (it would be written over: another file given by mistake) or a kept table is one
+    ``SizeGate.load`` would refuse. The tools check it at their start, before measuring."""
     try:
         with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return {}  # no file, or not JSON: nothing to keep
-    kept = {k: v for k, v in old.items() if k in TABLES + FILE_INFO} if isinstance(old, dict) else {}
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # (ValueError: not UTF-8 text)
+        raise ValueError(f"{os.fspath(path)} cannot be read ({e}): not a gate file to write "
+                         "over; remove it or choose another path") from None
+    if not text.strip():
+        return {}
+    try:
+        old = json.loads(text)
+    except (ValueError, RecursionError):
+        old = None
+    foreign = sorted(set(old) - set(TABLES + FILE_INFO)) if isinstance(old, dict) else None
+    if foreign is None or foreign:
+        what = "is not a JSON object" if foreign is None else f"has the keys {foreign}"
+        raise ValueError(f"{os.fspath(path)} exists and {what}: not a gate file to write over "
+                         f"(a gate file holds {', '.join(TABLES + FILE_INFO)}); remove it or "
+                         "choose another path")
+    kept = dict(old)
     for name in TABLES:
         if name in kept:
             _check_table(kept[name], name, f"{os.fspath(path)} (kept when it is written again)")
