@@ -15,7 +15,7 @@ import torch
 
 from ..comm.autograd import split_key
 from ..comm.exchange import RAW, row_bytes
-from ..memo import remember
+from ..memo import keep, remember
 
 DIRECTIONS = ("dispatch", "combine", "dispatch_grad", "combine_grad")
 LINKS = ("intra_node", "inter_node")
@@ -70,15 +70,18 @@ class ExchangeStats:
     slots_stock: dict = field(default_factory=lambda: _zeros(DIRECTIONS))
     seconds: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
     _pending: list = field(default_factory=list, repr=False)  # (direction, start, end) CUDA events
-    # what one call adds, per call arguments: MoE layers repeat their shapes, and counting a
-    # call peer by peer costs the host O(world) route lookups (docs/notes.md)
+    # what one call adds, per call arguments: padded MoE exchanges repeat their shapes, and
+    # counting a call peer by peer costs the host O(world) route lookups (docs/notes.md)
     _counted: dict = field(default_factory=dict, repr=False, compare=False)
+    # what one pair adds, per (call arguments but the rows, link class, rows): skip_padding's
+    # row counts change at every call, so the whole-call memo above mostly misses there
+    _pairs: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
-        """Pickled and copied with its CUDA timings resolved and without its memo of call
+        """Pickled and copied with its CUDA timings resolved and without its memos of call
         shapes (whose keys hold communicators)."""
         self._resolve()
-        return {**self.__dict__, "_counted": {}}
+        return {**self.__dict__, "_counted": {}, "_pairs": {}}
 
     def start(self, device: torch.device):
         """A start mark for ``stop``: a host clock on CPU, a recorded event on CUDA."""
@@ -193,7 +196,7 @@ class ExchangeStats:
         rows = None if send_rows is None else split_key(send_rows)
         key = (x.shape, x.dtype, x.device.type, rows, comm, codecs)
         quantized, slots, sent, bf16 = remember(
-            self._counted, key, lambda: _count(x, rows, comm, codecs), 256)
+            self._counted, key, lambda: _count(x, rows, comm, codecs, self._pairs), 256)
         self.calls[direction] += 1
         self.quantized[direction] += quantized
         self.slots_sent[direction] += slots
@@ -203,14 +206,17 @@ class ExchangeStats:
             self.bf16_bytes[direction][link] += bf16[link]
 
 
-def _count(x: torch.Tensor, rows: Optional[tuple], comm, codecs) -> tuple:
+def _count(x: torch.Tensor, rows: Optional[tuple], comm, codecs, pairs: dict) -> tuple:
     """What ExchangeStats.record adds for one call: (quantized 0/1, slots sent to other
-    ranks, wire bytes per link, bf16 bytes per link)."""
+    ranks, wire bytes per link, bf16 bytes per link). ``pairs``: what a pair adds (wire
+    bytes, quantized) by its link class and rows, kept across calls: a pair's wire depends
+    on nothing else (its codec and gate row are its link class's)."""
     route, nodes = comm.route(codecs, x.device.type), comm.nodes
     rank, world = route.rank, route.world
     rows = rows if rows is not None else [x.shape[0] // world] * world
     per_row = math.prod(x.shape[1:-1])
     hidden = x.shape[-1]
+    base = (x.shape[1:], x.dtype, x.device.type, comm, codecs)
     quantized, slots = False, 0
     sent, bf16 = _zeros(LINKS), _zeros(LINKS)
     for p, n in enumerate(rows):
@@ -218,9 +224,14 @@ def _count(x: torch.Tensor, rows: Optional[tuple], comm, codecs) -> tuple:
         if p == rank or n == 0:
             continue
         slots += n
-        wire = route.wire(p, n, hidden, x.dtype)
         link = LINKS[0] if nodes[p] == nodes[rank] else LINKS[1]
-        sent[link] += n * row_bytes(wire, hidden, x.dtype)
+        key = (base, link, n)
+        pair = pairs.get(key)
+        if pair is None:
+            wire = route.wire(p, n, hidden, x.dtype)
+            pair = keep(pairs, key, (n * row_bytes(wire, hidden, x.dtype),
+                                     wire != RAW and not wire.is_passthrough), 4096)
+        sent[link] += pair[0]
         bf16[link] += n * hidden * 2
-        quantized |= wire != RAW and not wire.is_passthrough
+        quantized |= pair[1]
     return int(quantized), slots, sent, bf16
