@@ -65,11 +65,17 @@ def _sites() -> list[Site]:
                  "forward", None)]
 
 
+def _exchanges(layer: nn.Module) -> bool:
+    """Whether a MOELayer / AutoEPMoELayer exchanges tokens (DeepSpeed skips its all-to-alls
+    for an expert-parallel group of one)."""
+    return int(getattr(layer, "ep_size", 1)) > 1
+
+
 def _expected_exchanges(site: Site, layer: nn.Module) -> int:
     """All-to-alls one forward of ``layer`` makes through moe_flashcomm."""
     if site.global_name is None:  # DeepSpeedMoEInference calls _alltoall twice, always
         return 2
-    return 2 if int(getattr(layer, "ep_size", 1)) > 1 else 0
+    return 2 if _exchanges(layer) else 0
 
 
 # ---- running a patched layer -----------------------------------------------------------------
@@ -147,7 +153,7 @@ class _LayerState(PatchState):
         """With skip_padding on a MOELayer that exchanges, a hook (removed after this forward)
         that reads the routes its gate returns."""
         if not (self.config.skip_padding and self.site.cls_name == "MOELayer"
-                and int(getattr(layer, "ep_size", 1)) > 1):
+                and _exchanges(layer)):
             return None
         return layer.gate.register_forward_hook(functools.partial(self._gate_routes, layer))
 

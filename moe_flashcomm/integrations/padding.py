@@ -28,9 +28,8 @@ uneven exchange). Each count carries its rank's capacity C in its high 32 bits (
 other message), so every rank learns every rank's C, and ranks whose gates sized different
 capacities (``drop_tokens`` sizes C from each rank's own token count) all raise alike before
 any exchange: the padded exchange cannot pair them either. DeepSpeed's forward already
-synchronizes with the host there (``C = int(C)`` just after the gate, and an all-reduce of the
-capacity without ``drop_tokens``); on CUDA the counts are copied asynchronously before that
-point, so that synchronization covers them. The same counts serve all four exchanges: the combine and the
+synchronizes with the host there (``C = int(C)`` just after the gate); on CUDA the counts are
+copied asynchronously before that point, so that synchronization covers them. The same counts serve all four exchanges: the combine and the
 dispatch's gradient go back the way the dispatch came.
 """
 from __future__ import annotations
@@ -99,7 +98,8 @@ class RouteCounts:
     """This rank's filled slots per expert and those of its senders, from one forward's gate:
     ``mine[e]`` (this rank's tokens for expert e), ``theirs[s * L + j]`` (what group rank s
     sends to this rank's j-th local expert): the row layout of the received [E, C, M].
-    ``received``: ``theirs`` as exchanged, each with its sender's capacity in the high bits."""
+    Made from ``received``, the counts as exchanged, each with its sender's capacity in the
+    high bits (``theirs`` keeps the counts alone)."""
 
     def __init__(self, mine: torch.Tensor, received: torch.Tensor) -> None:
         self.mine, self.theirs = mine, received & COUNT_MASK
