@@ -287,10 +287,11 @@ def compile_kernel(source_name: str, name_expr: str, arch: str,
     opts += tuple(f"-I{d}" for d in includes)
     key = cache_key(src, name_expr, nvrtc.getVersion(), opts, headers_digest(includes))
     path = env.kernel_cache_dir() / f"{key}.bin"
-    if path.exists():
-        cached = read_cache_file(path, key)
-        if cached is not None:
-            return cached
+    # (no exists() first: in a folder this user may not enter it raises, where reading
+    # returns None and the kernel is compiled)
+    cached = read_cache_file(path, key)
+    if cached is not None:
+        return cached
     prog = nvrtc.createProgram(src, source_name, [], [])
     try:
         nvrtc.addNameExpression(prog, name_expr)

@@ -4,6 +4,7 @@ file is rejected (then compiled again). Runs without a GPU or CuPy; the GPU test
 damages a real entry and checks that the kernel is rebuilt."""
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +143,16 @@ def test_an_unwritable_cache_still_gives_the_kernel(nvrtc, tmp_path, monkeypatch
     assert cuda.compile_kernel(*KERNEL, "sm_90") == (name, cubin)
     (entry,) = nvrtc.iterdir()
     assert cuda.parse_cache_entry(entry.read_bytes(), entry.stem) == (name, cubin)
+
+
+def test_a_cache_this_user_may_not_read_still_gives_the_kernel(nvrtc, monkeypatch):
+    """Another user's 0700 folder in a shared cache: Path.exists() raised PermissionError
+    before any fallback (reproduced here by a read that is refused)."""
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    name, cubin = cuda.compile_kernel(*KERNEL, "sm_90")
+    assert "check_stamp_table" in name and cubin
 
 
 def test_a_failed_publish_leaves_no_temporary_file(tmp_path):
