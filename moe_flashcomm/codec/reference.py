@@ -8,7 +8,8 @@ Arithmetic rules the kernels copy exactly:
   * metadata is stored in the *wire float*: fp16 for fp16 input, bf16 otherwise
     (so fp16 and bf16 spikes travel exactly; fp32 spikes are rounded to bf16);
   * the group minimum is rounded *down* and the scale *up* to the wire float, so every
-    quantized value lies inside the representable range: error <= scale / 2;
+    quantized value lies inside the representable range: the code's error <= scale / 2,
+    plus fp32's roundings and the final cast to the token dtype (docs/wire-format.md);
   * a group holding NaN/Inf, or whose range the wire float cannot hold, is stored with
     NaN scale and minimum (and NaN spikes at index 0) and decodes to all NaN; stored NaNs
     (passthrough values too) are torch's canonical NaN (bf16 0x7FC0, fp16 0x7E00);
