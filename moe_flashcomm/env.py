@@ -167,9 +167,10 @@ def rank() -> Optional[int]:
 
 def torch_extensions_dir() -> Path:
     """Where torch (and so DeepSpeed) builds its JIT C++ ops: TORCH_EXTENSIONS_DIR, else
-    torch's default (~/.cache/torch_extensions)."""
-    value = _raw("TORCH_EXTENSIONS_DIR")
-    if value:
+    torch's default (~/.cache/torch_extensions). Read as torch reads it: set at all, even
+    empty (the working directory), it is the root, taken as written."""
+    value = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if value is not None:
         return Path(value)
     from torch.utils.cpp_extension import get_default_build_root
     return Path(get_default_build_root())

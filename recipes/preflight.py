@@ -135,7 +135,7 @@ def build_root() -> Path:
     lie elsewhere: this run never waits on their locks."""
     import torch
     root = env.torch_extensions_dir()
-    if os.environ.get("TORCH_EXTENSIONS_DIR", "").strip():  # (as env.torch_extensions_dir reads it)
+    if os.environ.get("TORCH_EXTENSIONS_DIR") is not None:  # (set, even empty: torch's test)
         return root
     accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
                    f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")

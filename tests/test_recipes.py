@@ -303,6 +303,10 @@ def test_only_locks_of_this_runs_build_folder_stop_it(tmp_path, monkeypatch, cap
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # torch's default root: under it
     own = Path(_get_build_directory("fused_adam", False))
     assert own.parent == preflight.build_root()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # set but empty: torch builds in the working directory
+    monkeypatch.chdir(tmp_path)  # (which torch's call below makes the op's folder in)
+    assert Path(_get_build_directory("fused_adam", False)).parent.resolve() == preflight.build_root().resolve()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     other = own.parents[1] / "py27_cu999" / "fused_adam"
     for build in (own, other):
         build.mkdir(parents=True, exist_ok=True)
