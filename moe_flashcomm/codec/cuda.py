@@ -2,7 +2,8 @@
 :mod:`moe_flashcomm.kernels`) on torch's current stream over the tensors' memory.
 
 Bit-identical to :mod:`moe_flashcomm.codec.reference` (the specification) for every config.
-No host synchronisation and no extra copies, so the calls are safe under CUDA graph capture.
+No host synchronisation, and no copy but of an input that is not contiguous or not 16-byte
+aligned (made so first), so the calls are safe under CUDA graph capture.
 Each (device, shape, codec, dtype) gets a launch plan the first time (arguments packed once),
 so a repeated call costs the host one allocation and one driver launch. Under
 ``torch.compile`` the calls go through the custom ops ``torch.ops.moe_flashcomm.encode`` /

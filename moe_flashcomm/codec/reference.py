@@ -168,6 +168,12 @@ def decode_native(records: torch.Tensor, hidden: int, dtype: torch.dtype) -> tor
     return records[:, :n].clone(memory_format=torch.contiguous_format).view(dtype)
 
 
+def _wire_nan(wire: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The canonical NaN of a wire float (a 0-dim tensor): what a record stores for a group
+    it cannot quantize, and for NaN in bf16 passthrough."""
+    return torch.tensor(float("nan"), dtype=wire, device=device)
+
+
 def canonical_nan(y: torch.Tensor) -> torch.Tensor:
     """``y`` with every NaN, in place, set to CANONICAL_NAN of its dtype."""
     y.view(_INT_OF[y.dtype]).masked_fill_(torch.isnan(y), CANONICAL_NAN[y.dtype])
@@ -240,13 +246,13 @@ def quantize_groups(xf: torch.Tensor, valid: torch.Tensor, cfg: CodecConfig,
     bad = _bad_groups(xf, valid) | ~torch.isfinite(mn) | ~torch.isfinite(sc)
 
     t = torch.where(sc[..., None] == 0, 0.0, (xf - mn[..., None]) / sc[..., None])
-    if cfg.rounding == "stochastic":
+    if cfg.is_stochastic:
         t = torch.floor(t + uniform_noise(seed, T, n * G, xf.device).view(T, n, G))
     else:
         t = torch.round(t)
     codes = torch.where(rest & ~bad[..., None], t.clamp(0, cfg.qmax), 0).to(torch.int32)
 
-    nan = torch.tensor(float("nan"), dtype=wire, device=xf.device)
+    nan = _wire_nan(wire, xf.device)
     return dict(
         codes=codes,
         minimum=torch.where(bad, nan, minimum),
@@ -279,7 +285,7 @@ def fp8_groups(xf: torch.Tensor, valid: torch.Tensor, wire: torch.dtype):
     y = torch.where(sc[..., None] == 0, 0.0, xf / sc[..., None]).clamp(-FP8_MAX, FP8_MAX)
     y = torch.where(valid & ~bad[..., None], y, 0.0)
     codes = y.to(torch.float8_e4m3fn).view(torch.uint8)
-    return codes, torch.where(bad, torch.tensor(float("nan"), dtype=wire), scale)
+    return codes, torch.where(bad, _wire_nan(wire, xf.device), scale)
 
 
 # ---- public entry points ---------------------------------------------------------------
@@ -297,7 +303,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor
         return encode_native(x, rec)
     if cfg.is_passthrough:  # NaN as the canonical NaN: torch's casts vary its bits by position
         v = x.to(wire)
-        _put(rec, 0, torch.where(torch.isnan(v), torch.tensor(float("nan"), dtype=wire), v))
+        _put(rec, 0, torch.where(torch.isnan(v), _wire_nan(wire, x.device), v))
         return rec
     xf, valid = _grouped(x, L)
     if cfg.is_fp8:
@@ -305,7 +311,7 @@ def encode(x: torch.Tensor, cfg: CodecConfig, seed: Seed = None) -> torch.Tensor
         _put(rec, L.planes[0].offset, codes.view(T, -1))
         _put(rec, L.scale, scale)
         return rec
-    s = resolve_seed(seed) if cfg.rounding == "stochastic" else None
+    s = resolve_seed(seed) if cfg.is_stochastic else None
     q = quantize_groups(xf, valid, cfg, wire, s)
     codes = q["codes"].view(T, -1)
     for p in L.planes:
