@@ -435,6 +435,37 @@ def test_backend_sum_numel_disagrees_gloo_3():
     spawn(_backend_sum_numel, 3, timeout=240)
 
 
+def _local_error_mid_call(rank, world):
+    """One rank fails on its own between the steps of a framed all-reduce (its tensor, made
+    under inference mode, cannot be written outside it): every rank raises in that call and
+    the next calls sum the same calls of every rank (they summed one rank's call k + 1 with
+    the others' call k, silently, for good; helper 64)."""
+    comm = mf.Communicator(gate=False, timeout=10)
+    # the backend's sum of more than a frame of fp32 (two steps); the quantized one in three
+    # pieces, of whole rows of every rank (so that it writes into x itself, not a copy)
+    for codec, chunks, n in (("native", None, (1 << 20) + 5), (8, 3, world * 3 * all_reduce.ROW)):
+
+        def x(k: int, inference: bool = False) -> torch.Tensor:
+            with torch.inference_mode(inference):
+                return torch.full((n,), float((rank + 1) * 10 ** k))
+        comm.all_reduce(x(0), codec, chunks=chunks)
+        if rank == 1:
+            _raises(lambda: comm.all_reduce(x(0, inference=True), codec, chunks=chunks),
+                    RuntimeError, "inference")
+        else:
+            _raises(lambda: comm.all_reduce(x(0), codec, chunks=chunks), ConfigMismatchError,
+                    "rank 1: it rejected its all_reduce", "an error of its own during the call")
+        for k in (1, 2):
+            want = torch.full((n,), float(sum(p + 1 for p in range(world)) * 10 ** k))
+            got = comm.all_reduce(x(k), codec, chunks=chunks)
+            assert torch.allclose(got, want, rtol=1e-2, atol=0), (codec, k, got[:2])
+    comm.close()
+
+
+def test_a_local_error_mid_all_reduce_raises_on_every_rank_gloo_3():
+    spawn(_local_error_mid_call, 3, timeout=240)
+
+
 def _silent_peer(rank, world):
     comm = mf.Communicator(gate=False, timeout=3)
     x = make_input(rank, 4 * world, (64,), torch.float32, 5)

@@ -602,52 +602,76 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
     W, r, c, cfg = plan.world, plan.rank, plan.rows, plan.intra
     rows3 = buf.view(W, c, ROW)
     rb, code = record_bytes(ROW, cfg), frame.wire_code(cfg)
-    numbering = framing.numbering(group)  # one for the call
 
     def piece_legs(a: int, b: int) -> list:
         return [None if p == r else frame.Leg(b - a, (b - a) * rb, code) for p in range(W)]
 
-    for j, (a, b) in enumerate(plan.pieces):
-        m, legs = b - a, piece_legs(a, b)
-        scatter = frame.Frame(framing, group, r, W, "all_reduce reduce-scatter", buf.dtype, ROW,
-                              legs, legs, detail=plan.numel, **numbering)
-        for p in scatter.peers:
-            _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
-        try:
-            got = scatter.start().wait()
-        except (ConfigMismatchError, frame.PeerTimeoutError) as e:
-            if not e.elsewhere:  # (a rank in another call would never answer)
-                # the all-gather as headers only: ranks that agree with this one raise too
-                answered = frame.peers_answered(e)
-                gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype,
-                                     ROW, legs, legs, detail=plan.numel, aborted=True,
-                                     gave_up=not answered, **numbering).start()
-                if answered:
-                    gather.wait()
-                    gather.release()
-            raise
-        rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
-                           rows3[r, a:b], r, cfg)
-        scatter.release()
-        gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
-                             legs, legs, detail=plan.numel, **numbering)
-        for p in gather.peers:
-            gather.payload(p).copy_(rec.view(-1))
-        try:
-            got = gather.start().wait()
-        except frame.PeerTimeoutError as e:
-            if j + 1 < len(plan.pieces) and not e.elsewhere:
-                # a rank slow between this piece's steps completes this all-gather with our
-                # frame and goes on to the next piece: it meets its steps as "gave up" frames
-                # and raises in this call (else they paired with our next call)
-                after = piece_legs(*plan.pieces[j + 1])
-                for operation in ("all_reduce reduce-scatter", "all_reduce all-gather"):
-                    frame.Frame(framing, group, r, W, operation, buf.dtype, ROW, after, after,
-                                detail=plan.numel, gave_up=True, **numbering).start()
-            raise
-        for p in range(W):
-            _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
-        gather.release()
+    numbering = framing.numbering(group)  # one for the call
+    owed = "all_reduce reduce-scatter"  # the step the peers wait in next (None: none)
+    try:
+        for j, (a, b) in enumerate(plan.pieces):
+            m, legs = b - a, piece_legs(a, b)
+            scatter = frame.Frame(framing, group, r, W, "all_reduce reduce-scatter", buf.dtype, ROW,
+                                  legs, legs, detail=plan.numel, **numbering)
+            for p in scatter.peers:
+                _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
+            scatter.start()
+            owed = None
+            try:
+                got = scatter.wait()
+            except (ConfigMismatchError, frame.PeerTimeoutError) as e:
+                if not e.elsewhere:  # (a rank in another call would never answer)
+                    # the all-gather as headers only: ranks that agree with this one raise too
+                    answered = frame.peers_answered(e)
+                    gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype,
+                                         ROW, legs, legs, detail=plan.numel, aborted=True,
+                                         gave_up=not answered, **numbering).start()
+                    if answered:
+                        gather.wait()
+                        gather.release()
+                raise
+            owed = "all_reduce all-gather"
+            rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
+                               rows3[r, a:b], r, cfg)
+            scatter.release()
+            gather = frame.Frame(framing, group, r, W, "all_reduce all-gather", buf.dtype, ROW,
+                                 legs, legs, detail=plan.numel, **numbering)
+            for p in gather.peers:
+                gather.payload(p).copy_(rec.view(-1))
+            gather.start()
+            owed = None
+            try:
+                got = gather.wait()
+            except frame.PeerTimeoutError as e:
+                if j + 1 < len(plan.pieces) and not e.elsewhere:
+                    # a rank slow between this piece's steps completes this all-gather with our
+                    # frame and goes on to the next piece: it meets its steps as "gave up" frames
+                    # and raises in this call (else they paired with our next call)
+                    after = piece_legs(*plan.pieces[j + 1])
+                    for operation in ("all_reduce reduce-scatter", "all_reduce all-gather"):
+                        frame.Frame(framing, group, r, W, operation, buf.dtype, ROW, after, after,
+                                    detail=plan.numel, gave_up=True, **numbering).start()
+                raise
+            if j + 1 < len(plan.pieces):
+                owed = "all_reduce reduce-scatter"
+            for p in range(W):
+                _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
+            gather.release()
+    except frame.EXCHANGE_ERRORS:
+        raise
+    except Exception:
+        _answer_owed(framing, group, plan, owed, numbering)
+        raise
+
+
+def _answer_owed(framing: frame.Framing, group, plan: _Plan, owed: Optional[str],
+                 numbering: dict) -> None:
+    """A framed all-reduce that failed on this rank with an error of its own (x cannot be
+    written, ...) before ``owed``, a step its peers wait in (None: none): that step as a
+    rejected frame, so they raise in this call and no rank pairs a later step with another
+    call's (ranks summed one rank's call k + 1 with the others' call k)."""
+    if owed is not None:
+        frame.reject(framing, group, plan.rank, plan.world, owed, **numbering)
 
 
 def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
@@ -669,7 +693,9 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     starts = [0] * W if one_round else [n * p // W for p in range(W)]
     sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
     mine = sizes[r]
-    numbering = dict(framing.numbering(group), detail=n)
+    call = framing.numbering(group)
+    numbering = dict(call, detail=n)
+    owed = "all_reduce reduce-scatter"  # the step the peers wait in next (None: none)
 
     def piece(p: int) -> torch.Tensor:  # the values of rank p's range
         return flat[starts[p]:starts[p] + sizes[p]]
@@ -678,38 +704,50 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         return frame.Frame(framing, group, r, W, operation, flat.dtype, 0,
                            frame.item_legs(send, unit, r), frame.item_legs(receive, unit, r),
                            **numbering)
-    scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
-    for p in scatter.peers:
-        scatter.payload(p).copy_(piece(p).view(torch.uint8))
     try:
-        got = scatter.start().wait()
-    except (ConfigMismatchError, frame.PeerTimeoutError) as e:
-        answered = frame.peers_answered(e)
-        # (not for a rank in another call: it would never answer. In a call of one round
-        # too: a late rank that disagrees ends it with an aborted all-gather; one that
-        # agrees completes it, and its next call's first frame posts again past this one)
-        if not e.elsewhere:
-            empty = flat.new_empty(0)
-            frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
-                                    empty, [0] * W, [0] * W, aborted=True, wait=answered,
-                                    **numbering)
+        scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
+        for p in scatter.peers:
+            scatter.payload(p).copy_(piece(p).view(torch.uint8))
+        scatter.start()
+        owed = None
+        try:
+            got = scatter.wait()
+        except (ConfigMismatchError, frame.PeerTimeoutError) as e:
+            answered = frame.peers_answered(e)
+            # (not for a rank in another call: it would never answer. In a call of one round
+            # too: a late rank that disagrees ends it with an aborted all-gather; one that
+            # agrees completes it, and its next call's first frame posts again past this one)
+            if not e.elsewhere:
+                empty = flat.new_empty(0)
+                frame.all_to_all_single(framing, group, r, W, "all_reduce all-gather", empty,
+                                        empty, [0] * W, [0] * W, aborted=True, wait=answered,
+                                        **numbering)
+            raise
+        if not one_round:
+            owed = "all_reduce all-gather"
+        # in rank order, each step rounded in the dtype; written into the first received
+        # range until this rank's term, then over this rank's own: no new tensor, no copy back
+        terms = [piece(p) if p == r else got[p].view(flat.dtype) for p in range(W)]
+        total = terms[0]
+        for p in range(1, W):
+            total = torch.add(total, terms[p], out=terms[0] if p < r else piece(r))
+        scatter.release()  # (after the sum: the terms are views of its buffer)
+        if one_round:
+            return
+        gather = framed("all_reduce all-gather", [mine] * W, sizes)
+        for p in gather.peers:
+            gather.payload(p).copy_(total.view(torch.uint8))
+        gather.start()
+        owed = None
+        got = gather.wait()
+        for p in gather.peers:
+            piece(p).view(torch.uint8).copy_(got[p])
+        gather.release()
+    except frame.EXCHANGE_ERRORS:
         raise
-    # in rank order, each step rounded in the dtype; written into the first received range
-    # until this rank's term, then over this rank's own: no new tensor and no copy back
-    terms = [piece(p) if p == r else got[p].view(flat.dtype) for p in range(W)]
-    total = terms[0]
-    for p in range(1, W):
-        total = torch.add(total, terms[p], out=terms[0] if p < r else piece(r))
-    scatter.release()  # (after the sum: the terms are views of its buffer)
-    if one_round:
-        return
-    gather = framed("all_reduce all-gather", [mine] * W, sizes)
-    for p in gather.peers:
-        gather.payload(p).copy_(total.view(torch.uint8))
-    got = gather.start().wait()
-    for p in gather.peers:
-        piece(p).view(torch.uint8).copy_(got[p])
-    gather.release()
+    except Exception:
+        _answer_owed(framing, group, plan, owed, call)
+        raise
 
 
 # ---- hierarchical ------------------------------------------------------------------------------

@@ -790,7 +790,8 @@ class Frame:
         out = []
         op = OPERATIONS[h[1] - 1] if 1 <= h[1] <= len(OPERATIONS) else f"operation {h[1]}"
         if h[10] & REJECTED:
-            return [f"it rejected its {op} (its own error says why: its arguments, or its "
+            return [f"it rejected its {op} (its own error says why: its arguments, an error "
+                    "of its own during the call, or its "
                     "communicator was closed)"]
         if h[10] & GAVE_UP and (h[2] < self.number or not self.number):
             return [f"it left this frame (exchange #{h[2]}, its {op}) for a rank that came late "
@@ -922,14 +923,18 @@ def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
     return table
 
 
-def reject(framing: Framing, pg, rank: int, world: int, operation: str) -> None:
+def reject(framing: Framing, pg, rank: int, world: int, operation: str,
+           number: Optional[int] = None, counter=None) -> None:
     """This rank cannot make its call (its arguments were rejected, or its communicator was
     closed): headers only, flagged, in place of the call's exchange, so the peers waiting in it
     raise at once rather than after the timeout, or pairing it with this rank's next call.
-    Whatever they sent is drained; their errors are theirs to report."""
+    Whatever they sent is drained; their errors are theirs to report. ``number``, ``counter``:
+    the call's (Framing.numbering), where the call failed on this rank after it drew its
+    number: ``operation`` is then the step it owes its peers (who make no later step of the
+    call, meeting a rank in another state)."""
     legs = [None if p == rank else Leg(0, 0) for p in range(world)]
     frame = Frame(framing, pg, rank, world, operation, torch.uint8, 0, legs, legs,
-                  rejected=True)
+                  rejected=True, number=number, counter=counter)
     # peers in the call answer at once; peers that are not (a call on this rank alone)
     # must not hold up this rank's own error for long
     frame.timeout = min(frame.timeout, datetime.timedelta(seconds=REJECT_WAIT_S))
