@@ -202,6 +202,11 @@ def error_checks(rank: int, world: int, device: str) -> None:
         (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
         (dict(op="max"), ValueError, r"op must be one of \('sum',\) .*got 'max'"),
         (dict(op=dist.ReduceOp.MAX), ValueError, "op must be one of .*MAX"),
+        (dict(op=0), ValueError, "op must be one of .*got 0"),  # (equal to ReduceOp.SUM)
+        (dict(op=False), ValueError, "op must be one of .*got False"),
+        # torch's argument order: an op where the group goes
+        (dict(group=dist.ReduceOp.SUM), TypeError, r"group must be a torch.distributed.ProcessGroup "
+                                                   r"or None, got RedOpType .*\(x, group, codec, op\)"),
         (dict(algorithm="ring"), ValueError, r"algorithm must be one of \('flat', 'hierarchical'\)"),
         (dict(chunks=0), ValueError, "chunks must be an int >= 1"),
         (dict(codec=9), ValueError, "codec: CodecConfig.bits"),

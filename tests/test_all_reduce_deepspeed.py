@@ -478,7 +478,7 @@ def test_only_a_plain_sum_is_quantized():
     """The patched all-reduce takes torch's or DeepSpeed's SUM; other ops go to DeepSpeed's
     own (PREMUL_SUM, whose name ends in SUM, was taken as a sum without its factor)."""
     from deepspeed.comm import ReduceOp as DeepSpeedOp
-    from moe_flashcomm.integrations.allreduce import _is_sum
+    from moe_flashcomm.integrations.allreduce import _is_deepspeed_sum as _is_sum
     assert _is_sum(None) and _is_sum(dist.ReduceOp.SUM) and _is_sum(DeepSpeedOp.SUM)
     for op in (dist.ReduceOp.PREMUL_SUM, dist.ReduceOp.MAX, DeepSpeedOp.AVG, DeepSpeedOp.PRODUCT):
         assert not _is_sum(op), op

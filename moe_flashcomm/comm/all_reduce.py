@@ -305,12 +305,10 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
 
 
 def _is_sum(op: object) -> bool:
+    """``"sum"`` or torch.distributed.ReduceOp.SUM (not 0 or False, which compare equal to it)."""
     if isinstance(op, str):
         return op == "sum"
-    try:
-        return bool(op == dist.ReduceOp.SUM)
-    except Exception:  # noqa: BLE001 - anything that is not a ReduceOp
-        return False
+    return isinstance(op, dist.ReduceOp) and op == dist.ReduceOp.SUM
 
 
 # ---- the public function -----------------------------------------------------------------------

@@ -77,6 +77,11 @@ class Communicator:
         if not dist.is_initialized():
             raise RuntimeError("moe_flashcomm.Communicator needs torch.distributed to be "
                                "initialised (torch.distributed.init_process_group)")
+        if group is not None and not isinstance(group, dist.ProcessGroup) and (
+                group is not dist.GroupMember.NON_GROUP_MEMBER):
+            raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(group).__name__} {group!r} (moe_flashcomm's all_reduce "
+                            "takes (x, group, codec, op), not torch's (tensor, op, group))")
         # the group as it is now: a default group destroyed and made again is another group
         self.group = group if group is not None else dist.group.WORLD
         # a destroyed group: the error a cached communicator's calls give (torch would say

@@ -97,7 +97,10 @@ def _site_of(module: nn.Module) -> Optional[Site]:
 
 
 # ---- what stands in -------------------------------------------------------------------------------
-def _is_sum(op: Any) -> bool:
+def _is_deepspeed_sum(op: Any) -> bool:
+    """Whether a patched layer's ``deepspeed.comm.all_reduce`` op is a plain sum: None
+    (DeepSpeed's default), torch's SUM, or DeepSpeed's own enum member named SUM. (The
+    public all_reduce's check, comm/all_reduce.py ``_is_sum``, takes "sum" and torch's.)"""
     try:
         # torch's op, or DeepSpeed's own enum member named SUM (not PREMUL_SUM: its factor)
         return op is None or op == dist.ReduceOp.SUM or str(op).upper().endswith(".SUM")
@@ -118,8 +121,8 @@ class _Dist(StandIn):
         return getattr(self._real, name)
 
     def all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
-        if not _is_sum(op) or tensor.dtype not in INPUT_DTYPES:
-            if _is_sum(op):  # a dtype the codecs do not take (float64, ints)
+        if not _is_deepspeed_sum(op) or tensor.dtype not in INPUT_DTYPES:
+            if _is_deepspeed_sum(op):  # a dtype the codecs do not take (float64, ints)
                 self.state.passed_on()
             given = {} if op is None else {"op": op}
             return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
