@@ -234,7 +234,8 @@ def _fused_reduce(peers: torch.Tensor, own: torch.Tensor, rank: int, cfg: CodecC
 class _Plan:
     """How one configuration and size runs on this rank."""
 
-    nccl: bool                     # gated (or one rank): the backend's sum (gloo: framed)
+    backend_sum: bool              # gated, "native" or one rank: the backend's sum (NCCL's
+                                   # all_reduce; over gloo, framed)
     world: int
     rank: int
     rows: int                      # c
@@ -242,7 +243,8 @@ class _Plan:
     intra: CodecConfig             # flat: the codec; hierarchical: stage 1's
     inter: CodecConfig             # hierarchical: stage 2's and the final records'
     hierarchical: bool = False     # the hierarchical algorithm (on the communicator's stages)
-    call: bool = True              # nccl: a collective to issue (not one rank or no values)
+    call: bool = True              # backend_sum: a collective to issue (not one rank, or no
+                                   # values on CUDA)
     numel: int = 0                 # the tensor's values (in the headers of framed exchanges)
     stamped: bool = False          # CUDA: the reduce-scatters' records carry stamps
     pair_gather: bool = False      # two ranks, flat: step 1 as an all-gather (the variable
@@ -408,7 +410,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
 
 def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """``x`` summed in place by ``plan`` over the communicator's group."""
-    if plan.nccl and not plan.call:  # one rank, or no values
+    if plan.backend_sum and not plan.call:  # one rank, or no values
         return x
     work = x if x.is_contiguous() else x.contiguous()  # (what backends and kernels take)
     _sum(comm, work.view(-1), plan)
@@ -419,7 +421,7 @@ def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 def _sum(comm, flat: torch.Tensor, plan: _Plan) -> None:
     """The contiguous 1-D ``flat`` summed in place by ``plan``."""
-    if plan.nccl:  # gated or "native": the backend's sum (over gloo, framed)
+    if plan.backend_sum:  # gated or "native": the backend's sum (over gloo, framed)
         if flat.is_cuda:
             direct.all_reduce(comm.group, flat)
         else:

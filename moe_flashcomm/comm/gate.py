@@ -9,7 +9,8 @@ decision without talking. Tables come from ``python -m moe_flashcomm.tune_gate``
 ``moe_flashcomm.all_reduce`` has its own table, ``all_reduce`` (a JSON file's
 ``"all_reduce"`` section, same ``{path: {codec_key: bytes}}`` shape): there a threshold is
 in *bf16 bytes of the whole tensor* (numel x 2), the same number on every rank, and below
-it the tensor goes through ``torch.distributed.all_reduce`` (NCCL) unquantized.
+it the tensor is summed unquantized by the backend (``torch.distributed.all_reduce`` over
+NCCL; over gloo a framed equivalent, whose headers check the numel).
 
 The ``"bf16"`` and ``"native"`` codecs are never gated (``"native"`` all-reduces are always
 ``torch.distributed.all_reduce``). Tables are checked against their schema (CODEC_KEYS,
@@ -206,7 +207,8 @@ class SizeGate:
 
     def all_reduce_threshold(self, path: str, cfg: CodecConfig) -> int:
         """Bytes (bf16, the whole tensor) below which ``moe_flashcomm.all_reduce`` with
-        ``cfg`` on ``path`` calls ``torch.distributed.all_reduce`` instead. "native" always
+        ``cfg`` on ``path`` sums unquantized by the backend instead (NCCL's all_reduce; over
+        gloo, framed). "native" always
         does (the values in their own dtype: torch's result, exactly), "bf16" never."""
         if cfg.is_native:
             return NEVER_PAYS
