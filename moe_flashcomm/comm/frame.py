@@ -798,6 +798,12 @@ class Frame:
                     "to that earlier call, and this rank's frame met it in place of that "
                     "rank's frame of this call (a frame started asynchronously meets such "
                     f"frames only at its wait; more than {STALE_KEPT} in a row are not passed)"]
+        if (op != self.operation and op in NUMEL_OPERATIONS
+                and self.operation in NUMEL_OPERATIONS and h[9] != self.detail):
+            # two all-reduces that took different paths for their sizes (an empty tensor,
+            # one the gate sends to the backend): the numel is what differs
+            return [f"it reduces {h[9]} values; this rank reduces {self.detail} (so it runs "
+                    f"{op} while this rank runs {self.operation})"]
         if op != self.operation:
             said = f"it runs {op} while this rank runs {self.operation}"
             note = self._peer_check(p, h) if op == "consistency check" else None
