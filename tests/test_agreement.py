@@ -280,9 +280,12 @@ def _silent_peer_long_payloads(rank, world):
     assert time.monotonic() - start < 4.5
     with pytest.raises(PeerTimeoutError):
         handle.wait()
-    for _ in range(3):
+    for i in range(3):  # (from the second: the first's "gave up" step waited the timeout)
         start = time.monotonic()
-        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] within 3 s"):
+        said = (r"within 3 s" if i == 0 else
+                rf"\(silent since exchange #{comm.framing.line(comm.group).count} of this group, "
+                r"which waited out its timeout on them\)")
+        with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[1\] " + said):
             comm.all_reduce(y.clone(), codec=4)
         assert time.monotonic() - start < 4.5
     os._exit(0)
@@ -290,6 +293,31 @@ def _silent_peer_long_payloads(rank, world):
 
 def test_a_silent_peer_costs_one_timeout_per_long_call_gloo_2():
     spawn(_silent_peer_long_payloads, 2, timeout=60)
+
+
+def _queued_behind_a_timeout(rank, world):
+    """The call after one that waited out its timeout on a silent rank: its exchange is not
+    waited for, and what the ranks that made it sent may queue behind the earlier exchange
+    in gloo. The error named them as silent too ("nothing came from ranks [1, 2]" where
+    only rank 2 was; helper 64): now it names the earlier exchange and its silent rank."""
+    comm = mf.Communicator(gate=False, timeout=2)
+    y = make_input(rank, 3000, (), torch.float32, 16)
+    comm.all_reduce(y.clone(), codec=4)
+    if rank == 2:
+        time.sleep(12)
+        os._exit(0)  # (the group is left to its timeouts)
+    with pytest.raises(PeerTimeoutError, match=r"nothing came from ranks \[2\] within 2 s"):
+        comm.all_reduce(y.clone(), codec=4)
+    with pytest.raises(PeerTimeoutError) as e:
+        comm.all_reduce(y.clone(), codec=4)
+    msg = str(e.value)
+    assert ("waited out its timeout on ranks [2]. Only the ranks named there are known to be "
+            "silent" in msg or "nothing came from ranks [2] (silent since exchange #" in msg), msg
+    os._exit(0)
+
+
+def test_a_call_after_a_timeout_names_only_the_silent_rank_gloo_3():
+    spawn(_queued_behind_a_timeout, 3, timeout=60)
 
 
 def _user_messages_beside_long_payloads(rank, world):

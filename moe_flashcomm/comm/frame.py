@@ -446,6 +446,9 @@ class Frame:
         self._first_round_done = False
         self._outcome = None  # (payloads, error) once completed
         self.caller_serves = False  # a late frame the serving thread leaves to the caller
+        # (number, silent ranks) of an earlier frame of the same wait that waited out its
+        # timeout: this one was then not waited for (its peers' frames queue behind it)
+        self.queued_behind: Optional[tuple] = None
 
     def release(self) -> None:
         """Give the buffers back to the Framing: call once the payloads of ``wait`` are
@@ -496,13 +499,15 @@ class Frame:
         one timeout (an all-reduce after a timed-out one waited two: the "gave up" step of
         the call before, then its own), and a peer that comes within it leaves this frame
         its whole timeout."""
-        deadline = None
+        deadline = behind = None
         while self._outcome is None:
             first = self.line.unfinished[0]
+            first.queued_behind = behind
             first._settle(deadline)
             if deadline is None and first is not self and (
                     first.stalled or isinstance(first._outcome[1], PeerTimeoutError)):
                 deadline = time.monotonic()
+                behind = (first.number, first.silent_peers())
         if self._outcome[1] is not None:
             raise self._hand_out_error()
         return self._outcome[0]
@@ -719,8 +724,7 @@ class Frame:
         another call (a rejected one): a call's later steps must not wait for them, as after
         a ConfigMismatchError."""
         got = self._recv_words[self.layout.header_index]
-        silent = ([p for p, magic in zip(self.peers, got[:, 0]) if magic != MAGIC]
-                  if peers is None else peers)
+        silent = self.silent_peers() if peers is None else peers
         named = self._name(silent) if silent else "none (a long message stalled)"
         where = (f"moe_flashcomm.{self.operation}: {self._me()}, at {self._where()}{what}: "
                  f"nothing came from ranks {named}")
@@ -733,12 +737,33 @@ class Frame:
                "Their headers came in this call: they stopped waiting for it (their own "
                "timeout), and did not make their next call on the group within this one "
                "(or destroyed the group).")
+        if self.queued_behind is not None:  # not waited for
+            number, before = self.queued_behind
+            if set(silent) <= set(before):
+                where += (f" (silent since exchange #{number} of this group, which waited out "
+                          "its timeout on them)")
+            else:
+                # gloo runs a group's exchanges in order: what the others sent may wait
+                # behind the earlier exchange's (they need not be silent)
+                where += (f", not waited for: exchange #{number} of this group, started "
+                          f"before this one, waited out its timeout"
+                          + (f" on ranks {self._name(before)}" if before else ""))
+                why = ("Only the ranks named there are known to be silent: what the others "
+                       "sent may wait behind that exchange (gloo runs a group's exchanges in "
+                       "order).")
+        else:
+            where += f" within {self.timeout.total_seconds():g} s"
         error = PeerTimeoutError(
-            f"{where} within {self.timeout.total_seconds():g} s. {why} "
+            f"{where}. {why} "
             "(Communicator(timeout=...) or $MOE_FLASHCOMM_TIMEOUT_S sets the wait.)")
         error.elsewhere = self._ranks_elsewhere(got)
         error.__suppress_context__ = True  # (as ``raise ... from None``: gloo's text adds nothing)
         return error
+
+    def silent_peers(self) -> list:
+        """The peers (ranks of ``pg``) whose header has not come."""
+        got = self._recv_words[self.layout.header_index]
+        return [p for p, magic in zip(self.peers, got[:, 0]) if magic != MAGIC]
 
     def _group_rank(self, p: int) -> int:
         """Rank p of ``pg`` as the call's group numbers it (``names``)."""
