@@ -482,7 +482,8 @@ def main(argv: Optional[list] = None) -> None:
     fitted = fit_from_rows(rows)
     # what was not measured keeps the file's thresholds (a link class tuned at a time), else
     # the defaults (checked above: kept_fields refuses what would not load)
-    previous = kept_fields(args.out).get("thresholds") if args.out else None
+    old = kept_fields(args.out) if args.out else {}
+    previous = None if is_dry_run(old) else old.get("thresholds")  # (a dry run's: meaningless)
     table = with_defaults(fitted, with_defaults(previous, DEFAULT_THRESHOLDS) if previous
                           else DEFAULT_THRESHOLDS)
     if args.out is None:  # a dry run's meaningless thresholds stay out of ./gate.json

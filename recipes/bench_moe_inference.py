@@ -107,7 +107,9 @@ def check_args(args) -> None:
     if args.deepspeed_config is not None:
         preflight.load_ds_config(args.deepspeed_config, {})
     preflight.check_gate_variable()  # every layer here uses the default gate
-    problem = path_label_problem(args.path, "cuda" if torch.cuda.is_available() else "cpu")
+    one_node = (env.local_size() or world) == world  # (across nodes the label is the user's)
+    problem = one_node and path_label_problem(args.path, "cuda" if torch.cuda.is_available()
+                                                        else "cpu")
     if problem:
         preflight.fail(problem)
 

@@ -220,6 +220,10 @@ def error_checks(rank: int, world: int, device: str) -> None:
         args.update(kwargs)
         with pytest.raises(exc, match=msg):
             mf.all_reduce(**args)
+    # 0 equals (and hashes as) ReduceOp.SUM: refused after a sum's plan is cached too
+    mf.all_reduce(x.clone(), gate=False, op=dist.ReduceOp.SUM)
+    with pytest.raises(ValueError, match="op must be one of .*got 0"):
+        mf.all_reduce(x.clone(), gate=False, op=0)
     # a configuration that differs on one rank raises on every rank (no hang, no garbage).
     # Detection runs when a configuration is new to every rank: the ones used here (int5/g64
     # and int3/g64) are never completed, so never cached.

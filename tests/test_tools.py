@@ -162,6 +162,14 @@ def test_joined_runs_are_each_compared_with_their_own_nccl(tmp_path):
         assert SizeGate.load(out).thresholds["network"]["int4"] == 2 << 20, order
 
 
+def test_a_dry_runs_thresholds_are_not_kept(tmp_path):
+    """Thresholds kept from the --out file of a dry run went on under the new run's device."""
+    out = tmp_path / "gate.json"
+    out.write_text(json.dumps({"thresholds": {"host": {"int4": 1}}, "device": "cpu (dry run)"}))
+    tune_gate.main(["--from-bench", str(DATA / "bench_all2all_network_2x1.json"), "--out", str(out)])
+    assert SizeGate.load(out).thresholds["host"] == DEFAULT_THRESHOLDS["host"]
+
+
 def test_a_file_that_is_no_gate_file_is_not_written_over(tmp_path, capsys, monkeypatch):
     """--out onto a DeepSpeed config (or any other file) replaced it with a gate file."""
     bench = DATA / "bench_all2all_network_2x1.json"

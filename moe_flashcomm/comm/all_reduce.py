@@ -383,8 +383,9 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
     """``all_reduce`` on a Communicator (its plans are kept per arguments and size)."""
     plans = comm.all_reduce_plans
     try:  # the hot path: these exact arguments were seen before
-        # (with the types: 4.0 equals 4 but is refused, and must not find 4's plan)
-        key = (codec, type(codec), op, algorithm, chunks, type(chunks), x.dtype,
+        # (with the types: 4.0 equals 4, and 0 ReduceOp.SUM, but they are refused, and must
+        # not find the plans of what they equal)
+        key = (codec, type(codec), op, type(op), algorithm, chunks, type(chunks), x.dtype,
                x.device.type, x.layout, x.numel())
         plan = plans.get(key)
     except Exception:  # an unhashable argument (a dict), x no tensor: _plan says what is wrong

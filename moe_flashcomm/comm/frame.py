@@ -50,8 +50,9 @@ OPERATIONS = ("all_to_all", "all_to_all backward", "all_reduce reduce-scatter",
               "all_reduce all-gather", "hierarchical stage", "hierarchical all-reduce stage",
               "consistency check", "skip_padding counts", "peer-to-peer buffers",
               "hierarchical backward stage")
+HIERARCHICAL_STAGE = "hierarchical all-reduce stage"
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
-                    "hierarchical all-reduce stage")  # whose detail word is the numel
+                    HIERARCHICAL_STAGE)  # whose detail word is the numel
 ROW_SHAPE_OPERATIONS = ("all_to_all", "all_to_all backward")  # and a hash of x.shape[1:-1]
 # codes (index + 1) of the dtypes headers and stamps name; appended only (a stamp holds 3
 # bits: the token dtypes); the integers that counts may come in, so that a peer's is named
@@ -82,7 +83,7 @@ class PeerTimeoutError(PeerError):
 
 
 # what a call's exchanges raise: every rank in them raises its own (a call that fails with
-# anything else before its first exchange must tell its peers: ``reject``)
+# anything else before a step its peers wait in must tell them: ``reject``)
 EXCHANGE_ERRORS = (ConfigMismatchError, PeerError)
 
 
@@ -737,7 +738,7 @@ class Frame:
                "Their headers came in this call: they stopped waiting for it (their own "
                "timeout), and did not make their next call on the group within this one "
                "(or destroyed the group).")
-        if self.queued_behind is not None:  # not waited for
+        if self.queued_behind is not None and silent and not what:  # not waited for
             number, before = self.queued_behind
             if set(silent) <= set(before):
                 where += (f" (silent since exchange #{number} of this group, which waited out "
@@ -823,8 +824,9 @@ class Frame:
                     "to that earlier call, and this rank's frame met it in place of that "
                     "rank's frame of this call (a frame started asynchronously meets such "
                     f"frames only at its wait; more than {STALE_KEPT} in a row are not passed)"]
-        if (op != self.operation and op in NUMEL_OPERATIONS
-                and self.operation in NUMEL_OPERATIONS and h[9] != self.detail):
+        if (op != self.operation and h[9] != self.detail and op in NUMEL_OPERATIONS
+                and self.operation in NUMEL_OPERATIONS
+                and HIERARCHICAL_STAGE in (op, self.operation)):
             # two all-reduces that took different paths for their sizes (an empty tensor,
             # one the gate sends to the backend): the numel is what differs
             return [f"it reduces {h[9]} values; this rank reduces {self.detail} (so it runs "
@@ -956,8 +958,9 @@ def gather_words(framing: Framing, pg, rank: int, world: int, operation: str,
 
 def reject(framing: Framing, pg, rank: int, world: int, operation: str,
            number: Optional[int] = None, counter=None) -> None:
-    """This rank cannot make its call (its arguments were rejected, or its communicator was
-    closed): headers only, flagged, in place of the call's exchange, so the peers waiting in it
+    """This rank cannot make its call (its arguments were rejected, its communicator was
+    closed, or it failed on its own during the call): headers only, flagged, in place of the
+    call's exchange (or the step it owes), so the peers waiting in it
     raise at once rather than after the timeout, or pairing it with this rank's next call.
     Whatever they sent is drained; their errors are theirs to report. ``number``, ``counter``:
     the call's (Framing.numbering), where the call failed on this rank after it drew its

@@ -119,8 +119,8 @@ def kept_fields(path: Union[str, os.PathLike]) -> dict:
     if not text.strip():
         return {}
     try:
-        old = json.loads(text)
-    except (ValueError, RecursionError):
+        old = json.loads(text, object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError):  # (a repeated key too: load would refuse the file)
         old = None
     foreign = sorted(set(old) - set(TABLES + FILE_INFO)) if isinstance(old, dict) else None
     if foreign is None or foreign:
