@@ -608,8 +608,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
         return [None if p == r else frame.Leg(b - a, (b - a) * rb, code) for p in range(W)]
 
     numbering = framing.numbering(group)  # one for the call
-    owed = "all_reduce reduce-scatter"  # the step the peers wait in next (None: none)
-    try:
+    with _OwedStep(framing, group, plan, numbering) as owed:
         for j, (a, b) in enumerate(plan.pieces):
             m, legs = b - a, piece_legs(a, b)
             scatter = frame.Frame(framing, group, r, W, "all_reduce reduce-scatter", buf.dtype, ROW,
@@ -617,7 +616,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             for p in scatter.peers:
                 _encode_into(rows3[p, a:b], cfg, scatter.payload(p).view(m, rb))
             scatter.start()
-            owed = None
+            owed.step = None
             try:
                 got = scatter.wait()
             except (ConfigMismatchError, frame.PeerTimeoutError) as e:
@@ -631,7 +630,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
                         gather.wait()
                         gather.release()
                 raise
-            owed = "all_reduce all-gather"
+            owed.step = "all_reduce all-gather"
             rec = reduce_chunk(torch.stack([got[p].view(m, rb) for p in scatter.peers]),
                                rows3[r, a:b], r, cfg)
             scatter.release()
@@ -640,7 +639,7 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
             for p in gather.peers:
                 gather.payload(p).copy_(rec.view(-1))
             gather.start()
-            owed = None
+            owed.step = None
             try:
                 got = gather.wait()
             except frame.PeerTimeoutError as e:
@@ -654,25 +653,32 @@ def _flat_framed(buf: torch.Tensor, plan: _Plan, group, framing: frame.Framing) 
                                     detail=plan.numel, gave_up=True, **numbering).start()
                 raise
             if j + 1 < len(plan.pieces):
-                owed = "all_reduce reduce-scatter"
+                owed.step = "all_reduce reduce-scatter"
             for p in range(W):
                 _decode_into(rec if p == r else got[p].view(m, rb), cfg, rows3[p, a:b])
             gather.release()
-    except frame.EXCHANGE_ERRORS:
-        raise
-    except Exception:
-        _answer_owed(framing, group, plan, owed, numbering)
-        raise
 
 
-def _answer_owed(framing: frame.Framing, group, plan: _Plan, owed: Optional[str],
-                 numbering: dict) -> None:
-    """A framed all-reduce that failed on this rank with an error of its own (x cannot be
-    written, ...) before ``owed``, a step its peers wait in (None: none): that step as a
-    rejected frame, so they raise in this call and no rank pairs a later step with another
-    call's (ranks summed one rank's call k + 1 with the others' call k)."""
-    if owed is not None:
-        frame.reject(framing, group, plan.rank, plan.world, owed, **numbering)
+class _OwedStep:
+    """The step of a framed all-reduce that this rank's peers wait in next (``step``; None:
+    none). Its block left with an error of this rank's own (x cannot be written, ...), not
+    an exchange's, answers that step with a rejected frame of the call's ``numbering``, so
+    the peers raise in this call and no rank pairs a later step with another call's (ranks
+    summed one rank's call k + 1 with the others' call k)."""
+
+    def __init__(self, framing: frame.Framing, group, plan: _Plan, numbering: dict) -> None:
+        self.step: Optional[str] = "all_reduce reduce-scatter"
+        self._framing, self._group, self._plan, self._numbering = framing, group, plan, numbering
+
+    def __enter__(self) -> "_OwedStep":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if (self.step is not None and isinstance(error, Exception)
+                and not isinstance(error, frame.EXCHANGE_ERRORS)):
+            frame.reject(self._framing, self._group, self._plan.rank, self._plan.world,
+                         self.step, number=self._numbering["number"],
+                         counter=self._numbering["counter"])
 
 
 def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framing) -> None:
@@ -694,9 +700,7 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
     starts = [0] * W if one_round else [n * p // W for p in range(W)]
     sizes = [n] * W if one_round else [n * (p + 1) // W - n * p // W for p in range(W)]
     mine = sizes[r]
-    call = framing.numbering(group)
-    numbering = dict(call, detail=n)
-    owed = "all_reduce reduce-scatter"  # the step the peers wait in next (None: none)
+    numbering = dict(framing.numbering(group), detail=n)
 
     def piece(p: int) -> torch.Tensor:  # the values of rank p's range
         return flat[starts[p]:starts[p] + sizes[p]]
@@ -705,12 +709,12 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         return frame.Frame(framing, group, r, W, operation, flat.dtype, 0,
                            frame.item_legs(send, unit, r), frame.item_legs(receive, unit, r),
                            **numbering)
-    try:
+    with _OwedStep(framing, group, plan, numbering) as owed:
         scatter = framed("all_reduce reduce-scatter", sizes, [mine] * W)
         for p in scatter.peers:
             scatter.payload(p).copy_(piece(p).view(torch.uint8))
         scatter.start()
-        owed = None
+        owed.step = None
         try:
             got = scatter.wait()
         except (ConfigMismatchError, frame.PeerTimeoutError) as e:
@@ -725,7 +729,7 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
                                         **numbering)
             raise
         if not one_round:
-            owed = "all_reduce all-gather"
+            owed.step = "all_reduce all-gather"
         # in rank order, each step rounded in the dtype; written into the first received
         # range until this rank's term, then over this rank's own: no new tensor, no copy back
         terms = [piece(p) if p == r else got[p].view(flat.dtype) for p in range(W)]
@@ -739,16 +743,11 @@ def _native_framed(flat: torch.Tensor, plan: _Plan, group, framing: frame.Framin
         for p in gather.peers:
             gather.payload(p).copy_(total.view(torch.uint8))
         gather.start()
-        owed = None
+        owed.step = None
         got = gather.wait()
         for p in gather.peers:
             piece(p).view(torch.uint8).copy_(got[p])
         gather.release()
-    except frame.EXCHANGE_ERRORS:
-        raise
-    except Exception:
-        _answer_owed(framing, group, plan, owed, call)
-        raise
 
 
 # ---- hierarchical ------------------------------------------------------------------------------
