@@ -15,7 +15,7 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
-from moe_flashcomm.comm import all_reduce, frame, hierarchical
+from moe_flashcomm.comm import all_reduce, exchange, frame, hierarchical
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
@@ -492,6 +492,53 @@ def _local_error_mid_call(rank, world):
 
 def test_a_local_error_mid_all_reduce_raises_on_every_rank_gloo_3():
     spawn(_local_error_mid_call, 3, timeout=240)
+
+
+def _fail_once(module, name: str):
+    """``module.name`` replaced by a function that raises MemoryError once, then restores it
+    (what running out of memory there would do)."""
+    real = getattr(module, name)
+
+    def fail(*args, **kwargs):
+        setattr(module, name, real)
+        raise MemoryError(f"out of memory in {name}")
+    setattr(module, name, fail)
+
+
+def _local_error_before_exchange(rank, world):
+    """One rank fails on its own before a call's first exchange (out of memory padding x for
+    an all-reduce, planning or encoding an all-to-all): every rank raises in that call, and
+    the next calls are right. Before, the peers paired that exchange with the rank's next
+    call: no error where it failed, and wrong sums from then on."""
+    comm = mf.Communicator(gate=False, topology=2, timeout=10)
+    n = world * 3 * all_reduce.ROW + 7  # (padded)
+
+    def x(k: int) -> torch.Tensor:
+        return torch.full((n,), float((rank + 1) * 10 ** k))
+    y = make_input(rank, 4 * world, (256,), torch.float32, 3)
+    runs = {  # the call, where it fails on rank 1, the sum or exchange it gives
+        "int8 all_reduce": (lambda k: comm.all_reduce(x(k), 8), (all_reduce, "_padded")),
+        "hierarchical all_reduce": (lambda k: comm.all_reduce(x(k), 8, algorithm="hierarchical"),
+                                    (all_reduce, "_padded")),
+        "int8 all_to_all, planned": (lambda k: comm.all_to_all(y * k, codec=8),
+                                     (exchange, "cached_plan")),
+        "int8 all_to_all, encoded": (lambda k: comm.all_to_all(y * k, codec=8),
+                                     (exchange, "encode")),
+    }
+    for name, (call, (module, function)) in runs.items():
+        want = {k: call(k) for k in (1, 2, 3)}  # (each planned and checked once)
+        if rank == 1:
+            _fail_once(module, function)
+            _raises(lambda: call(1), MemoryError, function)
+        else:
+            _raises(lambda: call(1), ConfigMismatchError, "rank 1: it rejected")
+        for k in (2, 3):
+            assert torch.equal(call(k), want[k]), (name, k)
+    comm.close()
+
+
+def test_a_local_error_before_the_first_exchange_raises_on_every_rank_gloo_4():
+    spawn(_local_error_before_exchange, 4, timeout=240)
 
 
 def _silent_peer(rank, world):

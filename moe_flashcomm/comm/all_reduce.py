@@ -405,8 +405,16 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         # in place outside autograd, as torch.distributed.all_reduce (a leaf that requires
         # grad refuses in-place writes under autograd)
         with torch.no_grad():
-            return _run(comm, x, plan)
-    return _run(comm, x, plan)
+            return _run_answering(comm, x, plan)
+    return _run_answering(comm, x, plan)
+
+
+def _run_answering(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``_run``; on CPU, an error of this rank's own before its first exchange answered
+    (Communicator.answering)."""
+    if x.is_cuda:
+        return _run(comm, x, plan)
+    return comm.answering(x, "all_reduce reduce-scatter", _run, comm, x, plan)
 
 
 def _run(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:

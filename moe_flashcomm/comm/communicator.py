@@ -346,11 +346,9 @@ class Communicator:
             if key is not None and call.cacheable:
                 keep(self._plans, key, call, 1024)
         self.calls["all_to_all"] += 1
-        if not async_op:
-            if call.grad:
-                return _AllToAll.apply(x, call)
-            return call.forward_out(x)
-        return call.start(x)
+        if x.is_cuda:
+            return _run_all_to_all(call, x, async_op)
+        return self.answering(x, "all_to_all", _run_all_to_all, call, x, async_op)
 
     def _reject(self, x, operation: str) -> None:
         """This rank cannot make its ``operation`` (bad arguments, a closed communicator, any
@@ -362,6 +360,24 @@ class Communicator:
         if ("gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda)
                 and self.group_is_live()):  # (a destroyed group carries nothing)
             frame.reject(self.framing, self.group, self.rank, self.world, operation)
+
+    def answering(self, x: torch.Tensor, operation: str, run, *args):
+        """``run(*args)`` for a call on CPU tensors. An error of this rank's own before the call
+        drew its number (out of memory copying or padding x, ...) is answered with a rejected
+        frame (``_reject``): its peers wait in the call's first exchange, and would pair it
+        with this rank's next call (silently wrong results from then on). Errors after the
+        number are answered where they happen (the step they owe), or the peers' wait for
+        this rank ends at the timeout."""
+        line = self.framing.line(self.group)
+        drawn = line.count
+        try:
+            return run(*args)
+        except frame.EXCHANGE_ERRORS:
+            raise
+        except Exception:
+            if line.count == drawn:
+                self._reject(x, operation)
+            raise
 
     def _prepare(self, x, output_split_sizes, input_split_sizes, codec, grad_codec, chunks,
                  algorithm) -> _Call:
@@ -566,6 +582,15 @@ def _free_dropped(peer_buffers: dict, pages: dict, pid: int) -> None:
         _free_device(peer_buffers, pages, None)
     except Exception:  # noqa: BLE001 - no caller to raise to (a CUDA error: the device's)
         pass
+
+
+def _run_all_to_all(call: _Call, x: torch.Tensor, async_op: bool):
+    """Run a prepared all-to-all: its output, or its handle (``async_op``)."""
+    if not async_op:
+        if call.grad:
+            return _AllToAll.apply(x, call)
+        return call.forward_out(x)
+    return call.start(x)
 
 
 def _live_groups() -> list:

@@ -561,12 +561,17 @@ def _framed_exchange(x: torch.Tensor, plan: Plan, route: Route, operation: str,
             f"moe_flashcomm.{operation}: group rank {route.rank} of {route.world} cannot "
             f"allocate the buffers to receive {plan.out_total} rows of hidden size {H}{hint}: "
             f"{type(e).__name__}: {e}") from e
-    for p in frame.peers:
-        row, rows, wire, nbytes = sends[p]
-        if rows:
-            src = x[row:row + rows]
-            frame.payload(p).copy_((src.view(torch.uint8) if wire == RAW
-                                    else encode(src, wire)).reshape(-1))
+    try:
+        for p in frame.peers:
+            row, rows, wire, nbytes = sends[p]
+            if rows:
+                src = x[row:row + rows]
+                frame.payload(p).copy_((src.view(torch.uint8) if wire == RAW
+                                        else encode(src, wire)).reshape(-1))
+    except Exception:  # (out of memory encoding): the peers wait in this numbered exchange
+        framing.reject(route.framing, route.group, route.rank, route.world, operation,
+                       number=frame.number, counter=frame.counter)
+        raise
     frame.start()
     src, dst, n = plan.own
     if n:
