@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,9 @@ def check_args(args) -> None:
     if args.deepspeed_config is not None:
         preflight.load_ds_config(args.deepspeed_config, {})
     preflight.check_gate_variable()  # every layer here uses the default gate
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.path):  # (it names the output file)
+        preflight.fail(f"--path {args.path!r}: the label goes into the file name "
+                       "moe_inference_<path>.json: letters, digits, '-', '_' and '.' only")
     one_node = (env.local_size() or world) == world  # (across nodes the label is the user's)
     problem = one_node and path_label_problem(args.path, "cuda" if torch.cuda.is_available()
                                                         else "cpu")

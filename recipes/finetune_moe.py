@@ -143,6 +143,17 @@ def check_args(args) -> dict:
         if step is not None and step >= args.steps:  # (nothing to train)
             preflight.fail(f"--resume: the checkpoint under {ckpt} is at step {step}; "
                            f"--steps {args.steps} must be more")
+        # (another model's weights fail to load on every rank, a traceback each)
+        for field, was in saved_model(args.out, step).items():
+            now = getattr(args, field)
+            if was != now:
+                flag = "--" + field.replace("_", "-")
+                preflight.fail(f"--resume: the checkpoint under {ckpt} is of a model with "
+                               f"{flag} {was}, this run has {flag} {now}; resume with {was}")
+    elif (ckpt / "latest").is_file():
+        step = checkpoint_step(ckpt)
+        preflight.say(f"warning: {ckpt} holds a checkpoint" + (f" (step {step})" if step else "")
+                      + "; this run starts afresh and replaces it (--resume continues it)")
     cfg = preflight.load_ds_config(args.deepspeed_config, DEFAULT_CONFIG)
     section = FlashCommConfig.from_deepspeed_config(cfg)  # (valid: checked above)
     for i, rule in enumerate(section.layers if section else ()):
@@ -168,6 +179,21 @@ def checkpoint_tag(step: int) -> str:
     """The tag train() saves a checkpoint under: its step. DeepSpeed's ``latest`` file names
     it, so check_args reads the step without loading the checkpoint (checkpoint_step)."""
     return f"step{step}"
+
+
+def saved_model(out: Path, step: Optional[int]) -> dict:
+    """The model arguments (``--hidden`` ...) of the run that saved the checkpoint at ``step``
+    under ``out``, from its summary.json; empty where that is not known."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        model = summary["model"] if summary["steps"] == step and step is not None else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    return {k: model[k] for k in MODEL_ARGS if isinstance(model, dict) and k in model}
+
+
+# the model's arguments, as ModelConfig names them (the flag: --top-k for top_k)
+MODEL_ARGS = ("hidden", "layers", "experts", "top_k", "seq")
 
 
 def checkpoint_step(ckpt: Path) -> Optional[int]:
@@ -292,7 +318,8 @@ def train(args, ds_config: dict) -> tuple[dict, object, list]:
     filled = {name: s.slot_share("dispatch") if s.slots_stock["dispatch"] else None
               for name, s in layer_stats.items()}
     return {
-        "model": vars(mcfg), "world_size": world, "steps": args.steps, "steps_run": steps_run,
+        "model": vars(mcfg), "patched_layers": len(layer_stats), "world_size": world,
+        "steps": args.steps, "steps_run": steps_run,
         "moe_flashcomm": ds_config.get("moe_flashcomm"),
         "final_train_loss": history[-1]["loss"] if history else None,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
@@ -340,7 +367,7 @@ def summary_lines(summary: dict) -> list:
     lines = [f"val loss {summary['val_loss']:.4f} (ppl {summary['val_perplexity']:.2f}), "
              f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['all_to_all_seconds']:.1f} s of "
              f"{summary['seconds']:.1f} s in all-to-all",
-             describe_exchanges(summary["exchanges"], summary["model"]["layers"], summary["steps_run"],
+             describe_exchanges(summary["exchanges"], summary["patched_layers"], summary["steps_run"],
                                 summary["evaluation_forwards"], summary["world_size"])]
     filled = {name: share for name, share in summary["filled_slot_share"].items() if share is not None}
     if filled:
@@ -351,11 +378,15 @@ def summary_lines(summary: dict) -> list:
 
 def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int, world: int) -> str:
     """One line per direction: calls, MB sent per link class against bf16 and the share of
-    capacity slots sent; then where the calls come from (evaluation forwards have no
-    backward). One line where no all-to-all was made."""
+    capacity slots sent; then where the calls come from (``layers``: the MoE layers
+    moe_flashcomm runs; evaluation forwards have no backward). One line where none was made."""
+    if world == 1:
+        return "all-to-all (rank 0): none (one rank: every expert is local, nothing to exchange)"
+    if not layers:
+        return ("all-to-all (rank 0): not measured (the config enables moe_flashcomm on no MoE "
+                "layer: stock DeepSpeed's exchanges are not counted)")
     if not any(ex["calls"].values()):
-        return "all-to-all (rank 0): none" + (
-            " (one rank: every expert is local, nothing to exchange)" if world == 1 else "")
+        return "all-to-all (rank 0): none"
     lines = ["all-to-all (rank 0)   calls  quantized   seconds   MB sent (intra / inter node)   vs bf16"
              "   slots sent"]
     for d, calls in ex["calls"].items():
@@ -365,7 +396,7 @@ def describe_exchanges(ex: dict, layers: int, steps: int, eval_forwards: int, wo
         lines.append(f"  {d:<18} {calls:>6} {ex['quantized'][d]:>10} {ex['seconds'][d]:>9.2f}   "
                      f"{sent['intra_node'] / 1e6:>10.2f} / {sent['inter_node'] / 1e6:<10.2f}      {ratio:.2f}x less"
                      f"   {slots:.1%}")
-    lines.append(f"  calls per direction = {layers} MoE layers x (forward: {steps} training steps + "
+    lines.append(f"  calls per direction = {layers} MoE layers with moe_flashcomm x (forward: {steps} training steps + "
                  f"{eval_forwards} evaluation batches; backward: the {steps} steps only)")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import datetime
 import functools
 import gc
 import os
+import re
 import time
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import moe_flashcomm as mf
 from moe_flashcomm.codec import CodecConfig, record_bytes
 from moe_flashcomm.comm import ConfigMismatchError
-from moe_flashcomm.comm import all_reduce, exchange, frame, hierarchical
+from moe_flashcomm.comm import all_reduce, autograd, exchange, frame, hierarchical
 from moe_flashcomm.comm.frame import FRAME_BYTES, PeerTimeoutError
 from moe_flashcomm.comm.gate import SizeGate
 from moe_flashcomm.comm.all_reduce import reference_all_reduce
@@ -505,17 +506,23 @@ def _fail_once(module, name: str):
     setattr(module, name, fail)
 
 
-def _local_error_before_exchange(rank, world):
-    """One rank fails on its own before a call's first exchange (out of memory padding x for
-    an all-reduce, planning or encoding an all-to-all): every rank raises in that call, and
-    the next calls are right. Before, the peers paired that exchange with the rank's next
-    call: no error where it failed, and wrong sums from then on."""
+def _local_error_in_a_call(rank, world):
+    """One rank fails on its own in a call (out of memory padding x for an all-reduce,
+    planning, encoding or packing an all-to-all, reducing between a hierarchical
+    all-reduce's stages): every rank raises in that call, and the next calls are right.
+    Before, the peers paired the exchange it owed with its next call: no error where it
+    failed, and wrong results from then on (helper 69 for the hierarchical ones)."""
     comm = mf.Communicator(gate=False, topology=2, timeout=10)
     n = world * 3 * all_reduce.ROW + 7  # (padded)
 
     def x(k: int) -> torch.Tensor:
         return torch.full((n,), float((rank + 1) * 10 ** k))
     y = make_input(rank, 4 * world, (256,), torch.float32, 3)
+
+    def gradient(k: int, algorithm: str) -> torch.Tensor:
+        leaf = (y * k).requires_grad_()
+        comm.all_to_all(leaf, codec=8, grad_codec=8, algorithm=algorithm).backward(y)
+        return leaf.grad
     runs = {  # the call, where it fails on rank 1, the sum or exchange it gives
         "int8 all_reduce": (lambda k: comm.all_reduce(x(k), 8), (all_reduce, "_padded")),
         "hierarchical all_reduce": (lambda k: comm.all_reduce(x(k), 8, algorithm="hierarchical"),
@@ -524,21 +531,38 @@ def _local_error_before_exchange(rank, world):
                                      (exchange, "cached_plan")),
         "int8 all_to_all, encoded": (lambda k: comm.all_to_all(y * k, codec=8),
                                      (exchange, "encode")),
+        "hierarchical all_to_all, packed": (
+            lambda k: comm.all_to_all(y * k, codec=8, algorithm="hierarchical"),
+            (hierarchical, "_pack")),
+        "hierarchical all_to_all with split sizes, packed after the counts": (
+            lambda k: comm.all_to_all(y * k, [4] * world, [4] * world, codec=8,
+                                      algorithm="hierarchical"), (hierarchical, "_pack")),
+        "hierarchical all_reduce, encoded": (
+            lambda k: comm.all_reduce(x(k), 8, algorithm="hierarchical"),
+            (all_reduce, "_scatter_records")),
+        "all_to_all backward": (lambda k: gradient(k, "flat"), (autograd._Call, "backward")),
+        "hierarchical all_to_all backward": (lambda k: gradient(k, "hierarchical"),
+                                             (autograd._Call, "backward")),
+        "hierarchical all_reduce, reduced between the stages": (
+            lambda k: comm.all_reduce(x(k), 8, algorithm="hierarchical"),
+            (all_reduce, "reduce_chunk")),
     }
     for name, (call, (module, function)) in runs.items():
         want = {k: call(k) for k in (1, 2, 3)}  # (each planned and checked once)
         if rank == 1:
             _fail_once(module, function)
             _raises(lambda: call(1), MemoryError, function)
-        else:
-            _raises(lambda: call(1), ConfigMismatchError, "rank 1: it rejected")
+        else:  # before its first exchange it rejected the call, after one it failed in it
+            said = _raises(lambda: call(1), ConfigMismatchError)
+            assert re.search(r"rank 1: it (rejected its|failed on its own earlier in this call)",
+                             said), (name, said)
         for k in (2, 3):
             assert torch.equal(call(k), want[k]), (name, k)
     comm.close()
 
 
-def test_a_local_error_before_the_first_exchange_raises_on_every_rank_gloo_4():
-    spawn(_local_error_before_exchange, 4, timeout=240)
+def test_a_local_error_in_a_call_raises_on_every_rank_gloo_4():
+    spawn(_local_error_in_a_call, 4, timeout=240)
 
 
 def _silent_peer(rank, world):
@@ -595,6 +619,33 @@ def _late_rank(rank, world):
 
 def test_a_late_rank_raises_in_the_call_it_was_late_for_gloo_4():
     spawn(_late_rank, 4, timeout=180)
+
+
+def _late_to_the_first_call(rank, world):
+    """A rank that came to the first module-level call on a group after the others' timeout
+    (the check that makes the group's default communicator) passed that check alone, with the
+    frame they left; its next check met the one they made again, and from then on the ranks
+    disagreed at every call (the others making the communicator, it using the one it made).
+    It now forgets the check it passed alone (helper 68): one error on each rank, then the
+    calls pair up."""
+    import torch.distributed as dist
+    x = make_input(rank, 4 * world, (64,), torch.float32, 1)
+    want = mf.all_to_all(x, codec=8, gate=False)  # (the same ranks: the same bits)
+    g = dist.new_group(list(range(world)))
+    if rank == 1:
+        time.sleep(3)  # past the others' timeout (2 s)
+        _raises(lambda: mf.all_to_all(x, group=g, codec=8, gate=False), ConfigMismatchError,
+                "rank 0: it makes the first-use check of a configuration this rank checked "
+                "with it before, so it missed that check")
+    else:
+        _raises(lambda: mf.all_to_all(x, group=g, codec=8, gate=False), PeerTimeoutError,
+                "nothing came from ranks [1]")
+    for _ in range(3):
+        assert torch.equal(mf.all_to_all(x, group=g, codec=8, gate=False), want)
+
+
+def test_a_rank_late_to_a_groups_first_call_gloo_2():
+    spawn(_late_to_the_first_call, 2, timeout=120, env={"MOE_FLASHCOMM_TIMEOUT_S": 2})
 
 
 def _rejected_and_late(rank, world):
@@ -995,13 +1046,28 @@ def _hierarchical(rank, world):
     for mine, others in ((g32, int4), swapped):
         msg = _raises(lambda: comm.all_to_all(x, codec=mine if rank == 3 else others),
                       ConfigMismatchError, "hierarchical stage",
-                      "its configuration (codecs, size gate, row shape, hidden size, dtype) "
-                      "differs")
-        assert ("rank 3: its configuration" in msg) == (rank != 3), msg
+                      "its codecs, size gate or row shape (x.shape[1:-1]) differ")
+        assert ("rank 3: its codecs" in msg) == (rank != 3), msg
+    # rows of another hidden size or dtype (each used by every rank before) are named
+    narrow, half = x[:, :128].contiguous(), x.to(torch.bfloat16)
+    for other in (narrow, half):
+        comm.all_to_all(other, codec=int4)
+    for other, hidden, dtype in ((narrow, 128, torch.float32), (half, 256, torch.bfloat16)):
+        msg = _raises(lambda: comm.all_to_all(other if rank == 3 else x, codec=int4),
+                      ConfigMismatchError, "hierarchical stage")
+        theirs = f"{dtype} rows of hidden size {hidden}" if rank != 3 else \
+            "torch.float32 rows of hidden size 256"
+        assert f"it sends {theirs}" in msg, msg
+    # split sizes passed on one rank only (both ways used by every rank before): its call
+    # begins with an exchange of row counts, which meets the others' first stage
+    s = [4] * world
+    comm.all_to_all(x, s, s, codec=int4)
+    msg = _raises(lambda: comm.all_to_all(x, *((s, s) if rank == 3 else ()), codec=int4),
+                  ConfigMismatchError, "pass them on every rank or on none")
+    assert ("this rank passed split sizes and it did not" in msg) == (rank == 3), msg
     # split sizes: rank 3 expects 5 rows from rank 0, which sends 4 (across the nodes, so
     # only a relay carries them): the source and the destination meet in stage 1, whose
     # headers carry the call's rows pair by pair; the relays raise in stage 2
-    s = [4] * world
     # (stage 2 runs on its own stage group: its errors name ranks of the group too, as
     # stage 1's do, not their place in the stage group)
     msg = _raises(lambda: comm.all_to_all(x, [5, 4, 4, 4] if rank == 3 else s, s, codec=int4),

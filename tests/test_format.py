@@ -138,7 +138,9 @@ def test_exchange_header_matches_the_doc():
     assert f"{frame.REJECTED} = the sender rejected its own arguments" in flags
     assert f"{frame.GAVE_UP} = (with {frame.ABORTED}) the sender stopped waiting for a silent peer " \
         "earlier in this call" in flags
-    assert frame.ABORTED | frame.REJECTED | frame.GAVE_UP == 7  # one bit each
+    assert f"{frame.FAILED} = (with {frame.ABORTED}) the sender failed on its own earlier in " \
+        "this call" in flags
+    assert frame.ABORTED | frame.REJECTED | frame.GAVE_UP | frame.FAILED == 15  # one bit each
     for cfg in (CodecConfig(bits=4), CodecConfig(bits=3, group_size=32, spikes=False,
                                                   rounding="stochastic"),
                 CodecConfig(bits="fp8"), CodecConfig(bits="bf16"), CodecConfig(bits="native")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 
 import pytest
 import torch
@@ -268,6 +269,13 @@ def _world8(rank, world):
 
 
 def error_checks(rank, world):
+    # stage groups of ranks that cannot be: refused on every process before any is made
+    for groups, error, said in (([0, 1, 2, 3], TypeError, "each a list of distinct global"),
+                                ([[0, 1, 2, 9]], ValueError, "in 0..3 (the job's world size"),
+                                ([[0, 0, 1, 1]], ValueError, "must hold distinct global ranks"),
+                                ([[0, 1], [2, True]], TypeError, "got the group [2, True]")):
+        with pytest.raises(error, match=re.escape(said)):
+            create_stage_groups(groups, 2)
     x = torch.randn(4 * world, 32)
     with pytest.raises(ValueError, match="algorithm must be one of .*hierarchical"):
         mf.all_to_all(x, algorithm="tree")

@@ -367,11 +367,63 @@ def test_one_rank_run_says_there_was_no_exchange(monkeypatch):
     from moe_flashcomm.integrations import ExchangeStats
     summary = dict(val_loss=4.0, val_perplexity=math.exp(4.0), tokens_per_s=100.0, all_to_all_seconds=0.0,
                    seconds=1.0, exchanges=ExchangeStats().as_dict(), model={"layers": 2}, steps_run=2,
-                   evaluation_forwards=2, world_size=1,
+                   patched_layers=2, evaluation_forwards=2, world_size=1,
                    filled_slot_share={"blocks.0.moe.deepspeed_moe": None})
     text = "\n".join(finetune_moe.summary_lines(summary))
     assert "all-to-all (rank 0): none (one rank: every expert is local, nothing to exchange)" in text
     assert "calls per direction" not in text and "x less" not in text and "filled" not in text
+
+
+def test_the_exchange_footer_counts_the_layers_moe_flashcomm_runs(monkeypatch):
+    """A config that disables a layer: the footer said "2 MoE layers x (...)" over the 1
+    layer's counted calls; one that disables every layer said "none" and "0.0 s in
+    all-to-all", though stock DeepSpeed made its exchanges (uncounted)."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import finetune_moe
+    from moe_flashcomm.integrations import ExchangeStats
+    ex = ExchangeStats().as_dict()
+    ex["calls"] = {d: 6 for d in ex["calls"]}
+    footer = finetune_moe.describe_exchanges(ex, 1, 4, 2, 2).splitlines()[-1]
+    assert footer.startswith("  calls per direction = 1 MoE layers with moe_flashcomm x "
+                             "(forward: 4 training steps + 2 evaluation batches"), footer
+    assert finetune_moe.describe_exchanges(ExchangeStats().as_dict(), 0, 4, 2, 2) == (
+        "all-to-all (rank 0): not measured (the config enables moe_flashcomm on no MoE layer: "
+        "stock DeepSpeed's exchanges are not counted)")
+
+
+def test_resume_refuses_another_models_checkpoint_and_a_fresh_run_says_it_replaces_one(
+        tmp_path, monkeypatch, capsys):
+    """--resume with another --hidden ended in a size-mismatch traceback on every rank after
+    DeepSpeed started; a run without --resume replaced the checkpoint in --out silently."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import finetune_moe
+    out = tmp_path / "out"
+    (out / "ckpt" / "step6").mkdir(parents=True)
+    (out / "ckpt" / "latest").write_text("step6")
+    model = dict(hidden=128, layers=2, experts=4, top_k=1, ep_size=2, seq=64)
+    (out / "summary.json").write_text(json.dumps({"steps": 6, "model": model}))
+    args = finetune_moe.parse_args(["--resume", "--steps", "8", "--hidden", "64", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        finetune_moe.check_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --resume: the checkpoint under {out / 'ckpt'} is "
+                                       "of a model with --hidden 128, this run has --hidden 64; "
+                                       "resume with 128\n")
+    finetune_moe.check_args(finetune_moe.parse_args(["--out", str(out)]))
+    assert capsys.readouterr().out == (f"warning: {out / 'ckpt'} holds a checkpoint (step 6); "
+                                       "this run starts afresh and replaces it (--resume "
+                                       "continues it)\n")
+
+
+def test_the_inference_benchmarks_path_label_must_make_a_file_name(monkeypatch, capsys):
+    """--path a/b timed every point, then failed writing moe_inference_a/b.json."""
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import bench_moe_inference
+    with pytest.raises(SystemExit) as e:
+        bench_moe_inference.check_args(bench_moe_inference.parse_args(["--path", "a/b"]))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: --path 'a/b': the label goes into the file name moe_inference_<path>.json: "
+        "letters, digits, '-', '_' and '.' only\n")
 
 
 def test_without_a_terminal_progress_is_a_line_every_30_s(monkeypatch):

@@ -120,7 +120,9 @@ def _worker(rank: int, world: int, port: int, path: str, cfg: dict, part: str) -
                 continue
             x = bench_input(T, H, rank, dev)
             for name in gated:
-                c = codecs[name]
+                # (on CPU the link path is "cpu", which no gate applies to: the dry run times
+                # what the gate sends, bf16, so that its table means what a GPU run's does)
+                c = codecs[name] if dev == "cuda" else "bf16"
                 measure(x, name + "+gate", lambda: mf.all_to_all(x, codec=c, gate=size_gate),
                         codec=name, gated=True)
             del x

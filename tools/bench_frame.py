@@ -98,6 +98,7 @@ def _worker(rank: int, world: int, port: int, reps: int, out: str) -> None:
         Path(out).write_text(json.dumps(dict(meta=meta, rows=rows, all_reduce=sums,
                                              raw_parts=parts, header_work_by_world=by_world),
                                         indent=1) + "\n")
+        print(f"wrote {out}", flush=True)
     comm.close()
     dist.destroy_process_group()
 

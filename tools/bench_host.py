@@ -345,7 +345,7 @@ def profile_arg(text: str) -> tuple:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench_host.json"),
+    p.add_argument("--out", type=Path, default=Path("out/bench_host.json"),
                    help="JSON file to write, with a PNG plot beside it")
     p.add_argument("--sizes", type=SIZES_ARG, default=",".join(fmt_size(s) for s in SIZES),
                    help="bf16 bytes per rank, comma-separated, e.g. 64K,1M")

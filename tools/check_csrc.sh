@@ -31,6 +31,7 @@ done
 for f in csrc/*.cu; do
   [ "$f" = csrc/codec_encode.cu ] || compile "$f" "$(basename "$f" .cu)" "$@"
 done
+echo "compiling csrc/*.cu for sm_90 in ${#pids[@]} nvcc jobs at once (minutes on a few cores)"
 status=0
 for entry in "${pids[@]}"; do
   IFS=: read -r pid f name <<<"$entry"

@@ -265,6 +265,7 @@ def _make_plan(comm, x: torch.Tensor, codecs: LinkCodecs, algorithm: str,
                          "the flat all-reduce sends every chunk with one codec")
     path = link_path(len(set(comm.nodes)) == 1, x.device.type)
     pair = world == 2 and env.all_reduce_pair_gather()  # (flat only: decided below)
+    comm.check_made()
     check_consistent(dict(dtype=x.dtype, codec=codecs, algorithm=algorithm, chunks=chunks,
                           path=path, pair_gather=pair),
                      comm.group, comm.agree_device, comm._verified, what="moe_flashcomm.all_reduce",
@@ -405,15 +406,7 @@ def run_all_reduce(comm, x: torch.Tensor, codec, op, algorithm: str, chunks) -> 
         # in place outside autograd, as torch.distributed.all_reduce (a leaf that requires
         # grad refuses in-place writes under autograd)
         with torch.no_grad():
-            return _run_answering(comm, x, plan)
-    return _run_answering(comm, x, plan)
-
-
-def _run_answering(comm, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``_run``; on CPU, an error of this rank's own before its first exchange answered
-    (Communicator.answering)."""
-    if x.is_cuda:
-        return _run(comm, x, plan)
+            return comm.answering(x, "all_reduce reduce-scatter", _run, comm, x, plan)
     return comm.answering(x, "all_reduce reduce-scatter", _run, comm, x, plan)
 
 
@@ -808,6 +801,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
     intra = functools.partial(h.a2a, "intra", records=records[0], **named)
     inter = functools.partial(h.a2a, "inter", **final)
     done = []  # the stages this rank has run, for _abort_stages
+    made = 0  # the stages whose exchange this rank made (or skipped): what an own error owes
     try:
         # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
         #    the group, in x's dtype
@@ -817,10 +811,11 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
             recv, work, _ = _start_reduce_scatter(x3, 0, M * c, L, lr, None, plan.intra, intra,
                                                   stamped=s1)
             work.wait()
+            made = 1
             part = reduce_chunk(recv, x3[lr], lr, plan.intra, requant=False,
                                 check=StampCheck(page, plan.numel, node * L) if stamped else None)
         else:
-            part = x3[lr]
+            part, made = x3[lr], 1
         done.append(1)
         # 2. the flat reduce-scatter of the part across groups: sub-chunk `node` of it
         part3 = part.view(M, c, ROW)
@@ -833,6 +828,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
             work.wait()
         else:
             recv = torch.empty((0, c, rb), dtype=torch.uint8, device=buf.device)
+        made = 2
         if stamped:  # the final records behind their slot: [slot, c * rb records]
             rec = torch.empty(kernels.STAMP_BYTES + c * rb, dtype=torch.uint8,
                               device=buf.device)
@@ -849,6 +845,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
             _stage_gather(h, "inter", across, rec, final)
         else:
             across = rec.view(1, -1)
+        made = 3
         done.append(3)
         if L > 1:
             inside = torch.empty((L, across.numel()), dtype=torch.uint8, device=buf.device)
@@ -860,6 +857,16 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
             _abort_stages(h, plan, named, records, after=len(done), elsewhere=e.elsewhere,
                           wait=frame.peers_answered(e))
         raise
+    except frame.EXCHANGE_ERRORS:
+        raise
+    except Exception:  # this rank's own (out of memory, ...): answer the stages owed
+        if named.get("number"):
+            if made < (1 if L > 1 else 2):  # no stage made: the first rejected
+                frame.reject(h.framing, h.group, h.rank, h.world, named["operation"],
+                             number=named["number"], counter=named["counter"])
+            else:  # the rest as headers only, as after a disagreement
+                _abort_stages(h, plan, named, records, after=made - 1, failed=True)
+        raise
     if stamped:
         _final_call(comm, plan, h, buf).unpack(0, inside.view(-1), buf.view(L * M * c, ROW))
     else:
@@ -867,11 +874,12 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
 
 
 def _abort_stages(h, plan: _Plan, named: dict, records: tuple, after: int,
-                  elsewhere=frozenset(), wait: bool = True) -> None:
+                  elsewhere=frozenset(), wait: bool = True, failed: bool = False) -> None:
     """A framed call that found a disagreement in stage ``after + 1``, or a silent peer
     (``wait`` False: frame.peers_answered): the later stages as headers only, so the ranks
     that meet this one there raise in this call too; not those that would wait for a rank
-    of ``elsewhere`` (seen in another call: it never comes).
+    of ``elsewhere`` (seen in another call: it never comes). ``failed``: this rank failed
+    on its own after stage ``after + 1`` (the headers say so).
     ``records``: the stages' (_records of the intra codec, of the inter codec)."""
     L, M, c = h.local, h.nodes, plan.rows
     rb1, rb2 = record_bytes(ROW, plan.intra), record_bytes(ROW, plan.inter)
@@ -885,7 +893,7 @@ def _abort_stages(h, plan: _Plan, named: dict, records: tuple, after: int,
             continue
         splits = [k if gather or q != own else 0 for q in range(n)]
         h.a2a(stage, torch.empty(sum(splits), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
-              splits, [0] * n, aborted=True, records=rec, wait=wait, **named)
+              splits, [0] * n, aborted=True, failed=failed, records=rec, wait=wait, **named)
 
 
 # ---- the specification ---------------------------------------------------------------------------

@@ -138,7 +138,11 @@ class _Call:
         return self._owner()
 
     def backward_out(self, g: torch.Tensor) -> torch.Tensor:
-        """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output."""
+        """The gradient [in_shape] of x from the gradient ``g`` [out_shape] of the output (an
+        error of this rank's own answered to its peers: Communicator.answering)."""
+        return self.owner().answering(g, "all_to_all backward", self._backward_out, g)
+
+    def _backward_out(self, g: torch.Tensor) -> torch.Tensor:
         owner = self.owner()
         owner.check_live(" before the backward of its all_to_all ran")
         if owner.closed:  # (its buffers and pages are freed)

@@ -116,9 +116,17 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
             "valid arguments, the same on every rank.")
     if bool((kind != kind[rank]).any()):
         other = [q for q in range(world) if kind[q] != kind[rank]]
+        # what the communicator says of each peer's check: where this rank made that very
+        # check before, the peer missed it (it came late), and this rank forgets it, so that
+        # both make it again at their next call instead of disagreeing at every call
+        # (framed only: over NCCL a rank that forgot would make its next check alone)
+        hook = framing.on_peer_check if framing is not None and device.type == "cpu" else None
+        notes = [] if hook is None else [(q, hook(tuple(table[q].tolist()))) for q in other]
         raise ConfigMismatchError(
             f"{what}: ranks {other} of the group ran a different moe_flashcomm operation at "
-            f"this point (group rank {rank} of {world}). Every rank must make the same calls "
+            f"this point (group rank {rank} of {world})"
+            + "".join(f"\n  rank {q}: {note}" for q, note in notes if note)
+            + "\nEvery rank must make the same calls "
             "in the same order, with the same group, topology and size gate (a different "
             "topology or gate makes a different communicator), codecs, shapes and dtype.")
     problems = []

@@ -110,6 +110,7 @@ class Communicator:
         self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._peer_check)
         self.calls = {"all_to_all": 0, "all_reduce": 0}  # counters, for users and tests
         self._verified: dict = {}     # consistency keys all ranks agreed on -> their words
+        self._forgotten: set = set()  # words of checks forgotten since (_peer_check)
         self._routes: dict = {}       # (codecs, device type) -> Route
         self._plans: dict = {}        # all_to_all arguments -> _Call
         self._setups: dict = {}       # call configuration -> (forward, backward) Route
@@ -123,13 +124,18 @@ class Communicator:
         # peers may be gone and the process's end frees them anyway
         weakref.finalize(self, _free_dropped, self._peer_buffers, self._pages,
                          os.getpid()).atexit = False
-        check_consistent(dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
-                              codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
-                              chunks=chunks, backend=self.backend,
-                              p2p=(self.p2p_enabled, *self.p2p_limits),
-                              stamps=self.stamps,
-                              nccl_paths=(self.nccl_intra_path,)),
-                         self.group, self.agree_device, self._verified,
+        self._made = dict(world=self.world, nodes=self.nodes, gate=self.gate.digest,
+                          codec=self.codec, grad_codec=self.grad_codec, algorithm=algorithm,
+                          chunks=chunks, backend=self.backend,
+                          p2p=(self.p2p_enabled, *self.p2p_limits), stamps=self.stamps,
+                          nccl_paths=(self.nccl_intra_path,))
+        self.check_made()
+
+    def check_made(self) -> None:
+        """The check that every rank made its communicator with the same settings: collective
+        when it is made, and again at the next first use of a configuration where this rank
+        forgot it (a peer that came late to it missed it: ``_peer_check``); free otherwise."""
+        check_consistent(self._made, self.group, self.agree_device, self._verified,
                          what="moe_flashcomm.Communicator", framing=self.framing)
 
     def _arguments(self, topology, gate, codec, grad_codec, algorithm, chunks, timeout) -> None:
@@ -206,6 +212,8 @@ class Communicator:
         if made:  # (the plans are made again without a collective, but for the checks)
             for plans in (self._plans, self._setups, self.all_reduce_plans):
                 plans.clear()
+            self._forgotten.add(words)
+        if words in self._forgotten:  # (also for other peers making it, met at once)
             return ("it makes the first-use check of a configuration this rank checked with it "
                     "before, so it missed that check (it came to it late, or made it through "
                     "another communicator): this rank forgets it, and both check it again at "
@@ -296,6 +304,7 @@ class Communicator:
             return hit
         device_type = x.device.type
         fwd, bwd = self.route(codecs, device_type), self.route(grad_codecs, device_type)
+        self.check_made()
         check_consistent(dict(row_shape=tuple(x.shape[1:]), dtype=x.dtype, codec=codecs,
                               grad_codec=grad_codecs, algorithm=algorithm, chunks=chunks,
                               device_type=device_type, requires_grad=grad),
@@ -346,7 +355,7 @@ class Communicator:
             if key is not None and call.cacheable:
                 keep(self._plans, key, call, 1024)
         self.calls["all_to_all"] += 1
-        if x.is_cuda:
+        if x.is_cuda:  # (the hot path: answering would add a call)
             return _run_all_to_all(call, x, async_op)
         return self.answering(x, "all_to_all", _run_all_to_all, call, x, async_op)
 
@@ -362,12 +371,13 @@ class Communicator:
             frame.reject(self.framing, self.group, self.rank, self.world, operation)
 
     def answering(self, x: torch.Tensor, operation: str, run, *args):
-        """``run(*args)`` for a call on CPU tensors. An error of this rank's own before the call
-        drew its number (out of memory copying or padding x, ...) is answered with a rejected
-        frame (``_reject``): its peers wait in the call's first exchange, and would pair it
-        with this rank's next call (silently wrong results from then on). Errors after the
-        number are answered where they happen (the step they owe), or the peers' wait for
-        this rank ends at the timeout."""
+        """``run(*args)``. On CPU tensors (framed), an error of this rank's own before the
+        call drew its number (out of memory copying or padding x, ...) is answered with a
+        rejected frame (``_reject``): its peers wait in the call's first exchange, and would
+        pair it with this rank's next call (silently wrong results from then on). Errors
+        after the number are answered where they happen, with the steps they owe."""
+        if x.is_cuda:
+            return run(*args)
         line = self.framing.line(self.group)
         drawn = line.count
         try:

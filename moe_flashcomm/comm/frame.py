@@ -4,7 +4,11 @@ receiver checks before it decodes a byte.
 Ranks that disagree (a codec changed on one rank, a shape, split sizes, a skipped call)
 would otherwise hang, abort inside gloo (a message longer than the receive) or decode
 garbage. The first-use check of ``comm/check.py`` cannot see a rank that switches to a
-configuration it used before; the header sees every call, at no extra collective.
+configuration it used before; the header sees every call, at no extra collective. (A rank
+that skips a call whose next call is the same as the skipped one, the same sizes and
+configuration, sends the headers that call would have: the ranks go on one call apart,
+unseen, for as long as their calls' headers match; the error comes at the first call whose
+headers differ, or where the peers' last call waits for it in vain.)
 
 Header (HEADER_BYTES, int64 words): magic, operation, exchange number in this group, the
 sender's (rank, world), (dtype, hidden), the sender's wire, rows it sends to this peer,
@@ -54,6 +58,8 @@ HIERARCHICAL_STAGE = "hierarchical all-reduce stage"
 NUMEL_OPERATIONS = ("all_reduce reduce-scatter", "all_reduce all-gather",
                     HIERARCHICAL_STAGE)  # whose detail word is the numel
 ROW_SHAPE_OPERATIONS = ("all_to_all", "all_to_all backward")  # and a hash of x.shape[1:-1]
+# the steps that a hierarchical all-to-all's exchange of row counts (int64) may meet
+ROW_COUNT_MEETS = ("hierarchical stage", "hierarchical backward stage")
 # codes (index + 1) of the dtypes headers and stamps name; appended only (a stamp holds 3
 # bits: the token dtypes); the integers that counts may come in, so that a peer's is named
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.int32,
@@ -63,6 +69,7 @@ RAW_WIRE = 1  # the rows' own bytes
 # its own arguments for this call. Either way it sends headers only.
 ABORTED, REJECTED = 1, 2
 GAVE_UP = 4  # with ABORTED: the sender stopped waiting for a silent peer earlier in this call
+FAILED = 8  # with ABORTED: the sender failed on its own earlier in this call (out of memory)
 REJECT_WAIT_S = 5  # how long a rank with bad arguments waits for the peers of its call
 ROUND_TWO_TAGS = 0x4D46 << 16  # ("MF") the base of the second round's tags: round_two_tag
 STALE_KEPT = 8  # "gave up" frames of earlier calls a frame posts again past (_met_stale)
@@ -180,9 +187,10 @@ def _round_up(n: int) -> int:
 
 class GroupLine:
     """The framed exchanges of one process group in this process, whichever communicator
-    started them: how many were started (a rank that skips or repeats a call is caught; a
-    check made while a communicator was being made, and failed, still counts alike on every
-    rank), and those not yet waited for, in start order. The rest of a long message moves at
+    started them: how many were started (a rank that skips or repeats a call is out of step,
+    caught at the first call whose headers differ, or by the wait for the call it skipped;
+    a check made while a communicator was being made, and failed, still counts alike on
+    every rank), and those not yet waited for, in start order. The rest of a long message moves at
     wait(), point to point, so frames complete in the order they started on every rank,
     whatever order their callers wait in (else two ranks waiting for different frames, of
     one communicator or of two, each wait for the other's rest). And the ``late`` frames
@@ -408,10 +416,11 @@ class Frame:
                  dtype: torch.dtype, hidden: int, sends: Sequence[Optional[Leg]],
                  recvs: Sequence[Optional[Leg]], detail: int = 0, *,
                  number: Optional[int] = None, counter=None, aborted: bool = False,
-                 rejected: bool = False, gave_up: bool = False,
+                 rejected: bool = False, gave_up: bool = False, failed: bool = False,
                  names: Optional[tuple] = None) -> None:
         pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
-        self.flags = ABORTED * (aborted or gave_up) | REJECTED * rejected | GAVE_UP * gave_up
+        self.flags = (ABORTED * (aborted or gave_up or failed) | REJECTED * rejected
+                      | GAVE_UP * gave_up | FAILED * failed)
         lay = framing.layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs),
                              detail, self.flags)
         self.framing, self.pg, self.rank, self.world, self.layout = framing, pg, rank, world, lay
@@ -733,8 +742,10 @@ class Frame:
             error = PeerError(f"{where}; the connection failed ({e})")
             error.__cause__ = e  # (as ``raise ... from e``)
             return error
-        why = ("They did not make this call, or made another collective; every rank must make "
-               "the same calls in the same order." if not what else  # (else the second round)
+        why = ("They did not make this call, made another collective, or are held in a call "
+               "on another group (a first use of a configuration is checked before the call "
+               "returns, async_op=True too); every rank must make the same calls in the same "
+               "order." if not what else  # (else the second round)
                "Their headers came in this call: they stopped waiting for it (their own "
                "timeout), and did not make their next call on the group within this one "
                "(or destroyed the group).")
@@ -839,6 +850,9 @@ class Frame:
             return [f"it stopped waiting for a silent rank earlier in this call (exchange "
                     f"#{h[2]}) and ended it: a rank (this one, or one whose error names it) "
                     "came to the call after that rank's timeout (MOE_FLASHCOMM_TIMEOUT_S)"]
+        if h[10] & FAILED:
+            return [f"it failed on its own earlier in this call (exchange #{h[2]}; out of "
+                    "memory, ...): its own error says why"]
         if h[10] & ABORTED:
             return [f"it found ranks disagreeing earlier in this call (exchange #{h[2]}); "
                     "its error names them"]
@@ -852,6 +866,14 @@ class Frame:
         if h[4] != (dtype_code(self.dtype) | self.hidden << 8):
             code = h[4] & 0xFF
             dt = DTYPES[code - 1] if 1 <= code <= len(DTYPES) else "another dtype"
+            row_counts = (dt == torch.int64, self.dtype == torch.int64)
+            if self.operation in ROW_COUNT_MEETS and row_counts[0] != row_counts[1]:
+                # (a hierarchical call given split sizes begins with an exchange of its row
+                # counts, int64; the first stage names the rows' dtype, a token dtype)
+                who = ("it passed split sizes and this rank did not" if row_counts[0]
+                       else "this rank passed split sizes and it did not")
+                return out + [f"{who} (a hierarchical all_to_all given them begins with an "
+                              "exchange of row counts): pass them on every rank or on none"]
             if self.operation in NUMEL_OPERATIONS:
                 if h[9] == self.detail:  # (else the numel, below; the rest follows from it)
                     return out + [f"it sends {_reduced(dt, h[4] >> 8)}; this rank sends "
@@ -865,9 +887,9 @@ class Frame:
             if self.operation in ROW_SHAPE_OPERATIONS:
                 out.append("its rows of dim 0 have another shape (x.shape[1:-1]) than this "
                            "rank's")
-            else:  # (a digest of them all: the hierarchical stages)
-                out.append("its configuration (codecs, size gate, row shape, hidden size, "
-                           "dtype) differs from this rank's")
+            else:  # (a digest of them: the hierarchical stages)
+                out.append("its codecs, size gate or row shape (x.shape[1:-1]) differ from "
+                           "this rank's")
         if h[6] != mine.rows:
             out.append(f"it sends {h[6]} rows to this rank; this rank expects {mine.rows} "
                        f"from it")
@@ -886,7 +908,8 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
                       out: torch.Tensor, inp: torch.Tensor, out_splits: list,
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
                       records: Optional[tuple] = None, wait: bool = True,
-                      names: Optional[tuple] = None, **numbering) -> direct.Done:
+                      names: Optional[tuple] = None, label: Optional[tuple] = None,
+                      **numbering) -> direct.Done:
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
@@ -895,13 +918,16 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
     whose dtypes or codecs differ raise even where their records have the same size.
     ``numbering``: Frame's ``number``, ``counter`` and ``aborted``. ``wait=False``: an
-    aborted frame after a timeout, only started (``peers_answered``). ``names``: Frame's."""
+    aborted frame after a timeout, only started (``peers_answered``). ``names``: Frame's.
+    ``label``: (dtype, hidden) of the rows the bytes carry, named in the headers in place of
+    the items' dtype (a hierarchical all-to-all's stages: ranks whose rows differ are told
+    how)."""
     unit = inp.element_size()
     isrc, osrc = inp.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
     ioff = [i * unit for i in offsets(in_splits)]
     ooff = [i * unit for i in offsets(out_splits)]
     sends, recvs = item_legs(in_splits, unit, rank), item_legs(out_splits, unit, rank)
-    dtype, hidden = inp.dtype, 0
+    dtype, hidden = label if label is not None else (inp.dtype, 0)
     if records is not None:
         dtype, hidden, rb, code = records
         if rows is None:

@@ -4,7 +4,9 @@ A row from source (node n, local rank l) to destination (n', l') travels to the 
 rank (n, l') inside the node, then to (n', l') across nodes: every rank sends L - 1 intra-node
 and N - 1 inter-node messages instead of (N - 1) L across nodes. The source encodes once with
 its pair's wire (as the flat algorithm does), the intermediate forwards bytes untouched, the
-destination decodes: results are bit-identical to ``algorithm="flat"``. With split sizes each
+destination decodes: results are bit-identical to ``algorithm="flat"`` (with stochastic
+rounding, equal in distribution: the rows are encoded in other batches, so the noise
+differs). With split sizes each
 call starts with one small count exchange inside the node. Each stage runs on its own process
 group, made by every process of the job together (``create_stage_groups``). The data path,
 split sizes at the intermediate hop and the process-group rules are described in
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -206,14 +209,46 @@ def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
     ``backend``: that of the groups (None: the default group's). Irregular
     groups (not the same number of ranks on every node) are skipped.
     """
-    topo = Topology.coerce(topology, dist.get_world_size(), dist.get_rank())
+    world = dist.get_world_size()
+    topo = Topology.coerce(topology, world, dist.get_rank())
     backend = backend or dist.get_backend()
-    for ranks in groups:
-        lay = _grid(tuple(sorted(int(r) for r in ranks)), topo)
+    grids = [_grid(ranks, topo) for ranks in _check_groups(groups, world)]  # (all, then create)
+    for lay in grids:
         if lay.regular:
             _create(lay, backend)
     from .communicator import PROCESS
     PROCESS.stage_version += 1  # communicators rebuild their stages with these groups
+
+
+def _check_groups(groups, world: int) -> list:
+    """``groups`` as sorted tuples of global ranks, or an error saying what is wrong with it
+    (before any group is made: every process raises the same, and none is left waiting)."""
+    form = "a list of groups, each a list of distinct global ranks (ints)"
+    try:
+        if isinstance(groups, (str, bytes)):
+            raise TypeError
+        groups = list(groups)
+    except TypeError:
+        raise TypeError(f"create_stage_groups: groups must be {form}, got {groups!r}") from None
+    out = []
+    for group in groups:
+        try:  # (integers of any type: numpy's, a tensor's items; not bools)
+            if isinstance(group, (str, bytes)):
+                raise TypeError
+            group = list(group)
+            if any(isinstance(r, bool) for r in group):
+                raise TypeError
+            ranks = [operator.index(r) for r in group]
+        except TypeError:
+            raise TypeError(f"create_stage_groups: groups must be {form}; got the group "
+                            f"{group!r}") from None
+        bad = sorted({r for r in ranks if not 0 <= r < world})
+        if bad or len(set(ranks)) != len(ranks) or not ranks:
+            raise ValueError(f"create_stage_groups: the group {list(ranks)} must hold distinct "
+                             f"global ranks in 0..{world - 1} (the job's world size is "
+                             f"{world})" + (f"; {bad} are not" if bad else ""))
+        out.append(tuple(sorted(ranks)))
+    return out
 
 
 class Hierarchy:
@@ -232,6 +267,7 @@ class Hierarchy:
                  framing: Optional[Framing] = None) -> None:
         self.group, self.nodes, self.local, self.rank = group, lay.nodes, lay.local, rank
         self.framing = framing  # CPU stages carry headers (comm/frame.py)
+        self.backend = backend
         self.node, self.local_rank = divmod(rank, lay.local)
         self.world = len(lay.granks)
         L, n, l = lay.local, self.node, self.local_rank
@@ -253,7 +289,8 @@ class Hierarchy:
         return self.framing.numbering(self.group)
 
     def kind(self, stage: str) -> str:
-        """How a stage runs: "skipped", "group", "own group" or "masked"."""
+        """How a stage runs on CUDA tensors: "skipped", "group", "own group" or "masked" (on
+        CPU tensors, framed, the intra stage runs on the group: ``a2a``)."""
         pg, peers, masked = self.stages[stage]
         if len(peers) == 1:
             return "skipped"
@@ -264,20 +301,22 @@ class Hierarchy:
     def __repr__(self) -> str:
         return (f"Hierarchy({self.nodes} nodes x {self.local} ranks, rank {self.rank} = "
                 f"node {self.node} local {self.local_rank}; intra: {self.kind('intra')}, "
-                f"inter: {self.kind('inter')})")
+                f"inter: {self.kind('inter')}"
+                + ("; CPU tensors: intra on the group, framed" if "gloo" in self.backend
+                   else "") + ")")
 
     def a2a(self, stage: str, out: torch.Tensor, inp: torch.Tensor, out_splits: list,
             in_splits: list, async_op: bool = False, operation: str = "hierarchical stage",
             detail: int = 0, rows: Optional[tuple] = None, records: Optional[tuple] = None,
-            **numbering):
+            label: Optional[tuple] = None, **numbering):
         """``all_to_all_single`` of a stage; splits are per stage rank (index = position
         among the stage's ranks, in group rank order). On CPU it is framed (synchronous;
         ``detail`` and ``numbering`` go to frame.all_to_all_single), and the call's first
         step, on the whole group (stage 1, or stage 2 with one rank per node), puts the call's
         ``rows`` (sent, received: per group rank) in the headers, so that a source and a
         destination that disagree meet there. ``records``
-        (the all-reduce's stages): the bytes are records, named in the headers
-        (frame.all_to_all_single)."""
+        (the all-reduce's stages): the bytes are records, named in the headers; ``label``
+        (the all-to-all's): (dtype, hidden) of the rows they carry (frame.all_to_all_single)."""
         pg, peers, masked = self.stages[stage]
         framed = self.framing is not None and not out.is_cuda
         if framed and stage == "intra":
@@ -294,11 +333,12 @@ class Hierarchy:
             if pg is self.group:
                 return frame.all_to_all_single(self.framing, pg, self.rank, self.world,
                                                operation, out, inp, out_splits, in_splits,
-                                               detail, rows, records, **numbering)
+                                               detail, rows, records, label=label,
+                                               **numbering)
             # on a stage group: its errors name (and report elsewhere) ranks of the group
             return frame.all_to_all_single(self.framing, pg, peers.index(self.rank),
                                            len(peers), operation, out, inp, out_splits,
-                                           in_splits, detail, None, records,
+                                           in_splits, detail, None, records, label=label,
                                            names=(self.group, peers), **numbering)
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg,
                                       async_op=async_op)
@@ -473,16 +513,17 @@ STAGE_OPERATIONS = {"all_to_all": "hierarchical stage",
                     "all_to_all backward": "hierarchical backward stage"}
 
 
-def _digest(route: Route, hidden: int, dtype: torch.dtype, local: int, detail: int) -> int:
+def _digest(route: Route, local: int, detail: int) -> int:
     """The route's link path, codec and gate threshold per link class, same node or not (the
     same on every rank of a regular layout of ``local`` ranks per node, though each rank's
     per-peer tables differ; the class is named, not read from the path: on CPU both classes'
     path is "cpu", and a rank swapping its intra- and inter-node codecs would go unseen),
-    hidden size, dtype and the caller's ``detail`` (its row shape: _Call.detail)."""
+    and the caller's ``detail`` (its row shape: _Call.detail). The rows' dtype and hidden
+    size travel in the headers themselves (``label``), so that a difference is named."""
     node = route.rank // local
     links = sorted({(p // local == node, path, repr(c), t) for p, (path, c, t) in
                     enumerate(zip(route.paths, route.codecs, route.thresholds)) if p != route.rank})
-    return hash63((links, hidden, str(dtype), detail))
+    return hash63((links, detail))
 
 
 def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chunks: int = 1,
@@ -494,25 +535,46 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
     the count exchange is skipped). ``operation``: "all_to_all" or "all_to_all backward",
     which the stages' headers tell apart (STAGE_OPERATIONS); ``detail``: a word more in
     their digest (the caller's row shape: _Call.detail). Stage 1 completes before this
-    returns; ``wait()`` of the result completes stage 2 and decodes, giving
-    [sum(out_rows), H] of ``x.dtype``."""
+    returns; ``wait()`` of the result completes stage 2 (on CPU, framed, it completed too:
+    a disagreement raises here, not at ``wait()``) and decodes, giving [sum(out_rows), H]
+    of ``x.dtype``."""
     h = hierarchy
     op = STAGE_OPERATIONS[operation]
     x = x.contiguous()
     H, dtype, dev = x.shape[1], x.dtype, x.device
     src = h._cached(("src", in_rows, out_rows, H, dtype, dev, route.codecs, route.thresholds),
                     lambda: _source_plan(h, route, in_rows, out_rows, H, dtype, dev))
-    # in the stages' headers on CPU: the stages move bytes, this names what they carry
-    digest = h._cached(("digest", route.codecs, route.thresholds, H, dtype, detail),
-                       lambda: _digest(route, H, dtype, h.local, detail))
+    # in the stages' headers on CPU: the stages move bytes, these name what they carry
+    label = (dtype, H)
+    digest = h._cached(("digest", route.codecs, route.thresholds, detail),
+                       lambda: _digest(route, h.local, detail))
     numbering = h.numbering(dev)
     stamped = stamped_call(route, src, H, dtype, dev) if src.stamped else None
     if stamped is not None:
         x = stamped.prepare(x)
+    made = set()  # the steps of this call this rank made (CPU): an error of its own owes the rest
+    try:
+        return _stages(x, in_rows, out_rows, route, h, src, uniform, op, label, digest, numbering,
+                       stamped, made)
+    except frame.EXCHANGE_ERRORS:
+        raise
+    except Exception:
+        if numbering:
+            _answer_own_error(h, made, op, digest, label, numbering)
+        raise
+
+
+def _stages(x, in_rows, out_rows, route, h, src, uniform, op, label, digest, numbering,
+            stamped, made: set) -> Pending:
+    """``exchange``'s steps, from the count exchange to the start of stage 2, noting in
+    ``made`` each exchange made ("counts", "intra", "inter")."""
+    H, dtype, dev = x.shape[1], x.dtype, x.device
     counted = False  # the count exchange (where one is made) is this call's first step
     try:
         counts = hop_counts(h, in_rows, uniform, dev, digest, numbering, op)
         counted = True
+        if not uniform and h.local > 1:
+            made.add("counts")
         hop = h._cached(("hop", counts, H, dtype, dev, route.codecs, route.thresholds),
                         lambda: _hop_plan(h, route, counts, H, dtype, dev))
         packed = (_pack(x, src.send_segs) if stamped is None
@@ -523,18 +585,19 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         else:
             recv1 = torch.empty(sum(hop.recv1), dtype=torch.uint8, device=dev)
             h.a2a("intra", recv1, send1, hop.recv1, src.send1, operation=op, detail=digest,
-                  rows=(in_rows, out_rows), **numbering)
+                  rows=(in_rows, out_rows), label=label, **numbering)
+            made.add("intra")
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         none, answered = torch.empty(0, dtype=torch.uint8), frame.peers_answered(e)
         if numbering and not answered and not counted and not h.meets("intra", e.elsewhere):
             # a silent peer in the count exchange: stage 1 too, which it reaches if it comes
             h.a2a("intra", none, none, [0] * h.local, [0] * h.local, operation=op,
-                  detail=digest, aborted=True, wait=False, **numbering)
+                  detail=digest, aborted=True, wait=False, label=label, **numbering)
         if numbering and h.nodes > 1 and not h.meets("inter", e.elsewhere):
             # stage 2 as headers only: its peers raise too (what they send is drained: no
             # receive buffer, which this rank's own sizes, perhaps the error, would size)
             h.a2a("inter", none, none, [0] * h.nodes, [0] * h.nodes, operation=op,
-                  detail=digest, aborted=True, wait=answered, **numbering)
+                  detail=digest, aborted=True, wait=answered, label=label, **numbering)
         raise
     send2 = _gather(recv1, hop.unit, hop.index)
     if h.nodes == 1:
@@ -544,8 +607,9 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         # with one rank per node this is the call's first step, on the whole group: its
         # headers carry the call's rows, as stage 1's do (Hierarchy.a2a)
         works = [h.a2a("inter", recv2, send2, src.recv2, hop.send2, async_op=True,
-                       operation=op, detail=digest,
+                       operation=op, detail=digest, label=label,
                        rows=(in_rows, out_rows) if h.local == 1 else None, **numbering)]
+        made.add("inter")
     out = x.new_empty((sum(out_rows), H))
     a, b, n = src.own
     if n:  # own rows: exact copy, overlapping stage 2
@@ -563,6 +627,25 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route, chu
         return out
 
     return Pending(works, finish)
+
+
+def _answer_own_error(h: Hierarchy, made: set, op: str, digest: int, label: tuple,
+                      numbering: dict) -> None:
+    """A framed call failed on this rank on its own (out of memory, ...) after it drew its
+    number: answer the steps its peers wait in, so that every rank raises in this call and
+    the next calls pair up (else the peers paired them with this rank's next call). Before
+    any step, its first step rejected (the peers take no later step with this rank); after
+    one, the rest as headers only, as a rank that found a disagreement sends them
+    (``exchange``'s except clause: the peers that meet them raise and send theirs)."""
+    if not made:
+        frame.reject(h.framing, h.group, h.rank, h.world, op, **numbering)
+        return
+    none = torch.empty(0, dtype=torch.uint8)
+    for stage, n, owed in (("intra", h.local, "intra" not in made),
+                           ("inter", h.nodes, "inter" not in made)):
+        if owed and n > 1:
+            h.a2a(stage, none, none, [0] * n, [0] * n, operation=op, detail=digest,
+                  failed=True, label=label, **numbering)
 
 
 # ---- choosing the algorithm ---------------------------------------------------------------
