@@ -512,7 +512,8 @@ def test_finetune_trains_counts_exchanges_and_resumes(tmp_path):
     assert out.count("moe_flashcomm: dispatch=int4/g128+spikes combine=int4/g128+spikes") == 1
     assert "step/s" not in out  # stdout is not a terminal: no progress bar
     assert out.count("step 2: train loss") == 1  # rank 0 only
-    assert "2 MoE layers x (forward: 4 training steps + 4 evaluation batches" in out
+    assert "2 MoE layers with moe_flashcomm x (forward: 4 training steps + 4 evaluation " \
+        "batches" in out
     s = json.loads((tmp_path / "ft" / "summary.json").read_text())
     layers, steps = s["model"]["layers"], 4
     ex = s["exchanges"]
