@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import pytest
 import torch
 
 import moe_flashcomm as mf
@@ -146,6 +147,14 @@ def _autograd(rank, world):
                 ggy, comm.all_to_all(v, out_rows, S[rank], codec=codec)), (codec, async_op)
     fast = [c for c in comm._plans.values() if c.fast_fwd is not None and c.grad]
     assert len(fast) == 2  # raw rows ("bf16" of bf16 tokens, "native"): the direct calls ran
+    # rejected arguments raise their own error (no rejected frame to send, as over NCCL)
+    with pytest.raises(ValueError, match="bits"):
+        comm.all_to_all(x, out_rows, S[rank], codec=9)
+    with pytest.raises(ValueError, match="bits"):
+        comm.all_reduce(torch.ones(8), codec=1)
+    counts = torch.arange(2 * world, dtype=torch.int64) + 10 * rank
+    assert comm.exchange_counts(counts).tolist() == [
+        10 * p + 2 * rank + i for p in range(world) for i in range(2)]
     comm.close()
 
 

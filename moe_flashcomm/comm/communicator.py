@@ -366,7 +366,8 @@ class Communicator:
         or count exchange, a consistency check): take part in it with a rejected frame, so
         that the peers raise now instead of waiting for the timeout, or pairing this call
         with our next one."""
-        if ("gloo" in self.backend and not (torch.is_tensor(x) and x.is_cuda)
+        if ("gloo" in self.backend and self.framing is not None  # (None: unframed, tests)
+                and not (torch.is_tensor(x) and x.is_cuda)
                 and self.group_is_live()):  # (a destroyed group carries nothing)
             frame.reject(self.framing, self.group, self.rank, self.world, operation)
 
@@ -439,7 +440,7 @@ class Communicator:
         # (a transposed view would send its memory order, and be written through a copy)
         mine = mine.contiguous()
         theirs = torch.empty_like(mine)
-        if mine.is_cuda:
+        if mine.is_cuda or self.framing is None:  # (None: unframed, as over NCCL; tests)
             dist.all_to_all_single(theirs, mine, group=self.group)
         else:
             if mine.numel() % self.world:  # (all_to_all_single refuses it; a slice would be lost)
