@@ -370,6 +370,16 @@ def test_reference_is_exact_for_passthrough_of_integers():
     assert torch.equal(reference_all_reduce(xs, 4, local_size=4), reference_all_reduce(xs, 4))
     links = mf.LinkCodecs(intra_node=8, inter_node=2)  # one group: no inter-group link
     assert torch.equal(reference_all_reduce(xs, links, local_size=4), reference_all_reduce(xs, 8))
+    # what all_reduce refuses, the specification refuses too
+    for codec, local, error in ((links, None, "per-link codecs .* need local_size"),
+                                (mf.CodecConfig(bits=4, rounding="stochastic"), None,
+                                 "codec: .* rounding='nearest'"),
+                                (mf.LinkCodecs(intra_node=mf.CodecConfig(bits=4, rounding="stochastic"),
+                                               inter_node=4), 2, "codec.intra_node: .* rounding"),
+                                (mf.LinkCodecs(intra_node="native", inter_node=4), 2,
+                                 "codec.intra_node: a 'native' all-reduce")):
+        with pytest.raises(ValueError, match=error):
+            reference_all_reduce(xs, codec, local_size=local)
 
 
 # ---- the fused kernel against the torch reduction -------------------------------------------------
@@ -446,6 +456,32 @@ def _nccl2(rank, world):
         check_case(rank, world, (3, 5000), torch.bfloat16, mf.CodecConfig(bits=4), 96, "cuda",
                    bound=False, gate=False, algorithm="hierarchical", topology=topo)
     torch.cuda.synchronize()
+
+
+def _masked_stages_cuda(rank, world):
+    """CUDA tensors over gloo, 8 processes sharing one GPU: the hierarchical all-reduce on
+    subgroups of 4 (2 nodes x 2) whose stages have no process groups of their own, so both
+    run masked on the subgroup, with stamped records (the all-gathers once passed the
+    stamp, an int, where the stage's keywords belong: TypeError on every rank)."""
+    from moe_flashcomm.comm.hierarchical import hierarchical_groups
+    torch.cuda.set_device(0)
+    groups = [dist.new_group(r) for r in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    group, grank = groups[rank // 4], rank % 4
+    inputs = [make_input(p, (5000,), torch.float32, 98) for p in range(4)]
+    links = mf.LinkCodecs(intra_node=8, inter_node=mf.CodecConfig(bits=3, group_size=32))
+    for codec in (6, links):
+        y = inputs[grank].cuda()
+        mf.all_reduce(y, group=group, codec=codec, gate=False, algorithm="hierarchical",
+                      topology=2)
+        assert torch.equal(y.cpu(), reference_all_reduce(inputs, codec, local_size=2)), codec
+    h = hierarchical_groups(group, 2)
+    assert h.kind("intra") == h.kind("inter") == "masked", h
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_all_reduce_masked_stages_cuda_gloo_8():
+    spawn(_masked_stages_cuda, 8, timeout=300)
 
 
 @pytest.mark.multigpu

@@ -291,6 +291,27 @@ def check_patched_dist(layer: nn.Module, local: torch.Tensor, codec, tag: str) -
     patched.all_reduce(i)
     assert torch.equal(i, torch.arange(5, device=m.device) * dist.get_world_size()
                        + sum(range(dist.get_world_size()))), tag
+    # what the codecs do not take goes to deepspeed.comm's own inference_all_reduce, which
+    # may run on another backend than its all_reduce (its arguments passed on; each call
+    # seen on its way to the real one)
+    real, seen = patched._real, []
+
+    def seeing(name):
+        return lambda t, **kw: (seen.append((name, kw)), getattr(real, name)(t, **kw))[1]
+    patched._real = SimpleNamespace(inference_all_reduce=seeing("inference_all_reduce"),
+                                    all_reduce=seeing("all_reduce"))
+    try:
+        m = randn(7, seed=71 + dist.get_rank())
+        want = m.clone()
+        dist.all_reduce(want, op=dist.ReduceOp.MAX)
+        patched.inference_all_reduce(m, op=dist.ReduceOp.MAX, group=None)
+        d = m.double()
+        patched.inference_all_reduce(d)
+    finally:
+        patched._real = real
+    assert torch.equal(m, want) and torch.equal(d, want.double() * dist.get_world_size()), tag
+    assert [name for name, _ in seen] == ["inference_all_reduce"] * 2, (tag, seen)
+    assert seen[0][1] == dict(op=dist.ReduceOp.MAX, group=None, async_op=False), (tag, seen)
     assert state.stats.calls == 3 and patched.get_world_size() == dist.get_world_size()
 
 

@@ -16,12 +16,10 @@ ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1
 echo "GPUs: $ngpu"
 
-path_env() {
-  case $1 in
-    nvlink) echo "NCCL_P2P_DISABLE=0 NCCL_SHM_DISABLE=0" ;;
-    host-memory) echo "NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=0" ;;
-    network) echo "NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1" ;;
-  esac
+path_env() {  # the link class's NCCL variables: moe_flashcomm.tune_gate.LINK_EMULATION
+  python3 -c "import sys; from moe_flashcomm.tune_gate import LINK_EMULATION, LINK_ALIASES
+name = LINK_ALIASES.get(sys.argv[1], sys.argv[1])
+print(' '.join(f'{k}={v}' for k, v in LINK_EMULATION[name].items()))" "$1"
 }
 
 status=0

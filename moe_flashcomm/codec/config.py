@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Union
 
-BITS_NAMED = ("fp8", "bf16", "native")  # the bits values that are names, not widths
+# the bits values that are names, not widths; appended only: headers and stamps name them by
+# position (comm/frame.py wire_code)
+BITS_NAMED = ("fp8", "bf16", "native")
 BITS_ALLOWED = "an int 2..8, 'fp8', 'bf16' or 'native'"
 GROUP_SIZES = (32, 64, 128, 256)
 ROUNDINGS = ("nearest", "stochastic")

@@ -832,9 +832,9 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
         if stamped:  # the final records behind their slot: [slot, c * rb records]
             rec = torch.empty(kernels.STAMP_BYTES + c * rb, dtype=torch.uint8,
                               device=buf.device)
-            final = p2p.stamp(plan.inter, c, plan.numel, buf.dtype)
+            slot = p2p.stamp(plan.inter, c, plan.numel, buf.dtype)
             reduce_chunk(recv, part3[node], node, plan.inter,
-                         check=StampCheck(page, plan.numel, lr, L, final),
+                         check=StampCheck(page, plan.numel, lr, L, slot),
                          out=rec[kernels.STAMP_BYTES:].view(c, rb))
         else:
             rec = reduce_chunk(recv, part3[node], node, plan.inter)
@@ -933,7 +933,13 @@ def reference_all_reduce(inputs: Sequence[torch.Tensor], codec: CodecLike = None
         raise ValueError("inputs: one tensor per rank, all of one shape and dtype, got "
                          f"{[(tuple(x.shape), x.dtype) for x in inputs]}")
     codecs = LinkCodecs.coerce(codec, "codec")
+    # what all_reduce refuses, refused here too (a spec that ran it would vouch for it)
+    check_codecs(codecs, "codec" if local_size is None else "codec.intra_node",
+                 "codec.inter_node")
     intra, inter = codecs.intra_node, codecs.inter_node
+    if local_size is None and intra != inter:
+        raise ValueError(f"codec: per-link codecs ({codecs}) need local_size (the hierarchical "
+                         "algorithm); the flat all-reduce sends every chunk with one codec")
     if intra.is_native or inter.is_native:
         raise ValueError("a 'native' all-reduce is torch.distributed.all_reduce: its result is "
                          "the backend's sum, not this specification's")

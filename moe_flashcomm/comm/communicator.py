@@ -104,7 +104,7 @@ class Communicator:
             reject_check(self.group, self.agree_device,
                          Framing(frame.REJECT_WAIT_S, PROCESS.group_lines))
             raise
-        PROCESS.forget_lines(_live_groups())
+        PROCESS.forget_lines(direct.live_groups())
         self.streams = SideStreams()
         # exchanges over gloo carry headers: every call is checked (comm/frame.py)
         self.framing = Framing(self.timeout_s, PROCESS.group_lines, self._peer_check)
@@ -475,7 +475,7 @@ class _Process:
         self.communicators: dict = {}  # (id(group), topology, gate) -> (group, Communicator)
         self.stage_groups: dict = {}   # (global ranks, backend) -> process group, made in:
         self.stage_world = None        # the default group of the job that made them
-        self.stage_version = 0         # bumped by create_stage_groups
+        self.stage_version = 0         # bumped by create_stage_groups (stages_added)
         # process group -> its framed exchanges, by all of its communicators (frame.GroupLine):
         # a peer whose new communicator rejected its arguments meets this rank's cached one in
         # the same exchange, and both count it alike; two communicators' long messages
@@ -513,6 +513,10 @@ class _Process:
             self.stage_world = world
         return self.stage_groups
 
+    def stages_added(self) -> None:
+        """create_stage_groups made stage groups: communicators rebuild their stages."""
+        self.stage_version += 1
+
     def release(self) -> None:
         """At exit: drop the process groups we hold while the interpreter is whole (a gloo
         group destroyed during interpreter teardown aborts the process). Device memory goes
@@ -528,7 +532,7 @@ class _Process:
 
     def _forget_destroyed(self) -> None:
         """Close and drop the communicators of groups torch.distributed no longer knows."""
-        live = _live_groups()
+        live = direct.live_groups()
         for key, (pg, comm) in list(self.communicators.items()):
             if comm.closed or pg not in live:
                 del self.communicators[key]
@@ -602,15 +606,6 @@ def _run_all_to_all(call: _Call, x: torch.Tensor, async_op: bool):
             return _AllToAll.apply(x, call)
         return call.forward_out(x)
     return call.start(x)
-
-
-def _live_groups() -> list:
-    """The process groups torch.distributed currently knows (empty when not initialised)."""
-    if not dist.is_initialized():
-        return []
-    world = getattr(dist.distributed_c10d, "_world", None)
-    pg_map = getattr(world, "pg_map", None)
-    return list(pg_map) if pg_map is not None else [dist.group.WORLD]
 
 
 PROCESS = _Process()

@@ -10,6 +10,8 @@ time is our own lookups, not a second round of checks.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -58,19 +60,32 @@ def _pg(group):
     return group if group is not None else dist.group.WORLD
 
 
+def _known() -> Optional[dict]:
+    """torch.distributed's table of the process groups it knows (private; None: a torch
+    without it)."""
+    return getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+
+
 def is_live(group) -> bool:
     """Whether torch.distributed still knows ``group`` (None: the default group). A group
     destroyed (``destroy_process_group``) keeps its sockets, so a call on it may run on one
     rank and fail on another: callers refuse it. A dict lookup (0.2 us)."""
-    pg = _pg(group)
+    pg, known = _pg(group), _known()
+    if known is not None:
+        return pg in known
     try:
-        return pg in dist.distributed_c10d._world.pg_map
-    except AttributeError:  # (a torch without it)
-        try:
-            dist.get_process_group_ranks(pg)
-            return True
-        except (KeyError, ValueError, RuntimeError, AttributeError):
-            return False
+        dist.get_process_group_ranks(pg)
+        return True
+    except (KeyError, ValueError, RuntimeError, AttributeError):
+        return False
+
+
+def live_groups() -> list:
+    """The process groups torch.distributed currently knows (empty when not initialised)."""
+    if not dist.is_initialized():
+        return []
+    known = _known()
+    return list(known) if known is not None else [dist.group.WORLD]
 
 
 def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op: bool):

@@ -45,6 +45,7 @@ from ..codec import cuda as _cuda
 from ..codec import reference as _reference
 from .. import kernels
 from ..memo import remember
+from . import direct
 from .check import ConfigMismatchError
 from .gate import wire_gate
 from . import frame as framing
@@ -342,11 +343,8 @@ def exchange(x: torch.Tensor, in_rows: tuple, out_rows: tuple, route: Route,
         return Pending([], lambda: out)
     if plan.fast:  # bit-identical to all_to_all_single
         out = x.new_empty((plan.out_total, H))
-        if plan.uniform:
-            work = dist.all_to_all_single(out, x, group=group, async_op=True)
-        else:
-            work = dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=group,
-                                          async_op=True)
+        splits = ([], []) if plan.uniform else (list(out_rows), list(in_rows))
+        work = direct.all_to_all_single(group, out, x, *splits, async_op=True)
         return Pending([work], lambda: (work.wait(), out)[1])
     return _coded_exchange(x, plan, route)
 

@@ -12,8 +12,9 @@ headers differ, or where the peers' last call waits for it in vain.)
 
 Header (HEADER_BYTES, int64 words): magic, operation, exchange number in this group, the
 sender's (rank, world), (dtype, hidden), the sender's wire, rows it sends to this peer,
-rows it expects from this peer, payload bytes it sends, and an operation's detail (the
-all-reduce's numel). Both ends of a pair send one, so both ends of a disagreeing pair see
+rows it expects from this peer, payload bytes it sends, an operation's detail (the
+all-reduce's numel), the flags (ABORTED, REJECTED, GAVE_UP, FAILED: the sender sends headers
+only) and a reserved word (0). Both ends of a pair send one, so both ends of a disagreeing pair see
 the disagreement and raise.
 
 Round 1 is one ``all_to_all_single``: to each peer its header and the first
@@ -37,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from ..codec import CodecConfig
+from ..codec.config import BITS_NAMED
+from ..codec.format import align
 from ..memo import remember
 from . import direct
 from .check import ConfigMismatchError
@@ -46,7 +49,6 @@ MAGIC = 0x4D4F45464C415331  # "MOEFLAS1": the format's version is its last byte
 WORDS = 12
 HEADER_BYTES = 8 * WORDS
 FRAME_BYTES = 4 << 20
-ALIGN = 16
 MAX_HIDDEN = (1 << 55) - 1  # the header's (dtype, hidden) word holds hidden << 8
 # Framing's buffer pool: smallest size class, buffers kept per class, bytes kept in all
 POOL_MIN, POOL_DEPTH, POOL_BYTES = 64 << 10, 4, 256 << 20
@@ -133,7 +135,7 @@ def wire_code(wire) -> int:
     """A codec (or RAW / None) as one header word, readable back by ``wire_text``."""
     if not isinstance(wire, CodecConfig):
         return RAW_WIRE
-    bits = wire.bits if isinstance(wire.bits, int) else 9 + ("fp8", "bf16", "native").index(wire.bits)
+    bits = wire.bits if isinstance(wire.bits, int) else 9 + BITS_NAMED.index(wire.bits)
     return (2 | bits << 4 | wire.group_size << 8 | int(wire.spikes) << 20
             | int(wire.rounding == "stochastic") << 21)
 
@@ -142,7 +144,7 @@ def wire_text(code: int) -> str:
     if code == RAW_WIRE:
         return "the rows' own bytes"
     bits = (code >> 4) & 15
-    names = {9: "fp8", 10: "bf16", 11: "native"}
+    names = dict(enumerate(BITS_NAMED, 9))
     cfg = CodecConfig(bits=names.get(bits, bits), group_size=(code >> 8) & 0xFFF,
                       spikes=bool(code >> 20 & 1),
                       rounding="stochastic" if code >> 21 & 1 else "nearest")
@@ -179,10 +181,6 @@ def global_note(pg, ranks) -> str:
     if isinstance(ranks, int):
         return f" (global rank {members[ranks]})"
     return f" (global ranks {[members[r] for r in ranks]})"
-
-
-def _round_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 class GroupLine:
@@ -375,7 +373,7 @@ def layout(rank: int, world: int, operation: str, dtype: torch.dtype, hidden: in
         send_at[p], recv_at[p] = at, back
         at += HEADER_BYTES + sends[p].nbytes
         in_splits[p] = HEADER_BYTES + min(sends[p].nbytes, room)
-        out_splits[p] = _round_up(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
+        out_splits[p] = align(max(FRAME_BYTES, HEADER_BYTES + recvs[p].nbytes))
         back += out_splits[p]
     template = np.array([[MAGIC, OPERATIONS.index(operation) + 1, 0, rank | world << 32,
                           dtype_code(dtype) | hidden << 8, sends[p].wire, sends[p].rows,
@@ -909,7 +907,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
                       in_splits: list, detail: int = 0, rows: Optional[tuple] = None,
                       records: Optional[tuple] = None, wait: bool = True,
                       names: Optional[tuple] = None, label: Optional[tuple] = None,
-                      **numbering) -> direct.Done:
+                      **frame_args) -> direct.Done:
     """``dist.all_to_all_single(out, inp, out_splits, in_splits, group=pg)`` for CPU tensors,
     framed (splits in items of the tensors' dtype, rows in the header); synchronous, its
     result stands in for the work of an asynchronous call. ``rows``: (sent, received) per
@@ -917,7 +915,8 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     exchange checks that exchange's rows, pair by pair). ``records``: the uint8 items are
     records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
     whose dtypes or codecs differ raise even where their records have the same size.
-    ``numbering``: Frame's ``number``, ``counter`` and ``aborted``. ``wait=False``: an
+    ``frame_args``: Frame's ``number``, ``counter`` (Framing.numbering), ``aborted`` and
+    ``failed``. ``wait=False``: an
     aborted frame after a timeout, only started (``peers_answered``). ``names``: Frame's.
     ``label``: (dtype, hidden) of the rows the bytes carry, named in the headers in place of
     the items' dtype (a hierarchical all-to-all's stages: ranks whose rows differ are told
@@ -938,7 +937,7 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
         sends, recvs = ([None if leg is None else leg._replace(rows=n) for leg, n in zip(legs, r)]
                         for legs, r in zip((sends, recvs), rows))
     frame = Frame(framing, pg, rank, world, operation, dtype, hidden, sends, recvs, detail,
-                  gave_up=not wait, names=names, **numbering)
+                  gave_up=not wait, names=names, **frame_args)
     for p in frame.peers:
         frame.payload(p).copy_(isrc[ioff[p]:ioff[p] + frame.sends[p].nbytes])
     frame.start()

@@ -236,7 +236,8 @@ class SizeGate:
     def from_tables(cls, data: Mapping[str, Any], source: str = "") -> "SizeGate":
         """A gate from ``{"thresholds": ..., "all_reduce": ...}`` (a gate file's content;
         the descriptive keys FILE_INFO are allowed and ignored, any other key is an error).
-        A table left out keeps its defaults, as an all-reduce table's missing codecs do."""
+        A table left out keeps its defaults; a table given replaces them whole (a path or
+        codec it leaves out is quantized at every size, ``_lookup``)."""
         where = f"size gate{' ' + source if source else ''}"
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: the tables must be a dict {{\"thresholds\": ..., "

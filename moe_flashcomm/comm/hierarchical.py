@@ -217,7 +217,7 @@ def create_stage_groups(groups: Sequence[Sequence[int]], topology=None,
         if lay.regular:
             _create(lay, backend)
     from .communicator import PROCESS
-    PROCESS.stage_version += 1  # communicators rebuild their stages with these groups
+    PROCESS.stages_added()
 
 
 def _check_groups(groups, world: int) -> list:

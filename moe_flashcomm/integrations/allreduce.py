@@ -121,16 +121,23 @@ class _Dist(StandIn):
         return getattr(self._real, name)
 
     def all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
+        return self._sum("all_reduce", tensor, op, group, async_op, kwargs)
+
+    def inference_all_reduce(self, tensor, op=None, group=None, async_op=False, **kwargs):
+        return self._sum("inference_all_reduce", tensor, op, group, async_op, kwargs)
+
+    def _sum(self, name: str, tensor, op, group, async_op: bool, kwargs: dict):
+        """A sum of a dtype the codecs take: the layer's all-reduce; anything else:
+        ``deepspeed.comm``'s own ``name`` with the caller's arguments (its inference
+        all-reduce may run on another backend than its all_reduce)."""
         if not _is_deepspeed_sum(op) or tensor.dtype not in INPUT_DTYPES:
             if _is_deepspeed_sum(op):  # a dtype the codecs do not take (float64, ints)
                 self.state.passed_on()
             given = {} if op is None else {"op": op}
-            return self._real.all_reduce(tensor, group=group, async_op=async_op, **given, **kwargs)
+            return getattr(self._real, name)(tensor, group=group, async_op=async_op, **given,
+                                             **kwargs)
         self.state.all_reduce(tensor, group)
         return Done() if async_op else None
-
-    def inference_all_reduce(self, tensor, op=None, group=None, *args, **kwargs):
-        return self.all_reduce(tensor, op, group)
 
 
 class _RowParallel(StandIn):
