@@ -23,6 +23,7 @@ import torch.nn as nn
 pytest.importorskip("deepspeed")
 
 import moe_flashcomm as mf  # noqa: E402
+from moe_flashcomm.comm import ConfigMismatchError  # noqa: E402
 from moe_flashcomm.integrations.padding import (CAPACITY_SHIFT, RouteCounts,  # noqa: E402
                                                 filled_slots)
 from tests.distributed import spawn  # noqa: E402
@@ -244,6 +245,54 @@ def check_capacities_differ(tag: str) -> None:
     mf.disable_deepspeed(moe)
 
 
+class OwnFailure(RuntimeError):
+    """An error of one rank's own in a layer's forward (out of memory in the experts, ...)."""
+
+
+def check_own_failure_between_calls(tag: str) -> None:
+    """One rank fails on its own between the forward's library calls (before the count
+    exchange, between the dispatch and the combine, packing the slots): it answers the call
+    its peers wait in, so every rank raises in that forward within seconds (the peers
+    naming that rank's rejected call) and the next forwards pair up, exact (before, the
+    peers paired it with the failing rank's next forward: one call apart from then on)."""
+    import time
+    from moe_flashcomm.integrations import padding
+    rank, last = dist.get_rank(), dist.get_world_size() - 1
+    x = tokens((1, 16, H), seed=590 + rank)
+    for skip in (True, False):
+        moe = make_moe(4, dist.get_world_size(), 1, True, seed=10)
+        ref, noise = stock_runs(moe, x)
+        mf.enable_deepspeed(moe, {**PASS, "skip_padding": skip})
+        layer = moe.deepspeed_moe
+        places = ["gate", "experts"] + (["packing"] if skip else [])
+        for place in places:
+            undo = None
+            if rank == last:
+                def fail(*_):
+                    raise OwnFailure(f"{place} failed on this rank")
+                if place == "packing":
+                    undo, padding.SlotPlan.pack = padding.SlotPlan.pack, fail
+                else:
+                    hook = getattr(layer, place).register_forward_pre_hook(fail)
+            start = time.monotonic()
+            try:
+                want = OwnFailure if rank == last else ConfigMismatchError
+                with pytest.raises(want) as raised:
+                    run(moe, x)
+            finally:
+                if rank == last:
+                    if undo is not None:
+                        padding.SlotPlan.pack = undo
+                    else:
+                        hook.remove()
+            assert time.monotonic() - start < 10, (tag, place)
+            if rank != last:
+                owed = "skip_padding counts" if skip and place == "gate" else "all_to_all"
+                assert f"it rejected its {owed}" in str(raised.value), (tag, place, raised.value)
+            assert_identical(ref, run(moe, x), f"{tag} after a failure in the {place}", noise)
+        mf.disable_deepspeed(moe)
+
+
 def _world(rank: int, world: int, cases) -> None:
     init_deepspeed()
     tag = f"rank {rank}/{world}"
@@ -253,6 +302,8 @@ def _world(rank: int, world: int, cases) -> None:
         check_no_grad_and_twice(tag)
         check_capacity_zero(tag)
         check_capacities_differ(tag)
+    else:
+        check_own_failure_between_calls(tag)
     check_identical(tag, cases)
 
 

@@ -88,6 +88,25 @@ class _AllToAllStandIn(StandIn):
         return self.state.exchange(group, x, input_splits, output_splits)
 
 
+class _Made:
+    """The library calls one forward of a patched layer entered: the count exchange
+    (skip_padding), the all-to-alls; ``answered``: one of them raised, and answered its
+    peers itself (Communicator.answering, the frames' own errors)."""
+
+    __slots__ = ("counted", "sent", "answered")
+
+    def __init__(self) -> None:
+        self.counted, self.sent, self.answered = False, 0, False
+
+
+def _first_tensor(args: tuple, kwargs: dict, layer: nn.Module) -> Optional[torch.Tensor]:
+    """A tensor of the forward's (its device tells CPU, framed over gloo, from CUDA)."""
+    for a in (*args, *kwargs.values()):
+        if torch.is_tensor(a):
+            return a
+    return next(layer.parameters(), None)
+
+
 class _LayerState(PatchState):
     """A patched MoE layer: its name, resolved config, counters and what to run."""
 
@@ -98,6 +117,7 @@ class _LayerState(PatchState):
         self.calls = 0  # exchanges in the running forward
         self.counts: Optional[RouteCounts] = None  # skip_padding: the running forward's routes
         self.plan: Optional[SlotPlan] = None  # skip_padding: its exchanges
+        self.made: Optional[_Made] = None  # the running forward's library calls
         self.comm: Optional[Communicator] = None  # of the layer's expert-parallel group
         # comm is one enable_deepspeed made for the layers of its group and gate (closed with
         # them), not the group's default one, which the whole process shares
@@ -132,17 +152,22 @@ class _LayerState(PatchState):
     def run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """``layer``'s forward (``_forward`` for AutoEP), counting its exchanges."""
         impl = self.impl(layer)
-        outer = self.calls, self.counts, self.plan
-        self.calls, self.counts, self.plan = 0, None, None
+        outer = self.calls, self.counts, self.plan, self.made
+        self.calls, self.counts, self.plan, self.made = 0, None, None, _Made()
+        made = self.made
         watch = self._watch_gate(layer)
+        expected = _expected_exchanges(self.site, layer)
         try:
             out = impl(layer, *args, **kwargs)
             calls = self.calls
+        except Exception:
+            self._answer_owed(layer, made, watch is not None, expected,
+                              _first_tensor(args, kwargs, layer))
+            raise
         finally:
             if watch is not None:
                 watch.remove()
-            self.calls, self.counts, self.plan = outer
-        expected = _expected_exchanges(self.site, layer)
+            self.calls, self.counts, self.plan, self.made = outer
         if calls != expected:
             raise unsupported(f"{self.site.cls_name} '{self.name}' made {calls} all-to-all(s) through "
                               f"moe_flashcomm in one forward where {expected} were expected")
@@ -168,7 +193,9 @@ class _LayerState(PatchState):
         if _tensor_parallel_size(layer) > 1:  # drop_tokens splits the capacity: padded exchange
             return
         mine = filled_slots(output[3], output[4], int(output[2]))
-        self.counts = RouteCounts.exchange(mine, output[1], self.communicator(layer.ep_group))
+        comm = self.communicator(layer.ep_group)
+        self.counts = RouteCounts.exchange(
+            mine, output[1], functools.partial(self._library, "counts", comm.exchange_counts))
 
     def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
         """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
@@ -230,8 +257,43 @@ class _LayerState(PatchState):
              output_splits) -> torch.Tensor:
         """One all-to-all of ``x`` (and its backward) through moe_flashcomm."""
         cfg = self.config
-        return comm.all_to_all(x, output_splits, input_splits, codec=codec, grad_codec=grad_codec,
-                               chunks=cfg.chunks, algorithm=cfg.algorithm)
+        return self._library("all_to_all", comm.all_to_all, x, output_splits, input_splits,
+                             codec=codec, grad_codec=grad_codec, chunks=cfg.chunks,
+                             algorithm=cfg.algorithm)
+
+    def _library(self, step: str, run: Callable, *args: Any, **kwargs: Any) -> Any:
+        """``run``, one of the running forward's library calls (``step``: "counts" or
+        "all_to_all"), noted in ``made``."""
+        made = self.made
+        if made is not None:
+            if step == "counts":
+                made.counted = True
+            else:
+                made.sent += 1
+        try:
+            return run(*args, **kwargs)
+        except Exception:
+            if made is not None:
+                made.answered = True
+            raise
+
+    def _answer_owed(self, layer: nn.Module, made: _Made, counting: bool, expected: int,
+                     x: Optional[torch.Tensor]) -> None:
+        """A forward failed on this rank on its own between its library calls (in the gate,
+        the experts, packing the slots: out of memory, ...). Over gloo the peers wait in
+        its next call: answer it with a rejected frame, so that they raise in this forward
+        and the next forwards pair up (else each peer's forward k met this rank's k + 1,
+        one call apart, from then on). ``counting``: the forward exchanges counts first."""
+        comm = self.comm
+        if made.answered or comm is None or comm.closed:
+            return
+        if counting and not made.counted and _tensor_parallel_size(layer) == 1:
+            owed = "skip_padding counts"
+        elif made.sent < expected:
+            owed = "all_to_all"
+        else:
+            return  # (every call made: the peers are not waiting for this rank)
+        comm._reject(x, owed)
 
 
 def _tensor_parallel_size(layer: nn.Module) -> int:

@@ -113,10 +113,11 @@ class RouteCounts:
             self._host, self._ready = both, None
 
     @classmethod
-    def exchange(cls, mine: torch.Tensor, capacity, comm) -> "RouteCounts":
+    def exchange(cls, mine: torch.Tensor, capacity, exchange_counts) -> "RouteCounts":
         """The counts of this rank's gate (``mine`` [E] on its device, ``capacity`` C as
-        the gate returned it) and its senders', by the layer's communicator."""
-        return cls(mine, comm.exchange_counts(torch.add(mine, capacity, alpha=1 << CAPACITY_SHIFT)))
+        the gate returned it) and its senders', by ``exchange_counts`` (the layer's
+        communicator's)."""
+        return cls(mine, exchange_counts(torch.add(mine, capacity, alpha=1 << CAPACITY_SHIFT)))
 
     def host(self) -> tuple[list, list, list]:
         """(mine, theirs, the capacity each of theirs carried) as lists."""
