@@ -378,6 +378,36 @@ def test_changed_shape_and_skipped_call_gloo_3():
     spawn(_shape_and_order, 3, timeout=240, env=dict(MOE_FLASHCOMM_TIMEOUT_S=4))
 
 
+def _first_use_values(rank, world):
+    """Ranks that disagree in a first-use check (each sees the others' hashes) name the
+    others' values where they can tell them: bools, dtypes, values this rank used itself."""
+    comm = mf.Communicator(gate=False)
+    x = make_input(rank, 4 * world, (64,), torch.float32, 5)
+    theirs = {0: 1, 1: 0}[rank]
+    _raises(lambda: comm.all_to_all(x if rank == 0 else x.bfloat16()), ConfigMismatchError,
+            f"ranks [{theirs}] have {torch.bfloat16 if rank == 0 else torch.float32}")
+    y = x.clone().requires_grad_(rank == 1)
+    _raises(lambda: comm.all_to_all(y), ConfigMismatchError,
+            f"requires_grad: this rank has {rank == 1} (as do ranks [{rank}]); "
+            f"ranks [{theirs}] have {rank == 0}")
+    def codec(bits):
+        return repr(mf.LinkCodecs.coerce(bits, "codec"))
+    for bits in (8, 2):  # codecs every rank used: named; one this rank never used: not
+        comm.all_to_all(x, codec=bits)
+    said = _raises(lambda: comm.all_to_all(x, chunks=1, codec=8 if rank == 0 else 2),
+                   ConfigMismatchError, "codec: this rank has")
+    assert f"ranks [{theirs}] have {codec(2 if rank == 0 else 8)}" in said, said
+    said = _raises(lambda: comm.all_to_all(x, chunks=2, codec=8 if rank == 0 else 3),
+                   ConfigMismatchError, "codec: this rank has")
+    assert ("ranks [1] have something else" if rank == 0
+            else f"ranks [0] have {codec(8)}") in said, said
+    comm.close()
+
+
+def test_first_use_disagreements_name_the_values_gloo_2():
+    spawn(_first_use_values, 2, timeout=120)
+
+
 def _all_reduce_numel(rank, world):
     comm = mf.Communicator(gate=False)
     x = make_input(rank, 1500, (), torch.float32, 4)

@@ -25,8 +25,28 @@ class ConfigMismatchError(RuntimeError):
 
 
 def hash63(value: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(),
-                          "little") >> 1
+    return _hash_text(repr(value))
+
+
+def _hash_text(text: str) -> int:
+    """hash63 of a value whose repr is ``text``."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _named(word: int, value: Any, used: set) -> str:
+    """A peer's value of a field, from its hash ``word``, where this rank can tell it: among
+    the values this rank used for the field (``used``: reprs) and, for a bool or a dtype,
+    the others of its kind; else "something else"."""
+    texts = set(used)
+    if isinstance(value, bool):
+        texts |= {"True", "False"}
+    elif isinstance(value, torch.dtype):
+        texts |= {repr(t) for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
+                                    torch.int64, torch.int32, torch.uint8)}
+    for text in texts:
+        if _hash_text(text) == word:
+            return text
+    return "something else"
 
 
 # Every check gathers the same number of words, whatever it checks, so two ranks running
@@ -134,9 +154,14 @@ def check_consistent(fields: Mapping[str, Any], group: Optional[dist.ProcessGrou
         column = table[:, i]
         if bool((column != column[0]).any()):
             same = [q for q in range(world) if column[q] == column[rank]]
-            other = [q for q in range(world) if column[q] != column[rank]]
+            used = {text for k in verified if k[0] == what for field, text in k[1:]
+                    if field == name}
+            theirs = {}  # the peers' values, as this rank can tell them
+            for q in range(world):
+                if column[q] != column[rank]:
+                    theirs.setdefault(_named(int(column[q]), value, used), []).append(q)
             problems.append(f"{name}: this rank has {value!r} (as do ranks {same}); "
-                            f"ranks {other} have something else")
+                            + "; ".join(f"ranks {qs} have {text}" for text, qs in theirs.items()))
     if problems:
         raise ConfigMismatchError(
             f"{what}: ranks of the group disagree (group rank {rank} of {world}):\n  "
