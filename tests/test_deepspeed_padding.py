@@ -254,17 +254,20 @@ def check_own_failure_between_calls(tag: str) -> None:
     exchange, between the dispatch and the combine, packing the slots): it answers the call
     its peers wait in, so every rank raises in that forward within seconds (the peers
     naming that rank's rejected call) and the next forwards pair up, exact (before, the
-    peers paired it with the failing rank's next forward: one call apart from then on)."""
+    peers paired it with the failing rank's next forward: one call apart from then on).
+    Without drop_tokens the gate agrees on a capacity by DeepSpeed's own all_reduce on the
+    group: a failure before the first library call is not answered there (the frame would
+    meet that all_reduce and wedge the group), the later ones are."""
     import time
     from moe_flashcomm.integrations import padding
     rank, last = dist.get_rank(), dist.get_world_size() - 1
     x = tokens((1, 16, H), seed=590 + rank)
-    for skip in (True, False):
-        moe = make_moe(4, dist.get_world_size(), 1, True, seed=10)
+    for skip, drop in ((True, True), (False, True), (True, False)):
+        moe = make_moe(4, dist.get_world_size(), 1, drop, seed=10)
         ref, noise = stock_runs(moe, x)
         mf.enable_deepspeed(moe, {**PASS, "skip_padding": skip})
         layer = moe.deepspeed_moe
-        places = ["gate", "experts"] + (["packing"] if skip else [])
+        places = ["gate"] * drop + ["experts"] + (["packing"] if skip else [])
         for place in places:
             undo = None
             if rank == last:

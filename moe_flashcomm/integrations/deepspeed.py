@@ -90,13 +90,28 @@ class _AllToAllStandIn(StandIn):
 
 class _Made:
     """The library calls one forward of a patched layer entered: the count exchange
-    (skip_padding), the all-to-alls; ``answered``: one of them raised, and answered its
-    peers itself (Communicator.answering, the frames' own errors)."""
+    (skip_padding), the all-to-alls, and the communicator of the last; ``answered``: one of
+    them raised, and answered its peers itself (Communicator.answering, the frames' own
+    errors)."""
 
-    __slots__ = ("counted", "sent", "answered")
+    __slots__ = ("counted", "sent", "answered", "comm")
 
     def __init__(self) -> None:
         self.counted, self.sent, self.answered = False, 0, False
+        self.comm: Optional[Communicator] = None
+
+
+def _quiet_until_first_call(site: Site, layer: nn.Module) -> bool:
+    """Whether a forward of ``layer`` makes no collective on its expert-parallel group
+    before its first moe_flashcomm call: a MOELayer whose gate drops tokens (without, the
+    gate agrees on a capacity by an all_reduce on the group; AutoEP plans its splits with
+    an all_to_all_single of its own; DeepSpeedMoEInference is not looked into)."""
+    return (site.cls_name == "MOELayer"
+            and getattr(getattr(layer, "gate", None), "drop_tokens", None) is True)
+
+
+def _group(group) -> Any:
+    return group if group is not None else dist.group.WORLD
 
 
 def _first_tensor(args: tuple, kwargs: dict, layer: nn.Module) -> Optional[torch.Tensor]:
@@ -195,7 +210,7 @@ class _LayerState(PatchState):
         mine = filled_slots(output[3], output[4], int(output[2]))
         comm = self.communicator(layer.ep_group)
         self.counts = RouteCounts.exchange(
-            mine, output[1], functools.partial(self._library, "counts", comm.exchange_counts))
+            mine, output[1], functools.partial(self._library, "counts", comm, comm.exchange_counts))
 
     def alltoall(self, layer: nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
         """Instance ``_alltoall`` of a patched DeepSpeedMoEInference: both its all-to-alls
@@ -247,8 +262,7 @@ class _LayerState(PatchState):
         layer, or one enabled before its groups existed, takes the group's default one (made,
         collectively, at its first exchange)."""
         comm = self.comm
-        if comm is None or comm.closed or comm.group is not (group if group is not None
-                                                          else dist.group.WORLD):
+        if comm is None or comm.closed or comm.group is not _group(group):
             comm = self.comm = communicator(group, gate=self.gate)
             self.owns_comm = False
         return comm
@@ -257,15 +271,17 @@ class _LayerState(PatchState):
              output_splits) -> torch.Tensor:
         """One all-to-all of ``x`` (and its backward) through moe_flashcomm."""
         cfg = self.config
-        return self._library("all_to_all", comm.all_to_all, x, output_splits, input_splits,
-                             codec=codec, grad_codec=grad_codec, chunks=cfg.chunks,
-                             algorithm=cfg.algorithm)
+        return self._library("all_to_all", comm, comm.all_to_all, x, output_splits,
+                             input_splits, codec=codec, grad_codec=grad_codec,
+                             chunks=cfg.chunks, algorithm=cfg.algorithm)
 
-    def _library(self, step: str, run: Callable, *args: Any, **kwargs: Any) -> Any:
-        """``run``, one of the running forward's library calls (``step``: "counts" or
-        "all_to_all"), noted in ``made``."""
+    def _library(self, step: str, comm: Communicator, run: Callable, *args: Any,
+                 **kwargs: Any) -> Any:
+        """``run``, one of the running forward's library calls on ``comm`` (``step``:
+        "counts" or "all_to_all"), noted in ``made``."""
         made = self.made
         if made is not None:
+            made.comm = comm
             if step == "counts":
                 made.counted = True
             else:
@@ -283,17 +299,28 @@ class _LayerState(PatchState):
         the experts, packing the slots: out of memory, ...). Over gloo the peers wait in
         its next call: answer it with a rejected frame, so that they raise in this forward
         and the next forwards pair up (else each peer's forward k met this rank's k + 1,
-        one call apart, from then on). ``counting``: the forward exchanges counts first."""
-        comm = self.comm
-        if made.answered or comm is None or comm.closed:
+        one call apart, from then on). ``counting``: the forward exchanges counts first.
+        Before the forward's first library call only where DeepSpeed makes no collective of
+        its own on the group before it (_quiet_until_first_call): a frame meeting one
+        would wedge the group."""
+        comm = made.comm
+        if comm is None:  # no library call yet
+            comm = self.comm
+            if (not _quiet_until_first_call(self.site, layer) or comm is None
+                    or comm.group is not _group(getattr(layer, "ep_group", None))):
+                return
+        if made.answered or comm.closed or comm.world == 1:
             return
-        if counting and not made.counted and _tensor_parallel_size(layer) == 1:
-            owed = "skip_padding counts"
-        elif made.sent < expected:
-            owed = "all_to_all"
-        else:
-            return  # (every call made: the peers are not waiting for this rank)
-        comm._reject(x, owed)
+        try:
+            if counting and not made.counted and _tensor_parallel_size(layer) == 1:
+                owed = "skip_padding counts"
+            elif made.sent < expected:
+                owed = "all_to_all"
+            else:
+                return  # (every call made: the peers are not waiting for this rank)
+            comm._reject(x, owed)
+        except Exception:  # noqa: BLE001 - the forward's own error is the one to report
+            pass
 
 
 def _tensor_parallel_size(layer: nn.Module) -> int:
