@@ -206,7 +206,7 @@ def _late_long_payload(rank, world, away):
         time.sleep(4.5)
         start = time.monotonic()
         assert torch.equal(comm.all_to_all(x), want)  # with rank 0's frame, and its rest
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 3  # (served: not waited out to its 3 s timeout)
         if away:
             time.sleep(5.5)
     assert torch.equal(comm.all_to_all(small), want_small)

@@ -234,7 +234,7 @@ def error_checks(rank: int, world: int, device: str) -> None:
         args = dict(x=x.clone(), codec=fresh, gate=False)
         if rank == world - 1:
             args.update(kwargs)
-        with pytest.raises(ConfigMismatchError, match=name):
+        with pytest.raises(ConfigMismatchError, match=rf"\n  {name}: this rank has"):
             mf.all_reduce(**args)
     # and the group still works afterwards (constant groups travel exactly)
     y = torch.full((world * ROW,), float(rank), device=device)

@@ -51,8 +51,12 @@ def randn(*shape, seed: int) -> torch.Tensor:
 
 
 def expected(local: torch.Tensor, codec) -> torch.Tensor:
-    """What the quantized all-reduce makes of every rank's ``local`` (one call of the library)."""
-    return mf.all_reduce(local.clone(), codec=codec, gate=False)
+    """What the quantized all-reduce makes of every rank's ``local``: the specification
+    (``reference_all_reduce``) of every rank's, gathered."""
+    from moe_flashcomm.comm.all_reduce import reference_all_reduce
+    inputs = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(inputs, local.contiguous())
+    return reference_all_reduce([t.cpu() for t in inputs], codec).to(local.device)
 
 
 def exact(local: torch.Tensor) -> torch.Tensor:

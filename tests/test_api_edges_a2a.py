@@ -82,7 +82,9 @@ def _bad_gate_on_one_rank(rank, world):
     keying the default communicators, before any exchange: a peer that had its communicator
     cached went on with the exchange, paired with the bad rank's next call and returned."""
     x = make_input(rank, 4 * world, (8,), torch.float32, 2)
-    want = mf.all_to_all(x, codec="native")  # warm: the default communicator is cached
+    want = torch.empty_like(x)  # "native" is all_to_all_single's result, exactly
+    dist.all_to_all_single(want, x)
+    assert torch.equal(mf.all_to_all(x, codec="native"), want)  # warm: the communicator cached
     for bad in ({"all_reduce": {"tpu": {"int4": 1}}}, {"thresholds": {"cpu": {"int4": -1}}}):
         if rank == 1:
             _raises(lambda: mf.all_to_all(x, codec="native", gate=bad), ValueError, "tpu"

@@ -485,7 +485,7 @@ def check_inference(tag: str) -> None:
 
     stock, layer = bare(), bare()
     ep = dist.get_world_size()
-    x1, x2 = tokens((2 * ep, 5, H), seed=300 + dist.get_rank()), tokens((2 * ep, 5, H), seed=400)
+    x1, x2 = (tokens((2 * ep, 5, H), seed=s + dist.get_rank()) for s in (300, 400))
     with torch.no_grad():
         ref = stock._alltoall(x1), stock._alltoall(x2)
         stats = mf.enable_deepspeed(layer, PASS)[""]
@@ -495,8 +495,8 @@ def check_inference(tag: str) -> None:
         c8, c4 = mf.CodecConfig(bits=8), mf.CodecConfig(bits=4)
         mf.enable_deepspeed(layer, {"dispatch": c8, "combine": c4, **NO_GATE})
         # what arrives is the sender's rows through the codec: within one step of its group
-        sent = [tokens((2 * ep, 5, H), seed=300 + p) for p in range(ep)]
-        for x, codec, xs in ((x1, c8, sent), (x2, c4, [x2] * ep)):
+        sent = {s: [tokens((2 * ep, 5, H), seed=s + p) for p in range(ep)] for s in (300, 400)}
+        for x, codec, xs in ((x1, c8, sent[300]), (x2, c4, sent[400])):
             out = layer._alltoall(x)
             n = x.shape[0] // ep
             want = torch.cat([xs[p][dist.get_rank() * n:(dist.get_rank() + 1) * n] for p in range(ep)])
@@ -890,9 +890,12 @@ def check_hierarchical(tag: str) -> None:
     moe = make_moe(ep, ep, 2, True, seed=41)
     x = tokens((2, 16, H), seed=700 + dist.get_rank())
     results = {}
+    from tests.test_hierarchical import Counter
     for algorithm in ("flat", "hierarchical"):
         mf.enable_deepspeed(moe, {"dispatch": 4, "combine": 4, "algorithm": algorithm, **NO_GATE})
-        results[algorithm] = run(moe, x)
+        with Counter() as counted:  # (the hierarchical exchange ran, or not)
+            results[algorithm] = run(moe, x)
+        assert (counted.calls > 0) == (algorithm == "hierarchical"), (tag, algorithm, counted.calls)
     assert_identical(results["flat"], results["hierarchical"], f"{tag} hierarchical vs flat")
     mixed = "hierarchical" if dist.get_rank() == 0 else "flat"
     with pytest.raises(mf.comm.ConfigMismatchError, match="algorithm differs"):
@@ -1008,7 +1011,8 @@ def test_zero2_training_gloo_2_ranks():
     spawn(_world2_training, 2)
 
 
-def test_link_classes_autoep_expert_tp_gloo_4_ranks():
+def test_link_classes_hierarchical_pipeline_autoep_gloo_4_ranks():
+    """(Expert tensor parallelism: test_expert_tensor_parallel_nccl_4_gpus only.)"""
     spawn(_world4, 4, env={"LOCAL_WORLD_SIZE": 2})
 
 

@@ -118,6 +118,8 @@ def nvrtc(tmp_path, monkeypatch):
         cuda.cupy()
         cuda._include_dirs()
     except (ImportError, RuntimeError) as e:
+        if torch.cuda.is_available():  # (a GPU machine without them runs no kernel either)
+            pytest.fail(f"a GPU is present but not CuPy's NVRTC and the CUDA headers: {e}")
         pytest.skip(f"needs CuPy's NVRTC and the CUDA headers: {e}")
     monkeypatch.setenv("MOE_FLASHCOMM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MOE_FLASHCOMM_DEFINES", raising=False)

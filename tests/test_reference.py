@@ -48,6 +48,19 @@ def check_int_bound(x, cfg):
         bound = torch.where(spike, x.float().abs() * 2**-8, bound)
     assert torch.isfinite(y).all()
     assert (err <= bound).all(), f"{cfg} {x.dtype}: max excess {(err - bound).max().item()}"
+    # the step above is read back from the record: it must be the input's own, no larger
+    # than the range of the group's values (without the min and max spikes carry) over
+    # qmax, allowing the wire float's rounding of both ends and of the scale (a scale
+    # written too large would widen the bound with it)
+    values = torch.sort(groups_of(x, L), dim=-1).values  # (NaN padding sorts last)
+    count = (~torch.isnan(values)).sum(-1, keepdim=True)
+    cut = int(cfg.spikes)
+    lo = values.gather(-1, torch.full_like(count, cut)).squeeze(-1)
+    hi = values.gather(-1, (count - 1 - cut).clamp(min=0)).squeeze(-1)
+    ends = 2**-7 * (lo.abs() + hi.abs()) if x.dtype == torch.float32 else 0.0
+    step = ((hi - lo) + ends) / cfg.qmax * (1 + 2**-7) + tiny
+    ok = (meta["scale"].float() <= step) | (count.squeeze(-1) <= 2 * cut)
+    assert ok.all(), f"{cfg} {x.dtype}: a scale above the input's own step"
     return rec, y, L
 
 
