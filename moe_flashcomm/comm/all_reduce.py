@@ -800,8 +800,9 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
         final = dict(named, records=records[1])
     intra = functools.partial(h.a2a, "intra", records=records[0], **named)
     inter = functools.partial(h.a2a, "inter", **final)
-    done = []  # the stages this rank has run, for _abort_stages
-    made = 0  # the stages whose exchange this rank made (or skipped): what an own error owes
+    # the stages whose exchange this rank completed (or skipped): a disagreement or an error
+    # of its own after them owes the later stages (_abort_stages)
+    made = 0
     try:
         # 1. reduce-scatter inside the group: this rank's part (local chunk lr), summed over
         #    the group, in x's dtype
@@ -816,7 +817,6 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
                                 check=StampCheck(page, plan.numel, node * L) if stamped else None)
         else:
             part, made = x3[lr], 1
-        done.append(1)
         # 2. the flat reduce-scatter of the part across groups: sub-chunk `node` of it
         part3 = part.view(M, c, ROW)
         rb = record_bytes(ROW, plan.inter)
@@ -838,7 +838,6 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
                          out=rec[kernels.STAMP_BYTES:].view(c, rb))
         else:
             rec = reduce_chunk(recv, part3[node], node, plan.inter)
-        done.append(2)
         # 3. all-gather of the final records: across groups, then inside the group
         if M > 1:
             across = torch.empty((M, rec.numel()), dtype=torch.uint8, device=buf.device)
@@ -846,7 +845,6 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
         else:
             across = rec.view(1, -1)
         made = 3
-        done.append(3)
         if L > 1:
             inside = torch.empty((L, across.numel()), dtype=torch.uint8, device=buf.device)
             _stage_gather(h, "intra", inside, across, final)
@@ -854,7 +852,7 @@ def _hierarchical(buf: torch.Tensor, plan: _Plan, h, comm) -> None:
             inside = across
     except (ConfigMismatchError, frame.PeerTimeoutError) as e:
         if named.get("number"):
-            _abort_stages(h, plan, named, records, after=len(done), elsewhere=e.elsewhere,
+            _abort_stages(h, plan, named, records, after=made, elsewhere=e.elsewhere,
                           wait=frame.peers_answered(e))
         raise
     except frame.EXCHANGE_ERRORS:

@@ -83,7 +83,7 @@ class Communicator:
                             f"{type(group).__name__} {group!r} (moe_flashcomm's all_reduce "
                             "takes (x, group, codec, op), not torch's (tensor, op, group))")
         # the group as it is now: a default group destroyed and made again is another group
-        self.group = group if group is not None else dist.group.WORLD
+        self.group = direct.process_group(group)
         # a destroyed group: the error a cached communicator's calls give (torch would say
         # "not registered"); a non-member is refused below
         if not direct.is_live(self.group) and self.group is not dist.GroupMember.NON_GROUP_MEMBER:
@@ -484,7 +484,7 @@ class _Process:
         self.exiting = False  # set at exit (release)
 
     def communicator(self, group, topology=None, gate=True) -> Communicator:
-        pg = group if group is not None else dist.group.WORLD
+        pg = direct.process_group(group)
         try:
             key = (id(pg), topology, gate)
             hit = self.communicators.get(key)

@@ -55,8 +55,9 @@ class Done:
         return True
 
 
-def _pg(group):
-    # resolved per call: the default group may have been destroyed and created again
+def process_group(group):
+    """``group``, None as the default group (resolved per call: the default group may have
+    been destroyed and created again)."""
     return group if group is not None else dist.group.WORLD
 
 
@@ -70,7 +71,7 @@ def is_live(group) -> bool:
     """Whether torch.distributed still knows ``group`` (None: the default group). A group
     destroyed (``destroy_process_group``) keeps its sockets, so a call on it may run on one
     rank and fail on another: callers refuse it. A dict lookup (0.2 us)."""
-    pg, known = _pg(group), _known()
+    pg, known = process_group(group), _known()
     if known is not None:
         return pg in known
     try:
@@ -91,7 +92,7 @@ def live_groups() -> list:
 def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op: bool):
     """``dist.all_to_all_single(out, x, out_splits or None, in_splits or None, group,
     async_op=async_op)`` (``[]``: even splits); the work when ``async_op``, else None."""
-    work = _pg(group).alltoall_base(out, x, out_splits, in_splits, _A2A[async_op])
+    work = process_group(group).alltoall_base(out, x, out_splits, in_splits, _A2A[async_op])
     if async_op:
         return work
     if work is not None:  # (a backend that synchronized itself returns none)
@@ -101,6 +102,6 @@ def all_to_all_single(group, out, x, out_splits: list, in_splits: list, async_op
 
 def all_reduce(group, x) -> None:
     """``dist.all_reduce(x, group=group)`` (sum, synchronous like it)."""
-    work = _pg(group).allreduce([x], _ALL_REDUCE)
+    work = process_group(group).allreduce([x], _ALL_REDUCE)
     if work is not None:
         work.wait()

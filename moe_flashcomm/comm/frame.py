@@ -173,7 +173,7 @@ def global_note(pg, ranks) -> str:
     ranks in brackets where ``pg`` is a subgroup, else nothing (also where torch no longer
     knows ``pg``: destroyed)."""
     try:
-        members = dist.get_process_group_ranks(pg if pg is not None else dist.group.WORLD)
+        members = dist.get_process_group_ranks(direct.process_group(pg))
     except (KeyError, ValueError, RuntimeError):
         return ""
     if members == list(range(dist.get_world_size())):
@@ -300,7 +300,7 @@ class Framing:
         """Frame's ``number`` and ``counter`` for every step of one call on ``group`` (None:
         the default group): one number from the group's count, so a step never pairs with
         another call's."""
-        key = group if group is not None else dist.group.WORLD
+        key = direct.process_group(group)
         return dict(number=self.next_number(key), counter=key)
 
     def buffer(self, nbytes: int) -> "Buffer":
@@ -416,7 +416,7 @@ class Frame:
                  number: Optional[int] = None, counter=None, aborted: bool = False,
                  rejected: bool = False, gave_up: bool = False, failed: bool = False,
                  names: Optional[tuple] = None) -> None:
-        pg = pg if pg is not None else dist.group.WORLD  # (one key for the default group)
+        pg = direct.process_group(pg)  # (one key for the default group)
         self.flags = (ABORTED * (aborted or gave_up or failed) | REJECTED * rejected
                       | GAVE_UP * gave_up | FAILED * failed)
         lay = framing.layout(rank, world, operation, dtype, hidden, tuple(sends), tuple(recvs),
@@ -916,8 +916,8 @@ def all_to_all_single(framing: Framing, pg, rank: int, world: int, operation: st
     records, (dtype, hidden, record bytes, wire_code) named in the headers, so that ranks
     whose dtypes or codecs differ raise even where their records have the same size.
     ``frame_args``: Frame's ``number``, ``counter`` (Framing.numbering), ``aborted`` and
-    ``failed``. ``wait=False``: an
-    aborted frame after a timeout, only started (``peers_answered``). ``names``: Frame's.
+    ``failed``. ``wait=False``: an aborted frame after a timeout, only started
+    (``peers_answered``). ``names``: Frame's.
     ``label``: (dtype, hidden) of the rows the bytes carry, named in the headers in place of
     the items' dtype (a hierarchical all-to-all's stages: ranks whose rows differ are told
     how)."""

@@ -43,6 +43,7 @@ import torch.nn as nn
 from ..comm import Communicator, create_stage_groups
 from ..comm.check import ConfigMismatchError
 from ..comm.communicator import communicator
+from ..comm.direct import process_group
 from ..comm.gate import SizeGate
 from ..config import ConfigError, FlashCommConfig
 from .allreduce import disable_all_reduce, enable_from_section
@@ -108,10 +109,6 @@ def _quiet_until_first_call(site: Site, layer: nn.Module) -> bool:
     an all_to_all_single of its own; DeepSpeedMoEInference is not looked into)."""
     return (site.cls_name == "MOELayer"
             and getattr(getattr(layer, "gate", None), "drop_tokens", None) is True)
-
-
-def _group(group) -> Any:
-    return group if group is not None else dist.group.WORLD
 
 
 def _first_tensor(args: tuple, kwargs: dict, layer: nn.Module) -> Optional[torch.Tensor]:
@@ -262,7 +259,7 @@ class _LayerState(PatchState):
         layer, or one enabled before its groups existed, takes the group's default one (made,
         collectively, at its first exchange)."""
         comm = self.comm
-        if comm is None or comm.closed or comm.group is not _group(group):
+        if comm is None or comm.closed or comm.group is not process_group(group):
             comm = self.comm = communicator(group, gate=self.gate)
             self.owns_comm = False
         return comm
@@ -307,7 +304,7 @@ class _LayerState(PatchState):
         if comm is None:  # no library call yet
             comm = self.comm
             if (not _quiet_until_first_call(self.site, layer) or comm is None
-                    or comm.group is not _group(getattr(layer, "ep_group", None))):
+                    or comm.group is not process_group(getattr(layer, "ep_group", None))):
                 return
         if made.answered or comm.closed or comm.world == 1:
             return
